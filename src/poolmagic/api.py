@@ -1,0 +1,296 @@
+"""The plain Python API: what the magics call, usable from scripts and tests.
+
+    from poolmagic import Pool, pmap
+    squares = pmap(lambda x: x * x, range(10))          # the shared warm pool
+    with Pool(4) as pool:
+        report = pool.run(work, data, keep_going=True)  # RunReport: results, errors, timing
+
+Every check that can fail on bad input runs here, before any work starts, so a
+mistake is reported as one sentence naming the culprit.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+from typing import Any, Callable, Iterable
+
+from .cores import available_cores
+from .engine.base import Backend, ItemSource, Job, write_outputs
+from .engine.local import LocalBackend
+from .errors import BadInputError, PoolmapError
+from .report import RunReport
+from .serialize import callable_name, describe, dump_function, undefined_globals
+
+
+class _NoArgs:
+    """Calls a zero-argument function once per item, ignoring the item."""
+
+    def __init__(self, func: Callable[[], Any]):
+        self.func = func
+
+    def __call__(self, _item: Any) -> Any:
+        return self.func()
+
+
+def _check_positive(name: str, value: Any, kind: type = int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise BadInputError(f"{name} must be a positive {'number' if kind is float else 'whole number'}, not {value!r}")
+
+
+def _first_not_sequence(items: Iterable) -> tuple[int, Any] | None:
+    for i, x in enumerate(items):
+        if not hasattr(x, "__iter__"):
+            return i, x
+    return None
+
+
+class MapHandle:
+    """A map running in the background (``map_async``, ``%%poolmap --async``)."""
+
+    def __init__(self, pool: "Pool", job: Job):
+        self._pool = pool
+        self._job = job
+        self._printed = False
+
+    @property
+    def report(self) -> RunReport:
+        return self._job.report
+
+    def ready(self) -> bool:
+        """True once every item has finished, failed or been cancelled."""
+        return self._job.finished.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError("the map is still running")
+        return self._job.error is None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds; True when the map has finished."""
+        return self._job.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> list:
+        """Results in input order; raises the map's error as a blocking map would."""
+        __tracebackhide__ = True
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"the map is still running after {timeout} s ({self.report.summary()})")
+        if not self._printed:
+            self._printed = True
+            write_outputs(self._job.take_printable(final=True))
+        if self._job.error is not None:
+            raise self._job.error
+        return self.report.results
+
+    def cancel(self) -> None:
+        """Stop the map now; results that finished stay in ``.report.results``."""
+        if not self.ready():
+            self._pool.backend.cancel(self._job)
+
+    def __repr__(self) -> str:
+        return f"<MapHandle {self.report.summary()}>"
+
+    def _repr_html_(self) -> str:
+        return self.report._repr_html_()
+
+
+class Pool:
+    """A warm pool of worker processes that maps notebook-defined functions."""
+
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None, backend: Backend | None = None):
+        _check_positive("workers", workers)
+        self.cores = available_cores()
+        self.backend: Backend = backend or LocalBackend(workers or self.cores, start_method)
+        self.last_report: RunReport | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def size(self) -> int:
+        return self.backend.size
+
+    def resize(self, workers: int | None) -> None:
+        """Set the number of workers (None: the cores available); no restart needed."""
+        _check_positive("workers", workers)
+        self.backend.resize(workers or self.cores)
+
+    def start(self) -> "Pool":
+        """Start the workers in the background and return at once."""
+        self.backend.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop every worker now."""
+        self.backend.shutdown()
+
+    def __enter__(self) -> "Pool":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def status(self) -> str:
+        warm = {"warm": "pool warm", "starting": "pool starting"}.get(
+            self.backend.state, "pool cold (starts on first use)"
+        )
+        return (
+            f"poolmagic: {self.size} worker{'s' if self.size != 1 else ''} · {self.backend.description}"
+            f" · {self.cores} core{'s' if self.cores != 1 else ''} available · {warm}"
+        )
+
+    # ------------------------------------------------------------ mapping
+    def prepare(
+        self,
+        func: Callable,
+        iterable: Iterable | None,
+        *,
+        star: bool = False,
+        chunksize: int | None = None,
+        timeout: float | None = None,
+        keep_going: bool = False,
+        seed: int | None = None,
+        workers: int | None = None,
+        kwargs: dict | None = None,
+        repeat: int | None = None,
+    ) -> Job:
+        """Check everything and build the Job; raises BadInputError before any work."""
+        if not callable(func):
+            raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
+        _check_positive("chunksize", chunksize)
+        _check_positive("workers", workers)
+        _check_positive("timeout", timeout, float)
+        if repeat is not None:
+            _check_positive("repeat", repeat)
+            if iterable is not None:
+                raise BadInputError("give either an ITERABLE or repeat=N, not both")
+            iterable = range(repeat)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise BadInputError(f"seed must be a non-negative whole number, not {seed!r}")
+        name = callable_name(func)
+        missing = undefined_globals(func)
+        if missing:
+            fn, var = missing[0]
+            raise BadInputError(f"{fn}() uses the name {var!r}, which is not defined")
+        if kwargs:
+            func = functools.partial(func, **kwargs)
+        if repeat is not None:
+            func = _NoArgs(func)
+        try:
+            it = iter(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+        if not isinstance(iterable, (range, list, tuple)) and not hasattr(iterable, "__len__"):
+            iterable = it
+        if star:
+            iterable = self._check_star(iterable)
+        payload = dump_function(func)
+        report = RunReport(
+            func_name=name,
+            cores=self.cores,
+            pool_size=max(self.size, workers or 0) if workers is None else workers,
+            backend=self.backend.description,
+        )
+        return Job(
+            payload,
+            ItemSource(iterable),
+            report,
+            star=star,
+            chunksize=chunksize,
+            timeout=timeout,
+            keep_going=keep_going,
+            seed=seed,
+            max_workers=workers,
+            func=func,
+        )
+
+    @staticmethod
+    def _check_star(iterable: Iterable) -> Iterable:
+        if isinstance(iterable, (list, tuple)):
+            bad = _first_not_sequence(iterable)
+        else:  # a stream: check the first item, then put it back
+            it = iter(iterable)
+            try:
+                first = next(it)
+            except StopIteration:
+                return ()
+            bad = _first_not_sequence([first])
+            iterable = itertools.chain([first], it)
+        if bad is not None:
+            i, x = bad
+            raise BadInputError(
+                f"--star needs each item to be a sequence of arguments, but item {i} is "
+                f"{describe(x)} ({x!r:.60})"
+            )
+        return iterable
+
+    def run(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> RunReport:
+        """Map ``func`` over ``iterable``, wait, and return the RunReport.
+
+        Worker print() output is written here, in item order. On failure the
+        error is raised with ``.poolmap_report`` (results that finished stay).
+        """
+        __tracebackhide__ = True
+        job = self.prepare(func, iterable, **options)
+        self.last_report = job.report
+        self.backend.submit(job)
+        try:
+            job.wait(on_output=write_outputs)
+        except BaseException as exc:  # KeyboardInterrupt while waiting
+            self.backend.cancel(job)
+            write_outputs(job.take_printable(final=True))
+            try:
+                exc.poolmap_report = job.report  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.report
+
+    def map(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> list:
+        """Like ``run`` but returns the list of results in input order."""
+        __tracebackhide__ = True
+        return self.run(func, iterable, **options).results
+
+    def starmap(self, func: Callable, iterable: Iterable, **options: Any) -> list:
+        __tracebackhide__ = True
+        return self.run(func, iterable, star=True, **options).results
+
+    def map_async(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> MapHandle:
+        """Start a map and return a MapHandle at once."""
+        job = self.prepare(func, iterable, **options)
+        self.last_report = job.report
+        self.backend.submit(job)
+        return MapHandle(self, job)
+
+
+_default: Pool | None = None
+_default_lock = threading.Lock()
+
+
+def get_pool() -> Pool:
+    """The shared pool the magics use (created on first call, not started)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Pool()
+        return _default
+
+
+def shutdown_pool() -> None:
+    """Shut the shared pool down; the next get_pool() makes a fresh one."""
+    global _default
+    with _default_lock:
+        pool, _default = _default, None
+    if pool is not None:
+        pool.shutdown()
+
+
+def pmap(func: Callable, iterable: Iterable | None = None, **options: Any) -> list:
+    """Map ``func`` over ``iterable`` on the shared warm pool; results in input order."""
+    __tracebackhide__ = True
+    return get_pool().map(func, iterable, **options)
+
+
+__all__ = ["Pool", "MapHandle", "get_pool", "shutdown_pool", "pmap", "PoolmapError", "BadInputError"]

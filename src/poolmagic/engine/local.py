@@ -1,0 +1,585 @@
+"""The local backend: supervised worker processes on a safe start method.
+
+How data flows::
+
+    caller thread (kernel)        manager thread (one per pool)            worker process (N)
+    ──────────────────────        ─────────────────────────────            ──────────────────
+    Pool.run(f, items)
+      submit(Job) ──► commands ──► wait([wake pipe, every worker's
+                                         pipe and process sentinel])
+                                   schedule: job.next_items(size)
+                                   FN payload (once per worker and     ──► reader thread ──► inbox
+                                     function version, out-of-band            │
+                                     buffers as raw frames)                   ▼
+                                   RUN chunk (≤ 2 in flight/worker)    ──► main thread runs items,
+                                                                            captures print(), times
+                                   DONE: results, errors, output,      ◄──  them, packs exceptions
+                                     per-item times
+                                   job.chunk_done ─► report.results[i:j]
+      job.wait() ◄── notify ──────┘
+      prints output in item order
+    KeyboardInterrupt
+      cancel(job) ──► commands ──► kill the workers running its items,
+                                   start replacements (a fork of the
+                                   warm forkserver: milliseconds)
+                                   sentinel fires (crash) / deadline
+                                   passes (timeout) ─► the running
+                                   items fail, queued ones are re-queued,
+                                   the worker is replaced
+
+Every wait is on pipes and process sentinels together, so a death is seen the
+moment it happens, never after a poll interval. Nothing listens on TCP.
+
+Why not multiprocessing.Pool or ProcessPoolExecutor: neither can kill and
+replace one worker, Pool hangs on a dead worker, and neither caches a function
+per worker. Processes, pipes and start methods still come from the stdlib
+(see docs/design.md).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing as mp
+import os
+import pickle
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+import cloudpickle
+
+from ..errors import (
+    ItemPicklingError,
+    ItemTimeoutError,
+    PoolmapError,
+    WorkerCrashedError,
+    add_note,
+    exit_description,
+    rebuild_exception,
+    short_repr,
+)
+from ..report import ChunkRecord
+from ..serialize import Payload, describe
+from . import worker as _worker
+from .base import Backend, Job
+
+WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
+TARGET_CHUNK_S = 0.025  # a chunk should take about this long...
+MIN_CHUNK_S = 0.002  # ...and never so little that IPC dominates
+MAX_CHUNK = 1_000_000
+TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
+
+
+def default_start_method() -> str:
+    """forkserver where it exists (never fork a threaded kernel), else spawn."""
+    env = os.environ.get("POOLMAGIC_START_METHOD")
+    if env:
+        return env
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+WORKER_NAME = "poolmagic-worker"
+
+
+def _install_main_guard() -> None:
+    """Keep workers from re-running the parent's ``__main__``.
+
+    multiprocessing makes every spawn/forkserver child import the parent's main
+    script (``ipython demo.ipynb`` would be executed as Python, a script without
+    an ``if __name__ == "__main__"`` guard would run again). poolmagic ships
+    functions by value, so its workers never need ``__main__``: for processes
+    named ``poolmagic-worker-*`` only, the main-module entries are dropped from
+    the preparation data. Other processes are untouched.
+    """
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "_poolmagic", False):
+        return
+
+    def get_preparation_data(name: str) -> dict:
+        data = original(name)
+        if name.startswith(WORKER_NAME):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data._poolmagic = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
+
+
+class _Chunk:
+    __slots__ = ("seq", "job", "start", "items", "cancelled")
+
+    def __init__(self, seq: int, job: Job, start: int, items: Any):
+        self.seq, self.job, self.start, self.items = seq, job, start, items
+        self.cancelled = False
+
+    def describe(self) -> str:
+        n = len(self.items)
+        if n == 1:
+            return f"item {self.start} ({short_repr(self.items[0])})"
+        return f"items {self.start}–{self.start + n - 1}"
+
+
+class _Proc:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, slot: int, proc: Any, conn: Any):
+        self.slot, self.proc, self.conn = slot, proc, conn
+        self.pid: int = proc.pid
+        self.inflight: deque[_Chunk] = deque()
+        self.fns: OrderedDict[str, None] = OrderedDict()
+        self.head_started = time.perf_counter()
+        self.modules: dict[str, tuple[str, int]] = {}
+        self.stale = False
+
+
+class LocalBackend(Backend):
+    """Worker processes on this machine, supervised by a manager thread."""
+
+    def __init__(self, size: int, start_method: str | None = None):
+        self.start_method = start_method or default_start_method()
+        self.ctx = mp.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            self.ctx.set_forkserver_preload(["poolmagic.engine.worker"])
+        self.description = f"local processes ({self.start_method})"
+        _install_main_guard()
+        self._size = max(1, int(size))
+        self._procs: dict[int, _Proc] = {}
+        self._jobs: list[Job] = []
+        self._rr = 0
+        self._seq = itertools.count()
+        self._cmds: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._spawn_error: BaseException | None = None
+
+    # ------------------------------------------------------------ public (any thread)
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise PoolmapError("this pool has been shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="poolmagic-manager", daemon=True)
+                self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.start()
+
+        def cmd() -> None:
+            self._jobs.append(job)
+            self._refresh_stale()
+
+        self._command(cmd)
+
+    def cancel(self, job: Job, wait: float = 1.0) -> None:
+        done = threading.Event()
+
+        def cmd() -> None:
+            job.fail(KeyboardInterrupt(), status="cancelled")
+            self._abandon(job)
+            done.set()
+
+        self._command(cmd)
+        done.wait(wait)
+
+    def resize(self, n: int) -> None:
+        self._size = max(1, int(n))
+        if self._thread is not None:
+            self._command(lambda: None)
+
+    @property
+    def state(self) -> str:
+        if self.worker_pids():
+            return "warm"
+        return "starting" if self._thread is not None and not self._closed else "cold"
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in list(self._procs.values())]
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._command(lambda: None)
+            thread.join(5)
+        self._kill_all()
+        for job in list(self._jobs):
+            job.fail(PoolmapError("the pool was shut down while this map was running"))
+        self._jobs.clear()
+        for c in (self._wake_r, self._wake_w):
+            c.close()
+
+    # ------------------------------------------------------------ manager thread
+    def _command(self, fn: Callable[[], None]) -> None:
+        self._cmds.append(fn)
+        try:
+            self._wake_w.send_bytes(b"!")
+        except OSError:
+            pass
+
+    def _main(self) -> None:
+        try:
+            self._ensure_workers()
+            while not self._closed:
+                objs: list = [self._wake_r]
+                for p in self._procs.values():
+                    objs += (p.conn, p.proc.sentinel)
+                ready = set(wait(objs, self._next_deadline()))
+                if self._wake_r in ready:
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                while self._cmds:
+                    self._cmds.popleft()()
+                if self._closed:
+                    break
+                for p in list(self._procs.values()):
+                    if p.conn in ready:
+                        self._drain(p)
+                for p in list(self._procs.values()):
+                    if p.proc.sentinel in ready:
+                        self._on_death(p)
+                self._check_timeouts()
+                self._ensure_workers()
+                self._schedule()
+        except BaseException as exc:  # never leave a caller waiting on a dead engine
+            for job in list(self._jobs):
+                job.fail(PoolmapError(f"poolmagic's engine failed: {exc!r}"))
+            raise
+        finally:
+            self._kill_all()
+
+    def _drain(self, p: _Proc) -> None:
+        try:
+            while p.conn.poll():
+                data = p.conn.recv_bytes()
+                try:
+                    msg = pickle.loads(data)
+                except Exception as exc:
+                    self._unloadable_results(p, exc)
+                    continue
+                self._on_done(p, msg)
+        except (EOFError, OSError):
+            self._on_death(p)
+
+    def _on_done(self, p: _Proc, msg: tuple) -> None:
+        _, seq, out, t0, t1, times, records, errs, fatal, mods = msg
+        if mods:
+            p.modules.update(mods)
+        chunk = p.inflight.popleft()
+        assert chunk.seq == seq, "worker answered out of order"
+        p.head_started = time.perf_counter()
+        job = chunk.job
+        if chunk.cancelled or not job.active:
+            job.drop_chunk()
+            return
+        if fatal is not None:
+            exc = rebuild_exception(fatal, job.filename_of)
+            add_note(exc, "poolmagic: the function could not be loaded in a worker process.")
+            job.drop_chunk()
+            job.fail(exc)
+            self._abandon(job)
+            return
+        errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
+        rec = ChunkRecord(p.slot, chunk.start, len(out), t0, t1, times)
+        job.chunk_done(rec, out, records, errors, chunk.items)
+        if not job.active:
+            self._abandon(job)
+
+    def _unloadable_results(self, p: _Proc, exc: BaseException) -> None:
+        chunk = p.inflight.popleft()
+        p.head_started = time.perf_counter()
+        idx = list(range(chunk.start, chunk.start + len(chunk.items)))
+        err = ItemPicklingError(
+            f"the results of {chunk.describe()} could not be unpickled in the kernel: {exc}"
+        )
+        chunk.job.item_failed(idx, err, chunk.items, chunk.start)
+
+    def _on_death(self, p: _Proc) -> None:
+        if self._procs.get(p.slot) is not p:
+            return
+        try:  # results it sent before dying are still valid
+            while p.conn.poll():
+                self._on_done(p, pickle.loads(p.conn.recv_bytes()))
+        except Exception:
+            pass
+        p.proc.join(1)
+        code = p.proc.exitcode
+        self._forget(p)
+        if not p.inflight:
+            return
+        head, *rest = p.inflight
+        for c in rest:
+            self._give_back(c)
+        job = head.job
+        if head.cancelled or not job.active:
+            job.drop_chunk()
+            return
+        if job.keep_going and len(head.items) > 1:
+            job.retry_singly(head.start, head.items)  # isolate the item that kills workers
+            return
+        idx = list(range(head.start, head.start + len(head.items)))
+        exc = WorkerCrashedError(
+            f"worker {p.slot} (pid {p.pid}) died with {exit_description(code)} while running "
+            f"{head.describe()}. The worker was replaced; items that finished are kept.",
+            idx,
+            code,
+        )
+        job.item_failed(idx, exc, head.items, head.start)
+        if not job.active:
+            self._abandon(job)
+
+    def _check_timeouts(self) -> None:
+        now = time.perf_counter()
+        for p in list(self._procs.values()):
+            if not p.inflight:
+                continue
+            head = p.inflight[0]
+            t = head.job.timeout
+            if t is None or head.cancelled or now - p.head_started < t * len(head.items):
+                continue
+            self._kill(p)
+            for c in list(p.inflight)[1:]:
+                self._give_back(c)
+            job = head.job
+            exc = ItemTimeoutError(
+                f"{head.describe()} ran longer than the {t:g} s timeout; "
+                f"its worker was killed and replaced.",
+                head.start,
+                t,
+            )
+            job.item_failed(list(range(head.start, head.start + len(head.items))), exc, head.items, head.start)
+            if not job.active:
+                self._abandon(job)
+
+    def _next_deadline(self) -> float | None:
+        now = time.perf_counter()
+        best = None
+        for p in self._procs.values():
+            if p.inflight and p.inflight[0].job.timeout is not None:
+                head = p.inflight[0]
+                left = p.head_started + head.job.timeout * len(head.items) - now
+                best = left if best is None else min(best, left)
+        return None if best is None else max(best, 0.0)
+
+    def _give_back(self, c: _Chunk) -> None:
+        """A chunk that never started: back to its job (or dropped if cancelled)."""
+        if c.cancelled or not c.job.active:
+            c.job.drop_chunk()
+        else:
+            c.job.requeue(c.start, c.items)
+
+    def _abandon(self, job: Job) -> None:
+        """Stop all work of a finished, failed or cancelled job at once."""
+        for p in list(self._procs.values()):
+            if not any(c.job is job for c in p.inflight):
+                continue
+            if p.inflight[0].job is job:  # running it now: kill, re-queue the others
+                self._kill(p)
+                for c in p.inflight:
+                    self._give_back(c)
+            else:
+                for c in p.inflight:
+                    if c.job is job:
+                        c.cancelled = True
+        if job in self._jobs:
+            self._jobs.remove(job)
+
+    # ------------------------------------------------------------ workers
+    def _desired(self) -> int:
+        extra = [j.max_workers for j in self._jobs if j.active and j.max_workers]
+        return max([self._size, *extra])
+
+    def _ensure_workers(self) -> None:
+        want = self._desired()
+        for p in list(self._procs.values()):
+            if (p.slot >= want or p.stale) and not p.inflight:
+                self._kill(p)
+        if self._spawn_error is not None:
+            return
+        for slot in range(want):
+            if slot not in self._procs:
+                try:
+                    self._spawn(slot)
+                except Exception as exc:
+                    self._spawn_error = exc
+                    for job in list(self._jobs):
+                        job.fail(PoolmapError(f"could not start a worker process: {exc!r}"))
+                    return
+
+    def _spawn(self, slot: int) -> None:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(
+            target=_worker.main, args=(child_conn, slot), name=f"{WORKER_NAME}-{slot}", daemon=True
+        )
+        proc.start()
+        child_conn.close()
+        self._procs[slot] = _Proc(slot, proc, parent_conn)
+
+    def _kill(self, p: _Proc) -> None:
+        try:
+            p.proc.kill()
+            p.proc.join(2)
+        except Exception:
+            pass
+        self._forget(p)
+
+    def _forget(self, p: _Proc) -> None:
+        if self._procs.get(p.slot) is p:
+            del self._procs[p.slot]
+        try:
+            p.conn.close()
+        except OSError:
+            pass
+        try:
+            p.proc.close()
+        except (ValueError, AttributeError):
+            pass
+
+    def _kill_all(self) -> None:
+        procs = list(self._procs.values())
+        for p in procs:
+            try:
+                p.proc.kill()
+            except Exception:
+                pass
+        for p in procs:
+            self._forget(p)
+
+    def _refresh_stale(self) -> None:
+        """Recycle workers whose imported user modules changed on disk."""
+        cache: dict[str, int | None] = {}
+        for p in self._procs.values():
+            for path, mtime in p.modules.values():
+                if path not in cache:
+                    try:
+                        cache[path] = os.stat(path).st_mtime_ns
+                    except OSError:
+                        cache[path] = None
+                if cache[path] != mtime:
+                    p.stale = True
+                    break
+        self._ensure_workers()
+
+    # ------------------------------------------------------------ scheduling
+    def _schedule(self) -> None:
+        jobs = [j for j in self._jobs if j.has_work()]
+        while jobs:
+            sent = False
+            for p in sorted(self._procs.values(), key=lambda p: len(p.inflight)):
+                if p.stale or len(p.inflight) >= WINDOW:
+                    continue
+                job = self._pick(jobs, p)
+                if job is None:
+                    continue
+                got = job.next_items(self._chunk_size(job))
+                if got is None:
+                    jobs = [j for j in jobs if j.has_work()]
+                    continue
+                self._send_chunk(p, job, *got)
+                sent = True
+            jobs = [j for j in jobs if j.has_work()]
+            if not sent:
+                break
+        self._jobs = [j for j in self._jobs if j.active]
+
+    def _pick(self, jobs: list[Job], p: _Proc) -> Job | None:
+        n = len(jobs)
+        for k in range(n):
+            job = jobs[(self._rr + k) % n]
+            if job.has_work() and (job.max_workers is None or p.slot < job.max_workers):
+                self._rr = (self._rr + k + 1) % max(n, 1)
+                return job
+        return None
+
+    def _chunk_size(self, job: Job) -> int:
+        if job.chunksize:
+            return job.chunksize
+        t = job.per_item_s()
+        if t is None:
+            return 1  # probe: the first items tell how long an item takes
+        t = max(t, 1e-8)
+        workers = min(self._desired(), job.max_workers or self._desired())
+        lo, hi = max(1, int(MIN_CHUNK_S / t)), max(1, int(TARGET_CHUNK_S / t))
+        rem = job.source.remaining()
+        size = hi if rem is None else max(lo, min(hi, math.ceil(rem / (2 * workers))))
+        return max(1, min(size, MAX_CHUNK))
+
+    def _send_chunk(self, p: _Proc, job: Job, start: int, items: Any) -> None:
+        key = job.payload.key
+        t = job.per_item_s()
+        timed = t is None or t >= TIMED_ABOVE_S
+        msg = (_worker.RUN, next(self._seq), key, start, items, job.star, timed, job.keep_going, job.seed)
+        try:
+            data = cloudpickle.dumps(msg, protocol=5)
+        except Exception:
+            self._unpicklable_items(job, start, items)
+            return
+        try:
+            if key not in p.fns:
+                self._send_fn(p, job.payload)
+            if not p.inflight:
+                p.head_started = time.perf_counter()
+            p.inflight.append(_Chunk(msg[1], job, start, items))
+            p.conn.send_bytes(data)
+        except OSError:
+            pass  # the worker is dying; its sentinel will report it and re-queue
+
+    def _send_fn(self, p: _Proc, payload: Payload) -> None:
+        sizes = [b.nbytes for b in payload.buffers]
+        header = (_worker.FN, payload.key, payload.data, sizes, payload.cwd, payload.sys_path)
+        p.conn.send_bytes(pickle.dumps(header, protocol=5))
+        for b in payload.buffers:
+            p.conn.send_bytes(b if b.nbytes else b"")
+        p.fns[payload.key] = None
+        while len(p.fns) > _worker.FN_CACHE_SIZE:
+            p.fns.popitem(last=False)
+
+    def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
+        bad: dict[int, BaseException] = {}
+        for k, x in enumerate(items):
+            try:
+                cloudpickle.dumps(x, protocol=5)
+            except Exception as exc:
+                bad[k] = ItemPicklingError(
+                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                    f"to a worker: {exc}"
+                )
+        if not bad:  # the items pickle one by one; report the whole chunk
+            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+        job.split_failed(start, items, bad)
+        if not job.active:
+            self._abandon(job)
+
+
+def stop_helper_processes() -> None:
+    """Stop multiprocessing's forkserver and resource tracker (at kernel exit).
+
+    Both ignore SIGINT (and the tracker SIGTERM), so ipykernel's shutdown would
+    otherwise wait seconds for them.
+    """
+    fs = sys.modules.get("multiprocessing.forkserver")
+    if fs is not None:
+        try:
+            fs._forkserver._stop()
+        except Exception:
+            pass
+    rt = sys.modules.get("multiprocessing.resource_tracker")
+    if rt is not None:
+        try:
+            rt._resource_tracker._stop()
+        except Exception:
+            pass

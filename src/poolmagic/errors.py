@@ -1,0 +1,185 @@
+"""Errors poolmagic raises, and how a worker's exception crosses back intact.
+
+A user who writes ``except ValueError:`` around a map must catch the
+``ValueError`` their function raised in a worker, and the traceback must point
+at *their* cell lines, not at poolmagic's internals. The worker sends the
+exception (pickled when possible) with its frames as (file, line, function);
+the parent re-creates real traceback entries for those frames, so IPython shows
+``Cell In[3], line 4, in work`` with the source, exactly as for a local error.
+"""
+from __future__ import annotations
+
+import pickle
+import reprlib
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .report import RunReport
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlist = _short.maxtuple = _short.maxdict = 4
+
+
+def short_repr(value: Any) -> str:
+    try:
+        return _short.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+class PoolmapError(Exception):
+    """Base class of poolmagic's own errors; ``.report`` keeps every finished result."""
+
+    report: "RunReport | None" = None
+
+
+class WorkerCrashedError(PoolmapError):
+    """A worker process died (os._exit, segfault, OOM killer) while running items."""
+
+    def __init__(self, message: str, indices: list[int], exitcode: int | None):
+        super().__init__(message)
+        self.indices = indices
+        self.exitcode = exitcode
+
+
+class ItemTimeoutError(PoolmapError, TimeoutError):
+    """An item ran longer than ``--timeout``; its worker was killed and replaced."""
+
+    def __init__(self, message: str, index: int, timeout: float):
+        super().__init__(message)
+        self.index = index
+        self.timeout = timeout
+
+
+class ItemPicklingError(PoolmapError, pickle.PicklingError):
+    """An item (argument) or a result could not be pickled."""
+
+
+class MapFailedError(PoolmapError):
+    """``--keep-going``: several items failed; each exception is in ``.errors``."""
+
+    def __init__(self, message: str, errors: dict[int, BaseException]):
+        super().__init__(message)
+        self.errors = errors
+
+
+class BadInputError(PoolmapError, ValueError):
+    """Bad input caught before any work starts (the magic shows it as a UsageError)."""
+
+
+class SerializationError(BadInputError):
+    """The function, or something it captures, cannot be sent to a worker."""
+
+
+class RemoteError(PoolmapError):
+    """Stands in for a worker exception whose class could not be re-created here."""
+
+
+def exit_description(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        import signal
+
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def pack_exception(exc: BaseException, skip_prefix: str) -> dict:
+    """Everything the parent needs to re-raise ``exc`` faithfully."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        co = tb.tb_frame.f_code
+        frames.append((co.co_filename, tb.tb_lineno, co.co_name, co.co_firstlineno))
+        tb = tb.tb_next
+    # Drop poolmagic's own frames at the top (the chunk loop, wrappers).
+    while frames and frames[0][0].startswith(skip_prefix):
+        frames.pop(0)
+    try:
+        import cloudpickle
+
+        blob = cloudpickle.dumps(exc)
+        pickle.loads(blob)  # must round-trip, or the parent gets a broken object
+    except Exception:
+        blob = None
+    return {
+        "blob": blob,
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "frames": frames,
+        "text": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def _frame_tb(exc: BaseException, filename: str, lineno: int, name: str):
+    """A real traceback entry that says ``filename:lineno in name``."""
+    import linecache
+
+    line = linecache.getline(filename, lineno)
+    stripped = line.strip()
+    # Make the raise statement exactly as wide as the original line, so that
+    # tracebacks underline the whole line rather than a meaningless part of it.
+    var = "__exc__" + "_" * max(0, len(stripped) - len("raise __exc__"))
+    code = compile("\n" * max(lineno - 1, 0) + f"raise {var}", filename, "exec")
+    try:
+        code = code.replace(co_name=name)
+    except (AttributeError, TypeError):
+        pass
+    try:
+        exec(code, {var: exc, "__name__": "poolmagic.worker"})
+    except BaseException:
+        return sys.exc_info()[2].tb_next
+    return None
+
+
+def rebuild_exception(packed: dict, filenames: Callable[[str, int], str | None] | None = None) -> BaseException:
+    """The worker's exception, same type, with a traceback of the worker's frames.
+
+    cloudpickle ships code without its file name (``<dynamic-code>``);
+    ``filenames(name, firstlineno)`` finds it again from the parent's copy of
+    the code, so the traceback shows the notebook cell's lines.
+    """
+    exc: BaseException | None = None
+    if packed.get("blob") is not None:
+        try:
+            exc = pickle.loads(packed["blob"])
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RemoteError(f"{packed['type']}: {packed['message']}\n\n{packed['text']}")
+    head = prev = None
+    for filename, lineno, name, first in packed.get("frames", ()):
+        if filename == "<dynamic-code>" and filenames is not None:
+            filename = filenames(name, first) or filename
+        tb = _frame_tb(exc, filename, lineno or 1, name)
+        if tb is None:
+            continue
+        if prev is None:
+            head = tb
+        else:
+            prev.tb_next = tb
+        prev = tb
+    exc.__traceback__ = head
+    return exc
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10: IPython reads __notes__ all the same
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+

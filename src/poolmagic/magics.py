@@ -1,0 +1,249 @@
+"""The magics: parse the line, run the cell, call the API, display the report.
+
+No pool logic lives here; everything below ``Pool`` works without IPython.
+"""
+from __future__ import annotations
+
+import ast
+import threading
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.display import display
+
+from .api import MapHandle, get_pool, shutdown_pool
+from .errors import BadInputError
+from .options import POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
+
+_POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
+
+Cell form -- the cell runs as a normal cell, then its last top-level function
+(``def`` or ``name = lambda``) is mapped over ITERABLE::
+
+    %%poolmap [options] ITERABLE
+    def work(x):
+        return x * x
+
+Line form -- map any callable expression::
+
+    results = %poolmap [options] FUNC ITERABLE
+    results = %poolmap -f partial(func, y=2) range(10)
+
+ITERABLE is any Python expression, evaluated in the notebook
+(``range(1, 10)``, ``zip(a, b)``, ``df.itertuples()``). Results come back as a
+list in input order; the last run's report is ``_poolmap`` (``.results``,
+``.errors``, ``.wall_s``, ``.speedup`` ...).
+
+Options:
+{help_text(POOLMAP_OPTIONS)}
+"""
+
+_POOLSIZE_DOC = f"""Show or set the pool's size: ``%poolsize``, ``%poolsize 4``, ``%poolsize auto``.
+
+``auto`` means the cores this process may use (CPU affinity and cgroup quota).
+A new size takes effect on the next map; the kernel is not restarted.
+
+Options:
+{help_text(POOLSIZE_OPTIONS)}
+"""
+
+
+def last_function_name(tree: ast.Module) -> str | None:
+    """The last function a cell defines at top level: ``def f`` or ``f = lambda``."""
+    name = None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            name = node.name
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+            targets = [t for t in node.targets if isinstance(t, ast.Name)]
+            if targets:
+                name = targets[-1].id
+    return name
+
+
+def split_func_and_iterable(rest: str) -> tuple[str, str]:
+    """``"partial(f, y=2) range(1, 10)"`` -> ``("partial(f, y=2)", "range(1, 10)")``."""
+    for i, ch in enumerate(rest):
+        if ch.isspace():
+            left, right = rest[:i].strip(), rest[i:].strip()
+            if not left or not right:
+                continue
+            try:
+                compile(left, "<FUNC>", "eval")
+                compile(right, "<ITERABLE>", "eval")
+            except SyntaxError:
+                continue
+            return left, right
+    raise UsageError(
+        "the line form needs a function and an ITERABLE: %poolmap FUNC ITERABLE "
+        f"(or %poolmap -f FUNC ITERABLE); got {rest!r}"
+    )
+
+
+@magics_class
+class PoolMagics(Magics):
+    """``%%poolmap`` and ``%poolsize``; holds the extension's state."""
+
+    def __init__(self, shell: Any):
+        super().__init__(shell)
+        self._live: list[threading.Thread] = []
+
+    @property
+    def pool(self):
+        return get_pool()
+
+    # ------------------------------------------------------------ helpers
+    def _eval(self, expr: str, what: str) -> Any:
+        __tracebackhide__ = True
+        try:
+            return eval(expr, self.shell.user_global_ns, self.shell.user_ns)
+        except NameError as exc:
+            raise UsageError(f"{what} `{expr}` cannot be evaluated: {exc}") from None
+        except Exception as exc:
+            raise UsageError(f"{what} `{expr}` raised {type(exc).__name__}: {exc}") from None
+
+    def _run_cell(self, cell: str) -> None:
+        """Run the cell as an ordinary cell: same namespace, tracebacks with its lines."""
+        __tracebackhide__ = True
+        shell = self.shell
+        transformed = shell.transform_cell(cell)
+        filename = shell.compile.cache(transformed, shell.execution_count, raw_code=cell)
+        code = shell.compile(transformed, filename, "exec")
+        exec(code, shell.user_global_ns, shell.user_ns)
+
+    def _show(self, obj: Any, quiet: bool) -> None:
+        if not quiet:
+            display(obj)
+
+    def _in_kernel(self) -> bool:
+        return getattr(self.shell, "kernel", None) is not None
+
+    # ------------------------------------------------------------ %%poolmap
+    def poolmap(self, line: str, cell: str | None = None) -> Any:
+        __tracebackhide__ = True
+        parsed = parse(line, POOLMAP_OPTIONS)
+        o = parsed.opts
+        expr = parsed.rest
+        func_expr = o.get("func")
+        fname = None
+        if cell is None:
+            if func_expr is None:
+                if o.get("repeat"):
+                    func_expr, expr = expr, ""
+                else:
+                    func_expr, expr = split_func_and_iterable(expr)
+        elif func_expr is None:
+            try:
+                tree = ast.parse(self.shell.transform_cell(cell))
+            except SyntaxError:
+                tree = None  # running the cell will report it as usual
+            fname = last_function_name(tree) if tree is not None else None
+            if tree is not None and fname is None:
+                raise UsageError(
+                    "the cell defines no function to map: define one at top level "
+                    "(def work(x): ... or work = lambda x: ...), or name one with -f NAME"
+                )
+        if o.get("repeat") and expr:
+            raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
+        if not o.get("repeat") and not expr:
+            raise UsageError("give an ITERABLE after the options, e.g. %%poolmap range(10)")
+        if expr:
+            try:
+                compile(expr, "<ITERABLE>", "eval")
+            except SyntaxError as exc:
+                raise UsageError(f"ITERABLE `{expr}` is not a Python expression: {exc.msg}") from None
+        if cell is not None:
+            self._run_cell(cell)
+        if func_expr is not None:
+            func = self._eval(func_expr, "-f")
+            if not callable(func):
+                raise UsageError(f"-f {func_expr} is not callable (it is a {type(func).__name__})")
+        else:
+            func = self.shell.user_ns.get(fname)
+        iterable = self._eval(expr, "ITERABLE") if expr else None
+        kwargs = {k: self._eval(v, f"--kw {k}") for k, v in (o.get("kw") or {}).items()}
+        options = dict(
+            star=o.get("star", False),
+            chunksize=o.get("chunksize"),
+            timeout=o.get("timeout"),
+            keep_going=o.get("keep_going", False),
+            seed=o.get("seed"),
+            workers=o.get("workers"),
+            kwargs=kwargs or None,
+            repeat=o.get("repeat"),
+        )
+        quiet = o.get("quiet", False)
+        try:
+            if o.get("async_"):
+                return self._start_async(func, iterable, options, o.get("out"), quiet)
+            report = None
+            try:
+                report = self.pool.run(func, iterable, **options)
+            finally:
+                last = self.pool.last_report
+                if last is not None:
+                    self.shell.user_ns["_poolmap"] = last
+                    if report is None and last.status != "running":
+                        self._show(last, quiet)
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
+        self._show(report, quiet)
+        if o.get("out"):
+            self.shell.user_ns[o["out"]] = report.results
+            return None
+        return report.results
+
+    poolmap.__doc__ = _POOLMAP_DOC
+    poolmap = line_cell_magic(poolmap)
+
+    def _start_async(self, func, iterable, options, out, quiet) -> MapHandle | None:
+        handle = self.pool.map_async(func, iterable, **options)
+        self.shell.user_ns["_poolmap"] = handle.report
+        if out:
+            self.shell.user_ns[out] = handle
+        if not quiet and self._in_kernel():
+            dh = display(handle, display_id=True)
+            t = threading.Thread(target=_refresh, args=(handle, dh), daemon=True, name="poolmagic-live")
+            t.start()
+            self._live.append(t)
+        return None if out else handle
+
+    # ------------------------------------------------------------ %poolsize
+    def poolsize(self, line: str) -> None:
+        parsed = parse(line, POOLSIZE_OPTIONS)
+        o, rest = parsed.opts, parsed.rest
+        if o.get("shutdown"):
+            shutdown_pool()
+            print("poolmagic: pool shut down; a fresh one starts on the next map")
+            return None
+        if o.get("tune"):
+            from .tune import tune
+
+            return tune(self.pool, budget=o.get("budget", 10.0))
+        if rest:
+            if rest == "auto":
+                self.pool.resize(None)
+            else:
+                try:
+                    n = int(rest)
+                except ValueError:
+                    raise UsageError(
+                        f"%poolsize takes a number of workers (a whole number ≥ 1) or 'auto', not {rest!r}"
+                    ) from None
+                if n < 1:
+                    raise UsageError(f"%poolsize needs at least 1 worker, not {n}")
+                self.pool.resize(n)
+            self.pool.start()
+        print(self.pool.status())
+        return None
+
+    poolsize.__doc__ = _POOLSIZE_DOC
+    poolsize = line_magic(poolsize)
+
+
+def _refresh(handle: MapHandle, dh: Any, every: float = 0.5) -> None:
+    """Keep an async map's display current until it finishes."""
+    while not handle.wait(every):
+        dh.update(handle)
+    dh.update(handle)

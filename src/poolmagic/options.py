@@ -1,0 +1,155 @@
+"""Parse a magic line: options first, then a Python expression kept whole.
+
+IPython's ``parse_argstring`` splits on spaces, which breaks ``range(1, 10)``
+or ``zip(a, b)``. Here options are read from the left; the first token that is
+not an option starts the expression, which is returned untouched. Option
+values that open a bracket run until it closes (``--kw y=[1, 2]``).
+
+The option table below is also what ``%%poolmap?`` shows, so the help and the
+parser cannot drift apart.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from IPython.core.error import UsageError
+
+
+@dataclass(frozen=True)
+class Opt:
+    names: tuple[str, ...]
+    dest: str
+    kind: str  # "flag", "int", "float", "name", "expr", "kw"
+    help: str
+    metavar: str = ""
+
+
+POOLMAP_OPTIONS: tuple[Opt, ...] = (
+    Opt(("-o", "--out"), "out", "name", "bind the result list to NAME (else it is the cell's value)", "NAME"),
+    Opt(("-f", "--func"), "func", "expr", "map this callable instead of the last function the cell defines", "FUNC"),
+    Opt(("--star",), "star", "flag", "starmap: each item is a tuple of arguments"),
+    Opt(("-c", "--chunksize"), "chunksize", "int", "items per chunk (default: adaptive, from measured item time)", "N"),
+    Opt(("-n", "--workers"), "workers", "int", "use N workers for this cell only", "N"),
+    Opt(("-q", "--quiet"), "quiet", "flag", "do not show the summary"),
+    Opt(("--timeout",), "timeout", "float", "fail an item that runs longer than SECONDS (its worker is replaced)", "SECONDS"),
+    Opt(("--keep-going",), "keep_going", "flag", "run every item; raise one error summarising all failures at the end"),
+    Opt(("--async",), "async_", "flag", "return a handle at once (.ready() .wait() .get() .cancel()); use with -o"),
+    Opt(("--kw",), "kw", "kw", "constant keyword argument, evaluated in the notebook (repeatable)", "NAME=EXPR"),
+    Opt(("--repeat",), "repeat", "int", "call a zero-argument function N times (no ITERABLE)", "N"),
+    Opt(("--seed",), "seed", "int", "seed random and numpy per item: reproducible, independent streams", "S"),
+)
+
+POOLSIZE_OPTIONS: tuple[Opt, ...] = (
+    Opt(("--tune",), "tune", "flag", "time the last mapped function at 1, 2, 4, ... workers and keep the best"),
+    Opt(("--budget",), "budget", "float", "time budget of --tune in seconds (default 10)", "SECONDS"),
+    Opt(("--shutdown",), "shutdown", "flag", "stop the pool's workers now (it restarts on next use)"),
+)
+
+
+@dataclass
+class Parsed:
+    opts: dict[str, Any] = field(default_factory=dict)
+    rest: str = ""
+
+
+_BRACKETS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _balance(s: str) -> int:
+    depth = 0
+    quote = None
+    for ch in s:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _BRACKETS:
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+    return depth
+
+
+def _take_value(line: str, pos: int, opt: str) -> tuple[str, int]:
+    """Next whitespace-separated token from ``pos``, extended until brackets balance."""
+    m = re.compile(r"\s*(\S+)").match(line, pos)
+    if not m:
+        raise UsageError(f"option {opt} needs a value")
+    value, end = m.group(1), m.end()
+    while _balance(value) > 0:
+        m2 = re.compile(r"(\s*)(\S+)").match(line, end)
+        if not m2:
+            raise UsageError(f"the value of {opt} has an unclosed bracket: {value!r}")
+        value += m2.group(1) + m2.group(2)
+        end = m2.end()
+    return value, end
+
+
+def parse(line: str, table: tuple[Opt, ...]) -> Parsed:
+    """Split ``line`` into options (by ``table``) and the remaining expression."""
+    by_name = {n: o for o in table for n in o.names}
+    out = Parsed()
+    pos = 0
+    token = re.compile(r"\s*(-{1,2}[A-Za-z][\w-]*)(=?)")
+    while True:
+        m = token.match(line, pos)
+        if not m:
+            break
+        name = m.group(1)
+        opt = by_name.get(name)
+        if opt is None:
+            known = ", ".join(n for o in table for n in o.names)
+            raise UsageError(f"unknown option {name}; the options are: {known}")
+        pos = m.end()
+        if opt.kind == "flag":
+            out.opts[opt.dest] = True
+            continue
+        raw, pos = _take_value(line, pos, name)
+        out.opts[opt.dest] = _convert(opt, name, raw, out.opts.get(opt.dest))
+    out.rest = line[pos:].strip()
+    return out
+
+
+def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
+    if opt.kind == "int":
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise UsageError(f"{name} takes a whole number, not {raw!r}") from None
+        if value <= 0 and opt.dest != "seed":
+            raise UsageError(f"{name} must be at least 1, not {value}")
+        if value < 0:
+            raise UsageError(f"{name} must not be negative, not {value}")
+        return value
+    if opt.kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UsageError(f"{name} takes a number of seconds, not {raw!r}") from None
+        if not value > 0:
+            raise UsageError(f"{name} must be more than 0, not {raw}")
+        return value
+    if opt.kind == "name":
+        if not raw.isidentifier():
+            raise UsageError(f"{name} takes a variable name, not {raw!r}")
+        return raw
+    if opt.kind == "kw":
+        key, eq, expr = raw.partition("=")
+        if not eq or not key.isidentifier() or not expr:
+            raise UsageError(f"{name} takes NAME=EXPR, e.g. --kw y=2; got {raw!r}")
+        kws = dict(previous or {})
+        kws[key] = expr
+        return kws
+    return raw
+
+
+def help_text(table: tuple[Opt, ...]) -> str:
+    """The options as an aligned table for the magic's docstring."""
+    rows = []
+    for o in table:
+        left = ", ".join(o.names) + (f" {o.metavar}" if o.metavar else "")
+        rows.append(f"  {left:<26} {o.help}")
+    return "\n".join(rows)

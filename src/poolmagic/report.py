@@ -1,0 +1,117 @@
+"""RunReport: what one map produced and where its time went.
+
+Bound to ``_poolmap`` after every ``%%poolmap`` and carried by every error a map
+raises, so that nothing a map computed is ever lost. It records a line per
+chunk (worker id, first item, count, start/end on the system-wide monotonic
+clock, per-item times when items are slow enough to time cheaply): enough for
+a per-worker timeline, progress and efficiency diagnosis, from any backend.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+from .sentinel import NOT_DONE  # noqa: E402  (re-exported: results hold it)
+
+
+@dataclass
+class ChunkRecord:
+    """One chunk as a worker ran it. Times are ``time.perf_counter()`` seconds."""
+
+    worker: int
+    start: int
+    count: int
+    t0: float
+    t1: float
+    item_times: list[float] | None = None
+
+    @property
+    def busy_s(self) -> float:
+        return self.t1 - self.t0
+
+
+@dataclass
+class RunReport:
+    """Results in input order, errors by index, and timing of one map."""
+
+    func_name: str = "?"
+    items: int | None = None
+    results: list = field(default_factory=list)
+    errors: dict[int, BaseException] = field(default_factory=dict)
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    outputs: list[tuple[int, str, str]] = field(default_factory=list)
+    cores: int = 1
+    pool_size: int = 1
+    backend: str = "local"
+    status: str = "running"
+    t_start: float = field(default_factory=time.perf_counter)
+    t_end: float | None = None
+    done: int = 0
+
+    # ---------------------------------------------------------------- figures
+    @property
+    def wall_s(self) -> float:
+        end = self.t_end if self.t_end is not None else time.perf_counter()
+        return max(end - self.t_start, 1e-9)
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds spent inside the function, summed over workers."""
+        return sum(c.t1 - c.t0 for c in self.chunks)
+
+    @property
+    def speedup(self) -> float:
+        """Time inside the function across workers ÷ wall time."""
+        return self.busy_s / self.wall_s
+
+    @property
+    def workers(self) -> int:
+        """Distinct workers that ran at least one chunk."""
+        return len({c.worker for c in self.chunks})
+
+    @property
+    def failed(self) -> int:
+        return len(self.errors)
+
+    def item_times(self) -> list[float | None]:
+        """Seconds per item: measured when timed, else the chunk's average."""
+        n = len(self.results)
+        out: list[float | None] = [None] * n
+        for c in self.chunks:
+            if c.item_times is not None:
+                out[c.start : c.start + len(c.item_times)] = c.item_times
+            elif c.count:
+                out[c.start : c.start + c.count] = [(c.t1 - c.t0) / c.count] * c.count
+        return out
+
+    def timeline(self) -> list[dict]:
+        """Chunks as dicts, times relative to the start of the map."""
+        return [
+            {
+                "worker": c.worker,
+                "start": c.start,
+                "count": c.count,
+                "t0": c.t0 - self.t_start,
+                "t1": c.t1 - self.t_start,
+            }
+            for c in sorted(self.chunks, key=lambda c: c.t0)
+        ]
+
+    # ---------------------------------------------------------------- display
+    def summary(self) -> str:
+        from .display import summary_text
+
+        return summary_text(self)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.summary())
+
+    def _repr_html_(self) -> str:
+        from .display import summary_html
+
+        return summary_html(self)

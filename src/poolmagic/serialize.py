@@ -1,0 +1,227 @@
+"""Turn a callable into bytes that a worker can load, once per version.
+
+A notebook function is pickled *by value* with cloudpickle, together with every
+global it reads. Large buffers (numpy arrays and anything else that supports
+pickle protocol 5) travel out of band, so a 50 MB global is neither copied into
+the pickle stream nor re-sent with each chunk: the payload is keyed by a content
+hash and each worker caches it.
+
+Before any work starts this module also answers the user's two questions when
+something is wrong: which captured variable cannot be pickled, and which global
+name the function reads that is not defined.
+"""
+from __future__ import annotations
+
+import builtins
+import dis
+import functools
+import hashlib
+import os
+import pickle
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import cloudpickle
+
+from .errors import SerializationError
+
+
+@dataclass
+class Payload:
+    """A pickled callable ready to ship: ``data`` plus out-of-band ``buffers``."""
+
+    key: str
+    data: bytes
+    buffers: list[memoryview] = field(default_factory=list)
+    cwd: str = ""
+    sys_path: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(b.nbytes for b in self.buffers)
+
+
+def dump_function(func: Callable) -> Payload:
+    """Pickle ``func`` with cloudpickle; raise SerializationError naming the culprit."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = cloudpickle.dumps(func, protocol=5, buffer_callback=buffers.append)
+    except Exception as exc:  # cloudpickle raises TypeError, PicklingError, ...
+        raise SerializationError(explain_unpicklable(func, exc)) from None
+    raw: list[memoryview] = []
+    h = hashlib.sha256(data)
+    for buf in buffers:
+        try:
+            view = buf.raw()
+        except BufferError:  # non-contiguous: let pickle copy it in-band instead
+            return _dump_in_band(func)
+        h.update(view)
+        raw.append(view)
+    return Payload(h.hexdigest()[:24], data, raw, os.getcwd(), list(sys.path))
+
+
+def _dump_in_band(func: Callable) -> Payload:
+    data = cloudpickle.dumps(func, protocol=5)
+    return Payload(hashlib.sha256(data).hexdigest()[:24], data, [], os.getcwd(), list(sys.path))
+
+
+def load_function(data: bytes, buffers: list) -> Callable:
+    return pickle.loads(data, buffers=buffers)
+
+
+def describe(obj: Any) -> str:
+    """``a _thread.lock`` — the type as a user would recognise it."""
+    t = type(obj)
+    mod = t.__module__
+    name = t.__qualname__ if mod in ("builtins", None) else f"{mod}.{t.__qualname__}"
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def callable_name(func: Any) -> str:
+    if isinstance(func, functools.partial):
+        return f"partial({callable_name(func.func)}, ...)"
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def global_names(func: Callable) -> list[str]:
+    """Global names the function's code loads, in order of first use."""
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return []
+    seen: dict[str, None] = {}
+    stored: set[str] = set()
+    for co in _code_objects(code):
+        for ins in dis.get_instructions(co):
+            if not isinstance(ins.argval, str):
+                continue
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+                seen.setdefault(ins.argval, None)
+            elif ins.opname in ("STORE_GLOBAL", "STORE_NAME"):
+                stored.add(ins.argval)
+    return [n for n in seen if n not in stored]
+
+
+def _captured(func: Any) -> Iterator[tuple[str, Any]]:
+    """(description, value) of everything cloudpickle must pickle along with ``func``."""
+    if isinstance(func, functools.partial):
+        yield "the partial's function", func.func
+        for i, a in enumerate(func.args):
+            yield f"positional argument {i} of the partial", a
+        for k, v in func.keywords.items():
+            yield f"keyword argument {k!r} of the partial", v
+        return
+    if isinstance(func, types.MethodType):
+        yield "the bound instance", func.__self__
+        func = func.__func__
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return
+    for name, cell in zip(code.co_freevars, func.__closure__ or ()):
+        try:
+            yield f"closure variable {name!r}", cell.cell_contents
+        except ValueError:
+            continue
+    g = getattr(func, "__globals__", {})
+    for name in global_names(func):
+        if name in g:
+            yield f"global {name!r}", g[name]
+    for i, d in enumerate(func.__defaults__ or ()):
+        yield f"default argument {i}", d
+    for k, d in (func.__kwdefaults__ or {}).items():
+        yield f"default argument {k!r}", d
+
+
+def explain_unpicklable(func: Callable, exc: BaseException, _depth: int = 0) -> str:
+    """A sentence naming what in ``func`` cannot be pickled, and its type."""
+    who = callable_name(func)
+    for what, value in _captured(func):
+        try:
+            cloudpickle.dumps(value)
+        except Exception as inner:
+            is_local_fn = isinstance(value, (types.FunctionType, functools.partial))
+            if is_local_fn and _depth < 3 and value is not func:
+                return explain_unpicklable(value, inner, _depth + 1).replace(
+                    "cannot be sent", f"(used by {who}()) cannot be sent", 1
+                )
+            return (
+                f"{who}() cannot be sent to the workers: it captures {what}, "
+                f"{describe(value)}, which cannot be pickled ({inner})."
+            )
+    return f"{who}() cannot be sent to the workers: {type(exc).__name__}: {exc}"
+
+
+def undefined_globals(func: Callable, _seen: set | None = None) -> list[tuple[str, str]]:
+    """(function, name) pairs for global names a function reads that are not defined.
+
+    Follows helper functions that live in the same namespace, so a typo in a
+    helper is caught too.
+    """
+    seen = _seen if _seen is not None else set()
+    if isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        func = func.__func__
+    if not isinstance(func, types.FunctionType) or id(func) in seen:
+        return []
+    seen.add(id(func))
+    g = func.__globals__
+    b = g.get("__builtins__", builtins)
+    b = b if isinstance(b, dict) else vars(b)
+    missing: list[tuple[str, str]] = []
+    for name in global_names(func):
+        if name in g:
+            value = g[name]
+            if isinstance(value, types.FunctionType) and value.__globals__ is g:
+                missing += undefined_globals(value, seen)
+        elif name not in b:
+            missing.append((func.__qualname__, name))
+    return missing
+
+
+def code_filenames(func: Any, limit: int = 200) -> dict[tuple[str, int], str]:
+    """(co_name, co_firstlineno) -> co_filename for code reachable from ``func``.
+
+    Walks nested code, closures, defaults, globals the code reads (functions,
+    classes and their methods), as cloudpickle does when it ships them.
+    """
+    found: dict[tuple[str, int], str] = {}
+    seen: set[int] = set()
+    todo: list[Any] = [func]
+    while todo and len(seen) < limit:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, functools.partial):
+            todo += [obj.func, *obj.args, *obj.keywords.values()]
+        elif isinstance(obj, types.MethodType):
+            todo.append(obj.__func__)
+        elif isinstance(obj, type):
+            todo += [v for v in vars(obj).values() if callable(v) or isinstance(v, (staticmethod, classmethod, property))]
+        elif isinstance(obj, (staticmethod, classmethod)):
+            todo.append(obj.__func__)
+        elif isinstance(obj, property):
+            todo += [f for f in (obj.fget, obj.fset, obj.fdel) if f is not None]
+        elif isinstance(obj, types.FunctionType):
+            for co in _code_objects(obj.__code__):
+                found[(co.co_name, co.co_firstlineno)] = co.co_filename
+            for cell in obj.__closure__ or ():
+                try:
+                    todo.append(cell.cell_contents)
+                except ValueError:
+                    pass
+            g = obj.__globals__
+            todo += [g[n] for n in global_names(obj) if n in g and isinstance(g[n], (type, types.FunctionType))]
+        elif callable(obj) and hasattr(type(obj), "__call__"):
+            todo.append(type(obj))
+            todo += [v for v in getattr(obj, "__dict__", {}).values() if callable(v)]
+    return found
