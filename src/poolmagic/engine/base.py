@@ -9,6 +9,7 @@ worker output in item order while results arrive.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import sys
@@ -137,7 +138,7 @@ class Job:
             return None
         if got is not None:
             self.inflight += 1
-        self._maybe_finish()
+        self.maybe_finish()
         return got
 
     def requeue(self, start: int, items: Any) -> None:
@@ -170,7 +171,7 @@ class Job:
             for k in range(len(items) - 1, -1, -1):
                 if k not in bad:
                     self.retry.appendleft((start + k, items[k : k + 1]))
-        self._maybe_finish()
+        self.maybe_finish()
 
     # ---------------------------------------------------------- results side
     def chunk_done(
@@ -197,7 +198,7 @@ class Job:
             self.timed_items += len(results)
             for idx, stream, text in outputs:
                 heapq.heappush(self._pending_out, (idx, next(self._out_seq), stream, text))
-                r.outputs.append((idx, stream, text))
+                bisect.insort(r.outputs, (idx, stream, text), key=_first)  # item order
             self._done_ranges[rec.start] = rec.start + rec.count
             while self._prefix in self._done_ranges:
                 self._prefix = self._done_ranges.pop(self._prefix)
@@ -206,7 +207,7 @@ class Job:
             if not self.keep_going and errors:
                 self._fail_locked(errors[0][1])
             self.cond.notify_all()
-        self._maybe_finish()
+        self.maybe_finish()
 
     def item_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
         """Items that produced no result (crash, timeout, unpicklable argument)."""
@@ -223,7 +224,7 @@ class Job:
             if not self.keep_going:
                 self._fail_locked(exc)
             self.cond.notify_all()
-        self._maybe_finish()
+        self.maybe_finish()
 
     def _record_error(self, idx: int, exc: BaseException, value: Any) -> None:
         if idx in self.report.errors:
@@ -244,7 +245,7 @@ class Job:
         self.error = exc
         self._close(status)
 
-    def _maybe_finish(self) -> None:
+    def maybe_finish(self) -> None:
         with self.cond:
             if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
                 r = self.report
@@ -299,6 +300,10 @@ class Job:
     def take_ready(self) -> bool:
         heap = self._pending_out
         return bool(heap) and heap[0][0] < self._prefix
+
+
+def _first(t: tuple) -> Any:
+    return t[0]
 
 
 def write_outputs(batch: list[tuple[int, int, str, str]]) -> None:

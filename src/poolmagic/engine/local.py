@@ -178,6 +178,7 @@ class LocalBackend(Backend):
 
         def cmd() -> None:
             self._jobs.append(job)
+            job.maybe_finish()  # an empty ITERABLE is done at once
             self._refresh_stale()
 
         self._command(cmd)

@@ -79,6 +79,11 @@ class _Capture(io.TextIOBase):
 def _seed_item(seed: int, index: int) -> None:
     """Independent, reproducible streams per item (SeedSequence spawn-key style)."""
     np = sys.modules.get("numpy")
+    if np is None:
+        try:  # the function may import numpy itself: seed it before it runs
+            import numpy as np
+        except ImportError:
+            np = None
     if np is not None:
         ss = np.random.SeedSequence(seed, spawn_key=(index,))
         state = ss.generate_state(4)

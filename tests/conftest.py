@@ -1,0 +1,43 @@
+"""Shared fixtures: a real IPython shell with poolmagic loaded, and leak checks."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import poolmagic
+
+
+@pytest.fixture(scope="session")
+def ip():
+    """One real InteractiveShell for the session, with the extension loaded."""
+    shell = InteractiveShell.instance()
+    shell.extension_manager.load_extension("poolmagic")
+    yield shell
+    shell.extension_manager.unload_extension("poolmagic")
+
+
+@pytest.fixture
+def pool_pids():
+    """A function returning the live worker pids of the shared pool."""
+    return lambda: poolmagic.get_pool().backend.worker_pids()
+
+
+def descendants() -> list[psutil.Process]:
+    """Every live process below this one (zombies excluded)."""
+    out = []
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(params=["forkserver", "spawn"])
+def start_method(request):
+    """Run a test under both safe start methods."""
+    return request.param

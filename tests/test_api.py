@@ -1,0 +1,210 @@
+"""The plain Python API, without the magics: Pool, pmap, map_async, seeds, repeat."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+import poolmagic
+from poolmagic import BadInputError, Pool, pmap
+
+
+def test_pmap_uses_the_shared_pool():
+    assert pmap(abs, range(-3, 0)) == [3, 2, 1]
+    assert poolmagic.get_pool().last_report.results == [3, 2, 1]
+
+
+def test_notebook_function_works_under_both_safe_start_methods(ip, start_method):
+    """A function defined in __main__ (a cell) must load in workers under spawn too."""
+    ip.run_cell("BASE = 7\ndef nb_func(x):\n    return x + BASE\n")
+    fn = ip.user_ns["nb_func"]
+    assert fn.__module__ == "__main__"
+    with Pool(2, start_method=start_method) as pool:
+        assert pool.backend.description == f"local processes ({start_method})"
+        assert pool.map(fn, range(5)) == [7, 8, 9, 10, 11]
+        assert pool.map(lambda x: -x, range(3)) == [0, -1, -2]
+
+
+def test_results_in_input_order_with_uneven_items():
+    def uneven(x):
+        time.sleep(0.02 if x % 3 == 0 else 0)
+        return x
+
+    with Pool(2) as pool:
+        report = pool.run(uneven, range(60))
+    assert report.results == list(range(60))
+    assert report.workers == 2
+
+
+def test_large_input_uses_adaptive_chunks():
+    with Pool(2) as pool:
+        report = pool.run(lambda x: x + 1, range(200_000))
+        assert report.results[-1] == 200_000
+        # tiny items: few, large chunks, not one message per item
+        assert len(report.chunks) < 100
+        assert max(c.count for c in report.chunks) > 1000
+
+
+def test_slow_items_get_chunks_of_one_for_load_balance():
+    with Pool(2) as pool:
+        report = pool.run(lambda x: time.sleep(0.03) or x, range(8))
+    assert all(c.count == 1 for c in report.chunks)
+    assert report.speedup > 1.2  # two workers really ran at once
+
+
+def test_per_item_times_and_worker_ids_are_recorded():
+    with Pool(2) as pool:
+        report = pool.run(lambda x: time.sleep(0.01 * (x + 1)) or x, range(4), chunksize=2)
+    times = report.item_times()
+    assert all(t is not None for t in times)
+    assert times[3] > times[0]  # measured per item, not the chunk average
+    tl = report.timeline()
+    assert {e["worker"] for e in tl} <= {0, 1} and all(e["t1"] >= e["t0"] for e in tl)
+
+
+def test_big_global_is_shipped_once_per_worker():
+    np = pytest.importorskip("numpy")
+    arr = np.arange(2_000_000, dtype=np.float64)  # 16 MB
+
+    def read(i):
+        return float(arr[i])
+
+    with Pool(2) as pool:
+        assert pool.map(read, range(64), chunksize=1) == [float(i) for i in range(64)]
+        key = pool.last_report and pool.backend._procs[0].fns
+        assert len(key) == 1  # one function version cached in the worker
+        arr[0] = -1.0  # a changed global is a new version: shipped again
+        assert pool.map(read, range(2))[0] == -1.0
+
+
+def test_map_async_returns_at_once_and_get_waits():
+    with Pool(2) as pool:
+        t = time.perf_counter()
+        handle = pool.map_async(lambda x: time.sleep(0.2) or x * 2, range(4), chunksize=1)
+        assert time.perf_counter() - t < 0.15
+        assert not handle.ready()
+        assert handle.wait(0.01) is False
+        with pytest.raises(TimeoutError):
+            handle.get(timeout=0.01)
+        assert handle.get(timeout=10) == [0, 2, 4, 6]
+        assert handle.ready() and handle.successful()
+
+
+def test_two_async_maps_share_the_pool():
+    with Pool(2) as pool:
+        a = pool.map_async(lambda x: time.sleep(0.05) or ("a", x), range(6), chunksize=1)
+        b = pool.map_async(lambda x: time.sleep(0.05) or ("b", x), range(6), chunksize=1)
+        assert a.get(10) == [("a", i) for i in range(6)]
+        assert b.get(10) == [("b", i) for i in range(6)]
+        # fair sharing: both ran interleaved, neither waited for the other to finish
+        assert min(c.t0 for c in b.report.chunks) < max(c.t0 for c in a.report.chunks)
+
+
+def test_async_cancel_keeps_finished_results():
+    with Pool(2) as pool:
+        h = pool.map_async(lambda x: time.sleep(0 if x < 2 else 30) or x, range(6), chunksize=1)
+        deadline = time.time() + 10
+        while h.report.done < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        t = time.perf_counter()
+        h.cancel()
+        assert time.perf_counter() - t < 2
+        assert h.ready() and h.report.status == "cancelled"
+        assert h.report.results[:2] == [0, 1]
+        assert pool.map(abs, [-1]) == [1]
+
+
+def test_repeat_calls_a_zero_argument_function():
+    with Pool(2) as pool:
+        out = pool.map(lambda: 42, repeat=5)
+    assert out == [42] * 5
+
+
+def test_seed_gives_reproducible_independent_streams_whatever_the_chunking():
+    def draw(_):
+        return random.random()
+
+    with Pool(2) as pool:
+        a = pool.map(draw, range(20), seed=123, chunksize=1)
+        b = pool.map(draw, range(20), seed=123, chunksize=7)
+    with Pool(1) as pool:
+        c = pool.map(draw, range(20), seed=123)
+    assert a == b == c
+    assert len(set(a)) == 20  # independent per item
+    with Pool(2) as pool:
+        assert pool.map(draw, range(20), seed=124) != a
+
+
+def test_seed_also_seeds_numpy():
+    np = pytest.importorskip("numpy")
+
+    def draw(_):
+        import numpy
+
+        return float(numpy.random.rand())
+
+    with Pool(2) as pool:
+        a = pool.map(draw, range(6), seed=5, chunksize=1)
+        b = pool.map(draw, range(6), seed=5, chunksize=3)
+    assert a == b and len(set(a)) == 6
+    del np
+
+
+def test_without_seed_workers_do_not_share_random_state():
+    with Pool(2) as pool:
+        # the first draw of each fresh worker: equal if they shared a state
+        draws = pool.map(lambda: (__import__("os").getpid(), random.random()), repeat=2, chunksize=1)
+    assert draws[0][0] != draws[1][0]
+    assert draws[0][1] != draws[1][1]
+
+
+def test_kwargs_are_constant_arguments():
+    def power(x, y):
+        return x**y
+
+    assert pmap(power, range(4), kwargs={"y": 3}) == [0, 1, 8, 27]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"chunksize": 0}, "chunksize"),
+        ({"workers": -1}, "workers"),
+        ({"timeout": 0}, "timeout"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_options_are_rejected_before_work(kwargs, fragment):
+    with pytest.raises(BadInputError, match=fragment):
+        pmap(abs, range(3), **kwargs)
+
+
+def test_not_callable_and_not_iterable():
+    with pytest.raises(BadInputError, match="not callable"):
+        pmap(5, range(3))
+    with pytest.raises(BadInputError, match="int, which is not iterable"):
+        pmap(abs, 5)
+
+
+def test_resize_takes_effect_without_restart():
+    with Pool(1) as pool:
+        pool.map(abs, [1])
+        first = set(pool.backend.worker_pids())
+        pool.resize(2)
+        report = pool.run(lambda x: time.sleep(0.05) or x, range(6), chunksize=1)
+        assert report.workers == 2
+        assert first <= set(pool.backend.worker_pids())  # the old worker kept running
+
+
+def test_status_line():
+    with Pool(2) as pool:
+        pool.map(abs, [1, 2])
+        s = pool.status()
+    assert s.startswith("poolmagic: 2 workers · local processes (")
+    assert "cores available" in s and "pool warm" in s
+
+
+def test_empty_iterable():
+    assert pmap(abs, []) == []
+    assert pmap(abs, iter([])) == []

@@ -1,0 +1,273 @@
+"""%%poolmap and %poolsize in a real InteractiveShell: parsing, cell semantics, bad input."""
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError
+
+import poolmagic
+from poolmagic.magics import last_function_name, split_func_and_iterable
+
+
+def cell(ip, line: str, body: str):
+    return ip.run_cell_magic("poolmap", line, body)
+
+
+# ------------------------------------------------------------------ basics
+
+
+def test_cell_defines_function_mapped_in_order(ip):
+    out = cell(ip, "range(10)", "def sq(x):\n    return x * x\n")
+    assert out == [x * x for x in range(10)]
+    # the cell ran as a normal cell: its definitions stay in the notebook
+    assert ip.user_ns["sq"](3) == 9
+
+
+def test_globals_helpers_classes_and_imports_from_earlier_cells(ip):
+    ip.run_cell(
+        "OFFSET = 1000\n"
+        "class Box:\n    def __init__(self, v): self.v = v\n"
+        "def helper(x):\n    return x + OFFSET\n"
+    )
+    out = cell(ip, "range(5)", "import math\ndef work(x):\n    return Box(helper(math.isqrt(x))).v\n")
+    assert out == [1000 + int(x**0.5) for x in range(5)]
+
+
+def test_results_can_be_notebook_class_instances(ip):
+    ip.run_cell("class Point:\n    def __init__(self, x): self.x = x\n")
+    out = cell(ip, "range(3)", "def mk(i):\n    return Point(i)\n")
+    assert [p.x for p in out] == [0, 1, 2]
+    assert type(out[0]) is ip.user_ns["Point"]
+
+
+def test_items_can_be_notebook_class_instances(ip):
+    ip.run_cell("class Item:\n    def __init__(self, x): self.x = x\nITEMS = [Item(i) for i in range(4)]\n")
+    assert cell(ip, "ITEMS", "def get(it):\n    return it.x * 2\n") == [0, 2, 4, 6]
+
+
+def test_lambda_assignment_is_selected(ip):
+    assert cell(ip, "range(3)", "f = lambda x: x + 1\n") == [1, 2, 3]
+
+
+def test_last_function_wins_and_f_selects_another(ip):
+    body = "def first(x):\n    return 'first'\ndef second(x):\n    return 'second'\n"
+    assert cell(ip, "range(2)", body) == ["second", "second"]
+    assert cell(ip, "-f first range(2)", body) == ["first", "first"]
+
+
+def test_closure_over_notebook_variable_sees_current_value(ip):
+    ip.run_cell("SCALE = 2")
+    body = "def scaled(x):\n    return x * SCALE\n"
+    assert cell(ip, "range(3)", body) == [0, 2, 4]
+    ip.run_cell("SCALE = 10")
+    assert cell(ip, "range(3)", body) == [0, 10, 20]  # a new version is shipped
+
+
+def test_iterable_expression_with_spaces_and_commas(ip):
+    ip.run_cell("a = [1, 2, 3]; b = [10, 20, 30]")
+    assert cell(ip, "range(1, 10, 3)", "def ident(x):\n    return x\n") == [1, 4, 7]
+    assert cell(ip, "--star zip(a, b)", "def add(x, y):\n    return x + y\n") == [11, 22, 33]
+    assert cell(ip, "(i for i in a if i != 2)", "def ident(x):\n    return x\n") == [1, 3]
+    assert cell(ip, "{'k': 1, 'j': 2}", "def ident(x):\n    return x\n") == ["k", "j"]
+
+
+def test_o_binds_results_and_returns_nothing(ip):
+    assert cell(ip, "-o squares -q range(4)", "def sq(x):\n    return x * x\n") is None
+    assert ip.user_ns["squares"] == [0, 1, 4, 9]
+
+
+def test_report_bound_to__poolmap(ip):
+    cell(ip, "-q range(20)", "def sq(x):\n    return x * x\n")
+    r = ip.user_ns["_poolmap"]
+    assert isinstance(r, poolmagic.RunReport)
+    assert r.results == [x * x for x in range(20)]
+    assert r.errors == {}
+    assert r.items == 20 and r.status == "done"
+    assert r.wall_s > 0 and r.cores >= 1 and 1 <= r.workers <= poolmagic.get_pool().size
+    assert r.speedup >= 0
+    assert sum(c.count for c in r.chunks) == 20
+    assert len(r.item_times()) == 20 and all(t is not None for t in r.item_times())
+
+
+def test_chunksize_option_is_used(ip):
+    cell(ip, "-q -c 5 range(20)", "def sq(x):\n    return x\n")
+    assert sorted(c.count for c in ip.user_ns["_poolmap"].chunks) == [5, 5, 5, 5]
+
+
+def test_workers_option_limits_workers_for_this_cell(ip):
+    cell(ip, "-q -n 1 -c 1 range(8)", "def slow(x):\n    import time; time.sleep(0.01); return x\n")
+    assert ip.user_ns["_poolmap"].workers == 1
+
+
+def test_summary_shown_in_text_and_suppressed_by_q(ip, capsys):
+    cell(ip, "range(3)", "def sq(x):\n    return x\n")
+    out = capsys.readouterr().out
+    assert "poolmagic: 3 items in" in out and "cores available" in out and "speedup" in out
+    cell(ip, "-q range(3)", "def sq(x):\n    return x\n")
+    assert "poolmagic:" not in capsys.readouterr().out
+
+
+def test_report_html_and_text_forms(ip):
+    cell(ip, "-q range(3)", "def sq(x):\n    return x\n")
+    r = ip.user_ns["_poolmap"]
+    html = r._repr_html_()
+    assert "poolmagic" in html and "3 items" in html and "speedup" in html
+    assert repr(r).startswith("poolmagic: 3 items in")
+
+
+def test_print_in_workers_lands_in_the_cell_in_item_order(ip, capsys):
+    body = "def talk(x):\n    import time; time.sleep(0.01 * (5 - x))\n    print('item', x)\n    return x\n"
+    cell(ip, "-q -c 1 range(5)", body)
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("item")] == [f"item {i}" for i in range(5)]
+    assert ip.user_ns["_poolmap"].outputs[0][0] == 0
+
+
+def test_stderr_from_workers_is_captured(ip, capsys):
+    cell(ip, "-q range(2)", "import sys\ndef warn(x):\n    print('careful', x, file=sys.stderr)\n    return x\n")
+    err = capsys.readouterr().err
+    assert "careful 0" in err and "careful 1" in err
+
+
+def test_help_is_generated_from_the_option_table(ip):
+    doc = ip.find_cell_magic("poolmap").__doc__
+    for opt in ("--star", "--chunksize", "--timeout", "--keep-going", "-o", "-n", "-q", "-f"):
+        assert opt in doc
+
+
+def test_line_form_maps_a_callable_expression(ip):
+    ip.run_cell("from functools import partial\ndef power(x, y):\n    return x ** y\n")
+    assert ip.run_line_magic("poolmap", "-q -f partial(power, y=2) range(1, 5)") == [1, 4, 9, 16]
+    assert ip.run_line_magic("poolmap", "-q abs range(-2, 1)") == [2, 1, 0]
+    assert ip.run_line_magic("poolmap", "-q --kw y=3 power range(1, 3)") == [1, 8]
+
+
+# ------------------------------------------------------------------ %poolsize
+
+
+def test_poolsize_shows_sets_and_auto(ip, capsys):
+    pool = poolmagic.get_pool()
+    ip.run_line_magic("poolsize", "")
+    out = capsys.readouterr().out
+    assert f"{pool.size} worker" in out and "cores available" in out and "local processes" in out
+    ip.run_line_magic("poolsize", "3")
+    assert pool.size == 3 and "3 workers" in capsys.readouterr().out
+    cell(ip, "-q -c 1 range(12)", "def slow(x):\n    import time; time.sleep(0.05); return x\n")
+    assert ip.user_ns["_poolmap"].workers == 3
+    ip.run_line_magic("poolsize", "auto")
+    assert pool.size == pool.cores
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("arg", ["0", "-2", "many", "1.5"])
+def test_poolsize_rejects_bad_sizes(ip, arg):
+    with pytest.raises(UsageError) as e:
+        ip.run_line_magic("poolsize", arg)
+    assert "poolsize" in str(e.value) or "option" in str(e.value)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def usage_error(ip, line, body) -> str:
+    with pytest.raises(UsageError) as e:
+        cell(ip, line, body)
+    return str(e.value)
+
+
+def test_cell_without_function_is_rejected_before_running(ip):
+    ip.user_ns.pop("ran", None)
+    msg = usage_error(ip, "range(3)", "ran = True\nx = 1\n")
+    assert "defines no function" in msg
+    assert "ran" not in ip.user_ns  # the cell did not run
+
+
+def test_f_name_undefined_or_not_callable(ip):
+    assert "not defined" in usage_error(ip, "-f nosuchfn range(3)", "x = 1\n")
+    ip.run_cell("notfn = 5")
+    assert "not callable" in usage_error(ip, "-f notfn range(3)", "x = 1\n")
+
+
+def test_iterable_undefined_name_is_named(ip):
+    msg = usage_error(ip, "range(N_UNDEFINED)", "def f(x):\n    return x\n")
+    assert "N_UNDEFINED" in msg and "not defined" in msg
+
+
+def test_iterable_not_iterable_says_its_type(ip):
+    assert "int" in usage_error(ip, "42", "def f(x):\n    return x\n")
+    assert "not iterable" in usage_error(ip, "42", "def f(x):\n    return x\n")
+
+
+def test_iterable_that_raises(ip):
+    msg = usage_error(ip, "1 / 0", "def f(x):\n    return x\n")
+    assert "ZeroDivisionError" in msg
+
+
+def test_iterable_syntax_error_before_running_the_cell(ip):
+    ip.user_ns.pop("ran2", None)
+    msg = usage_error(ip, "range(3", "ran2 = 1\ndef f(x):\n    return x\n")
+    assert "not a Python expression" in msg
+    assert "ran2" not in ip.user_ns
+
+
+def test_missing_iterable(ip):
+    assert "ITERABLE" in usage_error(ip, "-q", "def f(x):\n    return x\n")
+
+
+def test_unpicklable_capture_names_the_variable_and_type(ip):
+    ip.run_cell("import threading\nLOCK = threading.Lock()")
+    msg = usage_error(ip, "range(3)", "def locked(x):\n    with LOCK:\n        return x\n")
+    assert "'LOCK'" in msg and "lock" in msg.lower() and "cannot be pickled" in msg
+
+
+def test_unpicklable_capture_through_a_helper(ip):
+    ip.run_cell("import threading\nLOCK2 = threading.Lock()\ndef uses_lock(x):\n    with LOCK2:\n        return x\n")
+    msg = usage_error(ip, "range(3)", "def outer(x):\n    return uses_lock(x)\n")
+    assert "'LOCK2'" in msg and "uses_lock" in msg
+
+
+def test_open_file_capture_is_named(ip, tmp_path):
+    ip.run_cell(f"FH = open({str(tmp_path / 'f.txt')!r}, 'w')")
+    msg = usage_error(ip, "range(2)", "def write(x):\n    FH.write(str(x))\n")
+    assert "'FH'" in msg and "TextIOWrapper" in msg
+    ip.run_cell("FH.close()")
+
+
+def test_undefined_global_in_function_is_named(ip):
+    msg = usage_error(ip, "range(3)", "def typo(x):\n    return x + OFSET\n")
+    assert "OFSET" in msg and "not defined" in msg and "typo" in msg
+
+
+def test_star_with_non_sequence_item(ip):
+    msg = usage_error(ip, "--star range(3)", "def add(x, y):\n    return x + y\n")
+    assert "--star" in msg and "item 0" in msg and "int" in msg
+
+
+def test_unknown_option_and_bad_values(ip):
+    assert "unknown option" in usage_error(ip, "--bogus range(3)", "def f(x):\n    return x\n")
+    assert "whole number" in usage_error(ip, "-c many range(3)", "def f(x):\n    return x\n")
+    assert "at least 1" in usage_error(ip, "-n 0 range(3)", "def f(x):\n    return x\n")
+    assert "more than 0" in usage_error(ip, "--timeout -1 range(3)", "def f(x):\n    return x\n")
+    assert "variable name" in usage_error(ip, "-o 1abc range(3)", "def f(x):\n    return x\n")
+
+
+def test_error_in_cell_body_propagates_and_nothing_is_mapped(ip):
+    with pytest.raises(ZeroDivisionError):
+        cell(ip, "range(3)", "def f(x):\n    return x\n1 / 0\n")
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_last_function_name():
+    import ast
+
+    assert last_function_name(ast.parse("def a(): pass\nb = lambda: 1\n")) == "b"
+    assert last_function_name(ast.parse("x = 1\n")) is None
+    assert last_function_name(ast.parse("async def c(): pass\n")) == "c"
+
+
+def test_split_func_and_iterable():
+    assert split_func_and_iterable("partial(f, y=2) range(1, 10)") == ("partial(f, y=2)", "range(1, 10)")
+    assert split_func_and_iterable("math.factorial range(5)") == ("math.factorial", "range(5)")
+    with pytest.raises(UsageError):
+        split_func_and_iterable("onlyone")
