@@ -104,6 +104,7 @@ class Pool:
         self.cores = available_cores()
         self.backend: Backend = backend or LocalBackend(workers or self.cores, start_method)
         self.last_report: RunReport | None = None
+        self.last_job: Job | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -232,7 +233,7 @@ class Pool:
         """
         __tracebackhide__ = True
         job = self.prepare(func, iterable, **options)
-        self.last_report = job.report
+        self.last_report, self.last_job = job.report, job
         self.backend.submit(job)
         try:
             job.wait(on_output=write_outputs)
@@ -260,7 +261,7 @@ class Pool:
     def map_async(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> MapHandle:
         """Start a map and return a MapHandle at once."""
         job = self.prepare(func, iterable, **options)
-        self.last_report = job.report
+        self.last_report, self.last_job = job.report, job
         self.backend.submit(job)
         return MapHandle(self, job)
 

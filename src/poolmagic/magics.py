@@ -220,7 +220,10 @@ class PoolMagics(Magics):
         if o.get("tune"):
             from .tune import tune
 
-            return tune(self.pool, budget=o.get("budget", 10.0))
+            try:
+                return tune(self.pool, budget=o.get("budget", 10.0))
+            except BadInputError as exc:
+                raise UsageError(str(exc)) from None
         if rest:
             if rest == "auto":
                 self.pool.resize(None)

@@ -39,6 +39,13 @@ class ItemSource:
             self.length = None
         self.pos = 0
         self.exhausted = self.length == 0
+        self.sample: list = []  # first items of a stream, kept for %poolsize --tune
+
+    SAMPLE_SIZE = 2000
+
+    def items_for_sampling(self) -> Any:
+        """Items that can be mapped again: the sequence, or a stream's first items."""
+        return self.seq if self.seq is not None else self.sample
 
     def remaining(self) -> int | None:
         return None if self.length is None else self.length - self.pos
@@ -51,6 +58,8 @@ class ItemSource:
             items = self.seq[start : start + n]
         else:
             items = list(itertools.islice(self.it, n))
+            if len(self.sample) < self.SAMPLE_SIZE:
+                self.sample.extend(items[: self.SAMPLE_SIZE - len(self.sample)])
         self.pos += len(items)
         if len(items) < n or (self.length is not None and self.pos >= self.length):
             self.exhausted = True

@@ -1,0 +1,162 @@
+"""%poolsize --tune: measure throughput at 1, 2, 4, ... workers and keep the best.
+
+The tutorial's advice is "benchmark to find the optimal number of processes";
+this does it on the user's own function and items, within a time budget. Each
+size gets an equal share of the budget; the sample for a size is as many
+items as should take that share, judged from the last run's time per item.
+The chosen size is the smallest within 5% of the best throughput: workers
+that add nothing only cost memory.
+"""
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import BadInputError
+
+if TYPE_CHECKING:
+    from .api import Pool
+
+GOOD_ENOUGH = 0.95
+MAX_SAMPLE = 1_000_000
+
+
+@dataclass
+class TuneRow:
+    workers: int
+    items: int
+    wall_s: float
+
+    @property
+    def throughput(self) -> float:
+        return self.items / self.wall_s
+
+
+@dataclass
+class TuneResult:
+    func_name: str
+    cores: int
+    rows: list[TuneRow] = field(default_factory=list)
+    chosen: int = 1
+    reason: str = ""
+
+    def best(self) -> TuneRow:
+        return max(self.rows, key=lambda r: r.throughput)
+
+    def text(self) -> str:
+        top = self.best().throughput
+        lines = [f"poolmagic --tune {self.func_name}: {self.cores} cores available"]
+        for r in self.rows:
+            bar = "█" * max(1, round(24 * r.throughput / top))
+            mark = "  ← chosen" if r.workers == self.chosen else ""
+            lines.append(f"  {r.workers:>3} workers  {r.throughput:>10.1f} items/s  {bar}{mark}")
+        lines.append(f"pool size set to {self.chosen}: {self.reason}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.text())
+
+    def _repr_html_(self) -> str:
+        top = self.best().throughput
+        bars = []
+        for k, r in enumerate(self.rows):
+            w = 220 * r.throughput / top
+            color = "#16a34a" if r.workers == self.chosen else "#9ca3af"
+            y = 4 + 22 * k
+            bars.append(
+                f'<text x="0" y="{y + 13}" font-size="11">{r.workers} w</text>'
+                f'<rect x="40" y="{y}" width="{w:.0f}" height="16" fill="{color}"/>'
+                f'<text x="{44 + w:.0f}" y="{y + 13}" font-size="11">{r.throughput:,.0f}/s</text>'
+            )
+        svg = (
+            f'<svg width="340" height="{8 + 22 * len(self.rows)}" style="font-family:system-ui">'
+            + "".join(bars)
+            + "</svg>"
+        )
+        rows = "".join(
+            f"<tr><td>{r.workers}</td><td>{r.items:,}</td><td>{r.wall_s:.3f}</td>"
+            f"<td>{r.throughput:,.1f}</td><td>{r.throughput / top:.0%}</td></tr>"
+            for r in self.rows
+        )
+        return (
+            f'<div class="poolmagic-tune" style="font-family:system-ui;font-size:12px">'
+            f"<b>poolmagic --tune</b> <code>{html.escape(self.func_name)}</code> · {self.cores} cores available<br>"
+            f"{svg}<table><tr><th>workers</th><th>items</th><th>wall s</th><th>items/s</th>"
+            f"<th>of best</th></tr>{rows}</table>"
+            f"<b>pool size set to {self.chosen}</b>: {html.escape(self.reason)}</div>"
+        )
+
+
+def candidate_sizes(cores: int) -> list[int]:
+    """1, 2, 4, ... up to the cores, then one step beyond."""
+    sizes = [1]
+    while sizes[-1] < cores:
+        sizes.append(min(sizes[-1] * 2, cores))
+    sizes.append(sizes[-1] * 2 if sizes[-1] > 1 else 2)
+    return sizes
+
+
+def _reason(result: TuneResult) -> str:
+    best = result.best()
+    chosen = next(r for r in result.rows if r.workers == result.chosen)
+    share = chosen.throughput / best.throughput
+    one = result.rows[0].throughput
+    scale = chosen.throughput / one if one else 0.0
+    if result.chosen == 1:
+        return "more workers did not help: the work is too short or bound by something shared (memory, I/O, a lock)"
+    if result.chosen > result.cores:
+        return (
+            f"waiting-bound (I/O, sleeps): more workers than cores still help, "
+            f"{scale:.1f}× the throughput of 1 worker with {result.chosen}"
+        )
+    if result.chosen == result.cores and scale >= 0.8 * result.chosen:
+        return f"CPU-bound: {scale:.1f}× the throughput of 1 worker with {result.chosen} workers"
+    if result.chosen < result.cores:
+        return (
+            f"memory- or I/O-bound: {result.chosen} workers give {share:.0%} of the best throughput; "
+            f"more only add contention"
+        )
+    return f"{result.chosen} workers give {share:.0%} of the best throughput ({scale:.1f}× one worker)"
+
+
+def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
+    """Time the pool's last mapped function at several sizes; resize to the best."""
+    job = pool.last_job
+    if job is None or job.func is None:
+        raise BadInputError("nothing to tune yet: run a %%poolmap first; --tune times the last mapped function")
+    items = job.source.items_for_sampling()
+    if not len(items):
+        raise BadInputError("the last map had no items to time")
+    report = job.report
+    per_item = (report.busy_s / max(report.done, 1)) if report.chunks else None
+    sizes = candidate_sizes(pool.cores)
+    share = budget / (len(sizes) + 1)  # one share for the warm-up
+    func, star = job.func, job.star
+    result = TuneResult(report.func_name, pool.cores)
+    t_start = time.perf_counter()
+    saved = pool.last_job, pool.last_report
+    try:
+        warm = pool.run(func, items[: max(sizes)], star=star, workers=max(sizes))  # ship it, start workers
+        if per_item is None:
+            per_item = warm.busy_s / max(warm.done, 1)
+        for n in sizes:
+            want = int(0.8 * share * n / max(per_item, 1e-7))
+            m = max(2 * n, min(want, MAX_SAMPLE))  # cycles through the items if needed
+            sample = [items[i % len(items)] for i in range(m)] if m > len(items) else items[:m]
+            t = time.perf_counter()
+            pool.run(func, sample, star=star, workers=n)
+            result.rows.append(TuneRow(n, m, time.perf_counter() - t))
+            if time.perf_counter() - t_start > budget:
+                break
+    finally:
+        pool.last_job, pool.last_report = saved
+    top = result.best().throughput
+    result.chosen = min(r.workers for r in result.rows if r.throughput >= GOOD_ENOUGH * top)
+    result.reason = _reason(result)
+    pool.resize(result.chosen)
+    return result

@@ -1,0 +1,139 @@
+"""The multiprocessing tutorial's idioms, each as one line of poolmagic (issue 5)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+import poolmagic
+from poolmagic.tune import TuneResult, candidate_sizes
+
+
+def test_async_map_returns_a_handle_at_once(ip):
+    t = time.perf_counter()
+    out = ip.run_cell_magic("poolmap", "--async -o handle -c 1 range(4)", "import time\ndef slow(x):\n    time.sleep(0.3)\n    return x * 10\n")
+    assert time.perf_counter() - t < 0.25
+    assert out is None
+    h = ip.user_ns["handle"]
+    assert isinstance(h, poolmagic.MapHandle) and not h.ready()
+    ip.run_cell("other = 1 + 1")  # the kernel is free meanwhile
+    assert ip.user_ns["other"] == 2
+    assert h.get(timeout=10) == [0, 10, 20, 30]
+    assert h.ready() and ip.user_ns["_poolmap"] is h.report
+
+
+def test_async_error_is_raised_by_get(ip):
+    ip.run_cell_magic("poolmap", "--async -o h2 -q range(3)", "def bad(x):\n    raise KeyError(x)\n")
+    with pytest.raises(KeyError):
+        ip.user_ns["h2"].get(timeout=10)
+
+
+def test_async_without_o_returns_the_handle(ip):
+    h = ip.run_cell_magic("poolmap", "--async -q range(3)", "def ident(x):\n    return x\n")
+    assert isinstance(h, poolmagic.MapHandle)
+    assert h.get(10) == [0, 1, 2]
+
+
+def test_async_cancel(ip):
+    ip.run_cell_magic("poolmap", "--async -o h3 -q -c 1 range(4)", "import time\ndef forever(x):\n    time.sleep(60)\n")
+    h = ip.user_ns["h3"]
+    time.sleep(0.3)
+    t = time.perf_counter()
+    h.cancel()
+    assert time.perf_counter() - t < 3
+    assert h.ready() and h.report.status == "cancelled"
+    assert ip.run_line_magic("poolmap", "-q abs [-5]") == [5]
+
+
+def test_line_form_and_its_value(ip):
+    ip.run_cell("import math")
+    ip.run_cell("r = %poolmap -q math.factorial range(6)")
+    assert ip.user_ns["r"] == [1, 1, 2, 6, 24, 120]
+    ip.run_cell("from functools import partial\ndef f(x, y):\n    return x * y\n")
+    ip.run_cell("r2 = %poolmap -q -f partial(f, y=2) range(1, 4)")
+    assert ip.user_ns["r2"] == [2, 4, 6]
+    ip.run_cell("Y = 5")
+    ip.run_cell("r3 = %poolmap -q --kw y=Y f range(1, 4)")
+    assert ip.user_ns["r3"] == [5, 10, 15]
+
+
+def test_kw_in_cell_form(ip):
+    ip.run_cell("K = 100")
+    out = ip.run_cell_magic("poolmap", "-q --kw offset=K+1 range(3)", "def add(x, offset):\n    return x + offset\n")
+    assert out == [101, 102, 103]
+
+
+def test_kw_with_undefined_name(ip):
+    with pytest.raises(UsageError, match="NOPE"):
+        ip.run_cell_magic("poolmap", "-q --kw offset=NOPE range(3)", "def add(x, offset):\n    return x + offset\n")
+
+
+def test_repeat_runs_a_zero_argument_function(ip):
+    out = ip.run_cell_magic("poolmap", "-q --repeat 6 --seed 7", "import random\ndef trial():\n    return random.random()\n")
+    assert len(out) == 6 and len(set(out)) == 6
+    again = ip.run_cell_magic("poolmap", "-q --repeat 6 --seed 7", "import random\ndef trial():\n    return random.random()\n")
+    assert again == out  # same seed, same streams
+
+
+def test_repeat_with_iterable_is_rejected(ip):
+    with pytest.raises(UsageError, match="--repeat"):
+        ip.run_cell_magic("poolmap", "--repeat 3 range(3)", "def trial():\n    return 1\n")
+
+
+def test_seed_reproducible_across_worker_counts_and_chunks(ip):
+    body = "import random\ndef draw(i):\n    return random.randint(0, 10**9)\n"
+    a = ip.run_cell_magic("poolmap", "-q --seed 3 -n 1 range(12)", body)
+    b = ip.run_cell_magic("poolmap", "-q --seed 3 -n 2 -c 5 range(12)", body)
+    assert a == b and len(set(a)) == 12
+
+
+def test_candidate_sizes():
+    assert candidate_sizes(1) == [1, 2]
+    assert candidate_sizes(2) == [1, 2, 4]
+    assert candidate_sizes(6) == [1, 2, 4, 6, 12]
+
+
+def test_tune_measures_sizes_and_sets_the_best(ip):
+    ip.run_line_magic("poolsize", "2")
+    ip.run_cell_magic("poolmap", "-q range(8)", "import time\ndef io_bound(x):\n    time.sleep(0.02)\n    return x\n")
+    t = time.perf_counter()
+    result = ip.run_line_magic("poolsize", "--tune --budget 3")
+    assert time.perf_counter() - t < 8
+    assert isinstance(result, TuneResult)
+    assert [r.workers for r in result.rows] == candidate_sizes(poolmagic.get_pool().cores)
+    # sleeping items scale past the cores: the most workers win
+    assert result.chosen == max(r.workers for r in result.rows)
+    assert poolmagic.get_pool().size == result.chosen
+    assert "waiting-bound" in result.reason
+    html = result._repr_html_()
+    assert "<svg" in html and "<table>" in html and "pool size set to" in html
+    assert "chosen" in repr(result)
+    # the report of the user's own map is untouched
+    assert ip.user_ns["_poolmap"].func_name == "io_bound"
+    ip.run_line_magic("poolsize", "auto")
+
+
+def test_tune_before_any_map_is_a_usage_error(ip):
+    saved = poolmagic.get_pool().last_job
+    poolmagic.get_pool().last_job = None
+    try:
+        with pytest.raises(UsageError, match="run a %%poolmap first"):
+            ip.run_line_magic("poolsize", "--tune")
+    finally:
+        poolmagic.get_pool().last_job = saved
+
+
+def test_shutdown_closes_now_and_restarts_on_next_use(ip, capsys):
+    ip.run_line_magic("poolmap", "-q abs [-1]")
+    pids = poolmagic.get_pool().backend.worker_pids()
+    assert pids
+    ip.run_line_magic("poolsize", "--shutdown")
+    assert "shut down" in capsys.readouterr().out
+    import psutil
+
+    deadline = time.time() + 5
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert ip.run_line_magic("poolmap", "-q abs [-2]") == [2]
