@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 from .cores import available_cores
 from .engine.base import Backend, ItemSource, Job, write_outputs
 from .engine.local import LocalBackend
-from .errors import BadInputError, PoolmapError
+from .errors import BadInputError, PoolmapError, add_note, point_at_function
 from .report import RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
@@ -240,11 +240,17 @@ class Pool:
         except BaseException as exc:  # KeyboardInterrupt while waiting
             self.backend.cancel(job)
             write_outputs(job.take_printable(final=True))
-            try:
-                exc.poolmap_report = job.report  # type: ignore[attr-defined]
-            except AttributeError:
-                pass
-            raise
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
+            r = job.report
+            stop = KeyboardInterrupt()
+            add_note(
+                stop,
+                f"poolmagic: interrupted; the running items were stopped and {r.done} of "
+                f"{r.items if r.items is not None else '?'} results kept (_poolmap.results).",
+            )
+            stop.poolmap_report = r  # type: ignore[attr-defined]
+            raise point_at_function(stop, job.func) from None
         if job.error is not None:
             raise job.error
         return job.report

@@ -60,6 +60,16 @@ def summary_html(r: "RunReport") -> str:
         f'margin:0 4px"><span style="display:block;height:8px;width:{eff * 60:.0f}px;'
         f'background:{"#16a34a" if eff > 0.7 else "#d97706"};border-radius:4px"></span></span>'
     )
+    if r.status == "running":
+        total = r.items if r.items is not None else max(len(r.results), 1)
+        frac = r.done / total if total else 1.0
+        cells_progress = (
+            f'<span style="display:inline-block;width:120px;height:8px;background:#e5e7eb;'
+            f'border-radius:4px;vertical-align:middle"><span style="display:block;height:8px;'
+            f'width:{120 * frac:.0f}px;background:#2563eb;border-radius:4px"></span></span> {frac:.0%}'
+        )
+    else:
+        cells_progress = ""
     extra = _status_words(r)
     color = "#b91c1c" if r.errors or r.status == "cancelled" else "#374151"
     cells = [
@@ -70,6 +80,8 @@ def summary_html(r: "RunReport") -> str:
         f"{r.cores} core{'s' if r.cores != 1 else ''} available",
         f"speedup {bar}<b>{r.speedup:.2f}×</b>",
     ]
+    if cells_progress:
+        cells.insert(2, cells_progress)
     if extra:
         cells.append(f"<b>{html.escape(extra)}</b>")
     return (

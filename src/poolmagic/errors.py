@@ -177,6 +177,29 @@ def rebuild_exception(packed: dict, filenames: Callable[[str, int], str | None] 
     return exc
 
 
+def point_at_function(exc: BaseException, func: Any) -> BaseException:
+    """Give an error of poolmagic's own a traceback that ends at the user's function.
+
+    A crash, a timeout or an interrupt has no frame of the user's code; the
+    definition of the mapped function is the most useful place to point at.
+    """
+    import functools
+
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif hasattr(func, "func") and not hasattr(func, "__code__"):
+            func = func.func  # poolmagic's own wrappers (repeat)
+        else:
+            break
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        tb = _frame_tb(exc, code.co_filename, code.co_firstlineno, code.co_name)
+        if tb is not None:
+            exc.__traceback__ = tb
+    return exc
+
+
 def add_note(exc: BaseException, note: str) -> None:
     if hasattr(exc, "add_note"):
         exc.add_note(note)

@@ -108,7 +108,10 @@ class PoolMagics(Magics):
         __tracebackhide__ = True
         shell = self.shell
         transformed = shell.transform_cell(cell)
-        filename = shell.compile.cache(transformed, shell.execution_count, raw_code=cell)
+        # the number of the cell now running (IPython has already counted it)
+        running = getattr(shell.displayhook, "exec_result", None)
+        number = running.execution_count if running is not None else shell.execution_count
+        filename = shell.compile.cache(transformed, number, raw_code=cell)
         code = shell.compile(transformed, filename, "exec")
         exec(code, shell.user_global_ns, shell.user_ns)
 

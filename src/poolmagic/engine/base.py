@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Callable, Iterable
 
-from ..errors import MapFailedError, PoolmapError, add_note, short_repr
+from ..errors import MapFailedError, PoolmapError, add_note, point_at_function, short_repr
 from ..report import NOT_DONE, ChunkRecord, RunReport
 from ..serialize import Payload, code_filenames
 
@@ -275,6 +275,8 @@ class Job:
             r.items = self.source.pos
         if self.error is not None:
             _attach_report(self.error, r)
+            if isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
+                point_at_function(self.error, self.func)
         self.finished.set()
         self.cond.notify_all()
 
@@ -325,13 +327,13 @@ def write_outputs(batch: list[tuple[int, int, str, str]]) -> None:
 def _summary_error(r: RunReport) -> BaseException:
     n = len(r.errors)
     first = sorted(r.errors)[:5]
-    lines = [f"{n} of {r.items} items failed; the first: "]
+    lines = [f"{n} of {r.items} items failed:"]
     for i in first:
         e = r.errors[i]
         lines.append(f"  item {i}: {type(e).__name__}: {e}")
     if n > len(first):
-        lines.append(f"  ... and {n - len(first)} more (see .errors)")
-    lines.append(f"{r.done} items finished; their results are in .report.results.")
+        lines.append(f"  ... and {n - len(first)} more (all in .errors)")
+    lines.append(f"The {r.done} results that finished are kept: _poolmap.results (or .report.results).")
     return MapFailedError("\n".join(lines), dict(r.errors))
 
 
