@@ -48,6 +48,7 @@ def test_large_input_uses_adaptive_chunks():
 
 def test_slow_items_get_chunks_of_one_for_load_balance():
     with Pool(2) as pool:
+        pool.map(abs, [1, 2], chunksize=1)  # both workers up
         report = pool.run(lambda x: time.sleep(0.03) or x, range(8))
     assert all(c.count == 1 for c in report.chunks)
     assert report.speedup > 1.2  # two workers really ran at once
@@ -208,3 +209,16 @@ def test_status_line():
 def test_empty_iterable():
     assert pmap(abs, []) == []
     assert pmap(abs, iter([])) == []
+
+
+def test_big_arrays_are_writable_copy_on_write_in_workers():
+    np = pytest.importorskip("numpy")
+    arr = np.zeros(1_000_000)  # 8 MB: travels through shared memory on Linux
+
+    def poke(i):
+        arr[0] = i  # private to the worker: nobody else sees it
+        return float(arr[0]), float(arr[1])
+
+    with Pool(2) as pool:
+        assert pool.map(poke, range(6), chunksize=1) == [(float(i), 0.0) for i in range(6)]
+    assert arr[0] == 0.0

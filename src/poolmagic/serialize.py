@@ -37,6 +37,13 @@ class Payload:
     buffers: list[memoryview] = field(default_factory=list)
     cwd: str = ""
     sys_path: list[str] = field(default_factory=list)
+    shared_fd: int | None = None  # the buffers in shared memory, once a backend made it
+
+    def release(self) -> None:
+        """Close the shared copy of the buffers (workers keep their mappings)."""
+        fd, self.shared_fd = self.shared_fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def nbytes(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import mmap
 import os
 import pickle
 import queue
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from multiprocessing import reduction
 
 import cloudpickle
 
@@ -110,15 +112,7 @@ class Worker:
                 raw = conn.recv_bytes()
                 msg = pickle.loads(raw)
                 if msg[0] == FN:
-                    bufs = []
-                    for size in msg[3]:
-                        buf = bytearray(size)
-                        if size:
-                            conn.recv_bytes_into(buf)
-                        else:
-                            conn.recv_bytes()
-                        bufs.append(buf)
-                    msg = (*msg, bufs)
+                    msg = (*msg[:6], self._receive_buffers(msg[3], msg[6]))
                 self.inbox.put(msg)
                 if msg[0] == STOP:
                     return
@@ -126,9 +120,38 @@ class Worker:
             # The parent is gone (kernel shut down or killed): never linger.
             os._exit(0)
 
+    def _receive_buffers(self, sizes: list[int], shared: bool) -> list:
+        """A function's out-of-band buffers: mapped from shared memory or read from the pipe."""
+        if shared:
+            fd = reduction.recv_handle(self.conn)
+            try:
+                # copy-on-write: the function may modify its arrays privately
+                m = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            view, bufs, offset = memoryview(m), [], 0
+            for size in sizes:
+                bufs.append(view[offset : offset + size])
+                offset += size
+            return bufs
+        bufs = []
+        for size in sizes:
+            buf = bytearray(size)
+            if size:
+                self.conn.recv_bytes_into(buf)
+            else:
+                self.conn.recv_bytes()
+            bufs.append(buf)
+        return bufs
+
     # ------------------------------------------------------------ running
-    def serve(self) -> None:
+    def serve(self, warm: list[str] = ()) -> None:
         threading.Thread(target=self._reader, name="poolmagic-reader", daemon=True).start()
+        for name in warm:  # messages queue up in the inbox meanwhile
+            try:
+                __import__(name)
+            except Exception:
+                pass
         while True:
             msg = self.inbox.get()
             kind = msg[0]
@@ -296,8 +319,8 @@ def _is_user_file(path: str) -> bool:
     return not os.path.realpath(path).startswith(_SYSTEM_PREFIXES)
 
 
-def main(conn, slot: int) -> None:
-    """Process entry point."""
+def main(conn, slot: int, warm: list[str] = ()) -> None:
+    """Process entry point. ``warm``: modules to import before the first chunk."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     random.seed()  # fresh OS entropy: no two workers share a random state
-    Worker(conn, slot).serve()
+    Worker(conn, slot).serve(warm)
