@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import sys
 import time
@@ -193,6 +194,11 @@ def evaluate(kc: Any, expr: str, timeout: float = 30) -> Any:
 # --------------------------------------------------------------------------- processes
 
 
+def strip_ansi(text: str) -> str:
+    """Tracebacks come colored; compare their plain text."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """``pid`` and every live process below it (zombies left out)."""
     try:
@@ -254,10 +260,19 @@ def helper_kind(p: psutil.Process) -> str | None:
 
 
 def pool_processes(kernel: int) -> dict[str, list[psutil.Process]]:
-    """The kernel's descendants, sorted into forkserver, tracker and the rest."""
+    """The kernel's descendants: its forkserver, its resource tracker, the rest.
+
+    Workers are forks of the forkserver and show its command line, so the
+    helpers are told by being the kernel's own children.
+    """
     out: dict[str, list[psutil.Process]] = {"forkserver": [], "resource_tracker": [], "other": []}
+    try:
+        children = {p.pid for p in psutil.Process(kernel).children()}
+    except psutil.NoSuchProcess:
+        return out
     for p in process_tree(kernel)[1:]:
-        out[helper_kind(p) or "other"].append(p)
+        kind = helper_kind(p) if p.pid in children else None
+        out[kind or "other"].append(p)
     return out
 
 

@@ -618,15 +618,10 @@ def stop_helper_processes() -> None:
     Both ignore SIGINT (and the tracker SIGTERM), so ipykernel's shutdown would
     otherwise wait seconds for them.
     """
-    fs = sys.modules.get("multiprocessing.forkserver")
-    if fs is not None:
-        try:
-            fs._forkserver._stop()
-        except Exception:
-            pass
-    rt = sys.modules.get("multiprocessing.resource_tracker")
-    if rt is not None:
-        try:
-            rt._resource_tracker._stop()
-        except Exception:
-            pass
+    for module, singleton in (("forkserver", "_forkserver"), ("resource_tracker", "_resource_tracker")):
+        mod = sys.modules.get(f"multiprocessing.{module}")
+        if mod is not None:
+            try:
+                getattr(mod, singleton)._stop()
+            except Exception:  # not running, or a Python without _stop
+                pass
