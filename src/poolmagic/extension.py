@@ -65,7 +65,7 @@ _loaded: _Extension | None = None
 def stop_everything() -> None:
     """Stop the shared pool and multiprocessing's helper processes now."""
     shutdown_pool()
-    stop_helper_processes()
+    stop_helper_processes(tracker=True)
 
 
 def load_ipython_extension(ip: Any) -> None:

@@ -43,6 +43,7 @@ import mmap
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -612,16 +613,31 @@ def _shared_buffers(payload: Payload) -> int | None:
     return fd
 
 
-def stop_helper_processes() -> None:
-    """Stop multiprocessing's forkserver and resource tracker (at kernel exit).
+def stop_helper_processes(tracker: bool = False) -> None:
+    """Stop multiprocessing's forkserver, and with ``tracker`` its resource tracker.
 
-    Both ignore SIGINT (and the tracker SIGTERM), so ipykernel's shutdown would
-    otherwise wait seconds for them.
+    The forkserver ignores SIGINT and the tracker ignores SIGTERM too, so
+    ipykernel's shutdown would wait seconds for them. The tracker is only
+    stopped when the kernel exits: other code in the kernel may rely on it.
     """
-    for module, singleton in (("forkserver", "_forkserver"), ("resource_tracker", "_resource_tracker")):
-        mod = sys.modules.get(f"multiprocessing.{module}")
-        if mod is not None:
+    fs = sys.modules.get("multiprocessing.forkserver")
+    if fs is not None:
+        try:
+            fs._forkserver._stop()  # closes its socket; it exits at once
+        except Exception:  # not running, or a Python without _stop
+            pass
+    rt = sys.modules.get("multiprocessing.resource_tracker")
+    if tracker and rt is not None:
+        t = rt._resource_tracker
+        pid, fd = getattr(t, "_pid", None), getattr(t, "_fd", None)
+        if pid is not None:  # killed, not asked: asking waits for every fd holder
             try:
-                getattr(mod, singleton)._stop()
-            except Exception:  # not running, or a Python without _stop
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
                 pass
+            try:
+                os.close(fd)
+            except (OSError, TypeError):
+                pass
+            t._pid = t._fd = None
