@@ -139,11 +139,19 @@ def _frame_tb(exc: BaseException, filename: str, lineno: int, name: str):
         code = code.replace(co_name=name)
     except (AttributeError, TypeError):
         pass
+    # Raising sets __traceback__ (chained to any existing one) and __context__:
+    # keep neither, or tracebacks loop and engine internals leak into the chain.
+    context, suppress = exc.__context__, exc.__suppress_context__
+    exc.__traceback__ = None
+    tb = None
     try:
         exec(code, {var: exc, "__name__": "poolmagic.worker"})
     except BaseException:
-        return sys.exc_info()[2].tb_next
-    return None
+        tb = sys.exc_info()[2].tb_next
+    exc.__context__, exc.__suppress_context__ = context, suppress
+    if tb is not None:
+        tb.tb_next = None
+    return tb
 
 
 def rebuild_exception(packed: dict, filenames: Callable[[str, int], str | None] | None = None) -> BaseException:

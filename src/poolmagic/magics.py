@@ -181,11 +181,12 @@ class PoolMagics(Magics):
             if o.get("async_"):
                 return self._start_async(func, iterable, options, o.get("out"), quiet)
             report = None
+            before = self.pool.last_report
             try:
                 report = self.pool.run(func, iterable, **options)
             finally:
                 last = self.pool.last_report
-                if last is not None:
+                if last is not None and last is not before:  # this cell's map started
                     self.shell.user_ns["_poolmap"] = last
                     if report is None and last.status != "running":
                         self._show(last, quiet)

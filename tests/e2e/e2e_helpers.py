@@ -1,17 +1,20 @@
-"""End-to-end helpers: real IPython kernels started from *this* interpreter.
+"""Helpers of the end-to-end tests: kernels, executing code, watching processes.
 
-The kernel must run this checkout of poolmagic, so it must be the test
+There is deliberately no conftest.py here: a second ``conftest`` module would
+shadow tests/conftest.py for ``from conftest import ...``. Test modules import
+the ``kernel_spec_manager`` fixture from this module instead.
+
+The kernels must run this checkout of poolmagic, so they must run the test
 process's own ``sys.executable``. A ``python3`` kernelspec found on the search
-path (a user-level one in ``~/.local/share/jupyter`` wins over the venv's) may
-point at another Python, so the tests write their own kernelspec, named
-``python3`` so that jupyter_client and nbclient treat it as ipykernel (history
-kept in memory, not in the user's profile), into a temporary folder and use a
-KernelSpecManager that looks only there.
+path may point at another Python (a user-level one in ``~/.local/share/jupyter``
+wins over the one ipykernel installs into the venv), so the tests write their
+own into a temporary folder and use a KernelSpecManager that looks only there.
+It is named ``python3`` so that jupyter_client and nbclient treat it as
+ipykernel (history kept in memory, not in the user's profile).
 """
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import signal
@@ -23,7 +26,7 @@ from typing import Any, Iterable
 
 import psutil
 import pytest
-from jupyter_client import AsyncKernelManager, KernelManager
+from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +35,28 @@ KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+@pytest.fixture(scope="session")
+def kernel_spec_manager(tmp_path_factory) -> KernelSpecManager:
+    """A KernelSpecManager whose only ``python3`` runs ``sys.executable``."""
+    kernels = tmp_path_factory.mktemp("jupyter") / "kernels"
+    spec = kernels / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (poolmagic e2e)",
+                "language": "python",
+                "interrupt_mode": "signal",
+                "env": {"PYTHONUNBUFFERED": "1"},
+            }
+        )
+    )
+    ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
+    assert ksm.get_kernel_spec("python3").argv[0] == sys.executable
+    return ksm
 
 
 def new_kernel_manager(ksm: KernelSpecManager, cls: type = KernelManager) -> Any:

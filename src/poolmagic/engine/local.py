@@ -241,34 +241,50 @@ class LocalBackend(Backend):
 
     def _main(self) -> None:
         try:
-            self._ensure_workers()
             while not self._closed:
-                objs: list = [self._wake_r]
-                for p in self._procs.values():
-                    objs += (p.conn, p.proc.sentinel)
-                ready = set(wait(objs, self._next_deadline()))
-                if self._wake_r in ready:
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
-                while self._cmds:
-                    self._cmds.popleft()()
-                if self._closed:
-                    break
-                for p in list(self._procs.values()):
-                    if p.conn in ready:
-                        self._drain(p)
-                for p in list(self._procs.values()):
-                    if p.proc.sentinel in ready:
-                        self._on_death(p)
-                self._check_timeouts()
-                self._ensure_workers()
-                self._schedule()
-        except BaseException as exc:  # never leave a caller waiting on a dead engine
-            for job in list(self._jobs):
-                job.fail(PoolmapError(f"poolmagic's engine failed: {exc!r}"))
-            raise
+                try:
+                    self._step()
+                except Exception as exc:
+                    self._recover(exc)
         finally:
             self._kill_all()
+
+    def _step(self) -> None:
+        """One turn: wait for anything, then handle commands, results, deaths, deadlines."""
+        self._ensure_workers()
+        objs: list = [self._wake_r]
+        for p in self._procs.values():
+            objs += (p.conn, p.proc.sentinel)
+        ready = set(wait(objs, self._next_deadline()))
+        if self._wake_r in ready:
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
+        while self._cmds:
+            self._cmds.popleft()()
+        if self._closed:
+            return
+        for p in list(self._procs.values()):
+            if p.conn in ready:
+                self._drain(p)
+        for p in list(self._procs.values()):
+            if p.proc.sentinel in ready:
+                self._on_death(p)
+        self._check_timeouts()
+        self._ensure_workers()
+        self._schedule()
+
+    def _recover(self, exc: BaseException) -> None:
+        """An internal error: fail the running maps, start over with fresh workers.
+
+        The pool stays usable; a bug in poolmagic must never hang the next map.
+        """
+        import traceback
+
+        traceback.print_exc(file=sys.__stderr__)
+        for job in list(self._jobs):
+            job.fail(PoolmapError(f"poolmagic's engine hit an internal error and restarted its workers: {exc!r}"))
+        self._jobs.clear()
+        self._kill_all()
 
     def _drain(self, p: _Proc) -> None:
         try:

@@ -1,0 +1,292 @@
+"""poolmagic in a real Jupyter kernel: interrupt, signals, crashes, shutdown.
+
+Each test provokes the case for real (a SIGINT to the kernel's process group,
+a SIGKILL to a worker, a shutdown request) and checks the outcome against a
+generous time bound that still tells a prompt return from a hang.
+
+One kernel serves the module (``kernel``); tests that end or restart a kernel,
+or unload the extension, get a short-lived one of their own (``fresh``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import poolmagic
+from e2e_helpers import kernel_spec_manager  # noqa: F401  (a fixture)
+from e2e_helpers import (
+    alive,
+    collect,
+    describe,
+    evaluate,
+    kernel_pid,
+    pool_processes,
+    process_tree,
+    processes,
+    run,
+    run_ok,
+    start_kernel,
+    still_alive,
+    stop_kernel,
+    strip_ansi,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+# Defined in every test kernel: a helper the mapped functions call to tell the
+# test, through a file, that an item has started and in which process.
+SETUP = """\
+%load_ext poolmagic
+import os, sys, time, poolmagic
+
+def mark(folder, x):
+    tmp = os.path.join(folder, f".{x}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(folder, f"{x}.pid"))
+"""
+
+
+class Kernel:
+    def __init__(self, km, kc):
+        self.km, self.kc = km, kc
+        self.pid = kernel_pid(km)
+
+    def worker_pids(self, n: int = 2, timeout: float = 15) -> list[int]:
+        """The pool's worker pids once ``n`` are up (the pool warms in the background)."""
+
+        def warm() -> list[int] | None:
+            pids = evaluate(self.kc, "poolmagic.get_pool().backend.worker_pids()")
+            return pids if len(pids) >= n else None
+
+        return wait_for(warm, timeout, f"{n} warm workers", every=0.1)
+
+
+def _start(ksm, cwd) -> Kernel:
+    km, kc = start_kernel(ksm, cwd)
+    k = Kernel(km, kc)
+    run_ok(k.kc, SETUP)
+    run_ok(k.kc, "%poolsize 2")  # the tests assume two workers, whatever the machine
+    return k
+
+
+@pytest.fixture(scope="module")
+def kernel(kernel_spec_manager, tmp_path_factory):
+    k = _start(kernel_spec_manager, tmp_path_factory.mktemp("kernel"))
+    yield k
+    stop_kernel(k.km, k.kc)
+
+
+@pytest.fixture
+def fresh(kernel_spec_manager, tmp_path):
+    k = _start(kernel_spec_manager, tmp_path)
+    yield k
+    stop_kernel(k.km, k.kc)
+
+
+def pid_files(folder: Path) -> dict[int, int]:
+    """item -> pid of the worker that started it (from ``mark``)."""
+    return {int(p.stem): int(p.read_text()) for p in folder.glob("*.pid")}
+
+
+def started(folder: Path, n: int, timeout: float = 15) -> dict[int, int]:
+    """item -> worker pid, once ``n`` items have started."""
+
+    def enough() -> dict[int, int] | None:
+        found = pid_files(folder)
+        return found if len(found) >= n else None
+
+    return wait_for(enough, timeout, f"{n} items started")
+
+
+def assert_maps(kc, n: int = 2, within: float = 10.0) -> None:
+    """A fresh %%poolmap returns the right results promptly."""
+    r = run(kc, f"%%poolmap range({n})\ndef double(x):\n    return 2 * x\n", timeout=within + 20)
+    assert r.status == "ok", f"{r!r}\n{r.traceback}"
+    assert r.value == repr([2 * i for i in range(n)])
+    assert r.seconds < within, f"the next map took {r.seconds:.1f} s"
+
+
+# --------------------------------------------------------------------------- the kernel itself
+
+
+def test_kernel_runs_this_interpreter_and_checkout(kernel):
+    """The kernel is this venv's Python importing this checkout, not some other install."""
+    exe, path = evaluate(kernel.kc, "[sys.executable, poolmagic.__file__]")
+    assert Path(exe) == Path(sys.executable)
+    assert Path(path).resolve() == Path(poolmagic.__file__).resolve()
+    out = run_ok(kernel.kc, "%poolsize").stdout
+    assert re.fullmatch(
+        r"poolmagic: 2 workers · local processes \(forkserver\) · \d+ cores? available · pool (warm|starting)\n",
+        out,
+    ), out
+
+
+# --------------------------------------------------------------------------- interrupt and SIGINT
+
+
+def test_interrupt_stops_running_items(kernel, tmp_path):
+    """Interrupt (SIGINT to the kernel's process group) ends the map at once.
+
+    The workers running the sleeping items are killed rather than left
+    sleeping for 30 s, queued items never start, and the pool serves the next
+    map straight away.
+    """
+    kernel.worker_pids()
+    code = f"%%poolmap range(6)\ndef sleepy(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(30)\n    return x\n"
+    t0 = time.monotonic()
+    msg_id = kernel.kc.execute(code)
+    running = started(tmp_path, 2)
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))  # about a second into the map
+    t_int = time.monotonic()
+    kernel.km.interrupt_kernel()
+    r = collect(kernel.kc, msg_id, timeout=30, t0=t_int)
+
+    assert r.seconds < 5, f"the interrupt took {r.seconds:.1f} s to end the map"
+    assert r.error and r.error["ename"] == "KeyboardInterrupt", repr(r)
+    summary = "\n".join(r.data("text/plain"))
+    assert "interrupted" in summary and "0/6 items" in summary, summary
+    left = still_alive(processes(running.values()), within=2.0)
+    assert not left, f"workers still running their items after the interrupt: {describe(left)}"
+    assert set(pid_files(tmp_path)) == set(running), "queued items started after the interrupt"
+    assert_maps(kernel.kc)
+
+
+def test_workers_ignore_sigint(kernel, tmp_path):
+    """A SIGINT sent to the workers themselves neither stops them nor prints anything."""
+    before = kernel.worker_pids()
+    code = f"%%poolmap range(8)\ndef nap(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(0.3)\n    return x\n"
+    msg_id = kernel.kc.execute(code)
+    started(tmp_path, 1)
+    for pid in before:
+        os.kill(pid, signal.SIGINT)
+    r = collect(kernel.kc, msg_id, timeout=30)
+    after = run_ok(kernel.kc, "time.sleep(0.2)")  # late fd output would land here
+
+    assert r.status == "ok", f"{r!r}\n{r.traceback}"
+    assert r.value == repr(list(range(8)))
+    for text in (r.stdout, r.stderr, after.stdout, after.stderr):
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert set(pid_files(tmp_path).values()) <= set(before)
+    assert all(alive(p) for p in processes(before)), "a worker died of SIGINT"
+    assert sorted(kernel.worker_pids()) == sorted(before), "workers were replaced"
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+def test_worker_killed_with_sigkill(kernel, tmp_path):
+    """A worker killed from outside fails its item by name; the pool recovers."""
+    kernel.worker_pids()
+    code = f"%%poolmap range(2)\ndef stuck(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(30)\n    return x\n"
+    msg_id = kernel.kc.execute(code)
+    victim = started(tmp_path, 2)[1]
+    t_kill = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    r = collect(kernel.kc, msg_id, timeout=30, t0=t_kill)
+
+    assert r.seconds < 5, f"the crash took {r.seconds:.1f} s to be reported"
+    assert r.error and r.error["ename"] == "WorkerCrashedError", repr(r)
+    message = r.error["evalue"]
+    assert f"pid {victim}" in message and "item 1 (1)" in message and "SIGKILL" in message, message
+    other = still_alive(processes([started(tmp_path, 2)[0]]), within=2.0)
+    assert not other, "the worker still sleeping on item 0 was left running"
+    assert_maps(kernel.kc)
+    assert victim not in kernel.worker_pids()
+
+
+# --------------------------------------------------------------------------- tracebacks
+
+
+def test_exception_from_a_helper_function(fresh):
+    """An exception raised in a helper the mapped function calls keeps its type and frames.
+
+    (A kernel of its own: today this failure leaves the pool dead.)
+    """
+    run_ok(fresh.kc, "def check(x):\n    if x == 3:\n        raise KeyError(x)\n    return x\n")
+    r = run(fresh.kc, "%%poolmap range(6)\ndef work(x):\n    return check(x) + 1\n", timeout=20)
+    assert r.error and r.error["ename"] == "KeyError", repr(r)
+    tb = strip_ansi(r.traceback)
+    assert "return check(x) + 1" in tb and "raise KeyError(x)" in tb, tb
+    assert_maps(fresh.kc)
+
+
+def test_failing_map_names_the_item_and_the_cell(kernel):
+    """A worker's exception: same type, the cell's own line and number, the item named."""
+    r = run(kernel.kc, "%%poolmap range(10)\ndef work(x):\n    if x == 7:\n        raise ValueError(f'no {x}')\n    return x\n")
+    assert r.error and r.error["ename"] == "ValueError" and r.error["evalue"] == "no 7", repr(r)
+    tb = strip_ansi(r.traceback)
+    assert "raise ValueError(f'no {x}')" in tb and "poolmagic: item 7 (7) failed." in tb, tb
+    n = r.reply["content"]["execution_count"]
+    cells = re.findall(r"Cell In\[(\d+)\], line \d+", tb)
+    assert cells and set(cells) == {str(n)}, f"the cell is In[{n}]; the traceback names {cells}"
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def _snapshot(k: Kernel) -> dict[str, list[psutil.Process]]:
+    """The kernel's pool processes, after checking the expected ones are all there."""
+    workers = set(k.worker_pids())
+    run_ok(k.kc, "%%poolmap -q range(4)\ndef square(x):\n    return x * x\n")
+    procs = pool_processes(k.pid)
+    assert len(procs["forkserver"]) == 1, describe(process_tree(k.pid))
+    found = {p.pid for p in procs["other"]}
+    assert workers <= found, (workers, describe(process_tree(k.pid)))
+    return procs
+
+
+def test_shutdown_with_warm_pool_is_fast_and_clean(fresh):
+    """Shutting down a kernel with a warm pool takes < 1 s and leaves no process."""
+    procs = _snapshot(fresh)
+    tree = process_tree(fresh.pid)
+    fresh.kc.stop_channels()
+    t0 = time.monotonic()
+    fresh.km.shutdown_kernel(now=False)
+    took = time.monotonic() - t0
+    left = still_alive(tree)
+    assert not left, f"left behind by the shutdown: {describe(left)}"
+    assert took < 1.0, f"shutdown took {took:.2f} s ({sum(map(len, procs.values()))} children)"
+
+
+def test_restart_leaves_no_old_process(fresh, tmp_path):
+    """restart_kernel() ends the old kernel's workers, forkserver and tracker."""
+    _snapshot(fresh)
+    old = process_tree(fresh.pid)
+    t0 = time.monotonic()
+    fresh.km.restart_kernel()
+    took = time.monotonic() - t0
+    left = still_alive(old)
+    assert not left, f"left behind by the restart: {describe(left)}"
+    assert took < 10, f"restart took {took:.1f} s"
+    fresh.pid = kernel_pid(fresh.km)
+    fresh.kc.wait_for_ready(timeout=60)
+    run_ok(fresh.kc, SETUP)
+    assert_maps(fresh.kc, within=20)
+
+
+def test_unload_ext_stops_workers_and_forkserver(fresh):
+    """%unload_ext poolmagic leaves no worker and no forkserver behind; reloading works.
+
+    multiprocessing's resource tracker is left alone on purpose (other code in
+    the kernel may use it); it goes with the kernel (see the shutdown test).
+    """
+    procs = _snapshot(fresh)
+    pool = procs["forkserver"] + procs["other"]
+    r = run_ok(fresh.kc, "%unload_ext poolmagic", timeout=10)
+    assert r.seconds < 5, f"unloading took {r.seconds:.1f} s"
+    left = still_alive(pool, within=1.0)
+    assert not left, f"left behind by %unload_ext: {describe(left)}"
+    assert not pool_processes(fresh.pid)["other"], describe(process_tree(fresh.pid))
+    gone = run(fresh.kc, "%%poolmap range(2)\ndef f(x):\n    return x\n")
+    assert gone.status == "error" and "poolmap" in gone.stderr + gone.traceback, repr(gone)
+    run_ok(fresh.kc, "%load_ext poolmagic")
+    assert_maps(fresh.kc, within=20)
