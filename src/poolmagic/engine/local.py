@@ -69,6 +69,7 @@ from ..serialize import Payload, describe
 from . import worker as _worker
 from .base import Backend, Job
 
+START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
 TARGET_CHUNK_S = 0.025  # a chunk should take about this long...
 MIN_CHUNK_S = 0.002  # ...and never so little that IPC dominates
@@ -141,6 +142,7 @@ class _Proc:
         self.inflight: deque[_Chunk] = deque()
         self.fns: OrderedDict[str, None] = OrderedDict()
         self.head_started = time.perf_counter()
+        self.head_begun = False  # the worker said it started the head chunk
         self.modules: dict[str, tuple[str, int]] = {}
         self.stale = False
 
@@ -240,6 +242,11 @@ class LocalBackend(Backend):
             pass
 
     def _main(self) -> None:
+        # Processes started from this thread (workers, the forkserver) inherit
+        # SIGINT blocked, so an interrupt cannot kill a worker before it has
+        # set SIGINT to ignored (then it unblocks).
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             while not self._closed:
                 try:
@@ -295,9 +302,18 @@ class LocalBackend(Backend):
                 except Exception as exc:
                     self._unloadable_results(p, exc)
                     continue
-                self._on_done(p, msg)
+                if msg[0] == _worker.BEGIN:
+                    self._on_begin(p, msg[1])
+                else:
+                    self._on_done(p, msg)
         except (EOFError, OSError):
             self._on_death(p)
+
+    def _on_begin(self, p: _Proc, seq: int) -> None:
+        """A timed chunk really started: its timeout counts from now."""
+        if p.inflight and p.inflight[0].seq == seq:
+            p.head_started = time.perf_counter()
+            p.head_begun = True
 
     def _on_done(self, p: _Proc, msg: tuple) -> None:
         _, seq, out, t0, t1, times, records, errs, fatal, mods = msg
@@ -306,6 +322,7 @@ class LocalBackend(Backend):
         chunk = p.inflight.popleft()
         assert chunk.seq == seq, "worker answered out of order"
         p.head_started = time.perf_counter()
+        p.head_begun = False
         job = chunk.job
         if chunk.cancelled or not job.active:
             job.drop_chunk()
@@ -373,7 +390,7 @@ class LocalBackend(Backend):
                 continue
             head = p.inflight[0]
             t = head.job.timeout
-            if t is None or head.cancelled or now - p.head_started < t * len(head.items):
+            if t is None or head.cancelled or now < self._deadline(p):
                 continue
             self._kill(p)
             for c in list(p.inflight)[1:]:
@@ -394,10 +411,17 @@ class LocalBackend(Backend):
         best = None
         for p in self._procs.values():
             if p.inflight and p.inflight[0].job.timeout is not None:
-                head = p.inflight[0]
-                left = p.head_started + head.job.timeout * len(head.items) - now
+                left = self._deadline(p) - now
                 best = left if best is None else min(best, left)
         return None if best is None else max(best, 0.0)
+
+    @staticmethod
+    def _deadline(p: _Proc) -> float:
+        """When the head chunk's timeout expires. Until the worker says it began
+        (start-up, imports, loading a big function), a grace period applies."""
+        head = p.inflight[0]
+        limit = head.job.timeout * len(head.items)
+        return p.head_started + limit + (0.0 if p.head_begun else START_GRACE_S)
 
     def _give_back(self, c: _Chunk) -> None:
         """A chunk that never started: back to its job (or dropped if cancelled)."""
@@ -481,6 +505,10 @@ class LocalBackend(Backend):
             except Exception:
                 pass
         for p in procs:
+            try:
+                p.proc.join(2)  # reap: no zombies
+            except Exception:
+                pass
             self._forget(p)
 
     def _refresh_stale(self) -> None:
@@ -555,7 +583,8 @@ class LocalBackend(Backend):
         key = job.payload.key
         t = job.per_item_s()
         timed = t is None or t >= TIMED_ABOVE_S
-        msg = (_worker.RUN, next(self._seq), key, start, items, job.star, timed, job.keep_going, job.seed)
+        ack = job.timeout is not None
+        msg = (_worker.RUN, next(self._seq), key, start, items, job.star, timed, job.keep_going, job.seed, ack)
         try:
             data = cloudpickle.dumps(msg, protocol=5)
         except Exception:
@@ -566,6 +595,7 @@ class LocalBackend(Backend):
                 self._send_fn(p, job.payload)
             if not p.inflight:
                 p.head_started = time.perf_counter()
+                p.head_begun = False
             p.inflight.append(_Chunk(msg[1], job, start, items))
             p.conn.send_bytes(data)
         except OSError:

@@ -46,7 +46,7 @@ FN_CACHE_SIZE = 4  # functions kept per worker; the parent mirrors this LRU
 # message kinds (parent -> worker)
 FN, RUN, STOP = "fn", "run", "stop"
 # message kinds (worker -> parent)
-DONE = "done"
+DONE, BEGIN = "done", "begin"
 
 
 class _Capture(io.TextIOBase):
@@ -178,8 +178,10 @@ class Worker:
         while len(self.fns) > FN_CACHE_SIZE:
             self.fns.popitem(last=False)
 
-    def _run(self, seq, key, start, items, star, timed, keep_going, seed) -> None:
+    def _run(self, seq, key, start, items, star, timed, keep_going, seed, ack) -> None:
         fn = self.fns.get(key)
+        if ack:  # the chunk is timed: tell the parent its clock starts now
+            self.conn.send_bytes(pickle.dumps((BEGIN, seq)))
         if isinstance(fn, _LoadFailure) or fn is None:
             fatal = fn.packed if fn is not None else {"type": "RuntimeError", "message": "function missing", "frames": [], "text": "", "blob": None}
             self._send((DONE, seq, [], 0.0, 0.0, None, [], [], fatal, self._new_modules()))
@@ -322,5 +324,7 @@ def _is_user_file(path: str) -> bool:
 def main(conn, slot: int, warm: list[str] = ()) -> None:
     """Process entry point. ``warm``: modules to import before the first chunk."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     random.seed()  # fresh OS entropy: no two workers share a random state
     Worker(conn, slot).serve(warm)
