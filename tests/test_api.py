@@ -222,3 +222,16 @@ def test_big_arrays_are_writable_copy_on_write_in_workers():
     with Pool(2) as pool:
         assert pool.map(poke, range(6), chunksize=1) == [(float(i), 0.0) for i in range(6)]
     assert arr[0] == 0.0
+
+
+def test_a_function_seen_before_is_chunked_right_away():
+    """The measured time per item is remembered per function version: no probe chunks."""
+
+    def tiny(x):
+        return x
+
+    with Pool(2) as pool:
+        first = pool.run(tiny, range(4))
+        assert len(first.chunks) == 4  # unknown function: one-item probes
+        again = pool.run(tiny, range(4))
+        assert len(again.chunks) == 1  # tiny items: one chunk is cheapest

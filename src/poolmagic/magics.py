@@ -103,11 +103,10 @@ class PoolMagics(Magics):
         except Exception as exc:
             raise UsageError(f"{what} `{expr}` raised {type(exc).__name__}: {exc}") from None
 
-    def _run_cell(self, cell: str) -> None:
+    def _run_cell(self, cell: str, transformed: str) -> None:
         """Run the cell as an ordinary cell: same namespace, tracebacks with its lines."""
         __tracebackhide__ = True
         shell = self.shell
-        transformed = shell.transform_cell(cell)
         # the number of the cell now running (IPython has already counted it)
         running = getattr(shell.displayhook, "exec_result", None)
         number = running.execution_count if running is not None else shell.execution_count
@@ -130,6 +129,7 @@ class PoolMagics(Magics):
         expr = parsed.rest
         func_expr = o.get("func")
         fname = None
+        transformed = self.shell.transform_cell(cell) if cell is not None else ""
         if cell is None:
             if func_expr is None:
                 if o.get("repeat"):
@@ -138,7 +138,7 @@ class PoolMagics(Magics):
                     func_expr, expr = split_func_and_iterable(expr)
         elif func_expr is None:
             try:
-                tree = ast.parse(self.shell.transform_cell(cell))
+                tree = ast.parse(transformed)
             except SyntaxError:
                 tree = None  # running the cell will report it as usual
             fname = last_function_name(tree) if tree is not None else None
@@ -157,7 +157,7 @@ class PoolMagics(Magics):
             except SyntaxError as exc:
                 raise UsageError(f"ITERABLE `{expr}` is not a Python expression: {exc.msg}") from None
         if cell is not None:
-            self._run_cell(cell)
+            self._run_cell(cell, transformed)
         if func_expr is not None:
             func = self._eval(func_expr, "-f")
             if not callable(func):

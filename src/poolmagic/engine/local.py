@@ -168,6 +168,8 @@ class LocalBackend(Backend):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._spawn_error: BaseException | None = None
+        # per function version: (busy seconds, items) of its last map, for chunk sizing
+        self._item_time: OrderedDict[str, tuple[float, int]] = OrderedDict()
 
     # ------------------------------------------------------------ public (any thread)
     @property
@@ -186,6 +188,9 @@ class LocalBackend(Backend):
         self.start()
 
         def cmd() -> None:
+            known = self._item_time.get(job.payload.key)
+            if known is not None:  # this function ran before: size chunks right away
+                job.busy, job.timed_items = known
             self._jobs.append(job)
             job.maybe_finish()  # an empty ITERABLE is done at once
             self._refresh_stale()
@@ -555,6 +560,11 @@ class LocalBackend(Backend):
                 keep.append(j)
             else:
                 j.payload.release()
+                if j.timed_items:
+                    self._item_time[j.payload.key] = (j.busy, j.timed_items)
+                    self._item_time.move_to_end(j.payload.key)
+                    if len(self._item_time) > 64:
+                        self._item_time.popitem(last=False)
         self._jobs = keep
 
     def _pick(self, jobs: list[Job], p: _Proc) -> Job | None:
