@@ -6,7 +6,8 @@ formatting: no templates, no imports beyond the stdlib ``html`` escape.
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .report import RunReport
@@ -88,3 +89,39 @@ def summary_html(r: "RunReport") -> str:
         f'<div class="poolmagic-summary" style="font-family:system-ui,sans-serif;font-size:12px;'
         f'color:{color}">' + " · ".join(cells) + "</div>"
     )
+
+
+def _streams_idle() -> bool:
+    """True when ipykernel's stdout/stderr hold no text waiting to be sent."""
+    for stream in (sys.stdout, sys.stderr):
+        buffers = getattr(stream, "_buffers", None)
+        if buffers is None:
+            return False
+        if any(buf.tell() for buf in list(buffers.values())):
+            return False
+    return True
+
+
+def show(obj: Any, shell: Any) -> None:
+    """``display(obj)``, without ipykernel's stream flushes when nothing is pending.
+
+    ipykernel flushes stdout and stderr before every display, each flush a
+    synchronous round trip to its I/O thread: 0.95 ms of a 1.6 ms cell for
+    four items. The flushes only keep printed text ahead of the display, so
+    they are skipped when no text is waiting.
+    """
+    from IPython.display import display
+
+    pub = getattr(shell, "display_pub", None)
+    if pub is None or not hasattr(pub, "_flush_streams") or not _streams_idle():
+        display(obj)
+        return
+    pub._flush_streams = _no_flush
+    try:
+        display(obj)
+    finally:
+        del pub._flush_streams
+
+
+def _no_flush() -> None:
+    pass

@@ -13,6 +13,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool
+from .display import show
 from .errors import BadInputError
 from .options import POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
@@ -116,7 +117,7 @@ class PoolMagics(Magics):
 
     def _show(self, obj: Any, quiet: bool) -> None:
         if not quiet:
-            display(obj)
+            show(obj, self.shell)
 
     def _in_kernel(self) -> bool:
         return getattr(self.shell, "kernel", None) is not None

@@ -290,3 +290,32 @@ def test_unload_ext_stops_workers_and_forkserver(fresh):
     assert gone.status == "error" and "poolmap" in gone.stderr + gone.traceback, repr(gone)
     run_ok(fresh.kc, "%load_ext poolmagic")
     assert_maps(fresh.kc, within=20)
+
+
+def test_summary_comes_after_printed_output(kernel):
+    """Text printed by the cell and by the workers is sent before the summary display.
+
+    (The summary skips ipykernel's stream flush when nothing is pending; when
+    something is, the flush must still happen first.)
+    """
+    code = (
+        "%%poolmap -c 1 range(4)\n"
+        "print('cell body prints first')\n"
+        "def talk(x):\n"
+        "    print('worker says', x)\n"
+        "    return x\n"
+    )
+    r = run(kernel.kc, code)
+    assert r.status == "ok", repr(r)
+    kinds = [
+        "summary" if m["msg_type"] == "display_data" else m["content"]["text"]
+        for m in r.msgs
+        if m["msg_type"] in ("stream", "display_data")
+    ]
+    text = "".join(k for k in kinds if k != "summary")
+    assert text == "cell body prints first\n" + "".join(f"worker says {i}\n" for i in range(4)), kinds
+    assert kinds[-1] == "summary", kinds
+    # only the cell body printed (the workers did not): it must still come first
+    body_only = run(kernel.kc, "%%poolmap range(3)\nprint('just the body')\ndef f(x):\n    return x\n")
+    order = [m["msg_type"] for m in body_only.msgs if m["msg_type"] in ("stream", "display_data")]
+    assert order == ["stream", "display_data"], order
