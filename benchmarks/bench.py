@@ -1,0 +1,750 @@
+#!/usr/bin/env python
+"""poolmagic against its peers, each in a real Jupyter kernel.
+
+Every (workload, peer) pair runs in a fresh kernel started from this Python (run it with
+the venv's interpreter). The mapped function is defined in a notebook cell, so it lives
+in ``__main__`` as a user meets it. Figures are timed inside the kernel with
+``time.perf_counter`` and printed back as ``@@BENCH {json}`` lines; only the interrupt
+workload is timed from outside. Every execute has a timeout: a peer that hangs is
+reported as "hang", its kernel interrupted and, if still stuck, killed.
+
+    python benchmarks/bench.py [--quick] [--only tiny,cpu] [--peers poolmagic,loky]
+
+Workloads: cold, tiny, cpu, overhead, big, gen, failures (see README.md).
+Writes benchmarks/results/latest.json and latest.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from jupyter_client import KernelManager
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+WORKERS = 2
+
+
+# ===================================================================== harness
+PREAMBLE = """\
+import json, os, statistics, sys, time
+def _emit(**kw):
+    print("@@BENCH " + json.dumps(kw), flush=True)
+"""
+
+PEAK_RSS = """\
+import resource, threading, psutil
+class _Peak:
+    '''Peak RSS of this kernel while the block runs (sampled every 2 ms).'''
+    def __enter__(self):
+        self.p = psutil.Process()
+        self.base = self.peak = self.p.memory_info().rss
+        self.maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.p.memory_info().rss)
+    def __exit__(self, *exc):
+        self._stop.set(); self._t.join()
+        self.end = self.p.memory_info().rss
+        self.peak = max(self.peak, self.end)
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if maxrss > self.maxrss0:  # the high-water mark rose in the block: it catches short spikes
+            self.peak = max(self.peak, maxrss * 1024)
+    def mb(self, what):
+        return (getattr(self, what) - self.base) / 2**20
+"""
+
+
+class CellFailed(Exception):
+    """A cell hung or raised; ``status`` is "hang" or "error"."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class PeerBroken(CellFailed):
+    """The peer's first map of a notebook function failed: skip its other workloads."""
+
+
+@dataclass
+class Exec:
+    """One execute request and what the kernel sent back for it."""
+
+    msg_id: str
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None  # "Ename: evalue"
+    done: bool = False
+    done_at: float | None = None  # time.monotonic() when the kernel went idle
+
+    @property
+    def figures(self) -> dict:
+        out: dict = {}
+        for line in self.stdout.splitlines():
+            if line.startswith("@@BENCH "):
+                out.update(json.loads(line[8:]))
+        return out
+
+
+class Kernel:
+    """A fresh python3 kernel (this interpreter) with a blocking client."""
+
+    def __init__(self, hang_grace: float = 5.0):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POOLMAGIC_")}
+        env["PYTHONWARNINGS"] = "ignore"
+        self.km = KernelManager(kernel_name="python3")
+        self.km.shutdown_wait_time = 3.0
+        self.km.start_kernel(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.km.provisioner.process.pid
+        self.kc = self.km.blocking_client()
+        self.kc.start_channels()
+        try:
+            self.kc.wait_for_ready(timeout=60)
+        except RuntimeError:
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=True)
+            raise
+        self.hang_grace = hang_grace
+        self.stuck = False  # a cell ignored the interrupt: nothing more can run here
+        self.leaked = 0
+        self.closed = False
+        self.python = self.run("import sys; print(sys.executable)", 30).stdout.strip()
+
+    # ------------------------------------------------------------ executing
+    def submit(self, code: str) -> Exec:
+        return Exec(self.kc.execute(code, store_history=True))
+
+    def wait(self, ex: Exec, timeout: float, until: str | None = None) -> bool:
+        """Collect output until the kernel is idle (True), ``until`` is printed, or timeout."""
+        deadline = time.monotonic() + timeout
+        while not ex.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                msg = self.kc.get_iopub_msg(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != ex.msg_id:
+                continue
+            kind, c = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                if c["name"] == "stdout":
+                    ex.stdout += c["text"]
+                else:
+                    ex.stderr += c["text"]
+                if until and until in ex.stdout:
+                    return False
+            elif kind == "error":
+                ex.error = f"{c['ename']}: {c['evalue']}"[:300]
+            elif kind == "status" and c["execution_state"] == "idle":
+                ex.done, ex.done_at = True, time.monotonic()
+        self._drain_reply(ex.msg_id)
+        return True
+
+    def _drain_reply(self, msg_id: str) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if self.kc.get_shell_msg(timeout=1)["parent_header"].get("msg_id") == msg_id:
+                    return
+            except queue.Empty:
+                pass
+
+    def free(self, ex: Exec) -> None:
+        """After a hang: interrupt; if the cell still does not return, the kernel is stuck."""
+        self.km.interrupt_kernel()
+        if not self.wait(ex, self.hang_grace):
+            self.stuck = True
+
+    def run(self, code: str, timeout: float = 30.0) -> Exec:
+        """Run a cell; on timeout free the kernel and raise CellFailed("hang")."""
+        if self.stuck:
+            raise CellFailed("skipped", "kernel stuck after an earlier hang")
+        ex = self.submit(code)
+        if not self.wait(ex, timeout):
+            self.free(ex)
+            raise CellFailed("hang", f">{timeout:g} s" + stderr_hint(ex.stderr))
+        return ex
+
+    def figures(self, code: str, timeout: float = 30.0) -> dict:
+        """Run a cell that must succeed and return what it ``_emit``-ed."""
+        ex = self.run(code, timeout)
+        if ex.error:
+            raise CellFailed("error", ex.error.split(":")[0] + stderr_hint(ex.stderr))
+        return ex.figures
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            procs = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        try:
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=self.stuck)
+        finally:
+            gone, alive = psutil.wait_procs(procs, timeout=2)
+            for p in alive:
+                try:
+                    p.kill()
+                    self.leaked += 1
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(alive, timeout=2)
+
+    def __enter__(self) -> "Kernel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stderr_hint(stderr: str) -> str:
+    """The last telling line of a kernel's stderr (worker tracebacks land there)."""
+    for line in reversed(stderr.strip().splitlines()):
+        if "Error" in line or "error" in line:
+            return f" ({line.strip()[:120]})"
+    return ""
+
+
+def cell(*parts: str) -> str:
+    """Cell code from lines and blocks (kept as given: indentation is meaningful)."""
+    return "\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+
+
+def timed_loop(stmt: str, reps: int, warm: int = 1) -> str:
+    """Cell code: run ``stmt`` warm+reps times; keep the last ``reps`` times in ``_ts``."""
+    return cell(
+        "_ts = []",
+        f"for _i in range({warm + reps}):",
+        "    _t = time.perf_counter()",
+        textwrap.indent(stmt, "    "),
+        "    _ts.append(time.perf_counter() - _t)",
+        f"_ts = _ts[{warm}:]",
+    )
+
+
+# ===================================================================== peers
+@dataclass
+class Peer:
+    key: str
+    label: str
+    module: str  # importable in this venv, else the peer is skipped
+    imports: str
+    create: str  # cell code that creates (and starts) the pool
+    expr: str = ""  # map expression returning a list; {f} function, {it} iterable
+    chunk_expr: str = ""  # same with chunk size {c} (executors only)
+    auto_chunk: bool = False  # executors default to chunksize 1: use Pool's len/(4*workers)
+    magic: bool = False  # poolmagic: map through %%poolmap, the cell defines the function
+    tiny_n: int = 100_000  # items of the tiny workload (dask: one task per item, ~ms each)
+
+    def map_stmt(self, f: str, src: str, it: str, n: int | None = None, chunk: int | None = None,
+                 quiet: bool = True) -> str:
+        """A statement that maps function ``f`` (source ``src``) over ``it`` into ``r``."""
+        if self.magic:
+            line = " ".join(o for o in ["-q" if quiet else "", f"-c {chunk}" if chunk else "", "-o r", it] if o)
+            return f"get_ipython().run_cell_magic('poolmap', {line!r}, {src!r})"
+        if chunk is None and self.auto_chunk and n:
+            chunk = max(1, math.ceil(n / (4 * WORKERS)))
+        if chunk and not self.chunk_expr:
+            raise ValueError(f"{self.key}: no chunk size template")
+        tpl = self.chunk_expr if chunk else self.expr
+        return "r = " + tpl.format(f=f, it=it, c=chunk)
+
+
+def _mp(method: str) -> Peer:
+    return Peer(
+        f"mp_{method}", f"multiprocessing.Pool ({method})", "multiprocessing",
+        "import multiprocessing as mp", f"P = mp.get_context({method!r}).Pool({WORKERS})", "P.map({f}, {it})",
+    )
+
+
+_LOKY = f"get_reusable_executor(max_workers={WORKERS})"
+_JOBLIB = f"Parallel(n_jobs={WORKERS}, backend='loky'"
+PEERS = [
+    Peer("poolmagic", "poolmagic (forkserver)", "poolmagic", "", f"%load_ext poolmagic\n%poolsize {WORKERS}",
+         magic=True),
+    _mp("fork"),
+    _mp("forkserver"),
+    Peer("ppe_forkserver", "ProcessPoolExecutor (forkserver)", "concurrent.futures",
+         "import multiprocessing as mp\nfrom concurrent.futures import ProcessPoolExecutor",
+         f"P = ProcessPoolExecutor({WORKERS}, mp_context=mp.get_context('forkserver'))",
+         "list(P.map({f}, {it}))", "list(P.map({f}, {it}, chunksize={c}))", auto_chunk=True),
+    Peer("loky", "loky reusable executor", "loky", "from loky import get_reusable_executor", f"P = {_LOKY}",
+         f"list({_LOKY}.map({{f}}, {{it}}))", f"list({_LOKY}.map({{f}}, {{it}}, chunksize={{c}}))",
+         auto_chunk=True),
+    Peer("joblib", "joblib Parallel (loky)", "joblib", "from joblib import Parallel, delayed", f"P = {_JOBLIB})",
+         f"{_JOBLIB})(delayed({{f}})(x) for x in {{it}})"),
+    Peer("mpire", "mpire WorkerPool (fork)", "mpire", "from mpire import WorkerPool",
+         f"P = WorkerPool(n_jobs={WORKERS}, start_method='fork', keep_alive=True)",
+         "P.map({f}, {it})"),
+    Peer("dask", "dask.distributed LocalCluster", "distributed",
+         "import logging\nfrom dask.distributed import Client, LocalCluster\n"
+         "logging.getLogger('distributed').setLevel(logging.ERROR)",
+         f"C = Client(LocalCluster(n_workers={WORKERS}, threads_per_worker=1, processes=True,"
+         " dashboard_address=None))",
+         "C.gather(C.map({f}, {it}, pure=False))", tiny_n=2_000),
+]
+PEER_BY_KEY = {p.key: p for p in PEERS}
+
+WARM_SRC = "def _warm(x):\n    return x\n"
+
+
+def setup(k: Kernel, peer: Peer, defs: str, extra: str = "", timeout: float = 30.0) -> None:
+    """Preamble, the notebook's functions, then a warm pool (one small map done)."""
+    k.figures(cell(PREAMBLE, extra), timeout)
+    k.figures(cell(defs, WARM_SRC), timeout)  # before the pool: fork-based pools see them
+    k.figures(cell(peer.imports, peer.create), timeout)
+    try:
+        k.figures(peer.map_stmt("_warm", WARM_SRC, "range(4)", n=4) + "\n", timeout)
+    except CellFailed as exc:
+        raise PeerBroken(exc.status, exc.detail) from None
+
+
+# ===================================================================== workloads
+# Each takes (peer, cfg, fresh) where fresh() gives a new Kernel, and returns figures.
+
+def wl_cold(peer: Peer, cfg, fresh) -> dict:
+    """Fresh kernel: from before the imports / %load_ext to the first 2-item map's return."""
+    src = "def f(x):\n    return x\n"
+    if peer.magic:
+        with fresh() as k:  # load and map in one cell
+            k.figures(PREAMBLE)
+            out = k.figures(cell(
+                "_t0 = time.perf_counter()",
+                "get_ipython().run_line_magic('load_ext', 'poolmagic')",
+                peer.map_stmt("f", src, "range(2)"),
+                "import poolmagic",
+                "_emit(cold_s=time.perf_counter() - _t0, backend=poolmagic.get_pool().backend.description,"
+                " size=poolmagic.get_pool().size)",
+            ), cfg.hang)
+        with fresh() as k:  # %load_ext in its own cell, the map cell right after
+            k.figures(PREAMBLE)
+            out.update(k.figures(cell("_t0 = time.perf_counter()", "%load_ext poolmagic",
+                                      "_emit(load_cell_s=time.perf_counter() - _t0)"), cfg.hang))
+            out.update(k.figures(cell("_t1 = time.perf_counter()", peer.map_stmt("f", src, "range(2)"),
+                                      "_emit(map_cell_s=time.perf_counter() - _t1)"), cfg.hang))
+        return out
+    with fresh() as k:
+        k.figures(cell(PREAMBLE, src))
+        try:
+            return k.figures(cell(
+                "_t0 = time.perf_counter()", peer.imports, "_t1 = time.perf_counter()", peer.create,
+                peer.map_stmt("f", src, "range(2)", n=2),
+                "assert list(r) == [0, 1], r",
+                "_emit(cold_s=time.perf_counter() - _t0, import_s=_t1 - _t0)",
+            ), cfg.hang)
+        except CellFailed as exc:
+            raise PeerBroken(exc.status, exc.detail) from None
+
+
+def wl_tiny(peer: Peer, cfg, fresh) -> dict:
+    """x*x over range(100_000): µs per item, median of warm repeats."""
+    n, src = peer.tiny_n, "def f(x):\n    return x * x\n"
+    with fresh() as k:
+        setup(k, peer, src)
+        fig = k.figures(cell(timed_loop(peer.map_stmt("f", src, f"range({n})", n=n), cfg.reps),
+                             f"assert len(r) == {n} and r[-1] == {(n - 1) ** 2}", "_emit(ts=_ts)"), 120)
+    return {"us_per_item": statistics.median(fig["ts"]) / n * 1e6, "n": n, "ts": fig["ts"]}
+
+
+def wl_cpu(peer: Peer, cfg, fresh) -> dict:
+    """16 pure-Python items of ~25 ms: serial time / parallel wall (best of n), both in this kernel."""
+    src = "def work(n):\n    s = 0\n    for i in range(n):\n        s += i\n    return s\n"
+    with fresh() as k:
+        setup(k, peer, src)
+        k.figures(textwrap.dedent("""
+            _ds = []
+            for _i in range(5):
+                _t = time.perf_counter(); work(300_000); _ds.append(time.perf_counter() - _t)
+            N = int(300_000 * 0.025 / min(_ds))  # ~25 ms per item
+            ITEMS = [N] * 16
+        """))
+        serial = k.figures(cell(timed_loop("_s = [work(x) for x in ITEMS]", 3, warm=0),
+                                "_emit(serial=_ts, N=N)"), 60)
+        par = k.figures(cell(timed_loop(peer.map_stmt("work", src, "ITEMS", n=16), cfg.reps_cpu),
+                             "assert list(r) == _s", "_emit(par=_ts)"), 60)
+    s, p = min(serial["serial"]), min(par["par"])  # min: other processes on the machine only ever slow a run
+    return {"speedup": s / p, "serial_s": s, "parallel_s": p, "item_ms": s / 16 * 1e3, "N": serial["N"]}
+
+
+def wl_overhead(peer: Peer, cfg, fresh) -> dict:
+    """4 no-op items on a warm pool, per cell; poolmagic: the whole magic, summary shown."""
+    src = "def noop(x):\n    return x\n"
+    out = {}
+    with fresh() as k:
+        setup(k, peer, src)
+        variants = {"ms": False, "ms_quiet": True} if peer.magic else {"ms": True}
+        for key, quiet in variants.items():
+            fig = k.figures(cell(timed_loop(peer.map_stmt("noop", src, "range(4)", n=4, quiet=quiet),
+                                            cfg.reps_overhead, warm=3),
+                                 "assert list(r) == [0, 1, 2, 3]", "_emit(ts=_ts)"), 60)
+            out[key] = statistics.median(fig["ts"]) * 1e3
+    return out
+
+
+def wl_big(peer: Peer, cfg, fresh) -> dict:
+    """A 50 MB numpy global read by the function: first map after defining the array."""
+    src = "def f(i):\n    return float(ARR[i])\n"
+
+    def timed(stmt: str, n: int) -> str:
+        return cell("with _Peak() as _m:", "    _t = time.perf_counter()", textwrap.indent(stmt, "    "),
+                    "    _d = time.perf_counter() - _t",
+                    f"assert len(r) == {n} and r[3] == float(ARR[3])",
+                    "_emit(s=_d, rss_peak_mb=_m.mb('peak'), rss_after_mb=_m.mb('end'))")
+
+    def first_map(stmt: str, n: int) -> dict:  # a fresh kernel each: RSS high-water marks stay comparable
+        with fresh() as k:
+            setup(k, peer, src, extra=PEAK_RSS + "import numpy as np\n")
+            k.figures("ARR = np.random.rand(50_000_000 // 8)\n")
+            return k.figures(timed(stmt, n), 120)
+
+    out = first_map(peer.map_stmt("f", src, "range(64)", n=64), 64)
+    if peer.magic:
+        out.update({f"c4_1024_{key}": v for key, v in
+                    first_map(peer.map_stmt("f", src, "range(1024)", chunk=4), 1024).items()})
+    return out
+
+
+GEN_STMT = {  # mapping x*x over a generator of 10 million items
+    "poolmagic": None,  # the magic, below
+    "mp_fork": "r = list(P.imap(f, (i for i in range(10_000_000)), chunksize=10_000))",
+}
+
+
+def wl_gen(peer: Peer, cfg, fresh) -> dict:
+    """Peak kernel RSS growth while mapping over a 10M-item generator ÷ the result's size."""
+    src = "def f(x):\n    return x * x\n"
+    stmt = GEN_STMT[peer.key] or peer.map_stmt("f", src, "(i for i in range(10_000_000))")
+    with fresh() as k:
+        setup(k, peer, src, extra=PEAK_RSS + "import gc\n")
+        return k.figures(cell(
+            "gc.collect()",
+            "with _Peak() as _m:", "    _t = time.perf_counter()", textwrap.indent(stmt, "    "),
+            "    _d = time.perf_counter() - _t",
+            "_res_mb = (sys.getsizeof(r) + sum(map(sys.getsizeof, r))) / 2**20",
+            "assert len(r) == 10_000_000 and r[-1] == 9_999_999 ** 2",
+            "_emit(s=_d, peak_mb=_m.mb('peak'), result_mb=_res_mb,"
+            " ratio=_m.mb('peak') / _res_mb)",
+        ), cfg.hang_gen)
+
+
+def wl_failures(peer: Peer, cfg, fresh) -> dict:
+    """Issue #3: a worker crash, recovery, and an interrupt during long tasks."""
+    srcs = {
+        "crash": "def crash(x):\n    import os\n    if x == 1:\n        os._exit(1)\n    return x\n",
+        "inc": "def inc(x):\n    return x + 1\n",
+        "sleepy": "def sleepy(x):\n    import time\n    time.sleep(30)\n    return x\n",
+    }
+    out: dict = {}
+
+    def step(name: str, fn: str, n: int, check: str = "None") -> None:
+        """Map ``fn`` over range(n); record time, the error raised, and whether ``check`` holds."""
+        code = cell(
+            "_t = time.perf_counter()",
+            "try:",
+            textwrap.indent(peer.map_stmt(fn, srcs[fn], f"range({n})", n=n), "    "),
+            "    _e = None",
+            "except BaseException as e:",
+            "    _e = f'{type(e).__name__}: {e}'[:160]",
+            f"_emit(s=time.perf_counter() - _t, error=_e, ok=({check}) if _e is None else False)",
+        )
+        try:
+            fig = k.figures(code, cfg.hang)
+            out[f"{name}_s"], out[f"{name}_error"], out[f"{name}_ok"] = fig["s"], fig["error"], fig["ok"]
+        except CellFailed as exc:
+            out[f"{name}_s"], out[f"{name}_error"] = exc.status, exc.detail
+
+    with fresh() as k:
+        setup(k, peer, "\n".join(srcs.values()))
+        step("crash", "crash", 4)
+        step("recovery", "inc", 4, check="list(r) == [1, 2, 3, 4]")
+        # Interrupt from outside during a map of 30 s sleeps, as the notebook's stop button does.
+        if k.stuck:
+            out["interrupt_s"] = "skipped"
+        else:
+            ex = k.submit(cell("print('@@STARTED', flush=True)",
+                               peer.map_stmt("sleepy", srcs["sleepy"], "range(4)", n=4)))
+            k.wait(ex, cfg.hang, until="@@STARTED")
+            time.sleep(1.0)  # let the workers pick up their tasks
+            t_int = time.monotonic()
+            k.km.interrupt_kernel()
+            if k.wait(ex, cfg.hang):
+                out["interrupt_s"], out["interrupt_error"] = ex.done_at - t_int, (ex.error or "none").split(":")[0]
+            else:
+                out["interrupt_s"] = "hang"
+                k.free(ex)
+        step("next", "inc", 2, check="list(r) == [1, 2]")
+    return out
+
+
+WORKLOADS = {  # name: (function, peers it runs for: None = all)
+    "cold": (wl_cold, None),
+    "tiny": (wl_tiny, None),
+    "cpu": (wl_cpu, None),
+    "overhead": (wl_overhead, None),
+    "big": (wl_big, None),
+    "gen": (wl_gen, list(GEN_STMT)),
+    "failures": (wl_failures, None),
+}
+
+
+# ===================================================================== report
+def num(v) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def ratio(r: float) -> str:
+    return f"×{r:.2g}" if r < 10 else f"×{r:.0f}"
+
+
+def shown(res: dict | None, key: str, fmt: str, base: dict | None = None) -> str:
+    """A table cell: the figure, its ratio to poolmagic's, or why there is none."""
+    if res is None or res.get("status") == "broken":
+        return "—"
+    if res.get("status") != "ok":
+        short = (res.get("note") or "").split(" (")[0]
+        return f"{res['status']} ({short})" if short else res["status"]
+    v = res.get(key)
+    if num(v) is None:
+        err = (res.get(key.replace("_s", "_error")) or "").split(" (")[0]
+        return f"{v} ({err})" if v == "hang" and err else (str(v) if v is not None else "—")
+    text = fmt.format(v)
+    b = num((base or {}).get(key))
+    if base is not None and b:
+        text += f" ({ratio(v / b)})"
+    return text
+
+
+COLUMNS = [  # (workload, key, header, format)
+    ("cold", "cold_s", "cold s", "{:.3f}"),
+    ("overhead", "ms", "warm ms (4 items)", "{:.2f}"),
+    ("tiny", "us_per_item", "tiny µs/item (100k)", "{:.3f}"),
+    ("cpu", "speedup", "CPU speedup /2", "{:.2f}"),
+    ("big", "s", "50 MB global, 64 items, s", "{:.3f}"),
+    ("failures", "crash_s", "worker crash → error s", "{:.3f}"),
+    ("failures", "recovery_s", "4-item map after crash s", "{:.3f}"),
+    ("failures", "interrupt_s", "interrupt → return s", "{:.3f}"),
+    ("failures", "next_s", "2-item map after interrupt s", "{:.3f}"),
+]
+
+
+def table_cell(wl: str, key: str, fmt: str, res: dict | None, base: dict | None) -> str:
+    """``shown`` plus the figures that go with it: RSS growth, failed or wrong follow-up maps."""
+    text = shown(res, key, fmt, base)
+    if not res or res.get("status") != "ok" or num(res.get(key)) is None:
+        return text
+    if wl == "big" and num(res.get("rss_peak_mb")) is not None:
+        text += f" +{res['rss_peak_mb']:.0f} MB"
+    if wl == "failures" and key in ("recovery_s", "next_s") and not res.get(key.replace("_s", "_ok")):
+        text += f" **failed: {(res.get(key.replace('_s', '_error')) or 'wrong results').split(':')[0]}**"
+    if wl == "failures" and key == "crash_s" and not res.get("crash_error"):
+        text += " **no error raised**"
+    return text
+
+
+def md_notes(results: dict) -> list[str]:
+    """What the table cannot hold: poolmagic's extra figures, errors, hangs and caveats."""
+    label = {k: p.label for k, p in PEER_BY_KEY.items()}
+    pm = {wl: results[wl].get("poolmagic") or {} for wl in results}
+    notes = ["Ratios in brackets are peer ÷ poolmagic (for times, > 1 means the peer is slower; "
+             "for CPU speedup, > 1 means the peer is better). \"+N MB\": the kernel's peak RSS growth."]
+    if pm.get("cold", {}).get("status") == "ok":
+        c = pm["cold"]
+        notes.append(f"poolmagic cold: load + map in one cell {c['cold_s']:.3f} s; in separate cells the "
+                     f"`%load_ext` cell takes {c['load_cell_s']:.3f} s and the first map cell right after "
+                     f"{c['map_cell_s']:.3f} s (the pool warms in the background). Backend: {c['backend']}.")
+    if pm.get("overhead", {}).get("status") == "ok":
+        notes.append("poolmagic warm ms is the whole `%%poolmap` magic with its summary displayed; "
+                     f"with `-q`: {pm['overhead']['ms_quiet']:.2f} ms.")
+    if pm.get("big", {}).get("status") == "ok" and "c4_1024_s" in pm["big"]:
+        b = pm["big"]
+        notes.append(f"poolmagic 50 MB global, 1024 items with `-c 4`: {b['c4_1024_s']:.3f} s, "
+                     f"peak RSS +{b['c4_1024_rss_peak_mb']:.0f} MB.")
+    for peer, g in (results.get("gen") or {}).items():
+        how = "`%%poolmap`" if peer == "poolmagic" else "`Pool.imap(chunksize=10_000)`"
+        if g.get("status") == "ok":
+            notes.append(f"{label[peer]}, x*x over a 10M-item generator with {how}: {g['s']:.2f} s, peak RSS "
+                         f"growth {g['peak_mb']:.0f} MB = {g['ratio']:.2f}× the result list ({g['result_mb']:.0f} MB).")
+    for peer, t in (results.get("tiny") or {}).items():
+        if t.get("status") == "ok" and t["n"] != 100_000:
+            notes.append(f"{label[peer]}, tiny: over range({t['n']:_}) only (one task per item, "
+                         f"{t['us_per_item'] * t['n'] / 1e6:.1f} s a map); the per-item cost does not depend on n.")
+    errs = [f"{peer}: `{f['crash_error'] if peer == 'poolmagic' else f['crash_error'].split(':')[0]}`"
+            for peer, f in (results.get("failures") or {}).items()
+            if f.get("status") == "ok" and num(f.get("crash_s")) is not None and f.get("crash_error")]
+    if errs:
+        notes.append("Error raised on the worker crash — " + "; ".join(errs) + ".")
+    blind = [p for p, r in (results.get("big") or {}).items()
+             if r.get("status") == "error" and r.get("note", "").startswith("NameError")]
+    if blind:
+        notes.append(f"{', '.join(label[p] for p in blind)}, 50 MB global: NameError — the warm pool forked its "
+                     "workers before `ARR` was defined, and a fork-based pool does not see globals defined later.")
+    for wl in results:
+        for peer, res in results[wl].items():
+            if res.get("note") and res["status"] != "broken" and not (wl == "big" and peer in blind):
+                later = " (its other workloads were skipped)" if res.get("skips_rest") else ""
+                notes.append(f"{label[peer]}, {wl}: {res['status']} — {res['note']}{later}")
+    return notes
+
+
+def render(results: dict, meta: dict) -> str:
+    """The Markdown file: header, one row per peer, then notes."""
+    cols = [c for c in COLUMNS if c[0] in results]
+    head = ["peer"] + [c[2] for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for peer in meta["peers"]:
+        base = {wl: None if peer == "poolmagic" else results[wl].get("poolmagic") for wl in results}
+        row = [PEER_BY_KEY[peer].label] + [table_cell(wl, key, fmt, results[wl].get(peer), base[wl])
+                                           for wl, key, _, fmt in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    load = "/".join(f"{meta[k][0]:.1f}" for k in ("loadavg_before", "loadavg_after"))
+    hdr = (f"Benchmark run {meta['date']} · {meta['machine']}, {meta['cores']} cores, Python {meta['python']} · "
+           f"poolmagic {meta['poolmagic_commit']} · {WORKERS} workers · each peer in its own Jupyter kernel, function defined in a notebook cell · "
+           f"1-min load average before/after {load}.\n\n"
+           f"Command: `{meta['command']}`\n")
+    notes = "\n".join(f"- {n}" for n in md_notes(results))
+    return hdr + "\n" + "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def console_table(results: dict, meta: dict) -> str:
+    cols = [c for c in COLUMNS if c[0] in results]
+    base = {wl: results[wl].get("poolmagic") for wl in results}
+    rows = [["peer"] + [c[2] for c in cols]]
+    for peer in meta["peers"]:
+        rows.append([peer] + [shown(results[wl].get(peer), key, fmt, None if peer == "poolmagic" else base.get(wl))
+                              for wl, key, _, fmt in cols])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+# ===================================================================== main
+def git_commit() -> str:
+    """The checked-out commit of the repository, "+dirty" if src/ has local changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+    try:
+        return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", "src") else "")
+    except OSError:
+        return "?"
+
+
+@dataclass
+class Config:
+    reps: int = 5
+    reps_cpu: int = 5
+    reps_overhead: int = 30
+    hang: float = 10.0  # seconds before a map counts as hung
+    hang_gen: float = 120.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
+    ap.add_argument("--peers", help="comma-separated peers: " + ",".join(PEER_BY_KEY))
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = ap.parse_args()
+    workloads = list(dict.fromkeys(args.only.split(","))) if args.only else list(WORKLOADS)
+    peers = list(dict.fromkeys(args.peers.split(","))) if args.peers else list(PEER_BY_KEY)
+    for name, known in ((workloads, WORKLOADS), (peers, PEER_BY_KEY)):
+        bad = [x for x in name if x not in known]
+        if bad:
+            ap.error(f"unknown: {', '.join(bad)}")
+    cfg = Config(reps=3, reps_cpu=2, reps_overhead=10) if args.quick else Config()
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).as_posix(), "benchmarks/bench.py"] + sys.argv[1:]),
+        "peers": peers,
+        "loadavg_before": list(os.getloadavg()),
+        "poolmagic_commit": git_commit(),
+    }
+
+    kernels: list[Kernel] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` shuts the kernels down
+
+    def fresh() -> Kernel:
+        k = Kernel()
+        kernels.append(k)
+        return k
+
+    results: dict = {wl: {} for wl in workloads}
+    broken: dict[str, str] = {}  # peer -> the workload where it could not map a notebook function
+    t_start = time.monotonic()
+    try:
+        for wl in workloads:
+            fn, only = WORKLOADS[wl]
+            for key in peers:
+                if only is not None and key not in only:
+                    continue
+                peer = PEER_BY_KEY[key]
+                if importlib.util.find_spec(peer.module) is None:
+                    res = {"status": "skipped", "note": f"{peer.module} not importable"}
+                elif key in broken:
+                    res = {"status": "broken", "note": f"see {broken[key]}"}
+                else:
+                    t0 = time.monotonic()
+                    try:
+                        res = {"status": "ok", **fn(peer, cfg, fresh)}
+                    except CellFailed as exc:
+                        res = {"status": exc.status, "note": exc.detail}
+                        if isinstance(exc, PeerBroken) and not peer.magic:
+                            broken[key] = wl
+                            res["skips_rest"] = True
+                    except Exception as exc:  # a harness problem: report it, keep going
+                        res = {"status": "harness error", "note": repr(exc)[:200]}
+                    res["harness_s"] = round(time.monotonic() - t0, 2)
+                results[wl][key] = res
+                print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {key:15s} "
+                      + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                                    if k != "ts"})[:220], flush=True)
+    finally:
+        for k in kernels:
+            try:
+                k.close()
+            except Exception as exc:  # keep closing the others
+                print(f"closing kernel {k.pid}: {exc!r}", file=sys.stderr)
+    meta["leaked_processes_killed"] = sum(k.leaked for k in kernels)
+    meta["loadavg_after"] = list(os.getloadavg())
+    meta["kernel_python"] = sorted({k.python for k in kernels})
+    meta["total_s"] = round(time.monotonic() - t_start, 1)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    md = render(results, meta)
+    (RESULTS / "latest.md").write_text(md)
+    print("\n" + console_table(results, meta) + "\n")
+    print(md)
+    print(f"total {meta['total_s']} s; kernels: {len(kernels)}; leftover processes killed: "
+          f"{meta['leaked_processes_killed']}; wrote {RESULTS / 'latest.json'} and latest.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
