@@ -124,3 +124,22 @@ def test_report_figures_and_rendering():
     assert "3/4 items" in r.summary() and "1 failed" in r.summary() and "8 cores" in r.summary()
     assert "1 failed" in r._repr_html_()
     assert repr(NOT_DONE) == "NOT_DONE" and not NOT_DONE
+
+
+def test_run_chunk_keeps_results_before_a_failure_and_attributes_output():
+    from poolmagic.engine.worker import run_chunk
+
+    def f(x):
+        print("at", x)
+        if x == 12:
+            raise ValueError(x)
+        return x * 2
+
+    for timed in (False, True):
+        out, t0, t1, times, records, errors = run_chunk(f, range(10, 15), 10, timed=timed)
+        assert out == [20, 22, NOT_DONE]  # stopped at the failure, earlier results kept
+        assert [i for i, _ in errors] == [12] and errors[0][1]["type"] == "builtins.ValueError"
+        assert [(i, text) for i, _, text in records] == [(10, "at 10\n"), (11, "at 11\n"), (12, "at 12\n")]
+        assert t1 >= t0 and (times is None) is (not timed)
+    out, *_, errors = run_chunk(f, range(10, 15), 10, keep_going=True)
+    assert out == [20, 22, NOT_DONE, 26, 28] and [i for i, _ in errors] == [12]

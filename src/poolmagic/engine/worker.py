@@ -96,6 +96,72 @@ def _seed_item(seed: int, index: int) -> None:
         random.seed(int.from_bytes(digest, "little"))
 
 
+def run_chunk(
+    fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False, seed: int | None = None
+) -> tuple[list, float, float, list | None, list, list]:
+    """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
+
+    Independent of how the chunk arrived, so any backend's worker (a dask
+    task, say) runs chunks exactly as the local workers do.
+    """
+    n = len(items)
+    out: list = []
+    errors: list = []
+    records: list = []
+    times: list | None = [] if timed else None
+    state = {"it": None, "i": start}
+    if timed or seed is not None:
+        locate = lambda: state["i"]  # noqa: E731
+    else:
+        locate = lambda: start + n - state["it"].__length_hint__() - 1  # noqa: E731
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Capture("stdout", records, locate), _Capture("stderr", records, locate)
+    t0 = time.perf_counter()
+    try:
+        if timed or seed is not None:
+            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state)
+        else:
+            it = iter(items)
+            state["it"] = it
+            mapper = itertools.starmap if star else map
+            while True:
+                try:
+                    out.extend(mapper(fn, it))  # keeps what finished if an item raises
+                    break
+                except BaseException as exc:
+                    errors.append((start + len(out), _errors.pack_exception(exc, PKG_DIR)))
+                    out.append(NOT_DONE)
+                    if not keep_going:
+                        break
+    finally:
+        t1 = time.perf_counter()
+        sys.stdout, sys.stderr = old
+    return out, t0, t1, times, records, errors
+
+
+def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state) -> None:
+    """The per-item loop: index known, per-item times and seeds possible."""
+    clock = time.perf_counter
+    for offset, x in enumerate(items):
+        i = start + offset
+        state["i"] = i
+        if seed is not None:
+            _seed_item(seed, i)
+        t = clock()
+        try:
+            out.append(fn(*x) if star else fn(x))
+        except BaseException as exc:
+            out.append(NOT_DONE)
+            errors.append((i, _errors.pack_exception(exc, PKG_DIR)))
+            if times is not None:
+                times.append(clock() - t)
+            if not keep_going:
+                return
+            continue
+        if times is not None:
+            times.append(clock() - t)
+
+
 class Worker:
     def __init__(self, conn, slot: int):
         self.conn = conn
@@ -183,64 +249,11 @@ class Worker:
         if ack:  # the chunk is timed: tell the parent its clock starts now
             self.conn.send_bytes(pickle.dumps((BEGIN, seq)))
         if isinstance(fn, _LoadFailure) or fn is None:
-            fatal = fn.packed if fn is not None else {"type": "RuntimeError", "message": "function missing", "frames": [], "text": "", "blob": None}
+            fatal = fn.packed if fn is not None else _errors.pack_exception(RuntimeError("function missing"), PKG_DIR)
             self._send((DONE, seq, [], 0.0, 0.0, None, [], [], fatal, self._new_modules()))
             return
-        n = len(items)
-        out: list = []
-        errors: list = []
-        records: list = []
-        times: list | None = [] if timed else None
-        state = {"it": None, "i": start}
-        if timed or seed is not None:
-            locate = lambda: state["i"]  # noqa: E731
-        else:
-            locate = lambda: start + n - state["it"].__length_hint__() - 1  # noqa: E731
-        old = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Capture("stdout", records, locate), _Capture("stderr", records, locate)
-        t0 = time.perf_counter()
-        try:
-            if timed or seed is not None:
-                self._run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state)
-            else:
-                it = iter(items)
-                state["it"] = it
-                mapper = itertools.starmap if star else map
-                while True:
-                    try:
-                        out.extend(mapper(fn, it))
-                        break
-                    except BaseException as exc:
-                        errors.append((start + len(out), _errors.pack_exception(exc, PKG_DIR)))
-                        out.append(NOT_DONE)
-                        if not keep_going:
-                            break
-        finally:
-            t1 = time.perf_counter()
-            sys.stdout, sys.stderr = old
-        self._send((DONE, seq, out, t0, t1, times, records, errors, None, self._new_modules()), start)
-
-    @staticmethod
-    def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state) -> None:
-        clock = time.perf_counter
-        for offset, x in enumerate(items):
-            i = start + offset
-            state["i"] = i
-            if seed is not None:
-                _seed_item(seed, i)
-            t = clock()
-            try:
-                out.append(fn(*x) if star else fn(x))
-            except BaseException as exc:
-                out.append(NOT_DONE)
-                errors.append((i, _errors.pack_exception(exc, PKG_DIR)))
-                if times is not None:
-                    times.append(clock() - t)
-                if not keep_going:
-                    return
-                continue
-            if times is not None:
-                times.append(clock() - t)
+        ran = run_chunk(fn, items, start, star=star, timed=timed, keep_going=keep_going, seed=seed)
+        self._send((DONE, seq, *ran, None, self._new_modules()), start)
 
     # ------------------------------------------------------------ sending
     def _send(self, msg: tuple, start: int = 0) -> None:
