@@ -74,6 +74,7 @@ WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
 TARGET_CHUNK_S = 0.025  # a chunk should take about this long...
 MIN_CHUNK_S = 0.002  # ...and never so little that IPC dominates
 MAX_CHUNK = 1_000_000
+STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead stays small
 TIMED_ABOVE_S = 10e-6
 SHARED_MIN_BYTES = 1 << 20
 # Heavy modules a worker imports while idle at start when the kernel uses them,
@@ -247,11 +248,7 @@ class LocalBackend(Backend):
             pass
 
     def _main(self) -> None:
-        # Processes started from this thread (workers, the forkserver) inherit
-        # SIGINT blocked, so an interrupt cannot kill a worker before it has
-        # set SIGINT to ignored (then it unblocks).
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        _start_resource_tracker()
         try:
             while not self._closed:
                 try:
@@ -473,6 +470,7 @@ class LocalBackend(Backend):
                     return
 
     def _spawn(self, slot: int) -> None:
+        _block_sigint()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         warm = [m for m in WARM_MODULES if m in sys.modules]
         proc = self.ctx.Process(
@@ -586,7 +584,10 @@ class LocalBackend(Backend):
         workers = min(self._desired(), job.max_workers or self._desired())
         lo, hi = max(1, int(MIN_CHUNK_S / t)), max(1, int(TARGET_CHUNK_S / t))
         rem = job.source.remaining()
-        size = hi if rem is None else max(lo, min(hi, math.ceil(rem / (2 * workers))))
+        if rem is None:  # a stream: bound what is pulled ahead of the results
+            size = min(hi, STREAM_MAX_CHUNK)
+        else:
+            size = max(lo, min(hi, math.ceil(rem / (2 * workers))))
         return max(1, min(size, MAX_CHUNK))
 
     def _send_chunk(self, p: _Proc, job: Job, start: int, items: Any) -> None:
@@ -640,6 +641,31 @@ class LocalBackend(Backend):
         job.split_failed(start, items, bad)
         if not job.active:
             self._abandon(job)
+
+
+def _block_sigint() -> None:
+    """Block SIGINT in this (manager) thread: processes started from it inherit it.
+
+    An interrupt then cannot kill a worker (or the forkserver's children)
+    before it has set SIGINT to ignored; the worker unblocks it after that.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker first, if this platform has one.
+
+    Starting it *unblocks* SIGINT in the calling thread when done; started
+    later (inside the first Process.start) it would undo _block_sigint before
+    the forkserver is spawned.
+    """
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    except Exception:  # Windows, or no tracker
+        pass
 
 
 def _shared_buffers(payload: Payload) -> int | None:

@@ -1,0 +1,236 @@
+"""Interrupts: KeyboardInterrupt in the caller while a map waits, SIGINT at workers.
+
+A real kernel interrupt (SIGINT to the kernel's process group from Jupyter) is
+covered by the end-to-end tests; here the two halves are tested directly in
+this process with real worker processes:
+
+* the caller's main thread gets KeyboardInterrupt while ``Pool.run`` waits:
+  the map stops at once, the workers running its items are killed and
+  replaced, and the next map runs;
+* the workers get SIGINT (as they do from Jupyter, which signals the whole
+  process group): they ignore it and the map completes.
+"""
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+
+import poolmagic
+from poolmagic import NOT_DONE, Pool
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = 10.0
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_dead(pids, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [p for p in left if alive(p)]
+    return left
+
+
+def shutdown_and_check(pool: Pool) -> None:
+    pids = pool.backend.worker_pids()
+    pool.shutdown()
+    assert not wait_dead(pids), "worker processes outlived pool.shutdown()"
+
+
+# ---------------------------------------------------------------- mapped functions
+
+
+def double(x):
+    return 2 * x
+
+
+def sleep_long(x, piddir):
+    tmp = os.path.join(piddir, f".pid-{x}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(piddir, f"pid-{x}"))
+    time.sleep(30)
+    return x
+
+
+def slow_double(x):
+    time.sleep(0.3)
+    return 2 * x
+
+
+# ---------------------------------------------------------------- KeyboardInterrupt in the caller
+
+
+class Interrupter:
+    """Raise KeyboardInterrupt in the main thread after ``delay`` s, unless disarmed first.
+
+    Disarming right after the map returns keeps a late interrupt from escaping
+    the test (and stopping the whole pytest session) if poolmagic returns early.
+    """
+
+    def __init__(self, delay: float, how: str):
+        self.how = how
+        self.fired_at: float | None = None
+        self._armed = True
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(delay, self._fire)
+        self._timer.daemon = True
+
+    def start(self) -> "Interrupter":
+        self._timer.start()
+        return self
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self._armed = False
+            self.fired_at = time.monotonic()
+            if self.how == "interrupt_main":
+                _thread.interrupt_main()
+            else:  # a real SIGINT to this process, as a terminal's ^C
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = False
+        self._timer.cancel()
+
+
+@pytest.mark.parametrize("how", ["interrupt_main", "sigint"])
+def test_keyboard_interrupt_while_waiting(tmp_path: Path, how: str):
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default KeyboardInterrupt handler here")
+    pool = Pool(2)
+    try:
+        pool.map(double, range(4))  # warm
+        intr = Interrupter(0.5, how).start()
+        with pytest.raises(KeyboardInterrupt) as ei:
+            try:
+                pool.map(sleep_long, range(6), kwargs={"piddir": str(tmp_path)})
+            finally:
+                raised_at = time.monotonic()
+                intr.disarm()
+        assert intr.fired_at is not None
+        assert raised_at - intr.fired_at < 5, "run() did not stop promptly on KeyboardInterrupt"
+        report = ei.value.poolmap_report
+        assert report.status == "cancelled"
+        assert report.results == [NOT_DONE] * 6
+        sleepers = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
+        assert len(sleepers) == 2, sleepers  # both workers were running a 30 s sleep
+        assert not wait_dead(sleepers), "the workers running the interrupted items still run"
+        t0 = time.monotonic()
+        assert pool.map(double, range(10)) == [2 * x for x in range(10)]
+        assert time.monotonic() - t0 < FAST
+        assert not set(sleepers) & set(pool.backend.worker_pids())
+    finally:
+        shutdown_and_check(pool)
+
+
+# ---------------------------------------------------------------- SIGINT at the workers
+
+
+def test_sigint_to_workers_is_ignored(start_method, capfd):
+    """SIGINT at every worker, every 50 ms, during a map: no worker dies, no traceback."""
+    pool = Pool(2, start_method=start_method)
+    stop = threading.Event()
+    sent = [0]
+    try:
+        pool.map(double, range(4))  # warm
+        pids = sorted(pool.backend.worker_pids())
+        assert len(pids) == 2
+
+        def poke():
+            while not stop.is_set():
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGINT)
+                        sent[0] += 1
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.05)
+
+        t = threading.Thread(target=poke, daemon=True)
+        t.start()
+        try:
+            results = pool.map(slow_double, range(8))
+        finally:
+            stop.set()
+            t.join(2)
+        assert sent[0] >= 10
+        assert results == [2 * x for x in range(8)]
+        assert sorted(pool.backend.worker_pids()) == pids, "a worker was replaced"
+        assert all(alive(p) for p in pids)
+    finally:
+        shutdown_and_check(pool)
+    if start_method == "spawn":  # spawn workers write to this test's captured stderr
+        err = capfd.readouterr().err
+        assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
+
+
+# A fresh interpreter, like a kernel that just ran %load_ext poolmagic: the
+# first pool starts multiprocessing's resource tracker (and the forkserver)
+# from its manager thread. SIGINT goes to the workers every millisecond from the
+# moment they exist; the script prints how many distinct worker pids it saw.
+_STARTUP_SCRIPT = """
+import os, signal, sys, time
+from poolmagic import Pool
+
+pool = Pool(2, start_method=sys.argv[1])
+seen = set()
+pool.start()
+deadline = time.monotonic() + 1.0
+while time.monotonic() < deadline and len(seen) <= 2:
+    for pid in pool.backend.worker_pids():
+        try:
+            os.kill(pid, signal.SIGINT)
+            seen.add(pid)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.001)
+time.sleep(0.2)
+try:
+    ok = pool.map(abs, range(-2, 2)) == [2, 1, 0, 1]
+except Exception as exc:
+    ok = repr(exc)
+pool.shutdown()
+print("RESULT", len(seen), ok)
+"""
+
+
+def test_sigint_while_workers_start(start_method, tmp_path):
+    """Jupyter signals the whole process group: an interrupt can reach a worker as it starts.
+
+    No worker may die of it: a worker killed while starting is replaced, but a
+    chunk already sent to it fails with WorkerCrashedError (signal SIGINT).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _STARTUP_SCRIPT, start_method],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    _, seen, ok = line.split(" ", 2)
+    assert int(seen) == 2, f"{int(seen) - 2} workers died of SIGINT while starting\n{proc.stderr}"
+    assert ok == "True", ok
+    assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
