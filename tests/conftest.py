@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import psutil
 import pytest
@@ -41,3 +42,21 @@ def descendants() -> list[psutil.Process]:
 def start_method(request):
     """Run a test under both safe start methods."""
     return request.param
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` is a running (non-zombie) process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_dead(pids, timeout: float = 5.0) -> list[int]:
+    """Wait until none of ``pids`` runs; return those still running."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [p for p in left if alive(p)]
+    return left

@@ -33,7 +33,7 @@ from IPython.core.error import UsageError
 import poolmagic
 from poolmagic import NOT_DONE, Pool
 
-from conftest import descendants
+from conftest import alive, descendants, wait_dead
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -43,24 +43,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` is a running (non-zombie) process."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_dead(pids, timeout: float = 5.0) -> list[int]:
-    """Wait until none of ``pids`` runs; return those still running."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.02)
-        left = [p for p in left if alive(p)]
-    return left
 
 
 def wait_for(pred, timeout: float = 5.0, every: float = 0.01):

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 import poolmagic
+from conftest import alive, wait_dead
 from poolmagic import NOT_DONE, Pool
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -33,22 +34,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.timeout(60)
 
 FAST = 10.0
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_dead(pids, timeout: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.02)
-        left = [p for p in left if alive(p)]
-    return left
 
 
 def shutdown_and_check(pool: Pool) -> None:

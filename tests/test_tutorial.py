@@ -8,6 +8,7 @@ from IPython.core.error import UsageError
 
 import poolmagic
 from poolmagic.tune import TuneResult, candidate_sizes
+from conftest import wait_dead
 
 
 def test_async_map_returns_a_handle_at_once(ip):
@@ -130,10 +131,5 @@ def test_shutdown_closes_now_and_restarts_on_next_use(ip, capsys):
     assert pids
     ip.run_line_magic("poolsize", "--shutdown")
     assert "shut down" in capsys.readouterr().out
-    import psutil
-
-    deadline = time.time() + 5
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert wait_dead(pids) == []
     assert ip.run_line_magic("poolmap", "-q abs [-2]") == [2]
