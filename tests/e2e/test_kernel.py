@@ -319,3 +319,23 @@ def test_summary_comes_after_printed_output(kernel):
     body_only = run(kernel.kc, "%%poolmap range(3)\nprint('just the body')\ndef f(x):\n    return x\n")
     order = [m["msg_type"] for m in body_only.msgs if m["msg_type"] in ("stream", "display_data")]
     assert order == ["stream", "display_data"], order
+
+
+def test_async_map_display_updates_in_place(kernel):
+    """--async shows a live display (progress) that is updated in place to the final summary."""
+    first = run(kernel.kc, "%%poolmap --async -o h -c 1 range(6)\nimport time\ndef slow(x):\n    time.sleep(0.25)\n    return x\n")
+    assert first.status == "ok", repr(first)
+    shown = [m for m in first.msgs if m["msg_type"] == "display_data"]
+    assert len(shown) == 1, first.msgs
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    assert "running" in shown[0]["content"]["data"]["text/plain"]
+    second = run(kernel.kc, "import time\nr = h.get(30)\ntime.sleep(0.7)\nprint(r)")
+    assert second.stdout.strip() == "[0, 1, 2, 3, 4, 5]", repr(second)
+    updates = [
+        m for m in first.msgs + second.msgs
+        if m["msg_type"] == "update_display_data" and m["content"]["transient"]["display_id"] == display_id
+    ]
+    assert updates, "no update_display_data for the async map's display"
+    final = updates[-1]["content"]["data"]
+    assert "6 items" in final["text/plain"] and "running" not in final["text/plain"]
+    assert "poolmagic" in final["text/html"]
