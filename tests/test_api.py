@@ -235,3 +235,30 @@ def test_a_function_seen_before_is_chunked_right_away():
         assert len(first.chunks) == 4  # unknown function: one-item probes
         again = pool.run(tiny, range(4))
         assert len(again.chunks) == 1  # tiny items: one chunk is cheapest
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that does not survive pickling (its __init__ wants two args)."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+
+
+def test_unpicklable_exception_keeps_its_type():
+    def fail(x):
+        raise NeedsTwoArgs(x, "boom")
+
+    with pytest.raises(NeedsTwoArgs, match="3: boom"):
+        pmap(fail, [3])
+
+
+def test_generator_that_raises_midway_keeps_what_finished():
+    def items():
+        yield from range(5)
+        raise RuntimeError("source broke")
+
+    with Pool(2) as pool:
+        with pytest.raises(RuntimeError, match="source broke") as e:
+            pool.map(lambda x: x, items(), chunksize=1)
+        assert "raised by the ITERABLE" in " ".join(getattr(e.value, "__notes__", []))
+        assert pool.map(abs, [-1]) == [1]

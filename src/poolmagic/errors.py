@@ -106,15 +106,21 @@ def pack_exception(exc: BaseException, skip_prefix: str) -> dict:
     # Drop poolmagic's own frames at the top (the chunk loop, wrappers).
     while frames and frames[0][0].startswith(skip_prefix):
         frames.pop(0)
-    try:
-        import cloudpickle
+    import cloudpickle
 
+    blob = cls_blob = None
+    try:
         blob = cloudpickle.dumps(exc)
         pickle.loads(blob)  # must round-trip, or the parent gets a broken object
     except Exception:
         blob = None
+        try:  # the class alone, so `except ThatError:` still works in the parent
+            cls_blob = cloudpickle.dumps(type(exc))
+        except Exception:
+            pass
     return {
         "blob": blob,
+        "cls": cls_blob,
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": str(exc),
         "frames": frames,
@@ -165,6 +171,13 @@ def rebuild_exception(packed: dict, filenames: Callable[[str, int], str | None] 
     if packed.get("blob") is not None:
         try:
             exc = pickle.loads(packed["blob"])
+        except Exception:
+            exc = None
+    if exc is None and packed.get("cls") is not None:
+        try:  # an exception that does not pickle: same class, its message as args
+            cls = pickle.loads(packed["cls"])
+            exc = cls.__new__(cls)
+            exc.args = (packed["message"],)
         except Exception:
             exc = None
     if exc is None:
