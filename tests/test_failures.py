@@ -17,7 +17,6 @@ Conventions:
 """
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
@@ -649,13 +648,13 @@ def test_generator_is_streamed_not_materialised(pool, tmp_path):
     assert len(results) == n and results[:3] == [0, 1, 2] and results[-1] == n - 1
 
 
-
 def test_read_ahead_stays_small_for_fast_function(pool):
     """While 2 million trivially fast items stream, items pulled but not yet done stay few.
 
-    Chunks are sized to ~25 ms of work with WINDOW=2 per worker, so a function
-    taking ~50 ns holds ~4 x 550k items in flight: 70% of the input, and the
-    kernel's peak RSS grows as much as if the input were a list.
+    (Was a bug, fixed in 89e1df2: chunks were sized to ~25 ms of work only, so
+    a ~50 ns function held ~4 x 550k items in flight -- 70% of the input, and
+    the kernel's peak RSS grew as much as if the input were a list. Now a
+    stream is taken at most 32,768 items a chunk: ~131k in flight here.)
     """
     n = 2_000_000
     pool.map(double, range(4))  # warm

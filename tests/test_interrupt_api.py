@@ -175,31 +175,38 @@ def test_sigint_to_workers_is_ignored(start_method, capfd):
 
 # A fresh interpreter, like a kernel that just ran %load_ext poolmagic: the
 # first pool starts multiprocessing's resource tracker (and the forkserver)
-# from its manager thread. SIGINT goes to the workers every millisecond from the
-# moment they exist; the script prints how many distinct worker pids it saw.
+# from its manager thread. SIGINT goes to each pool's workers every millisecond
+# from the moment they exist; three pools in a row give six start-ups a chance
+# to be hit (forkserver's window is narrow). The script prints how many
+# workers died and whether each next map worked.
 _STARTUP_SCRIPT = """
 import os, signal, sys, time
 from poolmagic import Pool
 
-pool = Pool(2, start_method=sys.argv[1])
-seen = set()
-pool.start()
-deadline = time.monotonic() + 1.0
-while time.monotonic() < deadline and len(seen) <= 2:
-    for pid in pool.backend.worker_pids():
-        try:
-            os.kill(pid, signal.SIGINT)
-            seen.add(pid)
-        except ProcessLookupError:
-            pass
-    time.sleep(0.001)
-time.sleep(0.2)
-try:
-    ok = pool.map(abs, range(-2, 2)) == [2, 1, 0, 1]
-except Exception as exc:
-    ok = repr(exc)
-pool.shutdown()
-print("RESULT", len(seen), ok)
+deaths, ok = 0, True
+for _ in range(3):
+    pool = Pool(2, start_method=sys.argv[1])
+    seen = set()
+    pool.start()
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline and len(seen) <= 2:
+        for pid in pool.backend.worker_pids():
+            try:
+                os.kill(pid, signal.SIGINT)
+                seen.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.001)
+    time.sleep(0.1)
+    try:
+        ok = pool.map(abs, range(-2, 2)) == [2, 1, 0, 1]
+    except Exception as exc:
+        ok = repr(exc)
+    pool.shutdown()
+    deaths += len(seen) - 2
+    if deaths or ok is not True:
+        break
+print("RESULT", deaths, ok)
 """
 
 
@@ -208,6 +215,8 @@ def test_sigint_while_workers_start(start_method, tmp_path):
 
     No worker may die of it: a worker killed while starting is replaced, but a
     chunk already sent to it fails with WorkerCrashedError (signal SIGINT).
+    (Was a bug: fixed in 50540d3, then for fresh processes in 89e1df2 -- the
+    resource tracker's start unblocked SIGINT in the manager thread.)
     """
     proc = subprocess.run(
         [sys.executable, "-c", _STARTUP_SCRIPT, start_method],
@@ -215,7 +224,7 @@ def test_sigint_while_workers_start(start_method, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    _, seen, ok = line.split(" ", 2)
-    assert int(seen) == 2, f"{int(seen) - 2} workers died of SIGINT while starting\n{proc.stderr}"
+    _, deaths, ok = line.split(" ", 2)
+    assert int(deaths) == 0, f"{deaths} workers died of SIGINT while starting\n{proc.stderr}"
     assert ok == "True", ok
     assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
