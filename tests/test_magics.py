@@ -271,3 +271,27 @@ def test_split_func_and_iterable():
     assert split_func_and_iterable("math.factorial range(5)") == ("math.factorial", "range(5)")
     with pytest.raises(UsageError):
         split_func_and_iterable("onlyone")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def f(x):\n    return x\n",
+        "def f(x):\n    return x",
+        "import math\nOFFSET = 3\nf = lambda x: math.sqrt(x) + OFFSET\n",
+        "class A:\n    '''doc'''\n    def m(self):\n        return {'a': [1, 2]}\n",
+        "x = 1 \\\n    + 2\ndef g(y):\n    return y * x\n",
+        "s = '''multi\nline'''\ndef h(v):\n    return s + v\n",
+    ],
+)
+def test_fast_transform_matches_ipython(ip, source):
+    from poolmagic.magics import transform
+
+    assert transform(ip, source) == ip.transform_cell(source)
+
+
+@pytest.mark.parametrize("source", ["%time x = 1\ndef f(x):\n    return x\n", "  def f(x):\n      return x\n", "!ls\n", ">>> x = 1\n"])
+def test_cells_with_ipython_syntax_still_go_through_ipython(ip, source):
+    from poolmagic.magics import transform
+
+    assert transform(ip, source) == ip.transform_cell(source)

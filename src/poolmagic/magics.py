@@ -5,6 +5,7 @@ No pool logic lives here; everything below ``Pool`` works without IPython.
 from __future__ import annotations
 
 import ast
+import re
 import threading
 from typing import Any
 
@@ -48,6 +49,20 @@ A new size takes effect on the next map; the kernel is not restarted.
 Options:
 {help_text(POOLSIZE_OPTIONS)}
 """
+
+
+_IPYTHON_SYNTAX = re.compile(r"[%!?]|^(>>>|\.\.\.|In \[)", re.M)
+
+
+def transform(shell: Any, cell: str) -> str:
+    """IPython's transform_cell, skipped for a cell that has no IPython syntax.
+
+    The transformer tokenizes the whole cell (~0.15 ms); a cell without magics,
+    shell escapes, help marks, prompts or leading indentation comes out the same.
+    """
+    if cell and not cell[0].isspace() and not _IPYTHON_SYNTAX.search(cell):
+        return cell if cell.endswith("\n") else cell + "\n"
+    return shell.transform_cell(cell)
 
 
 def last_function_name(tree: ast.Module) -> str | None:
@@ -95,10 +110,10 @@ class PoolMagics(Magics):
         return get_pool()
 
     # ------------------------------------------------------------ helpers
-    def _eval(self, expr: str, what: str) -> Any:
+    def _eval(self, expr: str, what: str, code: Any = None) -> Any:
         __tracebackhide__ = True
         try:
-            return eval(expr, self.shell.user_global_ns, self.shell.user_ns)
+            return eval(code or expr, self.shell.user_global_ns, self.shell.user_ns)
         except NameError as exc:
             raise UsageError(f"{what} `{expr}` cannot be evaluated: {exc}") from None
         except Exception as exc:
@@ -130,7 +145,7 @@ class PoolMagics(Magics):
         expr = parsed.rest
         func_expr = o.get("func")
         fname = None
-        transformed = self.shell.transform_cell(cell) if cell is not None else ""
+        transformed = transform(self.shell, cell) if cell is not None else ""
         if cell is None:
             if func_expr is None:
                 if o.get("repeat"):
@@ -152,9 +167,10 @@ class PoolMagics(Magics):
             raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
         if not o.get("repeat") and not expr:
             raise UsageError("give an ITERABLE after the options, e.g. %%poolmap range(10)")
+        iter_code = None
         if expr:
             try:
-                compile(expr, "<ITERABLE>", "eval")
+                iter_code = compile(expr, "<ITERABLE>", "eval")
             except SyntaxError as exc:
                 raise UsageError(f"ITERABLE `{expr}` is not a Python expression: {exc.msg}") from None
         if cell is not None:
@@ -165,7 +181,7 @@ class PoolMagics(Magics):
                 raise UsageError(f"-f {func_expr} is not callable (it is a {type(func).__name__})")
         else:
             func = self.shell.user_ns.get(fname)
-        iterable = self._eval(expr, "ITERABLE") if expr else None
+        iterable = self._eval(expr, "ITERABLE", iter_code) if expr else None
         kwargs = {k: self._eval(v, f"--kw {k}") for k, v in (o.get("kw") or {}).items()}
         options = dict(
             star=o.get("star", False),

@@ -102,8 +102,12 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
 def global_names(func: Callable) -> list[str]:
     """Global names the function's code loads, in order of first use."""
     code = getattr(func, "__code__", None)
-    if code is None:
-        return []
+    return [] if code is None else list(_code_global_names(code))
+
+
+@functools.lru_cache(maxsize=512)
+def _code_global_names(code: types.CodeType) -> tuple[str, ...]:
+    # A pure function of the code object: cached, since a cell re-run maps the same code.
     seen: dict[str, None] = {}
     stored: set[str] = set()
     for co in _code_objects(code):
@@ -114,7 +118,7 @@ def global_names(func: Callable) -> list[str]:
                 seen.setdefault(ins.argval, None)
             elif ins.opname in ("STORE_GLOBAL", "STORE_NAME"):
                 stored.add(ins.argval)
-    return [n for n in seen if n not in stored]
+    return tuple(n for n in seen if n not in stored)
 
 
 def _captured(func: Any) -> Iterator[tuple[str, Any]]:
