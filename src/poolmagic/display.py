@@ -103,22 +103,28 @@ def _streams_idle() -> bool:
 
 
 def show(obj: Any, shell: Any) -> None:
-    """``display(obj)``, without ipykernel's stream flushes when nothing is pending.
+    """Display a report: straight to the display publisher, flushing streams only if needed.
 
-    ipykernel flushes stdout and stderr before every display, each flush a
-    synchronous round trip to its I/O thread: 0.95 ms of a 1.6 ms cell for
-    four items. The flushes only keep printed text ahead of the display, so
-    they are skipped when no text is waiting.
+    ``display()`` runs every formatter and ipykernel flushes stdout and stderr
+    before publishing, each flush a synchronous round trip to its I/O thread:
+    together ~0.8 ms of a 4-item cell. The report's bundle is known, and the
+    flushes only keep printed text ahead of the display, so they are skipped
+    when no text is waiting.
     """
-    from IPython.display import display
-
     pub = getattr(shell, "display_pub", None)
-    if pub is None or not hasattr(pub, "_flush_streams") or not _streams_idle():
+    bundle = getattr(obj, "_repr_mimebundle_", None)
+    if pub is None or bundle is None:
+        from IPython.display import display
+
         display(obj)
+        return
+    data = bundle()
+    if not hasattr(pub, "_flush_streams") or not _streams_idle():
+        pub.publish(data=data, metadata={})
         return
     pub._flush_streams = _no_flush
     try:
-        display(obj)
+        pub.publish(data=data, metadata={})
     finally:
         del pub._flush_streams
 

@@ -115,3 +115,6 @@ class RunReport:
         from .display import summary_html
 
         return summary_html(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return {"text/plain": self.summary(), "text/html": self._repr_html_()}
