@@ -373,7 +373,7 @@ def wl_tiny(peer: Peer, cfg, fresh) -> dict:
 
 
 def wl_cpu(peer: Peer, cfg, fresh) -> dict:
-    """16 pure-Python items of ~25 ms: serial time / parallel wall (best of n), both in this kernel."""
+    """16 pure-Python items of ~25 ms: serial time / parallel wall, median of alternating pairs, in this kernel."""
     src = "def work(n):\n    s = 0\n    for i in range(n):\n        s += i\n    return s\n"
     with fresh() as k:
         setup(k, peer, src)
