@@ -32,7 +32,7 @@ from IPython.core.error import UsageError
 import poolmagic
 from poolmagic import NOT_DONE, Pool
 
-from conftest import alive, descendants, wait_dead
+from conftest import descendants, wait_dead
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

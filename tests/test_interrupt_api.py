@@ -22,10 +22,8 @@ import time
 from pathlib import Path
 
 import cloudpickle
-import psutil
 import pytest
 
-import poolmagic
 from conftest import alive, wait_dead
 from poolmagic import NOT_DONE, Pool
 

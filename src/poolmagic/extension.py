@@ -15,7 +15,7 @@ import atexit
 from typing import Any
 
 from .api import shutdown_pool, get_pool
-from .engine.local import stop_helper_processes
+from .engine.processes import stop_helper_processes
 
 
 class _Extension:

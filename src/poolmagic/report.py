@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from .sentinel import NOT_DONE  # noqa: E402  (re-exported: results hold it)
+from .sentinel import NOT_DONE  # noqa: F401  (re-exported: results hold it)
 
 
 @dataclass

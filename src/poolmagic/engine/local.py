@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import mmap
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import sys
 import threading
 import time
@@ -68,6 +66,14 @@ from ..report import ChunkRecord
 from ..serialize import Payload, describe
 from . import worker as _worker
 from .base import Backend, Job
+from .processes import (
+    WORKER_NAME,
+    block_sigint,
+    default_start_method,
+    install_main_guard,
+    shared_buffers,
+    start_resource_tracker,
+)
 
 START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
@@ -75,49 +81,11 @@ TARGET_CHUNK_S = 0.025  # a chunk should take about this long...
 MIN_CHUNK_S = 0.002  # ...and never so little that IPC dominates
 MAX_CHUNK = 1_000_000
 STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead stays small
-TIMED_ABOVE_S = 10e-6
-SHARED_MIN_BYTES = 1 << 20
+TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
+SHARED_MIN_BYTES = 1 << 20  # out-of-band buffers above this go through shared memory
 # Heavy modules a worker imports while idle at start when the kernel uses them,
 # so the first map over a numpy array does not wait ~0.1 s per worker.
-WARM_MODULES = ("numpy", "pandas")  # out-of-band buffers above this go through shared memory  # per-item timing costs ~0.1 µs: only for items longer than this
-
-
-def default_start_method() -> str:
-    """forkserver where it exists (never fork a threaded kernel), else spawn."""
-    env = os.environ.get("POOLMAGIC_START_METHOD")
-    if env:
-        return env
-    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-
-
-WORKER_NAME = "poolmagic-worker"
-
-
-def _install_main_guard() -> None:
-    """Keep workers from re-running the parent's ``__main__``.
-
-    multiprocessing makes every spawn/forkserver child import the parent's main
-    script (``ipython demo.ipynb`` would be executed as Python, a script without
-    an ``if __name__ == "__main__"`` guard would run again). poolmagic ships
-    functions by value, so its workers never need ``__main__``: for processes
-    named ``poolmagic-worker-*`` only, the main-module entries are dropped from
-    the preparation data. Other processes are untouched.
-    """
-    from multiprocessing import spawn
-
-    original = spawn.get_preparation_data
-    if getattr(original, "_poolmagic", False):
-        return
-
-    def get_preparation_data(name: str) -> dict:
-        data = original(name)
-        if name.startswith(WORKER_NAME):
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-        return data
-
-    get_preparation_data._poolmagic = True  # type: ignore[attr-defined]
-    spawn.get_preparation_data = get_preparation_data
+WARM_MODULES = ("numpy", "pandas")
 
 
 class _Chunk:
@@ -157,7 +125,7 @@ class LocalBackend(Backend):
         if self.start_method == "forkserver":
             self.ctx.set_forkserver_preload(["poolmagic.engine.worker"])
         self.description = f"local processes ({self.start_method})"
-        _install_main_guard()
+        install_main_guard()
         self._size = max(1, int(size))
         self._procs: dict[int, _Proc] = {}
         self._jobs: list[Job] = []
@@ -248,7 +216,7 @@ class LocalBackend(Backend):
             pass
 
     def _main(self) -> None:
-        _start_resource_tracker()
+        start_resource_tracker()
         try:
             while not self._closed:
                 try:
@@ -470,7 +438,7 @@ class LocalBackend(Backend):
                     return
 
     def _spawn(self, slot: int) -> None:
-        _block_sigint()
+        block_sigint()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         warm = [m for m in WARM_MODULES if m in sys.modules]
         proc = self.ctx.Process(
@@ -614,7 +582,7 @@ class LocalBackend(Backend):
 
     def _send_fn(self, p: _Proc, payload: Payload) -> None:
         sizes = [b.nbytes for b in payload.buffers]
-        fd = _shared_buffers(payload) if sum(sizes) >= SHARED_MIN_BYTES else None
+        fd = shared_buffers(payload) if sum(sizes) >= SHARED_MIN_BYTES else None
         header = (_worker.FN, payload.key, payload.data, sizes, payload.cwd, payload.sys_path, fd is not None)
         p.conn.send_bytes(pickle.dumps(header, protocol=5))
         if fd is not None:  # one shared copy for all workers: pass the descriptor
@@ -641,85 +609,3 @@ class LocalBackend(Backend):
         job.split_failed(start, items, bad)
         if not job.active:
             self._abandon(job)
-
-
-def _block_sigint() -> None:
-    """Block SIGINT in this (manager) thread: processes started from it inherit it.
-
-    An interrupt then cannot kill a worker (or the forkserver's children)
-    before it has set SIGINT to ignored; the worker unblocks it after that.
-    """
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-
-def _start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker first, if this platform has one.
-
-    Starting it *unblocks* SIGINT in the calling thread when done; started
-    later (inside the first Process.start) it would undo _block_sigint before
-    the forkserver is spawned.
-    """
-    try:
-        from multiprocessing import resource_tracker
-
-        resource_tracker.ensure_running()
-    except Exception:  # Windows, or no tracker
-        pass
-
-
-def _shared_buffers(payload: Payload) -> int | None:
-    """A memfd holding the payload's buffers, made once per payload (Linux).
-
-    Workers map it copy-on-write: N workers share one copy of a 50 MB array
-    instead of receiving N copies through pipes. Anonymous, so nothing can be
-    left behind in /dev/shm; it is closed when the job ends.
-    """
-    if payload.shared_fd is not None:
-        return payload.shared_fd
-    if not hasattr(os, "memfd_create"):
-        return None
-    total = sum(b.nbytes for b in payload.buffers)
-    fd = os.memfd_create("poolmagic-payload", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, total)
-        with mmap.mmap(fd, total) as m:
-            offset = 0
-            for b in payload.buffers:
-                m[offset : offset + b.nbytes] = b
-                offset += b.nbytes
-    except OSError:
-        os.close(fd)
-        return None
-    payload.shared_fd = fd
-    return fd
-
-
-def stop_helper_processes(tracker: bool = False) -> None:
-    """Stop multiprocessing's forkserver, and with ``tracker`` its resource tracker.
-
-    The forkserver ignores SIGINT and the tracker ignores SIGTERM too, so
-    ipykernel's shutdown would wait seconds for them. The tracker is only
-    stopped when the kernel exits: other code in the kernel may rely on it.
-    """
-    fs = sys.modules.get("multiprocessing.forkserver")
-    if fs is not None:
-        try:
-            fs._forkserver._stop()  # closes its socket; it exits at once
-        except Exception:  # not running, or a Python without _stop
-            pass
-    rt = sys.modules.get("multiprocessing.resource_tracker")
-    if tracker and rt is not None:
-        t = rt._resource_tracker
-        pid, fd = getattr(t, "_pid", None), getattr(t, "_fd", None)
-        if pid is not None:  # killed, not asked: asking waits for every fd holder
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
-            try:
-                os.close(fd)
-            except (OSError, TypeError):
-                pass
-            t._pid = t._fd = None
