@@ -189,7 +189,7 @@ class Pool:
         report = RunReport(
             func_name=name,
             cores=self.cores,
-            pool_size=max(self.size, workers or 0) if workers is None else workers,
+            pool_size=workers or self.size,
             backend=self.backend.description,
         )
         return Job(
