@@ -265,19 +265,23 @@ class LocalBackend(Backend):
 
     def _drain(self, p: _Proc) -> None:
         try:
-            while p.conn.poll():
-                data = p.conn.recv_bytes()
-                try:
-                    msg = pickle.loads(data)
-                except Exception as exc:
-                    self._unloadable_results(p, exc)
-                    continue
-                if msg[0] == _worker.BEGIN:
-                    self._on_begin(p, msg[1])
-                else:
-                    self._on_done(p, msg)
+            self._read_messages(p)
         except (EOFError, OSError):
             self._on_death(p)
+
+    def _read_messages(self, p: _Proc) -> None:
+        """Handle every message the worker has sent so far (BEGIN or DONE)."""
+        while p.conn.poll():
+            data = p.conn.recv_bytes()
+            try:
+                msg = pickle.loads(data)
+            except Exception as exc:
+                self._unloadable_results(p, exc)
+                continue
+            if msg[0] == _worker.BEGIN:
+                self._on_begin(p, msg[1])
+            else:
+                self._on_done(p, msg)
 
     def _on_begin(self, p: _Proc, seq: int) -> None:
         """A timed chunk really started: its timeout counts from now."""
@@ -323,9 +327,8 @@ class LocalBackend(Backend):
         if self._procs.get(p.slot) is not p:
             return
         try:  # results it sent before dying are still valid
-            while p.conn.poll():
-                self._on_done(p, pickle.loads(p.conn.recv_bytes()))
-        except Exception:
+            self._read_messages(p)
+        except (EOFError, OSError):
             pass
         p.proc.join(1)
         code = p.proc.exitcode
