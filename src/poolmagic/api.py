@@ -232,9 +232,7 @@ class Pool:
         error is raised with ``.poolmap_report`` (results that finished stay).
         """
         __tracebackhide__ = True
-        job = self.prepare(func, iterable, **options)
-        self.last_report, self.last_job = job.report, job
-        self.backend.submit(job)
+        job = self._submit(func, iterable, options)
         try:
             job.wait(on_output=write_outputs)
         except BaseException as exc:  # KeyboardInterrupt while waiting
@@ -266,10 +264,14 @@ class Pool:
 
     def map_async(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> MapHandle:
         """Start a map and return a MapHandle at once."""
+        return MapHandle(self, self._submit(func, iterable, options))
+
+    def _submit(self, func: Callable, iterable: Iterable | None, options: dict) -> Job:
+        """Check, remember as the last map (``_poolmap``, ``--tune``) and start."""
         job = self.prepare(func, iterable, **options)
         self.last_report, self.last_job = job.report, job
         self.backend.submit(job)
-        return MapHandle(self, job)
+        return job
 
 
 _default: Pool | None = None
