@@ -748,13 +748,15 @@ def main() -> int:
     meta["total_s"] = round(time.monotonic() - t_start, 1)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    # Only a full run replaces the table the README quotes; a partial one is kept beside it.
+    stem = "partial" if (args.only or args.peers or args.quick) else "latest"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md = render(results, meta)
-    (RESULTS / "latest.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
     print("\n" + console_table(results, meta) + "\n")
     print(md)
     print(f"total {meta['total_s']} s; kernels: {len(kernels)}; leftover processes killed: "
-          f"{meta['leaked_processes_killed']}; wrote {RESULTS / 'latest.json'} and latest.md")
+          f"{meta['leaked_processes_killed']}; wrote {RESULTS / stem}.json and .md")
     return 0
 
 
