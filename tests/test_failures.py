@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -778,3 +780,33 @@ def test_changed_user_module_is_reimported(pool, tmp_path, monkeypatch):
     assert pool.map(import_helper, range(6)) == [2] * 6
     assert set(pool.backend.worker_pids()) == second, "workers recycled with nothing changed"
     assert "helper_mod" not in sys.modules  # the parent never imported it
+
+
+def test_exit_with_a_users_fork_pool_still_open_does_not_hang(tmp_path):
+    """A user's fork Pool, forked after the forkserver, holds its "alive" pipe.
+
+    Stopping the forkserver at exit used to wait for that pipe to close, which
+    only happens after multiprocessing's own exit handler ends the Pool: the
+    interpreter hung at exit for ever.
+    """
+    script = tmp_path / "fork_pool_at_exit.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing as mp
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "poolmagic")
+        ip.run_cell("def noop(x):\\n    return x\\n")
+        assert ip.run_cell("%%poolmap -q -o r range(4)\\ndef noop(x):\\n    return x\\n").success
+        P = mp.get_context("fork").Pool(2)   # forked after the forkserver started
+        assert P.map(abs, [-1, -2]) == [1, 2]
+        print("done", flush=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the interpreter hung at exit\nstdout: {out}\nstderr: {err[-2000:]}")
+    assert "done" in out and proc.returncode == 0, err[-2000:]

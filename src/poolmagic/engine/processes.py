@@ -10,6 +10,9 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
+from multiprocessing import util
+from typing import Any
 
 from ..serialize import Payload
 
@@ -112,10 +115,7 @@ def stop_helper_processes(tracker: bool = False) -> None:
     """
     fs = sys.modules.get("multiprocessing.forkserver")
     if fs is not None:
-        try:
-            fs._forkserver._stop()  # closes its socket; it exits at once
-        except Exception:  # not running, or a Python without _stop
-            pass
+        _stop_forkserver(fs._forkserver)
     rt = sys.modules.get("multiprocessing.resource_tracker")
     if tracker and rt is not None:
         t = rt._resource_tracker
@@ -131,3 +131,45 @@ def stop_helper_processes(tracker: bool = False) -> None:
             except (OSError, TypeError):
                 pass
             t._pid = t._fd = None
+
+
+def _stop_forkserver(server: Any) -> None:
+    """Stop the forkserver without waiting on anyone else.
+
+    The stdlib's ``_stop`` closes the "alive" pipe and waits for the server to
+    see EOF, but every process *forked* from the kernel since (a user's
+    ``Pool`` on fork) holds that pipe too, so the wait could last until they
+    exit: a hang at interpreter exit. The server keeps no state worth saving,
+    so after a short grace it is killed.
+    """
+    lock = getattr(server, "_lock", None)
+    if lock is None or not lock.acquire(timeout=1.0):
+        return
+    try:
+        pid, alive = getattr(server, "_forkserver_pid", None), getattr(server, "_forkserver_alive_fd", None)
+        if pid is None:
+            return
+        if alive is not None:
+            try:
+                os.close(alive)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 0.1
+        try:
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.002)
+        except OSError:  # already reaped
+            pass
+        address = getattr(server, "_forkserver_address", None)
+        if address and not util.is_abstract_socket_namespace(address):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    finally:
+        lock.release()
