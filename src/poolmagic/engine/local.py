@@ -5,8 +5,9 @@ How data flows::
     caller thread (kernel)        manager thread (one per pool)            worker process (N)
     ──────────────────────        ─────────────────────────────            ──────────────────
     Pool.run(f, items)
-      submit(Job) ──► commands ──► wait([wake pipe, every worker's
-                                         pipe and process sentinel])
+      submit(Job) ──► commands ──► wait(wake pipe, every worker's
+                                        pipe and process sentinel)
+                                   (one epoll set, kept up to date)
                                    schedule: job.next_items(size)
                                    FN payload (once per worker and     ──► reader thread ──► inbox
                                      function version, out-of-band            │
@@ -47,7 +48,6 @@ import threading
 import time
 from collections import OrderedDict, deque
 from multiprocessing import reduction
-from multiprocessing.connection import wait
 from typing import Any, Callable
 
 import cloudpickle
@@ -68,6 +68,7 @@ from . import worker as _worker
 from .base import Backend, Job
 from .processes import (
     WORKER_NAME,
+    Waiter,
     block_sigint,
     default_start_method,
     install_main_guard,
@@ -86,6 +87,9 @@ SHARED_MIN_BYTES = 1 << 20  # out-of-band buffers above this go through shared m
 # Heavy modules a worker imports while idle at start when the kernel uses them,
 # so the first map over a numpy array does not wait ~0.1 s per worker.
 WARM_MODULES = ("numpy", "pandas")
+
+
+_PIPE, _DEATH = "pipe", "death"  # what the waiter reports about a worker
 
 
 class _Chunk:
@@ -108,6 +112,7 @@ class _Proc:
     def __init__(self, slot: int, proc: Any, conn: Any):
         self.slot, self.proc, self.conn = slot, proc, conn
         self.pid: int = proc.pid
+        self.sentinel: int = proc.sentinel
         self.inflight: deque[_Chunk] = deque()
         self.fns: OrderedDict[str, None] = OrderedDict()
         self.head_started = time.perf_counter()
@@ -132,7 +137,7 @@ class LocalBackend(Backend):
         self._rr = 0
         self._seq = itertools.count()
         self._cmds: deque[Callable[[], None]] = deque()
-        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
+        self._waiter = Waiter()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -204,20 +209,17 @@ class LocalBackend(Backend):
         for job in list(self._jobs):
             job.fail(PoolmapError("the pool was shut down while this map was running"))
         self._jobs.clear()
-        for c in (self._wake_r, self._wake_w):
-            c.close()
+        self._waiter.close()
 
     # ------------------------------------------------------------ manager thread
     def _command(self, fn: Callable[[], None]) -> None:
         self._cmds.append(fn)
-        try:
-            self._wake_w.send_bytes(b"!")
-        except OSError:
-            pass
+        self._waiter.wake()
 
     def _main(self) -> None:
         start_resource_tracker()
         try:
+            self._ensure_workers()
             while not self._closed:
                 try:
                     self._step()
@@ -227,26 +229,29 @@ class LocalBackend(Backend):
             self._kill_all()
 
     def _step(self) -> None:
-        """One turn: wait for anything, then handle commands, results, deaths, deadlines."""
-        self._ensure_workers()
-        objs: list = [self._wake_r]
-        for p in self._procs.values():
-            objs += (p.conn, p.proc.sentinel)
-        ready = set(wait(objs, self._next_deadline()))
-        if self._wake_r in ready:
-            while self._wake_r.poll():
-                self._wake_r.recv_bytes()
+        """One turn: wait for anything, then handle commands, results, deaths, deadlines.
+
+        A ready pipe gives one message per turn: the wait is level-triggered, so
+        a second message makes the next wait return at once. That costs less
+        than asking the pipe whether more is waiting.
+        """
+        ready = self._waiter.wait(self._next_deadline())
         while self._cmds:
             self._cmds.popleft()()
         if self._closed:
             return
-        for p in list(self._procs.values()):
-            if p.conn in ready:
-                self._drain(p)
-        for p in list(self._procs.values()):
-            if p.proc.sentinel in ready:
-                self._on_death(p)
-        self._check_timeouts()
+        deaths = []
+        for what, p in ready:
+            if self._procs.get(p.slot) is not p:
+                continue  # killed by a command this turn
+            if what is _PIPE:
+                self._read_one(p)
+            else:
+                deaths.append(p)
+        for p in deaths:
+            self._on_death(p)
+        if any(j.timeout is not None for j in self._jobs):
+            self._check_timeouts()
         self._ensure_workers()
         self._schedule()
 
@@ -263,25 +268,29 @@ class LocalBackend(Backend):
         self._jobs.clear()
         self._kill_all()
 
-    def _drain(self, p: _Proc) -> None:
+    def _read_one(self, p: _Proc) -> None:
         try:
-            self._read_messages(p)
+            data = p.conn.recv_bytes()
         except (EOFError, OSError):
             self._on_death(p)
+            return
+        self._handle(p, data)
 
     def _read_messages(self, p: _Proc) -> None:
-        """Handle every message the worker has sent so far (BEGIN or DONE)."""
+        """Handle every message the worker has sent so far (when it died)."""
         while p.conn.poll():
-            data = p.conn.recv_bytes()
-            try:
-                msg = pickle.loads(data)
-            except Exception as exc:
-                self._unloadable_results(p, exc)
-                continue
-            if msg[0] == _worker.BEGIN:
-                self._on_begin(p, msg[1])
-            else:
-                self._on_done(p, msg)
+            self._handle(p, p.conn.recv_bytes())
+
+    def _handle(self, p: _Proc, data: bytes) -> None:
+        try:
+            msg = pickle.loads(data)
+        except Exception as exc:
+            self._unloadable_results(p, exc)
+            return
+        if msg[0] == _worker.BEGIN:
+            self._on_begin(p, msg[1])
+        else:
+            self._on_done(p, msg)
 
     def _on_begin(self, p: _Proc, seq: int) -> None:
         """A timed chunk really started: its timeout counts from now."""
@@ -449,7 +458,10 @@ class LocalBackend(Backend):
         )
         proc.start()
         child_conn.close()
-        self._procs[slot] = _Proc(slot, proc, parent_conn)
+        p = _Proc(slot, proc, parent_conn)
+        self._procs[slot] = p
+        self._waiter.add(parent_conn, (_PIPE, p))
+        self._waiter.add(p.sentinel, (_DEATH, p))
 
     def _kill(self, p: _Proc) -> None:
         try:
@@ -462,6 +474,8 @@ class LocalBackend(Backend):
     def _forget(self, p: _Proc) -> None:
         if self._procs.get(p.slot) is p:
             del self._procs[p.slot]
+        self._waiter.remove(p.conn)
+        self._waiter.remove(p.sentinel)
         try:
             p.conn.close()
         except OSError:
