@@ -810,3 +810,33 @@ def test_exit_with_a_users_fork_pool_still_open_does_not_hang(tmp_path):
         out, err = proc.communicate()
         pytest.fail(f"the interpreter hung at exit\nstdout: {out}\nstderr: {err[-2000:]}")
     assert "done" in out and proc.returncode == 0, err[-2000:]
+
+
+def test_script_that_never_shuts_its_pool_down_exits_cleanly(tmp_path):
+    """A script maps on a Pool(8) and simply ends.
+
+    The map can finish before the manager thread has started all eight
+    workers. multiprocessing's exit handler terminated the children it saw,
+    then joined every child, including one started in between that nobody
+    had terminated: the interpreter hung at exit (or raised "process object
+    is closed" when the manager reaped a worker first).
+    """
+    script = tmp_path / "no_shutdown.py"
+    script.write_text(textwrap.dedent("""
+        import poolmagic
+        def double(x):
+            return 2 * x
+        pool = poolmagic.Pool(8)
+        print(sum(pool.map(double, range(16))), flush=True)
+    """))
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"the interpreter hung at exit\nstdout: {out}\nstderr: {err[-2000:]}")
+        assert out.strip() == "240" and proc.returncode == 0, err[-2000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]

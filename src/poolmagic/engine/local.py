@@ -38,6 +38,7 @@ per worker. Processes, pipes and start methods still come from the stdlib
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import multiprocessing as mp
@@ -46,6 +47,7 @@ import pickle
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from multiprocessing import reduction
 from typing import Any, Callable
@@ -90,6 +92,25 @@ WARM_MODULES = ("numpy", "pandas")
 
 
 _PIPE, _DEATH = "pipe", "death"  # what the waiter reports about a worker
+
+_LIVE: "weakref.WeakSet[LocalBackend]" = weakref.WeakSet()
+
+
+def _shutdown_all_at_exit() -> None:
+    """Stop every started backend before multiprocessing's own exit handler runs.
+
+    That handler terminates the daemon children it sees, then joins every
+    child. A worker the manager thread starts in between is never terminated
+    and never exits (its parent is alive), so the join hung for ever; and a
+    worker the manager reaps first made the join raise. atexit runs handlers
+    in reverse order, and multiprocessing registered its handler when
+    ``processes`` imported ``multiprocessing.util``, before this line.
+    """
+    for backend in list(_LIVE):
+        backend.shutdown()
+
+
+atexit.register(_shutdown_all_at_exit)
 
 
 class _Chunk:
@@ -155,6 +176,7 @@ class LocalBackend(Backend):
             if self._closed:
                 raise PoolmapError("this pool has been shut down")
             if self._thread is None:
+                _LIVE.add(self)
                 self._thread = threading.Thread(target=self._main, name="poolmagic-manager", daemon=True)
                 self._thread.start()
 
