@@ -262,3 +262,27 @@ def test_generator_that_raises_midway_keeps_what_finished():
             pool.map(lambda x: x, items(), chunksize=1)
         assert "raised by the ITERABLE" in " ".join(getattr(e.value, "__notes__", []))
         assert pool.map(abs, [-1]) == [1]
+
+
+def test_workers_have_numpy_before_the_first_item_when_the_parent_uses_it(start_method):
+    """Under forkserver the server preloads numpy, so every worker (replacements
+    too) is a fork that already has it; under spawn each worker imports it at start."""
+    pytest.importorskip("numpy")
+    from multiprocessing import forkserver
+
+    from poolmagic.engine.processes import stop_helper_processes
+
+    poolmagic.shutdown_pool()
+    stop_helper_processes()  # a fresh forkserver preloads what this process uses now
+
+    def numpy_loaded(_):
+        import sys
+
+        return "numpy" in sys.modules
+
+    with Pool(2, start_method=start_method) as pool:
+        assert pool.map(numpy_loaded, range(4)) == [True] * 4
+        if start_method == "forkserver":
+            server = forkserver._forkserver._forkserver_pid
+            with open(f"/proc/{server}/maps") as maps:
+                assert "_multiarray_umath" in maps.read(), "numpy not preloaded in the forkserver"

@@ -14,8 +14,7 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
-from .api import shutdown_pool, get_pool
-from .engine.processes import stop_helper_processes
+from .engine.processes import prestart, stop_helper_processes
 
 
 class _Extension:
@@ -41,6 +40,8 @@ class _Extension:
 
             self.kernel.do_shutdown = do_shutdown
         atexit.register(stop_everything)
+        from .api import get_pool
+
         get_pool().start()
 
     def unload(self) -> None:
@@ -55,6 +56,8 @@ class _Extension:
             except AttributeError:
                 pass
         atexit.unregister(stop_everything)
+        from .api import shutdown_pool
+
         shutdown_pool()
         stop_helper_processes()
 
@@ -64,6 +67,8 @@ _loaded: _Extension | None = None
 
 def stop_everything() -> None:
     """Stop the shared pool and multiprocessing's helper processes now."""
+    from .api import shutdown_pool
+
     shutdown_pool()
     stop_helper_processes(tracker=True)
 
@@ -72,6 +77,7 @@ def load_ipython_extension(ip: Any) -> None:
     global _loaded
     if _loaded is not None:
         return
+    prestart()  # first: the forkserver boots while the rest of poolmagic is imported
     _loaded = _Extension(ip)
     _loaded.load()
 

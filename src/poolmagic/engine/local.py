@@ -69,10 +69,12 @@ from ..serialize import Payload, describe
 from . import worker as _worker
 from .base import Backend, Job
 from .processes import (
+    WARM_MODULES,
     WORKER_NAME,
     Waiter,
     block_sigint,
     default_start_method,
+    forkserver_preload,
     install_main_guard,
     shared_buffers,
     start_resource_tracker,
@@ -86,9 +88,6 @@ MAX_CHUNK = 1_000_000
 STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead stays small
 TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
 SHARED_MIN_BYTES = 1 << 20  # out-of-band buffers above this go through shared memory
-# Heavy modules a worker imports while idle at start when the kernel uses them,
-# so the first map over a numpy array does not wait ~0.1 s per worker.
-WARM_MODULES = ("numpy", "pandas")
 
 
 _PIPE, _DEATH = "pipe", "death"  # what the waiter reports about a worker
@@ -149,7 +148,7 @@ class LocalBackend(Backend):
         self.start_method = start_method or default_start_method()
         self.ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
-            self.ctx.set_forkserver_preload(["poolmagic.engine.worker"])
+            self.ctx.set_forkserver_preload(forkserver_preload())
         self.description = f"local processes ({self.start_method})"
         install_main_guard()
         self._size = max(1, int(size))
@@ -474,7 +473,8 @@ class LocalBackend(Backend):
     def _spawn(self, slot: int) -> None:
         block_sigint()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        warm = [m for m in WARM_MODULES if m in sys.modules]
+        # under forkserver a worker inherits what the server preloaded
+        warm = [] if self.start_method == "forkserver" else [m for m in WARM_MODULES if m in sys.modules]
         proc = self.ctx.Process(
             target=_worker.main, args=(child_conn, slot, warm), name=f"{WORKER_NAME}-{slot}", daemon=True
         )
