@@ -16,6 +16,7 @@ Writes benchmarks/results/latest.json and latest.md.
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import importlib.util
 import json
@@ -674,6 +675,19 @@ class Config:
     hang_gen: float = 120.0
 
 
+def compile_poolmagic() -> bool:
+    """Write poolmagic's bytecode, as pip does when it installs a package.
+
+    The peers come from site-packages with their .pyc files; an editable
+    checkout under PYTHONDONTWRITEBYTECODE=1 would compile poolmagic from
+    source in every kernel and every worker, which no installed copy does.
+    """
+    spec = importlib.util.find_spec("poolmagic")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return all(compileall.compile_dir(d, quiet=1) for d in spec.submodule_search_locations)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
@@ -696,6 +710,7 @@ def main() -> int:
         "peers": peers,
         "loadavg_before": list(os.getloadavg()),
         "poolmagic_commit": git_commit(),
+        "poolmagic_bytecode": compile_poolmagic(),
     }
 
     kernels: list[Kernel] = []
