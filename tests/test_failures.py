@@ -840,3 +840,35 @@ def test_script_that_never_shuts_its_pool_down_exits_cleanly(tmp_path):
             pytest.fail(f"the interpreter hung at exit\nstdout: {out}\nstderr: {err[-2000:]}")
         assert out.strip() == "240" and proc.returncode == 0, err[-2000:]
         assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+
+def test_a_forked_child_exiting_normally_leaves_the_parents_pool_alone(tmp_path):
+    """A notebook may os.fork() a child that ends with sys.exit(): the child runs
+    the atexit handlers it inherited, which must not kill the parent's workers
+    or its forkserver."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from multiprocessing import forkserver
+        import poolmagic
+        from poolmagic.extension import stop_everything
+        import atexit
+        atexit.register(stop_everything)  # as %load_ext does
+        def double(x):
+            return 2 * x
+        pool = poolmagic.get_pool()
+        assert pool.map(double, range(8)) == [2 * x for x in range(8)]
+        before = sorted(pool.backend.worker_pids())
+        server = forkserver._forkserver._forkserver_pid
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # runs the inherited atexit handlers in the child
+        os.waitpid(pid, 0)
+        assert pool.map(double, range(8)) == [2 * x for x in range(8)]
+        after = sorted(pool.backend.worker_pids())
+        os.kill(server, 0)  # the forkserver is still there
+        print("same workers" if before == after else f"workers changed {before} -> {after}", flush=True)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "same workers", proc.stdout + proc.stderr[-2000:]

@@ -112,6 +112,25 @@ def _shutdown_all_at_exit() -> None:
 atexit.register(_shutdown_all_at_exit)
 
 
+def _disown_in_forked_child() -> None:
+    """In a child made by a bare ``os.fork()``: the workers are the parent's.
+
+    Such a child inherits multiprocessing's list of children, and its exit
+    handler would terminate every daemon on it, our workers included. (A
+    ``multiprocessing`` child resets that list itself.)
+    """
+    from multiprocessing import process
+
+    for backend in list(_LIVE):
+        backend._closed = True
+        for p in backend._procs.values():
+            process._children.discard(p.proc)  # type: ignore[attr-defined]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_in_forked_child)
+
+
 class _Chunk:
     __slots__ = ("seq", "job", "start", "items", "cancelled")
 
@@ -161,6 +180,7 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._owner = os.getpid()
         self._spawn_error: BaseException | None = None
         # per function version: (busy seconds, items) of its last map, for chunk sizing
         self._item_time: OrderedDict[str, tuple[float, int]] = OrderedDict()
@@ -223,6 +243,8 @@ class LocalBackend(Backend):
                 return
             self._closed = True
             thread = self._thread
+        if os.getpid() != self._owner:
+            return  # a forked child (its atexit): the workers are its parent's
         if thread is not None and thread.is_alive():
             self._command(lambda: None)
             thread.join(5)

@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # this module stays light: prestart() runs before the heavy i
     from ..serialize import Payload
 
 WORKER_NAME = "poolmagic-worker"
+# The process that imported this module. A child the user os.fork()s inherits
+# multiprocessing's helper pids and the atexit handlers: it must not stop them.
+OWNER_PID = os.getpid()
 WORKER_MODULE = "poolmagic.engine.worker"  # preloaded by the forkserver
 # Heavy modules workers get up front when the kernel uses them: preloaded by the
 # forkserver (every worker, replacements too, is a fork that already has them),
@@ -244,6 +247,8 @@ def stop_helper_processes(tracker: bool = False) -> None:
     ipykernel's shutdown would wait seconds for them. The tracker is only
     stopped when the kernel exits: other code in the kernel may rely on it.
     """
+    if os.getpid() != OWNER_PID:  # a forked child: these belong to its parent
+        return
     fs = sys.modules.get("multiprocessing.forkserver")
     if fs is not None:
         _stop_forkserver(fs._forkserver)
