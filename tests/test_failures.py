@@ -782,6 +782,19 @@ def test_changed_user_module_is_reimported(pool, tmp_path, monkeypatch):
     assert "helper_mod" not in sys.modules  # the parent never imported it
 
 
+def run_script(script: Path, timeout: float) -> tuple[str, str, int]:
+    """Run a Python script in its own session; a hang fails the test (and is killed)."""
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the script hung (at exit?)\nstdout: {out}\nstderr: {err[-2000:]}")
+    return out, err, proc.returncode
+
+
 def test_exit_with_a_users_fork_pool_still_open_does_not_hang(tmp_path):
     """A user's fork Pool, forked after the forkserver, holds its "alive" pipe.
 
@@ -801,15 +814,8 @@ def test_exit_with_a_users_fork_pool_still_open_does_not_hang(tmp_path):
         assert P.map(abs, [-1, -2]) == [1, 2]
         print("done", flush=True)
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the interpreter hung at exit\nstdout: {out}\nstderr: {err[-2000:]}")
-    assert "done" in out and proc.returncode == 0, err[-2000:]
+    out, err, code = run_script(script, timeout=30)
+    assert "done" in out and code == 0, err[-2000:]
 
 
 def test_script_that_never_shuts_its_pool_down_exits_cleanly(tmp_path):
@@ -830,15 +836,8 @@ def test_script_that_never_shuts_its_pool_down_exits_cleanly(tmp_path):
         print(sum(pool.map(double, range(16))), flush=True)
     """))
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"the interpreter hung at exit\nstdout: {out}\nstderr: {err[-2000:]}")
-        assert out.strip() == "240" and proc.returncode == 0, err[-2000:]
+        out, err, code = run_script(script, timeout=20)
+        assert out.strip() == "240" and code == 0, err[-2000:]
         assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
 
 
@@ -869,6 +868,6 @@ def test_a_forked_child_exiting_normally_leaves_the_parents_pool_alone(tmp_path)
         os.kill(server, 0)  # the forkserver is still there
         print("same workers" if before == after else f"workers changed {before} -> {after}", flush=True)
     """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "same workers", proc.stdout + proc.stderr[-2000:]
+    out, err, code = run_script(script, timeout=30)
+    assert code == 0, err[-2000:]
+    assert out.strip() == "same workers", out + err[-2000:]
