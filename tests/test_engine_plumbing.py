@@ -1,0 +1,428 @@
+"""The engine's plumbing added for speed and clean exits: the Waiter, prestart,
+stopping the forkserver, forked children and death detection.
+
+Each test here pins down one property that no end-to-end test sees, because
+breaking it leaves every map's results right: a manager thread that spins, a
+wake-up written into someone else's file, a leaked descriptor, a forkserver
+that boots without the worker module, a dead worker noticed only when a
+grandchild lets go of its pipe, results a dying worker had already sent.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+
+import poolmagic
+from poolmagic import Pool
+from poolmagic.engine.processes import Waiter
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = 10.0
+linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+
+
+def run_script(source: str, timeout: float = 30) -> tuple[str, str, int]:
+    """Run ``source`` in a fresh interpreter, in its own session; a hang fails the test."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the script hung\nstdout: {out}\nstderr: {err[-2000:]}")
+    return out, err, proc.returncode
+
+
+def wait_for(pred, timeout: float = FAST, every: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return bool(pred())
+
+
+# ================================================================ Waiter
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the epoll/wake-pipe Waiter is POSIX only")
+def test_wake_after_close_never_writes_into_a_reused_descriptor():
+    """close() frees the wake pipe's numbers; the OS hands them to the next file
+    opened. A late wake() (a command sent to a pool being shut down) must not
+    write a byte into that file."""
+    import fcntl
+
+    w = Waiter()
+    old_wake_w = w._wake_w
+    w.close()
+    r0, w0 = os.pipe()
+    # move the new pipe out of the way, then put its write end at the old number
+    r, wfd = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 900) for fd in (r0, w0))
+    os.close(r0)
+    os.close(w0)
+    os.set_blocking(r, False)
+    try:
+        os.dup2(wfd, old_wake_w)  # someone else's pipe now has the old number
+        w.wake()
+        try:
+            got = os.read(r, 16)
+        except BlockingIOError:
+            got = b""
+        assert got == b"", f"wake() after close() wrote {got!r} into a reused descriptor"
+    finally:
+        for fd in (r, wfd, old_wake_w):
+            os.close(fd)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the epoll/wake-pipe Waiter is POSIX only")
+def test_wake_never_blocks_even_when_nobody_waits():
+    """Any thread may call wake() (every command does). With no wait() draining
+    the pipe for a while, the pipe fills: wake() must still return at once."""
+    w = Waiter()
+    done = threading.Event()
+
+    def many() -> None:
+        for _ in range(200_000):  # > a 64 KiB pipe buffer of one-byte wake-ups
+            w.wake()
+        done.set()
+
+    threading.Thread(target=many, daemon=True).start()
+    try:
+        assert done.wait(FAST), "wake() blocked on a full wake pipe"
+        assert w.wait(0) == []  # one drained wake-up, not returned
+        assert w.wait(0) == []  # and nothing left pending
+    finally:
+        if done.is_set():
+            w.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the epoll/wake-pipe Waiter is POSIX only")
+def test_waiter_reports_a_wake_up_once_then_blocks_again():
+    w = Waiter()
+    try:
+        w.wake()
+        w.wake()
+        assert w.wait(1.0) == []
+        t0 = time.monotonic()
+        assert w.wait(0.2) == []
+        assert time.monotonic() - t0 >= 0.15, "the wake-up was not drained: wait() returns at once for ever"
+    finally:
+        w.close()
+
+
+def test_idle_pool_uses_no_cpu():
+    """Between maps the manager thread sleeps in one wait: an idle warm pool
+    costs the kernel no CPU (a wake-up left undrained makes it spin)."""
+    with Pool(2) as pool:
+        assert pool.map(abs, range(-8, 8)) == [abs(x) for x in range(-8, 8)]
+        time.sleep(0.3)
+        me = psutil.Process()
+        before = sum(me.cpu_times()[:2])
+        time.sleep(1.0)
+        used = sum(me.cpu_times()[:2]) - before
+    assert used < 0.3, f"an idle pool used {used:.2f} s of CPU in 1 s"
+
+
+# ================================================================ descriptors
+
+
+@linux_only
+def test_pools_and_forkserver_restarts_leak_no_descriptors():
+    """A Pool's shutdown closes its waiter (epoll set, wake pipe); stopping the
+    forkserver closes the kernel's end of its "alive" pipe and removes its
+    socket file. Nothing may be left behind per pool or per restart."""
+    out, err, code = run_script("""
+        import os
+        from multiprocessing import forkserver
+        from poolmagic import Pool
+        from poolmagic.engine.processes import stop_helper_processes
+
+        sockets_left = 0
+
+        def cycle():
+            global sockets_left
+            with Pool(1, start_method="forkserver") as pool:
+                assert pool.map(abs, [-1, -2]) == [1, 2]
+            address = forkserver._forkserver._forkserver_address
+            stop_helper_processes()
+            if address and not address.startswith("\\0") and os.path.exists(address):
+                sockets_left += 1
+
+        cycle()  # first use opens what stays open for good (resource tracker ...)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(4):
+            cycle()
+        print("LEAKED", len(os.listdir("/proc/self/fd")) - before, flush=True)
+        print("SOCKETS_LEFT", sockets_left, flush=True)
+    """)
+    assert code == 0, err[-2000:]
+    assert "LEAKED 0" in out, out + err[-2000:]
+    assert "SOCKETS_LEFT 0" in out, out + err[-2000:]
+
+
+# ================================================================ prestart
+
+
+@linux_only
+def test_prestart_boots_the_forkserver_warm_and_with_sigint_blocked():
+    """prestart() (first thing %load_ext does) boots the forkserver in the
+    background: with the worker module and the kernel's numpy preloaded, and
+    with SIGINT blocked so that a worker it forks cannot die of an interrupt
+    before it ignores SIGINT."""
+    pytest.importorskip("numpy")
+    out, err, code = run_script("""
+        import signal, sys, time
+        import numpy  # the notebook imported numpy before %load_ext
+        from multiprocessing import forkserver
+        from poolmagic.engine.processes import prestart, stop_helper_processes
+
+        t0 = time.monotonic()
+        prestart("forkserver")
+        print("RETURNED_IN", time.monotonic() - t0)
+        deadline = time.monotonic() + 20
+        while forkserver._forkserver._forkserver_pid is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        pid = forkserver._forkserver._forkserver_pid
+        print("BOOTED", pid is not None, flush=True)
+        if pid is None:
+            sys.exit(0)
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+        print("PRELOAD_WORKER", "'poolmagic.engine.worker'" in cmdline)
+        print("PRELOAD_NUMPY", "'numpy'" in cmdline)
+        status = open(f"/proc/{pid}/status").read()
+        blocked = int(next(l for l in status.splitlines() if l.startswith("SigBlk:")).split()[1], 16)
+        print("SIGINT_BLOCKED", bool(blocked & (1 << (signal.SIGINT - 1))), flush=True)
+        stop_helper_processes(tracker=True)
+    """)
+    assert code == 0, err[-2000:]
+    lines = dict(ln.split(" ", 1) for ln in out.splitlines() if " " in ln)
+    assert float(lines["RETURNED_IN"]) < 0.05, "prestart() must return at once"
+    assert lines["BOOTED"] == "True", "prestart() did not start the forkserver"
+    assert lines["PRELOAD_WORKER"] == "True", out
+    assert lines["PRELOAD_NUMPY"] == "True", out
+    assert lines["SIGINT_BLOCKED"] == "True", "the forkserver (and every worker it forks) starts with SIGINT deliverable"
+
+
+def test_load_ext_calls_prestart_before_importing_the_rest_of_poolmagic():
+    """%load_ext boots the forkserver first, so that its ~60 ms start overlaps
+    the import of the rest of poolmagic (the API, the engine, cloudpickle)."""
+    out, err, code = run_script("""
+        import sys
+        import poolmagic.extension as ext
+
+        calls = []
+        real = ext.prestart
+
+        def spy(*args, **kwargs):
+            calls.append("poolmagic.api" in sys.modules)
+            return real(*args, **kwargs)
+
+        ext.prestart = spy
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_line_magic("load_ext", "poolmagic")
+        print("CALLS", calls, flush=True)
+        ip.run_line_magic("unload_ext", "poolmagic")
+    """)
+    assert code == 0, err[-2000:]
+    assert "CALLS [False]" in out, "prestart() not called once, before poolmagic.api is imported: " + out
+
+
+# ================================================================ forked children
+
+
+@linux_only
+def test_a_forked_child_leaves_the_resource_tracker_alone_and_cannot_use_the_pool():
+    """A child made by os.fork() inherits the pool and the atexit handlers. Using
+    the pool there fails at once (its manager thread was not forked: a map
+    would wait for ever), and its exit must not kill the parent's resource
+    tracker, forkserver or workers."""
+    out, err, code = run_script("""
+        import os, signal, sys, time
+        from multiprocessing import forkserver, resource_tracker
+        import poolmagic
+        from poolmagic.extension import stop_everything
+        import atexit
+        atexit.register(stop_everything)  # as %load_ext does
+
+        def double(x):
+            return 2 * x
+
+        pool = poolmagic.get_pool()
+        assert pool.map(double, range(8)) == [2 * x for x in range(8)]
+        tracker = resource_tracker._resource_tracker._pid
+        server = forkserver._forkserver._forkserver_pid
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(5)  # a hang in the child dies of SIGALRM
+            try:
+                pool.map(double, range(4))
+                print("CHILD mapped", flush=True)
+            except poolmagic.PoolmapError:
+                print("CHILD refused", flush=True)
+            sys.exit(0)  # runs the inherited atexit handlers
+        _, status = os.waitpid(pid, 0)
+        print("CHILD_EXIT", os.waitstatus_to_exitcode(status), flush=True)
+        time.sleep(0.1)
+        def running(p):  # a killed child of ours stays a zombie: os.kill(p, 0) would still succeed
+            try:
+                with open(f"/proc/{p}/stat") as fh:
+                    return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        for name, p in (("tracker", tracker), ("forkserver", server)):
+            print(name, "alive" if running(p) else "dead", flush=True)
+        assert pool.map(double, range(8)) == [2 * x for x in range(8)]
+    """)
+    assert code == 0, err[-2000:]
+    assert "CHILD refused" in out, out + err[-2000:]
+    assert "CHILD_EXIT 0" in out, out + err[-2000:]
+    assert "forkserver alive" in out, out
+    assert "tracker alive" in out, out
+
+
+# ================================================================ deaths
+
+
+def fork_then_exit(x, piddir):
+    """Item 1 leaves a grandchild holding the worker's pipe, then the worker exits."""
+    if x == 1:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        Path(piddir, "grandchild").write_text(str(pid))
+        os._exit(7)
+    return x
+
+
+def test_death_seen_at_once_though_a_grandchild_keeps_the_pipe_open(tmp_path):
+    """A function may fork (a helper tool, a user's own fork). When the worker
+    dies its grandchild still holds the worker's pipe, so the pipe never reaches
+    EOF: only the process sentinel tells the manager. (Under spawn the
+    grandchild also holds the sentinel's write end, so this is forkserver only.)"""
+    if "forkserver" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no forkserver")
+    gc_file = tmp_path / "grandchild"
+    with Pool(1, start_method="forkserver") as pool:
+        try:
+            handle = pool.map_async(fork_then_exit, range(3), chunksize=1, kwargs={"piddir": str(tmp_path)})
+            assert handle.wait(FAST), "the worker's death went unnoticed while its grandchild lives"
+            with pytest.raises(poolmagic.WorkerCrashedError) as ei:
+                handle.get()
+            assert ei.value.exitcode == 7
+            assert pool.map(abs, [-1]) == [1]
+        finally:
+            if gc_file.exists():
+                try:
+                    os.kill(int(gc_file.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def mark_then_return(x, piddir):
+    """Mark that item ``x`` started; item 0 then waits for a "go" file."""
+    Path(piddir, f"started-{x}").write_text(str(os.getpid()))
+    if x == 0:
+        deadline = time.monotonic() + 20
+        while not Path(piddir, "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return x
+
+
+def test_results_a_worker_sent_before_it_was_killed_are_kept(tmp_path):
+    """The manager reads one message per ready pipe per turn; when a worker
+    dies, every message it had already sent must still be read (not just the
+    next one): those items finished and must not be reported as crashed.
+
+    The manager is held in a command while the worker finishes both chunks
+    (BEGIN/DONE for each: four messages) and is then SIGKILLed."""
+    with Pool(1, start_method="forkserver") as pool:
+        assert pool.map(abs, [-1]) == [1]  # warm
+        backend = pool.backend
+        handle = pool.map_async(mark_then_return, range(2), chunksize=1, timeout=30,
+                                kwargs={"piddir": str(tmp_path)})
+        assert wait_for((tmp_path / "started-0").exists), "item 0 never started"
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(20)
+
+        backend._command(hold)  # the manager stops reading pipes until released
+        try:
+            assert held.wait(FAST)
+            (tmp_path / "go").write_text("")
+            assert wait_for((tmp_path / "started-1").exists), "item 1 never started"
+            time.sleep(0.5)  # the worker sends DONE for item 1 and goes idle
+            os.kill(int((tmp_path / "started-1").read_text()), signal.SIGKILL)
+            time.sleep(0.2)
+        finally:
+            release.set()
+        assert handle.wait(FAST)
+        assert handle.get() == [0, 1], "a finished item's result, sent before the worker died, was lost"
+
+
+# ================================================================ results the kernel cannot load
+
+
+def _refuse_to_load():
+    raise RuntimeError("this result cannot be rebuilt here")
+
+
+class _LoadsOnlyInTheWorker:
+    """Pickles fine in the worker; unpickling it (in the kernel) raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def unloadable_at_1(x):
+    return _LoadsOnlyInTheWorker() if x == 1 else x
+
+
+def test_result_that_cannot_be_unpickled_in_the_kernel_fails_its_items_fast():
+    """The worker pickles the chunk's results, the kernel cannot load them: the
+    chunk's items fail with ItemPicklingError (not a map waiting for ever)."""
+    with Pool(1) as pool:
+        handle = pool.map_async(unloadable_at_1, range(4), chunksize=1)
+        assert handle.wait(FAST), "a result message the kernel could not load was dropped: the map hangs"
+        with pytest.raises(poolmagic.ItemPicklingError) as ei:
+            handle.get()
+        msg = str(ei.value)
+        assert "item 1" in msg and "could not be unpickled in the kernel" in msg, msg
+        assert ei.value.report.results[0] == 0
+        assert pool.map(abs, [-3]) == [3]
+
+
+# ================================================================ the magic's cached parse
+
+
+def test_cell_with_a_syntax_error_raises_it_not_no_function(ip):
+    """A cell that does not parse runs as usual and shows its SyntaxError, not
+    "the cell defines no function"."""
+    with pytest.raises(SyntaxError):
+        ip.run_cell_magic("poolmap", "range(3)", "def work(x):\n    return x +\n")
+
+
+def test_function_found_in_a_cell_that_also_uses_ipython_syntax(ip):
+    """The function is looked for in the transformed cell: a magic or a shell
+    escape in the cell must not hide it."""
+    body = "n = 2\n%time m = 1\nfiles = !echo a\ndef work(x):\n    return x * n\n"
+    assert ip.run_cell_magic("poolmap", "range(3)", body) == [0, 2, 4]
+    assert ip.user_ns["files"] == ["a"]
