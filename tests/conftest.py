@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -60,3 +65,18 @@ def wait_dead(pids, timeout: float = 5.0) -> list[int]:
         time.sleep(0.02)
         left = [p for p in left if alive(p)]
     return left
+
+
+def run_script(script: "str | Path", timeout: float = 30) -> tuple[str, str, int]:
+    """Run a script file (a Path) or Python source (a str) in a fresh interpreter
+    and its own session; a hang fails the test, and the whole session is killed."""
+    args = [str(script)] if isinstance(script, Path) else ["-c", textwrap.dedent(script)]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the script hung (at exit?)\nstdout: {out}\nstderr: {err[-2000:]}")
+    return out, err, proc.returncode

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -26,25 +24,14 @@ import poolmagic
 from poolmagic import Pool
 from poolmagic.engine.processes import Waiter
 
+from conftest import run_script
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.timeout(60)
 
 FAST = 10.0
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
-
-
-def run_script(source: str, timeout: float = 30) -> tuple[str, str, int]:
-    """Run ``source`` in a fresh interpreter, in its own session; a hang fails the test."""
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the script hung\nstdout: {out}\nstderr: {err[-2000:]}")
-    return out, err, proc.returncode
 
 
 def wait_for(pred, timeout: float = FAST, every: float = 0.01):

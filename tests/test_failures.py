@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -34,7 +33,7 @@ from IPython.core.error import UsageError
 import poolmagic
 from poolmagic import NOT_DONE, Pool
 
-from conftest import descendants, wait_dead
+from conftest import descendants, run_script, wait_dead
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -780,19 +779,6 @@ def test_changed_user_module_is_reimported(pool, tmp_path, monkeypatch):
     assert pool.map(import_helper, range(6)) == [2] * 6
     assert set(pool.backend.worker_pids()) == second, "workers recycled with nothing changed"
     assert "helper_mod" not in sys.modules  # the parent never imported it
-
-
-def run_script(script: Path, timeout: float) -> tuple[str, str, int]:
-    """Run a Python script in its own session; a hang fails the test (and is killed)."""
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the script hung (at exit?)\nstdout: {out}\nstderr: {err[-2000:]}")
-    return out, err, proc.returncode
 
 
 def test_exit_with_a_users_fork_pool_still_open_does_not_hang(tmp_path):
