@@ -200,7 +200,10 @@ def test_errors(executed):
     # an exception keeps its type: except ValueError catches it; a note names the item
     c = run.cell("squares = %poolmap -f check range(20)")
     assert stream(c) == "caught ValueError: 7 is not allowed\npoolmagic: item 7 (7) failed.\n"
-    assert "7/20 items" in summaries(c)[0] and "1 failed" in summaries(c)[0]
+    summary = summaries(c)[0]
+    # how many items finish before item 7 fails depends on timing: at least 1, never 20
+    done = re.search(r"(\d+)/20 items", summary)
+    assert done and 1 <= int(done[1]) <= 19 and "1 failed" in summary, summary
 
     # results that finished are kept, the rest are NOT_DONE; the error is in .errors
     out = stream(run.cell("finished = {i: r"))
