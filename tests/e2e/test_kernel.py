@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,16 +246,36 @@ def _snapshot(k: Kernel) -> dict[str, list[psutil.Process]]:
 
 
 def test_shutdown_with_warm_pool_is_fast_and_clean(fresh):
-    """Shutting down a kernel with a warm pool takes < 1 s and leaves no process."""
+    """Shutting down a kernel with a warm pool ends every pool process at once
+    and leaves nothing behind.
+
+    What is timed is the pool: its workers, forkserver and resource tracker
+    must be gone within 1 s of the request. Without poolmagic's hook they
+    outlive the request until ipykernel's own SIGTERM/SIGKILL rounds reach
+    them (the tracker ignores SIGTERM): 2.6 s. The kernel process itself is
+    not timed: ipykernel 7.4 alone, with no poolmagic loaded, sometimes takes
+    2.6 s to exit (a control-thread flush racing its I/O thread's stop; 6 of
+    40 plain kernels here).
+    """
     procs = _snapshot(fresh)
-    tree = process_tree(fresh.pid)
+    children = process_tree(fresh.pid)[1:]
+    assert len(children) >= 4, describe(children)  # tracker, forkserver, 2 workers
     fresh.kc.stop_channels()
     t0 = time.monotonic()
+    gone_at: list[float] = []
+
+    def watch() -> None:
+        if not still_alive(children, within=10.0):
+            gone_at.append(time.monotonic() - t0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     fresh.km.shutdown_kernel(now=False)
-    took = time.monotonic() - t0
-    left = still_alive(tree)
+    watcher.join(12)
+    left = still_alive(process_tree(fresh.pid) + children)
     assert not left, f"left behind by the shutdown: {describe(left)}"
-    assert took < 1.0, f"shutdown took {took:.2f} s ({sum(map(len, procs.values()))} children)"
+    assert gone_at, "the pool's processes outlived the shutdown"
+    assert gone_at[0] < 1.0, f"the pool's {sum(map(len, procs.values()))} processes took {gone_at[0]:.2f} s to go"
 
 
 def test_restart_leaves_no_old_process(fresh, tmp_path):
