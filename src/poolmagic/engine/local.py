@@ -38,7 +38,6 @@ per worker. Processes, pipes and start methods still come from the stdlib
 """
 from __future__ import annotations
 
-import atexit
 import itertools
 import math
 import multiprocessing as mp
@@ -47,7 +46,6 @@ import pickle
 import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict, deque
 from multiprocessing import reduction
 from typing import Any, Callable
@@ -69,7 +67,6 @@ from ..serialize import Payload, describe
 from . import worker as _worker
 from .base import Backend, Job
 from .processes import (
-    WARM_MODULES,
     WORKER_NAME,
     Waiter,
     block_sigint,
@@ -78,6 +75,8 @@ from .processes import (
     install_main_guard,
     shared_buffers,
     start_resource_tracker,
+    stop_at_exit,
+    warm_modules,
 )
 
 START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
@@ -91,45 +90,6 @@ SHARED_MIN_BYTES = 1 << 20  # out-of-band buffers above this go through shared m
 
 
 _PIPE, _DEATH = "pipe", "death"  # what the waiter reports about a worker
-
-_LIVE: "weakref.WeakSet[LocalBackend]" = weakref.WeakSet()
-
-
-def _shutdown_all_at_exit() -> None:
-    """Stop every started backend before multiprocessing's own exit handler runs.
-
-    That handler terminates the daemon children it sees, then joins every
-    child. A worker the manager thread starts in between is never terminated
-    and never exits (its parent is alive), so the join hung for ever; and a
-    worker the manager reaps first made the join raise. atexit runs handlers
-    in reverse order, and multiprocessing registered its handler when
-    ``processes`` imported ``multiprocessing.util``, before this line.
-    """
-    for backend in list(_LIVE):
-        backend.shutdown()
-
-
-atexit.register(_shutdown_all_at_exit)
-
-
-def _disown_in_forked_child() -> None:
-    """In a child made by a bare ``os.fork()``: the workers are the parent's.
-
-    Such a child inherits multiprocessing's list of children, and its exit
-    handler would terminate every daemon on it, our workers included. (A
-    ``multiprocessing`` child resets that list itself.)
-    """
-    from multiprocessing import process
-
-    for backend in list(_LIVE):
-        backend._closed = True
-        for p in backend._procs.values():
-            process._children.discard(p.proc)  # type: ignore[attr-defined]
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_disown_in_forked_child)
-
 
 class _Chunk:
     __slots__ = ("seq", "job", "start", "items", "cancelled")
@@ -180,7 +140,6 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._owner = os.getpid()
         self._spawn_error: BaseException | None = None
         # per function version: (busy seconds, items) of its last map, for chunk sizing
         self._item_time: OrderedDict[str, tuple[float, int]] = OrderedDict()
@@ -195,7 +154,7 @@ class LocalBackend(Backend):
             if self._closed:
                 raise PoolmapError("this pool has been shut down")
             if self._thread is None:
-                _LIVE.add(self)
+                stop_at_exit(self)
                 self._thread = threading.Thread(target=self._main, name="poolmagic-manager", daemon=True)
                 self._thread.start()
 
@@ -234,6 +193,20 @@ class LocalBackend(Backend):
             return "warm"
         return "starting" if self._thread is not None and not self._closed else "cold"
 
+    def disown(self) -> None:
+        """In a child made by a bare ``os.fork()``: the workers are the parent's.
+
+        Such a child inherits multiprocessing's list of children, and its exit
+        handler would terminate every daemon on it, ours included (a
+        ``multiprocessing`` child resets that list itself). Closed, the pool
+        refuses maps there and its shutdown touches nothing.
+        """
+        from multiprocessing import process
+
+        self._closed = True
+        for p in self._procs.values():
+            process._children.discard(p.proc)  # type: ignore[attr-defined]
+
     def worker_pids(self) -> list[int]:
         return [p.pid for p in list(self._procs.values())]
 
@@ -243,8 +216,6 @@ class LocalBackend(Backend):
                 return
             self._closed = True
             thread = self._thread
-        if os.getpid() != self._owner:
-            return  # a forked child (its atexit): the workers are its parent's
         if thread is not None and thread.is_alive():
             self._command(lambda: None)
             thread.join(5)
@@ -496,7 +467,7 @@ class LocalBackend(Backend):
         block_sigint()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         # under forkserver a worker inherits what the server preloaded
-        warm = [] if self.start_method == "forkserver" else [m for m in WARM_MODULES if m in sys.modules]
+        warm = [] if self.start_method == "forkserver" else warm_modules()
         proc = self.ctx.Process(
             target=_worker.main, args=(child_conn, slot, warm), name=f"{WORKER_NAME}-{slot}", daemon=True
         )

@@ -5,6 +5,7 @@ helper processes; the supervisor in ``local.py`` only decides *when*.
 """
 from __future__ import annotations
 
+import atexit
 import mmap
 import multiprocessing as mp
 import os
@@ -13,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from multiprocessing import connection, util
 from typing import TYPE_CHECKING, Any, Hashable
 
@@ -30,8 +32,44 @@ WORKER_MODULE = "poolmagic.engine.worker"  # preloaded by the forkserver
 WARM_MODULES = ("numpy", "pandas")
 
 
+def warm_modules() -> list[str]:
+    """The heavy modules of WARM_MODULES this process has imported."""
+    return [m for m in WARM_MODULES if m in sys.modules]
+
+
 def forkserver_preload() -> list[str]:
-    return [WORKER_MODULE] + [m for m in WARM_MODULES if m in sys.modules]
+    return [WORKER_MODULE, *warm_modules()]
+
+
+_STARTED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # backends with processes to stop
+
+
+def stop_at_exit(backend: Any) -> None:
+    """Shut ``backend`` down at interpreter exit, and disown it in a forked child.
+
+    multiprocessing's exit handler terminates the daemon children it sees, then
+    joins every child: a worker the manager thread started in between was never
+    terminated and the join hung for ever (or raised, when the manager reaped a
+    worker first). atexit runs handlers in reverse order, and multiprocessing
+    registered its own when this module imported ``multiprocessing.util``, so
+    ``_shutdown_started`` runs first.
+    """
+    _STARTED.add(backend)
+
+
+def _shutdown_started() -> None:
+    for backend in list(_STARTED):
+        backend.shutdown()
+
+
+def _disown_started() -> None:
+    for backend in list(_STARTED):
+        backend.disown()
+
+
+atexit.register(_shutdown_started)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_started)
 
 
 def default_start_method() -> str:
