@@ -12,16 +12,26 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
 from ..errors import MapFailedError, PoolmapError, add_note, point_at_function, short_repr
 from ..report import NOT_DONE, ChunkRecord, RunReport
 from ..serialize import Payload, code_filenames
+
+
+# Chunk sizing, the same for every backend: chunks of about TARGET_CHUNK_S,
+# never under MIN_CHUNK_S (IPC would dominate), smaller towards the end so the
+# workers finish together.
+TARGET_CHUNK_S = 0.025
+MIN_CHUNK_S = 0.002
+MAX_CHUNK = 1_000_000
+STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead stays small
 
 
 class ItemSource:
@@ -132,6 +142,22 @@ class Job:
 
     def per_item_s(self) -> float | None:
         return self.busy / self.timed_items if self.timed_items else None
+
+    def chunk_size(self, workers: int) -> int:
+        """How many items the next chunk should hold, from the measured time per item."""
+        if self.chunksize:
+            return self.chunksize
+        t = self.per_item_s()
+        if t is None:
+            return 1  # probe: the first items tell how long an item takes
+        t = max(t, 1e-8)
+        lo, hi = max(1, int(MIN_CHUNK_S / t)), max(1, int(TARGET_CHUNK_S / t))
+        rem = self.source.remaining()
+        if rem is None:  # a stream: bound what is pulled ahead of the results
+            size = min(hi, STREAM_MAX_CHUNK)
+        else:
+            size = max(lo, min(hi, math.ceil(rem / (2 * workers))))
+        return max(1, min(size, MAX_CHUNK))
 
     def next_items(self, size: int) -> tuple[int, Any] | None:
         """The next chunk: a retried one first, else fresh items from the source."""
@@ -311,6 +337,30 @@ class Job:
     def take_ready(self) -> bool:
         heap = self._pending_out
         return bool(heap) and heap[0][0] < self._prefix
+
+
+class ItemTimes:
+    """Time per item of each function version's last map (the last 64 versions).
+
+    A cell that is run again sizes its chunks at once instead of probing with
+    one-item chunks: 4 no-op items go as one chunk, not four round trips.
+    """
+
+    def __init__(self, size: int = 64):
+        self._size = size
+        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def recall(self, job: Job) -> None:
+        known = self._known.get(job.payload.key)
+        if known is not None:
+            job.busy, job.timed_items = known
+
+    def remember(self, job: Job) -> None:
+        if job.timed_items:
+            self._known[job.payload.key] = (job.busy, job.timed_items)
+            self._known.move_to_end(job.payload.key)
+            if len(self._known) > self._size:
+                self._known.popitem(last=False)
 
 
 def _first(t: tuple) -> Any:

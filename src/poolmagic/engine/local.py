@@ -39,7 +39,6 @@ per worker. Processes, pipes and start methods still come from the stdlib
 from __future__ import annotations
 
 import itertools
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -65,7 +64,7 @@ from ..errors import (
 from ..report import ChunkRecord
 from ..serialize import Payload, describe
 from . import worker as _worker
-from .base import Backend, Job
+from .base import Backend, ItemTimes, Job
 from .processes import (
     WORKER_NAME,
     Waiter,
@@ -81,10 +80,6 @@ from .processes import (
 
 START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
-TARGET_CHUNK_S = 0.025  # a chunk should take about this long...
-MIN_CHUNK_S = 0.002  # ...and never so little that IPC dominates
-MAX_CHUNK = 1_000_000
-STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead stays small
 TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
 SHARED_MIN_BYTES = 1 << 20  # out-of-band buffers above this go through shared memory
 
@@ -141,8 +136,7 @@ class LocalBackend(Backend):
         self._thread: threading.Thread | None = None
         self._closed = False
         self._spawn_error: BaseException | None = None
-        # per function version: (busy seconds, items) of its last map, for chunk sizing
-        self._item_time: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._item_times = ItemTimes()
 
     # ------------------------------------------------------------ public (any thread)
     @property
@@ -162,9 +156,7 @@ class LocalBackend(Backend):
         self.start()
 
         def cmd() -> None:
-            known = self._item_time.get(job.payload.key)
-            if known is not None:  # this function ran before: size chunks right away
-                job.busy, job.timed_items = known
+            self._item_times.recall(job)
             self._jobs.append(job)
             job.maybe_finish()  # an empty ITERABLE is done at once
             self._refresh_stale()
@@ -540,7 +532,7 @@ class LocalBackend(Backend):
                 job = self._pick(jobs, p)
                 if job is None:
                     continue
-                got = job.next_items(self._chunk_size(job))
+                got = job.next_items(job.chunk_size(self._workers_for(job)))
                 if got is None:
                     jobs = [j for j in jobs if j.has_work()]
                     continue
@@ -551,6 +543,10 @@ class LocalBackend(Backend):
                 break
         self._forget_finished_jobs()
 
+    def _workers_for(self, job: Job) -> int:
+        want = self._desired()
+        return min(want, job.max_workers or want)
+
     def _forget_finished_jobs(self) -> None:
         keep = []
         for j in self._jobs:
@@ -558,11 +554,7 @@ class LocalBackend(Backend):
                 keep.append(j)
             else:
                 j.payload.release()
-                if j.timed_items:
-                    self._item_time[j.payload.key] = (j.busy, j.timed_items)
-                    self._item_time.move_to_end(j.payload.key)
-                    if len(self._item_time) > 64:
-                        self._item_time.popitem(last=False)
+                self._item_times.remember(j)
         self._jobs = keep
 
     def _pick(self, jobs: list[Job], p: _Proc) -> Job | None:
@@ -573,22 +565,6 @@ class LocalBackend(Backend):
                 self._rr = (self._rr + k + 1) % max(n, 1)
                 return job
         return None
-
-    def _chunk_size(self, job: Job) -> int:
-        if job.chunksize:
-            return job.chunksize
-        t = job.per_item_s()
-        if t is None:
-            return 1  # probe: the first items tell how long an item takes
-        t = max(t, 1e-8)
-        workers = min(self._desired(), job.max_workers or self._desired())
-        lo, hi = max(1, int(MIN_CHUNK_S / t)), max(1, int(TARGET_CHUNK_S / t))
-        rem = job.source.remaining()
-        if rem is None:  # a stream: bound what is pulled ahead of the results
-            size = min(hi, STREAM_MAX_CHUNK)
-        else:
-            size = max(lo, min(hi, math.ceil(rem / (2 * workers))))
-        return max(1, min(size, MAX_CHUNK))
 
     def _send_chunk(self, p: _Proc, job: Job, start: int, items: Any) -> None:
         key = job.payload.key
