@@ -11,16 +11,25 @@ mistake is reported as one sentence naming the culprit.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import threading
+import warnings
 from typing import Any, Callable, Iterable
 
 from .cores import available_cores
-from .engine.base import Backend, ItemSource, Job, write_outputs
+from .engine.base import Backend
+from .engine.context import ContextCache
+from .engine.items import ItemSource
+from .engine.job import Job, write_outputs
 from .engine.local import LocalBackend
-from .errors import BadInputError, PoolmapError, add_note, point_at_function
+from .engine.mapoptions import MapOptions
+from .errors import BadInputError, MapCancelledError, PoolmapError, add_note, point_at_function
 from .report import RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
+
+# Above this many workers per core, more processes only help work that waits.
+MANY_PER_CORE = 4
 
 
 class _NoArgs:
@@ -33,11 +42,47 @@ class _NoArgs:
         return self.func()
 
 
-def _check_positive(name: str, value: Any, kind: type = int) -> None:
+def _check_positive(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise BadInputError(f"{name} must be a positive {'number' if kind is float else 'whole number'}, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BadInputError(f"{name} must be a positive whole number, not {value!r}")
+
+
+def too_many_workers(n: int, cores: int) -> str | None:
+    """A warning when ``n`` workers is far above the cores, else None."""
+    if n <= MANY_PER_CORE * cores:
+        return None
+    return (
+        f"{n} workers on {cores} core{'s' if cores != 1 else ''}: more processes than cores only "
+        f"help when items wait (I/O, sleep, network); CPU-bound work runs no faster and every "
+        f"worker costs memory. Workers start as maps need them."
+    )
+
+
+def _unwrap(func: Any) -> Any:
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, _NoArgs):
+            func = func.func
+        else:
+            return func
+
+
+def _check_plain_function(func: Callable, name: str) -> None:
+    """Reject what a worker can run but cannot send back the result of."""
+    f = _unwrap(func)
+    if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f):
+        raise BadInputError(
+            f"{name}() is an async function: a worker would only return an un-awaited coroutine. "
+            f"Map a plain def that runs it, e.g. def run(x): return asyncio.run({name}(x))"
+        )
+    if inspect.isgeneratorfunction(f):
+        raise BadInputError(
+            f"{name}() is a generator function (it uses yield): its results would be generators, "
+            f"which cannot be sent back. Return a list instead, e.g. def run(x): return list({name}(x))"
+        )
 
 
 def _first_not_sequence(items: Iterable) -> tuple[int, Any] | None:
@@ -70,19 +115,27 @@ class MapHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds; True when the map has finished."""
-        return self._job.wait(timeout)
+        return self._job.wait(timeout, feed=False)
 
     def get(self, timeout: float | None = None) -> list:
         """Results in input order; raises the map's error as a blocking map would."""
         __tracebackhide__ = True
-        if not self._job.wait(timeout):
+        if not self.wait(timeout):
             raise TimeoutError(f"the map is still running after {timeout} s ({self.report.summary()})")
         if not self._printed:
             self._printed = True
             write_outputs(self._job.take_printable(final=True))
+        r = self.report
+        if r.status == "cancelled":
+            err = MapCancelledError(
+                f"the map was cancelled; {r.done} of {r.items if r.items is not None else '?'} "
+                f"results finished and are kept in .report.results"
+            )
+            err.report = r
+            raise err
         if self._job.error is not None:
             raise self._job.error
-        return self.report.results
+        return r.results
 
     def cancel(self) -> None:
         """Stop the map now; results that finished stay in ``.report.results``."""
@@ -102,9 +155,23 @@ class Pool:
     def __init__(self, workers: int | None = None, *, start_method: str | None = None, backend: Backend | None = None):
         _check_positive("workers", workers)
         self.cores = available_cores()
+        self._warn_size(workers)
         self.backend: Backend = backend or LocalBackend(workers or self.cores, start_method)
         self.last_report: RunReport | None = None
         self.last_job: Job | None = None
+        self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
+        self._contexts = ContextCache()
+
+    def _warn_size(self, workers: int | None) -> None:
+        msg = too_many_workers(workers or 0, self.cores)
+        if msg:
+            warnings.warn(msg, stacklevel=3)
+
+    def threads_per_worker(self, workers: int | None = None) -> int:
+        """Native threads (BLAS, OpenMP) each worker may use: set, or cores ÷ workers."""
+        if self.threads is not None:
+            return self.threads
+        return max(1, self.cores // (workers or self.size))
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -114,6 +181,7 @@ class Pool:
     def resize(self, workers: int | None) -> None:
         """Set the number of workers (None: the cores available); no restart needed."""
         _check_positive("workers", workers)
+        self._warn_size(workers)
         self.backend.resize(workers or self.cores)
 
     def start(self) -> "Pool":
@@ -135,75 +203,44 @@ class Pool:
         warm = {"warm": "pool warm", "starting": "pool starting"}.get(
             self.backend.state, "pool cold (starts on first use)"
         )
+        threads = self.threads_per_worker()
         return (
             f"poolmagic: {self.size} worker{'s' if self.size != 1 else ''} · {self.backend.description}"
-            f" · {self.cores} core{'s' if self.cores != 1 else ''} available · {warm}"
+            f" · {self.cores} core{'s' if self.cores != 1 else ''} available"
+            f" · {threads} native thread{'s' if threads != 1 else ''} per worker · {warm}"
         )
 
     # ------------------------------------------------------------ mapping
-    def prepare(
-        self,
-        func: Callable,
-        iterable: Iterable | None,
-        *,
-        star: bool = False,
-        chunksize: int | None = None,
-        timeout: float | None = None,
-        keep_going: bool = False,
-        seed: int | None = None,
-        workers: int | None = None,
-        kwargs: dict | None = None,
-        repeat: int | None = None,
-    ) -> Job:
+    def prepare(self, func: Callable, iterable: Iterable | None, **options: Any) -> Job:
         """Check everything and build the Job; raises BadInputError before any work."""
+        o = MapOptions.from_kwargs(options)
         if not callable(func):
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
-        _check_positive("chunksize", chunksize)
-        _check_positive("workers", workers)
-        _check_positive("timeout", timeout, float)
-        if repeat is not None:
-            _check_positive("repeat", repeat)
+        name = callable_name(func)
+        _check_plain_function(func, name)
+        if o.repeat is not None:
             if iterable is not None:
                 raise BadInputError("give either an ITERABLE or repeat=N, not both")
-            iterable = range(repeat)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise BadInputError(f"seed must be a non-negative whole number, not {seed!r}")
-        name = callable_name(func)
+            iterable = range(o.repeat)
         missing = undefined_globals(func)
         if missing:
             fn, var = missing[0]
             raise BadInputError(f"{fn}() uses the name {var!r}, which is not defined")
-        if kwargs:
-            func = functools.partial(func, **kwargs)
-        if repeat is not None:
+        if o.kwargs:
+            func = functools.partial(func, **o.kwargs)
+        if o.repeat is not None:
             func = _NoArgs(func)
         try:
-            it = iter(iterable)  # type: ignore[arg-type]
+            iter(iterable)  # type: ignore[arg-type]
         except TypeError:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
-        if not isinstance(iterable, (range, list, tuple)) and not hasattr(iterable, "__len__"):
-            iterable = it
-        if star:
+        if o.star:
             iterable = self._check_star(iterable)
         payload = dump_function(func)
-        report = RunReport(
-            func_name=name,
-            cores=self.cores,
-            pool_size=workers or self.size,
-            backend=self.backend.description,
-        )
-        return Job(
-            payload,
-            ItemSource(iterable),
-            report,
-            star=star,
-            chunksize=chunksize,
-            timeout=timeout,
-            keep_going=keep_going,
-            seed=seed,
-            max_workers=workers,
-            func=func,
-        )
+        workers = o.workers or self.size
+        context = self._contexts.get(o.threads or self.threads_per_worker(workers))
+        report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description)
+        return Job(payload, ItemSource(iterable), report, o, context, func)
 
     @staticmethod
     def _check_star(iterable: Iterable) -> Iterable:
@@ -235,7 +272,7 @@ class Pool:
         job = self._submit(func, iterable, options)
         try:
             job.wait(on_output=write_outputs)
-        except BaseException as exc:  # KeyboardInterrupt while waiting
+        except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
             self.backend.cancel(job)
             write_outputs(job.take_printable(final=True))
             if not isinstance(exc, KeyboardInterrupt):
@@ -263,8 +300,15 @@ class Pool:
         return self.run(func, iterable, star=True, **options).results
 
     def map_async(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> MapHandle:
-        """Start a map and return a MapHandle at once."""
-        return MapHandle(self, self._submit(func, iterable, options))
+        """Start a map and return a MapHandle at once.
+
+        A stream ITERABLE is read by a feeder thread of its own (never by the
+        pool's manager), which ends with the map.
+        """
+        job = self._submit(func, iterable, options)
+        if job.source.is_stream:
+            threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
+        return MapHandle(self, job)
 
     def _submit(self, func: Callable, iterable: Iterable | None, options: dict) -> Job:
         """Check, remember as the last map (``_poolmap``, ``--tune``) and start."""

@@ -67,6 +67,22 @@ class MapFailedError(PoolmapError):
         self.errors = errors
 
 
+class ItemExitError(PoolmapError):
+    """An item called ``sys.exit()`` (or raised KeyboardInterrupt) in a worker.
+
+    Re-raised as itself it would end the caller's script with status 0, or look
+    like an interrupt of the kernel; the original exception is ``__cause__``.
+    """
+
+
+class MapCancelledError(PoolmapError):
+    """The map was cancelled (``handle.cancel()``); finished results are in ``.report``."""
+
+
+class NestedPoolError(PoolmapError):
+    """A poolmagic pool was asked to start inside one of poolmagic's own workers."""
+
+
 class BadInputError(PoolmapError, ValueError):
     """Bad input caught before any work starts (the magic shows it as a UsageError)."""
 
@@ -77,6 +93,14 @@ class SerializationError(BadInputError):
 
 class RemoteError(PoolmapError):
     """Stands in for a worker exception whose class could not be re-created here."""
+
+
+def safe_str(obj: Any) -> str:
+    """``str(obj)``, or a placeholder when its ``__str__`` raises."""
+    try:
+        return str(obj)
+    except BaseException as exc:  # noqa: BLE001  (user code: anything can happen)
+        return f"<str() of {type(obj).__name__} raised {type(exc).__name__}>"
 
 
 def exit_description(exitcode: int | None) -> str:
@@ -112,20 +136,27 @@ def pack_exception(exc: BaseException, skip_prefix: str) -> dict:
     try:
         blob = cloudpickle.dumps(exc)
         pickle.loads(blob)  # must round-trip, or the parent gets a broken object
-    except Exception:
+    except BaseException:  # noqa: BLE001  (a user's __reduce__ may raise anything)
         blob = None
         try:  # the class alone, so `except ThatError:` still works in the parent
             cls_blob = cloudpickle.dumps(type(exc))
-        except Exception:
+        except BaseException:  # noqa: BLE001
             pass
     return {
         "blob": blob,
         "cls": cls_blob,
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc),
+        "message": safe_str(exc),
         "frames": frames,
-        "text": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "text": _format(exc),
     }
+
+
+def _format(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:  # noqa: BLE001  (a __str__ that raises)
+        return f"{type(exc).__module__}.{type(exc).__qualname__}: {safe_str(exc)}"
 
 
 # ---------------------------------------------------------------- parent side

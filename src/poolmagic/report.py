@@ -13,23 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from .engine.events import ChunkRecord  # noqa: F401  (re-exported)
 from .sentinel import NOT_DONE  # noqa: F401  (re-exported: results hold it)
-
-
-@dataclass
-class ChunkRecord:
-    """One chunk as a worker ran it. Times are ``time.perf_counter()`` seconds."""
-
-    worker: int
-    start: int
-    count: int
-    t0: float
-    t1: float
-    item_times: list[float] | None = None
-
-    @property
-    def busy_s(self) -> float:
-        return self.t1 - self.t0
 
 
 @dataclass

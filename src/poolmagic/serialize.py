@@ -18,7 +18,6 @@ import functools
 import hashlib
 import os
 import pickle
-import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -35,8 +34,6 @@ class Payload:
     key: str
     data: bytes
     buffers: list[memoryview] = field(default_factory=list)
-    cwd: str = ""
-    sys_path: list[str] = field(default_factory=list)
     shared_fd: int | None = None  # the buffers in shared memory, once a backend made it
 
     def release(self) -> None:
@@ -44,10 +41,6 @@ class Payload:
         fd, self.shared_fd = self.shared_fd, None
         if fd is not None:
             os.close(fd)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) + sum(b.nbytes for b in self.buffers)
 
 
 def dump_function(func: Callable) -> Payload:
@@ -66,16 +59,12 @@ def dump_function(func: Callable) -> Payload:
             return _dump_in_band(func)
         h.update(view)
         raw.append(view)
-    return Payload(h.hexdigest()[:24], data, raw, os.getcwd(), list(sys.path))
+    return Payload(h.hexdigest()[:24], data, raw)
 
 
 def _dump_in_band(func: Callable) -> Payload:
     data = cloudpickle.dumps(func, protocol=5)
-    return Payload(hashlib.sha256(data).hexdigest()[:24], data, [], os.getcwd(), list(sys.path))
-
-
-def load_function(data: bytes, buffers: list) -> Callable:
-    return pickle.loads(data, buffers=buffers)
+    return Payload(hashlib.sha256(data).hexdigest()[:24], data, [])
 
 
 def describe(obj: Any) -> str:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import BadInputError
+from .errors import BadInputError, PoolmapError, safe_str
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -129,14 +129,24 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
     job = pool.last_job
     if job is None or job.func is None:
         raise BadInputError("nothing to tune yet: run a %%poolmap first; --tune times the last mapped function")
+    report = job.report
+    if report.status != "done":
+        what = "was interrupted" if report.status == "cancelled" else "failed"
+        if report.errors:
+            i = min(report.errors)
+            e = report.errors[i]
+            what += f" (item {i}: {type(e).__name__}: {safe_str(e)})"
+        raise BadInputError(
+            f"the last map {what}: --tune times the last mapped function, so run a map that "
+            f"finishes first (fix the function, or map items it handles), then --tune again"
+        )
     items = job.source.items_for_sampling()
     if not len(items):
         raise BadInputError("the last map had no items to time")
-    report = job.report
     per_item = (report.busy_s / max(report.done, 1)) if report.chunks else None
     sizes = candidate_sizes(pool.cores)
     share = budget / (len(sizes) + 1)  # one share for the warm-up
-    func, star = job.func, job.star
+    func, star = job.func, job.options.star
     result = TuneResult(report.func_name, pool.cores)
     t_start = time.perf_counter()
     saved = pool.last_job, pool.last_report
@@ -153,6 +163,12 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
             result.rows.append(TuneRow(n, m, time.perf_counter() - t))
             if time.perf_counter() - t_start > budget:
                 break
+    except PoolmapError as exc:
+        raise BadInputError(f"--tune stopped: timing {report.func_name}() failed: {safe_str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        raise BadInputError(
+            f"--tune stopped: {report.func_name}() raised {type(exc).__name__}: {safe_str(exc)} while being timed"
+        ) from None
     finally:
         pool.last_job, pool.last_report = saved
     top = result.best().throughput

@@ -126,7 +126,7 @@ def test_kernel_runs_this_interpreter_and_checkout(kernel):
     assert Path(path).resolve() == Path(poolmagic.__file__).resolve()
     out = run_ok(kernel.kc, "%poolsize").stdout
     assert re.fullmatch(
-        r"poolmagic: 2 workers · local processes \(forkserver\) · \d+ cores? available · pool (warm|starting)\n",
+        r"poolmagic: 2 workers · local processes \(forkserver\) · \d+ cores? available · \d+ native threads? per worker · pool (warm|starting)\n",
         out,
     ), out
 

@@ -126,7 +126,7 @@ def test_quickstart(executed):
     run = executed("quickstart")
 
     size = stream(run.cell("%poolsize"))
-    m = re.fullmatch(r"poolmagic: (\d+) workers? · local processes \(forkserver\) · (\d+) cores? available · pool (warm|starting)\n", size)
+    m = re.fullmatch(r"poolmagic: (\d+) workers? · local processes \(forkserver\) · (\d+) cores? available · (\d+) native threads? per worker · pool (warm|starting)\n", size)
     assert m, size
     workers, cores = int(m[1]), int(m[2])
 

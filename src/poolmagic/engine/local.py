@@ -9,16 +9,19 @@ How data flows::
                                         pipe and process sentinel)
                                    (one epoll set, kept up to date)
                                    schedule: job.next_items(size)
-                                   FN payload (once per worker and     ──► reader thread ──► inbox
-                                     function version, out-of-band            │
-                                     buffers as raw frames)                   ▼
-                                   RUN chunk (≤ 2 in flight/worker)    ──► main thread runs items,
-                                                                            captures print(), times
-                                   DONE: results, errors, output,      ◄──  them, packs exceptions
-                                     per-item times
+                                   LoadFunction (once per worker and   ──► reader thread ──► inbox
+                                     function version, out-of-band        (envelopes only: no
+                                     buffers as raw frames)                user code, no imports)
+                                   SetContext (cwd, env, sys.path,            │
+                                     threads; once per map context)           ▼
+                                   RunChunk (≤ 2 in flight/worker)     ──► main thread decodes items,
+                                                                            applies the context, runs
+                                   ChunkDone: results (buffers out     ◄──  items, captures print(),
+                                     of band), errors, output, times        times them, packs errors
                                    job.chunk_done ─► report.results[i:j]
       job.wait() ◄── notify ──────┘
-      prints output in item order
+      reads a stream's items (never the manager: user code
+      must not stall the pool), prints output in item order
     KeyboardInterrupt
       cancel(job) ──► commands ──► kill the workers running its items,
                                    start replacements (a fork of the
@@ -26,7 +29,8 @@ How data flows::
                                    sentinel fires (crash) / deadline
                                    passes (timeout) ─► the running
                                    items fail, queued ones are re-queued,
-                                   the worker is replaced
+                                   the worker's process group is killed
+                                   and the worker replaced
 
 Every wait is on pipes and process sentinels together, so a death is seen the
 moment it happens, never after a poll interval. Nothing listens on TCP.
@@ -41,30 +45,32 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
-import pickle
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
-from multiprocessing import reduction
+from collections import deque
 from typing import Any, Callable
 
 import cloudpickle
 
+from ..cores import available_cores
 from ..errors import (
     ItemPicklingError,
     ItemTimeoutError,
+    NestedPoolError,
     PoolmapError,
     WorkerCrashedError,
     add_note,
     exit_description,
     rebuild_exception,
-    short_repr,
 )
-from ..report import ChunkRecord
-from ..serialize import Payload, describe
+from ..serialize import describe
+from . import protocol as P
 from . import worker as _worker
-from .base import Backend, ItemTimes, Job
+from .base import Backend
+from .events import ChunkRecord, WorkerReplaced
+from .handle import Chunk, WorkerHandle, kill_group
+from .job import ItemTimes, Job
 from .processes import (
     WORKER_NAME,
     Waiter,
@@ -72,7 +78,6 @@ from .processes import (
     default_start_method,
     forkserver_preload,
     install_main_guard,
-    shared_buffers,
     start_resource_tracker,
     stop_at_exit,
     warm_modules,
@@ -81,42 +86,17 @@ from .processes import (
 START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
 TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
-SHARED_MIN_BYTES = 1 << 20  # out-of-band buffers above this go through shared memory
-
+SPAWN_PER_TURN = 16  # workers started per manager turn: it keeps serving meanwhile
 
 _PIPE, _DEATH = "pipe", "death"  # what the waiter reports about a worker
 
-class _Chunk:
-    __slots__ = ("seq", "job", "start", "items", "cancelled")
-
-    def __init__(self, seq: int, job: Job, start: int, items: Any):
-        self.seq, self.job, self.start, self.items = seq, job, start, items
-        self.cancelled = False
-
-    def describe(self) -> str:
-        n = len(self.items)
-        if n == 1:
-            return f"item {self.start} ({short_repr(self.items[0])})"
-        return f"items {self.start}–{self.start + n - 1}"
-
-
-class _Proc:
-    """The parent's handle on one worker process."""
-
-    def __init__(self, slot: int, proc: Any, conn: Any):
-        self.slot, self.proc, self.conn = slot, proc, conn
-        self.pid: int = proc.pid
-        self.sentinel: int = proc.sentinel
-        self.inflight: deque[_Chunk] = deque()
-        self.fns: OrderedDict[str, None] = OrderedDict()
-        self.head_started = time.perf_counter()
-        self.head_begun = False  # the worker said it started the head chunk
-        self.modules: dict[str, tuple[str, int]] = {}
-        self.stale = False
-
 
 class LocalBackend(Backend):
-    """Worker processes on this machine, supervised by a manager thread."""
+    """Worker processes on this machine, supervised by a manager thread.
+
+    Many methods, one job: they are the steps of the supervisor loop (receive,
+    react to deaths and deadlines, schedule), all on the manager thread.
+    """
 
     def __init__(self, size: int, start_method: str | None = None):
         self.start_method = start_method or default_start_method()
@@ -126,7 +106,8 @@ class LocalBackend(Backend):
         self.description = f"local processes ({self.start_method})"
         install_main_guard()
         self._size = max(1, int(size))
-        self._procs: dict[int, _Proc] = {}
+        self._idle_size = available_cores()  # workers kept warm before a map asks for more
+        self._procs: dict[int, WorkerHandle] = {}
         self._jobs: list[Job] = []
         self._rr = 0
         self._seq = itertools.count()
@@ -144,6 +125,12 @@ class LocalBackend(Backend):
         return self._size
 
     def start(self) -> None:
+        if _worker.IN_WORKER:
+            raise NestedPoolError(
+                "poolmagic cannot start a pool inside one of its own workers: the outer map "
+                "already uses the cores. Call the function directly (or in a plain loop) here, "
+                "or map the inner work and not the outer one."
+            )
         with self._lock:
             if self._closed:
                 raise PoolmapError("this pool has been shut down")
@@ -154,8 +141,12 @@ class LocalBackend(Backend):
 
     def submit(self, job: Job) -> None:
         self.start()
+        job.abort = lambda exc: self.cancel(job, exc, wait=0)
+        job.source.on_items = self._waiter.wake
+        job.source.set_want(self._workers_for(job) * WINDOW)
 
         def cmd() -> None:
+            self._spawn_error = None  # a new map tries again to start what failed
             self._item_times.recall(job)
             self._jobs.append(job)
             job.maybe_finish()  # an empty ITERABLE is done at once
@@ -163,16 +154,20 @@ class LocalBackend(Backend):
 
         self._command(cmd)
 
-    def cancel(self, job: Job, wait: float = 1.0) -> None:
+    def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
         done = threading.Event()
 
         def cmd() -> None:
-            job.fail(KeyboardInterrupt(), status="cancelled")
+            if error is None:
+                job.fail(KeyboardInterrupt(), status="cancelled")
+            else:
+                job.fail(error)
             self._abandon(job)
             done.set()
 
         self._command(cmd)
-        done.wait(wait)
+        if wait:
+            done.wait(wait)
 
     def resize(self, n: int) -> None:
         self._size = max(1, int(n))
@@ -256,7 +251,7 @@ class LocalBackend(Backend):
                 deaths.append(p)
         for p in deaths:
             self._on_death(p)
-        if any(j.timeout is not None for j in self._jobs):
+        if any(j.options.timeout is not None for j in self._jobs):
             self._check_timeouts()
         self._ensure_workers()
         self._schedule()
@@ -274,81 +269,92 @@ class LocalBackend(Backend):
         self._jobs.clear()
         self._kill_all()
 
-    def _read_one(self, p: _Proc) -> None:
+    def _read_one(self, p: WorkerHandle) -> None:
         try:
-            data = p.conn.recv_bytes()
+            msg, frames = p.read()
         except (EOFError, OSError):
             self._on_death(p)
             return
-        self._handle(p, data)
+        self._handle(p, msg, frames)
 
-    def _read_messages(self, p: _Proc) -> None:
-        """Handle every message the worker has sent so far (when it died)."""
-        while p.conn.poll():
-            self._handle(p, p.conn.recv_bytes())
+    def _handle(self, p: WorkerHandle, msg: Any, frames: list | None) -> None:
+        kind = type(msg)
+        if kind is P.ChunkDone:
+            self._on_done(p, msg, frames)
+        elif kind is P.Began:
+            p.began(msg.seq)
+        elif kind is P.ChunkFailed:
+            self._on_chunk_failed(p, msg)
+        elif kind is P.WorkerFailed:
+            p.retiring = "failed"
+            p.failure = rebuild_exception(msg.error)
 
-    def _handle(self, p: _Proc, data: bytes) -> None:
-        try:
-            msg = pickle.loads(data)
-        except Exception as exc:
-            self._unloadable_results(p, exc)
-            return
-        if msg[0] == _worker.BEGIN:
-            self._on_begin(p, msg[1])
-        else:
-            self._on_done(p, msg)
-
-    def _on_begin(self, p: _Proc, seq: int) -> None:
-        """A timed chunk really started: its timeout counts from now."""
-        if p.inflight and p.inflight[0].seq == seq:
-            p.head_started = time.perf_counter()
-            p.head_begun = True
-
-    def _on_done(self, p: _Proc, msg: tuple) -> None:
-        _, seq, out, t0, t1, times, records, errs, fatal, mods = msg
-        if mods:
-            p.modules.update(mods)
-        chunk = p.inflight.popleft()
-        assert chunk.seq == seq, "worker answered out of order"
-        p.head_started = time.perf_counter()
-        p.head_begun = False
+    def _on_done(self, p: WorkerHandle, msg: P.ChunkDone, frames: list | None) -> None:
+        if msg.modules:
+            p.modules.update(msg.modules)
+        if msg.recycle:
+            p.retiring = msg.recycle  # it exits now; what it still holds never ran
+        chunk = p.pop_head()
+        assert chunk.seq == msg.seq, "worker answered out of order"
         job = chunk.job
         if chunk.cancelled or not job.active:
             job.drop_chunk()
             return
-        if fatal is not None:
-            exc = rebuild_exception(fatal, job.filename_of)
-            add_note(exc, "poolmagic: the function could not be loaded in a worker process.")
-            job.drop_chunk()
-            job.fail(exc)
-            self._abandon(job)
-            return
-        errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
-        rec = ChunkRecord(p.slot, chunk.start, len(out), t0, t1, times)
-        job.chunk_done(rec, out, records, errors, chunk.items)
+        try:
+            out, records, errs = p.results(msg, frames)
+        except Exception as exc:
+            err = ItemPicklingError(f"the results of {chunk.describe()} could not be unpickled in the kernel: {exc}")
+            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
+        else:
+            errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
+            rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid)
+            job.chunk_done(rec, out, records, errors, chunk.items)
         if not job.active:
             self._abandon(job)
 
-    def _unloadable_results(self, p: _Proc, exc: BaseException) -> None:
-        chunk = p.inflight.popleft()
-        p.head_started = time.perf_counter()
-        idx = list(range(chunk.start, chunk.start + len(chunk.items)))
-        err = ItemPicklingError(
-            f"the results of {chunk.describe()} could not be unpickled in the kernel: {exc}"
-        )
-        chunk.job.item_failed(idx, err, chunk.items, chunk.start)
+    def _on_chunk_failed(self, p: WorkerHandle, msg: P.ChunkFailed) -> None:
+        chunk = p.pop_head()
+        job = chunk.job
+        if chunk.cancelled or not job.active:
+            job.drop_chunk()
+            return
+        exc = rebuild_exception(msg.error, job.filename_of)
+        if msg.stage == "decode":
+            if len(chunk.items) > 1:  # find the item that does not unpickle
+                job.retry_singly(chunk.start, chunk.items)
+                return
+            err = ItemPicklingError(
+                f"{chunk.describe()} could not be unpickled in the worker: "
+                f"{type(exc).__name__}: {_errors_safe(exc)}"
+            )
+            err.__cause__ = exc
+            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
+        else:
+            where = ("the kernel's working directory or environment could not be applied"
+                     if msg.stage == "context" else "the function could not be loaded")
+            add_note(exc, f"poolmagic: {where} in a worker process.")
+            job.drop_chunk()
+            job.fail(exc)
+        if not job.active:
+            self._abandon(job)
 
-    def _on_death(self, p: _Proc) -> None:
+    def _on_death(self, p: WorkerHandle) -> None:
         if self._procs.get(p.slot) is not p:
             return
         try:  # results it sent before dying are still valid
-            self._read_messages(p)
+            while p.pending():
+                self._handle(p, *p.read())
         except (EOFError, OSError):
             pass
+        kill_group(p.pid)  # before reaping: what it started dies with it
         p.proc.join(1)
         code = p.proc.exitcode
         self._forget(p)
         if not p.inflight:
+            return
+        if p.retiring and p.retiring != "failed":  # it left on purpose: nothing it holds ran
+            for c in p.inflight:
+                self._give_back(c)
             return
         head, *rest = p.inflight
         for c in rest:
@@ -357,17 +363,23 @@ class LocalBackend(Backend):
         if head.cancelled or not job.active:
             job.drop_chunk()
             return
-        if job.keep_going and len(head.items) > 1:
+        failure = p.failure
+        if failure is None and job.options.keep_going and len(head.items) > 1:
             job.retry_singly(head.start, head.items)  # isolate the item that kills workers
             return
-        idx = list(range(head.start, head.start + len(head.items)))
+        if failure is not None:
+            what = f"could not read a message from the kernel ({type(failure).__name__}: {_errors_safe(failure)})"
+        else:
+            what = f"died with {exit_description(code)}"
         exc = WorkerCrashedError(
-            f"worker {p.slot} (pid {p.pid}) died with {exit_description(code)} while running "
-            f"{head.describe()}. The worker was replaced; items that finished are kept.",
-            idx,
+            f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
+            f"The worker was replaced; items that finished are kept.",
+            head.indices,
             code,
         )
-        job.item_failed(idx, exc, head.items, head.start)
+        exc.__cause__ = failure
+        job.items_failed(head.indices, exc, head.items, head.start)
+        job.publish(WorkerReplaced(p.slot, p.pid, what))
         if not job.active:
             self._abandon(job)
 
@@ -377,7 +389,7 @@ class LocalBackend(Backend):
             if not p.inflight:
                 continue
             head = p.inflight[0]
-            t = head.job.timeout
+            t = head.job.options.timeout
             if t is None or head.cancelled or now < self._deadline(p):
                 continue
             self._kill(p)
@@ -390,7 +402,7 @@ class LocalBackend(Backend):
                 head.start,
                 t,
             )
-            job.item_failed(list(range(head.start, head.start + len(head.items))), exc, head.items, head.start)
+            job.items_failed(head.indices, exc, head.items, head.start)
             if not job.active:
                 self._abandon(job)
 
@@ -398,20 +410,20 @@ class LocalBackend(Backend):
         now = time.perf_counter()
         best = None
         for p in self._procs.values():
-            if p.inflight and p.inflight[0].job.timeout is not None:
+            if p.inflight and p.inflight[0].job.options.timeout is not None:
                 left = self._deadline(p) - now
                 best = left if best is None else min(best, left)
         return None if best is None else max(best, 0.0)
 
     @staticmethod
-    def _deadline(p: _Proc) -> float:
+    def _deadline(p: WorkerHandle) -> float:
         """When the head chunk's timeout expires. Until the worker says it began
         (start-up, imports, loading a big function), a grace period applies."""
         head = p.inflight[0]
-        limit = head.job.timeout * len(head.items)
+        limit = head.job.options.timeout * len(head.items)
         return p.head_started + limit + (0.0 if p.head_begun else START_GRACE_S)
 
-    def _give_back(self, c: _Chunk) -> None:
+    def _give_back(self, c: Chunk) -> None:
         """A chunk that never started: back to its job (or dropped if cancelled)."""
         if c.cancelled or not c.job.active:
             c.job.drop_chunk()
@@ -435,66 +447,88 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------ workers
     def _desired(self) -> int:
-        extra = [j.max_workers for j in self._jobs if j.active and j.max_workers]
+        """Workers wanted now: the pool's size while maps run, fewer while idle.
+
+        An idle pool keeps at most one worker per core warm; a pool sized far
+        above the cores (for waiting-bound work) grows when a map needs it.
+        """
+        busy = [j for j in self._jobs if j.active]
+        if not busy:
+            return min(self._size, self._idle_size)
+        extra = [j.options.workers for j in busy if j.options.workers]
         return max([self._size, *extra])
 
     def _ensure_workers(self) -> None:
         want = self._desired()
+        limit = max([self._size, *[j.options.workers or 0 for j in self._jobs]])
         for p in list(self._procs.values()):
-            if (p.slot >= want or p.stale) and not p.inflight:
+            if (p.slot >= limit or p.stale) and not p.inflight:
                 self._kill(p)
         if self._spawn_error is not None:
             return
+        started = 0
         for slot in range(want):
-            if slot not in self._procs:
-                try:
-                    self._spawn(slot)
-                except Exception as exc:
-                    self._spawn_error = exc
-                    for job in list(self._jobs):
-                        job.fail(PoolmapError(f"could not start a worker process: {exc!r}"))
-                    return
+            if slot in self._procs:
+                continue
+            if started == SPAWN_PER_TURN:
+                self._waiter.wake()  # more next turn; results and commands first
+                return
+            try:
+                self._spawn(slot)
+            except Exception as exc:
+                self._spawn_failed(exc)
+                return
+            started += 1
+
+    def _spawn_failed(self, exc: BaseException) -> None:
+        """Starting a worker failed: with no worker left, the waiting maps fail now.
+
+        The next map tries again (the cause, e.g. too many open files, may be gone).
+        """
+        self._spawn_error = exc
+        if self._procs:
+            return
+        err = PoolmapError(f"could not start a worker process: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        for job in list(self._jobs):
+            job.fail(err)
+        self._forget_finished_jobs()
 
     def _spawn(self, slot: int) -> None:
         block_sigint()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        # under forkserver a worker inherits what the server preloaded
-        warm = [] if self.start_method == "forkserver" else warm_modules()
-        proc = self.ctx.Process(
-            target=_worker.main, args=(child_conn, slot, warm), name=f"{WORKER_NAME}-{slot}", daemon=True
-        )
-        proc.start()
-        child_conn.close()
-        p = _Proc(slot, proc, parent_conn)
+        try:
+            # under forkserver a worker inherits what the server preloaded
+            warm = [] if self.start_method == "forkserver" else warm_modules()
+            proc = self.ctx.Process(
+                target=_worker.main, args=(child_conn, slot, warm), name=f"{WORKER_NAME}-{slot}", daemon=True
+            )
+            proc.start()
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+        p = WorkerHandle(slot, proc, parent_conn)
         self._procs[slot] = p
         self._waiter.add(parent_conn, (_PIPE, p))
         self._waiter.add(p.sentinel, (_DEATH, p))
 
-    def _kill(self, p: _Proc) -> None:
-        try:
-            p.proc.kill()
-            p.proc.join(2)
-        except Exception:
-            pass
+    def _kill(self, p: WorkerHandle) -> None:
+        p.kill()
         self._forget(p)
 
-    def _forget(self, p: _Proc) -> None:
+    def _forget(self, p: WorkerHandle) -> None:
         if self._procs.get(p.slot) is p:
             del self._procs[p.slot]
         self._waiter.remove(p.conn)
         self._waiter.remove(p.sentinel)
-        try:
-            p.conn.close()
-        except OSError:
-            pass
-        try:
-            p.proc.close()
-        except (ValueError, AttributeError):
-            pass
+        p.close()
 
     def _kill_all(self) -> None:
         procs = list(self._procs.values())
         for p in procs:
+            kill_group(p.pid)
             try:
                 p.proc.kill()
             except Exception:
@@ -527,12 +561,15 @@ class LocalBackend(Backend):
         while jobs:
             sent = False
             for p in sorted(self._procs.values(), key=lambda p: len(p.inflight)):
-                if p.stale or len(p.inflight) >= WINDOW:
+                if p.stale or p.retiring or len(p.inflight) >= WINDOW:
                     continue
                 job = self._pick(jobs, p)
                 if job is None:
                     continue
-                got = job.next_items(job.chunk_size(self._workers_for(job)))
+                size = job.chunk_size(self._workers_for(job))
+                got = job.next_items(size)
+                if job.source.is_stream:  # buffered ahead: about half a round of chunks
+                    job.source.set_want(size * max(1, self._workers_for(job) // 2))
                 if got is None:
                     jobs = [j for j in jobs if j.has_work()]
                     continue
@@ -544,8 +581,7 @@ class LocalBackend(Backend):
         self._forget_finished_jobs()
 
     def _workers_for(self, job: Job) -> int:
-        want = self._desired()
-        return min(want, job.max_workers or want)
+        return job.options.workers or self._size
 
     def _forget_finished_jobs(self) -> None:
         keep = []
@@ -557,52 +593,30 @@ class LocalBackend(Backend):
                 self._item_times.remember(j)
         self._jobs = keep
 
-    def _pick(self, jobs: list[Job], p: _Proc) -> Job | None:
+    def _pick(self, jobs: list[Job], p: WorkerHandle) -> Job | None:
         n = len(jobs)
         for k in range(n):
             job = jobs[(self._rr + k) % n]
-            if job.has_work() and (job.max_workers is None or p.slot < job.max_workers):
+            w = job.options.workers
+            if job.has_work() and (w is None or p.slot < w):
                 self._rr = (self._rr + k + 1) % max(n, 1)
                 return job
         return None
 
-    def _send_chunk(self, p: _Proc, job: Job, start: int, items: Any) -> None:
-        key = job.payload.key
+    def _send_chunk(self, p: WorkerHandle, job: Job, start: int, items: Any) -> None:
         t = job.per_item_s()
         timed = t is None or t >= TIMED_ABOVE_S
-        ack = job.timeout is not None
-        msg = (_worker.RUN, next(self._seq), key, start, items, job.star, timed, job.keep_going, job.seed, ack)
+        seq = next(self._seq)
         try:
-            # a range slice needs no cloudpickle (whose Pickler costs ~6 µs to set up);
-            # anything else may hold notebook-defined classes, pickled by value
-            data = pickle.dumps(msg, protocol=5) if type(items) is range else cloudpickle.dumps(msg, protocol=5)
+            data, frames = p.encode_chunk(seq, job, start, items, timed)
         except Exception:
             self._unpicklable_items(job, start, items)
             return
+        job.started(p.slot, p.pid, start, len(items))
         try:
-            if key not in p.fns:
-                self._send_fn(p, job.payload)
-            if not p.inflight:
-                p.head_started = time.perf_counter()
-                p.head_begun = False
-            p.inflight.append(_Chunk(msg[1], job, start, items))
-            p.conn.send_bytes(data)
+            p.send_chunk(Chunk(seq, job, start, items), data, frames)
         except OSError:
             pass  # the worker is dying; its sentinel will report it and re-queue
-
-    def _send_fn(self, p: _Proc, payload: Payload) -> None:
-        sizes = [b.nbytes for b in payload.buffers]
-        fd = shared_buffers(payload) if sum(sizes) >= SHARED_MIN_BYTES else None
-        header = (_worker.FN, payload.key, payload.data, sizes, payload.cwd, payload.sys_path, fd is not None)
-        p.conn.send_bytes(pickle.dumps(header, protocol=5))
-        if fd is not None:  # one shared copy for all workers: pass the descriptor
-            reduction.send_handle(p.conn, fd, p.pid)
-        else:
-            for b in payload.buffers:
-                p.conn.send_bytes(b if b.nbytes else b"")
-        p.fns[payload.key] = None
-        while len(p.fns) > _worker.FN_CACHE_SIZE:
-            p.fns.popitem(last=False)
 
     def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
         bad: dict[int, BaseException] = {}
@@ -612,10 +626,16 @@ class LocalBackend(Backend):
             except Exception as exc:
                 bad[k] = ItemPicklingError(
                     f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
-                    f"to a worker: {exc}"
+                    f"to a worker: {_errors_safe(exc)}"
                 )
         if not bad:  # the items pickle one by one; report the whole chunk
             bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
         job.split_failed(start, items, bad)
         if not job.active:
             self._abandon(job)
+
+
+def _errors_safe(exc: BaseException) -> str:
+    from ..errors import safe_str
+
+    return safe_str(exc)

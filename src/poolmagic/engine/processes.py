@@ -26,6 +26,7 @@ WORKER_NAME = "poolmagic-worker"
 # multiprocessing's helper pids and the atexit handlers: it must not stop them.
 OWNER_PID = os.getpid()
 WORKER_MODULE = "poolmagic.engine.worker"  # preloaded by the forkserver
+SERVER_HOOKS = "poolmagic.engine.serverhooks"  # the forkserver's own exit hook
 # Heavy modules workers get up front when the kernel uses them: preloaded by the
 # forkserver (every worker, replacements too, is a fork that already has them),
 # imported by each worker at start under spawn.
@@ -38,7 +39,8 @@ def warm_modules() -> list[str]:
 
 
 def forkserver_preload() -> list[str]:
-    return [WORKER_MODULE, *warm_modules()]
+    """What the forkserver imports once, so that no worker pays for it."""
+    return [WORKER_MODULE, SERVER_HOOKS, "threadpoolctl", *warm_modules()]
 
 
 _STARTED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # backends with processes to stop

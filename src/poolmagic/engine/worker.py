@@ -1,22 +1,31 @@
 """The worker process: load a function once, run chunks of items, report back.
 
 Preloaded into the forkserver, so a new worker is a fork of a process that has
-already imported this module and cloudpickle.
+already imported this module, the protocol and cloudpickle.
 
-Two threads:
+Two threads, and only one of them ever runs user code:
 
-* the **reader** thread only receives messages (a chunk, a function payload,
-  stop) and queues them. Because the worker always drains its input, the
-  parent can never block on a full pipe while the worker blocks sending a big
-  result the other way. When the parent dies the pipe reaches EOF and the
-  reader ends the process: a worker never outlives its kernel.
-* the **main** thread runs chunks: ``out.extend(map(f, items))`` on the fast
-  path (items too short to time), an explicit loop with per-item timing and
-  seeding otherwise. print() is captured per item, exceptions are packed with
-  their frames, results go back pickled with cloudpickle.
+* the **reader** thread receives messages (protocol.py) and queues them. It
+  unpickles envelopes of builtins only; the user's bytes (items, function)
+  stay bytes. Because it always drains the pipe, the parent can never block
+  on a full pipe while the worker blocks sending a big result the other way.
+  When the parent dies the pipe reaches EOF and the reader ends the process.
+  If it fails for any other reason, the main thread reports the cause and
+  the worker exits, so the parent fails the running items at once.
+* the **main** thread decodes and runs chunks: ``out.extend(map(f, items))``
+  on the fast path, an explicit loop with per-item timing and seeding
+  otherwise. print() is captured per item, exceptions are packed with their
+  frames, results go back with big buffers out of band.
 
-SIGINT is ignored: Jupyter interrupts the kernel's whole process group, and it
-is the parent that decides what to stop.
+Before each chunk the map's context (the kernel's cwd, environment, sys.path
+and native thread limit) is applied, so a worker never runs with stale state
+and whatever an item changed there is undone. What cannot be undone cheaply
+(signal handlers, resource limits, timers, threads left running) makes the
+worker report ``recycle`` and exit after the chunk; the parent replaces it.
+
+The worker leads a process group of its own, so killing the group also kills
+whatever its function started, and (Linux) it dies with its parent even while
+a C call holds the GIL.
 """
 from __future__ import annotations
 
@@ -39,14 +48,12 @@ import cloudpickle
 
 from .. import errors as _errors
 from ..sentinel import NOT_DONE
+from . import protocol as P
+from .context import ContextApplier, ProcessState
 
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FN_CACHE_SIZE = 4  # functions kept per worker; the parent mirrors this LRU
-
-# message kinds (parent -> worker)
-FN, RUN, STOP = "fn", "run", "stop"
-# message kinds (worker -> parent)
-DONE, BEGIN = "done", "begin"
+CACHE_SIZE = 4  # functions and contexts kept per worker; the parent mirrors this LRU
+IN_WORKER = False  # True inside a worker process: poolmagic refuses to nest pools
 
 
 class _Capture(io.TextIOBase):
@@ -162,55 +169,61 @@ def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, 
             times.append(clock() - t)
 
 
+class _ReaderFailed(Exception):
+    """Queued by the reader thread when it cannot go on."""
+
+    def __init__(self, packed: dict):
+        self.packed = packed
+
+
 class Worker:
     def __init__(self, conn, slot: int):
         self.conn = conn
         self.slot = slot
-        self.fns: OrderedDict[str, object] = OrderedDict()
+        self.fns: OrderedDict[str, object] = OrderedDict()  # key -> function or (data, buffers)
+        self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.n_modules = 0
+        self.applier = ContextApplier()
+        self.baseline: ProcessState | None = None
 
-    # ------------------------------------------------------------ receiving
+    # ------------------------------------------------------------ receiving (reader thread)
     def _reader(self) -> None:
         conn = self.conn
         try:
             while True:
-                raw = conn.recv_bytes()
-                msg = pickle.loads(raw)
-                if msg[0] == FN:
-                    msg = (*msg[:6], self._receive_buffers(msg[3], msg[6]))
-                self.inbox.put(msg)
-                if msg[0] == STOP:
-                    return
+                msg = P.decode(conn.recv_bytes())
+                if type(msg) is P.LoadFunction:
+                    self.inbox.put((msg, self._receive_buffers(msg.sizes, msg.shared)))
+                elif type(msg) is P.RunChunk:
+                    self.inbox.put((msg, P.recv_frames(conn, msg.sizes) if msg.sizes else None))
+                else:
+                    self.inbox.put((msg, None))
+                    if type(msg) is P.Stop:
+                        return
         except (EOFError, OSError):
             # The parent is gone (kernel shut down or killed): never linger.
             os._exit(0)
+        except BaseException as exc:  # never die silently: the main thread reports it
+            self.inbox.put((_ReaderFailed(_errors.pack_exception(exc, "")), None))
 
-    def _receive_buffers(self, sizes: list[int], shared: bool) -> list:
+    def _receive_buffers(self, sizes: tuple, shared: bool) -> list:
         """A function's out-of-band buffers: mapped from shared memory or read from the pipe."""
-        if shared:
-            fd = reduction.recv_handle(self.conn)
-            try:
-                # copy-on-write: the function may modify its arrays privately
-                m = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd)
-            view, bufs, offset = memoryview(m), [], 0
-            for size in sizes:
-                bufs.append(view[offset : offset + size])
-                offset += size
-            return bufs
-        bufs = []
+        if not shared:
+            return P.recv_frames(self.conn, sizes)
+        fd = reduction.recv_handle(self.conn)
+        try:
+            # copy-on-write: the function may modify its arrays privately
+            m = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        view, bufs, offset = memoryview(m), [], 0
         for size in sizes:
-            buf = bytearray(size)
-            if size:
-                self.conn.recv_bytes_into(buf)
-            else:
-                self.conn.recv_bytes()
-            bufs.append(buf)
+            bufs.append(view[offset : offset + size])
+            offset += size
         return bufs
 
-    # ------------------------------------------------------------ running
+    # ------------------------------------------------------------ running (main thread)
     def serve(self, warm: list[str] = ()) -> None:
         threading.Thread(target=self._reader, name="poolmagic-reader", daemon=True).start()
         for name in warm:  # messages queue up in the inbox meanwhile
@@ -218,70 +231,91 @@ class Worker:
                 __import__(name)
             except Exception:
                 pass
+        self.baseline = ProcessState.read()
         while True:
-            msg = self.inbox.get()
-            kind = msg[0]
-            if kind == STOP:
+            msg, extra = self.inbox.get()
+            kind = type(msg)
+            if kind is P.RunChunk:
+                if self._run(msg, extra):
+                    self._exit()
+            elif kind is P.LoadFunction:
+                self._remember(self.fns, msg.key, (msg.data, extra))
+            elif kind is P.SetContext:
+                self._remember(self.contexts, msg.key, msg)
+            elif kind is P.Stop:
                 return
-            if kind == FN:
-                _, key, data, _sizes, cwd, path, bufs = msg
-                self._load_fn(key, data, cwd, path, bufs)
-            elif kind == RUN:
-                self._run(*msg[1:])
-
-    def _load_fn(self, key, data, cwd, path, bufs) -> None:
-        try:
-            if cwd and os.getcwd() != cwd:
-                os.chdir(cwd)
-            for p in reversed(path):
-                if p not in sys.path:
-                    sys.path.insert(0, p)
-            fn = pickle.loads(data, buffers=bufs)
-        except BaseException as exc:  # reported with the first chunk that needs it
-            fn = _LoadFailure(_errors.pack_exception(exc, PKG_DIR))
-        self.fns[key] = fn
-        self.fns.move_to_end(key)
-        while len(self.fns) > FN_CACHE_SIZE:
-            self.fns.popitem(last=False)
-
-    def _run(self, seq, key, start, items, star, timed, keep_going, seed, ack) -> None:
-        fn = self.fns.get(key)
-        if ack:  # the chunk is timed: tell the parent its clock starts now
-            self.conn.send_bytes(pickle.dumps((BEGIN, seq)))
-        if isinstance(fn, _LoadFailure) or fn is None:
-            fatal = fn.packed if fn is not None else _errors.pack_exception(RuntimeError("function missing"), PKG_DIR)
-            self._send((DONE, seq, [], 0.0, 0.0, None, [], [], fatal, self._new_modules()))
-            return
-        ran = run_chunk(fn, items, start, star=star, timed=timed, keep_going=keep_going, seed=seed)
-        self._send((DONE, seq, *ran, None, self._new_modules()), start)
-
-    # ------------------------------------------------------------ sending
-    def _send(self, msg: tuple, start: int = 0) -> None:
-        try:
-            data = cloudpickle.dumps(msg, protocol=5)
-        except Exception:
-            msg = self._strip_unpicklable(msg, start)
-            data = cloudpickle.dumps(msg, protocol=5)
-        self.conn.send_bytes(data)
+            elif kind is _ReaderFailed:
+                self._send(P.WorkerFailed(msg.packed))
+                self._exit()
 
     @staticmethod
-    def _strip_unpicklable(msg: tuple, start: int) -> tuple:
-        """Replace each result that cannot be pickled by an error naming it."""
-        kind, seq, out, t0, t1, times, records, errors, fatal, mods = msg
-        out = list(out)
-        errors = list(errors)
-        for k, value in enumerate(out):
+    def _remember(cache: OrderedDict, key: str, value: object) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+
+    def _function(self, key: str):
+        fn = self.fns.get(key)
+        if fn is None:
+            raise RuntimeError("poolmagic: the function was not sent to this worker")
+        if type(fn) is tuple:  # still bytes: load it here, on the main thread
+            data, bufs = fn
+            fn = pickle.loads(data, buffers=bufs)
+            self.fns[key] = fn
+        return fn
+
+    def _run(self, msg: P.RunChunk, frames: list | None) -> str | None:
+        """Run one chunk and answer; returns why the worker must be recycled, if it must."""
+        try:
+            self.applier.apply(self.contexts[msg.ctx])
+        except BaseException as exc:
+            self._send(P.ChunkFailed(msg.seq, "context", _errors.pack_exception(exc, PKG_DIR)))
+            return None
+        try:
+            fn = self._function(msg.fn)
+        except BaseException as exc:
+            self._send(P.ChunkFailed(msg.seq, "load", _errors.pack_exception(exc, PKG_DIR)))
+            return None
+        items = msg.items
+        if type(items) is not range:
             try:
-                cloudpickle.dumps(value, protocol=5)
-            except Exception as exc:
-                out[k] = NOT_DONE
-                err = _errors.ItemPicklingError(
-                    f"the result of item {start + k} is {_describe(value)}, which cannot be "
-                    f"pickled to send it back: {exc}"
-                )
-                errors.append((start + k, _errors.pack_exception(err, PKG_DIR)))
-        errors.sort(key=lambda e: e[0])
-        return (kind, seq, out, t0, t1, times, records, errors, fatal, mods)
+                items = pickle.loads(items, buffers=frames)
+            except BaseException as exc:
+                self._send(P.ChunkFailed(msg.seq, "decode", _errors.pack_exception(exc, PKG_DIR)))
+                return None
+        if msg.ack:  # the chunk is timed: tell the parent its clock starts now
+            self._send(P.Began(msg.seq))
+        self.applier.limit_threads_if_new_libraries()
+        out, t0, t1, times, records, errors = run_chunk(
+            fn, items, msg.start, star=msg.star, timed=msg.timed, keep_going=msg.keep_going, seed=msg.seed
+        )
+        recycle = self.baseline.changed() if self.baseline is not None else None
+        body, frames_out = self._pack_results(out, records, errors, msg.start)
+        self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
+                               self._new_modules(), recycle), frames_out)
+        return recycle
+
+    def _pack_results(self, out: list, records: list, errors: list, start: int) -> tuple[bytes, list]:
+        try:
+            return P.dumps_oob((out, records, errors), cloudpickle.dumps)
+        except Exception:
+            out, errors = _strip_unpicklable(out, errors, start)
+            return P.dumps_oob((out, records, errors), cloudpickle.dumps)
+
+    # ------------------------------------------------------------ sending
+    def _send(self, msg: P.Message, frames: list = ()) -> None:
+        self.conn.send_bytes(P.encode(msg))
+        P.send_frames(self.conn, frames)
+
+    def _exit(self) -> None:
+        """Leave now: threads the function left running must not hold the exit."""
+        for stream in (sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0)
 
     def _new_modules(self) -> dict | None:
         """Files of modules from the user's folders imported since the last report."""
@@ -299,9 +333,21 @@ class Worker:
         return found
 
 
-class _LoadFailure:
-    def __init__(self, packed: dict):
-        self.packed = packed
+def _strip_unpicklable(out: list, errors: list, start: int) -> tuple[list, list]:
+    """Replace each result that cannot be pickled by an error naming it."""
+    out, errors = list(out), list(errors)
+    for k, value in enumerate(out):
+        try:
+            cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            out[k] = NOT_DONE
+            err = _errors.ItemPicklingError(
+                f"the result of item {start + k} is {_describe(value)}, which cannot be "
+                f"pickled to send it back: {_errors.safe_str(exc)}"
+            )
+            errors.append((start + k, _errors.pack_exception(err, PKG_DIR)))
+    errors.sort(key=lambda e: e[0])
+    return out, errors
 
 
 def _describe(value) -> str:
@@ -334,10 +380,59 @@ def _is_user_file(path: str) -> bool:
     return not os.path.realpath(path).startswith(_SYSTEM_PREFIXES)
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies, GIL or not."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(0)
+
+
 def main(conn, slot: int, warm: list[str] = ()) -> None:
-    """Process entry point. ``warm``: modules to import before the first chunk."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
+    """Process entry point. ``warm``: modules to import before the first chunk.
+
+    Started with SIGINT blocked (see processes.block_sigint). In a process
+    group of its own, the kernel's Ctrl-C (sent to the kernel's group) no
+    longer reaches the worker, and any SIGINT that does is ignored: the parent
+    decides what to stop. It is ignored by a handler that does nothing rather
+    than by SIG_IGN, because a handler is reset on exec: processes the
+    function starts get the default SIGINT, not an inherited "ignore".
+    """
+    global IN_WORKER
+    IN_WORKER = True
+    if hasattr(os, "setpgid"):
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+    _die_with_parent()
+    signal.signal(signal.SIGINT, _ignore_sigint)
+    if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _allow_children()
     random.seed()  # fresh OS entropy: no two workers share a random state
     Worker(conn, slot).serve(warm)
+
+
+def _ignore_sigint(signum: int, frame: object) -> None:
+    pass
+
+
+def _allow_children() -> None:
+    """Let the function use multiprocessing itself (a nested ``multiprocessing.Pool``).
+
+    Workers are started as daemons, and multiprocessing refuses children to a
+    daemon; the flag only serves that check here, since the parent stops its
+    workers itself and each worker's process group takes its children along.
+    """
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]

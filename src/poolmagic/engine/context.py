@@ -1,0 +1,175 @@
+"""A map's process context: what a worker must look like while it runs a map.
+
+Every map runs with the kernel's working directory, environment and sys.path
+as they were when the map started (``MapContext``, made in the caller's
+thread), and with native thread pools (BLAS, OpenMP) limited so that N
+workers do not each start one thread per core.
+
+In the worker, ``ContextApplier`` applies a context before every chunk,
+cheaply (a few comparisons when nothing changed), so whatever an item changed
+(``os.chdir``, ``os.environ``, ``sys.path``) is undone before the next one.
+``ProcessState`` covers what cannot be undone cheaply: signal handlers,
+resource limits, a pending timer, threads left running. When an item changes
+one of those, the worker is recycled after its chunk.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from . import protocol as P
+
+# The variables native libraries read when they load (later imports obey them).
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def make_context(threads: int | None) -> P.SetContext:
+    """The caller's process context now: cwd, environment, sys.path, thread limit."""
+    cwd = os.getcwd()
+    env = dict(os.environ)
+    path = list(sys.path)
+    h = hashlib.sha1(repr((cwd, sorted(env.items()), path, threads)).encode("utf-8", "surrogateescape"))
+    return P.SetContext(h.hexdigest()[:20], cwd, env, path, threads)
+
+
+class ContextCache:
+    """Builds a context only when the caller's state changed since the last map.
+
+    ``dict(os.environ)`` and hashing it cost tens of µs; comparing the raw
+    environment, the cwd and sys.path with the last ones costs about one.
+    """
+
+    def __init__(self) -> None:
+        self._last: P.SetContext | None = None
+        self._probe: Any = None
+
+    def get(self, threads: int | None) -> P.SetContext:
+        raw = getattr(os.environ, "_data", None)
+        probe = (os.getcwd(), dict(raw) if raw is not None else dict(os.environ), list(sys.path), threads)
+        if self._last is None or probe != self._probe:
+            self._probe = probe
+            self._last = make_context(threads)
+        return self._last
+
+
+class ContextApplier:
+    """Applies SetContext messages in a worker; a no-op when nothing changed."""
+
+    def __init__(self) -> None:
+        self._env_key: str | None = None
+        self._env_raw: dict | None = None  # os.environ._data as the context wants it
+        self._threads: int | None = None
+        self._limited_at = -1  # len(sys.modules) when thread pools were last limited
+
+    def apply(self, ctx: P.SetContext) -> None:
+        try:
+            here = os.getcwd()
+        except OSError:  # the directory was removed under us
+            here = None
+        if here != ctx.cwd:
+            os.chdir(ctx.cwd)
+        if sys.path != ctx.sys_path:
+            sys.path[:] = ctx.sys_path
+        self._apply_env(ctx)
+        if ctx.threads != self._threads:
+            self._threads = ctx.threads
+            self._limited_at = -1
+
+    def _apply_env(self, ctx: P.SetContext) -> None:
+        if self._env_key != ctx.key:
+            want = dict(ctx.env)
+            if ctx.threads is not None:
+                for var in THREAD_VARS:
+                    want[var] = str(ctx.threads)
+            self._env_key = ctx.key
+            self._env_want = want
+            raw = getattr(os.environ, "_data", None)
+            self._env_raw = None
+            if raw is not None:
+                self._env_raw = {os.fsencode(k): os.fsencode(v) for k, v in want.items()}
+        raw = getattr(os.environ, "_data", None)
+        if raw is not None and self._env_raw is not None:
+            if raw == self._env_raw:
+                return
+        elif dict(os.environ) == self._env_want:
+            return
+        want = self._env_want
+        for k in [k for k in os.environ if k not in want]:
+            del os.environ[k]
+        for k, v in want.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+
+    def limit_threads_if_new_libraries(self) -> None:
+        """Limit native thread pools; again only when modules were imported since.
+
+        threadpoolctl walks the loaded shared libraries (~0.1–1 ms), so it runs
+        only when the set of modules grew (a new library may have come with
+        them). Libraries loaded later still read the THREAD_VARS set above.
+        """
+        if self._threads is None or len(sys.modules) == self._limited_at:
+            return
+        self._limited_at = len(sys.modules)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=self._threads)
+        except Exception:  # threadpoolctl missing or a library it cannot drive
+            pass
+
+
+_SIGNALS = tuple(
+    getattr(signal, n)
+    for n in ("SIGTERM", "SIGHUP", "SIGALRM", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGPIPE", "SIGINT", "SIGQUIT")
+    if hasattr(signal, n)
+)
+_LIMITS: tuple = ()
+try:
+    import resource
+
+    _LIMITS = tuple(
+        getattr(resource, n)
+        for n in ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_NOFILE", "RLIMIT_CPU", "RLIMIT_STACK", "RLIMIT_NPROC", "RLIMIT_FSIZE")
+        if hasattr(resource, n)
+    )
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+
+class ProcessState:
+    """Signal handlers, resource limits, timer and thread count of this process."""
+
+    def __init__(self, handlers: tuple, limits: tuple, threads: int):
+        self.handlers, self.limits, self.threads = handlers, limits, threads
+
+    @classmethod
+    def read(cls) -> "ProcessState":
+        handlers = tuple(signal.getsignal(s) for s in _SIGNALS)
+        limits = tuple(resource.getrlimit(r) for r in _LIMITS) if resource is not None else ()
+        return cls(handlers, limits, threading.active_count())
+
+    def changed(self) -> str | None:
+        """Why this process no longer matches the state read at start, or None."""
+        if threading.active_count() != self.threads:
+            return "a thread the function started is still running"
+        for s, h in zip(_SIGNALS, self.handlers):
+            if signal.getsignal(s) != h:
+                return f"the function changed the handler of {signal.Signals(s).name}"
+        if resource is not None:
+            for r, lim in zip(_LIMITS, self.limits):
+                if resource.getrlimit(r) != lim:
+                    return "the function changed a resource limit"
+        if hasattr(signal, "getitimer") and signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
+            return "the function left a timer (signal.alarm/setitimer) pending"
+        return None

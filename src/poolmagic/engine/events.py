@@ -1,0 +1,64 @@
+"""What a running map tells its observers, and the chunk record they all share.
+
+The Job publishes one event per thing that happens; the run report, the
+progress display, the timeline and an async map's live display observe the
+same stream (as dask's scheduler plugins observe transitions). Events are
+delivered on the thread that caused them (usually the backend's manager
+thread), so an observer must be quick and must not block: record, then let
+the caller's thread render.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+
+@dataclass
+class ChunkRecord:
+    """One chunk as a worker ran it. Times are ``time.perf_counter()`` seconds."""
+
+    worker: int
+    start: int
+    count: int
+    t0: float
+    t1: float
+    item_times: list[float] | None = None
+    pid: int = 0
+    status: str = "done"  # "done", "failed" (an item raised), "crashed", "timeout"
+
+    @property
+    def busy_s(self) -> float:
+        return self.t1 - self.t0
+
+
+class ChunkStarted(NamedTuple):
+    worker: int
+    pid: int
+    start: int
+    count: int
+    t: float  #: perf_counter when it was sent
+
+
+class ChunkFinished(NamedTuple):
+    record: ChunkRecord
+    failed: int  #: items of it that raised
+
+
+class ItemsFailed(NamedTuple):
+    indices: list
+    error: BaseException  #: a crash, a timeout, an item that could not be sent
+
+
+class WorkerReplaced(NamedTuple):
+    worker: int
+    pid: int
+    reason: str
+
+
+class MapFinished(NamedTuple):
+    status: str  #: "done", "failed" or "cancelled"
+    error: BaseException | None
+
+
+Event = Any
+Observer = Callable[[Event], None]

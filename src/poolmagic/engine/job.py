@@ -1,0 +1,417 @@
+"""A Job is one map: what to run, on which items, with which options, and its record.
+
+It is backend-neutral: every backend takes chunks from ``next_items`` and
+answers each chunk it took with exactly one of ``chunk_done``,
+``items_failed``, ``requeue``, ``retry_singly``, ``split_failed`` or
+``drop_chunk`` (the Job counts chunks in flight to know when it is finished).
+Those calls come from one backend thread; the caller's thread only waits
+(``wait``), feeds a stream's items and prints worker output in item order.
+
+What happens is published as events (events.py) to any number of observers.
+The Job also keeps the run report it was given up to date (results in input
+order, errors by index, chunk records, output) — the bookkeeping every backend
+would otherwise repeat.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import inspect
+import itertools
+import math
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any, Callable
+
+from ..errors import ItemExitError, MapFailedError, PoolmapError, add_note, point_at_function, short_repr
+from ..sentinel import NOT_DONE
+from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, MapFinished, Observer
+from .items import ItemSource
+from .mapoptions import MapOptions
+
+# Chunk sizing, the same for every backend: chunks of about TARGET_CHUNK_S,
+# never under MIN_CHUNK_S (IPC would dominate), smaller towards the end so the
+# workers finish together.
+TARGET_CHUNK_S = 0.025
+MIN_CHUNK_S = 0.002
+MAX_CHUNK = 1_000_000
+STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead stays small
+
+
+class Job:
+    """One map. See the module docstring for the contract with backends."""
+
+    def __init__(self, payload: Any, source: ItemSource, report: Any, options: MapOptions,
+                 context: Any, func: Callable | None = None):
+        self.func = func
+        self._filenames: dict[tuple[str, int], str] | None = None
+        self.payload = payload
+        self.source = source
+        self.report = report
+        self.options = options
+        self.context = context
+        self.chunksize = 1 if options.timeout is not None and options.chunksize is None else options.chunksize
+        self.retry: deque[tuple[int, Any]] = deque()
+        self.inflight = 0  # chunks taken and not yet answered; changed under cond
+        self.cond = threading.Condition()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self.observers: list[Observer] = []
+        self.abort: Callable[[BaseException], None] = self.fail  # a backend stops its work too
+        # per-item timing estimate (sum of busy seconds, items)
+        self.busy = 0.0
+        self.timed_items = 0
+        # item-order printing: outputs wait until every earlier item is done
+        self._pending_out: list[tuple[int, int, str, str]] = []
+        self._out_seq = itertools.count()
+        self._done_ranges: dict[int, int] = {}
+        self._prefix = 0
+        if source.length is not None:
+            report.results = [NOT_DONE] * source.length
+            report.items = source.length
+        source.on_low = self._wake_caller
+
+    # ---------------------------------------------------------- events
+    def publish(self, event: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:  # a display must never break a map
+                pass
+
+    def filename_of(self, name: str, firstlineno: int) -> str | None:
+        """Where the mapped function's code named ``name`` lives (for tracebacks)."""
+        if self._filenames is None:
+            from ..serialize import code_filenames
+
+            self._filenames = code_filenames(self.func) if self.func is not None else {}
+        return self._filenames.get((name, firstlineno))
+
+    # ---------------------------------------------------------- scheduling side
+    @property
+    def active(self) -> bool:
+        return not self.finished.is_set()
+
+    def has_work(self) -> bool:
+        return self.active and (bool(self.retry) or self.source.has_items())
+
+    def per_item_s(self) -> float | None:
+        return self.busy / self.timed_items if self.timed_items else None
+
+    def chunk_size(self, workers: int) -> int:
+        """How many items the next chunk should hold, from the measured time per item."""
+        if self.chunksize:
+            return self.chunksize
+        t = self.per_item_s()
+        if t is None:
+            return 1  # probe: the first items tell how long an item takes
+        t = max(t, 1e-8)
+        lo, hi = max(1, int(MIN_CHUNK_S / t)), max(1, int(TARGET_CHUNK_S / t))
+        rem = self.source.remaining()
+        if rem is None:  # a stream: bound what is pulled ahead of the results
+            size = min(hi, STREAM_MAX_CHUNK)
+        else:
+            size = max(lo, min(hi, math.ceil(rem / (2 * workers))))
+        return max(1, min(size, MAX_CHUNK))
+
+    def next_items(self, size: int) -> tuple[int, Any] | None:
+        """The next chunk: a retried one first, else fresh items from the source."""
+        with self.cond:
+            if self.retry:
+                self.inflight += 1
+                return self.retry.popleft()
+            got = self.source.take(size)
+            if got is not None:
+                self.inflight += 1
+        self.maybe_finish()
+        return got
+
+    def started(self, worker: int, pid: int, start: int, count: int) -> None:
+        if self.observers:
+            self.publish(ChunkStarted(worker, pid, start, count, time.perf_counter()))
+
+    def requeue(self, start: int, items: Any) -> None:
+        """Put a chunk that was never run back in front of the queue."""
+        with self.cond:
+            self.inflight -= 1
+            if self.active:
+                self.retry.appendleft((start, items))
+
+    def retry_singly(self, start: int, items: Any) -> None:
+        """Re-run a chunk item by item (to find which of its items kills a worker)."""
+        with self.cond:
+            self.inflight -= 1
+            if self.active:
+                for k in range(len(items) - 1, -1, -1):
+                    self.retry.appendleft((start + k, items[k : k + 1]))
+
+    def drop_chunk(self) -> None:
+        """A chunk of this (cancelled or failed) job will never report."""
+        with self.cond:
+            self.inflight -= 1
+
+    def split_failed(self, start: int, items: Any, bad: dict[int, BaseException]) -> None:
+        """Some items of a chunk cannot be sent: fail those, re-run the rest one by one."""
+        with self.cond:
+            self.inflight -= 1
+            for k, exc in sorted(bad.items()):
+                self._record_error(start + k, exc, items[k])
+            if not self.options.keep_going:
+                self._fail_locked(self.report.errors[start + min(bad)])
+                return
+            for k in range(len(items) - 1, -1, -1):
+                if k not in bad:
+                    self.retry.appendleft((start + k, items[k : k + 1]))
+        self.maybe_finish()
+
+    # ---------------------------------------------------------- results side
+    def chunk_done(self, rec: ChunkRecord, results: list, outputs: list,
+                   errors: list[tuple[int, BaseException]], items: Any) -> None:
+        """Place a finished chunk's results; errors arrive already rebuilt."""
+        r = self.report
+        with self.cond:
+            self.inflight -= 1
+            if not self.active:
+                return
+            end = rec.start + len(results)
+            if end > len(r.results):
+                r.results.extend([NOT_DONE] * (end - len(r.results)))
+            r.results[rec.start : end] = results
+            if errors:
+                rec.status = "failed"
+            r.chunks.append(rec)
+            r.done += len(results) - len(errors)
+            self.busy += rec.t1 - rec.t0
+            self.timed_items += len(results)
+            for idx, stream, text in outputs:
+                heapq.heappush(self._pending_out, (idx, next(self._out_seq), stream, text))
+                bisect.insort(r.outputs, (idx, stream, text), key=_first)  # item order
+            self._done_ranges[rec.start] = rec.start + rec.count
+            while self._prefix in self._done_ranges:
+                self._prefix = self._done_ranges.pop(self._prefix)
+            for idx, exc in errors:
+                self._record_error(idx, exc, items[idx - rec.start] if items is not None else None)
+            if not self.options.keep_going and errors:
+                self._fail_locked(r.errors[errors[0][0]])
+            self.cond.notify_all()
+        if self.observers:
+            self.publish(ChunkFinished(rec, len(errors)))
+        self.maybe_finish()
+
+    def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
+        """Items that produced no result (crash, timeout, could not be sent or decoded)."""
+        with self.cond:
+            self.inflight -= 1
+            if not self.active:
+                return
+            for idx in indices:
+                value = items[idx - start] if items is not None else None
+                self._record_error(idx, exc, value)
+            end = max(indices) + 1
+            if end > len(self.report.results):
+                self.report.results.extend([NOT_DONE] * (end - len(self.report.results)))
+            if not self.options.keep_going:
+                self._fail_locked(self.report.errors[indices[0]])
+            self.cond.notify_all()
+        if self.observers:
+            self.publish(ItemsFailed(list(indices), exc))
+        self.maybe_finish()
+
+    def _record_error(self, idx: int, exc: BaseException, value: Any) -> None:
+        if idx in self.report.errors:
+            return
+        exc = _as_item_error(idx, exc, value)
+        self.report.errors[idx] = exc
+        if not getattr(exc, "_poolmagic_noted", False):
+            what = f"item {idx}" + ("" if value is None else f" ({short_repr(value)})")
+            add_note(exc, f"poolmagic: {what} failed.")
+            hint = self._star_hint(exc, value)
+            if hint:
+                add_note(exc, hint)
+            exc._poolmagic_noted = True  # type: ignore[attr-defined]
+
+    def _star_hint(self, exc: BaseException, value: Any) -> str | None:
+        """A TypeError on a tuple item whose length the function's arity matches: --star."""
+        if self.options.star or not isinstance(exc, TypeError) or not isinstance(value, tuple):
+            return None
+        try:
+            params = inspect.signature(self.func).parameters.values()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        if len(required) <= len(value) <= len(positional) and len(value) > 1:
+            return (
+                f"poolmagic: each item is a tuple of {len(value)} values and the function takes "
+                f"{len(positional)} arguments: did you mean --star (star=True), to call f(*item)?"
+            )
+        return None
+
+    def fail(self, exc: BaseException, status: str = "failed") -> None:
+        with self.cond:
+            self._fail_locked(exc, status)
+
+    def _fail_locked(self, exc: BaseException, status: str = "failed") -> None:
+        if not self.active:
+            return
+        self.error = exc
+        self._close(status)
+
+    def maybe_finish(self) -> None:
+        with self.cond:
+            if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
+                r = self.report
+                if r.items is None:
+                    r.items = self.source.pos
+                    del r.results[self.source.pos :]
+                if r.errors:
+                    self.error = _summary_error(r)
+                    self._close("failed")
+                else:
+                    self._close("done")
+
+    def _close(self, status: str) -> None:
+        r = self.report
+        r.status = status
+        r.t_end = time.perf_counter()
+        if r.items is None:
+            r.items = self.source.pos
+        if self.error is not None:
+            _attach_report(self.error, r)
+            if isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
+                point_at_function(self.error, self.func)
+        self.source.close()
+        self.finished.set()
+        self.cond.notify_all()
+        if self.observers:
+            self.publish(MapFinished(status, self.error))
+
+    # ---------------------------------------------------------- caller side
+    def _wake_caller(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def take_printable(self, final: bool = False) -> list[tuple[int, int, str, str]]:
+        """Outputs whose item and every earlier item are done (all of them if final)."""
+        out = []
+        heap = self._pending_out
+        while heap and (final or heap[0][0] < self._prefix):
+            out.append(heapq.heappop(heap))
+        return out
+
+    def wait(self, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True) -> bool:
+        """Block until done, feeding a stream's items and writing output; True when finished.
+
+        ``feed``: this thread reads the ITERABLE (a blocking map's caller, or
+        an async map's feeder thread); only one thread may.
+        """
+        __tracebackhide__ = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        source = self.source
+        while True:
+            if feed and source.needs_feed() and self.active:
+                error = source.feed()
+                if error is not None:
+                    self.abort(error)
+                elif source.exhausted:
+                    self.maybe_finish()
+            with self.cond:
+                if not self.finished.is_set() and not self.take_ready() and not (feed and source.needs_feed()):
+                    left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                    if left > 0:
+                        self.cond.wait(left)
+                done = self.finished.is_set()
+                batch = self.take_printable(final=done)
+            if on_output is not None and batch:
+                on_output(batch)
+            if done:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def take_ready(self) -> bool:
+        heap = self._pending_out
+        return bool(heap) and heap[0][0] < self._prefix
+
+
+def _as_item_error(idx: int, exc: BaseException, value: Any) -> BaseException:
+    """sys.exit() or a KeyboardInterrupt raised by an item becomes a poolmagic error.
+
+    Re-raised as is, SystemExit would end the caller's script with status 0 and
+    KeyboardInterrupt would read as an interrupt of the kernel.
+    """
+    if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        return exc
+    what = f"item {idx}" + ("" if value is None else f" ({short_repr(value)})")
+    if isinstance(exc, SystemExit):
+        msg = f"{what} called sys.exit({'' if exc.code is None else repr(exc.code)}) in its worker; a mapped function must return or raise, not exit"
+    else:
+        msg = f"{what} raised KeyboardInterrupt in its worker (not an interrupt of this kernel)"
+    new = ItemExitError(msg)
+    new.__cause__ = exc
+    return new.with_traceback(exc.__traceback__)
+
+
+class ItemTimes:
+    """Time per item of each function version's last map (the last 64 versions).
+
+    A cell that is run again sizes its chunks at once instead of probing with
+    one-item chunks: 4 no-op items go as one chunk, not four round trips.
+    """
+
+    def __init__(self, size: int = 64):
+        self._size = size
+        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def recall(self, job: Job) -> None:
+        known = self._known.get(job.payload.key)
+        if known is not None:
+            job.busy, job.timed_items = known
+
+    def remember(self, job: Job) -> None:
+        if job.timed_items:
+            self._known[job.payload.key] = (job.busy, job.timed_items)
+            self._known.move_to_end(job.payload.key)
+            if len(self._known) > self._size:
+                self._known.popitem(last=False)
+
+
+def _first(t: tuple) -> Any:
+    return t[0]
+
+
+def write_outputs(batch: list[tuple[int, int, str, str]]) -> None:
+    """Write captured worker output to this thread's stdout/stderr."""
+    for _idx, _seq, stream, text in batch:
+        (sys.stderr if stream == "stderr" else sys.stdout).write(text)
+    sys.stdout.flush()
+
+
+def _summary_error(r: Any) -> BaseException:
+    n = len(r.errors)
+    first = sorted(r.errors)[:5]
+    lines = [f"{n} of {r.items} items failed:"]
+    for i in first:
+        e = r.errors[i]
+        lines.append(f"  item {i}: {type(e).__name__}: {_safe(e)}")
+    if n > len(first):
+        lines.append(f"  ... and {n - len(first)} more (all in .errors)")
+    lines.append(f"The {r.done} results that finished are kept: _poolmap.results (or .report.results).")
+    return MapFailedError("\n".join(lines), dict(r.errors))
+
+
+def _safe(e: BaseException) -> str:
+    from ..errors import safe_str
+
+    return safe_str(e)
+
+
+def _attach_report(exc: BaseException, r: Any) -> None:
+    try:
+        exc.poolmap_report = r  # type: ignore[attr-defined]
+        if isinstance(exc, PoolmapError):
+            exc.report = r
+    except (AttributeError, TypeError):
+        pass

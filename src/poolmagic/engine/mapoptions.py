@@ -1,0 +1,88 @@
+"""MapOptions: every option of one map, typed and validated once.
+
+Built from API keywords (``pool.map(f, xs, timeout=5)``) or from the magic
+line (``%%poolmap --timeout 5``), carried whole by the Job to the backend and
+to the worker. Each field declares its own command-line spelling and help, so
+the magic's parser, ``%%poolmap?`` and the README's table all come from here.
+
+Adding an option: a field here (with ``opt(...)``), a check in ``_check`` if
+its type alone does not say enough, and the code that uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import BadInputError
+
+
+def opt(default: Any, *names: str, help: str, metavar: str = "", kind: str = "") -> Any:
+    """A MapOptions field with its command-line names (none: API only)."""
+    return field(default=default, metadata={"names": names, "help": help, "metavar": metavar, "kind": kind})
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    star: bool = opt(False, "--star", help="starmap: each item is a tuple of arguments")
+    chunksize: int | None = opt(None, "-c", "--chunksize", metavar="N",
+                                help="items per chunk (default: adaptive, from measured item time)")
+    workers: int | None = opt(None, "-n", "--workers", metavar="N", help="use N workers for this cell only")
+    timeout: float | None = opt(None, "--timeout", metavar="SECONDS",
+                                help="fail an item that runs longer than SECONDS (its worker is replaced)")
+    keep_going: bool = opt(False, "--keep-going",
+                           help="run every item; raise one error summarising all failures at the end")
+    kwargs: dict | None = opt(None, "--kw", metavar="NAME=EXPR", kind="kw",
+                              help="constant keyword argument, evaluated in the notebook (repeatable)")
+    repeat: int | None = opt(None, "--repeat", metavar="N",
+                             help="call a zero-argument function N times (no ITERABLE)")
+    seed: int | None = opt(None, "--seed", metavar="S",
+                           help="seed random and numpy per item: reproducible, independent streams")
+    threads: int | None = opt(None, "--threads", metavar="N",
+                              help="native threads (BLAS, OpenMP) per worker (default: cores ÷ workers)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name), f.type)
+
+    @classmethod
+    def from_kwargs(cls, options: dict) -> "MapOptions":
+        """From API keywords; an unknown keyword is named with the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise BadInputError(
+                f"unknown map option {unknown[0]!r}; the options are: {', '.join(sorted(known))}"
+            )
+        return cls(**options)
+
+    def with_(self, **changes: Any) -> "MapOptions":
+        return replace(self, **changes)
+
+
+def _check(name: str, value: Any, annotation: str) -> None:
+    if value is None:
+        return
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise BadInputError(f"{name} must be True or False, not {value!r}")
+        return
+    if "dict" in annotation:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise BadInputError(f"{name} must be a dict of keyword arguments, not {value!r}")
+        return
+    if "float" in annotation:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if not ok:
+            raise BadInputError(f"{name} must be a positive number, not {value!r}")
+        return
+    if name == "seed":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadInputError(f"seed must be a non-negative whole number, not {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BadInputError(f"{name} must be a positive whole number, not {value!r}")
+
+
+def cli_fields() -> list:
+    """The fields that have a command-line spelling, in declaration order."""
+    return [f for f in fields(MapOptions) if f.metadata.get("names")]

@@ -1,0 +1,146 @@
+"""The messages between the parent and a worker process, each a named type.
+
+Every message is a NamedTuple pickled with the plain ``pickle`` module, and
+its fields hold only builtins: ``str``, ``int``, ``bytes``, ``range``, lists,
+dicts. Whatever the user owns (items, results, exceptions, the function)
+travels inside a message as ``bytes`` and, for big buffers, as raw frames sent
+right after it (pickle protocol 5 out-of-band buffers).
+
+That split is what lets a worker's reader thread receive a message without
+running user code: unpickling an envelope imports nothing but this module,
+which every worker has already imported. User bytes are decoded on the
+worker's main thread only, so two threads never import (numpy, say) at once.
+
+Parent -> worker::
+
+    LoadFunction  a function version, once per worker; ``sizes`` frames follow
+                  (or one file descriptor when ``shared``)
+    SetContext    a map's process state: cwd, environment, sys.path, native
+                  threads; once per worker and context
+    RunChunk      items ``start .. start+count-1``; ``sizes`` frames follow
+    Stop          finish and exit
+
+Worker -> parent::
+
+    Began         the timed chunk ``seq`` started (its timeout counts from now)
+    ChunkDone     results, captured output and errors of ``seq``; ``sizes``
+                  frames follow
+    ChunkFailed   ``seq`` could not run at all: its context could not be applied
+                  (``stage="context"``), its function did not load (``"load"``)
+                  or its items did not unpickle (``"decode"``)
+    WorkerFailed  the worker cannot go on (its reader failed); it exits next
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple, Union
+
+# Buffers below this size stay inside the pickle: a frame costs a system call.
+OUT_OF_BAND_MIN = 1 << 16
+
+
+# ---------------------------------------------------------------- parent -> worker
+class LoadFunction(NamedTuple):
+    key: str  #: content hash of the pickled function (its version)
+    data: bytes  #: cloudpickle of the function, buffers out of band
+    sizes: tuple  #: byte size of each out-of-band buffer that follows
+    shared: bool  #: the buffers come as one memfd (mapped copy-on-write)
+
+
+class SetContext(NamedTuple):
+    key: str  #: hash of the fields below
+    cwd: str  #: the kernel's working directory when the map started
+    env: dict  #: the kernel's environment, whole
+    sys_path: list  #: the kernel's sys.path
+    threads: int | None  #: native thread pool limit (BLAS, OpenMP); None: leave alone
+
+
+class RunChunk(NamedTuple):
+    seq: int  #: the parent's sequence number; replies carry it
+    fn: str  #: LoadFunction.key
+    ctx: str  #: SetContext.key
+    start: int  #: index of the first item
+    count: int  #: number of items
+    items: Any  #: a ``range`` (sent as is) or the pickled list of items
+    sizes: tuple  #: out-of-band buffer frames that follow ``items``
+    star: bool  #: call fn(*item)
+    timed: bool  #: time each item (else one time for the chunk)
+    keep_going: bool  #: run the rest of the chunk after an item fails
+    seed: int | None  #: seed random/numpy per item from (seed, index)
+    ack: bool  #: answer Began when starting (a timeout applies)
+
+
+class Stop(NamedTuple):
+    pass
+
+
+# ---------------------------------------------------------------- worker -> parent
+class Began(NamedTuple):
+    seq: int
+
+
+class ChunkDone(NamedTuple):
+    seq: int
+    t0: float  #: perf_counter when the chunk started and ended (system-wide clock)
+    t1: float
+    times: list | None  #: seconds per item when timed
+    body: bytes  #: pickled (results, output records, packed errors)
+    sizes: tuple  #: out-of-band buffer frames that follow
+    modules: dict | None  #: user module files imported so far {name: (path, mtime)}
+    recycle: str | None  #: why this worker must be replaced now (it exits next)
+
+
+class ChunkFailed(NamedTuple):
+    seq: int
+    stage: str  #: "context" (cwd, environment), "load" (the function) or "decode" (the items)
+    error: dict  #: a packed exception (errors.pack_exception)
+
+
+class WorkerFailed(NamedTuple):
+    error: dict  #: a packed exception; the worker exits after sending this
+
+
+Message = Union[LoadFunction, SetContext, RunChunk, Stop, Began, ChunkDone, ChunkFailed, WorkerFailed]
+MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Began, ChunkDone, ChunkFailed, WorkerFailed)
+
+
+def encode(msg: Message) -> bytes:
+    return pickle.dumps(msg, protocol=5)
+
+
+decode = pickle.loads
+
+
+def dumps_oob(obj: Any, dumps: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` with big contiguous buffers left out of band (sent as frames)."""
+    frames: list[memoryview] = []
+
+    def keep_big(buf: pickle.PickleBuffer) -> bool:
+        try:
+            view = buf.raw()
+        except BufferError:  # not contiguous: pickle copies it in band
+            return True
+        if view.nbytes < OUT_OF_BAND_MIN:
+            return True
+        frames.append(view)
+        return False
+
+    return dumps(obj, protocol=5, buffer_callback=keep_big), frames
+
+
+def send_frames(conn: Any, frames: list[memoryview]) -> None:
+    for f in frames:
+        conn.send_bytes(f)
+
+
+def recv_frames(conn: Any, sizes: tuple) -> list[bytearray]:
+    """Read frames straight into their final buffers (no intermediate copy)."""
+    out = []
+    for size in sizes:
+        buf = bytearray(size)
+        if size:
+            conn.recv_bytes_into(buf)
+        else:
+            conn.recv_bytes()
+        out.append(buf)
+    return out
