@@ -24,7 +24,7 @@ def test_parse_keeps_the_expression_whole():
 
 def test_parse_bracketed_values_and_repeatable_kw():
     p = parse("--kw y=[1, 2] --kw z={'a': 1} -f partial(f, k=1) data", POOLMAP_OPTIONS)
-    assert p.opts["kw"] == {"y": "[1, 2]", "z": "{'a': 1}"}
+    assert p.opts["kwargs"] == {"y": "[1, 2]", "z": "{'a': 1}"}
     assert p.opts["func"] == "partial(f, k=1)"
     assert p.rest == "data"
 

@@ -18,6 +18,8 @@ _EXPORTS = {
     "pmap": "api",
     "get_pool": "api",
     "shutdown_pool": "api",
+    "set_pool": "api",
+    "MapOptions": "engine.mapoptions",
     "RunReport": "report",
     "NOT_DONE": "sentinel",
     "PoolmapError": "errors",

@@ -178,10 +178,11 @@ class Pool:
     def size(self) -> int:
         return self.backend.size
 
-    def resize(self, workers: int | None) -> None:
+    def resize(self, workers: int | None, warn: bool = True) -> None:
         """Set the number of workers (None: the cores available); no restart needed."""
         _check_positive("workers", workers)
-        self._warn_size(workers)
+        if warn:
+            self._warn_size(workers)
         self.backend.resize(workers or self.cores)
 
     def start(self) -> "Pool":
@@ -200,15 +201,9 @@ class Pool:
         self.shutdown()
 
     def status(self) -> str:
-        warm = {"warm": "pool warm", "starting": "pool starting"}.get(
-            self.backend.state, "pool cold (starts on first use)"
-        )
-        threads = self.threads_per_worker()
-        return (
-            f"poolmagic: {self.size} worker{'s' if self.size != 1 else ''} · {self.backend.description}"
-            f" · {self.cores} core{'s' if self.cores != 1 else ''} available"
-            f" · {threads} native thread{'s' if threads != 1 else ''} per worker · {warm}"
-        )
+        from .display import status_text
+
+        return status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(), self.backend.state)
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, **options: Any) -> Job:
@@ -340,10 +335,23 @@ def shutdown_pool() -> None:
         pool.shutdown()
 
 
+def set_pool(pool: Pool) -> Pool:
+    """Make ``pool`` the shared pool (the magics' and pmap's); the old one is shut down.
+
+    The seam for other backends: ``set_pool(Pool(backend=SomeBackend(...)))``.
+    """
+    global _default
+    with _default_lock:
+        old, _default = _default, pool
+    if old is not None and old is not pool:
+        old.shutdown()
+    return pool
+
+
 def pmap(func: Callable, iterable: Iterable | None = None, **options: Any) -> list:
     """Map ``func`` over ``iterable`` on the shared warm pool; results in input order."""
     __tracebackhide__ = True
     return get_pool().map(func, iterable, **options)
 
 
-__all__ = ["Pool", "MapHandle", "get_pool", "shutdown_pool", "pmap", "PoolmapError", "BadInputError"]
+__all__ = ["Pool", "MapHandle", "get_pool", "set_pool", "shutdown_pool", "pmap", "PoolmapError", "BadInputError"]

@@ -1,16 +1,19 @@
-"""Render a RunReport: one text line for terminals, a compact HTML card for notebooks.
+"""Every rendering poolmagic does, in one place: plain data in, text or HTML out.
 
-Rendering is on the per-cell hot path, so both forms are plain string
+A run's summary (one text line for terminals, a compact HTML card for
+notebooks), the pool's status line and the ``--tune`` chart. Nothing here
+publishes or imports IPython: showing things is the magics' job (publish.py).
+Rendering is on the per-cell hot path, so every form is plain string
 formatting: no templates, no imports beyond the stdlib ``html`` escape.
 """
 from __future__ import annotations
 
 import html
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .report import RunReport
+    from .tune import TuneResult
 
 
 def _fmt_s(s: float) -> str:
@@ -91,43 +94,56 @@ def summary_html(r: "RunReport") -> str:
     )
 
 
-def _streams_idle() -> bool:
-    """True when ipykernel's stdout/stderr hold no text waiting to be sent."""
-    for stream in (sys.stdout, sys.stderr):
-        buffers = getattr(stream, "_buffers", None)
-        if buffers is None:
-            return False
-        if any(buf.tell() for buf in list(buffers.values())):
-            return False
-    return True
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def show(obj: Any, shell: Any) -> None:
-    """Display a report: straight to the display publisher, flushing streams only if needed.
-
-    ``display()`` runs every formatter and ipykernel flushes stdout and stderr
-    before publishing, each flush a synchronous round trip to its I/O thread:
-    together ~0.8 ms of a 4-item cell. The report's bundle is known, and the
-    flushes only keep printed text ahead of the display, so they are skipped
-    when no text is waiting.
-    """
-    pub = getattr(shell, "display_pub", None)
-    bundle = getattr(obj, "_repr_mimebundle_", None)
-    if pub is None or bundle is None:
-        from IPython.display import display
-
-        display(obj)
-        return
-    data = bundle()
-    if not hasattr(pub, "_flush_streams") or not _streams_idle():
-        pub.publish(data=data, metadata={})
-        return
-    pub._flush_streams = _no_flush
-    try:
-        pub.publish(data=data, metadata={})
-    finally:
-        del pub._flush_streams
+def status_text(size: int, description: str, cores: int, threads: int, state: str) -> str:
+    """``%poolsize``'s line: workers, backend, cores, native threads, warmth."""
+    warm = {"warm": "pool warm", "starting": "pool starting"}.get(state, "pool cold (starts on first use)")
+    return (
+        f"poolmagic: {_plural(size, 'worker')} · {description} · {cores} core{'s' if cores != 1 else ''} "
+        f"available · {_plural(threads, 'native thread')} per worker · {warm}"
+    )
 
 
-def _no_flush() -> None:
-    pass
+def tune_text(t: "TuneResult") -> str:
+    top = t.best().throughput
+    lines = [f"poolmagic --tune {t.func_name}: {t.cores} cores available"]
+    for r in t.rows:
+        bar = "█" * max(1, round(24 * r.throughput / top))
+        mark = "  ← chosen" if r.workers == t.chosen else ""
+        lines.append(f"  {r.workers:>3} workers  {r.throughput:>10.1f} items/s  {bar}{mark}")
+    lines.append(f"pool size set to {t.chosen}: {t.reason}")
+    return "\n".join(lines)
+
+
+def tune_html(t: "TuneResult") -> str:
+    top = t.best().throughput
+    bars = []
+    for k, r in enumerate(t.rows):
+        w = 220 * r.throughput / top
+        color = "#16a34a" if r.workers == t.chosen else "#9ca3af"
+        y = 4 + 22 * k
+        bars.append(
+            f'<text x="0" y="{y + 13}" font-size="11">{r.workers} w</text>'
+            f'<rect x="40" y="{y}" width="{w:.0f}" height="16" fill="{color}"/>'
+            f'<text x="{44 + w:.0f}" y="{y + 13}" font-size="11">{r.throughput:,.0f}/s</text>'
+        )
+    svg = (
+        f'<svg width="340" height="{8 + 22 * len(t.rows)}" style="font-family:system-ui">'
+        + "".join(bars)
+        + "</svg>"
+    )
+    rows = "".join(
+        f"<tr><td>{r.workers}</td><td>{r.items:,}</td><td>{r.wall_s:.3f}</td>"
+        f"<td>{r.throughput:,.1f}</td><td>{r.throughput / top:.0%}</td></tr>"
+        for r in t.rows
+    )
+    return (
+        f'<div class="poolmagic-tune" style="font-family:system-ui;font-size:12px">'
+        f"<b>poolmagic --tune</b> <code>{html.escape(t.func_name)}</code> · {t.cores} cores available<br>"
+        f"{svg}<table><tr><th>workers</th><th>items</th><th>wall s</th><th>items/s</th>"
+        f"<th>of best</th></tr>{rows}</table>"
+        f"<b>pool size set to {t.chosen}</b>: {html.escape(t.reason)}</div>"
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
-from .engine.processes import prestart, stop_helper_processes
+from .lifecycle import prestart, stop_helpers
 
 
 class _Extension:
@@ -59,7 +59,7 @@ class _Extension:
         from .api import shutdown_pool
 
         shutdown_pool()
-        stop_helper_processes()
+        stop_helpers()
 
 
 _loaded: _Extension | None = None
@@ -70,7 +70,7 @@ def stop_everything() -> None:
     from .api import shutdown_pool
 
     shutdown_pool()
-    stop_helper_processes(tracker=True)
+    stop_helpers(tracker=True)
 
 
 def load_ipython_extension(ip: Any) -> None:

@@ -14,10 +14,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
-from .api import MapHandle, get_pool, shutdown_pool
-from .display import show
+from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
+from .publish import show
 from .errors import BadInputError
-from .options import POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
+from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
 
@@ -197,17 +197,9 @@ class PoolMagics(Magics):
         else:
             func = self.shell.user_ns.get(fname)
         iterable = self._eval(expr, "ITERABLE", iter_code) if expr else None
-        kwargs = {k: self._eval(v, f"--kw {k}") for k, v in (o.get("kw") or {}).items()}
-        options = dict(
-            star=o.get("star", False),
-            chunksize=o.get("chunksize"),
-            timeout=o.get("timeout"),
-            keep_going=o.get("keep_going", False),
-            seed=o.get("seed"),
-            workers=o.get("workers"),
-            kwargs=kwargs or None,
-            repeat=o.get("repeat"),
-        )
+        options = {opt.dest: o[opt.dest] for opt in MAP_OPTIONS if opt.dest in o}
+        if "kwargs" in options:
+            options["kwargs"] = {k: self._eval(v, f"--kw {k}") for k, v in options["kwargs"].items()}
         quiet = o.get("quiet", False)
         try:
             if o.get("async_"):
@@ -260,6 +252,11 @@ class PoolMagics(Magics):
                 return tune(self.pool, budget=o.get("budget", 10.0))
             except BadInputError as exc:
                 raise UsageError(str(exc)) from None
+        if "threads" in o:
+            threads = o["threads"]
+            if threads != "auto" and threads < 1:
+                raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
+            self.pool.threads = None if threads == "auto" else threads
         if rest:
             if rest == "auto":
                 self.pool.resize(None)
@@ -272,7 +269,10 @@ class PoolMagics(Magics):
                     ) from None
                 if n < 1:
                     raise UsageError(f"%poolsize needs at least 1 worker, not {n}")
-                self.pool.resize(n)
+                note = too_many_workers(n, self.pool.cores)
+                if note:
+                    print(f"poolmagic: note: {note}")
+                self.pool.resize(n, warn=False)
             self.pool.start()
         print(self.pool.status())
         return None

@@ -5,8 +5,10 @@ or ``zip(a, b)``. Here options are read from the left; the first token that is
 not an option starts the expression, which is returned untouched. Option
 values that open a bracket run until it closes (``--kw y=[1, 2]``).
 
-The option table below is also what ``%%poolmap?`` shows, so the help and the
-parser cannot drift apart.
+The map options themselves (``--timeout``, ``--seed`` ...) are not listed
+here: they are MapOptions's fields (engine/mapoptions.py), each declaring its
+spelling and help. The table built below is also what ``%%poolmap?`` and the
+README show, so help, parser and options cannot drift apart.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from IPython.core.error import UsageError
+
+from .engine.mapoptions import cli_fields
 
 
 @dataclass(frozen=True)
@@ -26,25 +30,35 @@ class Opt:
     metavar: str = ""
 
 
-POOLMAP_OPTIONS: tuple[Opt, ...] = (
+# Options of the magic itself: where results go, which function, how to show it.
+MAGIC_OPTIONS: tuple[Opt, ...] = (
     Opt(("-o", "--out"), "out", "name", "bind the result list to NAME (else it is the cell's value)", "NAME"),
     Opt(("-f", "--func"), "func", "expr", "map this callable instead of the last function the cell defines", "FUNC"),
-    Opt(("--star",), "star", "flag", "starmap: each item is a tuple of arguments"),
-    Opt(("-c", "--chunksize"), "chunksize", "int", "items per chunk (default: adaptive, from measured item time)", "N"),
-    Opt(("-n", "--workers"), "workers", "int", "use N workers for this cell only", "N"),
     Opt(("-q", "--quiet"), "quiet", "flag", "do not show the summary"),
-    Opt(("--timeout",), "timeout", "float", "fail an item that runs longer than SECONDS (its worker is replaced)", "SECONDS"),
-    Opt(("--keep-going",), "keep_going", "flag", "run every item; raise one error summarising all failures at the end"),
     Opt(("--async",), "async_", "flag", "return a handle at once (.ready() .wait() .get() .cancel()); use with -o"),
-    Opt(("--kw",), "kw", "kw", "constant keyword argument, evaluated in the notebook (repeatable)", "NAME=EXPR"),
-    Opt(("--repeat",), "repeat", "int", "call a zero-argument function N times (no ITERABLE)", "N"),
-    Opt(("--seed",), "seed", "int", "seed random and numpy per item: reproducible, independent streams", "S"),
 )
+
+
+def _kind(annotation: str, declared: str) -> str:
+    if declared:
+        return declared
+    for word in ("bool", "float", "int"):
+        if word in annotation:
+            return {"bool": "flag", "float": "float", "int": "int"}[word]
+    return "expr"
+
+
+MAP_OPTIONS: tuple[Opt, ...] = tuple(
+    Opt(f.metadata["names"], f.name, _kind(str(f.type), f.metadata["kind"]), f.metadata["help"], f.metadata["metavar"])
+    for f in cli_fields()
+)
+POOLMAP_OPTIONS: tuple[Opt, ...] = MAGIC_OPTIONS + MAP_OPTIONS
 
 POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--tune",), "tune", "flag", "time the last mapped function at 1, 2, 4, ... workers and keep the best"),
     Opt(("--budget",), "budget", "float", "time budget of --tune in seconds (default 10)", "SECONDS"),
     Opt(("--shutdown",), "shutdown", "flag", "stop the pool's workers now (it restarts on next use)"),
+    Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
 )
 
 
@@ -114,24 +128,19 @@ def parse(line: str, table: tuple[Opt, ...]) -> Parsed:
 
 
 def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
+    """Syntax only: whether a value is allowed is MapOptions's to say (one place)."""
     if opt.kind == "int":
+        if raw == "auto" and opt.dest == "threads":
+            return "auto"
         try:
-            value = int(raw.replace("_", ""))
+            return int(raw.replace("_", ""))
         except ValueError:
             raise UsageError(f"{name} takes a whole number, not {raw!r}") from None
-        if value <= 0 and opt.dest != "seed":
-            raise UsageError(f"{name} must be at least 1, not {value}")
-        if value < 0:
-            raise UsageError(f"{name} must not be negative, not {value}")
-        return value
     if opt.kind == "float":
         try:
-            value = float(raw)
+            return float(raw)
         except ValueError:
             raise UsageError(f"{name} takes a number of seconds, not {raw!r}") from None
-        if not value > 0:
-            raise UsageError(f"{name} must be more than 0, not {raw}")
-        return value
     if opt.kind == "name":
         if not raw.isidentifier():
             raise UsageError(f"{name} takes a variable name, not {raw!r}")
@@ -144,6 +153,15 @@ def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
         kws[key] = expr
         return kws
     return raw
+
+
+def markdown_table(table: tuple[Opt, ...]) -> str:
+    """The options as the README's Markdown table (a test keeps the README in step)."""
+    rows = ["| option | what it does |", "|---|---|"]
+    for o in table:
+        left = ", ".join(o.names) + (f" {o.metavar}" if o.metavar else "")
+        rows.append(f"| `{left}` | {o.help} |")
+    return "\n".join(rows)
 
 
 def help_text(table: tuple[Opt, ...]) -> str:

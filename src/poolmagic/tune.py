@@ -9,7 +9,6 @@ that add nothing only cost memory.
 """
 from __future__ import annotations
 
-import html
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -46,14 +45,9 @@ class TuneResult:
         return max(self.rows, key=lambda r: r.throughput)
 
     def text(self) -> str:
-        top = self.best().throughput
-        lines = [f"poolmagic --tune {self.func_name}: {self.cores} cores available"]
-        for r in self.rows:
-            bar = "█" * max(1, round(24 * r.throughput / top))
-            mark = "  ← chosen" if r.workers == self.chosen else ""
-            lines.append(f"  {r.workers:>3} workers  {r.throughput:>10.1f} items/s  {bar}{mark}")
-        lines.append(f"pool size set to {self.chosen}: {self.reason}")
-        return "\n".join(lines)
+        from .display import tune_text
+
+        return tune_text(self)
 
     def __repr__(self) -> str:
         return self.text()
@@ -62,34 +56,9 @@ class TuneResult:
         p.text(self.text())
 
     def _repr_html_(self) -> str:
-        top = self.best().throughput
-        bars = []
-        for k, r in enumerate(self.rows):
-            w = 220 * r.throughput / top
-            color = "#16a34a" if r.workers == self.chosen else "#9ca3af"
-            y = 4 + 22 * k
-            bars.append(
-                f'<text x="0" y="{y + 13}" font-size="11">{r.workers} w</text>'
-                f'<rect x="40" y="{y}" width="{w:.0f}" height="16" fill="{color}"/>'
-                f'<text x="{44 + w:.0f}" y="{y + 13}" font-size="11">{r.throughput:,.0f}/s</text>'
-            )
-        svg = (
-            f'<svg width="340" height="{8 + 22 * len(self.rows)}" style="font-family:system-ui">'
-            + "".join(bars)
-            + "</svg>"
-        )
-        rows = "".join(
-            f"<tr><td>{r.workers}</td><td>{r.items:,}</td><td>{r.wall_s:.3f}</td>"
-            f"<td>{r.throughput:,.1f}</td><td>{r.throughput / top:.0%}</td></tr>"
-            for r in self.rows
-        )
-        return (
-            f'<div class="poolmagic-tune" style="font-family:system-ui;font-size:12px">'
-            f"<b>poolmagic --tune</b> <code>{html.escape(self.func_name)}</code> · {self.cores} cores available<br>"
-            f"{svg}<table><tr><th>workers</th><th>items</th><th>wall s</th><th>items/s</th>"
-            f"<th>of best</th></tr>{rows}</table>"
-            f"<b>pool size set to {self.chosen}</b>: {html.escape(self.reason)}</div>"
-        )
+        from .display import tune_html
+
+        return tune_html(self)
 
 
 def candidate_sizes(cores: int) -> list[int]:

@@ -71,10 +71,8 @@ class WorkerHandle:
         else:
             # anything else may hold notebook-defined classes, pickled by value
             blob, frames = P.dumps_oob(items, cloudpickle.dumps)
-        o = job.options
         msg = P.RunChunk(seq, job.payload.key, job.context.key, start, len(items), blob,
-                         tuple(f.nbytes for f in frames), o.star, timed, o.keep_going, o.seed,
-                         o.timeout is not None)
+                         tuple(f.nbytes for f in frames), job.wire_options, timed)
         return P.encode(msg), frames
 
     def send_chunk(self, chunk: Chunk, data: bytes, frames: list) -> None:

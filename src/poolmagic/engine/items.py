@@ -96,6 +96,7 @@ class ItemSource:
         Returns the exception the iterable raised, noted with the position of
         the item it was producing; KeyboardInterrupt propagates.
         """
+        __tracebackhide__ = True
         error = None
         while not self.stream_done and len(self._buffer) < self.want:
             n = self.want - len(self._buffer)

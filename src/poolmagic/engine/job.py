@@ -51,6 +51,7 @@ class Job:
         self.source = source
         self.report = report
         self.options = options
+        self.wire_options = options.with_(kwargs=None) if options.kwargs else options  # user objects stay out of envelopes
         self.context = context
         self.chunksize = 1 if options.timeout is not None and options.chunksize is None else options.chunksize
         self.retry: deque[tuple[int, Any]] = deque()

@@ -73,14 +73,14 @@ def _check(name: str, value: Any, annotation: str) -> None:
     if "float" in annotation:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         if not ok:
-            raise BadInputError(f"{name} must be a positive number, not {value!r}")
+            raise BadInputError(f"{name} must be a number more than 0, not {value!r}")
         return
     if name == "seed":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise BadInputError(f"seed must be a non-negative whole number, not {value!r}")
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadInputError(f"{name} must be a positive whole number, not {value!r}")
+        raise BadInputError(f"{name} must be a whole number, at least 1, not {value!r}")
 
 
 def cli_fields() -> list:

@@ -1,14 +1,14 @@
 """The messages between the parent and a worker process, each a named type.
 
 Every message is a NamedTuple pickled with the plain ``pickle`` module, and
-its fields hold only builtins: ``str``, ``int``, ``bytes``, ``range``, lists,
-dicts. Whatever the user owns (items, results, exceptions, the function)
+its fields hold only builtins (``str``, ``int``, ``bytes``, ``range``, lists,
+dicts) and poolmagic's own MapOptions. Whatever the user owns (items, results, exceptions, the function)
 travels inside a message as ``bytes`` and, for big buffers, as raw frames sent
 right after it (pickle protocol 5 out-of-band buffers).
 
 That split is what lets a worker's reader thread receive a message without
 running user code: unpickling an envelope imports nothing but this module,
-which every worker has already imported. User bytes are decoded on the
+and mapoptions.py, which every worker has already imported. User bytes are decoded on the
 worker's main thread only, so two threads never import (numpy, say) at once.
 
 Parent -> worker::
@@ -63,11 +63,8 @@ class RunChunk(NamedTuple):
     count: int  #: number of items
     items: Any  #: a ``range`` (sent as is) or the pickled list of items
     sizes: tuple  #: out-of-band buffer frames that follow ``items``
-    star: bool  #: call fn(*item)
+    options: Any  #: the map's MapOptions, without ``kwargs`` (bound into the function)
     timed: bool  #: time each item (else one time for the chunk)
-    keep_going: bool  #: run the rest of the chunk after an item fails
-    seed: int | None  #: seed random/numpy per item from (seed, index)
-    ack: bool  #: answer Began when starting (a timeout applies)
 
 
 class Stop(NamedTuple):

@@ -48,6 +48,7 @@ import cloudpickle
 
 from .. import errors as _errors
 from ..sentinel import NOT_DONE
+from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
 from . import protocol as P
 from .context import ContextApplier, ProcessState
 
@@ -284,11 +285,12 @@ class Worker:
             except BaseException as exc:
                 self._send(P.ChunkFailed(msg.seq, "decode", _errors.pack_exception(exc, PKG_DIR)))
                 return None
-        if msg.ack:  # the chunk is timed: tell the parent its clock starts now
+        o = msg.options
+        if o.timeout is not None:  # tell the parent the chunk's clock starts now
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()
         out, t0, t1, times, records, errors = run_chunk(
-            fn, items, msg.start, star=msg.star, timed=msg.timed, keep_going=msg.keep_going, seed=msg.seed
+            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed
         )
         recycle = self.baseline.changed() if self.baseline is not None else None
         body, frames_out = self._pack_results(out, records, errors, msg.start)

@@ -1,0 +1,224 @@
+"""What each worker reply, death or deadline does to the job it concerns.
+
+Part of the local backend (mixed into LocalBackend, whose state it uses:
+``_procs``, ``_jobs``), kept apart because it is the failure policy: a crash
+fails the running item and hands queued chunks back, a timeout kills the
+worker, an item that does not unpickle is isolated, a finished, failed or
+cancelled job stops all its work at once. Runs on the manager thread.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cloudpickle
+
+from ..errors import (
+    ItemPicklingError,
+    ItemTimeoutError,
+    WorkerCrashedError,
+    add_note,
+    exit_description,
+    rebuild_exception,
+    safe_str,
+)
+from ..serialize import describe
+from . import protocol as P
+from .events import ChunkRecord, WorkerReplaced
+from .handle import Chunk, WorkerHandle, kill_group
+from .job import Job
+
+START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
+
+
+class Outcomes:
+    """Mixin of LocalBackend: reactions to replies, deaths and deadlines."""
+
+    _procs: dict[int, WorkerHandle]
+    _jobs: list[Job]
+
+    def _handle(self, p: WorkerHandle, msg: Any, frames: list | None) -> None:
+        kind = type(msg)
+        if kind is P.ChunkDone:
+            self._on_done(p, msg, frames)
+        elif kind is P.Began:
+            p.began(msg.seq)
+        elif kind is P.ChunkFailed:
+            self._on_chunk_failed(p, msg)
+        elif kind is P.WorkerFailed:
+            p.retiring = "failed"
+            p.failure = rebuild_exception(msg.error)
+
+    def _on_done(self, p: WorkerHandle, msg: P.ChunkDone, frames: list | None) -> None:
+        if msg.modules:
+            p.modules.update(msg.modules)
+        if msg.recycle:
+            p.retiring = msg.recycle  # it exits now; what it still holds never ran
+        chunk = p.pop_head()
+        assert chunk.seq == msg.seq, "worker answered out of order"
+        job = chunk.job
+        if chunk.cancelled or not job.active:
+            job.drop_chunk()
+            return
+        try:
+            out, records, errs = p.results(msg, frames)
+        except Exception as exc:
+            err = ItemPicklingError(f"the results of {chunk.describe()} could not be unpickled in the kernel: {exc}")
+            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
+        else:
+            errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
+            rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid)
+            job.chunk_done(rec, out, records, errors, chunk.items)
+        if not job.active:
+            self._abandon(job)
+
+    def _on_chunk_failed(self, p: WorkerHandle, msg: P.ChunkFailed) -> None:
+        chunk = p.pop_head()
+        job = chunk.job
+        if chunk.cancelled or not job.active:
+            job.drop_chunk()
+            return
+        exc = rebuild_exception(msg.error, job.filename_of)
+        if msg.stage == "decode":
+            if len(chunk.items) > 1:  # find the item that does not unpickle
+                job.retry_singly(chunk.start, chunk.items)
+                return
+            err = ItemPicklingError(
+                f"{chunk.describe()} could not be unpickled in the worker: "
+                f"{type(exc).__name__}: {safe_str(exc)}"
+            )
+            err.__cause__ = exc
+            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
+        else:
+            where = ("the kernel's working directory or environment could not be applied"
+                     if msg.stage == "context" else "the function could not be loaded")
+            add_note(exc, f"poolmagic: {where} in a worker process.")
+            job.drop_chunk()
+            job.fail(exc)
+        if not job.active:
+            self._abandon(job)
+
+    def _on_death(self, p: WorkerHandle) -> None:
+        if self._procs.get(p.slot) is not p:
+            return
+        try:  # results it sent before dying are still valid
+            while p.pending():
+                self._handle(p, *p.read())
+        except (EOFError, OSError):
+            pass
+        kill_group(p.pid)  # before reaping: what it started dies with it
+        p.proc.join(1)
+        code = p.proc.exitcode
+        self._forget(p)
+        if not p.inflight:
+            return
+        if p.retiring and p.retiring != "failed":  # it left on purpose: nothing it holds ran
+            for c in p.inflight:
+                self._give_back(c)
+            return
+        head, *rest = p.inflight
+        for c in rest:
+            self._give_back(c)
+        job = head.job
+        if head.cancelled or not job.active:
+            job.drop_chunk()
+            return
+        failure = p.failure
+        if failure is None and job.options.keep_going and len(head.items) > 1:
+            job.retry_singly(head.start, head.items)  # isolate the item that kills workers
+            return
+        if failure is not None:
+            what = f"could not read a message from the kernel ({type(failure).__name__}: {safe_str(failure)})"
+        else:
+            what = f"died with {exit_description(code)}"
+        exc = WorkerCrashedError(
+            f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
+            f"The worker was replaced; items that finished are kept.",
+            head.indices,
+            code,
+        )
+        exc.__cause__ = failure
+        job.items_failed(head.indices, exc, head.items, head.start)
+        job.publish(WorkerReplaced(p.slot, p.pid, what))
+        if not job.active:
+            self._abandon(job)
+
+    def _check_timeouts(self) -> None:
+        now = time.perf_counter()
+        for p in list(self._procs.values()):
+            if not p.inflight:
+                continue
+            head = p.inflight[0]
+            t = head.job.options.timeout
+            if t is None or head.cancelled or now < self._deadline(p):
+                continue
+            self._kill(p)
+            for c in list(p.inflight)[1:]:
+                self._give_back(c)
+            job = head.job
+            exc = ItemTimeoutError(
+                f"{head.describe()} ran longer than the {t:g} s timeout; "
+                f"its worker was killed and replaced.",
+                head.start,
+                t,
+            )
+            job.items_failed(head.indices, exc, head.items, head.start)
+            if not job.active:
+                self._abandon(job)
+
+    def _next_deadline(self) -> float | None:
+        now = time.perf_counter()
+        best = None
+        for p in self._procs.values():
+            if p.inflight and p.inflight[0].job.options.timeout is not None:
+                left = self._deadline(p) - now
+                best = left if best is None else min(best, left)
+        return None if best is None else max(best, 0.0)
+
+    @staticmethod
+    def _deadline(p: WorkerHandle) -> float:
+        """When the head chunk's timeout expires. Until the worker says it began
+        (start-up, imports, loading a big function), a grace period applies."""
+        head = p.inflight[0]
+        limit = head.job.options.timeout * len(head.items)
+        return p.head_started + limit + (0.0 if p.head_begun else START_GRACE_S)
+
+    def _give_back(self, c: Chunk) -> None:
+        """A chunk that never started: back to its job (or dropped if cancelled)."""
+        if c.cancelled or not c.job.active:
+            c.job.drop_chunk()
+        else:
+            c.job.requeue(c.start, c.items)
+
+    def _abandon(self, job: Job) -> None:
+        """Stop all work of a finished, failed or cancelled job at once."""
+        for p in list(self._procs.values()):
+            if not any(c.job is job for c in p.inflight):
+                continue
+            if p.inflight[0].job is job:  # running it now: kill, re-queue the others
+                self._kill(p)
+                for c in p.inflight:
+                    self._give_back(c)
+            else:
+                for c in p.inflight:
+                    if c.job is job:
+                        c.cancelled = True
+        self._forget_finished_jobs()
+
+    def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
+        bad: dict[int, BaseException] = {}
+        for k, x in enumerate(items):
+            try:
+                cloudpickle.dumps(x, protocol=5)
+            except Exception as exc:
+                bad[k] = ItemPicklingError(
+                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                    f"to a worker: {safe_str(exc)}"
+                )
+        if not bad:  # the items pickle one by one; report the whole chunk
+            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+        job.split_failed(start, items, bad)
+        if not job.active:
+            self._abandon(job)
+
+
