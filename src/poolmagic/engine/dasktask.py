@@ -1,0 +1,146 @@
+"""What runs inside a dask worker: one chunk of one map, as a local worker runs it.
+
+The dask backend (daskbackend.py) submits ``run`` once per chunk. It is found
+by reference on the worker, so poolmagic must be installed there; the user's
+function travels by value inside a ``Blob`` scattered to every worker once
+per function version, and is unpickled once per worker process (``_FNS``).
+
+The chunk itself runs through ``worker.run_chunk``: the same per-item
+seeding, print() capture, timing and exception packing as the local
+backend, so results, errors and output are the same whichever backend ran
+them. Results go back already pickled (cloudpickle, big buffers as separate
+frames), so a result that cannot be pickled becomes an error naming its
+item, as locally, instead of failing inside dask's transfer.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import cloudpickle
+
+from .. import errors as _errors
+from . import protocol as P
+from . import worker as _worker
+from .context import ContextApplier
+
+_FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
+_APPLIER = ContextApplier()
+# run_chunk swaps sys.stdout/sys.stderr for the whole process and the context
+# (cwd, environment) is per process too: one chunk at a time per process.
+_LOCK = threading.Lock()
+
+
+class Blob:
+    """Pickled bytes plus out-of-band buffers that dask moves as raw frames.
+
+    With pickle protocol 5 the buffers leave the pickle stream as frames (no
+    copy into it); dask uses protocol 4 on some of its own paths, where they
+    travel in band as bytes instead.
+    """
+
+    __slots__ = ("key", "data", "buffers")
+
+    def __init__(self, key: str | None, data: bytes, buffers: list):
+        self.key, self.data, self.buffers = key, data, buffers
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        if protocol >= 5:
+            bufs = [pickle.PickleBuffer(b) for b in self.buffers]
+        else:
+            bufs = [bytes(b) for b in self.buffers]
+        return (Blob, (self.key, self.data, bufs))
+
+    def load(self) -> Any:
+        return pickle.loads(self.data, buffers=[_writable(b) for b in self.buffers])
+
+
+class Box:
+    """One object to scatter as is (dask would scatter a tuple's items one by one)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __reduce__(self) -> tuple:
+        return (Box, (self.value,))
+
+
+def _writable(buf: Any) -> Any:
+    """Arrays made from read-only frames would be read-only: copy those (rare)."""
+    view = memoryview(buf)
+    return bytearray(view) if view.readonly else view
+
+
+def run(fn: Blob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
+        report_end: bool = False) -> tuple:
+    """Run one chunk; returns ("done", ...) or ("failed", stage, packed error).
+
+    ``topic``: where to say that the chunk begins (and with ``report_end``,
+    that it ended: a remote cluster's client gives a task that timed out up,
+    but must know when its worker is free again).
+    """
+    with _LOCK:
+        try:
+            return _run(fn, ctx, seq, start, items, options, timed, topic)
+        finally:
+            if report_end:
+                _tell(topic, {"seq": seq, "end": True})
+
+
+def _run(fn: Blob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str) -> tuple:
+    _worker.IN_WORKER = True  # a pool started by the function would nest: refused
+    if ctx is not None:
+        try:
+            _APPLIER.apply(ctx.value)
+        except BaseException as exc:
+            return ("failed", "context", _errors.pack_exception(exc, _worker.PKG_DIR))
+    try:
+        func = _function(fn)
+    except BaseException as exc:
+        return ("failed", "load", _errors.pack_exception(exc, _worker.PKG_DIR))
+    if type(items) is Blob:
+        try:
+            items = items.load()
+        except BaseException as exc:
+            return ("failed", "decode", _errors.pack_exception(exc, _worker.PKG_DIR))
+    address = _tell(topic, {"seq": seq, "pid": os.getpid()})
+    _APPLIER.limit_threads_if_new_libraries()
+    out, t0, t1, times, records, errors = _worker.run_chunk(
+        func, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed
+    )
+    try:
+        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
+    except Exception:
+        out, errors = _worker._strip_unpicklable(out, errors, start)
+        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
+    # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
+    return ("done", t0, t1, times, os.getpid(), address, body, frames)
+
+
+def _function(fn: Blob) -> Any:
+    func = _FNS.get(fn.key)
+    if func is None:
+        func = fn.load()
+        _FNS[fn.key] = func
+        while len(_FNS) > _worker.CACHE_SIZE:
+            _FNS.popitem(last=False)
+    else:
+        _FNS.move_to_end(fn.key)
+    return func
+
+
+def _tell(topic: str, msg: dict) -> str | None:
+    """An event for the client: chunk ``seq`` runs now, here (timeouts, interrupts, crashes)."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        w.log_event(topic, msg)
+        return w.address
+    except Exception:  # not in a dask worker (a test calling run directly)
+        return None
