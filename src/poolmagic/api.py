@@ -18,11 +18,11 @@ import warnings
 from typing import Any, Callable, Iterable
 
 from .cores import available_cores
+from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
 from .engine.items import ItemSource
 from .engine.job import Job, write_outputs
-from .engine.local import LocalBackend
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, MapCancelledError, PoolmapError, add_note, point_at_function
 from .report import RunReport
@@ -152,11 +152,14 @@ class MapHandle:
 class Pool:
     """A warm pool of worker processes that maps notebook-defined functions."""
 
-    def __init__(self, workers: int | None = None, *, start_method: str | None = None, backend: Backend | None = None):
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None,
+                 backend: Backend | str | None = None, address: str | None = None):
+        """``backend``: "local" (default), "dask" (a LocalCluster, or the cluster at
+        ``address``, e.g. "tcp://host:8786"), or a Backend instance."""
         _check_positive("workers", workers)
         self.cores = available_cores()
         self._warn_size(workers)
-        self.backend: Backend = backend or LocalBackend(workers or self.cores, start_method)
+        self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address)
         self.last_report: RunReport | None = None
         self.last_job: Job | None = None
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
@@ -203,7 +206,9 @@ class Pool:
     def status(self) -> str:
         from .display import status_text
 
-        return status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(), self.backend.state)
+        text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(), self.backend.state)
+        detail = getattr(self.backend, "status_detail", None)  # e.g. a dask cluster's scheduler and dashboard
+        return f"{text}\n{detail()}" if detail is not None else text
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, **options: Any) -> Job:
