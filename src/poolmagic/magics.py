@@ -16,7 +16,7 @@ from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
 from .publish import show
-from .errors import BadInputError
+from .errors import BadInputError, PoolmapError
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
@@ -245,6 +245,13 @@ class PoolMagics(Magics):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")
             return None
+        if "backend" in o or "address" in o:
+            from .switch import switch_backend
+
+            try:
+                switch_backend(o.get("backend"), o.get("address"))
+            except PoolmapError as exc:
+                raise UsageError(str(exc)) from None
         if o.get("tune"):
             from .tune import tune
 

@@ -59,6 +59,8 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--budget",), "budget", "float", "time budget of --tune in seconds (default 10)", "SECONDS"),
     Opt(("--shutdown",), "shutdown", "flag", "stop the pool's workers now (it restarts on next use)"),
     Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
+    Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
+    Opt(("--address",), "address", "expr", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
 )
 
 
