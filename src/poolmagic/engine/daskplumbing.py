@@ -131,6 +131,7 @@ def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
         worker_class=PoolNanny,
         scheduler_kwargs={"allowed_failures": 0},
         silence_logs=logging.ERROR,
+        preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
     )
     try:
         client = Client(cluster, set_as_default=False, direct_to_workers=True)
