@@ -61,9 +61,10 @@ from .base import Backend
 from .daskoutcomes import DaskChunk, DaskOutcomes
 from .daskplumbing import check_workers, dashboard_link, forget_at_exit, start_local_cluster, stop_at_exit
 from .job import ItemTimes, Job
-from .local import TIMED_ABOVE_S, WINDOW
+from .local import TIMED_ABOVE_S
 
 CONNECT_TIMEOUT_S = 10.0
+WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
 SCATTER_ATTEMPTS = 3
 KEEP_VERSIONS = 4  # function versions kept scattered, as a local worker caches 4
 REFRESH_OWNED_S = 0.1  # how often the worker list is read again while work waits: our cluster (no round trip)
@@ -101,7 +102,9 @@ class DaskBackend(DaskOutcomes, Backend):
         self._listening: set[str] = set()  # worker addresses whose event topic we follow
         self._refreshed = 0.0
         self._expected: set[str] = set()  # workers we killed: what they held goes back, unblamed
-        self._zombies: dict[int, str] = {}  # remote tasks given up on, still running: seq -> address
+        # chunks given up on that still run (left to finish, or on a remote cluster): seq -> address
+        self._zombies: dict[int, str] = {}
+        self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
         self._lost: set[str] = set()  # scattered keys lost with their workers
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
         self._item_times = ItemTimes()

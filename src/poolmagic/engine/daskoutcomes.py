@@ -41,6 +41,9 @@ from .handle import Chunk
 from .job import Job
 
 EXIT_CODE_WAIT_S = 0.2  # how long a crash report waits for the nanny to say how its worker ended
+# A LocalCluster's nanny takes about this long to start a new worker: a chunk given
+# up on that will end sooner by itself is left to finish (its result dropped).
+RESTART_S = 1.0
 
 
 class DaskChunk(Chunk):
@@ -72,6 +75,7 @@ class DaskOutcomes:
     _workers: dict[str, int | None]
     _expected: set[str]
     _zombies: dict[int, str]
+    _zombie_keys: dict[str, int]
     _lost: set[str]
     _gone: set[str]
     _blobs: Any
@@ -103,6 +107,9 @@ class DaskOutcomes:
     def _on_result(self, fut: Any, result: Any) -> None:
         c = self._by_key.get(fut.key)
         if c is None:
+            seq = self._zombie_keys.pop(fut.key, None)
+            if seq is not None:  # a chunk left to finish: its worker is free again
+                self._zombies.pop(seq, None)
             return  # answered already (a death, a timeout, a cancel)
         status = fut.status
         if status == "error" and _is_death(result[1]):
@@ -211,6 +218,8 @@ class DaskOutcomes:
                         del cache[version]
         for seq in [s for s, a in self._zombies.items() if a == address]:
             del self._zombies[seq]
+        for key in [k for k, s in self._zombie_keys.items() if s not in self._zombies]:
+            del self._zombie_keys[key]
         killed = address in self._expected
         self._expected.discard(address)
         chunks = sorted((c for c in self._inflight.values() if c.worker == address), key=lambda c: c.seq)
@@ -317,15 +326,28 @@ class DaskOutcomes:
         heads: dict[str, DaskChunk] = {}  # what each worker runs now: its oldest chunk
         for c in sorted(self._inflight.values(), key=lambda c: c.seq):
             heads.setdefault(c.worker, c)
+        stop, finish = [], []
         for c in chunks:
             self._take(c)
             job.drop_chunk()
-        self._cancel_futures(chunks)
-        for c in chunks:
             # running now, even if its "began" is still on its way (queued ones just go)
             if c.began is not None or heads.get(c.worker) is c:
-                self._stop_running(c)
+                (finish if self._ends_soon(c) else stop).append(c)
+        self._cancel_futures([c for c in chunks if c not in finish])
+        for c in stop:
+            self._stop_running(c)
+        for c in finish:  # its worker is busy until the result comes (and is dropped)
+            self._zombies[c.seq] = c.worker
+            self._zombie_keys[c.future.key] = c.seq
         self._forget_finished_jobs()
+
+    def _ends_soon(self, c: DaskChunk) -> bool:
+        """A running chunk of ours that will end before a new worker could start."""
+        t = c.job.per_item_s()
+        if not self.owned or t is None:
+            return False  # a remote task runs on anyway; unknown: it may run for ever
+        ran = time.perf_counter() - c.began if c.began is not None else 0.0
+        return t * len(c.items) - ran < RESTART_S
 
     def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
         bad: dict[int, BaseException] = {}
