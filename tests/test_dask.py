@@ -164,14 +164,15 @@ def remote_cluster():
         procs.append(p)
         return p
 
-    launch("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file))
+    # --no-dashboard alone still serves HTTP on 0.0.0.0: bind that to loopback too
+    loopback = ("--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0")
+    launch("scheduler", *loopback, "--port", "0", "--scheduler-file", str(sched_file))
     deadline = time.monotonic() + 30
     while not sched_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sched_file.exists(), "dask scheduler did not start"
     for _ in range(2):
-        launch("worker", "--scheduler-file", str(sched_file), "--nthreads", "1", "--host", "127.0.0.1",
-               "--no-dashboard")
+        launch("worker", *loopback, "--scheduler-file", str(sched_file), "--nthreads", "1")
     import json
 
     address = json.loads(sched_file.read_text())["address"]
@@ -336,6 +337,15 @@ def test_local_cluster_listens_on_loopback_only(dask_pool):
                 listening.append((pid, conn.laddr.ip, conn.laddr.port))
     assert listening, "the cluster listens nowhere?"
     assert all(ip == "127.0.0.1" for _, ip, _ in listening), listening
+
+
+def test_cli_cluster_listens_on_loopback_only(remote_cluster):
+    _, procs = remote_cluster
+    listening = []
+    for p in procs:
+        for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]:
+            listening += [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and set(listening) == {"127.0.0.1"}, listening
 
 
 def test_status_names_scheduler_workers_cores_and_dashboard(dask_pool):
