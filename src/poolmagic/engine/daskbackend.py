@@ -40,9 +40,12 @@ Failures, as the local backend has them:
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -107,6 +110,7 @@ class DaskBackend(DaskOutcomes, Backend):
         self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
         self._lost: set[str] = set()  # scattered keys lost with their workers
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
+        self._marks: str | None = None  # our LocalCluster's workers write their running chunk here
         self._item_times = ItemTimes()
         self._ac: Any = None
         self._more = threading.Event()
@@ -271,6 +275,7 @@ class DaskBackend(DaskOutcomes, Backend):
 
     def _connect(self) -> None:
         if self.owned:
+            self._marks = tempfile.mkdtemp(prefix="poolmagic-dask-")  # see dasktask._mark
             self.cluster, self.client = start_local_cluster(self._size)
         else:
             self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
@@ -381,7 +386,7 @@ class DaskBackend(DaskOutcomes, Backend):
             return
         for address in workers:
             if address not in self._workers and address not in self._gone:
-                self._workers[address] = None
+                self._workers[address] = self._pid_of(address)  # ours; a remote one: from its events
                 self._slot(address)
                 self._listen(address)
         for address in [a for a in self._workers if a not in workers]:
@@ -427,6 +432,16 @@ class DaskBackend(DaskOutcomes, Backend):
         if slot is None:
             slot = self._slots[address] = len(self._slots)
         return slot
+
+    def _running_mark(self, address: str) -> int | None:
+        """The chunk our worker at ``address`` wrote down as running (-1: none; None: unknown)."""
+        if self._marks is None:
+            return None
+        try:
+            with open(os.path.join(self._marks, dasktask.mark_name(address)), "rb") as f:
+                return int(f.read().strip() or b"-1")
+        except (OSError, ValueError):
+            return None
 
     def _pid_of(self, address: str) -> int | None:
         """The process of the worker at ``address`` (a LocalCluster we own)."""
@@ -508,6 +523,7 @@ class DaskBackend(DaskOutcomes, Backend):
             ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context)) if self.owned else None
             fut = self.client.submit(
                 dasktask.run, fn, ctx, seq, start, wire, job.wire_options, timed, self._topic, not self.owned,
+                self._marks,
                 key=f"poolmap-{_task_name(job)}-{self._token}-{seq}", retries=0,
                 workers=[address], allow_other_workers=False,
             )
@@ -592,6 +608,8 @@ class DaskBackend(DaskOutcomes, Backend):
         self._blobs.clear()
         self._contexts.clear()
         self._listening.clear()
+        if self._marks is not None:
+            shutil.rmtree(self._marks, ignore_errors=True)
 
 
 def _kill(pid: int) -> None:

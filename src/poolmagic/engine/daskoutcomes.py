@@ -207,7 +207,7 @@ class DaskOutcomes:
         ``expected``: it was stopped on purpose (retired, restarted), False: it
         died, None: it vanished from the worker list without a word.
         """
-        self._workers.pop(address, None)
+        pid = self._workers.pop(address, None)
         self._gone.add(address)
         self._unlisten(address)
         if lost:  # the only copies of a function version went with it: scatter it again
@@ -228,18 +228,28 @@ class DaskOutcomes:
         for c in chunks:
             self._take(c)
         self._cancel_futures(chunks)
-        began = [c for c in chunks if c.began is not None]
-        if killed or expected or (expected is None and not began):  # nothing it held is to blame
-            for c in chunks:
-                self._give_back(c)
-            return
-        head = began[0] if began else chunks[0]  # a worker runs its tasks in the order they came
+        head = None if killed or expected else self._was_running(address, chunks, vanished=expected is None)
         for c in chunks:
             if c is not head:
-                self._give_back(c)
-        self._crashed(head, address)
+                self._give_back(c)  # queued, or finished with its result still on the worker
+        if head is not None:
+            self._crashed(head, address, pid)
 
-    def _crashed(self, c: DaskChunk, address: str) -> None:
+    def _was_running(self, address: str, chunks: list[DaskChunk], vanished: bool) -> DaskChunk | None:
+        """Which of a dead worker's chunks it was running (None: none of them, or no telling)."""
+        mark = self._running_mark(address)
+        if mark is not None:  # our own cluster: the worker wrote it down
+            return next((c for c in chunks if c.seq == mark), None)
+        # Otherwise from what dask told: not one whose task finished (its result
+        # died with the worker), the last one that said it began, else the oldest:
+        # a one-thread worker runs its tasks in the order they came.
+        open_ = [c for c in chunks if c.future.status != "finished"]
+        began = [c for c in open_ if c.began is not None]
+        if began:
+            return began[-1]
+        return None if vanished or not open_ else open_[0]
+
+    def _crashed(self, c: DaskChunk, address: str, pid: int | None = None) -> None:
         """``c`` was running when its worker died: its items fail (or are isolated)."""
         job = c.job
         if not job.active:
@@ -249,7 +259,7 @@ class DaskOutcomes:
             job.retry_singly(c.start, c.items)  # find the item that kills workers
             return
         code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
-        pid = c.pid or self._workers.get(address)
+        pid = c.pid or pid
         where = f"{address}, pid {pid}" if pid else address
         if self.owned:
             what = f"died with {exit_description(code)}" if code is not None else "died"
@@ -370,6 +380,9 @@ class DaskOutcomes:
         raise NotImplementedError
 
     def _pid_of(self, address: str) -> int | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _running_mark(self, address: str) -> int | None:  # pragma: no cover
         raise NotImplementedError
 
     def _unlisten(self, address: str) -> None:  # pragma: no cover

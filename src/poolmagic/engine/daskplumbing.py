@@ -5,6 +5,7 @@ backend (daskbackend.py) only decides *when*.
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import re
@@ -72,11 +73,13 @@ class QuietLogs(logging.Filter):
         r"marked as failed because|Restarting worker|Worker process \d+ (was killed|exited)|"
         r"Removing worker .* caused the cluster to lose|Received heartbeat from unregistered worker|"
         r"Closed comm .* while trying to write|Failed to communicate with scheduler during heartbeat|"
-        r"Batched Comm Closed|reaping stray process|exit status was already read"
+        r"Batched Comm Closed|reaping stray process|exit status was already read|Couldn't gather keys"
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
+            if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+                return False  # a nanny's restart cut short by the close
             return not self.PATTERNS.search(record.getMessage())
         except Exception:
             return True

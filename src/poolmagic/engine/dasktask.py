@@ -77,17 +77,20 @@ def _writable(buf: Any) -> Any:
 
 
 def run(fn: Blob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
-        report_end: bool = False) -> tuple:
+        report_end: bool = False, marks: str | None = None) -> tuple:
     """Run one chunk; returns ("done", ...) or ("failed", stage, packed error).
 
     ``topic``: where to say that the chunk begins (and with ``report_end``,
     that it ended: a remote cluster's client gives a task that timed out up,
-    but must know when its worker is free again).
+    but must know when its worker is free again). ``marks``: a folder on this
+    machine (a LocalCluster's) where the chunk running now is written down.
     """
     with _LOCK:
+        _mark(marks, seq)
         try:
             return _run(fn, ctx, seq, start, items, options, timed, topic)
         finally:
+            _mark(marks, -1)
             if report_end:
                 _tell(topic, {"seq": seq, "end": True})
 
@@ -132,6 +135,36 @@ def _function(fn: Blob) -> Any:
     else:
         _FNS.move_to_end(fn.key)
     return func
+
+
+_MARK_FDS: dict[str, int] = {}
+
+
+def _mark(folder: str | None, seq: int) -> None:
+    """Write down which chunk this worker runs (-1: none), where its client can read it.
+
+    Events reach the client only after dask's 2 ms batching: an item that
+    kills its worker at once (os._exit, a segfault) would take its "began"
+    with it, and the client could blame the chunk before it. A write to a
+    file survives the process: the kernel has the page.
+    """
+    if folder is None:
+        return
+    try:
+        fd = _MARK_FDS.get(folder)
+        if fd is None:
+            from distributed import get_worker
+
+            path = os.path.join(folder, mark_name(get_worker().address))
+            fd = _MARK_FDS[folder] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.pwrite(fd, b"%20d\n" % seq, 0)
+    except Exception:
+        pass
+
+
+def mark_name(address: str) -> str:
+    """The file a worker at ``address`` writes its running chunk to."""
+    return "".join(ch if ch.isalnum() else "_" for ch in address)
 
 
 def _tell(topic: str, msg: dict) -> str | None:
