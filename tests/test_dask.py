@@ -99,6 +99,12 @@ def exit_at(x, bad=3):
     return 2 * x
 
 
+def exit_at_once(x, bad=4):
+    if x == bad:
+        os._exit(1)  # before any message of the task can leave the worker
+    return x
+
+
 def sleepy(x):
     time.sleep(30)
     return x
@@ -259,6 +265,13 @@ def test_crashed_worker_names_the_item(backend):
     assert exc.indices == [3] and "item 3 (3)" in str(exc), str(exc)
     assert exc.report.results[:3] == [0, 2, 4]
     assert backend.map(double, range(10)) == [2 * x for x in range(10)]
+
+
+def test_an_item_that_exits_at_once_is_the_one_named(backend):
+    with pytest.raises(poolmagic.WorkerCrashedError) as ei:
+        backend.map(exit_at_once, range(6), chunksize=1)
+    assert ei.value.indices == [4], str(ei.value)
+    assert "poolmagic: item 4 (4) failed." in getattr(ei.value, "__notes__", [])
 
 
 def test_cancel_then_next_map_runs(backend):
