@@ -51,6 +51,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import cloudpickle
@@ -64,8 +65,10 @@ from . import worker as _worker
 from .base import Backend
 from .daskoutcomes import DaskChunk, DaskOutcomes
 from .daskplumbing import check_workers, dashboard_link, forget_at_exit, start_local_cluster, stop_at_exit
+from .handle import SHARED_MIN_BYTES
 from .job import STREAM_MAX_CHUNK, ItemTimes, Job
 from .local import TIMED_ABOVE_S
+from .processes import shared_buffers
 
 CONNECT_TIMEOUT_S = 10.0
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
@@ -116,6 +119,7 @@ class DaskBackend(DaskOutcomes, Backend):
         self._lost: set[str] = set()  # scattered keys lost with their workers
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
         self._marks: str | None = None  # our LocalCluster's workers write their running chunk here
+        self._memfds: dict[str, int] = {}  # function version -> its buffers in shared memory (ours)
         self._item_times = ItemTimes()
         self._ac: Any = None
         self._more = threading.Event()
@@ -537,8 +541,7 @@ class DaskBackend(DaskOutcomes, Backend):
         timed = t is None or t >= TIMED_ABOVE_S
         seq = next(self._seq)
         try:
-            fn = self._scattered(self._blobs, job.payload.key, lambda: dasktask.Blob(
-                job.payload.key, job.payload.data, job.payload.buffers))
+            fn = self._scattered(self._blobs, job.payload.key, lambda: self._function_blob(job.payload))
             # the kernel's cwd, environment and sys.path mean nothing on another machine
             ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context)) if self.owned else None
             fut = self.client.submit(
@@ -583,7 +586,19 @@ class DaskBackend(DaskOutcomes, Backend):
         for old in list(cache)[:-KEEP_VERSIONS]:
             if old not in in_use:
                 del cache[old]  # releasing the future frees the workers' copies
+                _close(self._memfds.pop(old, None))  # workers keep what they mapped
         return fut
+
+    def _function_blob(self, payload: Any) -> Any:
+        """What to scatter for a function version: its bytes, or on our own cluster,
+        big buffers in shared memory that every worker maps (no copy per worker)."""
+        sizes = tuple(b.nbytes for b in payload.buffers)
+        if self.owned and sum(sizes) >= SHARED_MIN_BYTES:
+            fd = shared_buffers(SimpleNamespace(shared_fd=None, buffers=payload.buffers))
+            if fd is not None:
+                self._memfds[payload.key] = fd
+                return dasktask.SharedBlob(payload.key, payload.data, f"/proc/{os.getpid()}/fd/{fd}", sizes)
+        return dasktask.Blob(payload.key, payload.data, payload.buffers)
 
     def _forget_finished_jobs(self) -> None:
         keep = []
@@ -630,6 +645,9 @@ class DaskBackend(DaskOutcomes, Backend):
         self._listening.clear()
         if self._marks is not None:
             shutil.rmtree(self._marks, ignore_errors=True)
+        for fd in self._memfds.values():
+            _close(fd)
+        self._memfds.clear()
 
 
 def _kill(pid: int) -> None:
@@ -644,6 +662,14 @@ def _kill(pid: int) -> None:
 
 def _noop() -> None:
     pass
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _quietly(fn: Callable, *args: Any) -> None:
