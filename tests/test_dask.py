@@ -219,6 +219,10 @@ def test_tiny_items_go_in_chunks_not_one_task_each(backend):
     assert len(report.chunks) < 100
 
 
+def test_a_generator_is_fed_by_the_callers_thread(backend):
+    assert backend.map(double, (i for i in range(3000))) == [2 * i for i in range(3000)]
+
+
 def test_star_kwargs_repeat(backend):
     assert backend.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
     assert backend.map(scaled, range(3), kwargs={"factor": 10, "offset": 1}) == [1, 11, 21]
@@ -320,6 +324,7 @@ def test_a_50_mb_global_travels_once(backend):
             assert list(dask_backend).count(key) == 1
             loaded = backend.backend.client.run(_loaded_functions)
             assert all(key in keys for keys in loaded.values()), loaded  # unpickled once per worker
+            assert key in backend.backend._memfds  # our own cluster: mapped from shared memory, not sent
     finally:
         BIG = None
 
