@@ -77,6 +77,7 @@ WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as 
 # where the local backend's 25 ms chunks would make it a quarter.
 TASK_S = 0.1
 SCATTER_ATTEMPTS = 3
+SCATTER_TIMEOUT_S = 10.0
 KEEP_VERSIONS = 4  # function versions kept scattered, as a local worker caches 4
 REFRESH_OWNED_S = 0.1  # how often the worker list is read again while work waits: our cluster (no round trip)
 REFRESH_REMOTE_S = 1.0  # a remote cluster (a round trip to the scheduler)
@@ -116,6 +117,7 @@ class DaskBackend(DaskOutcomes, Backend):
         # chunks given up on that still run (left to finish, or on a remote cluster): seq -> address
         self._zombies: dict[int, str] = {}
         self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
+        self._kills: list[tuple[float, str, int, int]] = []  # (when, address, pid, seq): workers to kill
         self._lost: set[str] = set()  # scattered keys lost with their workers
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
         self._marks: str | None = None  # our LocalCluster's workers write their running chunk here
@@ -338,6 +340,8 @@ class DaskBackend(DaskOutcomes, Backend):
                 return
         if self._inflight and any(j.options.timeout is not None for j in self._jobs):
             self._check_timeouts()
+        if self._kills:
+            self._kill_due()
         self._schedule()
 
     def _wait_s(self) -> float | None:
@@ -410,7 +414,7 @@ class DaskBackend(DaskOutcomes, Backend):
             msg = event[1]
             if isinstance(msg, dict) and msg.get("action") == "remove-worker":
                 lost = set(msg.get("lost-scattered-tasks") or ())
-                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), lost))
+                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), lost, event=True))
 
         self.client.subscribe_topic(address, handler)
 
@@ -567,14 +571,17 @@ class DaskBackend(DaskOutcomes, Backend):
     def _scattered(self, cache: OrderedDict, version: str, make: Callable[[], Any]) -> Any:
         """The future of ``make()`` scattered to every worker, once per ``version``."""
         fut = cache.get(version)
-        if fut is not None:
+        if fut is not None and fut.status == "finished":
             cache.move_to_end(version)
             return fut
+        # (not cached, or lost with the workers that held it: scattered anew)
         # a copy on every worker: no task waits for a transfer, and a worker that
         # dies takes no version with it (a new worker fetches it from a peer)
         for attempt in range(SCATTER_ATTEMPTS):
             try:
-                fut = self.client.scatter(make(), broadcast=True, hash=False, workers=self._usable() or None)
+                # any running worker (a stale list of ours could name only dead ones);
+                # bounded: no worker at all for that long is a failure, not a wait
+                fut = self.client.scatter(make(), broadcast=True, hash=False, timeout=SCATTER_TIMEOUT_S)
                 break
             except (OSError, CommClosedError):  # a worker died just now; the scheduler will know soon
                 if attempt == SCATTER_ATTEMPTS - 1:
