@@ -7,12 +7,13 @@ How data flows::
     Pool.run(f, items)
       submit(Job) ──► queue ──► start a LocalCluster it owns,
                                   or connect to an address
-                                scatter the function once per   ──► a copy on every worker
-                                  version (a Blob, broadcast)
+                                scatter the function once per   ──► a copy on every worker (our
+                                  version (a Blob, broadcast)        LocalCluster: big buffers
+                                                                     mapped from the kernel's memfd)
                                 job.next_items(size): one task  ──► dasktask.run, pinned to a
                                   per CHUNK, ≤ 2 in flight per       worker: the map's context,
-                                  worker (the local backend's        the function (unpickled once
-                                  adaptive chunk sizes)              per worker), "began" event,
+                                  worker (the Job's adaptive         the function (unpickled once
+                                  sizes, grown to ~100 ms)           per worker), "began" event,
                                                                      run_chunk
                                 results (as_completed thread)  ◄──  pickled results, output, errors
                                 events: a task began; a worker ◄──  worker, scheduler
@@ -35,7 +36,8 @@ Failures, as the local backend has them:
   be stopped: it runs on, its worker gets no new task meanwhile, and its
   result is dropped.
 * An interrupt or ``cancel()`` cancels the map's tasks and, on a cluster we
-  own, kills the workers running them, as the local backend does.
+  own, kills the workers running them (0.3 s later, once the cell has
+  returned), as the local backend does.
 """
 from __future__ import annotations
 
@@ -72,9 +74,9 @@ from .processes import shared_buffers
 
 CONNECT_TIMEOUT_S = 10.0
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
-# A dask task costs ~2-4 ms of CPU between the client, the scheduler and the
+# A dask task costs a few ms of CPU between the client, the scheduler and the
 # worker (a local chunk ~0.1 ms): chunks of ~100 ms keep that to a few per cent,
-# where the local backend's 25 ms chunks would make it a quarter.
+# where the local backend's 25 ms chunks would make it a quarter or more.
 TASK_S = 0.1
 SCATTER_ATTEMPTS = 3
 SCATTER_TIMEOUT_S = 10.0
