@@ -41,6 +41,7 @@ Failures, as the local backend has them:
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import os
@@ -256,7 +257,12 @@ class DaskBackend(DaskOutcomes, Backend):
         cores = sum(int(w.get("nthreads", 0)) for w in workers.values())
         owner = "LocalCluster started by poolmagic" if self.owned else "cluster (not started by poolmagic)"
         link = dashboard_link(client)
-        board = f"dashboard {link}" if link else ("no dashboard (pip install bokeh)" if self.owned else "no dashboard")
+        if link is None:
+            board = "no dashboard"
+        elif self.owned and importlib.util.find_spec("bokeh") is None:  # the page would only say so
+            board = f"dashboard {link} (needs bokeh: pip install bokeh)"
+        else:
+            board = f"dashboard {link}"
         return (
             f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')} · "
             f"{_plural(cores, 'core')} · {board}"
