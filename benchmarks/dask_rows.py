@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time

@@ -16,8 +16,8 @@ import os
 import random
 import subprocess
 import sys
+import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -193,6 +193,7 @@ def remote_cluster():
         except OSError:
             pass
         p.wait(10)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
