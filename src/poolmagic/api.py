@@ -160,6 +160,7 @@ class Pool:
         self.last_report: RunReport | None = None
         self.last_job: Job | None = None
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
+        self.max_memory: int | None = None  # bytes per worker, for maps that set none
         self._contexts = ContextCache()
 
     def _warn_size(self, workers: int | None) -> None:
@@ -203,12 +204,15 @@ class Pool:
     def status(self) -> str:
         from .display import status_text
 
-        return status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(), self.backend.state)
+        return status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
+                           self.backend.state, self.max_memory)
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, **options: Any) -> Job:
         """Check everything and build the Job; raises BadInputError before any work."""
         o = MapOptions.from_kwargs(options)
+        if o.max_memory is None and self.max_memory is not None:
+            o = o.with_(max_memory=self.max_memory)
         if not callable(func):
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
         name = callable_name(func)

@@ -98,12 +98,16 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def status_text(size: int, description: str, cores: int, threads: int, state: str) -> str:
-    """``%poolsize``'s line: workers, backend, cores, native threads, warmth."""
+def status_text(size: int, description: str, cores: int, threads: int, state: str,
+                max_memory: int | None = None) -> str:
+    """``%poolsize``'s line: workers, backend, cores, native threads, memory limit, warmth."""
+    from .engine.memory import fmt_size
+
     warm = {"warm": "pool warm", "starting": "pool starting"}.get(state, "pool cold (starts on first use)")
+    limit = f" · at most {fmt_size(max_memory)} per worker" if max_memory else ""
     return (
         f"poolmagic: {_plural(size, 'worker')} · {description} · {cores} core{'s' if cores != 1 else ''} "
-        f"available · {_plural(threads, 'native thread')} per worker · {warm}"
+        f"available · {_plural(threads, 'native thread')} per worker{limit} · {warm}"
     )
 
 

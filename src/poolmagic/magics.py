@@ -257,6 +257,8 @@ class PoolMagics(Magics):
             if threads != "auto" and threads < 1:
                 raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
             self.pool.threads = None if threads == "auto" else threads
+        if "max_memory" in o:
+            self.pool.max_memory = None if o["max_memory"] == "off" else o["max_memory"]
         if rest:
             if rest == "auto":
                 self.pool.resize(None)

@@ -19,6 +19,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .engine.mapoptions import cli_fields
+from .engine.memory import parse_size
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--budget",), "budget", "float", "time budget of --tune in seconds (default 10)", "SECONDS"),
     Opt(("--shutdown",), "shutdown", "flag", "stop the pool's workers now (it restarts on next use)"),
     Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
+    Opt(("--max-memory",), "max_memory", "size", "stop a worker whose memory passes SIZE, for every map; 'off' to clear", "SIZE"),
 )
 
 
@@ -136,6 +138,13 @@ def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
             return int(raw.replace("_", ""))
         except ValueError:
             raise UsageError(f"{name} takes a whole number, not {raw!r}") from None
+    if opt.kind == "size":
+        if raw == "off":
+            return "off"
+        try:
+            return parse_size(raw)
+        except ValueError:
+            raise UsageError(f"{name} takes a size such as 500MB or 4GB, not {raw!r}") from None
     if opt.kind == "float":
         try:
             return float(raw)

@@ -13,16 +13,14 @@ import signal
 import time
 from collections import OrderedDict, deque
 from multiprocessing import reduction
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
 from ..errors import short_repr
 from . import protocol as P
-from .processes import shared_buffers
 from .worker import CACHE_SIZE
 
-SHARED_MIN_BYTES = 1 << 20  # function buffers above this go through shared memory
 
 
 class Chunk:
@@ -75,7 +73,7 @@ class WorkerHandle:
                          tuple(f.nbytes for f in frames), job.wire_options, timed)
         return P.encode(msg), frames
 
-    def send_chunk(self, chunk: Chunk, data: bytes, frames: list) -> None:
+    def send_chunk(self, chunk: Chunk, data: bytes, frames: list, shared_fd: Callable[[Any], int | None]) -> None:
         """Send the chunk, and its function and context first if this worker lacks them.
 
         The chunk counts as this worker's from the start: if a send fails, the
@@ -87,16 +85,15 @@ class WorkerHandle:
             self.head_begun = False
         self.inflight.append(chunk)
         if job.payload.key not in self.fns:
-            self._send_function(job.payload)
+            self._send_function(job.payload, shared_fd(job.payload))
         if job.context.key not in self.contexts:
             self.conn.send_bytes(P.encode(job.context))
             _remember(self.contexts, job.context.key)
         self.conn.send_bytes(data)
         P.send_frames(self.conn, frames)
 
-    def _send_function(self, payload: Any) -> None:
+    def _send_function(self, payload: Any, fd: int | None) -> None:
         sizes = tuple(b.nbytes for b in payload.buffers)
-        fd = shared_buffers(payload) if sum(sizes) >= SHARED_MIN_BYTES else None
         self.conn.send_bytes(P.encode(P.LoadFunction(payload.key, payload.data, sizes, fd is not None)))
         if fd is not None:  # one shared copy for all workers: pass the descriptor
             reduction.send_handle(self.conn, fd, self.pid)

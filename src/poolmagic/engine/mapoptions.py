@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import BadInputError
+from .memory import parse_size
 
 
 def opt(default: Any, *names: str, help: str, metavar: str = "", kind: str = "") -> Any:
@@ -39,8 +40,17 @@ class MapOptions:
                            help="seed random and numpy per item: reproducible, independent streams")
     threads: int | None = opt(None, "--threads", metavar="N",
                               help="native threads (BLAS, OpenMP) per worker (default: cores ÷ workers)")
+    max_memory: int | None = opt(None, "--max-memory", metavar="SIZE", kind="size",
+                                 help="stop a worker whose memory passes SIZE (500MB, 4GB); its item fails")
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None and not isinstance(self.max_memory, int):
+            try:  # "500MB", "4GB": stored as bytes
+                object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+            except ValueError:
+                raise BadInputError(
+                    f"max_memory must be a size such as 500MB or 4GB, not {self.max_memory!r}"
+                ) from None
         for f in fields(self):
             _check(f.name, getattr(self, f.name), f.type)
 
