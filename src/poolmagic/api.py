@@ -148,6 +148,9 @@ class MapHandle:
     def _repr_html_(self) -> str:
         return self.report._repr_html_()
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return self.report._repr_mimebundle_()
+
 
 class Pool:
     """A warm pool of worker processes that maps notebook-defined functions."""
@@ -161,6 +164,7 @@ class Pool:
         self.last_job: Job | None = None
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
         self.max_memory: int | None = None  # bytes per worker, for maps that set none
+        self.serial_item_s: dict[str, float] = {}  # function version -> one worker's s/item (--tune)
         self._contexts = ContextCache()
 
     def _warn_size(self, workers: int | None) -> None:
@@ -237,8 +241,10 @@ class Pool:
             iterable = self._check_star(iterable)
         payload = dump_function(func)
         workers = o.workers or self.size
-        context = self._contexts.get(o.threads or self.threads_per_worker(workers))
-        report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description)
+        threads = o.threads or self.threads_per_worker(workers)
+        context = self._contexts.get(threads)
+        report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description,
+                           threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
         return Job(payload, ItemSource(iterable), report, o, context, func)
 
     @staticmethod
@@ -261,19 +267,24 @@ class Pool:
             )
         return iterable
 
-    def run(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> RunReport:
+    def run(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
+            **options: Any) -> RunReport:
         """Map ``func`` over ``iterable``, wait, and return the RunReport.
 
         Worker print() output is written here, in item order. On failure the
         error is raised with ``.poolmap_report`` (results that finished stay).
+        ``watch``: a live display (``attach(job)``, ``tick()``, ``close()``),
+        fed by the map's events and drawn on this thread.
         """
         __tracebackhide__ = True
-        job = self._submit(func, iterable, options)
+        job = self._submit(func, iterable, options, watch)
         try:
-            job.wait(on_output=write_outputs)
+            job.wait(on_output=write_outputs, on_tick=watch.tick if watch is not None else None)
         except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
             self.backend.cancel(job)
             write_outputs(job.take_printable(final=True))
+            if watch is not None:
+                watch.close()
             if not isinstance(exc, KeyboardInterrupt):
                 raise
             r = job.report
@@ -285,6 +296,8 @@ class Pool:
             )
             stop.poolmap_report = r  # type: ignore[attr-defined]
             raise point_at_function(stop, job.func) from None
+        if watch is not None:
+            watch.close()
         if job.error is not None:
             raise job.error
         return job.report
@@ -298,21 +311,24 @@ class Pool:
         __tracebackhide__ = True
         return self.run(func, iterable, star=True, **options).results
 
-    def map_async(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> MapHandle:
+    def map_async(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
+                  **options: Any) -> MapHandle:
         """Start a map and return a MapHandle at once.
 
         A stream ITERABLE is read by a feeder thread of its own (never by the
         pool's manager), which ends with the map.
         """
-        job = self._submit(func, iterable, options)
+        job = self._submit(func, iterable, options, watch)
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
         return MapHandle(self, job)
 
-    def _submit(self, func: Callable, iterable: Iterable | None, options: dict) -> Job:
-        """Check, remember as the last map (``_poolmap``, ``--tune``) and start."""
+    def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None) -> Job:
+        """Check, remember as the last map (``_poolmap``, ``--tune``), attach observers, start."""
         job = self.prepare(func, iterable, **options)
         self.last_report, self.last_job = job.report, job
+        if watch is not None:
+            watch.attach(job)
         self.backend.submit(job)
         return job
 

@@ -15,7 +15,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
-from .publish import show
+from .publish import LiveProgress, LiveSummary, show
 from .errors import BadInputError
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
@@ -206,8 +206,9 @@ class PoolMagics(Magics):
                 return self._start_async(func, iterable, options, o.get("out"), quiet)
             report = None
             before = self.pool.last_report
+            watch = None if quiet or o.get("no_progress") else LiveProgress(self.shell)
             try:
-                report = self.pool.run(func, iterable, **options)
+                report = self.pool.run(func, iterable, watch=watch, **options)
             finally:
                 last = self.pool.last_report
                 if last is not None and last is not before:  # this cell's map started
@@ -226,15 +227,14 @@ class PoolMagics(Magics):
     poolmap = line_cell_magic(poolmap)
 
     def _start_async(self, func, iterable, options, out, quiet) -> MapHandle | None:
-        handle = self.pool.map_async(func, iterable, **options)
+        live = LiveSummary() if not quiet and self._in_kernel() else None
+        handle = self.pool.map_async(func, iterable, watch=live, **options)
         self.shell.user_ns["_poolmap"] = handle.report
         if out:
             self.shell.user_ns[out] = handle
-        if not quiet and self._in_kernel():
+        if live is not None:
             dh = display(handle, display_id=True)
-            t = threading.Thread(target=_refresh, args=(handle, dh), daemon=True, name="poolmagic-live")
-            t.start()
-            self._live.append(t)
+            self._live.append(live.follow(handle, dh))
         return None if out else handle
 
     # ------------------------------------------------------------ %poolsize
@@ -281,10 +281,3 @@ class PoolMagics(Magics):
 
     poolsize.__doc__ = _POOLSIZE_DOC
     poolsize = line_magic(poolsize)
-
-
-def _refresh(handle: MapHandle, dh: Any, every: float = 0.5) -> None:
-    """Keep an async map's display current until it finishes."""
-    while not handle.wait(every):
-        dh.update(handle)
-    dh.update(handle)

@@ -35,7 +35,8 @@ class Opt:
 MAGIC_OPTIONS: tuple[Opt, ...] = (
     Opt(("-o", "--out"), "out", "name", "bind the result list to NAME (else it is the cell's value)", "NAME"),
     Opt(("-f", "--func"), "func", "expr", "map this callable instead of the last function the cell defines", "FUNC"),
-    Opt(("-q", "--quiet"), "quiet", "flag", "do not show the summary"),
+    Opt(("-q", "--quiet"), "quiet", "flag", "show neither progress nor summary"),
+    Opt(("--no-progress",), "no_progress", "flag", "no live progress bar (shown for maps longer than 0.5 s)"),
     Opt(("--async",), "async_", "flag", "return a handle at once (.ready() .wait() .get() .cancel()); use with -o"),
 )
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .diagnose import Analysis
+    from .timeline import Timeline
 
 
 from .engine.events import ChunkRecord  # noqa: F401  (re-exported)
@@ -34,6 +38,8 @@ class RunReport:
     t_start: float = field(default_factory=time.perf_counter)
     t_end: float | None = None
     done: int = 0
+    threads: int | None = None  # native threads per worker
+    serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
 
     # ---------------------------------------------------------------- figures
     @property
@@ -48,8 +54,22 @@ class RunReport:
 
     @property
     def speedup(self) -> float:
-        """Time inside the function across workers ÷ wall time."""
+        """Time inside the function across workers ÷ wall time: the average number of
+        busy workers, an estimate of the gain over a loop (see ``analysis()``)."""
         return self.busy_s / self.wall_s
+
+    def analysis(self) -> "Analysis":
+        """Where the time went and, when parallelism did not pay, why (diagnose.py)."""
+        from .diagnose import analyse
+
+        return analyse(self, self.serial_item_s, self.threads)
+
+    @property
+    def timeline(self) -> "Timeline":
+        """The chunks per worker: ``.rows``, ``.to_frame()``; text bars or SVG when shown."""
+        from .timeline import Timeline
+
+        return Timeline(self)
 
     @property
     def workers(self) -> int:
@@ -70,19 +90,6 @@ class RunReport:
             elif c.count:
                 out[c.start : c.start + c.count] = [(c.t1 - c.t0) / c.count] * c.count
         return out
-
-    def timeline(self) -> list[dict]:
-        """Chunks as dicts, times relative to the start of the map."""
-        return [
-            {
-                "worker": c.worker,
-                "start": c.start,
-                "count": c.count,
-                "t0": c.t0 - self.t_start,
-                "t1": c.t1 - self.t_start,
-            }
-            for c in sorted(self.chunks, key=lambda c: c.t0)
-        ]
 
     # ---------------------------------------------------------------- display
     def summary(self) -> str:

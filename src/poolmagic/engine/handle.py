@@ -26,11 +26,12 @@ from .worker import CACHE_SIZE
 class Chunk:
     """Items ``start .. start+len(items)-1`` of one job, sent to one worker."""
 
-    __slots__ = ("seq", "job", "start", "items", "cancelled")
+    __slots__ = ("seq", "job", "start", "items", "cancelled", "t_sent")
 
     def __init__(self, seq: int, job: Any, start: int, items: Any):
         self.seq, self.job, self.start, self.items = seq, job, start, items
         self.cancelled = False
+        self.t_sent = time.perf_counter()
 
     @property
     def indices(self) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ..errors import ItemExitError, MapFailedError, PoolmapError, add_note, point_at_function, short_repr
 from ..sentinel import NOT_DONE
-from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, MapFinished, Observer
+from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Observer
 from .items import ItemSource
 from .mapoptions import MapOptions
 
@@ -128,6 +128,11 @@ class Job:
                 self.inflight += 1
         self.maybe_finish()
         return got
+
+    def progress(self, start: int, done: int) -> None:
+        """Items of the running chunk that starts at ``start`` have finished."""
+        if self.observers:
+            self.publish(ItemsProgress(start, done))
 
     def started(self, worker: int, pid: int, start: int, count: int) -> None:
         if self.observers:
@@ -302,11 +307,13 @@ class Job:
             out.append(heapq.heappop(heap))
         return out
 
-    def wait(self, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True) -> bool:
+    def wait(self, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True,
+             on_tick: Callable[[], None] | None = None) -> bool:
         """Block until done, feeding a stream's items and writing output; True when finished.
 
         ``feed``: this thread reads the ITERABLE (a blocking map's caller, or
-        an async map's feeder thread); only one thread may.
+        an async map's feeder thread); only one thread may. ``on_tick`` runs on
+        this thread at least every 0.1 s (a progress display renders there).
         """
         __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -327,6 +334,8 @@ class Job:
                 batch = self.take_printable(final=done)
             if on_output is not None and batch:
                 on_output(batch)
+            if on_tick is not None:
+                on_tick()
             if done:
                 return True
             if deadline is not None and time.monotonic() >= deadline:

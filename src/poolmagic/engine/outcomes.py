@@ -46,6 +46,10 @@ class Outcomes:
             self._on_done(p, msg, frames)
         elif kind is P.Began:
             p.began(msg.seq)
+        elif kind is P.Progress:
+            if p.inflight and p.inflight[0].seq == msg.seq:
+                head = p.inflight[0]
+                head.job.progress(head.start, msg.done)
         elif kind is P.ChunkFailed:
             self._on_chunk_failed(p, msg)
         elif kind is P.WorkerFailed:
@@ -70,7 +74,9 @@ class Outcomes:
             job.items_failed(chunk.indices, err, chunk.items, chunk.start)
         else:
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
-            rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid)
+            rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid,
+                              t_sent=chunk.t_sent, t_recv=time.perf_counter(),
+                              nbytes=len(msg.body) + sum(msg.sizes))
             job.chunk_done(rec, out, records, errors, chunk.items)
         if not job.active:
             self._abandon(job)

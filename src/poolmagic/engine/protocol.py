@@ -23,6 +23,7 @@ Parent -> worker::
 Worker -> parent::
 
     Began         the timed chunk ``seq`` started (its timeout counts from now)
+    Progress      items of a long chunk finished so far (every PROGRESS_S)
     ChunkDone     results, captured output and errors of ``seq``; ``sizes``
                   frames follow
     ChunkFailed   ``seq`` could not run at all: its context could not be applied
@@ -76,6 +77,11 @@ class Began(NamedTuple):
     seq: int
 
 
+class Progress(NamedTuple):
+    seq: int
+    done: int  #: items of the chunk finished so far (a long chunk reports every PROGRESS_S)
+
+
 class ChunkDone(NamedTuple):
     seq: int
     t0: float  #: perf_counter when the chunk started and ended (system-wide clock)
@@ -97,8 +103,9 @@ class WorkerFailed(NamedTuple):
     error: dict  #: a packed exception; the worker exits after sending this
 
 
-Message = Union[LoadFunction, SetContext, RunChunk, Stop, Began, ChunkDone, ChunkFailed, WorkerFailed]
-MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Began, ChunkDone, ChunkFailed, WorkerFailed)
+Message = Union[LoadFunction, SetContext, RunChunk, Stop, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
+MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
+PROGRESS_S = 0.5  # a chunk running longer reports its finished items this often
 
 
 def encode(msg: Message) -> bytes:

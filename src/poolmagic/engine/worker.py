@@ -105,12 +105,14 @@ def _seed_item(seed: int, index: int) -> None:
 
 
 def run_chunk(
-    fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False, seed: int | None = None
+    fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False,
+    seed: int | None = None, progress=None,
 ) -> tuple[list, float, float, list | None, list, list]:
     """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
 
     Independent of how the chunk arrived, so any backend's worker (a dask
-    task, say) runs chunks exactly as the local workers do.
+    task, say) runs chunks exactly as the local workers do. ``progress(done)``
+    is called every PROGRESS_S while a timed chunk runs.
     """
     n = len(items)
     out: list = []
@@ -127,7 +129,7 @@ def run_chunk(
     t0 = time.perf_counter()
     try:
         if timed or seed is not None:
-            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state)
+            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress)
         else:
             it = iter(items)
             state["it"] = it
@@ -147,10 +149,14 @@ def run_chunk(
     return out, t0, t1, times, records, errors
 
 
-def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state) -> None:
-    """The per-item loop: index known, per-item times and seeds possible."""
+def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress=None) -> None:
+    """The per-item loop: index known, per-item times, seeds and progress possible."""
     clock = time.perf_counter
+    report_at = clock() + P.PROGRESS_S
     for offset, x in enumerate(items):
+        if progress is not None and offset and clock() >= report_at:
+            progress(offset)
+            report_at = clock() + P.PROGRESS_S
         i = start + offset
         state["i"] = i
         if seed is not None:
@@ -289,8 +295,10 @@ class Worker:
         if o.timeout is not None:  # tell the parent the chunk's clock starts now
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()
+        seq = msg.seq
         out, t0, t1, times, records, errors = run_chunk(
-            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed
+            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
+            progress=lambda done: self._send(P.Progress(seq, done)),
         )
         recycle = self.baseline.changed() if self.baseline is not None else None
         body, frames_out = self._pack_results(out, records, errors, msg.start)
