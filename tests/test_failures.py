@@ -230,7 +230,7 @@ def test_crash_os_exit(sm_pool, tmp_path):
     assert "item 3" in msg and "exit code 3" in msg, msg
     assert exc.indices == [3]
     assert exc.exitcode == 3
-    assert "poolmagic: item 3 (3) failed." in getattr(exc, "__notes__", [])
+    assert "poolmagic: item 3 (value 3) failed." in getattr(exc, "__notes__", [])
     results = exc.report.results
     assert exc.poolmap_report is exc.report
     check_partial(results, [2 * x for x in range(10)], failed={3})
@@ -301,7 +301,7 @@ def test_exception_same_type_with_note_and_partial_results(sm_pool):
     assert time.monotonic() - t0 < FAST
     assert type(caught) is ValueError
     assert str(caught) == "bad item 4"
-    assert "poolmagic: item 4 (4) failed." in caught.__notes__
+    assert "poolmagic: item 4 (value 4) failed." in caught.__notes__
     report = caught.poolmap_report
     assert report is sm_pool.last_report
     assert report.status == "failed"
@@ -322,7 +322,7 @@ def test_exception_via_magic(ip):
         ip.run_cell_magic("poolmap", "range(10)", cell)
     exc = ei.value
     assert type(exc) is ValueError
-    assert "poolmagic: item 4 (4) failed." in exc.__notes__
+    assert "poolmagic: item 4 (value 4) failed." in exc.__notes__
     report = ip.user_ns["_poolmap"]
     assert report is exc.poolmap_report
     check_partial(report.results, [2 * x for x in range(10)], failed={4})

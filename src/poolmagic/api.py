@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterable
 from .cores import available_cores
 from .engine.base import Backend
 from .engine.context import ContextCache
-from .engine.items import ItemSource
+from .engine.items import SEQUENCES, ItemSource
 from .engine.job import Job, write_outputs
 from .engine.local import LocalBackend
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, MapCancelledError, PoolmapError, add_note, point_at_function
-from .report import RunReport
+from .longrun import Checkpoint, resume_report
+from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
 # Above this many workers per core, more processes only help work that waits.
@@ -212,8 +213,13 @@ class Pool:
                            self.backend.state, self.max_memory)
 
     # ------------------------------------------------------------ mapping
-    def prepare(self, func: Callable, iterable: Iterable | None, **options: Any) -> Job:
-        """Check everything and build the Job; raises BadInputError before any work."""
+    def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,
+                **options: Any) -> Job:
+        """Check everything and build the Job; raises BadInputError before any work.
+
+        ``resume``: an earlier run's report; only its unfinished items run, and
+        their results are merged into its results.
+        """
         o = MapOptions.from_kwargs(options)
         if o.max_memory is None and self.max_memory is not None:
             o = o.with_(max_memory=self.max_memory)
@@ -245,7 +251,30 @@ class Pool:
         context = self._contexts.get(threads)
         report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description,
                            threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
-        return Job(payload, ItemSource(iterable), report, o, context, func)
+        index, checkpoint = None, None
+        if resume is not None:
+            earlier, index, iterable = resume_report(resume, iterable)
+        elif o.checkpoint:
+            checkpoint = Checkpoint(o.checkpoint)
+            earlier, index, iterable = checkpoint.load(iterable, name, payload.key)
+        if index is not None:
+            for f in ("items", "results", "errors", "done", "resumed"):
+                setattr(report, f, getattr(earlier, f))
+            if checkpoint is not None and checkpoint.function_changed:
+                report.notes.append(f"the function changed since {o.checkpoint} was written; "
+                                    f"{earlier.done:,} results of its earlier version were kept")
+        job = Job(payload, ItemSource(iterable), report, o, context, func)
+        job.index = index
+        if index is None and type(iterable) in SEQUENCES:
+            report.replay = (func, o, iterable)
+        elif index is not None:
+            report.replay = (func, o, None)
+            report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
+        else:
+            report.replay = (func, o, None)
+        if checkpoint is not None:
+            checkpoint.attach(job)
+        return job
 
     @staticmethod
     def _check_star(iterable: Iterable) -> Iterable:
@@ -268,7 +297,7 @@ class Pool:
         return iterable
 
     def run(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
-            **options: Any) -> RunReport:
+            resume: RunReport | None = None, **options: Any) -> RunReport:
         """Map ``func`` over ``iterable``, wait, and return the RunReport.
 
         Worker print() output is written here, in item order. On failure the
@@ -277,7 +306,7 @@ class Pool:
         fed by the map's events and drawn on this thread.
         """
         __tracebackhide__ = True
-        job = self._submit(func, iterable, options, watch)
+        job = self._submit(func, iterable, options, watch, resume)
         try:
             job.wait(on_output=write_outputs, on_tick=watch.tick if watch is not None else None)
         except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
@@ -312,20 +341,21 @@ class Pool:
         return self.run(func, iterable, star=True, **options).results
 
     def map_async(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
-                  **options: Any) -> MapHandle:
+                  resume: RunReport | None = None, **options: Any) -> MapHandle:
         """Start a map and return a MapHandle at once.
 
         A stream ITERABLE is read by a feeder thread of its own (never by the
         pool's manager), which ends with the map.
         """
-        job = self._submit(func, iterable, options, watch)
+        job = self._submit(func, iterable, options, watch, resume)
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
         return MapHandle(self, job)
 
-    def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None) -> Job:
+    def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,
+                resume: RunReport | None = None) -> Job:
         """Check, remember as the last map (``_poolmap``, ``--tune``), attach observers, start."""
-        job = self.prepare(func, iterable, **options)
+        job = self.prepare(func, iterable, resume=resume, **options)
         self.last_report, self.last_job = job.report, job
         if watch is not None:
             watch.attach(job)

@@ -38,6 +38,10 @@ def _items(r: "RunReport") -> str:
 
 def _status_words(r: "RunReport") -> str:
     parts = []
+    if r.resumed:
+        parts.append(f"resumed: {r.resumed[0]:,} kept, {r.resumed[1]:,} run")
+    if r.retried:
+        parts.append(f"{r.retried:,} retried")
     if r.errors:
         parts.append(f"{len(r.errors):,} failed")
     if r.status == "cancelled":
@@ -88,6 +92,7 @@ def summary_text(r: "RunReport") -> str:
     if extra:
         cells.append(extra)
     lines = [" · ".join(cells)]
+    lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  why: {f.text}" for f in a.findings]
     return "\n".join(lines)
 
@@ -130,6 +135,8 @@ def summary_html(r: "RunReport") -> str:
             f'<div style="opacity:.85">time: function {_fmt_s(a.busy_s)} · transport {_fmt_s(a.transport_s)}'
             f" · idle {_fmt_s(a.idle_s)} (over {_plural(a.workers, 'worker')})</div>"
         )
+    for n in r.notes:
+        parts.append(f"<div>note: {html.escape(n)}</div>")
     if a.findings:
         parts.append("<ul style=\"margin:2px 0 0 0;padding-left:18px\">"
                      + "".join(f"<li>{html.escape(f.text)}</li>" for f in a.findings) + "</ul>")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
 import threading
 from typing import Any
@@ -52,6 +53,8 @@ Options:
 """
 
 
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_HIDE = "poolmagic: hide the cell's magic call in this traceback"
 _IPYTHON_SYNTAX = re.compile(r"[%!?]|^(>>>|\.\.\.|In \[)", re.M)
 
 
@@ -123,6 +126,7 @@ class PoolMagics(Magics):
     def __init__(self, shell: Any):
         super().__init__(shell)
         self._live: list[threading.Thread] = []
+        self._runs: dict[tuple[str, str], Any] = {}  # (function, ITERABLE) -> its last report, for --resume
 
     @property
     def pool(self):
@@ -138,6 +142,16 @@ class PoolMagics(Magics):
         except Exception as exc:
             raise UsageError(f"{what} `{expr}` raised {type(exc).__name__}: {exc}") from None
 
+    def _exception_types(self, names: str) -> tuple:
+        """``ConnectionError,TimeoutError`` -> the classes, looked up in the notebook."""
+        out = []
+        for name in (n.strip() for n in names.split(",")):
+            cls = self._eval(name, "--retry-on") if name else None
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise UsageError(f"--retry-on takes exception classes, e.g. ConnectionError; {name!r} is not one")
+            out.append(cls)
+        return tuple(out)
+
     def _run_cell(self, cell: str, transformed: str) -> None:
         """Run the cell as an ordinary cell: same namespace, tracebacks with its lines."""
         __tracebackhide__ = True
@@ -148,6 +162,29 @@ class PoolMagics(Magics):
         filename = shell.compile.cache(transformed, number, raw_code=cell)
         code = shell.compile(transformed, filename, "exec")
         exec(code, shell.user_global_ns, shell.user_ns)
+
+    def _hide_cell_frame(self) -> None:
+        """Start the traceback of a map's error at the user's own frames.
+
+        Its first frame would be the cell's ``get_ipython().run_cell_magic(...)``
+        line, the whole cell as a string. IPython hides frames whose locals hold
+        ``__tracebackhide__``; the cell's locals are the namespace, so the flag
+        is set there until this cell's traceback has been shown, then removed.
+        """
+        ns = self.shell.user_ns
+        if "__tracebackhide__" in ns:
+            return
+        ns["__tracebackhide__"] = _HIDE
+
+        def clear(*_: Any) -> None:
+            if ns.get("__tracebackhide__") is _HIDE:
+                del ns["__tracebackhide__"]
+            try:
+                self.shell.events.unregister("post_run_cell", clear)
+            except ValueError:
+                pass
+
+        self.shell.events.register("post_run_cell", clear)
 
     def _show(self, obj: Any, quiet: bool) -> None:
         if not quiet:
@@ -200,7 +237,18 @@ class PoolMagics(Magics):
         options = {opt.dest: o[opt.dest] for opt in MAP_OPTIONS if opt.dest in o}
         if "kwargs" in options:
             options["kwargs"] = {k: self._eval(v, f"--kw {k}") for k, v in options["kwargs"].items()}
+        if "retry_on" in options:
+            options["retry_on"] = self._exception_types(options["retry_on"])
         quiet = o.get("quiet", False)
+        key = (fname or func_expr or "", expr)
+        if o.get("resume"):
+            earlier = self._runs.get(key)
+            if earlier is None:
+                raise UsageError(
+                    f"nothing to resume: this cell (function {key[0] or '?'}, ITERABLE {expr or '-'}) has not "
+                    f"run in this kernel; run it without --resume first"
+                )
+            options["resume"] = earlier
         try:
             if o.get("async_"):
                 return self._start_async(func, iterable, options, o.get("out"), quiet)
@@ -213,10 +261,17 @@ class PoolMagics(Magics):
                 last = self.pool.last_report
                 if last is not None and last is not before:  # this cell's map started
                     self.shell.user_ns["_poolmap"] = last
+                    self._runs.pop(key, None)
+                    self._runs[key] = last
+                    while len(self._runs) > 8:  # reports hold results: keep a few
+                        del self._runs[next(iter(self._runs))]
                     if report is None and last.status != "running":
                         self._show(last, quiet)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
+        except Exception:
+            self._hide_cell_frame()
+            raise
         self._show(report, quiet)
         if o.get("out"):
             self.shell.user_ns[o["out"]] = report.results
@@ -236,6 +291,39 @@ class PoolMagics(Magics):
             dh = display(handle, display_id=True)
             self._live.append(live.follow(handle, dh))
         return None if out else handle
+
+    # ------------------------------------------------------------ %pooldebug
+    @line_magic
+    def pooldebug(self, line: str) -> None:
+        """Re-run the last map's first failed item (or item N) here, and debug it.
+
+        ``%pooldebug`` or ``%pooldebug 9123``: the item runs in this kernel with
+        the same function version, item, keyword constants and seed as in the
+        map, and IPython's debugger opens where it raised (post-mortem).
+        """
+        report = self.shell.user_ns.get("_poolmap") or self.pool.last_report
+        if report is None:
+            raise UsageError("no map has run yet: %pooldebug re-runs an item of the last map")
+        arg = line.strip()
+        try:
+            index = int(arg.replace("_", "")) if arg else None
+        except ValueError:
+            raise UsageError(f"%pooldebug takes an item's index (a whole number), not {arg!r}") from None
+        try:
+            report.rerun(index)
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
+        except Exception as exc:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PKG_DIR):
+                tb = tb.tb_next  # start at the user's frames
+            self.shell.showtraceback((type(exc), exc, tb))
+            debugger = self.shell.debugger_cls()
+            debugger.reset()  # as pdb.post_mortem does: quitting needs it
+            debugger.interaction(None, tb)
+            return None
+        print(f"poolmagic: item {index if index is not None else min(report.errors)} ran without an error here")
+        return None
 
     # ------------------------------------------------------------ %poolsize
     def poolsize(self, line: str) -> None:

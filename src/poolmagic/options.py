@@ -38,6 +38,7 @@ MAGIC_OPTIONS: tuple[Opt, ...] = (
     Opt(("-q", "--quiet"), "quiet", "flag", "show neither progress nor summary"),
     Opt(("--no-progress",), "no_progress", "flag", "no live progress bar (shown for maps longer than 0.5 s)"),
     Opt(("--async",), "async_", "flag", "return a handle at once (.ready() .wait() .get() .cancel()); use with -o"),
+    Opt(("--resume",), "resume", "flag", "run only the items this cell's last run left unfinished, keep the rest"),
 )
 
 

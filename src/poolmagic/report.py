@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 from .engine.events import ChunkRecord  # noqa: F401  (re-exported)
 from .sentinel import NOT_DONE  # noqa: F401  (re-exported: results hold it)
 
+FAILED_KEPT = 100  # failed items whose values a report keeps, for rerun() of stream items
+
 
 @dataclass
 class RunReport:
@@ -39,6 +41,12 @@ class RunReport:
     t_end: float | None = None
     done: int = 0
     threads: int | None = None  # native threads per worker
+    retried: int = 0  # attempts run again (--retries)
+    attempts: dict[int, list[BaseException]] = field(default_factory=dict)  # index -> each attempt's error
+    resumed: tuple[int, int] | None = None  # (kept, run) when this run resumed an earlier one
+    notes: list[str] = field(default_factory=list)  # said under the summary
+    failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
+    replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
     serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
 
     # ---------------------------------------------------------------- figures
@@ -90,6 +98,41 @@ class RunReport:
             elif c.count:
                 out[c.start : c.start + c.count] = [(c.t1 - c.t0) / c.count] * c.count
         return out
+
+    def rerun(self, index: int | None = None) -> Any:
+        """Run one item again here, in this process: the first failed one, or ``index``.
+
+        Same function version, item, keyword constants and seed as in the map;
+        an exception is raised here, where a debugger can inspect it
+        (``%pooldebug`` does exactly that).
+        """
+        __tracebackhide__ = True
+        from .errors import BadInputError
+
+        if self.replay is None:
+            raise BadInputError("this report has nothing to re-run (it was not made by a map)")
+        func, options, items = self.replay
+        if index is None:
+            if not self.errors:
+                raise BadInputError("the last map had no failure: give an item's index to re-run it")
+            index = min(self.errors)
+        n = self.items if self.items is not None else len(self.results)
+        if not isinstance(index, int) or not 0 <= index < n:
+            raise BadInputError(f"there is no item {index!r}: the map had {n:,} items (0–{n - 1:,})")
+        if index in self.failed_items:
+            value = self.failed_items[index]
+        elif items is not None:
+            value = items[index]
+        else:
+            raise BadInputError(
+                f"item {index} is no longer available: the ITERABLE was a stream, consumed by the map. "
+                f"The values of the first {FAILED_KEPT} failed items are kept; re-run the map over a list to get any item."
+            )
+        if options.seed is not None:
+            from .engine.worker import _seed_item
+
+            _seed_item(options.seed, index)
+        return func(*value) if options.star else func(value)
 
     # ---------------------------------------------------------------- display
     def summary(self) -> str:

@@ -210,7 +210,7 @@ def test_errors(executed):
 
     # an exception keeps its type: except ValueError catches it; a note names the item
     c = run.cell("squares = %poolmap -f check range(20)")
-    assert stream(c) == "caught ValueError: 7 is not allowed\npoolmagic: item 7 (7) failed.\n"
+    assert stream(c) == "caught ValueError: 7 is not allowed\npoolmagic: item 7 (value 7) failed.\n"
     summary = summaries(c)[0]
     # how many items finish before item 7 fails depends on timing: at least 1, never 20
     done = re.search(r"(\d+)/20 items", summary)
@@ -229,7 +229,7 @@ def test_errors(executed):
     e = error(c)
     assert (e.ename, e.evalue) == ("ValueError", "7 is not allowed")
     tb = strip_ansi("\n".join(e.traceback))
-    assert 'raise ValueError(f"{x} is not allowed")' in tb and "poolmagic: item 7 (7) failed." in tb, tb
+    assert 'raise ValueError(f"{x} is not allowed")' in tb and "poolmagic: item 7 (value 7) failed." in tb, tb
     assert set(re.findall(r"Cell In\[(\d+)\]", tb)) == {str(c.execution_count)}, tb
 
     # bad input: one plain sentence, no traceback

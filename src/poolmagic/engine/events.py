@@ -45,6 +45,9 @@ class ChunkStarted(NamedTuple):
 class ChunkFinished(NamedTuple):
     record: ChunkRecord
     failed: int  #: items of it that raised
+    results: list  #: its results (NOT_DONE where an item failed)
+    items: Any  #: its items
+    raw: tuple | None = None  #: (body, frames): the results as the worker pickled them, when kept
 
 
 class ItemsProgress(NamedTuple):

@@ -51,9 +51,13 @@ class Job:
         self.source = source
         self.report = report
         self.options = options
-        self.wire_options = options.with_(kwargs=None) if options.kwargs else options  # user objects stay out of envelopes
+        # what the worker does not need (kwargs are bound into the function); user objects stay out of envelopes
+        local = options.kwargs or options.retry_on or options.checkpoint
+        self.wire_options = options.with_(kwargs=None, retry_on=None, checkpoint=None) if local else options
         self.context = context
         self.chunksize = 1 if options.timeout is not None and options.chunksize is None else options.chunksize
+        self.index: list[int] | None = None  # position -> report index, when re-running a subset
+        self.attempts: dict[int, list[BaseException]] = {}  # position -> errors of earlier attempts
         self.retry: deque[tuple[int, Any]] = deque()
         self.inflight = 0  # chunks taken and not yet answered; changed under cond
         self.cond = threading.Condition()
@@ -69,7 +73,7 @@ class Job:
         self._out_seq = itertools.count()
         self._done_ranges: dict[int, int] = {}
         self._prefix = 0
-        if source.length is not None:
+        if source.length is not None and report.items is None:
             report.results = [NOT_DONE] * source.length
             report.items = source.length
         source.on_low = self._wake_caller
@@ -162,10 +166,12 @@ class Job:
         """Some items of a chunk cannot be sent: fail those, re-run the rest one by one."""
         with self.cond:
             self.inflight -= 1
+            first = None
             for k, exc in sorted(bad.items()):
-                self._record_error(start + k, exc, items[k])
-            if not self.options.keep_going:
-                self._fail_locked(self.report.errors[start + min(bad)])
+                err = self._item_error(start + k, exc, items[k : k + 1])
+                first = first if first is not None or err is None else err
+            if first is not None and not self.options.keep_going:
+                self._fail_locked(first)
                 return
             for k in range(len(items) - 1, -1, -1):
                 if k not in bad:
@@ -174,69 +180,112 @@ class Job:
 
     # ---------------------------------------------------------- results side
     def chunk_done(self, rec: ChunkRecord, results: list, outputs: list,
-                   errors: list[tuple[int, BaseException]], items: Any) -> None:
-        """Place a finished chunk's results; errors arrive already rebuilt."""
+                   errors: list[tuple[int, BaseException]], items: Any, raw: tuple | None = None) -> None:
+        """Place a finished chunk's results; errors arrive already rebuilt.
+
+        Positions are the job's own (0, 1, ... in the order items were taken);
+        ``index`` maps them to the report's when a map re-runs a subset
+        (--resume, --checkpoint).
+        """
         r = self.report
+        first = None
         with self.cond:
             self.inflight -= 1
             if not self.active:
                 return
             end = rec.start + len(results)
-            if end > len(r.results):
-                r.results.extend([NOT_DONE] * (end - len(r.results)))
-            r.results[rec.start : end] = results
+            if self.index is None:
+                if end > len(r.results):
+                    r.results.extend([NOT_DONE] * (end - len(r.results)))
+                r.results[rec.start : end] = results
+            else:
+                for k, value in enumerate(results):
+                    r.results[self.index[rec.start + k]] = value
             if errors:
                 rec.status = "failed"
             r.chunks.append(rec)
             r.done += len(results) - len(errors)
             self.busy += rec.t1 - rec.t0
             self.timed_items += len(results)
-            for idx, stream, text in outputs:
-                heapq.heappush(self._pending_out, (idx, next(self._out_seq), stream, text))
+            for pos, stream, text in outputs:
+                idx = self._at(pos)
+                heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
                 bisect.insort(r.outputs, (idx, stream, text), key=_first)  # item order
             self._done_ranges[rec.start] = rec.start + rec.count
             while self._prefix in self._done_ranges:
                 self._prefix = self._done_ranges.pop(self._prefix)
-            for idx, exc in errors:
-                self._record_error(idx, exc, items[idx - rec.start] if items is not None else None)
-            if not self.options.keep_going and errors:
-                self._fail_locked(r.errors[errors[0][0]])
+            for pos, exc in errors:
+                off = pos - rec.start
+                err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                first = first if first is not None or err is None else err
+            if first is not None and not self.options.keep_going:
+                self._fail_locked(first)
             self.cond.notify_all()
         if self.observers:
-            self.publish(ChunkFinished(rec, len(errors)))
+            self.publish(ChunkFinished(rec, len(errors), results, items, raw))
         self.maybe_finish()
 
     def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
         """Items that produced no result (crash, timeout, could not be sent or decoded)."""
+        first = None
         with self.cond:
             self.inflight -= 1
             if not self.active:
                 return
-            for idx in indices:
-                value = items[idx - start] if items is not None else None
-                self._record_error(idx, exc, value)
-            end = max(indices) + 1
-            if end > len(self.report.results):
-                self.report.results.extend([NOT_DONE] * (end - len(self.report.results)))
-            if not self.options.keep_going:
-                self._fail_locked(self.report.errors[indices[0]])
+            for pos in indices:
+                off = pos - start
+                err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                first = first if first is not None or err is None else err
+            if self.index is None:
+                end = max(indices) + 1
+                if end > len(self.report.results):
+                    self.report.results.extend([NOT_DONE] * (end - len(self.report.results)))
+            if first is not None and not self.options.keep_going:
+                self._fail_locked(first)
             self.cond.notify_all()
         if self.observers:
-            self.publish(ItemsFailed(list(indices), exc))
+            self.publish(ItemsFailed([self._at(i) for i in indices], exc))
         self.maybe_finish()
 
-    def _record_error(self, idx: int, exc: BaseException, value: Any) -> None:
+    def _at(self, pos: int) -> int:
+        return pos if self.index is None else self.index[pos]
+
+    def _item_error(self, pos: int, exc: BaseException, one: Any) -> BaseException | None:
+        """Retry the item at ``pos`` (``one``: a one-item slice), or record its error.
+
+        Returns the error as recorded, or None when the item was queued again.
+        """
+        o = self.options
+        tries = self.attempts.setdefault(pos, []) if o.retries else None
+        if tries is not None and len(tries) < o.retries and one is not None and (
+            o.retry_on is None or isinstance(exc, o.retry_on)
+        ):
+            tries.append(exc)
+            self.report.retried += 1
+            self.retry.append((pos, one))
+            return None
+        idx = self._at(pos)
         if idx in self.report.errors:
-            return
+            return self.report.errors[idx]
+        value = one[0] if one is not None and len(one) else None
         exc = _as_item_error(idx, exc, value)
         self.report.errors[idx] = exc
+        kept = getattr(self.report, "failed_items", None)
+        if kept is not None and one is not None and len(kept) < 100:
+            kept[idx] = value
         if not getattr(exc, "_poolmagic_noted", False):
-            what = f"item {idx}" + ("" if value is None else f" ({short_repr(value)})")
-            add_note(exc, f"poolmagic: {what} failed.")
+            what = f"item {idx}" + ("" if one is None else f" (value {short_repr(value)})")
+            if tries:
+                self.report.attempts[idx] = [*tries, exc]
+                add_note(exc, f"poolmagic: {what} failed after {len(tries) + 1} attempts "
+                              f"(each attempt's error: _poolmap.attempts[{idx}]).")
+            else:
+                add_note(exc, f"poolmagic: {what} failed.")
             hint = self._star_hint(exc, value)
             if hint:
                 add_note(exc, hint)
             exc._poolmagic_noted = True  # type: ignore[attr-defined]
+        return exc
 
     def _star_hint(self, exc: BaseException, value: Any) -> str | None:
         """A TypeError on a tuple item whose length the function's arity matches: --star."""
@@ -269,7 +318,7 @@ class Job:
         with self.cond:
             if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
                 r = self.report
-                if r.items is None:
+                if r.items is None and self.index is None:
                     r.items = self.source.pos
                     del r.results[self.source.pos :]
                 if r.errors:
@@ -286,7 +335,11 @@ class Job:
             r.items = self.source.pos
         if self.error is not None:
             _attach_report(self.error, r)
-            if isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
+            first = r.errors.get(min(r.errors)) if isinstance(self.error, MapFailedError) and r.errors else None
+            if first is not None and first.__traceback__ is not None:
+                # --keep-going: point at the line that raised for the first failed item
+                self.error.__traceback__ = first.__traceback__
+            elif isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
                 point_at_function(self.error, self.func)
         self.source.close()
         self.finished.set()

@@ -10,6 +10,7 @@ its type alone does not say enough, and the code that uses it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -42,8 +43,17 @@ class MapOptions:
                               help="native threads (BLAS, OpenMP) per worker (default: cores ÷ workers)")
     max_memory: int | None = opt(None, "--max-memory", metavar="SIZE", kind="size",
                                  help="stop a worker whose memory passes SIZE (500MB, 4GB); its item fails")
+    checkpoint: str | None = opt(None, "--checkpoint", metavar="PATH",
+                                 help="write each result to PATH (SQLite) as it arrives; the same map with the "
+                                      "same PATH in a new kernel runs only what is missing")
+    retries: int | None = opt(None, "--retries", metavar="N",
+                              help="run an item that raised, crashed or timed out up to N more times")
+    retry_on: tuple | None = opt(None, "--retry-on", metavar="EXC[,EXC]", kind="exceptions",
+                                 help="retry only these exception types (e.g. ConnectionError)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.retry_on, type):  # one class: a tuple of one
+            object.__setattr__(self, "retry_on", (self.retry_on,))
         if self.max_memory is not None and not isinstance(self.max_memory, int):
             try:  # "500MB", "4GB": stored as bytes
                 object.__setattr__(self, "max_memory", parse_size(self.max_memory))
@@ -75,6 +85,17 @@ def _check(name: str, value: Any, annotation: str) -> None:
     if "bool" in annotation:
         if not isinstance(value, bool):
             raise BadInputError(f"{name} must be True or False, not {value!r}")
+        return
+    if name == "retry_on":
+        ok = isinstance(value, tuple) and value and all(
+            isinstance(c, type) and issubclass(c, BaseException) for c in value
+        )
+        if not ok:
+            raise BadInputError(f"retry_on must be a tuple of exception classes, not {value!r}")
+        return
+    if name == "checkpoint":
+        if not isinstance(value, (str, os.PathLike)):
+            raise BadInputError(f"checkpoint must be a file path, not {value!r}")
         return
     if "dict" in annotation:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):

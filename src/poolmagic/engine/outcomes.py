@@ -77,7 +77,7 @@ class Outcomes:
             rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid,
                               t_sent=chunk.t_sent, t_recv=time.perf_counter(),
                               nbytes=len(msg.body) + sum(msg.sizes))
-            job.chunk_done(rec, out, records, errors, chunk.items)
+            job.chunk_done(rec, out, records, errors, chunk.items, (msg.body, frames))
         if not job.active:
             self._abandon(job)
 
