@@ -97,6 +97,10 @@ def _check(name: str, value: Any, annotation: str) -> None:
         if not isinstance(value, (str, os.PathLike)):
             raise BadInputError(f"checkpoint must be a file path, not {value!r}")
         return
+    if annotation.startswith("str"):
+        if not isinstance(value, str):
+            raise BadInputError(f"{name} must be a string, not {value!r}")
+        return
     if "dict" in annotation:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise BadInputError(f"{name} must be a dict of keyword arguments, not {value!r}")
