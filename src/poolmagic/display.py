@@ -140,7 +140,7 @@ def summary_html(r: "RunReport") -> str:
     if a.findings:
         parts.append("<ul style=\"margin:2px 0 0 0;padding-left:18px\">"
                      + "".join(f"<li>{html.escape(f.text)}</li>" for f in a.findings) + "</ul>")
-    if r.chunks and r.status != "running":
+    if len(r.chunks) > 1 and r.status != "running":  # one chunk is no picture
         from .timeline import Timeline
 
         parts.append(f"<details><summary>timeline</summary>{timeline_svg(Timeline(r))}</details>")

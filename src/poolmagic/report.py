@@ -67,10 +67,19 @@ class RunReport:
         return self.busy_s / self.wall_s
 
     def analysis(self) -> "Analysis":
-        """Where the time went and, when parallelism did not pay, why (diagnose.py)."""
+        """Where the time went and, when parallelism did not pay, why (diagnose.py).
+
+        Computed once for a finished map (its summary shows it as text and HTML).
+        """
+        cached = self.__dict__.get("_analysis")
+        if cached is not None:
+            return cached
         from .diagnose import analyse
 
-        return analyse(self, self.serial_item_s, self.threads)
+        a = analyse(self, self.serial_item_s, self.threads)
+        if self.status != "running":
+            self.__dict__["_analysis"] = a
+        return a
 
     @property
     def timeline(self) -> "Timeline":
