@@ -9,10 +9,13 @@ Computed from a RunReport's chunk records alone (any backend writes them):
 * **idle**: the rest of workers × wall (waiting for work, or for the slowest).
 
 The speedup it reports is honest about what it is: busy ÷ wall is the
-average number of busy workers, an *estimate* of the gain over a plain loop
-that is too high when workers slow each other down (memory bandwidth, shared
-caches). A *measured* figure exists only when one worker's speed on the same
-function version was timed (``%poolsize --tune``).
+average number of busy workers, an *estimate* of the gain over a plain loop.
+Time a worker spent runnable but waiting for a CPU (more workers than cores;
+measured from Linux's schedstat for items long enough to be timed) is taken
+out first, or 6 workers on 2 cores would claim "≈5.5×". The estimate is still
+too high when workers slow each other down in other ways (memory bandwidth,
+shared caches); a *measured* figure exists only when one worker's speed on the
+same function version was timed (``%poolsize --tune``).
 """
 from __future__ import annotations
 
@@ -30,14 +33,15 @@ BIG_RESULT = 64 << 10  # bytes per result above which moving results can be the 
 
 @dataclass
 class Finding:
-    kind: str  #: "slower", "small_items", "few_items", "straggler", "oversubscribed", "transport", "flat"
+    kind: str  #: "slower", "small_items", "few_items", "straggler", "oversubscribed", "contended", "transport", "threads"
     text: str
 
 
 @dataclass
 class Analysis:
     wall_s: float
-    busy_s: float
+    busy_s: float  #: in the function, summed over workers (waiting for a CPU included)
+    waited_s: float  #: of busy_s, runnable but waiting for a CPU
     transport_s: float
     idle_s: float
     workers: int
@@ -45,6 +49,7 @@ class Analysis:
     speedup: float  #: estimate: busy ÷ wall
     efficiency: float  #: speedup ÷ workers used
     measured: float | None  #: against one worker's measured speed, when known
+    busy_share: float = 0.0  #: busy ÷ (workers used × wall): how much of the time workers were in the function
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -66,15 +71,17 @@ def transport_s(r: "RunReport") -> float:
 def analyse(r: "RunReport", serial_item_s: float | None = None, threads: int | None = None) -> Analysis:
     wall = r.wall_s
     busy = r.busy_s
+    waited = sum(c.waited_s for c in r.chunks)
     used = max(r.workers, 1)
     moving = transport_s(r)
     idle = max(0.0, used * wall - busy - moving)
-    speedup = busy / wall
+    speedup = (busy - waited) / wall
     measured = None
     n_done = sum(c.count for c in r.chunks)
     if serial_item_s and n_done:
         measured = serial_item_s * n_done / wall
-    a = Analysis(wall, busy, moving, idle, used, r.cores, speedup, speedup / used, measured)
+    a = Analysis(wall, busy, waited, moving, idle, used, r.cores, speedup, speedup / used, measured,
+                 busy_share=busy / (used * wall))
     if r.status == "running" or not r.chunks:
         return a
     a.findings = _findings(r, a, n_done, threads)
@@ -88,7 +95,8 @@ def _findings(r: "RunReport", a: Analysis, n_done: int, threads: int | None) -> 
     if paid:
         return out
     per_item = a.busy_s / max(n_done, 1)
-    if gain < 1:
+    contended = a.waited_s > 0.2 * a.busy_s
+    if gain < 1 and not contended:  # with CPUs contended, a loop would have waited too
         out.append(Finding(
             "slower",
             f"slower than a plain loop would have been: the items took {_s(a.busy_s)} of work in all, "
@@ -115,11 +123,20 @@ def _findings(r: "RunReport", a: Analysis, n_done: int, threads: int | None) -> 
                 f"item {i_max} took {_s(t_max)} of the {_s(a.wall_s)} wall (one item held the map); "
                 f"split it, or start the slow items first",
             ))
+    share = f"workers waited for a CPU {a.waited_s / max(a.busy_s, 1e-9):.0%} of their time"
     if a.workers > a.cores:
         out.append(Finding(
             "oversubscribed",
-            f"{a.workers} workers on {a.cores} core{'s' if a.cores != 1 else ''}: CPU-bound work cannot run "
-            f"more than {a.cores}× faster; more workers only help work that waits (I/O, sleep)",
+            f"{a.workers} workers on {a.cores} core{'s' if a.cores != 1 else ''}"
+            + (f" ({share})" if a.waited_s else "")
+            + f": CPU-bound work cannot run more than {a.cores}× faster; more workers only help work "
+            f"that waits (I/O, sleep)",
+        ))
+    elif contended:
+        out.append(Finding(
+            "contended",
+            f"{share}: other processes are using the cores; the figures above count only the time "
+            f"workers ran",
         ))
     share = a.transport_s / max(a.workers * a.wall_s, 1e-9)
     nbytes = sum(c.nbytes for c in r.chunks) / max(n_done, 1)

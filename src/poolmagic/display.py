@@ -67,11 +67,14 @@ def _speedup_words(r: "RunReport", a: "Analysis") -> str:
         return "workers starting"
     if not r.chunks:
         return ""
+    busy = f"workers busy {a.busy_share:.0%}"
+    if a.waited_s > 0.2 * a.busy_s:
+        busy += f", {a.waited_s / a.busy_s:.0%} of it waiting for a CPU"
     if a.measured is not None:
-        return f"speedup {a.measured:.2f}× measured against one worker (workers busy {a.efficiency:.0%})"
-    if a.speedup < 1 and r.status != "running":
+        return f"speedup {a.measured:.2f}× measured against one worker ({busy})"
+    if a.speedup < 1 and r.status != "running" and a.waited_s <= 0.2 * a.busy_s:
         return f"slower than a plain loop (speedup ≈{a.speedup:.2f}×)"
-    return f"speedup ≈{a.speedup:.2f}× (workers busy {a.efficiency:.0%})"
+    return f"speedup ≈{a.speedup:.2f}× ({busy})"
 
 
 def summary_text(r: "RunReport") -> str:
@@ -122,7 +125,7 @@ def summary_html(r: "RunReport") -> str:
     words = _speedup_words(r, a)
     if words and r.chunks:
         ok = a.efficiency >= 0.7 and (a.measured or a.speedup) >= 1
-        cells.append(_bar(a.efficiency, 60, _GOOD if ok else _WARN, f"workers busy {a.efficiency:.0%}") + html.escape(words))
+        cells.append(_bar(a.busy_share, 60, _GOOD if ok else _WARN, f"workers busy {a.busy_share:.0%}") + html.escape(words))
     elif words:
         cells.append(html.escape(words))
     extra = _status_words(r)
@@ -243,9 +246,12 @@ def timeline_svg(t: "Timeline", width: int = 600) -> str:
             for c in range(a, b + 1):
                 if cols.get(c) != "failed":
                     cols[c] = r.status
-        for c in sorted(cols):
-            color = _BAD if cols[c] != "done" else _GOOD
-            out.append(f'<rect x="{label_w + c * bucket:.0f}" y="{y}" width="{bucket:.0f}" height="{row_h}" fill="{color}"/>')
+        # one path per row and status: a few bytes per bar instead of a <rect> each
+        for status, color in (("done", _GOOD), ("failed", _BAD)):
+            d = "".join(f"M{label_w + c * bucket:.0f} {y}h{bucket:.0f}v{row_h}h-{bucket:.0f}z"
+                        for c in sorted(cols) if (cols[c] == "done") == (status == "done"))
+            if d:
+                out.append(f'<path fill="{color}" d="{d}"/>')
     height = 8 + len(workers) * (row_h + 4)
     axis = (f'<text x="{label_w}" y="{height + 10}" font-size="10" fill="currentColor">0</text>'
             f'<text x="{label_w + width}" y="{height + 10}" font-size="10" fill="currentColor" '

@@ -163,6 +163,13 @@ class PoolMagics(Magics):
         code = shell.compile(transformed, filename, "exec")
         exec(code, shell.user_global_ns, shell.user_ns)
 
+    def _remember_run(self, key: tuple[str, str], report: Any) -> None:
+        """The cell's last run, for --resume (a few cells: reports hold results)."""
+        self._runs.pop(key, None)
+        self._runs[key] = report
+        while len(self._runs) > 8:
+            del self._runs[next(iter(self._runs))]
+
     def _hide_cell_frame(self) -> None:
         """Start the traceback of a map's error at the user's own frames.
 
@@ -251,7 +258,7 @@ class PoolMagics(Magics):
             options["resume"] = earlier
         try:
             if o.get("async_"):
-                return self._start_async(func, iterable, options, o.get("out"), quiet)
+                return self._start_async(func, iterable, options, o.get("out"), quiet, key)
             report = None
             before = self.pool.last_report
             watch = None if quiet or o.get("no_progress") else LiveProgress(self.shell)
@@ -261,10 +268,7 @@ class PoolMagics(Magics):
                 last = self.pool.last_report
                 if last is not None and last is not before:  # this cell's map started
                     self.shell.user_ns["_poolmap"] = last
-                    self._runs.pop(key, None)
-                    self._runs[key] = last
-                    while len(self._runs) > 8:  # reports hold results: keep a few
-                        del self._runs[next(iter(self._runs))]
+                    self._remember_run(key, last)
                     if report is None and last.status != "running":
                         self._show(last, quiet)
         except BadInputError as exc:
@@ -281,10 +285,11 @@ class PoolMagics(Magics):
     poolmap.__doc__ = _POOLMAP_DOC
     poolmap = line_cell_magic(poolmap)
 
-    def _start_async(self, func, iterable, options, out, quiet) -> MapHandle | None:
+    def _start_async(self, func, iterable, options, out, quiet, key) -> MapHandle | None:
         live = LiveSummary() if not quiet and self._in_kernel() else None
         handle = self.pool.map_async(func, iterable, watch=live, **options)
         self.shell.user_ns["_poolmap"] = handle.report
+        self._remember_run(key, handle.report)
         if out:
             self.shell.user_ns[out] = handle
         if live is not None:

@@ -28,6 +28,7 @@ class ChunkRecord:
     t_sent: float = 0.0  #: when the parent sent it (perf_counter)
     t_recv: float = 0.0  #: when the parent received its results
     nbytes: int = 0  #: bytes of results that came back
+    waited_s: float = 0.0  #: of t1 - t0, time runnable but waiting for a CPU (measured on Linux)
 
     @property
     def busy_s(self) -> float:

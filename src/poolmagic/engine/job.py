@@ -166,8 +166,11 @@ class Job:
         """Some items of a chunk cannot be sent: fail those, re-run the rest one by one."""
         with self.cond:
             self.inflight -= 1
+            if not self.active:
+                return
             first = None
             for k, exc in sorted(bad.items()):
+                self._mark_done(start + k, 1)
                 err = self._item_error(start + k, exc, items[k : k + 1])
                 first = first if first is not None or err is None else err
             if first is not None and not self.options.keep_going:
@@ -211,9 +214,7 @@ class Job:
                 idx = self._at(pos)
                 heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
                 bisect.insort(r.outputs, (idx, stream, text), key=_first)  # item order
-            self._done_ranges[rec.start] = rec.start + rec.count
-            while self._prefix in self._done_ranges:
-                self._prefix = self._done_ranges.pop(self._prefix)
+            self._mark_done(rec.start, rec.count)
             for pos, exc in errors:
                 off = pos - rec.start
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
@@ -234,6 +235,7 @@ class Job:
                 return
             for pos in indices:
                 off = pos - start
+                self._mark_done(pos, 1)
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
                 first = first if first is not None or err is None else err
             if self.index is None:
@@ -246,6 +248,12 @@ class Job:
         if self.observers:
             self.publish(ItemsFailed([self._at(i) for i in indices], exc))
         self.maybe_finish()
+
+    def _mark_done(self, start: int, count: int) -> None:
+        """Positions start..start+count-1 are answered: output up to them may print."""
+        self._done_ranges[start] = start + count
+        while self._prefix in self._done_ranges:
+            self._prefix = self._done_ranges.pop(self._prefix)
 
     def _at(self, pos: int) -> int:
         return pos if self.index is None else self.index[pos]
@@ -318,9 +326,12 @@ class Job:
         with self.cond:
             if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
                 r = self.report
-                if r.items is None and self.index is None:
-                    r.items = self.source.pos
-                    del r.results[self.source.pos :]
+                src = self.source
+                # a stream's len() is only a hint (a DataFrame's is its rows; iterating it
+                # gives its columns): what it yielded decides
+                if self.index is None and (r.items is None or (src.is_stream and src.pos != r.items)):
+                    r.items = src.pos
+                    del r.results[src.pos :]
                 if r.errors:
                     self.error = _summary_error(r)
                     self._close("failed")

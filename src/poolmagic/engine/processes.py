@@ -57,6 +57,11 @@ def stop_at_exit(backend: Any) -> None:
     _STARTED.add(backend)
 
 
+def others_have_workers(backend: Any) -> bool:
+    """Whether a started backend other than ``backend`` has live workers (they share the forkserver)."""
+    return any(b is not backend and b.worker_pids() for b in list(_STARTED))
+
+
 def _shutdown_started() -> None:
     for backend in list(_STARTED):
         backend.shutdown()

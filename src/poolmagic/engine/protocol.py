@@ -91,6 +91,7 @@ class ChunkDone(NamedTuple):
     sizes: tuple  #: out-of-band buffer frames that follow
     modules: dict | None  #: user module files imported so far {name: (path, mtime)}
     recycle: str | None  #: why this worker must be replaced now (it exits next)
+    waited: float | None = None  #: seconds the chunk waited for a CPU (Linux schedstat; timed chunks)
 
 
 class ChunkFailed(NamedTuple):

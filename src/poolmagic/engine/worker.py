@@ -296,14 +296,18 @@ class Worker:
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()
         seq = msg.seq
+        waited = _runqueue_wait() if msg.timed else None
         out, t0, t1, times, records, errors = run_chunk(
             fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
             progress=lambda done: self._send(P.Progress(seq, done)),
         )
+        if waited is not None:
+            after = _runqueue_wait()
+            waited = None if after is None else (after - waited) / 1e9
         recycle = self.baseline.changed() if self.baseline is not None else None
         body, frames_out = self._pack_results(out, records, errors, msg.start)
         self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
-                               self._new_modules(), recycle), frames_out)
+                               self._new_modules(), recycle, waited), frames_out)
         return recycle
 
     def _pack_results(self, out: list, records: list, errors: list, start: int) -> tuple[bytes, list]:
@@ -341,6 +345,21 @@ class Worker:
                 except OSError:
                     pass
         return found
+
+
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+_has_schedstat = os.path.exists(_SCHEDSTAT)
+
+
+def _runqueue_wait() -> int | None:
+    """Nanoseconds this thread has spent runnable but waiting for a CPU (Linux)."""
+    if not _has_schedstat:
+        return None
+    try:
+        with open(_SCHEDSTAT, "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _strip_unpicklable(out: list, errors: list, start: int) -> tuple[list, list]:
@@ -424,12 +443,34 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
         except OSError:
             pass
     _die_with_parent()
+    _release_forkserver_pipe()
     signal.signal(signal.SIGINT, _ignore_sigint)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
     random.seed()  # fresh OS entropy: no two workers share a random state
     Worker(conn, slot).serve(warm)
+
+
+def _release_forkserver_pipe() -> None:
+    """Close the forkserver's "alive" pipe, which multiprocessing hands every child.
+
+    The forkserver exits when every writer of that pipe is gone; it is meant to
+    be the kernel alone. A worker holding it kept the forkserver alive after
+    the kernel died while the worker was inside a long C call (its own pipe-EOF
+    exit cannot run then), and so kept itself alive: PR_SET_PDEATHSIG waits for
+    the forkserver. A nested forkserver in a worker starts its own.
+    """
+    fs = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(fs, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is None or getattr(server, "_forkserver_pid", None) is not None:
+        return  # not a forkserver child (or this process runs its own forkserver)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    server._forkserver_alive_fd = None
 
 
 def _ignore_sigint(signum: int, frame: object) -> None:
