@@ -126,6 +126,7 @@ class MapHandle:
         if not self._printed:
             self._printed = True
             write_outputs(self._job.take_printable(final=True))
+            Pool._finish_checkpoint(self._job)
         r = self.report
         if r.status == "cancelled":
             err = MapCancelledError(
@@ -265,6 +266,7 @@ class Pool:
                                     f"{earlier.done:,} results of its earlier version were kept")
         job = Job(payload, ItemSource(iterable), report, o, context, func)
         job.index = index
+        job.checkpoint = checkpoint
         if index is None and type(iterable) in SEQUENCES:
             report.replay = (func, o, iterable)
         elif index is not None:
@@ -312,6 +314,7 @@ class Pool:
         except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
             self.backend.cancel(job)
             write_outputs(job.take_printable(final=True))
+            self._finish_checkpoint(job)
             if watch is not None:
                 watch.close()
             if not isinstance(exc, KeyboardInterrupt):
@@ -327,6 +330,7 @@ class Pool:
             raise point_at_function(stop, job.func) from None
         if watch is not None:
             watch.close()
+        self._finish_checkpoint(job)
         if job.error is not None:
             raise job.error
         return job.report
@@ -351,6 +355,15 @@ class Pool:
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
         return MapHandle(self, job)
+
+    @staticmethod
+    def _finish_checkpoint(job: Job) -> None:
+        """Return only once the checkpoint holds every finished result."""
+        ck = getattr(job, "checkpoint", None)
+        if ck is not None:
+            err = ck.wait()
+            if err is not None:
+                job.report.notes.append(f"the checkpoint {ck.path} could not be written: {err}")
 
     def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,
                 resume: RunReport | None = None) -> Job:

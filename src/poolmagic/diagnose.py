@@ -64,7 +64,7 @@ def transport_s(r: "RunReport") -> float:
         free = 0.0
         for c in sorted(chunks, key=lambda c: c.t0):
             total += max(0.0, c.t0 - max(c.t_sent, free)) + max(0.0, c.t_recv - c.t1)
-            free = c.t1
+            free = max(c.t1, c.t_recv)  # sending its results, the worker is not free yet
     return total
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import queue
 import sqlite3
 import threading
 from typing import Any, Iterable
@@ -80,12 +81,34 @@ def _continuing(name: str, n: int, results: list, errors: dict) -> RunReport:
 
 
 class Checkpoint:
-    """One checkpoint file: load what it holds, and record chunks as they finish (an observer)."""
+    """One checkpoint file: load what it holds, and record chunks as they finish (an observer).
+
+    All writing happens on a thread of its own, fed by a queue: the backend's
+    thread only hands over references, and a new file is created while the
+    map already runs. ``wait()`` (called when the map ends) returns once every
+    finished chunk is committed.
+    """
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        self._lock = threading.Lock()
         self.function_changed = False
+        self.error: BaseException | None = None
+        self.db: sqlite3.Connection | None = None
+        self._index: list[int] | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._writer: threading.Thread | None = None
+        if os.path.exists(self.path) and os.path.getsize(self.path):
+            self._open()  # it may hold results: load() reads them first
+        else:
+            try:  # fail now, not in the writer, if the place cannot take a file
+                open(self.path, "ab").close()
+            except OSError as exc:
+                raise BadInputError(f"cannot use {self.path!r} as a checkpoint: {exc}") from None
+        self._writer = threading.Thread(target=self._write_loop, name="poolmagic-checkpoint", daemon=True)
+        self._writer.start()
+
+    def _open(self) -> None:
         try:
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -93,13 +116,15 @@ class Checkpoint:
             self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise BadInputError(f"cannot use {self.path!r} as a checkpoint: {exc}") from None
-        self._index: list[int] | None = None
 
     # ------------------------------------------------------------ loading (caller's thread)
     def load(self, iterable: Iterable, name: str, function_key: str) -> tuple[RunReport, list[int] | None, Any]:
         """The report with what the file holds, the positions left to run (None: all), their items."""
         items = _materialise(iterable)
         n = len(items)
+        if self.db is None:  # a new file: the writer creates it; run everything
+            self._queue.put(("meta", n, function_key))
+            return RunReport(func_name=name), None, items
         meta = dict(self.db.execute("SELECT key, value FROM meta"))
         if "items" in meta and int(meta["items"]) != n:
             raise BadInputError(
@@ -107,12 +132,15 @@ class Checkpoint:
                 f"the ITERABLE changed. Use another PATH, or delete the file to start over."
             )
         self.function_changed = "function" in meta and meta["function"] != function_key
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('items', ?)", (str(n),))
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('function', ?)", (function_key,))
-        results = [NOT_DONE] * n
+        self._queue.put(("meta", n, function_key))
         try:
             rows = self.db.execute("SELECT id, indices, items_hash, body, frames FROM chunks ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise BadInputError(f"the checkpoint {self.path!r} cannot be read ({exc}); delete it to start over") from None
+        if not rows:  # a new file: run everything, nothing to merge
+            return RunReport(func_name=name), None, items
+        results = [NOT_DONE] * n
+        try:
             for cid, raw_idx, digest, body, nframes in rows:
                 idx = pickle.loads(raw_idx)
                 here = items[idx.start : idx.stop] if type(idx) is range else [items[i] for i in idx]
@@ -146,31 +174,59 @@ class Checkpoint:
         job.observers.append(self)
 
     def __call__(self, event: Any) -> None:
-        if type(event) is MapFinished:
-            self.close()
-            return
-        if type(event) is not ChunkFinished or event.items is None:
-            return
-        rec = event.record
-        pos = range(rec.start, rec.start + rec.count)
-        idx: Any = pos if self._index is None else [self._index[p] for p in pos]
-        if event.raw is not None:
-            body, frames = event.raw
+        if type(event) is ChunkFinished and event.items is not None:
+            rec = event.record
+            pos = range(rec.start, rec.start + rec.count)
+            idx: Any = pos if self._index is None else [self._index[p] for p in pos]
+            self._queue.put(("chunk", idx, event.items, event.raw, event.results))
+        elif type(event) is MapFinished:
+            self._queue.put(("close",))
+
+    def wait(self, timeout: float | None = 30.0) -> BaseException | None:
+        """Block until every finished chunk is committed and the file closed; the error, if any."""
+        self._done.wait(timeout)
+        return self.error
+
+    # ------------------------------------------------------------ the writer thread
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                task = self._queue.get()
+                if task[0] == "close":
+                    break
+                if self.error is not None:
+                    continue
+                try:
+                    if self.db is None:
+                        self._open()
+                    if task[0] == "meta":
+                        with self.db:
+                            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('items', ?)", (str(task[1]),))
+                            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('function', ?)", (task[2],))
+                    else:
+                        self._write_chunk(*task[1:])
+                except Exception as exc:  # a full disk: the map goes on, the error is said
+                    self.error = exc
+        finally:
+            if self.db is not None:
+                try:
+                    self.db.close()
+                except sqlite3.Error:
+                    pass
+            self._done.set()
+
+    def _write_chunk(self, idx: Any, items: Any, raw: tuple | None, results: list) -> None:
+        if raw is not None:
+            body, frames = raw
         else:  # a backend that keeps no bytes: pickle the results here
             frames_pb: list = []
-            body = cloudpickle.dumps((event.results, [], []), protocol=5, buffer_callback=frames_pb.append)
+            body = cloudpickle.dumps((results, [], []), protocol=5, buffer_callback=frames_pb.append)
             frames = [f.raw() for f in frames_pb]
-        with self._lock, self.db:
+        frames = frames or ()
+        with self.db:
             cur = self.db.execute(
                 "INSERT INTO chunks(indices, items_hash, body, frames) VALUES (?, ?, ?, ?)",
-                (pickle.dumps(idx), items_hash(event.items), body, len(frames or ())),
+                (pickle.dumps(idx), items_hash(items), body, len(frames)),
             )
-            for k, f in enumerate(frames or ()):
+            for k, f in enumerate(frames):
                 self.db.execute("INSERT INTO frames VALUES (?, ?, ?)", (cur.lastrowid, k, f))
-
-    def close(self) -> None:
-        with self._lock:
-            try:
-                self.db.close()
-            except sqlite3.Error:
-                pass

@@ -102,6 +102,7 @@ class LiveProgress:
             bar = _widget_bar(p.total)
             if bar is not None:
                 self._bar = bar
+                self._started_with_the_map()
                 self._handle = display(bar.container, display_id=True)
                 self._update()
             else:
@@ -110,12 +111,22 @@ class LiveProgress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=p.total, desc="poolmagic", unit=" items", leave=False, file=sys.stderr)
+            self._started_with_the_map()
             self._update()
 
     def _bundle(self) -> dict:
         from .display import progress_html, progress_text
 
         return {"text/plain": progress_text(self.progress), "text/html": progress_html(self.progress)}
+
+    def _started_with_the_map(self) -> None:
+        """tqdm times from its creation, 0.5 s in: make its clock start with the map."""
+        bar = self._bar
+        try:
+            bar.start_t = bar._time() - self.progress.elapsed
+            bar.last_print_t = bar.start_t
+        except AttributeError:
+            pass
 
     def _update(self) -> None:
         p = self.progress
