@@ -177,16 +177,19 @@ for _ in range(3):
     pool = Pool(2, start_method=sys.argv[1])
     seen = set()
     pool.start()
-    deadline = time.monotonic() + 0.3
-    while time.monotonic() < deadline and len(seen) <= 2:
+    # signal every worker from the moment it appears until both have been hit a
+    # while (a loaded machine may take seconds to start them: wait, don't guess)
+    deadline, hits = time.monotonic() + 20, 0
+    while time.monotonic() < deadline and len(seen) <= 2 and hits < 200:
         for pid in pool.backend.worker_pids():
             try:
                 os.kill(pid, signal.SIGINT)
                 seen.add(pid)
             except ProcessLookupError:
                 pass
+        if len(seen) >= 2:
+            hits += 1
         time.sleep(0.001)
-    time.sleep(0.1)
     try:
         ok = pool.map(abs, range(-2, 2)) == [2, 1, 0, 1]
     except Exception as exc:

@@ -51,7 +51,7 @@ def test_terminal_bar_on_stderr_and_final_line(ip, capsys):
     assert "poolmagic" in err and " items" in err, err
     assert "it/s" in err or "items/s" in err, err  # tqdm's meter was drawn
     finals = final_lines(err)
-    assert len(finals) == 1 and finals[0].startswith("poolmagic ✔ 8/8 · "), finals
+    assert len(finals) == 1 and finals[0].startswith("poolmagic ✔ 8/8 items · "), finals
     assert "items/s" in finals[0]
 
 
@@ -105,7 +105,7 @@ def test_failed_map_final_line_says_stopped(ip, capsys):
     err = capsys.readouterr().err
     finals = final_lines(err)
     assert len(finals) == 1, err
-    assert re.match(r"poolmagic ✖ [1-8]/8 · ", finals[0]) and finals[0].endswith("· stopped: ValueError"), finals
+    assert re.match(r"poolmagic ✖ [1-8]/8 items · ", finals[0]) and finals[0].endswith("· stopped: ValueError"), finals
 
 
 class Interrupting:
@@ -146,7 +146,7 @@ def test_interrupted_map_final_line(capsys):
     assert len(finals) == 1, err
     done = watch.lp.progress.finished
     assert 2 <= done < 16
-    assert finals[0].startswith(f"poolmagic ■ {done}/16 · "), finals
+    assert finals[0].startswith(f"poolmagic ■ {done}/16 items · "), finals
     assert finals[0].endswith(f"· interrupted at {done}"), finals
 
 
@@ -212,7 +212,7 @@ def test_final_forms(clock):
     clock.now = 200.0  # time stands still once the map has finished
     assert p.elapsed == pytest.approx(4.0) and p.eta is None
     text, html = display.progress_final(p)
-    assert text.startswith("poolmagic ✔ 10,000/10,000 · 4.00 s · 2,500.0 items/s"), text
+    assert text.startswith("poolmagic ✔ 10,000/10,000 items · 4.00 s · 2,500.0 items/s"), text
     assert "✔" in html and "10,000/10,000" in html and "application/vnd.jupyter" not in html
 
     stopped = live.Progress(10_000, 2)

@@ -179,7 +179,7 @@ def progress_html(p: "Progress") -> str:
 def progress_final(p: "Progress") -> tuple[str, str]:
     """The completed bar, (text, html): what a saved notebook shows for good."""
     of = f"/{p.total:,}" if p.total is not None else ""
-    stats = f"{p.finished:,}{of} · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s"
+    stats = f"{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s"
     if p.status == "done":
         mark, word, color = "✔", "", _GOOD
     elif p.status == "cancelled":
@@ -189,8 +189,8 @@ def progress_final(p: "Progress") -> tuple[str, str]:
     frac = p.finished / p.total if p.total else 1.0
     text = f"poolmagic {mark} {stats}{word}"
     h = (
-        f'<div class="poolmagic-progress" style="{_FONT};color:inherit">{mark} {_bar(frac, 160, color)}'
-        f"{html.escape(stats + word)}</div>"
+        f'<div class="poolmagic-progress" style="{_FONT};color:inherit"><b>poolmagic</b> {mark}'
+        f"{_bar(frac, 160, color)}{html.escape(stats + word)}</div>"
     )
     return text, h
 

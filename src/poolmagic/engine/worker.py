@@ -191,6 +191,7 @@ class Worker:
         self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.n_modules = 0
+        self.seen_modules: set[str] = set()
         self.applier = ContextApplier()
         self.baseline: ProcessState | None = None
 
@@ -332,20 +333,27 @@ class Worker:
         os._exit(0)
 
     def _new_modules(self) -> dict | None:
-        """Files of modules from the user's folders imported since the last report."""
+        """Files of modules from the user's folders imported since the last report.
+
+        Only modules not seen before are looked at (the first chunk may import
+        hundreds; resolving every path again after each chunk cost ~20 ms).
+        """
         if len(sys.modules) == self.n_modules:
             return None
         self.n_modules = len(sys.modules)
+        seen = self.seen_modules
         found = {}
         for name, mod in list(sys.modules.items()):
+            if name in seen:
+                continue
+            seen.add(name)
             path = getattr(mod, "__file__", None)
             if path and _is_user_file(path):
                 try:
                     found[name] = (path, os.stat(path).st_mtime_ns)
                 except OSError:
                     pass
-        return found
-
+        return found or None
 
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 _has_schedstat = os.path.exists(_SCHEDSTAT)
