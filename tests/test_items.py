@@ -141,7 +141,7 @@ def test_callbacks_fire():
     src.on_items = lambda: arrived.append(src.read)
     src.set_want(4)
     src.feed()
-    assert arrived == [4], "on_items did not fire when items arrived"
+    assert arrived and arrived[-1] == 4, "on_items did not fire when items arrived"
     assert src.take(1) == (0, [0])
     assert low == [], "3 of 4 left is not low"
     assert src.take(1) == (1, [1])

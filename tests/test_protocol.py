@@ -69,6 +69,7 @@ def samples() -> dict[str, list]:
                        tuple(f.nbytes for f in items_frames), options, True),
         ],
         "Stop": [P.Stop()],
+        "Ready": [P.Ready()],
         "Began": [P.Began(4)],
         "Progress": [P.Progress(seq=4, done=17)],
         "ChunkDone": [

@@ -60,6 +60,7 @@ class WorkerHandle:
         self.stale = False  # replace when idle (user modules changed on disk)
         self.retiring: str | None = None  # it said it exits after its chunk, and why
         self.failure: BaseException | None = None  # what its reader thread failed on
+        self.ready = False  # it said it started
 
     # ------------------------------------------------------------ sending
     def encode_chunk(self, seq: int, job: Any, start: int, items: Any, timed: bool) -> tuple[bytes, list]:

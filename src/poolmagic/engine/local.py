@@ -110,6 +110,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._item_times = ItemTimes()
         self._shared: dict[str, int] = {}  # payload key -> memfd of its big buffers
         self._next_guard = 0.0  # when the memory guard looks next
+        self._start_failures = 0  # workers in a row that died before they were ready
 
     @property
     def size(self) -> int:

@@ -31,6 +31,7 @@ from .handle import Chunk, WorkerHandle, kill_group
 from .job import Job
 
 START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
+START_ATTEMPTS = 3  # workers that die before they are ready, in a row, before the maps fail
 
 
 class Outcomes:
@@ -39,11 +40,15 @@ class Outcomes:
     _procs: dict[int, WorkerHandle]
     _jobs: list[Job]
     _next_guard: float
+    _start_failures: int
 
     def _handle(self, p: WorkerHandle, msg: Any, frames: list | None) -> None:
         kind = type(msg)
         if kind is P.ChunkDone:
             self._on_done(p, msg, frames)
+        elif kind is P.Ready:
+            p.ready = True
+            self._start_failures = 0
         elif kind is P.Began:
             p.began(msg.seq)
         elif kind is P.Progress:
@@ -119,6 +124,15 @@ class Outcomes:
         p.proc.join(1)
         code = p.proc.exitcode
         self._forget(p)
+        if not p.ready:  # it never started: nothing it holds ran; no item is to blame
+            for c in p.inflight:
+                self._give_back(c)
+            self._start_failures += 1
+            if self._start_failures >= START_ATTEMPTS and not any(q.ready for q in self._procs.values()):
+                self._start_failures = 0
+                self._spawn_failed(RuntimeError(f"{START_ATTEMPTS} workers in a row exited with "
+                                                f"{exit_description(code)} before they were ready"))
+            return
         if not p.inflight:
             return
         if p.retiring and p.retiring != "failed":  # it left on purpose: nothing it holds ran

@@ -22,6 +22,7 @@ Parent -> worker::
 
 Worker -> parent::
 
+    Ready         the worker has started (a death before it is a failed start)
     Began         the timed chunk ``seq`` started (its timeout counts from now)
     Progress      items of a long chunk finished so far (every PROGRESS_S)
     ChunkDone     results, captured output and errors of ``seq``; ``sizes``
@@ -73,6 +74,10 @@ class Stop(NamedTuple):
 
 
 # ---------------------------------------------------------------- worker -> parent
+class Ready(NamedTuple):
+    """The worker has started; a death before this is a failure to start, not a crash."""
+
+
 class Began(NamedTuple):
     seq: int
 
@@ -104,8 +109,8 @@ class WorkerFailed(NamedTuple):
     error: dict  #: a packed exception; the worker exits after sending this
 
 
-Message = Union[LoadFunction, SetContext, RunChunk, Stop, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
-MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
+Message = Union[LoadFunction, SetContext, RunChunk, Stop, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
+MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
 PROGRESS_S = 0.5  # a chunk running longer reports its finished items this often
 
 

@@ -233,6 +233,7 @@ class Worker:
 
     # ------------------------------------------------------------ running (main thread)
     def serve(self, warm: list[str] = ()) -> None:
+        self._send(P.Ready())
         threading.Thread(target=self._reader, name="poolmagic-reader", daemon=True).start()
         for name in warm:  # messages queue up in the inbox meanwhile
             try:

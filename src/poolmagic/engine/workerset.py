@@ -73,8 +73,10 @@ class WorkerSet:
         The next map tries again (the cause, e.g. too many open files, may be gone).
         """
         self._spawn_error = exc
-        if self._procs:
-            return
+        if any(p.ready for p in self._procs.values()):
+            return  # the maps go on with the workers that did start
+        for p in list(self._procs.values()):  # started from the same broken state
+            self._kill(p)
         if self.start_method == "forkserver" and not others_have_workers(self):
             # The forkserver may be what is broken (started while file descriptors
             # ran out, it keeps that limit): the next map starts a fresh one.
