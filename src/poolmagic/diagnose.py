@@ -94,7 +94,7 @@ def _findings(r: "RunReport", a: Analysis, n_done: int, threads: int | None) -> 
     paid = a.efficiency >= GOOD_EFFICIENCY and gain >= 1
     if paid:
         return out
-    per_item = a.busy_s / max(n_done, 1)
+    per_item = (a.busy_s - a.waited_s) / max(n_done, 1)
     contended = a.waited_s > 0.2 * a.busy_s
     if gain < 1 and not contended:  # with CPUs contended, a loop would have waited too
         out.append(Finding(
@@ -164,6 +164,8 @@ def _slowest_item(r: "RunReport") -> tuple[int, float]:
             i, t = c.start + k, c.item_times[k]
         else:
             i, t = c.start, c.busy_s / max(c.count, 1)
+        if c.waited_s and c.busy_s > 0:  # an item that waited for a CPU was not slow itself
+            t *= max(0.0, 1 - c.waited_s / c.busy_s)
         if t > t_best:
             best, t_best = i, t
     return best, t_best
