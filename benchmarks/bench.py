@@ -256,44 +256,47 @@ class Peer:
     label: str
     module: str  # importable in this venv, else the peer is skipped
     imports: str
-    create: str  # cell code that creates (and starts) the pool
-    expr: str = ""  # map expression returning a list; {f} function, {it} iterable
+    create: str  # cell code that creates (and starts) the pool; {w} the number of workers
+    expr: str = ""  # map expression returning a list; {f} function, {it} iterable, {w} workers
     chunk_expr: str = ""  # same with chunk size {c} (executors only)
     auto_chunk: bool = False  # executors default to chunksize 1: use Pool's len/(4*workers)
     magic: bool = False  # poolmagic: map through %%poolmap, the cell defines the function
     tiny_n: int = 100_000  # items of the tiny workload (dask: one task per item, ~ms each)
 
+    def create_code(self, workers: int = WORKERS) -> str:
+        return self.create.format(w=workers)
+
     def map_stmt(self, f: str, src: str, it: str, n: int | None = None, chunk: int | None = None,
-                 quiet: bool = True) -> str:
+                 quiet: bool = True, workers: int = WORKERS) -> str:
         """A statement that maps function ``f`` (source ``src``) over ``it`` into ``r``."""
         if self.magic:
             line = " ".join(o for o in ["-q" if quiet else "", f"-c {chunk}" if chunk else "", "-o r", it] if o)
             return f"get_ipython().run_cell_magic('poolmap', {line!r}, {src!r})"
         if chunk is None and self.auto_chunk and n:
-            chunk = max(1, math.ceil(n / (4 * WORKERS)))
+            chunk = max(1, math.ceil(n / (4 * workers)))
         if chunk and not self.chunk_expr:
             raise ValueError(f"{self.key}: no chunk size template")
         tpl = self.chunk_expr if chunk else self.expr
-        return "r = " + tpl.format(f=f, it=it, c=chunk)
+        return "r = " + tpl.format(f=f, it=it, c=chunk, w=workers)
 
 
 def _mp(method: str) -> Peer:
     return Peer(
         f"mp_{method}", f"multiprocessing.Pool ({method})", "multiprocessing",
-        "import multiprocessing as mp", f"P = mp.get_context({method!r}).Pool({WORKERS})", "P.map({f}, {it})",
+        "import multiprocessing as mp", f"P = mp.get_context({method!r}).Pool({{w}})", "P.map({f}, {it})",
     )
 
 
-_LOKY = f"get_reusable_executor(max_workers={WORKERS})"
-_JOBLIB = f"Parallel(n_jobs={WORKERS}, backend='loky'"
+_LOKY = "get_reusable_executor(max_workers={w})"
+_JOBLIB = "Parallel(n_jobs={w}, backend='loky'"
 PEERS = [
-    Peer("poolmagic", "poolmagic (forkserver)", "poolmagic", "", f"%load_ext poolmagic\n%poolsize {WORKERS}",
+    Peer("poolmagic", "poolmagic (forkserver)", "poolmagic", "", "%load_ext poolmagic\n%poolsize {w}",
          magic=True),
     _mp("fork"),
     _mp("forkserver"),
     Peer("ppe_forkserver", "ProcessPoolExecutor (forkserver)", "concurrent.futures",
          "import multiprocessing as mp\nfrom concurrent.futures import ProcessPoolExecutor",
-         f"P = ProcessPoolExecutor({WORKERS}, mp_context=mp.get_context('forkserver'))",
+         "P = ProcessPoolExecutor({w}, mp_context=mp.get_context('forkserver'))",
          "list(P.map({f}, {it}))", "list(P.map({f}, {it}, chunksize={c}))", auto_chunk=True),
     Peer("loky", "loky reusable executor", "loky", "from loky import get_reusable_executor", f"P = {_LOKY}",
          f"list({_LOKY}.map({{f}}, {{it}}))", f"list({_LOKY}.map({{f}}, {{it}}, chunksize={{c}}))",
@@ -301,13 +304,14 @@ PEERS = [
     Peer("joblib", "joblib Parallel (loky)", "joblib", "from joblib import Parallel, delayed", f"P = {_JOBLIB})",
          f"{_JOBLIB})(delayed({{f}})(x) for x in {{it}})"),
     Peer("mpire", "mpire WorkerPool (fork)", "mpire", "from mpire import WorkerPool",
-         f"P = WorkerPool(n_jobs={WORKERS}, start_method='fork', keep_alive=True)",
+         "P = WorkerPool(n_jobs={w}, start_method='fork', keep_alive=True)",
          "P.map({f}, {it})"),
+    # Every listening socket on 127.0.0.1, no dashboard.
     Peer("dask", "dask.distributed LocalCluster", "distributed",
          "import logging\nfrom dask.distributed import Client, LocalCluster\n"
          "logging.getLogger('distributed').setLevel(logging.ERROR)",
-         f"C = Client(LocalCluster(n_workers={WORKERS}, threads_per_worker=1, processes=True,"
-         " dashboard_address=None))",
+         "C = Client(LocalCluster(n_workers={w}, threads_per_worker=1, processes=True,"
+         " host='127.0.0.1', dashboard_address=None))",
          "C.gather(C.map({f}, {it}, pure=False))", tiny_n=2_000),
 ]
 PEER_BY_KEY = {p.key: p for p in PEERS}
@@ -319,7 +323,7 @@ def setup(k: Kernel, peer: Peer, defs: str, extra: str = "", timeout: float = 30
     """Preamble, the notebook's functions, then a warm pool (one small map done)."""
     k.figures(cell(PREAMBLE, extra), timeout)
     k.figures(cell(defs, WARM_SRC), timeout)  # before the pool: fork-based pools see them
-    k.figures(cell(peer.imports, peer.create), timeout)
+    k.figures(cell(peer.imports, peer.create_code()), timeout)
     try:
         k.figures(peer.map_stmt("_warm", WARM_SRC, "range(4)", n=4) + "\n", timeout)
     except CellFailed as exc:
@@ -354,7 +358,7 @@ def wl_cold(peer: Peer, cfg, fresh) -> dict:
         k.figures(cell(PREAMBLE, src))
         try:
             return k.figures(cell(
-                "_t0 = time.perf_counter()", peer.imports, "_t1 = time.perf_counter()", peer.create,
+                "_t0 = time.perf_counter()", peer.imports, "_t1 = time.perf_counter()", peer.create_code(),
                 peer.map_stmt("f", src, "range(2)", n=2),
                 "assert list(r) == [0, 1], r",
                 "_emit(cold_s=time.perf_counter() - _t0, import_s=_t1 - _t0)",
