@@ -930,12 +930,18 @@ def ds_notes(results: dict) -> list[str]:
     notes = []
     if not any(c[0] in results for c in DS_COLUMNS):
         return notes
+    how = {"numpy": "`matmul(i)` imports numpy itself", "bigresult": "`big_result(i)` imports numpy itself",
+           "bigarg": "`arg_sum(a)` is `float(np.sum(a))` with the kernel's `np`"}
+    told = "; ".join(v for wl, v in how.items() if wl in results)
     notes.append("Data-science rows: every (row, variant, peer) in a fresh kernel, the mapped function defined "
-                 "in a notebook cell (numpy and results: it imports numpy itself; args: `float(np.sum(a))` "
-                 "with the kernel's `np`). Times are medians, ratios peer ÷ poolmagic. \"np after pool\": "
-                 "the kernel imports numpy after creating the pool (`%load_ext` first, as users do); "
-                 "\"before\": before it. Peak RSS growth: the kernel's VmHWM after the map minus its VmRSS "
-                 "before (≤: the mark did not rise, an upper bound); the 16 arrays are 488 MiB (512 MB).")
+                 f"in a notebook cell{f' ({told})' if told else ''}. Times are medians, ratios peer ÷ poolmagic "
+                 "(> 1: the peer is slower).")
+    if "numpy" in results or "bigarg" in results:
+        notes.append("\"np after pool\": the kernel imports numpy after creating the pool (`%load_ext` first, as "
+                     "users do); \"before\": before it.")
+    if "bigresult" in results or "bigarg" in results:
+        notes.append("Peak RSS growth: the kernel's VmHWM after the map minus its VmRSS before (≤: the mark did "
+                     "not rise, an upper bound); the 16 arrays are 488 MiB (512 MB).")
     for peer, r in (results.get("numpy") or {}).items():
         libs = sorted({x for o in NUMPY_ORDERS for x in r.get(f"{o}_blas_libs") or []})
         if libs:
