@@ -59,7 +59,7 @@ from ..errors import (
 )
 from . import worker as _worker
 from .base import Backend
-from .handle import Chunk, WorkerHandle
+from .handle import SHARED_MIN_BYTES, Chunk, WorkerHandle
 from .job import ItemTimes, Job
 from .outcomes import Outcomes
 from .processes import (
@@ -75,7 +75,6 @@ from .workerset import PIPE, WorkerSet
 
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
 TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
-SHARED_MIN_BYTES = 1 << 20  # function buffers above this go through shared memory
 
 
 class LocalBackend(WorkerSet, Outcomes, Backend):
@@ -311,7 +310,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
 
     def _shared_fd(self, payload: Any) -> int | None:
         """The function's big buffers in shared memory, made once per version and map."""
-        if sum(b.nbytes for b in payload.buffers) < SHARED_MIN_BYTES:
+        if sum(b.nbytes for b in payload.buffers) < SHARED_MIN_BYTES:  # handle.py's threshold
             return None
         fd = self._shared.get(payload.key)
         if fd is None:

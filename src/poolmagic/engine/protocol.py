@@ -17,7 +17,8 @@ Parent -> worker::
                   (or one file descriptor when ``shared``)
     SetContext    a map's process state: cwd, environment, sys.path, native
                   threads; once per worker and context
-    RunChunk      items ``start .. start+count-1``; ``sizes`` frames follow
+    RunChunk      items ``start .. start+count-1``; ``sizes`` frames follow (or
+                  one file descriptor when ``shared``)
     Stop          finish and exit
 
 Worker -> parent::
@@ -67,6 +68,7 @@ class RunChunk(NamedTuple):
     sizes: tuple  #: out-of-band buffer frames that follow ``items``
     options: Any  #: the map's MapOptions, without ``kwargs`` (bound into the function)
     timed: bool  #: time each item (else one time for the chunk)
+    shared: bool = False  #: the frames come as one memfd (big arrays), not through the pipe
 
 
 class Stop(NamedTuple):
