@@ -11,12 +11,17 @@ mistake is reported as one sentence naming the culprit.
 from __future__ import annotations
 
 import functools
-import inspect
-import itertools
 import threading
 import warnings
 from typing import Any, Callable, Iterable
 
+from .checks import (  # noqa: F401
+    NoArgs,
+    check_plain_function,
+    check_positive,
+    check_star,
+    too_many_workers,
+)
 from .cores import available_cores
 from .engine.base import Backend
 from .engine.context import ContextCache
@@ -24,75 +29,19 @@ from .engine.items import SEQUENCES, ItemSource
 from .engine.job import Job, write_outputs
 from .engine.local import LocalBackend
 from .engine.mapoptions import MapOptions
-from .errors import BadInputError, MapCancelledError, PoolmapError, add_note, point_at_function
+from .errors import (
+    BadInputError,
+    MapCancelledError,
+    PoolmapError,
+    add_note,
+    point_at_function,
+)
 from .longrun import Checkpoint, resume_report
 from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
+
 # Above this many workers per core, more processes only help work that waits.
-MANY_PER_CORE = 4
-
-
-class _NoArgs:
-    """Calls a zero-argument function once per item, ignoring the item."""
-
-    def __init__(self, func: Callable[[], Any]):
-        self.func = func
-
-    def __call__(self, _item: Any) -> Any:
-        return self.func()
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadInputError(f"{name} must be a positive whole number, not {value!r}")
-
-
-def too_many_workers(n: int, cores: int) -> str | None:
-    """A warning when ``n`` workers is far above the cores, else None."""
-    if n <= MANY_PER_CORE * cores:
-        return None
-    return (
-        f"{n} workers on {cores} core{'s' if cores != 1 else ''}: more processes than cores only "
-        f"help when items wait (I/O, sleep, network); CPU-bound work runs no faster and every "
-        f"worker costs memory. Workers start as maps need them."
-    )
-
-
-def _unwrap(func: Any) -> Any:
-    while True:
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif isinstance(func, _NoArgs):
-            func = func.func
-        else:
-            return func
-
-
-def _check_plain_function(func: Callable, name: str) -> None:
-    """Reject what a worker can run but cannot send back the result of."""
-    f = _unwrap(func)
-    if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f):
-        raise BadInputError(
-            f"{name}() is an async function: a worker would only return an un-awaited coroutine. "
-            f"Map a plain def that runs it, e.g. def run(x): return asyncio.run({name}(x))"
-        )
-    if inspect.isgeneratorfunction(f):
-        raise BadInputError(
-            f"{name}() is a generator function (it uses yield): its results would be generators, "
-            f"which cannot be sent back. Return a list instead, e.g. def run(x): return list({name}(x))"
-        )
-
-
-def _first_not_sequence(items: Iterable) -> tuple[int, Any] | None:
-    for i, x in enumerate(items):
-        if not hasattr(x, "__iter__"):
-            return i, x
-    return None
-
-
 class MapHandle:
     """A map running in the background (``map_async``, ``%%poolmap --async``)."""
 
@@ -155,10 +104,14 @@ class MapHandle:
 
 
 class Pool:
-    """A warm pool of worker processes that maps notebook-defined functions."""
+    """A warm pool of worker processes that maps notebook-defined functions.
+
+    Its methods are the API itself (lifecycle, mapping, settings); each is a
+    few lines over the backend and the Job.
+    """
 
     def __init__(self, workers: int | None = None, *, start_method: str | None = None, backend: Backend | None = None):
-        _check_positive("workers", workers)
+        check_positive("workers", workers)
         self.cores = available_cores()
         self._warn_size(workers)
         self.backend: Backend = backend or LocalBackend(workers or self.cores, start_method)
@@ -187,7 +140,7 @@ class Pool:
 
     def resize(self, workers: int | None, warn: bool = True) -> None:
         """Set the number of workers (None: the cores available); no restart needed."""
-        _check_positive("workers", workers)
+        check_positive("workers", workers)
         if warn:
             self._warn_size(workers)
         self.backend.resize(workers or self.cores)
@@ -227,7 +180,7 @@ class Pool:
         if not callable(func):
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
         name = callable_name(func)
-        _check_plain_function(func, name)
+        check_plain_function(func, name)
         if o.repeat is not None:
             if iterable is not None:
                 raise BadInputError("give either an ITERABLE or repeat=N, not both")
@@ -239,13 +192,13 @@ class Pool:
         if o.kwargs:
             func = functools.partial(func, **o.kwargs)
         if o.repeat is not None:
-            func = _NoArgs(func)
+            func = NoArgs(func)
         try:
             iter(iterable)  # type: ignore[arg-type]
         except TypeError:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
         if o.star:
-            iterable = self._check_star(iterable)
+            iterable = check_star(iterable)
         payload = dump_function(func)
         workers = o.workers or self.size
         threads = o.threads or self.threads_per_worker(workers)
@@ -277,26 +230,6 @@ class Pool:
         if checkpoint is not None:
             checkpoint.attach(job)
         return job
-
-    @staticmethod
-    def _check_star(iterable: Iterable) -> Iterable:
-        if isinstance(iterable, (list, tuple)):
-            bad = _first_not_sequence(iterable)
-        else:  # a stream: check the first item, then put it back
-            it = iter(iterable)
-            try:
-                first = next(it)
-            except StopIteration:
-                return ()
-            bad = _first_not_sequence([first])
-            iterable = itertools.chain([first], it)
-        if bad is not None:
-            i, x = bad
-            raise BadInputError(
-                f"--star needs each item to be a sequence of arguments, but item {i} is "
-                f"{describe(x)} ({x!r:.60})"
-            )
-        return iterable
 
     def run(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
             resume: RunReport | None = None, **options: Any) -> RunReport:

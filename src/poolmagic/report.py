@@ -138,7 +138,7 @@ class RunReport:
                 f"The values of the first {FAILED_KEPT} failed items are kept; re-run the map over a list to get any item."
             )
         if options.seed is not None:
-            from .engine.worker import _seed_item
+            from .engine.chunk import _seed_item
 
             _seed_item(options.seed, index)
         return func(*value) if options.star else func(value)

@@ -19,17 +19,20 @@ import heapq
 import inspect
 import itertools
 import math
-import sys
+import operator
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Callable
 
-from ..errors import ItemExitError, MapFailedError, PoolmapError, add_note, point_at_function, short_repr
+from ..errors import MapFailedError, PoolmapError, add_note, point_at_function, short_repr
 from ..sentinel import NOT_DONE
 from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Observer
 from .items import ItemSource
 from .mapoptions import MapOptions
+from .rules import ItemTimes, as_item_error, attach_report, summary_error, write_outputs  # noqa: F401  (re-exported)
+
+_FIRST = operator.itemgetter(0)
 
 # Chunk sizing, the same for every backend: chunks of about TARGET_CHUNK_S,
 # never under MIN_CHUNK_S (IPC would dominate), smaller towards the end so the
@@ -41,7 +44,12 @@ STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead st
 
 
 class Job:
-    """One map. See the module docstring for the contract with backends."""
+    """One map. See the module docstring for the contract with backends.
+
+    Many methods, one object: they are the three faces of one map's state
+    (what a backend calls, the results side, the caller's side) and share
+    every field under one lock; split apart they would pass that state around.
+    """
 
     def __init__(self, payload: Any, source: ItemSource, report: Any, options: MapOptions,
                  context: Any, func: Callable | None = None):
@@ -213,7 +221,7 @@ class Job:
             for pos, stream, text in outputs:
                 idx = self._at(pos)
                 heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
-                bisect.insort(r.outputs, (idx, stream, text), key=_first)  # item order
+                bisect.insort(r.outputs, (idx, stream, text), key=_FIRST)  # item order
             self._mark_done(rec.start, rec.count)
             for pos, exc in errors:
                 off = pos - rec.start
@@ -276,7 +284,7 @@ class Job:
         if idx in self.report.errors:
             return self.report.errors[idx]
         value = one[0] if one is not None and len(one) else None
-        exc = _as_item_error(idx, exc, value)
+        exc = as_item_error(idx, exc, value)
         self.report.errors[idx] = exc
         kept = getattr(self.report, "failed_items", None)
         if kept is not None and one is not None and len(kept) < 100:
@@ -333,7 +341,7 @@ class Job:
                     r.items = src.pos
                     del r.results[src.pos :]
                 if r.errors:
-                    self.error = _summary_error(r)
+                    self.error = summary_error(r)
                     self._close("failed")
                 else:
                     self._close("done")
@@ -345,7 +353,7 @@ class Job:
         if r.items is None:
             r.items = self.source.pos
         if self.error is not None:
-            _attach_report(self.error, r)
+            attach_report(self.error, r)
             first = r.errors.get(min(r.errors)) if isinstance(self.error, MapFailedError) and r.errors else None
             if first is not None and first.__traceback__ is not None:
                 # --keep-going: point at the line that raised for the first failed item
@@ -410,82 +418,4 @@ class Job:
         return bool(heap) and heap[0][0] < self._prefix
 
 
-def _as_item_error(idx: int, exc: BaseException, value: Any) -> BaseException:
-    """sys.exit() or a KeyboardInterrupt raised by an item becomes a poolmagic error.
 
-    Re-raised as is, SystemExit would end the caller's script with status 0 and
-    KeyboardInterrupt would read as an interrupt of the kernel.
-    """
-    if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        return exc
-    what = f"item {idx}" + ("" if value is None else f" ({short_repr(value)})")
-    if isinstance(exc, SystemExit):
-        msg = f"{what} called sys.exit({'' if exc.code is None else repr(exc.code)}) in its worker; a mapped function must return or raise, not exit"
-    else:
-        msg = f"{what} raised KeyboardInterrupt in its worker (not an interrupt of this kernel)"
-    new = ItemExitError(msg)
-    new.__cause__ = exc
-    return new.with_traceback(exc.__traceback__)
-
-
-class ItemTimes:
-    """Time per item of each function version's last map (the last 64 versions).
-
-    A cell that is run again sizes its chunks at once instead of probing with
-    one-item chunks: 4 no-op items go as one chunk, not four round trips.
-    """
-
-    def __init__(self, size: int = 64):
-        self._size = size
-        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()
-
-    def recall(self, job: Job) -> None:
-        known = self._known.get(job.payload.key)
-        if known is not None:
-            job.busy, job.timed_items = known
-
-    def remember(self, job: Job) -> None:
-        if job.timed_items:
-            self._known[job.payload.key] = (job.busy, job.timed_items)
-            self._known.move_to_end(job.payload.key)
-            if len(self._known) > self._size:
-                self._known.popitem(last=False)
-
-
-def _first(t: tuple) -> Any:
-    return t[0]
-
-
-def write_outputs(batch: list[tuple[int, int, str, str]]) -> None:
-    """Write captured worker output to this thread's stdout/stderr."""
-    for _idx, _seq, stream, text in batch:
-        (sys.stderr if stream == "stderr" else sys.stdout).write(text)
-    sys.stdout.flush()
-
-
-def _summary_error(r: Any) -> BaseException:
-    n = len(r.errors)
-    first = sorted(r.errors)[:5]
-    lines = [f"{n} of {r.items} items failed:"]
-    for i in first:
-        e = r.errors[i]
-        lines.append(f"  item {i}: {type(e).__name__}: {_safe(e)}")
-    if n > len(first):
-        lines.append(f"  ... and {n - len(first)} more (all in .errors)")
-    lines.append(f"The {r.done} results that finished are kept: _poolmap.results (or .report.results).")
-    return MapFailedError("\n".join(lines), dict(r.errors))
-
-
-def _safe(e: BaseException) -> str:
-    from ..errors import safe_str
-
-    return safe_str(e)
-
-
-def _attach_report(exc: BaseException, r: Any) -> None:
-    try:
-        exc.poolmap_report = r  # type: ignore[attr-defined]
-        if isinstance(exc, PoolmapError):
-            exc.report = r
-    except (AttributeError, TypeError):
-        pass

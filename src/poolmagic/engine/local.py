@@ -84,7 +84,8 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
     one (the public face, the manager loop and scheduling), WorkerSet
     (starting, stopping and recycling processes: workerset.py) and Outcomes
     (what each reply, death or deadline does to a job: outcomes.py). All of
-    their methods but the public ones run on the manager thread.
+    their methods but the public ones run on the manager thread. The many
+    methods of this part are the public interface plus the loop's steps.
     """
 
     def __init__(self, size: int, start_method: str | None = None):
