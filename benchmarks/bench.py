@@ -951,6 +951,9 @@ def ds_notes(results: dict) -> list[str]:
         for peer, r in (results.get(wl) or {}).items():
             if r.get("note") and r["status"] != "broken":
                 notes.append(f"{label[peer]}, {wl}: {r['status']} — {r['note']}")
+            if r.get("leaked_processes_killed"):
+                notes.append(f"{label[peer]}, {wl}: {r['leaked_processes_killed']} process(es) still running under "
+                             "the kernel after its shutdown were killed.")
             for key, v in r.items():
                 if key.endswith("error") and v and num(r.get(key[:-5] + "s")) is None:
                     what = key[:-5].rstrip("_") or "map"
@@ -1110,7 +1113,7 @@ def main() -> int:
                 elif key in broken:
                     res = {"status": "broken", "note": f"see {broken[key]}"}
                 else:
-                    t0 = time.monotonic()
+                    t0, n0 = time.monotonic(), len(kernels)
                     try:
                         res = {"status": "ok", **fn(peer, cfg, fresh)}
                     except CellFailed as exc:
@@ -1121,6 +1124,9 @@ def main() -> int:
                     except Exception as exc:  # a harness problem: report it, keep going
                         res = {"status": "harness error", "note": repr(exc)[:200]}
                     res["harness_s"] = round(time.monotonic() - t0, 2)
+                    leaked = sum(k.leaked for k in kernels[n0:])  # its kernels are closed by now
+                    if leaked:
+                        res["leaked_processes_killed"] = leaked
                 results[wl][key] = res
                 print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {key:15s} "
                       + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
