@@ -951,6 +951,9 @@ def ds_notes(results: dict) -> list[str]:
         for peer, r in (results.get(wl) or {}).items():
             if r.get("note") and r["status"] != "broken":
                 notes.append(f"{label[peer]}, {wl}: {r['status']} — {r['note']}")
+            if r.get("leaked_processes_killed"):
+                notes.append(f"{label[peer]}, {wl}: {r['leaked_processes_killed']} process(es) still running under "
+                             "the kernel after its shutdown were killed.")
             for key, v in r.items():
                 if key.endswith("error") and v and num(r.get(key[:-5] + "s")) is None:
                     what = key[:-5].rstrip("_") or "map"
@@ -983,7 +986,7 @@ def render(results: dict, meta: dict) -> str:
         lines += [f"- {n}" for n in ds_notes(results)] + [""]
     load = "/".join(f"{meta[k][0]:.1f}" for k in ("loadavg_before", "loadavg_after"))
     hdr = (f"Benchmark run {meta['date']} · {meta['machine']}, {meta['cores']} cores, Python {meta['python']} · "
-           f"poolmagic {meta['poolmagic_commit']} · {WORKERS} workers · each peer in its own Jupyter kernel, function defined in a notebook cell · "
+           f"poolmagic {meta['poolmagic_commit']} ({meta['poolmagic_path']}) · {WORKERS} workers · each peer in its own Jupyter kernel, function defined in a notebook cell · "
            f"1-min load average before/after {load}.\n\n"
            f"Command: `{meta['command']}`\n")
     return hdr + "\n" + "\n".join(lines)
@@ -1012,12 +1015,21 @@ def console_table(results: dict, meta: dict) -> str:
 
 
 # ===================================================================== main
-def git_commit() -> str:
-    """The checked-out commit of the repository, "+dirty" if src/ has local changes."""
+def poolmagic_dir() -> Path | None:
+    """Where the kernels will import poolmagic from (an editable install may point anywhere)."""
+    spec = importlib.util.find_spec("poolmagic")
+    return Path(spec.origin).resolve().parent if spec and spec.origin else None
+
+
+def git_commit(where: Path | None) -> str:
+    """The commit checked out where poolmagic is imported from, "+dirty" if the package has local changes."""
+    if where is None:
+        return "?"
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True).stdout.strip()
     try:
-        return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", "src") else "")
+        return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", ".") else "")
     except OSError:
         return "?"
 
@@ -1061,6 +1073,10 @@ def main() -> int:
         if bad:
             ap.error(f"unknown: {', '.join(bad)}")
     cfg = Config(reps=3, reps_cpu=2, reps_overhead=50, reps_ds=2) if args.quick else Config()
+    pm_dir = poolmagic_dir()
+    if pm_dir is not None and not pm_dir.is_relative_to(HERE.parent.resolve()):
+        print(f"note: poolmagic is imported from {pm_dir}, not from this checkout ({HERE.parent})",
+              file=sys.stderr, flush=True)
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": platform.machine(),
@@ -1069,7 +1085,8 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).as_posix(), "benchmarks/bench.py"] + sys.argv[1:]),
         "peers": peers,
         "loadavg_before": list(os.getloadavg()),
-        "poolmagic_commit": git_commit(),
+        "poolmagic_commit": git_commit(pm_dir),
+        "poolmagic_path": str(pm_dir),
         "poolmagic_bytecode": compile_poolmagic(),
     }
 
@@ -1096,7 +1113,7 @@ def main() -> int:
                 elif key in broken:
                     res = {"status": "broken", "note": f"see {broken[key]}"}
                 else:
-                    t0 = time.monotonic()
+                    t0, n0 = time.monotonic(), len(kernels)
                     try:
                         res = {"status": "ok", **fn(peer, cfg, fresh)}
                     except CellFailed as exc:
@@ -1107,6 +1124,9 @@ def main() -> int:
                     except Exception as exc:  # a harness problem: report it, keep going
                         res = {"status": "harness error", "note": repr(exc)[:200]}
                     res["harness_s"] = round(time.monotonic() - t0, 2)
+                    leaked = sum(k.leaked for k in kernels[n0:])  # its kernels are closed by now
+                    if leaked:
+                        res["leaked_processes_killed"] = leaked
                 results[wl][key] = res
                 print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {key:15s} "
                       + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
@@ -1117,6 +1137,10 @@ def main() -> int:
                 k.close()
             except Exception as exc:  # keep closing the others
                 print(f"closing kernel {k.pid}: {exc!r}", file=sys.stderr)
+    if poolmagic_dir() != pm_dir:  # the environment was changed under the run (a shared venv)
+        meta["poolmagic_path_changed_to"] = str(poolmagic_dir())
+        print(f"WARNING: poolmagic now imports from {poolmagic_dir()}, not {pm_dir} as at the start: "
+              "the figures may mix two versions", file=sys.stderr, flush=True)
     meta["leaked_processes_killed"] = sum(k.leaked for k in kernels)
     meta["loadavg_after"] = list(os.getloadavg())
     meta["kernel_python"] = sorted({k.python for k in kernels})
