@@ -80,8 +80,8 @@ if hasattr(os, "register_at_fork"):
 def default_start_method() -> str:
     """forkserver where it exists (never fork a threaded kernel), else spawn."""
     env = os.environ.get("POOLMAGIC_START_METHOD")
-    if env:
-        return env
+    if env in ("forkserver", "spawn") and env in mp.get_all_start_methods():
+        return env  # never "fork": it would fork a multi-threaded kernel
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
