@@ -47,7 +47,7 @@ from ..sentinel import NOT_DONE
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
 from .chunk import PKG_DIR, run_chunk
 from . import protocol as P
-from .context import ContextApplier, ProcessState
+from .context import ContextApplier, ProcessState, watch_calls
 
 CACHE_SIZE = 4  # functions and contexts kept per worker; the parent mirrors this LRU
 IN_WORKER = False  # True inside a worker process: poolmagic refuses to nest pools
@@ -118,6 +118,7 @@ class Worker:
             except Exception:
                 pass
         self.baseline = ProcessState.read()
+        watch_calls()
         while True:
             msg, extra = self.inbox.get()
             kind = type(msg)
