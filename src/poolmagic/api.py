@@ -23,11 +23,11 @@ from .checks import (  # noqa: F401
     too_many_workers,
 )
 from .cores import available_cores
+from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
 from .engine.items import SEQUENCES, ItemSource
 from .engine.job import Job, write_outputs
-from .engine.local import LocalBackend
 from .engine.mapoptions import MapOptions
 from .errors import (
     BadInputError,
@@ -41,7 +41,6 @@ from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
 
-# Above this many workers per core, more processes only help work that waits.
 class MapHandle:
     """A map running in the background (``map_async``, ``%%poolmap --async``)."""
 
@@ -110,11 +109,14 @@ class Pool:
     few lines over the backend and the Job.
     """
 
-    def __init__(self, workers: int | None = None, *, start_method: str | None = None, backend: Backend | None = None):
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None,
+                 backend: Backend | str | None = None, address: str | None = None):
+        """``backend``: "local" (default), "dask" (a LocalCluster, or the cluster at
+        ``address``, e.g. "tcp://host:8786"), or a Backend instance."""
         check_positive("workers", workers)
         self.cores = available_cores()
         self._warn_size(workers)
-        self.backend: Backend = backend or LocalBackend(workers or self.cores, start_method)
+        self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address)
         self.last_report: RunReport | None = None
         self.last_job: Job | None = None
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
@@ -163,8 +165,10 @@ class Pool:
     def status(self) -> str:
         from .display import status_text
 
-        return status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
+        text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
                            self.backend.state, self.max_memory)
+        detail = getattr(self.backend, "status_detail", None)  # e.g. a dask cluster's scheduler and dashboard
+        return f"{text}\n{detail()}" if detail is not None else text
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,

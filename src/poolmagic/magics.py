@@ -16,8 +16,8 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
+from .errors import BadInputError, PoolmapError
 from .publish import LiveProgress, LiveSummary, show
-from .errors import BadInputError
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
@@ -338,6 +338,13 @@ class PoolMagics(Magics):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")
             return None
+        if "backend" in o or "address" in o:
+            from .switch import switch_backend
+
+            try:
+                switch_backend(o.get("backend"), o.get("address"))
+            except PoolmapError as exc:
+                raise UsageError(str(exc)) from None
         if o.get("tune"):
             from .tune import tune
 

@@ -1,0 +1,392 @@
+"""What each task result, worker death, deadline or cancel does to the job it concerns.
+
+Part of the dask backend (mixed into DaskBackend, whose state it uses), kept
+apart as the local backend keeps outcomes.py: it is the failure policy, the
+same as the local backend's. Runs on the manager thread, which answers every
+chunk exactly once: ``_take`` removes a chunk from the chunks in flight, and
+whatever comes later for it (a result of a task we gave up on, a second
+report of the same death) finds nothing.
+
+Tasks are pinned to a worker (``workers=[address]``, no other allowed), as
+local chunks are sent to one worker: when a worker dies, the chunks it held
+are exactly those pinned to it, the one it had begun (or the oldest) is the
+one that was running, and dask cannot run that task again on another worker
+(a crashing item would take that one down too).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import cloudpickle
+from distributed.comm import CommClosedError
+
+from ..errors import (
+    ItemPicklingError,
+    ItemTimeoutError,
+    PoolmapError,
+    WorkerCrashedError,
+    add_note,
+    exit_description,
+    rebuild_exception,
+    safe_str,
+)
+from ..serialize import describe
+from . import protocol as P
+from .daskplumbing import EXITS
+from .events import ChunkRecord, WorkerReplaced
+from .handle import Chunk
+from .job import Job
+
+EXIT_CODE_WAIT_S = 0.2  # how long a crash report waits for the nanny to say how its worker ended
+# A LocalCluster's nanny takes about this long to start a new worker: a chunk given
+# up on that will end sooner by itself is left to finish (its result dropped).
+RESTART_S = 1.0
+
+
+class DaskChunk(Chunk):
+    """A chunk as one dask task, pinned to one worker."""
+
+    __slots__ = ("future", "worker", "began", "pid", "deps")
+
+    def __init__(self, seq: int, job: Job, start: int, items: Any, future: Any, worker: str, deps: tuple):
+        super().__init__(seq, job, start, items)
+        self.future = future
+        self.worker = worker  # the address it is pinned to
+        self.began: float | None = None  # perf_counter here when the task said it runs
+        self.pid: int | None = None
+        self.deps = deps  # dask keys of the scattered function and context it needs
+
+
+def _is_death(exc: BaseException) -> bool:
+    """The task failed because its worker went away (not because of its own code)."""
+    return type(exc).__name__ == "KilledWorker" or isinstance(exc, (CommClosedError, ConnectionError))
+
+
+class DaskOutcomes:
+    """Mixin of DaskBackend: reactions to results, deaths, deadlines and cancels."""
+
+    owned: bool
+    client: Any
+    _inflight: dict[int, DaskChunk]
+    _by_key: dict[str, DaskChunk]
+    _workers: dict[str, int | None]
+    _expected: set[str]
+    _zombies: dict[int, str]
+    _zombie_keys: dict[str, int]
+    _lost: set[str]
+    _gone: set[str]
+    _blobs: Any
+    _contexts: Any
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _take(self, c: DaskChunk) -> bool:
+        """Remove ``c`` from the chunks in flight; False if it was answered already."""
+        if self._inflight.pop(c.seq, None) is None:
+            return False
+        self._by_key.pop(c.future.key, None)
+        return True
+
+    def _give_back(self, c: DaskChunk) -> None:
+        """A chunk that did not run to its end through no fault of its own: run it again."""
+        if c.job.active:
+            c.job.requeue(c.start, c.items)
+        else:
+            c.job.drop_chunk()
+
+    def _cancel_futures(self, chunks: list[DaskChunk]) -> None:
+        if chunks and self.client is not None:
+            try:
+                self.client.cancel([c.future for c in chunks])
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ results
+    def _on_result(self, fut: Any, result: Any) -> None:
+        c = self._by_key.get(fut.key)
+        if c is None:
+            seq = self._zombie_keys.pop(fut.key, None)
+            if seq is not None:  # a chunk left to finish: its worker is free again
+                self._zombies.pop(seq, None)
+            return  # answered already (a death, a timeout, a cancel)
+        status = fut.status
+        if status == "error" and _is_death(result[1]):
+            self._worker_gone(c.worker, expected=False)  # its death was not reported as an event
+            return
+        self._take(c)
+        job = c.job
+        if not job.active:
+            job.drop_chunk()
+            return
+        if status == "finished":
+            if result[0] == "done":
+                self._done(c, result)
+            else:
+                self._chunk_failed(c, result[1], result[2])
+        elif status == "error":
+            self._errored(c, result[1])
+        elif any(d in self._lost for d in c.deps):
+            job.requeue(c.start, c.items)  # its function went with dead workers: it is scattered anew
+        else:  # cancelled by someone else, or lost with the scheduler
+            job.items_failed(c.indices, PoolmapError(
+                f"the dask cluster dropped the task running {c.describe()} ({status})"), c.items, c.start)
+        if not job.active:
+            self._abandon(job)
+
+    def _done(self, c: DaskChunk, result: tuple) -> None:
+        _, t0, t1, times, pid, address, body, frames = result
+        job = c.job
+        try:
+            out, records, errs = P.decode(body, buffers=frames)
+        except Exception as exc:
+            err = ItemPicklingError(f"the results of {c.describe()} could not be unpickled in the kernel: {exc}")
+            job.items_failed(c.indices, err, c.items, c.start)
+            return
+        if not self.owned:  # another machine's clock: place the chunk at its arrival here
+            now = time.perf_counter()
+            t0, t1 = now - (t1 - t0), now
+        errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
+        rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid)
+        job.chunk_done(rec, out, records, errors, c.items)
+
+    def _chunk_failed(self, c: DaskChunk, stage: str, packed: dict) -> None:
+        job = c.job
+        exc = rebuild_exception(packed, job.filename_of)
+        if stage == "decode":
+            if len(c.items) > 1:  # find the item that does not unpickle
+                job.retry_singly(c.start, c.items)
+                return
+            err = ItemPicklingError(
+                f"{c.describe()} could not be unpickled in the dask worker: {type(exc).__name__}: {safe_str(exc)}"
+            )
+            err.__cause__ = exc
+            job.items_failed(c.indices, err, c.items, c.start)
+            return
+        where = ("the kernel's working directory or environment could not be applied"
+                 if stage == "context" else "the function could not be loaded")
+        add_note(exc, f"poolmagic: {where} in a dask worker.")
+        job.drop_chunk()
+        job.fail(exc)
+
+    def _errored(self, c: DaskChunk, exc: BaseException) -> None:
+        """The task itself failed (not the function's items: run_chunk catches those)."""
+        job = c.job
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "poolmagic":
+            err = PoolmapError(
+                f"the dask worker {c.worker} cannot import poolmagic: install it in the workers' "
+                f"environment too (pip install poolmagic, the same version as here)"
+            )
+            err.__cause__ = exc
+            exc = err
+        else:
+            add_note(exc, f"poolmagic: the dask task of {c.describe()} failed on {c.worker}.")
+        job.drop_chunk()
+        job.fail(exc)
+
+    def _on_task_event(self, msg: dict) -> None:
+        """A task began (or, on a remote cluster, ended) on its worker."""
+        seq = msg.get("seq")
+        if msg.get("end"):
+            self._zombies.pop(seq, None)  # a task we gave up on has left its worker
+            return
+        c = self._inflight.get(seq)
+        if c is None:
+            return
+        c.began = time.perf_counter()
+        c.pid = msg.get("pid")
+        if c.pid:
+            self._workers[c.worker] = c.pid
+        c.job.started(self._slot(c.worker), c.pid or 0, c.start, len(c.items))
+
+    # ------------------------------------------------------------------ deaths
+    def _worker_gone(self, address: str, expected: bool | None, lost: set | None = None) -> None:
+        """``address`` left the cluster: what it held runs again, what it ran fails.
+
+        ``expected``: it was stopped on purpose (retired, restarted), False: it
+        died, None: it vanished from the worker list without a word.
+        """
+        pid = self._workers.pop(address, None)
+        self._gone.add(address)
+        self._unlisten(address)
+        if lost:  # the only copies of a function version went with it: scatter it again
+            self._lost |= set(lost)
+            for cache in (self._blobs, self._contexts):
+                for version, fut in list(cache.items()):
+                    if fut.key in lost:
+                        del cache[version]
+        for seq in [s for s, a in self._zombies.items() if a == address]:
+            del self._zombies[seq]
+        for key in [k for k, s in self._zombie_keys.items() if s not in self._zombies]:
+            del self._zombie_keys[key]
+        killed = address in self._expected
+        self._expected.discard(address)
+        chunks = sorted((c for c in self._inflight.values() if c.worker == address), key=lambda c: c.seq)
+        if not chunks:
+            return
+        for c in chunks:
+            self._take(c)
+        self._cancel_futures(chunks)
+        head = None if killed or expected else self._was_running(address, chunks, vanished=expected is None)
+        for c in chunks:
+            if c is not head:
+                self._give_back(c)  # queued, or finished with its result still on the worker
+        if head is not None:
+            self._crashed(head, address, pid)
+
+    def _was_running(self, address: str, chunks: list[DaskChunk], vanished: bool) -> DaskChunk | None:
+        """Which of a dead worker's chunks it was running (None: none of them, or no telling)."""
+        mark = self._running_mark(address)
+        if mark is not None:  # our own cluster: the worker wrote it down
+            return next((c for c in chunks if c.seq == mark), None)
+        # Otherwise from what dask told: not one whose task finished (its result
+        # died with the worker), the last one that said it began, else the oldest:
+        # a one-thread worker runs its tasks in the order they came.
+        open_ = [c for c in chunks if c.future.status != "finished"]
+        began = [c for c in open_ if c.began is not None]
+        if began:
+            return began[-1]
+        return None if vanished or not open_ else open_[0]
+
+    def _crashed(self, c: DaskChunk, address: str, pid: int | None = None) -> None:
+        """``c`` was running when its worker died: its items fail (or are isolated)."""
+        job = c.job
+        if not job.active:
+            job.drop_chunk()
+            return
+        if job.options.keep_going and len(c.items) > 1:
+            job.retry_singly(c.start, c.items)  # find the item that kills workers
+            return
+        code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
+        pid = c.pid or pid
+        where = f"{address}, pid {pid}" if pid else address
+        if self.owned:
+            what = f"died with {exit_description(code)}" if code is not None else "died"
+            tail = "Its nanny starts a new worker; items that finished are kept."
+        else:
+            what = "left the cluster (it died or was stopped)"
+            tail = "Items that finished are kept."
+        exc = WorkerCrashedError(
+            f"dask worker {self._slot(address)} ({where}) {what} while running {c.describe()}. {tail}",
+            c.indices,
+            code,
+        )
+        job.items_failed(c.indices, exc, c.items, c.start)
+        job.publish(WorkerReplaced(self._slot(address), pid or 0, what))
+        if not job.active:
+            self._abandon(job)
+
+    # ------------------------------------------------------------------ timeouts, cancel
+    @staticmethod
+    def _deadline(c: DaskChunk) -> float | None:
+        t = c.job.options.timeout
+        if t is None or c.began is None:
+            return None  # the clock starts when the task says it runs
+        return c.began + t * len(c.items)
+
+    def _next_deadline(self) -> float | None:
+        best = None
+        for c in self._inflight.values():
+            d = self._deadline(c)
+            if d is not None:
+                best = d if best is None else min(best, d)
+        return None if best is None else max(0.0, best - time.perf_counter())
+
+    def _check_timeouts(self) -> None:
+        now = time.perf_counter()
+        for c in list(self._inflight.values()):
+            d = self._deadline(c)
+            if d is None or now < d or not self._take(c):
+                continue
+            self._cancel_futures([c])
+            self._stop_running(c)
+            if self.owned:
+                what = "its dask worker was killed and its nanny starts a new one"
+            else:
+                what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
+                        "stopped) and its result will be dropped")
+            job = c.job
+            exc = ItemTimeoutError(
+                f"{c.describe()} ran longer than the {job.options.timeout:g} s timeout; {what}.",
+                c.start,
+                job.options.timeout,
+            )
+            job.items_failed(c.indices, exc, c.items, c.start)
+            if not job.active:
+                self._abandon(job)
+
+    def _stop_running(self, c: DaskChunk) -> None:
+        """A task we gave up on while it runs: kill its worker (ours), or wait out its end (remote)."""
+        if not self.owned:
+            self._zombies[c.seq] = c.worker  # its worker stays busy with it until it says it ended
+            return
+        pid = self._pid_of(c.worker)
+        if pid is None:
+            return
+        self._expected.add(c.worker)  # what it holds goes back to its jobs, unblamed
+        try:
+            os.kill(pid, signal.SIGKILL)  # its nanny starts a new worker
+        except OSError:
+            pass
+
+    def _abandon(self, job: Job) -> None:
+        """Stop all work of a finished, failed or cancelled job at once."""
+        chunks = [c for c in self._inflight.values() if c.job is job]
+        heads: dict[str, DaskChunk] = {}  # what each worker runs now: its oldest chunk
+        for c in sorted(self._inflight.values(), key=lambda c: c.seq):
+            heads.setdefault(c.worker, c)
+        stop, finish = [], []
+        for c in chunks:
+            self._take(c)
+            job.drop_chunk()
+            # running now, even if its "began" is still on its way (queued ones just go)
+            if c.began is not None or heads.get(c.worker) is c:
+                (finish if self._ends_soon(c) else stop).append(c)
+        self._cancel_futures([c for c in chunks if c not in finish])
+        for c in stop:
+            self._stop_running(c)
+        for c in finish:  # its worker is busy until the result comes (and is dropped)
+            self._zombies[c.seq] = c.worker
+            self._zombie_keys[c.future.key] = c.seq
+        self._forget_finished_jobs()
+
+    def _ends_soon(self, c: DaskChunk) -> bool:
+        """A running chunk of ours that will end before a new worker could start."""
+        t = c.job.per_item_s()
+        if not self.owned or t is None:
+            return False  # a remote task runs on anyway; unknown: it may run for ever
+        ran = time.perf_counter() - c.began if c.began is not None else 0.0
+        return t * len(c.items) - ran < RESTART_S
+
+    def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
+        bad: dict[int, BaseException] = {}
+        for k, x in enumerate(items):
+            try:
+                cloudpickle.dumps(x, protocol=5)
+            except Exception as exc:
+                bad[k] = ItemPicklingError(
+                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                    f"to a worker: {safe_str(exc)}"
+                )
+        if not bad:
+            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+        job.split_failed(start, items, bad)
+        if not job.active:
+            self._abandon(job)
+
+    # provided by DaskBackend
+    def _slot(self, address: str | None) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def _pid_of(self, address: str) -> int | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _running_mark(self, address: str) -> int | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _unlisten(self, address: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _forget_finished_jobs(self) -> None:  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,219 @@
+"""Plumbing of the dask backend: starting a LocalCluster, reaching a remote one, exit.
+
+Everything here talks to dask.distributed or the operating system; the
+backend (daskbackend.py) only decides *when*.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import re
+import sys
+import threading
+import weakref
+from typing import Any
+
+import cloudpickle
+from distributed import Client, LocalCluster, Nanny
+
+from ..errors import PoolmapError
+from .daskpreload import WARM_ENV
+from .processes import warm_modules
+
+DASK_WORKER_NAME = "Dask Worker process"  # how a nanny names the process it starts
+
+
+class ExitCodes:
+    """How the worker processes of the LocalClusters we own ended, by worker address."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.cond = threading.Condition()
+
+    def note(self, address: str | None, code: int) -> None:
+        if address:
+            with self.cond:
+                self.codes[address] = code
+                self.cond.notify_all()
+
+    def wait(self, address: str, timeout: float) -> int | None:
+        """The exit status of the worker at ``address``, waiting up to ``timeout`` for it."""
+        with self.cond:
+            self.cond.wait_for(lambda: address in self.codes, timeout)
+            return self.codes.pop(address, None)
+
+
+EXITS = ExitCodes()
+
+
+class PoolNanny(Nanny):
+    """A nanny that records how its worker process ended (for WorkerCrashedError).
+
+    The nannies of a LocalCluster run in this process; dask itself only logs
+    the exit status.
+    """
+
+    closing = False  # set by poolmagic before it kills the workers to close the cluster
+
+    def _on_worker_exit_sync(self, exitcode: int) -> None:
+        try:
+            EXITS.note(self.worker_address, exitcode)
+        finally:
+            if not self.closing:  # a new worker now would only make the close wait for it
+                super()._on_worker_exit_sync(exitcode)
+
+
+class QuietLogs(logging.Filter):
+    """Drops dask's log lines about what poolmagic reports itself (crashes, restarts).
+
+    The scheduler and the nannies of a LocalCluster run in the kernel: their
+    log lines would otherwise land in whatever cell runs next.
+    """
+
+    PATTERNS = re.compile(
+        r"marked as failed because|Restarting worker|Worker process \d+ (was killed|exited)|"
+        r"Removing worker .* caused the cluster to lose|Received heartbeat from unregistered worker|"
+        r"Closed comm .* while trying to write|Failed to communicate with scheduler during heartbeat|"
+        r"Batched Comm Closed|reaping stray process|exit status was already read|Couldn't gather keys"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+                return False  # a nanny's restart cut short by the close
+            return not self.PATTERNS.search(record.getMessage())
+        except Exception:
+            return True
+
+
+_QUIET = QuietLogs()
+for _name in ("distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core",
+              "distributed.batched", "distributed.client", "distributed.process"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
+def drop_main_for_dask_workers() -> None:
+    """Keep the nannies' worker processes from re-running the kernel's ``__main__``.
+
+    The reason of the local backend's guard (processes.install_main_guard):
+    under ``ipython notebook.ipynb`` a spawned child would execute the notebook
+    file as Python. Functions travel by value, so workers never need it.
+    """
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "_poolmagic_dask", False):
+        return
+
+    def get_preparation_data(name: str) -> dict:
+        data = original(name)
+        if name.startswith(DASK_WORKER_NAME):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data._poolmagic_dask = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
+
+
+def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
+    """A LocalCluster on loopback only (scheduler, nannies, workers, dashboard), and its client.
+
+    One thread per worker process, as the local backend's workers; a task
+    whose worker dies is not retried on another (``allowed_failures=0``):
+    poolmagic reports the item at once instead.
+    """
+    drop_main_for_dask_workers()
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        # the scheduler's HTTP server (the dashboard when bokeh is installed) on
+        # loopback too: without an address it takes 8787 on every interface
+        dashboard_address="127.0.0.1:0",
+        worker_class=PoolNanny,
+        scheduler_kwargs={"allowed_failures": 0},
+        silence_logs=logging.ERROR,
+        preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
+        env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
+        # dask's sampling profiler interrupts the running item every 10 ms to
+        # read its stack: 25 ms items took 41-49 ms with it, 32-35 ms without
+        config={"distributed.worker.profile.enabled": False},
+    )
+    try:
+        client = Client(cluster, set_as_default=False, direct_to_workers=True)
+    except BaseException:
+        cluster.close(timeout=2)
+        raise
+    return cluster, client
+
+
+def check_workers(client: Client) -> None:
+    """A remote cluster's workers must import poolmagic, with this Python and cloudpickle."""
+    try:
+        versions = client.get_versions(packages=["poolmagic", "cloudpickle"])
+    except Exception:
+        return  # an old scheduler: the first task will tell
+    here = sys.version_info[:2]
+    for address, info in (versions.get("workers") or {}).items():
+        if not isinstance(info, dict):
+            continue
+        pkgs = info.get("packages") or {}
+        py = str((info.get("host") or {}).get("python", ""))
+        if pkgs.get("poolmagic") is None:
+            raise PoolmapError(
+                f"the dask worker {address} cannot import poolmagic: install it in the workers' "
+                f"environment too (pip install poolmagic, the same version as here)"
+            )
+        try:
+            theirs = tuple(int(p) for p in py.split(".")[:2])
+        except ValueError:
+            theirs = here
+        if theirs != here:
+            raise PoolmapError(
+                f"the dask worker {address} runs Python {py}, this kernel {here[0]}.{here[1]}: "
+                f"functions pickled by value need the same Python version on both sides"
+            )
+        if pkgs.get("cloudpickle") not in (None, cloudpickle.__version__):
+            raise PoolmapError(
+                f"the dask worker {address} has cloudpickle {pkgs.get('cloudpickle')}, this kernel "
+                f"{cloudpickle.__version__}: install the same version on both sides"
+            )
+
+
+def dashboard_link(client: Client) -> str | None:
+    try:
+        if "dashboard" not in (client.scheduler_info(n_workers=0).get("services") or {}):
+            return None
+        return client.dashboard_link
+    except Exception:
+        return None
+
+
+_STARTED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def stop_at_exit(backend: Any) -> None:
+    """Shut ``backend`` down at interpreter exit, before dask's own exit handlers.
+
+    Those were registered when distributed was imported, before this module
+    (atexit runs handlers last-in first-out). They would close a LocalCluster
+    politely, waiting up to 10 s for a worker stuck in a task; ours kills its
+    worker processes first.
+    """
+    _STARTED.add(backend)
+
+
+def forget_at_exit(backend: Any) -> None:
+    _STARTED.discard(backend)
+
+
+@atexit.register
+def _shutdown_started() -> None:
+    for backend in list(_STARTED):
+        try:
+            backend.shutdown()
+        except Exception:
+            pass

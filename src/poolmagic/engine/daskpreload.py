@@ -1,0 +1,45 @@
+"""Run by each worker process of a LocalCluster that poolmagic starts (dask's worker preload).
+
+Jupyter interrupts a kernel by sending SIGINT to its whole process group,
+and a terminal's Ctrl-C reaches its foreground group: a dask worker there
+would get a KeyboardInterrupt in the middle of an item, or die. poolmagic
+decides what an interrupt stops (it cancels the map's tasks and kills the
+workers running them), so a worker leads a process group of its own, and a
+SIGINT that still reaches it does nothing. (A handler that does nothing, not
+SIG_IGN: processes the function starts get the default SIGINT back on exec.)
+A worker still exits with its kernel: dask's nanny pipe tells it.
+
+Heavy modules the kernel had imported when it started the cluster (numpy,
+pandas: ``WARM_ENV``) are imported here, before the worker takes tasks, as
+the local backend's forkserver preloads them: otherwise the first map over a
+numpy global waits for numpy's import in every worker.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+
+WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
+
+
+def dask_setup(worker: Any) -> None:
+    for name in filter(None, os.environ.get(WARM_ENV, "").split(",")):
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    if hasattr(os, "setpgid"):
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+    try:
+        signal.signal(signal.SIGINT, _ignore)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass

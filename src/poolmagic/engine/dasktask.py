@@ -1,0 +1,210 @@
+"""What runs inside a dask worker: one chunk of one map, as a local worker runs it.
+
+The dask backend (daskbackend.py) submits ``run`` once per chunk. It is found
+by reference on the worker, so poolmagic must be installed there; the user's
+function travels by value inside a ``Blob`` scattered to every worker once
+per function version, and is unpickled once per worker process (``_FNS``).
+
+The chunk itself runs through ``worker.run_chunk``: the same per-item
+seeding, print() capture, timing and exception packing as the local
+backend, so results, errors and output are the same whichever backend ran
+them. Results go back already pickled (cloudpickle, big buffers as separate
+frames), so a result that cannot be pickled becomes an error naming its
+item, as locally, instead of failing inside dask's transfer.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import cloudpickle
+
+from .. import errors as _errors
+from . import protocol as P
+from . import worker as _worker
+from .context import ContextApplier
+
+_FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
+_APPLIER = ContextApplier()
+# run_chunk swaps sys.stdout/sys.stderr for the whole process and the context
+# (cwd, environment) is per process too: one chunk at a time per process.
+_LOCK = threading.Lock()
+
+
+class Blob:
+    """Pickled bytes plus out-of-band buffers that dask moves as raw frames.
+
+    With pickle protocol 5 the buffers leave the pickle stream as frames (no
+    copy into it); dask uses protocol 4 on some of its own paths, where they
+    travel in band as bytes instead.
+    """
+
+    __slots__ = ("key", "data", "buffers")
+
+    def __init__(self, key: str | None, data: bytes, buffers: list):
+        self.key, self.data, self.buffers = key, data, buffers
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        if protocol >= 5:
+            bufs = [pickle.PickleBuffer(b) for b in self.buffers]
+        else:
+            bufs = [bytes(b) for b in self.buffers]
+        return (Blob, (self.key, self.data, bufs))
+
+    def load(self) -> Any:
+        return pickle.loads(self.data, buffers=[_writable(b) for b in self.buffers])
+
+
+class SharedBlob:
+    """A function version whose big buffers wait in the kernel's shared memory (a memfd).
+
+    For a LocalCluster: the workers are on the kernel's machine, so each maps
+    the kernel's one copy copy-on-write through /proc (may still change its
+    arrays privately) instead of receiving 50 MB through a socket. Anonymous
+    memory: nothing is left behind when the kernel dies.
+    """
+
+    __slots__ = ("key", "data", "path", "sizes")
+
+    def __init__(self, key: str, data: bytes, path: str, sizes: tuple):
+        self.key, self.data, self.path, self.sizes = key, data, path, sizes
+
+    def __reduce__(self) -> tuple:
+        return (SharedBlob, (self.key, self.data, self.path, self.sizes))
+
+    def load(self) -> Any:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            m = mmap.mmap(fd, sum(self.sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        view, bufs, offset = memoryview(m), [], 0
+        for size in self.sizes:
+            bufs.append(view[offset : offset + size])
+            offset += size
+        return pickle.loads(self.data, buffers=bufs)
+
+
+class Box:
+    """One object to scatter as is (dask would scatter a tuple's items one by one)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __reduce__(self) -> tuple:
+        return (Box, (self.value,))
+
+
+def _writable(buf: Any) -> Any:
+    """Arrays made from read-only frames would be read-only: copy those (rare)."""
+    view = memoryview(buf)
+    return bytearray(view) if view.readonly else view
+
+
+def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
+        report_end: bool = False, marks: str | None = None) -> tuple:
+    """Run one chunk; returns ("done", ...) or ("failed", stage, packed error).
+
+    ``topic``: where to say that the chunk begins (and with ``report_end``,
+    that it ended: a remote cluster's client gives a task that timed out up,
+    but must know when its worker is free again). ``marks``: a folder on this
+    machine (a LocalCluster's) where the chunk running now is written down.
+    """
+    with _LOCK:
+        _mark(marks, seq)
+        try:
+            return _run(fn, ctx, seq, start, items, options, timed, topic)
+        finally:
+            _mark(marks, -1)
+            if report_end:
+                _tell(topic, {"seq": seq, "end": True})
+
+
+def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str) -> tuple:
+    _worker.IN_WORKER = True  # a pool started by the function would nest: refused
+    if ctx is not None:
+        try:
+            _APPLIER.apply(ctx.value)
+        except BaseException as exc:
+            return ("failed", "context", _errors.pack_exception(exc, _worker.PKG_DIR))
+    try:
+        func = _function(fn)
+    except BaseException as exc:
+        return ("failed", "load", _errors.pack_exception(exc, _worker.PKG_DIR))
+    if type(items) is Blob:
+        try:
+            items = items.load()
+        except BaseException as exc:
+            return ("failed", "decode", _errors.pack_exception(exc, _worker.PKG_DIR))
+    address = _tell(topic, {"seq": seq, "pid": os.getpid()})
+    _APPLIER.limit_threads_if_new_libraries()
+    out, t0, t1, times, records, errors = _worker.run_chunk(
+        func, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed
+    )
+    try:
+        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
+    except Exception:
+        out, errors = _worker._strip_unpicklable(out, errors, start)
+        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
+    # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
+    return ("done", t0, t1, times, os.getpid(), address, body, frames)
+
+
+def _function(fn: Blob | SharedBlob) -> Any:
+    func = _FNS.get(fn.key)
+    if func is None:
+        func = fn.load()
+        _FNS[fn.key] = func
+        while len(_FNS) > _worker.CACHE_SIZE:
+            _FNS.popitem(last=False)
+    else:
+        _FNS.move_to_end(fn.key)
+    return func
+
+
+_MARK_FDS: dict[str, int] = {}
+
+
+def _mark(folder: str | None, seq: int) -> None:
+    """Write down which chunk this worker runs (-1: none), where its client can read it.
+
+    Events reach the client only after dask's 2 ms batching: an item that
+    kills its worker at once (os._exit, a segfault) would take its "began"
+    with it, and the client could blame the chunk before it. A write to a
+    file survives the process: the kernel has the page.
+    """
+    if folder is None:
+        return
+    try:
+        fd = _MARK_FDS.get(folder)
+        if fd is None:
+            from distributed import get_worker
+
+            path = os.path.join(folder, mark_name(get_worker().address))
+            fd = _MARK_FDS[folder] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.pwrite(fd, b"%20d\n" % seq, 0)
+    except Exception:
+        pass
+
+
+def mark_name(address: str) -> str:
+    """The file a worker at ``address`` writes its running chunk to."""
+    return "".join(ch if ch.isalnum() else "_" for ch in address)
+
+
+def _tell(topic: str, msg: dict) -> str | None:
+    """An event for the client: chunk ``seq`` runs now, here (timeouts, interrupts, crashes)."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        w.log_event(topic, msg)
+        return w.address
+    except Exception:  # not in a dask worker (a test calling run directly)
+        return None

@@ -1,0 +1,45 @@
+"""``%poolsize --backend dask [--address ADDR]`` and ``--backend local``: swap the shared pool.
+
+The new pool is started, and for dask waited for (cluster up or connected),
+before it replaces the old one; if it cannot start, the old pool stays and
+the error says why. The old pool is then shut down (a LocalCluster it
+started goes with it; a cluster at an address is only disconnected from).
+"""
+from __future__ import annotations
+
+from .api import Pool, get_pool, set_pool
+from .errors import BadInputError
+
+READY_TIMEOUT_S = 60.0
+
+
+def switch_backend(name: str | None, address: str | None, timeout: float = READY_TIMEOUT_S) -> Pool:
+    """Make a pool on backend ``name`` ("local", "dask") the shared one; returns it."""
+    name = name or ("dask" if address else "local")
+    if name == "local" and address:
+        raise BadInputError("--address goes with --backend dask (the local backend has no address)")
+    old = get_pool()
+    if _same(old, name, address):
+        return old
+    # A LocalCluster or a local pool is sized like the pool it replaces; leaving a
+    # remote cluster, the local pool takes the cores (not the cluster's size).
+    size = None if getattr(old.backend, "address", None) else old.size
+    new = Pool(size, backend=name, address=address)
+    new.threads = old.threads
+    try:
+        new.start()
+        wait_ready = getattr(new.backend, "wait_ready", None)
+        if wait_ready is not None:
+            wait_ready(timeout)
+    except BaseException:
+        new.shutdown()
+        raise
+    return set_pool(new)
+
+
+def _same(pool: Pool, name: str, address: str | None) -> bool:
+    backend = pool.backend
+    kind = "dask" if type(backend).__name__ == "DaskBackend" else "local"
+    if kind != name or getattr(backend, "_closed", False):
+        return False
+    return kind == "local" or getattr(backend, "address", None) == address

@@ -1,0 +1,462 @@
+"""The dask backend: the same maps on a dask.distributed cluster (issue: outgrow one machine).
+
+Behaviour that both backends must share is tested once, over a ``backend``
+fixture that yields a local pool and a dask pool (a real LocalCluster, one
+per module). The address path is proven against a scheduler and two workers
+started as processes of their own with the ``dask`` command line, as a user
+would start a cluster.
+
+Functions mapped here are pickled by value (like notebook code), so the
+workers never import this test module.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+
+pytest.importorskip(
+    "distributed", reason='the dask backend needs dask.distributed: pip install "poolmagic[dask]"'
+)
+
+import poolmagic  # noqa: E402
+from poolmagic import NOT_DONE, BadInputError, Pool  # noqa: E402
+
+from conftest import run_script, wait_dead  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ---------------------------------------------------------------- mapped functions
+
+
+def double(x):
+    return 2 * x
+
+
+def add(x, y):
+    return x + y
+
+
+def scaled(x, factor=1, offset=0):
+    return x * factor + offset
+
+
+def uneven(x):
+    time.sleep(0.03 if x % 5 == 0 else 0)
+    return x
+
+
+def rnd(_x):
+    import numpy as np
+
+    return (random.random(), float(np.random.random()))
+
+
+def constant():
+    return 7
+
+
+def raise_at(x, bad=5):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return 2 * x
+
+
+def raise_odd(x):
+    if x % 2:
+        raise KeyError(x)
+    return x
+
+
+def talk(x):
+    print(f"item {x} says hi")
+    return x
+
+
+def sleep_at(x, bad=1, seconds=30.0):
+    if x == bad:
+        time.sleep(seconds)
+    return x
+
+
+def exit_at(x, bad=3):
+    if x == bad:
+        time.sleep(0.2)  # the items before it finish first
+        os._exit(1)
+    return 2 * x
+
+
+def exit_at_once(x, bad=4):
+    if x == bad:
+        os._exit(1)  # before any message of the task can leave the worker
+    return x
+
+
+def sleepy(x):
+    time.sleep(30)
+    return x
+
+
+def frame_stats(df):
+    return df.assign(total=df["a"] + df["b"])
+
+
+def array_stats(a):
+    return a * 2
+
+
+BIG = None
+
+
+def read_big(i):
+    return float(BIG[i]) + float(BIG[-1])
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def dask_pool():
+    """One real LocalCluster (2 worker processes) for the module."""
+    pool = Pool(2, backend="dask")
+    pool.backend.wait_ready(60)
+    yield pool
+    pids = pool.backend.worker_pids()
+    pool.shutdown()
+    assert not wait_dead(pids), "a dask worker outlived pool.shutdown()"
+
+
+@pytest.fixture(scope="module")
+def local_pool():
+    pool = Pool(2)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(params=["local", "dask"])
+def backend(request):
+    """A pool of each backend, for behaviour both must share."""
+    return request.getfixturevalue(f"{request.param}_pool")
+
+
+def _dask_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("dask")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
+
+
+@pytest.fixture(scope="module")
+def remote_cluster():
+    """``dask scheduler`` and two ``dask worker`` processes, as a user starts a cluster."""
+    tmp = Path(tempfile.mkdtemp(prefix="poolmagic-dask-"))
+    sched_file = tmp / "scheduler.json"
+    procs = []
+
+    def launch(*args: str) -> subprocess.Popen:
+        p = subprocess.Popen([*_dask_cli(), *args], cwd=tmp, stdout=subprocess.DEVNULL,
+                             stderr=open(tmp / f"log-{len(procs)}.txt", "w"), start_new_session=True)
+        procs.append(p)
+        return p
+
+    # --no-dashboard alone still serves HTTP on 0.0.0.0: bind that to loopback too
+    loopback = ("--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0")
+    launch("scheduler", *loopback, "--port", "0", "--scheduler-file", str(sched_file))
+    deadline = time.monotonic() + 30
+    while not sched_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched_file.exists(), "dask scheduler did not start"
+    for _ in range(2):
+        launch("worker", *loopback, "--scheduler-file", str(sched_file), "--nthreads", "1")
+    import json
+
+    address = json.loads(sched_file.read_text())["address"]
+    from distributed import Client
+
+    with Client(address, timeout=30) as c:
+        c.wait_for_workers(2, timeout=30)
+    yield address, procs
+    for p in procs:
+        try:
+            os.killpg(p.pid, 9)
+        except OSError:
+            pass
+        p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def remote_pool(remote_cluster):
+    address, _ = remote_cluster
+    pool = Pool(backend="dask", address=address)
+    pool.backend.wait_ready(30)
+    yield pool
+    pool.shutdown()
+
+
+# ---------------------------------------------------------------- both backends
+
+
+def test_results_in_input_order(backend):
+    report = backend.run(uneven, range(40))
+    assert report.results == list(range(40))
+    assert report.status == "done"
+
+
+def test_tiny_items_go_in_chunks_not_one_task_each(backend):
+    report = backend.run(double, range(50_000))
+    assert report.results[-1] == 99_998
+    assert len(report.chunks) < 100
+
+
+def test_a_generator_is_fed_by_the_callers_thread(backend):
+    assert backend.map(double, (i for i in range(3000))) == [2 * i for i in range(3000)]
+
+
+def test_star_kwargs_repeat(backend):
+    assert backend.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
+    assert backend.map(scaled, range(3), kwargs={"factor": 10, "offset": 1}) == [1, 11, 21]
+    assert backend.map(constant, repeat=3) == [7, 7, 7]
+
+
+def test_errors_keep_their_type_and_name_the_item(backend):
+    with pytest.raises(ValueError, match="bad item 5") as ei:
+        backend.map(raise_at, range(10), chunksize=1)
+    exc = ei.value
+    assert "poolmagic: item 5 (value 5) failed." in getattr(exc, "__notes__", [])
+    results = exc.poolmap_report.results
+    assert results[5] is NOT_DONE
+    assert all(r is NOT_DONE or r == 2 * i for i, r in enumerate(results))
+
+
+def test_keep_going_keeps_partial_results(backend):
+    with pytest.raises(poolmagic.MapFailedError) as ei:
+        backend.map(raise_odd, range(8), keep_going=True)
+    report = ei.value.report
+    assert sorted(report.errors) == [1, 3, 5, 7]
+    assert all(isinstance(e, KeyError) for e in report.errors.values())
+    assert [report.results[i] for i in (0, 2, 4, 6)] == [0, 2, 4, 6]
+
+
+def test_print_output_comes_back_in_item_order(backend, capsys):
+    backend.map(talk, range(6), chunksize=1)
+    out = capsys.readouterr().out
+    assert out == "".join(f"item {i} says hi\n" for i in range(6))
+
+
+def test_timeout_fails_the_item(backend):
+    with pytest.raises(poolmagic.ItemTimeoutError) as ei:
+        backend.map(sleep_at, range(4), timeout=1.0)
+    assert ei.value.index == 1 and "item 1 (1)" in str(ei.value)
+    assert backend.map(double, range(6)) == [0, 2, 4, 6, 8, 10]
+
+
+def test_crashed_worker_names_the_item(backend):
+    backend.map(double, range(4))
+    with pytest.raises(poolmagic.WorkerCrashedError) as ei:
+        backend.map(exit_at, range(8), chunksize=1)
+    exc = ei.value
+    assert exc.indices == [3] and "item 3 (3)" in str(exc), str(exc)
+    assert exc.report.results[:3] == [0, 2, 4]
+    assert backend.map(double, range(10)) == [2 * x for x in range(10)]
+
+
+def test_an_item_that_exits_at_once_is_the_one_named(backend):
+    with pytest.raises(poolmagic.WorkerCrashedError) as ei:
+        backend.map(exit_at_once, range(6), chunksize=1)
+    assert ei.value.indices == [4], str(ei.value)
+    assert "poolmagic: item 4 (value 4) failed." in getattr(ei.value, "__notes__", [])
+
+
+def test_cancel_then_next_map_runs(backend):
+    handle = backend.map_async(sleepy, range(4), chunksize=1)
+    deadline = time.monotonic() + 20
+    while not handle.report.chunks and time.monotonic() < deadline and not _running(backend, handle):
+        time.sleep(0.02)
+    handle.cancel()
+    assert handle.ready() and handle.report.status == "cancelled"
+    with pytest.raises(poolmagic.errors.MapCancelledError):
+        handle.get(1)
+    assert backend.map(double, range(6)) == [0, 2, 4, 6, 8, 10]
+
+
+def _running(pool, handle) -> bool:
+    """Some item of the map has begun on a worker (dask tells; locally, give it a moment)."""
+    inflight = getattr(pool.backend, "_inflight", None)
+    if inflight is None:
+        time.sleep(0.2)
+        return True
+    return any(c.began is not None for c in list(inflight.values()))
+
+
+def test_numpy_and_pandas_items_and_results(backend):
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    arrays = [np.arange(5) + i for i in range(4)] + [np.ones(200_000)]  # the last one goes out of band
+    got = backend.map(array_stats, arrays)
+    for a, g in zip(arrays, got):
+        np.testing.assert_array_equal(g, a * 2)
+    assert got[-1].flags.writeable  # a result array is the caller's to change
+    frames = [pd.DataFrame({"a": range(i, i + 3), "b": [1.5, 2.5, 3.5]}) for i in range(3)]
+    for df, out in zip(frames, backend.map(frame_stats, frames)):
+        pd.testing.assert_frame_equal(out, df.assign(total=df["a"] + df["b"]))
+
+
+def test_a_50_mb_global_travels_once(backend):
+    np = pytest.importorskip("numpy")
+    global BIG
+    BIG = np.arange(50_000_000 // 8, dtype=np.float64)
+    try:
+        assert backend.map(read_big, range(64), chunksize=1) == [i + BIG[-1] for i in range(64)]
+        dask_backend = getattr(backend.backend, "_blobs", None)
+        if dask_backend is not None:  # one scattered copy, referenced by every task
+            key = backend.last_job.payload.key
+            assert list(dask_backend).count(key) == 1
+            loaded = backend.backend.client.run(_loaded_functions)
+            assert all(key in keys for keys in loaded.values()), loaded  # unpickled once per worker
+            assert key in backend.backend._memfds  # our own cluster: mapped from shared memory, not sent
+    finally:
+        BIG = None
+
+
+def _loaded_functions():
+    from poolmagic.engine import dasktask
+
+    return list(dasktask._FNS)
+
+
+def test_seed_gives_the_same_results_on_both_backends(local_pool, dask_pool):
+    pytest.importorskip("numpy")
+    here = local_pool.map(rnd, range(12), seed=42)
+    there = dask_pool.map(rnd, range(12), seed=42, chunksize=5)
+    assert here == there
+    assert len(set(here)) == 12
+
+
+# ---------------------------------------------------------------- dask only
+
+
+def test_local_cluster_listens_on_loopback_only(dask_pool):
+    pids = {os.getpid(), *dask_pool.backend.worker_pids()}
+    listening = []
+    for pid in pids:
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                listening.append((pid, conn.laddr.ip, conn.laddr.port))
+    assert listening, "the cluster listens nowhere?"
+    assert all(ip == "127.0.0.1" for _, ip, _ in listening), listening
+
+
+def test_cli_cluster_listens_on_loopback_only(remote_cluster):
+    _, procs = remote_cluster
+    listening = []
+    for p in procs:
+        for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]:
+            listening += [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and set(listening) == {"127.0.0.1"}, listening
+
+
+def test_status_names_scheduler_workers_cores_and_dashboard(dask_pool):
+    text = dask_pool.status()
+    assert dask_pool.backend.client.scheduler.address in text
+    assert "2 workers" in text and "2 cores" in text
+    if importlib.util.find_spec("bokeh") is not None:
+        assert "dashboard http://127.0.0.1:" in text
+
+
+def test_missing_distributed_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "distributed" else real(name, *a))
+    with pytest.raises(BadInputError, match=r'pip install "poolmagic\[dask\]"'):
+        Pool(backend="dask")
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(BadInputError, match="the backends are: local, dask"):
+        Pool(backend="spark")
+
+
+def test_the_address_path_runs_maps_on_a_cluster_of_its_own(remote_pool, remote_cluster):
+    address, procs = remote_cluster
+    assert remote_pool.size == 2
+    assert remote_pool.map(double, range(100)) == [2 * x for x in range(100)]
+    with pytest.raises(ValueError, match="bad item 5"):
+        remote_pool.map(raise_at, range(8))
+    assert address in remote_pool.status()
+
+
+def test_the_address_path_reports_a_crash_and_goes_on(remote_pool):
+    with pytest.raises(poolmagic.WorkerCrashedError) as ei:
+        remote_pool.map(exit_at, range(8), chunksize=1)
+    assert ei.value.indices == [3]
+    assert remote_pool.map(double, range(10)) == [2 * x for x in range(10)]
+
+
+def test_the_address_path_times_out_an_item_whose_task_runs_on(remote_pool):
+    with pytest.raises(poolmagic.ItemTimeoutError, match="runs on in its dask worker"):
+        remote_pool.map(sleep_at, range(3), timeout=0.5, kwargs={"seconds": 2.0})
+    assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):
+    address, procs = remote_cluster
+    pool = Pool(backend="dask", address=address)
+    assert pool.map(double, range(3)) == [0, 2, 4]
+    pool.shutdown()
+    assert all(p.poll() is None for p in procs), "poolmagic stopped a cluster it did not start"
+    from distributed import Client
+
+    with Client(address, timeout=10) as c:  # (a worker an earlier test crashed may still be restarting)
+        c.wait_for_workers(2, timeout=30)
+
+
+def test_a_bad_address_fails_with_the_reason_and_keeps_the_pool(ip, monkeypatch):
+    from IPython.core.error import UsageError
+
+    from poolmagic.engine import daskbackend
+
+    monkeypatch.setattr(daskbackend, "CONNECT_TIMEOUT_S", 2.0)  # nothing listens there: no need to wait 10 s
+    before = poolmagic.get_pool()
+    with pytest.raises(UsageError, match="could not connect to the dask scheduler at tcp://127.0.0.1:9"):
+        ip.run_line_magic("poolsize", "--backend dask --address tcp://127.0.0.1:9")
+    assert poolmagic.get_pool() is before
+
+
+def test_poolsize_switches_to_dask_and_back(ip, capsys):
+    ip.run_line_magic("poolsize", "--backend dask")
+    pool = poolmagic.get_pool()
+    assert type(pool.backend).__name__ == "DaskBackend"
+    out = capsys.readouterr().out
+    assert "dask LocalCluster" in out and "scheduler tcp://127.0.0.1:" in out
+    ip.run_cell("%%poolmap -q -o got range(5)\ndef cube(x):\n    return x ** 3\n")
+    assert ip.user_ns["got"] == [0, 1, 8, 27, 64]
+    pids = pool.backend.worker_pids()
+    assert pids
+    ip.run_line_magic("poolsize", "--backend local")
+    assert type(poolmagic.get_pool().backend).__name__ == "LocalBackend"
+    assert not wait_dead(pids), "the LocalCluster's workers outlived the switch back"
+
+
+def test_a_script_that_never_shuts_its_dask_pool_exits_cleanly(tmp_path):
+    script = tmp_path / "never_shut.py"
+    script.write_text(
+        "import os, sys\n"
+        "from poolmagic import Pool\n"
+        "pool = Pool(2, backend='dask')\n"
+        "print(pool.map(abs, range(-3, 0)))\n"
+        "print('PIDS', *pool.backend.worker_pids(), flush=True)\n"
+    )
+    out, err, code = run_script(script, timeout=60)
+    assert code == 0, err
+    assert "[3, 2, 1]" in out
+    pids = [int(p) for line in out.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
+    assert pids and not wait_dead(pids), "a dask worker outlived the interpreter"
