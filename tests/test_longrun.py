@@ -728,7 +728,10 @@ def test_keep_going_traceback_starts_at_the_users_code(ip, capsys):
     shown = plain(captured.out + captured.err)
     assert isinstance(result.error_in_exec, MapFailedError), result.error_in_exec
     assert "raise ValueError('three is bad')" in shown, shown
-    assert "run_cell_magic(" not in shown, shown
+    # the cell's own frame (the whole cell as a string) is hidden; IPython 8
+    # (Python 3.10) still shows its own InteractiveShell.run_cell_magic frame
+    assert "get_ipython().run_cell_magic(" not in shown, shown
+    assert "run_cell_magic('poolmap'" not in shown, shown
     stb = plain("\n".join(ip.InteractiveTB.structured_traceback(
         type(result.error_in_exec), result.error_in_exec, result.error_in_exec.__traceback__)))
     assert "raise ValueError('three is bad')" in stb, stb
