@@ -71,7 +71,7 @@ def transport_s(r: "RunReport") -> float:
 def analyse(r: "RunReport", serial_item_s: float | None = None, threads: int | None = None) -> Analysis:
     wall = r.wall_s
     busy = r.busy_s
-    waited = sum(c.waited_s for c in r.chunks)
+    waited = min(sum(min(c.waited_s, c.busy_s) for c in r.chunks), busy)
     used = max(r.workers, 1)
     moving = transport_s(r)
     idle = max(0.0, used * wall - busy - moving)

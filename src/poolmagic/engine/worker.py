@@ -183,7 +183,8 @@ class Worker:
         )
         if waited is not None:
             after = _runqueue_wait()
-            waited = None if after is None else (after - waited) / 1e9
+            # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
+            waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
         recycle = self.baseline.changed() if self.baseline is not None else None
         body, frames_out = self._pack_results(out, records, errors, msg.start)
         self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
