@@ -25,9 +25,28 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ..errors import MapFailedError, PoolmapError, add_note, point_at_function, short_repr
+import cloudpickle
+
+from ..errors import (
+    ItemPicklingError,
+    MapFailedError,
+    PoolmapError,
+    add_note,
+    point_at_function,
+    safe_str,
+    short_repr,
+)
 from ..sentinel import NOT_DONE
-from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Observer
+from ..serialize import describe
+from .events import (
+    ChunkFinished,
+    ChunkRecord,
+    ChunkStarted,
+    ItemsFailed,
+    ItemsProgress,
+    MapFinished,
+    Observer,
+)
 from .items import ItemSource
 from .mapoptions import MapOptions
 from .rules import ItemTimes, as_item_error, attach_report, summary_error, write_outputs  # noqa: F401  (re-exported)
@@ -169,6 +188,21 @@ class Job:
         """A chunk of this (cancelled or failed) job will never report."""
         with self.cond:
             self.inflight -= 1
+
+    def unsendable(self, start: int, items: Any) -> None:
+        """A chunk that does not pickle: fail the items that do not, re-run the rest (any backend)."""
+        bad: dict[int, BaseException] = {}
+        for k, x in enumerate(items):
+            try:
+                cloudpickle.dumps(x, protocol=5)
+            except Exception as exc:
+                bad[k] = ItemPicklingError(
+                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                    f"to a worker: {safe_str(exc)}"
+                )
+        if not bad:  # the items pickle one by one; report the whole chunk
+            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+        self.split_failed(start, items, bad)
 
     def split_failed(self, start: int, items: Any, bad: dict[int, BaseException]) -> None:
         """Some items of a chunk cannot be sent: fail those, re-run the rest one by one."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import cloudpickle
 
 from ..errors import (
     ItemPicklingError,
@@ -23,7 +22,6 @@ from ..errors import (
     rebuild_exception,
     safe_str,
 )
-from ..serialize import describe
 from . import memory
 from . import protocol as P
 from .events import ChunkRecord, WorkerReplaced
@@ -261,18 +259,7 @@ class Outcomes:
         self._forget_finished_jobs()
 
     def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
-        bad: dict[int, BaseException] = {}
-        for k, x in enumerate(items):
-            try:
-                cloudpickle.dumps(x, protocol=5)
-            except Exception as exc:
-                bad[k] = ItemPicklingError(
-                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
-                    f"to a worker: {safe_str(exc)}"
-                )
-        if not bad:  # the items pickle one by one; report the whole chunk
-            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
-        job.split_failed(start, items, bad)
+        job.unsendable(start, items)
         if not job.active:
             self._abandon(job)
 
