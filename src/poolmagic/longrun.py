@@ -96,7 +96,8 @@ class Checkpoint:
         self.db: sqlite3.Connection | None = None
         self._index: list[int] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
+        self._done = threading.Event()  # the file is closed
+        self._committed = threading.Event()  # every chunk of the map is committed
         self._writer: threading.Thread | None = None
         if os.path.exists(self.path) and os.path.getsize(self.path):
             self._open()  # it may hold results: load() reads them first
@@ -111,9 +112,9 @@ class Checkpoint:
     def _open(self) -> None:
         try:
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is durable without an fsync each
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+            self.db.executescript("BEGIN;" + SCHEMA + "COMMIT;")  # one transaction, not one per table
         except sqlite3.Error as exc:
             raise BadInputError(f"cannot use {self.path!r} as a checkpoint: {exc}") from None
 
@@ -183,8 +184,12 @@ class Checkpoint:
             self._queue.put(("close",))
 
     def wait(self, timeout: float | None = 30.0) -> BaseException | None:
-        """Block until every finished chunk is committed and the file closed; the error, if any."""
-        self._done.wait(timeout)
+        """Block until every finished chunk is committed; the error, if any.
+
+        Closing (folding the WAL back into the file, an fsync) goes on after,
+        in the writer thread: the results are safe once committed.
+        """
+        self._committed.wait(timeout)
         return self.error
 
     # ------------------------------------------------------------ the writer thread
@@ -193,6 +198,7 @@ class Checkpoint:
             while True:
                 task = self._queue.get()
                 if task[0] == "close":
+                    self._committed.set()
                     break
                 if self.error is not None:
                     continue
@@ -213,6 +219,7 @@ class Checkpoint:
                     self.db.close()
                 except sqlite3.Error:
                     pass
+            self._committed.set()
             self._done.set()
 
     def _write_chunk(self, idx: Any, items: Any, raw: tuple | None, results: list) -> None:
