@@ -60,11 +60,17 @@ def transport_s(r: "RunReport") -> float:
     for c in r.chunks:
         if c.t_sent and c.t_recv:
             by_worker[c.worker].append(c)
+    wall = r.wall_s
     for chunks in by_worker.values():
         free = 0.0
+        moving = busy = 0.0
         for c in sorted(chunks, key=lambda c: c.t0):
-            total += max(0.0, c.t0 - max(c.t_sent, free)) + max(0.0, c.t_recv - c.t1)
+            moving += max(0.0, c.t0 - max(c.t_sent, free)) + max(0.0, c.t_recv - c.t1)
+            busy += c.t1 - c.t0
             free = max(c.t1, c.t_recv)  # sending its results, the worker is not free yet
+        # a result still on its way while the worker already runs its next chunk
+        # overlaps busy time: a worker's time cannot exceed the wall
+        total += min(moving, max(0.0, wall - busy))
     return total
 
 
