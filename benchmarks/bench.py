@@ -9,9 +9,11 @@ workload is timed from outside. Every execute has a timeout: a peer that hangs i
 reported as "hang", its kernel interrupted and, if still stuck, killed.
 
     python benchmarks/bench.py [--quick] [--only tiny,cpu] [--peers poolmagic,loky]
+    python benchmarks/bench.py --only numpy,bigresult,bigarg,many   # the data-science rows
 
-Workloads: cold, tiny, cpu, overhead, big, gen, failures (see README.md).
-Writes benchmarks/results/latest.json and latest.md.
+Workloads: cold, tiny, cpu, overhead, big, gen, failures; data-science rows numpy,
+bigresult, bigarg, many (see README.md). A full run writes benchmarks/results/latest.json
+and latest.md; a partial one (--only, --peers, --quick) partial.json and partial.md.
 """
 from __future__ import annotations
 
@@ -256,44 +258,48 @@ class Peer:
     label: str
     module: str  # importable in this venv, else the peer is skipped
     imports: str
-    create: str  # cell code that creates (and starts) the pool
-    expr: str = ""  # map expression returning a list; {f} function, {it} iterable
+    create: str  # cell code that creates (and starts) the pool; {w} the number of workers
+    expr: str = ""  # map expression returning a list; {f} function, {it} iterable, {w} workers
     chunk_expr: str = ""  # same with chunk size {c} (executors only)
     auto_chunk: bool = False  # executors default to chunksize 1: use Pool's len/(4*workers)
     magic: bool = False  # poolmagic: map through %%poolmap, the cell defines the function
     tiny_n: int = 100_000  # items of the tiny workload (dask: one task per item, ~ms each)
+    reference: bool = False  # not a pool: a serial reference, run only where a workload names it
+
+    def create_code(self, workers: int = WORKERS) -> str:
+        return self.create.format(w=workers)
 
     def map_stmt(self, f: str, src: str, it: str, n: int | None = None, chunk: int | None = None,
-                 quiet: bool = True) -> str:
+                 quiet: bool = True, workers: int = WORKERS) -> str:
         """A statement that maps function ``f`` (source ``src``) over ``it`` into ``r``."""
         if self.magic:
             line = " ".join(o for o in ["-q" if quiet else "", f"-c {chunk}" if chunk else "", "-o r", it] if o)
             return f"get_ipython().run_cell_magic('poolmap', {line!r}, {src!r})"
         if chunk is None and self.auto_chunk and n:
-            chunk = max(1, math.ceil(n / (4 * WORKERS)))
+            chunk = max(1, math.ceil(n / (4 * workers)))
         if chunk and not self.chunk_expr:
             raise ValueError(f"{self.key}: no chunk size template")
         tpl = self.chunk_expr if chunk else self.expr
-        return "r = " + tpl.format(f=f, it=it, c=chunk)
+        return "r = " + tpl.format(f=f, it=it, c=chunk, w=workers)
 
 
 def _mp(method: str) -> Peer:
     return Peer(
         f"mp_{method}", f"multiprocessing.Pool ({method})", "multiprocessing",
-        "import multiprocessing as mp", f"P = mp.get_context({method!r}).Pool({WORKERS})", "P.map({f}, {it})",
+        "import multiprocessing as mp", f"P = mp.get_context({method!r}).Pool({{w}})", "P.map({f}, {it})",
     )
 
 
-_LOKY = f"get_reusable_executor(max_workers={WORKERS})"
-_JOBLIB = f"Parallel(n_jobs={WORKERS}, backend='loky'"
+_LOKY = "get_reusable_executor(max_workers={w})"
+_JOBLIB = "Parallel(n_jobs={w}, backend='loky'"
 PEERS = [
-    Peer("poolmagic", "poolmagic (forkserver)", "poolmagic", "", f"%load_ext poolmagic\n%poolsize {WORKERS}",
+    Peer("poolmagic", "poolmagic (forkserver)", "poolmagic", "", "%load_ext poolmagic\n%poolsize {w}",
          magic=True),
     _mp("fork"),
     _mp("forkserver"),
     Peer("ppe_forkserver", "ProcessPoolExecutor (forkserver)", "concurrent.futures",
          "import multiprocessing as mp\nfrom concurrent.futures import ProcessPoolExecutor",
-         f"P = ProcessPoolExecutor({WORKERS}, mp_context=mp.get_context('forkserver'))",
+         "P = ProcessPoolExecutor({w}, mp_context=mp.get_context('forkserver'))",
          "list(P.map({f}, {it}))", "list(P.map({f}, {it}, chunksize={c}))", auto_chunk=True),
     Peer("loky", "loky reusable executor", "loky", "from loky import get_reusable_executor", f"P = {_LOKY}",
          f"list({_LOKY}.map({{f}}, {{it}}))", f"list({_LOKY}.map({{f}}, {{it}}, chunksize={{c}}))",
@@ -301,16 +307,20 @@ PEERS = [
     Peer("joblib", "joblib Parallel (loky)", "joblib", "from joblib import Parallel, delayed", f"P = {_JOBLIB})",
          f"{_JOBLIB})(delayed({{f}})(x) for x in {{it}})"),
     Peer("mpire", "mpire WorkerPool (fork)", "mpire", "from mpire import WorkerPool",
-         f"P = WorkerPool(n_jobs={WORKERS}, start_method='fork', keep_alive=True)",
-         "P.map({f}, {it})"),
+         "P = WorkerPool(n_jobs={w}, start_method='fork', keep_alive=True)",
+         # a list of results, as the others return (by default mpire concatenates numpy results)
+         "P.map({f}, {it}, concatenate_numpy_output=False)"),
+    # Every listening socket on 127.0.0.1, no dashboard.
     Peer("dask", "dask.distributed LocalCluster", "distributed",
          "import logging\nfrom dask.distributed import Client, LocalCluster\n"
          "logging.getLogger('distributed').setLevel(logging.ERROR)",
-         f"C = Client(LocalCluster(n_workers={WORKERS}, threads_per_worker=1, processes=True,"
-         " dashboard_address=None))",
+         "C = Client(LocalCluster(n_workers={w}, threads_per_worker=1, processes=True,"
+         " host='127.0.0.1', dashboard_address=None))",
          "C.gather(C.map({f}, {it}, pure=False))", tiny_n=2_000),
 ]
-PEER_BY_KEY = {p.key: p for p in PEERS}
+# The numpy row's serial reference: a plain loop in one kernel, numpy's default BLAS threads.
+SERIAL = Peer("serial", "plain loop, one process (no pool)", "numpy", "", "", reference=True)
+PEER_BY_KEY = {p.key: p for p in PEERS + [SERIAL]}
 
 WARM_SRC = "def _warm(x):\n    return x\n"
 
@@ -319,7 +329,7 @@ def setup(k: Kernel, peer: Peer, defs: str, extra: str = "", timeout: float = 30
     """Preamble, the notebook's functions, then a warm pool (one small map done)."""
     k.figures(cell(PREAMBLE, extra), timeout)
     k.figures(cell(defs, WARM_SRC), timeout)  # before the pool: fork-based pools see them
-    k.figures(cell(peer.imports, peer.create), timeout)
+    k.figures(cell(peer.imports, peer.create_code()), timeout)
     try:
         k.figures(peer.map_stmt("_warm", WARM_SRC, "range(4)", n=4) + "\n", timeout)
     except CellFailed as exc:
@@ -354,7 +364,7 @@ def wl_cold(peer: Peer, cfg, fresh) -> dict:
         k.figures(cell(PREAMBLE, src))
         try:
             return k.figures(cell(
-                "_t0 = time.perf_counter()", peer.imports, "_t1 = time.perf_counter()", peer.create,
+                "_t0 = time.perf_counter()", peer.imports, "_t1 = time.perf_counter()", peer.create_code(),
                 peer.map_stmt("f", src, "range(2)", n=2),
                 "assert list(r) == [0, 1], r",
                 "_emit(cold_s=time.perf_counter() - _t0, import_s=_t1 - _t0)",
@@ -515,7 +525,230 @@ def wl_failures(peer: Peer, cfg, fresh) -> dict:
     return out
 
 
-WORKLOADS = {  # name: (function, peers it runs for: None = all)
+# --------------------------------------------------------------------- data-science rows
+# Issue "Real data-science items": numpy inside workers, big results, big arguments, many
+# workers. Each (row, variant, peer) runs in a fresh kernel: the kernel's RSS high-water
+# mark cannot be reset. The numpy and big-result functions import numpy themselves, so that
+# a fork-based pool whose workers were forked before the kernel imported numpy can still
+# run them; the big-argument one uses the kernel's np, as users write it.
+DS_PEERS = ["poolmagic", "mp_fork", "loky", "joblib", "mpire", "dask"]
+DS_WORKLOADS = ("numpy", "bigresult", "bigarg", "many")
+MANY_WORKERS = 32
+
+HWM = """\
+import gc
+def _status_kb(field):
+    with open('/proc/self/status') as fh:
+        for line in fh:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+class _Hwm:
+    '''This kernel's peak RSS growth over a block: VmHWM after it minus VmRSS before it.
+
+    The high-water mark cannot be reset (hence a fresh kernel per row and peer). If it
+    did not rise during the block, the difference is only an upper bound: exact=False.'''
+    def __enter__(self):
+        gc.collect()
+        self.rss0, self.hwm0 = _status_kb('VmRSS'), _status_kb('VmHWM')
+        return self
+    def __exit__(self, *exc):
+        self.hwm1, self.rss1 = _status_kb('VmHWM'), _status_kb('VmRSS')
+    def figures(self, prefix=''):
+        return {prefix + 'rss_peak_mb': (self.hwm1 - self.rss0) / 1024,
+                prefix + 'rss_after_mb': (self.rss1 - self.rss0) / 1024,
+                prefix + 'rss_peak_exact': self.hwm1 > self.hwm0,
+                prefix + 'rss_base_mb': self.rss0 / 1024}
+"""
+
+MATMUL_SRC = """\
+def matmul(i):
+    import numpy as np
+    rng = np.random.default_rng(i)
+    a, b = rng.random((400, 400)), rng.random((400, 400))
+    for _ in range(12):
+        a = a @ b
+        a /= np.abs(a).max()  # keeps the values finite
+    return float(a.sum())
+"""
+
+BLAS_SRC = """\
+def blas_threads(i):
+    import os, time
+    import numpy
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return os.getpid(), None
+    time.sleep(0.05)  # so that every worker takes some of the items
+    return os.getpid(), sorted({(d['user_api'], d['internal_api'], d['num_threads']) for d in threadpool_info()})
+"""
+
+BIGRES_SRC = "def big_result(i):\n    import numpy as np\n    return np.full(4_000_000, i, dtype=np.float64)\n"
+SMALLRES_SRC = "def small_result(i):\n    import numpy as np\n    return np.full(1_000, i, dtype=np.float64)\n"
+# As users write it: the kernel's global np. With numpy imported after the pool, a fork-based
+# pool's workers have no np (NameError), and a worker that unpickles the items (numpy arrays)
+# while it loads the function (which imports numpy) imports numpy on two threads at once.
+ARGSUM_SRC = "def arg_sum(a):\n    return float(np.sum(a))\n"
+NAP_SRC = "def nap(x):\n    import time\n    time.sleep(0.02)\n    return x\n"
+TRIV_SRC = "def triv(x):\n    return x\n"
+
+# numpy in the kernel: after the pool is created (what users do: %load_ext first), or before.
+NUMPY_ORDERS = ("after", "before")
+
+
+def budget_loop(stmt: str, reps: int, budget: float, first: str = "", pre: str = "") -> str:
+    """Cell code: up to ``reps`` timed runs of ``stmt`` into ``_ts`` (counting ``first``, a time
+    already measured), fewer once they add up to ``budget`` seconds: a slow peer is not
+    timed over and over. ``pre`` runs untimed before each run."""
+    return cell(
+        f"_ts = [{first}]",
+        f"while len(_ts) < {reps} and sum(_ts) < {budget}:",
+        textwrap.indent(pre, "    "),
+        "    _t = time.perf_counter()",
+        textwrap.indent(stmt, "    "),
+        "    _ts.append(time.perf_counter() - _t)",
+    )
+
+
+def failed(out: dict, prefix: str, exc: CellFailed) -> None:
+    """Record a sub-measurement that hung or raised, so the other ones still count."""
+    out[f"{prefix}s"], out[f"{prefix}error"] = exc.status, exc.detail
+
+
+def ds_setup(k: Kernel, peer: Peer, defs: str, order: str, extra: str = "") -> None:
+    """Like setup(), with numpy imported by the kernel before or after the pool."""
+    if order == "before":
+        extra += "import numpy as np\n"
+    setup(k, peer, defs, extra=extra, timeout=60)
+    if order == "after":
+        k.figures("import numpy as np\n")
+
+
+def blas_summary(rows: list) -> dict:
+    """What threadpoolctl says in each worker: BLAS (and OpenMP) threads per library."""
+    if any(libs is None for _, libs in rows):
+        return {"blas": "no threadpoolctl"}
+    per = {pid: tuple(n for api, _, n in libs if api == "blas") for pid, libs in rows}
+    kinds = sorted({"+".join(map(str, v)) or "none" for v in per.values()})
+    libs = sorted({f"{api}:{lib}={n}" for _, ls in rows for api, lib, n in ls})
+    return {"blas": "/".join(kinds), "blas_workers_seen": len(per), "blas_libs": libs}
+
+
+def wl_numpy(peer: Peer, cfg, fresh) -> dict:
+    """8 items of 12 matmuls of 400×400 on 2 workers; numpy imported after / before the pool."""
+    out: dict = {}
+    n = 8
+    if peer.reference:  # a plain loop in this kernel, BLAS threads as numpy starts them
+        with fresh() as k:
+            k.figures(cell(PREAMBLE, "import numpy as np", MATMUL_SRC, BLAS_SRC))
+            fig = k.figures(cell(timed_loop(f"r = [matmul(i) for i in range({n})]", cfg.reps), "_emit(ts=_ts)"),
+                            60)
+            out.update(after_s=statistics.median(fig["ts"]), after_ts=fig["ts"])
+            rows = k.figures("_emit(rows=[blas_threads(0)])")["rows"]
+            out.update({f"after_{key}": v for key, v in blas_summary(rows).items()})
+        return out
+    for order in NUMPY_ORDERS:
+        p = f"{order}_"
+        try:
+            with fresh() as k:
+                ds_setup(k, peer, MATMUL_SRC + BLAS_SRC, order)
+                stmt = peer.map_stmt("matmul", MATMUL_SRC, f"range({n})", n=n)
+                k.figures(stmt + "\n", cfg.hang_ds)  # first map: the workers import numpy
+                fig = k.figures(cell(timed_loop(stmt, cfg.reps, warm=0),
+                                     f"assert np.allclose(r, [matmul(i) for i in range({n})]), r",
+                                     "_emit(ts=_ts)"), cfg.hang_ds + 10 * cfg.reps)
+                out.update({f"{p}s": statistics.median(fig["ts"]), f"{p}ts": fig["ts"]})
+                nb = 4 * WORKERS
+                try:
+                    rows = k.figures(cell(peer.map_stmt("blas_threads", BLAS_SRC, f"range({nb})", n=nb),
+                                          "_emit(rows=list(r))"), cfg.hang_ds)["rows"]
+                    out.update({f"{p}{key}": v for key, v in blas_summary(rows).items()})
+                except CellFailed as exc:  # keep the timing
+                    out[f"{p}blas"] = f"{exc.status} ({exc.detail.split(' (')[0]})"
+        except CellFailed as exc:
+            failed(out, p, exc)
+    return out
+
+
+def wl_bigresult(peer: Peer, cfg, fresh) -> dict:
+    """16 items each returning a 32 MB float64 array: wall, and the kernel's peak RSS growth."""
+    n, item_mb = 16, 4_000_000 * 8 / 2**20
+    stmt = peer.map_stmt("big_result", BIGRES_SRC, f"range({n})", n=n)
+    check = (f"assert len(r) == {n} and all(a.shape == (4_000_000,) and a[0] == i and a[-1] == i"
+             " for i, a in enumerate(r))")
+    out: dict = {"result_mb": n * item_mb}
+    with fresh() as k:
+        ds_setup(k, peer, BIGRES_SRC + SMALLRES_SRC, "after", extra=HWM)
+        # the workers import numpy and ship one small array first: a warm pool
+        k.figures(peer.map_stmt("small_result", SMALLRES_SRC, "range(4)", n=4) + "\n", cfg.hang_ds)
+        fig = k.figures(cell("with _Hwm() as _m:", "    _t = time.perf_counter()", textwrap.indent(stmt, "    "),
+                             "    _d = time.perf_counter() - _t", check,
+                             "_emit(first_s=_d, **_m.figures())"), cfg.hang_ds)
+        out.update(fig)
+        fig = k.figures(cell(budget_loop(stmt, cfg.reps_ds, cfg.budget_ds, first="_d", pre="del r; gc.collect()"),
+                             check, "_emit(ts=_ts)"), cfg.hang_ds + cfg.budget_ds)
+    out.update(s=statistics.median(fig["ts"]), ts=fig["ts"], rss_ratio=out["rss_peak_mb"] / out["result_mb"])
+    return out
+
+
+def wl_bigarg(peer: Peer, cfg, fresh) -> dict:
+    """map over 16 arrays of 32 MB returning a float: wall, and the kernel's peak RSS growth."""
+    n = 16
+    stmt = peer.map_stmt("arg_sum", ARGSUM_SRC, "ARRS", n=n)
+    check = f"assert r == [4_000_000.0 * i for i in range({n})], r"
+    out: dict = {"args_mb": n * 4_000_000 * 8 / 2**20}
+    for order in NUMPY_ORDERS:
+        p = f"{order}_"
+        try:
+            with fresh() as k:
+                ds_setup(k, peer, ARGSUM_SRC, order, extra=HWM)
+                k.figures(f"ARRS = [np.full(4_000_000, i, dtype=np.float64) for i in range({n})]\n")
+                # the workers unpickle a few small arrays first (and so import numpy): a warm pool
+                k.figures(cell("SMALL = [np.ones(1_000) for _ in range(4)]",
+                               peer.map_stmt("arg_sum", ARGSUM_SRC, "SMALL", n=4)), cfg.hang_ds)
+                fig = k.figures(cell("with _Hwm() as _m:", "    _t = time.perf_counter()",
+                                     textwrap.indent(stmt, "    "), "    _d = time.perf_counter() - _t", check,
+                                     f"_emit(**_m.figures({p!r}))"), cfg.hang_ds)
+                out.update(fig)
+                fig = k.figures(cell(budget_loop(stmt, cfg.reps_ds, cfg.budget_ds, first="_d"), check,
+                                     "_emit(ts=_ts)"), cfg.hang_ds + cfg.budget_ds)
+                out.update({f"{p}s": statistics.median(fig["ts"]), f"{p}ts": fig["ts"]})
+        except CellFailed as exc:
+            failed(out, p, exc)
+    return out
+
+
+def wl_many(peer: Peer, cfg, fresh) -> dict:
+    """32 workers: cold start to a 32-item map's return, then 1,600 × 20 ms sleeps on the warm pool."""
+    w, n = MANY_WORKERS, 1_600
+    out: dict = {"workers": w, "ideal_s": n * 0.02 / w}
+    with fresh() as k:
+        k.figures(cell(PREAMBLE, NAP_SRC, TRIV_SRC))  # before the pool: fork-based pools see them
+        # imports are not part of the cold start; poolmagic's %load_ext (in the timed cell) registers
+        # the magics and starts the pool, so its import here is the public API only
+        k.figures(("import poolmagic\npoolmagic.Pool\n" if peer.magic else peer.imports + "\n"), 60)
+        try:
+            fig = k.figures(cell("_t0 = time.perf_counter()", peer.create_code(w),
+                                 peer.map_stmt("triv", TRIV_SRC, f"range({w})", n=w, workers=w),
+                                 f"assert list(r) == list(range({w})), r",
+                                 "_emit(s=time.perf_counter() - _t0)"), cfg.hang_many)
+            out["cold_s"] = fig["s"]
+        except CellFailed as exc:
+            failed(out, "cold_", exc)
+            out["sleep_s"] = "skipped"
+            return out
+        stmt = peer.map_stmt("nap", NAP_SRC, f"range({n})", n=n, workers=w)
+        try:
+            k.figures(stmt + "\n", cfg.hang_many)  # warm-up map on the same pool
+            fig = k.figures(cell(budget_loop(stmt, cfg.reps_ds, cfg.budget_ds), f"assert list(r) == list(range({n}))",
+                                 "_emit(ts=_ts)"), cfg.hang_many + cfg.budget_ds)
+            out.update(sleep_s=statistics.median(fig["ts"]), sleep_ts=fig["ts"])
+        except CellFailed as exc:
+            failed(out, "sleep_", exc)
+    return out
+
+
+WORKLOADS = {  # name: (function, peers it runs for: None = all peers but the reference)
     "cold": (wl_cold, None),
     "tiny": (wl_tiny, None),
     "cpu": (wl_cpu, None),
@@ -523,6 +756,10 @@ WORKLOADS = {  # name: (function, peers it runs for: None = all)
     "big": (wl_big, None),
     "gen": (wl_gen, list(GEN_STMT)),
     "failures": (wl_failures, None),
+    "numpy": (wl_numpy, DS_PEERS + ["serial"]),
+    "bigresult": (wl_bigresult, DS_PEERS),
+    "bigarg": (wl_bigarg, DS_PEERS),
+    "many": (wl_many, DS_PEERS),
 }
 
 
@@ -618,6 +855,8 @@ def md_notes(results: dict) -> list[str]:
         notes.append(f"{', '.join(label[p] for p in blind)}, 50 MB global: NameError — the warm pool forked its "
                      "workers before `ARR` was defined, and a fork-based pool does not see globals defined later.")
     for wl in results:
+        if wl in DS_WORKLOADS:  # ds_notes()
+            continue
         for peer, res in results[wl].items():
             if res.get("note") and res["status"] != "broken" and not (wl == "big" and peer in blind):
                 later = " (its other workloads were skipped)" if res.get("skips_rest") else ""
@@ -625,43 +864,172 @@ def md_notes(results: dict) -> list[str]:
     return notes
 
 
-def render(results: dict, meta: dict) -> str:
-    """The Markdown file: header, one row per peer, then notes."""
-    cols = [c for c in COLUMNS if c[0] in results]
-    head = ["peer"] + [c[2] for c in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+DS_COLUMNS = [  # (workload, key, header, kind) of the data-science table
+    ("numpy", "after_s", "numpy 8 × 12 matmuls s (np after pool)", "time"),
+    ("numpy", "before_s", "same, np before pool s", "time"),
+    ("numpy", "blas", "BLAS threads per worker (after / before)", "blas"),
+    ("bigresult", "s", "16 × 32 MB results s", "time"),
+    ("bigresult", "rss_peak_mb", "results: peak RSS growth (÷ their 488 MiB)", "rss"),
+    ("bigarg", "after_s", "16 × 32 MB args s (np after pool)", "time"),
+    ("bigarg", "before_s", "same, np before pool s", "time"),
+    ("bigarg", "rss", "args: peak RSS growth (after / before)", "rss2"),
+    ("many", "sleep_s", f"{MANY_WORKERS} workers, 1,600 × 20 ms s (ideal 1.0)", "time"),
+    ("many", "cold_s", f"{MANY_WORKERS}-worker cold start s", "time"),
+]
+
+
+def ds_cell(key: str, kind: str, res: dict | None, base: dict | None) -> str:
+    """A cell of the data-science table; times get their ratio to poolmagic's."""
+    if res is None or res.get("status") == "broken":
+        return "—"
+    if res.get("status") != "ok":
+        short = (res.get("note") or "").split(" (")[0]
+        return f"{res['status']} ({short})" if short else res["status"]
+
+    def mb(prefix: str) -> str | None:
+        v = num(res.get(f"{prefix}rss_peak_mb"))
+        return None if v is None else ("" if res.get(f"{prefix}rss_peak_exact") else "≤") + f"+{v:.0f}"
+
+    if kind == "blas":
+        got = [res.get(f"{o}_blas") for o in NUMPY_ORDERS]
+        return " / ".join(g for g in got if g) or "—"
+    if kind == "rss":
+        m = mb("")
+        return f"{m} MiB ({res['rss_ratio']:.2f}×)" if m else "—"
+    if kind == "rss2":
+        got = [mb(f"{o}_") or "—" for o in NUMPY_ORDERS]
+        return " / ".join(got) + " MiB" if any(g != "—" for g in got) else "—"
+    v = res.get(key)
+    if v is None:
+        return "—"
+    if num(v) is None:
+        err = (res.get(key[:-1] + "error") or "").split(" (")[0]
+        return f"{v} ({err})" if err else str(v)
+    b = num((base or {}).get(key))
+    return f"{v:.3f}" + (f" ({ratio(v / b)})" if base is not None and b else "")
+
+
+def ds_rows(results: dict, meta: dict, label) -> list[list[str]]:
+    """Header and one row per peer (and the serial reference) of the data-science table."""
+    cols = [c for c in DS_COLUMNS if c[0] in results]
+    if not cols:
+        return []
+    rows = [["peer"] + [c[2] for c in cols]]
     for peer in meta["peers"]:
-        base = {wl: None if peer == "poolmagic" else results[wl].get("poolmagic") for wl in results}
-        row = [PEER_BY_KEY[peer].label] + [table_cell(wl, key, fmt, results[wl].get(peer), base[wl])
-                                           for wl, key, _, fmt in cols]
-        lines.append("| " + " | ".join(row) + " |")
+        if not any(peer in results[wl] for wl, *_ in cols):
+            continue
+        base = {wl: None if peer == "poolmagic" else results[wl].get("poolmagic") for wl, *_ in cols}
+        rows.append([label(peer)] + [ds_cell(key, kind, results[wl].get(peer), base[wl])
+                                     for wl, key, _, kind in cols])
+    return rows
+
+
+def ds_notes(results: dict) -> list[str]:
+    """How to read the data-science table, and every sub-measurement that hung or failed."""
+    label = {k: p.label for k, p in PEER_BY_KEY.items()}
+    notes = []
+    if not any(c[0] in results for c in DS_COLUMNS):
+        return notes
+    how = {"numpy": "`matmul(i)` imports numpy itself", "bigresult": "`big_result(i)` imports numpy itself",
+           "bigarg": "`arg_sum(a)` is `float(np.sum(a))` with the kernel's `np`"}
+    told = "; ".join(v for wl, v in how.items() if wl in results)
+    notes.append("Data-science rows: every (row, variant, peer) in a fresh kernel, the mapped function defined "
+                 f"in a notebook cell{f' ({told})' if told else ''}. Times are medians, ratios peer ÷ poolmagic "
+                 "(> 1: the peer is slower).")
+    if "numpy" in results or "bigarg" in results:
+        notes.append("\"np after pool\": the kernel imports numpy after creating the pool (`%load_ext` first, as "
+                     "users do); \"before\": before it.")
+    if "bigresult" in results or "bigarg" in results:
+        notes.append("Peak RSS growth: the kernel's VmHWM after the map minus its VmRSS before (≤: the mark did "
+                     "not rise, an upper bound); the 16 arrays are 488 MiB (512 MB).")
+    for peer, r in (results.get("numpy") or {}).items():
+        libs = sorted({x for o in NUMPY_ORDERS for x in r.get(f"{o}_blas_libs") or []})
+        if libs:
+            notes.append(f"{label[peer]}, threadpoolctl in a worker{' (the kernel itself)' if peer == 'serial' else ''}: "
+                         + ", ".join(f"`{x}`" for x in libs) + ".")
+    for wl in DS_WORKLOADS:
+        for peer, r in (results.get(wl) or {}).items():
+            if r.get("note") and r["status"] != "broken":
+                notes.append(f"{label[peer]}, {wl}: {r['status']} — {r['note']}")
+            if r.get("leaked_processes_killed"):
+                notes.append(f"{label[peer]}, {wl}: {r['leaked_processes_killed']} process(es) still running under "
+                             "the kernel after its shutdown were killed.")
+            for key, v in r.items():
+                if key.endswith("error") and v and num(r.get(key[:-5] + "s")) is None:
+                    what = key[:-5].rstrip("_") or "map"
+                    notes.append(f"{label[peer]}, {wl} ({what}): {r.get(key[:-5] + 's')} — {v}")
+    return notes
+
+
+def md_table(rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+
+
+def render(results: dict, meta: dict) -> str:
+    """The Markdown file: header, one row per peer, then notes; the data-science table after."""
+    cols = [c for c in COLUMNS if c[0] in results]
+    lines = []
+    if cols:
+        head = ["peer"] + [c[2] for c in cols]
+        rows = [head]
+        for peer in meta["peers"]:
+            if PEER_BY_KEY[peer].reference:
+                continue
+            base = {wl: None if peer == "poolmagic" else results[wl].get("poolmagic") for wl in results}
+            rows.append([PEER_BY_KEY[peer].label] + [table_cell(wl, key, fmt, results[wl].get(peer), base[wl])
+                                                     for wl, key, _, fmt in cols])
+        lines = md_table(rows) + [""] + [f"- {n}" for n in md_notes(results)] + [""]
+    ds = ds_rows(results, meta, lambda k: PEER_BY_KEY[k].label)
+    if ds:
+        lines += ["Data-science rows (issue \"Real data-science items\"):", ""] + md_table(ds) + [""]
+        lines += [f"- {n}" for n in ds_notes(results)] + [""]
     load = "/".join(f"{meta[k][0]:.1f}" for k in ("loadavg_before", "loadavg_after"))
     hdr = (f"Benchmark run {meta['date']} · {meta['machine']}, {meta['cores']} cores, Python {meta['python']} · "
-           f"poolmagic {meta['poolmagic_commit']} · {WORKERS} workers · each peer in its own Jupyter kernel, function defined in a notebook cell · "
+           f"poolmagic {meta['poolmagic_commit']} ({meta['poolmagic_path']}) · {WORKERS} workers · each peer in its own Jupyter kernel, function defined in a notebook cell · "
            f"1-min load average before/after {load}.\n\n"
            f"Command: `{meta['command']}`\n")
-    notes = "\n".join(f"- {n}" for n in md_notes(results))
-    return hdr + "\n" + "\n".join(lines) + "\n\n" + notes + "\n"
+    return hdr + "\n" + "\n".join(lines)
 
 
 def console_table(results: dict, meta: dict) -> str:
+    def text(rows: list[list[str]]) -> str:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+    out = []
     cols = [c for c in COLUMNS if c[0] in results]
-    base = {wl: results[wl].get("poolmagic") for wl in results}
-    rows = [["peer"] + [c[2] for c in cols]]
-    for peer in meta["peers"]:
-        rows.append([peer] + [shown(results[wl].get(peer), key, fmt, None if peer == "poolmagic" else base.get(wl))
-                              for wl, key, _, fmt in cols])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    if cols:
+        base = {wl: results[wl].get("poolmagic") for wl in results}
+        rows = [["peer"] + [c[2] for c in cols]]
+        for peer in meta["peers"]:
+            if PEER_BY_KEY[peer].reference:
+                continue
+            rows.append([peer] + [shown(results[wl].get(peer), key, fmt, None if peer == "poolmagic" else base.get(wl))
+                                  for wl, key, _, fmt in cols])
+        out.append(text(rows))
+    ds = ds_rows(results, meta, str)
+    if ds:
+        out.append(text(ds))
+    return "\n\n".join(out)
 
 
 # ===================================================================== main
-def git_commit() -> str:
-    """The checked-out commit of the repository, "+dirty" if src/ has local changes."""
+def poolmagic_dir() -> Path | None:
+    """Where the kernels will import poolmagic from (an editable install may point anywhere)."""
+    spec = importlib.util.find_spec("poolmagic")
+    return Path(spec.origin).resolve().parent if spec and spec.origin else None
+
+
+def git_commit(where: Path | None) -> str:
+    """The commit checked out where poolmagic is imported from, "+dirty" if the package has local changes."""
+    if where is None:
+        return "?"
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True).stdout.strip()
     try:
-        return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", "src") else "")
+        return (git("rev-parse", "--short", "HEAD") or "?") + ("+dirty" if git("status", "--porcelain", ".") else "")
     except OSError:
         return "?"
 
@@ -673,6 +1041,10 @@ class Config:
     reps_overhead: int = 300  # ~1 ms each; the summary's I/O-thread work makes single runs noisy
     hang: float = 10.0  # seconds before a map counts as hung
     hang_gen: float = 120.0
+    hang_ds: float = 30.0  # a data-science row's map (the first one imports numpy in the workers)
+    hang_many: float = 120.0  # a 32-worker pool's cold start, and a 1,600-item map on it
+    reps_ds: int = 3  # timed maps of ~1 s in the data-science rows...
+    budget_ds: float = 5.0  # ...or fewer, once they took this many seconds
 
 
 def compile_poolmagic() -> bool:
@@ -700,7 +1072,11 @@ def main() -> int:
         bad = [x for x in name if x not in known]
         if bad:
             ap.error(f"unknown: {', '.join(bad)}")
-    cfg = Config(reps=3, reps_cpu=2, reps_overhead=50) if args.quick else Config()
+    cfg = Config(reps=3, reps_cpu=2, reps_overhead=50, reps_ds=2) if args.quick else Config()
+    pm_dir = poolmagic_dir()
+    if pm_dir is not None and not pm_dir.is_relative_to(HERE.parent.resolve()):
+        print(f"note: poolmagic is imported from {pm_dir}, not from this checkout ({HERE.parent})",
+              file=sys.stderr, flush=True)
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": platform.machine(),
@@ -709,7 +1085,8 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).as_posix(), "benchmarks/bench.py"] + sys.argv[1:]),
         "peers": peers,
         "loadavg_before": list(os.getloadavg()),
-        "poolmagic_commit": git_commit(),
+        "poolmagic_commit": git_commit(pm_dir),
+        "poolmagic_path": str(pm_dir),
         "poolmagic_bytecode": compile_poolmagic(),
     }
 
@@ -728,15 +1105,15 @@ def main() -> int:
         for wl in workloads:
             fn, only = WORKLOADS[wl]
             for key in peers:
-                if only is not None and key not in only:
-                    continue
                 peer = PEER_BY_KEY[key]
+                if (key not in only) if only is not None else peer.reference:
+                    continue
                 if importlib.util.find_spec(peer.module) is None:
                     res = {"status": "skipped", "note": f"{peer.module} not importable"}
                 elif key in broken:
                     res = {"status": "broken", "note": f"see {broken[key]}"}
                 else:
-                    t0 = time.monotonic()
+                    t0, n0 = time.monotonic(), len(kernels)
                     try:
                         res = {"status": "ok", **fn(peer, cfg, fresh)}
                     except CellFailed as exc:
@@ -747,6 +1124,9 @@ def main() -> int:
                     except Exception as exc:  # a harness problem: report it, keep going
                         res = {"status": "harness error", "note": repr(exc)[:200]}
                     res["harness_s"] = round(time.monotonic() - t0, 2)
+                    leaked = sum(k.leaked for k in kernels[n0:])  # its kernels are closed by now
+                    if leaked:
+                        res["leaked_processes_killed"] = leaked
                 results[wl][key] = res
                 print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {key:15s} "
                       + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
@@ -757,6 +1137,10 @@ def main() -> int:
                 k.close()
             except Exception as exc:  # keep closing the others
                 print(f"closing kernel {k.pid}: {exc!r}", file=sys.stderr)
+    if poolmagic_dir() != pm_dir:  # the environment was changed under the run (a shared venv)
+        meta["poolmagic_path_changed_to"] = str(poolmagic_dir())
+        print(f"WARNING: poolmagic now imports from {poolmagic_dir()}, not {pm_dir} as at the start: "
+              "the figures may mix two versions", file=sys.stderr, flush=True)
     meta["leaked_processes_killed"] = sum(k.leaked for k in kernels)
     meta["loadavg_after"] = list(os.getloadavg())
     meta["kernel_python"] = sorted({k.python for k in kernels})

@@ -1,4 +1,11 @@
-"""Shared fixtures: a real IPython shell with poolmagic loaded, and leak checks."""
+"""Shared fixtures and helpers: a real IPython shell with poolmagic loaded, leak
+checks, polling, pid files, fresh interpreters.
+
+Test modules import the plain helpers (``from conftest import wait_for``);
+tests/e2e does too, through e2e_helpers. ``write_pid`` runs inside worker
+processes: this module is pickled *by value*, like the test modules, so a
+worker never imports it.
+"""
 from __future__ import annotations
 
 import os
@@ -8,12 +15,18 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import cloudpickle
 import psutil
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import poolmagic
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DEADLINE = 10.0  # how long a poll waits for something that must happen (a hang takes far longer)
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +93,59 @@ def run_script(script: "str | Path", timeout: float = 30) -> tuple[str, str, int
         out, err = proc.communicate()
         pytest.fail(f"the script hung (at exit?)\nstdout: {out}\nstderr: {err[-2000:]}")
     return out, err, proc.returncode
+
+
+def shutdown_and_check(pool: "poolmagic.Pool", extra_pids=()) -> None:
+    """Shut ``pool`` down; none of its workers (nor ``extra_pids``) may outlive it."""
+    pids = set(pool.backend.worker_pids()) | set(extra_pids)
+    pool.shutdown()
+    left = wait_dead(pids)
+    assert not left, f"worker processes outlived pool.shutdown(): {left}"
+    assert pool.backend.worker_pids() == []
+
+
+# ---------------------------------------------------------------- polling
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = DEADLINE, what: str | None = None,
+             every: float = 0.01) -> Any:
+    """Poll ``pred`` until it returns something true, or ``timeout`` s pass.
+
+    Returns its last value (falsy on a timeout, for ``assert wait_for(...), msg``);
+    with ``what``, a timeout raises TimeoutError naming ``what`` instead.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    value = pred()
+    if not value and what is not None:
+        raise TimeoutError(f"{what}: not within {timeout} s")
+    return value
+
+
+# ---------------------------------------------------------------- pid files
+# A mapped function calls write_pid(piddir, x) to tell the test, through a file,
+# that item x started and in which process; the test reads it with read_pid.
+
+
+def write_pid(piddir: "str | Path", index: Any) -> None:
+    """Write this process's pid to ``piddir/pid-<index>`` (atomically: never read half-written)."""
+    tmp = os.path.join(piddir, f".pid-{index}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(piddir, f"pid-{index}"))
+
+
+def read_pid(piddir: Path, index: Any, timeout: float = DEADLINE) -> int:
+    """The pid the worker running item ``index`` wrote (see ``write_pid``); fails if it never did."""
+    path = Path(piddir) / f"pid-{index}"
+    assert wait_for(path.exists, timeout), f"item {index} never started (no {path})"
+    return int(path.read_text())
+
+
+def written_pids(piddir: Path) -> dict[int, int]:
+    """item -> pid, for every pid file written so far."""
+    return {int(p.name[len("pid-"):]): int(p.read_text()) for p in Path(piddir).glob("pid-*")}

@@ -60,8 +60,9 @@ def test_per_item_times_and_worker_ids_are_recorded():
     times = report.item_times()
     assert all(t is not None for t in times)
     assert times[3] > times[0]  # measured per item, not the chunk average
-    tl = report.timeline()
-    assert {e["worker"] for e in tl} <= {0, 1} and all(e["t1"] >= e["t0"] for e in tl)
+    tl = report.timeline
+    assert {r.worker for r in tl} <= {0, 1} and all(r.end >= r.start for r in tl)
+    assert sum(r.items for r in tl) == 4 and {(r.first_item, r.last_item) for r in tl} == {(0, 1), (2, 3)}
 
 
 def test_big_global_is_shipped_once_per_worker():

@@ -234,7 +234,7 @@ def test_errors_keep_their_type_and_name_the_item(backend):
     with pytest.raises(ValueError, match="bad item 5") as ei:
         backend.map(raise_at, range(10), chunksize=1)
     exc = ei.value
-    assert "poolmagic: item 5 (5) failed." in getattr(exc, "__notes__", [])
+    assert "poolmagic: item 5 (value 5) failed." in getattr(exc, "__notes__", [])
     results = exc.poolmap_report.results
     assert results[5] is NOT_DONE
     assert all(r is NOT_DONE or r == 2 * i for i, r in enumerate(results))
@@ -276,7 +276,7 @@ def test_an_item_that_exits_at_once_is_the_one_named(backend):
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
         backend.map(exit_at_once, range(6), chunksize=1)
     assert ei.value.indices == [4], str(ei.value)
-    assert "poolmagic: item 4 (4) failed." in getattr(ei.value, "__notes__", [])
+    assert "poolmagic: item 4 (value 4) failed." in getattr(ei.value, "__notes__", [])
 
 
 def test_cancel_then_next_map_runs(backend):

@@ -24,7 +24,7 @@ import poolmagic
 from poolmagic import Pool
 from poolmagic.engine.processes import Waiter
 
-from conftest import run_script
+from conftest import read_pid, run_script, write_pid
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.timeout(60)
 
 FAST = 10.0
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
-
-
-def wait_for(pred, timeout: float = FAST, every: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return bool(pred())
 
 
 # ================================================================ Waiter
@@ -232,55 +223,71 @@ def test_load_ext_calls_prestart_before_importing_the_rest_of_poolmagic():
 # ================================================================ forked children
 
 
-@linux_only
-def test_a_forked_child_leaves_the_resource_tracker_alone_and_cannot_use_the_pool():
-    """A child made by os.fork() inherits the pool and the atexit handlers. Using
-    the pool there fails at once (its manager thread was not forked: a map
-    would wait for ever), and its exit must not kill the parent's resource
-    tracker, forkserver or workers."""
-    out, err, code = run_script("""
-        import os, signal, sys, time
-        from multiprocessing import forkserver, resource_tracker
-        import poolmagic
-        from poolmagic.extension import stop_everything
-        import atexit
-        atexit.register(stop_everything)  # as %load_ext does
+# One script for a child made by os.fork() in a process that uses the pool; the
+# child either tries a map first (child_maps) or just exits.
+_FORKED_CHILD = """
+    import os, signal, sys, time
+    from multiprocessing import forkserver, resource_tracker
+    import psutil
+    import poolmagic
+    from poolmagic.extension import stop_everything
+    import atexit
+    atexit.register(stop_everything)  # as %load_ext does
 
-        def double(x):
-            return 2 * x
+    CHILD_MAPS = {child_maps}
 
-        pool = poolmagic.get_pool()
-        assert pool.map(double, range(8)) == [2 * x for x in range(8)]
-        tracker = resource_tracker._resource_tracker._pid
-        server = forkserver._forkserver._forkserver_pid
-        pid = os.fork()
-        if pid == 0:
-            signal.alarm(5)  # a hang in the child dies of SIGALRM
+    def double(x):
+        return 2 * x
+
+    pool = poolmagic.get_pool()
+    assert pool.map(double, range(8)) == [2 * x for x in range(8)]
+    before = sorted(pool.backend.worker_pids())
+    tracker = resource_tracker._resource_tracker._pid
+    server = forkserver._forkserver._forkserver_pid
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(5)  # a hang in the child dies of SIGALRM
+        if CHILD_MAPS:
             try:
                 pool.map(double, range(4))
                 print("CHILD mapped", flush=True)
             except poolmagic.PoolmapError:
                 print("CHILD refused", flush=True)
-            sys.exit(0)  # runs the inherited atexit handlers
-        _, status = os.waitpid(pid, 0)
-        print("CHILD_EXIT", os.waitstatus_to_exitcode(status), flush=True)
-        time.sleep(0.1)
-        def running(p):  # a killed child of ours stays a zombie: os.kill(p, 0) would still succeed
-            try:
-                with open(f"/proc/{p}/stat") as fh:
-                    return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-            except FileNotFoundError:
-                return False
+        sys.exit(0)  # runs the inherited atexit handlers in the child
+    _, status = os.waitpid(pid, 0)
+    print("CHILD_EXIT", os.waitstatus_to_exitcode(status), flush=True)
+    time.sleep(0.1)
 
-        for name, p in (("tracker", tracker), ("forkserver", server)):
-            print(name, "alive" if running(p) else "dead", flush=True)
-        assert pool.map(double, range(8)) == [2 * x for x in range(8)]
-    """)
+    def running(p):  # a killed child of ours stays a zombie: os.kill(p, 0) would still succeed
+        try:
+            return psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    for name, p in (("tracker", tracker), ("forkserver", server)):
+        print(name, "alive" if running(p) else "dead", flush=True)
+    assert pool.map(double, range(8)) == [2 * x for x in range(8)]
+    after = sorted(pool.backend.worker_pids())
+    print("same workers" if before == after else f"workers changed {{before}} -> {{after}}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX only")
+@pytest.mark.parametrize("child_maps", [True, False], ids=["child-maps-then-exits", "child-just-exits"])
+def test_a_forked_child_leaves_the_parents_pool_alone(child_maps):
+    """A notebook may os.fork() a child: it inherits the pool and the atexit
+    handlers. Using the pool there fails at once (its manager thread was not
+    forked: a map would wait for ever), and the child's exit (sys.exit runs the
+    inherited atexit handlers) must not kill the parent's resource tracker,
+    forkserver or workers."""
+    out, err, code = run_script(_FORKED_CHILD.format(child_maps=child_maps), timeout=30)
     assert code == 0, err[-2000:]
-    assert "CHILD refused" in out, out + err[-2000:]
+    if child_maps:
+        assert "CHILD refused" in out, out + err[-2000:]
     assert "CHILD_EXIT 0" in out, out + err[-2000:]
     assert "forkserver alive" in out, out
     assert "tracker alive" in out, out
+    assert "same workers" in out, out + err[-2000:]
 
 
 # ================================================================ deaths
@@ -323,8 +330,8 @@ def test_death_seen_at_once_though_a_grandchild_keeps_the_pipe_open(tmp_path):
 
 
 def mark_then_return(x, piddir):
-    """Mark that item ``x`` started; item 0 then waits for a "go" file."""
-    Path(piddir, f"started-{x}").write_text(str(os.getpid()))
+    """Mark that item ``x`` started (``write_pid``); item 0 then waits for a "go" file."""
+    write_pid(piddir, x)
     if x == 0:
         deadline = time.monotonic() + 20
         while not Path(piddir, "go").exists() and time.monotonic() < deadline:
@@ -344,7 +351,7 @@ def test_results_a_worker_sent_before_it_was_killed_are_kept(tmp_path):
         backend = pool.backend
         handle = pool.map_async(mark_then_return, range(2), chunksize=1, timeout=30,
                                 kwargs={"piddir": str(tmp_path)})
-        assert wait_for((tmp_path / "started-0").exists), "item 0 never started"
+        read_pid(tmp_path, 0, FAST)  # fails the test if item 0 never started
         held, release = threading.Event(), threading.Event()
 
         def hold() -> None:
@@ -355,9 +362,9 @@ def test_results_a_worker_sent_before_it_was_killed_are_kept(tmp_path):
         try:
             assert held.wait(FAST)
             (tmp_path / "go").write_text("")
-            assert wait_for((tmp_path / "started-1").exists), "item 1 never started"
+            pid = read_pid(tmp_path, 1, FAST)  # fails the test if item 1 never started
             time.sleep(0.5)  # the worker sends DONE for item 1 and goes idle
-            os.kill(int((tmp_path / "started-1").read_text()), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
         finally:
             release.set()

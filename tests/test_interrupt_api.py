@@ -24,7 +24,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import alive, wait_dead
+from conftest import alive, shutdown_and_check, wait_dead, write_pid, written_pids
 from poolmagic import NOT_DONE, Pool
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -32,12 +32,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.timeout(60)
 
 FAST = 10.0
-
-
-def shutdown_and_check(pool: Pool) -> None:
-    pids = pool.backend.worker_pids()
-    pool.shutdown()
-    assert not wait_dead(pids), "worker processes outlived pool.shutdown()"
 
 
 # ---------------------------------------------------------------- mapped functions
@@ -48,10 +42,7 @@ def double(x):
 
 
 def sleep_long(x, piddir):
-    tmp = os.path.join(piddir, f".pid-{x}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(str(os.getpid()))
-    os.replace(tmp, os.path.join(piddir, f"pid-{x}"))
+    write_pid(piddir, x)
     time.sleep(30)
     return x
 
@@ -119,7 +110,7 @@ def test_keyboard_interrupt_while_waiting(tmp_path: Path, how: str):
         report = ei.value.poolmap_report
         assert report.status == "cancelled"
         assert report.results == [NOT_DONE] * 6
-        sleepers = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
+        sleepers = list(written_pids(tmp_path).values())
         assert len(sleepers) == 2, sleepers  # both workers were running a 30 s sleep
         assert not wait_dead(sleepers), "the workers running the interrupted items still run"
         t0 = time.monotonic()
@@ -186,16 +177,19 @@ for _ in range(3):
     pool = Pool(2, start_method=sys.argv[1])
     seen = set()
     pool.start()
-    deadline = time.monotonic() + 0.3
-    while time.monotonic() < deadline and len(seen) <= 2:
+    # signal every worker from the moment it appears until both have been hit a
+    # while (a loaded machine may take seconds to start them: wait, don't guess)
+    deadline, hits = time.monotonic() + 20, 0
+    while time.monotonic() < deadline and len(seen) <= 2 and hits < 200:
         for pid in pool.backend.worker_pids():
             try:
                 os.kill(pid, signal.SIGINT)
                 seen.add(pid)
             except ProcessLookupError:
                 pass
+        if len(seen) >= 2:
+            hits += 1
         time.sleep(0.001)
-    time.sleep(0.1)
     try:
         ok = pool.map(abs, range(-2, 2)) == [2, 1, 0, 1]
     except Exception as exc:

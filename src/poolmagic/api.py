@@ -11,85 +11,34 @@ mistake is reported as one sentence naming the culprit.
 from __future__ import annotations
 
 import functools
-import inspect
-import itertools
 import threading
 import warnings
 from typing import Any, Callable, Iterable
 
+from .checks import (  # noqa: F401
+    NoArgs,
+    check_plain_function,
+    check_positive,
+    check_star,
+    too_many_workers,
+)
 from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
-from .engine.items import ItemSource
+from .engine.items import SEQUENCES, ItemSource
 from .engine.job import Job, write_outputs
 from .engine.mapoptions import MapOptions
-from .errors import BadInputError, MapCancelledError, PoolmapError, add_note, point_at_function
-from .report import RunReport
+from .errors import (
+    BadInputError,
+    MapCancelledError,
+    PoolmapError,
+    add_note,
+    point_at_function,
+)
+from .longrun import Checkpoint, resume_report
+from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
-
-# Above this many workers per core, more processes only help work that waits.
-MANY_PER_CORE = 4
-
-
-class _NoArgs:
-    """Calls a zero-argument function once per item, ignoring the item."""
-
-    def __init__(self, func: Callable[[], Any]):
-        self.func = func
-
-    def __call__(self, _item: Any) -> Any:
-        return self.func()
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadInputError(f"{name} must be a positive whole number, not {value!r}")
-
-
-def too_many_workers(n: int, cores: int) -> str | None:
-    """A warning when ``n`` workers is far above the cores, else None."""
-    if n <= MANY_PER_CORE * cores:
-        return None
-    return (
-        f"{n} workers on {cores} core{'s' if cores != 1 else ''}: more processes than cores only "
-        f"help when items wait (I/O, sleep, network); CPU-bound work runs no faster and every "
-        f"worker costs memory. Workers start as maps need them."
-    )
-
-
-def _unwrap(func: Any) -> Any:
-    while True:
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif isinstance(func, _NoArgs):
-            func = func.func
-        else:
-            return func
-
-
-def _check_plain_function(func: Callable, name: str) -> None:
-    """Reject what a worker can run but cannot send back the result of."""
-    f = _unwrap(func)
-    if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f):
-        raise BadInputError(
-            f"{name}() is an async function: a worker would only return an un-awaited coroutine. "
-            f"Map a plain def that runs it, e.g. def run(x): return asyncio.run({name}(x))"
-        )
-    if inspect.isgeneratorfunction(f):
-        raise BadInputError(
-            f"{name}() is a generator function (it uses yield): its results would be generators, "
-            f"which cannot be sent back. Return a list instead, e.g. def run(x): return list({name}(x))"
-        )
-
-
-def _first_not_sequence(items: Iterable) -> tuple[int, Any] | None:
-    for i, x in enumerate(items):
-        if not hasattr(x, "__iter__"):
-            return i, x
-    return None
 
 
 class MapHandle:
@@ -125,6 +74,7 @@ class MapHandle:
         if not self._printed:
             self._printed = True
             write_outputs(self._job.take_printable(final=True))
+            Pool._finish_checkpoint(self._job)
         r = self.report
         if r.status == "cancelled":
             err = MapCancelledError(
@@ -148,21 +98,30 @@ class MapHandle:
     def _repr_html_(self) -> str:
         return self.report._repr_html_()
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return self.report._repr_mimebundle_()
+
 
 class Pool:
-    """A warm pool of worker processes that maps notebook-defined functions."""
+    """A warm pool of worker processes that maps notebook-defined functions.
+
+    Its methods are the API itself (lifecycle, mapping, settings); each is a
+    few lines over the backend and the Job.
+    """
 
     def __init__(self, workers: int | None = None, *, start_method: str | None = None,
                  backend: Backend | str | None = None, address: str | None = None):
         """``backend``: "local" (default), "dask" (a LocalCluster, or the cluster at
         ``address``, e.g. "tcp://host:8786"), or a Backend instance."""
-        _check_positive("workers", workers)
+        check_positive("workers", workers)
         self.cores = available_cores()
         self._warn_size(workers)
         self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address)
         self.last_report: RunReport | None = None
         self.last_job: Job | None = None
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
+        self.max_memory: int | None = None  # bytes per worker, for maps that set none
+        self.serial_item_s: dict[str, float] = {}  # function version -> one worker's s/item (--tune)
         self._contexts = ContextCache()
 
     def _warn_size(self, workers: int | None) -> None:
@@ -183,7 +142,7 @@ class Pool:
 
     def resize(self, workers: int | None, warn: bool = True) -> None:
         """Set the number of workers (None: the cores available); no restart needed."""
-        _check_positive("workers", workers)
+        check_positive("workers", workers)
         if warn:
             self._warn_size(workers)
         self.backend.resize(workers or self.cores)
@@ -206,18 +165,26 @@ class Pool:
     def status(self) -> str:
         from .display import status_text
 
-        text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(), self.backend.state)
+        text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
+                           self.backend.state, self.max_memory)
         detail = getattr(self.backend, "status_detail", None)  # e.g. a dask cluster's scheduler and dashboard
         return f"{text}\n{detail()}" if detail is not None else text
 
     # ------------------------------------------------------------ mapping
-    def prepare(self, func: Callable, iterable: Iterable | None, **options: Any) -> Job:
-        """Check everything and build the Job; raises BadInputError before any work."""
+    def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,
+                **options: Any) -> Job:
+        """Check everything and build the Job; raises BadInputError before any work.
+
+        ``resume``: an earlier run's report; only its unfinished items run, and
+        their results are merged into its results.
+        """
         o = MapOptions.from_kwargs(options)
+        if o.max_memory is None and self.max_memory is not None:
+            o = o.with_(max_memory=self.max_memory)
         if not callable(func):
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
         name = callable_name(func)
-        _check_plain_function(func, name)
+        check_plain_function(func, name)
         if o.repeat is not None:
             if iterable is not None:
                 raise BadInputError("give either an ITERABLE or repeat=N, not both")
@@ -229,52 +196,64 @@ class Pool:
         if o.kwargs:
             func = functools.partial(func, **o.kwargs)
         if o.repeat is not None:
-            func = _NoArgs(func)
+            func = NoArgs(func)
         try:
             iter(iterable)  # type: ignore[arg-type]
         except TypeError:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
         if o.star:
-            iterable = self._check_star(iterable)
+            iterable = check_star(iterable)
         payload = dump_function(func)
         workers = o.workers or self.size
-        context = self._contexts.get(o.threads or self.threads_per_worker(workers))
-        report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description)
-        return Job(payload, ItemSource(iterable), report, o, context, func)
+        threads = o.threads or self.threads_per_worker(workers)
+        context = self._contexts.get(threads)
+        report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description,
+                           threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
+        index, checkpoint = None, None
+        if resume is not None:
+            earlier, index, iterable = resume_report(resume, iterable)
+        elif o.checkpoint:
+            checkpoint = Checkpoint(o.checkpoint)
+            earlier, index, iterable = checkpoint.load(iterable, name, payload.key)
+        if index is not None:
+            for f in ("items", "results", "errors", "done", "resumed"):
+                setattr(report, f, getattr(earlier, f))
+            if checkpoint is not None and checkpoint.function_changed:
+                report.notes.append(f"the function changed since {o.checkpoint} was written; "
+                                    f"{earlier.done:,} results of its earlier version were kept")
+        job = Job(payload, ItemSource(iterable), report, o, context, func)
+        job.index = index
+        job.checkpoint = checkpoint
+        if index is None and type(iterable) in SEQUENCES:
+            report.replay = (func, o, iterable)
+        elif index is not None:
+            report.replay = (func, o, None)
+            report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
+        else:
+            report.replay = (func, o, None)
+        if checkpoint is not None:
+            checkpoint.attach(job)
+        return job
 
-    @staticmethod
-    def _check_star(iterable: Iterable) -> Iterable:
-        if isinstance(iterable, (list, tuple)):
-            bad = _first_not_sequence(iterable)
-        else:  # a stream: check the first item, then put it back
-            it = iter(iterable)
-            try:
-                first = next(it)
-            except StopIteration:
-                return ()
-            bad = _first_not_sequence([first])
-            iterable = itertools.chain([first], it)
-        if bad is not None:
-            i, x = bad
-            raise BadInputError(
-                f"--star needs each item to be a sequence of arguments, but item {i} is "
-                f"{describe(x)} ({x!r:.60})"
-            )
-        return iterable
-
-    def run(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> RunReport:
+    def run(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
+            resume: RunReport | None = None, **options: Any) -> RunReport:
         """Map ``func`` over ``iterable``, wait, and return the RunReport.
 
         Worker print() output is written here, in item order. On failure the
         error is raised with ``.poolmap_report`` (results that finished stay).
+        ``watch``: a live display (``attach(job)``, ``tick()``, ``close()``),
+        fed by the map's events and drawn on this thread.
         """
         __tracebackhide__ = True
-        job = self._submit(func, iterable, options)
+        job = self._submit(func, iterable, options, watch, resume)
         try:
-            job.wait(on_output=write_outputs)
+            job.wait(on_output=write_outputs, on_tick=watch.tick if watch is not None else None)
         except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
             self.backend.cancel(job)
             write_outputs(job.take_printable(final=True))
+            self._finish_checkpoint(job)
+            if watch is not None:
+                watch.close()
             if not isinstance(exc, KeyboardInterrupt):
                 raise
             r = job.report
@@ -286,6 +265,9 @@ class Pool:
             )
             stop.poolmap_report = r  # type: ignore[attr-defined]
             raise point_at_function(stop, job.func) from None
+        if watch is not None:
+            watch.close()
+        self._finish_checkpoint(job)
         if job.error is not None:
             raise job.error
         return job.report
@@ -299,21 +281,34 @@ class Pool:
         __tracebackhide__ = True
         return self.run(func, iterable, star=True, **options).results
 
-    def map_async(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> MapHandle:
+    def map_async(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
+                  resume: RunReport | None = None, **options: Any) -> MapHandle:
         """Start a map and return a MapHandle at once.
 
         A stream ITERABLE is read by a feeder thread of its own (never by the
         pool's manager), which ends with the map.
         """
-        job = self._submit(func, iterable, options)
+        job = self._submit(func, iterable, options, watch, resume)
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
         return MapHandle(self, job)
 
-    def _submit(self, func: Callable, iterable: Iterable | None, options: dict) -> Job:
-        """Check, remember as the last map (``_poolmap``, ``--tune``) and start."""
-        job = self.prepare(func, iterable, **options)
+    @staticmethod
+    def _finish_checkpoint(job: Job) -> None:
+        """Return only once the checkpoint holds every finished result."""
+        ck = getattr(job, "checkpoint", None)
+        if ck is not None:
+            err = ck.wait()
+            if err is not None:
+                job.report.notes.append(f"the checkpoint {ck.path} could not be written: {err}")
+
+    def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,
+                resume: RunReport | None = None) -> Job:
+        """Check, remember as the last map (``_poolmap``, ``--tune``), attach observers, start."""
+        job = self.prepare(func, iterable, resume=resume, **options)
         self.last_report, self.last_job = job.report, job
+        if watch is not None:
+            watch.attach(job)
         self.backend.submit(job)
         return job
 

@@ -12,7 +12,10 @@ import html
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .diagnose import Analysis
+    from .live import Progress
     from .report import RunReport
+    from .timeline import Timeline
     from .tune import TuneResult
 
 
@@ -35,6 +38,10 @@ def _items(r: "RunReport") -> str:
 
 def _status_words(r: "RunReport") -> str:
     parts = []
+    if r.resumed:
+        parts.append(f"resumed: {r.resumed[0]:,} kept, {r.resumed[1]:,} run")
+    if r.retried:
+        parts.append(f"{r.retried:,} retried")
     if r.errors:
         parts.append(f"{len(r.errors):,} failed")
     if r.status == "cancelled":
@@ -44,66 +51,229 @@ def _status_words(r: "RunReport") -> str:
     return " · ".join(parts)
 
 
+# Colours come from the notebook's theme (JupyterLab's --jp-* variables, then
+# VS Code's), with fallbacks that read on light and dark backgrounds alike.
+# Text keeps the output area's own colour: contrast is the theme's.
+_FONT = "font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:var(--jp-code-font-size,13px)"
+_TRACK = "var(--jp-layout-color3,rgba(127,127,127,.28))"
+_GOOD = "var(--jp-success-color1,#2e9e4f)"
+_WARN = "var(--jp-warn-color1,#d98a00)"
+_BAD = "var(--jp-error-color1,#d84040)"
+_BLUE = "var(--jp-brand-color1,#3b82f6)"
+
+
+def _speedup_words(r: "RunReport", a: "Analysis") -> str:
+    if r.status == "running" and not r.chunks:
+        return "workers starting"
+    if not r.chunks:
+        return ""
+    busy = f"workers busy {a.busy_share:.0%}"
+    if a.waited_s > 0.2 * a.busy_s:
+        busy += f", {a.waited_s / a.busy_s:.0%} of it waiting for a CPU"
+    if a.measured is not None:
+        return f"speedup {a.measured:.2f}× measured against one worker ({busy})"
+    if a.speedup < 1 and r.status != "running" and a.waited_s <= 0.2 * a.busy_s:
+        return f"slower than a plain loop (speedup ≈{a.speedup:.2f}×)"
+    return f"speedup ≈{a.speedup:.2f}× ({busy})"
+
+
 def summary_text(r: "RunReport") -> str:
-    """``poolmagic: 10,000 items in 0.84 s · 2 workers · 2 cores available · speedup 1.93×``"""
-    line = (
-        f"poolmagic: {_items(r)} in {_fmt_s(r.wall_s)} · {r.workers} worker"
-        f"{'s' if r.workers != 1 else ''} · {r.cores} core{'s' if r.cores != 1 else ''} available"
-        f" · speedup {r.speedup:.2f}×"
-    )
+    """``poolmagic: 10,000 items in 0.84 s · 2 workers · 2 cores available · speedup ≈1.93× (...)``
+
+    A second line per finding when parallelism did not pay (diagnose.py).
+    """
+    a = r.analysis()
+    cells = [
+        f"poolmagic: {_items(r)} in {_fmt_s(r.wall_s)}",
+        _plural(r.workers, "worker"),
+        f"{r.cores} core{'s' if r.cores != 1 else ''} available",
+    ]
+    words = _speedup_words(r, a)
+    if words:
+        cells.append(words)
     extra = _status_words(r)
-    return f"{line} · {extra}" if extra else line
+    if extra:
+        cells.append(extra)
+    lines = [" · ".join(cells)]
+    lines += [f"  note: {n}" for n in r.notes]
+    lines += [f"  why: {f.text}" for f in a.findings]
+    return "\n".join(lines)
+
+
+def _bar(frac: float, width: int, color: str, title: str = "") -> str:
+    frac = min(max(frac, 0.0), 1.0)
+    t = f' title="{html.escape(title)}"' if title else ""
+    return (
+        f'<span{t} style="display:inline-block;width:{width}px;height:8px;background:{_TRACK};'
+        f'border-radius:4px;vertical-align:middle;margin:0 4px"><span style="display:block;height:8px;'
+        f'width:{frac * width:.0f}px;background:{color};border-radius:4px"></span></span>'
+    )
 
 
 def summary_html(r: "RunReport") -> str:
-    used = max(r.workers, 1)
-    eff = min(r.speedup / used, 1.0)
-    bar = (
-        f'<span title="speedup {r.speedup:.2f}× on {used} workers" style="display:inline-block;'
-        f"width:60px;height:8px;background:#e5e7eb;border-radius:4px;vertical-align:middle;"
-        f'margin:0 4px"><span style="display:block;height:8px;width:{eff * 60:.0f}px;'
-        f'background:{"#16a34a" if eff > 0.7 else "#d97706"};border-radius:4px"></span></span>'
-    )
-    if r.status == "running":
-        total = r.items if r.items is not None else max(len(r.results), 1)
-        frac = r.done / total if total else 1.0
-        cells_progress = (
-            f'<span style="display:inline-block;width:120px;height:8px;background:#e5e7eb;'
-            f'border-radius:4px;vertical-align:middle"><span style="display:block;height:8px;'
-            f'width:{120 * frac:.0f}px;background:#2563eb;border-radius:4px"></span></span> {frac:.0%}'
-        )
-    else:
-        cells_progress = ""
-    extra = _status_words(r)
-    color = "#b91c1c" if r.errors or r.status == "cancelled" else "#374151"
+    a = r.analysis()
     cells = [
         f"<b>poolmagic</b> <code>{html.escape(r.func_name)}</code>",
         html.escape(_items(r)),
-        f"{_fmt_s(r.wall_s)}",
-        f"{r.workers} worker{'s' if r.workers != 1 else ''}",
-        f"{r.cores} core{'s' if r.cores != 1 else ''} available",
-        f"speedup {bar}<b>{r.speedup:.2f}×</b>",
+        _fmt_s(r.wall_s),
+        f"{_plural(r.workers, 'worker')} / {r.cores} core{'s' if r.cores != 1 else ''}",
     ]
-    if cells_progress:
-        cells.insert(2, cells_progress)
+    if r.status == "running":
+        total = r.items if r.items is not None else None
+        frac = r.done / total if total else 0.0
+        cells.insert(2, _bar(frac, 120, _BLUE) + (f"{frac:.0%}" if total else f"{r.done:,} done"))
+    words = _speedup_words(r, a)
+    if words and r.chunks:
+        ok = a.efficiency >= 0.7 and (a.measured or a.speedup) >= 1
+        cells.append(_bar(a.busy_share, 60, _GOOD if ok else _WARN, f"workers busy {a.busy_share:.0%}") + html.escape(words))
+    elif words:
+        cells.append(html.escape(words))
+    extra = _status_words(r)
     if extra:
         cells.append(f"<b>{html.escape(extra)}</b>")
+    edge = _BAD if r.errors or r.status == "cancelled" else (_GOOD if not a.findings else _WARN)
+    parts = [" · ".join(cells)]
+    if r.chunks and r.status != "running":
+        parts.append(
+            f'<div style="opacity:.85">time: function {_fmt_s(a.busy_s)} · transport {_fmt_s(a.transport_s)}'
+            f" · idle {_fmt_s(a.idle_s)} (over {_plural(a.workers, 'worker')})</div>"
+        )
+    for n in r.notes:
+        parts.append(f"<div>note: {html.escape(n)}</div>")
+    if a.findings:
+        parts.append("<ul style=\"margin:2px 0 0 0;padding-left:18px\">"
+                     + "".join(f"<li>{html.escape(f.text)}</li>" for f in a.findings) + "</ul>")
+    if len(r.chunks) > 1 and r.status != "running":  # one chunk is no picture
+        from .timeline import Timeline
+
+        parts.append(f"<details><summary>timeline</summary>{timeline_svg(Timeline(r))}</details>")
     return (
-        f'<div class="poolmagic-summary" style="font-family:system-ui,sans-serif;font-size:12px;'
-        f'color:{color}">' + " · ".join(cells) + "</div>"
+        f'<div class="poolmagic-summary" style="{_FONT};color:inherit;border-left:3px solid {edge};'
+        f'padding:1px 8px">' + "".join(f"<div>{p}</div>" if not p.startswith("<") else p for p in parts) + "</div>"
     )
+
+
+def progress_text(p: "Progress") -> str:
+    """tqdm's meter: ``37%|███▋      | 3,700/10,000 [00:04<00:07, 812 it/s]``."""
+    from tqdm import tqdm
+
+    if p.starting:
+        return f"poolmagic: workers starting · {_fmt_s(p.elapsed)}"
+    return "poolmagic " + tqdm.format_meter(p.finished, p.total, p.elapsed, ncols=80, unit=" items", unit_scale=False)
+
+
+def progress_html(p: "Progress") -> str:
+    if p.starting:
+        body = f"workers starting · {_fmt_s(p.elapsed)}"
+    else:
+        frac = p.finished / p.total if p.total else 0.0
+        eta = f" · ETA {_fmt_s(p.eta)}" if p.eta is not None else ""
+        of = f"/{p.total:,}" if p.total is not None else ""
+        bar = _bar(frac, 160, _BLUE) if p.total else ""
+        body = f"{bar}{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s{eta}"
+        if p.failed:
+            body += f" · {p.failed:,} failed"
+    return f'<div class="poolmagic-progress" style="{_FONT};color:inherit"><b>poolmagic</b> {body}</div>'
+
+
+def progress_final(p: "Progress") -> tuple[str, str]:
+    """The completed bar, (text, html): what a saved notebook shows for good."""
+    of = f"/{p.total:,}" if p.total is not None else ""
+    stats = f"{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s"
+    if p.status == "done":
+        mark, word, color = "✔", "", _GOOD
+    elif p.status == "cancelled":
+        mark, word, color = "■", f" · interrupted at {p.finished:,}", _WARN
+    else:
+        mark, word, color = "✖", f" · stopped: {type(p.error).__name__ if p.error else 'failed'}", _BAD
+    frac = p.finished / p.total if p.total else 1.0
+    text = f"poolmagic {mark} {stats}{word}"
+    h = (
+        f'<div class="poolmagic-progress" style="{_FONT};color:inherit"><b>poolmagic</b> {mark}'
+        f"{_bar(frac, 160, color)}{html.escape(stats + word)}</div>"
+    )
+    return text, h
+
+
+def timeline_text(t: "Timeline", width: int = 60) -> str:
+    """One line per worker: ``█`` busy, ``×`` failed, ``·`` idle."""
+    if not t.rows:
+        return "(no chunks)"
+    span = max(t.wall_s, max(r.end for r in t.rows), 1e-9)
+    lines = [f"timeline: {len(t.rows):,} chunks over {_fmt_s(span)}"]
+    for w in t.workers():
+        cells = ["·"] * width
+        for r in (r for r in t.rows if r.worker == w):
+            a, b = int(r.start / span * width), max(int(r.start / span * width) + 1, int(r.end / span * width))
+            for k in range(max(a, 0), min(b, width)):
+                cells[k] = "×" if r.status != "done" else "█"
+        lines.append(f"  worker {w:>3} |{''.join(cells)}|")
+    return "\n".join(lines)
+
+
+MAX_RECTS = 4000  # an SVG of at most ~200 KB, whatever the number of chunks
+
+
+def timeline_svg(t: "Timeline", width: int = 600) -> str:
+    """Per-worker rows of chunks as inline SVG; aggregated where bars would be thinner than a pixel."""
+    if not t.rows:
+        return ""
+    workers = t.workers()
+    span = max(t.wall_s, max(r.end for r in t.rows), 1e-9)
+    row_h, label_w = 14, 70
+    detailed = len(t.rows) <= 400
+    bucket = max(1.0, len(workers) * width / MAX_RECTS)
+    out = []
+    for k, w in enumerate(workers):
+        y = 4 + k * (row_h + 4)
+        out.append(f'<text x="0" y="{y + 11}" font-size="11" fill="currentColor">worker {w}</text>')
+        out.append(f'<rect x="{label_w}" y="{y}" width="{width}" height="{row_h}" fill="{_TRACK}"/>')
+        rows = [r for r in t.rows if r.worker == w]
+        if detailed:
+            for r in rows:
+                x = label_w + r.start / span * width
+                wd = max((r.end - r.start) / span * width, 1.0)
+                color = _BAD if r.status != "done" else _GOOD
+                tip = (f"items {r.first_item}–{r.last_item} ({r.items}) · {_fmt_s(r.end - r.start)}"
+                       f" · pid {r.pid}" + (" · failed" if r.status != "done" else ""))
+                out.append(f'<rect x="{x:.1f}" y="{y}" width="{wd:.1f}" height="{row_h}" fill="{color}">'
+                           f"<title>{html.escape(tip)}</title></rect>")
+            continue
+        cols: dict[int, str] = {}
+        for r in rows:
+            a = int(r.start / span * width / bucket)
+            b = int(r.end / span * width / bucket)
+            for c in range(a, b + 1):
+                if cols.get(c) != "failed":
+                    cols[c] = r.status
+        # one path per row and status: a few bytes per bar instead of a <rect> each
+        for status, color in (("done", _GOOD), ("failed", _BAD)):
+            d = "".join(f"M{label_w + c * bucket:.0f} {y}h{bucket:.0f}v{row_h}h-{bucket:.0f}z"
+                        for c in sorted(cols) if (cols[c] == "done") == (status == "done"))
+            if d:
+                out.append(f'<path fill="{color}" d="{d}"/>')
+    height = 8 + len(workers) * (row_h + 4)
+    axis = (f'<text x="{label_w}" y="{height + 10}" font-size="10" fill="currentColor">0</text>'
+            f'<text x="{label_w + width}" y="{height + 10}" font-size="10" fill="currentColor" '
+            f'text-anchor="end">{_fmt_s(span)}</text>')
+    return (f'<svg class="poolmagic-timeline" width="{label_w + width + 4}" height="{height + 14}" '
+            f'style="{_FONT}">' + "".join(out) + axis + "</svg>")
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def status_text(size: int, description: str, cores: int, threads: int, state: str) -> str:
-    """``%poolsize``'s line: workers, backend, cores, native threads, warmth."""
+def status_text(size: int, description: str, cores: int, threads: int, state: str,
+                max_memory: int | None = None) -> str:
+    """``%poolsize``'s line: workers, backend, cores, native threads, memory limit, warmth."""
+    from .engine.memory import fmt_size
+
     warm = {"warm": "pool warm", "starting": "pool starting"}.get(state, "pool cold (starts on first use)")
+    limit = f" · at most {fmt_size(max_memory)} per worker" if max_memory else ""
     return (
         f"poolmagic: {_plural(size, 'worker')} · {description} · {cores} core{'s' if cores != 1 else ''} "
-        f"available · {_plural(threads, 'native thread')} per worker · {warm}"
+        f"available · {_plural(threads, 'native thread')} per worker{limit} · {warm}"
     )
 
 

@@ -46,6 +46,16 @@ class WorkerCrashedError(PoolmapError):
         self.exitcode = exitcode
 
 
+class WorkerMemoryError(PoolmapError, MemoryError):
+    """A worker was stopped for its memory (``--max-memory``, or the kernel's own was nearly gone)."""
+
+    def __init__(self, message: str, indices: list[int], rss: int, limit: int | None):
+        super().__init__(message)
+        self.indices = indices
+        self.rss = rss
+        self.limit = limit
+
+
 class ItemTimeoutError(PoolmapError, TimeoutError):
     """An item ran longer than ``--timeout``; its worker was killed and replaced."""
 

@@ -46,7 +46,7 @@ class _Extension:
 
     def unload(self) -> None:
         mm = self.ip.magics_manager
-        for kind, names in (("line", ("poolmap", "poolsize")), ("cell", ("poolmap",))):
+        for kind, names in (("line", ("poolmap", "poolsize", "pooldebug")), ("cell", ("poolmap",))):
             for name in names:
                 mm.magics[kind].pop(name, None)
         mm.registry.pop(type(self.magics).__name__, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import re
 import threading
 from typing import Any
@@ -15,8 +16,8 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
-from .publish import show
 from .errors import BadInputError, PoolmapError
+from .publish import LiveProgress, LiveSummary, show
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
@@ -52,6 +53,8 @@ Options:
 """
 
 
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_HIDE = "poolmagic: hide the cell's magic call in this traceback"
 _IPYTHON_SYNTAX = re.compile(r"[%!?]|^(>>>|\.\.\.|In \[)", re.M)
 
 
@@ -123,6 +126,7 @@ class PoolMagics(Magics):
     def __init__(self, shell: Any):
         super().__init__(shell)
         self._live: list[threading.Thread] = []
+        self._runs: dict[tuple[str, str], Any] = {}  # (function, ITERABLE) -> its last report, for --resume
 
     @property
     def pool(self):
@@ -138,6 +142,16 @@ class PoolMagics(Magics):
         except Exception as exc:
             raise UsageError(f"{what} `{expr}` raised {type(exc).__name__}: {exc}") from None
 
+    def _exception_types(self, names: str) -> tuple:
+        """``ConnectionError,TimeoutError`` -> the classes, looked up in the notebook."""
+        out = []
+        for name in (n.strip() for n in names.split(",")):
+            cls = self._eval(name, "--retry-on") if name else None
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise UsageError(f"--retry-on takes exception classes, e.g. ConnectionError; {name!r} is not one")
+            out.append(cls)
+        return tuple(out)
+
     def _run_cell(self, cell: str, transformed: str) -> None:
         """Run the cell as an ordinary cell: same namespace, tracebacks with its lines."""
         __tracebackhide__ = True
@@ -148,6 +162,36 @@ class PoolMagics(Magics):
         filename = shell.compile.cache(transformed, number, raw_code=cell)
         code = shell.compile(transformed, filename, "exec")
         exec(code, shell.user_global_ns, shell.user_ns)
+
+    def _remember_run(self, key: tuple[str, str], report: Any) -> None:
+        """The cell's last run, for --resume (a few cells: reports hold results)."""
+        self._runs.pop(key, None)
+        self._runs[key] = report
+        while len(self._runs) > 8:
+            del self._runs[next(iter(self._runs))]
+
+    def _hide_cell_frame(self) -> None:
+        """Start the traceback of a map's error at the user's own frames.
+
+        Its first frame would be the cell's ``get_ipython().run_cell_magic(...)``
+        line, the whole cell as a string. IPython hides frames whose locals hold
+        ``__tracebackhide__``; the cell's locals are the namespace, so the flag
+        is set there until this cell's traceback has been shown, then removed.
+        """
+        ns = self.shell.user_ns
+        if "__tracebackhide__" in ns:
+            return
+        ns["__tracebackhide__"] = _HIDE
+
+        def clear(*_: Any) -> None:
+            if ns.get("__tracebackhide__") is _HIDE:
+                del ns["__tracebackhide__"]
+            try:
+                self.shell.events.unregister("post_run_cell", clear)
+            except ValueError:
+                pass
+
+        self.shell.events.register("post_run_cell", clear)
 
     def _show(self, obj: Any, quiet: bool) -> None:
         if not quiet:
@@ -200,22 +244,38 @@ class PoolMagics(Magics):
         options = {opt.dest: o[opt.dest] for opt in MAP_OPTIONS if opt.dest in o}
         if "kwargs" in options:
             options["kwargs"] = {k: self._eval(v, f"--kw {k}") for k, v in options["kwargs"].items()}
+        if "retry_on" in options:
+            options["retry_on"] = self._exception_types(options["retry_on"])
         quiet = o.get("quiet", False)
+        key = (fname or func_expr or "", expr)
+        if o.get("resume"):
+            earlier = self._runs.get(key)
+            if earlier is None:
+                raise UsageError(
+                    f"nothing to resume: this cell (function {key[0] or '?'}, ITERABLE {expr or '-'}) has not "
+                    f"run in this kernel; run it without --resume first"
+                )
+            options["resume"] = earlier
         try:
             if o.get("async_"):
-                return self._start_async(func, iterable, options, o.get("out"), quiet)
+                return self._start_async(func, iterable, options, o.get("out"), quiet, key)
             report = None
             before = self.pool.last_report
+            watch = None if quiet or o.get("no_progress") else LiveProgress(self.shell)
             try:
-                report = self.pool.run(func, iterable, **options)
+                report = self.pool.run(func, iterable, watch=watch, **options)
             finally:
                 last = self.pool.last_report
                 if last is not None and last is not before:  # this cell's map started
                     self.shell.user_ns["_poolmap"] = last
+                    self._remember_run(key, last)
                     if report is None and last.status != "running":
                         self._show(last, quiet)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
+        except Exception:
+            self._hide_cell_frame()
+            raise
         self._show(report, quiet)
         if o.get("out"):
             self.shell.user_ns[o["out"]] = report.results
@@ -225,17 +285,50 @@ class PoolMagics(Magics):
     poolmap.__doc__ = _POOLMAP_DOC
     poolmap = line_cell_magic(poolmap)
 
-    def _start_async(self, func, iterable, options, out, quiet) -> MapHandle | None:
-        handle = self.pool.map_async(func, iterable, **options)
+    def _start_async(self, func, iterable, options, out, quiet, key) -> MapHandle | None:
+        live = LiveSummary() if not quiet and self._in_kernel() else None
+        handle = self.pool.map_async(func, iterable, watch=live, **options)
         self.shell.user_ns["_poolmap"] = handle.report
+        self._remember_run(key, handle.report)
         if out:
             self.shell.user_ns[out] = handle
-        if not quiet and self._in_kernel():
+        if live is not None:
             dh = display(handle, display_id=True)
-            t = threading.Thread(target=_refresh, args=(handle, dh), daemon=True, name="poolmagic-live")
-            t.start()
-            self._live.append(t)
+            self._live.append(live.follow(handle, dh))
         return None if out else handle
+
+    # ------------------------------------------------------------ %pooldebug
+    @line_magic
+    def pooldebug(self, line: str) -> None:
+        """Re-run the last map's first failed item (or item N) here, and debug it.
+
+        ``%pooldebug`` or ``%pooldebug 9123``: the item runs in this kernel with
+        the same function version, item, keyword constants and seed as in the
+        map, and IPython's debugger opens where it raised (post-mortem).
+        """
+        report = self.shell.user_ns.get("_poolmap") or self.pool.last_report
+        if report is None:
+            raise UsageError("no map has run yet: %pooldebug re-runs an item of the last map")
+        arg = line.strip()
+        try:
+            index = int(arg.replace("_", "")) if arg else None
+        except ValueError:
+            raise UsageError(f"%pooldebug takes an item's index (a whole number), not {arg!r}") from None
+        try:
+            report.rerun(index)
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
+        except Exception as exc:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PKG_DIR):
+                tb = tb.tb_next  # start at the user's frames
+            self.shell.showtraceback((type(exc), exc, tb))
+            debugger = self.shell.debugger_cls()
+            debugger.reset()  # as pdb.post_mortem does: quitting needs it
+            debugger.interaction(None, tb)
+            return None
+        print(f"poolmagic: item {index if index is not None else min(report.errors)} ran without an error here")
+        return None
 
     # ------------------------------------------------------------ %poolsize
     def poolsize(self, line: str) -> None:
@@ -264,6 +357,8 @@ class PoolMagics(Magics):
             if threads != "auto" and threads < 1:
                 raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
             self.pool.threads = None if threads == "auto" else threads
+        if "max_memory" in o:
+            self.pool.max_memory = None if o["max_memory"] == "off" else o["max_memory"]
         if rest:
             if rest == "auto":
                 self.pool.resize(None)
@@ -286,10 +381,3 @@ class PoolMagics(Magics):
 
     poolsize.__doc__ = _POOLSIZE_DOC
     poolsize = line_magic(poolsize)
-
-
-def _refresh(handle: MapHandle, dh: Any, every: float = 0.5) -> None:
-    """Keep an async map's display current until it finishes."""
-    while not handle.wait(every):
-        dh.update(handle)
-    dh.update(handle)

@@ -19,6 +19,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .engine.mapoptions import cli_fields
+from .engine.memory import parse_size
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,10 @@ class Opt:
 MAGIC_OPTIONS: tuple[Opt, ...] = (
     Opt(("-o", "--out"), "out", "name", "bind the result list to NAME (else it is the cell's value)", "NAME"),
     Opt(("-f", "--func"), "func", "expr", "map this callable instead of the last function the cell defines", "FUNC"),
-    Opt(("-q", "--quiet"), "quiet", "flag", "do not show the summary"),
+    Opt(("-q", "--quiet"), "quiet", "flag", "show neither progress nor summary"),
+    Opt(("--no-progress",), "no_progress", "flag", "no live progress bar (shown for maps longer than 0.5 s)"),
     Opt(("--async",), "async_", "flag", "return a handle at once (.ready() .wait() .get() .cancel()); use with -o"),
+    Opt(("--resume",), "resume", "flag", "run only the items this cell's last run left unfinished, keep the rest"),
 )
 
 
@@ -59,6 +62,7 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--budget",), "budget", "float", "time budget of --tune in seconds (default 10)", "SECONDS"),
     Opt(("--shutdown",), "shutdown", "flag", "stop the pool's workers now (it restarts on next use)"),
     Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
+    Opt(("--max-memory",), "max_memory", "size", "stop a worker whose memory passes SIZE, for every map; 'off' to clear", "SIZE"),
     Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
     Opt(("--address",), "address", "expr", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
 )
@@ -138,6 +142,13 @@ def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
             return int(raw.replace("_", ""))
         except ValueError:
             raise UsageError(f"{name} takes a whole number, not {raw!r}") from None
+    if opt.kind == "size":
+        if raw == "off":
+            return "off"
+        try:
+            return parse_size(raw)
+        except ValueError:
+            raise UsageError(f"{name} takes a size such as 500MB or 4GB, not {raw!r}") from None
     if opt.kind == "float":
         try:
             return float(raw)

@@ -6,6 +6,8 @@ the kernel's internals that make that cheap.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from typing import Any
 
 
@@ -49,3 +51,161 @@ def show(obj: Any, shell: Any) -> None:
 
 def _no_flush() -> None:
     pass
+
+
+class LiveProgress:
+    """A map's live progress bar in its cell, replaced by a static one when it ends.
+
+    Fed by the map's events (a ``live.Progress`` observer) and drawn on the
+    caller's thread at each tick of its wait: nothing shows for maps shorter
+    than DELAY_S, so short cells cost nothing. In a notebook the bar is a
+    tqdm ipywidgets bar when ipywidgets is installed, else HTML updated
+    through a display handle; either way it is replaced at the end by static
+    HTML and text, so a saved notebook never shows "Error displaying widget".
+    In a terminal it is tqdm's text bar on stderr.
+    """
+
+    DELAY_S = 0.5
+    EVERY_S = 0.2
+
+    def __init__(self, shell: Any):
+        self.kernel = getattr(shell, "kernel", None) is not None
+        self.progress: Any = None
+        self._handle: Any = None
+        self._bar: Any = None
+        self._next = 0.0
+
+    def attach(self, job: Any) -> None:
+        from .live import Progress
+
+        self.progress = Progress(job.report.items, job.report.pool_size)
+        job.observers.append(self.progress)
+
+    def tick(self) -> None:
+        p = self.progress
+        if p is None or p.elapsed < self.DELAY_S:
+            return
+        now = p.elapsed
+        if now < self._next:
+            return
+        self._next = now + self.EVERY_S
+        if self._handle is None and self._bar is None:
+            self._open()
+        else:
+            self._update()
+
+    def _open(self) -> None:
+        p = self.progress
+        if self.kernel:
+            from IPython.display import display
+
+            bar = _widget_bar(p.total)
+            if bar is not None:
+                self._bar = bar
+                self._started_with_the_map()
+                self._handle = display(bar.container, display_id=True)
+                self._update()
+            else:
+                self._handle = display(self._bundle(), raw=True, display_id=True)
+        else:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=p.total, desc="poolmagic", unit=" items", leave=False, file=sys.stderr)
+            self._started_with_the_map()
+            self._update()
+
+    def _bundle(self) -> dict:
+        from .display import progress_html, progress_text
+
+        return {"text/plain": progress_text(self.progress), "text/html": progress_html(self.progress)}
+
+    def _started_with_the_map(self) -> None:
+        """tqdm times from its creation, 0.5 s in: make its clock start with the map."""
+        bar = self._bar
+        try:
+            bar.start_t = bar._time() - self.progress.elapsed
+            bar.last_print_t = bar.start_t
+        except AttributeError:
+            pass
+
+    def _update(self) -> None:
+        p = self.progress
+        if self._bar is not None:
+            self._bar.n = p.finished
+            if p.total is None:
+                self._bar.total = None
+            self._bar.refresh()
+        elif self._handle is not None:
+            self._handle.update(self._bundle(), raw=True)
+
+    def close(self) -> None:
+        """Replace the live bar by its completed form (once; nothing if never shown)."""
+        if self._handle is None and self._bar is None:
+            return
+        from .display import progress_final
+
+        text, html = progress_final(self.progress)
+        if self._bar is not None:
+            self._bar.n = self.progress.finished
+            self._bar.close()
+        if self._handle is not None:
+            self._handle.update({"text/plain": text, "text/html": html}, raw=True)
+        elif not self.kernel:
+            print(text, file=sys.stderr)
+        self._handle = self._bar = None
+
+
+def _widget_bar(total: int | None) -> Any:
+    """tqdm's ipywidgets bar, not displayed yet; None without ipywidgets."""
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.notebook import tqdm as notebook_tqdm
+    except ImportError:
+        return None
+    try:
+        return notebook_tqdm(total=total, desc="poolmagic", unit=" items", display=False)
+    except Exception:  # an ipywidgets that tqdm cannot drive
+        return None
+
+
+class LiveSummary:
+    """An async map's display: its summary, redrawn when its events say something changed.
+
+    A thread waits on the map's ``Progress.changed`` (set by events, never by
+    polling the engine), redraws at most every EVERY_S, and draws the final
+    summary when the map ends.
+    """
+
+    EVERY_S = 0.25
+
+    def __init__(self) -> None:
+        self.progress: Any = None
+
+    def attach(self, job: Any) -> None:
+        from .live import Progress
+
+        self.progress = Progress(job.report.items, job.report.pool_size)
+        job.observers.append(self.progress)
+
+    def tick(self) -> None:  # an async map is drawn by its own thread
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def follow(self, handle: Any, display_handle: Any) -> threading.Thread:
+        def run() -> None:
+            p = self.progress
+            while p.status == "running":
+                p.changed.wait()
+                p.changed.clear()
+                if p.status != "running":
+                    break
+                display_handle.update(handle)
+                time.sleep(self.EVERY_S)
+            handle.wait()
+            display_handle.update(handle)
+
+        t = threading.Thread(target=run, daemon=True, name="poolmagic-live")
+        t.start()
+        return t

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .diagnose import Analysis
+    from .timeline import Timeline
 
 
 from .engine.events import ChunkRecord  # noqa: F401  (re-exported)
 from .sentinel import NOT_DONE  # noqa: F401  (re-exported: results hold it)
+
+FAILED_KEPT = 100  # failed items whose values a report keeps, for rerun() of stream items
 
 
 @dataclass
@@ -34,6 +40,14 @@ class RunReport:
     t_start: float = field(default_factory=time.perf_counter)
     t_end: float | None = None
     done: int = 0
+    threads: int | None = None  # native threads per worker
+    retried: int = 0  # attempts run again (--retries)
+    attempts: dict[int, list[BaseException]] = field(default_factory=dict)  # index -> each attempt's error
+    resumed: tuple[int, int] | None = None  # (kept, run) when this run resumed an earlier one
+    notes: list[str] = field(default_factory=list)  # said under the summary
+    failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
+    replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
+    serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
 
     # ---------------------------------------------------------------- figures
     @property
@@ -48,8 +62,31 @@ class RunReport:
 
     @property
     def speedup(self) -> float:
-        """Time inside the function across workers ÷ wall time."""
+        """Time inside the function across workers ÷ wall time: the average number of
+        busy workers, an estimate of the gain over a loop (see ``analysis()``)."""
         return self.busy_s / self.wall_s
+
+    def analysis(self) -> "Analysis":
+        """Where the time went and, when parallelism did not pay, why (diagnose.py).
+
+        Computed once for a finished map (its summary shows it as text and HTML).
+        """
+        cached = self.__dict__.get("_analysis")
+        if cached is not None:
+            return cached
+        from .diagnose import analyse
+
+        a = analyse(self, self.serial_item_s, self.threads)
+        if self.status != "running":
+            self.__dict__["_analysis"] = a
+        return a
+
+    @property
+    def timeline(self) -> "Timeline":
+        """The chunks per worker: ``.rows``, ``.to_frame()``; text bars or SVG when shown."""
+        from .timeline import Timeline
+
+        return Timeline(self)
 
     @property
     def workers(self) -> int:
@@ -71,18 +108,40 @@ class RunReport:
                 out[c.start : c.start + c.count] = [(c.t1 - c.t0) / c.count] * c.count
         return out
 
-    def timeline(self) -> list[dict]:
-        """Chunks as dicts, times relative to the start of the map."""
-        return [
-            {
-                "worker": c.worker,
-                "start": c.start,
-                "count": c.count,
-                "t0": c.t0 - self.t_start,
-                "t1": c.t1 - self.t_start,
-            }
-            for c in sorted(self.chunks, key=lambda c: c.t0)
-        ]
+    def rerun(self, index: int | None = None) -> Any:
+        """Run one item again here, in this process: the first failed one, or ``index``.
+
+        Same function version, item, keyword constants and seed as in the map;
+        an exception is raised here, where a debugger can inspect it
+        (``%pooldebug`` does exactly that).
+        """
+        __tracebackhide__ = True
+        from .errors import BadInputError
+
+        if self.replay is None:
+            raise BadInputError("this report has nothing to re-run (it was not made by a map)")
+        func, options, items = self.replay
+        if index is None:
+            if not self.errors:
+                raise BadInputError("the last map had no failure: give an item's index to re-run it")
+            index = min(self.errors)
+        n = self.items if self.items is not None else len(self.results)
+        if not isinstance(index, int) or not 0 <= index < n:
+            raise BadInputError(f"there is no item {index!r}: the map had {n:,} items (0–{n - 1:,})")
+        if index in self.failed_items:
+            value = self.failed_items[index]
+        elif items is not None:
+            value = items[index]
+        else:
+            raise BadInputError(
+                f"item {index} is no longer available: the ITERABLE was a stream, consumed by the map. "
+                f"The values of the first {FAILED_KEPT} failed items are kept; re-run the map over a list to get any item."
+            )
+        if options.seed is not None:
+            from .engine.chunk import _seed_item
+
+            _seed_item(options.seed, index)
+        return func(*value) if options.star else func(value)
 
     # ---------------------------------------------------------------- display
     def summary(self) -> str:

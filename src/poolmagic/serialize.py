@@ -16,7 +16,6 @@ import builtins
 import dis
 import functools
 import hashlib
-import os
 import pickle
 import types
 from dataclasses import dataclass, field
@@ -34,13 +33,6 @@ class Payload:
     key: str
     data: bytes
     buffers: list[memoryview] = field(default_factory=list)
-    shared_fd: int | None = None  # the buffers in shared memory, once a backend made it
-
-    def release(self) -> None:
-        """Close the shared copy of the buffers (workers keep their mappings)."""
-        fd, self.shared_fd = self.shared_fd, None
-        if fd is not None:
-            os.close(fd)
 
 
 def dump_function(func: Callable) -> Payload:

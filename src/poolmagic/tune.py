@@ -130,6 +130,8 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
             t = time.perf_counter()
             pool.run(func, sample, star=star, workers=n)
             result.rows.append(TuneRow(n, m, time.perf_counter() - t))
+            if n == 1:  # one worker's speed: later maps of this version report a measured speedup
+                pool.serial_item_s[job.payload.key] = result.rows[-1].wall_s / m
             if time.perf_counter() - t_start > budget:
                 break
     except PoolmapError as exc:

@@ -29,6 +29,8 @@ import pytest
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
+from conftest import wait_for  # noqa: F401  (re-exported: the tests' one poller; a timeout raises with `what`)
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
@@ -310,13 +312,3 @@ def processes(pids: Iterable[int]) -> list[psutil.Process]:
             pass
     return out
 
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(every)

@@ -225,7 +225,7 @@ def test_failing_map_names_the_item_and_the_cell(kernel):
     r = run(kernel.kc, "%%poolmap range(10)\ndef work(x):\n    if x == 7:\n        raise ValueError(f'no {x}')\n    return x\n")
     assert r.error and r.error["ename"] == "ValueError" and r.error["evalue"] == "no 7", repr(r)
     tb = strip_ansi(r.traceback)
-    assert "raise ValueError(f'no {x}')" in tb and "poolmagic: item 7 (7) failed." in tb, tb
+    assert "raise ValueError(f'no {x}')" in tb and "poolmagic: item 7 (value 7) failed." in tb, tb
     n = r.reply["content"]["execution_count"]
     cells = re.findall(r"Cell In\[(\d+)\], line \d+", tb)
     assert cells and set(cells) == {str(n)}, f"the cell is In[{n}]; the traceback names {cells}"

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 
 NOTEBOOKS = ("quickstart", "errors", "tutorial")
 PROBE = "import sys, poolmagic\nprint(sys.executable)\nprint(poolmagic.__file__)"
-SUMMARY = re.compile(r"poolmagic: [\d,/]+ items? in [\d.]+ (µs|ms|s) · \d+ workers? · \d+ cores? available · speedup [\d.]+×")
+SUMMARY = re.compile(r"poolmagic: [\d,/]+ items? in [\d.]+ (µs|ms|s) · \d+ workers? · \d+ cores? available · (speedup|slower than a plain loop \(speedup) ≈?[\d.]+×[^\n]*(\n  why: [^\n]*)*")
 
 
 class Executed:
@@ -64,7 +64,12 @@ def value(cell) -> str | None:
 
 def summaries(cell, mime: str = "text/html") -> list[str]:
     """The poolmagic summaries the cell displayed."""
-    return [o.data[mime] for o in outputs(cell, "display_data") if "poolmagic" in o.data.get("text/plain", "")]
+    return [o.data[mime] for o in outputs(cell, "display_data") if o.data.get("text/plain", "").startswith("poolmagic:")]
+
+
+def progress_bars(cell, mime: str = "text/html") -> list[str]:
+    """The progress displays the cell left (their final, static form)."""
+    return [o.data[mime] for o in outputs(cell, "display_data") if o.data.get("text/plain", "").startswith("poolmagic ")]
 
 
 def error(cell):
@@ -136,6 +141,12 @@ def test_quickstart(executed):
     for c in maps:
         html = summaries(c)
         assert len(html) == 1 and 'class="poolmagic-summary"' in html[0], c.source
+        # a map longer than 0.5 s left one progress bar, replaced in place by its
+        # static completed form: no widget a saved notebook could not display
+        for bar in progress_bars(c, "text/plain"):
+            assert bar.startswith("poolmagic ✔ ") and "items/s" in bar, bar
+        assert len(progress_bars(c)) <= 1 and not any("application/vnd.jupyter.widget" in str(o.data)
+                                                       for o in outputs(c, "display_data"))
         assert SUMMARY.fullmatch(summaries(c, "text/plain")[0]), summaries(c, "text/plain")
 
     # a constant and a helper from earlier cells, used by the mapped function
@@ -199,7 +210,7 @@ def test_errors(executed):
 
     # an exception keeps its type: except ValueError catches it; a note names the item
     c = run.cell("squares = %poolmap -f check range(20)")
-    assert stream(c) == "caught ValueError: 7 is not allowed\npoolmagic: item 7 (7) failed.\n"
+    assert stream(c) == "caught ValueError: 7 is not allowed\npoolmagic: item 7 (value 7) failed.\n"
     summary = summaries(c)[0]
     # how many items finish before item 7 fails depends on timing: at least 1, never 20
     done = re.search(r"(\d+)/20 items", summary)
@@ -218,7 +229,7 @@ def test_errors(executed):
     e = error(c)
     assert (e.ename, e.evalue) == ("ValueError", "7 is not allowed")
     tb = strip_ansi("\n".join(e.traceback))
-    assert 'raise ValueError(f"{x} is not allowed")' in tb and "poolmagic: item 7 (7) failed." in tb, tb
+    assert 'raise ValueError(f"{x} is not allowed")' in tb and "poolmagic: item 7 (value 7) failed." in tb, tb
     assert set(re.findall(r"Cell In\[(\d+)\]", tb)) == {str(c.execution_count)}, tb
 
     # bad input: one plain sentence, no traceback

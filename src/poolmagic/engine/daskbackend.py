@@ -54,7 +54,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import cloudpickle
@@ -609,7 +608,7 @@ class DaskBackend(DaskOutcomes, Backend):
         big buffers in shared memory that every worker maps (no copy per worker)."""
         sizes = tuple(b.nbytes for b in payload.buffers)
         if self.owned and sum(sizes) >= SHARED_MIN_BYTES:
-            fd = shared_buffers(SimpleNamespace(shared_fd=None, buffers=payload.buffers))
+            fd = shared_buffers(payload.buffers)
             if fd is not None:
                 self._memfds[payload.key] = fd
                 return dasktask.SharedBlob(payload.key, payload.data, f"/proc/{os.getpid()}/fd/{fd}", sizes)

@@ -20,7 +20,6 @@ import signal
 import time
 from typing import Any
 
-import cloudpickle
 from distributed.comm import CommClosedError
 
 from ..errors import (
@@ -33,7 +32,6 @@ from ..errors import (
     rebuild_exception,
     safe_str,
 )
-from ..serialize import describe
 from . import protocol as P
 from .daskplumbing import EXITS
 from .events import ChunkRecord, WorkerReplaced
@@ -382,18 +380,7 @@ class DaskOutcomes:
         return t * len(c.items) - ran < RESTART_S
 
     def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
-        bad: dict[int, BaseException] = {}
-        for k, x in enumerate(items):
-            try:
-                cloudpickle.dumps(x, protocol=5)
-            except Exception as exc:
-                bad[k] = ItemPicklingError(
-                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
-                    f"to a worker: {safe_str(exc)}"
-                )
-        if not bad:
-            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
-        job.split_failed(start, items, bad)
+        job.unsendable(start, items)
         if not job.active:
             self._abandon(job)
 

@@ -24,7 +24,11 @@ class ChunkRecord:
     t1: float
     item_times: list[float] | None = None
     pid: int = 0
-    status: str = "done"  # "done", "failed" (an item raised), "crashed", "timeout"
+    status: str = "done"  # "done", "failed" (an item raised)
+    t_sent: float = 0.0  #: when the parent sent it (perf_counter)
+    t_recv: float = 0.0  #: when the parent received its results
+    nbytes: int = 0  #: bytes of results that came back
+    waited_s: float = 0.0  #: of t1 - t0, time runnable but waiting for a CPU (measured on Linux)
 
     @property
     def busy_s(self) -> float:
@@ -42,6 +46,16 @@ class ChunkStarted(NamedTuple):
 class ChunkFinished(NamedTuple):
     record: ChunkRecord
     failed: int  #: items of it that raised
+    results: list  #: its results (NOT_DONE where an item failed)
+    items: Any  #: its items
+    raw: tuple | None = None  #: (body, frames): the results as the worker pickled them, when kept
+
+
+class ItemsProgress(NamedTuple):
+    """Items of a chunk still running have finished (sent at most every 0.5 s)."""
+
+    start: int  #: the chunk's first item
+    done: int  #: items of it finished so far
 
 
 class ItemsFailed(NamedTuple):

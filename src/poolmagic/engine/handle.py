@@ -13,7 +13,7 @@ import signal
 import time
 from collections import OrderedDict, deque
 from multiprocessing import reduction
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -22,17 +22,19 @@ from . import protocol as P
 from .processes import shared_buffers
 from .worker import CACHE_SIZE
 
-SHARED_MIN_BYTES = 1 << 20  # function buffers above this go through shared memory
+SHARED_MIN_BYTES = 1 << 20  # item buffers above this go through shared memory
+
 
 
 class Chunk:
     """Items ``start .. start+len(items)-1`` of one job, sent to one worker."""
 
-    __slots__ = ("seq", "job", "start", "items", "cancelled")
+    __slots__ = ("seq", "job", "start", "items", "cancelled", "t_sent")
 
     def __init__(self, seq: int, job: Any, start: int, items: Any):
         self.seq, self.job, self.start, self.items = seq, job, start, items
         self.cancelled = False
+        self.t_sent = time.perf_counter()
 
     @property
     def indices(self) -> list[int]:
@@ -61,21 +63,33 @@ class WorkerHandle:
         self.stale = False  # replace when idle (user modules changed on disk)
         self.retiring: str | None = None  # it said it exits after its chunk, and why
         self.failure: BaseException | None = None  # what its reader thread failed on
+        self.ready = False  # it said it started
 
     # ------------------------------------------------------------ sending
-    def encode_chunk(self, seq: int, job: Any, start: int, items: Any, timed: bool) -> tuple[bytes, list]:
-        """The RunChunk bytes and out-of-band frames; raises if the items do not pickle."""
+    def encode_chunk(self, seq: int, job: Any, start: int, items: Any, timed: bool) -> tuple[bytes, Any]:
+        """The RunChunk bytes and what follows them: out-of-band frames, or one memfd.
+
+        Raises if the items do not pickle. Items with big buffers (arrays of
+        MBs) go through one anonymous shared-memory file the worker maps: one
+        copy instead of two through a pipe.
+        """
         frames: list = []
         if type(items) is range:
             blob = items  # plain pickle knows ranges: no cloudpickle Pickler (~6 µs)
         else:
             # anything else may hold notebook-defined classes, pickled by value
             blob, frames = P.dumps_oob(items, cloudpickle.dumps)
+        sizes = tuple(f.nbytes for f in frames)
+        after: Any = frames
+        if sum(sizes) >= SHARED_MIN_BYTES:
+            fd = shared_buffers(frames)
+            if fd is not None:
+                after = fd
         msg = P.RunChunk(seq, job.payload.key, job.context.key, start, len(items), blob,
-                         tuple(f.nbytes for f in frames), job.wire_options, timed)
-        return P.encode(msg), frames
+                         sizes, job.wire_options, timed, isinstance(after, int))
+        return P.encode(msg), after
 
-    def send_chunk(self, chunk: Chunk, data: bytes, frames: list) -> None:
+    def send_chunk(self, chunk: Chunk, data: bytes, frames: list, shared_fd: Callable[[Any], int | None]) -> None:
         """Send the chunk, and its function and context first if this worker lacks them.
 
         The chunk counts as this worker's from the start: if a send fails, the
@@ -86,17 +100,23 @@ class WorkerHandle:
             self.head_started = time.perf_counter()
             self.head_begun = False
         self.inflight.append(chunk)
-        if job.payload.key not in self.fns:
-            self._send_function(job.payload)
-        if job.context.key not in self.contexts:
-            self.conn.send_bytes(P.encode(job.context))
-            _remember(self.contexts, job.context.key)
-        self.conn.send_bytes(data)
-        P.send_frames(self.conn, frames)
+        try:
+            if job.payload.key not in self.fns:
+                self._send_function(job.payload, shared_fd(job.payload))
+            if job.context.key not in self.contexts:
+                self.conn.send_bytes(P.encode(job.context))
+                _remember(self.contexts, job.context.key)
+            self.conn.send_bytes(data)
+            if isinstance(frames, int):  # a memfd: the worker maps it
+                reduction.send_handle(self.conn, frames, self.pid)
+            else:
+                P.send_frames(self.conn, frames)
+        finally:
+            if isinstance(frames, int):
+                os.close(frames)  # ours; the worker has its own (or none: it is dying)
 
-    def _send_function(self, payload: Any) -> None:
+    def _send_function(self, payload: Any, fd: int | None) -> None:
         sizes = tuple(b.nbytes for b in payload.buffers)
-        fd = shared_buffers(payload) if sum(sizes) >= SHARED_MIN_BYTES else None
         self.conn.send_bytes(P.encode(P.LoadFunction(payload.key, payload.data, sizes, fd is not None)))
         if fd is not None:  # one shared copy for all workers: pass the descriptor
             reduction.send_handle(self.conn, fd, self.pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -19,6 +20,7 @@ from ..errors import add_note
 
 SEQUENCES = (range, list, tuple)
 MAX_READ_AHEAD = 1 << 17  # items buffered from a stream at most
+FAST_RATE = 100_000  # items/s above which a stream is read in batches
 
 
 class ItemSource:
@@ -41,6 +43,7 @@ class ItemSource:
         self._buffer: deque = deque()
         self._lock = threading.Lock()
         self.want = 1  # how many items the backend would like buffered
+        self._fast = False  # the stream proved fast: read it in batches
         self.on_low: Callable[[], None] | None = None  # the buffer ran low (wake the feeder)
         self.on_items: Callable[[], None] | None = None  # items arrived (wake the backend)
 
@@ -93,27 +96,47 @@ class ItemSource:
     def feed(self) -> BaseException | None:
         """Read items until the buffer holds what the backend wants (caller's thread).
 
-        Returns the exception the iterable raised, noted with the position of
-        the item it was producing; KeyboardInterrupt propagates.
+        A slow stream is read item by item, each handed over as soon as it
+        exists (a producer that waits for results must not wait for a batch);
+        once the stream proves fast (over FAST_RATE items/s) it is read in C-speed
+        batches. Returns the exception the iterable raised, noted with the
+        position of the item it was producing; KeyboardInterrupt propagates.
         """
         __tracebackhide__ = True
         error = None
-        while not self.stream_done and len(self._buffer) < self.want:
-            n = self.want - len(self._buffer)
+        buf = self._buffer
+        while not self.stream_done and len(buf) < self.want:
+            n = self.want - len(buf)
+            before = self.read
+            t = time.perf_counter()
             got: list = []
             try:
-                got.extend(itertools.islice(self.it, n))  # type: ignore[arg-type]
+                if self._fast:
+                    try:
+                        got.extend(itertools.islice(self.it, n))  # type: ignore[arg-type]
+                    finally:
+                        with self._lock:
+                            buf.extend(got)
+                            self.read += len(got)
+                else:
+                    n = min(n, 64)
+                    for x in itertools.islice(self.it, n):  # type: ignore[arg-type]
+                        got.append(x)
+                        buf.append(x)  # the backend may take it at once
+                        self.read += 1
+                        if self.on_items is not None:
+                            self.on_items()
             except Exception as exc:
-                add_note(exc, f"poolmagic: raised by the ITERABLE while producing item {self.read + len(got)}.")
+                add_note(exc, f"poolmagic: raised by the ITERABLE while producing item {self.read}.")
                 error = exc
+            count = self.read - before
+            self._fast = count >= 16 and count / max(time.perf_counter() - t, 1e-9) > FAST_RATE
             if len(self.sample) < self.SAMPLE_SIZE:
                 self.sample.extend(got[: self.SAMPLE_SIZE - len(self.sample)])
             with self._lock:
-                self._buffer.extend(got)
-                self.read += len(got)
-                if error is not None or len(got) < n:
+                if error is not None or count < n:
                     self.stream_done = True
-                    if not self._buffer:
+                    if not buf:
                         self.exhausted = True
             if self.on_items is not None:
                 self.on_items()

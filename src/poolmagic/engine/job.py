@@ -19,17 +19,39 @@ import heapq
 import inspect
 import itertools
 import math
-import sys
+import operator
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Callable
 
-from ..errors import ItemExitError, MapFailedError, PoolmapError, add_note, point_at_function, short_repr
+import cloudpickle
+
+from ..errors import (
+    ItemPicklingError,
+    MapFailedError,
+    PoolmapError,
+    add_note,
+    point_at_function,
+    safe_str,
+    short_repr,
+)
 from ..sentinel import NOT_DONE
-from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, MapFinished, Observer
+from ..serialize import describe
+from .events import (
+    ChunkFinished,
+    ChunkRecord,
+    ChunkStarted,
+    ItemsFailed,
+    ItemsProgress,
+    MapFinished,
+    Observer,
+)
 from .items import ItemSource
 from .mapoptions import MapOptions
+from .rules import ItemTimes, as_item_error, attach_report, summary_error, write_outputs  # noqa: F401  (re-exported)
+
+_FIRST = operator.itemgetter(0)
 
 # Chunk sizing, the same for every backend: chunks of about TARGET_CHUNK_S,
 # never under MIN_CHUNK_S (IPC would dominate), smaller towards the end so the
@@ -41,7 +63,12 @@ STREAM_MAX_CHUNK = 32_768  # items taken from a generator at once: read-ahead st
 
 
 class Job:
-    """One map. See the module docstring for the contract with backends."""
+    """One map. See the module docstring for the contract with backends.
+
+    Many methods, one object: they are the three faces of one map's state
+    (what a backend calls, the results side, the caller's side) and share
+    every field under one lock; split apart they would pass that state around.
+    """
 
     def __init__(self, payload: Any, source: ItemSource, report: Any, options: MapOptions,
                  context: Any, func: Callable | None = None):
@@ -51,9 +78,13 @@ class Job:
         self.source = source
         self.report = report
         self.options = options
-        self.wire_options = options.with_(kwargs=None) if options.kwargs else options  # user objects stay out of envelopes
+        # what the worker does not need (kwargs are bound into the function); user objects stay out of envelopes
+        local = options.kwargs or options.retry_on or options.checkpoint
+        self.wire_options = options.with_(kwargs=None, retry_on=None, checkpoint=None) if local else options
         self.context = context
         self.chunksize = 1 if options.timeout is not None and options.chunksize is None else options.chunksize
+        self.index: list[int] | None = None  # position -> report index, when re-running a subset
+        self.attempts: dict[int, list[BaseException]] = {}  # position -> errors of earlier attempts
         self.retry: deque[tuple[int, Any]] = deque()
         self.inflight = 0  # chunks taken and not yet answered; changed under cond
         self.cond = threading.Condition()
@@ -69,7 +100,7 @@ class Job:
         self._out_seq = itertools.count()
         self._done_ranges: dict[int, int] = {}
         self._prefix = 0
-        if source.length is not None:
+        if source.length is not None and report.items is None:
             report.results = [NOT_DONE] * source.length
             report.items = source.length
         source.on_low = self._wake_caller
@@ -129,6 +160,11 @@ class Job:
         self.maybe_finish()
         return got
 
+    def progress(self, start: int, done: int) -> None:
+        """Items of the running chunk that starts at ``start`` have finished."""
+        if self.observers:
+            self.publish(ItemsProgress(start, done))
+
     def started(self, worker: int, pid: int, start: int, count: int) -> None:
         if self.observers:
             self.publish(ChunkStarted(worker, pid, start, count, time.perf_counter()))
@@ -153,14 +189,34 @@ class Job:
         with self.cond:
             self.inflight -= 1
 
+    def unsendable(self, start: int, items: Any) -> None:
+        """A chunk that does not pickle: fail the items that do not, re-run the rest (any backend)."""
+        bad: dict[int, BaseException] = {}
+        for k, x in enumerate(items):
+            try:
+                cloudpickle.dumps(x, protocol=5)
+            except Exception as exc:
+                bad[k] = ItemPicklingError(
+                    f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                    f"to a worker: {safe_str(exc)}"
+                )
+        if not bad:  # the items pickle one by one; report the whole chunk
+            bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+        self.split_failed(start, items, bad)
+
     def split_failed(self, start: int, items: Any, bad: dict[int, BaseException]) -> None:
         """Some items of a chunk cannot be sent: fail those, re-run the rest one by one."""
         with self.cond:
             self.inflight -= 1
+            if not self.active:
+                return
+            first = None
             for k, exc in sorted(bad.items()):
-                self._record_error(start + k, exc, items[k])
-            if not self.options.keep_going:
-                self._fail_locked(self.report.errors[start + min(bad)])
+                self._mark_done(start + k, 1)
+                err = self._item_error(start + k, exc, items[k : k + 1])
+                first = first if first is not None or err is None else err
+            if first is not None and not self.options.keep_going:
+                self._fail_locked(first)
                 return
             for k in range(len(items) - 1, -1, -1):
                 if k not in bad:
@@ -169,69 +225,117 @@ class Job:
 
     # ---------------------------------------------------------- results side
     def chunk_done(self, rec: ChunkRecord, results: list, outputs: list,
-                   errors: list[tuple[int, BaseException]], items: Any) -> None:
-        """Place a finished chunk's results; errors arrive already rebuilt."""
+                   errors: list[tuple[int, BaseException]], items: Any, raw: tuple | None = None) -> None:
+        """Place a finished chunk's results; errors arrive already rebuilt.
+
+        Positions are the job's own (0, 1, ... in the order items were taken);
+        ``index`` maps them to the report's when a map re-runs a subset
+        (--resume, --checkpoint).
+        """
         r = self.report
+        first = None
         with self.cond:
             self.inflight -= 1
             if not self.active:
                 return
             end = rec.start + len(results)
-            if end > len(r.results):
-                r.results.extend([NOT_DONE] * (end - len(r.results)))
-            r.results[rec.start : end] = results
+            if self.index is None:
+                if end > len(r.results):
+                    r.results.extend([NOT_DONE] * (end - len(r.results)))
+                r.results[rec.start : end] = results
+            else:
+                for k, value in enumerate(results):
+                    r.results[self.index[rec.start + k]] = value
             if errors:
                 rec.status = "failed"
             r.chunks.append(rec)
             r.done += len(results) - len(errors)
             self.busy += rec.t1 - rec.t0
             self.timed_items += len(results)
-            for idx, stream, text in outputs:
-                heapq.heappush(self._pending_out, (idx, next(self._out_seq), stream, text))
-                bisect.insort(r.outputs, (idx, stream, text), key=_first)  # item order
-            self._done_ranges[rec.start] = rec.start + rec.count
-            while self._prefix in self._done_ranges:
-                self._prefix = self._done_ranges.pop(self._prefix)
-            for idx, exc in errors:
-                self._record_error(idx, exc, items[idx - rec.start] if items is not None else None)
-            if not self.options.keep_going and errors:
-                self._fail_locked(r.errors[errors[0][0]])
+            for pos, stream, text in outputs:
+                idx = self._at(pos)
+                heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
+                bisect.insort(r.outputs, (idx, stream, text), key=_FIRST)  # item order
+            self._mark_done(rec.start, rec.count)
+            for pos, exc in errors:
+                off = pos - rec.start
+                err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                first = first if first is not None or err is None else err
+            if first is not None and not self.options.keep_going:
+                self._fail_locked(first)
             self.cond.notify_all()
         if self.observers:
-            self.publish(ChunkFinished(rec, len(errors)))
+            self.publish(ChunkFinished(rec, len(errors), results, items, raw))
         self.maybe_finish()
 
     def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
         """Items that produced no result (crash, timeout, could not be sent or decoded)."""
+        first = None
         with self.cond:
             self.inflight -= 1
             if not self.active:
                 return
-            for idx in indices:
-                value = items[idx - start] if items is not None else None
-                self._record_error(idx, exc, value)
-            end = max(indices) + 1
-            if end > len(self.report.results):
-                self.report.results.extend([NOT_DONE] * (end - len(self.report.results)))
-            if not self.options.keep_going:
-                self._fail_locked(self.report.errors[indices[0]])
+            for pos in indices:
+                off = pos - start
+                self._mark_done(pos, 1)
+                err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                first = first if first is not None or err is None else err
+            if self.index is None:
+                end = max(indices) + 1
+                if end > len(self.report.results):
+                    self.report.results.extend([NOT_DONE] * (end - len(self.report.results)))
+            if first is not None and not self.options.keep_going:
+                self._fail_locked(first)
             self.cond.notify_all()
         if self.observers:
-            self.publish(ItemsFailed(list(indices), exc))
+            self.publish(ItemsFailed([self._at(i) for i in indices], exc))
         self.maybe_finish()
 
-    def _record_error(self, idx: int, exc: BaseException, value: Any) -> None:
+    def _mark_done(self, start: int, count: int) -> None:
+        """Positions start..start+count-1 are answered: output up to them may print."""
+        self._done_ranges[start] = start + count
+        while self._prefix in self._done_ranges:
+            self._prefix = self._done_ranges.pop(self._prefix)
+
+    def _at(self, pos: int) -> int:
+        return pos if self.index is None else self.index[pos]
+
+    def _item_error(self, pos: int, exc: BaseException, one: Any) -> BaseException | None:
+        """Retry the item at ``pos`` (``one``: a one-item slice), or record its error.
+
+        Returns the error as recorded, or None when the item was queued again.
+        """
+        o = self.options
+        tries = self.attempts.setdefault(pos, []) if o.retries else None
+        if tries is not None and len(tries) < o.retries and one is not None and (
+            o.retry_on is None or isinstance(exc, o.retry_on)
+        ):
+            tries.append(exc)
+            self.report.retried += 1
+            self.retry.append((pos, one))
+            return None
+        idx = self._at(pos)
         if idx in self.report.errors:
-            return
-        exc = _as_item_error(idx, exc, value)
+            return self.report.errors[idx]
+        value = one[0] if one is not None and len(one) else None
+        exc = as_item_error(idx, exc, value)
         self.report.errors[idx] = exc
+        kept = getattr(self.report, "failed_items", None)
+        if kept is not None and one is not None and len(kept) < 100:
+            kept[idx] = value
         if not getattr(exc, "_poolmagic_noted", False):
-            what = f"item {idx}" + ("" if value is None else f" ({short_repr(value)})")
-            add_note(exc, f"poolmagic: {what} failed.")
+            what = f"item {idx}" + ("" if one is None else f" (value {short_repr(value)})")
+            if tries:
+                self.report.attempts[idx] = [*tries, exc]
+                add_note(exc, f"poolmagic: {what} failed after {len(tries) + 1} attempts "
+                              f"(each attempt's error: _poolmap.attempts[{idx}]).")
+            else:
+                add_note(exc, f"poolmagic: {what} failed.")
             hint = self._star_hint(exc, value)
             if hint:
                 add_note(exc, hint)
             exc._poolmagic_noted = True  # type: ignore[attr-defined]
+        return exc
 
     def _star_hint(self, exc: BaseException, value: Any) -> str | None:
         """A TypeError on a tuple item whose length the function's arity matches: --star."""
@@ -264,11 +368,14 @@ class Job:
         with self.cond:
             if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
                 r = self.report
-                if r.items is None:
-                    r.items = self.source.pos
-                    del r.results[self.source.pos :]
+                src = self.source
+                # a stream's len() is only a hint (a DataFrame's is its rows; iterating it
+                # gives its columns): what it yielded decides
+                if self.index is None and (r.items is None or (src.is_stream and src.pos != r.items)):
+                    r.items = src.pos
+                    del r.results[src.pos :]
                 if r.errors:
-                    self.error = _summary_error(r)
+                    self.error = summary_error(r)
                     self._close("failed")
                 else:
                     self._close("done")
@@ -280,8 +387,12 @@ class Job:
         if r.items is None:
             r.items = self.source.pos
         if self.error is not None:
-            _attach_report(self.error, r)
-            if isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
+            attach_report(self.error, r)
+            first = r.errors.get(min(r.errors)) if isinstance(self.error, MapFailedError) and r.errors else None
+            if first is not None and first.__traceback__ is not None:
+                # --keep-going: point at the line that raised for the first failed item
+                self.error.__traceback__ = first.__traceback__
+            elif isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
                 point_at_function(self.error, self.func)
         self.source.close()
         self.finished.set()
@@ -302,11 +413,13 @@ class Job:
             out.append(heapq.heappop(heap))
         return out
 
-    def wait(self, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True) -> bool:
+    def wait(self, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True,
+             on_tick: Callable[[], None] | None = None) -> bool:
         """Block until done, feeding a stream's items and writing output; True when finished.
 
         ``feed``: this thread reads the ITERABLE (a blocking map's caller, or
-        an async map's feeder thread); only one thread may.
+        an async map's feeder thread); only one thread may. ``on_tick`` runs on
+        this thread at least every 0.1 s (a progress display renders there).
         """
         __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -327,6 +440,8 @@ class Job:
                 batch = self.take_printable(final=done)
             if on_output is not None and batch:
                 on_output(batch)
+            if on_tick is not None:
+                on_tick()
             if done:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
@@ -337,82 +452,4 @@ class Job:
         return bool(heap) and heap[0][0] < self._prefix
 
 
-def _as_item_error(idx: int, exc: BaseException, value: Any) -> BaseException:
-    """sys.exit() or a KeyboardInterrupt raised by an item becomes a poolmagic error.
 
-    Re-raised as is, SystemExit would end the caller's script with status 0 and
-    KeyboardInterrupt would read as an interrupt of the kernel.
-    """
-    if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        return exc
-    what = f"item {idx}" + ("" if value is None else f" ({short_repr(value)})")
-    if isinstance(exc, SystemExit):
-        msg = f"{what} called sys.exit({'' if exc.code is None else repr(exc.code)}) in its worker; a mapped function must return or raise, not exit"
-    else:
-        msg = f"{what} raised KeyboardInterrupt in its worker (not an interrupt of this kernel)"
-    new = ItemExitError(msg)
-    new.__cause__ = exc
-    return new.with_traceback(exc.__traceback__)
-
-
-class ItemTimes:
-    """Time per item of each function version's last map (the last 64 versions).
-
-    A cell that is run again sizes its chunks at once instead of probing with
-    one-item chunks: 4 no-op items go as one chunk, not four round trips.
-    """
-
-    def __init__(self, size: int = 64):
-        self._size = size
-        self._known: OrderedDict[str, tuple[float, int]] = OrderedDict()
-
-    def recall(self, job: Job) -> None:
-        known = self._known.get(job.payload.key)
-        if known is not None:
-            job.busy, job.timed_items = known
-
-    def remember(self, job: Job) -> None:
-        if job.timed_items:
-            self._known[job.payload.key] = (job.busy, job.timed_items)
-            self._known.move_to_end(job.payload.key)
-            if len(self._known) > self._size:
-                self._known.popitem(last=False)
-
-
-def _first(t: tuple) -> Any:
-    return t[0]
-
-
-def write_outputs(batch: list[tuple[int, int, str, str]]) -> None:
-    """Write captured worker output to this thread's stdout/stderr."""
-    for _idx, _seq, stream, text in batch:
-        (sys.stderr if stream == "stderr" else sys.stdout).write(text)
-    sys.stdout.flush()
-
-
-def _summary_error(r: Any) -> BaseException:
-    n = len(r.errors)
-    first = sorted(r.errors)[:5]
-    lines = [f"{n} of {r.items} items failed:"]
-    for i in first:
-        e = r.errors[i]
-        lines.append(f"  item {i}: {type(e).__name__}: {_safe(e)}")
-    if n > len(first):
-        lines.append(f"  ... and {n - len(first)} more (all in .errors)")
-    lines.append(f"The {r.done} results that finished are kept: _poolmap.results (or .report.results).")
-    return MapFailedError("\n".join(lines), dict(r.errors))
-
-
-def _safe(e: BaseException) -> str:
-    from ..errors import safe_str
-
-    return safe_str(e)
-
-
-def _attach_report(exc: BaseException, r: Any) -> None:
-    try:
-        exc.poolmap_report = r  # type: ignore[attr-defined]
-        if isinstance(exc, PoolmapError):
-            exc.report = r
-    except (AttributeError, TypeError):
-        pass

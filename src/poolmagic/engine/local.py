@@ -43,9 +43,11 @@ per worker. Processes, pipes and start methods still come from the stdlib
 from __future__ import annotations
 
 import itertools
+import os
 import multiprocessing as mp
 import sys
 import threading
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -57,7 +59,7 @@ from ..errors import (
 )
 from . import worker as _worker
 from .base import Backend
-from .handle import Chunk, WorkerHandle
+from .handle import SHARED_MIN_BYTES, Chunk, WorkerHandle
 from .job import ItemTimes, Job
 from .outcomes import Outcomes
 from .processes import (
@@ -65,6 +67,7 @@ from .processes import (
     default_start_method,
     forkserver_preload,
     install_main_guard,
+    shared_buffers,
     start_resource_tracker,
     stop_at_exit,
 )
@@ -81,7 +84,8 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
     one (the public face, the manager loop and scheduling), WorkerSet
     (starting, stopping and recycling processes: workerset.py) and Outcomes
     (what each reply, death or deadline does to a job: outcomes.py). All of
-    their methods but the public ones run on the manager thread.
+    their methods but the public ones run on the manager thread. The many
+    methods of this part are the public interface plus the loop's steps.
     """
 
     def __init__(self, size: int, start_method: str | None = None):
@@ -104,6 +108,9 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._closed = False
         self._spawn_error: BaseException | None = None
         self._item_times = ItemTimes()
+        self._shared: dict[str, int] = {}  # payload key -> memfd of its big buffers
+        self._next_guard = 0.0  # when the memory guard looks next
+        self._start_failures = 0  # workers in a row that died before they were ready
 
     @property
     def size(self) -> int:
@@ -237,6 +244,8 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
             self._on_death(p)
         if any(j.options.timeout is not None for j in self._jobs):
             self._check_timeouts()
+        if self._jobs and time.perf_counter() >= self._next_guard:
+            self._guard_memory()
         self._ensure_workers()
         self._schedule()
 
@@ -294,9 +303,22 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
             if j.active:
                 keep.append(j)
             else:
-                j.payload.release()
                 self._item_times.remember(j)
         self._jobs = keep
+        live = {j.payload.key for j in keep}
+        for key in [k for k in self._shared if k not in live]:
+            os.close(self._shared.pop(key))
+
+    def _shared_fd(self, payload: Any) -> int | None:
+        """The function's big buffers in shared memory, made once per version and map."""
+        if sum(b.nbytes for b in payload.buffers) < SHARED_MIN_BYTES:  # handle.py's threshold
+            return None
+        fd = self._shared.get(payload.key)
+        if fd is None:
+            fd = shared_buffers(payload.buffers)
+            if fd is not None:
+                self._shared[payload.key] = fd
+        return fd
 
     def _pick(self, jobs: list[Job], p: WorkerHandle) -> Job | None:
         n = len(jobs)
@@ -319,7 +341,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
             return
         job.started(p.slot, p.pid, start, len(items))
         try:
-            p.send_chunk(Chunk(seq, job, start, items), data, frames)
+            p.send_chunk(Chunk(seq, job, start, items), data, frames, self._shared_fd)
         except OSError:
             pass  # the worker is dying; its sentinel will report it and re-queue
 

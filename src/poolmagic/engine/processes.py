@@ -16,10 +16,8 @@ import threading
 import time
 import weakref
 from multiprocessing import connection, util
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import Any, Hashable
 
-if TYPE_CHECKING:  # this module stays light: prestart() runs before the heavy imports
-    from ..serialize import Payload
 
 WORKER_NAME = "poolmagic-worker"
 # The process that imported this module. A child the user os.fork()s inherits
@@ -59,6 +57,11 @@ def stop_at_exit(backend: Any) -> None:
     _STARTED.add(backend)
 
 
+def others_have_workers(backend: Any) -> bool:
+    """Whether a started backend other than ``backend`` has live workers (they share the forkserver)."""
+    return any(b is not backend and b.worker_pids() for b in list(_STARTED))
+
+
 def _shutdown_started() -> None:
     for backend in list(_STARTED):
         backend.shutdown()
@@ -77,8 +80,8 @@ if hasattr(os, "register_at_fork"):
 def default_start_method() -> str:
     """forkserver where it exists (never fork a threaded kernel), else spawn."""
     env = os.environ.get("POOLMAGIC_START_METHOD")
-    if env:
-        return env
+    if env in ("forkserver", "spawn") and env in mp.get_all_start_methods():
+        return env  # never "fork": it would fork a multi-threaded kernel
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
@@ -253,30 +256,27 @@ def start_resource_tracker() -> None:
         pass
 
 
-def shared_buffers(payload: Payload) -> int | None:
-    """A memfd holding the payload's buffers, made once per payload (Linux).
+def shared_buffers(buffers: list) -> int | None:
+    """A memfd holding ``buffers`` back to back (Linux), or None where there is none.
 
     Workers map it copy-on-write: N workers share one copy of a 50 MB array
     instead of receiving N copies through pipes. Anonymous, so nothing can be
-    left behind in /dev/shm; it is closed when the job ends.
+    left behind in /dev/shm; the caller closes it when the job ends.
     """
-    if payload.shared_fd is not None:
-        return payload.shared_fd
     if not hasattr(os, "memfd_create"):
         return None
-    total = sum(b.nbytes for b in payload.buffers)
+    total = sum(b.nbytes for b in buffers)
     fd = os.memfd_create("poolmagic-payload", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, total)
         with mmap.mmap(fd, total) as m:
             offset = 0
-            for b in payload.buffers:
+            for b in buffers:
                 m[offset : offset + b.nbytes] = b
                 offset += b.nbytes
     except OSError:
         os.close(fd)
         return None
-    payload.shared_fd = fd
     return fd
 
 

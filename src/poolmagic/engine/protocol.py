@@ -17,12 +17,15 @@ Parent -> worker::
                   (or one file descriptor when ``shared``)
     SetContext    a map's process state: cwd, environment, sys.path, native
                   threads; once per worker and context
-    RunChunk      items ``start .. start+count-1``; ``sizes`` frames follow
+    RunChunk      items ``start .. start+count-1``; ``sizes`` frames follow (or
+                  one file descriptor when ``shared``)
     Stop          finish and exit
 
 Worker -> parent::
 
+    Ready         the worker has started (a death before it is a failed start)
     Began         the timed chunk ``seq`` started (its timeout counts from now)
+    Progress      items of a long chunk finished so far (every PROGRESS_S)
     ChunkDone     results, captured output and errors of ``seq``; ``sizes``
                   frames follow
     ChunkFailed   ``seq`` could not run at all: its context could not be applied
@@ -65,6 +68,7 @@ class RunChunk(NamedTuple):
     sizes: tuple  #: out-of-band buffer frames that follow ``items``
     options: Any  #: the map's MapOptions, without ``kwargs`` (bound into the function)
     timed: bool  #: time each item (else one time for the chunk)
+    shared: bool = False  #: the frames come as one memfd (big arrays), not through the pipe
 
 
 class Stop(NamedTuple):
@@ -72,8 +76,17 @@ class Stop(NamedTuple):
 
 
 # ---------------------------------------------------------------- worker -> parent
+class Ready(NamedTuple):
+    """The worker has started; a death before this is a failure to start, not a crash."""
+
+
 class Began(NamedTuple):
     seq: int
+
+
+class Progress(NamedTuple):
+    seq: int
+    done: int  #: items of the chunk finished so far (a long chunk reports every PROGRESS_S)
 
 
 class ChunkDone(NamedTuple):
@@ -85,6 +98,7 @@ class ChunkDone(NamedTuple):
     sizes: tuple  #: out-of-band buffer frames that follow
     modules: dict | None  #: user module files imported so far {name: (path, mtime)}
     recycle: str | None  #: why this worker must be replaced now (it exits next)
+    waited: float | None = None  #: seconds the chunk waited for a CPU (Linux schedstat; timed chunks)
 
 
 class ChunkFailed(NamedTuple):
@@ -97,8 +111,9 @@ class WorkerFailed(NamedTuple):
     error: dict  #: a packed exception; the worker exits after sending this
 
 
-Message = Union[LoadFunction, SetContext, RunChunk, Stop, Began, ChunkDone, ChunkFailed, WorkerFailed]
-MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Began, ChunkDone, ChunkFailed, WorkerFailed)
+Message = Union[LoadFunction, SetContext, RunChunk, Stop, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
+MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
+PROGRESS_S = 0.5  # a chunk running longer reports its finished items this often
 
 
 def encode(msg: Message) -> bytes:

@@ -14,8 +14,17 @@ import signal
 
 
 def kill_worker_groups() -> None:
-    """SIGKILL the process group of each child that leads its own group."""
+    """SIGKILL the process group of each child that leads its own group.
+
+    The forkserver's SIGCHLD handler writes to a pipe that is closed by now:
+    it would raise inside this loop after the first kill, so it goes first.
+    """
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
     me = os.getpid()
+    groups = []
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -31,10 +40,12 @@ def kill_worker_groups() -> None:
         except (OSError, ValueError, IndexError):
             continue
         if ppid == me and pgrp == int(name):
-            try:
-                os.killpg(pgrp, signal.SIGKILL)
-            except OSError:
-                pass
+            groups.append(pgrp)
+    for pgrp in groups:
+        try:
+            os.killpg(pgrp, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 if os.path.isdir("/proc"):

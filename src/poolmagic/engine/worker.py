@@ -29,9 +29,6 @@ a C call holds the GIL.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import itertools
 import mmap
 import os
 import pickle
@@ -40,7 +37,6 @@ import random
 import signal
 import sys
 import threading
-import time
 from collections import OrderedDict
 from multiprocessing import reduction
 
@@ -49,125 +45,12 @@ import cloudpickle
 from .. import errors as _errors
 from ..sentinel import NOT_DONE
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
+from .chunk import PKG_DIR, run_chunk
 from . import protocol as P
-from .context import ContextApplier, ProcessState
+from .context import ContextApplier, ProcessState, watch_calls
 
-PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_SIZE = 4  # functions and contexts kept per worker; the parent mirrors this LRU
 IN_WORKER = False  # True inside a worker process: poolmagic refuses to nest pools
-
-
-class _Capture(io.TextIOBase):
-    """A stdout/stderr stand-in that files each write under the current item."""
-
-    def __init__(self, name: str, records: list, locate):
-        self.name = name
-        self._records = records
-        self._locate = locate
-
-    def write(self, s: str) -> int:
-        if s:
-            idx = self._locate()
-            rec = self._records
-            if rec and rec[-1][0] == idx and rec[-1][1] == self.name:
-                rec[-1] = (idx, self.name, rec[-1][2] + s)
-            else:
-                rec.append((idx, self.name, s))
-        return len(s)
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:
-        return "utf-8"
-
-    def isatty(self) -> bool:
-        return False
-
-
-def _seed_item(seed: int, index: int) -> None:
-    """Independent, reproducible streams per item (SeedSequence spawn-key style)."""
-    np = sys.modules.get("numpy")
-    if np is None:
-        try:  # the function may import numpy itself: seed it before it runs
-            import numpy as np
-        except ImportError:
-            np = None
-    if np is not None:
-        ss = np.random.SeedSequence(seed, spawn_key=(index,))
-        state = ss.generate_state(4)
-        np.random.seed(state)
-        random.seed(int.from_bytes(state.tobytes(), "little"))
-    else:
-        digest = hashlib.sha256(f"poolmagic:{seed}:{index}".encode()).digest()
-        random.seed(int.from_bytes(digest, "little"))
-
-
-def run_chunk(
-    fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False, seed: int | None = None
-) -> tuple[list, float, float, list | None, list, list]:
-    """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
-
-    Independent of how the chunk arrived, so any backend's worker (a dask
-    task, say) runs chunks exactly as the local workers do.
-    """
-    n = len(items)
-    out: list = []
-    errors: list = []
-    records: list = []
-    times: list | None = [] if timed else None
-    state = {"it": None, "i": start}
-    if timed or seed is not None:
-        locate = lambda: state["i"]  # noqa: E731
-    else:
-        locate = lambda: start + n - state["it"].__length_hint__() - 1  # noqa: E731
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Capture("stdout", records, locate), _Capture("stderr", records, locate)
-    t0 = time.perf_counter()
-    try:
-        if timed or seed is not None:
-            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state)
-        else:
-            it = iter(items)
-            state["it"] = it
-            mapper = itertools.starmap if star else map
-            while True:
-                try:
-                    out.extend(mapper(fn, it))  # keeps what finished if an item raises
-                    break
-                except BaseException as exc:
-                    errors.append((start + len(out), _errors.pack_exception(exc, PKG_DIR)))
-                    out.append(NOT_DONE)
-                    if not keep_going:
-                        break
-    finally:
-        t1 = time.perf_counter()
-        sys.stdout, sys.stderr = old
-    return out, t0, t1, times, records, errors
-
-
-def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state) -> None:
-    """The per-item loop: index known, per-item times and seeds possible."""
-    clock = time.perf_counter
-    for offset, x in enumerate(items):
-        i = start + offset
-        state["i"] = i
-        if seed is not None:
-            _seed_item(seed, i)
-        t = clock()
-        try:
-            out.append(fn(*x) if star else fn(x))
-        except BaseException as exc:
-            out.append(NOT_DONE)
-            errors.append((i, _errors.pack_exception(exc, PKG_DIR)))
-            if times is not None:
-                times.append(clock() - t)
-            if not keep_going:
-                return
-            continue
-        if times is not None:
-            times.append(clock() - t)
 
 
 class _ReaderFailed(Exception):
@@ -185,6 +68,7 @@ class Worker:
         self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.n_modules = 0
+        self.seen_modules: set[str] = set()
         self.applier = ContextApplier()
         self.baseline: ProcessState | None = None
 
@@ -197,7 +81,7 @@ class Worker:
                 if type(msg) is P.LoadFunction:
                     self.inbox.put((msg, self._receive_buffers(msg.sizes, msg.shared)))
                 elif type(msg) is P.RunChunk:
-                    self.inbox.put((msg, P.recv_frames(conn, msg.sizes) if msg.sizes else None))
+                    self.inbox.put((msg, self._receive_buffers(msg.sizes, msg.shared) if msg.sizes else None))
                 else:
                     self.inbox.put((msg, None))
                     if type(msg) is P.Stop:
@@ -209,7 +93,7 @@ class Worker:
             self.inbox.put((_ReaderFailed(_errors.pack_exception(exc, "")), None))
 
     def _receive_buffers(self, sizes: tuple, shared: bool) -> list:
-        """A function's out-of-band buffers: mapped from shared memory or read from the pipe."""
+        """Out-of-band buffers (a function's, or items'): mapped from shared memory or read from the pipe."""
         if not shared:
             return P.recv_frames(self.conn, sizes)
         fd = reduction.recv_handle(self.conn)
@@ -226,6 +110,7 @@ class Worker:
 
     # ------------------------------------------------------------ running (main thread)
     def serve(self, warm: list[str] = ()) -> None:
+        self._send(P.Ready())
         threading.Thread(target=self._reader, name="poolmagic-reader", daemon=True).start()
         for name in warm:  # messages queue up in the inbox meanwhile
             try:
@@ -233,6 +118,7 @@ class Worker:
             except Exception:
                 pass
         self.baseline = ProcessState.read()
+        watch_calls()
         while True:
             msg, extra = self.inbox.get()
             kind = type(msg)
@@ -289,13 +175,20 @@ class Worker:
         if o.timeout is not None:  # tell the parent the chunk's clock starts now
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()
+        seq = msg.seq
+        waited = _runqueue_wait() if msg.timed else None
         out, t0, t1, times, records, errors = run_chunk(
-            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed
+            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
+            progress=lambda done: self._send(P.Progress(seq, done)),
         )
+        if waited is not None:
+            after = _runqueue_wait()
+            # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
+            waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
         recycle = self.baseline.changed() if self.baseline is not None else None
         body, frames_out = self._pack_results(out, records, errors, msg.start)
         self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
-                               self._new_modules(), recycle), frames_out)
+                               self._new_modules(), recycle, waited), frames_out)
         return recycle
 
     def _pack_results(self, out: list, records: list, errors: list, start: int) -> tuple[bytes, list]:
@@ -320,19 +213,41 @@ class Worker:
         os._exit(0)
 
     def _new_modules(self) -> dict | None:
-        """Files of modules from the user's folders imported since the last report."""
+        """Files of modules from the user's folders imported since the last report.
+
+        Only modules not seen before are looked at (the first chunk may import
+        hundreds; resolving every path again after each chunk cost ~20 ms).
+        """
         if len(sys.modules) == self.n_modules:
             return None
         self.n_modules = len(sys.modules)
+        seen = self.seen_modules
         found = {}
         for name, mod in list(sys.modules.items()):
+            if name in seen:
+                continue
+            seen.add(name)
             path = getattr(mod, "__file__", None)
             if path and _is_user_file(path):
                 try:
                     found[name] = (path, os.stat(path).st_mtime_ns)
                 except OSError:
                     pass
-        return found
+        return found or None
+
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+_has_schedstat = os.path.exists(_SCHEDSTAT)
+
+
+def _runqueue_wait() -> int | None:
+    """Nanoseconds this thread has spent runnable but waiting for a CPU (Linux)."""
+    if not _has_schedstat:
+        return None
+    try:
+        with open(_SCHEDSTAT, "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _strip_unpicklable(out: list, errors: list, start: int) -> tuple[list, list]:
@@ -416,12 +331,34 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
         except OSError:
             pass
     _die_with_parent()
+    _release_forkserver_pipe()
     signal.signal(signal.SIGINT, _ignore_sigint)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
     random.seed()  # fresh OS entropy: no two workers share a random state
     Worker(conn, slot).serve(warm)
+
+
+def _release_forkserver_pipe() -> None:
+    """Close the forkserver's "alive" pipe, which multiprocessing hands every child.
+
+    The forkserver exits when every writer of that pipe is gone; it is meant to
+    be the kernel alone. A worker holding it kept the forkserver alive after
+    the kernel died while the worker was inside a long C call (its own pipe-EOF
+    exit cannot run then), and so kept itself alive: PR_SET_PDEATHSIG waits for
+    the forkserver. A nested forkserver in a worker starts its own.
+    """
+    fs = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(fs, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is None or getattr(server, "_forkserver_pid", None) is not None:
+        return  # not a forkserver child (or this process runs its own forkserver)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    server._forkserver_alive_fd = None
 
 
 def _ignore_sigint(signum: int, frame: object) -> None:

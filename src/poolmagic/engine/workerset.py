@@ -15,7 +15,7 @@ from ..errors import PoolmapError
 from . import worker as _worker
 from .handle import WorkerHandle, kill_group
 from .job import Job
-from .processes import WORKER_NAME, Waiter, block_sigint, warm_modules
+from .processes import WORKER_NAME, Waiter, block_sigint, others_have_workers, stop_helper_processes, warm_modules
 
 SPAWN_PER_TURN = 16  # workers started per manager turn: it keeps serving meanwhile
 PIPE, DEATH = "pipe", "death"  # what the waiter reports about a worker
@@ -73,8 +73,14 @@ class WorkerSet:
         The next map tries again (the cause, e.g. too many open files, may be gone).
         """
         self._spawn_error = exc
-        if self._procs:
-            return
+        if any(p.ready for p in self._procs.values()):
+            return  # the maps go on with the workers that did start
+        for p in list(self._procs.values()):  # started from the same broken state
+            self._kill(p)
+        if self.start_method == "forkserver" and not others_have_workers(self):
+            # The forkserver may be what is broken (started while file descriptors
+            # ran out, it keeps that limit): the next map starts a fresh one.
+            stop_helper_processes()
         err = PoolmapError(f"could not start a worker process: {type(exc).__name__}: {exc}")
         err.__cause__ = exc
         for job in list(self._jobs):

@@ -1,0 +1,133 @@
+"""--checkpoint across kernels, for real: a kernel SIGKILLed in the middle of a
+checkpointed map, then a new kernel that runs the same cell with the same PATH.
+
+What the first kernel had received (and so written: one chunk per item with
+``-c 1``) is read from the SQLite file itself after the kill; the items the
+second kernel runs are read from a file the mapped function appends to. No
+assertion depends on how fast anything is: the test polls with deadlines.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+from e2e_helpers import (
+    describe,
+    evaluate,
+    kernel_pid,
+    kernel_spec_manager,  # noqa: F401  (a fixture)
+    kill_all,
+    pool_processes,
+    process_tree,
+    run,
+    run_ok,
+    start_kernel,
+    still_alive,
+    stop_kernel,
+    wait_for,
+)
+
+N = 40
+
+
+def cell(ck: Path, calls: Path) -> str:
+    """The notebook cell both kernels run, character for character."""
+    return (
+        f"%%poolmap -q -c 1 --checkpoint {ck} range({N})\n"
+        "import time\n"
+        "def slow_square(x):\n"
+        f"    with open({str(calls)!r}, 'a') as fh:\n"
+        "        fh.write(f'{x}\\n')\n"
+        "    time.sleep(0.2)\n"
+        "    return x * x\n"
+    )
+
+
+def recorded(calls: Path) -> list[int]:
+    return [int(s) for s in calls.read_text().split()] if calls.exists() else []
+
+
+def stored_chunks(ck: Path) -> int:
+    """Chunks a live kernel has committed so far (read-only: the kernel may be writing)."""
+    if not ck.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{ck}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
+def start(ksm, cwd: Path):
+    km, kc = start_kernel(ksm, cwd)
+    try:
+        run_ok(kc, "%load_ext poolmagic")
+        run_ok(kc, "%poolsize 2")
+    except BaseException:
+        stop_kernel(km, kc)
+        raise
+    return km, kc
+
+
+@pytest.mark.timeout(150)
+def test_killed_kernel_resumes_from_its_checkpoint_in_a_new_kernel(kernel_spec_manager, tmp_path):
+    ck = tmp_path / "run.sqlite"
+    calls = tmp_path / "calls"
+    code = cell(ck, calls)
+
+    # ---- kernel 1: start the map, kill the kernel once it is well under way
+    km, kc = start(kernel_spec_manager, tmp_path)
+    pool: list = []
+    try:
+        pid = kernel_pid(km)
+        kc.execute(code)
+        wait_for(lambda: len(recorded(calls)) >= 10 and stored_chunks(ck) >= 1, 30,
+                 "10 calls recorded and a chunk committed", every=0.02)
+        procs = pool_processes(pid)
+        pool = procs["forkserver"] + procs["resource_tracker"] + procs["other"]
+        assert procs["forkserver"] and len(procs["other"]) >= 2, describe(process_tree(pid))
+        os.kill(pid, signal.SIGKILL)
+        left = still_alive(pool, within=10.0)
+        assert not left, f"left behind by the killed kernel: {describe(left)}"
+    finally:
+        kill_all(pool)
+        stop_kernel(km, kc)
+
+    first = recorded(calls)
+    assert len(first) < N, "the whole map ran before the kill: nothing left to resume"
+    con = sqlite3.connect(ck)
+    try:
+        rows = con.execute("SELECT indices FROM chunks").fetchall()
+        (chunks,) = con.execute("SELECT count(*) FROM chunks").fetchone()
+    finally:
+        con.close()
+    stored = sorted(i for (raw,) in rows for i in pickle.loads(raw))
+    assert chunks >= 1 and len(stored) == chunks, (chunks, stored)  # -c 1: an item per chunk
+    assert set(stored) <= set(first)
+
+    # ---- kernel 2: the same cell, the same PATH
+    km, kc = start(kernel_spec_manager, tmp_path)
+    try:
+        r = run(kc, code, timeout=60)
+        assert r.status == "ok", f"{r!r}\n{r.traceback}"
+        results = evaluate(kc, "_poolmap.results")
+        resumed = evaluate(kc, "list(_poolmap.resumed or ())")
+        notes = evaluate(kc, "_poolmap.notes")
+    finally:
+        stop_kernel(km, kc)
+
+    second = recorded(calls)[len(first):]
+    print(f"kernel 1: {len(first)} calls, {chunks} chunks stored; kernel 2: {len(second)} calls")
+    assert results == [x * x for x in range(N)]
+    assert len(second) <= N - chunks, (len(second), chunks)
+    assert not set(second) & set(stored), f"items whose results were stored ran again: {set(second) & set(stored)}"
+    assert sorted(second) == sorted(set(range(N)) - set(stored)), (second, stored)
+    assert resumed == [len(stored), N - len(stored)], resumed
+    assert notes == [], notes  # the very same cell: the function did not change

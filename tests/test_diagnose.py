@@ -1,0 +1,338 @@
+"""Why a map paid or did not (diagnose.py), and its timeline (timeline.py, display.py).
+
+Each finding is provoked for real on a private pool: the mapped functions
+sleep or compute to *create* the situation; the assertions are on what the
+report says, with margins a loaded 2-core machine cannot flip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+import poolmagic
+from conftest import wait_for
+from poolmagic import Pool, display
+from poolmagic.cores import available_cores
+from poolmagic.engine.events import ChunkRecord
+from poolmagic.errors import MapCancelledError, MapFailedError
+from poolmagic.report import RunReport
+from poolmagic.timeline import Row, Timeline
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers never import this module
+
+ROW_FIELDS = ["worker", "pid", "start", "end", "first_item", "last_item", "items", "status"]
+
+
+def kinds(report) -> list[str]:
+    return [f.kind for f in report.analysis().findings]
+
+
+def warm(pool: Pool, n: int) -> None:
+    """Start ``n`` workers and wait until each has run an item (no start-up inside the next map)."""
+    pool.map(time.sleep, [0.2] * n, chunksize=1, workers=n)
+    assert wait_for(lambda: len(pool.backend.worker_pids()) >= n), "workers did not start"
+
+
+def contended(a) -> bool:
+    """The analysis found the workers waiting for a CPU (other processes on the machine)."""
+    return a.waited_s > 0.2 * a.busy_s
+
+
+def square(x):
+    return x * x
+
+
+# ------------------------------------------------------------------ findings
+
+
+@pytest.mark.timeout(60)
+def test_small_items_are_slower_than_a_loop():
+    with Pool(2) as pool:
+        report = pool.run(square, range(100_000))
+    assert report.results[:4] == [0, 1, 4, 9] and len(report.results) == 100_000
+    k = kinds(report)
+    a = report.analysis()
+    text = report.summary()
+    assert "small_items" in k, text
+    assert "why: items take" in text and "overhead dominates" in text
+    if contended(a):  # other processes held the CPUs: the report says so instead of "slower"
+        assert "contended" in k and "waiting for a CPU" in text.splitlines()[0], text
+    else:
+        assert "slower" in k, text
+        assert "slower than a plain loop" in text.splitlines()[0]  # the speedup words
+        assert "why: slower than a plain loop would have been" in text
+
+
+@pytest.mark.timeout(60)
+def test_too_few_items_for_the_workers():
+    def nap(x):
+        time.sleep(0.3)
+        return x
+
+    with Pool(2) as pool:
+        report = pool.run(nap, [7])
+    assert report.results == [7]
+    k = kinds(report)
+    assert "few_items" in k, report.summary()
+    assert "why: 1 item for 2 workers" in report.summary()
+
+
+@pytest.mark.timeout(60)
+def test_one_straggler_item_holds_the_map():
+    def uneven(x):
+        time.sleep(1.5 if x == 0 else 0.01)
+        return x
+
+    with Pool(2) as pool:
+        warm(pool, 2)
+        report = pool.run(uneven, range(16), chunksize=1)
+    assert report.results == list(range(16))
+    findings = {f.kind: f.text for f in report.analysis().findings}
+    assert "straggler" in findings, report.summary()
+    assert findings["straggler"].startswith("item 0 took"), findings["straggler"]
+    assert "why: item 0 took" in report.summary()
+
+
+def cpu_300k(x):
+    return sum(i * i for i in range(300_000))
+
+
+@pytest.mark.timeout(180)
+def test_more_workers_than_cores_is_called_oversubscribed():
+    cores = available_cores()
+    if cores > 2 or len(os.sched_getaffinity(0)) > 2:
+        pytest.skip(f"needs at most 2 cores to oversubscribe with 6 workers; this machine has {cores}")
+    # All six workers are up before the map, and there are enough items (16 per worker)
+    # that start-up and the last round cannot by themselves make the map look unpaid:
+    # what is left is six CPU-bound workers sharing two cores.
+    with Pool(6) as pool:
+        warm(pool, 6)
+        report = pool.run(cpu_300k, range(96), chunksize=1)
+    assert report.results == [cpu_300k(0)] * 96
+    assert report.workers > cores, "premise: the map must have run on more workers than cores"
+    k = kinds(report)
+    assert "oversubscribed" in k, (
+        f"6 CPU-bound workers on {cores} cores got no 'oversubscribed' finding:\n{report.summary()}"
+    )
+    assert f"why: {report.workers} workers on {cores} cores" in report.summary()
+
+
+def big_result(x):
+    import numpy as np
+
+    return np.zeros(4 << 20)  # 32 MB, made in microseconds: moving it is all the work
+
+
+@pytest.mark.timeout(120)
+def test_big_results_are_transport_bound():
+    pytest.importorskip("numpy")
+    with Pool(2) as pool:
+        report = pool.run(big_result, range(16), chunksize=1)
+    assert len(report.results) == 16 and all(r.nbytes == 32 << 20 for r in report.results)
+    findings = {f.kind: f.text for f in report.analysis().findings}
+    assert "transport" in findings, report.summary()
+    assert "32 MB" in findings["transport"], findings["transport"]
+    assert "why: moving items and results took" in report.summary()
+
+
+@pytest.mark.timeout(120)
+def test_transport_bound_time_breakdown_adds_up():
+    """busy + transport + idle = workers × wall, also when moving results dominates."""
+    pytest.importorskip("numpy")
+    with Pool(2) as pool:
+        report = pool.run(big_result, range(16), chunksize=1)
+    a = report.analysis()
+    capacity = a.workers * a.wall_s
+    assert a.transport_s <= capacity * 1.05, (
+        f"transport {a.transport_s:.2f} s is more than {a.workers} workers × {a.wall_s:.2f} s wall "
+        f"= {capacity:.2f} s (busy {a.busy_s:.3f} s, idle {a.idle_s:.3f} s)"
+    )
+    assert abs(a.busy_s + a.transport_s + a.idle_s - capacity) <= 0.05 * capacity
+
+
+@pytest.mark.timeout(60)
+def test_native_threads_over_the_cores_are_named():
+    cores = available_cores()
+    if 2 * 2 <= cores:
+        pytest.skip(f"2 workers × 2 threads fit in {cores} cores: nothing to diagnose")
+    with Pool(2) as pool:
+        over = pool.run(square, range(100_000), threads=2)  # 2 workers × 2 threads > 2 cores
+        fitting = pool.run(square, range(100_000), threads=1)
+    assert over.threads == 2 and fitting.threads == 1
+    assert "small_items" in kinds(over) and "small_items" in kinds(fitting)  # neither paid
+    assert "threads" in kinds(over), over.summary()
+    assert f"why: each worker may run 2 native threads (BLAS, OpenMP): 4 threads on {cores} cores" in over.summary()
+    assert "threads" not in kinds(fitting), fitting.summary()
+
+
+def cpu_2m(x):
+    return sum(i * i for i in range(2_000_000))
+
+
+@pytest.mark.timeout(180)
+def test_healthy_map_has_no_findings_and_its_time_adds_up():
+    with Pool(2) as pool:
+        warm(pool, 2)
+        report = pool.run(cpu_2m, range(16), chunksize=1)
+    assert report.results == [cpu_2m(0)] * 16
+    a = report.analysis()
+    if contended(a):
+        # Other processes kept the workers waiting for a CPU (a loaded machine): that,
+        # and only that, may be reported. More work per item would not change the share.
+        assert kinds(report) in ([], ["contended"]), report.summary()
+    else:
+        assert a.findings == [], report.summary()
+        assert "why:" not in report.summary()
+    assert a.workers == report.workers == 2
+    assert a.busy_s == pytest.approx(report.busy_s)
+    assert min(a.busy_s, a.transport_s, a.idle_s) >= 0
+    capacity = a.workers * a.wall_s
+    assert abs(a.busy_s + a.transport_s + a.idle_s - capacity) <= 0.05 * capacity
+    assert a.efficiency == pytest.approx(a.speedup / a.workers)
+    assert "speedup ≈" in report.summary() and "slower" not in report.summary()
+
+
+# ------------------------------------------------------------------ speedup words
+
+
+@pytest.mark.timeout(60)
+def test_workers_starting_before_any_chunk_finished(tmp_path):
+    gate = tmp_path / "go"
+
+    def wait_for_gate(x):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return x
+
+    with Pool(2) as pool:
+        handle = pool.map_async(wait_for_gate, range(4), chunksize=1)
+        try:
+            text = display.summary_text(handle.report)
+            assert handle.report.status == "running" and not handle.report.chunks
+            assert "workers starting" in text, text
+            assert "why:" not in text
+        finally:
+            handle.cancel()
+            gate.touch()
+        assert handle.wait(10)
+        with pytest.raises(MapCancelledError):
+            handle.get()
+    after = handle.report.summary()
+    assert "interrupted" in after and "workers starting" not in after
+
+
+@pytest.mark.timeout(120)
+def test_measured_speedup_after_tune(ip):
+    body = "def tuned(x):\n    return sum(i * i for i in range(100_000))\n"
+    pool = poolmagic.get_pool()
+    try:
+        ip.run_cell_magic("poolmap", "-q -c 1 range(8)", body)
+        first = ip.user_ns["_poolmap"]
+        assert first.analysis().measured is None
+        assert "measured" not in first.summary()
+        ip.run_line_magic("poolsize", "--tune --budget 3")
+        ip.run_cell_magic("poolmap", "-q -c 1 range(8)", body)
+        again = ip.user_ns["_poolmap"]
+        assert again is not first
+        assert again.analysis().measured is not None, "no measured speedup after --tune timed this function"
+        assert "measured against one worker" in again.summary(), again.summary()
+    finally:
+        ip.run_line_magic("poolsize", "auto")
+        assert pool.size == pool.cores
+
+
+# ------------------------------------------------------------------ timeline
+
+
+def fail_on_3(x):
+    time.sleep(0.05)
+    if x == 3:
+        raise ValueError("three")
+    return x
+
+
+@pytest.fixture(scope="module")
+def failed_report():
+    with Pool(2) as pool:
+        with pytest.raises(MapFailedError) as e:
+            pool.run(fail_on_3, range(8), chunksize=2, keep_going=True)
+    return e.value.report
+
+
+@pytest.mark.timeout(60)
+def test_timeline_rows(failed_report):
+    r = failed_report
+    assert [f.name for f in dataclasses.fields(Row)] == ROW_FIELDS
+    rows = r.timeline.rows
+    assert len(rows) == 4
+    assert sorted((row.first_item, row.last_item) for row in rows) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    for row in rows:
+        assert row.items == row.last_item - row.first_item + 1 == 2
+        assert 0 <= row.start <= row.end <= r.wall_s
+        assert row.pid > 0 and row.pid != os.getpid()
+        assert row.worker in (0, 1)
+        assert row.status == ("failed" if row.first_item == 2 else "done"), row
+    assert {row.pid for row in rows} == {c.pid for c in r.chunks}
+
+
+@pytest.mark.timeout(60)
+def test_timeline_frame_and_text(failed_report):
+    pd = pytest.importorskip("pandas")
+    tl = failed_report.timeline
+    df = tl.to_frame()
+    assert isinstance(df, pd.DataFrame)
+    assert list(df.columns) == ROW_FIELDS and len(df) == 4
+    assert list(df.loc[df.status == "failed", "first_item"]) == [2]
+    lines = tl.text().splitlines()
+    workers = tl.workers()
+    assert lines[0].startswith("timeline: 4 chunks")
+    assert len(lines) == 1 + len(workers)
+    assert [ln.split("|")[0].split() for ln in lines[1:]] == [["worker", str(w)] for w in workers]
+    assert "×" in tl.text()  # the failed chunk is marked
+
+
+@pytest.mark.timeout(60)
+def test_timeline_frame_without_pandas_says_so(failed_report, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="needs pandas: pip install pandas"):
+        failed_report.timeline.to_frame()
+
+
+@pytest.fixture(scope="module")
+def huge_report():
+    """64 workers × 10,000 chunks, made up (too slow to run for real)."""
+    workers, per = 64, 10_000
+    chunks = []
+    for w in range(workers):
+        for k in range(per):
+            t0 = 0.01 * k + 0.0001 * w
+            status = "failed" if k == 5_000 and w % 8 == 0 else "done"
+            chunks.append(ChunkRecord(w, w * per + k, 1, t0, t0 + 0.009, None, 10_000 + w, status,
+                                      t0 - 0.0003, t0 + 0.0093, 120))
+    return RunReport(func_name="huge", items=workers * per, chunks=chunks, cores=64, pool_size=64,
+                     status="done", t_start=0.0, t_end=100.1, done=workers * per)
+
+
+@pytest.mark.timeout(240)
+def test_timeline_svg_of_640k_chunks_stays_small(huge_report):
+    tl = Timeline(huge_report)
+    assert len(tl) == 640_000 and len(tl.workers()) == 64
+    svg = display.timeline_svg(tl)
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert "worker 0<" in svg and "worker 63<" in svg
+    size = len(svg.encode())
+    assert size <= 200 * 1024, f"timeline SVG of 640,000 chunks is {size / 1024:.0f} KB (> 200 KB)"
+
+
+@pytest.mark.timeout(240)
+def test_summary_html_of_640k_chunks_stays_small(huge_report):
+    html = display.summary_html(huge_report)
+    assert "poolmagic" in html and "640,000 items" in html
+    size = len(html.encode())
+    assert size <= 250 * 1024, f"summary HTML of 640,000 chunks is {size / 1024:.0f} KB (> 250 KB)"

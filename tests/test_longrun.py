@@ -1,0 +1,745 @@
+"""Long maps lose nothing, for real: --retries, --resume, --checkpoint, %pooldebug, rerun().
+
+Every test runs real worker processes. Which items a map ran is counted
+through files the mapped function appends to (``log_call``): a line per call,
+so "ran exactly items 3 and 7" is read from the file, not inferred from timing.
+
+Functions mapped from this module are pickled *by value*, like notebook code
+(workers never import this module). Cells run through the session's real
+InteractiveShell (``ip``); each such test names its function uniquely, because
+``--resume`` remembers runs by (function, ITERABLE).
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import re
+import shutil
+import sqlite3
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+from conftest import shutdown_and_check
+from IPython.core.error import UsageError
+
+import poolmagic
+import poolmagic.api
+from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool, WorkerCrashedError
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def log_call(path: str | Path, x) -> None:
+    """Runs in the worker: record one call of item ``x`` (one line, one O_APPEND write)."""
+    with open(path, "a") as fh:
+        fh.write(f"{x}\n")
+
+
+def calls(path: str | Path) -> list[int]:
+    """Every recorded call, in the order the lines were written."""
+    p = Path(path)
+    return [int(s) for s in p.read_text().split()] if p.exists() else []
+
+
+def attempts_of(path: str | Path, x) -> int:
+    """How many times item ``x`` has been called so far (read from inside the worker)."""
+    try:
+        with open(path) as fh:
+            return sum(1 for line in fh if line.strip() == str(x))
+    except FileNotFoundError:
+        return 0
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One warm two-worker pool for the API tests of this module; no worker may outlive it."""
+    p = Pool(2).start()
+    yield p
+    shutdown_and_check(p)
+
+
+# ================================================================ 1. retries
+
+
+def crash_first_attempt(x, folder):
+    """Item 3's first attempt kills its worker; the marker says "already tried"."""
+    log_call(os.path.join(folder, "calls"), x)
+    marker = os.path.join(folder, f"tried-{x}")
+    if x == 3 and not os.path.exists(marker):
+        open(marker, "w").close()  # before dying: the retry must see it
+        os._exit(1)
+    return x * x
+
+
+@pytest.mark.timeout(60)
+def test_retry_recovers_an_item_whose_first_attempt_kills_its_worker(pool, tmp_path):
+    # chunks of one item: the crash is charged to item 3 itself (a bigger chunk
+    # is first re-run item by item to find the culprit, which is not a retry)
+    r = pool.run(crash_first_attempt, range(8), retries=1, chunksize=1, kwargs={"folder": str(tmp_path)})
+    assert r.results == [x * x for x in range(8)]
+    assert r.errors == {}
+    assert r.retried >= 1
+    assert "retried" in r.summary(), r.summary()
+    made = calls(tmp_path / "calls")
+    assert made.count(3) == 2, made  # the crashed attempt and the retry
+    assert sorted(set(made)) == list(range(8))
+
+    # the same crash without --retries fails item 3 (the control: the retry is what saved it)
+    (tmp_path / "tried-3").unlink()
+    with pytest.raises(WorkerCrashedError) as info:
+        pool.run(crash_first_attempt, range(8), chunksize=1, kwargs={"folder": str(tmp_path)})
+    assert info.value.poolmap_report.retried == 0
+    assert 3 in info.value.poolmap_report.errors
+
+
+def always_connection_error(x, path):
+    log_call(path, x)
+    if x == 1:
+        raise ConnectionError(f"no route for {x}")
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_retries_exhausted_raise_the_error_with_every_attempt(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    with pytest.raises(ConnectionError) as info:
+        pool.run(always_connection_error, range(4), retries=2, kwargs={"path": path})
+    exc = info.value
+    notes = "\n".join(getattr(exc, "__notes__", []))
+    assert "failed after 3 attempts" in notes, notes
+    report = exc.poolmap_report
+    assert len(report.attempts[1]) == 3, report.attempts
+    assert all(isinstance(e, ConnectionError) for e in report.attempts[1]), report.attempts
+    assert report.retried == 2
+    assert calls(path).count(1) == 3, calls(path)
+
+
+def zero_division_once(x, path):
+    log_call(path, x)
+    if x == 2:
+        return 1 / 0
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_retry_on_leaves_other_exceptions_alone(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    with pytest.raises(ZeroDivisionError) as info:
+        pool.run(zero_division_once, range(4), retries=3, retry_on=(ConnectionError,), kwargs={"path": path})
+    report = info.value.poolmap_report
+    assert report.retried == 0
+    assert report.attempts == {}
+    assert calls(path).count(2) == 1, calls(path)
+    assert "attempts" not in "\n".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.timeout(60)
+def test_magic_retries_with_retry_on(ip, tmp_path):
+    ip.user_ns["RETRY_CALLS"] = str(tmp_path / "calls")
+    body = (
+        "def retry_magic_flaky(x):\n"
+        "    log_call(RETRY_CALLS, x)\n"
+        "    n = attempts_of(RETRY_CALLS, x)\n"
+        "    if x == 1 and n < 2:\n"
+        "        raise TimeoutError('slow upstream')\n"
+        "    if x == 4 and n < 3:\n"
+        "        raise ConnectionError('reset')\n"
+        "    return x + 100\n"
+    )
+    ip.user_ns.update(log_call=log_call, attempts_of=attempts_of)
+    out = ip.run_cell_magic("poolmap", "-q --retries 2 --retry-on ConnectionError,TimeoutError -c 1 range(6)", body)
+    assert out == [x + 100 for x in range(6)]
+    report = ip.user_ns["_poolmap"]
+    assert report.retried == 3, report.retried  # item 1 once, item 4 twice
+    made = calls(tmp_path / "calls")
+    assert made.count(1) == 2 and made.count(4) == 3, made
+
+    with pytest.raises(UsageError, match="NotAClass"):
+        ip.run_cell_magic("poolmap", "-q --retries 2 --retry-on NotAClass range(3)", "def retry_bad(x):\n    return x\n")
+    with pytest.raises(UsageError, match="exception classes"):
+        ip.run_cell_magic("poolmap", "-q --retries 2 --retry-on len range(3)", "def retry_bad(x):\n    return x\n")
+
+
+# ================================================================ 2. resume
+
+
+def _run(ip, source: str):
+    """Run a cell as the notebook would; return the ExecutionResult."""
+    return ip.run_cell(source)
+
+
+@pytest.mark.timeout(60)
+def test_magic_resume_runs_exactly_the_unfinished_items(ip, tmp_path, capsys):
+    ip.user_ns.update(RESUME_CALLS=str(tmp_path / "calls"), log_call=log_call)
+    failing = (
+        "%%poolmap --keep-going range(10)\n"
+        "def resume_sq(x):\n"
+        "    log_call(RESUME_CALLS, x)\n"
+        "    if x in (3, 7):\n"
+        "        raise ValueError(f'bad {x}')\n"
+        "    return x * x\n"
+    )
+    first = _run(ip, failing)
+    assert isinstance(first.error_in_exec, MapFailedError), first.error_in_exec
+    before = calls(tmp_path / "calls")
+    assert sorted(before) == list(range(10)), before
+
+    fixed = (
+        "%%poolmap --resume --keep-going range(10)\n"
+        "def resume_sq(x):\n"
+        "    log_call(RESUME_CALLS, x)\n"
+        "    return x * x\n"
+    )
+    capsys.readouterr()
+    second = _run(ip, fixed)
+    out = capsys.readouterr().out
+    assert second.error_in_exec is None, second.error_in_exec
+    new = calls(tmp_path / "calls")[len(before):]
+    assert sorted(new) == [3, 7], new
+    report = ip.user_ns["_poolmap"]
+    assert report.results == [x * x for x in range(10)]
+    assert second.result == [x * x for x in range(10)]
+    assert "resumed: 8 kept, 2 run" in report.summary(), report.summary()
+    assert "resumed: 8 kept, 2 run" in out, out  # the summary the cell showed
+
+    # and now there is nothing left to resume
+    with pytest.raises(UsageError, match="nothing to resume: all"):
+        ip.run_cell_magic("poolmap", "--resume --keep-going range(10)",
+                          "def resume_sq(x):\n    log_call(RESUME_CALLS, x)\n    return x * x\n")
+    assert len(calls(tmp_path / "calls")) == len(before) + 2
+
+
+@pytest.mark.timeout(60)
+def test_magic_resume_refuses_before_any_work(ip, tmp_path):
+    path = tmp_path / "calls"
+    ip.user_ns.update(REFUSE_CALLS=str(path), log_call=log_call, REFUSE_N=10)
+    body = "def refuse_{tag}(x):\n    log_call(REFUSE_CALLS, x)\n    if x == 5 and {fail}:\n        raise ValueError(x)\n    return x\n"
+
+    # a cell that never ran
+    with pytest.raises(UsageError, match="nothing to resume"):
+        ip.run_cell_magic("poolmap", "--resume range(10)", body.format(tag="never", fail=True))
+    assert calls(path) == []
+
+    # after a clean run
+    ip.run_cell_magic("poolmap", "-q range(10)", body.format(tag="clean", fail=False))
+    n = len(calls(path))
+    with pytest.raises(UsageError, match="nothing to resume: all"):
+        ip.run_cell_magic("poolmap", "-q --resume range(10)", body.format(tag="clean", fail=False))
+    assert len(calls(path)) == n
+
+    # the ITERABLE's length changed between the runs
+    with pytest.raises(MapFailedError):
+        ip.run_cell_magic("poolmap", "-q --keep-going range(REFUSE_N)", body.format(tag="grow", fail=True))
+    n = len(calls(path))
+    ip.user_ns["REFUSE_N"] = 11
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("poolmap", "-q --resume range(REFUSE_N)", body.format(tag="grow", fail=False))
+    message = str(info.value)
+    assert "11" in message and "10" in message, message
+    assert len(calls(path)) == n
+
+
+@pytest.mark.timeout(60)
+def test_magic_resume_after_an_async_run(ip, tmp_path):
+    """A cell run with --async is this cell's last run too: --resume finishes it."""
+    path = tmp_path / "calls"
+    ip.user_ns.update(ASYNC_CALLS=str(path), log_call=log_call)
+    first = ip.run_cell(
+        "%%poolmap --async -q -o async_h --keep-going range(6)\n"
+        "def async_resume(x):\n"
+        "    log_call(ASYNC_CALLS, x)\n"
+        "    if x == 2:\n"
+        "        raise ValueError(x)\n"
+        "    return x + 1\n"
+    )
+    assert first.error_in_exec is None, first.error_in_exec
+    handle = ip.user_ns["async_h"]
+    assert handle.wait(30), "the async map did not finish"
+    assert not handle.successful()
+    n = len(calls(path))
+    assert n == 6
+
+    second = ip.run_cell(
+        "%%poolmap --resume -q range(6)\n"
+        "def async_resume(x):\n"
+        "    log_call(ASYNC_CALLS, x)\n"
+        "    return x + 1\n"
+    )
+    assert second.error_in_exec is None, repr(second.error_in_exec)
+    assert calls(path)[n:] == [2]
+    assert second.result == [x + 1 for x in range(6)]
+
+
+def numpy_block(x, path, fail):
+    log_call(path, x)
+    if x in fail:
+        raise ValueError(f"item {x}")
+    return np.arange(x, x + 1000, dtype=np.float64) * 0.5
+
+
+@pytest.mark.timeout(60)
+def test_api_resume_with_numpy_results(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    with pytest.raises(MapFailedError) as info:
+        pool.run(numpy_block, range(8), keep_going=True, kwargs={"path": path, "fail": (2, 5)})
+    earlier = info.value.poolmap_report
+    assert [i for i, v in enumerate(earlier.results) if v is NOT_DONE] == [2, 5]
+    n = len(calls(path))
+
+    report = pool.run(numpy_block, range(8), resume=earlier, kwargs={"path": path, "fail": ()})
+    assert sorted(calls(path)[n:]) == [2, 5]
+    assert report.resumed == (6, 2)
+    assert len(report.results) == 8
+    for x, got in enumerate(report.results):
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64, (x, got)
+        np.testing.assert_array_equal(got, np.arange(x, x + 1000, dtype=np.float64) * 0.5)
+
+
+def slow_logged(x, path):
+    log_call(path, x)
+    time.sleep(0.05)
+    return -x
+
+
+@pytest.mark.timeout(60)
+def test_api_resume_after_a_cancelled_async_map(pool, tmp_path):
+    """An async map cancelled half-way: resuming runs exactly what has no result."""
+    path = str(tmp_path / "calls")
+    handle = pool.map_async(slow_logged, range(40), chunksize=1, kwargs={"path": path})
+    deadline = time.monotonic() + 20
+    while len(calls(path)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls(path)) >= 6, "the async map never got going"
+    handle.cancel()
+    assert handle.wait(20)
+    earlier = handle.report
+    missing = [i for i, v in enumerate(earlier.results) if v is NOT_DONE]
+    assert missing, "everything finished before the cancel (nothing to resume)"
+    n = len(calls(path))
+
+    report = pool.run(slow_logged, range(40), resume=earlier, chunksize=4, kwargs={"path": path})
+    assert sorted(calls(path)[n:]) == missing
+    assert report.results == [-x for x in range(40)]
+    assert report.resumed == (40 - len(missing), len(missing))
+
+
+# ================================================================ 3. checkpoints
+
+
+def ck_square(x, path, fail):
+    """Logs each call; fails the items in ``fail`` (a tuple), or those with a ``fail-<x>`` file
+    next to ``path`` (so that a fixed run can use the very same function and arguments)."""
+    log_call(path, x)
+    if x in fail or os.path.exists(os.path.join(os.path.dirname(path), f"fail-{x}")):
+        raise ValueError(f"item {x} failed")
+    return x * x
+
+
+def ck_square_v2(x, path, fail):
+    log_call(path, x)
+    return x * x  # a new version of the function: same results
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_second_run_runs_only_the_missing_items(pool, tmp_path):
+    ck = str(tmp_path / "ck.sqlite")
+    path = str(tmp_path / "calls")
+    args = {"path": path, "fail": ()}
+    for x in (4, 11, 29):
+        (tmp_path / f"fail-{x}").touch()
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, range(30), keep_going=True, chunksize=4, checkpoint=ck, kwargs=args)
+    n = len(calls(path))
+    assert sorted(calls(path)) == list(range(30))
+
+    # the same function and arguments, failures fixed, the same PATH: only what is missing runs
+    for x in (4, 11, 29):
+        (tmp_path / f"fail-{x}").unlink()
+    report = pool.run(ck_square, range(30), keep_going=True, chunksize=4, checkpoint=ck, kwargs=args)
+    assert sorted(calls(path)[n:]) == [4, 11, 29]
+    (tmp_path / "clean").mkdir()
+    clean = pool.run(ck_square, range(30), kwargs={"path": str(tmp_path / "clean" / "calls"), "fail": ()})
+    assert report.results == clean.results == [x * x for x in range(30)]
+    assert report.resumed == (27, 3)
+    assert report.notes == [], report.notes  # the function did not change
+
+    # a third run finds everything in the file and runs nothing
+    n = len(calls(path))
+    again = pool.run(ck_square, range(30), checkpoint=ck, kwargs=args)
+    assert calls(path)[n:] == []
+    assert again.results == clean.results
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_changed_function_is_reported(pool, tmp_path):
+    ck = str(tmp_path / "ck.sqlite")
+    path = str(tmp_path / "calls")
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, range(12), keep_going=True, checkpoint=ck, kwargs={"path": path, "fail": (6,)})
+    n = len(calls(path))
+    report = pool.run(ck_square_v2, range(12), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert calls(path)[n:] == [6]
+    assert report.results == [x * x for x in range(12)]
+    notes = " ".join(report.notes)
+    assert "function changed" in notes, report.notes
+    assert "function changed" in report.summary()
+
+
+def megabyte(x, path, fail):
+    log_call(path, x)
+    if x in fail:
+        raise ValueError(x)
+    return np.random.default_rng(x).random(131_072)  # 1 MB of float64
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_numpy_results_round_trip_exactly(pool, tmp_path):
+    ck = str(tmp_path / "ck.sqlite")
+    path = str(tmp_path / "calls")
+    with pytest.raises(MapFailedError):
+        pool.run(megabyte, range(6), keep_going=True, chunksize=1, checkpoint=ck,
+                 kwargs={"path": path, "fail": (2,)})
+    n = len(calls(path))
+    report = pool.run(megabyte, range(6), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert calls(path)[n:] == [2]  # the other five came from the file
+    for x, got in enumerate(report.results):
+        want = np.random.default_rng(x).random(131_072)
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == want.shape
+        assert got.nbytes == 1 << 20
+        assert np.array_equal(got, want), f"item {x} differs after the round trip"
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_refuses_a_changed_iterable(pool, tmp_path):
+    ck = str(tmp_path / "ck.sqlite")
+    path = str(tmp_path / "calls")
+    items = list(range(100, 112))
+    pool.run(ck_square, items, chunksize=1, checkpoint=ck, kwargs={"path": path, "fail": ()})
+    n = len(calls(path))
+
+    changed = list(items)
+    changed[7] = -1  # same length, one value differs
+    with pytest.raises(BadInputError) as info:
+        pool.run(ck_square, changed, checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert "item 7 differs" in str(info.value), str(info.value)
+
+    with pytest.raises(BadInputError) as info:
+        pool.run(ck_square, items + [112], checkpoint=ck, kwargs={"path": path, "fail": ()})
+    message = str(info.value)
+    assert "12" in message and "13" in message, message
+    assert len(calls(path)) == n, "a refused checkpoint still ran items"
+
+    # the file is intact: the original ITERABLE still loads everything
+    report = pool.run(ck_square, items, checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert report.results == [x * x for x in items]
+    assert len(calls(path)) == n
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
+    ck = str(tmp_path / "ck.sqlite")
+    path = str(tmp_path / "calls")
+    pool.run(ck_square, list(range(20)), chunksize=5, checkpoint=ck, kwargs={"path": path, "fail": ()})
+    changed = list(range(20))
+    changed[12] = "twelve"
+    with pytest.raises(BadInputError) as info:
+        pool.run(ck_square, changed, checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert "items 10–14 differ" in str(info.value), str(info.value)
+
+
+def _stored_indices(db: Path) -> list[int]:
+    """Every item index the chunks of a checkpoint file hold (opened as SQLite would)."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT indices FROM chunks").fetchall()
+    finally:
+        con.close()
+    return sorted(i for (raw,) in rows for i in pickle.loads(raw))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_torn_checkpoint_loads_whole_chunks_and_runs_the_rest(pool, tmp_path, damage):
+    ck = tmp_path / "ck.sqlite"
+    path = str(tmp_path / "calls")
+    # a second connection held open keeps the WAL file after the map closes its own
+    # (the last connection to close folds the WAL into the database and deletes it)
+    holder = sqlite3.connect(ck, isolation_level=None)
+    try:
+        assert holder.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        holder.execute("BEGIN")  # a read transaction: the map's connection is not the last one
+        holder.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        pool.run(ck_square, range(40), chunksize=5, checkpoint=str(ck), kwargs={"path": path, "fail": ()})
+        wal = Path(f"{ck}-wal")
+        assert wal.exists() and wal.stat().st_size > 32, "no WAL to tear"
+        copies = []
+        for name in ("torn", "probe"):
+            dst = tmp_path / f"{name}.sqlite"
+            shutil.copyfile(ck, dst)
+            shutil.copyfile(wal, f"{dst}-wal")
+            copies.append(dst)
+    finally:
+        holder.close()
+
+    page = int.from_bytes(Path(f"{copies[0]}-wal").read_bytes()[8:12], "big")
+    for dst in copies:
+        w = Path(f"{dst}-wal")
+        size = w.stat().st_size
+        assert (size - 32) % (24 + page) == 0, "not a whole number of WAL frames"
+        if damage == "truncated":
+            os.truncate(w, size - page // 2)  # the last frame (a commit frame) is cut in half
+        else:
+            with open(w, "ab") as fh:
+                fh.write(os.urandom(3000))
+
+    stored = _stored_indices(copies[1])  # what SQLite recovers from the damaged copy
+    if damage == "truncated":
+        assert 0 < len(stored) < 40, "truncating the last frame lost no chunk, or all of them"
+    else:
+        assert stored == list(range(40))
+
+    n = len(calls(path))
+    report = pool.run(ck_square, range(40), checkpoint=str(copies[0]), kwargs={"path": path, "fail": ()})
+    ran = sorted(calls(path)[n:])
+    assert ran == sorted(set(range(40)) - set(stored)), (ran, stored)
+    assert report.results == [x * x for x in range(40)]
+
+
+@pytest.mark.timeout(60)
+def test_a_file_that_is_not_sqlite_is_refused_plainly(pool, ip, tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("these are my notes, not a database\n" * 200)
+    path = str(tmp_path / "calls")
+    with pytest.raises(BadInputError, match="cannot") as info:
+        pool.run(ck_square, range(5), checkpoint=str(bad), kwargs={"path": path, "fail": ()})
+    exc = info.value
+    assert exc.__cause__ is None and exc.__suppress_context__, "sqlite3's own error is chained"
+    assert calls(path) == []
+    assert bad.read_text() == "these are my notes, not a database\n" * 200, "the file was changed"
+
+    # through the magic: a UsageError, one line, no traceback
+    ip.user_ns.update(log_call=log_call, NOTSQL_CALLS=path)
+    capsys.readouterr()
+    result = ip.run_cell(f"%%poolmap --checkpoint {bad} range(5)\ndef notsql(x):\n    log_call(NOTSQL_CALLS, x)\n    return x\n")
+    captured = capsys.readouterr()
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    shown = plain(captured.out + captured.err)
+    assert "cannot" in shown and "Traceback" not in shown and "sqlite3." not in shown, shown
+    assert calls(path) == []
+
+
+@pytest.mark.timeout(60)
+def test_magic_checkpoint_second_run_runs_only_what_is_missing(ip, tmp_path):
+    ck = tmp_path / "magic.sqlite"
+    path = tmp_path / "calls"
+    ip.user_ns.update(log_call=log_call, MAGIC_CK_CALLS=str(path), MAGIC_CK_FAIL={2, 9})
+    cell = (
+        f"%%poolmap -q --keep-going --checkpoint {ck} range(12)\n"
+        "def magic_ck(x):\n"
+        "    log_call(MAGIC_CK_CALLS, x)\n"
+        "    if x in MAGIC_CK_FAIL:\n"
+        "        raise ValueError(x)\n"
+        "    return x * 3\n"
+    )
+    first = ip.run_cell(cell)
+    assert isinstance(first.error_in_exec, MapFailedError), first.error_in_exec
+    n = len(calls(path))
+    ip.user_ns["MAGIC_CK_FAIL"] = set()
+    second = ip.run_cell(cell)
+    assert second.error_in_exec is None, second.error_in_exec
+    assert sorted(calls(path)[n:]) == [2, 9]
+    assert second.result == [x * 3 for x in range(12)]
+    assert ip.user_ns["_poolmap"].resumed == (10, 2)
+
+
+def tiny(x):
+    return x * x
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_overhead_on_100k_tiny_items(pool, tmp_path, capsys):
+    """Measured and printed, not asserted: what --checkpoint costs on 100k tiny items."""
+    items = range(100_000)
+    want = [x * x for x in items]
+    pool.map(tiny, range(1000))  # warm: workers up, the function's item time known
+
+    def timed(**options) -> float:
+        t0 = time.perf_counter()
+        got = pool.map(tiny, items, **options)
+        dt = time.perf_counter() - t0
+        assert got == want
+        return dt
+
+    plain_s, ck_s = [], []
+    for k in range(5):  # interleaved, so that drift hits both alike
+        plain_s.append(timed())
+        ck_s.append(timed(checkpoint=str(tmp_path / f"ck{k}.sqlite")))
+    with sqlite3.connect(tmp_path / "ck0.sqlite") as con:
+        chunks = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    size = (tmp_path / "ck0.sqlite").stat().st_size
+    a, b = statistics.median(plain_s), statistics.median(ck_s)
+    with capsys.disabled():
+        print(
+            f"\n[checkpoint overhead] 100k x*x items, median of 5: no checkpoint {a * 1e3:.1f} ms, "
+            f"checkpoint {b * 1e3:.1f} ms, +{(b - a) * 1e3:.1f} ms ({b / a:.2f}x); "
+            f"{chunks} chunks, file {size / 1e6:.2f} MB\n"
+            f"  plain runs: {[round(t * 1e3, 1) for t in plain_s]} ms\n"
+            f"  checkpoint runs: {[round(t * 1e3, 1) for t in ck_s]} ms"
+        )
+    assert chunks >= 1
+
+
+# ================================================================ 5. %pooldebug and rerun()
+
+
+DEBUG_BODY = (
+    "def {name}(x):\n"
+    "    y = x * 10\n"
+    "    if x in (2, 4):\n"
+    "        raise ValueError(f'bad item {{x}}')\n"
+    "    return y\n"
+)
+
+
+def _debug(ip, monkeypatch, capsys, arg: str, commands: str = "p y\np x\nq\n") -> list[str]:
+    """%pooldebug ARG with debugger commands on stdin; the output lines, without color."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(commands))
+    capsys.readouterr()
+    ip.run_line_magic("pooldebug", arg)
+    return plain(capsys.readouterr().out).splitlines()
+
+
+def _printed(lines: list[str], value: str) -> bool:
+    """The debugger printed ``value`` on a line of its own (after its prompt, if echoed)."""
+    return any(re.fullmatch(rf"(ipdb>\s*)*{re.escape(value)}", line.strip()) for line in lines)
+
+
+@pytest.mark.timeout(60)
+def test_pooldebug_opens_the_debugger_in_the_failed_item(ip, monkeypatch, capsys):
+    result = ip.run_cell("%%poolmap --keep-going range(6)\n" + DEBUG_BODY.format(name="dbg_work"))
+    assert isinstance(result.error_in_exec, MapFailedError)
+
+    lines = _debug(ip, monkeypatch, capsys, "")
+    assert _printed(lines, "20") and _printed(lines, "2"), lines  # y and x of item 2, the first failed
+    text = "\n".join(lines)
+    assert "raise ValueError" in text, text
+    # the debugger stops in the user's function, at its raise line (line 4 of the cell)
+    assert re.search(r"^> .*\(4\)dbg_work\(\)", text, re.MULTILINE), text
+    assert "ValueError" in text and "bad item 2" in text, text
+
+    lines = _debug(ip, monkeypatch, capsys, "4")
+    assert _printed(lines, "40") and _printed(lines, "4"), lines
+    assert not _printed(lines, "20"), lines
+
+    lines = _debug(ip, monkeypatch, capsys, "1", commands="q\n")
+    assert any("ran without an error" in line for line in lines), lines
+
+    with pytest.raises(UsageError, match=r"6 items"):
+        ip.run_line_magic("pooldebug", "99")
+    with pytest.raises(UsageError, match="index"):
+        ip.run_line_magic("pooldebug", "two")
+
+
+@pytest.mark.timeout(60)
+def test_pooldebug_before_any_map(ip):
+    saved = ip.user_ns.pop("_poolmap", None)
+    try:
+        poolmagic.api.set_pool(Pool(2))
+        with pytest.raises(UsageError, match="no map has run yet"):
+            ip.run_line_magic("pooldebug", "")
+    finally:
+        poolmagic.api.shutdown_pool()  # the next map starts a fresh shared pool
+        if saved is not None:
+            ip.user_ns["_poolmap"] = saved
+
+
+@pytest.mark.timeout(60)
+def test_pooldebug_on_a_generator_keeps_the_failed_items(ip, monkeypatch, capsys):
+    result = ip.run_cell("%%poolmap --keep-going (i for i in range(6))\n" + DEBUG_BODY.format(name="dbg_stream"))
+    assert isinstance(result.error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.failed_items == {2: 2, 4: 4}
+
+    lines = _debug(ip, monkeypatch, capsys, "")
+    assert _printed(lines, "20") and _printed(lines, "2"), lines
+    lines = _debug(ip, monkeypatch, capsys, "4")
+    assert _printed(lines, "40") and _printed(lines, "4"), lines
+    with pytest.raises(UsageError, match="no longer available"):
+        ip.run_line_magic("pooldebug", "1")
+
+
+def seeded(x, path):
+    v = random.random()
+    with open(path, "a") as fh:
+        fh.write(f"{x} {v!r}\n")
+    if x == 3:
+        raise ValueError(f"item {x} drew {v}")
+    return v
+
+
+@pytest.mark.timeout(60)
+def test_rerun_raises_here_and_sees_the_workers_random_numbers(pool, tmp_path):
+    path = tmp_path / "draws"
+    with pytest.raises(MapFailedError) as info:
+        pool.run(seeded, range(6), seed=1234, keep_going=True, kwargs={"path": str(path)})
+    report = info.value.poolmap_report
+
+    def draws(x) -> list[str]:
+        return [line.split()[1] for line in path.read_text().splitlines() if line.split()[0] == str(x)]
+
+    in_worker = draws(3)
+    assert len(in_worker) == 1
+    with pytest.raises(ValueError, match="item 3 drew"):
+        report.rerun()  # the first failed item, here in this process
+    assert draws(3) == in_worker * 2, draws(3)  # the same number as in the worker
+    assert report.rerun(1) == report.results[1]  # a good item: the same value too
+    assert draws(1)[0] == draws(1)[1]
+    assert len(set(report.results[:3])) == 3  # and the items do get different streams
+
+
+# ================================================================ 6. tracebacks
+
+
+@pytest.mark.timeout(60)
+def test_keep_going_traceback_starts_at_the_users_code(ip, capsys):
+    capsys.readouterr()
+    result = ip.run_cell(
+        "%%poolmap --keep-going range(5)\n"
+        "def tb_work(x):\n"
+        "    if x == 3:\n"
+        "        raise ValueError('three is bad')\n"
+        "    return x\n"
+    )
+    captured = capsys.readouterr()
+    shown = plain(captured.out + captured.err)
+    assert isinstance(result.error_in_exec, MapFailedError), result.error_in_exec
+    assert "raise ValueError('three is bad')" in shown, shown
+    # the cell's own frame (the whole cell as a string) is hidden; IPython 8
+    # (Python 3.10) still shows its own InteractiveShell.run_cell_magic frame
+    assert "get_ipython().run_cell_magic(" not in shown, shown
+    assert "run_cell_magic('poolmap'" not in shown, shown
+    stb = plain("\n".join(ip.InteractiveTB.structured_traceback(
+        type(result.error_in_exec), result.error_in_exec, result.error_in_exec.__traceback__)))
+    assert "raise ValueError('three is bad')" in stb, stb
+    assert "__tracebackhide__" not in ip.user_ns
+
+    later = ip.run_cell("1/0")
+    captured = capsys.readouterr()
+    shown = plain(captured.out + captured.err)
+    assert isinstance(later.error_in_exec, ZeroDivisionError)
+    assert re.search(r"----> 1 1/0", shown), shown  # the cell's own frame is still shown
+    assert "Cell In[" in shown, shown
