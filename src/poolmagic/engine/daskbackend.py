@@ -7,9 +7,9 @@ How data flows::
     Pool.run(f, items)
       submit(Job) ──► queue ──► start a LocalCluster it owns,
                                   or connect to an address
-                                scatter the function once per   ──► a copy on every worker (our
-                                  version (a Blob, broadcast)        LocalCluster: big buffers
-                                                                     mapped from the kernel's memfd)
+                                scatter the function once per   ──► to one worker, the others fetch
+                                  version (a Blob)                   it once (our LocalCluster: big
+                                                                     buffers mapped from a memfd)
                                 job.next_items(size): one task  ──► dasktask.run, pinned to a
                                   per CHUNK, ≤ 2 in flight per       worker: the map's context,
                                   worker (the Job's adaptive         the function (unpickled once
@@ -120,7 +120,6 @@ class DaskBackend(DaskOutcomes, Backend):
         self._zombies: dict[int, str] = {}
         self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
         self._kills: list[tuple[float, str, int, int]] = []  # (when, address, pid, seq): workers to kill
-        self._lost: set[str] = set()  # scattered keys lost with their workers
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
         self._marks: str | None = None  # our LocalCluster's workers write their running chunk here
         self._memfds: dict[str, int] = {}  # function version -> its buffers in shared memory (ours)
@@ -420,8 +419,7 @@ class DaskBackend(DaskOutcomes, Backend):
         def handler(event: Any, address: str = address) -> None:  # the client's event loop
             msg = event[1]
             if isinstance(msg, dict) and msg.get("action") == "remove-worker":
-                lost = set(msg.get("lost-scattered-tasks") or ())
-                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), lost, event=True))
+                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), event=True))
 
         self.client.subscribe_topic(address, handler)
 
@@ -568,7 +566,7 @@ class DaskBackend(DaskOutcomes, Backend):
             job.fail(err)
             self._abandon(job)
             return False
-        c = DaskChunk(seq, job, start, items, fut, address, (fn.key, ctx.key if ctx is not None else None))
+        c = DaskChunk(seq, job, start, items, fut, address, (fn,) if ctx is None else (fn, ctx))
         self._inflight[seq] = c
         self._by_key[fut.key] = c
         self._ac.add(fut)
@@ -582,13 +580,13 @@ class DaskBackend(DaskOutcomes, Backend):
             cache.move_to_end(version)
             return fut
         # (not cached, or lost with the workers that held it: scattered anew)
-        # a copy on every worker: no task waits for a transfer, and a worker that
-        # dies takes no version with it (a new worker fetches it from a peer)
         for attempt in range(SCATTER_ATTEMPTS):
             try:
-                # any running worker (a stale list of ours could name only dead ones);
-                # bounded: no worker at all for that long is a failure, not a wait
-                fut = self.client.scatter(make(), broadcast=True, hash=False, timeout=SCATTER_TIMEOUT_S)
+                # To one running worker (a stale list of ours could name only dead ones);
+                # the others fetch it with their first task of this version. Not
+                # broadcast: dask's replicate looped for ever when a worker left
+                # meanwhile (a map after a timeout hung its test, 1 full suite in 2).
+                fut = self.client.scatter(make(), hash=False, timeout=SCATTER_TIMEOUT_S)
                 break
             except (OSError, CommClosedError):  # a worker died just now; the scheduler will know soon
                 if attempt == SCATTER_ATTEMPTS - 1:

@@ -60,7 +60,7 @@ class DaskChunk(Chunk):
         self.worker = worker  # the address it is pinned to
         self.began: float | None = None  # perf_counter here when the task said it runs
         self.pid: int | None = None
-        self.deps = deps  # dask keys of the scattered function and context it needs
+        self.deps = deps  # the futures of the scattered function and context it needs
 
 
 def _is_death(exc: BaseException) -> bool:
@@ -80,10 +80,7 @@ class DaskOutcomes:
     _zombies: dict[int, str]
     _zombie_keys: dict[str, int]
     _kills: list[tuple[float, str, int, int]]
-    _lost: set[str]
     _gone: set[str]
-    _blobs: Any
-    _contexts: Any
 
     # ------------------------------------------------------------------ bookkeeping
     def _take(self, c: DaskChunk) -> bool:
@@ -129,10 +126,12 @@ class DaskOutcomes:
                 self._done(c, result)
             else:
                 self._chunk_failed(c, result[1], result[2])
+        elif any(d.status != "finished" for d in c.deps):
+            # dask cancels a task whose scattered input died with every worker that
+            # held it ("lost dependencies"): the version is scattered again, the chunk re-run
+            job.requeue(c.start, c.items)
         elif status == "error":
             self._errored(c, result[1])
-        elif any(d in self._lost for d in c.deps):
-            job.requeue(c.start, c.items)  # its function went with dead workers: it is scattered anew
         else:  # cancelled by someone else, or lost with the scheduler
             job.items_failed(c.indices, PoolmapError(
                 f"the dask cluster dropped the task running {c.describe()} ({status})"), c.items, c.start)
@@ -205,24 +204,20 @@ class DaskOutcomes:
         c.job.started(self._slot(c.worker), c.pid or 0, c.start, len(c.items))
 
     # ------------------------------------------------------------------ deaths
-    def _worker_gone(self, address: str, expected: bool | None, lost: set | None = None, event: bool = False) -> None:
+    def _worker_gone(self, address: str, expected: bool | None, event: bool = False) -> None:
         """``address`` left the cluster: what it held runs again, what it ran fails.
 
         ``expected``: it was stopped on purpose (retired, restarted), False: it
         died, None: it vanished from the worker list without a word. ``event``:
-        this is its own "remove-worker" event (the last we follow for it; when it
-        vanished first, its event may still come and say which data died with it).
+        this is its own "remove-worker" event, the last we follow for it (when
+        it vanished first, its event may still come and say how it left).
+        A function version that died with it is scattered again when next
+        needed (DaskBackend._scattered looks at its future's status).
         """
         pid = self._workers.pop(address, None)
         self._gone.add(address)
         if event:
             self._unlisten(address)
-        if lost:  # the only copies of a function version went with it: scatter it again
-            self._lost |= set(lost)
-            for cache in (self._blobs, self._contexts):
-                for version, fut in list(cache.items()):
-                    if fut.key in lost:
-                        del cache[version]
         for seq in [s for s, a in self._zombies.items() if a == address]:
             del self._zombies[seq]
         for key in [k for k, s in self._zombie_keys.items() if s not in self._zombies]:
