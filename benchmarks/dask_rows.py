@@ -166,7 +166,7 @@ def main() -> int:
     cfg.hang = 30.0  # a LocalCluster's worker restart after a crash takes a second or more
     meta = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(), "commit": bench.git_commit(),
+        "python": platform.python_version(), "commit": bench.git_commit(bench.poolmagic_dir()),
         "command": " ".join(["python", "benchmarks/dask_rows.py", *sys.argv[1:]]),
         "loadavg_before": list(os.getloadavg()), "bytecode": bench.compile_poolmagic(),
     }
