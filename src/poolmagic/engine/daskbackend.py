@@ -7,12 +7,13 @@ How data flows::
     Pool.run(f, items)
       submit(Job) ──► queue ──► start a LocalCluster it owns,
                                   or connect to an address
-                                scatter the function once per   ──► a copy on every worker
-                                  version (a Blob, broadcast)
+                                scatter the function once per   ──► a copy on every worker (our
+                                  version (a Blob, broadcast)        LocalCluster: big buffers
+                                                                     mapped from the kernel's memfd)
                                 job.next_items(size): one task  ──► dasktask.run, pinned to a
                                   per CHUNK, ≤ 2 in flight per       worker: the map's context,
-                                  worker (the local backend's        the function (unpickled once
-                                  adaptive chunk sizes)              per worker), "began" event,
+                                  worker (the Job's adaptive         the function (unpickled once
+                                  sizes, grown to ~100 ms)           per worker), "began" event,
                                                                      run_chunk
                                 results (as_completed thread)  ◄──  pickled results, output, errors
                                 events: a task began; a worker ◄──  worker, scheduler
@@ -35,10 +36,12 @@ Failures, as the local backend has them:
   be stopped: it runs on, its worker gets no new task meanwhile, and its
   result is dropped.
 * An interrupt or ``cancel()`` cancels the map's tasks and, on a cluster we
-  own, kills the workers running them, as the local backend does.
+  own, kills the workers running them (0.3 s later, once the cell has
+  returned), as the local backend does.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import os
@@ -71,11 +74,12 @@ from .processes import shared_buffers
 
 CONNECT_TIMEOUT_S = 10.0
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
-# A dask task costs ~2-4 ms of CPU between the client, the scheduler and the
+# A dask task costs a few ms of CPU between the client, the scheduler and the
 # worker (a local chunk ~0.1 ms): chunks of ~100 ms keep that to a few per cent,
-# where the local backend's 25 ms chunks would make it a quarter.
+# where the local backend's 25 ms chunks would make it a quarter or more.
 TASK_S = 0.1
 SCATTER_ATTEMPTS = 3
+SCATTER_TIMEOUT_S = 10.0
 KEEP_VERSIONS = 4  # function versions kept scattered, as a local worker caches 4
 REFRESH_OWNED_S = 0.1  # how often the worker list is read again while work waits: our cluster (no round trip)
 REFRESH_REMOTE_S = 1.0  # a remote cluster (a round trip to the scheduler)
@@ -115,6 +119,7 @@ class DaskBackend(DaskOutcomes, Backend):
         # chunks given up on that still run (left to finish, or on a remote cluster): seq -> address
         self._zombies: dict[int, str] = {}
         self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
+        self._kills: list[tuple[float, str, int, int]] = []  # (when, address, pid, seq): workers to kill
         self._lost: set[str] = set()  # scattered keys lost with their workers
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
         self._marks: str | None = None  # our LocalCluster's workers write their running chunk here
@@ -251,7 +256,12 @@ class DaskBackend(DaskOutcomes, Backend):
         cores = sum(int(w.get("nthreads", 0)) for w in workers.values())
         owner = "LocalCluster started by poolmagic" if self.owned else "cluster (not started by poolmagic)"
         link = dashboard_link(client)
-        board = f"dashboard {link}" if link else ("no dashboard (pip install bokeh)" if self.owned else "no dashboard")
+        if link is None:
+            board = "no dashboard"
+        elif self.owned and importlib.util.find_spec("bokeh") is None:  # the page would only say so
+            board = f"dashboard {link} (needs bokeh: pip install bokeh)"
+        else:
+            board = f"dashboard {link}"
         return (
             f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')} · "
             f"{_plural(cores, 'core')} · {board}"
@@ -337,6 +347,8 @@ class DaskBackend(DaskOutcomes, Backend):
                 return
         if self._inflight and any(j.options.timeout is not None for j in self._jobs):
             self._check_timeouts()
+        if self._kills:
+            self._kill_due()
         self._schedule()
 
     def _wait_s(self) -> float | None:
@@ -409,7 +421,7 @@ class DaskBackend(DaskOutcomes, Backend):
             msg = event[1]
             if isinstance(msg, dict) and msg.get("action") == "remove-worker":
                 lost = set(msg.get("lost-scattered-tasks") or ())
-                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), lost))
+                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), lost, event=True))
 
         self.client.subscribe_topic(address, handler)
 
@@ -566,14 +578,17 @@ class DaskBackend(DaskOutcomes, Backend):
     def _scattered(self, cache: OrderedDict, version: str, make: Callable[[], Any]) -> Any:
         """The future of ``make()`` scattered to every worker, once per ``version``."""
         fut = cache.get(version)
-        if fut is not None:
+        if fut is not None and fut.status == "finished":
             cache.move_to_end(version)
             return fut
+        # (not cached, or lost with the workers that held it: scattered anew)
         # a copy on every worker: no task waits for a transfer, and a worker that
         # dies takes no version with it (a new worker fetches it from a peer)
         for attempt in range(SCATTER_ATTEMPTS):
             try:
-                fut = self.client.scatter(make(), broadcast=True, hash=False, workers=self._usable() or None)
+                # any running worker (a stale list of ours could name only dead ones);
+                # bounded: no worker at all for that long is a failure, not a wait
+                fut = self.client.scatter(make(), broadcast=True, hash=False, timeout=SCATTER_TIMEOUT_S)
                 break
             except (OSError, CommClosedError):  # a worker died just now; the scheduler will know soon
                 if attempt == SCATTER_ATTEMPTS - 1:
