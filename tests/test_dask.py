@@ -160,7 +160,7 @@ def _dask_cli() -> list[str]:
 @pytest.fixture(scope="module")
 def remote_cluster():
     """``dask scheduler`` and two ``dask worker`` processes, as a user starts a cluster."""
-    tmp = Path(tempfile.mkdtemp(prefix="poolmagic-dask-"))
+    tmp = Path(tempfile.mkdtemp(prefix="poolmagic-test-cluster-"))
     sched_file = tmp / "scheduler.json"
     procs = []
 

@@ -292,7 +292,7 @@ class DaskBackend(DaskOutcomes, Backend):
 
     def _connect(self) -> None:
         if self.owned:
-            self._marks = tempfile.mkdtemp(prefix="poolmagic-dask-")  # see dasktask._mark
+            self._marks = marks_folder()  # see dasktask._mark
             self.cluster, self.client = start_local_cluster(self._size)
         else:
             self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
@@ -624,6 +624,16 @@ class DaskBackend(DaskOutcomes, Backend):
     # ------------------------------------------------------------------ the end
     def _teardown(self) -> None:
         """Close the client; kill and close a LocalCluster we own (never a remote one)."""
+        try:
+            self._close_dask()
+        finally:
+            if self._marks is not None:
+                shutil.rmtree(self._marks, ignore_errors=True)
+            for fd in self._memfds.values():
+                _close(fd)
+            self._memfds.clear()
+
+    def _close_dask(self) -> None:
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
@@ -655,11 +665,37 @@ class DaskBackend(DaskOutcomes, Backend):
         self._blobs.clear()
         self._contexts.clear()
         self._listening.clear()
-        if self._marks is not None:
-            shutil.rmtree(self._marks, ignore_errors=True)
-        for fd in self._memfds.values():
-            _close(fd)
-        self._memfds.clear()
+
+
+MARKS_PREFIX = "poolmagic-dask-"
+
+
+def marks_folder() -> str:
+    """A new folder for our LocalCluster's marks, named after this process.
+
+    Removed at shutdown; those of processes that no longer exist (a kernel
+    that was killed) are removed here.
+    """
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        names = []
+    for name in names:
+        m = re.fullmatch(re.escape(MARKS_PREFIX) + r"(\d+)-\w+", name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{MARKS_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's
+    return True
 
 
 def _kill(pid: int) -> None:
