@@ -186,10 +186,7 @@ class DaskBackend(DaskOutcomes, Backend):
         done = threading.Event()
 
         def cmd() -> None:
-            if error is None:
-                job.fail(KeyboardInterrupt(), status="cancelled")
-            else:
-                job.fail(error)
+            job.stop(error)
             self._abandon(job)
             done.set()
 

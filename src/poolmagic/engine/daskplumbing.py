@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, Nanny
 
 from ..errors import PoolmapError
 from .daskpreload import WARM_ENV
-from .processes import warm_modules
+from .processes import install_main_guard, warm_modules
 
 DASK_WORKER_NAME = "Dask Worker process"  # how a nanny names the process it starts
 
@@ -94,27 +94,9 @@ for _name in ("distributed.scheduler", "distributed.nanny", "distributed.worker"
 
 
 def drop_main_for_dask_workers() -> None:
-    """Keep the nannies' worker processes from re-running the kernel's ``__main__``.
-
-    The reason of the local backend's guard (processes.install_main_guard):
-    under ``ipython notebook.ipynb`` a spawned child would execute the notebook
-    file as Python. Functions travel by value, so workers never need it.
-    """
-    from multiprocessing import spawn
-
-    original = spawn.get_preparation_data
-    if getattr(original, "_poolmagic_dask", False):
-        return
-
-    def get_preparation_data(name: str) -> dict:
-        data = original(name)
-        if name.startswith(DASK_WORKER_NAME):
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-        return data
-
-    get_preparation_data._poolmagic_dask = True  # type: ignore[attr-defined]
-    spawn.get_preparation_data = get_preparation_data
+    """Keep the nannies' worker processes from re-running the kernel's ``__main__``
+    (the local backend's guard, for dask's process names)."""
+    install_main_guard(DASK_WORKER_NAME)
 
 
 def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:

@@ -354,6 +354,13 @@ class Job:
             )
         return None
 
+    def stop(self, error: BaseException | None = None) -> None:
+        """End the map now: "cancelled" (an interrupt, ``.cancel()``), or "failed" with ``error``."""
+        if error is None:
+            self.fail(KeyboardInterrupt(), status="cancelled")
+        else:
+            self.fail(error)
+
     def fail(self, exc: BaseException, status: str = "failed") -> None:
         with self.cond:
             self._fail_locked(exc, status)

@@ -150,10 +150,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         done = threading.Event()
 
         def cmd() -> None:
-            if error is None:
-                job.fail(KeyboardInterrupt(), status="cancelled")
-            else:
-                job.fail(error)
+            job.stop(error)
             self._abandon(job)
             done.set()
 

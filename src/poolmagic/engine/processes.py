@@ -180,7 +180,10 @@ class Waiter:
                 self._wake_w.close()
 
 
-def install_main_guard() -> None:
+_GUARDED: set[str] = set()  # process-name prefixes whose children skip the parent's __main__
+
+
+def install_main_guard(prefix: str = WORKER_NAME) -> None:
     """Keep workers from re-running the parent's ``__main__``.
 
     multiprocessing makes every spawn/forkserver child import the parent's main
@@ -188,8 +191,10 @@ def install_main_guard() -> None:
     an ``if __name__ == "__main__"`` guard would run again). poolmagic ships
     functions by value, so its workers never need ``__main__``: for processes
     named ``poolmagic-worker-*`` only, the main-module entries are dropped from
-    the preparation data. Other processes are untouched.
+    the preparation data (and for other prefixes a backend registers, e.g. dask's
+    nanny-started workers). Other processes are untouched.
     """
+    _GUARDED.add(prefix)
     from multiprocessing import spawn
 
     original = spawn.get_preparation_data
@@ -198,7 +203,7 @@ def install_main_guard() -> None:
 
     def get_preparation_data(name: str) -> dict:
         data = original(name)
-        if name.startswith(WORKER_NAME):
+        if name.startswith(tuple(_GUARDED)):
             data.pop("init_main_from_path", None)
             data.pop("init_main_from_name", None)
         return data
