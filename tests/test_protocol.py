@@ -272,6 +272,26 @@ def test_frames_of_size_zero_and_the_next_message_stay_in_step():
         b.close()
 
 
+def test_a_frame_bigger_than_the_socket_buffer_arrives_whole_and_a_cut_one_raises_eoferror():
+    big = np.arange(5_000_000, dtype=np.float64)  # 40 MB: many socket buffers' worth
+    a, b = Pipe()
+    P.widen_buffers(a)
+    P.widen_buffers(b)
+    t = threading.Thread(target=P.send_frames, args=(a, [memoryview(big)]))
+    t.start()
+    try:
+        (got,) = P.recv_frames(b, (big.nbytes,))
+    finally:
+        t.join(10)
+    assert np.array_equal(np.frombuffer(got, dtype=np.float64), big)
+
+    P.send_frames(a, [memoryview(big).cast("B")[:1000]])
+    a.close()  # the sender dies after 1,000 of the 8,000 bytes promised
+    with pytest.raises(EOFError, match="closed while sending a frame"):
+        P.recv_frames(b, (8000,))
+    b.close()
+
+
 def test_dumps_oob_keeps_small_buffers_in_band():
     small = np.ones(P.OUT_OF_BAND_MIN - 1, dtype=np.uint8)
     body, frames = P.dumps_oob([small, 5], pickle.dumps)

@@ -81,7 +81,7 @@ class Worker:
                 if type(msg) is P.LoadFunction:
                     self.inbox.put((msg, self._receive_buffers(msg.sizes, msg.shared)))
                 elif type(msg) is P.RunChunk:
-                    self.inbox.put((msg, self._receive_buffers(msg.sizes, msg.shared) if msg.sizes else None))
+                    self.inbox.put((msg, P.recv_frames(conn, msg.sizes) if msg.sizes else None))
                 else:
                     self.inbox.put((msg, None))
                     if type(msg) is P.Stop:
@@ -93,7 +93,7 @@ class Worker:
             self.inbox.put((_ReaderFailed(_errors.pack_exception(exc, "")), None))
 
     def _receive_buffers(self, sizes: tuple, shared: bool) -> list:
-        """Out-of-band buffers (a function's, or items'): mapped from shared memory or read from the pipe."""
+        """A function's out-of-band buffers: mapped from shared memory, or read from the socket."""
         if not shared:
             return P.recv_frames(self.conn, sizes)
         fd = reduction.recv_handle(self.conn)

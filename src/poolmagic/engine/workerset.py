@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import PoolmapError
 from . import worker as _worker
+from . import protocol as P
 from .handle import WorkerHandle, kill_group
 from .job import Job
 from .processes import WORKER_NAME, Waiter, block_sigint, others_have_workers, stop_helper_processes, warm_modules
@@ -90,6 +91,8 @@ class WorkerSet:
     def _spawn(self, slot: int) -> None:
         block_sigint()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        P.widen_buffers(parent_conn)
+        P.widen_buffers(child_conn)
         try:
             # under forkserver a worker inherits what the server preloaded
             warm = [] if self.start_method == "forkserver" else warm_modules()
