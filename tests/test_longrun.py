@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import random
 import re
-import shutil
-import sqlite3
 import statistics
 import sys
 import time
@@ -31,6 +28,7 @@ from IPython.core.error import UsageError
 
 import poolmagic
 import poolmagic.api
+from poolmagic import checkpointfile
 from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool, WorkerCrashedError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -356,7 +354,7 @@ def ck_square_v2(x, path, fail):
 
 @pytest.mark.timeout(60)
 def test_checkpoint_second_run_runs_only_the_missing_items(pool, tmp_path):
-    ck = str(tmp_path / "ck.sqlite")
+    ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     args = {"path": path, "fail": ()}
     for x in (4, 11, 29):
@@ -386,7 +384,7 @@ def test_checkpoint_second_run_runs_only_the_missing_items(pool, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_checkpoint_changed_function_is_reported(pool, tmp_path):
-    ck = str(tmp_path / "ck.sqlite")
+    ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     with pytest.raises(MapFailedError):
         pool.run(ck_square, range(12), keep_going=True, checkpoint=ck, kwargs={"path": path, "fail": (6,)})
@@ -408,7 +406,7 @@ def megabyte(x, path, fail):
 
 @pytest.mark.timeout(60)
 def test_checkpoint_numpy_results_round_trip_exactly(pool, tmp_path):
-    ck = str(tmp_path / "ck.sqlite")
+    ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     with pytest.raises(MapFailedError):
         pool.run(megabyte, range(6), keep_going=True, chunksize=1, checkpoint=ck,
@@ -425,7 +423,7 @@ def test_checkpoint_numpy_results_round_trip_exactly(pool, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_checkpoint_refuses_a_changed_iterable(pool, tmp_path):
-    ck = str(tmp_path / "ck.sqlite")
+    ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     items = list(range(100, 112))
     pool.run(ck_square, items, chunksize=1, checkpoint=ck, kwargs={"path": path, "fail": ()})
@@ -451,7 +449,7 @@ def test_checkpoint_refuses_a_changed_iterable(pool, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
-    ck = str(tmp_path / "ck.sqlite")
+    ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     pool.run(ck_square, list(range(20)), chunksize=5, checkpoint=ck, kwargs={"path": path, "fail": ()})
     changed = list(range(20))
@@ -462,72 +460,76 @@ def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
 
 
 def _stored_indices(db: Path) -> list[int]:
-    """Every item index the chunks of a checkpoint file hold (opened as SQLite would)."""
-    con = sqlite3.connect(db)
-    try:
-        rows = con.execute("SELECT indices FROM chunks").fetchall()
-    finally:
-        con.close()
-    return sorted(i for (raw,) in rows for i in pickle.loads(raw))
+    """Every item index the whole chunk records of a checkpoint file hold."""
+    return sorted(i for idx, *_ in checkpointfile.read(str(db)).chunks for i in idx)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_torn_checkpoint_loads_whole_chunks_and_runs_the_rest(pool, tmp_path, damage):
-    ck = tmp_path / "ck.sqlite"
+    ck = tmp_path / "ck.bin"
     path = str(tmp_path / "calls")
-    # a second connection held open keeps the WAL file after the map closes its own
-    # (the last connection to close folds the WAL into the database and deletes it)
-    holder = sqlite3.connect(ck, isolation_level=None)
-    try:
-        assert holder.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
-        holder.execute("BEGIN")  # a read transaction: the map's connection is not the last one
-        holder.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        pool.run(ck_square, range(40), chunksize=5, checkpoint=str(ck), kwargs={"path": path, "fail": ()})
-        wal = Path(f"{ck}-wal")
-        assert wal.exists() and wal.stat().st_size > 32, "no WAL to tear"
-        copies = []
-        for name in ("torn", "probe"):
-            dst = tmp_path / f"{name}.sqlite"
-            shutil.copyfile(ck, dst)
-            shutil.copyfile(wal, f"{dst}-wal")
-            copies.append(dst)
-    finally:
-        holder.close()
-
-    page = int.from_bytes(Path(f"{copies[0]}-wal").read_bytes()[8:12], "big")
-    for dst in copies:
-        w = Path(f"{dst}-wal")
-        size = w.stat().st_size
-        assert (size - 32) % (24 + page) == 0, "not a whole number of WAL frames"
-        if damage == "truncated":
-            os.truncate(w, size - page // 2)  # the last frame (a commit frame) is cut in half
-        else:
-            with open(w, "ab") as fh:
-                fh.write(os.urandom(3000))
-
-    stored = _stored_indices(copies[1])  # what SQLite recovers from the damaged copy
+    pool.run(ck_square, range(40), chunksize=5, checkpoint=str(ck), kwargs={"path": path, "fail": ()})
+    whole = ck.stat().st_size
+    assert _stored_indices(ck) == list(range(40))
     if damage == "truncated":
-        assert 0 < len(stored) < 40, "truncating the last frame lost no chunk, or all of them"
+        os.truncate(ck, whole - 7)  # the last record (a chunk of 5) is cut short, as by a kill mid-write
     else:
-        assert stored == list(range(40))
+        with open(ck, "ab") as fh:  # a record header promising more than follows, then noise
+            fh.write(b"C" + (10**6).to_bytes(8, "little") + os.urandom(3000))
+
+    stored = _stored_indices(ck)
+    torn = checkpointfile.read(str(ck)).torn
+    if damage == "truncated":
+        assert stored == list(range(35)) and torn > 0, (stored, torn)
+    else:
+        assert stored == list(range(40)) and torn == 1 + 8 + 3000, (stored, torn)
 
     n = len(calls(path))
-    report = pool.run(ck_square, range(40), checkpoint=str(copies[0]), kwargs={"path": path, "fail": ()})
+    report = pool.run(ck_square, range(40), checkpoint=str(ck), kwargs={"path": path, "fail": ()})
     ran = sorted(calls(path)[n:])
     assert ran == sorted(set(range(40)) - set(stored)), (ran, stored)
     assert report.results == [x * x for x in range(40)]
+    # the torn tail was cut off before appending: the file reads whole again
+    after = checkpointfile.read(str(ck))
+    assert after.torn == 0 and _stored_indices(ck) == list(range(40)), (after.torn, _stored_indices(ck))
 
 
 @pytest.mark.timeout(60)
-def test_a_file_that_is_not_sqlite_is_refused_plainly(pool, ip, tmp_path, capsys):
+def test_a_checkpoint_another_writer_holds_is_refused_before_any_work(pool, tmp_path):
+    ck = tmp_path / "busy.bin"
+    path = str(tmp_path / "calls")
+    holder = checkpointfile.Writer(str(ck), 0)  # as another kernel writing the same file would
+    try:
+        with pytest.raises(BadInputError, match="another process is writing it"):
+            pool.run(ck_square, range(5), checkpoint=str(ck), kwargs={"path": path, "fail": ()})
+        assert calls(path) == []
+    finally:
+        holder.close()
+    report = pool.run(ck_square, range(5), checkpoint=str(ck), kwargs={"path": path, "fail": ()})
+    assert report.results == [x * x for x in range(5)]
+
+
+@pytest.mark.timeout(60)
+def test_the_same_checkpoint_map_twice_in_a_row_waits_for_the_first_to_close(pool, tmp_path):
+    ck = str(tmp_path / "again.bin")
+    path = str(tmp_path / "calls")
+    for _ in range(5):  # the second map opens the file while the first may still be syncing it
+        report = pool.run(ck_square, range(30), checkpoint=ck, kwargs={"path": path, "fail": ()})
+        assert report.results == [x * x for x in range(30)]
+    assert sorted(calls(path)) == list(range(30)), "a later run re-ran items the file holds"
+
+
+@pytest.mark.timeout(60)
+def test_a_file_that_is_not_a_checkpoint_is_refused_plainly(pool, ip, tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("these are my notes, not a database\n" * 200)
     path = str(tmp_path / "calls")
     with pytest.raises(BadInputError, match="cannot") as info:
         pool.run(ck_square, range(5), checkpoint=str(bad), kwargs={"path": path, "fail": ()})
     exc = info.value
-    assert exc.__cause__ is None and exc.__suppress_context__, "sqlite3's own error is chained"
+    assert "not a poolmagic checkpoint file" in str(exc), str(exc)
+    assert exc.__cause__ is None and exc.__suppress_context__, "the reader's own error is chained"
     assert calls(path) == []
     assert bad.read_text() == "these are my notes, not a database\n" * 200, "the file was changed"
 
@@ -538,13 +540,13 @@ def test_a_file_that_is_not_sqlite_is_refused_plainly(pool, ip, tmp_path, capsys
     captured = capsys.readouterr()
     assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
     shown = plain(captured.out + captured.err)
-    assert "cannot" in shown and "Traceback" not in shown and "sqlite3." not in shown, shown
+    assert "cannot" in shown and "Traceback" not in shown and "CheckpointFileError" not in shown, shown
     assert calls(path) == []
 
 
 @pytest.mark.timeout(60)
 def test_magic_checkpoint_second_run_runs_only_what_is_missing(ip, tmp_path):
-    ck = tmp_path / "magic.sqlite"
+    ck = tmp_path / "magic.bin"
     path = tmp_path / "calls"
     ip.user_ns.update(log_call=log_call, MAGIC_CK_CALLS=str(path), MAGIC_CK_FAIL={2, 9})
     cell = (
@@ -587,10 +589,9 @@ def test_checkpoint_overhead_on_100k_tiny_items(pool, tmp_path, capsys):
     plain_s, ck_s = [], []
     for k in range(5):  # interleaved, so that drift hits both alike
         plain_s.append(timed())
-        ck_s.append(timed(checkpoint=str(tmp_path / f"ck{k}.sqlite")))
-    with sqlite3.connect(tmp_path / "ck0.sqlite") as con:
-        chunks = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
-    size = (tmp_path / "ck0.sqlite").stat().st_size
+        ck_s.append(timed(checkpoint=str(tmp_path / f"ck{k}.bin")))
+    chunks = len(checkpointfile.read(str(tmp_path / "ck0.bin")).chunks)
+    size = (tmp_path / "ck0.bin").stat().st_size
     a, b = statistics.median(plain_s), statistics.median(ck_s)
     with capsys.disabled():
         print(

@@ -45,7 +45,7 @@ class MapOptions:
     max_memory: int | None = opt(None, "--max-memory", metavar="SIZE", kind="size",
                                  help="stop a worker whose memory passes SIZE (500MB, 4GB); its item fails")
     checkpoint: str | None = opt(None, "--checkpoint", metavar="PATH",
-                                 help="write each result to PATH (SQLite) as it arrives; the same map with the "
+                                 help="append each result to the file PATH as it arrives; the same map with the "
                                       "same PATH in a new kernel runs only what is missing")
     retries: int | None = opt(None, "--retries", metavar="N",
                               help="run an item that raised, crashed or timed out up to N more times")
