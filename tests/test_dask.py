@@ -426,9 +426,9 @@ def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):
 def test_a_bad_address_fails_with_the_reason_and_keeps_the_pool(ip, monkeypatch):
     from IPython.core.error import UsageError
 
-    from poolmagic.engine import daskbackend
+    from poolmagic.engine import daskcluster
 
-    monkeypatch.setattr(daskbackend, "CONNECT_TIMEOUT_S", 2.0)  # nothing listens there: no need to wait 10 s
+    monkeypatch.setattr(daskcluster, "CONNECT_TIMEOUT_S", 2.0)  # nothing listens there: no need to wait 10 s
     before = poolmagic.get_pool()
     with pytest.raises(UsageError, match="could not connect to the dask scheduler at tcp://127.0.0.1:9"):
         ip.run_line_magic("poolsize", "--backend dask --address tcp://127.0.0.1:9")

@@ -212,7 +212,7 @@ class DaskOutcomes:
         this is its own "remove-worker" event, the last we follow for it (when
         it vanished first, its event may still come and say how it left).
         A function version that died with it is scattered again when next
-        needed (DaskBackend._scattered looks at its future's status).
+        needed (DaskScheduling._scattered looks at its future's status).
         """
         pid = self._workers.pop(address, None)
         self._gone.add(address)
@@ -379,7 +379,8 @@ class DaskOutcomes:
         if not job.active:
             self._abandon(job)
 
-    # provided by DaskBackend
+    # provided by DaskCluster (_slot, _pid_of, _running_mark, _unlisten) and DaskScheduling
+    # (_forget_finished_jobs), which come before this class among DaskBackend's bases
     def _slot(self, address: str | None) -> int:  # pragma: no cover
         raise NotImplementedError
 

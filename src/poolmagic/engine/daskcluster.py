@@ -1,0 +1,292 @@
+"""The dask backend's cluster: starting or reaching it, following its workers, closing it.
+
+Part of the dask backend (mixed into DaskBackend, whose state it uses), as
+workerset.py is of the local backend: a LocalCluster we own is started here
+(or a remote scheduler reached), the worker list is read again while maps
+run and each worker's events followed, and at the end the client is closed
+and a LocalCluster we own killed and closed (never a remote one). Runs on
+the manager thread, but for the event handlers, which only hand over.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+from distributed import Client, LocalCluster, as_completed
+
+from ..errors import PoolmapError, safe_str
+from . import dasktask
+from .daskoutcomes import DaskChunk
+from .daskplumbing import check_workers, start_local_cluster
+from .job import Job
+
+CONNECT_TIMEOUT_S = 10.0
+REFRESH_OWNED_S = 0.1  # how often the worker list is read again while work waits: our cluster (no round trip)
+REFRESH_REMOTE_S = 1.0  # a remote cluster (a round trip to the scheduler)
+
+
+class DaskCluster:
+    """Mixin of DaskBackend: the cluster and its client, and the list of its workers."""
+
+    owned: bool
+    address: str | None
+    _size: int
+    _cap: int | None
+    cluster: LocalCluster | None
+    client: Client | None
+    _q: queue.SimpleQueue
+    _lock: threading.Lock
+    _thread: threading.Thread | None
+    _closed: bool
+    _ready: threading.Event
+    _start_error: BaseException | None
+    _jobs: list[Job]
+    _inflight: dict[int, DaskChunk]
+    _by_key: dict[str, DaskChunk]
+    _topic: str
+    _blobs: Any
+    _contexts: Any
+    _workers: dict[str, int | None]
+    _slots: dict[str, int]
+    _listening: set[str]
+    _refreshed: float
+    _expected: set[str]
+    _gone: set[str]
+    _marks: str | None
+    _memfds: dict[str, int]
+    _ac: Any
+    _more: threading.Event
+
+    # ------------------------------------------------------------------ connecting
+    def _connect(self) -> None:
+        if self.owned:
+            self._marks = marks_folder()  # see dasktask._mark
+            self.cluster, self.client = start_local_cluster(self._size)
+        else:
+            self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+            check_workers(self.client)
+        if self._closed:
+            return
+        if self.owned and len(self.cluster.worker_spec) != self._size:  # resized while it started
+            self.cluster.scale(self._size)
+        self.client.subscribe_topic(self._topic, self._on_topic)
+        self._ac = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
+        threading.Thread(target=self._collect, name="poolmagic-dask-results", daemon=True).start()
+        self._refresh_workers(force=True)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        where = "start a dask LocalCluster" if self.owned else f"connect to the dask scheduler at {self.address}"
+        if isinstance(exc, PoolmapError):
+            err = exc
+        else:
+            err = PoolmapError(f"could not {where}: {type(exc).__name__}: {safe_str(exc)}")
+            err.__cause__ = exc
+        self._start_error = err
+        self._teardown()
+        with self._lock:
+            self._thread = None  # the next map tries again
+            self._ready.set()
+            while True:  # what was submitted meanwhile: the jobs fail below
+                try:
+                    self._q.get_nowait()()
+                except queue.Empty:
+                    break
+                except Exception:
+                    pass
+        for job in list(self._jobs):
+            job.fail(err)
+        self._jobs.clear()
+
+    # ------------------------------------------------------------------ workers
+    def _refresh_workers(self, force: bool = False) -> None:
+        """Which workers the cluster has now; follow each one's events.
+
+        Each worker's own event topic, not the scheduler's "all": dask sends
+        some "all" events (replicate) holding objects it cannot serialize,
+        which would close this client's connection.
+        """
+        now = time.monotonic()
+        if not force and now - self._refreshed < (REFRESH_OWNED_S if self.owned else REFRESH_REMOTE_S):
+            return
+        self._refreshed = now
+        try:
+            if self.cluster is not None:  # kept up to date by the cluster itself: no round trip
+                workers = dict(self.cluster.scheduler_info.get("workers", {}))
+            else:
+                workers = self.client.scheduler_info()["workers"]
+        except Exception:
+            return
+        for address in workers:
+            if address not in self._workers and address not in self._gone:
+                self._workers[address] = self._pid_of(address)  # ours; a remote one: from its events
+                self._slot(address)
+                self._listen(address)
+        for address in [a for a in self._workers if a not in workers]:
+            self._worker_gone(address, expected=None)  # in case its event never came
+
+    def _listen(self, address: str) -> None:
+        if address in self._listening or self.client is None:
+            return
+        self._listening.add(address)
+
+        def handler(event: Any, address: str = address) -> None:  # the client's event loop
+            msg = event[1]
+            if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+                self._q.put(lambda: self._worker_gone(address, bool(msg.get("expected")), event=True))
+
+        self.client.subscribe_topic(address, handler)
+
+    def _unlisten(self, address: str) -> None:
+        if address in self._listening:
+            self._listening.discard(address)
+            try:
+                self.client.unsubscribe_topic(address)
+            except Exception:
+                pass
+
+    def _on_topic(self, event: Any) -> None:  # the client's event loop: hand over only
+        msg = event[1]
+        if isinstance(msg, dict):
+            self._q.put(lambda: self._on_task_event(msg))
+
+    def _usable(self) -> list[str]:
+        """Workers that may get chunks, in a stable order (-n N takes the first N)."""
+        addrs = [a for a in sorted(self._workers, key=self._slot) if a not in self._expected]
+        if not self.owned and self._cap:
+            addrs = addrs[: self._cap]
+        return addrs
+
+    def _slot(self, address: str | None) -> int:
+        if address is None:
+            return -1
+        slot = self._slots.get(address)
+        if slot is None:
+            slot = self._slots[address] = len(self._slots)
+        return slot
+
+    def _running_mark(self, address: str) -> int | None:
+        """The chunk our worker at ``address`` wrote down as running (-1: none; None: unknown)."""
+        if self._marks is None:
+            return None
+        try:
+            with open(os.path.join(self._marks, dasktask.mark_name(address)), "rb") as f:
+                return int(f.read().strip() or b"-1")
+        except (OSError, ValueError):
+            return None
+
+    def _pid_of(self, address: str) -> int | None:
+        """The process of the worker at ``address`` (a LocalCluster we own)."""
+        if self.cluster is None:
+            return None
+        for nanny in list(self.cluster.workers.values()):
+            if getattr(nanny, "worker_address", None) == address:
+                return nanny.pid
+        return None
+
+    # ------------------------------------------------------------------ the end
+    def _teardown(self) -> None:
+        """Close the client; kill and close a LocalCluster we own (never a remote one)."""
+        try:
+            self._close_dask()
+        finally:
+            if self._marks is not None:
+                shutil.rmtree(self._marks, ignore_errors=True)
+            for fd in self._memfds.values():
+                _close(fd)
+            self._memfds.clear()
+
+    def _close_dask(self) -> None:
+        with self._lock:
+            client, cluster = self.client, self.cluster
+            self.client = self.cluster = None
+        self._more.set()
+        if client is not None:
+            futures = [c.future for c in list(self._inflight.values())]
+            if futures:
+                try:
+                    client.cancel(futures)
+                except Exception:
+                    pass
+            for topic in (self._topic, *self._listening):
+                try:
+                    client.unsubscribe_topic(topic)
+                except Exception:
+                    pass
+        if cluster is not None:  # hard first: a worker stuck in C code would hold a polite close
+            for nanny in list(cluster.workers.values()):
+                nanny.closing = True
+                pid = getattr(nanny, "pid", None)
+                if pid:
+                    _kill(pid)
+        if client is not None:
+            _quietly(client.close, 2)
+        if cluster is not None:
+            _quietly(cluster.close, 2)
+        self._inflight.clear()
+        self._by_key.clear()
+        self._blobs.clear()
+        self._contexts.clear()
+        self._listening.clear()
+
+
+MARKS_PREFIX = "poolmagic-dask-"
+
+
+def marks_folder() -> str:
+    """A new folder for our LocalCluster's marks, named after this process.
+
+    Removed at shutdown; those of processes that no longer exist (a kernel
+    that was killed) are removed here.
+    """
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        names = []
+    for name in names:
+        m = re.fullmatch(re.escape(MARKS_PREFIX) + r"(\d+)-\w+", name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{MARKS_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's
+    return True
+
+
+def _kill(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _quietly(fn: Callable, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        pass
+

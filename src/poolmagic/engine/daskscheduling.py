@@ -1,0 +1,218 @@
+"""Which chunk of which map goes to which dask worker, and sending it there.
+
+Part of the dask backend (mixed into DaskBackend, whose state it uses): on
+each turn of the manager thread, chunks are sized (the Job's adaptive size,
+grown to ~TASK_S of work), the maps take turns for each worker with room in
+its window (WINDOW chunks in flight), and each chunk is submitted as one
+task pinned to its worker. The function (and, on our own cluster, the
+kernel's context) is scattered once per version and its future cached.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import cloudpickle
+from distributed.comm import CommClosedError
+
+from ..errors import PoolmapError, safe_str
+from . import dasktask
+from . import protocol as P
+from .daskcluster import _close
+from .daskoutcomes import DaskChunk
+from .handle import SHARED_MIN_BYTES
+from .job import STREAM_MAX_CHUNK, ItemTimes, Job
+from .local import TIMED_ABOVE_S
+from .processes import shared_buffers
+
+WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
+# A dask task costs a few ms of CPU between the client, the scheduler and the
+# worker (a local chunk ~0.1 ms): chunks of ~100 ms keep that to a few per cent,
+# where the local backend's 25 ms chunks would make it a quarter or more.
+TASK_S = 0.1
+SCATTER_ATTEMPTS = 3
+SCATTER_TIMEOUT_S = 10.0
+KEEP_VERSIONS = 4  # function versions kept scattered, as a local worker caches 4
+
+
+class DaskScheduling:
+    """Mixin of DaskBackend: chunk sizes, the choice of map per worker, tasks and scattered functions."""
+
+    owned: bool
+    size: int
+    client: Any
+    _jobs: list[Job]
+    _rr: int
+    _inflight: dict[int, DaskChunk]
+    _by_key: dict[str, DaskChunk]
+    _seq: Any
+    _token: str
+    _topic: str
+    _blobs: OrderedDict[str, Any]
+    _contexts: OrderedDict[str, Any]
+    _zombies: dict[int, str]
+    _marks: str | None
+    _memfds: dict[str, int]
+    _item_times: ItemTimes
+    _ac: Any
+    _more: Any
+
+    def _workers_for(self, job: Job) -> int:
+        return job.options.workers or self.size
+
+    def _schedule(self) -> None:
+        if self._jobs and self.client is not None:
+            self._refresh_workers()
+        jobs = [j for j in self._jobs if j.has_work()]
+        if jobs and self.client is not None:
+            usable = self._usable()
+            rank = {a: i for i, a in enumerate(usable)}
+            load = dict.fromkeys(usable, 0)
+            for c in self._inflight.values():
+                if c.worker in load:
+                    load[c.worker] += 1
+            for a in self._zombies.values():
+                if a in load:
+                    load[a] += 1
+            while jobs:
+                sent = False
+                for address in sorted(usable, key=load.__getitem__):
+                    if load[address] >= WINDOW:
+                        continue
+                    job = self._pick(jobs, rank[address])
+                    if job is None:
+                        continue
+                    size = self._chunk_size(job)
+                    got = job.next_items(size)
+                    if job.source.is_stream:  # buffered ahead: about half a round of chunks
+                        job.source.set_want(size * max(1, self._workers_for(job) // 2))
+                    if got is None:
+                        continue
+                    if self._send(job, *got, address):
+                        load[address] += 1
+                        sent = True
+                jobs = [j for j in jobs if j.has_work()]
+                if not sent:
+                    break
+        self._forget_finished_jobs()
+
+    def _chunk_size(self, job: Job) -> int:
+        """The Job's size, grown to ~TASK_S of work while 2 chunks per worker remain."""
+        workers = self._workers_for(job)
+        size = job.chunk_size(workers)
+        t = job.per_item_s()
+        if job.chunksize or t is None:  # the user's size; a probe
+            return size
+        bigger = math.ceil(TASK_S / max(t, 1e-9))
+        rem = job.source.remaining()
+        if rem is None:
+            bigger = min(bigger, STREAM_MAX_CHUNK)
+        else:
+            bigger = min(bigger, math.ceil(rem / (2 * workers)))  # the tail still balances
+        return max(size, bigger)
+
+    def _pick(self, jobs: list[Job], rank: int) -> Job | None:
+        n = len(jobs)
+        for k in range(n):
+            job = jobs[(self._rr + k) % n]
+            w = job.options.workers
+            if job.has_work() and (w is None or rank < w):
+                self._rr = (self._rr + k + 1) % n
+                return job
+        return None
+
+    def _send(self, job: Job, start: int, items: Any, address: str) -> bool:
+        """Submit one chunk as one task pinned to ``address``; False if it was not sent."""
+        if type(items) is range:
+            wire: Any = items  # plain pickle knows ranges
+        else:  # anything else may hold notebook-defined classes: cloudpickle, as locally
+            try:
+                data, frames = P.dumps_oob(items, cloudpickle.dumps)
+            except Exception:
+                self._unpicklable_items(job, start, items)
+                return False
+            wire = dasktask.Blob(None, data, frames)
+        t = job.per_item_s()
+        timed = t is None or t >= TIMED_ABOVE_S
+        seq = next(self._seq)
+        try:
+            fn = self._scattered(self._blobs, job.payload.key, lambda: self._function_blob(job.payload))
+            # the kernel's cwd, environment and sys.path mean nothing on another machine
+            ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context)) if self.owned else None
+            fut = self.client.submit(
+                dasktask.run, fn, ctx, seq, start, wire, job.wire_options, timed, self._topic, not self.owned,
+                self._marks,
+                key=f"poolmap-{_task_name(job)}-{self._token}-{seq}", retries=0,
+                workers=[address], allow_other_workers=False,
+            )
+        except Exception as exc:
+            job.requeue(start, items)  # it never ran; the failed job will not take it again
+            err = PoolmapError(f"could not submit a task to the dask cluster: {type(exc).__name__}: {safe_str(exc)}")
+            err.__cause__ = exc
+            job.fail(err)
+            self._abandon(job)
+            return False
+        c = DaskChunk(seq, job, start, items, fut, address, (fn,) if ctx is None else (fn, ctx))
+        self._inflight[seq] = c
+        self._by_key[fut.key] = c
+        self._ac.add(fut)
+        self._more.set()
+        return True
+
+    def _scattered(self, cache: OrderedDict, version: str, make: Callable[[], Any]) -> Any:
+        """The future of ``make()`` scattered to every worker, once per ``version``."""
+        fut = cache.get(version)
+        if fut is not None and fut.status == "finished":
+            cache.move_to_end(version)
+            return fut
+        # (not cached, or lost with the workers that held it: scattered anew)
+        for attempt in range(SCATTER_ATTEMPTS):
+            try:
+                # To one running worker (a stale list of ours could name only dead ones);
+                # the others fetch it with their first task of this version. Not
+                # broadcast: dask's replicate looped for ever when a worker left
+                # meanwhile (a map after a timeout hung its test, 1 full suite in 2).
+                fut = self.client.scatter(make(), hash=False, timeout=SCATTER_TIMEOUT_S)
+                break
+            except (OSError, CommClosedError):  # a worker died just now; the scheduler will know soon
+                if attempt == SCATTER_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2)
+                self._refresh_workers(force=True)
+        cache[version] = fut
+        in_use = {j.payload.key for j in self._jobs} | {j.context.key for j in self._jobs}
+        for old in list(cache)[:-KEEP_VERSIONS]:
+            if old not in in_use:
+                del cache[old]  # releasing the future frees the workers' copies
+                _close(self._memfds.pop(old, None))  # workers keep what they mapped
+        return fut
+
+    def _function_blob(self, payload: Any) -> Any:
+        """What to scatter for a function version: its bytes, or on our own cluster,
+        big buffers in shared memory that every worker maps (no copy per worker)."""
+        sizes = tuple(b.nbytes for b in payload.buffers)
+        if self.owned and sum(sizes) >= SHARED_MIN_BYTES:
+            fd = shared_buffers(payload.buffers)
+            if fd is not None:
+                self._memfds[payload.key] = fd
+                return dasktask.SharedBlob(payload.key, payload.data, f"/proc/{os.getpid()}/fd/{fd}", sizes)
+        return dasktask.Blob(payload.key, payload.data, payload.buffers)
+
+    def _forget_finished_jobs(self) -> None:
+        keep = []
+        for j in self._jobs:
+            if j.active:
+                keep.append(j)
+            else:
+                self._item_times.remember(j)
+        self._jobs = keep
+
+
+def _task_name(job: Job) -> str:
+    """The function's name, for the dashboard's task stream (``poolmap-work``)."""
+    name = re.sub(r"\W+", "_", getattr(job.report, "func_name", "") or "map").strip("_")
+    return name[:40] or "map"
