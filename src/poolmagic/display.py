@@ -82,75 +82,74 @@ def summary_text(r: "RunReport") -> str:
 
     A second line per finding when parallelism did not pay (diagnose.py).
     """
-    a = r.analysis()
-    cells = [
-        f"poolmagic: {_items(r)} in {_fmt_s(r.wall_s)}",
-        _plural(r.workers, "worker"),
-        f"{r.cores} core{'s' if r.cores != 1 else ''} available",
-    ]
-    words = _speedup_words(r, a)
-    if words:
-        cells.append(words)
-    extra = _status_words(r)
-    if extra:
-        cells.append(extra)
-    lines = [" · ".join(cells)]
-    lines += [f"  note: {n}" for n in r.notes]
-    lines += [f"  why: {f.text}" for f in a.findings]
-    return "\n".join(lines)
+    return summary_bundle(r)["text/plain"]
+
+
+def summary_html(r: "RunReport") -> str:
+    return summary_bundle(r)["text/html"]
 
 
 def _bar(frac: float, width: int, color: str, title: str = "") -> str:
     frac = min(max(frac, 0.0), 1.0)
     t = f' title="{html.escape(title)}"' if title else ""
-    return (
-        f'<span{t} style="display:inline-block;width:{width}px;height:8px;background:{_TRACK};'
-        f'border-radius:4px;vertical-align:middle;margin:0 4px"><span style="display:block;height:8px;'
-        f'width:{frac * width:.0f}px;background:{color};border-radius:4px"></span></span>'
-    )
+    return _BAR % (t, width, _TRACK, frac * width, color)
 
 
-def summary_html(r: "RunReport") -> str:
+_BAR = ('<span%s style="display:inline-block;width:%dpx;height:8px;background:%s;border-radius:4px;'
+        'vertical-align:middle;margin:0 4px"><span style="display:block;height:8px;width:%.0fpx;'
+        'background:%s;border-radius:4px"></span></span>')
+_CARD = f'<div class="poolmagic-summary" style="{_FONT};color:inherit;border-left:3px solid %s;padding:1px 8px">'
+
+
+def summary_bundle(r: "RunReport") -> dict[str, str]:
+    """The summary as text and HTML, from one pass over the report (on every cell's path)."""
     a = r.analysis()
-    cells = [
-        f"<b>poolmagic</b> <code>{html.escape(r.func_name)}</code>",
-        html.escape(_items(r)),
-        _fmt_s(r.wall_s),
-        f"{_plural(r.workers, 'worker')} / {r.cores} core{'s' if r.cores != 1 else ''}",
-    ]
-    if r.status == "running":
-        total = r.items if r.items is not None else None
+    items = _items(r)
+    workers = r.workers
+    cores = f"{r.cores} core{'s' if r.cores != 1 else ''}"
+    words = _speedup_words(r, a)
+    extra = _status_words(r)
+    running = r.status == "running"
+
+    text = [f"poolmagic: {items} in {_fmt_s(r.wall_s)}", _plural(workers, "worker"), f"{cores} available"]
+    cells = [f"<b>poolmagic</b> <code>{html.escape(r.func_name)}</code>", html.escape(items), _fmt_s(r.wall_s),
+             f"{_plural(workers, 'worker')} / {cores}"]
+    if running:
+        total = r.items
         frac = r.done / total if total else 0.0
         cells.insert(2, _bar(frac, 120, _BLUE) + (f"{frac:.0%}" if total else f"{r.done:,} done"))
-    words = _speedup_words(r, a)
-    if words and r.chunks:
-        ok = a.efficiency >= 0.7 and (a.measured or a.speedup) >= 1
-        cells.append(_bar(a.busy_share, 60, _GOOD if ok else _WARN, f"workers busy {a.busy_share:.0%}") + html.escape(words))
-    elif words:
-        cells.append(html.escape(words))
-    extra = _status_words(r)
+    if words:
+        text.append(words)
+        if r.chunks:
+            ok = a.efficiency >= 0.7 and (a.measured or a.speedup) >= 1
+            cells.append(_bar(a.busy_share, 60, _GOOD if ok else _WARN, f"workers busy {a.busy_share:.0%}")
+                         + html.escape(words))
+        else:
+            cells.append(html.escape(words))
     if extra:
+        text.append(extra)
         cells.append(f"<b>{html.escape(extra)}</b>")
+    lines = [" · ".join(text)]
+    lines += [f"  note: {n}" for n in r.notes]
+    lines += [f"  why: {f.text}" for f in a.findings]
+
     edge = _BAD if r.errors or r.status == "cancelled" else (_GOOD if not a.findings else _WARN)
-    parts = [" · ".join(cells)]
-    if r.chunks and r.status != "running":
+    parts = [_CARD % edge, " · ".join(cells)]
+    if r.chunks and not running:
         parts.append(
             f'<div style="opacity:.85">time: function {_fmt_s(a.busy_s)} · transport {_fmt_s(a.transport_s)}'
             f" · idle {_fmt_s(a.idle_s)} (over {_plural(a.workers, 'worker')})</div>"
         )
-    for n in r.notes:
-        parts.append(f"<div>note: {html.escape(n)}</div>")
+    parts += [f"<div>note: {html.escape(n)}</div>" for n in r.notes]
     if a.findings:
-        parts.append("<ul style=\"margin:2px 0 0 0;padding-left:18px\">"
+        parts.append('<ul style="margin:2px 0 0 0;padding-left:18px">'
                      + "".join(f"<li>{html.escape(f.text)}</li>" for f in a.findings) + "</ul>")
-    if len(r.chunks) > 1 and r.status != "running":  # one chunk is no picture
+    if len(r.chunks) > 1 and not running:  # one chunk is no picture
         from .timeline import Timeline
 
         parts.append(f"<details><summary>timeline</summary>{timeline_svg(Timeline(r))}</details>")
-    return (
-        f'<div class="poolmagic-summary" style="{_FONT};color:inherit;border-left:3px solid {edge};'
-        f'padding:1px 8px">' + "".join(f"<div>{p}</div>" if not p.startswith("<") else p for p in parts) + "</div>"
-    )
+    parts.append("</div>")
+    return {"text/plain": "\n".join(lines), "text/html": "".join(parts)}
 
 
 def progress_text(p: "Progress") -> str:

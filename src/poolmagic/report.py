@@ -161,4 +161,6 @@ class RunReport:
         return summary_html(self)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return {"text/plain": self.summary(), "text/html": self._repr_html_()}
+        from .display import summary_bundle
+
+        return summary_bundle(self)
