@@ -380,7 +380,21 @@ def wl_tiny(peer: Peer, cfg, fresh) -> dict:
         setup(k, peer, src)
         fig = k.figures(cell(timed_loop(peer.map_stmt("f", src, f"range({n})", n=n), cfg.reps),
                              f"assert len(r) == {n} and r[-1] == {(n - 1) ** 2}", "_emit(ts=_ts)"), 120)
-    return {"us_per_item": statistics.median(fig["ts"]) / n * 1e6, "n": n, "ts": fig["ts"]}
+        out = {"us_per_item": statistics.median(fig["ts"]) / n * 1e6, "n": n, "ts": fig["ts"]}
+        if peer.magic:  # what --checkpoint costs on the same map: interleaved pairs, each a new file
+            plain = peer.map_stmt("f", src, f"range({n})", n=n)
+            ck = (f"get_ipython().run_cell_magic('poolmap', '-q -o r --checkpoint ' + "
+                  f"os.path.join(_d, f'c{{_i}}.ckpt') + ' range({n})', {src!r})")
+            pairs = k.figures(cell(
+                "import os, shutil, tempfile", "_d = tempfile.mkdtemp()", "_a, _b = [], []",
+                f"for _i in range({cfg.reps_ck}):",
+                "    _t = time.perf_counter()", textwrap.indent(plain, "    "), "    _a.append(time.perf_counter() - _t)",
+                "    _t = time.perf_counter()", textwrap.indent(ck, "    "), "    _b.append(time.perf_counter() - _t)",
+                f"    assert len(r) == {n} and r[-1] == {(n - 1) ** 2}",
+                "shutil.rmtree(_d)", "_emit(plain=_a, ck=_b)"), 300)
+            a, b = statistics.median(pairs["plain"]), statistics.median(pairs["ck"])
+            out.update(ck_plain_s=a, ck_s=b, ck_pct=(b / a - 1) * 100)
+    return out
 
 
 def wl_cpu(peer: Peer, cfg, fresh) -> dict:
@@ -840,6 +854,10 @@ def md_notes(results: dict) -> list[str]:
         if g.get("status") == "ok":
             notes.append(f"{label[peer]}, x*x over a 10M-item generator with {how}: {g['s']:.2f} s, peak RSS "
                          f"growth {g['peak_mb']:.0f} MB = {g['ratio']:.2f}× the result list ({g['result_mb']:.0f} MB).")
+    if pm.get("tiny", {}).get("status") == "ok" and "ck_pct" in pm["tiny"]:
+        t = pm["tiny"]
+        notes.append(f"poolmagic tiny with `--checkpoint` (a new file each map, medians of interleaved pairs): "
+                     f"{t['ck_plain_s'] * 1e3:.2f} ms → {t['ck_s'] * 1e3:.2f} ms, {t['ck_pct']:+.1f} %.")
     for peer, t in (results.get("tiny") or {}).items():
         if t.get("status") == "ok" and t["n"] != 100_000:
             notes.append(f"{label[peer]}, tiny: over range({t['n']:_}) only (one task per item, "
@@ -1039,6 +1057,7 @@ class Config:
     reps: int = 5
     reps_cpu: int = 5
     reps_overhead: int = 300  # ~1 ms each; the summary's I/O-thread work makes single runs noisy
+    reps_ck: int = 40  # pairs of tiny maps without and with --checkpoint (~7 ms each)
     hang: float = 10.0  # seconds before a map counts as hung
     hang_gen: float = 120.0
     hang_ds: float = 30.0  # a data-science row's map (the first one imports numpy in the workers)
@@ -1072,7 +1091,7 @@ def main() -> int:
         bad = [x for x in name if x not in known]
         if bad:
             ap.error(f"unknown: {', '.join(bad)}")
-    cfg = Config(reps=3, reps_cpu=2, reps_overhead=50, reps_ds=2) if args.quick else Config()
+    cfg = Config(reps=3, reps_cpu=2, reps_overhead=50, reps_ds=2, reps_ck=10) if args.quick else Config()
     pm_dir = poolmagic_dir()
     if pm_dir is not None and not pm_dir.is_relative_to(HERE.parent.resolve()):
         print(f"note: poolmagic is imported from {pm_dir}, not from this checkout ({HERE.parent})",

@@ -16,8 +16,9 @@ kernel killed mid-map leaves whole records and at most one torn last record,
 which ``read`` detects (length or CRC) and ignores; the next writer cuts it
 off before appending. Nothing is fsynced per record: what ``write`` returned
 is in the operating system's cache and survives the process (the case this
-exists for: a kernel restart, crash or OOM kill); the file is fsynced when
-its map ends. Why not SQLite: docs/design.md ("Long runs").
+exists for: a kernel restart, crash or OOM kill); the file is fsynced when a
+map that ran a second or more ends, so a power loss costs at most the last
+records, cut off as torn. Why not SQLite: docs/design.md ("Long runs").
 """
 from __future__ import annotations
 
@@ -88,9 +89,14 @@ def read(path: str) -> Stored:
 class Writer:
     """Appends records to one checkpoint file; holds an exclusive lock on it while open."""
 
-    def __init__(self, path: str, end: int):
-        """Open ``path`` for appending, cutting it at ``end`` (past a torn record), or create it."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    def __init__(self, path: str, end: int, new: bool = False):
+        """Open ``path`` for appending, cutting it at ``end`` (past a torn record), or create it
+        (``new``: only create it; a file another process made meanwhile is left alone)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_EXCL if new else 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:
+            raise CheckpointFileError("another process created it meanwhile") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
