@@ -203,13 +203,7 @@ class DaskScheduling:
         return dasktask.Blob(payload.key, payload.data, payload.buffers)
 
     def _forget_finished_jobs(self) -> None:
-        keep = []
-        for j in self._jobs:
-            if j.active:
-                keep.append(j)
-            else:
-                self._item_times.remember(j)
-        self._jobs = keep
+        self._jobs = self._item_times.keep_active(self._jobs)
 
 
 def _task_name(job: Job) -> str:

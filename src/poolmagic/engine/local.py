@@ -295,14 +295,8 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         return job.options.workers or self._size
 
     def _forget_finished_jobs(self) -> None:
-        keep = []
-        for j in self._jobs:
-            if j.active:
-                keep.append(j)
-            else:
-                self._item_times.remember(j)
-        self._jobs = keep
-        live = {j.payload.key for j in keep}
+        self._jobs = self._item_times.keep_active(self._jobs)
+        live = {j.payload.key for j in self._jobs}
         for key in [k for k in self._shared if k not in live]:
             os.close(self._shared.pop(key))
 

@@ -52,6 +52,16 @@ class ItemTimes:
         if known is not None:
             job.busy, job.timed_items = known
 
+    def keep_active(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still running; those that ended are remembered (every backend's sweep)."""
+        keep = []
+        for j in jobs:
+            if j.active:
+                keep.append(j)
+            else:
+                self.remember(j)
+        return keep
+
     def remember(self, job: Job) -> None:
         if job.timed_items:
             self._known[job.payload.key] = (job.busy, job.timed_items)
