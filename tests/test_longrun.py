@@ -520,6 +520,40 @@ def test_a_checkpoint_in_a_missing_directory_is_refused_before_any_work(pool, tm
     assert calls(path) == [] and not where.parent.exists()
 
 
+def ck_wait_for(x, path, gate):
+    """Logs the call, then waits until the file ``gate`` exists (the test lets it go)."""
+    log_call(path, x)
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_a_running_map_of_this_kernel_writes_is_refused(pool, tmp_path):
+    ck, path, gate = str(tmp_path / "busy.bin"), str(tmp_path / "calls"), str(tmp_path / "go")
+    handle = pool.map_async(ck_wait_for, range(2), checkpoint=ck, kwargs={"path": path, "gate": gate})
+    try:
+        with pytest.raises(BadInputError, match="a running map of this kernel is writing it"):
+            pool.run(ck_square, range(2), checkpoint=ck, kwargs={"path": path + "2", "fail": ()})
+        assert calls(path + "2") == []
+    finally:
+        Path(gate).touch()
+    assert handle.get(timeout=30) == [0, 1]
+    assert _stored_indices(Path(ck)) == [0, 1]
+
+
+@pytest.mark.timeout(20)  # a map prepared on the file but never run must not hold it (it waited 30 s)
+def test_a_checkpoint_map_prepared_but_never_run_does_not_hold_its_file(pool, tmp_path):
+    ck, path = str(tmp_path / "prepared.bin"), str(tmp_path / "calls")
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, range(6), checkpoint=ck, kwargs={"path": path, "fail": (2,)}, keep_going=True)
+    pool.prepare(ck_square, range(6), checkpoint=ck, kwargs={"path": path, "fail": ()})  # never submitted
+    t0 = time.monotonic()
+    report = pool.run(ck_square, range(6), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert report.results == [x * x for x in range(6)] and report.resumed == (5, 1)
+    assert time.monotonic() - t0 < 10, "waited for the prepared map's file"
+
+
 @pytest.mark.timeout(60)
 def test_the_same_checkpoint_map_twice_in_a_row_waits_for_the_first_to_close(pool, tmp_path):
     ck = str(tmp_path / "again.bin")

@@ -231,8 +231,6 @@ class Pool:
             report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
         else:
             report.replay = (func, o, None)
-        if checkpoint is not None:
-            checkpoint.attach(job)
         return job
 
     def run(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
@@ -309,6 +307,8 @@ class Pool:
         self.last_report, self.last_job = job.report, job
         if watch is not None:
             watch.attach(job)
+        if job.checkpoint is not None:  # attached as the map starts: a job only prepared holds no file
+            job.checkpoint.attach(job)
         self.backend.submit(job)
         return job
 

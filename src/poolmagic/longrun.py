@@ -79,12 +79,13 @@ def _continuing(name: str, n: int, results: list, errors: dict) -> RunReport:
 class Checkpoint:
     """One checkpoint file: load what it holds, and record chunks as they finish (an observer).
 
-    The file is opened (and locked) at once, so a place that cannot take it
-    fails before any work; all writing then happens on poolmagic's writer
-    thread (one per process, started once: starting a thread per map cost
-    ~0.2 ms), fed by a queue: the backend's thread only hands over
-    references. ``wait()`` (called when the map ends) returns once every
-    finished chunk is written.
+    An existing file is read, opened and locked at once, and a new one's
+    directory checked, so a place that cannot take it fails before any work;
+    all writing then happens on poolmagic's writer thread (one per process,
+    started once: starting a thread per map cost ~0.2 ms), which also creates
+    a new file, fed in order: the backend's thread only hands over references.
+    ``wait()`` (called when the map ends) writes what is still pending itself
+    and returns once every finished chunk is written.
     """
 
     def __init__(self, path: str):
@@ -97,9 +98,15 @@ class Checkpoint:
         self._t_open = time.perf_counter()
         self._pending: collections.deque = collections.deque()  # tasks not written yet
         self._write_lock = threading.Lock()
+        self._job: Any = None
+        self._closing = False
         key = os.path.realpath(self.path)
         earlier = _OPEN.get(key)
-        if earlier is not None:  # this kernel's previous map on it may still be syncing it
+        if earlier is not None:  # this kernel's previous map on it: may still be syncing it
+            if earlier._job is not None and earlier._job.active:
+                raise BadInputError(f"cannot use {self.path!r} as a checkpoint: a running map of this "
+                                    f"kernel is writing it")
+            earlier._put("close")  # a no-op if it closed; a map prepared but never run did not
             earlier._done.wait(30)
         self._stored: Stored | None = None
         self.file: Writer | None = None
@@ -186,6 +193,7 @@ class Checkpoint:
 
     # ------------------------------------------------------------ recording (backend's thread)
     def attach(self, job: Any) -> None:
+        self._job = job
         self._index = job.index
         job.observers.append(self)
 
@@ -226,6 +234,9 @@ class Checkpoint:
     def _close(self) -> None:
         """Every chunk is written: the map may return. The fsync goes to a thread of its
         own, so that the next map's records never wait behind this file's sync."""
+        if self._closing:
+            return
+        self._closing = True
         self._committed.set()
         _thread_queue("syncer").put((self._sync_and_release, ()))
 
