@@ -82,7 +82,7 @@ def summary_text(r: "RunReport") -> str:
 
     A second line per finding when parallelism did not pay (diagnose.py).
     """
-    return summary_bundle(r)["text/plain"]
+    return _summary(r, with_html=False)["text/plain"]
 
 
 def summary_html(r: "RunReport") -> str:
@@ -103,6 +103,11 @@ _CARD = f'<div class="poolmagic-summary" style="{_FONT};color:inherit;border-lef
 
 def summary_bundle(r: "RunReport") -> dict[str, str]:
     """The summary as text and HTML, from one pass over the report (on every cell's path)."""
+    return _summary(r, with_html=True)
+
+
+def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
+    """The text form, and the HTML one (its timeline picture included) only when asked."""
     a = r.analysis()
     items = _items(r)
     workers = r.workers
@@ -132,6 +137,8 @@ def summary_bundle(r: "RunReport") -> dict[str, str]:
     lines = [" · ".join(text)]
     lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  why: {f.text}" for f in a.findings]
+    if not with_html:  # a terminal's repr: no HTML, no timeline picture
+        return {"text/plain": "\n".join(lines)}
 
     edge = _BAD if r.errors or r.status == "cancelled" else (_GOOD if not a.findings else _WARN)
     parts = [_CARD % edge, " · ".join(cells)]
