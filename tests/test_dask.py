@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +29,11 @@ pytest.importorskip(
     "distributed", reason='the dask backend needs dask.distributed: pip install "poolmagic[dask]"'
 )
 
+from conftest import run_script, wait_dead, wait_for  # noqa: E402
+
 import poolmagic  # noqa: E402
 from poolmagic import NOT_DONE, BadInputError, Pool  # noqa: E402
-
-from conftest import run_script, wait_dead  # noqa: E402
+from poolmagic.engine import daskforkserver  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -464,3 +465,60 @@ def test_a_script_that_never_shuts_its_dask_pool_exits_cleanly(tmp_path):
     assert "[3, 2, 1]" in out
     pids = [int(p) for line in out.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
     assert pids and not wait_dead(pids), "a dask worker outlived the interpreter"
+
+
+# ---------------------------------------------------------------- worker processes from our server
+
+
+def _parents(pids) -> set[int]:
+    return {psutil.Process(p).ppid() for p in pids}
+
+
+@pytest.mark.skipif(daskforkserver.CONTEXT is None, reason="no forkserver on this platform")
+def test_workers_and_their_replacements_are_forked_by_poolmagics_dask_server(dask_pool):
+    """A replacement is a fork of a server that has imported dask, not a fresh
+    Python that imports it (what an interrupt, a timeout or a crash waits for)."""
+    server = daskforkserver.server_pid()
+    assert server is not None and server != os.getpid()
+    before = dask_pool.backend.worker_pids()
+    assert len(before) == 2 and _parents(before) == {server}
+    with pytest.raises(poolmagic.WorkerCrashedError):
+        dask_pool.map(exit_at, range(6))
+    assert wait_for(lambda: len(set(dask_pool.backend.worker_pids()) - set(before)) == 1, 30), "no replacement came"
+    assert _parents(dask_pool.backend.worker_pids()) == {server}
+    assert dask_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+def test_a_users_own_local_cluster_is_left_to_dask(dask_pool):
+    """Only poolmagic's nannies fork from its server: a LocalCluster the user
+    starts in the same kernel spawns its workers as dask does."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        pids = [n.pid for n in cluster.workers.values()]
+        assert pids and _parents(pids) == {os.getpid()}
+
+
+@pytest.mark.skipif(daskforkserver.CONTEXT is None, reason="no forkserver on this platform")
+def test_a_killed_kernel_takes_its_workers_and_what_they_started_along(tmp_path):
+    """SIGKILL the process that owns the LocalCluster while an item has started
+    a process of its own: the workers, that process and our server all go."""
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, subprocess, sys\n"
+        "from poolmagic import Pool\n"
+        "from poolmagic.engine import daskforkserver\n"
+        "def start(x):\n"
+        "    import subprocess\n"
+        "    return subprocess.Popen(['sleep', '300']).pid\n"
+        "pool = Pool(2, backend='dask')\n"
+        "got = pool.map(start, range(2))\n"
+        "print('PIDS', *got, *pool.backend.worker_pids(), daskforkserver.server_pid(), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out, err, code = run_script(script, timeout=60)
+    assert code == -9, err
+    pids = [int(p) for line in out.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
+    assert len(pids) == 5, out
+    assert not wait_dead(pids, timeout=15), "a process outlived its killed kernel"

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from distributed import Client, LocalCluster, as_completed
 
 from ..errors import PoolmapError, safe_str
-from . import dasktask
+from . import daskforkserver, dasktask
 from .daskoutcomes import DaskChunk
 from .daskplumbing import check_workers, start_local_cluster
 from .job import Job
@@ -228,6 +228,7 @@ class DaskCluster:
             _quietly(client.close, 2)
         if cluster is not None:
             _quietly(cluster.close, 2)
+            daskforkserver.release()
         self._inflight.clear()
         self._by_key.clear()
         self._blobs.clear()

@@ -18,6 +18,7 @@ import cloudpickle
 from distributed import Client, LocalCluster, Nanny
 
 from ..errors import PoolmapError
+from . import daskforkserver
 from .daskpreload import WARM_ENV
 from .processes import install_main_guard, warm_modules
 
@@ -55,6 +56,14 @@ class PoolNanny(Nanny):
     """
 
     closing = False  # set by poolmagic before it kills the workers to close the cluster
+
+    async def instantiate(self) -> Any:
+        """Start the worker process, forked by our server (daskforkserver) where it can be."""
+        token = daskforkserver.OURS.set(daskforkserver.CONTEXT is not None)
+        try:
+            return await super().instantiate()
+        finally:
+            daskforkserver.OURS.reset(token)
 
     def _on_worker_exit_sync(self, exitcode: int) -> None:
         try:
@@ -107,29 +116,36 @@ def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
     poolmagic reports the item at once instead.
     """
     drop_main_for_dask_workers()
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        # the scheduler's HTTP server (the dashboard when bokeh is installed) on
-        # loopback too: without an address it takes 8787 on every interface
-        dashboard_address="127.0.0.1:0",
-        worker_class=PoolNanny,
-        scheduler_kwargs={"allowed_failures": 0},
-        silence_logs=logging.ERROR,
-        preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
-        env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
-        # dask's sampling profiler interrupts the running item every 10 ms to
-        # read its stack: 25 ms items took 41-49 ms with it, 32-35 ms without.
-        # The event-loop health tick (20 ms) wakes each worker for nothing a
-        # notebook needs: an idle worker used 4 % of a core with it, 1.3-1.7 % at 1 s.
-        config={"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"},
-    )
+    daskforkserver.install()
+    daskforkserver.start()  # released when the cluster is closed (DaskCluster._close_dask)
+    try:
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            # the scheduler's HTTP server (the dashboard when bokeh is installed) on
+            # loopback too: without an address it takes 8787 on every interface
+            dashboard_address="127.0.0.1:0",
+            worker_class=PoolNanny,
+            scheduler_kwargs={"allowed_failures": 0},
+            silence_logs=logging.ERROR,
+            preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
+            env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
+            # dask's sampling profiler interrupts the running item every 10 ms to
+            # read its stack: 25 ms items took 41-49 ms with it, 32-35 ms without.
+            # The event-loop health tick (20 ms) wakes each worker for nothing a
+            # notebook needs: an idle worker used 4 % of a core with it, 1.3-1.7 % at 1 s.
+            config={"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"},
+        )
+    except BaseException:
+        daskforkserver.release()
+        raise
     try:
         client = Client(cluster, set_as_default=False, direct_to_workers=True)
     except BaseException:
         cluster.close(timeout=2)
+        daskforkserver.release()
         raise
     return cluster, client
 

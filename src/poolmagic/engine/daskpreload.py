@@ -7,7 +7,11 @@ decides what an interrupt stops (it cancels the map's tasks and kills the
 workers running them), so a worker leads a process group of its own, and a
 SIGINT that still reaches it does nothing. (A handler that does nothing, not
 SIG_IGN: processes the function starts get the default SIGINT back on exec.)
-A worker still exits with its kernel: dask's nanny pipe tells it.
+A worker still exits with its kernel: dask's nanny pipe tells it. A worker
+forked by our server (daskforkserver) also lets go of the server's "alive"
+pipe and dies with the server, which outlives the kernel by no more than its
+exit hook: killing each worker's process group, with whatever the mapped
+function started.
 
 Heavy modules the kernel had imported when it started the cluster (numpy,
 pandas: ``WARM_ENV``) are imported here, before the worker takes tasks, as
@@ -20,6 +24,8 @@ import os
 import signal
 from typing import Any
 
+from .daskforkserver import in_forked_worker
+from .worker import _die_with_parent, _release_forkserver_pipe
 
 WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
 
@@ -35,10 +41,15 @@ def dask_setup(worker: Any) -> None:
             os.setpgid(0, 0)
         except OSError:
             pass
+    if in_forked_worker():
+        _release_forkserver_pipe()
+        _die_with_parent()
     try:
         signal.signal(signal.SIGINT, _ignore)
     except ValueError:  # not the main thread
-        pass
+        return
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the server that forked us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _ignore(signum: int, frame: object) -> None:
