@@ -402,6 +402,9 @@ def wl_cpu(peer: Peer, cfg, fresh) -> dict:
     src = "def work(n):\n    s = 0\n    for i in range(n):\n        s += i\n    return s\n"
     with fresh() as k:
         setup(k, peer, src)
+        # warm first: a pool still starting in the background (a forkserver importing,
+        # workers booting) slowed this calibration and made the items half as long
+        k.figures(peer.map_stmt("work", src, "[1000] * 16", n=16), 60)
         k.figures(textwrap.dedent("""
             _ds = []
             for _i in range(5):

@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster, as_completed
 from ..errors import PoolmapError, safe_str
 from . import daskforkserver, dasktask
 from .daskoutcomes import DaskChunk
-from .daskplumbing import check_workers, start_local_cluster
+from .daskplumbing import check_workers, start_local_cluster, unbatch
 from .job import Job
 
 CONNECT_TIMEOUT_S = 10.0
@@ -75,6 +75,7 @@ class DaskCluster:
             return
         if self.owned and len(self.cluster.worker_spec) != self._size:  # resized while it started
             self.cluster.scale(self._size)
+        unbatch(getattr(self.client, "scheduler_comm", None))  # our submits go at once
         self.client.subscribe_topic(self._topic, self._on_topic)
         self._ac = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
         threading.Thread(target=self._collect, name="poolmagic-dask-results", daemon=True).start()

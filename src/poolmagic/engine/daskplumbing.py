@@ -15,11 +15,13 @@ import weakref
 from typing import Any
 
 import cloudpickle
+import dask
 from distributed import Client, LocalCluster, Nanny
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from ..errors import PoolmapError
 from . import daskforkserver
-from .daskpreload import WARM_ENV
+from .daskpreload import WARM_ENV, unbatch
 from .processes import install_main_guard, warm_modules
 
 DASK_WORKER_NAME = "Dask Worker process"  # how a nanny names the process it starts
@@ -102,6 +104,38 @@ for _name in ("distributed.scheduler", "distributed.nanny", "distributed.worker"
     logging.getLogger(_name).addFilter(_QUIET)
 
 
+class Unbatched(SchedulerPlugin):
+    """Our LocalCluster's scheduler writes to its workers and clients at once."""
+
+    name = "poolmagic-unbatched"
+
+    async def start(self, scheduler: Any) -> None:
+        for stream in [*scheduler.stream_comms.values(), *scheduler.client_comms.values()]:
+            unbatch(stream)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        unbatch(scheduler.stream_comms.get(worker))
+
+    def add_client(self, scheduler: Any, client: str) -> None:
+        # (called before the scheduler makes the client's stream: set on its next turn)
+        scheduler.loop.add_callback(lambda: unbatch(scheduler.client_comms.get(client)))
+
+
+CLUSTER_CONFIG = {
+    # dask's sampling profiler interrupts the running item every 10 ms to
+    # read its stack: 25 ms items took 41-49 ms with it, 32-35 ms without.
+    "distributed.worker.profile.enabled": False,
+    # The event-loop health tick (20 ms) wakes each worker for nothing a
+    # notebook needs: an idle worker used 4 % of a core with it, 1.3-1.7 % at 1 s.
+    "distributed.admin.tick.interval": "1s",
+    # The system monitor (CPU, memory, disk and network counters every 0.5 s)
+    # feeds the dashboard's graphs: every 2 s and without disk counters, an idle
+    # LocalCluster costs the kernel 1.4 % of a core instead of 2.3 %.
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
+}
+
+
 def drop_main_for_dask_workers() -> None:
     """Keep the nannies' worker processes from re-running the kernel's ``__main__``
     (the local backend's guard, for dask's process names)."""
@@ -119,30 +153,28 @@ def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
     daskforkserver.install()
     daskforkserver.start()  # released when the cluster is closed (DaskCluster._close_dask)
     try:
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            # the scheduler's HTTP server (the dashboard when bokeh is installed) on
-            # loopback too: without an address it takes 8787 on every interface
-            dashboard_address="127.0.0.1:0",
-            worker_class=PoolNanny,
-            scheduler_kwargs={"allowed_failures": 0},
-            silence_logs=logging.ERROR,
-            preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
-            env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
-            # dask's sampling profiler interrupts the running item every 10 ms to
-            # read its stack: 25 ms items took 41-49 ms with it, 32-35 ms without.
-            # The event-loop health tick (20 ms) wakes each worker for nothing a
-            # notebook needs: an idle worker used 4 % of a core with it, 1.3-1.7 % at 1 s.
-            config={"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"},
-        )
+        with dask.config.set(CLUSTER_CONFIG):  # the scheduler and nannies run here, in the kernel
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                # the scheduler's HTTP server (the dashboard when bokeh is installed) on
+                # loopback too: without an address it takes 8787 on every interface
+                dashboard_address="127.0.0.1:0",
+                worker_class=PoolNanny,
+                scheduler_kwargs={"allowed_failures": 0},
+                silence_logs=logging.ERROR,
+                preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
+                env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
+                config=CLUSTER_CONFIG,  # the worker processes' (the scheduler's: dask.config.set)
+            )
     except BaseException:
         daskforkserver.release()
         raise
     try:
         client = Client(cluster, set_as_default=False, direct_to_workers=True)
+        client.register_plugin(Unbatched())
     except BaseException:
         cluster.close(timeout=2)
         daskforkserver.release()

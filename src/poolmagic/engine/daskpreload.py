@@ -30,7 +30,22 @@ from .worker import _die_with_parent, _release_forkserver_pipe
 WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
 
 
+# dask batches each stream's messages, holding one for up to 10 ms (client to
+# scheduler), 5 ms (scheduler to worker) or 2 ms after the one before: a 2-item
+# map took 19.7 ms, 15 of them in those waits. With no wait, messages still go
+# together while a write is under way: 5.5 ms. (Our LocalCluster's streams, and
+# our client's to any scheduler.)
+STREAM_INTERVAL_S = 0.0
+
+
+def unbatch(stream: Any) -> None:
+    """Let a dask BatchedSend write at once (see STREAM_INTERVAL_S)."""
+    if stream is not None and hasattr(stream, "interval"):
+        stream.interval = STREAM_INTERVAL_S
+
+
 def dask_setup(worker: Any) -> None:
+    unbatch(getattr(worker, "batched_stream", None))  # "a chunk ended" goes at once
     for name in filter(None, os.environ.get(WARM_ENV, "").split(",")):
         try:
             __import__(name)
