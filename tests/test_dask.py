@@ -221,6 +221,24 @@ def test_tiny_items_go_in_chunks_not_one_task_each(backend):
     assert len(report.chunks) < 100
 
 
+def nap(x, seconds=0.025):
+    time.sleep(seconds)  # as long on a loaded machine as on a quiet one
+    return x
+
+
+def test_the_tail_of_a_map_is_shared_out_not_sent_one_item_per_task(dask_pool):
+    """16 equal 25 ms items on 2 workers: each worker's share of what is left,
+    not a tail of one-item tasks (8 tasks, 4 of them singles, each costing
+    the kernel and its worker ~6 ms of CPU), and both workers get work."""
+    dask_pool.map(nap, range(16))  # the time per item is known from here on
+    report = dask_pool.run(nap, range(16))
+    assert report.results == list(range(16))
+    sizes = [c.count for c in sorted(report.chunks, key=lambda c: c.start)]
+    assert len(sizes) <= 6, sizes
+    assert sizes.count(1) <= 1, sizes
+    assert len({c.worker for c in report.chunks}) == 2
+
+
 def test_a_generator_is_fed_by_the_callers_thread(backend):
     assert backend.map(double, (i for i in range(3000))) == [2 * i for i in range(3000)]
 

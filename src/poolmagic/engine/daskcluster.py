@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster, as_completed
 from ..errors import PoolmapError, safe_str
 from . import daskforkserver, dasktask
 from .daskoutcomes import DaskChunk
-from .daskplumbing import check_workers, start_local_cluster, unbatch
+from .daskplumbing import check_workers, kill_worker, start_local_cluster, unbatch
 from .job import Job
 
 CONNECT_TIMEOUT_S = 10.0
@@ -224,7 +224,7 @@ class DaskCluster:
                 nanny.closing = True
                 pid = getattr(nanny, "pid", None)
                 if pid:
-                    _kill(pid)
+                    kill_worker(pid)
         if client is not None:
             _quietly(client.close, 2)
         if cluster is not None:
@@ -266,16 +266,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # someone else's
     return True
-
-
-def _kill(pid: int) -> None:
-    import os
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _close(fd: int | None) -> None:

@@ -15,8 +15,6 @@ one that was running, and dask cannot run that task again on another worker
 """
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Any
 
@@ -34,7 +32,7 @@ from ..errors import (
 )
 from . import daskforkserver
 from . import protocol as P
-from .daskplumbing import EXITS
+from .daskplumbing import EXITS, kill_worker
 from .events import ChunkRecord, WorkerReplaced
 from .handle import Chunk
 from .job import Job
@@ -343,10 +341,7 @@ class DaskOutcomes:
             if self._running_mark(address) not in (seq, None):  # the chunk ended meanwhile
                 self._expected.discard(address)  # back to work, unharmed
                 continue
-            try:
-                os.kill(pid, signal.SIGKILL)  # its nanny starts a new worker
-            except OSError:
-                pass
+            kill_worker(pid)  # its nanny starts a new worker
 
     def _abandon(self, job: Job) -> None:
         """Stop all work of a finished, failed or cancelled job at once."""

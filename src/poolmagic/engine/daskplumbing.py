@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import re
+import signal
 import sys
 import threading
 import weakref
@@ -22,6 +24,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from ..errors import PoolmapError
 from . import daskforkserver
 from .daskpreload import WARM_ENV, unbatch
+from .handle import kill_group
 from .processes import install_main_guard, warm_modules
 
 DASK_WORKER_NAME = "Dask Worker process"  # how a nanny names the process it starts
@@ -134,6 +137,16 @@ CLUSTER_CONFIG = {
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.admin.system-monitor.disk": False,
 }
+
+
+def kill_worker(pid: int) -> None:
+    """SIGKILL a worker of our LocalCluster and its process group (it leads one,
+    see daskpreload), so that processes the mapped function started go too."""
+    kill_group(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)  # not yet the leader of a group of its own
+    except OSError:
+        pass
 
 
 def drop_main_for_dask_workers() -> None:

@@ -72,16 +72,22 @@ class DaskScheduling:
             usable = self._usable()
             rank = {a: i for i, a in enumerate(usable)}
             load = dict.fromkeys(usable, 0)
+            waiting = set()  # workers with a chunk that has not begun: nothing more for them yet
             for c in self._inflight.values():
                 if c.worker in load:
                     load[c.worker] += 1
+                    if c.began is None:
+                        waiting.add(c.worker)
             for a in self._zombies.values():
                 if a in load:
                     load[a] += 1
             while jobs:
                 sent = False
                 for address in sorted(usable, key=load.__getitem__):
-                    if load[address] >= WINDOW:
+                    # A dask worker may start two tasks in either order: the chunk
+                    # behind is sent once the one before has begun (an item sent
+                    # first ran after an item that killed its worker, and was lost).
+                    if load[address] >= WINDOW or address in waiting:
                         continue
                     job = self._pick(jobs, rank[address])
                     if job is None:
@@ -96,6 +102,7 @@ class DaskScheduling:
                         continue
                     if self._send(job, *got, address):
                         load[address] += 1
+                        waiting.add(address)
                         sent = True
                 jobs = [j for j in jobs if j.has_work()]
                 if not sent:
