@@ -507,6 +507,28 @@ def test_workers_and_their_replacements_are_forked_by_poolmagics_dask_server(das
     assert dask_pool.map(double, range(4)) == [0, 2, 4, 6]
 
 
+def test_dask_gets_its_own_process_context_back_when_our_last_cluster_closes():
+    """(In a fresh interpreter: this module's own cluster stays up meanwhile.)"""
+    out, err, code = run_script(
+        """
+        import distributed.nanny, distributed.process
+        from poolmagic import Pool
+        from poolmagic.engine import daskforkserver
+        originals = (distributed.process.get_mp_context, distributed.nanny.get_mp_context)
+        pool = Pool(1, backend="dask")
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        during = (distributed.process.get_mp_context, distributed.nanny.get_mp_context)
+        assert (during != originals) == (daskforkserver.CONTEXT is not None), during
+        pool.shutdown()
+        assert (distributed.process.get_mp_context, distributed.nanny.get_mp_context) == originals
+        assert daskforkserver.server_pid() is None
+        print("OK")
+        """,
+        timeout=60,
+    )
+    assert code == 0 and "OK" in out, err[-2000:]
+
+
 def test_a_users_own_local_cluster_is_left_to_dask(dask_pool):
     """Only poolmagic's nannies fork from its server: a LocalCluster the user
     starts in the same kernel spawns its workers as dask does."""

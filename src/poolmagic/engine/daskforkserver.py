@@ -125,7 +125,8 @@ def start(preload_extra: list[str] | None = None) -> None:
 
 
 def release() -> None:
-    """One cluster fewer; the last one stops the server (it kills any child it left)."""
+    """One cluster fewer; the last one stops the server (it kills any child it left)
+    and gives dask its own process context back."""
     global _USERS
     with SERVER._lock:
         if _USERS == 0:
@@ -134,6 +135,7 @@ def release() -> None:
         if _USERS:
             return
     _stop()
+    uninstall()
 
 
 def _stop() -> None:
@@ -170,6 +172,9 @@ def server_pid() -> int | None:
     return SERVER._forkserver_pid
 
 
+_ORIGINALS: dict[Any, Any] = {}  # module -> dask's own get_mp_context, while ours is installed
+
+
 def install() -> None:
     """Make dask's ``get_mp_context`` answer CONTEXT for poolmagic's nannies (OURS)."""
     if CONTEXT is None:
@@ -186,7 +191,16 @@ def install() -> None:
             return CONTEXT if OURS.get() else original()
 
         get_mp_context._poolmagic = True  # type: ignore[attr-defined]
+        _ORIGINALS[module] = original
         module.get_mp_context = get_mp_context
+
+
+def uninstall() -> None:
+    """Give dask its own ``get_mp_context`` back (the last cluster of ours has closed)."""
+    for module, original in list(_ORIGINALS.items()):
+        if getattr(getattr(module, "get_mp_context", None), "_poolmagic", False):
+            module.get_mp_context = original
+        del _ORIGINALS[module]
 
 
 def in_forked_worker() -> bool:
