@@ -5,7 +5,7 @@ that imports distributed, ~0.5 s of CPU, which is also what a killed worker's
 replacement costs after an interrupt, a timeout or a crash, while the next
 map waits. Forked from a server that imported distributed (and the kernel's
 numpy and pandas) once, two replacements are up in 0.09 s instead of 0.26 s
-(``tests``-free figure: docs/design.md, "Dask workers from a forkserver").
+(docs/design.md, "Workers forked from a server that has imported dask").
 
 multiprocessing keeps one forkserver per process, and the local backend's
 preloads poolmagic's own worker. This module runs a second one, a
@@ -18,7 +18,9 @@ What a forked worker does differently from a spawned one is in
 ``daskpreload.dask_setup``: it lets go of the server's "alive" pipe, dies
 with the server, and the server, once the kernel is gone, kills the process
 group of each worker it forked (``serverhooks``), with whatever the mapped
-function started.
+function started. The server's environment is the kernel's when it started:
+dask's ``pre-spawn-environ`` does not reach forked workers (BLAS threads are
+limited per map by the context, as in local workers).
 """
 from __future__ import annotations
 
