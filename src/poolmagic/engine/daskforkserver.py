@@ -28,7 +28,6 @@ import contextvars
 import multiprocessing as mp
 import os
 import signal
-import sys
 import time
 import types
 from multiprocessing import context as _context
@@ -69,8 +68,8 @@ class _ServerModule:
         self._server = server
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("connect_to_new_process", "ensure_running", "get_inherited_fds"):
-            return getattr(self._server, name)
+        if name == "connect_to_new_process":
+            return self._server.connect_to_new_process
         return getattr(_forkserver, name)
 
 
@@ -108,7 +107,7 @@ else:
     CONTEXT = None
 
 
-def start(preload_extra: list[str] | None = None) -> None:
+def start() -> None:
     """Boot the server now, for one more cluster (it imports in the background; returns at once).
 
     Called on the dask manager thread, with SIGINT blocked there: the server
@@ -122,7 +121,7 @@ def start(preload_extra: list[str] | None = None) -> None:
     block_sigint()  # after the tracker: starting it unblocks SIGINT
     with SERVER._lock:
         _USERS += 1
-        SERVER.set_forkserver_preload([*BASE_PRELOAD, *warm_modules(), *(preload_extra or [])])
+        SERVER.set_forkserver_preload([*BASE_PRELOAD, *warm_modules()])
     SERVER.ensure_running()
 
 
@@ -203,9 +202,3 @@ def uninstall() -> None:
         if getattr(getattr(module, "get_mp_context", None), "_poolmagic", False):
             module.get_mp_context = original
         del _ORIGINALS[module]
-
-
-def in_forked_worker() -> bool:
-    """True in a process that SERVER forked (its "alive" pipe is still held)."""
-    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
-    return getattr(server, "_forkserver_alive_fd", None) is not None and getattr(server, "_forkserver_pid", 1) is None

@@ -24,7 +24,6 @@ import os
 import signal
 from typing import Any
 
-from .daskforkserver import in_forked_worker
 from .worker import _die_with_parent, _release_forkserver_pipe
 
 WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
@@ -56,8 +55,7 @@ def dask_setup(worker: Any) -> None:
             os.setpgid(0, 0)
         except OSError:
             pass
-    if in_forked_worker():
-        _release_forkserver_pipe()
+    if _release_forkserver_pipe():  # forked by our server (daskforkserver): die with it
         _die_with_parent()
     try:
         signal.signal(signal.SIGINT, _ignore)

@@ -92,7 +92,7 @@ class DaskScheduling:
                     job = self._pick(jobs, rank[address])
                     if job is None:
                         continue
-                    size = self._chunk_size(job, address)
+                    size = self._chunk_size(job, address, usable)
                     if size == 0:  # it holds its share of the map already: others take the rest
                         continue
                     got = job.next_items(size)
@@ -109,7 +109,7 @@ class DaskScheduling:
                     break
         self._forget_finished_jobs()
 
-    def _chunk_size(self, job: Job, address: str) -> int:
+    def _chunk_size(self, job: Job, address: str, usable: list[str]) -> int:
         """The Job's size grown to ~TASK_S of work, but no more than ``address``'s share
         of what is left, so that the workers end together (0: it has its share).
 
@@ -130,7 +130,7 @@ class DaskScheduling:
         if rem is None:
             return max(size, min(math.ceil(TASK_S / t), STREAM_MAX_CHUNK))
         size = max(size, math.ceil(TASK_S / t))
-        busy = self._busy_s(self._usable()[:workers])
+        busy = self._busy_s(usable[:workers])
         mine = busy.get(address, 0.0)
         share = (sum(busy.values()) + rem * t) / max(1, len(busy)) - mine
         n = int(share / t + 0.5)

@@ -340,8 +340,9 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
     Worker(conn, slot).serve(warm)
 
 
-def _release_forkserver_pipe() -> None:
-    """Close the forkserver's "alive" pipe, which multiprocessing hands every child.
+def _release_forkserver_pipe() -> bool:
+    """Close the forkserver's "alive" pipe, which multiprocessing hands every child;
+    True if this process is such a child (False: it was spawned, or is a server).
 
     The forkserver exits when every writer of that pipe is gone; it is meant to
     be the kernel alone. A worker holding it kept the forkserver alive after
@@ -353,12 +354,13 @@ def _release_forkserver_pipe() -> None:
     server = getattr(fs, "_forkserver", None)
     fd = getattr(server, "_forkserver_alive_fd", None)
     if fd is None or getattr(server, "_forkserver_pid", None) is not None:
-        return  # not a forkserver child (or this process runs its own forkserver)
+        return False  # not a forkserver child (or this process runs its own forkserver)
     try:
         os.close(fd)
     except OSError:
         pass
     server._forkserver_alive_fd = None
+    return True
 
 
 def _ignore_sigint(signum: int, frame: object) -> None:
