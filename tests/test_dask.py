@@ -106,6 +106,11 @@ def exit_at_once(x, bad=4):
     return x
 
 
+def touch(path):
+    Path(path).write_text("ran")
+    return path
+
+
 def sleepy(x):
     time.sleep(30)
     return x
@@ -428,6 +433,22 @@ def test_the_address_path_times_out_an_item_whose_task_runs_on(remote_pool):
     with pytest.raises(poolmagic.ItemTimeoutError, match="runs on in its dask worker"):
         remote_pool.map(sleep_at, range(3), timeout=0.5, kwargs={"seconds": 2.0})
     assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+def test_max_memory_on_a_remote_cluster_is_refused_before_any_work(remote_pool, tmp_path):
+    """Its workers' memory is not on this machine: say so, and what to use instead."""
+    ran = tmp_path / "ran"
+    with pytest.raises(BadInputError, match=r"--max-memory reads each worker's memory on this machine.*"
+                                            r"dask worker --memory-limit\)$"):
+        remote_pool.run(touch, [str(ran)], max_memory="1GB")
+    remote_pool.max_memory = 1 << 30  # the pool's limit (%poolsize --max-memory) is refused the same way
+    try:
+        with pytest.raises(BadInputError, match=r"clear the pool's \(%poolsize --max-memory off\)"):
+            remote_pool.map(touch, [str(ran)])
+    finally:
+        remote_pool.max_memory = None
+    assert not ran.exists(), "the map ran before its bad option was caught"
+    assert remote_pool.map(double, range(3)) == [0, 2, 4]
 
 
 def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):

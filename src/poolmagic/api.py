@@ -181,6 +181,13 @@ class Pool:
         o = MapOptions.from_kwargs(options)
         if o.max_memory is None and self.max_memory is not None:
             o = o.with_(max_memory=self.max_memory)
+        if o.max_memory is not None and not getattr(self.backend, "limits_memory", True):
+            raise BadInputError(
+                f"--max-memory reads each worker's memory on this machine: it works on the local backend "
+                f"and on a dask LocalCluster that poolmagic started, not on the {self.backend.description}. "
+                f"Give that cluster's workers a limit of their own (dask worker --memory-limit)"
+                + (", and clear the pool's (%poolsize --max-memory off)" if options.get("max_memory") is None else "")
+            )
         if not callable(func):
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
         name = callable_name(func)

@@ -40,6 +40,9 @@ Failures, as the local backend has them:
   own, kills the workers running them, as the local backend does. Their
   replacements are forks of a server that has imported dask
   (daskforkserver.py): the next map runs ~0.1 s later.
+* Memory (our own cluster, daskmemory.py): a worker above ``--max-memory``,
+  or the largest when the kernel's memory runs low, is SIGKILLed and its item
+  fails with ``WorkerMemoryError``, as on the local backend.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ from .daskcluster import (
     _quietly,
     marks_folder,
 )
+from .daskmemory import DaskMemoryGuard
 from .daskoutcomes import DaskChunk, DaskOutcomes
 from .daskplumbing import dashboard_link, forget_at_exit, stop_at_exit
 from .daskscheduling import (
@@ -95,17 +99,18 @@ __all__ = [
 ]
 
 
-class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, Backend):
+class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Backend):
     """Maps on a dask.distributed cluster: a LocalCluster it owns, or the one at ``address``.
 
-    The class is assembled from four parts, each a module of its own: this
+    The class is assembled from five parts, each a module of its own: this
     one (the public face and the manager thread's loop), DaskCluster
     (starting or reaching the cluster, its workers, closing it:
     daskcluster.py), DaskScheduling (chunk sizes, which map goes to which
-    worker, tasks and scattered functions: daskscheduling.py) and
-    DaskOutcomes (what each result, death, deadline or cancel does to a job:
-    daskoutcomes.py). DaskCluster and DaskScheduling come before DaskOutcomes:
-    they provide methods it declares. All of their methods but the public
+    worker, tasks and scattered functions: daskscheduling.py), DaskOutcomes
+    (what each result, death, deadline or cancel does to a job:
+    daskoutcomes.py) and DaskMemoryGuard (--max-memory and the memory guard
+    on our own cluster: daskmemory.py). Each part comes before those that
+    declare the methods it provides. All of their methods but the public
     ones run on the manager thread.
     """
 
@@ -136,6 +141,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, Backend):
         self._slots: dict[str, int] = {}  # address -> the number shown as its worker
         self._listening: set[str] = set()  # worker addresses whose event topic we follow
         self._refreshed = 0.0
+        self._next_guard = 0.0  # when the memory guard looks next (our own cluster)
         self._expected: set[str] = set()  # workers we killed: what they held goes back, unblamed
         # chunks given up on that still run (left to finish, or on a remote cluster): seq -> address
         self._zombies: dict[int, str] = {}
@@ -327,6 +333,8 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, Backend):
             self._check_timeouts()
         if self._kills:
             self._kill_due()
+        if self._guard_due():
+            self._guard_memory()
         self._schedule()
 
     def _wait_s(self) -> float | None:

@@ -111,18 +111,19 @@ def reserve(limit: int) -> int:
     return max(100 << 20, min(limit // 10, 1 << 30))
 
 
-def over_limit(procs: list, limit_of: Any) -> list[tuple[Any, int, str]]:
+def over_limit(busy: dict[Any, tuple[int, int | None]]) -> list[tuple[Any, int, str]]:
     """(worker, rss, why) for each busy worker to stop now.
 
-    ``limit_of(worker)`` is the per-worker limit of the map it runs, or None.
+    ``busy``: each worker running an item -> (its pid, the per-worker limit of
+    the map it runs, or None). Either backend's workers: the local pool's, or
+    the dask LocalCluster's that poolmagic started.
     """
-    busy = [p for p in procs if p.inflight]
     if not busy or not SUPPORTED:
         return []
-    sizes = {p: rss(p.pid) for p in busy}
+    sizes = {p: rss(pid) for p, (pid, _) in busy.items()}
     stop = []
     for p, size in sizes.items():
-        limit = limit_of(p)
+        limit = busy[p][1]
         if size is not None and limit is not None and size > limit:
             stop.append((p, size, f"its memory ({fmt_size(size)}) passed the --max-memory limit of {fmt_size(limit)}"))
     if stop:
