@@ -451,6 +451,19 @@ def test_max_memory_on_a_remote_cluster_is_refused_before_any_work(remote_pool, 
     assert remote_pool.map(double, range(3)) == [0, 2, 4]
 
 
+def _memory_monitors(dask_worker):
+    return "memory_monitor" in dask_worker.periodic_callbacks, dask_worker.memory_manager.memory_pause_fraction
+
+
+def test_our_workers_neither_spill_nor_pause_but_their_nannies_still_kill(dask_pool):
+    """A worker paused at 80 % would hold our pinned chunks; poolmagic's guard stops it instead."""
+    dask_pool.map(double, range(2))
+    states = dask_pool.backend.client.run(_memory_monitors)
+    assert states and all(s == (False, False) for s in states.values()), states
+    nannies = list(dask_pool.backend.cluster.workers.values())
+    assert nannies and all("memory_monitor" in n.periodic_callbacks for n in nannies)
+
+
 def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):
     address, procs = remote_cluster
     pool = Pool(backend="dask", address=address)

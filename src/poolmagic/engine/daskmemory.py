@@ -9,6 +9,12 @@ worker is stopped. The manager thread reads each busy worker's
 Only on our own cluster: its workers are processes on this machine. A remote
 cluster's are not, and a map there with ``--max-memory`` is refused before
 it starts (``limits_memory``); dask's own worker memory limit covers it.
+
+dask's worker-side memory monitor (spill at 70 %, pause at 80 % of the
+worker's limit) is off on our cluster (daskplumbing.CLUSTER_CONFIG): our tasks
+are pinned to their worker, and a paused worker would hold them until its
+memory went down, which it may never do. The nanny's own last resort (it
+kills its worker at 95 %) stays.
 """
 from __future__ import annotations
 
