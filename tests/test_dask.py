@@ -519,6 +519,34 @@ def test_a_script_that_never_shuts_its_dask_pool_exits_cleanly(tmp_path):
     assert pids and not wait_dead(pids), "a dask worker outlived the interpreter"
 
 
+TWO_CLUSTERS = """
+import logging
+import distributed
+from poolmagic import Pool
+handlers = [h for h in logging.getLogger("distributed").handlers if isinstance(h, logging.StreamHandler)]
+print("BEFORE", [h.level for h in handlers])
+a = Pool(2, backend="dask")
+b = Pool(2, backend="dask")
+print(a.map(abs, [-1, -2]), b.map(abs, [-3, -4]))
+a.shutdown()
+print(b.map(abs, [-5]))
+b.shutdown()
+print("AFTER", [h.level for h in handlers])
+"""
+
+
+def test_two_clusters_closed_one_by_one_print_no_dask_log_lines(tmp_path):
+    """Closing the first cluster used to give dask its INFO lines back while the second still ran."""
+    script = tmp_path / "two_clusters.py"
+    script.write_text(TWO_CLUSTERS)
+    out, err, code = run_script(script, timeout=60)
+    assert code == 0, err
+    assert "[1, 2] [3, 4]" in out and "[5]" in out, out
+    assert " - INFO - " not in err, err[-2000:]
+    levels = dict(line.split(" ", 1) for line in out.splitlines() if line.startswith(("BEFORE", "AFTER")))
+    assert levels["AFTER"] == levels["BEFORE"], levels  # given back once the last one closed
+
+
 # ---------------------------------------------------------------- worker processes from our server
 
 

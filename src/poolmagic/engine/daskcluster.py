@@ -21,9 +21,9 @@ from typing import Any, Callable
 from distributed import Client, LocalCluster, as_completed
 
 from ..errors import PoolmapError, safe_str
-from . import daskforkserver, dasktask
+from . import dasktask
 from .daskoutcomes import DaskChunk
-from .daskplumbing import check_workers, kill_worker, start_local_cluster, unbatch
+from .daskplumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
 from .job import Job
 
 CONNECT_TIMEOUT_S = 10.0
@@ -229,7 +229,7 @@ class DaskCluster:
             _quietly(client.close, 2)
         if cluster is not None:
             _quietly(cluster.close, 2)
-            daskforkserver.release()
+            release_cluster()
         self._inflight.clear()
         self._by_key.clear()
         self._blobs.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import cloudpickle
 import dask
 from distributed import Client, LocalCluster, Nanny
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.utils import silence_logging_cmgr
 
 from ..errors import PoolmapError
 from . import daskforkserver
@@ -107,6 +109,41 @@ for _name in ("distributed.scheduler", "distributed.nanny", "distributed.worker"
     logging.getLogger(_name).addFilter(_QUIET)
 
 
+class _Hush:
+    """dask's INFO lines held back while any LocalCluster of ours runs (counted).
+
+    ``LocalCluster(silence_logs=...)`` does it per cluster, for the whole
+    process: closing the first of two put the level back, and the second
+    one's closing lines ("Nanny at ... closed") landed in the next cell.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stack: contextlib.ExitStack | None = None
+        self.lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self.lock:
+            if self.count == 0:
+                stack = contextlib.ExitStack()
+                for root in ("distributed", "bokeh"):
+                    stack.enter_context(silence_logging_cmgr(logging.ERROR, root=root))
+                self.stack = stack
+            self.count += 1
+
+    def release(self) -> None:
+        with self.lock:
+            if self.count == 0:
+                return
+            self.count -= 1
+            if self.count == 0 and self.stack is not None:
+                self.stack.close()  # the levels they had before our first cluster
+                self.stack = None
+
+
+HUSH = _Hush()
+
+
 class Unbatched(SchedulerPlugin):
     """Our LocalCluster's scheduler writes to its workers and clients at once."""
 
@@ -173,7 +210,8 @@ def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
     """
     drop_main_for_dask_workers()
     daskforkserver.install()
-    daskforkserver.start()  # released when the cluster is closed (DaskCluster._close_dask)
+    daskforkserver.start()  # both released when the cluster is closed (release_cluster)
+    HUSH.hold()
     try:
         with dask.config.set(CLUSTER_CONFIG):  # the scheduler and nannies run here, in the kernel
             cluster = LocalCluster(
@@ -186,22 +224,28 @@ def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
                 dashboard_address="127.0.0.1:0",
                 worker_class=PoolNanny,
                 scheduler_kwargs={"allowed_failures": 0},
-                silence_logs=logging.ERROR,
+                silence_logs=logging.ERROR,  # its workers; in this process HUSH has done it already
                 preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
                 env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
                 config=CLUSTER_CONFIG,  # the worker processes' (the scheduler's: dask.config.set)
             )
     except BaseException:
-        daskforkserver.release()
+        release_cluster()
         raise
     try:
         client = Client(cluster, set_as_default=False, direct_to_workers=True)
         client.register_plugin(Unbatched())
     except BaseException:
         cluster.close(timeout=2)
-        daskforkserver.release()
+        release_cluster()
         raise
     return cluster, client
+
+
+def release_cluster() -> None:
+    """What a LocalCluster of ours held in this process: the forkserver, the hushed logs."""
+    daskforkserver.release()
+    HUSH.release()
 
 
 def check_workers(client: Client) -> None:
