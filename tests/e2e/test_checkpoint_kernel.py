@@ -56,11 +56,13 @@ def stored_chunks(ck: Path) -> int:
     return len(checkpointfile.read(str(ck)).chunks) if ck.exists() else 0
 
 
-def start(ksm, cwd: Path):
+def start(ksm, cwd: Path, backend: str):
     km, kc = start_kernel(ksm, cwd)
     try:
         run_ok(kc, "%load_ext poolmagic")
         run_ok(kc, "%poolsize 2")
+        if backend == "dask":
+            run_ok(kc, "%poolsize --backend dask", timeout=60)
     except BaseException:
         stop_kernel(km, kc)
         raise
@@ -68,13 +70,16 @@ def start(ksm, cwd: Path):
 
 
 @pytest.mark.timeout(150)
-def test_killed_kernel_resumes_from_its_checkpoint_in_a_new_kernel(kernel_spec_manager, tmp_path):
+@pytest.mark.parametrize("backend", ["local", "dask"])
+def test_killed_kernel_resumes_from_its_checkpoint_in_a_new_kernel(kernel_spec_manager, tmp_path, backend):
+    if backend == "dask":
+        pytest.importorskip("distributed")
     ck = tmp_path / "run.ckpt"
     calls = tmp_path / "calls"
     code = cell(ck, calls)
 
     # ---- kernel 1: start the map, kill the kernel once it is well under way
-    km, kc = start(kernel_spec_manager, tmp_path)
+    km, kc = start(kernel_spec_manager, tmp_path, backend)
     pool: list = []
     try:
         pid = kernel_pid(km)
@@ -100,7 +105,7 @@ def test_killed_kernel_resumes_from_its_checkpoint_in_a_new_kernel(kernel_spec_m
     assert set(stored) <= set(first)
 
     # ---- kernel 2: the same cell, the same PATH
-    km, kc = start(kernel_spec_manager, tmp_path)
+    km, kc = start(kernel_spec_manager, tmp_path, backend)
     try:
         r = run(kc, code, timeout=60)
         assert r.status == "ok", f"{r!r}\n{r.traceback}"

@@ -71,24 +71,34 @@ class Kernel:
         return wait_for(warm, timeout, f"{n} warm workers", every=0.1)
 
 
-def _start(ksm, cwd) -> Kernel:
+def _start(ksm, cwd, backend: str = "local") -> Kernel:
     km, kc = start_kernel(ksm, cwd)
     k = Kernel(km, kc)
     run_ok(k.kc, SETUP)
     run_ok(k.kc, "%poolsize 2")  # the tests assume two workers, whatever the machine
+    if backend == "dask":  # a LocalCluster of 2 that poolmagic starts and owns
+        run_ok(k.kc, "%poolsize --backend dask", timeout=60)
+    k.backend = backend
     return k
 
 
-@pytest.fixture(scope="module")
-def kernel(kernel_spec_manager, tmp_path_factory):
-    k = _start(kernel_spec_manager, tmp_path_factory.mktemp("kernel"))
+def _backend(request) -> str:
+    if request.param == "dask":
+        pytest.importorskip("distributed")
+    return request.param
+
+
+# The same tests on both backends: the local pool, and a dask LocalCluster.
+@pytest.fixture(scope="module", params=["local", "dask"])
+def kernel(request, kernel_spec_manager, tmp_path_factory):
+    k = _start(kernel_spec_manager, tmp_path_factory.mktemp("kernel"), _backend(request))
     yield k
     stop_kernel(k.km, k.kc)
 
 
-@pytest.fixture
-def fresh(kernel_spec_manager, tmp_path):
-    k = _start(kernel_spec_manager, tmp_path)
+@pytest.fixture(params=["local", "dask"])
+def fresh(request, kernel_spec_manager, tmp_path):
+    k = _start(kernel_spec_manager, tmp_path, _backend(request))
     yield k
     stop_kernel(k.km, k.kc)
 
@@ -125,10 +135,14 @@ def test_kernel_runs_this_interpreter_and_checkout(kernel):
     assert Path(exe) == Path(sys.executable)
     assert Path(path).resolve() == Path(poolmagic.__file__).resolve()
     out = run_ok(kernel.kc, "%poolsize").stdout
-    assert re.fullmatch(
-        r"poolmagic: 2 workers · local processes \(forkserver\) · \d+ cores? available · \d+ native threads? per worker · pool (warm|starting)\n",
-        out,
-    ), out
+    where = {
+        "local": r"local processes \(forkserver\)",
+        "dask": r"dask LocalCluster",
+    }[kernel.backend]
+    first = rf"poolmagic: 2 workers · {where} · \d+ cores? available · \d+ native threads? per worker · pool (warm|starting)\n"
+    cluster = (r"dask LocalCluster started by poolmagic: scheduler tcp://127\.0\.0\.1:\d+ · 2 workers · \d+ cores?"
+               r"( · dashboard http://127\.0\.0\.1:\d+/status.*)?\n")
+    assert re.fullmatch(first + (cluster if kernel.backend == "dask" else ""), out), out
 
 
 # --------------------------------------------------------------------------- interrupt and SIGINT
@@ -179,6 +193,24 @@ def test_workers_ignore_sigint(kernel, tmp_path):
     assert set(pid_files(tmp_path).values()) <= set(before)
     assert all(alive(p) for p in processes(before)), "a worker died of SIGINT"
     assert sorted(kernel.worker_pids()) == sorted(before), "workers were replaced"
+
+
+# --------------------------------------------------------------------------- what data scientists map
+
+
+def test_numpy_and_pandas_items_and_results(kernel):
+    """Frames and arrays as items, frames and big arrays as results, with numpy and
+    pandas imported after %load_ext (the pool, or the cluster, already running)."""
+    run_ok(kernel.kc, "import numpy as np, pandas as pd\n"
+                      "frames = [pd.DataFrame({'a': np.arange(i, i + 5), 'b': np.ones(5) * i}) for i in range(6)]")
+    r = run(kernel.kc, "%%poolmap -q -o out frames\n"
+                       "def stats(df):\n"
+                       "    return df.assign(total=df['a'] + df['b']), np.full((1000, 1000), float(df['b'].iloc[0]))\n",
+            timeout=60)
+    assert r.status == "ok", f"{r!r}\n{r.traceback}"
+    checks = evaluate(kernel.kc, "[(o[0].equals(f.assign(total=f['a'] + f['b'])), o[1].shape, float(o[1].sum()), "
+                                 "o[1].flags.writeable) for o, f in zip(out, frames)]")
+    assert checks == [[True, [1000, 1000], 1e6 * i, True] for i in range(6)], checks
 
 
 # --------------------------------------------------------------------------- crashes
@@ -239,7 +271,9 @@ def _snapshot(k: Kernel) -> dict[str, list[psutil.Process]]:
     workers = set(k.worker_pids())
     run_ok(k.kc, "%%poolmap -q range(4)\ndef square(x):\n    return x * x\n")
     procs = pool_processes(k.pid)
-    assert len(procs["forkserver"]) == 1, describe(process_tree(k.pid))
+    # dask: the server its LocalCluster's workers are forked from, and the local
+    # pool's forkserver, kept for --backend local (%poolsize 2 started it)
+    assert len(procs["forkserver"]) == (2 if k.backend == "dask" else 1), describe(process_tree(k.pid))
     found = {p.pid for p in procs["other"]}
     assert workers <= found, (workers, describe(process_tree(k.pid)))
     return procs
