@@ -423,18 +423,27 @@ def no_traceback(driver: Any) -> list[str]:
 @pytest.fixture(scope="module")
 def page(lab, browser) -> Run:
     """The notebook, opened in JupyterLab and run top to bottom, watched while it ran."""
+    return run_notebook(lab, browser, CELLS, NOTEBOOK)
+
+
+def run_notebook(lab, browser, cells: list[str], name: str, workspace: str | None = None) -> Run:
+    """``cells`` as notebook ``name``, run top to bottom, watched while it ran.
+
+    ``workspace``: a JupyterLab workspace of its own, so that the notebooks
+    opened before are not restored beside it."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
-    nbformat.write(nb, lab.root / NOTEBOOK)
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+    nbformat.write(nb, lab.root / name)
 
     d = browser
-    d.get(f"{lab.url}/lab/tree/{NOTEBOOK}?token={lab.token}")
+    where = f"workspaces/{workspace}/tree" if workspace else "tree"
+    d.get(f"{lab.url}/lab/{where}/{name}?token={lab.token}")
     run = Run(d)
-    wait_for(lambda: d.execute_script(KERNEL_STATE_JS, NOTEBOOK) == "idle", 90,
+    wait_for(lambda: d.execute_script(KERNEL_STATE_JS, name) == "idle", 90,
              "the notebook open with an idle kernel",
-             detail=lambda: f"kernel state {d.execute_script(KERNEL_STATE_JS, NOTEBOOK)!r}; server log:\n{lab.log_tail()}")
-    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")) == len(CELLS), 20,
+             detail=lambda: f"kernel state {d.execute_script(KERNEL_STATE_JS, name)!r}; server log:\n{lab.log_tail()}")
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")) == len(cells), 20,
              "the notebook's cells shown")
 
     t0 = time.monotonic()
@@ -464,7 +473,7 @@ def page(lab, browser) -> Run:
 
     def finished() -> bool:
         outs = no_traceback(d)
-        return len(outs) == len(CELLS) and "[0, 1, 4]" in outs[-1]
+        return len(outs) == len(cells) and "[0, 1, 4]" in outs[-1]
 
     wait_for(finished, 60, "the last cell's output", detail=lambda: f"outputs {d.execute_script(OUTPUT_TEXT_JS)}")
     run.seconds = time.monotonic() - t0
@@ -571,6 +580,13 @@ def test_live_progress_then_summary_and_timeline(page, lab, tmp_path):
     kernels = lab.kernel_processes()
     assert len(kernels) == 1 and kernels[0].cmdline()[0] == sys.executable, [k.cmdline() for k in kernels]
 
+    check_progress_summary_timeline(page)
+
+
+def check_progress_summary_timeline(page: Run) -> None:
+    """What a person saw: the live bar advancing, then the completed bar, the summary,
+    the timeline behind its fold, and the results."""
+    d = page.driver
     # mid-run: the live display was visible and its count advanced between readings
     print(f"live progress readings (s after run-all, text): {page.readings}")
     live = [t for _, t in page.readings if re.search(rf"\d+/{ITEMS} items", t)]
@@ -649,3 +665,19 @@ def test_contrast_and_screenshot(page, theme, tmp_path, record_property):
     record_property(f"min_contrast_{theme}", round(worst.ratio, 2))
     low = [m for m in measured if m.ratio < MIN_CONTRAST]
     assert not low, f"below {MIN_CONTRAST}:1 in the {theme} theme (see {shot}): " + "; ".join(map(str, low))
+
+
+# Last in the module: it opens another notebook, and the tests above read the page
+# of the first one.
+DASK_CELLS = [CELLS[0].replace("%poolsize 2", "%poolsize 2\n%poolsize --backend dask"), *CELLS[1:]]
+
+
+@pytest.mark.timeout(180)
+def test_live_progress_then_summary_and_timeline_on_dask(lab, browser, tmp_path):
+    """The same cells on a dask LocalCluster: the same displays, drawn from the same events."""
+    pytest.importorskip("distributed")
+    run = run_notebook(lab, browser, DASK_CELLS, "poolmagic-browser-dask.ipynb", "dask")
+    (tmp_path / "poolmagic-live-dask.png").write_bytes(run.live_png)
+    status = browser.execute_script(OUTPUT_TEXT_JS)[0]
+    assert "dask LocalCluster started by poolmagic" in status, status
+    check_progress_summary_timeline(run)
