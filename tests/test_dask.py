@@ -163,22 +163,21 @@ def _dask_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
 
 
-@pytest.fixture(scope="module")
-def remote_cluster():
+def _launch_cluster(tmp: Path, *security: str):
     """``dask scheduler`` and two ``dask worker`` processes, as a user starts a cluster."""
-    tmp = Path(tempfile.mkdtemp(prefix="poolmagic-test-cluster-"))
     sched_file = tmp / "scheduler.json"
     procs = []
 
     def launch(*args: str) -> subprocess.Popen:
-        p = subprocess.Popen([*_dask_cli(), *args], cwd=tmp, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([*_dask_cli(), *args, *security], cwd=tmp, stdout=subprocess.DEVNULL,
                              stderr=open(tmp / f"log-{len(procs)}.txt", "w"), start_new_session=True)
         procs.append(p)
         return p
 
     # --no-dashboard alone still serves HTTP on 0.0.0.0: bind that to loopback too
     loopback = ("--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0")
-    launch("scheduler", *loopback, "--port", "0", "--scheduler-file", str(sched_file))
+    protocol = ("--protocol", "tls") if security else ()
+    launch("scheduler", *loopback, *protocol, "--port", "0", "--scheduler-file", str(sched_file))
     deadline = time.monotonic() + 30
     while not sched_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -187,12 +186,10 @@ def remote_cluster():
         launch("worker", *loopback, "--scheduler-file", str(sched_file), "--nthreads", "1")
     import json
 
-    address = json.loads(sched_file.read_text())["address"]
-    from distributed import Client
+    return json.loads(sched_file.read_text())["address"], procs
 
-    with Client(address, timeout=30) as c:
-        c.wait_for_workers(2, timeout=30)
-    yield address, procs
+
+def _stop_cluster(procs, tmp: Path) -> None:
     for p in procs:
         try:
             os.killpg(p.pid, 9)
@@ -200,6 +197,41 @@ def remote_cluster():
             pass
         p.wait(10)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def remote_cluster():
+    tmp = Path(tempfile.mkdtemp(prefix="poolmagic-test-cluster-"))
+    address, procs = _launch_cluster(tmp)
+    from distributed import Client
+
+    with Client(address, timeout=30) as c:
+        c.wait_for_workers(2, timeout=30)
+    yield address, procs
+    _stop_cluster(procs, tmp)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster():
+    """A cluster on tls://, with a self-signed certificate (openssl) for everyone:
+    its address, and the dask configuration a client needs to reach it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    tmp = Path(tempfile.mkdtemp(prefix="poolmagic-test-tls-"))
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    address, procs = _launch_cluster(tmp, "--tls-ca-file", str(cert), "--tls-cert", str(cert), "--tls-key", str(key))
+    config = {"distributed.comm.tls.ca-file": str(cert), "distributed.comm.tls.client.cert": str(cert),
+              "distributed.comm.tls.client.key": str(key)}
+    import dask
+    from distributed import Client
+
+    with dask.config.set(config), Client(address, timeout=30) as c:
+        c.wait_for_workers(2, timeout=30)
+    yield address, config
+    _stop_cluster(procs, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -462,6 +494,49 @@ def test_our_workers_neither_spill_nor_pause_but_their_nannies_still_kill(dask_p
     assert states and all(s == (False, False) for s in states.values()), states
     nannies = list(dask_pool.backend.cluster.workers.values())
     assert nannies and all("memory_monitor" in n.periodic_callbacks for n in nannies)
+
+
+def test_a_tls_cluster_with_dasks_own_security_configuration(tls_cluster):
+    import dask
+
+    address, config = tls_cluster
+    assert address.startswith("tls://127.0.0.1:")
+    with dask.config.set(config):  # as a user's ~/.config/dask/distributed.yaml would say
+        pool = Pool(backend="dask", address=address)
+        pool.backend.wait_ready(30)
+    try:
+        assert pool.map(double, range(10)) == [2 * x for x in range(10)]
+        assert address in pool.status()
+    finally:
+        pool.shutdown()
+
+
+TLS_UNCONFIGURED = """
+import sys
+from poolmagic import Pool, PoolmapError
+pool = Pool(backend="dask", address=sys.argv[1])
+try:
+    pool.map(abs, range(3))
+except PoolmapError as e:
+    print("ERROR", str(e).replace("\\n", " "))
+print("NEXT", Pool(1).map(abs, [-2]))
+"""
+
+
+def test_a_tls_address_without_the_configuration_says_what_is_missing_and_exits(tls_cluster, tmp_path):
+    """The error names the address and dask's TLS settings; the half-made client it
+    failed with is not left to be closed at exit (where that took 20 s)."""
+    address, _ = tls_cluster
+    script = tmp_path / "tls_unconfigured.py"
+    script.write_text(TLS_UNCONFIGURED)
+    proc = subprocess.run([sys.executable, str(script), address], capture_output=True, text=True, timeout=15,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    msg = lines.get("ERROR", "")
+    assert f"could not connect to the dask scheduler at {address}" in msg, proc.stdout
+    assert "needs dask's TLS configuration: distributed.comm.tls.ca-file" in msg, msg
+    assert lines.get("NEXT") == "[2]", proc.stdout
 
 
 def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):

@@ -83,10 +83,19 @@ class DaskCluster:
 
     def _connect_failed(self, exc: BaseException) -> None:
         where = "start a dask LocalCluster" if self.owned else f"connect to the dask scheduler at {self.address}"
+        # A Client(...) that fails after starting its event loop (a tls:// address
+        # without dask's TLS configuration) leaves a half-made client in a cycle:
+        # closed only at interpreter exit, where that took 20 s. Close it now.
+        _close_clients_in(exc)
+        _drop_frames(exc)
         if isinstance(exc, PoolmapError):
             err = exc
         else:
-            err = PoolmapError(f"could not {where}: {type(exc).__name__}: {safe_str(exc)}")
+            hint = ""
+            if (self.address or "").startswith("tls://") and "ssl" in safe_str(exc).lower():
+                hint = (" (a tls:// scheduler needs dask's TLS configuration: distributed.comm.tls.ca-file, "
+                        ".client.cert and .client.key, e.g. in ~/.config/dask/distributed.yaml)")
+            err = PoolmapError(f"could not {where}: {type(exc).__name__}: {safe_str(exc)}{hint}")
             err.__cause__ = exc
         self._start_error = err
         self._teardown()
@@ -235,6 +244,25 @@ class DaskCluster:
         self._blobs.clear()
         self._contexts.clear()
         self._listening.clear()
+
+
+def _close_clients_in(exc: BaseException) -> None:
+    """Close the dask clients whose methods ``exc`` came through (``self`` of its frames)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, Client) and obj.status != "closed":
+            _quietly(obj.close, 2)
+        tb = tb.tb_next
+
+
+def _drop_frames(exc: BaseException | None) -> None:
+    """Forget the tracebacks of ``exc`` and the exceptions it chains to (the messages stay)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 MARKS_PREFIX = "poolmagic-dask-"
