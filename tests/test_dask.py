@@ -163,8 +163,8 @@ def _dask_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
 
 
-def _launch_cluster(tmp: Path, *security: str):
-    """``dask scheduler`` and two ``dask worker`` processes, as a user starts a cluster."""
+def _launch_cluster(tmp: Path, *security: str, port: int = 0, workers: int = 2):
+    """``dask scheduler`` and ``dask worker`` processes, as a user starts a cluster."""
     sched_file = tmp / "scheduler.json"
     procs = []
 
@@ -177,12 +177,13 @@ def _launch_cluster(tmp: Path, *security: str):
     # --no-dashboard alone still serves HTTP on 0.0.0.0: bind that to loopback too
     loopback = ("--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0")
     protocol = ("--protocol", "tls") if security else ()
-    launch("scheduler", *loopback, *protocol, "--port", "0", "--scheduler-file", str(sched_file))
+    sched_file.unlink(missing_ok=True)
+    launch("scheduler", *loopback, *protocol, "--port", str(port), "--scheduler-file", str(sched_file))
     deadline = time.monotonic() + 30
     while not sched_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sched_file.exists(), "dask scheduler did not start"
-    for _ in range(2):
+    for _ in range(workers):
         launch("worker", *loopback, "--scheduler-file", str(sched_file), "--nthreads", "1")
     import json
 
@@ -537,6 +538,55 @@ def test_a_tls_address_without_the_configuration_says_what_is_missing_and_exits(
     assert f"could not connect to the dask scheduler at {address}" in msg, proc.stdout
     assert "needs dask's TLS configuration: distributed.comm.tls.ca-file" in msg, msg
     assert lines.get("NEXT") == "[2]", proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_workers(address: str, n: int) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=30) as c:
+        c.wait_for_workers(n, timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_scheduler_fails_the_map_keeping_what_finished_and_the_next_map_connects_again(tmp_path):
+    """SIGKILL the scheduler of a cluster the pool is connected to, mid-map: the map
+    fails with what happened (after one try to connect again), keeps the results
+    that came; once a scheduler is back at the address, the next map runs there."""
+    port = _free_port()
+    address, procs = _launch_cluster(tmp_path, port=port, workers=2)
+    _wait_workers(address, 2)
+    pool = Pool(backend="dask", address=address)
+    try:
+        handle = pool.map_async(nap, range(40), chunksize=1, kwargs={"seconds": 0.3})
+        assert wait_for(lambda: handle.report.done >= 2, 30), "no item finished"
+        os.killpg(procs[0].pid, 9)  # the scheduler (its workers leave when it is gone)
+        with pytest.raises(poolmagic.PoolmapError) as ei:
+            handle.get(60)
+        msg = str(ei.value)
+        assert f"could not connect again to the dask scheduler at {address} after losing the connection" in msg, msg
+        report = handle.report
+        kept = [i for i, r in enumerate(report.results) if r is not NOT_DONE]
+        assert len(kept) >= 2 and all(report.results[i] == i for i in kept), report.results
+        for p in procs:
+            try:
+                os.killpg(p.pid, 9)
+            except OSError:
+                pass
+            p.wait(10)
+        _, procs = _launch_cluster(tmp_path, port=port, workers=1)  # back, at the same address
+        _wait_workers(address, 1)
+        assert pool.map(double, range(4)) == [0, 2, 4, 6]
+    finally:
+        pool.shutdown()
+        _stop_cluster(procs, tmp_path)
 
 
 def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):

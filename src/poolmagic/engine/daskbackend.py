@@ -308,7 +308,8 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             return
         self._start_error = None
         self._ready.set()
-        while not self._closed:
+        me = threading.current_thread()
+        while not self._closed and self._thread is me:  # (None after a lost scheduler stayed away)
             try:
                 self._step()
             except Exception as exc:
@@ -329,6 +330,8 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             fn()
             if self._closed:
                 return
+        if self._lost() and not self._reconnect():
+            return
         if self._inflight and any(j.options.timeout is not None for j in self._jobs):
             self._check_timeouts()
         if self._kills:
@@ -358,7 +361,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
     def _collect(self) -> None:
         """Hand each finished task, its result already fetched, to the manager thread."""
         ac = self._ac
-        while not self._closed:
+        while not self._closed and self._ac is ac:  # a new connection has a thread of its own
             self._more.wait(0.5)
             self._more.clear()
             try:

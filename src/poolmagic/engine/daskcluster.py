@@ -81,8 +81,14 @@ class DaskCluster:
         threading.Thread(target=self._collect, name="poolmagic-dask-results", daemon=True).start()
         self._refresh_workers(force=True)
 
-    def _connect_failed(self, exc: BaseException) -> None:
+    def _connect_failed(self, exc: BaseException, again: bool = False) -> None:
+        """The cluster cannot be reached: the maps fail with why, the next map tries again.
+
+        ``again``: the connection was lost in use and could not be made anew.
+        """
         where = "start a dask LocalCluster" if self.owned else f"connect to the dask scheduler at {self.address}"
+        if again:
+            where = f"connect again to the dask scheduler at {self.address} after losing the connection"
         # A Client(...) that fails after starting its event loop (a tls:// address
         # without dask's TLS configuration) leaves a half-made client in a cycle:
         # closed only at interpreter exit, where that took 20 s. Close it now.
@@ -112,6 +118,36 @@ class DaskCluster:
         for job in list(self._jobs):
             job.fail(err)
         self._jobs.clear()
+
+    # ------------------------------------------------------------------ a lost scheduler
+    def _lost(self) -> bool:
+        """Our client lost its remote scheduler (it is reconnecting, or gave up).
+
+        The scheduler forgets a client's tasks when its connection drops, so
+        what we had in flight will never come back, even if the client gets
+        through again: we start anew instead.
+        """
+        c = self.client
+        return not self.owned and c is not None and c.status in ("connecting", "closing", "closed", "failed")
+
+    def _reconnect(self) -> bool:
+        """Send what was in flight again on a new connection; False if none could be made
+        (the maps have failed then, keeping what finished; the next map tries again)."""
+        for c in sorted(self._inflight.values(), key=lambda c: c.seq):
+            self._take(c)
+            self._give_back(c)  # not the items' fault
+        self._zombies.clear()  # their tasks went with the connection
+        self._zombie_keys.clear()
+        self._close_dask()
+        self._workers.clear()
+        self._gone.clear()
+        self._expected.clear()
+        try:
+            self._connect()
+        except BaseException as exc:
+            self._connect_failed(exc, again=True)
+            return False
+        return True
 
     # ------------------------------------------------------------------ workers
     def _refresh_workers(self, force: bool = False) -> None:
