@@ -395,6 +395,57 @@ def _loaded_functions():
     return list(dasktask._FNS)
 
 
+def flaky(x, folder):
+    """Item 2 raises ConnectionError on its first two calls; item 4 always raises ValueError."""
+    path = Path(folder) / f"{x}.calls"
+    calls = len(path.read_text()) if path.exists() else 0
+    path.write_text("x" * (calls + 1))
+    if x == 2 and calls < 2:
+        raise ConnectionError(f"flaky {x}")
+    if x == 4:
+        raise ValueError(f"bad {x}")
+    return x * 10
+
+
+def test_retries_checkpoint_and_resume(backend, tmp_path):
+    """--retries/--retry-on, --checkpoint and --resume work the same on both backends."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    ck = tmp_path / "run.ckpt"
+    kw = {"folder": str(calls)}
+    with pytest.raises(poolmagic.MapFailedError, match="item 4: ValueError: bad 4") as ei:
+        backend.run(flaky, range(6), kwargs=kw, chunksize=1, retries=2, retry_on=(ConnectionError,),
+                    checkpoint=str(ck), keep_going=True)
+    first = ei.value.report
+    assert (calls / "2.calls").read_text() == "xxx"  # two failures, then it worked
+    assert (calls / "4.calls").read_text() == "x"  # ValueError is not retried
+    assert first.results[2] == 20 and first.results[4] is NOT_DONE
+    assert isinstance(first.errors[4], ValueError) and set(first.errors) == {4}
+    # the same map with the same file: only the item without a result runs
+    with pytest.raises(poolmagic.MapFailedError) as ei:
+        backend.run(flaky, range(6), kwargs=kw, chunksize=1, checkpoint=str(ck), keep_going=True)
+    again = ei.value.report
+    assert again.resumed == (5, 1) and set(again.errors) == {4}
+    assert (calls / "4.calls").read_text() == "xx" and (calls / "0.calls").read_text() == "x"
+    # --resume of a report: what it left unfinished, merged into its results
+    resumed = backend.run(double, range(6), resume=again)
+    assert resumed.results == [0, 10, 20, 30, 8, 50]
+
+
+def blas_threads(_):
+    import numpy  # noqa: F401  (its BLAS loaded)
+    from threadpoolctl import threadpool_info
+
+    return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+
+def test_threads_sets_the_native_threads_per_worker(backend):
+    pytest.importorskip("numpy")
+    pytest.importorskip("threadpoolctl")
+    assert backend.map(blas_threads, range(2), threads=2, chunksize=1) == [[2], [2]]
+    assert backend.map(blas_threads, range(2), threads=1, chunksize=1) == [[1], [1]]
+
+
 def test_seed_gives_the_same_results_on_both_backends(local_pool, dask_pool):
     pytest.importorskip("numpy")
     here = local_pool.map(rnd, range(12), seed=42)
