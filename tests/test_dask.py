@@ -190,13 +190,17 @@ def _launch_cluster(tmp: Path, *security: str, port: int = 0, workers: int = 2):
     return json.loads(sched_file.read_text())["address"], procs
 
 
-def _stop_cluster(procs, tmp: Path) -> None:
+def _kill_cluster(procs) -> None:
     for p in procs:
         try:
             os.killpg(p.pid, 9)
         except OSError:
             pass
         p.wait(10)
+
+
+def _stop_cluster(procs, tmp: Path) -> None:
+    _kill_cluster(procs)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -626,12 +630,7 @@ def test_a_lost_scheduler_fails_the_map_keeping_what_finished_and_the_next_map_c
         report = handle.report
         kept = [i for i, r in enumerate(report.results) if r is not NOT_DONE]
         assert len(kept) >= 2 and all(report.results[i] == i for i in kept), report.results
-        for p in procs:
-            try:
-                os.killpg(p.pid, 9)
-            except OSError:
-                pass
-            p.wait(10)
+        _kill_cluster(procs)
         _, procs = _launch_cluster(tmp_path, port=port, workers=1)  # back, at the same address
         _wait_workers(address, 1)
         assert pool.map(double, range(4)) == [0, 2, 4, 6]
