@@ -181,7 +181,7 @@ class Pool:
         o = MapOptions.from_kwargs(options)
         if o.max_memory is None and self.max_memory is not None:
             o = o.with_(max_memory=self.max_memory)
-        if o.max_memory is not None and not getattr(self.backend, "limits_memory", True):
+        if o.max_memory is not None and not self.backend.limits_memory:
             raise BadInputError(
                 f"--max-memory reads each worker's memory on this machine: it works on the local backend "
                 f"and on a dask LocalCluster that poolmagic started, not on the {self.backend.description}. "

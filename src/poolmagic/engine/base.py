@@ -17,6 +17,8 @@ class Backend(ABC):
 
     #: shown by %poolsize, e.g. "local processes (forkserver)"
     description: str = "?"
+    #: whether maps may set --max-memory: the workers' memory can be read from here
+    limits_memory: bool = True
 
     @property
     @abstractmethod
