@@ -268,16 +268,29 @@ def nap(x, seconds=0.025):
     return x
 
 
-def test_the_tail_of_a_map_is_shared_out_not_sent_one_item_per_task(dask_pool):
-    """16 equal 25 ms items on 2 workers: each worker's share of what is left,
-    not a tail of one-item tasks (8 tasks, 4 of them singles, each costing
-    the kernel and its worker ~6 ms of CPU), and both workers get work."""
+def test_a_short_map_goes_as_one_task_per_worker(dask_pool):
+    """16 equal 25 ms items on 2 workers: each worker's share, 200 ms, as one
+    task. Not a tail of one-item tasks (8 tasks, 4 of them singles), nor two
+    tasks of 4 each: a task costs the kernel and its worker ~6 ms of CPU, on
+    the cores the items need."""
     dask_pool.map(nap, range(16))  # the time per item is known from here on
     report = dask_pool.run(nap, range(16))
     assert report.results == list(range(16))
     sizes = [c.count for c in sorted(report.chunks, key=lambda c: c.start)]
-    assert len(sizes) <= 6, sizes
-    assert sizes.count(1) <= 1, sizes
+    assert sizes == [8, 8], sizes
+    assert len({c.worker for c in report.chunks}) == 2
+
+
+def test_a_long_map_goes_in_tasks_of_about_200_ms_ending_together(dask_pool):
+    """64 items of 25 ms: tasks of ~200 ms (8 items), not one per item, and a
+    worker's last share whole rather than split off into a small tail."""
+    dask_pool.map(nap, range(16))
+    report = dask_pool.run(nap, range(64))
+    assert report.results == list(range(64))
+    sizes = [c.count for c in sorted(report.chunks, key=lambda c: c.start)]
+    # 1.6 s of work: 8 tasks of 8, give or take a last share taken whole (at most 12)
+    assert sum(sizes) == 64 and 6 <= len(sizes) <= 10, sizes
+    assert max(sizes) <= 12, sizes
     assert len({c.worker for c in report.chunks}) == 2
 
 

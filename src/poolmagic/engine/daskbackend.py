@@ -14,7 +14,7 @@ How data flows::
                                 job.next_items(size): one task  ──► dasktask.run, pinned to a
                                   per CHUNK, ≤ 2 in flight per       worker: the map's context,
                                   worker (the Job's adaptive         the function (unpickled once
-                                  sizes, grown to ~100 ms)           per worker), "began" event,
+                                  sizes, grown to ~200 ms)           per worker), "began" event,
                                                                      run_chunk
                                 results (as_completed thread)  ◄──  pickled results, output, errors
                                 events: a task began; a worker ◄──  worker, scheduler

@@ -2,9 +2,9 @@
 
 Part of the dask backend (mixed into DaskBackend, whose state it uses): on
 each turn of the manager thread, chunks are sized (the Job's adaptive size,
-grown to ~TASK_S of work), the maps take turns for each worker with room in
-its window (WINDOW chunks in flight), and each chunk is submitted as one
-task pinned to its worker. The function (and, on our own cluster, the
+grown to ~TASK_S of work, a worker's last share whole), the maps take turns
+for each worker with room in its window (WINDOW chunks in flight), and each
+chunk is submitted as one task pinned to its worker. The function (and, on our own cluster, the
 kernel's context) is scattered once per version and its future cached.
 """
 from __future__ import annotations
@@ -30,10 +30,15 @@ from .local import TIMED_ABOVE_S
 from .processes import shared_buffers
 
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
-# A dask task costs a few ms of CPU between the client, the scheduler and the
-# worker (a local chunk ~0.1 ms): chunks of ~100 ms keep that to a few per cent,
-# where the local backend's 25 ms chunks would make it a quarter or more.
-TASK_S = 0.1
+# A dask task costs ~6 ms of CPU between the client, the scheduler and the
+# worker (a local chunk ~0.1 ms), on the cores the items need: chunks of ~200 ms
+# keep that near 3 %, where the local backend's 25 ms chunks would make it a
+# quarter or more (100 ms chunks: dask ÷ local 0.94 on the CPU row, 200 ms: 1.01,
+# median of 7 interleaved runs each).
+TASK_S = 0.2
+# A worker's share of what is left goes whole when it is at most this many
+# chunks' worth: 10 items' share is one task of 10, not 7 and then 3.
+TAIL_MAX = 1.5
 SCATTER_ATTEMPTS = 3
 SCATTER_TIMEOUT_S = 10.0
 KEEP_VERSIONS = 4  # function versions kept scattered, as a local worker caches 4
@@ -117,8 +122,9 @@ class DaskScheduling:
         each worker holds (its running chunk less what ran of it). A dask task
         costs ~6 ms of CPU between the kernel and its worker: a tail of
         one-item tasks, as the local backend sends, made 8 tasks of 16 × 25 ms
-        items where the shares make 4, and ending the tail with the guided
-        ``rem / (2 × workers)`` left one worker idle for up to 2 items' time.
+        items where the shares make 2 (one per worker), and ending the tail
+        with the guided ``rem / (2 × workers)`` left one worker idle for up to
+        2 items' time.
         """
         workers = self._workers_for(job)
         size = job.chunk_size(workers)
@@ -136,7 +142,7 @@ class DaskScheduling:
         n = int(share / t + 0.5)
         if n < 1:  # the least busy worker always takes one
             return 1 if mine <= min(busy.values(), default=0.0) else 0
-        return min(size, n)
+        return n if n <= size * TAIL_MAX else size
 
     def _busy_s(self, addresses: list[str]) -> dict[str, float]:
         """Seconds of work each of ``addresses`` still holds, by its chunks' maps' times per item."""
