@@ -227,6 +227,36 @@ def test_workers_starting_before_any_chunk_finished(tmp_path):
     assert "interrupted" in after and "workers starting" not in after
 
 
+@pytest.mark.timeout(60)
+def test_an_interrupted_map_gets_no_verdict(tmp_path):
+    """Stopped after 4 quick items while two others hang: the hung items' time is
+    not in the report, so "slower than a plain loop" (and its why) would be a
+    guess; the workers it ran on are still counted."""
+    gate = tmp_path / "go"
+
+    def quick_then_stuck(x):
+        if x >= 4:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return x
+
+    with Pool(2) as pool:
+        handle = pool.map_async(quick_then_stuck, range(8), chunksize=1)
+        try:
+            assert wait_for(lambda: handle.report.done >= 4, timeout=20)
+            time.sleep(0.5)  # the stuck items' time grows; the recorded work does not
+        finally:
+            handle.cancel()
+            gate.touch()
+        assert handle.wait(10)
+    text = handle.report.summary()
+    assert handle.report.status == "cancelled", text
+    assert "4/8 items" in text and "interrupted" in text, text
+    assert "· 2 workers ·" in text, text
+    assert "slower" not in text and "speedup" not in text and "why:" not in text, text
+
+
 @pytest.mark.timeout(120)
 def test_measured_speedup_after_tune(ip):
     body = "def tuned(x):\n    return sum(i * i for i in range(100_000))\n"

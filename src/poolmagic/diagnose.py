@@ -88,7 +88,7 @@ def analyse(r: "RunReport", serial_item_s: float | None = None, threads: int | N
         measured = serial_item_s * n_done / wall
     a = Analysis(wall, busy, waited, moving, idle, used, r.cores, speedup, speedup / used, measured,
                  busy_share=busy / (used * wall))
-    if r.status == "running" or not r.chunks:
+    if r.status in ("running", "cancelled") or not r.chunks:  # (cancelled: the stopped items' time is unknown)
         return a
     a.findings = _findings(r, a, n_done, threads)
     return a

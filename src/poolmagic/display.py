@@ -65,8 +65,8 @@ _BLUE = "var(--jp-brand-color1,#3b82f6)"
 def _speedup_words(r: "RunReport", a: "Analysis") -> str:
     if r.status == "running" and not r.chunks:
         return "workers starting"
-    if not r.chunks:
-        return ""
+    if not r.chunks or r.status == "cancelled":
+        return ""  # interrupted: the stopped items' time is unknown, so is the gain
     busy = f"workers busy {a.busy_share:.0%}"
     if a.waited_s > 0.2 * a.busy_s:
         busy += f", {a.waited_s / a.busy_s:.0%} of it waiting for a CPU"
@@ -111,6 +111,8 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     a = r.analysis()
     items = _items(r)
     workers = r.workers
+    if r.status == "cancelled":  # the stopped chunks were never recorded: count the workers they ran on
+        workers = max(workers, min(r.pool_size, r.items if r.items is not None else r.pool_size))
     cores = f"{r.cores} core{'s' if r.cores != 1 else ''}"
     words = _speedup_words(r, a)
     extra = _status_words(r)

@@ -169,6 +169,9 @@ def test_interrupt_stops_running_items(kernel, tmp_path):
     assert r.error and r.error["ename"] == "KeyboardInterrupt", repr(r)
     summary = "\n".join(r.data("text/plain"))
     assert "interrupted" in summary and "0/6 items" in summary, summary
+    # the two workers it ran on, though neither finished a chunk; no verdict on a gain
+    # whose stopped items' time is unknown
+    assert "· 2 workers ·" in summary and "slower" not in summary and "why:" not in summary, summary
     left = still_alive(processes(running.values()), within=2.0)
     assert not left, f"workers still running their items after the interrupt: {describe(left)}"
     assert set(pid_files(tmp_path)) == set(running), "queued items started after the interrupt"
