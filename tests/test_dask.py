@@ -677,17 +677,19 @@ def test_a_bad_address_fails_with_the_reason_and_keeps_the_pool(ip, monkeypatch)
 
 
 def test_poolsize_switches_to_dask_and_back(ip, capsys):
-    ip.run_line_magic("poolsize", "--backend dask")
+    ip.run_line_magic("poolsize", "3 --backend dask")  # the count before the options, as people type it
     pool = poolmagic.get_pool()
     assert type(pool.backend).__name__ == "DaskBackend"
     out = capsys.readouterr().out
     assert "dask LocalCluster" in out and "scheduler tcp://127.0.0.1:" in out
+    assert "· 3 workers · 3 cores" in out, out  # started with 3, not with 2 and scaled up later
     ip.run_cell("%%poolmap -q -o got range(5)\ndef cube(x):\n    return x ** 3\n")
     assert ip.user_ns["got"] == [0, 1, 8, 27, 64]
     pids = pool.backend.worker_pids()
     assert pids
-    ip.run_line_magic("poolsize", "--backend local")
+    ip.run_line_magic("poolsize", "auto --backend local")  # (back to the session's size too)
     assert type(poolmagic.get_pool().backend).__name__ == "LocalBackend"
+    assert poolmagic.get_pool().size == poolmagic.get_pool().cores
     assert not wait_dead(pids), "the LocalCluster's workers outlived the switch back"
 
 

@@ -158,6 +158,19 @@ def test_poolsize_shows_sets_and_auto(ip, capsys):
     capsys.readouterr()
 
 
+def test_poolsize_takes_options_after_the_count_too(ip, capsys):
+    pool = poolmagic.get_pool()
+    ip.run_line_magic("poolsize", "3 --threads 1")
+    assert pool.size == 3 and pool.threads == 1
+    ip.run_line_magic("poolsize", "--threads 2 2")
+    assert pool.size == 2 and pool.threads == 2
+    with pytest.raises(UsageError, match="not '2 extra'"):
+        ip.run_line_magic("poolsize", "2 --threads 1 extra")
+    ip.run_line_magic("poolsize", "auto --threads auto")
+    assert pool.size == pool.cores and pool.threads is None
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("arg", ["0", "-2", "many", "1.5"])
 def test_poolsize_rejects_bad_sizes(ip, arg):
     with pytest.raises(UsageError) as e:

@@ -334,6 +334,11 @@ class PoolMagics(Magics):
     def poolsize(self, line: str) -> None:
         parsed = parse(line, POOLSIZE_OPTIONS)
         o, rest = parsed.opts, parsed.rest
+        count, _, after = rest.partition(" ")
+        if after.strip().startswith("-"):  # %poolsize 4 --backend dask: options after the count too
+            more = parse(after, POOLSIZE_OPTIONS)
+            o = {**o, **more.opts}
+            rest = f"{count} {more.rest}".strip()  # anything else left is named by the error below
         if o.get("shutdown"):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")
@@ -341,8 +346,9 @@ class PoolMagics(Magics):
         if "backend" in o or "address" in o:
             from .switch import switch_backend
 
+            size = int(rest) if rest.isdigit() and int(rest) >= 1 else None
             try:
-                switch_backend(o.get("backend"), o.get("address"))
+                switch_backend(o.get("backend"), o.get("address"), size=size)
             except PoolmapError as exc:
                 raise UsageError(str(exc)) from None
         if o.get("tune"):

@@ -13,8 +13,12 @@ from .errors import BadInputError
 READY_TIMEOUT_S = 60.0
 
 
-def switch_backend(name: str | None, address: str | None, timeout: float = READY_TIMEOUT_S) -> Pool:
-    """Make a pool on backend ``name`` ("local", "dask") the shared one; returns it."""
+def switch_backend(name: str | None, address: str | None, timeout: float = READY_TIMEOUT_S,
+                   size: int | None = None) -> Pool:
+    """Make a pool on backend ``name`` ("local", "dask") the shared one; returns it.
+
+    ``size``: its workers (``%poolsize 4 --backend dask`` starts 4, not 2 then 2 more).
+    """
     name = name or ("dask" if address else "local")
     if name == "local" and address:
         raise BadInputError("--address goes with --backend dask (the local backend has no address)")
@@ -23,7 +27,8 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
         return old
     # A LocalCluster or a local pool is sized like the pool it replaces; leaving a
     # remote cluster, the local pool takes the cores (not the cluster's size).
-    size = None if getattr(old.backend, "address", None) else old.size
+    if size is None:
+        size = None if getattr(old.backend, "address", None) else old.size
     new = Pool(size, backend=name, address=address)
     new.threads = old.threads
     try:
