@@ -376,6 +376,36 @@ def _running(pool, handle) -> bool:
     return any(c.began is not None for c in list(inflight.values()))
 
 
+def meet(x, folder, n, deadline):
+    """Write this worker's pid down, then wait until ``n`` workers have (or the deadline)."""
+    Path(folder, str(os.getpid())).touch()
+    while len(os.listdir(folder)) < n and time.time() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def test_n_above_the_pool_size_runs_that_many_workers_at_once(backend, tmp_path):
+    """``-n 4`` on a 2-worker pool: 4 workers run its items at the same time
+    (local: extra worker processes; dask: our LocalCluster scaled up, where it
+    ran on 2 before), and the pool is back to 2 workers after the map."""
+    deadline = time.time() + 60
+    pids = backend.map(meet, range(8), workers=4, chunksize=1,
+                       kwargs={"folder": str(tmp_path), "n": 4, "deadline": deadline})
+    assert time.time() < deadline, "4 workers never ran at the same time"
+    assert len(set(pids)) == 4 and len(os.listdir(tmp_path)) == 4, pids
+    assert wait_for(lambda: len(backend.backend.worker_pids()) == 2, timeout=30), backend.backend.worker_pids()
+    extra = set(pids) - set(backend.backend.worker_pids())
+    assert len(extra) == 2 and not wait_dead(extra), "an extra worker outlived its map"
+    assert backend.map(double, range(4)) == [0, 2, 4, 6]
+
+
+def test_n_above_a_remote_clusters_workers_is_said(remote_pool):
+    report = remote_pool.run(double, range(4), workers=4)
+    assert report.results == [0, 2, 4, 6]
+    assert any("-n 4" in n and "gave this pool 2 workers" in n for n in report.notes), report.notes
+    assert "-n 4" in report.summary()
+
+
 def test_numpy_and_pandas_items_and_results(backend):
     np = pytest.importorskip("numpy")
     pd = pytest.importorskip("pandas")
@@ -691,6 +721,26 @@ def test_poolsize_switches_to_dask_and_back(ip, capsys):
     assert type(poolmagic.get_pool().backend).__name__ == "LocalBackend"
     assert poolmagic.get_pool().size == poolmagic.get_pool().cores
     assert not wait_dead(pids), "the LocalCluster's workers outlived the switch back"
+
+
+def test_tune_times_each_size_on_that_many_dask_workers(ip):
+    """Sleeping items scale past the cores, on real worker processes: the
+    LocalCluster is grown to the largest size before it is timed (4 "workers"
+    were timed on 2 processes before), and keeps the chosen size."""
+    from poolmagic.tune import candidate_sizes
+
+    ip.run_line_magic("poolsize", "2 --backend dask")
+    pool = poolmagic.get_pool()
+    try:
+        ip.run_cell_magic("poolmap", "-q range(8)", "import time\ndef io_bound(x):\n    time.sleep(0.02)\n    return x\n")
+        result = ip.run_line_magic("poolsize", "--tune --budget 6")
+        largest = candidate_sizes(pool.cores)[-1]
+        assert [r.workers for r in result.rows][-1] == largest, result
+        assert result.chosen == largest and "waiting-bound" in result.reason, result
+        assert pool.size == largest
+        assert wait_for(lambda: len(pool.backend.worker_pids()) == largest, timeout=30), pool.backend.worker_pids()
+    finally:
+        ip.run_line_magic("poolsize", "auto --backend local")
 
 
 def test_a_script_that_never_shuts_its_dask_pool_exits_cleanly(tmp_path):

@@ -110,6 +110,7 @@ def test_tune_measures_sizes_and_sets_the_best(ip):
     html = result._repr_html_()
     assert "<svg" in html and "<table>" in html and "pool size set to" in html
     assert "chosen" in repr(result)
+    assert "  1 worker  " in repr(result) and "1 workers" not in repr(result), repr(result)
     # the report of the user's own map is untouched
     assert ip.user_ns["_poolmap"].func_name == "io_bound"
     ip.run_line_magic("poolsize", "auto")

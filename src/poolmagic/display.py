@@ -291,7 +291,8 @@ def tune_text(t: "TuneResult") -> str:
     for r in t.rows:
         bar = "█" * max(1, round(24 * r.throughput / top))
         mark = "  ← chosen" if r.workers == t.chosen else ""
-        lines.append(f"  {r.workers:>3} workers  {r.throughput:>10.1f} items/s  {bar}{mark}")
+        noun = "worker " if r.workers == 1 else "workers"
+        lines.append(f"  {r.workers:>3} {noun}  {r.throughput:>10.1f} items/s  {bar}{mark}")
     lines.append(f"pool size set to {t.chosen}: {t.reason}")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 GOOD_ENOUGH = 0.95
 MAX_SAMPLE = 1_000_000
+READY_TIMEOUT_S = 60.0  # for the largest size's workers to start
 
 
 @dataclass
@@ -114,11 +115,18 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
         raise BadInputError("the last map had no items to time")
     per_item = (report.busy_s / max(report.done, 1)) if report.chunks else None
     sizes = candidate_sizes(pool.cores)
-    share = budget / (len(sizes) + 1)  # one share for the warm-up
     func, star = job.func, job.options.star
     result = TuneResult(report.func_name, pool.cores)
-    t_start = time.perf_counter()
     saved = pool.last_job, pool.last_report
+    size_before = pool.size
+    # Every size is timed on workers that already run: a dask LocalCluster takes a
+    # second per worker to grow, and a remote cluster cannot be grown by us at all.
+    pool.resize(max(sizes), warn=False)
+    have = pool.backend.wait_workers(max(sizes), READY_TIMEOUT_S)
+    sizes = [n for n in sizes if n <= have] or [1]
+    share = budget / (len(sizes) + 1)  # one share for the warm-up
+    t_start = time.perf_counter()
+    chosen = False
     try:
         warm = pool.run(func, items[: max(sizes)], star=star, workers=max(sizes))  # ship it, start workers
         if per_item is None:
@@ -140,8 +148,12 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
         raise BadInputError(
             f"--tune stopped: {report.func_name}() raised {type(exc).__name__}: {safe_str(exc)} while being timed"
         ) from None
+    else:
+        chosen = True
     finally:
         pool.last_job, pool.last_report = saved
+        if not chosen:
+            pool.resize(size_before, warn=False)
     top = result.best().throughput
     result.chosen = min(r.workers for r in result.rows if r.throughput >= GOOD_ENOUGH * top)
     result.reason = _reason(result)

@@ -45,6 +45,14 @@ class Backend(ABC):
     def resize(self, n: int) -> None:
         """Aim for ``n`` workers from the next chunk on."""
 
+    def wait_workers(self, n: int, timeout: float) -> int:
+        """Wait until ``n`` workers run (after ``resize(n)``); returns how many can.
+
+        Fewer when the workers are not ours to start (a remote cluster's).
+        The local backend starts its workers with the map: nothing to wait for.
+        """
+        return n
+
     @abstractmethod
     def shutdown(self) -> None:
         """Stop every worker and helper process; idempotent."""

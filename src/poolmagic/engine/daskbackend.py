@@ -120,6 +120,8 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self.owned = address is None
         self.description = "dask LocalCluster" if self.owned else f"dask cluster {address}"
         self._cap: int | None = None  # remote: at most this many workers (%poolsize N)
+        self._scaled = self._size  # our LocalCluster: the size last asked of it (see _fit_cluster)
+        self._scaling = False  # a thread is scaling it
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()  # callables the manager thread runs
@@ -203,6 +205,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         def cmd() -> None:
             self._item_times.recall(job)
             self._jobs.append(job)
+            self._note_fewer_workers(job)
             job.maybe_finish()  # an empty ITERABLE is done at once
 
         with self._lock:  # a failed start empties the queue under this lock: nothing is lost
@@ -233,10 +236,23 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             self._wake()
             return
         self._size = n
-        cluster = self.cluster
-        if cluster is not None:  # starting workers takes a second: not on the caller's thread
-            threading.Thread(target=_quietly, args=(cluster.scale, n), daemon=True, name="poolmagic-dask-scale").start()
-        self._wake()
+        self._wake()  # the manager thread scales the cluster (_fit_cluster)
+
+    def wait_workers(self, n: int, timeout: float) -> int:
+        """Our LocalCluster: until it runs ``n`` workers; a remote cluster: how many it has."""
+        if not self.owned:
+            try:
+                have = len(self.client.scheduler_info()["workers"])
+            except Exception:  # not connected (yet): what the manager saw last
+                have = len(self._workers)
+            return min(n, max(have, 1))
+        deadline = time.monotonic() + timeout
+        while True:
+            cluster = self.cluster
+            have = len(cluster.scheduler_info.get("workers", {})) if cluster is not None else 0
+            if have >= n or time.monotonic() >= deadline or self._closed:
+                return min(n, max(have, 1))
+            time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
         """Worker processes on this machine (a LocalCluster we own); none for a remote cluster."""
@@ -338,7 +354,48 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             self._kill_due()
         if self._guard_due():
             self._guard_memory()
+        self._fit_cluster()
         self._schedule()
+
+    def _note_fewer_workers(self, job: Job) -> None:
+        """A remote cluster's workers are its own to add: ``-n N`` above them is said, not granted."""
+        n = job.options.workers
+        if not self.owned and n and n > self.size:
+            job.report.notes.append(
+                f"-n {n}: the dask cluster at {self.address} gave this pool {self.size} "
+                f"worker{'s' if self.size != 1 else ''}, and the map ran on those; "
+                f"start more with `dask worker {self.address}`"
+            )
+
+    def _fit_cluster(self) -> None:
+        """Our LocalCluster runs the pool's size, more while a map asks for more
+        (``-n N``, as the local pool starts extra workers), and shrinks back after.
+
+        Starting workers takes a second: a thread of its own scales, and the
+        maps go on meanwhile with the workers there are.
+        """
+        if not self.owned or self.cluster is None:
+            return
+        want = max([self._size, *[j.options.workers or 0 for j in self._jobs]])
+        with self._lock:
+            if want == self._scaled:
+                return
+            self._scaled = want
+            if self._scaling:
+                return  # the running thread takes the new size next
+            self._scaling = True
+        threading.Thread(target=self._scale, daemon=True, name="poolmagic-dask-scale").start()
+
+    def _scale(self) -> None:
+        applied = None
+        while True:
+            with self._lock:
+                want, cluster = self._scaled, self.cluster
+                if want == applied or cluster is None or self._closed:
+                    self._scaling = False
+                    return
+            _quietly(cluster.scale, want)
+            applied = want
 
     def _wait_s(self) -> float | None:
         """How long the manager may sleep: until a deadline, or a look at the workers while maps run."""

@@ -38,6 +38,7 @@ class DaskCluster:
     address: str | None
     _size: int
     _cap: int | None
+    _scaled: int
     cluster: LocalCluster | None
     client: Client | None
     _q: queue.SimpleQueue
@@ -73,8 +74,8 @@ class DaskCluster:
             check_workers(self.client)
         if self._closed:
             return
-        if self.owned and len(self.cluster.worker_spec) != self._size:  # resized while it started
-            self.cluster.scale(self._size)
+        if self.owned:
+            self._scaled = len(self.cluster.worker_spec)  # (resized while it started: _fit_cluster)
         unbatch(getattr(self.client, "scheduler_comm", None))  # our submits go at once
         self.client.subscribe_topic(self._topic, self._on_topic)
         self._ac = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
