@@ -682,6 +682,46 @@ def test_a_lost_scheduler_fails_the_map_keeping_what_finished_and_the_next_map_c
         _stop_cluster(procs, tmp_path)
 
 
+class Watch:
+    """What a display of the map learns from its events (live.Progress), and nothing else."""
+
+    def attach(self, job):
+        from poolmagic.live import Progress
+
+        self.progress = Progress(job.report.items, job.report.pool_size)
+        job.observers.append(self.progress)
+
+    def tick(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_cluster_without_workers_says_the_map_waits_for_one(tmp_path):
+    """A scheduler with no worker yet: the map waits (clusters scale up), its
+    display says why and how to start one, and it runs once a worker comes."""
+    address, procs = _launch_cluster(tmp_path, workers=0)
+    pool = Pool(backend="dask", address=address)
+    try:
+        watch = Watch()
+        handle = pool.map_async(double, range(6), watch=watch)
+        assert wait_for(lambda: watch.progress.waiting, 30), "the map never said it waits"
+        why = watch.progress.waiting
+        assert f"the dask cluster at {address} has none" in why and f"dask worker {address}" in why, why
+        assert handle.report.done == 0
+        procs.append(subprocess.Popen(
+            [*_dask_cli(), "worker", address, "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address",
+             "127.0.0.1:0", "--nthreads", "1"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        assert handle.get(60) == [0, 2, 4, 6, 8, 10]
+        assert watch.progress.waiting is None
+        assert any("had no worker" in n for n in handle.report.notes), handle.report.notes
+    finally:
+        pool.shutdown()
+        _stop_cluster(procs, tmp_path)
+
+
 def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):
     address, procs = remote_cluster
     pool = Pool(backend="dask", address=address)

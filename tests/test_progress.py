@@ -25,6 +25,7 @@ from poolmagic.engine.events import (
     ItemsFailed,
     ItemsProgress,
     MapFinished,
+    Waiting,
 )
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers never import this module
@@ -172,6 +173,19 @@ def clock(monkeypatch):
     c = Clock()
     monkeypatch.setattr(live, "time", c)
     return c
+
+
+def test_a_map_waiting_for_a_worker_says_why_until_it_has_one(clock):
+    p = live.Progress(10, 2)
+    why = "waiting for a worker: the dask cluster at tcp://h:8786 has none (start one with `dask worker tcp://h:8786`)"
+    p(Waiting(why))
+    clock.now = 101.0
+    assert why in display.progress_text(p) and "workers starting" not in display.progress_text(p)
+    assert "waiting for a worker" in display.progress_html(p)
+    p(ChunkFinished(rec(0, 4), 0, [None] * 4, range(4)))
+    assert why in display.progress_text(p) and "4/10" in display.progress_text(p)  # a worker came, then left
+    p(Waiting(None))
+    assert "waiting" not in display.progress_text(p) and "waiting" not in display.progress_html(p)
 
 
 @pytest.mark.timeout(30)

@@ -165,13 +165,18 @@ def progress_text(p: "Progress") -> str:
     """tqdm's meter: ``37%|███▋      | 3,700/10,000 [00:04<00:07, 812 it/s]``."""
     from tqdm import tqdm
 
+    if p.waiting and not p.finished:
+        return f"poolmagic: {p.waiting} · {_fmt_s(p.elapsed)}"
     if p.starting:
         return f"poolmagic: workers starting · {_fmt_s(p.elapsed)}"
-    return "poolmagic " + tqdm.format_meter(p.finished, p.total, p.elapsed, ncols=80, unit=" items", unit_scale=False)
+    meter = tqdm.format_meter(p.finished, p.total, p.elapsed, ncols=80, unit=" items", unit_scale=False)
+    return f"poolmagic {meter}" + (f" · {p.waiting}" if p.waiting else "")
 
 
 def progress_html(p: "Progress") -> str:
-    if p.starting:
+    if p.waiting and not p.finished:
+        body = f"{html.escape(p.waiting)} · {_fmt_s(p.elapsed)}"
+    elif p.starting:
         body = f"workers starting · {_fmt_s(p.elapsed)}"
     else:
         frac = p.finished / p.total if p.total else 0.0
@@ -181,6 +186,8 @@ def progress_html(p: "Progress") -> str:
         body = f"{bar}{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s{eta}"
         if p.failed:
             body += f" · {p.failed:,} failed"
+        if p.waiting:
+            body += f" · {html.escape(p.waiting)}"
     return f'<div class="poolmagic-progress" style="{_FONT};color:inherit"><b>poolmagic</b> {body}</div>'
 
 

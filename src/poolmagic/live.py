@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from .engine.events import ChunkFinished, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished
+from .engine.events import ChunkFinished, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Waiting
 
 
 class Progress:
@@ -28,6 +28,7 @@ class Progress:
         self.started = 0  # chunks sent
         self.status = "running"
         self.error: BaseException | None = None
+        self.waiting: str | None = None  # why no worker runs the map's items now (events.Waiting)
         self.changed = threading.Event()
 
     def __call__(self, event: Any) -> None:
@@ -45,9 +46,12 @@ class Progress:
             self.failed += len(event.indices)
         elif kind is ChunkStarted:
             self.started += 1
+        elif kind is Waiting:
+            self.waiting = event.why
         elif kind is MapFinished:
             self.status, self.error = event.status, event.error
             self.t_end = time.perf_counter()
+            self.waiting = None
         self.changed.set()
 
     @property

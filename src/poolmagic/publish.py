@@ -134,6 +134,7 @@ class LiveProgress:
             self._bar.n = p.finished
             if p.total is None:
                 self._bar.total = None
+            self._bar.set_postfix_str(p.waiting or "", refresh=False)
             self._bar.refresh()
         elif self._handle is not None:
             self._handle.update(self._bundle(), raw=True)

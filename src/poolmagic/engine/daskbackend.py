@@ -122,6 +122,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self._cap: int | None = None  # remote: at most this many workers (%poolsize N)
         self._scaled = self._size  # our LocalCluster: the size last asked of it (see _fit_cluster)
         self._scaling = False  # a thread is scaling it
+        self._waiting: dict[int, Job] = {}  # maps told they wait for a worker (a remote cluster has none)
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()  # callables the manager thread runs

@@ -23,6 +23,7 @@ from distributed import Client, LocalCluster, as_completed
 from ..errors import PoolmapError, safe_str
 from . import dasktask
 from .daskoutcomes import DaskChunk
+from .events import Waiting
 from .daskplumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
 from .job import Job
 
@@ -39,6 +40,7 @@ class DaskCluster:
     _size: int
     _cap: int | None
     _scaled: int
+    _waiting: dict[int, Job]
     cluster: LocalCluster | None
     client: Client | None
     _q: queue.SimpleQueue
@@ -201,6 +203,29 @@ class DaskCluster:
         msg = event[1]
         if isinstance(msg, dict):
             self._q.put(lambda: self._on_task_event(msg))
+
+    def _say_waiting(self, jobs: list[Job]) -> None:
+        """``jobs`` wait for a worker: say so once each (their displays show it, their
+        reports keep it), and that they have one again when they do.
+
+        A remote cluster may have none yet (or lost them with a restarted
+        scheduler); it may scale up, so the maps wait rather than fail. Our
+        own LocalCluster's nannies restart a worker within a second: not said.
+        """
+        if self.owned:
+            return
+        waiting = {id(j): j for j in jobs}
+        for key, job in self._waiting.items():
+            if key not in waiting:
+                job.publish(Waiting(None))
+        for key, job in waiting.items():
+            if key not in self._waiting:
+                job.publish(Waiting(
+                    f"waiting for a worker: the dask cluster at {self.address} has none "
+                    f"(start one with `dask worker {self.address}`)"
+                ))
+                job.report.notes.append(f"the dask cluster at {self.address} had no worker for a while: the map waited")
+        self._waiting = waiting
 
     def _usable(self) -> list[str]:
         """Workers that may get chunks, in a stable order (-n N takes the first N)."""

@@ -63,6 +63,7 @@ class DaskScheduling:
     _marks: str | None
     _memfds: dict[str, int]
     _item_times: ItemTimes
+    _waiting: dict[int, Job]
     _ac: Any
     _more: Any
 
@@ -75,6 +76,7 @@ class DaskScheduling:
         jobs = [j for j in self._jobs if j.has_work()]
         if jobs and self.client is not None:
             usable = self._usable()
+            self._say_waiting(jobs if not usable else [])
             rank = {a: i for i, a in enumerate(usable)}
             load = dict.fromkeys(usable, 0)
             waiting = set()  # workers with a chunk that has not begun: nothing more for them yet
@@ -245,6 +247,8 @@ class DaskScheduling:
 
     def _forget_finished_jobs(self) -> None:
         self._jobs = self._item_times.keep_active(self._jobs)
+        if self._waiting:
+            self._waiting = {k: j for k, j in self._waiting.items() if j in self._jobs}
 
 
 def _task_name(job: Job) -> str:

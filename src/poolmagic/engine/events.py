@@ -69,6 +69,12 @@ class WorkerReplaced(NamedTuple):
     reason: str
 
 
+class Waiting(NamedTuple):
+    """The map has work but no worker to run it (a remote cluster without workers)."""
+
+    why: str | None  #: None: it has a worker again
+
+
 class MapFinished(NamedTuple):
     status: str  #: "done", "failed" or "cancelled"
     error: BaseException | None
