@@ -200,18 +200,20 @@ def test_healthy_map_has_no_findings_and_its_time_adds_up():
 # ------------------------------------------------------------------ speedup words
 
 
-@pytest.mark.timeout(60)
-def test_workers_starting_before_any_chunk_finished(tmp_path):
-    gate = tmp_path / "go"
-
-    def wait_for_gate(x):
+def held(x, gate: str, first: int = 0):
+    """``x``, at once below item ``first``; from it on, once the file ``gate`` exists (30 s at most)."""
+    if x >= first:
         deadline = time.monotonic() + 30
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return x
+    return x
 
+
+@pytest.mark.timeout(60)
+def test_workers_starting_before_any_chunk_finished(tmp_path):
+    gate = tmp_path / "go"
     with Pool(2) as pool:
-        handle = pool.map_async(wait_for_gate, range(4), chunksize=1)
+        handle = pool.map_async(held, range(4), chunksize=1, kwargs={"gate": str(gate)})
         try:
             text = display.summary_text(handle.report)
             assert handle.report.status == "running" and not handle.report.chunks
@@ -233,16 +235,8 @@ def test_an_interrupted_map_gets_no_verdict(tmp_path):
     not in the report, so "slower than a plain loop" (and its why) would be a
     guess; the workers it ran on are still counted."""
     gate = tmp_path / "go"
-
-    def quick_then_stuck(x):
-        if x >= 4:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(gate) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return x
-
     with Pool(2) as pool:
-        handle = pool.map_async(quick_then_stuck, range(8), chunksize=1)
+        handle = pool.map_async(held, range(8), chunksize=1, kwargs={"gate": str(gate), "first": 4})
         try:
             assert wait_for(lambda: handle.report.done >= 4, timeout=20)
             time.sleep(0.5)  # the stuck items' time grows; the recorded work does not
