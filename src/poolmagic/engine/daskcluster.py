@@ -23,8 +23,8 @@ from distributed import Client, LocalCluster, as_completed
 from ..errors import PoolmapError, safe_str
 from . import dasktask
 from .daskoutcomes import DaskChunk
-from .events import Waiting
 from .daskplumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
+from .events import Waiting
 from .job import Job
 
 CONNECT_TIMEOUT_S = 10.0

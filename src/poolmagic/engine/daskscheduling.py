@@ -4,8 +4,9 @@ Part of the dask backend (mixed into DaskBackend, whose state it uses): on
 each turn of the manager thread, chunks are sized (the Job's adaptive size,
 grown to ~TASK_S of work, a worker's last share whole), the maps take turns
 for each worker with room in its window (WINDOW chunks in flight), and each
-chunk is submitted as one task pinned to its worker. The function (and, on our own cluster, the
-kernel's context) is scattered once per version and its future cached.
+chunk is submitted as one task pinned to its worker. The function (and, on
+our own cluster, the kernel's context) is scattered once per version and its
+future cached.
 """
 from __future__ import annotations
 
