@@ -166,6 +166,9 @@ def test_poolsize_takes_options_after_the_count_too(ip, capsys):
     assert pool.size == 2 and pool.threads == 2
     with pytest.raises(UsageError, match="not '2 extra'"):
         ip.run_line_magic("poolsize", "2 --threads 1 extra")
+    with pytest.raises(UsageError, match="at least 1 worker, not 0"):
+        ip.run_line_magic("poolsize", "0 --threads 1")
+    assert pool.size == 2 and pool.threads == 2, "a bad count changed the pool before it was refused"
     ip.run_line_magic("poolsize", "auto --threads auto")
     assert pool.size == pool.cores and pool.threads is None
     capsys.readouterr()

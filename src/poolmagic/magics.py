@@ -339,6 +339,19 @@ class PoolMagics(Magics):
             more = parse(after, POOLSIZE_OPTIONS)
             o = {**o, **more.opts}
             rest = f"{count} {more.rest}".strip()  # anything else left is named by the error below
+        n = None  # the count, checked (with --threads) before anything changes
+        if rest and rest != "auto":
+            try:
+                n = int(rest)
+            except ValueError:
+                raise UsageError(
+                    f"%poolsize takes a number of workers (a whole number ≥ 1) or 'auto', not {rest!r}"
+                ) from None
+            if n < 1:
+                raise UsageError(f"%poolsize needs at least 1 worker, not {n}")
+        threads = o.get("threads")
+        if threads is not None and threads != "auto" and threads < 1:
+            raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
         if o.get("shutdown"):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")
@@ -346,9 +359,8 @@ class PoolMagics(Magics):
         if "backend" in o or "address" in o:
             from .switch import switch_backend
 
-            size = int(rest) if rest.isdigit() and int(rest) >= 1 else None
             try:
-                switch_backend(o.get("backend"), o.get("address"), size=size)
+                switch_backend(o.get("backend"), o.get("address"), size=n)
             except PoolmapError as exc:
                 raise UsageError(str(exc)) from None
         if o.get("tune"):
@@ -358,25 +370,14 @@ class PoolMagics(Magics):
                 return tune(self.pool, budget=o.get("budget", 10.0))
             except BadInputError as exc:
                 raise UsageError(str(exc)) from None
-        if "threads" in o:
-            threads = o["threads"]
-            if threads != "auto" and threads < 1:
-                raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
+        if threads is not None:
             self.pool.threads = None if threads == "auto" else threads
         if "max_memory" in o:
             self.pool.max_memory = None if o["max_memory"] == "off" else o["max_memory"]
         if rest:
-            if rest == "auto":
+            if n is None:  # auto
                 self.pool.resize(None)
             else:
-                try:
-                    n = int(rest)
-                except ValueError:
-                    raise UsageError(
-                        f"%poolsize takes a number of workers (a whole number ≥ 1) or 'auto', not {rest!r}"
-                    ) from None
-                if n < 1:
-                    raise UsageError(f"%poolsize needs at least 1 worker, not {n}")
                 note = too_many_workers(n, self.pool.cores)
                 if note:
                     print(f"poolmagic: note: {note}")
