@@ -46,6 +46,7 @@ Failures, as the local backend has them:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import queue
@@ -240,20 +241,19 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self._wake()  # the manager thread scales the cluster (_fit_cluster)
 
     def wait_workers(self, n: int, timeout: float) -> int:
-        """Our LocalCluster: until it runs ``n`` workers; a remote cluster: how many it has."""
-        if not self.owned:
-            try:
-                have = len(self.client.scheduler_info()["workers"])
-            except Exception:  # not connected (yet): what the manager saw last
-                have = len(self._workers)
-            return min(n, max(have, 1))
-        deadline = time.monotonic() + timeout
-        while True:
-            cluster = self.cluster
-            have = len(cluster.scheduler_info.get("workers", {})) if cluster is not None else 0
-            if have >= n or time.monotonic() >= deadline or self._closed:
-                return min(n, max(have, 1))
-            time.sleep(0.05)
+        """Our LocalCluster: until it runs ``n`` workers; a remote cluster is not
+        ours to grow: how many it has."""
+        client = self.client
+        if client is None:  # not connected (yet): what the manager saw last
+            return min(n, max(len(self._workers), 1))
+        if self.owned:
+            with contextlib.suppress(Exception):  # a timeout: the caller gets what did start
+                client.wait_for_workers(n, timeout=timeout)
+        try:
+            have = len(client.scheduler_info()["workers"])
+        except Exception:
+            have = len(self._workers)
+        return min(n, max(have, 1))
 
     def worker_pids(self) -> list[int]:
         """Worker processes on this machine (a LocalCluster we own); none for a remote cluster."""

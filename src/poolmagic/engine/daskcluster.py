@@ -212,7 +212,7 @@ class DaskCluster:
         scheduler); it may scale up, so the maps wait rather than fail. Our
         own LocalCluster's nannies restart a worker within a second: not said.
         """
-        if self.owned:
+        if self.owned or not (jobs or self._waiting):  # (every turn of the manager: nothing to do, mostly)
             return
         waiting = {id(j): j for j in jobs}
         for key, job in self._waiting.items():
