@@ -210,12 +210,14 @@ class Pool:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
         if o.star:
             iterable = check_star(iterable)
-        payload = dump_function(func)
+        shipped, notes = self.backend.prepare_function(func, iterable, o.star)  # a remote cluster's checks
+        payload = dump_function(shipped)
         workers = o.workers or self.size
         threads = o.threads or self.threads_per_worker(workers)
         context = self._contexts.get(threads)
         report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description,
                            threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
+        report.notes.extend(notes)
         index, checkpoint = None, None
         if resume is not None:
             earlier, index, iterable = resume_report(resume, iterable)
