@@ -33,6 +33,7 @@ from .errors import (
     BadInputError,
     MapCancelledError,
     PoolmapError,
+    SerializationError,
     add_note,
     point_at_function,
 )
@@ -211,7 +212,12 @@ class Pool:
         if o.star:
             iterable = check_star(iterable)
         shipped, notes = self.backend.prepare_function(func, iterable, o.star)  # a remote cluster's checks
-        payload = dump_function(shipped)
+        try:
+            payload = dump_function(shipped)
+        except SerializationError:
+            if shipped is not func:
+                dump_function(func)  # the function itself cannot be pickled: that error names the culprit
+            raise
         workers = o.workers or self.size
         threads = o.threads or self.threads_per_worker(workers)
         context = self._contexts.get(threads)
