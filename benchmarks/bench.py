@@ -10,6 +10,8 @@ reported as "hang", its kernel interrupted and, if still stuck, killed.
 
     python benchmarks/bench.py [--quick] [--only tiny,cpu] [--peers poolmagic,loky]
     python benchmarks/bench.py --only numpy,bigresult,bigarg,many   # the data-science rows
+    python benchmarks/bench.py --baseline HEAD~1 --only overhead,tiny,cold --peers poolmagic
+                                     # the working tree against a commit, alternating, with ratios
 
 Workloads: cold, tiny, cpu, overhead, big, gen, failures; data-science rows numpy,
 bigresult, bigarg, many (see README.md). A full run writes benchmarks/results/latest.json
@@ -30,9 +32,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -112,9 +115,10 @@ class Exec:
 class Kernel:
     """A fresh python3 kernel (this interpreter) with a blocking client."""
 
-    def __init__(self, hang_grace: float = 5.0):
+    def __init__(self, hang_grace: float = 5.0, env_extra: dict | None = None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("POOLMAGIC_")}
         env["PYTHONWARNINGS"] = "ignore"
+        env.update(env_extra or {})
         self.km = KernelManager(kernel_name="python3")
         self.km.shutdown_wait_time = 3.0
         self.km.start_kernel(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -265,6 +269,7 @@ class Peer:
     magic: bool = False  # poolmagic: map through %%poolmap, the cell defines the function
     tiny_n: int = 100_000  # items of the tiny workload (dask: one task per item, ~ms each)
     reference: bool = False  # not a pool: a serial reference, run only where a workload names it
+    env: dict = field(default_factory=dict)  # extra environment of its kernels (a baseline's PYTHONPATH)
 
     def create_code(self, workers: int = WORKERS) -> str:
         return self.create.format(w=workers)
@@ -1082,14 +1087,72 @@ def compile_poolmagic() -> bool:
     return all(compileall.compile_dir(d, quiet=1) for d in spec.submodule_search_locations)
 
 
+BASE_KEY = "poolmagic_base"
+
+
+def baseline_peer(ref: str) -> Peer:
+    """poolmagic as it was at git REF: its src/ exported from this repository, compiled,
+    and put first on its kernels' PYTHONPATH (so they and their workers import it instead
+    of the working tree; every other package is this environment's)."""
+    repo = HERE.parent
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=repo, capture_output=True, text=True)
+    if sha.returncode:
+        raise SystemExit(f"--baseline: git does not know {ref!r} here: {sha.stderr.strip()}")
+    sha = sha.stdout.strip()
+    dest = Path(tempfile.gettempdir()) / f"poolmagic-baseline-{sha}"
+    if not (dest / "src" / "poolmagic" / "__init__.py").exists():
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha, "src"], cwd=repo, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        compileall.compile_dir(str(dest / "src"), quiet=1)
+    base = PEER_BY_KEY["poolmagic"]
+    return replace(base, key=BASE_KEY, label=f"poolmagic {sha} (baseline)",
+                   env={"PYTHONPATH": str(dest / "src")})
+
+
+def median_figures(runs: list[dict]) -> dict:
+    """One result from several rounds: the median of each number, the rest from the first ok run."""
+    ok = [r for r in runs if r.get("status") == "ok"] or runs
+    out = dict(ok[0])
+    for key in ok[0]:
+        vals = [num(r.get(key)) for r in ok]
+        if all(v is not None for v in vals) and key != "harness_s":
+            out[key] = statistics.median(vals)
+    out["rounds"] = len(ok)
+    return out
+
+
+def baseline_table(results: dict, sha_label: str) -> str:
+    """Every number of every workload: the working tree, the baseline, and their ratio."""
+    rows = [["workload", "figure", "working tree", sha_label, "ratio (tree ÷ baseline)"], ["---"] * 5]
+    for wl, res in results.items():
+        a, b = res.get("poolmagic") or {}, res.get(BASE_KEY) or {}
+        for key in a:
+            x, y = num(a.get(key)), num(b.get(key))
+            if x is None or y is None or key in ("harness_s", "rounds", "size") or key.endswith(("_n", "_items")):
+                continue
+            rows.append([wl, key, f"{x:.4g}", f"{y:.4g}", f"{x / y:.2f}" if y else "—"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
     ap.add_argument("--peers", help="comma-separated peers: " + ",".join(PEER_BY_KEY))
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--baseline", metavar="REF", help="also run poolmagic as it was at git REF, alternating "
+                    "with the working tree on the same workloads, and print both and their ratio")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: rounds of (tree, baseline) per workload")
     args = ap.parse_args()
+    if args.baseline:
+        PEER_BY_KEY[BASE_KEY] = baseline_peer(args.baseline)
     workloads = list(dict.fromkeys(args.only.split(","))) if args.only else list(WORKLOADS)
-    peers = list(dict.fromkeys(args.peers.split(","))) if args.peers else list(PEER_BY_KEY)
+    peers = list(dict.fromkeys(args.peers.split(","))) if args.peers else [k for k in PEER_BY_KEY if k != BASE_KEY]
+    if args.baseline:  # right after poolmagic, which it alternates with
+        peers = [k for k in peers if k != BASE_KEY]
+        peers.insert(peers.index("poolmagic") + 1 if "poolmagic" in peers else 0, BASE_KEY)
+        if "poolmagic" not in peers:
+            peers.insert(0, "poolmagic")
     for name, known in ((workloads, WORKLOADS), (peers, PEER_BY_KEY)):
         bad = [x for x in name if x not in known]
         if bad:
@@ -1115,44 +1178,63 @@ def main() -> int:
     kernels: list[Kernel] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` shuts the kernels down
 
-    def fresh() -> Kernel:
-        k = Kernel()
-        kernels.append(k)
-        return k
+    def fresh_for(peer: Peer):
+        def fresh() -> Kernel:
+            k = Kernel(env_extra=peer.env)
+            kernels.append(k)
+            return k
+        return fresh
 
     results: dict = {wl: {} for wl in workloads}
     broken: dict[str, str] = {}  # peer -> the workload where it could not map a notebook function
     t_start = time.monotonic()
+
+    def run_one(peer: Peer, fn, wl: str) -> dict:
+        """One workload for one peer, in fresh kernels; failures become a status."""
+        t0, n0 = time.monotonic(), len(kernels)
+        try:
+            res = {"status": "ok", **fn(peer, cfg, fresh_for(peer))}
+        except CellFailed as exc:
+            res = {"status": exc.status, "note": exc.detail}
+            if isinstance(exc, PeerBroken) and not peer.magic:
+                broken[peer.key] = wl
+                res["skips_rest"] = True
+        except Exception as exc:  # a harness problem: report it, keep going
+            res = {"status": "harness error", "note": repr(exc)[:200]}
+        res["harness_s"] = round(time.monotonic() - t0, 2)
+        leaked = sum(k.leaked for k in kernels[n0:])  # its kernels are closed by now
+        if leaked:
+            res["leaked_processes_killed"] = leaked
+        return res
+
+    def say(wl: str, key: str, res: dict) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {key:15s} "
+              + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                            if k != "ts"})[:220], flush=True)
+
     try:
         for wl in workloads:
             fn, only = WORKLOADS[wl]
             for key in peers:
                 peer = PEER_BY_KEY[key]
-                if (key not in only) if only is not None else peer.reference:
-                    continue
+                if key == BASE_KEY or ((key not in only) if only is not None else peer.reference):
+                    continue  # the baseline runs in rounds with poolmagic
                 if importlib.util.find_spec(peer.module) is None:
-                    res = {"status": "skipped", "note": f"{peer.module} not importable"}
+                    results[wl][key] = {"status": "skipped", "note": f"{peer.module} not importable"}
                 elif key in broken:
-                    res = {"status": "broken", "note": f"see {broken[key]}"}
+                    results[wl][key] = {"status": "broken", "note": f"see {broken[key]}"}
+                elif args.baseline and key == "poolmagic":
+                    runs: dict[str, list] = {key: [], BASE_KEY: []}
+                    for _ in range(args.rounds):  # A B A B ...: a drift of the machine's speed hits both
+                        for p in (peer, PEER_BY_KEY[BASE_KEY]):
+                            runs[p.key].append(run_one(p, fn, wl))
+                    for k in runs:
+                        results[wl][k] = median_figures(runs[k])
+                        say(wl, k, results[wl][k])
+                    continue
                 else:
-                    t0, n0 = time.monotonic(), len(kernels)
-                    try:
-                        res = {"status": "ok", **fn(peer, cfg, fresh)}
-                    except CellFailed as exc:
-                        res = {"status": exc.status, "note": exc.detail}
-                        if isinstance(exc, PeerBroken) and not peer.magic:
-                            broken[key] = wl
-                            res["skips_rest"] = True
-                    except Exception as exc:  # a harness problem: report it, keep going
-                        res = {"status": "harness error", "note": repr(exc)[:200]}
-                    res["harness_s"] = round(time.monotonic() - t0, 2)
-                    leaked = sum(k.leaked for k in kernels[n0:])  # its kernels are closed by now
-                    if leaked:
-                        res["leaked_processes_killed"] = leaked
-                results[wl][key] = res
-                print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {key:15s} "
-                      + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
-                                    if k != "ts"})[:220], flush=True)
+                    results[wl][key] = run_one(peer, fn, wl)
+                say(wl, key, results[wl][key])
     finally:
         for k in kernels:
             try:
@@ -1170,12 +1252,18 @@ def main() -> int:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Only a full run replaces the table the README quotes; a partial one is kept beside it.
-    stem = "partial" if (args.only or args.peers or args.quick) else "latest"
+    stem = "partial" if (args.only or args.peers or args.quick or args.baseline) else "latest"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md = render(results, meta)
     (RESULTS / f"{stem}.md").write_text(md)
     print("\n" + console_table(results, meta) + "\n")
     print(md)
+    if args.baseline:
+        label = PEER_BY_KEY[BASE_KEY].label.replace(" (baseline)", "")
+        table = (f"Working tree ({meta['poolmagic_commit']}) against {label}, {args.rounds} alternating rounds per "
+                 f"workload, medians; command: `{meta['command']}`\n\n" + baseline_table(results, label) + "\n")
+        (RESULTS / f"baseline-{label.split()[-1]}.md").write_text(table)
+        print(table)
     print(f"total {meta['total_s']} s; kernels: {len(kernels)}; leftover processes killed: "
           f"{meta['leaked_processes_killed']}; wrote {RESULTS / stem}.json and .md")
     return 0

@@ -33,6 +33,7 @@ from .errors import (
     BadInputError,
     MapCancelledError,
     PoolmapError,
+    SerializationError,
     add_note,
     point_at_function,
 )
@@ -210,12 +211,19 @@ class Pool:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
         if o.star:
             iterable = check_star(iterable)
-        payload = dump_function(func)
+        shipped, notes = self.backend.prepare_function(func, iterable, o.star)  # a remote cluster's checks
+        try:
+            payload = dump_function(shipped)
+        except SerializationError:
+            if shipped is not func:
+                dump_function(func)  # the function itself cannot be pickled: that error names the culprit
+            raise
         workers = o.workers or self.size
         threads = o.threads or self.threads_per_worker(workers)
         context = self._contexts.get(threads)
         report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description,
                            threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
+        report.notes.extend(notes)
         index, checkpoint = None, None
         if resume is not None:
             earlier, index, iterable = resume_report(resume, iterable)

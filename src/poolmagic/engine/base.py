@@ -8,6 +8,7 @@ feeding, events) lives in the Job (job.py), above this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from .job import Job
 
@@ -44,6 +45,15 @@ class Backend(ABC):
     @abstractmethod
     def resize(self, n: int) -> None:
         """Aim for ``n`` workers from the next chunk on."""
+
+    def prepare_function(self, func: Any, items: Any, star: bool) -> tuple[Any, list[str]]:
+        """Before a map of ``func`` over ``items``: refuse what cannot work on these workers.
+
+        Returns what to send in place of ``func`` (it may carry what the
+        workers lack) and notes for the map's summary. Workers that share this
+        machine's files and environment (the default) need nothing.
+        """
+        return func, []
 
     def wait_workers(self, n: int, timeout: float) -> int:
         """Wait until ``n`` workers run (after ``resize(n)``); returns how many can.

@@ -71,8 +71,12 @@ class ContextApplier:
         self._env_raw: dict | None = None  # os.environ._data as the context wants it
         self._threads: int | None = None
         self._limited_at = -1  # len(sys.modules) when thread pools were last limited
+        self._base_env: dict | None = None  # a remote worker's own environment, before any overlay
 
-    def apply(self, ctx: P.SetContext) -> None:
+    def apply(self, ctx: P.SetContext | P.EnvOverlay) -> None:
+        if type(ctx) is P.EnvOverlay:  # a remote worker: its own folder, paths and threads
+            self._apply_env(self._overlaid(ctx))
+            return
         try:
             here = os.getcwd()
         except OSError:  # the directory was removed under us
@@ -85,6 +89,18 @@ class ContextApplier:
         if ctx.threads != self._threads:
             self._threads = ctx.threads
             self._limited_at = -1
+
+    def _overlaid(self, ctx: P.EnvOverlay) -> P.SetContext:
+        """The whole environment an overlay asks for: the worker's own (as first seen), changed."""
+        if self._base_env is None:
+            self._base_env = dict(os.environ)
+        want = dict(self._base_env)
+        for k, v in ctx.env.items():
+            if v is None:
+                want.pop(k, None)
+            else:
+                want[k] = v
+        return P.SetContext(ctx.key, "", want, [], None)
 
     def _apply_env(self, ctx: P.SetContext) -> None:
         if self._env_key != ctx.key:

@@ -62,6 +62,7 @@ from distributed import Client, LocalCluster
 from ..errors import NestedPoolError, PoolmapError
 from . import worker as _worker
 from .base import Backend
+from .daskenv import RemoteEnvironment
 from .daskcluster import (
     CONNECT_TIMEOUT_S,
     MARKS_PREFIX,
@@ -83,6 +84,8 @@ from .daskscheduling import (
     DaskScheduling,
 )
 from .job import ItemTimes, Job
+
+CONNECT_WAIT_S = 30.0  # how long a map's checks wait for a remote scheduler's connection
 
 # DaskBackend, and the settings and helpers this module held before it was split (still imported from here)
 __all__ = [
@@ -157,6 +160,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self._item_times = ItemTimes()
         self._ac: Any = None
         self._more = threading.Event()
+        self.remote_env = None if self.owned else RemoteEnvironment()  # modules, packages, variables
 
     # ------------------------------------------------------------------ Backend
     @property
@@ -266,7 +270,16 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         """In a child made by a bare ``os.fork()``: the cluster is the parent's."""
         self._closed = True
 
+    def prepare_function(self, func: Any, items: Any, star: bool) -> tuple[Any, list[str]]:
+        """A remote cluster: local modules sent by value, packages compared, relative paths refused."""
+        if self.remote_env is None:
+            return func, []
+        self.wait_ready(CONNECT_WAIT_S)
+        return self.remote_env.prepare(self.client, func, items, star)
+
     def shutdown(self) -> None:
+        if self.remote_env is not None:
+            self.remote_env.close()
         with self._lock:
             if self._closed:
                 return
@@ -302,10 +315,11 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             board = f"dashboard {link} (needs bokeh: pip install bokeh)"
         else:
             board = f"dashboard {link}"
-        return (
+        text = (
             f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')} · "
             f"{_plural(cores, 'core')} · {board}"
         )
+        return text if self.remote_env is None else f"{text}\n{self.remote_env.describe()}"
 
     # ------------------------------------------------------------------ manager thread
     def _wake(self) -> None:

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -64,6 +65,7 @@ class DaskCluster:
     _marks: str | None
     _memfds: dict[str, int]
     _ac: Any
+    remote_env: Any  # daskenv.RemoteEnvironment of a cluster not ours, else None
     _more: threading.Event
 
     # ------------------------------------------------------------------ connecting
@@ -74,6 +76,7 @@ class DaskCluster:
         else:
             self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
             check_workers(self.client)
+            self.remote_env.check_packages(self.client, [p for p in ("numpy", "pandas") if p in sys.modules])
         if self._closed:
             return
         if self.owned:

@@ -21,7 +21,7 @@ import cloudpickle
 from distributed.comm import CommClosedError
 
 from ..errors import PoolmapError, safe_str
-from . import dasktask
+from . import daskenv, dasktask
 from . import protocol as P
 from .daskcluster import _close
 from .daskoutcomes import DaskChunk
@@ -185,8 +185,13 @@ class DaskScheduling:
         seq = next(self._seq)
         try:
             fn = self._scattered(self._blobs, job.payload.key, lambda: self._function_blob(job.payload))
-            # the kernel's cwd, environment and sys.path mean nothing on another machine
-            ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context)) if self.owned else None
+            # a remote machine gets only the variables the user set: the kernel's cwd, sys.path,
+            # thread limits and start-up environment describe this machine
+            if self.owned:
+                ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context))
+            else:
+                env = daskenv.overlay_for(job.context)
+                ctx = self._scattered(self._contexts, env.key, lambda: dasktask.Box(env))
             fut = self.client.submit(
                 dasktask.run, fn, ctx, seq, start, wire, job.wire_options, timed, self._topic, not self.owned,
                 self._marks,

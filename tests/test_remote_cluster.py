@@ -1,0 +1,195 @@
+"""A cluster that does not share the kernel's disk or environment (issue 27).
+
+A real ``dask scheduler`` and ``dask worker`` started by the test in a folder
+of their own, with a clean environment (another cwd and HOME, no PYTHONPATH
+but a folder of packages the kernel does not have): nothing of the "notebook's"
+folder is visible to them, as on a cluster someone else started.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+
+import poolmagic  # noqa: E402
+from poolmagic import BadInputError, Pool  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cell(source: str, **names):
+    """The last function a notebook cell defines (in ``__main__``, as in a kernel)."""
+    ns: dict = {"__name__": "__main__", **names}
+    exec(textwrap.dedent(source), ns)
+    return [v for v in ns.values() if callable(v) and getattr(v, "__module__", None) == "__main__"][-1]
+
+
+def _dask_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("dask")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """(pool, folders) for a CLI cluster in a clean environment, and the notebook's folder."""
+    import wcwidth
+
+    root = tmp_path_factory.mktemp("remote")
+    home, site_dir, notebook = root / "cluster-home", root / "worker-site", root / "notebook"
+    for d in (home, site_dir, notebook):
+        d.mkdir()
+    # The workers' environment differs: another minor version of wcwidth (pure Python), and a
+    # package that is installed here but broken there.
+    ours = importlib.metadata.version("wcwidth").split(".")
+    theirs = f"{ours[0]}.{int(ours[1]) + 1}.0"
+    (site_dir / "wcwidth").mkdir()
+    (site_dir / "wcwidth" / "wcwidth.py").write_text("def wcswidth(s):\n    return len(s)\n")
+    (site_dir / "wcwidth" / "__init__.py").write_text(f"from .wcwidth import wcswidth\n__version__ = {theirs!r}\n")
+    (site_dir / f"wcwidth-{theirs}.dist-info").mkdir()
+    (site_dir / f"wcwidth-{theirs}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: wcwidth\nVersion: {theirs}\n")
+    (site_dir / "pure_eval").mkdir()
+    (site_dir / "pure_eval" / "__init__.py").write_text("raise ImportError('not installed on this worker')\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "PYTHONPATH": str(site_dir),
+           "LANG": "C.UTF-8"}
+    sched_file = home / "scheduler.json"
+    procs = []
+
+    def launch(*args: str) -> None:
+        procs.append(subprocess.Popen(
+            [*_dask_cli(), *args, "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+            cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=open(home / f"log-{len(procs)}.txt", "w"),
+            start_new_session=True))
+
+    launch("scheduler", "--port", "0", "--scheduler-file", str(sched_file))
+    deadline = time.monotonic() + 30
+    while not sched_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched_file.exists(), "dask scheduler did not start"
+    launch("worker", "--scheduler-file", str(sched_file), "--nthreads", "1")
+    address = json.loads(sched_file.read_text())["address"]
+    sys.path.insert(0, str(notebook))
+    pool = Pool(1, backend="dask", address=address)
+    try:
+        pool.backend.wait_workers(1, 30)
+        yield pool, notebook, home
+    finally:
+        pool.shutdown()
+        sys.path.remove(str(notebook))
+        for p in procs:
+            try:
+                os.killpg(p.pid, 9)
+            except OSError:
+                pass
+            p.wait(10)
+
+
+def write_module(folder: Path, name: str, source: str) -> None:
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
+    importlib.invalidate_caches()
+    sys.modules.pop(name, None)
+
+
+def test_a_helper_module_next_to_the_notebook_follows_the_function(remote):
+    pool, notebook, home = remote
+    write_module(notebook, "nbtools", """
+        FACTOR = 3
+        def scale(x):
+            return x * FACTOR
+    """)
+    f = cell("""
+        import nbtools
+        def f(x):
+            return nbtools.scale(x)
+    """)
+    assert pool.map(f, range(5)) == [0, 3, 6, 9, 12]
+    assert "nbtools" in pool.status()  # %poolsize names what it sends
+
+
+def test_an_edited_and_reloaded_helper_reaches_the_workers(remote):
+    pool, notebook, _ = remote
+    write_module(notebook, "nbedit", "def scale(x):\n    return x * 3\n")
+    import nbedit
+
+    f = cell("""
+        import nbedit
+        def f(x):
+            return nbedit.scale(x)
+    """)
+    assert pool.map(f, range(3)) == [0, 3, 6]
+    (notebook / "nbedit.py").write_text("def scale(x):\n    return x * 10\n")
+    importlib.reload(nbedit)  # what %autoreload does
+    assert pool.map(f, range(3)) == [0, 10, 20]
+
+
+def test_a_helper_imported_inside_the_function_and_a_helper_class_as_items(remote):
+    pool, notebook, _ = remote
+    write_module(notebook, "nbinner", """
+        class Point:
+            def __init__(self, x):
+                self.x = x
+        def norm(p):
+            return abs(p.x)
+    """)
+    import nbinner
+
+    f = cell("""
+        def f(p):
+            import nbinner
+            return nbinner.norm(p)
+    """)
+    assert pool.map(f, [nbinner.Point(-2), nbinner.Point(5)]) == [2, 5]
+
+
+def test_a_package_of_another_version_is_a_note_and_a_broken_one_an_error(remote):
+    pool, _, _ = remote
+    f = cell("""
+        import wcwidth
+        def f(s):
+            return wcwidth.wcswidth(s)
+    """)
+    report = pool.run(f, ["ab", "cde"])
+    assert report.results == [2, 3]
+    note = [n for n in report.notes if n.startswith("wcwidth ")]
+    assert note and "on the workers" in note[0], report.notes
+    assert "wcwidth" in pool.status()
+    g = cell("""
+        import pure_eval
+        def g(x):
+            return pure_eval.Evaluator({}) and x
+    """)
+    with pytest.raises(BadInputError, match=r"uses pure_eval, which the dask worker .* cannot import"):
+        pool.run(g, [1])
+
+
+def test_variables_the_user_set_follow_and_the_kernels_own_do_not(remote, monkeypatch):
+    pool, _, home = remote
+    monkeypatch.setenv("POOLMAGIC_REMOTE_TEST", "42")
+    f = cell("""
+        import os
+        def f(name):
+            return os.environ.get(name)
+    """)
+    assert pool.map(f, ["POOLMAGIC_REMOTE_TEST", "HOME"]) == ["42", str(home)]
+
+
+def test_a_relative_path_in_the_items_is_refused_before_work(remote, monkeypatch):
+    pool, notebook, _ = remote
+    (notebook / "data").mkdir(exist_ok=True)
+    (notebook / "data" / "part-001.csv").write_text("a,b\n")
+    monkeypatch.chdir(notebook)
+    f = cell("""
+        def f(path):
+            return open(path).read()
+    """)
+    with pytest.raises(BadInputError, match=r"item 0 \('data/part-001.csv'\) is a path relative to this kernel's folder"):
+        pool.map(f, ["data/part-001.csv"])
+    assert pool.map(f, [str(notebook / "data" / "part-001.csv")]) == ["a,b\n"]  # absolute: fine here
