@@ -1,10 +1,13 @@
-"""The options are documented from one table: README.md and ``%%poolmap?`` cannot drift.
+"""The options are documented from one table: the site, README.md and ``%%poolmap?`` cannot drift.
 
-When an option is added or its help changes, paste ``markdown_table(...)``'s
-output into README.md's "## Options" section (the failure message shows it).
+The site's option sections (docs/magics.md) are generated from
+``poolmagic.options`` by docs/hooks/options.py at build time. README.md shows
+the most used options: each of its rows must be the generated row for that
+option (the failure message shows what to paste).
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -13,7 +16,10 @@ import pytest
 from poolmagic.magics import PoolMagics
 from poolmagic.options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, markdown_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+MAGICS_PAGE = ROOT / "docs" / "magics.md"
+HOOK = ROOT / "docs" / "hooks" / "options.py"
 
 
 def options_section() -> str:
@@ -23,31 +29,38 @@ def options_section() -> str:
     return m.group(1)
 
 
-def markdown_tables(text: str) -> list[str]:
-    """Each run of consecutive lines starting with '|', as one string."""
-    tables, current = [], []
-    for line in text.splitlines():
-        if line.startswith("|"):
-            current.append(line.rstrip())
-        elif current:
-            tables.append("\n".join(current))
-            current = []
-    if current:
-        tables.append("\n".join(current))
-    return tables
+def table_rows(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.startswith("| `")]
 
 
-def test_the_options_section_has_two_tables():
-    assert len(markdown_tables(options_section())) == 2
+def test_readme_rows_are_the_generated_ones():
+    generated = set(table_rows(markdown_table(POOLMAP_OPTIONS)))
+    rows = table_rows(options_section())
+    assert len(rows) >= 8, "README.md's Options table lost its rows"
+    for row in rows:
+        assert row in generated, (
+            f"README.md's option row drifted from poolmagic.options:\n  {row}\nthe generated rows are:\n"
+            + markdown_table(POOLMAP_OPTIONS)
+        )
 
 
-@pytest.mark.parametrize("which, table", [(0, POOLMAP_OPTIONS), (1, POOLSIZE_OPTIONS)], ids=["poolmap", "poolsize"])
-def test_readme_tables_match_the_generated_ones(which, table):
-    tables = markdown_tables(options_section())
-    expected = markdown_table(table)
-    assert tables[which] == expected, (
-        "README.md's option table drifted from poolmagic.options; replace it with:\n\n" + expected
-    )
+def _hook():
+    if not HOOK.is_file():
+        pytest.skip(f"{HOOK} is not here (not shipped in this distribution)")
+    spec = importlib.util.spec_from_file_location("options_hook", HOOK)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("which, table", [("poolmap", POOLMAP_OPTIONS), ("poolsize", POOLSIZE_OPTIONS)])
+def test_the_site_has_a_section_per_option(which, table):
+    page = MAGICS_PAGE.read_text(encoding="utf-8")
+    assert f"<!-- options: {which} -->" in page
+    rendered = _hook().on_page_markdown(page, None, None, None)
+    for o in table:
+        left = ", ".join(o.names) + (f" {o.metavar}" if o.metavar else "")
+        assert f"#### `{left}` {{#{which}-{o.names[-1].lstrip('-')}}}" in rendered, left
 
 
 def test_every_map_option_is_in_the_magic_table():

@@ -3,7 +3,7 @@
 Each notebook runs once per module (nbclient, the kernel being this test
 process's own Python, see conftest.py); the tests then read its outputs the
 way a reader would see them. ``examples/quickstart.ipynb`` is also run as
-``ipython examples/quickstart.ipynb``, as the notebook says it can be.
+``python -m poolmagic.demo examples/quickstart.ipynb``, README's demo command.
 """
 from __future__ import annotations
 
@@ -178,11 +178,11 @@ def test_quickstart(executed):
 
 
 def test_quickstart_in_a_terminal(tmp_path):
-    """``ipython examples/quickstart.ipynb`` runs every cell (it stops at the first error)."""
+    """README's demo command runs every cell, each cell's code before its output."""
     env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython")}
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "IPython", "--no-banner", str(EXAMPLES / "quickstart.ipynb")],
+        [sys.executable, "-m", "poolmagic.demo", "--no-color", str(EXAMPLES / "quickstart.ipynb")],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -196,7 +196,10 @@ def test_quickstart_in_a_terminal(tmp_path):
     assert "Traceback" not in out and "Error:" not in out, out
     assert "item 4: Point(4, 8).norm2() = 80" in proc.stdout
     assert re.search(r"^poolmagic: 16 items in .* speedup", proc.stdout, re.M), proc.stdout
-    assert proc.stdout.rstrip().endswith("[0, 3, 6, 9, 12]"), proc.stdout  # the last cell ran
+    assert "\n[0, 3, 6, 9, 12]\n" in proc.stdout, proc.stdout  # the last code cell ran
+    # each cell's code comes before its output
+    code = proc.stdout.index("In [4]: %%poolmap range(8)")
+    assert code < proc.stdout.index("Out[4]: [100, 101, 104"), proc.stdout
     assert took < 30, f"took {took:.1f} s"
 
 
