@@ -111,8 +111,8 @@ class Checkpoint:
         self._stored: Stored | None = None
         self.file: Writer | None = None
         try:
-            if os.path.exists(self.path):
-                if os.path.getsize(self.path):
+            if os.path.lexists(self.path):  # a symlink, FIFO or foreign file: refused by read/Writer
+                if os.lstat(self.path).st_size:
                     self._stored = read(self.path)  # it may hold results: load() reads them
                 self.file = Writer(self.path, self._stored.end if self._stored is not None else 0)
             else:
