@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from poolmagic import checkpointfile
 from poolmagic.checkpointfile import HEADER_SIZE, MAGIC, CheckpointFileError, Writer, read
 
 
@@ -255,3 +256,167 @@ def test_a_malformed_envelope_in_a_signed_record_names_the_record(tmp_path):
     w.close()
     with pytest.raises(CheckpointFileError, match=r"record 2 \(at byte \d+\): its envelope is malformed"):
         read(path)
+
+
+# ---------------------------------------------------------------- fuzzing: damage, edits, splices
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _Plant:
+    """Unpickled, creates the marker file: it must never be, from a record whose HMAC fails."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _write_records(path: str, bodies: list, key: bytes | None = None) -> list[tuple[int, int]]:
+    w = Writer(path, 0, key=key)
+    spans = []
+    for k, (body, frames) in enumerate(bodies):
+        start = os.fstat(w.fd).st_size
+        if k == 0:
+            w.meta({"items": 99, "function": "fuzz"})
+        else:
+            w.chunk(range(k * 10, k * 10 + 3), b"hash-%d" % k, body, frames)
+        spans.append((start, os.fstat(w.fd).st_size))
+    w.close()
+    return spans
+
+
+@pytest.fixture(scope="module")
+def fuzz_files(tmp_path_factory):
+    """A real checkpoint (a meta and 8 chunks, two with out-of-band arrays); a file signed with
+    another key and one with this key but another file id, whose bodies plant the marker."""
+    where = tmp_path_factory.mktemp("fuzz")
+    marker = str(where / "MARKER")
+    good = [(b"", [])]
+    for k in range(1, 9):
+        values = [f"value-{k}-" * 12, np.arange(k * 100, dtype=np.int32) if k in (2, 5) else k]
+        good.append(_body_and_frames(values))
+    evil = pickle.dumps(([_Plant(marker)], [], []))
+    assert all(len(evil) < len(b) for b, _ in good[1:])
+    bad = [(b"", [])] + [(evil, [])] * 4
+    spans = _write_records(str(where / "good"), good)
+    other_key = _write_records(str(where / "other-key"), bad, key=os.urandom(32))
+    same_key = _write_records(str(where / "same-key"), bad)
+    files = {name: open(where / name, "rb").read() for name in ("good", "other-key", "same-key")}
+    return dict(files=files, spans=spans, good=good, evil=evil, marker=marker, where=where,
+                foreign={"other-key": other_key, "same-key": same_key})
+
+
+_op = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+    st.tuples(st.just("zero"), st.integers(0, 10**6), st.integers(1, 300)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("insert-sync"), st.integers(0, 10**6), st.binary(max_size=40)),
+    st.tuples(st.just("move"), st.integers(0, 8), st.integers(0, 9)),
+    st.tuples(st.just("splice"), st.sampled_from(["other-key", "same-key"]), st.integers(1, 4), st.integers(0, 10**6)),
+    st.tuples(st.just("evil"), st.integers(1, 8)),
+)
+
+
+def _mutate(data: bytearray, spans: list, op: tuple, env: dict) -> bytearray:
+    """Apply ``op``; ``spans`` ([start, end] of the header and each record, or None once
+    touched) follow the bytes that moved."""
+
+    def insert(at: int, blob: bytes) -> bytearray:
+        for s in spans:
+            if s is not None:
+                if s[0] < at < s[1]:
+                    s[:] = [-1, -1]
+                elif s[0] >= at:
+                    s[0] += len(blob)
+                    s[1] += len(blob)
+        return data[:at] + blob + data[at:]
+
+    def touch(lo: int, hi: int) -> None:
+        for i, s in enumerate(spans):
+            if s is not None and s[0] < hi and lo < s[1]:
+                spans[i] = None
+
+    kind, n = op[0], len(data)
+    if kind == "flip" and n:
+        at = op[1] % n
+        data[at] ^= 1 << op[2]
+        touch(at, at + 1)
+    elif kind == "zero" and n:
+        at = op[1] % n
+        data[at : at + op[2]] = bytes(len(data[at : at + op[2]]))
+        touch(at, at + op[2])
+    elif kind == "truncate":
+        at = op[1] % (n + 1)
+        del data[at:]
+        touch(at, 1 << 62)
+    elif kind in ("insert", "insert-sync"):
+        blob = op[2] if kind == "insert" else checkpointfile.SYNC + b"C" + op[2]
+        data = insert(op[1] % (n + 1), blob)
+    elif kind == "splice":
+        s, e = env["foreign"][op[1]][op[2]]
+        data = insert(op[3] % (n + 1), env["files"][op[1]][s:e])
+    elif kind == "move":
+        i = op[1] + 1  # a record (span 0 is the header)
+        if spans[i] is None or spans[i][0] < 0:
+            return data
+        s, e = spans[i]
+        blob = bytes(data[s:e])
+        del data[s:e]
+        spans[i] = None
+        for t in spans:
+            if t is not None and t[0] >= e:
+                t[0] -= e - s
+                t[1] -= e - s
+        targets = [t[0] for t in spans if t is not None and t[0] >= checkpointfile.HEADER_SIZE] + [len(data)]
+        at = sorted(targets)[op[2] % len(targets)]
+        data = insert(at, blob)
+        spans[i] = [at, at + len(blob)]
+    elif kind == "evil":
+        i = op[1] + 1
+        if spans[i] is None or spans[i][0] < 0:
+            return data
+        body = env["good"][op[1]][0]
+        at = data.index(body, spans[i][0])
+        data[at : at + len(body)] = env["evil"] + bytes(len(body) - len(env["evil"]))
+        spans[i] = None
+    for i, s in enumerate(spans):
+        if s is not None and s[0] < 0:
+            spans[i] = None
+    return data
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, min_size=1, max_size=4))
+def test_fuzz_damage_and_edits_never_unpickle_a_bad_record_and_keep_every_intact_one(fuzz_files, ops):
+    env = fuzz_files
+    data = bytearray(env["files"]["good"])
+    # spans: 0 the header, 1 the meta record, k + 1 chunk k
+    spans = [[0, checkpointfile.HEADER_SIZE]] + [list(s) for s in env["spans"]]
+    for op in ops:
+        data = _mutate(data, spans, op, env)
+    path = str(env["where"] / "mutated")
+    with open(path, "wb") as fh:
+        fh.write(bytes(data))
+    try:
+        got = read(path)
+    except CheckpointFileError:
+        assert spans[0] is None or spans[0][0] != 0, "refused a file whose header is intact"
+        return
+    for _, _, body, frames in got.chunks:  # what longrun does with what read returned
+        pickle.loads(body, buffers=frames)
+    assert not os.path.exists(env["marker"]), "a record that failed its HMAC was unpickled"
+
+    want = {k: (range(k * 10, k * 10 + 3), b"hash-%d" % k, bytes(env["good"][k][0]),
+                [bytes(f) for f in env["good"][k][1]]) for k in range(1, 9)}
+    returned = [(idx, h, bytes(b), [bytes(f) for f in fs]) for idx, h, b, fs in got.chunks]
+    assert all(r in want.values() for r in returned), "returned a record this file never held"
+    for k in range(1, 9):
+        if spans[k + 1] is not None:
+            assert want[k] in returned, f"the intact record {k} was lost"
+    if spans[1] is not None:
+        assert got.meta == {"items": 99, "function": "fuzz"}
+    assert got.end + got.torn == len(data) and got.damaged >= 0
