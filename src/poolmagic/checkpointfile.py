@@ -151,7 +151,8 @@ def open_checked(path: str, flags: int, *, create: bool = False) -> int:
 # ------------------------------------------------------------------ signing
 
 
-def _key() -> bytes:
+def signing_key() -> bytes:
+    """This user's key (made on first use), or CheckpointFileError saying what is wrong with it."""
     try:
         return user_key()
     except (KeyFileError, OSError) as exc:
@@ -192,6 +193,7 @@ _TRUST = ("A checkpoint holds pickled results, and loading one runs the code in 
 
 
 def _record_mac(key: bytes, file_id: bytes) -> Any:
+    """The HMAC state every record of the file starts from (``.copy()`` it: ~1 µs, not ~4)."""
     return hmac.new(key, b"R" + file_id, "sha256")
 
 
@@ -217,7 +219,7 @@ def read(path: str) -> Stored:
     del buf[got:]
     if not buf:
         return Stored(end=0)
-    key = _key()
+    key = signing_key()
     file_id = check_header(buf, key)
     return _parse(buf, key, file_id)
 
@@ -227,6 +229,7 @@ def _parse(buf: bytearray, key: bytes, file_id: bytes) -> Stored:
     out, found = Stored(), []  # found: (seq, ordinal, offset, kind, envelope, blobs area)
     pos = region = HEADER_SIZE
     failed, junk, ordinal = 0, False, 0
+    base = _record_mac(key, file_id)
     while pos < n:
         rec = _frame(data, pos, n)
         if rec is not None:
@@ -235,7 +238,7 @@ def _parse(buf: bytearray, key: bytes, file_id: bytes) -> Stored:
                 pos = _next_sync(buf, pos)
                 continue
             ordinal += 1
-            mac = _record_mac(key, file_id)
+            mac = base.copy()
             mac.update(data[pos : end - 32])
             if hmac.compare_digest(mac.digest(), bytes(data[end - 32 : end])):
                 if pos > region:
@@ -352,7 +355,7 @@ class Writer:
         """Open ``path`` for appending at ``end`` (from ``read``: what follows, a torn tail, is cut
         off), or create it ``0600`` (``new``: only create it; a file another process made
         meanwhile is left alone). A file this user's key did not sign is refused."""
-        self.key = _key() if key is None else key
+        self.key = signing_key() if key is None else key
         flags = os.O_RDWR | os.O_APPEND
         try:
             try:
@@ -377,7 +380,7 @@ class Writer:
 
     def _open(self, fd: int, end: int) -> None:
         size = os.fstat(fd).st_size
-        self.seq = 0
+        self.seq, self._base = 0, None
         if size == 0:
             self.file_id = secrets.token_bytes(16)
             os.write(fd, make_header(self.key, self.file_id))
@@ -389,6 +392,12 @@ class Writer:
             self.seq = _TRAIL.unpack(os.pread(fd, _TRAIL.size, end - _TRAIL.size))[0] + 1
         if size > end:
             os.ftruncate(fd, end)
+
+    @property
+    def _mac(self) -> Any:
+        if self._base is None:
+            self._base = _record_mac(self.key, self.file_id)
+        return self._base
 
     def meta(self, meta: dict) -> None:
         """Record ``meta`` (a JSON-able dict); the last one recorded counts, key by key."""
@@ -402,7 +411,7 @@ class Writer:
     def _append(self, kind: bytes, envelope: bytes, blobs: list) -> None:
         head = _HEAD.pack(SYNC, kind, len(envelope), len(envelope) + sum(b.nbytes for b in blobs))
         seq = self.seq.to_bytes(8, "little")
-        mac = _record_mac(self.key, self.file_id)
+        mac = self._mac.copy()
         for part in (head, envelope, *blobs, seq):
             mac.update(part)
         _write_all(self.fd, [memoryview(head), memoryview(envelope), *blobs, memoryview(seq + mac.digest())])

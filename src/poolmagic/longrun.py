@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import cloudpickle
 
-from .checkpointfile import CheckpointFileError, Stored, Writer, read
+from .checkpointfile import CheckpointFileError, Stored, Writer, read, signing_key
 from .engine.events import ChunkFinished, MapFinished
 from .engine.items import SEQUENCES
 from .errors import BadInputError
@@ -123,6 +123,7 @@ class Checkpoint:
                     raise CheckpointFileError(f"there is no directory {where!r}")
                 if not os.access(where, os.W_OK | os.X_OK):
                     raise CheckpointFileError(f"the directory {where!r} is not writable")
+                signing_key()  # a key that cannot be made or trusted: refused before work
         except (OSError, CheckpointFileError) as exc:
             raise BadInputError(f"cannot use {self.path!r} as a checkpoint: {exc}") from None
         _OPEN[key] = self
