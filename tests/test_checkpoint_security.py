@@ -410,3 +410,14 @@ def test_trusting_another_users_file_into_a_file_of_ones_own(planted, tmp_path):
     assert len(checkpointfile.read(mine).chunks) == 1  # deliberately trusted: now loadable
     assert os.stat(mine).st_uid == os.geteuid() and stat.S_IMODE(os.stat(mine).st_mode) == 0o600
     assert not os.path.exists(marker), "trusting a file unpickles nothing"
+
+
+@pytest.mark.timeout(60)
+def test_a_key_that_cannot_be_trusted_refuses_a_new_checkpoint_before_any_work(pool, own_key, tmp_path):
+    folder = own_key / "poolmagic"
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "checkpoint.key").write_bytes(os.urandom(32))
+    (folder / "checkpoint.key").chmod(0o644)
+    with pytest.raises(BadInputError, match="chmod 600"):
+        _run(pool, tmp_path / "new.ckpt", tmp_path / "calls")
+    assert calls(tmp_path / "calls") == [] and not (tmp_path / "new.ckpt").exists()
