@@ -167,7 +167,7 @@ def _make_path(kind: str, ck: Path, tmp_path: Path) -> str:
     checkpointfile.Writer(str(ck), 0).close()
     if kind == "group-writable":
         ck.chmod(0o664)
-        return "group or others can write it (mode 0664)"
+        return f"group or others can write it (mode 0664), so it may not hold what you wrote; fix it with: chmod go-w {ck}"
     if kind == "foreign":
         os.chown(ck, NOBODY, NOBODY)
         return "belongs to user 'nobody' (uid 65534), not to you"
@@ -261,7 +261,7 @@ def test_a_checkpoint_another_user_planted_is_never_loaded(pool, ip, planted, tm
         with pytest.raises(BadInputError) as info:
             _run(pool, ck, calls_path)
         shown = str(info.value)
-        assert ("unsigned checkpoint" in shown or words in shown) and "trust_checkpoint" in shown, shown
+        assert ("unsigned checkpoint" in shown or words in shown) and "trust_checkpoint(" in shown, shown
         assert not os.path.exists(marker) and calls(calls_path) == []
 
         ip.user_ns.update(log_call=log_call, PLANTED_CALLS=str(calls_path))

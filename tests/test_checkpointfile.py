@@ -210,7 +210,7 @@ def test_a_file_signed_with_another_key_is_refused_naming_the_fix(tmp_path, monk
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "someone-else"))
     with pytest.raises(CheckpointFileError, match="not written by you") as info:
         read(path)
-    assert "poolmagic.trust_checkpoint(PATH)" in str(info.value)
+    assert f"poolmagic.trust_checkpoint({path!r})" in str(info.value), str(info.value)
     with pytest.raises(CheckpointFileError, match="not written by you"):
         Writer(path, 0)
 

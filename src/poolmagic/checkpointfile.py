@@ -43,6 +43,7 @@ import hmac
 import json
 import os
 import secrets
+import shlex
 import stat
 import struct
 from array import array
@@ -106,8 +107,8 @@ def check_stat(st: os.stat_result) -> None:
     if st.st_uid != os.geteuid():
         raise CheckpointFileError(
             f"it belongs to {_user(st.st_uid)}, not to you: a checkpoint holds pickled results, and "
-            f"loading one another user wrote would run their code. If you trust it, copy it and "
-            f"re-sign the copy: poolmagic.trust_checkpoint(PATH, dest='mine.ckpt')"
+            f"loading one another user wrote would run their code. If you trust it, make a copy of "
+            f"your own, signed with your key: poolmagic.trust_checkpoint(PATH, dest='mine.ckpt')"
         )
     if st.st_mode & 0o022:
         raise CheckpointFileError(
@@ -164,8 +165,8 @@ def make_header(key: bytes, file_id: bytes) -> bytes:
     return _HEADER.pack(MAGIC, kid, file_id, hmac.digest(key, MAGIC + kid + file_id, "sha256"))
 
 
-def check_header(data: Any, key: bytes) -> bytes:
-    """The file id of a header this key signed; CheckpointFileError naming what is wrong."""
+def check_magic(data: Any) -> None:
+    """Refuse what is not a checkpoint of this format, before any key is needed."""
     if len(data) == 0:
         raise CheckpointFileError("it is empty")
     head = bytes(data[: len(MAGIC)])
@@ -177,12 +178,17 @@ def check_header(data: Any, key: bytes) -> bytes:
         raise CheckpointFileError("it is not a poolmagic checkpoint file")
     if len(data) < HEADER_SIZE:
         raise CheckpointFileError("its header is cut short; delete it to start over")
+
+
+def check_header(data: Any, key: bytes) -> bytes:
+    """The file id of a header this key signed; CheckpointFileError naming what is wrong."""
+    check_magic(data)
     _, kid, file_id, tag = _HEADER.unpack_from(data, 0)
     if kid != key_id(key):
         raise CheckpointFileError(
             "it was not written by you, or not with this machine's key: it is signed with another "
-            f"key than yours ({key_path()}). To use your checkpoints on several machines, copy that "
-            "key file to each (mode 0600). " + _TRUST)
+            f"key than yours ({key_path()}; to use your checkpoints on several machines, copy your "
+            "key file to each, mode 0600). " + _TRUST)
     if not hmac.compare_digest(tag, hmac.digest(key, MAGIC + kid + file_id, "sha256")):
         raise CheckpointFileError("its header was changed since it was written. " + _TRUST)
     return file_id
@@ -203,7 +209,10 @@ def _record_mac(key: bytes, file_id: bytes) -> Any:
 def read(path: str) -> Stored:
     """Every valid record of the file, in sequence order. Raises CheckpointFileError."""
     try:
-        fd = open_checked(path, os.O_RDONLY)
+        try:
+            fd = open_checked(path, os.O_RDONLY)
+        except CheckpointFileError as exc:
+            raise named(exc, path) from None
         try:
             buf = bytearray(os.fstat(fd).st_size)  # writable: arrays loaded from it are too
             got = 0
@@ -219,9 +228,19 @@ def read(path: str) -> Stored:
     del buf[got:]
     if not buf:
         return Stored(end=0)
-    key = signing_key()
-    file_id = check_header(buf, key)
+    try:
+        check_magic(buf)
+        key = signing_key()
+        file_id = check_header(buf, key)
+    except CheckpointFileError as exc:
+        raise named(exc, path) from None
     return _parse(buf, key, file_id)
+
+
+def named(exc: CheckpointFileError, path: str) -> CheckpointFileError:
+    """The error with the file's path in the commands it suggests."""
+    text = str(exc).replace("trust_checkpoint(PATH", f"trust_checkpoint({os.fspath(path)!r}")
+    return CheckpointFileError(text.replace("chmod go-w PATH", f"chmod go-w {shlex.quote(os.fspath(path))}"))
 
 
 def _parse(buf: bytearray, key: bytes, file_id: bytes) -> Stored:
@@ -355,7 +374,13 @@ class Writer:
         """Open ``path`` for appending at ``end`` (from ``read``: what follows, a torn tail, is cut
         off), or create it ``0600`` (``new``: only create it; a file another process made
         meanwhile is left alone). A file this user's key did not sign is refused."""
-        self.key = signing_key() if key is None else key
+        try:
+            self._start(os.fspath(path), end, new, signing_key() if key is None else key)
+        except CheckpointFileError as exc:
+            raise named(exc, path) from None
+
+    def _start(self, path: str, end: int, new: bool, key: bytes) -> None:
+        self.key = key
         flags = os.O_RDWR | os.O_APPEND
         try:
             try:
