@@ -421,3 +421,14 @@ def test_a_key_that_cannot_be_trusted_refuses_a_new_checkpoint_before_any_work(p
     with pytest.raises(BadInputError, match="chmod 600"):
         _run(pool, tmp_path / "new.ckpt", tmp_path / "calls")
     assert calls(tmp_path / "calls") == [] and not (tmp_path / "new.ckpt").exists()
+
+
+def test_trust_checkpoint_waits_for_no_writer(own_key, tmp_path):
+    ck = str(tmp_path / "busy.ckpt")
+    holder = checkpointfile.Writer(ck, 0)
+    try:
+        with pytest.raises(CheckpointFileError, match="a map is writing it"):
+            poolmagic.trust_checkpoint(ck)
+    finally:
+        holder.close()
+    poolmagic.trust_checkpoint(ck)

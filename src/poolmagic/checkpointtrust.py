@@ -11,6 +11,7 @@ walking their opcodes (``pickletools.genops``); any other opcode is refused.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pickletools
 import secrets
@@ -76,6 +77,10 @@ def _read_any(path: str) -> bytearray:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CheckpointFileError(f"cannot trust {path!r}: it is not a regular file")
+        try:  # a map writing it would go on appending to the file this one replaces
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointFileError(f"cannot trust {path!r} now: a map is writing it") from None
         out = bytearray()
         while chunk := os.read(fd, 1 << 24):
             out += chunk
