@@ -432,3 +432,21 @@ def test_trust_checkpoint_waits_for_no_writer(own_key, tmp_path):
     finally:
         holder.close()
     poolmagic.trust_checkpoint(ck)
+
+
+def test_trusting_ones_own_file_drops_its_damaged_records_instead_of_signing_them(own_key, tmp_path):
+    ck = str(tmp_path / "mine.ckpt")
+    w = checkpointfile.Writer(ck, 0)
+    w.meta({"items": 3})
+    bodies = [pickle.dumps(([float(k)] * 50, [], [])) for k in range(3)]
+    for k, body in enumerate(bodies):
+        w.chunk([k], b"h", body, [])
+    w.close()
+    data = bytearray(Path(ck).read_bytes())
+    at = data.index(bodies[1])
+    data[at + 60] ^= 0x10  # a flipped bit inside a float of record 2: it would load as a wrong number
+    Path(ck).write_bytes(bytes(data))
+    assert checkpointfile.read(ck).damaged == 1
+    poolmagic.trust_checkpoint(ck)
+    got = checkpointfile.read(ck)
+    assert got.damaged == 0 and [idx for idx, *_ in got.chunks] == [[0], [2]] and got.meta == {"items": 3}

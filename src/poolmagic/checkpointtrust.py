@@ -27,7 +27,8 @@ from .checkpointfile import CheckpointFileError
 def trust_checkpoint(path: str | os.PathLike, dest: str | os.PathLike | None = None) -> str:
     """Re-sign the checkpoint ``path`` with your key so that poolmagic loads it; the path written.
 
-    Only for a file you trust: loading its results runs the code they hold.
+    Only for a file you trust: loading its results runs the code they hold. On a file of
+    your own key, it keeps only the records that verify (a way to drop damaged ones).
     ``dest``: where to write the signed copy (default: replace ``path``; a file
     of another user in a shared directory cannot be replaced, so give ``dest``).
     Converts a file of the older, unsigned format too. Nothing is unpickled.
@@ -39,7 +40,7 @@ def trust_checkpoint(path: str | os.PathLike, dest: str | os.PathLike | None = N
     if head == cf.MAGIC_V1:
         records = list(_records_v1(data))
     elif head == cf.MAGIC:
-        records = list(_records_v2(data))
+        records = _own_records(data) or list(_records_v2(data))
     else:
         raise CheckpointFileError(f"cannot trust {src!r}: it is not a poolmagic checkpoint file")
     where = os.path.dirname(os.path.abspath(target))
@@ -87,6 +88,18 @@ def _read_any(path: str) -> bytearray:
         return out
     finally:
         os.close(fd)
+
+
+def _own_records(data: bytearray) -> list | None:
+    """A file this user's key signed: only its verified records (a damaged one would be
+    re-signed as it is, and could load as a silently wrong result); None for another key's."""
+    key = cf.signing_key()
+    try:
+        file_id = cf.check_header(data, key)
+    except CheckpointFileError:
+        return None
+    stored = cf._parse(data, key, file_id)
+    return ([(b"M", stored.meta)] if stored.meta else []) + [(b"C", c) for c in stored.chunks]
 
 
 def _records_v2(data: bytearray) -> Any:
