@@ -149,3 +149,18 @@ def read_pid(piddir: Path, index: Any, timeout: float = DEADLINE) -> int:
 def written_pids(piddir: Path) -> dict[int, int]:
     """item -> pid, for every pid file written so far."""
     return {int(p.name[len("pid-"):]): int(p.read_text()) for p in Path(piddir).glob("pid-*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_key_home(tmp_path_factory):
+    """Checkpoint keys (poolmagic.userkey) go to a directory of the session, never ~/.config;
+    subprocesses and kernels the tests start inherit it."""
+    home = tmp_path_factory.mktemp("xdg-config")
+    home.chmod(0o700)
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(home)
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old

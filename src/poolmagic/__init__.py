@@ -20,6 +20,7 @@ _EXPORTS = {
     "shutdown_pool": "api",
     "set_pool": "api",
     "MapOptions": "engine.mapoptions",
+    "trust_checkpoint": "checkpointtrust",
     "RunReport": "report",
     "NOT_DONE": "sentinel",
     "PoolmapError": "errors",

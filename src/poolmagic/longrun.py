@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import cloudpickle
 
-from .checkpointfile import CheckpointFileError, Stored, Writer, read
+from .checkpointfile import CheckpointFileError, Stored, Writer, read, signing_key
 from .engine.events import ChunkFinished, MapFinished
 from .engine.items import SEQUENCES
 from .errors import BadInputError
@@ -111,8 +111,8 @@ class Checkpoint:
         self._stored: Stored | None = None
         self.file: Writer | None = None
         try:
-            if os.path.exists(self.path):
-                if os.path.getsize(self.path):
+            if os.path.lexists(self.path):  # a symlink, FIFO or foreign file: refused by read/Writer
+                if os.lstat(self.path).st_size:
                     self._stored = read(self.path)  # it may hold results: load() reads them
                 self.file = Writer(self.path, self._stored.end if self._stored is not None else 0)
             else:
@@ -123,6 +123,7 @@ class Checkpoint:
                     raise CheckpointFileError(f"there is no directory {where!r}")
                 if not os.access(where, os.W_OK | os.X_OK):
                     raise CheckpointFileError(f"the directory {where!r} is not writable")
+                signing_key()  # a key that cannot be made or trusted: refused before work
         except (OSError, CheckpointFileError) as exc:
             raise BadInputError(f"cannot use {self.path!r} as a checkpoint: {exc}") from None
         _OPEN[key] = self
