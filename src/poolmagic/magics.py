@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
@@ -283,7 +283,9 @@ class PoolMagics(Magics):
         return report.results
 
     poolmap.__doc__ = _POOLMAP_DOC
-    poolmap = line_cell_magic(poolmap)
+    # The line is Python code (ITERABLE, -f, --kw) and paths (--checkpoint): IPython
+    # must not expand {x} or $x in it first, as for %time and %timeit.
+    poolmap = line_cell_magic(no_var_expand(poolmap))
 
     def _start_async(self, func, iterable, options, out, quiet, key) -> MapHandle | None:
         live = LiveSummary() if not quiet and self._in_kernel() else None
