@@ -72,3 +72,46 @@ def test_checkpoint_path_stays_literal(ip, tmp_path):
     line = f"-q --checkpoint {tmp_path}/$name-{{name}}.ck range(3)"
     assert cell(ip, line, "def sq(v):\n    return v * v\n") == [0, 1, 4]
     assert [p.name for p in tmp_path.iterdir()] == ["$name-{name}.ck"]
+
+
+# ------------------------------------------------------------------ 2. str / bytes ITERABLE
+
+
+def test_a_path_string_is_refused_with_the_fixes(ip, marks):
+    with pytest.raises(UsageError) as info:
+        cell(ip, '-q "data.csv"', MARKING.format(name="mark1", args="x"))
+    msg = str(info.value)
+    assert 'ITERABLE `"data.csv"` is a str' in msg and "8 characters" in msg, msg
+    assert 'looks like a file path' in msg and 'open("data.csv")' in msg, msg
+    assert 'list("data.csv")' in msg and '["data.csv"]' in msg, msg
+    assert marked(marks) == []
+
+
+def test_a_text_variable_is_refused_in_the_magic_and_line_form(ip, marks):
+    ip.run_cell(MARKING.format(name="mark1", args="x") + "word = 'abc'\nraw = b'ab'\nbuf = bytearray(b'ab')\n")
+    with pytest.raises(UsageError, match=r"ITERABLE `word` is a str \('abc'\).*list\(word\)") as info:
+        cell(ip, "-q word", MARKING.format(name="mark1", args="x"))
+    assert "file path" not in str(info.value)
+    with pytest.raises(UsageError, match=r"`raw` is a bytes .*2 bytes \(as ints\).*list\(raw\)"):
+        ip.run_line_magic("poolmap", "-q mark1 raw")
+    with pytest.raises(UsageError, match=r"`buf` is a bytearray"):
+        ip.run_line_magic("poolmap", "-q -f mark1 buf")
+    assert marked(marks) == []
+
+
+def test_the_api_refuses_text_before_work(ip, marks):
+    ip.run_cell(MARKING.format(name="mark1", args="x"))
+    f = ip.user_ns["mark1"]
+    pool = poolmagic.get_pool()
+    for bad in ("abc", b"abc", bytearray(b"abc"), "results/out.txt"):
+        with pytest.raises(BadInputError, match="the ITERABLE is a"):
+            pmap(f, bad)
+        with pytest.raises(BadInputError, match="the ITERABLE is a"):
+            pool.run(f, bad)
+        with pytest.raises(BadInputError, match="the ITERABLE is a"):
+            pool.map_async(f, bad)
+    assert marked(marks) == []
+    # what a loop over them would have meant still works, written out
+    assert pmap(f, list("ab")) == [1, 1]
+    assert pmap(f, memoryview(b"ab")) == [1, 1]  # a memoryview is made on purpose: its elements
+    assert sorted(marked(marks)) == sorted([repr(("a",)), repr(("b",)), repr((97,)), repr((98,))])

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 from .checks import (  # noqa: F401
     NoArgs,
+    check_not_text,
     check_plain_function,
     check_positive,
     check_star,
@@ -208,6 +209,7 @@ class Pool:
             iter(iterable)  # type: ignore[arg-type]
         except TypeError:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+        check_not_text(iterable)
         if o.star:
             iterable = check_star(iterable)
         payload = dump_function(func)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import os
+import re
 from typing import Any, Callable, Iterable
 
-from .errors import BadInputError
+from .errors import BadInputError, short_repr
 from .serialize import describe
 
 MANY_PER_CORE = 4
@@ -96,3 +98,42 @@ def check_star(iterable: Iterable) -> Iterable:
         )
     return iterable
 
+
+
+
+_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # data.csv, notes.txt, model.pkl
+
+
+def _looks_like_path(value: str | bytes | bytearray) -> bool:
+    if not isinstance(value, str):
+        try:
+            value = bytes(value).decode()
+        except UnicodeDecodeError:
+            return False
+    if not value or len(value) > 4096 or "\n" in value:
+        return False
+    return "/" in value or os.sep in value or bool(_SUFFIX.search(value)) or os.path.exists(value)
+
+
+def check_not_text(iterable: Any, expr: str | None = None) -> None:
+    """Refuse a str, bytes or bytearray ITERABLE: a map over one is nearly always a mistake.
+
+    ``for x in "data.csv"`` runs over characters (over ints for bytes); the
+    message gives the fix for each thing that may have been meant. A
+    memoryview is let through: it is made on purpose, and a loop over one
+    gives its typed elements.
+    """
+    if not isinstance(iterable, (str, bytes, bytearray)):
+        return
+    s = expr if expr and len(expr) <= 60 else "s"
+    units = "characters" if isinstance(iterable, str) else "bytes (as ints)"
+    fixes = []
+    if _looks_like_path(iterable):
+        fixes.append(f"it looks like a file path: to map the file's lines, pass open({s})")
+    fixes.append(f"to map its {units.split(' ')[0]}, pass list({s})")
+    fixes.append(f"to map the one value, pass [{s}]")
+    head = f"ITERABLE `{expr}`" if expr else "the ITERABLE"
+    raise BadInputError(
+        f"{head} is {describe(iterable)} ({short_repr(iterable)}): the map would call the function on "
+        f"each of its {len(iterable):,} {units}; " + "; ".join(fixes)
+    )

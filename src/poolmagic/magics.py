@@ -16,6 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
+from .checks import check_not_text
 from .errors import BadInputError, PoolmapError
 from .publish import LiveProgress, LiveSummary, show
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
@@ -241,6 +242,10 @@ class PoolMagics(Magics):
         else:
             func = self.shell.user_ns.get(fname)
         iterable = self._eval(expr, "ITERABLE", iter_code) if expr else None
+        try:
+            check_not_text(iterable, expr)
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
         options = {opt.dest: o[opt.dest] for opt in MAP_OPTIONS if opt.dest in o}
         if "kwargs" in options:
             options["kwargs"] = {k: self._eval(v, f"--kw {k}") for k, v in options["kwargs"].items()}
