@@ -115,3 +115,60 @@ def test_the_api_refuses_text_before_work(ip, marks):
     assert pmap(f, list("ab")) == [1, 1]
     assert pmap(f, memoryview(b"ab")) == [1, 1]  # a memoryview is made on purpose: its elements
     assert sorted(marked(marks)) == sorted([repr(("a",)), repr(("b",)), repr((97,)), repr((98,))])
+
+
+# ------------------------------------------------------------------ 3. which function is mapped
+
+
+def test_main_calling_a_helper_defined_after_it_maps_main(ip):
+    body = "def main(x):\n    return helper(x) + 1\ndef helper(x):\n    return x * 10\n"
+    assert cell(ip, "-q range(3)", body) == [1, 11, 21]
+    assert ip.user_ns["_poolmap"].func_name == "main"
+    assert cell(ip, "-q -f helper range(3)", body) == [0, 10, 20]  # -f still chooses
+
+
+@pytest.mark.parametrize("body, expected", [
+    # decorators: a decorator the cell defines is used by the function it decorates
+    ("import functools\n"
+     "def twice(fn):\n    @functools.wraps(fn)\n    def inner(x):\n        return 2 * fn(x)\n    return inner\n"
+     "@twice\ndef work(x):\n    return x + 1\n", [2, 4, 6]),
+    # a default argument is a use too
+    ("def work(x, g=None):\n    return (g or step)(x) * 10\ndef step(x):\n    return x + 1\n", [10, 20, 30]),
+    # a class's method calling a function counts as a use; the class is not mapped
+    ("def work(x):\n    return Box(x).grow() * 10\nclass Box:\n    def __init__(self, v): self.v = v\n"
+     "    def grow(self): return bump(self.v)\ndef bump(v):\n    return v + 1\n", [10, 20, 30]),
+    # lambdas: one calling another, in either order
+    ("inc = lambda x: x + 1\nwork = lambda x: inc(x) * 10\n", [10, 20, 30]),
+    ("work = lambda x: inc(x) * 10\ninc = lambda x: x + 1\n", [10, 20, 30]),
+    # a nested def's calls belong to its enclosing function
+    ("def work(x):\n    def inner(y):\n        return leaf(y) * 10\n    return inner(x)\n"
+     "def leaf(y):\n    return y + 1\n", [10, 20, 30]),
+    # a function calling itself is not thereby used; a quick check at top level is no use either
+    ("def count(x):\n    return 0 if x <= 0 else count(x - 1) + 1\ncount(3)\n", [0, 1, 2]),
+    ("def count(x):\n    return 0 if x <= 0 else count(x - 1) + 1\ndef work(x):\n    return count(x) * 10\n",
+     [0, 10, 20]),
+])
+def test_the_function_no_other_calls_is_mapped(ip, body, expected):
+    assert cell(ip, "-q [0, 1, 2]", body) == expected
+
+
+def test_several_candidates_are_refused_before_the_cell_runs(ip, marks):
+    body = "RAN = True\n" + MARKING.format(name="alpha", args="x") + MARKING.format(name="beta", args="x")
+    ip.user_ns.pop("RAN", None)
+    with pytest.raises(UsageError) as info:
+        cell(ip, "range(2)", body)
+    msg = str(info.value)
+    assert "2 functions" in msg and "(alpha, beta)" in msg and "-f NAME" in msg, msg
+    assert "%%poolmap -f beta range(2)" in msg, msg
+    assert "RAN" not in ip.user_ns and marked(marks) == []
+
+
+def test_mutual_recursion_leaves_no_candidate_and_is_refused(ip, marks):
+    body = ("RAN = True\n"
+            "def even(n):\n    return True if n == 0 else odd(n - 1)\n"
+            "def odd(n):\n    return False if n == 0 else even(n - 1)\n")
+    ip.user_ns.pop("RAN", None)
+    with pytest.raises(UsageError, match=r"every function the cell defines is called by another .*\(even, odd\).*-f NAME"):
+        cell(ip, "range(4)", body)
+    assert "RAN" not in ip.user_ns
+    assert cell(ip, "-q -f even range(4)", body) == [True, False, True, False]

@@ -23,8 +23,10 @@ from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, 
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
 
-Cell form -- the cell runs as a normal cell, then its last top-level function
-(``def`` or ``name = lambda``) is mapped over ITERABLE::
+Cell form -- the cell runs as a normal cell, then the top-level function it
+defines (``def`` or ``name = lambda``) that none of its other functions calls
+is mapped over ITERABLE (a ``work`` calling ``helper`` maps ``work``; when
+several or none qualify, ``-f NAME`` says which)::
 
     %%poolmap [options] ITERABLE
     def work(x):
@@ -71,16 +73,16 @@ def transform(shell: Any, cell: str) -> str:
 
 
 @functools.lru_cache(maxsize=128)
-def cell_function_name(transformed: str) -> str | None:
-    """The last top-level function of a cell's code; "" when the code does not parse.
+def cell_functions(transformed: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(functions the cell defines, those none of the others uses); None when it does not parse.
 
     Cached: re-running a cell is the common case, and parsing is ~20 µs of it.
     """
     try:
         tree = ast.parse(transformed)
     except SyntaxError:
-        return ""  # running the cell will report it as usual
-    return last_function_name(tree)
+        return None  # running the cell will report it as usual
+    return uncalled_functions(tree)
 
 
 @functools.lru_cache(maxsize=128)
@@ -88,17 +90,67 @@ def compile_iterable(expr: str) -> Any:
     return compile(expr, "<ITERABLE>", "eval")
 
 
-def last_function_name(tree: ast.Module) -> str | None:
-    """The last function a cell defines at top level: ``def f`` or ``f = lambda``."""
-    name = None
+def _top_level_functions(tree: ast.Module) -> dict[str, ast.AST]:
+    """name -> node of each function a cell defines at top level (``def f``, ``f = lambda``), in order."""
+    defs: dict[str, ast.AST] = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            name = node.name
-        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
-            targets = [t for t in node.targets if isinstance(t, ast.Name)]
-            if targets:
-                name = targets[-1].id
-    return name
+            defs.pop(node.name, None)  # a redefinition counts where it is
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Lambda):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    defs.pop(t.id, None)
+                    defs[t.id] = node.value
+    return defs
+
+
+def uncalled_functions(tree: ast.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The functions a cell defines at top level, and those no other of its functions uses.
+
+    The second are what a cell may mean to map: ``main`` calling ``helper``
+    leaves ``main``. A use is any mention of the name inside another function
+    (body, decorators, defaults) or inside a class (methods, class body);
+    statements at top level (``work(1)``, a quick check) do not count, nor
+    does a function calling itself.
+    """
+    defs = _top_level_functions(tree)
+    users: list[tuple[str | None, ast.AST]] = list(defs.items())
+    users += [(None, n) for n in tree.body if isinstance(n, ast.ClassDef)]
+    used: set[str] = set()
+    for owner, node in users:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id != owner:
+                used.add(n.id)
+    return tuple(defs), tuple(name for name in defs if name not in used)
+
+
+def mapped_function_name(found: tuple[tuple[str, ...], tuple[str, ...]] | None, line: str) -> str | None:
+    """The function a cell maps, by the rule of ``uncalled_functions``; UsageError when it is not one.
+
+    None when the cell does not parse (running it reports that).
+    """
+    if found is None:
+        return None
+    defined, candidates = found
+    if not defined:
+        raise UsageError(
+            "the cell defines no function to map: define one at top level "
+            "(def work(x): ... or work = lambda x: ...), or name one with -f NAME"
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    example = f"%%poolmap -f {(candidates or defined)[-1]} {line.strip()}".rstrip()
+    if candidates:
+        raise UsageError(
+            f"the cell defines {len(candidates)} functions that none of its other functions calls "
+            f"({', '.join(candidates)}), so which one to map is not clear: name it with -f NAME, e.g. {example}"
+        )
+    raise UsageError(
+        f"every function the cell defines is called by another of them ({', '.join(defined)}), "
+        f"so which one to map is not clear: name it with -f NAME, e.g. {example}"
+    )
 
 
 def split_func_and_iterable(rest: str) -> tuple[str, str]:
@@ -217,12 +269,7 @@ class PoolMagics(Magics):
                 else:
                     func_expr, expr = split_func_and_iterable(expr)
         elif func_expr is None:
-            fname = cell_function_name(transformed)
-            if fname is None:
-                raise UsageError(
-                    "the cell defines no function to map: define one at top level "
-                    "(def work(x): ... or work = lambda x: ...), or name one with -f NAME"
-                )
+            fname = mapped_function_name(cell_functions(transformed), line)
         if o.get("repeat") and expr:
             raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
         if not o.get("repeat") and not expr:
