@@ -172,3 +172,72 @@ def test_mutual_recursion_leaves_no_candidate_and_is_refused(ip, marks):
         cell(ip, "range(4)", body)
     assert "RAN" not in ip.user_ns
     assert cell(ip, "-q -f even range(4)", body) == [True, False, True, False]
+
+
+# ------------------------------------------------------------------ 5. arity, before work
+
+
+def test_repeat_with_a_one_argument_function_is_refused(ip, marks):
+    with pytest.raises(UsageError, match=r"--repeat N calls the function with no argument, but it is `mark1\(x\)`"):
+        cell(ip, "-q --repeat 3", MARKING.format(name="mark1", args="x"))
+    with pytest.raises(UsageError, match=r"--repeat N .* it is `lambda x`"):
+        ip.run_line_magic("poolmap", "-q --repeat 3 (lambda x: x)")
+    assert marked(marks) == []
+    assert cell(ip, "-q --repeat 2", "def once():\n    return 5\n") == [5, 5]
+
+
+def test_wrong_arity_for_a_plain_map_and_for_star(ip, marks):
+    ip.run_cell(MARKING.format(name="mark2", args="x, y")
+                + "def mark0():\n    open(os.path.join(MARKS, 'none'), 'w').close()\n")
+    with pytest.raises(UsageError, match=r"`mark2\(x, y\)` needs more than one argument.*--star"):
+        ip.run_line_magic("poolmap", "-q mark2 [(1, 2)]")
+    with pytest.raises(UsageError, match=r"`mark0\(\)` takes no argument.*--repeat N"):
+        ip.run_line_magic("poolmap", "-q mark0 range(2)")
+    with pytest.raises(UsageError, match=r"--star .* item 0 \(1, 2\) holds 2 values and `lambda x` does not take them"):
+        cell(ip, "-q --star [(1, 2), (3, 4)]", "work = lambda x: open(os.path.join(MARKS, str(x)), 'w')\n")
+    with pytest.raises(UsageError, match=r"item 0 \(1, 2, 3\) holds 3 values and `mark2\(x, y\)`"):
+        ip.run_line_magic("poolmap", "-q --star mark2 iter([(1, 2, 3)])")
+    assert marked(marks) == []
+    # what fits still runs: --kw fills a parameter, and a stream keeps its first item
+    assert ip.run_line_magic("poolmap", "-q --star mark2 iter([(1, 2), (3, 4)])") == [1, 1]
+    assert ip.run_line_magic("poolmap", "-q --kw y=0 mark2 range(2)") == [1, 1]
+    assert len(marked(marks)) == 4
+
+
+def test_functions_without_a_readable_signature_are_not_refused(ip):
+    assert ip.run_line_magic("poolmap", "-q str range(2)") == ["0", "1"]
+    assert ip.run_line_magic("poolmap", "-q --star max [(1, 2), (4, 3)]") == [2, 4]
+    ip.run_cell("from functools import partial\ndef power(x, y):\n    return x ** y\n")
+    assert ip.run_line_magic("poolmap", "-q -f partial(power, y=2) range(3)") == [0, 1, 4]
+    # a decorator may call what it wraps with other arguments than it takes itself
+    body = ("import functools\n"
+            "def with_base(fn):\n    @functools.wraps(fn)\n    def inner(x):\n        return fn(100, x)\n    return inner\n"
+            "@with_base\ndef work(base, x):\n    return base + x\n")
+    assert cell(ip, "-q range(2)", body) == [100, 101]
+
+
+def test_api_arity_checks_before_work(ip, marks):
+    ip.run_cell(MARKING.format(name="mark1", args="x") + MARKING.format(name="mark2", args="x, y"))
+    one, two = ip.user_ns["mark1"], ip.user_ns["mark2"]
+    with pytest.raises(BadInputError, match="--repeat"):
+        pmap(one, repeat=2)
+    with pytest.raises(BadInputError, match="needs more than one argument") as info:
+        pmap(two, [(1, 2)])
+    assert isinstance(info.value, TypeError)  # what the loop's own call would raise
+    with pytest.raises(BadInputError, match="holds 1 value and `mark2"):
+        poolmagic.get_pool().run(two, [(1,)], star=True)
+    with pytest.raises(BadInputError, match=r"cannot be called with one item as its argument \(with --kw z\)"):
+        pmap(one, [1], kwargs={"z": 1})
+    assert marked(marks) == []
+
+
+def test_f_followed_by_an_unbracketed_lambda_is_refused_before_the_cell_runs(ip, marks):
+    ip.user_ns.pop("RAN", None)
+    with pytest.raises(UsageError, match=r"-f takes one expression .* -f \(lambda x: x \+ 1\) range\(3\)"):
+        cell(ip, "-f lambda x: x + 1 range(3)", "RAN = True\n" + MARKING.format(name="mark1", args="x"))
+    assert "RAN" not in ip.user_ns
+    with pytest.raises(UsageError, match=r"-f takes one expression"):
+        ip.run_line_magic("poolmap", "-f lambda x: x + 1 range(3)")
+    assert ip.run_line_magic("poolmap", "-q -f (lambda x: x + 1) range(3)") == [1, 2, 3]
+    assert ip.run_line_magic("poolmap", "-q lambda x: x + 1 range(3)") == [1, 2, 3]
+    assert marked(marks) == []

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any, Callable, Iterable
 
-from .errors import BadInputError, short_repr
+from .errors import BadArgumentsError, BadInputError, short_repr
 from .serialize import describe
 
 MANY_PER_CORE = 4
@@ -79,9 +79,12 @@ def _first_not_sequence(items: Iterable) -> tuple[int, Any] | None:
 
 
 
-def check_star(iterable: Iterable) -> Iterable:
+def check_star(iterable: Iterable, func: Callable | None = None, name: str = "",
+               kwargs: dict | None = None) -> Iterable:
+    """Each item must be a sequence of arguments; with ``func``, the first must fit its parameters."""
     if isinstance(iterable, (list, tuple)):
         bad = _first_not_sequence(iterable)
+        first = iterable[0] if iterable else None
     else:  # a stream: check the first item, then put it back
         it = iter(iterable)
         try:
@@ -96,7 +99,83 @@ def check_star(iterable: Iterable) -> Iterable:
             f"--star needs each item to be a sequence of arguments, but item {i} is "
             f"{describe(x)} ({x!r:.60})"
         )
+    if func is not None and isinstance(first, (tuple, list)):
+        sig = signature(func)
+        if sig is not None and not _binds(sig, tuple(first), kwargs):
+            raise BadArgumentsError(
+                f"--star calls the function with each item's values as its arguments, but item 0 "
+                f"{short_repr(first)} holds {len(first)} value{'s' if len(first) != 1 else ''} and "
+                f"{_shown(name, sig)} does not take "
+                f"{'them' if len(first) != 1 else 'it'}{_with(kwargs)}"
+            )
     return iterable
+
+
+def signature(func: Callable) -> inspect.Signature | None:
+    """``func``'s own signature, or None when it has none to read (builtins such as ``str``).
+
+    The wrapper's own, not ``__wrapped__``'s: a decorator may call the function
+    it wraps with other arguments than it takes itself.
+    """
+    try:
+        return inspect.signature(func, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _binds(sig: inspect.Signature, args: tuple, kwargs: dict | None) -> bool:
+    try:
+        sig.bind(*args, **(kwargs or {}))
+    except TypeError:
+        return False
+    return True
+
+
+def _shown(name: str, sig: inspect.Signature) -> str:
+    """``work(x, y)``, or ``lambda x, y`` for a lambda."""
+    if name.endswith("<lambda>"):
+        return f"`lambda {str(sig)[1:-1]}`".replace("lambda `", "lambda`")
+    return f"`{name}{sig}`"
+
+
+def _with(kwargs: dict | None) -> str:
+    return f" (with --kw {', '.join(kwargs)})" if kwargs else ""
+
+
+_ITEM = object()  # stands for an item: binding only counts arguments
+
+
+def check_arity(func: Callable, name: str, *, repeat: bool = False, kwargs: dict | None = None) -> None:
+    """Refuse a function that cannot take what the map will pass: one item, or nothing for ``repeat``.
+
+    Only when its signature can be read: a builtin without one is let through.
+    (``--star`` items are checked against it in ``check_star``.)
+    """
+    sig = signature(func)
+    if sig is None:
+        return
+    if repeat:
+        if not _binds(sig, (), kwargs):
+            raise BadArgumentsError(
+                f"--repeat N calls the function with no argument, but it is {_shown(name, sig)}{_with(kwargs)}: "
+                f"give it no parameter to fill (def work(): ...), or map it over an ITERABLE instead"
+            )
+        return
+    if _binds(sig, (_ITEM,), kwargs):
+        return
+    if _binds(sig, (), kwargs):
+        raise BadArgumentsError(
+            f"{_shown(name, sig)} takes no argument, but a map calls it with each item: give it a "
+            f"parameter (def work(x): ...), or call it N times with --repeat N (repeat=N)"
+        )
+    if _binds(sig, (_ITEM, _ITEM), kwargs) or any(
+        p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()
+    ):
+        raise BadArgumentsError(
+            f"{_shown(name, sig)} needs more than one argument, but a map passes each item as one: if each item "
+            f"is a tuple of its arguments, add --star (star=True); for constants, use --kw NAME=EXPR (kwargs={...})"
+        )
+    raise BadArgumentsError(f"{_shown(name, sig)} cannot be called with one item as its argument{_with(kwargs)}")
 
 
 

@@ -172,6 +172,23 @@ def split_func_and_iterable(rest: str) -> tuple[str, str]:
     )
 
 
+@functools.lru_cache(maxsize=128)
+def check_func_expr(func_expr: str, after_f: bool) -> None:
+    """A FUNC that is no Python expression is refused before the cell runs.
+
+    ``-f lambda x: x + 1 range(3)`` gives -f only ``lambda``: say so.
+    """
+    try:
+        compile(func_expr, "<FUNC>", "eval")
+    except SyntaxError as exc:
+        if after_f and re.match(r"lambda\b", func_expr):
+            raise UsageError(
+                "-f takes one expression without spaces, or in brackets: write a lambda in parentheses, "
+                "e.g. -f (lambda x: x + 1) range(3), or define the function in the cell"
+            ) from None
+        raise UsageError(f"FUNC `{func_expr}` is not a Python expression: {exc.msg}") from None
+
+
 @magics_class
 class PoolMagics(Magics):
     """``%%poolmap`` and ``%poolsize``; holds the extension's state."""
@@ -270,6 +287,8 @@ class PoolMagics(Magics):
                     func_expr, expr = split_func_and_iterable(expr)
         elif func_expr is None:
             fname = mapped_function_name(cell_functions(transformed), line)
+        if func_expr is not None:
+            check_func_expr(func_expr, o.get("func") is not None)
         if o.get("repeat") and expr:
             raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
         if not o.get("repeat") and not expr:
