@@ -172,6 +172,17 @@ def split_func_and_iterable(rest: str) -> tuple[str, str]:
     )
 
 
+def _end_at_user_frames(tb: Any) -> None:
+    """Cut poolmagic's own frames off the end of a traceback, so the debugger opens in the user's."""
+    last_user = None
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PKG_DIR):
+            last_user = tb
+        tb = tb.tb_next
+    if last_user is not None:
+        last_user.tb_next = None
+
+
 @functools.lru_cache(maxsize=128)
 def check_func_expr(func_expr: str, after_f: bool) -> None:
     """A FUNC that is no Python expression is refused before the cell runs.
@@ -378,23 +389,34 @@ class PoolMagics(Magics):
         ``%pooldebug`` or ``%pooldebug 9123``: the item runs in this kernel with
         the same function version, item, keyword constants and seed as in the
         map, and IPython's debugger opens where it raised (post-mortem).
+
+        An item that crashed its worker, was stopped for its memory or timed
+        out is not run here: it could end or stall the kernel the same way.
+        ``%pooldebug --force N`` runs it anyway (a timed-out one under the
+        map's timeout).
         """
         report = self.shell.user_ns.get("_poolmap") or self.pool.last_report
         if report is None:
             raise UsageError("no map has run yet: %pooldebug re-runs an item of the last map")
-        arg = line.strip()
+        words = line.split()
+        force = "--force" in words
+        words = [w for w in words if w != "--force"]
+        if any(w.startswith("-") and not w.lstrip("-").replace("_", "").isdigit() for w in words):
+            raise UsageError(f"%pooldebug takes an item's index and --force, not {line.strip()!r}")
+        arg = " ".join(words)
         try:
             index = int(arg.replace("_", "")) if arg else None
         except ValueError:
             raise UsageError(f"%pooldebug takes an item's index (a whole number), not {arg!r}") from None
         try:
-            report.rerun(index)
+            report.rerun(index, force=force)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
         except Exception as exc:
             tb = exc.__traceback__
             while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PKG_DIR):
                 tb = tb.tb_next  # start at the user's frames
+            _end_at_user_frames(tb)  # a timeout is raised in poolmagic's alarm handler
             self.shell.showtraceback((type(exc), exc, tb))
             debugger = self.shell.debugger_cls()
             debugger.reset()  # as pdb.post_mortem does: quitting needs it
