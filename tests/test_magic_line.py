@@ -241,3 +241,51 @@ def test_f_followed_by_an_unbracketed_lambda_is_refused_before_the_cell_runs(ip,
     assert ip.run_line_magic("poolmap", "-q -f (lambda x: x + 1) range(3)") == [1, 2, 3]
     assert ip.run_line_magic("poolmap", "-q lambda x: x + 1 range(3)") == [1, 2, 3]
     assert marked(marks) == []
+
+
+# ------------------------------------------------------------------ 5. while an --async map runs
+
+GATED = (
+    "import os, time\n"
+    "def gated(x):\n"
+    "    deadline = time.monotonic() + 30\n"
+    "    while not os.path.exists(GATE) and time.monotonic() < deadline:\n"
+    "        time.sleep(0.01)\n"
+    "    return x * 10\n"
+)
+
+
+@pytest.fixture
+def running_async(ip, tmp_path):
+    """An --async map held running until the test opens its gate; yields (handle, open_gate)."""
+    gate = tmp_path / "gate"
+    ip.user_ns["GATE"] = str(gate)
+    assert cell(ip, "-q --async -o held range(4)", GATED) is None
+    handle = ip.user_ns["held"]
+    yield handle, gate.touch
+    gate.touch()
+    handle.wait(30)
+
+
+def test_tune_while_an_async_map_runs_says_so(ip, running_async):
+    handle, open_gate = running_async
+    size = poolmagic.get_pool().size
+    with pytest.raises(UsageError, match=r"a map is still running in the background \(gated\(\), 0 of 4 items done\): "
+                                         r"--tune would time .*handle\.cancel\(\)"):
+        ip.run_line_magic("poolsize", "--tune")
+    assert poolmagic.get_pool().size == size
+    open_gate()
+    assert handle.get(30) == [0, 10, 20, 30]
+
+
+def test_backend_switch_while_an_async_map_runs_is_refused_and_the_map_finishes(ip, running_async):
+    pytest.importorskip("distributed")
+    handle, open_gate = running_async
+    pool = poolmagic.get_pool()
+    with pytest.raises(UsageError, match=r"still running in the background .*a backend switch would shut its pool down"):
+        ip.run_line_magic("poolsize", "--backend dask")
+    assert poolmagic.get_pool() is pool
+    ip.run_line_magic("poolsize", "--backend local")  # already local: nothing to switch, nothing refused
+    assert poolmagic.get_pool() is pool
+    open_gate()
+    assert handle.get(30) == [0, 10, 20, 30]

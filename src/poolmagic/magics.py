@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import threading
+import weakref
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -208,6 +209,7 @@ class PoolMagics(Magics):
         super().__init__(shell)
         self._live: list[threading.Thread] = []
         self._runs: dict[tuple[str, str], Any] = {}  # (function, ITERABLE) -> its last report, for --resume
+        self._async_jobs: weakref.WeakSet = weakref.WeakSet()  # --async maps (the backend holds those running)
 
     @property
     def pool(self):
@@ -273,6 +275,25 @@ class PoolMagics(Magics):
                 pass
 
         self.shell.events.register("post_run_cell", clear)
+
+    def _refuse_while_running(self, action: str, effect: str) -> None:
+        """UsageError when a map still runs in the background (``--async``, ``map_async``).
+
+        ``action`` would change the pool under it: say what, and how to go on.
+        """
+        jobs = [j for j in list(self._async_jobs) if not j.finished.is_set()]
+        last = self.pool.last_job
+        if last is not None and not last.finished.is_set() and last not in jobs:
+            jobs.append(last)
+        if not jobs:
+            return
+        r = jobs[0].report
+        what = f"{r.func_name}(), {r.done:,} of {f'{r.items:,}' if r.items is not None else '?'} items done"
+        raise UsageError(
+            f"{'a map is' if len(jobs) == 1 else f'{len(jobs)} maps are'} still running in the background "
+            f"({what}): {action} {effect}. Wait for it (handle.wait() or handle.get()) or stop it "
+            f"(handle.cancel()), then run this again"
+        )
 
     def _show(self, obj: Any, quiet: bool) -> None:
         if not quiet:
@@ -372,6 +393,7 @@ class PoolMagics(Magics):
     def _start_async(self, func, iterable, options, out, quiet, key) -> MapHandle | None:
         live = LiveSummary() if not quiet and self._in_kernel() else None
         handle = self.pool.map_async(func, iterable, watch=live, **options)
+        self._async_jobs.add(handle._job)
         self.shell.user_ns["_poolmap"] = handle.report
         self._remember_run(key, handle.report)
         if out:
@@ -447,6 +469,14 @@ class PoolMagics(Magics):
         threads = o.get("threads")
         if threads is not None and threads != "auto" and threads < 1:
             raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
+        if o.get("tune"):
+            self._refuse_while_running("--tune", "would time the function on the workers it runs on, and "
+                                       "resize the pool under it")
+        if "backend" in o or "address" in o:
+            from .switch import is_current
+
+            if not is_current(self.pool, o.get("backend"), o.get("address")):
+                self._refuse_while_running("a backend switch", "would shut its pool down, and end it")
         if o.get("shutdown"):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")
