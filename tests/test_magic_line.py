@@ -289,3 +289,34 @@ def test_backend_switch_while_an_async_map_runs_is_refused_and_the_map_finishes(
     assert poolmagic.get_pool() is pool
     open_gate()
     assert handle.get(30) == [0, 10, 20, 30]
+
+
+# ------------------------------------------------------------------ 5. POOLMAGIC_START_METHOD
+
+
+@pytest.mark.parametrize("value", ["fork", "forksever", "SPAWN"])
+def test_an_unknown_start_method_is_an_error_naming_it(monkeypatch, value):
+    monkeypatch.setenv("POOLMAGIC_START_METHOD", value)
+    with pytest.raises(BadInputError, match=rf"POOLMAGIC_START_METHOD is '{value}'.*'spawn'"):
+        poolmagic.Pool(1)
+
+
+def test_loading_the_extension_with_an_unknown_start_method_names_it_and_starts_nothing():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import psutil\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "try:\n"
+        "    ip.extension_manager.load_extension('poolmagic')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "print('children', len(psutil.Process().children(recursive=True)))\n"
+    )
+    env = {**os.environ, "POOLMAGIC_START_METHOD": "fork"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "BadInputError POOLMAGIC_START_METHOD is 'fork' ('fork' would fork a multi-threaded kernel)" in out, out
+    assert "children 0" in out, out
