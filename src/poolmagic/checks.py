@@ -10,6 +10,7 @@ import inspect
 import itertools
 import os
 import re
+import types
 from typing import Any, Callable, Iterable
 
 from .errors import BadArgumentsError, BadInputError, short_repr
@@ -151,9 +152,38 @@ def check_arity(func: Callable, name: str, *, repeat: bool = False, kwargs: dict
     Only when its signature can be read: a builtin without one is let through.
     (``--star`` items are checked against it in ``check_star``.)
     """
+    key = _arity_key(func, repeat, kwargs)
+    if key is not None and key in _FITS:
+        return
     sig = signature(func)
     if sig is None:
         return
+    _check_arity(func, sig, name, repeat, kwargs)
+    if key is not None:
+        if len(_FITS) > 512:
+            _FITS.clear()
+        _FITS.add(key)
+
+
+# Plain functions already found to fit, by what their signature is made of: a
+# re-run cell makes a new function with an equal code object, and reading a
+# signature costs ~10 µs of a ~0.5 ms cell.
+_FITS: set = set()
+
+
+def _arity_key(func: Callable, repeat: bool, kwargs: dict | None) -> tuple | None:
+    if not isinstance(func, types.FunctionType) or "__signature__" in func.__dict__:
+        return None
+    key = (func.__code__, func.__defaults__, tuple(sorted((func.__kwdefaults__ or {}).items())),
+           repeat, tuple(sorted(kwargs or ())))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable default
+        return None
+    return key
+
+
+def _check_arity(func: Callable, sig: inspect.Signature, name: str, repeat: bool, kwargs: dict | None) -> None:
     if repeat:
         if not _binds(sig, (), kwargs):
             raise BadArgumentsError(
@@ -173,11 +203,9 @@ def check_arity(func: Callable, name: str, *, repeat: bool = False, kwargs: dict
     ):
         raise BadArgumentsError(
             f"{_shown(name, sig)} needs more than one argument, but a map passes each item as one: if each item "
-            f"is a tuple of its arguments, add --star (star=True); for constants, use --kw NAME=EXPR (kwargs={...})"
+            f"is a tuple of its arguments, add --star (star=True); for constants, use --kw NAME=EXPR (kwargs={{...}})"
         )
     raise BadArgumentsError(f"{_shown(name, sig)} cannot be called with one item as its argument{_with(kwargs)}")
-
-
 
 
 _SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # data.csv, notes.txt, model.pkl
