@@ -47,3 +47,22 @@ def test_pooldebug_on_a_crashed_item_says_so_and_the_kernel_lives(kernel_spec_ma
         assert evaluate(kc, "_poolmap.results[:2]") == [0, 1]  # and still holds the map's results
     finally:
         stop_kernel(km, kc)
+
+
+def test_a_forced_rerun_of_a_timed_out_item_keeps_its_timeout_in_the_kernel(kernel_spec_manager, tmp_path):
+    """ipykernel runs cells on its main thread: the SIGALRM time limit works there."""
+    km, kc = start_kernel(kernel_spec_manager, tmp_path)
+    try:
+        run_ok(kc, "%load_ext poolmagic\n%poolsize 2")
+        r = run(kc, "%%poolmap -q --keep-going --timeout 1 range(3)\nimport time\n"
+                    "def sleepy(x):\n    if x == 1:\n        time.sleep(20)\n    return x\n", timeout=60)
+        assert r.error and r.error["ename"] == "MapFailedError", r
+        r = run(kc, "%pooldebug", timeout=10)  # refused at once, not 20 s in the kernel
+        assert r.error and "ran longer than the 1 s timeout" in strip_ansi(r.error["evalue"]), r
+        code = ("try:\n    _poolmap.rerun(1, force=True)\nexcept Exception as e:\n"
+                "    print(type(e).__name__, e)\n")
+        out = run_ok(kc, code, timeout=15).stdout  # a hang (20 s) would fail here
+        assert "ItemTimeoutError item 1 ran longer than the 1 s timeout here too" in out, out
+        assert evaluate(kc, "1 + 1") == 2
+    finally:
+        stop_kernel(km, kc)
