@@ -5,7 +5,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import poolmagic
-from poolmagic.magics import last_function_name, split_func_and_iterable
+from poolmagic.magics import split_func_and_iterable, uncalled_functions
 
 
 def cell(ip, line: str, body: str):
@@ -48,10 +48,12 @@ def test_lambda_assignment_is_selected(ip):
     assert cell(ip, "range(3)", "f = lambda x: x + 1\n") == [1, 2, 3]
 
 
-def test_last_function_wins_and_f_selects_another(ip):
+def test_two_unrelated_functions_need_f_which_selects_one(ip):
     body = "def first(x):\n    return 'first'\ndef second(x):\n    return 'second'\n"
-    assert cell(ip, "range(2)", body) == ["second", "second"]
+    with pytest.raises(UsageError, match=r"\(first, second\).*-f NAME"):
+        cell(ip, "range(2)", body)
     assert cell(ip, "-f first range(2)", body) == ["first", "first"]
+    assert cell(ip, "-f second range(2)", body) == ["second", "second"]
 
 
 def test_closure_over_notebook_variable_sees_current_value(ip):
@@ -274,12 +276,13 @@ def test_error_in_cell_body_propagates_and_nothing_is_mapped(ip):
 # ------------------------------------------------------------------ pure helpers
 
 
-def test_last_function_name():
+def test_uncalled_functions():
     import ast
 
-    assert last_function_name(ast.parse("def a(): pass\nb = lambda: 1\n")) == "b"
-    assert last_function_name(ast.parse("x = 1\n")) is None
-    assert last_function_name(ast.parse("async def c(): pass\n")) == "c"
+    assert uncalled_functions(ast.parse("def a(): pass\nb = lambda: 1\n")) == (("a", "b"), ("a", "b"))
+    assert uncalled_functions(ast.parse("def a(): pass\nb = lambda: a()\n")) == (("a", "b"), ("b",))
+    assert uncalled_functions(ast.parse("x = 1\n")) == ((), ())
+    assert uncalled_functions(ast.parse("async def c(): pass\n")) == (("c",), ("c",))
 
 
 def test_split_func_and_iterable():

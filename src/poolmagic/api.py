@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 from .checks import (  # noqa: F401
     NoArgs,
+    check_arity,
+    check_not_text,
     check_plain_function,
     check_positive,
     check_star,
@@ -193,6 +195,8 @@ class Pool:
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
         name = callable_name(func)
         check_plain_function(func, name)
+        if not o.star:
+            check_arity(func, name, repeat=o.repeat is not None, kwargs=o.kwargs)
         if o.repeat is not None:
             if iterable is not None:
                 raise BadInputError("give either an ITERABLE or repeat=N, not both")
@@ -201,6 +205,7 @@ class Pool:
         if missing:
             fn, var = missing[0]
             raise BadInputError(f"{fn}() uses the name {var!r}, which is not defined")
+        unwrapped = func
         if o.kwargs:
             func = functools.partial(func, **o.kwargs)
         if o.repeat is not None:
@@ -209,8 +214,9 @@ class Pool:
             iter(iterable)  # type: ignore[arg-type]
         except TypeError:
             raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+        check_not_text(iterable)
         if o.star:
-            iterable = check_star(iterable)
+            iterable = check_star(iterable, unwrapped, name, o.kwargs)
         shipped, notes = self.backend.prepare_function(func, iterable, o.star)  # a remote cluster's checks
         try:
             payload = dump_function(shipped)

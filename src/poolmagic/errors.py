@@ -97,6 +97,10 @@ class BadInputError(PoolmapError, ValueError):
     """Bad input caught before any work starts (the magic shows it as a UsageError)."""
 
 
+class BadArgumentsError(BadInputError, TypeError):
+    """The function cannot take what the map would pass it; a TypeError, as the loop's call would raise."""
+
+
 class SerializationError(BadInputError):
     """The function, or something it captures, cannot be sent to a worker."""
 

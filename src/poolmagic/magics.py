@@ -9,21 +9,25 @@ import functools
 import os
 import re
 import threading
+import weakref
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
+from .checks import check_not_text
 from .errors import BadInputError, PoolmapError
 from .publish import LiveProgress, LiveSummary, show
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
 
-Cell form -- the cell runs as a normal cell, then its last top-level function
-(``def`` or ``name = lambda``) is mapped over ITERABLE::
+Cell form -- the cell runs as a normal cell, then the top-level function it
+defines (``def`` or ``name = lambda``) that none of its other functions calls
+is mapped over ITERABLE (a ``work`` calling ``helper`` maps ``work``; when
+several or none qualify, ``-f NAME`` says which)::
 
     %%poolmap [options] ITERABLE
     def work(x):
@@ -70,16 +74,16 @@ def transform(shell: Any, cell: str) -> str:
 
 
 @functools.lru_cache(maxsize=128)
-def cell_function_name(transformed: str) -> str | None:
-    """The last top-level function of a cell's code; "" when the code does not parse.
+def cell_functions(transformed: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(functions the cell defines, those none of the others uses); None when it does not parse.
 
     Cached: re-running a cell is the common case, and parsing is ~20 µs of it.
     """
     try:
         tree = ast.parse(transformed)
     except SyntaxError:
-        return ""  # running the cell will report it as usual
-    return last_function_name(tree)
+        return None  # running the cell will report it as usual
+    return uncalled_functions(tree)
 
 
 @functools.lru_cache(maxsize=128)
@@ -87,17 +91,67 @@ def compile_iterable(expr: str) -> Any:
     return compile(expr, "<ITERABLE>", "eval")
 
 
-def last_function_name(tree: ast.Module) -> str | None:
-    """The last function a cell defines at top level: ``def f`` or ``f = lambda``."""
-    name = None
+def _top_level_functions(tree: ast.Module) -> dict[str, ast.AST]:
+    """name -> node of each function a cell defines at top level (``def f``, ``f = lambda``), in order."""
+    defs: dict[str, ast.AST] = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            name = node.name
-        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
-            targets = [t for t in node.targets if isinstance(t, ast.Name)]
-            if targets:
-                name = targets[-1].id
-    return name
+            defs.pop(node.name, None)  # a redefinition counts where it is
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Lambda):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    defs.pop(t.id, None)
+                    defs[t.id] = node.value
+    return defs
+
+
+def uncalled_functions(tree: ast.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The functions a cell defines at top level, and those no other of its functions uses.
+
+    The second are what a cell may mean to map: ``main`` calling ``helper``
+    leaves ``main``. A use is any mention of the name inside another function
+    (body, decorators, defaults) or inside a class (methods, class body);
+    statements at top level (``work(1)``, a quick check) do not count, nor
+    does a function calling itself.
+    """
+    defs = _top_level_functions(tree)
+    users: list[tuple[str | None, ast.AST]] = list(defs.items())
+    users += [(None, n) for n in tree.body if isinstance(n, ast.ClassDef)]
+    used: set[str] = set()
+    for owner, node in users:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id != owner:
+                used.add(n.id)
+    return tuple(defs), tuple(name for name in defs if name not in used)
+
+
+def mapped_function_name(found: tuple[tuple[str, ...], tuple[str, ...]] | None, line: str) -> str | None:
+    """The function a cell maps, by the rule of ``uncalled_functions``; UsageError when it is not one.
+
+    None when the cell does not parse (running it reports that).
+    """
+    if found is None:
+        return None
+    defined, candidates = found
+    if not defined:
+        raise UsageError(
+            "the cell defines no function to map: define one at top level "
+            "(def work(x): ... or work = lambda x: ...), or name one with -f NAME"
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    example = f"%%poolmap -f {(candidates or defined)[-1]} {line.strip()}".rstrip()
+    if candidates:
+        raise UsageError(
+            f"the cell defines {len(candidates)} functions that none of its other functions calls "
+            f"({', '.join(candidates)}), so which one to map is not clear: name it with -f NAME, e.g. {example}"
+        )
+    raise UsageError(
+        f"every function the cell defines is called by another of them ({', '.join(defined)}), "
+        f"so which one to map is not clear: name it with -f NAME, e.g. {example}"
+    )
 
 
 def split_func_and_iterable(rest: str) -> tuple[str, str]:
@@ -119,6 +173,34 @@ def split_func_and_iterable(rest: str) -> tuple[str, str]:
     )
 
 
+def _end_at_user_frames(tb: Any) -> None:
+    """Cut poolmagic's own frames off the end of a traceback, so the debugger opens in the user's."""
+    last_user = None
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PKG_DIR):
+            last_user = tb
+        tb = tb.tb_next
+    if last_user is not None:
+        last_user.tb_next = None
+
+
+@functools.lru_cache(maxsize=128)
+def check_func_expr(func_expr: str, after_f: bool) -> None:
+    """A FUNC that is no Python expression is refused before the cell runs.
+
+    ``-f lambda x: x + 1 range(3)`` gives -f only ``lambda``: say so.
+    """
+    try:
+        compile(func_expr, "<FUNC>", "eval")
+    except SyntaxError as exc:
+        if after_f and re.match(r"lambda\b", func_expr):
+            raise UsageError(
+                "-f takes one expression without spaces, or in brackets: write a lambda in parentheses, "
+                "e.g. -f (lambda x: x + 1) range(3), or define the function in the cell"
+            ) from None
+        raise UsageError(f"FUNC `{func_expr}` is not a Python expression: {exc.msg}") from None
+
+
 @magics_class
 class PoolMagics(Magics):
     """``%%poolmap`` and ``%poolsize``; holds the extension's state."""
@@ -127,6 +209,7 @@ class PoolMagics(Magics):
         super().__init__(shell)
         self._live: list[threading.Thread] = []
         self._runs: dict[tuple[str, str], Any] = {}  # (function, ITERABLE) -> its last report, for --resume
+        self._async_jobs: weakref.WeakSet = weakref.WeakSet()  # --async maps (the backend holds those running)
 
     @property
     def pool(self):
@@ -193,6 +276,25 @@ class PoolMagics(Magics):
 
         self.shell.events.register("post_run_cell", clear)
 
+    def _refuse_while_running(self, action: str, effect: str) -> None:
+        """UsageError when a map still runs in the background (``--async``, ``map_async``).
+
+        ``action`` would change the pool under it: say what, and how to go on.
+        """
+        jobs = [j for j in list(self._async_jobs) if not j.finished.is_set()]
+        last = self.pool.last_job
+        if last is not None and not last.finished.is_set() and last not in jobs:
+            jobs.append(last)
+        if not jobs:
+            return
+        r = jobs[0].report
+        what = f"{r.func_name}(), {r.done:,} of {f'{r.items:,}' if r.items is not None else '?'} items done"
+        raise UsageError(
+            f"{'a map is' if len(jobs) == 1 else f'{len(jobs)} maps are'} still running in the background "
+            f"({what}): {action} {effect}. Wait for it (handle.wait() or handle.get()) or stop it "
+            f"(handle.cancel()), then run this again"
+        )
+
     def _show(self, obj: Any, quiet: bool) -> None:
         if not quiet:
             show(obj, self.shell)
@@ -216,12 +318,9 @@ class PoolMagics(Magics):
                 else:
                     func_expr, expr = split_func_and_iterable(expr)
         elif func_expr is None:
-            fname = cell_function_name(transformed)
-            if fname is None:
-                raise UsageError(
-                    "the cell defines no function to map: define one at top level "
-                    "(def work(x): ... or work = lambda x: ...), or name one with -f NAME"
-                )
+            fname = mapped_function_name(cell_functions(transformed), line)
+        if func_expr is not None:
+            check_func_expr(func_expr, o.get("func") is not None)
         if o.get("repeat") and expr:
             raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
         if not o.get("repeat") and not expr:
@@ -241,6 +340,10 @@ class PoolMagics(Magics):
         else:
             func = self.shell.user_ns.get(fname)
         iterable = self._eval(expr, "ITERABLE", iter_code) if expr else None
+        try:
+            check_not_text(iterable, expr)
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
         options = {opt.dest: o[opt.dest] for opt in MAP_OPTIONS if opt.dest in o}
         if "kwargs" in options:
             options["kwargs"] = {k: self._eval(v, f"--kw {k}") for k, v in options["kwargs"].items()}
@@ -283,11 +386,14 @@ class PoolMagics(Magics):
         return report.results
 
     poolmap.__doc__ = _POOLMAP_DOC
-    poolmap = line_cell_magic(poolmap)
+    # The line is Python code (ITERABLE, -f, --kw) and paths (--checkpoint): IPython
+    # must not expand {x} or $x in it first, as for %time and %timeit.
+    poolmap = line_cell_magic(no_var_expand(poolmap))
 
     def _start_async(self, func, iterable, options, out, quiet, key) -> MapHandle | None:
         live = LiveSummary() if not quiet and self._in_kernel() else None
         handle = self.pool.map_async(func, iterable, watch=live, **options)
+        self._async_jobs.add(handle._job)
         self.shell.user_ns["_poolmap"] = handle.report
         self._remember_run(key, handle.report)
         if out:
@@ -305,23 +411,34 @@ class PoolMagics(Magics):
         ``%pooldebug`` or ``%pooldebug 9123``: the item runs in this kernel with
         the same function version, item, keyword constants and seed as in the
         map, and IPython's debugger opens where it raised (post-mortem).
+
+        An item that crashed its worker, was stopped for its memory or timed
+        out is not run here: it could end or stall the kernel the same way.
+        ``%pooldebug --force N`` runs it anyway (a timed-out one under the
+        map's timeout).
         """
         report = self.shell.user_ns.get("_poolmap") or self.pool.last_report
         if report is None:
             raise UsageError("no map has run yet: %pooldebug re-runs an item of the last map")
-        arg = line.strip()
+        words = line.split()
+        force = "--force" in words
+        words = [w for w in words if w != "--force"]
+        if any(w.startswith("-") and not w.lstrip("-").replace("_", "").isdigit() for w in words):
+            raise UsageError(f"%pooldebug takes an item's index and --force, not {line.strip()!r}")
+        arg = " ".join(words)
         try:
             index = int(arg.replace("_", "")) if arg else None
         except ValueError:
             raise UsageError(f"%pooldebug takes an item's index (a whole number), not {arg!r}") from None
         try:
-            report.rerun(index)
+            report.rerun(index, force=force)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
         except Exception as exc:
             tb = exc.__traceback__
             while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PKG_DIR):
                 tb = tb.tb_next  # start at the user's frames
+            _end_at_user_frames(tb)  # a timeout is raised in poolmagic's alarm handler
             self.shell.showtraceback((type(exc), exc, tb))
             debugger = self.shell.debugger_cls()
             debugger.reset()  # as pdb.post_mortem does: quitting needs it
@@ -352,6 +469,14 @@ class PoolMagics(Magics):
         threads = o.get("threads")
         if threads is not None and threads != "auto" and threads < 1:
             raise UsageError(f"--threads needs at least 1 thread per worker, not {threads}")
+        if o.get("tune"):
+            self._refuse_while_running("--tune", "would time the function on the workers it runs on, and "
+                                       "resize the pool under it")
+        if "backend" in o or "address" in o:
+            from .switch import is_current
+
+            if not is_current(self.pool, o.get("backend"), o.get("address")):
+                self._refuse_while_running("a backend switch", "would shut its pool down, and end it")
         if o.get("shutdown"):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")

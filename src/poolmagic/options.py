@@ -34,7 +34,7 @@ class Opt:
 # Options of the magic itself: where results go, which function, how to show it.
 MAGIC_OPTIONS: tuple[Opt, ...] = (
     Opt(("-o", "--out"), "out", "name", "bind the result list to NAME (else it is the cell's value)", "NAME"),
-    Opt(("-f", "--func"), "func", "expr", "map this callable instead of the last function the cell defines", "FUNC"),
+    Opt(("-f", "--func"), "func", "expr", "map this callable, not the function of the cell that its other functions do not call", "FUNC"),
     Opt(("-q", "--quiet"), "quiet", "flag", "show neither progress nor summary"),
     Opt(("--no-progress",), "no_progress", "flag", "no live progress bar (shown for maps longer than 0.5 s)"),
     Opt(("--async",), "async_", "flag", "return a handle at once (.ready() .wait() .get() .cancel()); use with -o"),

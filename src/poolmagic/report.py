@@ -8,9 +8,12 @@ a per-worker timeline, progress and efficiency diagnosis, from any backend.
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from .diagnose import Analysis
@@ -108,15 +111,18 @@ class RunReport:
                 out[c.start : c.start + c.count] = [(c.t1 - c.t0) / c.count] * c.count
         return out
 
-    def rerun(self, index: int | None = None) -> Any:
+    def rerun(self, index: int | None = None, *, force: bool = False) -> Any:
         """Run one item again here, in this process: the first failed one, or ``index``.
 
         Same function version, item, keyword constants and seed as in the map;
         an exception is raised here, where a debugger can inspect it
-        (``%pooldebug`` does exactly that).
+        (``%pooldebug`` does exactly that). An item that crashed its worker, was
+        stopped for its memory or timed out is not run here (it could end or
+        stall this process the same way) unless ``force``; a timed-out item then
+        runs under the map's timeout.
         """
         __tracebackhide__ = True
-        from .errors import BadInputError
+        from .errors import BadInputError, ItemTimeoutError
 
         if self.replay is None:
             raise BadInputError("this report has nothing to re-run (it was not made by a map)")
@@ -137,11 +143,49 @@ class RunReport:
                 f"item {index} is no longer available: the ITERABLE was a stream, consumed by the map. "
                 f"The values of the first {FAILED_KEPT} failed items are kept; re-run the map over a list to get any item."
             )
+        unsafe = self.unsafe_failure(index)
+        if unsafe is not None and not force:
+            raise BadInputError(self._not_rerun(index, unsafe))
         if options.seed is not None:
             from .engine.chunk import _seed_item
 
             _seed_item(options.seed, index)
-        return func(*value) if options.star else func(value)
+        limit = options.timeout if isinstance(unsafe, ItemTimeoutError) else None
+        with time_limit(limit, index):
+            return func(*value) if options.star else func(value)
+
+    def unsafe_failure(self, index: int) -> BaseException | None:
+        """The error that makes item ``index`` unsafe to run in this process, if any.
+
+        A crash of its worker, a stop for memory or a timeout, in any attempt.
+        """
+        from .errors import ItemTimeoutError, WorkerCrashedError, WorkerMemoryError
+
+        kinds = (WorkerCrashedError, WorkerMemoryError, ItemTimeoutError)
+        errors = [*self.attempts.get(index, ()), self.errors.get(index)]
+        return next((e for e in reversed(errors) if isinstance(e, kinds)), None)
+
+    def _not_rerun(self, index: int, exc: BaseException) -> str:
+        from .errors import ItemTimeoutError, WorkerMemoryError, exit_description
+
+        if isinstance(exc, ItemTimeoutError):
+            what = (f"ran longer than the {exc.timeout:g} s timeout in the map, and its worker was stopped: "
+                    f"here it would hold this kernel as long")
+            forced = "runs it here under the same timeout"
+        elif isinstance(exc, WorkerMemoryError):
+            limit = f" (limit {exc.limit / 2**20:,.0f} MB)" if exc.limit else ""
+            what = (f"was stopped for its memory in the map, at {exc.rss / 2**20:,.0f} MB{limit}: "
+                    f"here it would take that memory from this kernel")
+            forced = "runs it here anyway, with no memory limit"
+        else:
+            code = getattr(exc, "exitcode", None)
+            what = (f"crashed its worker in the map ({exit_description(code)}): here it could end "
+                    f"this kernel the same way")
+            forced = "runs it here anyway"
+        others = [i for i in sorted(self.errors) if self.unsafe_failure(i) is None]
+        hint = f"; item {others[0]} raised an exception you can debug: %pooldebug {others[0]}" if others else ""
+        return (f"item {index} was not re-run: it {what}. %pooldebug --force {index} "
+                f"(report.rerun({index}, force=True)) {forced}{hint}")
 
     # ---------------------------------------------------------------- display
     def summary(self) -> str:
@@ -164,3 +208,40 @@ class RunReport:
         from .display import summary_bundle
 
         return summary_bundle(self)
+
+
+@contextmanager
+def time_limit(seconds: float | None, index: int) -> Iterator[None]:
+    """Raise ItemTimeoutError in the code run inside if it runs longer than ``seconds``.
+
+    SIGALRM on the main thread: it interrupts Python code and blocking calls
+    (sleep, reads) alike, and nothing is left running afterwards (a watchdog
+    thread's asynchronous exception would wait for the next bytecode, never
+    interrupting a blocking call). Elsewhere, refused rather than unbounded.
+    """
+    if seconds is None:
+        yield
+        return
+    from .errors import BadInputError, ItemTimeoutError
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        raise BadInputError(
+            f"item {index} timed out in the map; re-running it under its timeout needs the main thread "
+            f"of a Unix process (SIGALRM)"
+        )
+    armed = True
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        if armed:
+            raise ItemTimeoutError(f"item {index} ran longer than the {seconds:g} s timeout here too "
+                                   f"(as in the map)", index, seconds)
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+        armed = False
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)

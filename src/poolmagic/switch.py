@@ -19,7 +19,7 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
 
     ``size``: its workers (``%poolsize 4 --backend dask`` starts 4, not 2 then 2 more).
     """
-    name = name or ("dask" if address else "local")
+    name = backend_name(name, address)
     if name == "local" and address:
         raise BadInputError("--address goes with --backend dask (the local backend has no address)")
     old = get_pool()
@@ -40,6 +40,16 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
         new.shutdown()
         raise
     return set_pool(new)
+
+
+def backend_name(name: str | None, address: str | None) -> str:
+    """The backend ``--backend NAME --address ADDR`` means: dask when only an address is given."""
+    return name or ("dask" if address else "local")
+
+
+def is_current(pool: Pool, name: str | None, address: str | None) -> bool:
+    """Whether ``pool`` already is the backend asked for (switching is then nothing to do)."""
+    return _same(pool, backend_name(name, address), address)
 
 
 def _same(pool: Pool, name: str, address: str | None) -> bool:

@@ -78,11 +78,25 @@ if hasattr(os, "register_at_fork"):
 
 
 def default_start_method() -> str:
-    """forkserver where it exists (never fork a threaded kernel), else spawn."""
-    env = os.environ.get("POOLMAGIC_START_METHOD")
-    if env in ("forkserver", "spawn") and env in mp.get_all_start_methods():
-        return env  # never "fork": it would fork a multi-threaded kernel
-    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    """``$POOLMAGIC_START_METHOD``, else forkserver where it exists, else spawn; never fork.
+
+    An unknown or unavailable value is an error naming it: falling back
+    silently would run the maps some other way than the user asked for.
+    """
+    allowed = [m for m in ("forkserver", "spawn") if m in mp.get_all_start_methods()]
+    env = os.environ.get("POOLMAGIC_START_METHOD", "")
+    if env in allowed:
+        return env
+    if env:
+        from ..errors import BadInputError
+
+        why = (" ('fork' would fork a multi-threaded kernel)" if env == "fork"
+               else " (not on this platform)" if env == "forkserver" else "")
+        raise BadInputError(
+            f"POOLMAGIC_START_METHOD is {env!r}{why}; poolmagic's start methods here are "
+            f"{' and '.join(repr(m) for m in allowed)}: set one of them, or unset it for {allowed[0]!r}"
+        )
+    return allowed[0]
 
 
 class Waiter:
