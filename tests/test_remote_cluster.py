@@ -79,7 +79,8 @@ def remote(tmp_path_factory):
     sys.path.insert(0, str(notebook))
     pool = Pool(1, backend="dask", address=address)
     try:
-        pool.backend.wait_workers(1, 30)
+        pool.backend.wait_ready(30)
+        pool.backend.client.wait_for_workers(1, timeout=30)
         yield pool, notebook, home
     finally:
         pool.shutdown()

@@ -76,7 +76,7 @@ class DaskCluster:
         else:
             self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
             check_workers(self.client)
-            self.remote_env.check_packages(self.client, [p for p in ("numpy", "pandas") if p in sys.modules])
+            self.remote_env.check_packages(self.client, [p for p in ("numpy", "pandas") if p in sys.modules], wait=False)
         if self._closed:
             return
         if self.owned:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.metadata
-import importlib.util
 import os
 import sys
 from typing import Any, Iterable
@@ -43,7 +43,11 @@ def probe(packages: dict[str, str | None]) -> dict:
     """On a worker: Python's version and, per import name, (importable, version)."""
     found: dict[str, tuple[bool, str | None]] = {}
     for top, dist in packages.items():
-        ok = importlib.util.find_spec(top) is not None
+        try:  # the worker imports it to run the function anyway: a broken install shows here
+            importlib.import_module(top)
+            ok = True
+        except Exception:
+            ok = False
         version = None
         if ok:
             try:
@@ -165,6 +169,16 @@ def relative_paths(items: Any, cwd: str, star: bool = False) -> None:
                     )
 
 
+WORKER_WAIT_S = 10.0  # how long a map's package check waits for a cluster's first worker
+
+
+def _workers(client: Any) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(client.scheduler_info(n_workers=-1)["workers"]))
+    except Exception:
+        return ()
+
+
 class RemoteEnvironment:
     """What a remote cluster's workers need from this kernel, checked and sent per function.
 
@@ -221,20 +235,30 @@ class RemoteEnvironment:
                 self._trials[key] = f"{type(exc).__name__}: {exc}"
         return self._trials[key]
 
-    def check_packages(self, client: Any, tops: Iterable[str]) -> list[str]:
-        """Compare the installed packages ``tops`` (import names) between here and every worker."""
+    def check_packages(self, client: Any, tops: Iterable[str], wait: bool = True) -> list[str]:
+        """Compare the installed packages ``tops`` (import names) between here and every worker.
+
+        ``wait``: a cluster with no worker yet is given WORKER_WAIT_S to get one (a map's
+        check); without it (on connecting) the check waits for the first map.
+        """
         stdlib = getattr(sys, "stdlib_module_names", frozenset())
         tops = tuple(sorted({t for t in tops if t not in stdlib and t not in sys.builtin_module_names}))
         if not tops or client is None:
             return []
-        try:
-            workers = tuple(sorted(client.scheduler_info(n_workers=-1)["workers"]))
-        except Exception:
-            workers = ()
+        workers = _workers(client)
+        if not workers and not wait:
+            return []
+        if not workers:  # a cluster still starting its workers: wait a little for one to ask
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            except Exception:
+                return [f"the packages the function uses were not compared with the workers': the cluster had "
+                        f"no worker when the map started"]
+            workers = _workers(client)
         key = (tops, workers)
         if key not in self._checked:
             here = kernel_versions(tops)
-            there = client.run(probe, {t: here[t][0] for t in tops})
+            there = client.run(probe, {t: here[t][0] for t in tops}, workers=list(workers))
             self._checked[key] = compare(here, there)
             self.notes.update(self._checked[key])
         return self._checked[key]
