@@ -263,6 +263,11 @@ class Job:
                 first = first if first is not None or err is None else err
             if first is not None and not self.options.keep_going:
                 self._fail_locked(first)
+            elif items is not None and len(results) < len(items) and self.active:
+                # the worker stopped at an item that is queued again (--retries):
+                # the items after it never ran, so they run again too
+                self.retry.appendleft((rec.start + len(results), items[len(results):]))
+                items = items[: len(results)]
             self.cond.notify_all()
         if self.observers:
             self.publish(ChunkFinished(rec, len(errors), results, items, raw))
