@@ -137,11 +137,15 @@ class RunReport:
                 f"item {index} is no longer available: the ITERABLE was a stream, consumed by the map. "
                 f"The values of the first {FAILED_KEPT} failed items are kept; re-run the map over a list to get any item."
             )
-        if options.seed is not None:
-            from .engine.chunk import _seed_item
+        if options.seed is None:
+            return func(*value) if options.star else func(value)
+        from .engine import seeds
 
-            _seed_item(options.seed, index)
-        return func(*value) if options.star else func(value)
+        seeds.seed_item(options.seed, index)  # the numbers item ``index`` drew in its worker
+        try:
+            return func(*value) if options.star else func(value)
+        finally:
+            seeds.clear()
 
     # ---------------------------------------------------------------- display
     def summary(self) -> str:

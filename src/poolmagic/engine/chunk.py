@@ -7,17 +7,16 @@ reported from long chunks.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import os
-import random
 import sys
 import time
 
 from .. import errors as _errors
 from ..sentinel import NOT_DONE
 from . import protocol as P
+from . import seeds
 
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,34 +50,19 @@ class _Capture(io.TextIOBase):
         return False
 
 
-def _seed_item(seed: int, index: int) -> None:
-    """Independent, reproducible streams per item (SeedSequence spawn-key style)."""
-    np = sys.modules.get("numpy")
-    if np is None:
-        try:  # the function may import numpy itself: seed it before it runs
-            import numpy as np
-        except ImportError:
-            np = None
-    if np is not None:
-        ss = np.random.SeedSequence(seed, spawn_key=(index,))
-        state = ss.generate_state(4)
-        np.random.seed(state)
-        random.seed(int.from_bytes(state.tobytes(), "little"))
-    else:
-        digest = hashlib.sha256(f"poolmagic:{seed}:{index}".encode()).digest()
-        random.seed(int.from_bytes(digest, "little"))
-
-
 def run_chunk(
     fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False,
-    seed: int | None = None, progress=None,
+    seed: int | None = None, progress=None, indices=None,
 ) -> tuple[list, float, float, list | None, list, list]:
     """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
 
     Independent of how the chunk arrived, so any backend's worker (a dask
     task, say) runs chunks exactly as the local workers do. ``progress(done)``
-    is called every PROGRESS_S while a timed chunk runs.
+    is called every PROGRESS_S while a timed chunk runs. ``indices``: each
+    item's position in the user's ITERABLE when it is not ``start + k`` (a
+    re-run of some items); a seeded item's numbers come from it.
     """
+    seeds.clear()
     n = len(items)
     out: list = []
     errors: list = []
@@ -94,7 +78,7 @@ def run_chunk(
     t0 = time.perf_counter()
     try:
         if timed or seed is not None:
-            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress)
+            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress, indices)
         else:
             it = iter(items)
             state["it"] = it
@@ -111,10 +95,12 @@ def run_chunk(
     finally:
         t1 = time.perf_counter()
         sys.stdout, sys.stderr = old
+        seeds.clear()
     return out, t0, t1, times, records, errors
 
 
-def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress=None) -> None:
+def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress=None,
+                  indices=None) -> None:
     """The per-item loop: index known, per-item times, seeds and progress possible."""
     clock = time.perf_counter
     report_at = clock() + P.PROGRESS_S
@@ -125,7 +111,7 @@ def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, 
         i = start + offset
         state["i"] = i
         if seed is not None:
-            _seed_item(seed, i)
+            seeds.seed_item(seed, i if indices is None else indices[offset])
         t = clock()
         try:
             out.append(fn(*x) if star else fn(x))

@@ -189,7 +189,7 @@ class DaskScheduling:
             ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context)) if self.owned else None
             fut = self.client.submit(
                 dasktask.run, fn, ctx, seq, start, wire, job.wire_options, timed, self._topic, not self.owned,
-                self._marks,
+                self._marks, job.seed_indices(start, len(items)),
                 key=f"poolmap-{_task_name(job)}-{self._token}-{seq}", retries=0,
                 workers=[address], allow_other_workers=False,
             )

@@ -160,6 +160,16 @@ class Job:
         self.maybe_finish()
         return got
 
+    def seed_indices(self, start: int, count: int) -> tuple[int, ...] | None:
+        """The ITERABLE positions of a chunk's items, for a seeded re-run of some items.
+
+        None when positions are the ITERABLE's own or no item is seeded:
+        only a seeded ``--resume``/``--checkpoint`` run pays for sending them.
+        """
+        if self.index is None or self.options.seed is None:
+            return None
+        return tuple(self.index[start : start + count])
+
     def progress(self, start: int, done: int) -> None:
         """Items of the running chunk that starts at ``start`` have finished."""
         if self.observers:

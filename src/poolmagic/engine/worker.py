@@ -179,7 +179,7 @@ class Worker:
         waited = _runqueue_wait() if msg.timed else None
         out, t0, t1, times, records, errors = run_chunk(
             fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
-            progress=lambda done: self._send(P.Progress(seq, done)),
+            progress=lambda done: self._send(P.Progress(seq, done)), indices=msg.indices,
         )
         if waited is not None:
             after = _runqueue_wait()
