@@ -21,11 +21,10 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-import cloudpickle
-
 from .. import errors as _errors
 from . import protocol as P
 from . import worker as _worker
+from .chunk import pack_results
 from .context import ContextApplier
 
 _FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
@@ -150,11 +149,7 @@ def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: An
         func, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
         indices=indices,
     )
-    try:
-        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
-    except Exception:
-        out, errors = _worker._strip_unpicklable(out, errors, start)
-        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
+    body, frames = pack_results(out, records, errors, start, items, indices)
     # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
     return ("done", t0, t1, times, os.getpid(), address, body, frames)
 
