@@ -87,6 +87,7 @@ class Job:
         self.attempts: dict[int, list[BaseException]] = {}  # position -> errors of earlier attempts
         self.retry: deque[tuple[int, Any]] = deque()
         self.inflight = 0  # chunks taken and not yet answered; changed under cond
+        self.received = 0  # bytes of results that came back (the memory guard counts them)
         self.cond = threading.Condition()
         self.finished = threading.Event()
         self.error: BaseException | None = None
@@ -260,6 +261,7 @@ class Job:
                 rec.status = "failed"
             r.chunks.append(rec)
             r.done += len(results) - len(errors)
+            self.received += rec.nbytes
             self.busy += rec.t1 - rec.t0
             self.timed_items += len(results)
             for pos, stream, text in outputs:

@@ -206,7 +206,8 @@ class Outcomes:
         """Stop a worker over its map's --max-memory, or the largest when memory runs out."""
         self._next_guard = time.perf_counter() + memory.PERIOD_S
         stops = memory.over_limit({p: (p.pid, p.inflight[0].job.options.max_memory)
-                                   for p in self._procs.values() if p.inflight})
+                                   for p in self._procs.values() if p.inflight},
+                                  held=sum(j.received for j in self._jobs if j.active))
         for p, size, why in stops:
             head = p.inflight[0]
             self._kill(p)
