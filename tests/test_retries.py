@@ -117,3 +117,27 @@ def test_magic_with_retries_and_chunks(ip, tmp_path):
     assert ip.user_ns["retry_r"] == [10 * x for x in range(20)]
     report = ip.user_ns["_poolmap"]
     assert (report.status, report.done, report.retried) == ("done", 20, 1)
+
+
+def crash_first_attempt(x, folder, bad=2):
+    """Item ``bad`` kills its worker on its first attempt (os._exit), then returns 10 x."""
+    attempt = len([n for n in os.listdir(folder) if n.startswith(f"{x}.")])
+    open(os.path.join(folder, f"{x}.{attempt}"), "w").close()
+    if x == bad and attempt == 0:
+        os._exit(3)
+    return 10 * x
+
+
+@pytest.mark.parametrize("chunksize", [1, 5])
+def test_an_item_that_crashes_its_worker_once_is_retried_alone(backend, tmp_path, chunksize):
+    """The crash is the culprit's alone, and counted alike on both backends.
+
+    A chunk of several items whose worker died is first run again item by item
+    to find the culprit (not a retry: its items' results died with the worker);
+    here the culprit's second run then succeeds. One item alone is retried.
+    """
+    r = backend.run(crash_first_attempt, range(10), chunksize=chunksize, retries=1,
+                    kwargs={"folder": str(tmp_path)})
+    assert r.results == [10 * x for x in range(10)]
+    assert (r.status, r.done, r.failed, r.attempts) == ("done", 10, 0, {})
+    assert r.retried == (1 if chunksize == 1 else 0)

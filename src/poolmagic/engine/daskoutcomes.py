@@ -259,8 +259,10 @@ class DaskOutcomes:
         if not job.active:
             job.drop_chunk()
             return
-        if job.options.keep_going and len(c.items) > 1:
-            job.retry_singly(c.start, c.items)  # find the item that kills workers
+        if (job.options.keep_going or job.options.retries) and len(c.items) > 1:
+            # find the item that kills workers (with --retries, as the local backend
+            # does: its chunk's other items are not failed attempts of theirs)
+            job.retry_singly(c.start, c.items)
             return
         code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
         pid = c.pid or pid
