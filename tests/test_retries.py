@@ -141,3 +141,30 @@ def test_an_item_that_crashes_its_worker_once_is_retried_alone(backend, tmp_path
     assert r.results == [10 * x for x in range(10)]
     assert (r.status, r.done, r.failed, r.attempts) == ("done", 10, 0, {})
     assert r.retried == (1 if chunksize == 1 else 0)
+
+
+class _Watch:
+    """A live display's counts (live.Progress), fed by the map's events."""
+
+    def attach(self, job):
+        from poolmagic.live import Progress
+
+        self.progress = Progress(20, 2)
+        job.observers.append(self.progress)
+
+    def tick(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("chunksize", [1, 10])
+def test_live_progress_counts_a_retried_item_once(backend, tmp_path, chunksize):
+    """The progress a user watches said 22 of 20 done, 2 failed, for a map that succeeded."""
+    watch = _Watch()
+    r = backend.run(fail_first_attempt, range(20), chunksize=chunksize, retries=1, watch=watch,
+                    kwargs={"folder": str(tmp_path), "bad": (2, 13)})
+    assert r.retried == 2 and r.done == 20
+    p = watch.progress
+    assert (p.done, p.failed, p.finished) == (20, 0, 20)

@@ -269,9 +269,11 @@ class Job:
                 heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
                 bisect.insort(r.outputs, (idx, stream, text), key=_FIRST)  # item order
             self._mark_done(rec.start, rec.count)
+            retried = 0
             for pos, exc in errors:
                 off = pos - rec.start
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                retried += err is None
                 first = first if first is not None or err is None else err
             if first is not None and not self.options.keep_going:
                 self._fail_locked(first)
@@ -282,7 +284,7 @@ class Job:
                 items = items[: len(results)]
             self.cond.notify_all()
         if self.observers:
-            self.publish(ChunkFinished(rec, len(errors), results, items, raw))
+            self.publish(ChunkFinished(rec, len(errors), results, items, raw, retried))
         self.maybe_finish()
 
     def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
@@ -292,10 +294,12 @@ class Job:
             self.inflight -= 1
             if not self.active:
                 return
+            retried = 0
             for pos in indices:
                 off = pos - start
                 self._mark_done(pos, 1)
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                retried += err is None
                 first = first if first is not None or err is None else err
             if self.index is None:
                 end = max(indices) + 1
@@ -305,7 +309,7 @@ class Job:
                 self._fail_locked(first)
             self.cond.notify_all()
         if self.observers:
-            self.publish(ItemsFailed([self._at(i) for i in indices], exc))
+            self.publish(ItemsFailed([self._at(i) for i in indices], exc, retried))
         self.maybe_finish()
 
     def _mark_done(self, start: int, count: int) -> None:
