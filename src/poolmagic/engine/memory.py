@@ -161,16 +161,18 @@ def _cgroup_level(version: int, d: Path) -> tuple[int, int] | None:
     kernel reclaims before it kills anyone), as the kubelet and docker count it.
     """
     if version == 2:
-        limit_s, used_s, inactive = _text(d / "memory.max"), _text(d / "memory.current"), "inactive_file"
+        limit_f, used_f, inactive = "memory.max", "memory.current", "inactive_file"
     else:
-        limit_s, used_s, inactive = _text(d / "memory.limit_in_bytes"), _text(d / "memory.usage_in_bytes"), "total_inactive_file"
-    if limit_s is None or used_s is None or limit_s.strip() == "max":
-        return None
+        limit_f, used_f, inactive = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
     try:
-        limit, used = int(limit_s), int(used_s)
-    except ValueError:
+        limit = int(_text(d / limit_f) or "max")
+    except ValueError:  # "max": none
         return None
     if limit >= V1_UNLIMITED:
+        return None
+    try:
+        used = int(_text(d / used_f) or "")
+    except ValueError:
         return None
     return limit, max(0, used - _stat(d, inactive))
 
