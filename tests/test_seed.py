@@ -168,3 +168,23 @@ def test_without_numpy_items_still_get_independent_reproducible_streams():
         """
     )
     assert code == 0 and out.strip() == "ok", err
+
+
+def draw2(x, y):
+    return draw(x)
+
+
+def test_star_and_async_maps_give_the_same_numbers(local_pool, reference):
+    assert local_pool.starmap(draw2, [(x, -x) for x in range(N)], seed=7, chunksize=3) == reference
+    assert local_pool.map_async(draw, range(N), seed=7, chunksize=4).get() == reference
+
+
+def test_magic_seed_keep_going_then_resume(ip, tmp_path, reference):
+    """The issue's cell: --seed 7 --keep-going with item 3 failing once, then --resume."""
+    ip.user_ns.update(SEED_FOLDER=str(tmp_path), draw=draw)
+    body = "def seed_resume_cell(x):\n    return draw(x, SEED_FOLDER, (3, 5))\n"
+    ip.run_cell("%%poolmap -q -o seed_first --seed 7 --keep-going -c 2 range(20)\n" + body)
+    first = ip.user_ns["_poolmap"]
+    assert sorted(first.errors) == [3, 5]
+    ip.run_cell_magic("poolmap", "-q -o seed_again --seed 7 --keep-going --resume -c 2 range(20)", body)
+    assert ip.user_ns["seed_again"] == reference
