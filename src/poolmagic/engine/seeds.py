@@ -6,22 +6,22 @@ spawn_key=(i,))``, spawned into three independent children: one seeds
 the item's own (``item_seed()``, ``item_rng()``). ``i`` is always the item's
 position in the user's ITERABLE, never its position in a re-run (``--resume``,
 ``--checkpoint``, retries), so worker count, chunking, retries and resumes
-never change an item's numbers. Without numpy the ``random`` seed and
-``item_seed()`` are derived from (S, i) by SHA-256 instead: still independent
-and reproducible.
+never change an item's numbers. Without numpy, ``PySeedSequence`` (the same
+algorithm in Python) derives the ``random`` seed and ``item_seed()``: a worker
+without numpy draws the same ``random`` numbers as one with it.
 
 Imported by every worker: numpy is imported only when a seeded item runs.
 """
 from __future__ import annotations
 
-import hashlib
+import itertools
 import random
 import sys
 from typing import Any
 
 _RANDOM, _NUMPY, _ITEM = 0, 1, 2  # the children of an item's SeedSequence, in spawn order
 
-# the item running now in this process: (seed, index, its SeedSequence or None, its Generator or None)
+# the item running now in this process: [seed, index, its own SeedSequence, its Generator] (made when asked)
 _current: list | None = None
 
 
@@ -35,9 +35,80 @@ def _numpy() -> Any:
     return np
 
 
-def _hashed(seed: int, index: int, what: str, nbytes: int) -> int:
-    digest = hashlib.sha256(f"poolmagic:{seed}:{index}:{what}".encode()).digest()
-    return int.from_bytes(digest[:nbytes], "little")
+_M32 = 0xFFFFFFFF
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R, _XSHIFT, _POOL = 0xCA01F9DD, 0x4973F715, 16, 4
+
+
+def _words(n: int) -> list[int]:
+    """A non-negative int as 32-bit words, least significant first (0 is one word)."""
+    out = [n & _M32]
+    n >>= 32
+    while n:
+        out.append(n & _M32)
+        n >>= 32
+    return out
+
+
+class PySeedSequence:
+    """numpy's ``SeedSequence`` (O'Neill's seed_seq hash) for int entropy, in pure Python.
+
+    Only what seeding needs: ``spawn`` and ``generate_state``; the words it
+    generates equal numpy's (tests/test_seed.py checks), so a worker without
+    numpy seeds ``random`` exactly as one with numpy does.
+    """
+
+    def __init__(self, entropy: int, spawn_key: tuple[int, ...] = ()):
+        self.entropy, self.spawn_key = entropy, tuple(spawn_key)
+        run = _words(entropy)
+        spawn = [w for k in self.spawn_key for w in _words(k)]
+        if spawn and len(run) < _POOL:
+            run += [0] * (_POOL - len(run))
+        self.pool = self._mix(run + spawn)
+
+    @staticmethod
+    def _mix(entropy: list[int]) -> list[int]:
+        h = _INIT_A
+
+        def hashmix(value: int) -> int:
+            nonlocal h
+            value ^= h
+            h = (h * _MULT_A) & _M32
+            value = (value * h) & _M32
+            return value ^ (value >> _XSHIFT)
+
+        def mix(x: int, y: int) -> int:
+            r = (_MIX_L * x - _MIX_R * y) & _M32
+            return r ^ (r >> _XSHIFT)
+
+        pool = [hashmix(entropy[i] if i < len(entropy) else 0) for i in range(_POOL)]
+        for src in range(_POOL):
+            for dst in range(_POOL):
+                if src != dst:
+                    pool[dst] = mix(pool[dst], hashmix(pool[src]))
+        for src in range(_POOL, len(entropy)):
+            for dst in range(_POOL):
+                pool[dst] = mix(pool[dst], hashmix(entropy[src]))
+        return pool
+
+    def spawn(self, n: int) -> list["PySeedSequence"]:
+        """The first ``n`` children (this class never counts children already spawned)."""
+        return [PySeedSequence(self.entropy, self.spawn_key + (i,)) for i in range(n)]
+
+    def generate_state(self, n_words: int) -> list[int]:
+        """``n_words`` 32-bit words, as ``SeedSequence.generate_state(n_words, np.uint32)``."""
+        h = _INIT_B
+        out = []
+        for value in itertools.islice(itertools.cycle(self.pool), n_words):
+            value ^= h
+            h = (h * _MULT_B) & _M32
+            value = (value * h) & _M32
+            out.append(value ^ (value >> _XSHIFT))
+        return out
+
+
+def _join(words: Any) -> int:
+    return sum(int(w) << (32 * k) for k, w in enumerate(words))
 
 
 def seed_item(seed: int, index: int) -> None:
@@ -49,15 +120,25 @@ def seed_item(seed: int, index: int) -> None:
     this item until the next call or ``clear()``.
     """
     global _current
+    # child k of SeedSequence(S, spawn_key=(i,)) is SeedSequence(S, spawn_key=(i, k)):
+    # made directly, the parent's pool is never mixed, and the item's own only when asked
     np = _numpy()
     if np is None:
-        random.seed(_hashed(seed, index, "random", 32))
-        _current = [seed, index, None, None]
-        return
-    children = np.random.SeedSequence(entropy=seed, spawn_key=(index,)).spawn(3)
-    random.seed(int.from_bytes(children[_RANDOM].generate_state(4).tobytes(), "little"))
-    np.random.seed(children[_NUMPY].generate_state(4))
-    _current = [seed, index, children[_ITEM], None]
+        random.seed(_join(PySeedSequence(seed, (index, _RANDOM)).generate_state(4)))
+    else:
+        words = np.random.SeedSequence(seed, spawn_key=(index, _RANDOM)).generate_state(4)
+        random.seed(int.from_bytes(words.tobytes(), "little"))  # = _join(words), 2 µs sooner
+        np.random.seed(np.random.SeedSequence(seed, spawn_key=(index, _NUMPY)).generate_state(4))
+    _current = [seed, index, None, None]
+
+
+def _item_sequence(cur: list) -> Any:
+    """The running item's own SeedSequence (numpy's, or ours without numpy)."""
+    if cur[2] is None:
+        np = _numpy()
+        key = (cur[1], _ITEM)
+        cur[2] = PySeedSequence(cur[0], key) if np is None else np.random.SeedSequence(cur[0], spawn_key=key)
+    return cur[2]
 
 
 def clear() -> None:
@@ -81,9 +162,7 @@ def item_seed() -> int:
     cur = _current
     if cur is None:
         return random.SystemRandom().getrandbits(64)
-    if cur[2] is None:
-        return _hashed(cur[0], cur[1], "item", 8)
-    return int(cur[2].generate_state(1, "uint64")[0])
+    return _join(_item_sequence(cur).generate_state(2))  # = generate_state(1, np.uint64)[0]
 
 
 def item_rng() -> Any:
@@ -102,5 +181,8 @@ def item_rng() -> Any:
     if cur is None:
         return np.random.default_rng()
     if cur[3] is None:
-        cur[3] = np.random.default_rng(cur[2] if cur[2] is not None else _hashed(cur[0], cur[1], "item", 16))
+        ss = _item_sequence(cur)
+        if isinstance(ss, PySeedSequence):  # seeded before numpy could be imported
+            ss = np.random.SeedSequence(ss.entropy, spawn_key=ss.spawn_key)
+        cur[3] = np.random.default_rng(ss)
     return cur[3]
