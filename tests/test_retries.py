@@ -168,3 +168,23 @@ def test_live_progress_counts_a_retried_item_once(backend, tmp_path, chunksize):
     assert r.retried == 2 and r.done == 20
     p = watch.progress
     assert (p.done, p.failed, p.finished) == (20, 0, 20)
+
+
+def hang_first_attempt(x, folder, bad=2):
+    """Item ``bad`` hangs on its first attempt (past any --timeout here), then returns 10 x."""
+    attempt = len([n for n in os.listdir(folder) if n.startswith(f"{x}.")])
+    open(os.path.join(folder, f"{x}.{attempt}"), "w").close()
+    if x == bad and attempt == 0:
+        import time
+
+        time.sleep(60)
+    return 10 * x
+
+
+def test_an_item_that_times_out_once_in_a_chunk_is_retried_alone(backend, tmp_path):
+    """A chunk of 4 timed out: its items are re-run one by one; only the one that hung is retried."""
+    r = backend.run(hang_first_attempt, range(8), chunksize=4, timeout=2, retries=1,
+                    kwargs={"folder": str(tmp_path)})
+    assert r.results == [10 * x for x in range(8)]
+    assert (r.status, r.done, r.failed, r.attempts, r.retried) == ("done", 8, 0, {}, 0)
+    assert runs(tmp_path)[2] == 2

@@ -180,6 +180,11 @@ class Outcomes:
             for c in list(p.inflight)[1:]:
                 self._give_back(c)
             job = head.job
+            if job.options.retries and len(head.items) > 1:
+                # which item hung? Run them again one by one, as after a crash: the
+                # others are not failed attempts of theirs (--retries counts only the culprit)
+                job.retry_singly(head.start, head.items)
+                continue
             exc = ItemTimeoutError(
                 f"{head.describe()} ran longer than the {t:g} s timeout; "
                 f"its worker was killed and replaced.",
