@@ -18,6 +18,7 @@ import sys
 import time
 import types
 from collections import ChainMap
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -138,8 +139,10 @@ def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, 
 # ---------------------------------------------------------------- sending results back
 
 
-def _refuse(what: str, fix: str):
-    def reduce(obj):
+def _refuse(what: "str | Callable[[Any], str]", fix: str) -> Callable[[Any], Any]:
+    """A pickler reducer that refuses its object, saying what it is and what to return instead."""
+
+    def reduce(obj: Any) -> Any:
         raise TypeError(f"{what(obj) if callable(what) else what} cannot be sent between processes: {fix}")
 
     return reduce
@@ -158,7 +161,7 @@ _refuse_file = _refuse(_file_name, "return its path, or what you read from it")
 
 def _reduce_text_file(f):
     # cloudpickle would read a file opened for reading into an io.StringIO copy, silently
-    if f in (sys.__stdout__, sys.__stderr__) and _file_reduce is not None:
+    if (f is sys.__stdout__ or f is sys.__stderr__) and _file_reduce is not None:
         return _file_reduce(f)  # sys.stdout inside an object (a log handler) pickles as a reference
     return _refuse_file(f)
 
