@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -199,3 +200,171 @@ def test_always_on_guard_stops_the_largest_worker(backend):
     assert "this worker was the largest" in lines["MESSAGE"] and "item 1 (" in lines["MESSAGE"]
     assert int(lines["RSS"]) < 1024 * MB
     assert lines["NEXT"] == "[3, 2, 1]", out
+
+
+# ---------------------------------------------------------------- the kernel's limit: cgroup v1, v2, host
+# The reader takes a root folder: each layout is written out as files, as the kernel shows it.
+
+GB = 1 << 30
+V1_UNLIMITED = "9223372036854771712"  # what cgroup v1 writes for "no limit" on x86-64
+V1_MOUNTS = (
+    "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+    "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+    "35 31 0:32 {root} /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+)
+V2_MOUNTS = "30 23 0:26 {root} /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate\n"
+
+
+def fake_root(tmp_path, cgroup: str, mountinfo: str, files: dict[str, str],
+              total: int = 16 * GB, avail: int = 10 * GB):
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text(cgroup)
+    (tmp_path / "proc/self/mountinfo").write_text(mountinfo)
+    (tmp_path / "proc/meminfo").write_text(
+        f"MemTotal:       {total // 1024} kB\nMemFree:        1000 kB\nMemAvailable:   {avail // 1024} kB\n")
+    for name, text in files.items():
+        p = tmp_path / name.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return tmp_path
+
+
+def v1_files(d: str, limit: str, usage: int, inactive: int = 0) -> dict[str, str]:
+    return {f"{d}/memory.limit_in_bytes": limit + "\n", f"{d}/memory.usage_in_bytes": f"{usage}\n",
+            f"{d}/memory.stat": f"cache 5\nrss 7\ninactive_file 1\ntotal_inactive_file {inactive}\n"}
+
+
+def v2_files(d: str, limit: str, current: int, inactive: int = 0) -> dict[str, str]:
+    return {f"{d}/memory.max": limit + "\n", f"{d}/memory.current": f"{current}\n",
+            f"{d}/memory.stat": f"anon 5\nfile 9\nactive_file 3\ninactive_file {inactive}\n"}
+
+
+def test_cgroup_v1_limit_is_read(tmp_path):
+    """The layout of a cgroup-v1 host (this one): the memory controller in its own hierarchy."""
+    d = "/sys/fs/cgroup/memory/process_api/abc"
+    root = fake_root(tmp_path, "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n",
+                     V1_MOUNTS.format(root="/"),
+                     {**v1_files(d, str(4 * GB), 3 * GB, inactive=GB // 2),
+                      **v1_files("/sys/fs/cgroup/memory/process_api", V1_UNLIMITED, 3 * GB),
+                      **v1_files("/sys/fs/cgroup/memory", V1_UNLIMITED, 5 * GB)})
+    assert [v for v, _ in memory.cgroup_dirs(root)] == [1, 1, 1]
+    assert memory.cgroup_dirs(root)[0][1] == root / d.lstrip("/")
+    # 4 GB, of which 3 GB in use less 0.5 GB of inactive page cache (reclaimed before any kill)
+    assert memory.cgroup_memory(root) == (4 * GB - (3 * GB - GB // 2), 4 * GB)
+    assert memory.available(root) == (int(1.5 * GB), 4 * GB)
+
+
+def test_cgroup_v1_unlimited_is_no_limit(tmp_path):
+    d = "/sys/fs/cgroup/memory/process_api/abc"
+    root = fake_root(tmp_path, "4:memory:/process_api/abc\n0::/\n", V1_MOUNTS.format(root="/"),
+                     {**v1_files(d, V1_UNLIMITED, 3 * GB),
+                      **v1_files("/sys/fs/cgroup/memory/process_api", V1_UNLIMITED, 3 * GB)})
+    assert memory.cgroup_memory(root) is None
+    assert memory.available(root) == (10 * GB, 16 * GB)  # the machine's
+
+
+def test_cgroup_v1_limit_of_a_parent_applies(tmp_path):
+    root = fake_root(tmp_path, "4:memory:/jobs/one\n", V1_MOUNTS.format(root="/"),
+                     {**v1_files("/sys/fs/cgroup/memory/jobs/one", V1_UNLIMITED, GB),
+                      **v1_files("/sys/fs/cgroup/memory/jobs", str(2 * GB), int(1.5 * GB))})
+    assert memory.available(root) == (GB // 2, 2 * GB)
+
+
+def test_cgroup_v1_in_a_container_whose_mount_is_its_own_cgroup(tmp_path):
+    """docker without a cgroup namespace: /proc/self/cgroup names /docker/ID, mounted as the root."""
+    root = fake_root(tmp_path, "12:memory:/docker/0123abcd\n", V1_MOUNTS.format(root="/docker/0123abcd"),
+                     v1_files("/sys/fs/cgroup/memory", str(3 * GB), GB))
+    assert memory.available(root) == (2 * GB, 3 * GB)
+
+
+def test_cgroup_v2_limit_is_read(tmp_path):
+    d = "/sys/fs/cgroup/user.slice/app.scope"
+    root = fake_root(tmp_path, "0::/user.slice/app.scope\n", V2_MOUNTS.format(root="/"),
+                     {**v2_files(d, str(8 * GB), 6 * GB, inactive=GB),
+                      **v2_files("/sys/fs/cgroup/user.slice", "max", 7 * GB)})
+    assert memory.cgroup_dirs(root)[0] == (2, root / d.lstrip("/"))
+    assert memory.available(root) == (3 * GB, 8 * GB)
+
+
+def test_cgroup_v2_max_is_no_limit_and_a_namespace_reads_its_mount(tmp_path):
+    """In a cgroup namespace /proc/self/cgroup says "/": the mount point is the process's cgroup."""
+    root = fake_root(tmp_path, "0::/\n", V2_MOUNTS.format(root="/kubepods/pod1"),
+                     v2_files("/sys/fs/cgroup", "max", GB))
+    assert memory.cgroup_memory(root) is None
+    assert memory.available(root) == (10 * GB, 16 * GB)
+    (root / "sys/fs/cgroup/memory.max").write_text(f"{2 * GB}\n")  # limits are read at each look
+    assert memory.available(root) == (GB, 2 * GB)
+
+
+def test_a_limit_above_the_machine_is_the_machine(tmp_path):
+    root = fake_root(tmp_path, "0::/a\n", V2_MOUNTS.format(root="/"),
+                     v2_files("/sys/fs/cgroup/a", str(64 * GB), GB))
+    assert memory.available(root) == (10 * GB, 16 * GB)
+
+
+def test_mountinfo_escapes_and_missing_files(tmp_path):
+    root = fake_root(tmp_path, "4:memory:/my job\n",
+                     "35 31 0:32 / /sys/fs/cgroup/mem\\040ory rw - cgroup cgroup rw,memory\n",
+                     v1_files("/sys/fs/cgroup/mem ory/my job", str(GB), GB // 4))
+    assert memory.available(root) == (3 * GB // 4, GB)
+    bare = tmp_path / "bare"
+    (bare / "proc").mkdir(parents=True)
+    (bare / "proc/meminfo").write_text("MemTotal: 1024 kB\nMemAvailable: 512 kB\n")
+    assert memory.cgroup_dirs(bare) == [] and memory.available(bare) == (512 * 1024, 1024 * 1024)
+
+
+def test_this_machine_is_read(tmp_path):
+    """Whatever this host is (v1, v2, none), the reader answers, and within the machine's memory."""
+    free, total = memory.available()
+    assert 0 <= free <= total
+
+
+# ---------------------------------------------------------------- results held in the kernel
+
+
+def big_result(x, flag=None, which=6):
+    """64 MB arrays; item ``which`` says memory is short (a fake cgroup file) and keeps running."""
+    import numpy as np
+
+    if x == which:
+        Path(flag).write_text(str(1 * 2**30 - 10 * 2**20))  # 10 MB left of the fake 1 GB cgroup
+        time.sleep(30)
+    a = np.empty(64 * MB // 8)
+    a.fill(x)
+    return a
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["local", "dask"])
+def test_the_guard_counts_the_results_held_in_the_kernel(tmp_path, backend, monkeypatch):
+    """Results of a real map (6 x 64 MB numpy arrays) are counted in the kernel when memory runs short.
+
+    The host's figures are a fake cgroup (deterministic on a shared machine);
+    the results, their bytes and the guard's decision are real.
+    """
+    pytest.importorskip("numpy")
+    d = "/sys/fs/cgroup/memory/nb"
+    root = fake_root(tmp_path / "root", "4:memory:/nb\n", V1_MOUNTS.format(root="/"),
+                     v1_files(d, str(GB), 100 * MB), total=64 * GB, avail=60 * GB)
+    monkeypatch.setattr(memory, "ROOT", str(root))
+    monkeypatch.setenv("POOLMAGIC_MEMORY_RESERVE", "100MB")
+    flag = root / d.lstrip("/") / "memory.usage_in_bytes"
+    with Pool(2, **backend_kwargs(backend)) as pool:
+        with pytest.raises(WorkerMemoryError) as e:
+            pool.run(big_result, range(8), kwargs={"flag": str(flag)}, chunksize=1, workers=1)
+    exc = e.value
+    assert exc.indices == [6]
+    msg = str(exc)
+    assert "memory was nearly exhausted" in msg and "of 1.0 GB" in msg, msg
+    m = re.search(r"already hold ([\d.]+) (MB|GB) in the kernel", msg)
+    assert m, msg
+    held = float(m.group(1)) * (1024 if m.group(2) == "GB" else 1) * MB
+    # what had come back when item 6 was stopped: all 6 results (dask may still be bringing the last)
+    assert 4 * 64 * MB <= held < 7 * 64 * MB, msg
+    assert "more than the workers" in msg, msg
+    r = exc.report
+    kept = [i for i, a in enumerate(r.results) if a is not NOT_DONE]
+    assert all(float(r.results[i][0]) == i for i in kept)
+    assert kept == list(range(len(kept))) and held == pytest.approx(len(kept) * 64 * MB, rel=0.01)
+    assert sum(c.nbytes for c in r.chunks) == pytest.approx(held, abs=0.06 * MB)  # the bytes counted are those kept

@@ -30,6 +30,8 @@ _EXPORTS = {
     "ItemTimeoutError": "errors",
     "ItemPicklingError": "errors",
     "MapFailedError": "errors",
+    "item_seed": "engine.seeds",
+    "item_rng": "engine.seeds",
     "load_ipython_extension": "extension",
     "unload_ipython_extension": "extension",
 }

@@ -35,15 +35,15 @@ class Progress:
         kind = type(event)
         if kind is ChunkFinished:
             self.partial.pop(event.record.start, None)
-            self.done += event.record.count
-            self.failed += event.failed
+            self.done += event.record.count - event.retried  # a retried item finishes later
+            self.failed += event.failed - event.retried
         elif kind is ItemsProgress:
             self.partial[event.start] = event.done
         elif kind is ItemsFailed:
             for i in event.indices:
                 self.partial.pop(i, None)
-            self.done += len(event.indices)
-            self.failed += len(event.indices)
+            self.done += len(event.indices) - event.retried
+            self.failed += len(event.indices) - event.retried
         elif kind is ChunkStarted:
             self.started += 1
         elif kind is Waiting:

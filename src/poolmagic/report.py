@@ -146,13 +146,17 @@ class RunReport:
         unsafe = self.unsafe_failure(index)
         if unsafe is not None and not force:
             raise BadInputError(self._not_rerun(index, unsafe))
-        if options.seed is not None:
-            from .engine.chunk import _seed_item
-
-            _seed_item(options.seed, index)
         limit = options.timeout if isinstance(unsafe, ItemTimeoutError) else None
-        with time_limit(limit, index):
-            return func(*value) if options.star else func(value)
+        if options.seed is not None:
+            from .engine import seeds
+
+            seeds.seed_item(options.seed, index)  # the numbers item ``index`` drew in its worker
+        try:
+            with time_limit(limit, index):
+                return func(*value) if options.star else func(value)
+        finally:
+            if options.seed is not None:
+                seeds.clear()
 
     def unsafe_failure(self, index: int) -> BaseException | None:
         """The error that makes item ``index`` unsafe to run in this process, if any.

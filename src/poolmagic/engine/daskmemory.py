@@ -31,6 +31,7 @@ class DaskMemoryGuard:
     """Mixin of DaskBackend: stop a worker of our LocalCluster for its memory."""
 
     owned: bool
+    _jobs: list
     _inflight: dict[int, Any]
     _expected: set[str]
     _next_guard: float
@@ -61,7 +62,8 @@ class DaskMemoryGuard:
             pid = self._pid_of(address)
             if pid is not None:
                 busy[address] = (pid, c.job.options.max_memory)
-        for address, size, why in memory.over_limit(busy):
+        held = sum(j.received for j in self._jobs if j.active)
+        for address, size, why in memory.over_limit(busy, held=held):
             self._memory_stop(running[address], busy[address][0], size, why)
 
     def _memory_stop(self, c: Any, pid: int, size: int, why: str) -> None:

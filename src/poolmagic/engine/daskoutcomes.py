@@ -152,7 +152,8 @@ class DaskOutcomes:
             now = time.perf_counter()
             t0, t1 = now - (t1 - t0), now
         errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
-        rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid)
+        rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid,
+                          nbytes=len(body) + sum(memoryview(f).nbytes for f in frames))
         job.chunk_done(rec, out, records, errors, c.items)
 
     def _chunk_failed(self, c: DaskChunk, stage: str, packed: dict) -> None:
@@ -258,8 +259,10 @@ class DaskOutcomes:
         if not job.active:
             job.drop_chunk()
             return
-        if job.options.keep_going and len(c.items) > 1:
-            job.retry_singly(c.start, c.items)  # find the item that kills workers
+        if (job.options.keep_going or job.options.retries) and len(c.items) > 1:
+            # find the item that kills workers (with --retries, as the local backend
+            # does: its chunk's other items are not failed attempts of theirs)
+            job.retry_singly(c.start, c.items)
             return
         code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
         pid = c.pid or pid
@@ -310,6 +313,9 @@ class DaskOutcomes:
                 what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
                         "stopped) and its result will be dropped")
             job = c.job
+            if job.options.retries and len(c.items) > 1:  # isolate the item that hung, as locally
+                job.retry_singly(c.start, c.items)
+                continue
             exc = ItemTimeoutError(
                 f"{c.describe()} ran longer than the {job.options.timeout:g} s timeout; {what}.",
                 c.start,

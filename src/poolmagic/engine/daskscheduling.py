@@ -194,7 +194,7 @@ class DaskScheduling:
                 ctx = self._scattered(self._contexts, env.key, lambda: dasktask.Box(env))
             fut = self.client.submit(
                 dasktask.run, fn, ctx, seq, start, wire, job.wire_options, timed, self._topic, not self.owned,
-                self._marks,
+                self._marks, job.seed_indices(start, len(items)),
                 key=f"poolmap-{_task_name(job)}-{self._token}-{seq}", retries=0,
                 workers=[address], allow_other_workers=False,
             )

@@ -21,11 +21,10 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-import cloudpickle
-
 from .. import errors as _errors
 from . import protocol as P
 from . import worker as _worker
+from .chunk import pack_results
 from .context import ContextApplier
 
 _FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
@@ -108,25 +107,27 @@ def _writable(buf: Any) -> Any:
 
 
 def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
-        report_end: bool = False, marks: str | None = None) -> tuple:
+        report_end: bool = False, marks: str | None = None, indices: tuple | None = None) -> tuple:
     """Run one chunk; returns ("done", ...) or ("failed", stage, packed error).
 
     ``topic``: where to say that the chunk begins (and with ``report_end``,
     that it ended: a remote cluster's client gives a task that timed out up,
     but must know when its worker is free again). ``marks``: a folder on this
     machine (a LocalCluster's) where the chunk running now is written down.
+    ``indices``: the items' ITERABLE positions when not ``start + k`` (seeds).
     """
     with _LOCK:
         _mark(marks, seq)
         try:
-            return _run(fn, ctx, seq, start, items, options, timed, topic)
+            return _run(fn, ctx, seq, start, items, options, timed, topic, indices)
         finally:
             _mark(marks, -1)
             if report_end:
                 _tell(topic, {"seq": seq, "end": True})
 
 
-def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str) -> tuple:
+def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
+         indices: tuple | None = None) -> tuple:
     _worker.IN_WORKER = True  # a pool started by the function would nest: refused
     if ctx is not None:
         try:
@@ -145,13 +146,10 @@ def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: An
     address = _tell(topic, {"seq": seq, "pid": os.getpid()})
     _APPLIER.limit_threads_if_new_libraries()
     out, t0, t1, times, records, errors = _worker.run_chunk(
-        func, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed
+        func, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
+        indices=indices,
     )
-    try:
-        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
-    except Exception:
-        out, errors = _worker._strip_unpicklable(out, errors, start)
-        body, frames = P.dumps_oob((out, records, errors), cloudpickle.dumps)
+    body, frames = pack_results(out, records, errors, start, items, indices)
     # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
     return ("done", t0, t1, times, os.getpid(), address, body, frames)
 

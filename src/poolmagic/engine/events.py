@@ -49,6 +49,7 @@ class ChunkFinished(NamedTuple):
     results: list  #: its results (NOT_DONE where an item failed)
     items: Any  #: its items
     raw: tuple | None = None  #: (body, frames): the results as the worker pickled them, when kept
+    retried: int = 0  #: of the failed, items queued to run again (--retries): not finished yet
 
 
 class ItemsProgress(NamedTuple):
@@ -61,6 +62,7 @@ class ItemsProgress(NamedTuple):
 class ItemsFailed(NamedTuple):
     indices: list
     error: BaseException  #: a crash, a timeout, an item that could not be sent
+    retried: int = 0  #: of the indices, items queued to run again (--retries): not finished yet
 
 
 class WorkerReplaced(NamedTuple):

@@ -80,7 +80,8 @@ class WorkerHandle:
             # anything else may hold notebook-defined classes, pickled by value
             blob, frames = P.dumps_oob(items, cloudpickle.dumps)
         msg = P.RunChunk(seq, job.payload.key, job.context.key, start, len(items), blob,
-                         tuple(f.nbytes for f in frames), job.wire_options, timed)
+                         tuple(f.nbytes for f in frames), job.wire_options, timed,
+                         job.seed_indices(start, len(items)))
         return P.encode(msg), frames
 
     def send_chunk(self, chunk: Chunk, data: bytes, frames: list, shared_fd: Callable[[Any], int | None]) -> None:

@@ -87,6 +87,7 @@ class Job:
         self.attempts: dict[int, list[BaseException]] = {}  # position -> errors of earlier attempts
         self.retry: deque[tuple[int, Any]] = deque()
         self.inflight = 0  # chunks taken and not yet answered; changed under cond
+        self.received = 0  # bytes of results that came back (the memory guard counts them)
         self.cond = threading.Condition()
         self.finished = threading.Event()
         self.error: BaseException | None = None
@@ -159,6 +160,16 @@ class Job:
                 self.inflight += 1
         self.maybe_finish()
         return got
+
+    def seed_indices(self, start: int, count: int) -> tuple[int, ...] | None:
+        """The ITERABLE positions of a chunk's items, for a seeded re-run of some items.
+
+        None when positions are the ITERABLE's own or no item is seeded:
+        only a seeded ``--resume``/``--checkpoint`` run pays for sending them.
+        """
+        if self.index is None or self.options.seed is None:
+            return None
+        return tuple(self.index[start : start + count])
 
     def progress(self, start: int, done: int) -> None:
         """Items of the running chunk that starts at ``start`` have finished."""
@@ -250,6 +261,7 @@ class Job:
                 rec.status = "failed"
             r.chunks.append(rec)
             r.done += len(results) - len(errors)
+            self.received += rec.nbytes
             self.busy += rec.t1 - rec.t0
             self.timed_items += len(results)
             for pos, stream, text in outputs:
@@ -257,15 +269,22 @@ class Job:
                 heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
                 bisect.insort(r.outputs, (idx, stream, text), key=_FIRST)  # item order
             self._mark_done(rec.start, rec.count)
+            retried = 0
             for pos, exc in errors:
                 off = pos - rec.start
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                retried += err is None
                 first = first if first is not None or err is None else err
             if first is not None and not self.options.keep_going:
                 self._fail_locked(first)
+            elif items is not None and len(results) < len(items) and self.active:
+                # the worker stopped at an item that is queued again (--retries):
+                # the items after it never ran, so they run again too
+                self.retry.appendleft((rec.start + len(results), items[len(results):]))
+                items = items[: len(results)]
             self.cond.notify_all()
         if self.observers:
-            self.publish(ChunkFinished(rec, len(errors), results, items, raw))
+            self.publish(ChunkFinished(rec, len(errors), results, items, raw, retried))
         self.maybe_finish()
 
     def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
@@ -275,10 +294,12 @@ class Job:
             self.inflight -= 1
             if not self.active:
                 return
+            retried = 0
             for pos in indices:
                 off = pos - start
                 self._mark_done(pos, 1)
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
+                retried += err is None
                 first = first if first is not None or err is None else err
             if self.index is None:
                 end = max(indices) + 1
@@ -288,7 +309,7 @@ class Job:
                 self._fail_locked(first)
             self.cond.notify_all()
         if self.observers:
-            self.publish(ItemsFailed([self._at(i) for i in indices], exc))
+            self.publish(ItemsFailed([self._at(i) for i in indices], exc, retried))
         self.maybe_finish()
 
     def _mark_done(self, start: int, count: int) -> None:

@@ -180,6 +180,11 @@ class Outcomes:
             for c in list(p.inflight)[1:]:
                 self._give_back(c)
             job = head.job
+            if job.options.retries and len(head.items) > 1:
+                # which item hung? Run them again one by one, as after a crash: the
+                # others are not failed attempts of theirs (--retries counts only the culprit)
+                job.retry_singly(head.start, head.items)
+                continue
             exc = ItemTimeoutError(
                 f"{head.describe()} ran longer than the {t:g} s timeout; "
                 f"its worker was killed and replaced.",
@@ -206,7 +211,8 @@ class Outcomes:
         """Stop a worker over its map's --max-memory, or the largest when memory runs out."""
         self._next_guard = time.perf_counter() + memory.PERIOD_S
         stops = memory.over_limit({p: (p.pid, p.inflight[0].job.options.max_memory)
-                                   for p in self._procs.values() if p.inflight})
+                                   for p in self._procs.values() if p.inflight},
+                                  held=sum(j.received for j in self._jobs if j.active))
         for p, size, why in stops:
             head = p.inflight[0]
             self._kill(p)

@@ -75,6 +75,7 @@ class RunChunk(NamedTuple):
     sizes: tuple  #: out-of-band buffer frames that follow ``items``
     options: Any  #: the map's MapOptions, without ``kwargs`` (bound into the function)
     timed: bool  #: time each item (else one time for the chunk)
+    indices: tuple | None = None  #: each item's ITERABLE index, when a re-run's positions differ (seeds)
 
 
 class Stop(NamedTuple):

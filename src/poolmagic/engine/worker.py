@@ -1,7 +1,7 @@
 """The worker process: load a function once, run chunks of items, report back.
 
 Preloaded into the forkserver, so a new worker is a fork of a process that has
-already imported this module, the protocol and cloudpickle.
+already imported this module, the protocol and cloudpickle (through chunk.py).
 
 Two threads, and only one of them ever runs user code:
 
@@ -40,12 +40,9 @@ import threading
 from collections import OrderedDict
 from multiprocessing import reduction
 
-import cloudpickle
-
 from .. import errors as _errors
-from ..sentinel import NOT_DONE
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .chunk import PKG_DIR, run_chunk
+from .chunk import PKG_DIR, pack_results, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 
@@ -179,24 +176,17 @@ class Worker:
         waited = _runqueue_wait() if msg.timed else None
         out, t0, t1, times, records, errors = run_chunk(
             fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
-            progress=lambda done: self._send(P.Progress(seq, done)),
+            progress=lambda done: self._send(P.Progress(seq, done)), indices=msg.indices,
         )
         if waited is not None:
             after = _runqueue_wait()
             # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
             waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
         recycle = self.baseline.changed() if self.baseline is not None else None
-        body, frames_out = self._pack_results(out, records, errors, msg.start)
+        body, frames_out = pack_results(out, records, errors, msg.start, items, msg.indices)
         self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
                                self._new_modules(), recycle, waited), frames_out)
         return recycle
-
-    def _pack_results(self, out: list, records: list, errors: list, start: int) -> tuple[bytes, list]:
-        try:
-            return P.dumps_oob((out, records, errors), cloudpickle.dumps)
-        except Exception:
-            out, errors = _strip_unpicklable(out, errors, start)
-            return P.dumps_oob((out, records, errors), cloudpickle.dumps)
 
     # ------------------------------------------------------------ sending
     def _send(self, msg: P.Message, frames: list = ()) -> None:
@@ -248,29 +238,6 @@ def _runqueue_wait() -> int | None:
             return int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _strip_unpicklable(out: list, errors: list, start: int) -> tuple[list, list]:
-    """Replace each result that cannot be pickled by an error naming it."""
-    out, errors = list(out), list(errors)
-    for k, value in enumerate(out):
-        try:
-            cloudpickle.dumps(value, protocol=5)
-        except Exception as exc:
-            out[k] = NOT_DONE
-            err = _errors.ItemPicklingError(
-                f"the result of item {start + k} is {_describe(value)}, which cannot be "
-                f"pickled to send it back: {_errors.safe_str(exc)}"
-            )
-            errors.append((start + k, _errors.pack_exception(err, PKG_DIR)))
-    errors.sort(key=lambda e: e[0])
-    return out, errors
-
-
-def _describe(value) -> str:
-    from ..serialize import describe
-
-    return describe(value)
 
 
 _SYSTEM_PREFIXES: tuple[str, ...] | None = None
