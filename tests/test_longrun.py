@@ -448,7 +448,7 @@ def test_checkpoint_refuses_a_changed_iterable(pool, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
+def test_checkpoint_chunk_of_several_items_names_the_item_that_changed(pool, tmp_path):
     ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     pool.run(ck_square, list(range(20)), chunksize=5, checkpoint=ck, kwargs={"path": path, "fail": ()})
@@ -456,7 +456,9 @@ def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
     changed[12] = "twelve"
     with pytest.raises(BadInputError) as info:
         pool.run(ck_square, changed, checkpoint=ck, kwargs={"path": path, "fail": ()})
-    assert "items 10–14 differ" in str(info.value), str(info.value)
+    message = str(info.value)
+    assert "item 12 differs (it is now 'twelve')" in message, message  # not the whole chunk 10–14
+    assert message.startswith("the ITERABLE changed") and "cannot be read" not in message, message  # not wrapped twice
 
 
 def _stored_indices(db: Path) -> list[int]:
