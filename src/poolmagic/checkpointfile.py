@@ -47,6 +47,7 @@ class Stored:
     chunks: list = field(default_factory=list)  #: (indices, items_hash, body, frames) per chunk
     end: int = len(MAGIC)  #: the offset after the last whole record
     torn: int = 0  #: bytes after it (a torn last record), ignored
+    damaged: int = 0  #: records skipped as damaged (their items run again)
 
 
 def read(path: str) -> Stored:

@@ -119,10 +119,9 @@ class _Encoder:
         items = v if type(v) in (list, tuple) else list(v)
         self.buf += tag + _LEN.pack(len(items))
         for k, x in enumerate(items):
-            t = type(x)
-            f = _EXACT.get(t)
-            if f is not None and t is not list and t is not tuple and t is not dict:
-                f(self, x)  # a scalar: no path to keep
+            f = _SCALARS.get(type(x))
+            if f is not None:
+                self.buf += f(x)  # a scalar: no path to keep
             else:
                 self.child(f"[{k}]", x)
         self.stack.discard(id(v))
@@ -144,14 +143,26 @@ class _Encoder:
 
     def name(self, tag: bytes, cls: Any) -> None:
         self.buf += tag
-        self.text(qualified_name(cls))
+        name = _NAMES.get(cls) if isinstance(cls, type) else None
+        if name is None:
+            name = qualified_name(cls).encode("utf-8", "surrogatepass")
+            name = _LEN.pack(len(name)) + name
+            if isinstance(cls, type) and len(_NAMES) < 4096:
+                _NAMES[cls] = name
+        self.buf += name
 
     def fields(self, v: Any, names: Iterable[str], getter: Any) -> None:
         names = list(names)
         self.buf += _LEN.pack(len(names))
         for n in names:
             self.text(n)
-            self.child(f".{n}", getter(n))
+            x = getter(n)
+            t = type(x)
+            f = _SCALARS.get(t)
+            if f is not None:
+                self.buf += f(x)
+            else:
+                self.child(f".{n}", x)
 
 
 def _sub_digest(x: Any, parent: _Encoder) -> bytes:
@@ -162,27 +173,42 @@ def _sub_digest(x: Any, parent: _Encoder) -> bytes:
 
 
 # -------------------------------------------------------------------- builtins
-def _int(e: _Encoder, v: int) -> None:
-    e.buf += b"i"
-    e.big(v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True))
+def _int_bytes(v: int) -> bytes:
+    data = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+    return b"i" + _LEN.pack(len(data)) + data
+
+
+def _str_bytes(v: str) -> bytes:
+    data = v.encode("utf-8", "surrogatepass")
+    return b"s" + _LEN.pack(len(data)) + data
+
+
+# a scalar's whole encoding, as bytes (the same bytes the encoder would feed the hash)
+_SCALARS: dict[type, Any] = {
+    type(None): lambda v: b"N",
+    type(...): lambda v: b"E",
+    bool: lambda v: b"T" if v else b"F",
+    int: _int_bytes,
+    float: lambda v: b"f" + _F.pack(v),
+    complex: lambda v: b"c" + _C.pack(v.real, v.imag),
+    str: _str_bytes,
+    bytes: lambda v: b"b" + _LEN.pack(len(v)) + v,
+    bytearray: lambda v: b"y" + _LEN.pack(len(v)) + v,
+}
 
 
 def _range(e: _Encoder, v: range) -> None:  # as the list of ints it yields
     e.buf += b"[" + _LEN.pack(len(v))
     for x in v:
-        _int(e, x)
+        e.buf += _int_bytes(x)
+
+
+def _scalar(to_bytes: Any) -> Any:
+    return lambda e, v: e.buf.extend(to_bytes(v))
 
 
 _EXACT: dict[type, Any] = {
-    type(None): lambda e, v: e.buf.extend(b"N"),
-    type(...): lambda e, v: e.buf.extend(b"E"),
-    bool: lambda e, v: e.buf.extend(b"T" if v else b"F"),
-    int: _int,
-    float: lambda e, v: e.buf.extend(b"f" + _F.pack(v)),
-    complex: lambda e, v: e.buf.extend(b"c" + _C.pack(v.real, v.imag)),
-    str: lambda e, v: (e.buf.extend(b"s"), e.text(v)),
-    bytes: lambda e, v: (e.buf.extend(b"b"), e.big(v)),
-    bytearray: lambda e, v: (e.buf.extend(b"y"), e.big(bytes(v))),
+    **{t: _scalar(f) for t, f in _SCALARS.items()},
     tuple: lambda e, v: e.seq(b"(", v),
     list: lambda e, v: e.seq(b"[", v),
     range: _range,
@@ -190,6 +216,7 @@ _EXACT: dict[type, Any] = {
     set: lambda e, v: e.unordered(b"S", v),
     frozenset: lambda e, v: e.unordered(b"Z", v),
 }
+_NAMES: dict[type, bytes] = {}  # a class's encoded qualified name
 _BASES = (int, float, complex, str, bytes, bytearray, tuple, list, dict, set, frozenset)
 _HANDLERS: dict[type, Any] = {}  # type -> how to encode it, decided once per type
 _HEAPTYPE = 1 << 9
@@ -236,8 +263,19 @@ def _named(e: _Encoder, v: Any) -> None:
         e.buf += b"M"
         e.text(v.__name__)
         return
+    if isinstance(v, type):
+        e.name(b"G", v)
+        return
     qual = getattr(v, "__qualname__", "")
-    if not isinstance(v, type) and ("<lambda>" in qual or "<locals>" in qual or not getattr(v, "__module__", None)):
+    owner = getattr(v, "__self__", None)
+    if isinstance(v, types.BuiltinFunctionType) and owner is not None and not isinstance(owner, types.ModuleType):
+        if not isinstance(owner, type):
+            _reduced(e, v)  # a builtin method of an object: the object and the name
+            return
+        e.buf += b"G"
+        e.text(f"{qualified_name(owner)}.{v.__name__}")  # e.g. ZoneInfo._unpickle
+        return
+    if "<lambda>" in qual or "<locals>" in qual or not getattr(v, "__module__", None):
         raise e.error(f"is {qual or v!r}, a function without a name to identify it by", v)
     e.name(b"G", v)
 
@@ -267,30 +305,25 @@ def _object(e: _Encoder, v: Any) -> None:
 
 
 def _state(e: _Encoder, v: Any) -> None:
-    """An instance's fields: ``__getstate__`` if its class defines one, else ``__dict__`` and
-    slots, by name (the order attributes were set in does not matter)."""
-    t = type(v)
-    if getattr(t, "__getstate__", object.__getstate__) is not object.__getstate__:
+    """An instance's fields as pickling sees them (``__getstate__``, ``__dict__``, ``__slots__``),
+    by name: the order attributes were set in does not matter. Refuses what cannot be pickled
+    (a lock, a file: a C type that keeps its state out of sight)."""
+    try:
+        rv = object.__reduce_ex__(v, 4)
+    except Exception as exc:
+        raise e.error(f"is a {qualified_name(type(v))}, which has no value to identify it by ({exc})", v) from None
+    args, state = rv[1][1:] if len(rv) > 1 and rv[1] else (), rv[2] if len(rv) > 2 else None
+    if args:
+        e.child(".__getnewargs__()", tuple(args))
+    if isinstance(state, tuple) and len(state) == 2 and all(p is None or type(p) is dict for p in state):
+        state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, slots)
+    if state is None or type(state) is dict:
+        fields = state or {}
+        e.buf += b"d"
+        e.fields(v, sorted(fields, key=str), fields.__getitem__)
+    else:
         e.buf += b"g"
-        e.child(".__getstate__()", v.__getstate__())
-        return
-    d = getattr(v, "__dict__", None) or {}
-    names = set(d) | {s for s in _slot_names(t) if hasattr(v, s)}
-    e.buf += b"d"
-    e.fields(v, sorted(names), lambda n: d[n] if n in d else getattr(v, n))
-
-
-def _slot_names(t: type) -> list[str]:
-    out = []
-    for c in t.__mro__:
-        slots = c.__dict__.get("__slots__", ())
-        for n in (slots,) if isinstance(slots, str) else slots:
-            if n in ("__dict__", "__weakref__"):
-                continue
-            if n.startswith("__") and not n.endswith("__"):
-                n = f"_{c.__name__.lstrip('_')}{n}"  # a private slot's mangled name
-            out.append(n)
-    return out
+        e.child(".__getstate__()", state)
 
 
 def _reduced(e: _Encoder, v: Any) -> None:
@@ -392,6 +425,9 @@ def _pd_values(e: _Encoder, obj: Any) -> None:
 # -------------------------------------------------------------------- the public face
 def digest(value: Any) -> bytes:
     """16 bytes that are equal for equal values in any process (raises IdentityError)."""
+    f = _SCALARS.get(type(value))
+    if f is not None:
+        return hashlib.sha256(f(value)).digest()[:16]
     e = _Encoder()
     try:
         e.enc(value)
