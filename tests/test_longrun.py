@@ -15,6 +15,7 @@ import io
 import os
 import random
 import re
+import subprocess
 import statistics
 import sys
 import time
@@ -790,3 +791,174 @@ def test_keep_going_traceback_starts_at_the_users_code(ip, capsys):
     assert isinstance(later.error_in_exec, ZeroDivisionError)
     assert re.search(r"----> 1 1/0", shown), shown  # the cell's own frame is still shown
     assert "Cell In[" in shown, shown
+
+
+# ================================================================ 6. the identity of items (issue 22)
+
+
+@pytest.mark.timeout(60)
+def test_magic_resume_refuses_when_the_items_behind_the_expression_changed(ip, tmp_path):
+    """The issue's row: items 3 and 7 fail, ``data`` is rebound to other values, ``--resume data``
+    must not merge the old results with the new items' (it gave [0, 10, 20, 1030, ...])."""
+    path = tmp_path / "calls"
+    ip.user_ns.update(IDR_CALLS=str(path), log_call=log_call, data=list(range(10)))
+    body = ("def idr_times10(x):\n"
+            "    log_call(IDR_CALLS, x)\n"
+            "    if x in (3, 7):\n"
+            "        raise ValueError(x)\n"
+            "    return x * 10\n")
+    with pytest.raises(MapFailedError):
+        ip.run_cell_magic("poolmap", "-q --keep-going data", body)
+    n = len(calls(path))
+    ip.user_ns["data"] = list(range(100, 110))
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("poolmap", "-q --resume data", body.replace("(3, 7)", "()"))
+    message = str(info.value)
+    assert message.startswith("cannot resume: the ITERABLE changed since the run to resume"), message
+    assert "8 items differ, the first 0, 1, 2, 4, 5 (now 100, 101, 102, 104, 105" in message, message
+    assert "without --resume" in message, message
+    assert len(calls(path)) == n, "a refused resume ran items"
+    # without --resume: the loop's answer over the new items
+    got = ip.run_cell_magic("poolmap", "-q data", body.replace("(3, 7)", "()"))
+    assert got == [x * 10 for x in range(100, 110)]
+
+
+@pytest.mark.timeout(60)
+def test_resume_allows_a_changed_failed_item_and_refuses_a_kept_one_changed_in_place(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    data = [{"v": i} for i in range(8)]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ident_value, data, keep_going=True, chunksize=2, kwargs={"path": path, "bad": (3,)})
+    earlier = info.value.poolmap_report
+    data[3] = {"v": 33}  # the failed item fixed: its result is computed now, the loop's answer
+    data[5]["v"] = -5  # a kept item changed in place, after its result came back
+    n = len(calls(path))
+    with pytest.raises(BadInputError, match=r"item 5 differs \(it is now \{'v': -5\}\)"):
+        pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
+    assert len(calls(path)) == n
+    data[5]["v"] = 5
+    report = pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
+    assert calls(path)[n:] == [33]
+    assert report.results == [d["v"] for d in data] and report.resumed == (7, 1)
+
+
+def ident_value(d, path, bad):
+    log_call(path, d["v"] if isinstance(d, dict) else d)
+    v = d["v"] if isinstance(d, dict) else d
+    if v in bad:
+        raise ValueError(v)
+    return v
+
+
+@pytest.mark.timeout(60)
+def test_resume_over_a_generator_compares_the_items_it_yielded(pool, tmp_path):
+    """A stream is gone once read: its items' keys are taken as its chunks come back."""
+    path = str(tmp_path / "calls")
+    words = [f"w{i}" for i in range(30)]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ident_value, (w for w in words), keep_going=True, chunksize=4,  # 8 chunks
+                 kwargs={"path": path, "bad": ("w4", "w17")})
+    earlier = info.value.poolmap_report
+    n = len(calls_str(path))
+    with pytest.raises(BadInputError, match=r"item 20 differs \(it is now 'W20'\)"):
+        pool.run(ident_value, (w.upper() if w == "w20" else w for w in words), resume=earlier,
+                 kwargs={"path": path, "bad": ()})
+    report = pool.run(ident_value, (w for w in words), resume=earlier, kwargs={"path": path, "bad": ()})
+    assert sorted(calls_str(path)[n:]) == ["w17", "w4"]
+    assert report.results == words
+
+
+def calls_str(path: str | Path) -> list[str]:
+    p = Path(path)
+    return p.read_text().split() if p.exists() else []
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_of_a_range_resumes_over_the_same_list(pool, tmp_path):
+    ck = str(tmp_path / "ck.bin")
+    path = str(tmp_path / "calls")
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, range(20), keep_going=True, chunksize=3, checkpoint=ck, kwargs={"path": path, "fail": (5, 14)})
+    n = len(calls(path))
+    report = pool.run(ck_square, list(range(20)), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert sorted(calls(path)[n:]) == [5, 14]
+    assert report.results == [x * x for x in range(20)] and report.resumed == (18, 2)
+    # and a list written, a range read back
+    ck2 = str(tmp_path / "ck2.bin")
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, list(range(20)), keep_going=True, checkpoint=ck2, kwargs={"path": path, "fail": (9,)})
+    n = len(calls(path))
+    report = pool.run(ck_square, range(20), checkpoint=ck2, kwargs={"path": path, "fail": ()})
+    assert calls(path)[n:] == [9] and report.results == [x * x for x in range(20)]
+
+
+class HoldsAFunction:
+    def __init__(self, fn):
+        self.fn = fn
+
+
+def call_held(h, path):
+    log_call(path, 0)
+    return h.fn(2)
+
+
+@pytest.mark.timeout(60)
+def test_an_item_that_cannot_be_identified_is_refused_before_any_work(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    with pytest.raises(BadInputError) as info:
+        pool.run(call_held, [HoldsAFunction(lambda x: x + 1)], checkpoint=str(tmp_path / "ck.bin"), kwargs={"path": path})
+    message = str(info.value)
+    assert message.startswith("cannot identify item 0 for a checkpoint (type "), message
+    assert "HoldsAFunction): its .fn is '" in message and "a function without a name" in message, message
+    assert calls(path) == []
+
+
+SUBPROCESS_RUN = r'''
+import dataclasses, os, sys
+import pandas as pd
+import poolmagic
+
+@dataclasses.dataclass
+class Job:                      # a class defined in __main__, as in a notebook
+    name: str
+    tags: frozenset
+
+def work(item):
+    with open(os.environ["CALLS"], "a") as fh:
+        fh.write(f"{item[0]}\n")
+    if str(item[0]) in os.environ["FAIL"].split(","):
+        raise ValueError(item[0])
+    return (item[0], len(item[1].tags), item[2].b)
+
+df = pd.DataFrame({"a": range(12), "b": [f"row{i}" for i in range(12)]})
+items = [(i, Job(f"job{i}", frozenset({"x", "y", f"t{i}", "z"})), row) for i, row in enumerate(df.itertuples())]
+with poolmagic.Pool(2) as pool:
+    try:
+        r = pool.run(work, items, chunksize=2, keep_going=True, checkpoint=os.environ["CKPT"])
+    except poolmagic.MapFailedError as exc:
+        r = exc.poolmap_report
+print(repr((r.results, r.resumed, r.notes)))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_resumes_in_a_new_interpreter_with_notebook_classes_rows_and_sets_of_str(tmp_path):
+    """Before: "the ITERABLE changed" in the new process (cloudpickle's per-process class ids,
+    the hash seed's order of a frozenset of str, itertuples' generated class)."""
+    script = tmp_path / "run.py"
+    script.write_text(SUBPROCESS_RUN)
+    env = {**os.environ, "CALLS": str(tmp_path / "calls"), "CKPT": str(tmp_path / "ck.bin")}
+
+    def run(seed: int, fail: str):
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                             env={**env, "PYTHONHASHSEED": str(seed), "FAIL": fail})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return eval(out.stdout.strip().splitlines()[-1], {"NOT_DONE": NOT_DONE})
+
+    run(1, "3,8")
+    first = calls(tmp_path / "calls")
+    assert sorted(first) == list(range(12))
+    results, resumed, notes = run(2, "")
+    assert sorted(calls(tmp_path / "calls")[len(first):]) == [3, 8]
+    assert results == [(i, 4, f"row{i}") for i in range(12)]
+    assert resumed == (10, 2) and notes == [], (resumed, notes)

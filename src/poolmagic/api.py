@@ -303,6 +303,8 @@ class Pool:
     @staticmethod
     def _finish_checkpoint(job: Job) -> None:
         """Return only once the checkpoint holds every finished result."""
+        if isinstance(job.report.identity, SeenItems):
+            job.report.identity.settle()
         ck = getattr(job, "checkpoint", None)
         if ck is not None:
             err = ck.wait()

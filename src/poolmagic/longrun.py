@@ -146,6 +146,7 @@ class SeenItems:
         self.keys = bytearray(pre) if isinstance(pre, (bytes, bytearray)) else bytearray()
         self.error: BaseException | None = None
         self.ready = threading.Event()
+        self.ending = False  # the map has ended: the keys are being completed
         report.identity = self
         job.observers.append(self)
 
@@ -154,7 +155,13 @@ class SeenItems:
             if self.job.source.is_stream and event.items is not None:
                 self._put(self._add, event.record.start, event.items)
         elif type(event) is MapFinished:
-            self._put(self._end)
+            self.ending = True
+            r = self.job.report
+            if not self.job.source.is_stream and r.items is not None and r.done >= r.items:
+                self.job = None  # nothing missing: nothing to resume, no keys needed (the common case)
+                self.ready.set()
+            else:
+                self._put(self._end)
 
     def _put(self, fn: Any, *args: Any) -> None:
         _thread_queue("identity").put((self._guard, (fn, args)))
@@ -193,6 +200,12 @@ class SeenItems:
         if len(self.keys) < r.items * identity.KEY:
             self.keys.extend(bytes(r.items * identity.KEY - len(self.keys)))
         self._add(0, seq, job.index)
+
+    def settle(self) -> None:
+        """Once the map has ended, wait for its keys: a sequence changed in place after
+        ``run`` returns must not be hashed as the items the map ran."""
+        if self.ending:
+            self.ready.wait()
 
     def result(self) -> bytes:
         """The keys, once known (raises what made them unknowable)."""
