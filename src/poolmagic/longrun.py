@@ -331,7 +331,7 @@ class Checkpoint:
         damaged = getattr(stored, "damaged", 0)
         if damaged:
             self.notes.append(f"{damaged:,} checkpoint record{'s were' if damaged != 1 else ' was'} damaged; "
-                              f"their items ran again")
+                              f"{'their' if damaged != 1 else 'its'} items ran again")
         if not stored.chunks:
             return RunReport(func_name=name), None, items
         results = [NOT_DONE] * n
