@@ -155,7 +155,7 @@ class _Encoder:
         names = list(names)
         self.buf += _LEN.pack(len(names))
         for n in names:
-            self.text(n)
+            self.buf += _NAMES.get(n) or _name_bytes(n)
             x = getter(n)
             t = type(x)
             f = _SCALARS.get(t)
@@ -216,7 +216,15 @@ _EXACT: dict[type, Any] = {
     set: lambda e, v: e.unordered(b"S", v),
     frozenset: lambda e, v: e.unordered(b"Z", v),
 }
-_NAMES: dict[type, bytes] = {}  # a class's encoded qualified name
+_NAMES: dict[Any, bytes] = {}  # a class's qualified name or a field's name, encoded
+
+
+def _name_bytes(n: str) -> bytes:
+    data = n.encode("utf-8", "surrogatepass")
+    data = _LEN.pack(len(data)) + data
+    if len(_NAMES) < 4096:
+        _NAMES[n] = data
+    return data
 _BASES = (int, float, complex, str, bytes, bytearray, tuple, list, dict, set, frozenset)
 _HANDLERS: dict[type, Any] = {}  # type -> how to encode it, decided once per type
 _HEAPTYPE = 1 << 9
@@ -458,9 +466,15 @@ def keys(items: Any, indices: Any = None, purpose: str = "a checkpoint") -> byte
             pass
     out = bytearray()
     k = 0
+    sha, scalars, (lo, hi) = hashlib.sha256, _SCALARS, _INT64
     try:
-        for k, x in enumerate(items):
-            out += item_key(x)
+        for k, x in enumerate(items):  # item_key, inlined: this loop is the cost of a chunk of scalars
+            t = type(x)
+            if t is int and lo <= x < hi:
+                out += x.to_bytes(KEY, "little", signed=True)
+            else:
+                f = scalars.get(t)
+                out += sha(f(x)).digest()[:KEY] if f is not None else digest(x)[:KEY]
     except IdentityError as exc:
         i = indices[k] if indices is not None else k
         raise exc.for_item(i, items[k], purpose) from None

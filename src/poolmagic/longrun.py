@@ -113,8 +113,9 @@ def resume_report(prev: RunReport, iterable: Iterable) -> tuple[RunReport, list[
         raise BadInputError("cannot resume: the earlier run's items were not recorded (it was not made by a map); "
                             "run the cell without --resume")
     was = seen.result()
-    now = identity.keys(items, None, "--resume")
     skip = set(missing)
+    kept = [i for i in range(len(items)) if i not in skip]
+    now = _keys_at(items, kept, "--resume")
     changed = [i for i in identity.differing(was, now) if i not in skip]
     if changed:
         raise BadInputError(
@@ -126,6 +127,22 @@ def resume_report(prev: RunReport, iterable: Iterable) -> tuple[RunReport, list[
     report.resumed = (prev.items - len(missing), len(missing))
     report.identity = now
     return report, missing, [items[i] for i in missing]
+
+
+def _keys_at(seq: Any, positions: list[int], purpose: str, index: Any = None) -> bytearray:
+    """Keys of ``seq`` at ``positions`` (zeros elsewhere), as one buffer of 8 bytes per item;
+    ``index`` maps positions in ``seq`` to the map's (a resumed run maps a subset)."""
+    k = identity.KEY
+    n = (max(index) + 1 if index else 0) if index is not None else len(seq)
+    out = bytearray(n * k)
+    if index is None and len(positions) * 2 >= len(seq):  # most of it: the whole, by the fast paths
+        out[:] = identity.keys(seq, None, purpose)
+        return out
+    names = positions if index is None else [index[p] for p in positions]
+    keys = identity.keys([seq[p] for p in positions], names, purpose)
+    for j, i in enumerate(names):
+        out[i * k : (i + 1) * k] = keys[j * k : (j + 1) * k]
+    return out
 
 
 class SeenItems:
@@ -196,10 +213,16 @@ class SeenItems:
         r = job.report
         if job.source.is_stream or r.items is None or r.done >= r.items:
             return  # a stream was hashed as it went; a map with nothing missing needs no keys
-        seq = job.source.seq
-        if len(self.keys) < r.items * identity.KEY:
-            self.keys.extend(bytes(r.items * identity.KEY - len(self.keys)))
-        self._add(0, seq, job.index)
+        seq, index, k = job.source.seq, job.index, identity.KEY
+        done = [p for p in range(len(seq)) if r.results[p if index is None else index[p]] is not NOT_DONE]
+        if len(self.keys) < r.items * k:
+            self.keys.extend(bytes(r.items * k - len(self.keys)))
+        got = _keys_at(seq, done, "--resume", index)  # only the kept items: a map that failed at once hashes little
+        if index is None:  # a fresh map: nothing was known before
+            self.keys[: len(got)] = got
+            return
+        for p in done:
+            self.keys[index[p] * k : (index[p] + 1) * k] = got[index[p] * k : (index[p] + 1) * k]
 
     def settle(self) -> None:
         """Once the map has ended, wait for its keys: a sequence changed in place after
