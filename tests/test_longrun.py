@@ -1050,3 +1050,47 @@ def test_a_malformed_record_is_one_plain_error_naming_the_file_and_record(pool, 
     else:  # a reader that skips a damaged record: its items ran, and the summary says so
         assert report.results == [x * x for x in range(6)]
         assert any("damaged" in note for note in report.notes), report.notes
+
+
+@pytest.mark.timeout(60)
+def test_magic_changed_iterable_message_is_said_once(ip, tmp_path):
+    ck = tmp_path / "said-once.bin"
+    path = tmp_path / "calls"
+    ip.user_ns.update(log_call=log_call, ONCE_CALLS=str(path), once_items=[f"a{i}" for i in range(6)])
+    cell = (f"%%poolmap -q --checkpoint {ck} once_items\n"
+            "def once(x):\n    log_call(ONCE_CALLS, 0)\n    return x + '!'\n")
+    assert ip.run_cell(cell).error_in_exec is None
+    n = len(calls(path))
+    ip.user_ns["once_items"] = [f"a{i}" for i in range(5)] + ["b5"]
+    result = ip.run_cell(cell)
+    exc = result.error_in_exec
+    assert isinstance(exc, UsageError), exc
+    message = str(exc)
+    assert message.startswith("the ITERABLE changed since the checkpoint "), message
+    assert "item 5 differs (it is now 'b5')" in message and "cannot be read" not in message, message
+    assert message.count("the ITERABLE changed") == 1 and message.count("delete") == 1, message
+    assert len(calls(path)) == n
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_resumed_run_still_knows_every_kept_item(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    data = [f"s{i}" for i in range(12)]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ident_value, data, keep_going=True, chunksize=3, kwargs={"path": path, "bad": ("s2", "s9")})
+    first = info.value.poolmap_report
+    with pytest.raises(MapFailedError) as info:  # the second run fixes s2, s9 still fails
+        pool.run(ident_value, data, resume=first, keep_going=True, kwargs={"path": path, "bad": ("s9",)})
+    second = info.value.poolmap_report
+    assert second.resumed == (10, 2)
+    changed = list(data)
+    changed[2] = "S2"  # kept by the second run (from its own run, not the first)
+    with pytest.raises(BadInputError, match=r"item 2 differs \(it is now 'S2'\)"):
+        pool.run(ident_value, changed, resume=second, kwargs={"path": path, "bad": ()})
+    changed = list(data)
+    changed[0] = "S0"  # kept since the first run
+    with pytest.raises(BadInputError, match=r"item 0 differs \(it is now 'S0'\)"):
+        pool.run(ident_value, changed, resume=second, kwargs={"path": path, "bad": ()})
+    n = len(calls_str(path))
+    report = pool.run(ident_value, data, resume=second, kwargs={"path": path, "bad": ()})
+    assert calls_str(path)[n:] == ["s9"] and report.results == data
