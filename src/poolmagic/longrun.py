@@ -162,23 +162,26 @@ class SeenItems:
         pre = report.identity
         self.keys = bytearray(pre) if isinstance(pre, (bytes, bytearray)) else bytearray()
         self.error: BaseException | None = None
-        self.ready = threading.Event()
-        self.ending = False  # the map has ended: the keys are being completed
+        self.ready: threading.Event | None = None  # made when keys are computed after the map (~3 µs)
+        self.ending = False  # the map has ended
         report.identity = self
         job.observers.append(self)
 
     def __call__(self, event: Any) -> None:
         if type(event) is ChunkFinished:
             if self.job.source.is_stream and event.items is not None:
+                if self.ready is None:
+                    self.ready = threading.Event()
                 self._put(self._add, event.record.start, event.items)
-        elif type(event) is MapFinished:
-            self.ending = True
-            r = self.job.report
+        elif type(event) is MapFinished:  # published under the job's lock: a caller that saw the
+            r = self.job.report           # map end sees ``ending`` (and ``ready``) too
             if not self.job.source.is_stream and r.items is not None and r.done >= r.items:
                 self.job = None  # nothing missing: nothing to resume, no keys needed (the common case)
-                self.ready.set()
             else:
+                if self.ready is None:
+                    self.ready = threading.Event()
                 self._put(self._end)
+            self.ending = True
 
     def _put(self, fn: Any, *args: Any) -> None:
         _thread_queue("identity").put((self._guard, (fn, args)))
@@ -195,7 +198,7 @@ class SeenItems:
         finally:
             if fn == self._end:
                 self.job = None  # the report outlives the job: hold nothing of it
-                self.ready.set()
+                self.ready.set()  # type: ignore[union-attr]
 
     def _add(self, start: int, items: Any, index: Any = None) -> None:
         k = identity.KEY
@@ -227,12 +230,13 @@ class SeenItems:
     def settle(self) -> None:
         """Once the map has ended, wait for its keys: a sequence changed in place after
         ``run`` returns must not be hashed as the items the map ran."""
-        if self.ending:
+        if self.ending and self.ready is not None:
             self.ready.wait()
 
     def result(self) -> bytes:
         """The keys, once known (raises what made them unknowable)."""
-        self.ready.wait()
+        if self.ready is not None:
+            self.ready.wait()
         if self.error is not None:
             raise BadInputError(f"cannot resume: {self.error}; run the cell without --resume") from None
         return bytes(self.keys)
