@@ -1094,3 +1094,22 @@ def test_resume_of_a_resumed_run_still_knows_every_kept_item(pool, tmp_path):
     n = len(calls_str(path))
     report = pool.run(ident_value, data, resume=second, kwargs={"path": path, "bad": ()})
     assert calls_str(path)[n:] == ["s9"] and report.results == data
+
+
+@pytest.mark.timeout(60)
+def test_resume_after_a_checkpointed_run_knows_the_items_the_file_held(pool, tmp_path):
+    ck, path = str(tmp_path / "ck.bin"), str(tmp_path / "calls")
+    data = [f"c{i}" for i in range(10)]
+    with pytest.raises(MapFailedError):
+        pool.run(ident_value, data, keep_going=True, chunksize=2, checkpoint=ck, kwargs={"path": path, "bad": ("c3", "c7")})
+    with pytest.raises(MapFailedError) as info:  # c3 now from this run, the rest from the file; c7 fails again
+        pool.run(ident_value, data, keep_going=True, checkpoint=ck, kwargs={"path": path, "bad": ("c7",)})
+    earlier = info.value.poolmap_report
+    assert earlier.resumed == (8, 2) and earlier.results[7] is NOT_DONE and earlier.results[3] == "c3"
+    changed = list(data)
+    changed[0] = "C0"  # a result the file held
+    with pytest.raises(BadInputError, match=r"item 0 differs \(it is now 'C0'\)"):
+        pool.run(ident_value, changed, resume=earlier, kwargs={"path": path, "bad": ()})
+    n = len(calls_str(path))
+    report = pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
+    assert calls_str(path)[n:] == ["c7"] and report.results == data

@@ -68,8 +68,10 @@ def _expand(stored: bytes) -> bytes:
 
 def _legacy(stored: Any) -> bool:
     """A chunk hash of poolmagic before stable identities (a SHA-1 of the items' pickle)."""
-    return not isinstance(stored, (bytes, bytearray)) or stored[:1] not in (b"R", b"K") or (
-        stored[:1] == b"K" and (len(stored) - 1) % identity.KEY)
+    if not isinstance(stored, (bytes, bytearray)):
+        return True
+    tag = stored[:1]
+    return not ((tag == b"R" and len(stored) == 1 + _RANGE.size) or (tag == b"K" and (len(stored) - 1) % identity.KEY == 0))
 
 
 def _differ_message(which: list[int], items: Any, limit: int = 5) -> str:
@@ -376,9 +378,9 @@ class Checkpoint:
                         f"in a way that changes between kernels. Delete it to start over."
                     )
                 here = items[idx.start : idx.stop] if type(idx) is range else [items[i] for i in idx]
-                now = items_hash(here, positions)
-                if now != digest:  # maybe only stored otherwise (a range then, a list now): compare keys
-                    was, now = _expand(digest), _expand(now)
+                # compared as keys: a range written, a list read (or the reverse) are the same items
+                was, now = _expand(digest), _expand(items_hash(here, positions))
+                if was != now:
                     if len(was) != len(now):
                         raise ValueError(f"it holds {len(was) // identity.KEY} keys for {len(positions)} items")
                     differ = identity.differing(was, now)
@@ -398,12 +400,12 @@ class Checkpoint:
             for i, v in zip(positions, values):
                 if v is not NOT_DONE:
                     results[i] = v
+            k8 = identity.KEY
             if type(idx) is range:
-                known[idx.start * identity.KEY : idx.stop * identity.KEY] = _expand(now)
+                known[idx.start * k8 : idx.stop * k8] = now
             else:
-                keys = _expand(now)
                 for j, i in enumerate(positions):
-                    known[i * identity.KEY : (i + 1) * identity.KEY] = keys[j * identity.KEY : (j + 1) * identity.KEY]
+                    known[i * k8 : (i + 1) * k8] = now[j * k8 : (j + 1) * k8]
         if changed:
             changed.sort()
             raise BadInputError(
