@@ -248,6 +248,9 @@ def _choose(t: type) -> Any:
             return _np_scalar
         if np is not None and t is np.ndarray:
             return _np_array
+        ma = sys.modules.get("numpy.ma")
+        if np is not None and issubclass(t, np.ndarray) and not (ma is not None and issubclass(t, ma.MaskedArray)):
+            return _np_subclass  # a memmap, a matrix: its class and its values, not a copy via pickling
         pd = sys.modules.get("pandas")
         if pd is not None and issubclass(t, (pd.DataFrame, pd.Series, pd.Index)):
             return _pandas
@@ -374,6 +377,11 @@ def _np_array(e: _Encoder, a: Any, tag: bytes = b"A") -> None:
         e.big(c.view(np.uint8))
     else:
         e.big(b"")
+
+
+def _np_subclass(e: _Encoder, a: Any) -> None:
+    e.name(b"X", type(a))
+    _np_array(e, a.view(sys.modules["numpy"].ndarray))
 
 
 def _np_scalar(e: _Encoder, v: Any) -> None:
