@@ -1113,3 +1113,16 @@ def test_resume_after_a_checkpointed_run_knows_the_items_the_file_held(pool, tmp
     n = len(calls_str(path))
     report = pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
     assert calls_str(path)[n:] == ["c7"] and report.results == data
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_map_still_running_is_refused(pool, tmp_path):
+    path, gate = str(tmp_path / "calls"), str(tmp_path / "go")
+    handle = pool.map_async(ck_wait_for, range(4), kwargs={"path": path, "gate": gate})
+    try:
+        with pytest.raises(BadInputError, match="the run to resume is still running"):
+            pool.run(ck_wait_for, range(4), resume=handle.report, kwargs={"path": path + "2", "gate": gate})
+        assert calls(path + "2") == []
+    finally:
+        Path(gate).touch()
+    assert handle.get(timeout=30) == [0, 1, 2, 3]
