@@ -15,6 +15,7 @@ import io
 import os
 import random
 import re
+import subprocess
 import statistics
 import sys
 import time
@@ -448,7 +449,7 @@ def test_checkpoint_refuses_a_changed_iterable(pool, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
+def test_checkpoint_chunk_of_several_items_names_the_item_that_changed(pool, tmp_path):
     ck = str(tmp_path / "ck.bin")
     path = str(tmp_path / "calls")
     pool.run(ck_square, list(range(20)), chunksize=5, checkpoint=ck, kwargs={"path": path, "fail": ()})
@@ -456,7 +457,9 @@ def test_checkpoint_chunk_of_several_items_names_its_range(pool, tmp_path):
     changed[12] = "twelve"
     with pytest.raises(BadInputError) as info:
         pool.run(ck_square, changed, checkpoint=ck, kwargs={"path": path, "fail": ()})
-    assert "items 10–14 differ" in str(info.value), str(info.value)
+    message = str(info.value)
+    assert "item 12 differs (it is now 'twelve')" in message, message  # not the whole chunk 10–14
+    assert message.startswith("the ITERABLE changed") and "cannot be read" not in message, message  # not wrapped twice
 
 
 def _stored_indices(db: Path) -> list[int]:
@@ -788,3 +791,338 @@ def test_keep_going_traceback_starts_at_the_users_code(ip, capsys):
     assert isinstance(later.error_in_exec, ZeroDivisionError)
     assert re.search(r"----> 1 1/0", shown), shown  # the cell's own frame is still shown
     assert "Cell In[" in shown, shown
+
+
+# ================================================================ 6. the identity of items (issue 22)
+
+
+@pytest.mark.timeout(60)
+def test_magic_resume_refuses_when_the_items_behind_the_expression_changed(ip, tmp_path):
+    """The issue's row: items 3 and 7 fail, ``data`` is rebound to other values, ``--resume data``
+    must not merge the old results with the new items' (it gave [0, 10, 20, 1030, ...])."""
+    path = tmp_path / "calls"
+    ip.user_ns.update(IDR_CALLS=str(path), log_call=log_call, data=list(range(10)))
+    body = ("def idr_times10(x):\n"
+            "    log_call(IDR_CALLS, x)\n"
+            "    if x in (3, 7):\n"
+            "        raise ValueError(x)\n"
+            "    return x * 10\n")
+    with pytest.raises(MapFailedError):
+        ip.run_cell_magic("poolmap", "-q --keep-going data", body)
+    n = len(calls(path))
+    ip.user_ns["data"] = list(range(100, 110))
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("poolmap", "-q --resume data", body.replace("(3, 7)", "()"))
+    message = str(info.value)
+    assert message.startswith("cannot resume: the ITERABLE changed since the run to resume"), message
+    assert "8 items differ, the first 0, 1, 2, 4, 5 (now 100, 101, 102, 104, 105" in message, message
+    assert "without --resume" in message, message
+    assert len(calls(path)) == n, "a refused resume ran items"
+    # without --resume: the loop's answer over the new items
+    got = ip.run_cell_magic("poolmap", "-q data", body.replace("(3, 7)", "()"))
+    assert got == [x * 10 for x in range(100, 110)]
+
+
+@pytest.mark.timeout(60)
+def test_resume_allows_a_changed_failed_item_and_refuses_a_kept_one_changed_in_place(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    data = [{"v": i} for i in range(8)]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ident_value, data, keep_going=True, chunksize=2, kwargs={"path": path, "bad": (3,)})
+    earlier = info.value.poolmap_report
+    data[3] = {"v": 33}  # the failed item fixed: its result is computed now, the loop's answer
+    data[5]["v"] = -5  # a kept item changed in place, after its result came back
+    n = len(calls(path))
+    with pytest.raises(BadInputError, match=r"item 5 differs \(it is now \{'v': -5\}\)"):
+        pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
+    assert len(calls(path)) == n
+    data[5]["v"] = 5
+    report = pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
+    assert calls(path)[n:] == [33]
+    assert report.results == [d["v"] for d in data] and report.resumed == (7, 1)
+
+
+def ident_value(d, path, bad):
+    log_call(path, d["v"] if isinstance(d, dict) else d)
+    v = d["v"] if isinstance(d, dict) else d
+    if v in bad:
+        raise ValueError(v)
+    return v
+
+
+@pytest.mark.timeout(60)
+def test_resume_over_a_generator_compares_the_items_it_yielded(pool, tmp_path):
+    """A stream is gone once read: its items' keys are taken as its chunks come back."""
+    path = str(tmp_path / "calls")
+    words = [f"w{i}" for i in range(30)]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ident_value, (w for w in words), keep_going=True, chunksize=4,  # 8 chunks
+                 kwargs={"path": path, "bad": ("w4", "w17")})
+    earlier = info.value.poolmap_report
+    n = len(calls_str(path))
+    with pytest.raises(BadInputError, match=r"item 20 differs \(it is now 'W20'\)"):
+        pool.run(ident_value, (w.upper() if w == "w20" else w for w in words), resume=earlier,
+                 kwargs={"path": path, "bad": ()})
+    report = pool.run(ident_value, (w for w in words), resume=earlier, kwargs={"path": path, "bad": ()})
+    assert sorted(calls_str(path)[n:]) == ["w17", "w4"]
+    assert report.results == words
+
+
+def calls_str(path: str | Path) -> list[str]:
+    p = Path(path)
+    return p.read_text().split() if p.exists() else []
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_of_a_range_resumes_over_the_same_list(pool, tmp_path):
+    ck = str(tmp_path / "ck.bin")
+    path = str(tmp_path / "calls")
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, range(20), keep_going=True, chunksize=3, checkpoint=ck, kwargs={"path": path, "fail": (5, 14)})
+    n = len(calls(path))
+    report = pool.run(ck_square, list(range(20)), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert sorted(calls(path)[n:]) == [5, 14]
+    assert report.results == [x * x for x in range(20)] and report.resumed == (18, 2)
+    # and a list written, a range read back
+    ck2 = str(tmp_path / "ck2.bin")
+    with pytest.raises(MapFailedError):
+        pool.run(ck_square, list(range(20)), keep_going=True, checkpoint=ck2, kwargs={"path": path, "fail": (9,)})
+    n = len(calls(path))
+    report = pool.run(ck_square, range(20), checkpoint=ck2, kwargs={"path": path, "fail": ()})
+    assert calls(path)[n:] == [9] and report.results == [x * x for x in range(20)]
+
+
+class HoldsAFunction:
+    def __init__(self, fn):
+        self.fn = fn
+
+
+def call_held(h, path):
+    log_call(path, 0)
+    return h.fn(2)
+
+
+@pytest.mark.timeout(60)
+def test_an_item_that_cannot_be_identified_is_refused_before_any_work(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    with pytest.raises(BadInputError) as info:
+        pool.run(call_held, [HoldsAFunction(lambda x: x + 1)], checkpoint=str(tmp_path / "ck.bin"), kwargs={"path": path})
+    message = str(info.value)
+    assert message.startswith("cannot identify item 0 for a checkpoint (type "), message
+    assert "HoldsAFunction): its .fn is '" in message and "a function without a name" in message, message
+    assert calls(path) == []
+
+
+SUBPROCESS_RUN = r'''
+import dataclasses, os, sys
+import pandas as pd
+import poolmagic
+
+@dataclasses.dataclass
+class Job:                      # a class defined in __main__, as in a notebook
+    name: str
+    tags: frozenset
+
+def work(item):
+    with open(os.environ["CALLS"], "a") as fh:
+        fh.write(f"{item[0]}\n")
+    if str(item[0]) in os.environ["FAIL"].split(","):
+        raise ValueError(item[0])
+    return (item[0], len(item[1].tags), item[2].b)
+
+df = pd.DataFrame({"a": range(12), "b": [f"row{i}" for i in range(12)]})
+items = [(i, Job(f"job{i}", frozenset({"x", "y", f"t{i}", "z"})), row) for i, row in enumerate(df.itertuples())]
+with poolmagic.Pool(2) as pool:
+    try:
+        r = pool.run(work, items, chunksize=2, keep_going=True, checkpoint=os.environ["CKPT"])
+    except poolmagic.MapFailedError as exc:
+        r = exc.poolmap_report
+print(repr((r.results, r.resumed, r.notes)))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_resumes_in_a_new_interpreter_with_notebook_classes_rows_and_sets_of_str(tmp_path):
+    """Before: "the ITERABLE changed" in the new process (cloudpickle's per-process class ids,
+    the hash seed's order of a frozenset of str, itertuples' generated class)."""
+    script = tmp_path / "run.py"
+    script.write_text(SUBPROCESS_RUN)
+    env = {**os.environ, "CALLS": str(tmp_path / "calls"), "CKPT": str(tmp_path / "ck.bin")}
+
+    def run(seed: int, fail: str):
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                             env={**env, "PYTHONHASHSEED": str(seed), "FAIL": fail})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return eval(out.stdout.strip().splitlines()[-1], {"NOT_DONE": NOT_DONE})
+
+    run(1, "3,8")
+    first = calls(tmp_path / "calls")
+    assert sorted(first) == list(range(12))
+    results, resumed, notes = run(2, "")
+    assert sorted(calls(tmp_path / "calls")[len(first):]) == [3, 8]
+    assert results == [(i, 4, f"row{i}") for i in range(12)]
+    assert resumed == (10, 2) and notes == [], (resumed, notes)
+
+
+def ck_label(x, path, fail):
+    log_call(path, x)
+    return f"result-{x:04d}"  # a marker the damage tests find in the file
+
+
+@pytest.mark.timeout(60)
+def test_a_damaged_record_costs_only_its_own_items_and_is_said(pool, tmp_path, monkeypatch):
+    """What longrun does with the reader's count of damaged records (the reader of branch
+    ckpt-security skips them and keeps the later ones): their items run again, the summary says so."""
+    from poolmagic import longrun
+
+    ck, path = str(tmp_path / "ck.bin"), str(tmp_path / "calls")
+    pool.run(ck_label, range(40), chunksize=4, checkpoint=ck, kwargs={"path": path, "fail": ()})
+    real = longrun.read
+    lost: list = []
+
+    def reader_that_skipped_a_damaged_record(p):
+        stored = real(p)
+        lost.extend(stored.chunks.pop(5)[0])
+        stored.damaged = 1
+        return stored
+
+    monkeypatch.setattr(longrun, "read", reader_that_skipped_a_damaged_record)
+    n = len(calls(path))
+    report = pool.run(ck_label, range(40), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    assert sorted(calls(path)[n:]) == sorted(lost) and len(lost) == 4
+    assert report.results == [f"result-{x:04d}" for x in range(40)]
+    assert report.resumed == (36, 4)
+    assert "1 checkpoint record was damaged; its items ran again" in report.notes, report.notes
+    assert "1 checkpoint record was damaged" in report.summary(), report.summary()
+
+
+@pytest.mark.timeout(60)
+def test_a_flipped_byte_in_record_6_of_11_keeps_records_7_to_11(pool, tmp_path):
+    """The issue's row, end to end: needs the reader that resyncs past a damaged record."""
+    ck, path = tmp_path / "ck.bin", str(tmp_path / "calls")
+    pool.run(ck_label, range(44), chunksize=4, checkpoint=str(ck), kwargs={"path": path, "fail": ()})
+    chunks = checkpointfile.read(str(ck)).chunks
+    assert len(chunks) == 11
+    victim = sorted(chunks[5][0])  # the 6th chunk record in the file
+    data = bytearray(ck.read_bytes())
+    at = data.index(f"result-{victim[0]:04d}".encode())
+    data[at + 3] ^= 0x20
+    ck.write_bytes(bytes(data))
+    held = checkpointfile.read(str(ck))
+    if held.damaged == 0:
+        pytest.skip("this branch's checkpointfile.read stops at a damaged record (branch ckpt-security resyncs)")
+    assert held.damaged == 1 and len(held.chunks) == 10
+    n = len(calls(path))
+    report = pool.run(ck_label, range(44), checkpoint=str(ck), kwargs={"path": path, "fail": ()})
+    assert sorted(calls(path)[n:]) == victim
+    assert report.results == [f"result-{x:04d}" for x in range(44)]
+    assert "1 checkpoint record was damaged; its items ran again" in report.notes, report.notes
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_record_is_one_plain_error_naming_the_file_and_record(pool, ip, tmp_path, capsys):
+    from poolmagic import longrun
+
+    path = str(tmp_path / "calls")
+    ck = str(tmp_path / "bad-body.bin")
+    w = checkpointfile.Writer(ck, 0)
+    w.meta({"items": 6})
+    w.chunk(range(0, 3), longrun.items_hash(range(0, 3)), b"\x80\x05 not a pickle", [])
+    w.close()
+    with pytest.raises(BadInputError) as info:
+        pool.run(ck_square, range(6), checkpoint=ck, kwargs={"path": path, "fail": ()})
+    message = str(info.value)
+    assert message.startswith(f"the checkpoint {ck!r} cannot be read: chunk record 1 of 1 is malformed ("), message
+    assert "Delete it to start over" in message and message.count("cannot") == 1, message
+    assert info.value.__cause__ is None and calls(path) == []
+
+    # a record whose frame is whole but whose envelope is not what a chunk holds
+    ck2 = str(tmp_path / "bad-envelope.bin")
+    w = checkpointfile.Writer(ck2, 0)
+    w._append(b"C", __import__("pickle").dumps(("only one field",)), [])
+    w.close()
+    try:
+        report = pool.run(ck_square, range(6), checkpoint=ck2, kwargs={"path": path, "fail": ()})
+    except BadInputError as exc:  # a signed record whose envelope is wrong: refused, by name
+        message = str(exc)
+        assert message.startswith(f"cannot use {ck2!r} as a checkpoint: record 1 (at byte "), message
+        assert "malformed" in message and exc.__cause__ is None, message
+    else:  # a reader that skips a damaged record: its items ran, and the summary says so
+        assert report.results == [x * x for x in range(6)]
+        assert any("damaged" in note for note in report.notes), report.notes
+
+
+@pytest.mark.timeout(60)
+def test_magic_changed_iterable_message_is_said_once(ip, tmp_path):
+    ck = tmp_path / "said-once.bin"
+    path = tmp_path / "calls"
+    ip.user_ns.update(log_call=log_call, ONCE_CALLS=str(path), once_items=[f"a{i}" for i in range(6)])
+    cell = (f"%%poolmap -q --checkpoint {ck} once_items\n"
+            "def once(x):\n    log_call(ONCE_CALLS, 0)\n    return x + '!'\n")
+    assert ip.run_cell(cell).error_in_exec is None
+    n = len(calls(path))
+    ip.user_ns["once_items"] = [f"a{i}" for i in range(5)] + ["b5"]
+    result = ip.run_cell(cell)
+    exc = result.error_in_exec
+    assert isinstance(exc, UsageError), exc
+    message = str(exc)
+    assert message.startswith("the ITERABLE changed since the checkpoint "), message
+    assert "item 5 differs (it is now 'b5')" in message and "cannot be read" not in message, message
+    assert message.count("the ITERABLE changed") == 1 and message.count("delete") == 1, message
+    assert len(calls(path)) == n
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_resumed_run_still_knows_every_kept_item(pool, tmp_path):
+    path = str(tmp_path / "calls")
+    data = [f"s{i}" for i in range(12)]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ident_value, data, keep_going=True, chunksize=3, kwargs={"path": path, "bad": ("s2", "s9")})
+    first = info.value.poolmap_report
+    with pytest.raises(MapFailedError) as info:  # the second run fixes s2, s9 still fails
+        pool.run(ident_value, data, resume=first, keep_going=True, kwargs={"path": path, "bad": ("s9",)})
+    second = info.value.poolmap_report
+    assert second.resumed == (10, 2)
+    changed = list(data)
+    changed[2] = "S2"  # kept by the second run (from its own run, not the first)
+    with pytest.raises(BadInputError, match=r"item 2 differs \(it is now 'S2'\)"):
+        pool.run(ident_value, changed, resume=second, kwargs={"path": path, "bad": ()})
+    changed = list(data)
+    changed[0] = "S0"  # kept since the first run
+    with pytest.raises(BadInputError, match=r"item 0 differs \(it is now 'S0'\)"):
+        pool.run(ident_value, changed, resume=second, kwargs={"path": path, "bad": ()})
+    n = len(calls_str(path))
+    report = pool.run(ident_value, data, resume=second, kwargs={"path": path, "bad": ()})
+    assert calls_str(path)[n:] == ["s9"] and report.results == data
+
+
+@pytest.mark.timeout(60)
+def test_resume_after_a_checkpointed_run_knows_the_items_the_file_held(pool, tmp_path):
+    ck, path = str(tmp_path / "ck.bin"), str(tmp_path / "calls")
+    data = [f"c{i}" for i in range(10)]
+    with pytest.raises(MapFailedError):
+        pool.run(ident_value, data, keep_going=True, chunksize=2, checkpoint=ck, kwargs={"path": path, "bad": ("c3", "c7")})
+    with pytest.raises(MapFailedError) as info:  # c3 now from this run, the rest from the file; c7 fails again
+        pool.run(ident_value, data, keep_going=True, checkpoint=ck, kwargs={"path": path, "bad": ("c7",)})
+    earlier = info.value.poolmap_report
+    assert earlier.resumed == (8, 2) and earlier.results[7] is NOT_DONE and earlier.results[3] == "c3"
+    changed = list(data)
+    changed[0] = "C0"  # a result the file held
+    with pytest.raises(BadInputError, match=r"item 0 differs \(it is now 'C0'\)"):
+        pool.run(ident_value, changed, resume=earlier, kwargs={"path": path, "bad": ()})
+    n = len(calls_str(path))
+    report = pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
+    assert calls_str(path)[n:] == ["c7"] and report.results == data
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_map_still_running_is_refused(pool, tmp_path):
+    path, gate = str(tmp_path / "calls"), str(tmp_path / "go")
+    handle = pool.map_async(ck_wait_for, range(4), kwargs={"path": path, "gate": gate})
+    try:
+        with pytest.raises(BadInputError, match="the run to resume is still running"):
+            pool.run(ck_wait_for, range(4), resume=handle.report, kwargs={"path": path + "2", "gate": gate})
+        assert calls(path + "2") == []
+    finally:
+        Path(gate).touch()
+    assert handle.get(timeout=30) == [0, 1, 2, 3]

@@ -39,7 +39,7 @@ from .errors import (
     add_note,
     point_at_function,
 )
-from .longrun import Checkpoint, resume_report
+from .longrun import Checkpoint, SeenItems, resume_report
 from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
@@ -237,11 +237,13 @@ class Pool:
             checkpoint = Checkpoint(o.checkpoint)
             earlier, index, iterable = checkpoint.load(iterable, name, payload.key)
         if index is not None:
-            for f in ("items", "results", "errors", "done", "resumed"):
+            for f in ("items", "results", "errors", "done", "resumed", "identity"):
                 setattr(report, f, getattr(earlier, f))
             if checkpoint is not None and checkpoint.function_changed:
                 report.notes.append(f"the function changed since {o.checkpoint} was written; "
                                     f"{earlier.done:,} results of its earlier version were kept")
+        if checkpoint is not None:
+            report.notes.extend(checkpoint.notes)
         job = Job(payload, ItemSource(iterable), report, o, context, func)
         job.index = index
         job.checkpoint = checkpoint
@@ -315,6 +317,8 @@ class Pool:
     @staticmethod
     def _finish_checkpoint(job: Job) -> None:
         """Return only once the checkpoint holds every finished result."""
+        if isinstance(job.report.identity, SeenItems):
+            job.report.identity.settle()
         ck = getattr(job, "checkpoint", None)
         if ck is not None:
             err = ck.wait()
@@ -330,6 +334,7 @@ class Pool:
             watch.attach(job)
         if job.checkpoint is not None:  # attached as the map starts: a job only prepared holds no file
             job.checkpoint.attach(job)
+        SeenItems(job)  # the items' identities, for a later --resume
         self.backend.submit(job)
         return job
 

@@ -18,16 +18,19 @@ reported.
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import pickle
 import queue
+import reprlib
+import struct
 import threading
 import time
+from array import array
 from typing import Any, Iterable
 
 import cloudpickle
 
+from . import identity
 from .checkpointfile import CheckpointFileError, Stored, Writer, read, signing_key
 from .engine.events import ChunkFinished, MapFinished
 from .engine.items import SEQUENCES
@@ -35,17 +38,51 @@ from .errors import BadInputError
 from .report import RunReport
 from .sentinel import NOT_DONE
 
-def items_hash(items: Any) -> bytes:
-    """A hash of the items' values: their pickle, big buffers included."""
-    frames: list = []
+_INT64 = (-(1 << 63), 1 << 63)
+_RANGE = struct.Struct("<qqq")
+
+def items_hash(items: Any, indices: Any = None) -> bytes:
+    """The stored identity of a chunk's items: ``R`` + (start, length, step) for a range of
+    int64s, else ``K`` + each item's 8-byte key (identity.py), equal in any process."""
     if type(items) is range:
-        data = pickle.dumps(items)  # no cloudpickle Pickler for a range (~20 µs)
-    else:
-        data = cloudpickle.dumps(list(items), protocol=5, buffer_callback=frames.append)
-    h = hashlib.sha1(data)
-    for f in frames:
-        h.update(f.raw())
-    return h.digest()
+        packed = _range_key(items)
+        if packed is not None:
+            return packed
+    return b"K" + identity.keys(items, indices, "a checkpoint")
+
+
+def _range_key(r: range) -> bytes | None:
+    n = len(r)
+    if not n or not (_INT64[0] <= min(r[0], r[-1]) and max(r[0], r[-1]) < _INT64[1]):
+        return None
+    return b"R" + _RANGE.pack(r[0], n, r.step if n > 1 else 1)
+
+
+def _expand(stored: bytes) -> bytes:
+    """A stored identity as 8-byte keys, one per item."""
+    if stored[:1] == b"R":
+        start, n, step = _RANGE.unpack_from(stored, 1)
+        return array("q", range(start, start + n * step, step)).tobytes()
+    return bytes(stored[1:])
+
+
+def _legacy(stored: Any) -> bool:
+    """A chunk hash of poolmagic before stable identities (a SHA-1 of the items' pickle)."""
+    if not isinstance(stored, (bytes, bytearray)):
+        return True
+    tag = stored[:1]
+    return not ((tag == b"R" and len(stored) == 1 + _RANGE.size) or (tag == b"K" and (len(stored) - 1) % identity.KEY == 0))
+
+
+def _differ_message(which: list[int], items: Any, limit: int = 5) -> str:
+    """"item 7 differs (now -1)", "items 3 and 7 differ (now ...)", "12 items differ, the first ..."."""
+    now = ", ".join(reprlib.repr(items[i]) for i in which[:limit])
+    if len(which) == 1:
+        return f"item {which[0]} differs (it is now {now})"
+    if len(which) <= limit:
+        names = ", ".join(map(str, which[:-1])) + f" and {which[-1]}"
+        return f"items {names} differ (now {now})"
+    return f"{len(which):,} items differ, the first {', '.join(map(str, which[:limit]))} (now {now}, …)"
 
 
 def _materialise(iterable: Iterable) -> list | range | tuple:
@@ -53,7 +90,15 @@ def _materialise(iterable: Iterable) -> list | range | tuple:
 
 
 def resume_report(prev: RunReport, iterable: Iterable) -> tuple[RunReport, list[int], list]:
-    """A report that keeps ``prev``'s results, the positions to run, and their items."""
+    """A report that keeps ``prev``'s results, the positions to run, and their items.
+
+    Refused unless the items behind the ITERABLE are, at every position ``prev``
+    kept a result for, the ones ``prev`` mapped (compared by identity.py keys):
+    kept results of other items would mix two ITERABLEs silently. An item that
+    failed may have changed: its result is computed now.
+    """
+    if prev.status == "running":
+        raise BadInputError("cannot resume: the run to resume is still running; wait for it (or cancel it) first")
     if prev.items is None:
         raise BadInputError("nothing to resume: the earlier run never learned how many items it had")
     missing = [i for i, v in enumerate(prev.results) if v is NOT_DONE]
@@ -65,15 +110,154 @@ def resume_report(prev: RunReport, iterable: Iterable) -> tuple[RunReport, list[
             f"cannot resume: the ITERABLE now has {len(items):,} items, the run to resume had "
             f"{prev.items:,}; resume needs the same items (or run the cell without --resume)"
         )
-    report = _continuing(prev.func_name, prev.items, prev.results, {i: e for i, e in prev.errors.items() if i not in set(missing)})
+    seen = prev.identity
+    if not isinstance(seen, SeenItems):
+        raise BadInputError("cannot resume: the earlier run's items were not recorded (it was not made by a map); "
+                            "run the cell without --resume")
+    was = seen.result()
+    skip = set(missing)
+    kept = [i for i in range(len(items)) if i not in skip]
+    now = _keys_at(items, kept, "--resume")
+    changed = [i for i in identity.differing(was, now) if i not in skip]
+    if changed:
+        raise BadInputError(
+            f"cannot resume: the ITERABLE changed since the run to resume: {_differ_message(changed, items)}. "
+            f"The {prev.items - len(missing):,} kept results are of the old items: run the cell without --resume "
+            f"to map every item again."
+        )
+    report = _continuing(prev.func_name, prev.items, prev.results, {i: e for i, e in prev.errors.items() if i not in skip})
     report.resumed = (prev.items - len(missing), len(missing))
+    report.identity = now
     return report, missing, [items[i] for i in missing]
+
+
+def _keys_at(seq: Any, positions: list[int], purpose: str, index: Any = None) -> bytearray:
+    """Keys of ``seq`` at ``positions`` (zeros elsewhere), as one buffer of 8 bytes per item;
+    ``index`` maps positions in ``seq`` to the map's (a resumed run maps a subset)."""
+    k = identity.KEY
+    n = (max(index) + 1 if index else 0) if index is not None else len(seq)
+    out = bytearray(n * k)
+    if index is None and len(positions) * 2 >= len(seq):  # most of it: the whole, by the fast paths
+        out[:] = identity.keys(seq, None, purpose)
+        return out
+    names = positions if index is None else [index[p] for p in positions]
+    keys = identity.keys([seq[p] for p in positions], names, purpose)
+    for j, i in enumerate(names):
+        out[i * k : (i + 1) * k] = keys[j * k : (j + 1) * k]
+    return out
+
+
+class SeenItems:
+    """The keys (identity.py) of a map's items, kept on its report for ``--resume``.
+
+    Hashing every item of every map would cost the tiny-items path dearly
+    (docs/design.md), so they are computed only when needed, on a thread of
+    their own: for a sequence ITERABLE (still held by the report) once the map
+    ends with items missing; for a stream, which is gone once read, chunk by
+    chunk as results come back. Positions kept from a checkpoint or an earlier
+    run start out known (their keys were compared on the way in).
+    """
+
+    def __init__(self, job: Any):
+        self.job = job
+        report = job.report
+        pre = report.identity
+        self.keys = bytearray(pre) if isinstance(pre, (bytes, bytearray)) else bytearray()
+        self.error: BaseException | None = None
+        self.ready: threading.Event | None = None  # made when keys are computed after the map (~3 µs)
+        self.ending = False  # the map has ended
+        report.identity = self
+        job.observers.append(self)
+
+    def __call__(self, event: Any) -> None:
+        if type(event) is ChunkFinished:
+            if self.job.source.is_stream and event.items is not None:
+                if self.ready is None:
+                    self.ready = threading.Event()
+                self._put(self._add, event.record.start, event.items)
+        elif type(event) is MapFinished:  # published under the job's lock: a caller that saw the
+            r = self.job.report           # map end sees ``ending`` (and ``ready``) too
+            if not self.job.source.is_stream and r.items is not None and r.done >= r.items:
+                self.job = None  # nothing missing: nothing to resume, no keys needed (the common case)
+            else:
+                if self.ready is None:
+                    self.ready = threading.Event()
+                self._put(self._end)
+            self.ending = True
+
+    def _put(self, fn: Any, *args: Any) -> None:
+        _thread_queue("identity").put((self._guard, (fn, args)))
+
+    def _guard(self, fn: Any, args: tuple) -> None:
+        if self.error is not None:
+            return
+        try:
+            fn(*args)
+        except identity.IdentityError as exc:
+            self.error = exc
+        except BaseException as exc:  # never lose the event: resume says what went wrong
+            self.error = BadInputError(f"the items could not be identified ({type(exc).__name__}: {exc})")
+        finally:
+            if fn == self._end:
+                self.job = None  # the report outlives the job: hold nothing of it
+                self.ready.set()  # type: ignore[union-attr]
+
+    def _add(self, start: int, items: Any, index: Any = None) -> None:
+        k = identity.KEY
+        keys = identity.keys(items, range(start, start + len(items)) if index is None else index, "--resume")
+        if index is None:
+            if len(self.keys) < (start + len(items)) * k:
+                self.keys.extend(bytes((start + len(items)) * k - len(self.keys)))
+            self.keys[start * k : (start + len(items)) * k] = keys
+        else:
+            for j, i in enumerate(index):
+                self.keys[i * k : (i + 1) * k] = keys[j * k : (j + 1) * k]
+
+    def _end(self) -> None:
+        job = self.job
+        r = job.report
+        if job.source.is_stream or r.items is None or r.done >= r.items:
+            return  # a stream was hashed as it went; a map with nothing missing needs no keys
+        seq, index, k = job.source.seq, job.index, identity.KEY
+        done = [p for p in range(len(seq)) if r.results[p if index is None else index[p]] is not NOT_DONE]
+        if len(self.keys) < r.items * k:
+            self.keys.extend(bytes(r.items * k - len(self.keys)))
+        got = _keys_at(seq, done, "--resume", index)  # only the kept items: a map that failed at once hashes little
+        if index is None:  # a fresh map: nothing was known before
+            self.keys[: len(got)] = got
+            return
+        for p in done:
+            self.keys[index[p] * k : (index[p] + 1) * k] = got[index[p] * k : (index[p] + 1) * k]
+
+    def settle(self) -> None:
+        """Once the map has ended, wait for its keys: a sequence changed in place after
+        ``run`` returns must not be hashed as the items the map ran."""
+        if self.ending and self.ready is not None:
+            self.ready.wait()
+
+    def result(self) -> bytes:
+        """The keys, once known (raises what made them unknowable)."""
+        if self.ready is not None:
+            self.ready.wait()
+        if self.error is not None:
+            raise BadInputError(f"cannot resume: {self.error}; run the cell without --resume") from None
+        return bytes(self.keys)
 
 
 def _continuing(name: str, n: int, results: list, errors: dict) -> RunReport:
     r = RunReport(func_name=name, items=n, results=list(results), errors=dict(errors))
     r.done = sum(1 for v in r.results if v is not NOT_DONE)
     return r
+
+
+def _record_at(exc: BaseException) -> str:
+    """Which record the file reader was at when ``exc`` was raised: "the record at byte N"."""
+    tb, at = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code is read.__code__:
+            at = tb.tb_frame.f_locals.get("pos")
+        tb = tb.tb_next
+    return f"the record at byte {at:,}" if isinstance(at, int) else "a record"
 
 
 class Checkpoint:
@@ -91,6 +275,7 @@ class Checkpoint:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self.function_changed = False
+        self.notes: list[str] = []  # said under the map's summary (damaged records)
         self.error: BaseException | None = None
         self._index: list[int] | None = None
         self._committed = threading.Event()  # every chunk of the map is written
@@ -126,6 +311,11 @@ class Checkpoint:
                 signing_key()  # a key that cannot be made or trusted: refused before work
         except (OSError, CheckpointFileError) as exc:
             raise BadInputError(f"cannot use {self.path!r} as a checkpoint: {exc}") from None
+        except Exception as exc:  # the reader choked on a malformed record (struct.error, UnpicklingError...)
+            raise BadInputError(
+                f"cannot use {self.path!r} as a checkpoint: {_record_at(exc)} is malformed "
+                f"({type(exc).__name__}: {exc}). Delete it to start over."
+            ) from None
         _OPEN[key] = self
 
     def _put(self, *task: Any) -> None:
@@ -156,6 +346,9 @@ class Checkpoint:
     def _load(self, items: Any, name: str, function_key: str) -> tuple[RunReport, list[int] | None, Any]:
         n = len(items)
         stored = self._stored
+        if stored is None or not stored.chunks:
+            if n:  # a first item that cannot be identified is refused before any work
+                identity.keys(items[:1], [0], "a checkpoint")
         if stored is None:
             return RunReport(func_name=name), None, items
         meta = stored.meta
@@ -165,29 +358,66 @@ class Checkpoint:
                 f"the ITERABLE changed. Use another PATH, or delete the file to start over."
             )
         self.function_changed = "function" in meta and meta["function"] != function_key
+        damaged = getattr(stored, "damaged", 0)
+        if damaged:
+            self.notes.append(f"{damaged:,} checkpoint record{'s were' if damaged != 1 else ' was'} damaged; "
+                              f"{'their' if damaged != 1 else 'its'} items ran again")
         if not stored.chunks:
             return RunReport(func_name=name), None, items
         results = [NOT_DONE] * n
-        try:
-            for idx, digest, body, frames in stored.chunks:
-                here = items[idx.start : idx.stop] if type(idx) is range else [items[i] for i in idx]
-                if items_hash(here) != digest:
-                    lo, hi = (idx.start, idx.stop - 1) if type(idx) is range else (min(idx), max(idx))
-                    which = f"item {lo} differs" if lo == hi else f"items {lo}–{hi} differ"
+        known = bytearray(n * identity.KEY)  # the items' keys where the file holds results (for --resume)
+        changed: list[int] = []
+        for k, (idx, digest, body, frames) in enumerate(stored.chunks):
+            where = f"chunk record {k + 1} of {len(stored.chunks)}"
+            try:
+                positions = idx if type(idx) is range else list(idx)
+                if not positions or min(positions) < 0 or max(positions) >= n:
+                    raise IndexError(f"it holds items {min(positions, default='-')}–{max(positions, default='-')}")
+                if _legacy(digest):
                     raise BadInputError(
-                        f"the ITERABLE changed since the checkpoint {self.path!r} was written: {which}. "
-                        f"Use another PATH, or delete the file to start over."
+                        f"the checkpoint {self.path!r} was written by an earlier poolmagic, which identified items "
+                        f"in a way that changes between kernels. Delete it to start over."
                     )
+                here = items[idx.start : idx.stop] if type(idx) is range else [items[i] for i in idx]
+                # compared as keys: a range written, a list read (or the reverse) are the same items
+                was, now = _expand(digest), _expand(items_hash(here, positions))
+                if was != now:
+                    if len(was) != len(now):
+                        raise ValueError(f"it holds {len(was) // identity.KEY} keys for {len(positions)} items")
+                    differ = identity.differing(was, now)
+                    if differ:
+                        changed += [positions[j] for j in differ]
+                        continue
                 values = pickle.loads(body, buffers=frames)[0]
-                for i, v in zip(idx, values):
-                    if v is not NOT_DONE:
-                        results[i] = v
-        except (pickle.UnpicklingError, EOFError, IndexError, TypeError, ValueError) as exc:
-            raise BadInputError(f"the checkpoint {self.path!r} cannot be read ({exc}); delete it to start over") from None
+                if len(values) != len(positions):
+                    raise ValueError(f"it holds {len(values)} results for {len(positions)} items")
+            except BadInputError:
+                raise
+            except Exception as exc:  # a malformed record: one plain error naming the file and the record
+                raise BadInputError(
+                    f"the checkpoint {self.path!r} cannot be read: {where} is malformed "
+                    f"({type(exc).__name__}: {exc}). Delete it to start over."
+                ) from None
+            for i, v in zip(positions, values):
+                if v is not NOT_DONE:
+                    results[i] = v
+            k8 = identity.KEY
+            if type(idx) is range:
+                known[idx.start * k8 : idx.stop * k8] = now
+            else:
+                for j, i in enumerate(positions):
+                    known[i * k8 : (i + 1) * k8] = now[j * k8 : (j + 1) * k8]
+        if changed:
+            changed.sort()
+            raise BadInputError(
+                f"the ITERABLE changed since the checkpoint {self.path!r} was written: "
+                f"{_differ_message(changed, items)}. Use another PATH, or delete the file to start over."
+            )
         report = _continuing(name, n, results, {})
         missing = [i for i, v in enumerate(results) if v is NOT_DONE]
         if report.done:
             report.resumed = (report.done, len(missing))
+            report.identity = bytes(known)
             self._index = missing
             return report, missing, [items[i] for i in missing]
         return RunReport(func_name=name), None, items
@@ -262,7 +492,7 @@ class Checkpoint:
             frames_pb: list = []
             body = cloudpickle.dumps((results, [], []), protocol=5, buffer_callback=frames_pb.append)
             frames = [f.raw() for f in frames_pb]
-        self.file.chunk(idx, items_hash(items), body, list(frames or ()))
+        self.file.chunk(idx, items_hash(items, idx), body, list(frames or ()))
 
 
 SYNC_AFTER_S = 1.0  # a map that ran this long has its file fsynced when it ends

@@ -51,6 +51,7 @@ class RunReport:
     failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
     replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
     serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
+    identity: Any = field(default=None, repr=False)  # the items' keys, for --resume (longrun.SeenItems)
 
     # ---------------------------------------------------------------- figures
     @property

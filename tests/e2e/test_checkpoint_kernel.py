@@ -123,3 +123,82 @@ def test_killed_kernel_resumes_from_its_checkpoint_in_a_new_kernel(kernel_spec_m
     assert sorted(second) == sorted(set(range(N)) - set(stored)), (second, stored)
     assert resumed == [len(stored), N - len(stored)], resumed
     assert notes == [], notes  # the very same cell: the function did not change
+
+
+# ---------------------------------------------------------------- items a new kernel must recognise
+
+SETUP = (
+    "import dataclasses\n"
+    "import pandas as pd\n"
+    "@dataclasses.dataclass\n"
+    "class Task:\n"
+    "    name: str\n"
+    "    tags: frozenset\n"
+    f"df = pd.DataFrame({{'a': range({N}), 'b': [f'r{{i}}' for i in range({N})]}})\n"
+    f"tasks = [Task(f't{{i}}', frozenset({{f'x{{i}}', 'y', 'z'}})) for i in range({N})]\n"
+    f"sets = [frozenset({{f'w{{i}}', 'common', 'other'}}) for i in range({N})]\n"
+)
+KINDS = {  # the ITERABLE, and how the mapped function tells an item's number
+    "itertuples": ("df.itertuples()", "item.a"),
+    "dataclasses": ("tasks", "int(item.name[1:])"),
+    "frozensets": ("sets", "int(next(s for s in item if s.startswith('w'))[1:])"),
+}
+
+
+def identity_cell(ck: Path, calls: Path, kind: str) -> str:
+    iterable, number = KINDS[kind]
+    return (
+        f"%%poolmap -q -c 1 --checkpoint {ck} {iterable}\n"
+        "import time\n"
+        "def slow_number(item):\n"
+        f"    x = {number}\n"
+        f"    with open({str(calls)!r}, 'a') as fh:\n"
+        "        fh.write(f'{x}\\n')\n"
+        "    time.sleep(0.2)\n"
+        "    return x * x\n"
+    )
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_new_kernel_recognises_the_items_of_a_killed_one(kernel_spec_manager, tmp_path, kind):
+    """Before: the new kernel refused with "the ITERABLE changed" (itertuples' generated row
+    class, a notebook dataclass and sets of str pickle differently in every process)."""
+    ck = tmp_path / "run.ckpt"
+    calls = tmp_path / "calls"
+    code = identity_cell(ck, calls, kind)
+
+    km, kc = start(kernel_spec_manager, tmp_path, "local")
+    pool: list = []
+    try:
+        pid = kernel_pid(km)
+        run_ok(kc, SETUP, timeout=60)
+        kc.execute(code)
+        wait_for(lambda: len(recorded(calls)) >= 8 and stored_chunks(ck) >= 2, 30,
+                 "8 calls recorded and 2 chunks committed", every=0.02)
+        procs = pool_processes(pid)
+        pool = procs["forkserver"] + procs["resource_tracker"] + procs["other"]
+        os.kill(pid, signal.SIGKILL)
+        still_alive(pool, within=10.0)
+    finally:
+        kill_all(pool)
+        stop_kernel(km, kc)
+
+    first = recorded(calls)
+    stored = sorted(i for idx, *_ in checkpointfile.read(str(ck)).chunks for i in idx)
+    assert len(first) < N and stored, (first, stored)
+
+    km, kc = start(kernel_spec_manager, tmp_path, "local")
+    try:
+        run_ok(kc, SETUP, timeout=60)
+        r = run(kc, code, timeout=60)
+        assert r.status == "ok", f"{r!r}\n{r.traceback}"
+        results = evaluate(kc, "_poolmap.results")
+        resumed = evaluate(kc, "list(_poolmap.resumed or ())")
+    finally:
+        stop_kernel(km, kc)
+
+    second = recorded(calls)[len(first):]
+    assert results == [x * x for x in range(N)]
+    assert sorted(second) == sorted(set(range(N)) - set(stored)), (second, stored)
+    assert resumed == [len(stored), N - len(stored)], resumed
