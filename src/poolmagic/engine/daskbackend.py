@@ -301,10 +301,9 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         link = dashboard_link(client)
         if link is None:
             board = "dashboard off (%poolsize --backend dask --dashboard)" if self.owned else "no dashboard"
-        elif self.owned and importlib.util.find_spec("bokeh") is None:  # the page would only say so
-            board = f"dashboard {link} (needs bokeh: pip install bokeh)"
-        elif self.owned:
-            board = f"dashboard {link} (no password: anyone on this machine can open it)"
+        elif self.owned:  # without bokeh the page only says so; its other routes (logs, metrics) serve
+            bokeh = "needs bokeh: pip install bokeh; " if importlib.util.find_spec("bokeh") is None else ""
+            board = f"dashboard {link} ({bokeh}no password: anyone on this machine can open it)"
         else:
             board = f"dashboard {link}"
         tls = " · TLS with a certificate of its own" if self.owned else ""

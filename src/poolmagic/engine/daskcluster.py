@@ -20,6 +20,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from ..errors import PoolmapError, safe_str
 from . import dasktask, runtimedir
+from .daskaddress import PROBE_TIMEOUT_S, check_scheduler
 from .daskoutcomes import DaskChunk
 from .daskplumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
 from .events import Waiting
@@ -73,7 +74,8 @@ class DaskCluster:
             self._marks = os.path.join(self._dir, "marks")  # see dasktask._mark
             self.cluster, self.client = start_local_cluster(self._size, self.dashboard, self._dir)
         else:
-            self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+            security = check_scheduler(self.address, min(PROBE_TIMEOUT_S, CONNECT_TIMEOUT_S))  # fails in seconds
+            self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False, security=security)
             check_workers(self.client)
         if self._closed:
             return
