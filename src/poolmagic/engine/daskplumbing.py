@@ -202,6 +202,11 @@ def drop_main_for_dask_workers() -> None:
     install_main_guard(DASK_WORKER_NAME)
 
 
+# For benchmarks/dask_rows.py only (--tcp): the LocalCluster without TLS, as before
+# issue 23, to measure what TLS costs. Any local user could then run code as you.
+BENCHMARK_PLAIN_TCP = False
+
+
 def start_local_cluster(n_workers: int, dashboard: bool = False,
                         directory: str | None = None) -> tuple[LocalCluster, Client]:
     """A LocalCluster only this kernel can use, on loopback only, and its client.
@@ -223,14 +228,14 @@ def start_local_cluster(n_workers: int, dashboard: bool = False,
     HUSH.hold()
     config = cluster_config(dashboard, directory)
     try:
-        security = Security.temporary()
+        security = Security() if BENCHMARK_PLAIN_TCP else Security.temporary()
         with dask.config.set(config):  # the scheduler and nannies run here, in the kernel
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                protocol="tls://",
+                protocol="tcp://" if BENCHMARK_PLAIN_TCP else "tls://",
                 security=security,
                 # the scheduler's HTTP server on loopback too: without an address it
                 # takes 8787 on every interface. Closed below unless asked for.
