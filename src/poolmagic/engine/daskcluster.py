@@ -100,7 +100,10 @@ class DaskCluster:
         # closed only at interpreter exit, where that took 20 s. Close it now.
         _close_clients_in(exc)
         _drop_frames(exc)
-        if isinstance(exc, PoolmapError):
+        if isinstance(exc, PoolmapError) and again:  # (daskaddress's checks: said once, with "again")
+            reason = str(exc).removeprefix(f"could not connect to the dask scheduler at {self.address}: ")
+            err = PoolmapError(f"could not {where}: {reason}")
+        elif isinstance(exc, PoolmapError):
             err = exc
         else:
             hint = ""
