@@ -6,7 +6,7 @@ the function defined in a notebook cell, figures timed in the kernel); the
 dask peer is ``%poolsize 2`` then ``%poolsize --backend dask``: a LocalCluster
 of 2 worker processes, 1 thread each, started and owned by poolmagic.
 
-    python benchmarks/dask_rows.py [--quick] [--only tiny,cpu,big,overhead,failures,cold,shutdown]
+    python benchmarks/dask_rows.py [--quick] [--only tiny,cpu,big,overhead,failures,cold,shutdown] [--tcp N]
 
 Targets (issue "Outgrow one machine"): tiny items ≤ 2 µs/item; a 50 MB global
 over 64 items ≤ 0.5 s with no per-task copy; CPU-bound speedup within 5 % of the
@@ -37,6 +37,13 @@ DASK = Peer(
     "poolmagic_dask", "poolmagic --backend dask (LocalCluster)", "distributed", "",
     f"%load_ext poolmagic\n%poolsize {WORKERS}\n%poolsize --backend dask", magic=True,
 )
+# The same LocalCluster on plain tcp:// (no certificate: any local user could use it),
+# only to measure what TLS costs (--tcp).
+DASK_TCP = Peer(
+    "poolmagic_dask_tcp", "poolmagic --backend dask (LocalCluster, plain TCP)", "distributed", "",
+    f"%load_ext poolmagic\nimport poolmagic.engine.daskplumbing as _dp\n_dp.BENCHMARK_PLAIN_TCP = True\n"
+    f"%poolsize {WORKERS}\n%poolsize --backend dask", magic=True,
+)
 LOCAL = bench.PEER_BY_KEY["poolmagic"]
 PEERS = (LOCAL, DASK)
 
@@ -44,7 +51,9 @@ PEERS = (LOCAL, DASK)
 def wl_cold(peer: Peer, cfg: Config, fresh) -> dict:
     """A fresh kernel: %load_ext, %poolsize --backend dask, first 2-item map; one cell, then each alone."""
     src = "def f(x):\n    return x\n"
-    switch = "get_ipython().run_line_magic('poolsize', '--backend dask')" if peer is DASK else ""
+    switch = "get_ipython().run_line_magic('poolsize', '--backend dask')" if peer in (DASK, DASK_TCP) else ""
+    if peer is DASK_TCP:
+        switch = "import poolmagic.engine.daskplumbing as _dp; _dp.BENCHMARK_PLAIN_TCP = True; " + switch
     with fresh() as k:
         k.figures(PREAMBLE)
         out = k.figures(cell(
@@ -181,10 +190,45 @@ def render(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runs(names: list[str], tcp_rounds: int) -> list[tuple[str, Peer]]:
+    """Each workload on each peer; with ``tcp_rounds``, TLS and plain TCP alternating
+    that many times per workload (which goes first alternates too), after local."""
+    out = []
+    for wl in names:
+        if wl != "cold":
+            out.append((wl, LOCAL))
+        if not tcp_rounds:
+            out.append((wl, DASK))
+            continue
+        for i in range(tcp_rounds):
+            pair = (DASK, DASK_TCP) if i % 2 == 0 else (DASK_TCP, DASK)
+            out += [(wl, p) for p in pair]
+    return out
+
+
+def render_tls(results: dict) -> str:
+    """TLS against plain TCP, medians of the alternating rounds."""
+    lines = ["", "| figure | dask, TLS (median) | dask, plain TCP (median) | TLS ÷ TCP | rounds (TLS; TCP) |",
+             "|---|---|---|---|---|"]
+    for label, wl, key, spec, _ in ROWS:
+        r = results.get(wl, {})
+        a = [x[key] for x in r.get("poolmagic_dask_rounds", []) if x.get("status") == "ok" and x.get(key) is not None]
+        b = [x[key] for x in r.get("poolmagic_dask_tcp_rounds", []) if x.get("status") == "ok" and x.get(key) is not None]
+        if not a or not b:
+            continue
+        ma, mb = statistics.median(a), statistics.median(b)
+        ratio = f"{ma / mb:.2f}" if mb else "—"
+        lines.append(f"| {label} | {spec.format(ma)} | {spec.format(mb)} | {ratio} | "
+                     f"{', '.join(spec.format(x) for x in a)}; {', '.join(spec.format(x) for x in b)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--tcp", type=int, default=0, metavar="N",
+                    help="also the LocalCluster on plain TCP, N rounds alternating with TLS (the cost of TLS)")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(WORKLOADS)
     cfg = Config(reps=3, reps_cpu=3, reps_overhead=50) if args.quick else Config(reps_overhead=100)
@@ -205,23 +249,22 @@ def main() -> int:
     results: dict = {}
     t_start = time.monotonic()
     try:
-        for wl in names:
-            results[wl] = {}
-            for peer in PEERS:
-                if wl == "cold" and peer is LOCAL:
-                    continue  # bench.py reports the local cold start
-                t0 = time.monotonic()
-                try:
-                    res = {"status": "ok", **WORKLOADS[wl](peer, cfg, fresh)}
-                except CellFailed as exc:
-                    res = {"status": exc.status, "note": exc.detail}
-                except Exception as exc:
-                    res = {"status": "harness error", "note": repr(exc)[:200]}
-                res["harness_s"] = round(time.monotonic() - t0, 1)
-                results[wl][peer.key] = res
-                print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {peer.key:15s} "
-                      + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
-                                    if k not in ("ts", "pairs")})[:240], flush=True)
+        for wl, peer in runs(names, args.tcp):
+            results.setdefault(wl, {})
+            t0 = time.monotonic()
+            try:
+                res = {"status": "ok", **WORKLOADS[wl](peer, cfg, fresh)}
+            except CellFailed as exc:
+                res = {"status": exc.status, "note": exc.detail}
+            except Exception as exc:
+                res = {"status": "harness error", "note": repr(exc)[:200]}
+            res["harness_s"] = round(time.monotonic() - t0, 1)
+            if args.tcp and peer.key.startswith("poolmagic_dask"):
+                results[wl].setdefault(peer.key + "_rounds", []).append(res)
+            results[wl][peer.key] = res
+            print(f"[{time.monotonic() - t_start:6.1f}s] {wl:9s} {peer.key:15s} "
+                  + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                                if k not in ("ts", "pairs")})[:240], flush=True)
     finally:
         for k in kernels:
             try:
@@ -231,10 +274,12 @@ def main() -> int:
     meta["loadavg_after"] = list(os.getloadavg())
     meta["leaked_processes_killed"] = sum(k.leaked for k in kernels)
     meta["total_s"] = round(time.monotonic() - t_start, 1)
-    stem = "dask-partial" if (args.only or args.quick) else "dask-latest"
+    stem = "dask-partial" if (args.only or args.quick or args.tcp) else "dask-latest"
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
     (bench.RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md = render(results, meta)
+    if args.tcp:
+        md += render_tls(results)
     (bench.RESULTS / f"{stem}.md").write_text(md)
     print("\n" + md)
     print(f"total {meta['total_s']} s; leftover processes killed: {meta['leaked_processes_killed']}; "

@@ -113,13 +113,14 @@ class Pool:
     """
 
     def __init__(self, workers: int | None = None, *, start_method: str | None = None,
-                 backend: Backend | str | None = None, address: str | None = None):
+                 backend: Backend | str | None = None, address: str | None = None, dashboard: bool = False):
         """``backend``: "local" (default), "dask" (a LocalCluster, or the cluster at
-        ``address``, e.g. "tcp://host:8786"), or a Backend instance."""
+        ``address``, e.g. "tcp://host:8786"), or a Backend instance. ``dashboard``:
+        a LocalCluster serves dask's dashboard (127.0.0.1, no password; off by default)."""
         check_positive("workers", workers)
         self.cores = available_cores()
         self._warn_size(workers)
-        self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address)
+        self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address, dashboard)
         self.last_report: RunReport | None = None
         self.last_job: Job | None = None
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers

@@ -78,6 +78,9 @@ def load_ipython_extension(ip: Any) -> None:
     if _loaded is not None:
         return
     prestart()  # first: the forkserver boots while the rest of poolmagic is imported
+    from .engine.runtimedir import remove_stale
+
+    remove_stale()  # what kernels of this user that were SIGKILLed left in /tmp
     _loaded = _Extension(ip)
     _loaded.load()
 

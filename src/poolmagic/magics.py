@@ -481,11 +481,12 @@ class PoolMagics(Magics):
             shutdown_pool()
             print("poolmagic: pool shut down; a fresh one starts on the next map")
             return None
-        if "backend" in o or "address" in o:
+        if "backend" in o or "address" in o or o.get("dashboard"):
             from .switch import switch_backend
 
             try:
-                switch_backend(o.get("backend"), o.get("address"), size=n)
+                switch_backend(o.get("backend") or ("dask" if o.get("dashboard") else None), o.get("address"),
+                               size=n, dashboard=bool(o.get("dashboard")))
             except PoolmapError as exc:
                 raise UsageError(str(exc)) from None
         if o.get("tune"):

@@ -65,6 +65,7 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--max-memory",), "max_memory", "size", "stop a worker whose memory passes SIZE, for every map; 'off' to clear", "SIZE"),
     Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
     Opt(("--address",), "address", "expr", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
+    Opt(("--dashboard",), "dashboard", "flag", "with --backend dask: the LocalCluster serves dask's dashboard (127.0.0.1, no password)"),
 )
 
 

@@ -14,7 +14,7 @@ READY_TIMEOUT_S = 60.0
 
 
 def switch_backend(name: str | None, address: str | None, timeout: float = READY_TIMEOUT_S,
-                   size: int | None = None) -> Pool:
+                   size: int | None = None, dashboard: bool = False) -> Pool:
     """Make a pool on backend ``name`` ("local", "dask") the shared one; returns it.
 
     ``size``: its workers (``%poolsize 4 --backend dask`` starts 4, not 2 then 2 more).
@@ -23,13 +23,13 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
     if name == "local" and address:
         raise BadInputError("--address goes with --backend dask (the local backend has no address)")
     old = get_pool()
-    if _same(old, name, address):
+    if _same(old, name, address) and dashboard == getattr(old.backend, "dashboard", False):
         return old
     # A LocalCluster or a local pool is sized like the pool it replaces; leaving a
     # remote cluster, the local pool takes the cores (not the cluster's size).
     if size is None:
         size = None if getattr(old.backend, "address", None) else old.size
-    new = Pool(size, backend=name, address=address)
+    new = Pool(size, backend=name, address=address, dashboard=dashboard)
     new.threads = old.threads
     try:
         new.start()

@@ -11,7 +11,7 @@ NAMES = ("local", "dask")
 
 
 def make_backend(backend: "Backend | str | None", size: int, start_method: str | None = None,
-                 address: str | None = None) -> Backend:
+                 address: str | None = None, dashboard: bool = False) -> Backend:
     """A Backend instance, a backend's name, or None (the local backend)."""
     if isinstance(backend, Backend):
         if address is not None:
@@ -21,6 +21,8 @@ def make_backend(backend: "Backend | str | None", size: int, start_method: str |
     if name == "local":
         if address is not None:
             raise BadInputError("the local backend takes no address; did you mean backend=\"dask\"?")
+        if dashboard:
+            raise BadInputError("the dashboard is dask's: it goes with backend=\"dask\"")
         return LocalBackend(size, start_method)
     if name == "dask":
         if importlib.util.find_spec("distributed") is None:
@@ -29,5 +31,8 @@ def make_backend(backend: "Backend | str | None", size: int, start_method: str |
             )
         from .daskbackend import DaskBackend
 
-        return DaskBackend(size, address)
+        if dashboard and address is not None:
+            raise BadInputError("dashboard= starts the dashboard of a LocalCluster poolmagic starts; "
+                                "a cluster at an address has its own (dask scheduler --dashboard-address)")
+        return DaskBackend(size, address, dashboard)
     raise BadInputError(f"unknown backend {name!r}; the backends are: {', '.join(NAMES)}")

@@ -118,10 +118,12 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
     ones run on the manager thread.
     """
 
-    def __init__(self, size: int, address: str | None = None):
+    def __init__(self, size: int, address: str | None = None, dashboard: bool = False):
+        """``dashboard``: our LocalCluster serves dask's dashboard (on 127.0.0.1, unauthenticated)."""
         self._size = max(1, int(size))
         self.address = address
         self.owned = address is None
+        self.dashboard = bool(dashboard) and self.owned
         self.description = "dask LocalCluster" if self.owned else f"dask cluster {address}"
         self._cap: int | None = None  # remote: at most this many workers (%poolsize N)
         self._scaled = self._size  # our LocalCluster: the size last asked of it (see _fit_cluster)
@@ -155,6 +157,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
         self._kills: list[tuple[float, str, int, int]] = []  # (when, address, pid, seq): workers to kill
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
+        self._dir: str | None = None  # our LocalCluster's private folder (marks, scratch space)
         self._marks: str | None = None  # our LocalCluster's workers write their running chunk here
         self._memfds: dict[str, int] = {}  # function version -> its buffers in shared memory (ours)
         self._item_times = ItemTimes()
@@ -310,14 +313,16 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         owner = "LocalCluster started by poolmagic" if self.owned else "cluster (not started by poolmagic)"
         link = dashboard_link(client)
         if link is None:
-            board = "no dashboard"
-        elif self.owned and importlib.util.find_spec("bokeh") is None:  # the page would only say so
-            board = f"dashboard {link} (needs bokeh: pip install bokeh)"
+            board = "dashboard off (%poolsize --backend dask --dashboard)" if self.owned else "no dashboard"
+        elif self.owned:  # without bokeh the page only says so; its other routes (logs, metrics) serve
+            bokeh = "needs bokeh: pip install bokeh; " if importlib.util.find_spec("bokeh") is None else ""
+            board = f"dashboard {link} ({bokeh}no password: anyone on this machine can open it)"
         else:
             board = f"dashboard {link}"
+        tls = " · TLS with a certificate of its own" if self.owned else ""
         text = (
             f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')} · "
-            f"{_plural(cores, 'core')} · {board}"
+            f"{_plural(cores, 'core')}{tls} · {board}"
         )
         return text if self.remote_env is None else f"{text}\n{self.remote_env.describe()}"
 

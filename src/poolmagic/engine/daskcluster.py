@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -22,7 +20,8 @@ from typing import Any, Callable
 from distributed import Client, LocalCluster, as_completed
 
 from ..errors import PoolmapError, safe_str
-from . import dasktask
+from . import dasktask, runtimedir
+from .daskaddress import PROBE_TIMEOUT_S, check_scheduler
 from .daskoutcomes import DaskChunk
 from .daskplumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
 from .events import Waiting
@@ -63,6 +62,8 @@ class DaskCluster:
     _expected: set[str]
     _gone: set[str]
     _marks: str | None
+    _dir: str | None
+    dashboard: bool
     _memfds: dict[str, int]
     _ac: Any
     remote_env: Any  # daskenv.RemoteEnvironment of a cluster not ours, else None
@@ -71,10 +72,12 @@ class DaskCluster:
     # ------------------------------------------------------------------ connecting
     def _connect(self) -> None:
         if self.owned:
-            self._marks = marks_folder()  # see dasktask._mark
-            self.cluster, self.client = start_local_cluster(self._size)
+            self._dir = cluster_folder()
+            self._marks = os.path.join(self._dir, "marks")  # see dasktask._mark
+            self.cluster, self.client = start_local_cluster(self._size, self.dashboard, self._dir)
         else:
-            self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+            security = check_scheduler(self.address, min(PROBE_TIMEOUT_S, CONNECT_TIMEOUT_S))  # fails in seconds
+            self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False, security=security)
             check_workers(self.client)
             self.remote_env.check_packages(self.client, [p for p in ("numpy", "pandas") if p in sys.modules], wait=False)
         if self._closed:
@@ -100,7 +103,10 @@ class DaskCluster:
         # closed only at interpreter exit, where that took 20 s. Close it now.
         _close_clients_in(exc)
         _drop_frames(exc)
-        if isinstance(exc, PoolmapError):
+        if isinstance(exc, PoolmapError) and again:  # (daskaddress's checks: said once, with "again")
+            reason = str(exc).removeprefix(f"could not connect to the dask scheduler at {self.address}: ")
+            err = PoolmapError(f"could not {where}: {reason}")
+        elif isinstance(exc, PoolmapError):
             err = exc
         else:
             hint = ""
@@ -270,8 +276,9 @@ class DaskCluster:
         try:
             self._close_dask()
         finally:
-            if self._marks is not None:
-                shutil.rmtree(self._marks, ignore_errors=True)
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = self._marks = None
             for fd in self._memfds.values():
                 _close(fd)
             self._memfds.clear()
@@ -330,35 +337,25 @@ def _drop_frames(exc: BaseException | None) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-MARKS_PREFIX = "poolmagic-dask-"
+MARKS_PREFIX = "poolmagic-"  # (runtimedir.PREFIX: every runtime directory of ours)
+
+
+def cluster_folder() -> str:
+    """A new private folder for our LocalCluster: its workers' marks and dask's scratch space.
+
+    Inside this process's runtime directory (runtimedir.py: 0700, named after
+    the pid, removed at exit and, after a SIGKILL, by the next one); removed
+    when the cluster closes. Everything in it is made 0700/0600.
+    """
+    path = runtimedir.subdir("dask")
+    for name in ("marks", "dask-scratch-space"):  # (dask would make its scratch space 0755)
+        os.mkdir(os.path.join(path, name), 0o700)
+    return path
 
 
 def marks_folder() -> str:
-    """A new folder for our LocalCluster's marks, named after this process.
-
-    Removed at shutdown; those of processes that no longer exist (a kernel
-    that was killed) are removed here.
-    """
-    tmp = tempfile.gettempdir()
-    try:
-        names = os.listdir(tmp)
-    except OSError:
-        names = []
-    for name in names:
-        m = re.fullmatch(re.escape(MARKS_PREFIX) + r"(\d+)-\w+", name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{MARKS_PREFIX}{os.getpid()}-")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # someone else's
-    return True
+    """(The marks of a cluster: see cluster_folder.)"""
+    return os.path.join(cluster_folder(), "marks")
 
 
 def _close(fd: int | None) -> None:

@@ -142,8 +142,14 @@ def release() -> None:
 def _stop() -> None:
     with SERVER._lock:
         fd, pid = SERVER._forkserver_alive_fd, SERVER._forkserver_pid
+        address = SERVER._forkserver_address
         SERVER._forkserver_alive_fd = SERVER._forkserver_pid = None
         SERVER._forkserver_address = None
+    if address and isinstance(address, str) and not address.startswith("\0"):
+        try:
+            os.unlink(address)  # its socket file (the stdlib's own stop does this too)
+        except OSError:
+            pass
     if fd is not None:
         try:
             os.close(fd)  # the server exits when its last "alive" writer is gone

@@ -20,6 +20,7 @@ from typing import Any
 import cloudpickle
 import dask
 from distributed import Client, LocalCluster, Nanny
+from distributed.security import Security
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import silence_logging_cmgr
 
@@ -201,45 +202,95 @@ def drop_main_for_dask_workers() -> None:
     install_main_guard(DASK_WORKER_NAME)
 
 
-def start_local_cluster(n_workers: int) -> tuple[LocalCluster, Client]:
-    """A LocalCluster on loopback only (scheduler, nannies, workers, dashboard), and its client.
+# For benchmarks/dask_rows.py only (--tcp): the LocalCluster without TLS, as before
+# issue 23, to measure what TLS costs. Any local user could then run code as you.
+BENCHMARK_PLAIN_TCP = False
 
-    One thread per worker process, as the local backend's workers; a task
-    whose worker dies is not retried on another (``allowed_failures=0``):
+
+def start_local_cluster(n_workers: int, dashboard: bool = False,
+                        directory: str | None = None) -> tuple[LocalCluster, Client]:
+    """A LocalCluster only this kernel can use, on loopback only, and its client.
+
+    Mutual TLS with a certificate made for this cluster alone
+    (``Security.temporary()``: key and certificate in memory, handed to the
+    worker processes through their start pipe), so a process of another user
+    on this machine can neither connect nor submit nor read data. Scheduler,
+    nannies and workers listen on 127.0.0.1; their HTTP servers are closed
+    unless ``dashboard`` (then the scheduler's serves the dashboard, on
+    127.0.0.1, without authentication). Scratch space in ``directory`` (ours,
+    0700). One thread per worker process, as the local backend's workers; a
+    task whose worker dies is not retried on another (``allowed_failures=0``):
     poolmagic reports the item at once instead.
     """
     drop_main_for_dask_workers()
     daskforkserver.install()
     daskforkserver.start()  # both released when the cluster is closed (release_cluster)
     HUSH.hold()
+    config = cluster_config(dashboard, directory)
     try:
-        with dask.config.set(CLUSTER_CONFIG):  # the scheduler and nannies run here, in the kernel
+        security = Security() if BENCHMARK_PLAIN_TCP else Security.temporary()
+        with dask.config.set(config):  # the scheduler and nannies run here, in the kernel
             cluster = LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                # the scheduler's HTTP server (the dashboard when bokeh is installed) on
-                # loopback too: without an address it takes 8787 on every interface
+                protocol="tcp://" if BENCHMARK_PLAIN_TCP else "tls://",
+                security=security,
+                # the scheduler's HTTP server on loopback too: without an address it
+                # takes 8787 on every interface. Closed below unless asked for.
                 dashboard_address="127.0.0.1:0",
                 worker_class=PoolNanny,
-                scheduler_kwargs={"allowed_failures": 0},
+                scheduler_kwargs={"allowed_failures": 0, "dashboard": dashboard},
                 silence_logs=logging.ERROR,  # its workers; in this process HUSH has done it already
                 preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
                 env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
-                config=CLUSTER_CONFIG,  # the worker processes' (the scheduler's: dask.config.set)
+                config=config,  # the worker processes' (the scheduler's: dask.config.set)
+                local_directory=directory,  # the nannies' and workers' scratch space
             )
     except BaseException:
         release_cluster()
         raise
     try:
-        client = Client(cluster, set_as_default=False, direct_to_workers=True)
+        if not dashboard:
+            _close_http(cluster)
+        client = Client(cluster, set_as_default=False, direct_to_workers=True)  # the cluster's certificate
         client.register_plugin(Unbatched())
     except BaseException:
         cluster.close(timeout=2)
         release_cluster()
         raise
     return cluster, client
+
+
+def cluster_config(dashboard: bool, directory: str | None) -> dict[str, Any]:
+    """CLUSTER_CONFIG, with the HTTP routes and scratch space of this cluster."""
+    config = dict(CLUSTER_CONFIG)
+    # Without the dashboard, nothing to serve over HTTP (its routes include
+    # worker logs, call stacks and metrics); workers never serve any.
+    if not dashboard:
+        config["distributed.scheduler.http.routes"] = []
+    config["distributed.worker.http.routes"] = []
+    # dask's lock files guard a scratch space shared by clusters; ours is private
+    # to this cluster, and they would be the only files in it not 0600/0700.
+    config["distributed.worker.use-file-locking"] = False
+    if directory is not None:
+        config["temporary-directory"] = directory  # the scheduler's (it has no local_directory argument)
+    return config
+
+
+def _close_http(cluster: LocalCluster) -> None:
+    """Stop the scheduler's HTTP server (dask starts one whatever it serves)."""
+    scheduler = getattr(cluster, "scheduler", None)
+    server = getattr(scheduler, "http_server", None)
+    if server is None:
+        return
+
+    async def stop() -> None:
+        server.stop()
+        scheduler.services.pop("dashboard", None)
+
+    cluster.sync(stop)
 
 
 def release_cluster() -> None:

@@ -45,6 +45,7 @@ def unbatch(stream: Any) -> None:
 
 def dask_setup(worker: Any) -> None:
     unbatch(getattr(worker, "batched_stream", None))  # "a chunk ended" goes at once
+    close_http(worker)
     for name in filter(None, os.environ.get(WARM_ENV, "").split(",")):
         try:
             __import__(name)
@@ -63,6 +64,19 @@ def dask_setup(worker: Any) -> None:
         return
     if hasattr(signal, "pthread_sigmask"):  # blocked by the server that forked us
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def close_http(worker: Any) -> None:
+    """Stop the worker's HTTP server: it serves nothing we need (metrics, health),
+    and listens without authentication while everything else needs the cluster's
+    certificate. (dask starts it whatever its routes.)"""
+    server = getattr(worker, "http_server", None)
+    if server is not None:
+        try:
+            server.stop()
+        except Exception:
+            pass
+    getattr(worker, "services", {}).pop("dashboard", None)
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -267,11 +267,24 @@ def start_resource_tracker() -> None:
     later (inside the first Process.start) it would undo block_sigint before
     the forkserver is spawned.
     """
+    private_runtime_dir()
     try:
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
     except Exception:  # Windows, or no tracker
+        pass
+
+
+def private_runtime_dir() -> None:
+    """Before any forkserver starts: multiprocessing's sockets go in our private,
+    pid-named runtime directory (runtimedir.py), which the next kernel removes
+    if this one is SIGKILLed; multiprocessing's own ``pymp-*`` would stay."""
+    from .runtimedir import adopt_for_multiprocessing
+
+    try:
+        adopt_for_multiprocessing()
+    except OSError:  # no usable temporary directory: multiprocessing's own then
         pass
 
 
@@ -287,6 +300,7 @@ def shared_buffers(buffers: list) -> int | None:
     total = sum(b.nbytes for b in buffers)
     fd = os.memfd_create("poolmagic-payload", os.MFD_CLOEXEC)
     try:
+        os.fchmod(fd, 0o600)  # (reached through /proc/PID/fd/N: this user's processes only anyway)
         os.ftruncate(fd, total)
         with mmap.mmap(fd, total) as m:
             offset = 0
