@@ -136,7 +136,7 @@ class ItemSource:
             with self._lock:
                 if error is not None or count < n:
                     self.stream_done = True
-                    if not buf:
+                    if not buf and error is None:  # on error the map ends failed (abort), never "done"
                         self.exhausted = True
             if self.on_items is not None:
                 self.on_items()

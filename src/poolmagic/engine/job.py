@@ -32,6 +32,7 @@ from ..errors import (
     MapFailedError,
     PoolmapError,
     add_note,
+    pickling_error,
     point_at_function,
     safe_str,
     short_repr,
@@ -196,9 +197,9 @@ class Job:
             try:
                 cloudpickle.dumps(x, protocol=5)
             except Exception as exc:
-                bad[k] = ItemPicklingError(
+                bad[k] = pickling_error(
                     f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
-                    f"to a worker: {safe_str(exc)}"
+                    f"to a worker: {safe_str(exc)}", exc
                 )
         if not bad:  # the items pickle one by one; report the whole chunk
             bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
