@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .engine.events import ChunkFinished, ItemsFailed, MapFinished
 from .engine.rules import write_outputs
-from .errors import BadInputError, MapCancelledError, MapFailedError, add_note
+from .errors import BadInputError, MapCancelledError, MapFailedError, PoolmapError, add_note
 from .sentinel import NOT_DONE
 
 __all__ = ["RUN", "CLOSE", "TERMINATE", "TimeoutError", "AsyncResult", "IMapIterator", "RemoteTraceback"]
@@ -49,9 +49,14 @@ def start_method_of(context: Any, start_method: str | None) -> str | None:
     return method
 
 
+class PoolNotRunningError(PoolmapError, ValueError):
+    """Work given to a pool after close(), terminate() or shutdown() (multiprocessing raises ValueError)."""
+
+
 def check_running(state: str) -> None:
     if state != RUN:
-        raise ValueError("Pool not running")
+        how = "closed" if state == CLOSE else "shut down (terminate, shutdown or the end of its with block)"
+        raise PoolNotRunningError(f"Pool not running: it was {how}; make a new Pool")
 
 
 class Callbacks:
@@ -253,33 +258,58 @@ class Guarded:
         self.error_at = -1
 
     def __iter__(self) -> Iterator:
+        it, chunk = self._it, self._chunk
         read = 0
+        if chunk == 1:  # item by item while the ITERABLE is slow: a producer may wait for results
+            probe = time.perf_counter
+            spent = 0.0
+            while read < 256 or spent > read * 2e-6:
+                t = probe()
+                try:
+                    x = next(it)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    self.error, self.error_at = exc, read
+                    return
+                spent += probe() - t
+                read += 1
+                yield x
+        batch = chunk * max(1, 1024 // chunk)  # a fast ITERABLE: whole chunks, read at C speed
         while True:
+            buf: list = []
             try:
-                batch = tuple(itertools.islice(self._it, self._chunk))
+                buf.extend(itertools.islice(it, batch))  # keeps what it read before a raise
             except Exception as exc:
-                self.error, self.error_at = exc, read
+                keep = len(buf) - len(buf) % chunk  # a partly read chunk is lost, as in the stdlib
+                self.error, self.error_at = exc, read + keep
+                yield from buf[:keep]
                 return
-            if not batch:
+            read += len(buf)
+            yield from buf
+            if len(buf) < batch:
                 return
-            read += len(batch)
-            yield from batch
 
 
 class IMapIterator:
     """``imap``/``imap_unordered``: results as they finish, in order or not.
 
     ``next(timeout)`` as in the standard library. Each item's error is raised
-    at its place and the iteration goes on, as multiprocessing's does.
+    at its place and the iteration goes on, as multiprocessing's does. The
+    manager thread only files each finished chunk (O(1)); the consumer walks
+    its items.
     """
 
     def __init__(self, ordered: bool, guard: Guarded | None = None):
         self._ordered = ordered
         self._guard = guard
         self._cond = threading.Condition()
-        self._ready: dict[int, tuple[bool, Any]] = {}
-        self._queue: deque[tuple[bool, Any]] = deque()
-        self._next = 0
+        self._chunks: dict[int, list] = {}  # ordered: first position -> the chunk's results
+        self._queue: deque[tuple[int, list]] = deque()  # unordered: (first position, results)
+        self._single: dict[int, tuple[bool, Any]] = {}  # items that failed outside a chunk
+        self._cur: tuple[int, list] = (0, [])  # the chunk being consumed
+        self._off = 0  # next index in it
+        self._next = 0  # ordered: next position; unordered: items handed out
         self._end: int | None = None  # items in the map, once it finished
         self._end_error: BaseException | None = None
         self._job: Any = None
@@ -294,31 +324,23 @@ class IMapIterator:
         job.report.results = Discard(len(job.report.results))
         job.observers.append(self._observe)
 
-    def _put(self, pos: int, ok: bool, value: Any) -> None:
-        if self._ordered:
-            self._ready[pos] = (ok, value)
-        else:
-            self._queue.append((ok, value))
-
     def _observe(self, event: Any) -> None:
         kind = type(event)
         if kind is ChunkFinished:
-            errors = self._job.report.errors
             start = event.record.start
             with self._cond:
-                for k, v in enumerate(event.results):
-                    if v is NOT_DONE:
-                        err = errors.get(start + k)
-                        if err is not None:
-                            self._put(start + k, False, err)
-                    else:
-                        self._put(start + k, True, v)
+                if self._ordered:
+                    self._chunks[start] = event.results
+                else:
+                    self._queue.append((start, event.results))
                 self._cond.notify_all()
         elif kind is ItemsFailed:
             errors = self._job.report.errors
             with self._cond:
                 for pos in event.indices:
-                    self._put(pos, False, errors.get(pos, event.error))
+                    self._single[pos] = (False, errors.get(pos, event.error))
+                    if not self._ordered:
+                        self._queue.append((pos, [NOT_DONE]))
                 self._cond.notify_all()
         elif kind is MapFinished:
             job = self._job
@@ -339,39 +361,69 @@ class IMapIterator:
     def next(self, timeout: float | None = None) -> Any:
         """The next result; raises that item's error, StopIteration, or TimeoutError."""
         __tracebackhide__ = True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                got = self._take()
-                if got is not None:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"no result within {timeout} s")
-                self._cond.wait(left if left is None else min(left, 0.5))
-        self._print()
+        got = self._from_chunk()
+        if got is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with self._cond:
+                while True:
+                    got = self._take()
+                    if got is not None:
+                        break
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"no result within {timeout} s")
+                    self._cond.wait(0.5 if left is None else min(left, 0.5))
+        if self._job._pending_out:
+            write_outputs(self._job.take_printable(final=self._end is not None))
         ok, value = got
         if ok:
             return value
         raise value
 
-    def _take(self) -> tuple[bool, Any] | None:
-        """The next (ok, value) if it is there; raises StopIteration at the end."""
-        if self._ordered:
-            got = self._ready.pop(self._next, None)
-            if got is not None:
-                self._next += 1
-                return got
-            done = self._end is not None and self._next >= self._end
+    def _from_chunk(self) -> tuple[bool, Any] | None:
+        """The next item of the chunk being consumed (no lock: only this thread reads it)."""
+        start, results = self._cur
+        k = self._off
+        if k >= len(results):
+            return None
+        value = results[k]
+        pos = start + k
+        if value is NOT_DONE:
+            err = self._single.pop(pos, None) or (False, self._job.report.errors.get(pos))
+            if err[1] is None:  # queued again (retries): it comes back as a chunk of its own
+                self._off = len(results)
+                return None
+            value = err
         else:
-            if self._queue:
+            value = (True, value)
+        self._off = k + 1
+        self._next += 1
+        results[k] = None  # the consumer owns it now: keep no reference
+        return value
+
+    def _take(self) -> tuple[bool, Any] | None:
+        """The next (ok, value) if it is there; raises StopIteration at the end. Under the lock."""
+        got = self._from_chunk()
+        if got is not None:
+            return got
+        if self._ordered:
+            single = self._single.pop(self._next, None)
+            if single is not None:
                 self._next += 1
-                return self._queue.popleft()
-            done = self._end is not None and self._next >= self._end
+                return single
+            chunk = self._chunks.pop(self._next, None)
+            if chunk is not None:
+                self._cur, self._off = (self._next, chunk), 0
+                return self._take()
+        elif self._queue:
+            self._cur, self._off = self._queue.popleft(), 0
+            return self._take()
         if self._end is None:
             return None
-        if self._guard is not None and self._guard.error is not None and (done or self._ordered and self._next >= self._guard.error_at):
-            err, self._guard.error = self._guard.error, None
+        done = self._next >= self._end
+        guard = self._guard
+        if guard is not None and guard.error is not None and (done or (self._ordered and self._next >= guard.error_at)):
+            err, guard.error = guard.error, None
             self._end = self._next  # nothing follows the ITERABLE's error
             return (False, err)
         if self._end_error is not None:
@@ -380,12 +432,7 @@ class IMapIterator:
             return (False, err)
         if done:
             raise StopIteration
-        return None  # finished, yet an earlier result is still on its way: impossible, keep waiting
-
-    def _print(self) -> None:
-        job = self._job
-        if job is not None and job._pending_out:
-            write_outputs(job.take_printable(final=self._end is not None))
+        return None
 
 
 # ---------------------------------------------------------------- per-worker setup
