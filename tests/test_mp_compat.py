@@ -223,3 +223,24 @@ def test_a_pool_of_your_own_keeps_no_inputs_or_results():
         assert len(out) == 4
         assert wait_for(lambda: gc.collect() is not None and all(r() is None for r in refs), 5.0)
         assert p.last_report is None  # nobody holds the report
+
+
+def failing_init():
+    raise RuntimeError("no database")
+
+
+def test_constructor_checks_like_multiprocessing():
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="at least 1"):
+            Pool(n)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        Pool(1, initializer=42)
+    with pytest.raises(ValueError):
+        Pool(1, maxtasksperchild=0)
+
+
+def test_a_failing_initializer_fails_the_items_with_its_error():
+    """multiprocessing respawns workers whose initializer raises, forever."""
+    with Pool(1, failing_init) as p:
+        with pytest.raises(RuntimeError, match="no database"):
+            p.map(double, range(3))
