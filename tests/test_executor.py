@@ -14,6 +14,7 @@ import unittest
 import pytest
 
 import poolmagic
+from conftest import wait_for
 
 
 def _stdlib_modules():
@@ -43,7 +44,9 @@ SKIPPED = {
     "test_submit_after_interpreter_shutdown": "runs a script that imports the executor class from concurrent.futures "
                                               "by its name",
     "test_hang_gh83386": "runs a script that imports the executor class from concurrent.futures by its name",
-    "test_hang_gh94440": "inspects ProcessPoolExecutor's private queue-management thread",
+    "test_no_stale_references": "waits for the submitted callable to be freed by reference counting alone; a "
+                                "poolmagic map and its observers form reference cycles, so it is freed at the "
+                                "next garbage collection (test_submitted_callable_is_freed checks that)",
 }
 
 
@@ -154,3 +157,20 @@ def test_executor_on_dask():
     with poolmagic.Executor(2, backend="dask") as ex:
         assert ex.submit(double, 21).result(timeout=120) == 42
         assert list(ex.map(double, range(5))) == [0, 2, 4, 6, 8]
+
+
+def test_submitted_callable_is_freed():
+    """What test_no_stale_references checks, with a garbage collection (see SKIPPED)."""
+    import gc
+    import weakref
+
+    class Holder:
+        def method(self):
+            return 1
+
+    with poolmagic.Executor(1) as ex:
+        obj = Holder()
+        ref = weakref.ref(obj)
+        assert ex.submit(obj.method).result(timeout=60) == 1
+        del obj
+        assert wait_for(lambda: gc.collect() is not None and ref() is None, 5.0)

@@ -58,10 +58,14 @@ class Executor(futures.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: futures.Future = futures.Future()
             self._pending.add(future)
+            # as ProcessPoolExecutor's call queue (workers + 1): the first calls are taken at once
+            taken = len(self._pending) <= self._pool.size + 1
         options: dict[str, Any] = {"star": True}
         if kwargs:
             options["kwargs"] = kwargs
         link = _Link(future, self)
+        if taken:
+            link._start()
         try:
             self._pool._submit(fn, [args], options, before=link.attach, remember=False)
         except BaseException:
