@@ -47,6 +47,9 @@ from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
 
+_NOT_GIVEN: Any = object()
+
+
 class MapHandle(AsyncResult):
     """A map running in the background (``map_async``, ``%%poolmap --async``).
 
@@ -404,14 +407,16 @@ class Pool:
 
     def map_async(self, func: Callable, iterable: Iterable | None = None, chunksize: int | None = None,
                   callback: Callable | None = None, error_callback: Callable | None = None, *,
-                  watch: Any = None, resume: RunReport | None = None, **options: Any) -> MapHandle:
+                  watch: Any = _NOT_GIVEN, resume: RunReport | None = None, **options: Any) -> MapHandle:
         """Start a map and return a MapHandle (an AsyncResult) at once.
 
         ``callback(results)`` or ``error_callback(error)`` runs when it ends,
         before ``ready()`` turns True. A stream ITERABLE is read by a feeder
         thread of its own (never by the pool's manager), which ends with the map.
         """
-        mp_errors = not (set(options) - {"star"}) and watch is None and resume is None
+        # the magics pass watch= (None when quiet): poolmagic's policy for them
+        mp_errors = not (set(options) - {"star"}) and watch is _NOT_GIVEN and resume is None
+        watch = None if watch is _NOT_GIVEN else watch
         if chunksize is not None:
             options["chunksize"] = chunksize
         if mp_errors:
