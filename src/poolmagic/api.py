@@ -464,7 +464,7 @@ class Pool:
         it = mpcompat.IMapIterator(ordered, guard)
         job = self._submit(func, iterable if guard is None else guard, options, before=it.attach, remember=False)
         if job.source.is_stream:
-            threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
+            threading.Thread(target=it.feed, daemon=True, name="poolmagic-feeder").start()
         return it
 
     def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:

@@ -291,6 +291,9 @@ class Guarded:
                 return
 
 
+BACKLOG = 1 << 16  # imap results waiting for the consumer before the ITERABLE's reading pauses
+
+
 class IMapIterator:
     """``imap``/``imap_unordered``: results as they finish, in order or not.
 
@@ -313,6 +316,7 @@ class IMapIterator:
         self._end: int | None = None  # items in the map, once it finished
         self._end_error: BaseException | None = None
         self._job: Any = None
+        self._filed = 0  # results filed by the manager thread (the consumer has taken _next)
 
     @property
     def report(self) -> Any:
@@ -333,6 +337,7 @@ class IMapIterator:
                     self._chunks[start] = event.results
                 else:
                     self._queue.append((start, event.results))
+                self._filed += len(event.results)
                 self._cond.notify_all()
         elif kind is ItemsFailed:
             errors = self._job.report.errors
@@ -351,6 +356,17 @@ class IMapIterator:
                 elif event.error is not None and not isinstance(event.error, MapFailedError):
                     self._end_error = event.error  # not an item's: the pool shut down, or the ITERABLE
                 self._cond.notify_all()
+
+    def feed(self) -> None:
+        """Read a stream ITERABLE for the map (a feeder thread), pausing while more
+        than BACKLOG results wait for the consumer: memory stays bounded however
+        slowly the results are taken (multiprocessing reads on regardless)."""
+        job = self._job
+        while not job.finished.is_set():
+            with self._cond:
+                while self._filed - self._next > BACKLOG and not job.finished.is_set():
+                    self._cond.wait(0.1)
+            job.wait(0.05, feed=True)
 
     def __iter__(self) -> "IMapIterator":
         return self
@@ -373,6 +389,9 @@ class IMapIterator:
                     if left is not None and left <= 0:
                         raise TimeoutError(f"no result within {timeout} s")
                     self._cond.wait(0.5 if left is None else min(left, 0.5))
+        if self._filed - self._next == BACKLOG // 2:
+            with self._cond:
+                self._cond.notify_all()  # the feeder may go on
         if self._job._pending_out:
             write_outputs(self._job.take_printable(final=self._end is not None))
         ok, value = got
