@@ -244,3 +244,14 @@ def test_a_failing_initializer_fails_the_items_with_its_error():
     with Pool(1, failing_init) as p:
         with pytest.raises(RuntimeError, match="no database"):
             p.map(double, range(3))
+
+
+def test_the_multiprocessing_surface_on_dask():
+    pytest.importorskip("distributed")
+    got = []
+    with Pool(2, backend="dask") as p:
+        assert p.map(double, range(4), 1) == [0, 2, 4, 6]
+        assert p.apply(divmod, (7, 2)) == (3, 1)
+        assert list(p.imap(double, iter(range(5)))) == [0, 2, 4, 6, 8]
+        p.starmap_async(pow, [(2, 3)], None, got.append).wait(120)
+        assert got == [[8]]
