@@ -255,3 +255,17 @@ def test_the_multiprocessing_surface_on_dask():
         assert list(p.imap(double, iter(range(5)))) == [0, 2, 4, 6, 8]
         p.starmap_async(pow, [(2, 3)], None, got.append).wait(120)
         assert got == [[8]]
+
+
+def fails_at_once():
+    raise LookupError("no first item")
+    yield  # a generator
+
+
+def test_a_stream_failing_before_its_first_item_raises_every_time():
+    """It ended the map 'done' with no results when the abort lost a race (found via CPython's tests)."""
+    with Pool(1) as p:
+        p.map(double, [1])  # warm: the race needs a quick pool
+        for _ in range(10):
+            with pytest.raises(LookupError):
+                p.run(double, fails_at_once())

@@ -20,7 +20,7 @@ from multiprocessing.pool import CLOSE, RUN, TERMINATE, RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
 from .engine.events import ChunkFinished, ItemsFailed, MapFinished
-from .engine.rules import write_outputs
+from .engine.rules import attach_report, write_outputs
 from .errors import BadInputError, MapCancelledError, MapFailedError, PoolmapError, add_note
 from .sentinel import NOT_DONE
 
@@ -101,7 +101,7 @@ def first_item_error(err: BaseException | None, report: Any) -> BaseException | 
             add_note(first, f"poolmagic: {len(report.errors)} items failed; this is the first, every error is "
                             f"in .poolmap_report.errors.")
         first._poolmagic_first = True  # type: ignore[attr-defined]
-        first.poolmap_report = report  # type: ignore[attr-defined]
+        attach_report(first, report)
         return first
     return err
 

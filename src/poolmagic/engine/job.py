@@ -374,6 +374,9 @@ class Job:
 
     def maybe_finish(self) -> None:
         with self.cond:
+            if self.active and self.source.error is not None:  # the abort may not have landed yet
+                self._fail_locked(self.source.error)
+                return
             if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
                 r = self.report
                 src = self.source
