@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Pool": "api",
     "MapHandle": "api",
+    "AsyncResult": "mpcompat",
+    "Executor": "executor",
     "pmap": "api",
     "get_pool": "api",
     "shutdown_pool": "api",

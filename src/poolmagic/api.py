@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
+import uuid
 import warnings
+import weakref
 from typing import Any, Callable, Iterable
 
 from .checks import (  # noqa: F401
@@ -28,67 +31,49 @@ from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
+from .engine.events import MapFinished
 from .engine.items import SEQUENCES, ItemSource
 from .engine.job import Job, write_outputs
 from .engine.mapoptions import MapOptions
 from .errors import (
     BadInputError,
-    MapCancelledError,
+    MapFailedError,
     PoolmapError,
     SerializationError,
     add_note,
     point_at_function,
 )
+from . import mpcompat
 from .longrun import Checkpoint, SeenItems, resume_report
+from .mpcompat import CLOSE, RUN, TERMINATE, AsyncResult
 from .report import FAILED_KEPT, RunReport
 from .serialize import callable_name, describe, dump_function, undefined_globals
 
 
-class MapHandle:
-    """A map running in the background (``map_async``, ``%%poolmap --async``)."""
+_NOT_GIVEN: Any = object()
 
-    def __init__(self, pool: "Pool", job: Job):
+
+class MapHandle(AsyncResult):
+    """A map running in the background (``map_async``, ``%%poolmap --async``).
+
+    Also multiprocessing's AsyncResult: ``get(timeout)``, ``wait``, ``ready``,
+    ``successful``, and the ``callback``/``error_callback`` given to ``map_async``.
+    """
+
+    def __init__(self, pool: "Pool", job: Job | None = None, **result_options: Any):
+        super().__init__(callbacks=pool._callbacks, **result_options)
         self._pool = pool
-        self._job = job
-        self._printed = False
+        if job is not None:
+            self.attach(job)
 
     @property
     def report(self) -> RunReport:
         return self._job.report
 
-    def ready(self) -> bool:
-        """True once every item has finished, failed or been cancelled."""
-        return self._job.finished.is_set()
-
-    def successful(self) -> bool:
-        if not self.ready():
-            raise ValueError("the map is still running")
-        return self._job.error is None
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds; True when the map has finished."""
-        return self._job.wait(timeout, feed=False)
-
-    def get(self, timeout: float | None = None) -> list:
-        """Results in input order; raises the map's error as a blocking map would."""
-        __tracebackhide__ = True
-        if not self.wait(timeout):
-            raise TimeoutError(f"the map is still running after {timeout} s ({self.report.summary()})")
-        if not self._printed:
-            self._printed = True
-            write_outputs(self._job.take_printable(final=True))
+    def _deliver(self) -> None:
+        if not getattr(self, "_printed", False):
+            super()._deliver()
             Pool._finish_checkpoint(self._job)
-        r = self.report
-        if r.status == "cancelled":
-            err = MapCancelledError(
-                f"the map was cancelled; {r.done} of {r.items if r.items is not None else '?'} "
-                f"results finished and are kept in .report.results"
-            )
-            err.report = r
-            raise err
-        if self._job.error is not None:
-            raise self._job.error
-        return r.results
 
     def cancel(self) -> None:
         """Stop the map now; results that finished stay in ``.report.results``."""
@@ -112,21 +97,77 @@ class Pool:
     few lines over the backend and the Job.
     """
 
-    def __init__(self, workers: int | None = None, *, start_method: str | None = None,
+    _state = RUN  # multiprocessing's: RUN, then CLOSE or TERMINATE (then work is refused)
+    _shared = False  # the magics' and pmap's pool (get_pool): user code may not close it
+
+    def __init__(self, processes: int | None = None, initializer: Callable | None = None,
+                 initargs: Iterable = (), maxtasksperchild: int | None = None, context: Any = None, *,
+                 workers: int | None = None, start_method: str | None = None,
                  backend: Backend | str | None = None, address: str | None = None, dashboard: bool = False):
-        """``backend``: "local" (default), "dask" (a LocalCluster, or the cluster at
+        """The arguments of ``multiprocessing.Pool``, then poolmagic's own.
+
+        ``processes`` (or ``workers``): how many worker processes (default: the
+        cores this process may use). ``initializer(*initargs)`` runs once in each
+        worker process, before its first item. ``maxtasksperchild``: replace a
+        worker after it ran that many items (after the chunk it is on).
+        ``context``: a multiprocessing context, for its start method.
+        ``backend``: "local" (default), "dask" (a LocalCluster, or the cluster at
         ``address``, e.g. "tcp://host:8786"), or a Backend instance. ``dashboard``:
-        a LocalCluster serves dask's dashboard (127.0.0.1, no password; off by default)."""
+        a LocalCluster serves dask's dashboard (127.0.0.1, no password; off by default).
+        """
+        if processes is not None and workers is not None and processes != workers:
+            raise BadInputError("give processes or workers, not both")
+        workers = workers if workers is not None else processes
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers < 1:
+            raise BadInputError("Number of processes must be at least 1")
         check_positive("workers", workers)
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None:
+            check_positive("maxtasksperchild", maxtasksperchild)
+        start_method = mpcompat.start_method_of(context, start_method)
         self.cores = available_cores()
         self._warn_size(workers)
         self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address, dashboard)
-        self.last_report: RunReport | None = None
-        self.last_job: Job | None = None
+        self._setup = (initializer, tuple(initargs), maxtasksperchild) if initializer or maxtasksperchild else None
+        self._token = uuid.uuid4().hex
+        self._callbacks = mpcompat.Callbacks()
+        self._live: set[Job] = set()  # maps not finished yet (join waits for them)
+        self._live_lock = threading.Lock()
+        self._last: Any = None  # (report, job), or weak references to them (see last_report)
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
         self.max_memory: int | None = None  # bytes per worker, for maps that set none
         self.serial_item_s: dict[str, float] = {}  # function version -> one worker's s/item (--tune)
         self._contexts = ContextCache()
+        self._state = RUN
+
+    # The last map, for _poolmap and --tune. The shared pool keeps it; a pool of
+    # your own keeps it only while you do (multiprocessing keeps nothing: a
+    # long-lived pool must not hold the inputs and results of its last map).
+    @property
+    def last_report(self) -> RunReport | None:
+        return self._last_get(0)
+
+    @last_report.setter
+    def last_report(self, report: RunReport | None) -> None:
+        self._last_set(0, report)
+
+    @property
+    def last_job(self) -> Job | None:
+        return self._last_get(1)
+
+    @last_job.setter
+    def last_job(self, job: Job | None) -> None:
+        self._last_set(1, job)
+
+    def _last_get(self, k: int) -> Any:
+        ref = (self._last or (None, None))[k]
+        return ref() if isinstance(ref, weakref.ref) else ref
+
+    def _last_set(self, k: int, value: Any) -> None:
+        pair = list(self._last or (None, None))
+        pair[k] = value if value is None or self._shared else weakref.ref(value)
+        self._last = tuple(pair)
 
     def _warn_size(self, workers: int | None) -> None:
         msg = too_many_workers(workers or 0, self.cores)
@@ -157,14 +198,66 @@ class Pool:
         return self
 
     def shutdown(self) -> None:
-        """Stop every worker now."""
+        """Stop every worker now (as ``terminate``; the pool then refuses work)."""
+        self._state = TERMINATE
+        self._callbacks.stop()
         self.backend.shutdown()
 
+    def close(self) -> None:
+        """Refuse new work; the maps running go on (``join`` waits for them)."""
+        self._not_shared("close")
+        if self._state == RUN:
+            self._state = CLOSE
+
+    def terminate(self) -> None:
+        """Stop every worker now; running maps end cancelled."""
+        self._not_shared("terminate")
+        self._state = TERMINATE
+        self.shutdown()
+        for job in self._live_jobs():  # a map the backend had not taken up yet ends too
+            job.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        """After ``close`` or ``terminate``: wait for the running maps, then stop the workers."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self._live_jobs():
+            job.finished.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.shutdown()
+
+    def _live_jobs(self) -> list[Job]:
+        with self._live_lock:
+            return list(self._live)
+
+    def _not_shared(self, what: str) -> None:
+        if self._shared:
+            raise BadInputError(
+                f"this is poolmagic's shared pool (the magics' and pmap's): it cannot {what}. Stop it with "
+                f"poolmagic.shutdown_pool() (the next use starts a fresh one), or make a pool of your own: "
+                f"poolmagic.Pool()"
+            )
+
+    @property
+    def _processes(self) -> int:
+        """multiprocessing's name for the pool's size."""
+        return self.size
+
     def __enter__(self) -> "Pool":
+        self._not_shared("be used in a with block")
+        mpcompat.check_running(self._state)
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
+        self.terminate()
+
+    def __del__(self, _warn: Callable = warnings.warn) -> None:
+        if self.__dict__.get("_state") == RUN and not self._shared:
+            _warn(f"unclosed running multiprocessing pool {self!r}: call close() and join(), or use "
+                  f"'with Pool() as pool:'", ResourceWarning, source=self)
+
+    def __repr__(self) -> str:
+        return f"<poolmagic.Pool state={self._state} workers={self.__dict__.get('backend') and self.size}>"
 
     def status(self) -> str:
         from .display import status_text
@@ -219,6 +312,8 @@ class Pool:
         if o.star:
             iterable = check_star(iterable, unwrapped, name, o.kwargs)
         shipped, notes = self.backend.prepare_function(func, iterable, o.star)  # a remote cluster's checks
+        if self._setup is not None:
+            shipped = mpcompat.WorkerSetup(shipped, self._token, *self._setup)
         try:
             payload = dump_function(shipped)
         except SerializationError:
@@ -294,26 +389,114 @@ class Pool:
             raise job.error
         return job.report
 
-    def map(self, func: Callable, iterable: Iterable | None = None, **options: Any) -> list:
-        """Like ``run`` but returns the list of results in input order."""
+    # Called with multiprocessing's arguments only, map/starmap/map_async/
+    # starmap_async behave as multiprocessing's: every item runs and the first
+    # failed item's error (in input order) is raised at the end. With any of
+    # poolmagic's options, poolmagic's policy: stop at the first failure (or,
+    # keep_going=True, run all and raise one MapFailedError). run() and pmap()
+    # always use poolmagic's.
+    def map(self, func: Callable, iterable: Iterable | None = None, chunksize: int | None = None,
+            **options: Any) -> list:
+        """Results of ``func(x)`` for each item, in input order (multiprocessing's ``map``)."""
         __tracebackhide__ = True
-        return self.run(func, iterable, **options).results
+        return self._map(func, iterable, chunksize, options)
 
-    def starmap(self, func: Callable, iterable: Iterable, **options: Any) -> list:
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, **options: Any) -> list:
+        """Results of ``func(*args)`` for each tuple ``args`` (multiprocessing's ``starmap``)."""
         __tracebackhide__ = True
-        return self.run(func, iterable, star=True, **options).results
+        return self._map(func, iterable, chunksize, options, star=True)
 
-    def map_async(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
-                  resume: RunReport | None = None, **options: Any) -> MapHandle:
-        """Start a map and return a MapHandle at once.
+    def _map(self, func: Callable, iterable: Iterable | None, chunksize: int | None, options: dict,
+             star: bool = False) -> list:
+        __tracebackhide__ = True
+        mp_style = not options
+        if chunksize is not None:
+            options["chunksize"] = chunksize
+        if star:
+            options["star"] = True
+        if not mp_style:
+            return self.run(func, iterable, **options).results
+        try:
+            return self.run(func, iterable, keep_going=True, **options).results
+        except MapFailedError as exc:
+            raise mpcompat.first_item_error(exc, exc.report) from None
 
-        A stream ITERABLE is read by a feeder thread of its own (never by the
-        pool's manager), which ends with the map.
+    def map_async(self, func: Callable, iterable: Iterable | None = None, chunksize: int | None = None,
+                  callback: Callable | None = None, error_callback: Callable | None = None, *,
+                  watch: Any = _NOT_GIVEN, resume: RunReport | None = None, **options: Any) -> MapHandle:
+        """Start a map and return a MapHandle (an AsyncResult) at once.
+
+        ``callback(results)`` or ``error_callback(error)`` runs when it ends,
+        before ``ready()`` turns True. A stream ITERABLE is read by a feeder
+        thread of its own (never by the pool's manager), which ends with the map.
         """
-        job = self._submit(func, iterable, options, watch, resume)
+        # the magics pass watch= (None when quiet): poolmagic's policy for them
+        mp_errors = not (set(options) - {"star"}) and watch is _NOT_GIVEN and resume is None
+        watch = None if watch is _NOT_GIVEN else watch
+        if chunksize is not None:
+            options["chunksize"] = chunksize
+        if mp_errors:
+            options["keep_going"] = True
+        handle = MapHandle(self, callback=callback, error_callback=error_callback, mp_errors=mp_errors)
+        job = self._submit(func, iterable, options, watch, resume, before=handle.attach)
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
-        return MapHandle(self, job)
+        return handle
+
+    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                      callback: Callable | None = None, error_callback: Callable | None = None,
+                      **options: Any) -> MapHandle:
+        """``map_async`` calling ``func(*args)`` for each tuple ``args``."""
+        return self.map_async(func, iterable, chunksize, callback, error_callback, star=True, **options)
+
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+             **options: Any) -> mpcompat.IMapIterator:
+        """Results in input order, each as soon as it and those before it are done.
+
+        Lazy: the ITERABLE is read as workers need items and results are not
+        kept, so a stream of any length runs in bounded memory. An item's error
+        is raised in its place, and the iteration goes on. ``chunksize``:
+        items per chunk (default: poolmagic sizes chunks from measured times).
+        """
+        return self._imap(func, iterable, chunksize, True, options)
+
+    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                       **options: Any) -> mpcompat.IMapIterator:
+        """As ``imap``, but each result as soon as it is done, in any order."""
+        return self._imap(func, iterable, chunksize, False, options)
+
+    def _imap(self, func: Callable, iterable: Iterable, chunksize: int | None, ordered: bool,
+              options: dict) -> mpcompat.IMapIterator:
+        mpcompat.check_running(self._state)
+        guard = None
+        if type(iterable) not in SEQUENCES:
+            try:
+                guard = mpcompat.Guarded(iterable, chunksize or 1)
+            except TypeError:
+                raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+        if chunksize is not None:
+            options["chunksize"] = chunksize
+        options.setdefault("keep_going", True)
+        it = mpcompat.IMapIterator(ordered, guard)
+        job = self._submit(func, iterable if guard is None else guard, options, before=it.attach, remember=False)
+        if job.source.is_stream:
+            threading.Thread(target=it.feed, daemon=True, name="poolmagic-feeder").start()
+        return it
+
+    def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
+        """``func(*args, **kwds)`` in a worker; its result (multiprocessing's ``apply``)."""
+        __tracebackhide__ = True
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func: Callable, args: Iterable = (), kwds: dict | None = None,
+                    callback: Callable | None = None, error_callback: Callable | None = None) -> MapHandle:
+        """Start ``func(*args, **kwds)`` in a worker; an AsyncResult of its result."""
+        options: dict[str, Any] = {"star": True}
+        if kwds:
+            options["kwargs"] = dict(kwds)
+        handle = MapHandle(self, callback=callback, error_callback=error_callback, one=True)
+        self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
+        return handle
 
     @staticmethod
     def _finish_checkpoint(job: Job) -> None:
@@ -327,17 +510,30 @@ class Pool:
                 job.report.notes.append(f"the checkpoint {ck.path} could not be written: {err}")
 
     def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,
-                resume: RunReport | None = None) -> Job:
+                resume: RunReport | None = None, before: Callable[[Job], None] | None = None,
+                remember: bool = True) -> Job:
         """Check, remember as the last map (``_poolmap``, ``--tune``), attach observers, start."""
+        mpcompat.check_running(self._state)
         job = self.prepare(func, iterable, resume=resume, **options)
-        self.last_report, self.last_job = job.report, job
+        if remember:
+            self.last_report, self.last_job = job.report, job
         if watch is not None:
             watch.attach(job)
+        if before is not None:
+            before(job)
+        with self._live_lock:
+            self._live.add(job)
+        job.observers.append(functools.partial(self._forget, job))
         if job.checkpoint is not None:  # attached as the map starts: a job only prepared holds no file
             job.checkpoint.attach(job)
         SeenItems(job)  # the items' identities, for a later --resume
         self.backend.submit(job)
         return job
+
+    def _forget(self, job: Job, event: Any) -> None:
+        if type(event) is MapFinished:
+            with self._live_lock:
+                self._live.discard(job)
 
 
 _default: Pool | None = None
@@ -350,6 +546,7 @@ def get_pool() -> Pool:
     with _default_lock:
         if _default is None:
             _default = Pool()
+            _default._shared = True
         return _default
 
 
@@ -370,6 +567,8 @@ def set_pool(pool: Pool) -> Pool:
     global _default
     with _default_lock:
         old, _default = _default, pool
+    pool._shared = True
+    pool._last = tuple(r() if isinstance(r, weakref.ref) else r for r in (pool._last or (None, None)))
     if old is not None and old is not pool:
         old.shutdown()
     return pool
@@ -378,7 +577,7 @@ def set_pool(pool: Pool) -> Pool:
 def pmap(func: Callable, iterable: Iterable | None = None, **options: Any) -> list:
     """Map ``func`` over ``iterable`` on the shared warm pool; results in input order."""
     __tracebackhide__ = True
-    return get_pool().map(func, iterable, **options)
+    return get_pool().run(func, iterable, **options).results
 
 
-__all__ = ["Pool", "MapHandle", "get_pool", "set_pool", "shutdown_pool", "pmap", "PoolmapError", "BadInputError"]
+__all__ = ["Pool", "MapHandle", "AsyncResult", "get_pool", "set_pool", "shutdown_pool", "pmap", "PoolmapError", "BadInputError"]

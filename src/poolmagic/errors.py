@@ -69,6 +69,29 @@ class ItemPicklingError(PoolmapError, pickle.PicklingError):
     """An item (argument) or a result could not be pickled."""
 
 
+def pickling_error(message: str, cause: BaseException) -> ItemPicklingError:
+    """An ItemPicklingError that is also an instance of what pickling raised.
+
+    ``except RuntimeError`` around a map (what multiprocessing lets through when
+    an item's ``__reduce__`` raises it) keeps working, as does
+    ``except poolmagic.ItemPicklingError``.
+    """
+    cls = _PICKLING.get(type(cause))
+    if cls is None:
+        try:
+            cls = type("ItemPicklingError", (ItemPicklingError, type(cause)), {"__module__": __name__})
+        except TypeError:  # an incompatible layout (OSError's): poolmagic's class alone
+            cls = ItemPicklingError
+        _PICKLING[type(cause)] = cls
+    try:
+        return cls(message)
+    except Exception:
+        return ItemPicklingError(message)
+
+
+_PICKLING: dict[type, type] = {}
+
+
 class MapFailedError(PoolmapError):
     """``--keep-going``: several items failed; each exception is in ``.errors``."""
 

@@ -40,6 +40,7 @@ class ItemSource:
         self.exhausted = self.length == 0  # nothing more will ever be handed out
         self.stream_done = self.seq is not None  # the iterator has ended (or failed)
         self.sample: list = []  # first items of a stream, kept for %poolsize --tune
+        self.error: BaseException | None = None  # what the stream raised, if it did
         self._buffer: deque = deque()
         self._lock = threading.Lock()
         self.want = 1  # how many items the backend would like buffered
@@ -141,6 +142,7 @@ class ItemSource:
             if self.on_items is not None:
                 self.on_items()
             if error is not None:
+                self.error = error  # the map must end failed with it, never "done"
                 break
         return error
 

@@ -32,6 +32,7 @@ from ..errors import (
     MapFailedError,
     PoolmapError,
     add_note,
+    pickling_error,
     point_at_function,
     safe_str,
     short_repr,
@@ -207,9 +208,9 @@ class Job:
             try:
                 cloudpickle.dumps(x, protocol=5)
             except Exception as exc:
-                bad[k] = ItemPicklingError(
+                bad[k] = pickling_error(
                     f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
-                    f"to a worker: {safe_str(exc)}"
+                    f"to a worker: {safe_str(exc)}", exc
                 )
         if not bad:  # the items pickle one by one; report the whole chunk
             bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
@@ -394,6 +395,9 @@ class Job:
 
     def maybe_finish(self) -> None:
         with self.cond:
+            if self.active and self.source.error is not None:  # the abort may not have landed yet
+                self._fail_locked(self.source.error)
+                return
             if self.active and self.source.exhausted and not self.retry and self.inflight <= 0:
                 r = self.report
                 src = self.source

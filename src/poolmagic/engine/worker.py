@@ -48,6 +48,7 @@ from .context import ContextApplier, ProcessState, watch_calls
 
 CACHE_SIZE = 4  # functions and contexts kept per worker; the parent mirrors this LRU
 IN_WORKER = False  # True inside a worker process: poolmagic refuses to nest pools
+RETIRE: str | None = None  # set by the mapped code (maxtasksperchild): exit after this chunk, and why
 
 
 class _ReaderFailed(Exception):
@@ -183,6 +184,7 @@ class Worker:
             # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
             waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
         recycle = self.baseline.changed() if self.baseline is not None else None
+        recycle = recycle or RETIRE
         body, frames_out = pack_results(out, records, errors, msg.start, items, msg.indices)
         self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
                                self._new_modules(), recycle, waited), frames_out)
