@@ -29,7 +29,8 @@ ROW_FIELDS = ["worker", "pid", "start", "end", "first_item", "last_item", "items
 
 
 def kinds(report) -> list[str]:
-    return [f.kind for f in report.analysis().findings]
+    """Every finding, short maps included (the summary shows none under 0.1 s)."""
+    return [f.kind for f in report.analysis(all_findings=True).findings]
 
 
 def warm(pool: Pool, n: int) -> None:
@@ -59,13 +60,13 @@ def test_small_items_are_slower_than_a_loop():
     a = report.analysis()
     text = report.summary()
     assert "small_items" in k, text
-    assert "why: items take" in text and "overhead dominates" in text
+    assert "slower" not in k, "the headline says slower; the cause is the finding, not a second 'slower'"
+    if report.wall_s >= 0.1:
+        assert "why: items take" in text and "overhead dominates" in text
     if contended(a):  # other processes held the CPUs: the report says so instead of "slower"
-        assert "contended" in k and "waiting for a CPU" in text.splitlines()[0], text
+        assert "contended" in text.splitlines()[0], text
     else:
-        assert "slower" in k, text
         assert "slower than a plain loop" in text.splitlines()[0]  # the speedup words
-        assert "why: slower than a plain loop would have been" in text
 
 
 @pytest.mark.timeout(60)
@@ -79,7 +80,7 @@ def test_too_few_items_for_the_workers():
     assert report.results == [7]
     k = kinds(report)
     assert "few_items" in k, report.summary()
-    assert "why: 1 item for 2 workers" in report.summary()
+    assert "why: 1 item for 2 workers" in report.summary()  # 0.3 s: above the 0.1 s of findings
 
 
 @pytest.mark.timeout(60)
@@ -166,7 +167,8 @@ def test_native_threads_over_the_cores_are_named():
     assert over.threads == 2 and fitting.threads == 1
     assert "small_items" in kinds(over) and "small_items" in kinds(fitting)  # neither paid
     assert "threads" in kinds(over), over.summary()
-    assert f"why: each worker may run 2 native threads (BLAS, OpenMP): 4 threads on {cores} cores" in over.summary()
+    texts = [f.text for f in over.analysis(all_findings=True).findings]
+    assert f"each worker may run 2 native threads (BLAS, OpenMP): 4 threads on {cores} cores; try --threads 1" in texts
     assert "threads" not in kinds(fitting), fitting.summary()
 
 
@@ -252,20 +254,23 @@ def test_an_interrupted_map_gets_no_verdict(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_measured_speedup_after_tune(ip):
+def test_one_speedup_before_and_after_tune(ip):
+    """``--tune`` no longer changes what a map's speedup means: the summary and
+    ``.speedup`` give the same figure, before and after (it was "measured
+    against one worker" after a tune, a different number)."""
     body = "def tuned(x):\n    return sum(i * i for i in range(100_000))\n"
     pool = poolmagic.get_pool()
     try:
         ip.run_cell_magic("poolmap", "-q -c 1 range(8)", body)
         first = ip.user_ns["_poolmap"]
-        assert first.analysis().measured is None
-        assert "measured" not in first.summary()
         ip.run_line_magic("poolsize", "--tune --budget 3")
         ip.run_cell_magic("poolmap", "-q -c 1 range(8)", body)
         again = ip.user_ns["_poolmap"]
         assert again is not first
-        assert again.analysis().measured is not None, "no measured speedup after --tune timed this function"
-        assert "measured against one worker" in again.summary(), again.summary()
+        for r in (first, again):
+            a = r.analysis()
+            assert "measured against one worker" not in r.summary()
+            assert r.speedup == a.speedup and f"speedup {a.speedup_text}" in r.summary(), r.summary()
     finally:
         ip.run_line_magic("poolsize", "auto")
         assert pool.size == pool.cores

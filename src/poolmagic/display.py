@@ -29,11 +29,15 @@ def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min"
 
 
-def _items(r: "RunReport") -> str:
+def _counts(r: "RunReport") -> str:
+    """The same counts on the card, the bar and the text: items ran of total, ok and failed."""
     total = r.items if r.items is not None else len(r.results)
-    if r.status in ("running", "cancelled", "failed") and r.done < total:
-        return f"{r.done:,}/{total:,} items"
-    return f"{total:,} item{'s' if total != 1 else ''}"
+    failed = len(r.errors)
+    ran = r.done + failed
+    if not failed and ran >= total and r.status != "running":
+        return f"{total:,} item{'s' if total != 1 else ''}"
+    head = f"{ran:,}/{total:,} items" if ran < total else f"{total:,} items"
+    return head + (f" ({r.done:,} ok, {failed:,} failed)" if failed else "")
 
 
 def _status_words(r: "RunReport") -> str:
@@ -42,45 +46,51 @@ def _status_words(r: "RunReport") -> str:
         parts.append(f"resumed: {r.resumed[0]:,} kept, {r.resumed[1]:,} run")
     if r.retried:
         parts.append(f"{r.retried:,} retried")
-    if r.errors:
-        parts.append(f"{len(r.errors):,} failed")
     if r.status == "cancelled":
         parts.append("interrupted")
     elif r.status == "running":
-        parts.append("running")
+        parts.append("running" if r.chunks else "workers starting")
+    elif r.status == "failed" or (r.errors and r.status != "running"):
+        parts.append("failed")
     return " · ".join(parts)
 
 
 # Colours come from the notebook's theme (JupyterLab's --jp-* variables, then
 # VS Code's), with fallbacks that read on light and dark backgrounds alike.
-# Text keeps the output area's own colour: contrast is the theme's.
-_FONT = "font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:var(--jp-code-font-size,13px)"
+# Text takes the theme's content colour: contrast is the theme's.
+_TEXT = "var(--jp-content-font-color1,var(--vscode-editor-foreground,inherit))"
+_FONT = ("font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:var(--jp-code-font-size,13px);"
+         f"color:{_TEXT}")
 _TRACK = "var(--jp-layout-color3,rgba(127,127,127,.28))"
 _GOOD = "var(--jp-success-color1,#2e9e4f)"
 _WARN = "var(--jp-warn-color1,#d98a00)"
 _BAD = "var(--jp-error-color1,#d84040)"
 _BLUE = "var(--jp-brand-color1,#3b82f6)"
+_GREY = "var(--jp-layout-color4,#9ca3af)"
 
 
-def _speedup_words(r: "RunReport", a: "Analysis") -> str:
-    if r.status == "running" and not r.chunks:
-        return "workers starting"
-    if not r.chunks or r.status == "cancelled":
-        return ""  # interrupted: the stopped items' time is unknown, so is the gain
-    busy = f"workers busy {a.busy_share:.0%}"
-    if a.waited_s > 0.2 * a.busy_s:
-        busy += f", {a.waited_s / a.busy_s:.0%} of it waiting for a CPU"
-    if a.measured is not None:
-        return f"speedup {a.measured:.2f}× measured against one worker ({busy})"
-    if a.speedup < 1 and r.status != "running" and a.waited_s <= 0.2 * a.busy_s:
-        return f"slower than a plain loop (speedup ≈{a.speedup:.2f}×)"
-    return f"speedup ≈{a.speedup:.2f}× ({busy})"
+def speedup_words(r: "RunReport", a: "Analysis") -> str:
+    """The one speedup figure, with how far to trust it; "" where none is honest."""
+    if not r.chunks or r.status != "done" or r.errors:
+        return ""  # running, interrupted or failed: the unrun items' time is unknown, so is the gain
+    if a.failed:
+        return f"speedup unknown ({a.failed})"
+    flags = []
+    if a.threads:
+        flags.append(f"range: workers had {_plural(a.threads[0], 'native thread')} each, a loop here "
+                     f"{a.threads[1]}; the low end if they would have sped the loop up")
+    if a.contended:
+        flags.append(f"host contended: workers waited for a CPU {a.waited_s / max(a.busy_s, 1e-9):.0%} of their time")
+    tail = f" ({'; '.join(flags)})" if flags else ""
+    if a.speedup_high < 1 and not a.contended:
+        return f"slower than a plain loop (speedup {a.speedup_text}){tail}"
+    return f"speedup {a.speedup_text}{tail}"
 
 
 def summary_text(r: "RunReport") -> str:
-    """``poolmagic: 10,000 items in 0.84 s · 2 workers · 2 cores available · speedup ≈1.93× (...)``
+    """``poolmagic: work() · 10,000 items in 0.84 s · 2 workers · 2 cores available · speedup ≈1.93×``
 
-    A second line per finding when parallelism did not pay (diagnose.py).
+    A line per finding when parallelism did not pay and it changes what to do (diagnose.py).
     """
     return _summary(r, with_html=False)["text/plain"]
 
@@ -89,50 +99,62 @@ def summary_html(r: "RunReport") -> str:
     return summary_bundle(r)["text/html"]
 
 
-def _bar(frac: float, width: int, color: str, title: str = "") -> str:
+def _bar(frac: float, width: int, color: str, label: str) -> str:
+    """A labelled bar: ``label`` is read by screen readers and shown on hover; callers print it too."""
     frac = min(max(frac, 0.0), 1.0)
-    t = f' title="{html.escape(title)}"' if title else ""
-    return _BAR % (t, width, _TRACK, frac * width, color)
+    return _BAR % (html.escape(label), html.escape(label), round(frac * 100), width, _TRACK, frac * width, color)
 
 
-_BAR = ('<span%s style="display:inline-block;width:%dpx;height:8px;background:%s;border-radius:4px;'
+_BAR = ('<span role="progressbar" aria-label="%s" title="%s" aria-valuenow="%d" aria-valuemin="0" '
+        'aria-valuemax="100" style="display:inline-block;width:%dpx;height:8px;background:%s;border-radius:4px;'
         'vertical-align:middle;margin:0 4px"><span style="display:block;height:8px;width:%.0fpx;'
         'background:%s;border-radius:4px"></span></span>')
-_CARD = f'<div class="poolmagic-summary" style="{_FONT};color:inherit;border-left:3px solid %s;padding:1px 8px">'
+_CARD = f'<div class="poolmagic-summary" style="{_FONT};border-left:3px solid %s;padding:1px 8px">'
 
 
-def summary_bundle(r: "RunReport") -> dict[str, str]:
-    """The summary as text and HTML, from one pass over the report (on every cell's path)."""
+def summary_bundle(r: "RunReport", progress: "Progress | None" = None) -> dict[str, str]:
+    """The card as text and HTML, from one pass over the report (on every cell's path).
+
+    While the map runs (``progress`` given) it is the live bar; at the end the
+    same display is updated to the summary: one card per map.
+    """
+    if progress is not None and progress.status == "running":
+        return _running(r, progress)
     return _summary(r, with_html=True)
+
+
+def _head(r: "RunReport") -> str:
+    return f"<b>poolmagic</b> <code>{html.escape(r.func_name)}()</code>"
+
+
+def _running(r: "RunReport", p: "Progress") -> dict[str, str]:
+    cores = _plural(r.cores, "core")
+    text = progress_text(p, r.func_name)
+    body = progress_body(p)
+    return {"text/plain": text,
+            "text/html": f"{_CARD % _BLUE}{_head(r)} · {body} · {_plural(r.pool_size, 'worker')} / {cores}</div>"}
 
 
 def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     """The text form, and the HTML one (its timeline picture included) only when asked."""
     a = r.analysis()
-    items = _items(r)
+    items = _counts(r)
     workers = r.workers
     if r.status == "cancelled":  # the stopped chunks were never recorded: count the workers they ran on
         workers = max(workers, min(r.pool_size, r.items if r.items is not None else r.pool_size))
     cores = f"{r.cores} core{'s' if r.cores != 1 else ''}"
-    words = _speedup_words(r, a)
+    words = speedup_words(r, a)
     extra = _status_words(r)
-    running = r.status == "running"
+    ok_map = r.status == "done" and not r.errors
 
-    text = [f"poolmagic: {items} in {_fmt_s(r.wall_s)}", _plural(workers, "worker"), f"{cores} available"]
-    cells = [f"<b>poolmagic</b> <code>{html.escape(r.func_name)}</code>", html.escape(items), _fmt_s(r.wall_s),
-             f"{_plural(workers, 'worker')} / {cores}"]
-    if running:
-        total = r.items
-        frac = r.done / total if total else 0.0
-        cells.insert(2, _bar(frac, 120, _BLUE) + (f"{frac:.0%}" if total else f"{r.done:,} done"))
+    text = [f"poolmagic: {r.func_name}() · {items} in {_fmt_s(r.wall_s)}", _plural(workers, "worker"),
+            f"{cores} available"]
+    cells = [_head(r), f"{html.escape(items)} in {_fmt_s(r.wall_s)}", f"{_plural(workers, 'worker')} / {cores}"]
     if words:
         text.append(words)
-        if r.chunks:
-            ok = a.efficiency >= 0.7 and (a.measured or a.speedup) >= 1
-            cells.append(_bar(a.busy_share, 60, _GOOD if ok else _WARN, f"workers busy {a.busy_share:.0%}")
-                         + html.escape(words))
-        else:
-            cells.append(html.escape(words))
+        good = a.efficiency >= 0.7 and a.speedup >= 1 and not a.failed
+        label = f"workers busy {a.busy_share:.0%}"
+        cells.append(f"{label}{_bar(a.busy_share, 60, _GOOD if good else _WARN, label)}{html.escape(words)}")
     if extra:
         text.append(extra)
         cells.append(f"<b>{html.escape(extra)}</b>")
@@ -142,18 +164,18 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     if not with_html:  # a terminal's repr: no HTML, no timeline picture
         return {"text/plain": "\n".join(lines)}
 
-    edge = _BAD if r.errors or r.status == "cancelled" else (_GOOD if not a.findings else _WARN)
+    edge = _BAD if not ok_map else (_GOOD if not a.findings and not a.failed else _WARN)
     parts = [_CARD % edge, " · ".join(cells)]
-    if r.chunks and not running:
+    if r.chunks and ok_map:
         parts.append(
-            f'<div style="opacity:.85">time: function {_fmt_s(a.busy_s)} · transport {_fmt_s(a.transport_s)}'
+            f'<div>time: function {_fmt_s(a.busy_s)} · transport {_fmt_s(a.transport_s)}'
             f" · idle {_fmt_s(a.idle_s)} (over {_plural(a.workers, 'worker')})</div>"
         )
     parts += [f"<div>note: {html.escape(n)}</div>" for n in r.notes]
     if a.findings:
         parts.append('<ul style="margin:2px 0 0 0;padding-left:18px">'
                      + "".join(f"<li>{html.escape(f.text)}</li>" for f in a.findings) + "</ul>")
-    if len(r.chunks) > 1 and not running:  # one chunk is no picture
+    if len(r.chunks) > 1:  # one chunk is no picture
         from .timeline import Timeline
 
         parts.append(f"<details><summary>timeline</summary>{timeline_svg(Timeline(r))}</details>")
@@ -161,53 +183,40 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     return {"text/plain": "\n".join(lines), "text/html": "".join(parts)}
 
 
-def progress_text(p: "Progress") -> str:
-    """tqdm's meter: ``37%|███▋      | 3,700/10,000 [00:04<00:07, 812 it/s]``."""
+def progress_text(p: "Progress", func_name: str | None = None) -> str:
+    """tqdm's meter: ``poolmagic work() 37%|███▋      | 3,700/10,000 [00:04<00:07, 812 it/s]``."""
     from tqdm import tqdm
 
+    who = f"poolmagic {func_name}()" if func_name else "poolmagic"
     if p.waiting and not p.finished:
-        return f"poolmagic: {p.waiting} · {_fmt_s(p.elapsed)}"
+        return f"{who}: {p.waiting} · {_fmt_s(p.elapsed)}"
     if p.starting:
-        return f"poolmagic: workers starting · {_fmt_s(p.elapsed)}"
+        return f"{who}: workers starting · {_fmt_s(p.elapsed)}"
     meter = tqdm.format_meter(p.finished, p.total, p.elapsed, ncols=80, unit=" items", unit_scale=False)
-    return f"poolmagic {meter}" + (f" · {p.waiting}" if p.waiting else "")
+    failed = f" · {p.failed:,} failed" if p.failed else ""
+    return f"{who} {meter}{failed}" + (f" · {p.waiting}" if p.waiting else "")
+
+
+def progress_body(p: "Progress") -> str:
+    """The live bar's HTML, labelled, with its counts (failures as they happen)."""
+    if p.waiting and not p.finished:
+        return f"{html.escape(p.waiting)} · {_fmt_s(p.elapsed)}"
+    if p.starting:
+        return f"workers starting · {_fmt_s(p.elapsed)}"
+    frac = p.finished / p.total if p.total else 0.0
+    eta = f" · ETA {_fmt_s(p.eta)}" if p.eta is not None else ""
+    of = f"/{p.total:,}" if p.total is not None else ""
+    bar = (f"progress {frac:.0%}" + _bar(frac, 160, _BAD if p.failed else _BLUE, f"progress {frac:.0%}")) if p.total else ""
+    body = f"{bar}{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s{eta}"
+    if p.failed:
+        body += f" · <b>{p.failed:,} failed</b>"
+    if p.waiting:
+        body += f" · {html.escape(p.waiting)}"
+    return body
 
 
 def progress_html(p: "Progress") -> str:
-    if p.waiting and not p.finished:
-        body = f"{html.escape(p.waiting)} · {_fmt_s(p.elapsed)}"
-    elif p.starting:
-        body = f"workers starting · {_fmt_s(p.elapsed)}"
-    else:
-        frac = p.finished / p.total if p.total else 0.0
-        eta = f" · ETA {_fmt_s(p.eta)}" if p.eta is not None else ""
-        of = f"/{p.total:,}" if p.total is not None else ""
-        bar = _bar(frac, 160, _BLUE) if p.total else ""
-        body = f"{bar}{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s{eta}"
-        if p.failed:
-            body += f" · {p.failed:,} failed"
-        if p.waiting:
-            body += f" · {html.escape(p.waiting)}"
-    return f'<div class="poolmagic-progress" style="{_FONT};color:inherit"><b>poolmagic</b> {body}</div>'
-
-
-def progress_final(p: "Progress") -> tuple[str, str]:
-    """The completed bar, (text, html): what a saved notebook shows for good."""
-    of = f"/{p.total:,}" if p.total is not None else ""
-    stats = f"{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s"
-    if p.status == "done":
-        mark, word, color = "✔", "", _GOOD
-    elif p.status == "cancelled":
-        mark, word, color = "■", f" · interrupted at {p.finished:,}", _WARN
-    else:
-        mark, word, color = "✖", f" · stopped: {type(p.error).__name__ if p.error else 'failed'}", _BAD
-    frac = p.finished / p.total if p.total else 1.0
-    text = f"poolmagic {mark} {stats}{word}"
-    h = (
-        f'<div class="poolmagic-progress" style="{_FONT};color:inherit"><b>poolmagic</b> {mark}'
-        f"{_bar(frac, 160, color)}{html.escape(stats + word)}</div>"
-    )
-    return text, h
+    return f'<div class="poolmagic-progress" style="{_FONT}"><b>poolmagic</b> {progress_body(p)}</div>'
 
 
 def timeline_text(t: "Timeline", width: int = 60) -> str:

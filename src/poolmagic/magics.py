@@ -193,8 +193,12 @@ class PoolMagics(Magics):
 
         self.shell.events.register("post_run_cell", clear)
 
-    def _show(self, obj: Any, quiet: bool) -> None:
-        if not quiet:
+    def _show(self, obj: Any, quiet: bool, watch: Any = None) -> None:
+        if quiet:
+            return
+        if watch is not None:  # one card per map: the live bar becomes the summary
+            watch.final(obj)
+        else:
             show(obj, self.shell)
 
     def _in_kernel(self) -> bool:
@@ -270,13 +274,13 @@ class PoolMagics(Magics):
                     self.shell.user_ns["_poolmap"] = last
                     self._remember_run(key, last)
                     if report is None and last.status != "running":
-                        self._show(last, quiet)
+                        self._show(last, quiet, watch)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
         except Exception:
             self._hide_cell_frame()
             raise
-        self._show(report, quiet)
+        self._show(report, quiet, watch)
         if o.get("out"):
             self.shell.user_ns[o["out"]] = report.results
             return None

@@ -54,23 +54,27 @@ def _no_flush() -> None:
 
 
 class LiveProgress:
-    """A map's live progress bar in its cell, replaced by a static one when it ends.
+    """A map's one card: a live bar in its cell that becomes the summary in place.
 
     Fed by the map's events (a ``live.Progress`` observer) and drawn on the
     caller's thread at each tick of its wait: nothing shows for maps shorter
-    than DELAY_S, so short cells cost nothing. In a notebook the bar is a
-    tqdm ipywidgets bar when ipywidgets is installed, else HTML updated
-    through a display handle; either way it is replaced at the end by static
-    HTML and text, so a saved notebook never shows "Error displaying widget".
-    In a terminal it is tqdm's text bar on stderr.
+    than DELAY_S, so short cells cost nothing. In a notebook it is HTML (and
+    text) published with a display id and updated through it: no widget model,
+    so it works in JupyterLab, Notebook 7, VS Code, Colab and nbconvert alike,
+    and a notebook executed headlessly keeps no widget state. When the map
+    ends the same display becomes the summary (``final``): one card per map.
+    In a terminal it is tqdm's text bar on stderr, erased when the map ends,
+    where the summary line follows.
     """
 
     DELAY_S = 0.5
     EVERY_S = 0.2
 
     def __init__(self, shell: Any):
+        self.shell = shell
         self.kernel = getattr(shell, "kernel", None) is not None
         self.progress: Any = None
+        self.report: Any = None
         self._handle: Any = None
         self._bar: Any = None
         self._next = 0.0
@@ -78,6 +82,7 @@ class LiveProgress:
     def attach(self, job: Any) -> None:
         from .live import Progress
 
+        self.report = job.report
         self.progress = Progress(job.report.items, job.report.pool_size)
         job.observers.append(self.progress)
 
@@ -99,24 +104,21 @@ class LiveProgress:
         if self.kernel:
             from IPython.display import display
 
-            bar = _widget_bar(p.total)
-            if bar is not None:
-                self._bar = bar
-                self._started_with_the_map()
-                self._handle = display(bar.container, display_id=True)
-                self._update()
-            else:
-                self._handle = display(self._bundle(), raw=True, display_id=True)
+            self._handle = display(self._bundle(), raw=True, display_id=True)
         else:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=p.total, desc="poolmagic", unit=" items", leave=False, file=sys.stderr)
+            name = getattr(self.report, "func_name", None)
+            desc = f"poolmagic {name}()" if name else "poolmagic"
+            self._bar = tqdm(total=p.total, desc=desc, unit=" items", leave=False, file=sys.stderr)
             self._started_with_the_map()
             self._update()
 
     def _bundle(self) -> dict:
-        from .display import progress_html, progress_text
+        from .display import progress_html, progress_text, summary_bundle
 
+        if self.report is not None and hasattr(self.report, "analysis"):
+            return summary_bundle(self.report, self.progress)
         return {"text/plain": progress_text(self.progress), "text/html": progress_html(self.progress)}
 
     def _started_with_the_map(self) -> None:
@@ -134,39 +136,34 @@ class LiveProgress:
             self._bar.n = p.finished
             if p.total is None:
                 self._bar.total = None
-            self._bar.set_postfix_str(p.waiting or "", refresh=False)
+            post = [f"{p.failed:,} failed"] if p.failed else []
+            post += [p.waiting] if p.waiting else []
+            self._bar.set_postfix_str(" · ".join(post), refresh=False)
             self._bar.refresh()
         elif self._handle is not None:
             self._handle.update(self._bundle(), raw=True)
 
-    def close(self) -> None:
-        """Replace the live bar by its completed form (once; nothing if never shown)."""
-        if self._handle is None and self._bar is None:
-            return
-        from .display import progress_final
+    @property
+    def shown(self) -> bool:
+        return self._handle is not None
 
-        text, html = progress_final(self.progress)
+    def close(self) -> None:
+        """The map ended: erase a terminal bar; turn a notebook bar into the summary."""
         if self._bar is not None:
             self._bar.n = self.progress.finished
             self._bar.close()
+            self._bar = None
         if self._handle is not None:
-            self._handle.update({"text/plain": text, "text/html": html}, raw=True)
-        elif not self.kernel:
-            print(text, file=sys.stderr)
-        self._handle = self._bar = None
+            self._handle.update(self._bundle(), raw=True)
 
+    def final(self, report: Any) -> None:
+        """Show the map's summary: in place of the live bar when there was one, else as a new output."""
+        if self._handle is not None:
+            from .display import summary_bundle
 
-def _widget_bar(total: int | None) -> Any:
-    """tqdm's ipywidgets bar, not displayed yet; None without ipywidgets."""
-    try:
-        import ipywidgets  # noqa: F401
-        from tqdm.notebook import tqdm as notebook_tqdm
-    except ImportError:
-        return None
-    try:
-        return notebook_tqdm(total=total, desc="poolmagic", unit=" items", display=False)
-    except Exception:  # an ipywidgets that tqdm cannot drive
-        return None
+            self._handle.update(summary_bundle(report), raw=True)
+        else:
+            show(report, self.shell)
 
 
 class LiveSummary:

@@ -37,6 +37,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from multiprocessing import reduction
 
@@ -177,10 +178,12 @@ class Worker:
         self.applier.limit_threads_if_new_libraries()
         seq = msg.seq
         waited = _runqueue_wait() if msg.timed else None
+        cpu0 = time.process_time() if msg.timed else None
         out, t0, t1, times, records, errors = run_chunk(
             fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
             progress=lambda done: self._send(P.Progress(seq, done)),
         )
+        cpu = None if cpu0 is None else time.process_time() - cpu0
         if waited is not None:
             after = _runqueue_wait()
             # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
@@ -188,7 +191,7 @@ class Worker:
         recycle = self.baseline.changed() if self.baseline is not None else None
         body, frames_out = self._pack_results(out, records, errors, msg.start)
         self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
-                               self._new_modules(), recycle, waited), frames_out)
+                               self._new_modules(), recycle, waited, cpu), frames_out)
         return recycle
 
     def _pack_results(self, out: list, records: list, errors: list, start: int) -> tuple[bytes, list]:
