@@ -12,8 +12,10 @@ Computed from a RunReport's chunk records alone (any backend writes them):
 ``--tune``: what a user would measure, the serial time of the items ÷ the
 map's wall time. The serial time is estimated from the time each chunk spent
 in the function in its worker, less the time it was runnable but waiting for
-a CPU (Linux schedstat): 6 workers on 2 cores do not claim "≈5.5×". Two
-corrections are said rather than hidden:
+a CPU (Linux schedstat), at the share of a CPU a loop would have had: all of
+one when the workers only waited for each other (6 workers on 2 cores do not
+claim "≈5.5×"), the share the workers had together (at most one CPU) when
+other processes held the cores. Two corrections are said rather than hidden:
 
 * native threads: workers run BLAS/OpenMP with ``cores ÷ workers`` threads
   each; a loop in the kernel could use all the cores' threads. When the
@@ -21,9 +23,8 @@ corrections are said rather than hidden:
   the kernel's loop would have more threads, the gain is a range: from
   "numpy's threads would not have helped a loop" down to "they would have,
   fully" (``speedup`` is the low end: it never claims more than is sure);
-* contention: when workers waited for a CPU for more than a fifth of their
-  time, other processes held the cores, and a loop would have waited too: the
-  figure is flagged ``contended``.
+* contention: when a loop would have had less than 80 % of a CPU, other
+  processes held the cores: the figure is flagged ``contended``.
 
 A figure above the number of cores for work that ran on a CPU (per-chunk CPU
 time, measured in the worker) is impossible: the estimate failed, and the
@@ -75,7 +76,8 @@ class Analysis:
     speedup_high: float = 0.0  #: the high end when native threads make the gain a range, else = speedup
     cpu_s: float | None = None  #: CPU time the workers used (native threads included), when measured
     cpu_bound: bool | None = None  #: CPU time ≥ half the running time (None: not measured)
-    contended: bool = False  #: workers waited for a CPU > CONTENDED of their time: other processes held the cores
+    contended: bool = False  #: other processes held the cores: a loop would have had < 80 % of a CPU
+    loop_share: float = 1.0  #: the share of a CPU a loop would have had while the map ran
     failed: str | None = None  #: why no speedup can be given (the estimate is impossible)
     threads: tuple[int, int] | None = None  #: (per worker, a loop's) native threads when they make a range
 
@@ -122,15 +124,26 @@ def analyse(r: "RunReport", serial_item_s: float | None = None, threads: int | N
     used = max(r.workers, 1)
     moving = transport_s(r)
     idle = max(0.0, used * wall - busy - moving)
-    serial = busy - waited
+    # What a loop here would have taken: the items' running time (in the function,
+    # not waiting for a CPU) at the share of a CPU one thread would have had. The
+    # workers ran ``f_w`` of their time, ``k`` of them (and the kernel moving data)
+    # at once; when they waited only for each other (more workers than cores) a lone loop would have run
+    # all the time; when other processes held the cores, it would have had the
+    # share the workers had together, at most one CPU.
+    run = busy - waited
+    f_w = run / busy if busy > 0 else 1.0
+    k = max(1.0, (busy + moving) / wall)  # the kernel moving items and results competes with them too
+    loop_share = min(1.0, f_w * k)
+    serial = run / loop_share if loop_share > 0 else busy
     speedup = serial / wall
     timed = [c for c in r.chunks if c.cpu_s is not None]
     cpu = sum(c.cpu_s for c in timed) if timed else None
     ran = sum(max(c.busy_s - min(c.waited_s, c.busy_s), 0.0) for c in timed)
     cpu_bound = (cpu >= CPU_BOUND * ran) if cpu is not None and ran > 0 else None
+    contended = loop_share < 1 - CONTENDED  # a loop would have had less than 80 % of a CPU
     a = Analysis(wall, busy, waited, moving, idle, used, r.cores, speedup, speedup / used, None,
                  busy_share=busy / (used * wall), serial_s=serial, speedup_high=speedup, cpu_s=cpu,
-                 cpu_bound=cpu_bound, contended=waited > CONTENDED * busy)
+                 cpu_bound=cpu_bound, contended=contended, loop_share=loop_share)
     if cpu_bound and speedup > r.cores * 1.1:
         a.failed = (f"the function's times add up to {speedup:.1f}× the wall on {r.cores} "
                     f"core{'s' if r.cores != 1 else ''}, more than CPU-bound work can gain: the timing failed")
@@ -178,6 +191,8 @@ def _uses_native_threads(func: Any, depth: int = 0) -> bool:
         co = stack.pop()
         names.update(co.co_names)
         stack.extend(c for c in co.co_consts if hasattr(c, "co_names"))
+    if any(n.split(".")[0] in NATIVE_THREADED for n in names):  # ``import numpy`` inside the function
+        return True
     for name in names:
         v = g.get(name)
         if v is None:

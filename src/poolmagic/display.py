@@ -80,7 +80,8 @@ def speedup_words(r: "RunReport", a: "Analysis") -> str:
         flags.append(f"range: workers had {_plural(a.threads[0], 'native thread')} each, a loop here "
                      f"{a.threads[1]}; the low end if they would have sped the loop up")
     if a.contended:
-        flags.append(f"host contended: workers waited for a CPU {a.waited_s / max(a.busy_s, 1e-9):.0%} of their time")
+        flags.append(f"host contended: other processes held the CPUs, a loop here would have had "
+                     f"{a.loop_share:.0%} of one")
     tail = f" ({'; '.join(flags)})" if flags else ""
     if a.speedup_high < 1 and not a.contended:
         return f"slower than a plain loop (speedup {a.speedup_text}){tail}"
