@@ -84,3 +84,72 @@ def test_native_threads_make_a_range_with_the_sure_end_as_speedup():
     assert "speedup ≈1.00–2.00×" in r.summary() and "native thread" in r.summary()
     plain = report(2, 2, busy=1.0, cpu=1.0, func=pure, threads=1)
     assert plain.analysis().threads is None and math.isclose(plain.speedup, 2.0)
+
+
+# ------------------------------------------------------------------ --tune's decision rule
+
+from poolmagic.tune import TuneResult, TuneRow, decide, threads_for  # noqa: E402
+
+
+def row(n: int, walls: list[float], items: int = 100) -> TuneRow:
+    return TuneRow(n, items, list(walls), threads=threads_for(n, 2), speedups=[1.0] * len(walls), cpu_share=1.0)
+
+
+def test_a_size_is_chosen_only_when_it_beats_the_noise():
+    """numpy on 2 cores, four tunes: 1, 2 and 4 workers within each other's noise. The old rule
+    (smallest within 5 % of the best *median*) followed the noise; this one keeps 1 every time."""
+    tunes = [
+        [row(1, [1.00, 1.06, 0.97]), row(2, [0.98, 1.04, 1.01]), row(4, [0.99, 0.95, 1.05])],
+        [row(1, [1.03, 0.99, 1.08]), row(2, [0.96, 1.05, 1.00]), row(4, [0.94, 1.02, 1.06])],
+        [row(1, [1.10, 0.98, 1.01]), row(2, [0.97, 1.07, 0.99]), row(4, [1.00, 0.96, 1.03])],
+        [row(1, [0.99, 1.02, 1.05]), row(2, [1.01, 0.95, 1.06]), row(4, [0.93, 1.04, 0.98])],
+    ]
+    assert [decide(t) for t in tunes] == [1, 1, 1, 1]
+
+
+def test_a_clear_gain_is_taken_and_a_larger_size_must_beat_the_current_choice():
+    cpu = [row(1, [2.0, 2.1, 1.9]), row(2, [1.02, 1.05, 1.0]), row(4, [1.0, 1.06, 1.01])]
+    assert decide(cpu) == 2  # 4 does not beat 2 beyond the noise
+    sleeps = [row(1, [2.0, 2.0, 2.0]), row(2, [1.0, 1.01, 1.0]), row(4, [0.5, 0.52, 0.51])]
+    assert decide(sleeps) == 4
+    overlapping = [row(1, [1.0, 1.0, 1.0]), row(2, [0.97, 1.2, 0.9])]  # a better median, inside the noise
+    assert decide(overlapping) == 1
+
+
+def test_every_size_has_the_same_native_thread_budget_per_core():
+    for cores in (1, 2, 4, 8):
+        for n in (1, 2, 4, 8):
+            if n <= cores:
+                assert n * threads_for(n, cores) == cores - cores % n
+            else:
+                assert threads_for(n, cores) == 1
+
+
+def test_tune_chart_text_takes_the_theme_colour():
+    t = TuneResult("f", 2, [row(1, [1.0, 1.1, 0.9]), row(2, [0.5, 0.55, 0.52])], chosen=2, reason="CPU-bound")
+    html = t._repr_html_()
+    assert "<text" in html and all('fill="currentColor"' in part for part in html.split("<text")[1:])
+    assert "--jp-content-font-color1" in html and "#9ca3af\"" not in html and "#16a34a" not in html
+    text = repr(t)
+    assert "[" in text and "× 2 thr" in text and "3 samples per size" in text
+
+
+def test_a_real_tune_samples_every_size_alike(ip):
+    """The inputs of the decision are consistent: every size sampled SAMPLES times on the same
+    number of items, with its thread budget, and the chosen size is the rule's on those samples."""
+    import poolmagic
+    from poolmagic.tune import SAMPLES, decide
+
+    ip.run_line_magic("poolsize", "2")
+    try:
+        ip.run_cell_magic("poolmap", "-q range(8)", "import time\ndef io_bound(x):\n    time.sleep(0.02)\n    return x\n")
+        result = ip.run_line_magic("poolsize", "--tune --budget 3")
+        cores = poolmagic.get_pool().cores
+        assert result.rows and all(len(r.walls) == SAMPLES for r in result.rows), result
+        assert all(r.threads == threads_for(r.workers, cores) for r in result.rows)
+        assert all(len(r.speedups) == SAMPLES for r in result.rows)
+        if not result.kept:
+            assert result.chosen == decide(result.rows) == poolmagic.get_pool().size
+        assert "waiting-bound" in result.reason or result.kept, result.reason
+    finally:
+        ip.run_line_magic("poolsize", "auto")

@@ -302,44 +302,61 @@ def status_text(size: int, description: str, cores: int, threads: int, state: st
     )
 
 
+def _tune_speedup(r) -> str:
+    return f"≈{r.speedup:.2f}×" if r.speedup == r.speedup else "unknown"
+
+
 def tune_text(t: "TuneResult") -> str:
-    top = t.best().throughput
-    lines = [f"poolmagic --tune {t.func_name}: {t.cores} cores available"]
+    """One line per size: median items/s, the samples' range, threads, speedup; then the verdict."""
+    top = max(r.high for r in t.rows)
+    lines = [f"poolmagic --tune {t.func_name}(): {t.cores} cores available, "
+             f"{len(t.rows[0].walls)} samples per size"]
     for r in t.rows:
         bar = "█" * max(1, round(24 * r.throughput / top))
-        mark = "  ← chosen" if r.workers == t.chosen else ""
+        mark = "  ← chosen" if r.workers == t.chosen and not t.kept else ""
         noun = "worker " if r.workers == 1 else "workers"
-        lines.append(f"  {r.workers:>3} {noun}  {r.throughput:>10.1f} items/s  {bar}{mark}")
-    lines.append(f"pool size set to {t.chosen}: {t.reason}")
+        busy = " (host busy)" if r.contended else ""
+        lines.append(f"  {r.workers:>3} {noun} × {r.threads} thr  {r.throughput:>10.1f} items/s "
+                     f"[{r.low:,.1f}–{r.high:,.1f}]  speedup {_tune_speedup(r):>7}  {bar}{mark}{busy}")
+    verb = "pool size kept at" if t.kept else "pool size set to"
+    lines.append(f"{verb} {t.chosen}: {t.reason}")
     return "\n".join(lines)
 
 
 def tune_html(t: "TuneResult") -> str:
-    top = t.best().throughput
+    """A bar per size (median), a whisker for its samples' range, and a table; theme colours throughout."""
+    top = max(r.high for r in t.rows)
     bars = []
+    scale = 220 / top
     for k, r in enumerate(t.rows):
-        w = 220 * r.throughput / top
-        color = "#16a34a" if r.workers == t.chosen else "#9ca3af"
+        w = r.throughput * scale
+        color = _GOOD if r.workers == t.chosen and not t.kept else _GREY
         y = 4 + 22 * k
+        lo, hi = 60 + r.low * scale, 60 + r.high * scale
         bars.append(
-            f'<text x="0" y="{y + 13}" font-size="11">{r.workers} w</text>'
-            f'<rect x="40" y="{y}" width="{w:.0f}" height="16" fill="{color}"/>'
-            f'<text x="{44 + w:.0f}" y="{y + 13}" font-size="11">{r.throughput:,.0f}/s</text>'
+            f'<text x="0" y="{y + 13}" font-size="11" fill="currentColor">{_plural(r.workers, "worker")}</text>'
+            f'<rect x="60" y="{y}" width="{w:.0f}" height="16" fill="{color}"><title>median of {len(r.walls)} samples'
+            f'</title></rect>'
+            f'<line x1="{lo:.1f}" x2="{hi:.1f}" y1="{y + 8}" y2="{y + 8}" stroke="currentColor" stroke-width="1.5"/>'
+            f'<line x1="{lo:.1f}" x2="{lo:.1f}" y1="{y + 3}" y2="{y + 13}" stroke="currentColor"/>'
+            f'<line x1="{hi:.1f}" x2="{hi:.1f}" y1="{y + 3}" y2="{y + 13}" stroke="currentColor"/>'
+            f'<text x="{max(w, hi - 60) + 66:.0f}" y="{y + 13}" font-size="11" fill="currentColor">'
+            f"{r.throughput:,.0f}/s</text>"
         )
-    svg = (
-        f'<svg width="340" height="{8 + 22 * len(t.rows)}" style="font-family:system-ui">'
-        + "".join(bars)
-        + "</svg>"
-    )
+    svg = (f'<svg width="380" height="{8 + 22 * len(t.rows)}" role="img" aria-label="items per second per pool size" '
+           f'style="color:{_TEXT}">' + "".join(bars) + "</svg>")
     rows = "".join(
-        f"<tr><td>{r.workers}</td><td>{r.items:,}</td><td>{r.wall_s:.3f}</td>"
-        f"<td>{r.throughput:,.1f}</td><td>{r.throughput / top:.0%}</td></tr>"
+        f"<tr><td>{r.workers}</td><td>{r.threads}</td><td>{r.items:,}</td><td>{r.throughput:,.1f}</td>"
+        f"<td>{r.low:,.1f}–{r.high:,.1f}</td><td>{_tune_speedup(r)}</td>"
+        f"<td>{'host busy' if r.contended else ''}</td></tr>"
         for r in t.rows
     )
+    verb = "pool size kept at" if t.kept else "pool size set to"
     return (
-        f'<div class="poolmagic-tune" style="font-family:system-ui;font-size:12px">'
-        f"<b>poolmagic --tune</b> <code>{html.escape(t.func_name)}</code> · {t.cores} cores available<br>"
-        f"{svg}<table><tr><th>workers</th><th>items</th><th>wall s</th><th>items/s</th>"
-        f"<th>of best</th></tr>{rows}</table>"
-        f"<b>pool size set to {t.chosen}</b>: {html.escape(t.reason)}</div>"
+        f'<div class="poolmagic-tune" style="{_FONT}">'
+        f"<b>poolmagic --tune</b> <code>{html.escape(t.func_name)}()</code> · {t.cores} cores available · "
+        f"{len(t.rows[0].walls)} samples per size (bar: median, line: range)<br>"
+        f'{svg}<table><tr><th>workers</th><th>native threads each</th><th>items per sample</th>'
+        f"<th>items/s (median)</th><th>range</th><th>speedup</th><th></th></tr>{rows}</table>"
+        f"<b>{verb} {t.chosen}</b>: {html.escape(t.reason)}</div>"
     )
