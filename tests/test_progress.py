@@ -391,3 +391,46 @@ def test_bar_moves_within_one_long_chunk():
     assert watch.seen == sorted(watch.seen), watch.seen
     inside = [v for v in watch.seen if 0 < v < 8]
     assert inside, f"no tick saw the chunk partly done: {watch.seen}"
+
+
+# ------------------------------------------------------------------ --async: final card and terminal lines
+
+
+@pytest.mark.timeout(60)
+def test_async_card_is_final_when_get_returns(notebook):
+    """The card is redrawn in its final state by the .get() that sees the end, on the caller's
+    thread: a headless run saves the notebook when its last cell ends, and the live thread's
+    last update could come after that (1 run in 6 saved "4/6 · running")."""
+    with Pool(2) as pool:
+        lsum = publish.LiveSummary()
+        handle = pool.map_async(nap, range(6), chunksize=1, watch=lsum)
+        lsum.show(handle)  # no follow(): only the hook can draw the final card
+        (bundle, kw, dh), = notebook
+        assert kw.get("display_id") is True and "running" in bundle["text/plain"], bundle
+        assert handle.get(30) == list(range(6))
+        final, kw = dh.updates[-1]
+        assert kw.get("raw") is True
+        assert final["text/plain"].startswith("poolmagic: nap() · 6 items in"), final
+        assert "running" not in final["text/plain"] and "poolmagic-summary" in final["text/html"]
+        n = len(dh.updates)
+        handle.get(1)
+        assert len(dh.updates) == n  # once
+
+
+@pytest.mark.timeout(60)
+def test_async_in_a_terminal_says_when_it_starts_and_ends(ip, capsys):
+    cell(ip, "--async -o h -c 1 range(4)", NAP)
+    started = capsys.readouterr().out
+    assert re.match(r"poolmagic: nap\(\) started in the background · 4 items on \d+ workers?", started), started
+    assert ip.user_ns["h"].get(30) == list(range(4))
+    seen = ""
+
+    def ended() -> bool:
+        nonlocal seen
+        seen += capsys.readouterr().out
+        return "(background map finished)" in seen
+
+    from conftest import wait_for
+
+    assert wait_for(ended, timeout=10), seen
+    assert re.search(r"poolmagic: nap\(\) · 4 items in .* \(background map finished\)", seen), seen

@@ -48,6 +48,7 @@ class MapHandle:
         self._pool = pool
         self._job = job
         self._printed = False
+        self._on_done: list[Callable[[], None]] = []  # called once, by the first wait()/get() that sees the end
 
     @property
     def report(self) -> RunReport:
@@ -64,7 +65,10 @@ class MapHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds; True when the map has finished."""
-        return self._job.wait(timeout, feed=False)
+        done = self._job.wait(timeout, feed=False)
+        while done and self._on_done:  # e.g. the notebook card redrawn in its final state, from this cell
+            self._on_done.pop(0)()
+        return done
 
     def get(self, timeout: float | None = None) -> list:
         """Results in input order; raises the map's error as a blocking map would."""

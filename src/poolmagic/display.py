@@ -130,7 +130,7 @@ def _head(r: "RunReport") -> str:
 
 def _running(r: "RunReport", p: "Progress") -> dict[str, str]:
     cores = _plural(r.cores, "core")
-    text = progress_text(p, r.func_name)
+    text = progress_text(p, r.func_name) + " · running"
     body = progress_body(p)
     return {"text/plain": text,
             "text/html": f"{_CARD % _BLUE}{_head(r)} · {body} · {_plural(r.pool_size, 'worker')} / {cores}</div>"}
@@ -302,10 +302,6 @@ def status_text(size: int, description: str, cores: int, threads: int, state: st
     )
 
 
-def _tune_speedup(r) -> str:
-    return f"≈{r.speedup:.2f}×" if r.speedup == r.speedup else "unknown"
-
-
 def tune_text(t: "TuneResult") -> str:
     """One line per size: median items/s, the samples' range, threads, speedup; then the verdict."""
     top = max(r.high for r in t.rows)
@@ -317,7 +313,7 @@ def tune_text(t: "TuneResult") -> str:
         noun = "worker " if r.workers == 1 else "workers"
         busy = " (host busy)" if r.contended else ""
         lines.append(f"  {r.workers:>3} {noun} × {r.threads} thr  {r.throughput:>10.1f} items/s "
-                     f"[{r.low:,.1f}–{r.high:,.1f}]  speedup {_tune_speedup(r):>7}  {bar}{mark}{busy}")
+                     f"[{r.low:,.1f}–{r.high:,.1f}]  speedup {r.speedup_text:>11}  {bar}{mark}{busy}")
     verb = "pool size kept at" if t.kept else "pool size set to"
     lines.append(f"{verb} {t.chosen}: {t.reason}")
     return "\n".join(lines)
@@ -347,7 +343,7 @@ def tune_html(t: "TuneResult") -> str:
            f'style="color:{_TEXT}">' + "".join(bars) + "</svg>")
     rows = "".join(
         f"<tr><td>{r.workers}</td><td>{r.threads}</td><td>{r.items:,}</td><td>{r.throughput:,.1f}</td>"
-        f"<td>{r.low:,.1f}–{r.high:,.1f}</td><td>{_tune_speedup(r)}</td>"
+        f"<td>{r.low:,.1f}–{r.high:,.1f}</td><td>{r.speedup_text}</td>"
         f"<td>{'host busy' if r.contended else ''}</td></tr>"
         for r in t.rows
     )

@@ -13,11 +13,10 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
 from .errors import BadInputError, PoolmapError
-from .publish import LiveProgress, LiveSummary, show
+from .publish import LiveProgress, LiveSummary, announce_async, show
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
@@ -297,8 +296,9 @@ class PoolMagics(Magics):
         if out:
             self.shell.user_ns[out] = handle
         if live is not None:
-            dh = display(handle, display_id=True)
-            self._live.append(live.follow(handle, dh))
+            self._live.append(live.follow(handle, live.show(handle)))
+        elif not quiet:
+            self._live.append(announce_async(handle, handle.report.func_name))
         return None if out else handle
 
     # ------------------------------------------------------------ %pooldebug

@@ -167,11 +167,14 @@ class LiveProgress:
 
 
 class LiveSummary:
-    """An async map's display: its summary, redrawn when its events say something changed.
+    """An async map's card: live while it runs, final when it ends, in the cell that started it.
 
     A thread waits on the map's ``Progress.changed`` (set by events, never by
     polling the engine), redraws at most every EVERY_S, and draws the final
-    summary when the map ends.
+    card when the map ends. The final card is drawn again by the first
+    ``.get()``/``.wait()`` that sees the end (``MapHandle._on_done``): a
+    notebook executed headlessly is saved when its last cell ends, and the
+    thread's last update may come after that.
     """
 
     EVERY_S = 0.25
@@ -191,6 +194,19 @@ class LiveSummary:
     def close(self) -> None:
         pass
 
+    def bundle(self, handle: Any) -> dict:
+        from .display import summary_bundle
+
+        return summary_bundle(handle.report, self.progress if not handle.ready() else None)
+
+    def show(self, handle: Any) -> Any:
+        """Display the card with a display id; returns the display handle."""
+        from IPython.display import display
+
+        dh = display(self.bundle(handle), raw=True, display_id=True)
+        handle._on_done.append(lambda: dh.update(self.bundle(handle), raw=True))
+        return dh
+
     def follow(self, handle: Any, display_handle: Any) -> threading.Thread:
         def run() -> None:
             p = self.progress
@@ -199,11 +215,27 @@ class LiveSummary:
                 p.changed.clear()
                 if p.status != "running":
                     break
-                display_handle.update(handle)
+                display_handle.update(self.bundle(handle), raw=True)
                 time.sleep(self.EVERY_S)
-            handle.wait()
-            display_handle.update(handle)
+            handle._job.wait(None, feed=False)
+            display_handle.update(self.bundle(handle), raw=True)
 
         t = threading.Thread(target=run, daemon=True, name="poolmagic-live")
         t.start()
         return t
+
+
+def announce_async(handle: Any, name: str) -> threading.Thread:
+    """In a terminal: a line when an async map starts, and one (its summary) when it ends."""
+    r = handle.report
+    total = f"{r.items:,} items" if r.items is not None else "a stream of items"
+    print(f"poolmagic: {name}() started in the background · {total} on {r.pool_size} "
+          f"worker{'s' if r.pool_size != 1 else ''} · .get() waits for the results", flush=True)
+
+    def run() -> None:
+        handle._job.wait(None, feed=False)
+        print(f"\n{handle.report.summary().splitlines()[0]} (background map finished)", flush=True)
+
+    t = threading.Thread(target=run, daemon=True, name="poolmagic-announce")
+    t.start()
+    return t

@@ -7,10 +7,13 @@ that its answer can be trusted and repeated:
 * every size runs with the same native-thread budget per core: ``cores ÷ n``
   BLAS/OpenMP threads per worker (one above the cores), so 1 worker with 2
   threads and 2 with 1 each compare the same use of the CPUs;
-* each size is sampled SAMPLES times (the same items each time); the chart
-  shows the spread, and a larger size is chosen only when it *beats the
-  noise*: its slowest sample faster than the current choice's fastest, by
-  BETTER at least (``decide``, a pure function of the samples);
+* each size is sampled SAMPLES times (the same items each time), the sizes
+  in turn (1, 2, 4, 1, 2, 4, ...) so that load that comes and goes hits them
+  alike; the chart shows the spread, and a larger size is chosen only when it
+  *beats the noise*: its slowest sample faster than the current choice's
+  fastest, by BETTER at least (``decide``, a pure function of the samples);
+  CPU-bound work is never given more workers than cores (it cannot gain from
+  them: a sample saying otherwise is noise);
 * the verdict names what was measured, from the samples' own reports (CPU
   time per running time: CPU-bound or waiting-bound; CPU-bound work that
   does not scale: memory-bound), and when other processes held the CPUs it
@@ -41,6 +44,7 @@ class TuneRow:
     walls: list[float] = field(default_factory=list)  #: seconds, one per sample
     threads: int = 1  #: native threads per worker
     speedups: list[float] = field(default_factory=list)  #: each sample's speedup (the card's definition)
+    highs: list[float] = field(default_factory=list)  #: its high end (native threads make it a range)
     cpu_share: float | None = None  #: CPU time ÷ running time in the function (≈1 CPU-bound, ≈0 waiting)
     contended: bool = False  #: a sample found other processes holding the CPUs
 
@@ -65,6 +69,19 @@ class TuneRow:
     def speedup(self) -> float:
         ok = [s for s in self.speedups if s == s]  # (nan: that sample's estimate failed)
         return statistics.median(ok) if ok else float("nan")
+
+    @property
+    def speedup_high(self) -> float:
+        ok = [s for s in self.highs if s == s]
+        return statistics.median(ok) if ok else self.speedup
+
+    @property
+    def speedup_text(self) -> str:
+        """The card's words for it: ``≈1.82×``, ``≈0.81–1.62×``, ``unknown``."""
+        lo, hi = self.speedup, self.speedup_high
+        if lo != lo:
+            return "unknown"
+        return f"≈{lo:.2f}–{hi:.2f}×" if hi > 1.05 * lo else f"≈{lo:.2f}×"
 
 
 @dataclass
@@ -118,10 +135,16 @@ def beats(a: TuneRow, b: TuneRow) -> bool:
     return a.low > b.high and a.throughput >= BETTER * b.throughput
 
 
-def decide(rows: list[TuneRow]) -> int:
-    """The size to keep: the smallest that no larger size beats beyond the noise."""
+def decide(rows: list[TuneRow], cores: int | None = None) -> int:
+    """The size to keep: the smallest that no larger size beats beyond the noise.
+
+    With ``cores``, CPU-bound sizes (CPU time ≥ half the running time) above the
+    cores are not candidates: CPU-bound work cannot gain from them.
+    """
     chosen = rows[0]
     for r in rows[1:]:
+        if cores is not None and r.workers > cores and (r.cpu_share is None or r.cpu_share >= 0.5):
+            continue
         if beats(r, chosen):
             chosen = r
     return chosen.workers
@@ -135,7 +158,7 @@ def _reason(result: TuneResult) -> str:
     share = statistics.median(cpu) if cpu else None
     kind = ("waiting-bound (I/O, sleeps: CPU time is {:.0%} of the time in the function)".format(share)
             if share is not None and share < 0.5 else "CPU-bound" if share is not None else "")
-    est = f"speedup {gain:.2f}× over a loop" if gain == gain else "speedup unknown"
+    est = f"speedup {chosen.speedup_text} over a loop" if gain == gain else "speedup unknown"
     if result.chosen == 1:
         if share is not None and share >= 0.5 and len(result.rows) > 1:
             scale = result.rows[1].throughput / one.throughput
@@ -187,26 +210,32 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
         warm = pool.run(func, items[: max(sizes)], star=star, workers=max(sizes))  # ship it, start workers
         if per_item is None:
             per_item = warm.busy_s / max(warm.done, 1)
+        rows = []
         for n in sizes:
             want = int(0.8 * share * n / max(per_item, 1e-7))
             m = max(2 * n, min(want, MAX_SAMPLE))  # cycles through the items if needed
             sample = [items[i % len(items)] for i in range(m)] if m > len(items) else items[:m]
-            row = TuneRow(n, m, threads=threads_for(n, pool.cores))
-            cpu = ran = 0.0
-            for _ in range(SAMPLES):
+            rows.append((TuneRow(n, m, threads=threads_for(n, pool.cores)), sample, [0.0, 0.0]))
+        for k in range(SAMPLES):  # the sizes in turn: load that comes and goes hits them alike
+            for row, sample, cpu_ran in rows:
+                if len(row.walls) < k:
+                    continue  # (out of budget: this size stopped early)
                 t = time.perf_counter()
-                r = pool.run(func, sample, star=star, workers=n, threads=row.threads)
+                r = pool.run(func, sample, star=star, workers=row.workers, threads=row.threads)
                 row.walls.append(time.perf_counter() - t)
                 a = r.analysis()
                 row.speedups.append(a.speedup)
+                row.highs.append(a.speedup_high)
                 row.contended |= a.contended
                 if a.cpu_s is not None:
-                    cpu += a.cpu_s
-                    ran += a.busy_s - a.waited_s
-            row.cpu_share = cpu / ran if ran > 0 else None
-            result.rows.append(row)
-            if time.perf_counter() - t_start > budget:
+                    cpu_ran[0] += a.cpu_s
+                    cpu_ran[1] += a.busy_s - a.waited_s
+            if time.perf_counter() - t_start > budget and k >= 1:
                 break
+        for row, _, (cpu, ran) in rows:
+            row.cpu_share = cpu / ran if ran > 0 else None
+            if row.walls:
+                result.rows.append(row)
     except PoolmapError as exc:
         raise BadInputError(f"--tune stopped: timing {report.func_name}() failed: {safe_str(exc).splitlines()[0]}") from None
     except Exception as exc:
@@ -229,7 +258,7 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
         )
         pool.resize(size_before, warn=False)
         return result
-    result.chosen = decide(result.rows)
+    result.chosen = decide(result.rows, pool.cores)
     result.reason = _reason(result)
     pool.resize(result.chosen)
     return result
