@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -320,10 +321,36 @@ def test_timeline_frame_and_text(failed_report):
     assert list(df.loc[df.status == "failed", "first_item"]) == [2]
     lines = tl.text().splitlines()
     workers = tl.workers()
-    assert lines[0].startswith("timeline: 4 chunks")
-    assert len(lines) == 1 + len(workers)
-    assert [ln.split("|")[0].split() for ln in lines[1:]] == [["worker", str(w)] for w in workers]
-    assert "×" in tl.text()  # the failed chunk is marked
+    assert lines[0].startswith("timeline: 4 chunks") and "× chunk failed" in lines[0]  # its legend
+    assert len(lines) == 1 + len(workers) + 2  # the rows, the axis, the slowest items
+    assert [ln.split("|")[0].split() for ln in lines[1:-2]] == [["worker", str(w)] for w in workers]
+    assert "×" in "".join(lines[1:-2])  # the failed chunk is marked
+    assert lines[-2].split()[0] == "0" and lines[-1].startswith("  slowest: item ")
+
+
+def test_timeline_picture_has_axis_legend_failure_shape_and_slowest_items():
+    r = RunReport(func_name="f", items=8, results=list(range(8)), cores=2, pool_size=2, t_start=0.0, t_end=2.0,
+                  status="done", done=8)
+    r.chunks = [ChunkRecord(0, 0, 4, 0.1, 1.9, [0.2, 1.2, 0.2, 0.2], 11),
+                ChunkRecord(1, 4, 4, 0.1, 0.9, [0.2, 0.1, 0.4, 0.1], 12, status="failed")]
+    tl = r.timeline
+    assert tl.slowest(3) == [(1, 1.2), (6, 0.4), (0, 0.2)]
+    html = tl._repr_html_()
+    labels = re.findall(r'font-size="10" fill="currentColor"[^>]*>([^<]+)</text>', html)
+    assert labels[:5] == ["0", "500.0 ms", "1.00 s", "1.50 s", "2.00 s"], labels  # round ticks, not just 0 and the end
+    assert "chunk ran" in html and "chunk with a failed item" in html  # a legend
+    assert 'fill="url(#poolmagic-failed)"' in html and "<pattern" in html  # failed chunks hatched, not only red
+    assert "slowest: item 1 1.20 s, item 6 400.0 ms" in html
+    assert all('fill="currentColor"' in t for t in html.split("<text")[1:])  # every label takes the theme's colour
+    assert list(tl.to_frame().columns) == ROW_FIELDS if _has_pandas() else True
+
+
+def _has_pandas() -> bool:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.timeout(60)

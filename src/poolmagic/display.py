@@ -179,7 +179,7 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     if len(r.chunks) > 1:  # one chunk is no picture
         from .timeline import Timeline
 
-        parts.append(f"<details><summary>timeline</summary>{timeline_svg(Timeline(r))}</details>")
+        parts.append(f"<details><summary>timeline</summary>{timeline_html(Timeline(r))}</details>")
     parts.append("</div>")
     return {"text/plain": "\n".join(lines), "text/html": "".join(parts)}
 
@@ -220,12 +220,30 @@ def progress_html(p: "Progress") -> str:
     return f'<div class="poolmagic-progress" style="{_FONT}"><b>poolmagic</b> {progress_body(p)}</div>'
 
 
+def _ticks(span: float, n: int = 5) -> list[float]:
+    """Round tick positions (1, 2, 5 × 10^k apart) from 0 to ``span``."""
+    import math
+
+    raw = span / n
+    step = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    for m in (1, 2, 5, 10):
+        if m * step >= raw:
+            step *= m
+            break
+    return [k * step for k in range(int(span / step + 1e-9) + 1)]
+
+
+def _slowest_words(t: "Timeline") -> str:
+    slow = t.slowest(5)
+    return ", ".join(f"item {i} {_fmt_s(s)}" for i, s in slow)
+
+
 def timeline_text(t: "Timeline", width: int = 60) -> str:
-    """One line per worker: ``█`` busy, ``×`` failed, ``·`` idle."""
+    """One line per worker: ``█`` ran, ``×`` failed, ``·`` idle; an axis; the slowest items."""
     if not t.rows:
         return "(no chunks)"
     span = max(t.wall_s, max(r.end for r in t.rows), 1e-9)
-    lines = [f"timeline: {len(t.rows):,} chunks over {_fmt_s(span)}"]
+    lines = [f"timeline: {len(t.rows):,} chunks over {_fmt_s(span)} (█ chunk ran · × chunk failed · · idle)"]
     for w in t.workers():
         cells = ["·"] * width
         for r in (r for r in t.rows if r.worker == w):
@@ -233,14 +251,23 @@ def timeline_text(t: "Timeline", width: int = 60) -> str:
             for k in range(max(a, 0), min(b, width)):
                 cells[k] = "×" if r.status != "done" else "█"
         lines.append(f"  worker {w:>3} |{''.join(cells)}|")
+    lines.append(f"{'':13}0{_fmt_s(span):>{width + 1}}")
+    lines.append(f"  slowest: {_slowest_words(t)}")
     return "\n".join(lines)
 
 
 MAX_RECTS = 4000  # an SVG of at most ~200 KB, whatever the number of chunks
+_HATCH = ('<defs><pattern id="poolmagic-failed" width="6" height="6" patternUnits="userSpaceOnUse" '
+          f'patternTransform="rotate(45)"><rect width="6" height="6" fill="{_BAD}"/>'
+          '<rect width="2.5" height="6" fill="currentColor" opacity=".55"/></pattern></defs>')
+_FAILED_FILL = "url(#poolmagic-failed)"  # failed chunks: hatched as well as red, told apart without colour
 
 
 def timeline_svg(t: "Timeline", width: int = 600) -> str:
-    """Per-worker rows of chunks as inline SVG; aggregated where bars would be thinner than a pixel."""
+    """Per-worker rows of chunks as inline SVG, with a time axis, a legend and the slowest items.
+
+    Aggregated where bars would be thinner than a pixel.
+    """
     if not t.rows:
         return ""
     workers = t.workers()
@@ -248,7 +275,7 @@ def timeline_svg(t: "Timeline", width: int = 600) -> str:
     row_h, label_w = 14, 70
     detailed = len(t.rows) <= 400
     bucket = max(1.0, len(workers) * width / MAX_RECTS)
-    out = []
+    out = [_HATCH]
     for k, w in enumerate(workers):
         y = 4 + k * (row_h + 4)
         out.append(f'<text x="0" y="{y + 11}" font-size="11" fill="currentColor">worker {w}</text>')
@@ -258,10 +285,10 @@ def timeline_svg(t: "Timeline", width: int = 600) -> str:
             for r in rows:
                 x = label_w + r.start / span * width
                 wd = max((r.end - r.start) / span * width, 1.0)
-                color = _BAD if r.status != "done" else _GOOD
+                fill = _FAILED_FILL if r.status != "done" else _GOOD
                 tip = (f"items {r.first_item}–{r.last_item} ({r.items}) · {_fmt_s(r.end - r.start)}"
                        f" · pid {r.pid}" + (" · failed" if r.status != "done" else ""))
-                out.append(f'<rect x="{x:.1f}" y="{y}" width="{wd:.1f}" height="{row_h}" fill="{color}">'
+                out.append(f'<rect x="{x:.1f}" y="{y}" width="{wd:.1f}" height="{row_h}" fill="{fill}">'
                            f"<title>{html.escape(tip)}</title></rect>")
             continue
         cols: dict[int, str] = {}
@@ -272,17 +299,40 @@ def timeline_svg(t: "Timeline", width: int = 600) -> str:
                 if cols.get(c) != "failed":
                     cols[c] = r.status
         # one path per row and status: a few bytes per bar instead of a <rect> each
-        for status, color in (("done", _GOOD), ("failed", _BAD)):
+        for status, fill in (("done", _GOOD), ("failed", _FAILED_FILL)):
             d = "".join(f"M{label_w + c * bucket:.0f} {y}h{bucket:.0f}v{row_h}h-{bucket:.0f}z"
                         for c in sorted(cols) if (cols[c] == "done") == (status == "done"))
             if d:
-                out.append(f'<path fill="{color}" d="{d}"/>')
+                out.append(f'<path fill="{fill}" d="{d}"/>')
     height = 8 + len(workers) * (row_h + 4)
-    axis = (f'<text x="{label_w}" y="{height + 10}" font-size="10" fill="currentColor">0</text>'
-            f'<text x="{label_w + width}" y="{height + 10}" font-size="10" fill="currentColor" '
-            f'text-anchor="end">{_fmt_s(span)}</text>')
-    return (f'<svg class="poolmagic-timeline" width="{label_w + width + 4}" height="{height + 14}" '
-            f'style="{_FONT}">' + "".join(out) + axis + "</svg>")
+    axis = [f'<line x1="{label_w}" x2="{label_w + width}" y1="{height}" y2="{height}" stroke="currentColor" '
+            f'stroke-width=".5"/>']
+    for tick in _ticks(span):
+        x = label_w + tick / span * width
+        anchor = "end" if x > label_w + width - 20 else "middle" if tick else "start"
+        axis.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{height}" y2="{height + 4}" stroke="currentColor"/>'
+                    f'<text x="{x:.1f}" y="{height + 14}" font-size="10" fill="currentColor" '
+                    f'text-anchor="{anchor}">{_fmt_s(tick) if tick else "0"}</text>')
+    ly = height + 30
+    failed = any(r.status != "done" for r in t.rows)
+    legend = (f'<rect x="{label_w}" y="{ly - 9}" width="14" height="10" fill="{_GOOD}"/>'
+              f'<text x="{label_w + 18}" y="{ly}" font-size="11" fill="currentColor">chunk ran</text>'
+              f'<rect x="{label_w + 90}" y="{ly - 9}" width="14" height="10" fill="{_FAILED_FILL}"/>'
+              f'<text x="{label_w + 108}" y="{ly}" font-size="11" fill="currentColor">chunk with a failed item'
+              f'{"" if failed else " (none)"}</text>'
+              f'<rect x="{label_w + 290}" y="{ly - 9}" width="14" height="10" fill="{_TRACK}"/>'
+              f'<text x="{label_w + 308}" y="{ly}" font-size="11" fill="currentColor">idle · time since the map started</text>')
+    return (f'<svg class="poolmagic-timeline" width="{label_w + width + 4}" height="{ly + 6}" role="img" '
+            f'aria-label="chunks per worker over time" style="{_FONT}">' + "".join(out) + "".join(axis) + legend
+            + "</svg>")
+
+
+def timeline_html(t: "Timeline") -> str:
+    """The SVG and, under it, the slowest items (as mpire's insights list them)."""
+    if not t.rows:
+        return ""
+    return (timeline_svg(t)
+            + f'<div class="poolmagic-slowest" style="{_FONT}">slowest: {html.escape(_slowest_words(t))}</div>')
 
 
 def _plural(n: int, word: str) -> str:
@@ -300,6 +350,25 @@ def status_text(size: int, description: str, cores: int, threads: int, state: st
         f"poolmagic: {_plural(size, 'worker')} · {description} · {cores} core{'s' if cores != 1 else ''} "
         f"available · {_plural(threads, 'native thread')} per worker{limit} · {warm}"
     )
+
+
+_URL = __import__("re").compile(r"https?://[^\s<>\"')]+")
+
+
+def status_html(text: str) -> str:
+    """``%poolsize``'s lines as HTML: theme colours, and links (a dask dashboard) as links."""
+    out = []
+    for line in text.splitlines():
+        parts, last = [], 0
+        for m in _URL.finditer(line):
+            url = m.group(0)
+            parts += [html.escape(line[last:m.start()]),
+                      f'<a href="{html.escape(url)}" target="_blank" rel="noopener" '
+                      f'style="color:var(--jp-content-link-color,inherit);text-decoration:underline">{html.escape(url)}</a>']
+            last = m.end()
+        parts.append(html.escape(line[last:]))
+        out.append("".join(parts))
+    return f'<div class="poolmagic-status" style="{_FONT}">' + "<br>".join(out) + "</div>"
 
 
 def tune_text(t: "TuneResult") -> str:

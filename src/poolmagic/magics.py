@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
 from .errors import BadInputError, PoolmapError
-from .publish import LiveProgress, LiveSummary, announce_async, show
+from .publish import LiveProgress, LiveSummary, announce_async, show, show_bundle
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
@@ -387,7 +387,13 @@ class PoolMagics(Magics):
                     print(f"poolmagic: note: {note}")
                 self.pool.resize(n, warn=False)
             self.pool.start()
-        print(self.pool.status())
+        text = self.pool.status()
+        if self._in_kernel() and "http" in text:  # a dashboard: a link in a notebook
+            from .display import status_html
+
+            show_bundle({"text/plain": text, "text/html": status_html(text)}, self.shell)
+        else:
+            print(text)
         return None
 
     poolsize.__doc__ = _POOLSIZE_DOC

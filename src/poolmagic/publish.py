@@ -49,6 +49,13 @@ def show(obj: Any, shell: Any) -> None:
         del pub._flush_streams
 
 
+def show_bundle(data: dict, shell: Any) -> None:
+    """Publish a ready MIME bundle (text and HTML) as one display."""
+    from IPython.display import display
+
+    display(data, raw=True)
+
+
 def _no_flush() -> None:
     pass
 
