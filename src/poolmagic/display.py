@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from .tune import TuneResult
 
 
+def call_name(name: str) -> str:
+    """``work()``; a name that already reads as a call (``partial(scale, ...)``) as it is."""
+    return name if name.endswith(")") else f"{name}()"
+
+
 def _fmt_s(s: float) -> str:
     if s < 1e-3:
         return f"{s * 1e6:.0f} µs"
@@ -125,7 +130,7 @@ def summary_bundle(r: "RunReport", progress: "Progress | None" = None) -> dict[s
 
 
 def _head(r: "RunReport") -> str:
-    return f"<b>poolmagic</b> <code>{html.escape(r.func_name)}()</code>"
+    return f"<b>poolmagic</b> <code>{html.escape(call_name(r.func_name))}</code>"
 
 
 def _running(r: "RunReport", p: "Progress") -> dict[str, str]:
@@ -148,7 +153,7 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     extra = _status_words(r)
     ok_map = r.status == "done" and not r.errors
 
-    text = [f"poolmagic: {r.func_name}() · {items} in {_fmt_s(r.wall_s)}", _plural(workers, "worker"),
+    text = [f"poolmagic: {call_name(r.func_name)} · {items} in {_fmt_s(r.wall_s)}", _plural(workers, "worker"),
             f"{cores} available"]
     cells = [_head(r), f"{html.escape(items)} in {_fmt_s(r.wall_s)}", f"{_plural(workers, 'worker')} / {cores}"]
     if words:
@@ -188,7 +193,7 @@ def progress_text(p: "Progress", func_name: str | None = None) -> str:
     """tqdm's meter: ``poolmagic work() 37%|███▋      | 3,700/10,000 [00:04<00:07, 812 it/s]``."""
     from tqdm import tqdm
 
-    who = f"poolmagic {func_name}()" if func_name else "poolmagic"
+    who = f"poolmagic {call_name(func_name)}" if func_name else "poolmagic"
     if p.waiting and not p.finished:
         return f"{who}: {p.waiting} · {_fmt_s(p.elapsed)}"
     if p.starting:
@@ -208,7 +213,7 @@ def progress_body(p: "Progress") -> str:
     eta = f" · ETA {_fmt_s(p.eta)}" if p.eta is not None else ""
     of = f"/{p.total:,}" if p.total is not None else ""
     bar = (f"progress {frac:.0%}" + _bar(frac, 160, _BAD if p.failed else _BLUE, f"progress {frac:.0%}")) if p.total else ""
-    body = f"{bar}{p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s{eta}"
+    body = f"{bar} {p.finished:,}{of} items · {_fmt_s(p.elapsed)} · {p.rate:,.1f} items/s{eta}"
     if p.failed:
         body += f" · <b>{p.failed:,} failed</b>"
     if p.waiting:
@@ -374,7 +379,7 @@ def status_html(text: str) -> str:
 def tune_text(t: "TuneResult") -> str:
     """One line per size: median items/s, the samples' range, threads, speedup; then the verdict."""
     top = max(r.high for r in t.rows)
-    lines = [f"poolmagic --tune {t.func_name}(): {t.cores} cores available, "
+    lines = [f"poolmagic --tune {call_name(t.func_name)}: {t.cores} cores available, "
              f"{len(t.rows[0].walls)} samples per size"]
     for r in t.rows:
         bar = "█" * max(1, round(24 * r.throughput / top))
@@ -419,7 +424,7 @@ def tune_html(t: "TuneResult") -> str:
     verb = "pool size kept at" if t.kept else "pool size set to"
     return (
         f'<div class="poolmagic-tune" style="{_FONT}">'
-        f"<b>poolmagic --tune</b> <code>{html.escape(t.func_name)}()</code> · {t.cores} cores available · "
+        f"<b>poolmagic --tune</b> <code>{html.escape(call_name(t.func_name))}</code> · {t.cores} cores available · "
         f"{len(t.rows[0].walls)} samples per size (bar: median, line: range)<br>"
         f'{svg}<table><tr><th>workers</th><th>native threads each</th><th>items per sample</th>'
         f"<th>items/s (median)</th><th>range</th><th>speedup</th><th></th></tr>{rows}</table>"

@@ -116,7 +116,9 @@ class LiveProgress:
             from tqdm import tqdm
 
             name = getattr(self.report, "func_name", None)
-            desc = f"poolmagic {name}()" if name else "poolmagic"
+            from .display import call_name
+
+            desc = f"poolmagic {call_name(name)}" if name else "poolmagic"
             self._bar = tqdm(total=p.total, desc=desc, unit=" items", leave=False, file=sys.stderr)
             self._started_with_the_map()
             self._update()
@@ -236,7 +238,9 @@ def announce_async(handle: Any, name: str) -> threading.Thread:
     """In a terminal: a line when an async map starts, and one (its summary) when it ends."""
     r = handle.report
     total = f"{r.items:,} items" if r.items is not None else "a stream of items"
-    print(f"poolmagic: {name}() started in the background · {total} on {r.pool_size} "
+    from .display import call_name
+
+    print(f"poolmagic: {call_name(name)} started in the background · {total} on {r.pool_size} "
           f"worker{'s' if r.pool_size != 1 else ''} · .get() waits for the results", flush=True)
 
     def run() -> None:
