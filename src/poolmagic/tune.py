@@ -253,7 +253,8 @@ def tune(pool: "Pool", budget: float = 10.0) -> TuneResult:
         pool.last_job, pool.last_report = saved
         if not chosen:
             pool.resize(size_before, warn=False)
-    busy_host = [r.workers for r in result.rows if r.contended]
+    # (waiting-bound work waits for a CPU only to wake up: every size alike, the noise rule copes)
+    busy_host = [r.workers for r in result.rows if r.contended and (r.cpu_share is None or r.cpu_share >= 0.5)]
     if busy_host:
         result.chosen, result.kept = size_before, True
         result.reason = (

@@ -304,6 +304,7 @@ function describe(e) {
 }
 const found = [];
 for (const root of document.querySelectorAll(arguments[0])) {
+  root.scrollIntoView({block: 'center'});  // each display in view in turn: none under the status bar
   for (const el of [root, ...root.querySelectorAll('*')]) {
     if (el.closest('title')) continue;  // SVG tooltips are not drawn
     const text = Array.from(el.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
@@ -476,7 +477,7 @@ def run_notebook(lab, browser, cells: list[str], name: str, workspace: str | Non
                 run.live_texts = got
                 run.live_png = run.screenshot()
         counts = {int(m[1]) for _, t in run.readings if (m := counted.search(t))}
-        return (len(counts) >= 2 and run.live_texts is not None) or "running" not in text
+        return (len(counts) >= 2 and run.live_texts is not None) or " items in " in text  # (the final card)
 
     wait_for(advanced, 60, "the live progress display", every=0.05,
              detail=lambda: f"readings {run.readings}; outputs {d.execute_script(OUTPUT_TEXT_JS)}")
