@@ -307,6 +307,8 @@ for (const root of document.querySelectorAll(arguments[0])) {
   root.scrollIntoView({block: 'center'});  // each display in view in turn: none under the status bar
   for (const el of [root, ...root.querySelectorAll('*')]) {
     if (el.closest('title')) continue;  // SVG tooltips are not drawn
+    const folded = el.closest('details');  // a folded timeline is not drawn (Chrome still lays it out)
+    if (folded && !folded.open && !el.closest('summary')) continue;
     const text = Array.from(el.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
     if (!text || el.getClientRects().length === 0) continue;
     const layers = [];
@@ -317,6 +319,7 @@ for (const root of document.querySelectorAll(arguments[0])) {
     const s = getComputedStyle(el);
     const svg = el instanceof SVGElement;
     // what is drawn on top at the text's centre: poolmagic's own output, not an overlay
+    el.scrollIntoView({block: 'center'});  // (in view: not under the status bar or off the page)
     const r = el.getBoundingClientRect();
     const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
     const covered = hit === null ? null : !root.contains(hit) && !hit.contains(root);
