@@ -144,11 +144,12 @@ def decide(rows: list[TuneRow], cores: int | None = None) -> int:
     """The size to keep: the smallest that no larger size beats beyond the noise.
 
     With ``cores``, CPU-bound sizes (CPU time ≥ half the running time) above the
-    cores are not candidates: CPU-bound work cannot gain from them.
+    cores are not candidates: CPU-bound work cannot gain from them. (Unmeasured
+    CPU time, a dask cluster's, leaves them candidates: the samples decide.)
     """
     chosen = rows[0]
     for r in rows[1:]:
-        if cores is not None and r.workers > cores and (r.cpu_share is None or r.cpu_share >= 0.5):
+        if cores is not None and r.workers > cores and r.cpu_share is not None and r.cpu_share >= 0.5:
             continue
         if beats(r, chosen):
             chosen = r
@@ -173,6 +174,11 @@ def _reason(result: TuneResult) -> str:
     noise = f"beyond the noise of {SAMPLES} samples each"
     if share is not None and share < 0.5:
         return f"{kind}: {result.chosen} workers, {chosen.throughput / one.throughput:.1f}× the throughput of 1 ({noise})"
+    if share is None:  # (CPU time not measured: a dask cluster) what the sizes did tells
+        if result.chosen > result.cores:
+            return (f"waiting-bound (I/O, sleeps): more workers than cores still help, {result.chosen} workers give "
+                    f"{chosen.throughput / one.throughput:.1f}× the throughput of 1 ({noise})")
+        return f"{result.chosen} workers, {chosen.throughput / one.throughput:.1f}× the throughput of 1 ({noise})"
     if result.chosen <= result.cores:
         return f"CPU-bound: {result.chosen} workers, {est} ({noise})"
     return f"{kind or 'measured'}: {result.chosen} workers, {est} ({noise})"
