@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -29,7 +30,8 @@ ROW_FIELDS = ["worker", "pid", "start", "end", "first_item", "last_item", "items
 
 
 def kinds(report) -> list[str]:
-    return [f.kind for f in report.analysis().findings]
+    """Every finding, short maps included (the summary shows none under 0.1 s)."""
+    return [f.kind for f in report.analysis(all_findings=True).findings]
 
 
 def warm(pool: Pool, n: int) -> None:
@@ -59,13 +61,13 @@ def test_small_items_are_slower_than_a_loop():
     a = report.analysis()
     text = report.summary()
     assert "small_items" in k, text
-    assert "why: items take" in text and "overhead dominates" in text
+    assert "slower" not in k, "the headline says slower; the cause is the finding, not a second 'slower'"
+    if report.wall_s >= 0.1:
+        assert "why: items take" in text and "overhead dominates" in text
     if contended(a):  # other processes held the CPUs: the report says so instead of "slower"
-        assert "contended" in k and "waiting for a CPU" in text.splitlines()[0], text
+        assert "contended" in text.splitlines()[0], text
     else:
-        assert "slower" in k, text
         assert "slower than a plain loop" in text.splitlines()[0]  # the speedup words
-        assert "why: slower than a plain loop would have been" in text
 
 
 @pytest.mark.timeout(60)
@@ -79,7 +81,7 @@ def test_too_few_items_for_the_workers():
     assert report.results == [7]
     k = kinds(report)
     assert "few_items" in k, report.summary()
-    assert "why: 1 item for 2 workers" in report.summary()
+    assert "why: 1 item for 2 workers" in report.summary()  # 0.3 s: above the 0.1 s of findings
 
 
 @pytest.mark.timeout(60)
@@ -166,7 +168,8 @@ def test_native_threads_over_the_cores_are_named():
     assert over.threads == 2 and fitting.threads == 1
     assert "small_items" in kinds(over) and "small_items" in kinds(fitting)  # neither paid
     assert "threads" in kinds(over), over.summary()
-    assert f"why: each worker may run 2 native threads (BLAS, OpenMP): 4 threads on {cores} cores" in over.summary()
+    texts = [f.text for f in over.analysis(all_findings=True).findings]
+    assert f"each worker may run 2 native threads (BLAS, OpenMP): 4 threads on {cores} cores; try --threads 1" in texts
     assert "threads" not in kinds(fitting), fitting.summary()
 
 
@@ -252,20 +255,23 @@ def test_an_interrupted_map_gets_no_verdict(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_measured_speedup_after_tune(ip):
+def test_one_speedup_before_and_after_tune(ip):
+    """``--tune`` no longer changes what a map's speedup means: the summary and
+    ``.speedup`` give the same figure, before and after (it was "measured
+    against one worker" after a tune, a different number)."""
     body = "def tuned(x):\n    return sum(i * i for i in range(100_000))\n"
     pool = poolmagic.get_pool()
     try:
         ip.run_cell_magic("poolmap", "-q -c 1 range(8)", body)
         first = ip.user_ns["_poolmap"]
-        assert first.analysis().measured is None
-        assert "measured" not in first.summary()
         ip.run_line_magic("poolsize", "--tune --budget 3")
         ip.run_cell_magic("poolmap", "-q -c 1 range(8)", body)
         again = ip.user_ns["_poolmap"]
         assert again is not first
-        assert again.analysis().measured is not None, "no measured speedup after --tune timed this function"
-        assert "measured against one worker" in again.summary(), again.summary()
+        for r in (first, again):
+            a = r.analysis()
+            assert "measured against one worker" not in r.summary()
+            assert r.speedup == a.speedup and f"speedup {a.speedup_text}" in r.summary(), r.summary()
     finally:
         ip.run_line_magic("poolsize", "auto")
         assert pool.size == pool.cores
@@ -315,10 +321,36 @@ def test_timeline_frame_and_text(failed_report):
     assert list(df.loc[df.status == "failed", "first_item"]) == [2]
     lines = tl.text().splitlines()
     workers = tl.workers()
-    assert lines[0].startswith("timeline: 4 chunks")
-    assert len(lines) == 1 + len(workers)
-    assert [ln.split("|")[0].split() for ln in lines[1:]] == [["worker", str(w)] for w in workers]
-    assert "×" in tl.text()  # the failed chunk is marked
+    assert lines[0].startswith("timeline: 4 chunks") and "× chunk failed" in lines[0]  # its legend
+    assert len(lines) == 1 + len(workers) + 2  # the rows, the axis, the slowest items
+    assert [ln.split("|")[0].split() for ln in lines[1:-2]] == [["worker", str(w)] for w in workers]
+    assert "×" in "".join(lines[1:-2])  # the failed chunk is marked
+    assert lines[-2].split()[0] == "0" and lines[-1].startswith("  slowest: item ")
+
+
+def test_timeline_picture_has_axis_legend_failure_shape_and_slowest_items():
+    r = RunReport(func_name="f", items=8, results=list(range(8)), cores=2, pool_size=2, t_start=0.0, t_end=2.0,
+                  status="done", done=8)
+    r.chunks = [ChunkRecord(0, 0, 4, 0.1, 1.9, [0.2, 1.2, 0.2, 0.2], 11),
+                ChunkRecord(1, 4, 4, 0.1, 0.9, [0.2, 0.1, 0.4, 0.1], 12, status="failed")]
+    tl = r.timeline
+    assert tl.slowest(3) == [(1, 1.2), (6, 0.4), (0, 0.2)]
+    html = tl._repr_html_()
+    labels = re.findall(r'font-size="10" fill="currentColor"[^>]*>([^<]+)</text>', html)
+    assert labels[:5] == ["0", "500.0 ms", "1.00 s", "1.50 s", "2.00 s"], labels  # round ticks, not just 0 and the end
+    assert "chunk ran" in html and "chunk with a failed item" in html  # a legend
+    assert 'fill="url(#poolmagic-failed)"' in html and "<pattern" in html  # failed chunks hatched, not only red
+    assert "slowest: item 1 1.20 s, item 6 400.0 ms" in html
+    assert all('fill="currentColor"' in t for t in html.split("<text")[1:])  # every label takes the theme's colour
+    assert list(tl.to_frame().columns) == ROW_FIELDS if _has_pandas() else True
+
+
+def _has_pandas() -> bool:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.timeout(60)

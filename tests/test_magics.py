@@ -103,7 +103,7 @@ def test_workers_option_limits_workers_for_this_cell(ip):
 def test_summary_shown_in_text_and_suppressed_by_q(ip, capsys):
     cell(ip, "range(3)", "def sq(x):\n    return x\n")
     out = capsys.readouterr().out
-    assert "poolmagic: 3 items in" in out and "cores available" in out and "speedup" in out
+    assert "poolmagic: sq() · 3 items in" in out and "cores available" in out and "speedup" in out
     cell(ip, "-q range(3)", "def sq(x):\n    return x\n")
     assert "poolmagic:" not in capsys.readouterr().out
 
@@ -113,7 +113,7 @@ def test_report_html_and_text_forms(ip):
     r = ip.user_ns["_poolmap"]
     html = r._repr_html_()
     assert "poolmagic" in html and "3 items" in html and "speedup" in html
-    assert repr(r).startswith("poolmagic: 3 items in")
+    assert repr(r).startswith("poolmagic: sq() · 3 items in")
 
 
 def test_print_in_workers_lands_in_the_cell_in_item_order(ip, capsys):

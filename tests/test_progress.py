@@ -18,6 +18,7 @@ import pytest
 
 from poolmagic import Pool, display, live, publish
 from poolmagic.engine import protocol as P
+from poolmagic.report import RunReport
 from poolmagic.engine.events import (
     ChunkFinished,
     ChunkRecord,
@@ -46,14 +47,17 @@ def final_lines(err: str) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_terminal_bar_on_stderr_and_final_line(ip, capsys):
+def test_terminal_bar_on_stderr_then_one_summary(ip, capsys):
+    """One card per map: the bar is erased when the map ends and the summary line follows,
+    instead of a finished bar *and* a summary repeating its items, time and rate."""
     assert cell(ip, "-c 1 range(8)", NAP) == list(range(8))  # 8 × 0.25 s on 2 workers: ≥ 1 s
-    err = capsys.readouterr().err
-    assert "poolmagic" in err and " items" in err, err
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "poolmagic nap()" in err and " items" in err, err  # the bar names the function
     assert "it/s" in err or "items/s" in err, err  # tqdm's meter was drawn
-    finals = final_lines(err)
-    assert len(finals) == 1 and finals[0].startswith("poolmagic ✔ 8/8 items · "), finals
-    assert "items/s" in finals[0]
+    assert final_lines(err) == [], err
+    summaries = [ln for ln in captured.out.splitlines() if ln.startswith("poolmagic")]
+    assert len(summaries) == 1 and summaries[0].startswith("poolmagic: nap() · 8 items in"), captured.out
 
 
 @pytest.mark.timeout(60)
@@ -64,7 +68,7 @@ def test_terminal_bar_rate_counts_from_the_map_start(ip, capsys):
     capsys.readouterr()
     cell(ip, "-c 1 range(8)", NAP)
     err = capsys.readouterr().err
-    bars = [seg for seg in re.split(r"[\r\n]", err) if seg.startswith("poolmagic:") and "|" in seg]
+    bars = [seg for seg in re.split(r"[\r\n]", err) if seg.startswith("poolmagic") and "|" in seg]
     assert bars, err
     rates = [float(m) for seg in bars for m in re.findall(r"([\d.]+) items/s", seg)]
     assert rates and max(rates) <= 100, f"the bar showed impossible rates: {bars}"
@@ -78,7 +82,7 @@ def test_no_bar_with_no_progress_or_quiet(ip, capsys, flag):
     assert "poolmagic" not in captured.err, captured.err
     assert ip.user_ns["_poolmap"].wall_s >= 0.5  # long enough that a bar would have shown
     if flag == "--no-progress":
-        assert "poolmagic: 8 items in" in captured.out  # the summary still shows
+        assert "poolmagic: nap() · 8 items in" in captured.out  # the summary still shows
     else:
         assert "poolmagic" not in captured.out
 
@@ -98,15 +102,17 @@ def test_no_bar_for_a_map_faster_than_the_delay(ip, capsys):
 
 
 @pytest.mark.timeout(60)
-def test_failed_map_final_line_says_stopped(ip, capsys):
+def test_failed_map_gets_one_card_that_says_failed(ip, capsys):
     body = ("def fails_late(x):\n    import time\n    time.sleep(1.0 if x == 7 else 0.25)\n"
             "    if x == 7:\n        raise ValueError('late')\n    return x\n")
     with pytest.raises(ValueError, match="late"):
         cell(ip, "-c 1 range(8)", body)
-    err = capsys.readouterr().err
-    finals = final_lines(err)
-    assert len(finals) == 1, err
-    assert re.match(r"poolmagic ✖ [1-8]/8 items · ", finals[0]) and finals[0].endswith("· stopped: ValueError"), finals
+    captured = capsys.readouterr()
+    assert final_lines(captured.err) == [], captured.err
+    summaries = [ln for ln in captured.out.splitlines() if ln.startswith("poolmagic")]
+    assert len(summaries) == 1, captured.out
+    assert re.match(r"poolmagic: fails_late\(\) · 8 items \(7 ok, 1 failed\) in ", summaries[0]), summaries
+    assert summaries[0].endswith("· failed") and "speedup" not in summaries[0], summaries  # no gain on a failed map
 
 
 class Interrupting:
@@ -143,12 +149,11 @@ def test_interrupted_map_final_line(capsys):
         assert pool.map(abs, [-1]) == [1]
     assert watch.raised
     err = capsys.readouterr().err
-    finals = final_lines(err)
-    assert len(finals) == 1, err
+    assert final_lines(err) == [], err  # the bar is erased; the summary (the magic's) says interrupted
     done = watch.lp.progress.finished
     assert 2 <= done < 16
-    assert finals[0].startswith(f"poolmagic ■ {done}/16 items · "), finals
-    assert finals[0].endswith(f"· interrupted at {done}"), finals
+    r = watch.lp.report
+    assert r.status == "cancelled" and "interrupted" in r.summary(), r.summary()
 
 
 # ------------------------------------------------------------------ rendering (synthetic events)
@@ -217,30 +222,51 @@ def test_progress_counts_and_html(clock):
     assert "3 failed" in display.progress_html(p)
 
 
-@pytest.mark.timeout(30)
-def test_final_forms(clock):
-    p = live.Progress(10_000, 2)
-    p(ChunkFinished(rec(0, 10_000), 0, [], None))
-    clock.now = 104.0
-    p(MapFinished("done", None))
-    clock.now = 200.0  # time stands still once the map has finished
-    assert p.elapsed == pytest.approx(4.0) and p.eta is None
-    text, html = display.progress_final(p)
-    assert text.startswith("poolmagic ✔ 10,000/10,000 items · 4.00 s · 2,500.0 items/s"), text
-    assert "✔" in html and "10,000/10,000" in html and "application/vnd.jupyter" not in html
+def keep_going_report() -> "RunReport":
+    """16 items, 4 failed, every item ran: what a --keep-going map with failures reports."""
+    r = RunReport(func_name="work", items=16, results=list(range(16)), cores=2, pool_size=2,
+                  t_start=0.0, t_end=2.0)
+    r.chunks = [ChunkRecord(k % 2, 4 * k, 4, 0.5 * k, 0.5 * k + 0.5, None, 1234, status="failed" if k == 3 else "done")
+                for k in range(4)]
+    r.errors = {i: ValueError(i) for i in (12, 13, 14, 15)}
+    r.done = 12
+    r.status = "failed"
+    return r
 
-    stopped = live.Progress(10_000, 2)
-    stopped(ChunkFinished(rec(0, 4_000), 0, [], None))
-    stopped(MapFinished("cancelled", KeyboardInterrupt()))
-    text, _ = display.progress_final(stopped)
-    assert text.startswith("poolmagic ■ 4,000/10,000") and text.endswith("interrupted at 4,000"), text
 
-    failed = live.Progress(10_000, 2)
-    failed(ChunkFinished(rec(0, 100), 1, [], None))
-    failed(MapFinished("failed", ValueError("x")))
-    text, html = display.progress_final(failed)
-    assert text.startswith("poolmagic ✖ 100/10,000") and text.endswith("stopped: ValueError"), text
-    assert "✖" in html
+def test_counts_agree_between_the_live_bar_and_the_card(clock):
+    """A --keep-going map: the live bar shows the failures as they happen, and the final card
+    says how many ran, succeeded and failed; no "16/16 · stopped" beside "12/16"."""
+    r = keep_going_report()
+    p = live.Progress(16, 2)
+    p(ChunkFinished(rec(0, 4), 0, [], None))
+    p(ChunkFinished(rec(12, 4), 4, [], None))
+    clock.now = 101.0
+    running = display.summary_bundle(r, p)
+    assert "8/16 items" in running["text/html"] and "4 failed" in running["text/html"]
+    assert "4 failed" in running["text/plain"]
+    assert 'aria-label="progress 50%"' in running["text/html"] and "progress 50%" in running["text/html"]
+    for k in (4, 8):
+        p(ChunkFinished(rec(k, 4), 0, [], None))
+    p(MapFinished("failed", ValueError("x")))
+    final = display.summary_bundle(r, p)
+    assert final == display.summary_bundle(r)  # the finished bar *is* the summary
+    for form in final.values():
+        assert "16 items (12 ok, 4 failed)" in form
+        assert "16/16" not in form and "speedup" not in form
+    head = final["text/html"].split("<details>")[0]  # (the timeline colours its successful chunks)
+    assert "--jp-success-color1" not in head and "--jp-error-color1" in head  # no success colour on a failed map
+
+
+def test_a_short_map_gets_no_findings():
+    """A 30 ms map of tiny items: the headline may say slower; no bullets to act on."""
+    r = RunReport(func_name="tiny", items=1000, results=list(range(1000)), cores=2, pool_size=2,
+                  t_start=0.0, t_end=0.03, status="done")
+    r.chunks = [ChunkRecord(0, 0, 1000, 0.01, 0.0101, None, 1)]
+    r.done = 1000
+    assert r.analysis().findings == [] and "why:" not in r.summary()
+    assert "slower than a plain loop" in r.summary()
+    assert [f.kind for f in r.analysis(all_findings=True).findings] == ["small_items"]
 
 
 # ------------------------------------------------------------------ notebook form, no kernel
@@ -265,12 +291,11 @@ def notebook(monkeypatch):
         return h
 
     monkeypatch.setattr("IPython.display.display", fake_display)
-    monkeypatch.setattr(publish, "_widget_bar", lambda total: None)
     return shown
 
 
 def fake_job(items: int = 10, workers: int = 2):
-    return SimpleNamespace(report=SimpleNamespace(items=items, pool_size=workers), observers=[])
+    return SimpleNamespace(report=RunReport(func_name="f", items=items, pool_size=workers, cores=2), observers=[])
 
 
 @pytest.mark.timeout(30)
@@ -298,16 +323,17 @@ def test_live_html_created_once_updated_then_replaced(clock, notebook):
     assert kw.get("raw") is True and "4/10 items" in bundle["text/html"]
     job.observers[0](ChunkFinished(rec(4, 6), 0, [], None))
     job.observers[0](MapFinished("done", None))
+    r = job.report
+    r.chunks, r.done, r.status, r.t_end = [rec(0, 4), rec(4, 6)], 10, "done", r.t_start + 1.0
     lp.close()
     assert len(notebook) == 1
     final, kw = handle.updates[-1]
     assert set(final) == {"text/plain", "text/html"}
-    assert final["text/plain"].startswith("poolmagic ✔ 10/10")
-    assert "✔" in final["text/html"] and "10/10" in final["text/html"]
+    assert final["text/plain"].startswith("poolmagic: f() · 10 items in"), final  # the bar became the summary
+    assert "poolmagic-summary" in final["text/html"]
     assert not any("widget" in mime for mime in final)
-    n = len(handle.updates)
-    lp.close()  # once
-    assert len(handle.updates) == n and len(notebook) == 1
+    lp.final(r)  # the magic shows the summary through the same display: no second output
+    assert len(notebook) == 1 and handle.updates[-1][0] == final
 
 
 @pytest.mark.timeout(60)
@@ -322,7 +348,7 @@ def test_live_html_with_a_real_map(notebook):
     assert kw.get("display_id") is True
     assert handle.updates, "the live display was never replaced by its final form"
     final, _ = handle.updates[-1]
-    assert final["text/plain"].startswith("poolmagic ✔ 8/8")
+    assert final["text/plain"].startswith("poolmagic: nap() · 8 items in"), final
     assert not any("widget" in mime for mime in final)
 
 
@@ -365,3 +391,46 @@ def test_bar_moves_within_one_long_chunk():
     assert watch.seen == sorted(watch.seen), watch.seen
     inside = [v for v in watch.seen if 0 < v < 8]
     assert inside, f"no tick saw the chunk partly done: {watch.seen}"
+
+
+# ------------------------------------------------------------------ --async: final card and terminal lines
+
+
+@pytest.mark.timeout(60)
+def test_async_card_is_final_when_get_returns(notebook):
+    """The card is redrawn in its final state by the .get() that sees the end, on the caller's
+    thread: a headless run saves the notebook when its last cell ends, and the live thread's
+    last update could come after that (1 run in 6 saved "4/6 · running")."""
+    with Pool(2) as pool:
+        lsum = publish.LiveSummary()
+        handle = pool.map_async(nap, range(6), chunksize=1, watch=lsum)
+        lsum.show(handle)  # no follow(): only the hook can draw the final card
+        (bundle, kw, dh), = notebook
+        assert kw.get("display_id") is True and "running" in bundle["text/plain"], bundle
+        assert handle.get(30) == list(range(6))
+        final, kw = dh.updates[-1]
+        assert kw.get("raw") is True
+        assert final["text/plain"].startswith("poolmagic: nap() · 6 items in"), final
+        assert "running" not in final["text/plain"] and "poolmagic-summary" in final["text/html"]
+        n = len(dh.updates)
+        handle.get(1)
+        assert len(dh.updates) == n  # once
+
+
+@pytest.mark.timeout(60)
+def test_async_in_a_terminal_says_when_it_starts_and_ends(ip, capsys):
+    cell(ip, "--async -o h -c 1 range(4)", NAP)
+    started = capsys.readouterr().out
+    assert re.match(r"poolmagic: nap\(\) started in the background · 4 items on \d+ workers?", started), started
+    assert ip.user_ns["h"].get(30) == list(range(4))
+    seen = ""
+
+    def ended() -> bool:
+        nonlocal seen
+        seen += capsys.readouterr().out
+        return "(background map finished)" in seen
+
+    from conftest import wait_for
+
+    assert wait_for(ended, timeout=10), seen
+    assert re.search(r"poolmagic: nap\(\) · 4 items in .* \(background map finished\)", seen), seen

@@ -121,7 +121,7 @@ def test_report_figures_and_rendering():
     r.status = "failed"
     assert r.busy_s == 3.0 and r.speedup == 1.5 and r.workers == 2
     assert r.item_times() == [0.5, 1.0, 0.75, 0.75]
-    assert "3/4 items" in r.summary() and "1 failed" in r.summary() and "8 cores" in r.summary()
+    assert "4 items (3 ok, 1 failed)" in r.summary() and "8 cores" in r.summary()
     assert "1 failed" in r._repr_html_()
     assert repr(NOT_DONE) == "NOT_DONE" and not NOT_DONE
 

@@ -63,12 +63,20 @@ class MapHandle(AsyncResult):
     def __init__(self, pool: "Pool", job: Job | None = None, **result_options: Any):
         super().__init__(callbacks=pool._callbacks, **result_options)
         self._pool = pool
+        self._on_done: list[Callable[[], None]] = []  # called once, by the first wait()/get() that sees the end
         if job is not None:
             self.attach(job)
 
     @property
     def report(self) -> RunReport:
         return self._job.report
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds; True when the map has finished."""
+        done = super().wait(timeout)
+        while done and self._on_done:  # e.g. the notebook card redrawn in its final state, from this cell
+            self._on_done.pop(0)()
+        return done
 
     def _deliver(self) -> None:
         if not getattr(self, "_printed", False):

@@ -14,12 +14,11 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
-from IPython.display import display
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
 from .checks import check_not_text
 from .errors import BadInputError, PoolmapError
-from .publish import LiveProgress, LiveSummary, show
+from .publish import LiveProgress, LiveSummary, announce_async, show, show_bundle
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
@@ -295,8 +294,12 @@ class PoolMagics(Magics):
             f"(handle.cancel()), then run this again"
         )
 
-    def _show(self, obj: Any, quiet: bool) -> None:
-        if not quiet:
+    def _show(self, obj: Any, quiet: bool, watch: Any = None) -> None:
+        if quiet:
+            return
+        if watch is not None:  # one card per map: the live bar becomes the summary
+            watch.final(obj)
+        else:
             show(obj, self.shell)
 
     def _in_kernel(self) -> bool:
@@ -373,13 +376,13 @@ class PoolMagics(Magics):
                     self.shell.user_ns["_poolmap"] = last
                     self._remember_run(key, last)
                     if report is None and last.status != "running":
-                        self._show(last, quiet)
+                        self._show(last, quiet, watch)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
         except Exception:
             self._hide_cell_frame()
             raise
-        self._show(report, quiet)
+        self._show(report, quiet, watch)
         if o.get("out"):
             self.shell.user_ns[o["out"]] = report.results
             return None
@@ -399,8 +402,9 @@ class PoolMagics(Magics):
         if out:
             self.shell.user_ns[out] = handle
         if live is not None:
-            dh = display(handle, display_id=True)
-            self._live.append(live.follow(handle, dh))
+            self._live.append(live.follow(handle, live.show(handle)))
+        elif not quiet:
+            self._live.append(announce_async(handle, handle.report.func_name))
         return None if out else handle
 
     # ------------------------------------------------------------ %pooldebug
@@ -509,7 +513,13 @@ class PoolMagics(Magics):
                     print(f"poolmagic: note: {note}")
                 self.pool.resize(n, warn=False)
             self.pool.start()
-        print(self.pool.status())
+        text = self.pool.status()
+        if self._in_kernel() and "http" in text:  # a dashboard: a link in a notebook
+            from .display import status_html
+
+            show_bundle({"text/plain": text, "text/html": status_html(text)}, self.shell)
+        else:
+            print(text)
         return None
 
     poolsize.__doc__ = _POOLSIZE_DOC

@@ -49,28 +49,39 @@ def show(obj: Any, shell: Any) -> None:
         del pub._flush_streams
 
 
+def show_bundle(data: dict, shell: Any) -> None:
+    """Publish a ready MIME bundle (text and HTML) as one display."""
+    from IPython.display import display
+
+    display(data, raw=True)
+
+
 def _no_flush() -> None:
     pass
 
 
 class LiveProgress:
-    """A map's live progress bar in its cell, replaced by a static one when it ends.
+    """A map's one card: a live bar in its cell that becomes the summary in place.
 
     Fed by the map's events (a ``live.Progress`` observer) and drawn on the
     caller's thread at each tick of its wait: nothing shows for maps shorter
-    than DELAY_S, so short cells cost nothing. In a notebook the bar is a
-    tqdm ipywidgets bar when ipywidgets is installed, else HTML updated
-    through a display handle; either way it is replaced at the end by static
-    HTML and text, so a saved notebook never shows "Error displaying widget".
-    In a terminal it is tqdm's text bar on stderr.
+    than DELAY_S, so short cells cost nothing. In a notebook it is HTML (and
+    text) published with a display id and updated through it: no widget model,
+    so it works in JupyterLab, Notebook 7, VS Code, Colab and nbconvert alike,
+    and a notebook executed headlessly keeps no widget state. When the map
+    ends the same display becomes the summary (``final``): one card per map.
+    In a terminal it is tqdm's text bar on stderr, erased when the map ends,
+    where the summary line follows.
     """
 
     DELAY_S = 0.5
     EVERY_S = 0.2
 
     def __init__(self, shell: Any):
+        self.shell = shell
         self.kernel = getattr(shell, "kernel", None) is not None
         self.progress: Any = None
+        self.report: Any = None
         self._handle: Any = None
         self._bar: Any = None
         self._next = 0.0
@@ -78,6 +89,7 @@ class LiveProgress:
     def attach(self, job: Any) -> None:
         from .live import Progress
 
+        self.report = job.report
         self.progress = Progress(job.report.items, job.report.pool_size)
         job.observers.append(self.progress)
 
@@ -99,24 +111,23 @@ class LiveProgress:
         if self.kernel:
             from IPython.display import display
 
-            bar = _widget_bar(p.total)
-            if bar is not None:
-                self._bar = bar
-                self._started_with_the_map()
-                self._handle = display(bar.container, display_id=True)
-                self._update()
-            else:
-                self._handle = display(self._bundle(), raw=True, display_id=True)
+            self._handle = display(self._bundle(), raw=True, display_id=True)
         else:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=p.total, desc="poolmagic", unit=" items", leave=False, file=sys.stderr)
+            name = getattr(self.report, "func_name", None)
+            from .display import call_name
+
+            desc = f"poolmagic {call_name(name)}" if name else "poolmagic"
+            self._bar = tqdm(total=p.total, desc=desc, unit=" items", leave=False, file=sys.stderr)
             self._started_with_the_map()
             self._update()
 
     def _bundle(self) -> dict:
-        from .display import progress_html, progress_text
+        from .display import progress_html, progress_text, summary_bundle
 
+        if self.report is not None and hasattr(self.report, "analysis"):
+            return summary_bundle(self.report, self.progress)
         return {"text/plain": progress_text(self.progress), "text/html": progress_html(self.progress)}
 
     def _started_with_the_map(self) -> None:
@@ -134,47 +145,45 @@ class LiveProgress:
             self._bar.n = p.finished
             if p.total is None:
                 self._bar.total = None
-            self._bar.set_postfix_str(p.waiting or "", refresh=False)
+            post = [f"{p.failed:,} failed"] if p.failed else []
+            post += [p.waiting] if p.waiting else []
+            self._bar.set_postfix_str(" · ".join(post), refresh=False)
             self._bar.refresh()
         elif self._handle is not None:
             self._handle.update(self._bundle(), raw=True)
 
-    def close(self) -> None:
-        """Replace the live bar by its completed form (once; nothing if never shown)."""
-        if self._handle is None and self._bar is None:
-            return
-        from .display import progress_final
+    @property
+    def shown(self) -> bool:
+        return self._handle is not None
 
-        text, html = progress_final(self.progress)
+    def close(self) -> None:
+        """The map ended: erase a terminal bar; turn a notebook bar into the summary."""
         if self._bar is not None:
             self._bar.n = self.progress.finished
             self._bar.close()
+            self._bar = None
         if self._handle is not None:
-            self._handle.update({"text/plain": text, "text/html": html}, raw=True)
-        elif not self.kernel:
-            print(text, file=sys.stderr)
-        self._handle = self._bar = None
+            self._handle.update(self._bundle(), raw=True)
 
+    def final(self, report: Any) -> None:
+        """Show the map's summary: in place of the live bar when there was one, else as a new output."""
+        if self._handle is not None:
+            from .display import summary_bundle
 
-def _widget_bar(total: int | None) -> Any:
-    """tqdm's ipywidgets bar, not displayed yet; None without ipywidgets."""
-    try:
-        import ipywidgets  # noqa: F401
-        from tqdm.notebook import tqdm as notebook_tqdm
-    except ImportError:
-        return None
-    try:
-        return notebook_tqdm(total=total, desc="poolmagic", unit=" items", display=False)
-    except Exception:  # an ipywidgets that tqdm cannot drive
-        return None
+            self._handle.update(summary_bundle(report), raw=True)
+        else:
+            show(report, self.shell)
 
 
 class LiveSummary:
-    """An async map's display: its summary, redrawn when its events say something changed.
+    """An async map's card: live while it runs, final when it ends, in the cell that started it.
 
     A thread waits on the map's ``Progress.changed`` (set by events, never by
     polling the engine), redraws at most every EVERY_S, and draws the final
-    summary when the map ends.
+    card when the map ends. The final card is drawn again by the first
+    ``.get()``/``.wait()`` that sees the end (``MapHandle._on_done``): a
+    notebook executed headlessly is saved when its last cell ends, and the
+    thread's last update may come after that.
     """
 
     EVERY_S = 0.25
@@ -194,6 +203,19 @@ class LiveSummary:
     def close(self) -> None:
         pass
 
+    def bundle(self, handle: Any) -> dict:
+        from .display import summary_bundle
+
+        return summary_bundle(handle.report, self.progress if not handle.ready() else None)
+
+    def show(self, handle: Any) -> Any:
+        """Display the card with a display id; returns the display handle."""
+        from IPython.display import display
+
+        dh = display(self.bundle(handle), raw=True, display_id=True)
+        handle._on_done.append(lambda: dh.update(self.bundle(handle), raw=True))
+        return dh
+
     def follow(self, handle: Any, display_handle: Any) -> threading.Thread:
         def run() -> None:
             p = self.progress
@@ -202,11 +224,29 @@ class LiveSummary:
                 p.changed.clear()
                 if p.status != "running":
                     break
-                display_handle.update(handle)
+                display_handle.update(self.bundle(handle), raw=True)
                 time.sleep(self.EVERY_S)
-            handle.wait()
-            display_handle.update(handle)
+            handle._job.wait(None, feed=False)
+            display_handle.update(self.bundle(handle), raw=True)
 
         t = threading.Thread(target=run, daemon=True, name="poolmagic-live")
         t.start()
         return t
+
+
+def announce_async(handle: Any, name: str) -> threading.Thread:
+    """In a terminal: a line when an async map starts, and one (its summary) when it ends."""
+    r = handle.report
+    total = f"{r.items:,} items" if r.items is not None else "a stream of items"
+    from .display import call_name
+
+    print(f"poolmagic: {call_name(name)} started in the background · {total} on {r.pool_size} "
+          f"worker{'s' if r.pool_size != 1 else ''} · .get() waits for the results", flush=True)
+
+    def run() -> None:
+        handle._job.wait(None, feed=False)
+        print(f"\n{handle.report.summary().splitlines()[0]} (background map finished)", flush=True)
+
+    t = threading.Thread(target=run, daemon=True, name="poolmagic-announce")
+    t.start()
+    return t

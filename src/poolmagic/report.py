@@ -66,22 +66,28 @@ class RunReport:
 
     @property
     def speedup(self) -> float:
-        """Time inside the function across workers ÷ wall time: the average number of
-        busy workers, an estimate of the gain over a loop (see ``analysis()``)."""
-        return self.busy_s / self.wall_s
+        """Estimated gain over a plain loop: the serial time of the items ÷ the wall time.
 
-    def analysis(self) -> "Analysis":
+        The one figure the summary and ``--tune`` show (diagnose.py says how it is
+        estimated): per-chunk time in the function less time waiting for a CPU;
+        the low end when native threads make it a range; ``nan`` when the
+        estimate failed (it would exceed the cores for CPU-bound work).
+        """
+        return self.analysis().speedup
+
+    def analysis(self, all_findings: bool = False) -> "Analysis":
         """Where the time went and, when parallelism did not pay, why (diagnose.py).
 
         Computed once for a finished map (its summary shows it as text and HTML).
+        Maps under 0.1 s get no findings unless ``all_findings``.
         """
         cached = self.__dict__.get("_analysis")
-        if cached is not None:
+        if cached is not None and not all_findings:
             return cached
         from .diagnose import analyse
 
-        a = analyse(self, self.serial_item_s, self.threads)
-        if self.status != "running":
+        a = analyse(self, self.serial_item_s, self.threads, all_findings=all_findings)
+        if self.status != "running" and not all_findings:
             self.__dict__["_analysis"] = a
         return a
 

@@ -31,6 +31,7 @@ class Timeline:
 
     def __init__(self, report: "RunReport"):
         t = report.t_start
+        self._report = report
         self.wall_s = report.wall_s
         self.rows = [
             Row(c.worker, c.pid, c.t0 - t, c.t1 - t, c.start, c.start + c.count - 1, c.count, c.status)
@@ -48,6 +49,21 @@ class Timeline:
 
     def workers(self) -> list[int]:
         return sorted({r.worker for r in self.rows})
+
+    def slowest(self, n: int = 5) -> list[tuple[int, float]]:
+        """The ``n`` slowest items, (index, seconds): measured per item where timed, else
+        their chunk's average; time waiting for a CPU left out (it was not the item's)."""
+        import heapq
+
+        def times():
+            for c in self._report.chunks:
+                ran = 1 - min(c.waited_s, c.busy_s) / c.busy_s if c.busy_s > 0 else 1.0
+                if c.item_times:
+                    yield from ((c.start + k, t * ran) for k, t in enumerate(c.item_times))
+                elif c.count:
+                    yield c.start, c.busy_s * ran / c.count  # (one per chunk: they are all alike)
+
+        return heapq.nlargest(n, times(), key=lambda it: it[1])
 
     def to_frame(self) -> Any:
         """The rows as a pandas DataFrame."""
@@ -69,6 +85,6 @@ class Timeline:
         p.text(self.text())
 
     def _repr_html_(self) -> str:
-        from .display import timeline_svg
+        from .display import timeline_html
 
-        return timeline_svg(self)
+        return timeline_html(self)

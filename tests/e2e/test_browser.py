@@ -2,10 +2,12 @@
 
 One JupyterLab server (127.0.0.1 only, a random port and token, every network
 feature off) and one browser serve the module. The notebook runs a ~6 s map;
-while it runs the test reads the live progress display from the DOM, then it
-checks what stays once the map is done (the completed bar, the summary, the
-timeline), measures the WCAG contrast of every piece of text poolmagic shows
-in the light and the dark theme, and takes screenshots of the output.
+while it runs the test reads the live card from the DOM, then it checks what
+stays once the map is done (one card per map: the bar became the summary in
+place; the timeline), a --keep-going map with failures whose counts agree, a
+--tune chart, measures the WCAG contrast of every piece of text poolmagic
+shows (tune chart and timeline included) in the light and the dark theme, and
+takes screenshots of the output.
 
 Needs chromium, chromedriver (Debian packages), selenium and jupyterlab
 (``pip install -e .[browser]``; ``.ci/install-browser`` installs all of it).
@@ -64,21 +66,29 @@ from selenium.webdriver.common.by import By
 
 NOTEBOOK = "poolmagic-browser.ipynb"
 ITEMS = 24  # 0.5 s each, one per chunk: ~6 s on two workers
+KEEP_GOING = (
+    "squares = _poolmap.results\n"
+    "try:\n"
+    "    get_ipython().run_cell_magic('poolmap', '--keep-going -c 1 range(8)',\n"
+    "        'import time\\ndef odd_fails(x):\\n    time.sleep(0.2)\\n    if x % 4 == 3:\\n'\n"
+    "        '        raise ValueError(x)\\n    return x\\n')\n"
+    "except Exception as exc:\n"
+    "    print('the map failed:', type(exc).__name__)"
+)
 CELLS = [
     "%load_ext poolmagic\n%poolsize 2\nimport sys, poolmagic\nprint(sys.executable)\nprint(poolmagic.__file__)",
     f"%%poolmap -c 1 range({ITEMS})\nimport time\n\n\ndef slow_square(x):\n    time.sleep(0.5)\n    return x * x",
-    "print(_poolmap.results[:3])",
+    KEEP_GOING,
+    "%%poolmap -q range(40)\ndef quick(x):\n    time.sleep(0.01)\n    return x",
+    "%poolsize --tune --budget 2",
+    "%poolsize 2\nprint(squares[:3])",
 ]
 MIN_CONTRAST = 4.5  # WCAG 2 AA, normal text
 THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
 
-# The kernel: this test process's Python, with ipywidgets made unimportable so
-# poolmagic takes its HTML progress path (the one this test is about) even if
-# ipywidgets is installed in the venv.
-KERNEL_CODE = (
-    "import sys; sys.modules['ipywidgets'] = None; "
-    "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()"
-)
+# The kernel: this test process's Python (ipywidgets may be installed: poolmagic
+# draws HTML through a display id either way).
+KERNEL_CODE = "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()"
 
 
 # --------------------------------------------------------------------------- waiting
@@ -294,8 +304,11 @@ function describe(e) {
 }
 const found = [];
 for (const root of document.querySelectorAll(arguments[0])) {
+  root.scrollIntoView({block: 'center'});  // each display in view in turn: none under the status bar
   for (const el of [root, ...root.querySelectorAll('*')]) {
     if (el.closest('title')) continue;  // SVG tooltips are not drawn
+    const folded = el.closest('details');  // a folded timeline is not drawn (Chrome still lays it out)
+    if (folded && !folded.open && !el.closest('summary')) continue;
     const text = Array.from(el.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
     if (!text || el.getClientRects().length === 0) continue;
     const layers = [];
@@ -306,6 +319,7 @@ for (const root of document.querySelectorAll(arguments[0])) {
     const s = getComputedStyle(el);
     const svg = el instanceof SVGElement;
     // what is drawn on top at the text's centre: poolmagic's own output, not an overlay
+    el.scrollIntoView({block: 'center'});  // (in view: not under the status bar or off the page)
     const r = el.getBoundingClientRect();
     const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
     const covered = hit === null ? null : !root.contains(hit) && !hit.contains(root);
@@ -321,7 +335,7 @@ return Array.from(document.querySelectorAll('#jupyterlab-splash, .jp-Dialog')).m
 """
 
 PROGRESS_JS = """
-const e = document.querySelector('.poolmagic-progress');
+const e = document.querySelector('.poolmagic-summary');
 return e && e.checkVisibility() ? e.innerText : null;
 """
 
@@ -351,8 +365,8 @@ return layers;
 """
 
 DISPLAYS_RECT_JS = """
-// The rectangle around poolmagic's outputs (progress bar and summary), on the page.
-const shown = Array.from(document.querySelectorAll('.poolmagic-progress, .poolmagic-summary'));
+// The rectangle around poolmagic's outputs (cards, tune chart), on the page.
+const shown = Array.from(document.querySelectorAll('.poolmagic-summary, .poolmagic-tune'));
 shown[0].closest('.jp-OutputArea-child').scrollIntoView({block: 'start'});
 const rects = shown.map(e => e.getBoundingClientRect());
 const pad = 8;  // none above: the cell's input border is right there
@@ -461,12 +475,12 @@ def run_notebook(lab, browser, cells: list[str], name: str, workspace: str | Non
         if not run.readings or run.readings[-1][1] != text:
             run.readings.append((round(time.monotonic() - t0, 2), text))
         if run.live_texts is None and counted.search(text):
-            got = d.execute_script(TEXTS_JS, ".poolmagic-progress")
+            got = d.execute_script(TEXTS_JS, ".poolmagic-summary")
             if got["texts"] and counted.search(" ".join(t["text"] for t in got["texts"])):
                 run.live_texts = got
                 run.live_png = run.screenshot()
         counts = {int(m[1]) for _, t in run.readings if (m := counted.search(t))}
-        return (len(counts) >= 2 and run.live_texts is not None) or "✔" in text
+        return (len(counts) >= 2 and run.live_texts is not None) or " items in " in text  # (the final card)
 
     wait_for(advanced, 60, "the live progress display", every=0.05,
              detail=lambda: f"readings {run.readings}; outputs {d.execute_script(OUTPUT_TEXT_JS)}")
@@ -593,19 +607,17 @@ def check_progress_summary_timeline(page: Run) -> None:
     assert live, f"no live .poolmagic-progress seen while the map ran; readings {page.readings}"
     counts = [int(re.search(rf"(\d+)/{ITEMS} items", t)[1]) for t in live]
     assert len(set(counts)) >= 2 and counts == sorted(counts), f"progress did not advance: {page.readings}"
-    assert all(t.startswith("poolmagic") and "items/s" in t for t in live), live
+    assert all(t.startswith("poolmagic") and "items/s" in t and "progress" in t for t in live), live  # labelled
 
-    # after: the completed, static form in place of the live one
-    bars = d.find_elements(By.CSS_SELECTOR, ".poolmagic-progress")
-    assert len(bars) == 1, [b.text for b in bars]
-    final = bars[0].text
-    assert bars[0].is_displayed() and final.startswith("poolmagic ✔") and "items/s" in final, final
-    assert f"{ITEMS}/{ITEMS}" in final and "ETA" not in final, final
-
-    summary = d.find_element(By.CSS_SELECTOR, ".poolmagic-summary")
+    # after: one card per map, the live bar turned into the summary in place
+    cells = d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")
+    cards = cells[1].find_elements(By.CSS_SELECTOR, ".poolmagic-summary")
+    assert len(cards) == 1 and not d.find_elements(By.CSS_SELECTOR, ".poolmagic-progress"), [c.text for c in cards]
+    summary = cards[0]
     assert summary.is_displayed()
     text = summary.text
     assert "slow_square" in text and f"{ITEMS} items" in text and "speedup ≈" in text, text
+    assert "ETA" not in text and "running" not in text, text
     assert re.search(r"time: function .* · transport .* · idle ", text), text
     assert re.search(r"2 workers / \d+ cores?", text), text
 
@@ -621,8 +633,21 @@ def check_progress_summary_timeline(page: Run) -> None:
     assert len(rows) >= 2 and {"worker 0", "worker 1"} <= set(rows), labels
     assert len(svg.find_elements(By.CSS_SELECTOR, "rect title")) == ITEMS  # one bar per chunk
 
+    if len(cells) < 6:  # (the dask notebook has the first map only)
+        return
+    # a --keep-going map with failures: one card, its counts agree, no speedup and no success colour
+    failed = cells[2].find_elements(By.CSS_SELECTOR, ".poolmagic-summary")
+    assert len(failed) == 1, [c.text for c in failed]
+    ftext = failed[0].text
+    assert "8 items (6 ok, 2 failed)" in ftext and "failed" in ftext and "speedup" not in ftext, ftext
+    assert "success" not in (failed[0].get_attribute("style") or ""), failed[0].get_attribute("style")
+    # the quiet map shows nothing; --tune shows its chart
+    assert not cells[3].find_elements(By.CSS_SELECTOR, ".poolmagic-summary")
+    tune = cells[4].find_elements(By.CSS_SELECTOR, ".poolmagic-tune")
+    assert len(tune) == 1 and "samples per size" in tune[0].text and tune[0].find_elements(By.TAG_NAME, "svg")
+
     outs = d.execute_script(OUTPUT_TEXT_JS)
-    assert outs[-1].strip() == "[0, 1, 4]", outs[-1]
+    assert outs[-1].strip().endswith("[0, 1, 4]"), outs[-1]
     # the map's value, every result, under the summary
     assert str([x * x for x in range(ITEMS)]).replace(" ", "") in re.sub(r"\s", "", outs[1]), outs[1]
 
@@ -644,14 +669,15 @@ def test_contrast_and_screenshot(page, theme, tmp_path, record_property):
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, folder / shot.name)
 
-    got = page.js(TEXTS_JS, ".poolmagic-progress, .poolmagic-summary")
+    got = page.js(TEXTS_JS, ".poolmagic-summary, .poolmagic-tune")
     assert got["theme"] == THEMES[theme]
     covered = [(t["text"], t["covered"]) for t in got["texts"] if t["covered"]]
     assert not covered, f"text drawn under something else (see {shot}): {covered}"
     measured = contrasts(got["texts"])
     texts = " ".join(m.text for m in measured)
     # everything poolmagic writes was measured: bar, summary, time line, timeline labels
-    for must in ("✔", "poolmagic", "slow_square", "time: function", "timeline", "worker 0", "worker 1"):
+    for must in ("poolmagic", "slow_square", "time: function", "timeline", "worker 0", "worker 1", "chunk ran",
+                 "slowest:", "workers busy", "odd_fails", "6 ok, 2 failed", "--tune", "1 worker", "samples per size"):
         assert must in texts, f"{must!r} not among the measured texts: {[m.text for m in measured]}"
     # the live bar, measured while the map ran (in the theme the notebook was run in)
     live = page.live_texts
@@ -669,7 +695,8 @@ def test_contrast_and_screenshot(page, theme, tmp_path, record_property):
 
 # Last in the module: it opens another notebook, and the tests above read the page
 # of the first one.
-DASK_CELLS = [CELLS[0].replace("%poolsize 2", "%poolsize 2\n%poolsize --backend dask"), *CELLS[1:]]
+DASK_CELLS = [CELLS[0].replace("%poolsize 2", "%poolsize 2\n%poolsize --backend dask"), CELLS[1],
+              "print(_poolmap.results[:3])"]
 
 
 @pytest.mark.timeout(180)

@@ -309,7 +309,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             workers = client.scheduler_info()["workers"]
         except Exception as exc:
             return f"dask: scheduler {client.scheduler.address} not answering ({type(exc).__name__})"
-        cores = sum(int(w.get("nthreads", 0)) for w in workers.values())
+        threads = sorted({int(w.get("nthreads", 0)) for w in workers.values()})
         owner = "LocalCluster started by poolmagic" if self.owned else "cluster (not started by poolmagic)"
         link = dashboard_link(client)
         if link is None:
@@ -321,8 +321,10 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
             board = f"dashboard {link}"
         tls = " · TLS with a certificate of its own" if self.owned else ""
         text = (
-            f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')} · "
-            f"{_plural(cores, 'core')}{tls} · {board}"
+            f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')}"
+            + (f" × {_plural(threads[0], 'thread') if len(threads) == 1 else '/'.join(map(str, threads)) + ' threads'}"
+               " (task slots; the cores are counted above)" if threads else "")
+            + f"{tls} · {board}"
         )
         return text if self.remote_env is None else f"{text}\n{self.remote_env.describe()}"
 

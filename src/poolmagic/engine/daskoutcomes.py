@@ -152,8 +152,8 @@ class DaskOutcomes:
             now = time.perf_counter()
             t0, t1 = now - (t1 - t0), now
         errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
-        rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid,
-                          nbytes=len(body) + sum(memoryview(f).nbytes for f in frames))
+        rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid, t_sent=c.t_sent,
+                          t_recv=time.perf_counter(), nbytes=len(body) + sum(memoryview(f).nbytes for f in frames))
         job.chunk_done(rec, out, records, errors, c.items)
 
     def _chunk_failed(self, c: DaskChunk, stage: str, packed: dict) -> None:

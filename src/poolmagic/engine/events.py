@@ -29,6 +29,7 @@ class ChunkRecord:
     t_recv: float = 0.0  #: when the parent received its results
     nbytes: int = 0  #: bytes of results that came back
     waited_s: float = 0.0  #: of t1 - t0, time runnable but waiting for a CPU (measured on Linux)
+    cpu_s: float | None = None  #: CPU time the worker used for it, native threads included (None: not measured)
 
     @property
     def busy_s(self) -> float:

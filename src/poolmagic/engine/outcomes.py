@@ -79,7 +79,7 @@ class Outcomes:
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
             rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid,
                               t_sent=chunk.t_sent, t_recv=time.perf_counter(),
-                              nbytes=len(msg.body) + sum(msg.sizes), waited_s=msg.waited or 0.0)
+                              nbytes=len(msg.body) + sum(msg.sizes), waited_s=msg.waited or 0.0, cpu_s=msg.cpu)
             job.chunk_done(rec, out, records, errors, chunk.items, (msg.body, frames))
         if not job.active:
             self._abandon(job)

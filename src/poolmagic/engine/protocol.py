@@ -106,6 +106,7 @@ class ChunkDone(NamedTuple):
     modules: dict | None  #: user module files imported so far {name: (path, mtime)}
     recycle: str | None  #: why this worker must be replaced now (it exits next)
     waited: float | None = None  #: seconds the chunk waited for a CPU (Linux schedstat; timed chunks)
+    cpu: float | None = None  #: CPU seconds the worker process used running it, native threads included (timed chunks)
 
 
 class ChunkFailed(NamedTuple):
