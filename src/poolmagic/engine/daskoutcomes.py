@@ -310,6 +310,9 @@ class DaskOutcomes:
                 what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
                         "stopped) and its result will be dropped")
             job = c.job
+            if len(c.items) > 1:  # the timeout is per item: find it, keep the others' results
+                job.retry_singly(c.start, c.items)
+                continue
             exc = ItemTimeoutError(
                 f"{c.describe()} ran longer than the {job.options.timeout:g} s timeout; {what}.",
                 c.start,

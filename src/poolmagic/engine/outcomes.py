@@ -180,6 +180,9 @@ class Outcomes:
             for c in list(p.inflight)[1:]:
                 self._give_back(c)
             job = head.job
+            if len(head.items) > 1:  # the timeout is per item: find it, keep the others' results
+                job.retry_singly(head.start, head.items)
+                continue
             exc = ItemTimeoutError(
                 f"{head.describe()} ran longer than the {t:g} s timeout; "
                 f"its worker was killed and replaced.",

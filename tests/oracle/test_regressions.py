@@ -1,0 +1,32 @@
+"""Plain regression tests for bugs the oracle found (each failed before its fix)."""
+from __future__ import annotations
+
+import sys
+
+import cloudpickle
+import pytest
+
+import model as M
+from poolmagic import NOT_DONE, ItemTimeoutError
+from poolmagic.errors import MapFailedError
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.timeout(M.TEST_TIMEOUT)
+
+
+def test_timeout_fails_only_the_item_that_ran_too_long(backend, tmp_path):
+    """A chunk of several items with one past --timeout: only that item fails.
+
+    Before: every item of the chunk failed with ItemTimeoutError ("items 0–1
+    ran longer than the 1 s timeout"), the quick ones included (local and dask).
+    """
+    items = [0, 1, 2]
+    plans = {M.key(1): ("sleep",)}
+    with pytest.raises(MapFailedError) as ei:
+        backend.pool.run(M.work, items, chunksize=5, timeout=1, keep_going=True,
+                         kwargs={"plans": plans, "markers": str(tmp_path)})
+    r = ei.value.report
+    assert r.results == [M.compute(0), NOT_DONE, M.compute(2)]
+    assert sorted(r.errors) == [1] and isinstance(r.errors[1], ItemTimeoutError)
+    assert "item 1 " in str(r.errors[1])
