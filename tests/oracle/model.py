@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import pandas as pd
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 from poolmagic import NOT_DONE, ItemTimeoutError, WorkerCrashedError
@@ -55,6 +55,11 @@ settings.register_profile("deep", max_examples=int(os.environ.get("POOLMAGIC_ORA
                           derandomize=False, **_COMMON)
 PROFILE = "deep" if os.environ.get("POOLMAGIC_ORACLE") == "deep" else "ci"
 ORACLE = settings(settings.get_profile(PROFILE))
+
+
+# A known bug's strict xfail runs its @example only: searching (and shrinking) a
+# failure that is expected costs a minute and proves nothing more.
+explicit = settings(ORACLE, phases=[Phase.explicit])
 
 
 def budget(n: int) -> settings:
@@ -335,7 +340,8 @@ def expect(case: Case, markers: str) -> list[Outcome]:
         elif kind in ("crash", "sleep", "memory"):
             cls = FAILS[kind]
             n = 1 + (retries if _retried_on(opts, cls) else 0)
-            out.append(Outcome(False, cls, n if single or kind != "crash" else None))
+            # a chunk of several items that a killer ends is re-run item by item first
+            out.append(Outcome(False, cls, n if single else None))
         else:  # raise_once, crash_once
             cls = EXCEPTIONS[arg[0]] if kind == "raise_once" else WorkerCrashedError
             if marked(markers, x):

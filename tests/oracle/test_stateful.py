@@ -77,7 +77,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(case=M.cases(slow=False, max_items=6))
     def run_map(self, case):
-        if known_bug(case) is not None or self._lacks(case):
+        if known_bug(case, self.backend) is not None or self._lacks(case):
             return
         outcomes = M.expect(case, self.mk)
         got = M.run_case(self.pool, case, self.mk)
@@ -86,6 +86,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 3))
     def resize(self, n):
+        if self.backend.name == "dask" and n > self.size:
+            return  # DASK_RETIRED (test_properties.py): a known bug, pinned in test_regressions.py
         self.pool.resize(n, warn=False)
 
     @rule(n=st.integers(2, 6), how=st.sampled_from(["cancel", "interrupt"]))
