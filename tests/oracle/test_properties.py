@@ -41,11 +41,17 @@ DASK_RETIRED = ("dask: a map's chunk on a worker that a -n map above the pool's 
                 "retired fails with WorkerCrashedError, exit code 0 (test_regressions.py)")
 
 
+DASK_DRAINED = ("dask: after about six maps that each killed a worker (a crash, a timeout), the "
+                "LocalCluster has no worker left and the next map waits forever (test_regressions.py)")
+
+
 def known_bug(case: M.Case, backend=None) -> str | None:
     """The known bug this case would trip, or None (see the module docstring)."""
     o = case.options
     if backend is not None and backend.name == "dask" and (o.get("workers") or 0) > backend.pool.size:
         return DASK_RETIRED
+    if backend is not None and backend.name == "dask" and case.kinds() & M.KILLERS:
+        return DASK_DRAINED
     if o.get("retries") and not o.get("keep_going"):
         size = o.get("chunksize") or (1 if o.get("timeout") else 2)
         raising = [i for i, x in enumerate(case.items) if case.plan(x)[0] in ("raise", "raise_once")

@@ -92,6 +92,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(2, 6), how=st.sampled_from(["cancel", "interrupt"]))
     def interrupt(self, n, how):
+        if self.backend.name == "dask":
+            return  # an interrupt kills the workers running the map: DASK_DRAINED (test_properties.py)
         items = list(range(1000, 1000 + n))
         case = M.Case(items, {M.key(x): ("nap",) for x in items}, {"chunksize": 1})
         kw = dict(kwargs={"plans": case.plans, "markers": self.mk}, chunksize=1)
