@@ -164,3 +164,56 @@ def _private_key_home(tmp_path_factory):
         os.environ.pop("XDG_CONFIG_HOME", None)
     else:
         os.environ["XDG_CONFIG_HOME"] = old
+
+
+# ---------------------------------------------------------------- conformance: one fixture, every backend
+# A suite that every backend must pass (tests/oracle, later tests/backends) takes
+# the ``backend`` fixture: a warm pool of each backend in BACKENDS, with the
+# capabilities that backend declares it lacks. A new backend (threads) is one
+# more entry here; a test that needs a capability calls ``backend.need(...)``
+# and is skipped, with the reason, where it is missing.
+
+
+class BackendUnderTest:
+    """A warm pool of one backend, and what that backend cannot do."""
+
+    def __init__(self, name: str, pool: "poolmagic.Pool", lacks: dict[str, str]):
+        self.name, self.pool, self.lacks = name, pool, lacks
+
+    def need(self, *capabilities: str) -> None:
+        """Skip the test unless this backend has every one of ``capabilities``."""
+        for cap in capabilities:
+            if cap in self.lacks:
+                pytest.skip(f"the {self.name} backend cannot {cap}: {self.lacks[cap]}")
+
+    def __repr__(self) -> str:
+        return f"<{self.name} backend, {self.pool.size} workers>"
+
+
+def _local_pool() -> "poolmagic.Pool":
+    return poolmagic.Pool(2)
+
+
+def _dask_pool() -> "poolmagic.Pool":
+    pytest.importorskip("distributed", reason='the dask backend needs dask.distributed: pip install "poolmagic[dask]"')
+    pool = poolmagic.Pool(2, backend="dask")
+    pool.backend.wait_ready(60)
+    return pool
+
+
+# name -> (make a warm pool of 2 workers, {capability it lacks: why})
+BACKENDS: dict[str, tuple[Callable[[], "poolmagic.Pool"], dict[str, str]]] = {
+    "local": (_local_pool, {}),
+    "dask": (_dask_pool, {}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def backend(request) -> BackendUnderTest:
+    """Each backend in turn, one warm pool per module (a real LocalCluster for dask)."""
+    make, lacks = BACKENDS[request.param]
+    pool = make()
+    yield BackendUnderTest(request.param, pool, lacks)
+    pids = pool.backend.worker_pids()
+    pool.shutdown()
+    assert not wait_dead(pids), f"a {request.param} worker outlived pool.shutdown()"

@@ -313,7 +313,7 @@ class DaskOutcomes:
                 what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
                         "stopped) and its result will be dropped")
             job = c.job
-            if job.options.retries and len(c.items) > 1:  # isolate the item that hung, as locally
+            if len(c.items) > 1:  # the timeout is per item: find it, keep the others' results
                 job.retry_singly(c.start, c.items)
                 continue
             exc = ItemTimeoutError(

@@ -180,9 +180,9 @@ class Outcomes:
             for c in list(p.inflight)[1:]:
                 self._give_back(c)
             job = head.job
-            if job.options.retries and len(head.items) > 1:
-                # which item hung? Run them again one by one, as after a crash: the
-                # others are not failed attempts of theirs (--retries counts only the culprit)
+            if len(head.items) > 1:
+                # which item hung? Run them again one by one, as after a crash: the others keep
+                # their results and are not failed attempts of theirs (--retries counts only the culprit)
                 job.retry_singly(head.start, head.items)
                 continue
             exc = ItemTimeoutError(
