@@ -206,6 +206,10 @@ BACKENDS: dict[str, tuple[Callable[[], "poolmagic.Pool"], dict[str, str]]] = {
     "local": (_local_pool, {}),
     "dask": (_dask_pool, {}),
 }
+# POOLMAGIC_TEST_BACKENDS=local runs the conformance suites on those backends only
+# (CI runs the dask ones on one interpreter, as it does tests/test_dask.py).
+if os.environ.get("POOLMAGIC_TEST_BACKENDS"):
+    BACKENDS = {k: v for k, v in BACKENDS.items() if k in os.environ["POOLMAGIC_TEST_BACKENDS"].split(",")}
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))

@@ -105,6 +105,8 @@ def canon(x: Any) -> Any:
         return ("t", tuple(canon(v) for v in x))
     if isinstance(x, float):
         return ("f", repr(x))
+    if isinstance(x, (set, frozenset)):  # repr's order depends on the process's string hash seed
+        return ("set", tuple(sorted(repr(canon(v)) for v in x)))
     return (type(x).__name__, x)
 
 
@@ -386,7 +388,8 @@ def run_case(pool: Any, case: Case, markers: str, func: Any = None, **extra: Any
         return Run(None, exc, getattr(exc, "poolmap_report", None) or pool.last_report)
 
 
-_SUMMARY = re.compile(r"poolmagic: ([\d,]+)(?:/([\d,]+))? items? in ")
+# "poolmagic: f() · 4/6 items (3 ok, 1 failed) in ...": ran/total, then what they ended as
+_SUMMARY = re.compile(r"poolmagic: (?:[^·]+ · )?([\d,]+)(?:/([\d,]+))? items?(?: \(([\d,]+) ok\b[^)]*\))? in ")
 
 
 def summary_counts(text: str) -> dict:
@@ -395,7 +398,7 @@ def summary_counts(text: str) -> dict:
     m = _SUMMARY.search(line)
     assert m, f"no item count in the summary: {line!r}"
     num = lambda s: int(s.replace(",", ""))  # noqa: E731
-    out = {"done": num(m.group(1)), "items": num(m.group(2) or m.group(1))}
+    out = {"done": num(m.group(3) or m.group(1)), "items": num(m.group(2) or m.group(1))}
     for name, pat in (("retried", r"([\d,]+) retried"), ("failed", r"([\d,]+) failed")):
         mm = re.search(pat, line)
         out[name] = num(mm.group(1)) if mm else 0

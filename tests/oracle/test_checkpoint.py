@@ -84,8 +84,6 @@ ITEMS = {  # (the ITERABLE's source, in the script; a list of its values here, f
     "itertuples": "list(__import__('pandas').DataFrame({'a': range(12)}).itertuples())",
     "frozensets of str": "[frozenset({'a' + str(i), 'b', 'c'}) for i in range(12)]",
 }
-UNSTABLE = "checkpoint item identity unstable across processes (fixed on another branch)"
-XFAIL = {"dataclasses", "namedtuples", "itertuples", "frozensets of str"}
 
 
 def _script(tmp: Path, source: str, failing: list, backend: str) -> Path:
@@ -105,8 +103,7 @@ def _run(script: Path, timeout: float = 180) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=UNSTABLE))
-                                  if k in XFAIL else k for k in ITEMS])
+@pytest.mark.parametrize("kind", list(ITEMS))
 def test_checkpoint_resumes_in_a_new_process(kind, tmp_path):
     """Two items fail once; the same map in a new process keeps the rest and runs those two."""
     (tmp_path / "mk").mkdir()
@@ -118,7 +115,6 @@ def test_checkpoint_resumes_in_a_new_process(kind, tmp_path):
     assert second["resumed"] == [10, 2], second
 
 
-@pytest.mark.xfail(strict=True, reason=UNSTABLE)
 def test_checkpoint_range_and_list_are_the_same_items(tmp_path):
     (tmp_path / "mk").mkdir()
     _run(_script(tmp_path, "range(12)", [3], "local"))
