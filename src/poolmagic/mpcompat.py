@@ -86,8 +86,13 @@ class Callbacks:
             fn()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        """End the thread after the callbacks queued so far; forget it, so that it can be collected."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._q.put(None)
+            if thread is not threading.current_thread():
+                thread.join(5)
 
 
 # ---------------------------------------------------------------- results
