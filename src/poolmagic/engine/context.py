@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import protocol as P
 
@@ -32,6 +32,16 @@ THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
+
+
+class EnvOverlay(NamedTuple):
+    """A remote worker's context: only the variables the user set (None: unset them).
+
+    Not a message of the local workers' wire: it travels to dask workers in a task.
+    """
+
+    key: str  #: hash of ``env``
+    env: dict  #: name -> value, or None to unset
 
 
 def make_context(threads: int | None) -> P.SetContext:
@@ -73,8 +83,8 @@ class ContextApplier:
         self._limited_at = -1  # len(sys.modules) when thread pools were last limited
         self._base_env: dict | None = None  # a remote worker's own environment, before any overlay
 
-    def apply(self, ctx: P.SetContext | P.EnvOverlay) -> None:
-        if type(ctx) is P.EnvOverlay:  # a remote worker: its own folder, paths and threads
+    def apply(self, ctx: P.SetContext | EnvOverlay) -> None:
+        if type(ctx) is EnvOverlay:  # a remote worker: its own folder, paths and threads
             self._apply_env(self._overlaid(ctx))
             return
         try:
@@ -90,7 +100,7 @@ class ContextApplier:
             self._threads = ctx.threads
             self._limited_at = -1
 
-    def _overlaid(self, ctx: P.EnvOverlay) -> P.SetContext:
+    def _overlaid(self, ctx: EnvOverlay) -> P.SetContext:
         """The whole environment an overlay asks for: the worker's own (as first seen), changed."""
         if self._base_env is None:
             self._base_env = dict(os.environ)

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 from ..errors import BadInputError
 from . import protocol as P
+from .context import EnvOverlay
 
 #: packages whose pickles do not load across a major version
 BREAKS_ACROSS_MAJOR = ("numpy", "pandas", "pyarrow", "scipy", "sklearn")
@@ -129,7 +130,7 @@ def initial_environ() -> dict[str, str]:
 _AT_IMPORT = dict(os.environ)  # elsewhere: the environment when poolmagic's dask backend loaded
 
 
-def overlay_for(context: P.SetContext) -> P.EnvOverlay:
+def overlay_for(context: P.SetContext) -> EnvOverlay:
     """``overlay`` of a map's context, computed once per context version."""
     got = _OVERLAYS.get(context.key)
     if got is None:
@@ -139,10 +140,10 @@ def overlay_for(context: P.SetContext) -> P.EnvOverlay:
     return got
 
 
-_OVERLAYS: dict[str, P.EnvOverlay] = {}
+_OVERLAYS: dict[str, EnvOverlay] = {}
 
 
-def overlay(env: dict[str, str]) -> P.EnvOverlay:
+def overlay(env: dict[str, str]) -> EnvOverlay:
     """What a remote worker applies: variables set or changed since start; None: unset."""
     start = initial_environ()
     changed: dict[str, str | None] = {
@@ -150,7 +151,7 @@ def overlay(env: dict[str, str]) -> P.EnvOverlay:
     }
     changed.update({k: None for k in start if k not in env and k not in _KERNEL_SET})
     key = hashlib.sha1(repr(sorted(changed.items(), key=lambda kv: kv[0])).encode("utf-8", "surrogateescape"))
-    return P.EnvOverlay("env-" + key.hexdigest()[:16], changed)
+    return EnvOverlay("env-" + key.hexdigest()[:16], changed)
 
 
 def relative_paths(items: Any, cwd: str, star: bool = False) -> None:

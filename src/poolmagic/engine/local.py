@@ -206,7 +206,10 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._waiter.wake()
 
     def _main(self) -> None:
-        start_resource_tracker()
+        try:
+            start_resource_tracker()
+        except Exception as exc:  # the manager thread must live on, or every map would hang
+            self._recover(exc)
         try:
             self._ensure_workers()
             while not self._closed:

@@ -280,11 +280,11 @@ def private_runtime_dir() -> None:
     """Before any forkserver starts: multiprocessing's sockets go in our private,
     pid-named runtime directory (runtimedir.py), which the next kernel removes
     if this one is SIGKILLed; multiprocessing's own ``pymp-*`` would stay."""
-    from .runtimedir import adopt_for_multiprocessing
+    try:  # (an import can fail too: the manager thread starts this with no file descriptor to spare)
+        from .runtimedir import adopt_for_multiprocessing
 
-    try:
         adopt_for_multiprocessing()
-    except OSError:  # no usable temporary directory: multiprocessing's own then
+    except OSError:  # no usable temporary directory, or no descriptor: multiprocessing's own then
         pass
 
 

@@ -58,13 +58,6 @@ class SetContext(NamedTuple):
     threads: int | None  #: native thread pool limit (BLAS, OpenMP); None: leave alone
 
 
-class EnvOverlay(NamedTuple):
-    """A remote worker's context: only the variables the user set (None: unset them)."""
-
-    key: str  #: hash of ``env``
-    env: dict  #: name -> value, or None to unset
-
-
 class RunChunk(NamedTuple):
     seq: int  #: the parent's sequence number; replies carry it
     fn: str  #: LoadFunction.key
