@@ -66,10 +66,7 @@ class Outcomes:
             p.retiring = msg.recycle  # it exits now; what it still holds never ran
         chunk = p.pop_head()
         assert chunk.seq == msg.seq, "worker answered out of order"
-        job = chunk.job
-        if chunk.cancelled or not job.active:
-            job.drop_chunk()
-            return
+        job = chunk.job  # an ended job keeps what finished too (Job.chunk_done)
         try:
             out, records, errs = p.results(msg, frames)
         except Exception as exc:
@@ -145,16 +142,18 @@ class Outcomes:
             job.drop_chunk()
             return
         failure = p.failure
-        if failure is None and len(head.items) > 1:
-            # Which of its items killed it? Run them again one by one: the error
-            # then names the item, and a chunk is only ~25 ms of work. (A counter
-            # the worker updates per item would cost the fast path ~0.1 µs/item.)
-            job.retry_singly(head.start, head.items)
-            return
         if failure is not None:
             what = f"could not read a message from the kernel ({type(failure).__name__}: {safe_str(failure)})"
         else:
             what = f"died with {exit_description(code)}"
+        if failure is None and len(head.items) > 1:
+            # Which of its items killed it? Run them again one by one: the error
+            # then names the item, and a chunk is only ~25 ms of work. (A counter
+            # the worker updates per item would cost the fast path ~0.1 µs/item.)
+            job.publish(WorkerReplaced(p.slot, p.pid, what))
+            job.isolate(head.start, head.items, f"worker {p.slot} (pid {p.pid}) {what} while running "
+                        f"{head.describe()}", WorkerCrashedError)
+            return
         exc = WorkerCrashedError(
             f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
             f"The worker was replaced; items that finished are kept.",
@@ -180,10 +179,11 @@ class Outcomes:
             for c in list(p.inflight)[1:]:
                 self._give_back(c)
             job = head.job
-            if job.options.retries and len(head.items) > 1:
-                # which item hung? Run them again one by one, as after a crash: the
-                # others are not failed attempts of theirs (--retries counts only the culprit)
-                job.retry_singly(head.start, head.items)
+            if len(head.items) > 1:
+                # which item hung? Run them again one by one, as after a crash: the others
+                # are not to blame, nor failed attempts of theirs (--retries counts only the culprit)
+                job.isolate(head.start, head.items, f"{head.describe()} ran longer than the {t:g} s "
+                            f"timeout per item", ItemTimeoutError)
                 continue
             exc = ItemTimeoutError(
                 f"{head.describe()} ran longer than the {t:g} s timeout; "
@@ -223,7 +223,8 @@ class Outcomes:
                 job.drop_chunk()
                 continue
             if len(head.items) > 1:  # name the item: run its chunk again item by item
-                job.retry_singly(head.start, head.items)
+                job.isolate(head.start, head.items, f"worker {p.slot} (pid {p.pid}) was stopped while "
+                            f"running {head.describe()}: {why}", WorkerMemoryError)
                 continue
             exc = WorkerMemoryError(
                 f"worker {p.slot} (pid {p.pid}) was stopped while running {head.describe()}: {why}. "
