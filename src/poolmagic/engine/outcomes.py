@@ -60,6 +60,11 @@ class Outcomes:
             p.failure = rebuild_exception(msg.error)
 
     def _on_done(self, p: WorkerHandle, msg: P.ChunkDone, frames: list | None) -> None:
+        job = self._place_done(p, msg, frames)
+        if not job.active:
+            self._abandon(job)
+
+    def _place_done(self, p: WorkerHandle, msg: P.ChunkDone, frames: list | None) -> Job:
         if msg.modules:
             p.modules.update(msg.modules)
         if msg.recycle:
@@ -78,8 +83,7 @@ class Outcomes:
                               t_sent=chunk.t_sent, t_recv=time.perf_counter(),
                               nbytes=len(msg.body) + sum(msg.sizes), waited_s=msg.waited or 0.0)
             job.chunk_done(rec, out, records, errors, chunk.items, (msg.body, frames))
-        if not job.active:
-            self._abandon(job)
+        return job
 
     def _on_chunk_failed(self, p: WorkerHandle, msg: P.ChunkFailed) -> None:
         chunk = p.pop_head()
@@ -256,7 +260,9 @@ class Outcomes:
         for p in list(self._procs.values()):
             if not any(c.job is job for c in p.inflight):
                 continue
-            if p.inflight[0].job is job:  # running it now: kill, re-queue the others
+            if p.inflight[0].job is job:
+                self._drain(p, job)  # results it sent already finished: the job keeps them
+            if p.inflight and p.inflight[0].job is job:  # running it now: kill, re-queue the others
                 self._kill(p)
                 for c in p.inflight:
                     self._give_back(c)
@@ -265,6 +271,19 @@ class Outcomes:
                     if c.job is job:
                         c.cancelled = True
         self._forget_finished_jobs()
+
+    def _drain(self, p: WorkerHandle, job: Job) -> None:
+        """Take the results of ``job`` that ``p`` sent and we have not read yet (before it is killed)."""
+        try:
+            while p.inflight and p.inflight[0].job is job and p.pending():
+                msg, frames = p.read()
+                kind = type(msg)
+                if kind is P.ChunkDone:
+                    self._place_done(p, msg, frames)
+                elif kind is not P.Began and kind is not P.Progress:
+                    break  # a failure or a farewell: it is killed and what it holds handled as usual
+        except (EOFError, OSError):
+            pass
 
     def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
         job.unsendable(start, items)
