@@ -243,11 +243,14 @@ def test_fail_fast_raises_the_items_own_exception_with_a_note():
     assert boom.poolmap_report is job.report
     assert job.report.results[:4] == [0, 1, 2, 3]
     assert job.report.errors == {4: boom}
-    # a chunk still out answers after the failure: ignored, but no longer in flight
+    # a chunk still out answers after the failure: its finished results are kept, no longer in flight
+    done = job.report.done
     answer(job, c)
     assert job.inflight == 0
-    assert job.report.results[6] is NOT_DONE
-    assert job.error is boom
+    assert job.report.results[6:9] == [6, 7, 8]
+    assert job.report.results[5] is NOT_DONE and job.report.results[9] is NOT_DONE
+    assert job.report.done == done + 3
+    assert job.report.status == "failed" and job.error is boom
 
 
 def test_a_long_item_value_is_shortened_in_the_note():

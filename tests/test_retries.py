@@ -68,7 +68,9 @@ def test_a_retried_item_loses_none_of_its_chunk(backend, tmp_path, chunksize, ke
                     kwargs={"folder": str(tmp_path)})
     assert r.results == [10 * x for x in range(20)]
     assert NOT_DONE not in r.results
-    assert (r.status, r.done, r.failed, r.retried, r.attempts) == ("done", 20, 0, 1, {})
+    assert (r.status, r.done, r.failed, r.retried) == ("done", 20, 0, 1)
+    # the item that needed a retry is visible: its failed attempt is kept
+    assert {i: [type(e) for e in es] for i, es in r.attempts.items()} == {2: [ConnectionError]}
     assert runs(tmp_path) == {x: 2 if x == 2 else 1 for x in range(20)}
 
 
@@ -139,8 +141,11 @@ def test_an_item_that_crashes_its_worker_once_is_retried_alone(backend, tmp_path
     r = backend.run(crash_first_attempt, range(10), chunksize=chunksize, retries=1,
                     kwargs={"folder": str(tmp_path)})
     assert r.results == [10 * x for x in range(10)]
-    assert (r.status, r.done, r.failed, r.attempts) == ("done", 10, 0, {})
+    assert (r.status, r.done, r.failed) == ("done", 10, 0)
     assert r.retried == (1 if chunksize == 1 else 0)
+    # the retried item's failed attempt is kept (a chunk's item-by-item re-run is no attempt)
+    assert {i: [type(e).__name__ for e in es] for i, es in r.attempts.items()} == (
+        {2: ["WorkerCrashedError"]} if chunksize == 1 else {})
 
 
 class _Watch:

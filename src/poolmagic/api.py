@@ -335,6 +335,11 @@ class Pool:
                            threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
         report.notes.extend(notes)
         index, checkpoint = None, None
+        if resume is not None and o.checkpoint:  # either would decide which items run; both: no file was written
+            raise BadInputError(
+                "--resume and --checkpoint (resume= and checkpoint=) cannot be used together: --checkpoint "
+                "PATH resumes by itself from what PATH recorded; run the map again with only --checkpoint "
+                "to continue it, or only --resume to re-run an earlier map's missing items")
         if resume is not None:
             earlier, index, iterable = resume_report(resume, iterable)
         elif o.checkpoint:

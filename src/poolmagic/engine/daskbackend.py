@@ -154,7 +154,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self._expected: set[str] = set()  # workers we killed: what they held goes back, unblamed
         # chunks given up on that still run (left to finish, or on a remote cluster): seq -> address
         self._zombies: dict[int, str] = {}
-        self._zombie_keys: dict[str, int] = {}  # their futures (ours, left to finish): key -> seq
+        self._zombie_keys: dict[str, Any] = {}  # their futures (ours, left to finish): key -> chunk
         self._kills: list[tuple[float, str, int, int]] = []  # (when, address, pid, seq): workers to kill
         self._gone: set[str] = set()  # workers that left (a stale worker list may still name them)
         self._dir: str | None = None  # our LocalCluster's private folder (marks, scratch space)

@@ -79,7 +79,7 @@ class DaskOutcomes:
     _workers: dict[str, int | None]
     _expected: set[str]
     _zombies: dict[int, str]
-    _zombie_keys: dict[str, int]
+    _zombie_keys: dict[str, DaskChunk]
     _kills: list[tuple[float, str, int, int]]
     _gone: set[str]
 
@@ -109,9 +109,11 @@ class DaskOutcomes:
     def _on_result(self, fut: Any, result: Any) -> None:
         c = self._by_key.get(fut.key)
         if c is None:
-            seq = self._zombie_keys.pop(fut.key, None)
-            if seq is not None:  # a chunk left to finish: its worker is free again
-                self._zombies.pop(seq, None)
+            z = self._zombie_keys.pop(fut.key, None)
+            if z is not None:  # a chunk left to finish: its worker is free again
+                self._zombies.pop(z.seq, None)
+                if fut.status == "finished" and result[0] == "done":
+                    self._late(z, result)  # its items finished: keep them
             return  # answered already (a death, a timeout, a cancel)
         status = fut.status
         if status == "error" and _is_death(result[1]):
@@ -119,7 +121,7 @@ class DaskOutcomes:
             return
         self._take(c)
         job = c.job
-        if not job.active:
+        if not job.active and not (status == "finished" and result[0] == "done"):
             job.drop_chunk()
             return
         if status == "finished":
@@ -155,6 +157,15 @@ class DaskOutcomes:
         rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid, t_sent=c.t_sent,
                           t_recv=time.perf_counter(), nbytes=len(body) + sum(memoryview(f).nbytes for f in frames))
         job.chunk_done(rec, out, records, errors, c.items)
+
+    @staticmethod
+    def _late(c: DaskChunk, result: tuple) -> None:
+        """A chunk the ended map gave up on finished after all: its results are kept."""
+        try:
+            out, _, errs = P.decode(result[6], buffers=result[7])
+        except Exception:
+            return
+        c.job.late_results(c.start, out, [(i, None) for i, _ in errs])
 
     def _chunk_failed(self, c: DaskChunk, stage: str, packed: dict) -> None:
         job = c.job
@@ -222,7 +233,7 @@ class DaskOutcomes:
             self._unlisten(address)
         for seq in [s for s, a in self._zombies.items() if a == address]:
             del self._zombies[seq]
-        for key in [k for k, s in self._zombie_keys.items() if s not in self._zombies]:
+        for key in [k for k, z in self._zombie_keys.items() if z.seq not in self._zombies]:
             del self._zombie_keys[key]
         killed = address in self._expected
         self._expected.discard(address)
@@ -259,11 +270,6 @@ class DaskOutcomes:
         if not job.active:
             job.drop_chunk()
             return
-        if (job.options.keep_going or job.options.retries) and len(c.items) > 1:
-            # find the item that kills workers (with --retries, as the local backend
-            # does: its chunk's other items are not failed attempts of theirs)
-            job.retry_singly(c.start, c.items)
-            return
         code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
         pid = c.pid or pid
         where = f"{address}, pid {pid}" if pid else address
@@ -273,6 +279,13 @@ class DaskOutcomes:
         else:
             what = "left the cluster (it died or was stopped)"
             tail = "Items that finished are kept."
+        if len(c.items) > 1:
+            # find the item that kills workers, as the local backend does: its chunk's
+            # other items are not to blame, nor failed attempts of theirs (--retries)
+            job.publish(WorkerReplaced(self._slot(address), pid or 0, what))
+            job.isolate(c.start, c.items, f"dask worker {self._slot(address)} ({where}) {what} while "
+                        f"running {c.describe()}", WorkerCrashedError)
+            return
         exc = WorkerCrashedError(
             f"dask worker {self._slot(address)} ({where}) {what} while running {c.describe()}. {tail}",
             c.indices,
@@ -313,8 +326,9 @@ class DaskOutcomes:
                 what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
                         "stopped) and its result will be dropped")
             job = c.job
-            if len(c.items) > 1:  # the timeout is per item: find it, keep the others' results
-                job.retry_singly(c.start, c.items)
+            if len(c.items) > 1:  # isolate the item that hung, as locally: the others are not to blame
+                job.isolate(c.start, c.items, f"{c.describe()} ran longer than the "
+                            f"{job.options.timeout:g} s timeout per item", ItemTimeoutError)
                 continue
             exc = ItemTimeoutError(
                 f"{c.describe()} ran longer than the {job.options.timeout:g} s timeout; {what}.",
@@ -367,7 +381,7 @@ class DaskOutcomes:
             self._stop_running(c)
         for c in finish:  # its worker is busy until the result comes (and is dropped)
             self._zombies[c.seq] = c.worker
-            self._zombie_keys[c.future.key] = c.seq
+            self._zombie_keys[c.future.key] = c
         self._forget_finished_jobs()
 
     def _ends_soon(self, c: DaskChunk) -> bool:

@@ -86,6 +86,8 @@ class Job:
         self.chunksize = 1 if options.timeout is not None and options.chunksize is None else options.chunksize
         self.index: list[int] | None = None  # position -> report index, when re-running a subset
         self.attempts: dict[int, list[BaseException]] = {}  # position -> errors of earlier attempts
+        # chunks re-run item by item after a crash, timeout or memory stop: (start, count, what, kind)
+        self.isolated: list[tuple[int, int, str, type]] = []
         self.retry: deque[tuple[int, Any]] = deque()
         self.inflight = 0  # chunks taken and not yet answered; changed under cond
         self.received = 0  # bytes of results that came back (the memory guard counts them)
@@ -196,6 +198,17 @@ class Job:
                 for k in range(len(items) - 1, -1, -1):
                     self.retry.appendleft((start + k, items[k : k + 1]))
 
+    def isolate(self, start: int, items: Any, what: str, kind: type) -> None:
+        """A worker died (``kind`` of error) running a chunk of several items: which one?
+
+        The chunk is re-run item by item, not counted as retries. If none of
+        them fails that way again, the map says so under its summary (a flaky
+        crash or hang) instead of absorbing it without a word.
+        """
+        with self.cond:
+            self.isolated.append((start, len(items), what, kind))
+        self.retry_singly(start, items)
+
     def drop_chunk(self) -> None:
         """A chunk of this (cancelled or failed) job will never report."""
         with self.cond:
@@ -249,6 +262,7 @@ class Job:
         with self.cond:
             self.inflight -= 1
             if not self.active:
+                self._place_late(rec.start, results, errors)
                 return
             end = rec.start + len(results)
             if self.index is None:
@@ -269,13 +283,22 @@ class Job:
                 idx = self._at(pos)
                 heapq.heappush(self._pending_out, (pos, next(self._out_seq), stream, text))
                 bisect.insort(r.outputs, (idx, stream, text), key=_FIRST)  # item order
-            self._mark_done(rec.start, rec.count)
             retried = 0
+            again = set()
             for pos, exc in errors:
                 off = pos - rec.start
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
                 retried += err is None
+                if err is None:
+                    again.add(pos)
                 first = first if first is not None or err is None else err
+            self._mark_done_except(rec.start, rec.count, again)
+            if self.attempts:
+                failed = {pos for pos, _ in errors}
+                for k in range(len(results)):
+                    tries = self.attempts.get(rec.start + k)
+                    if tries and rec.start + k not in failed:  # it succeeded after retries
+                        r.attempts[self._at(rec.start + k)] = list(tries)
             if first is not None and not self.options.keep_going:
                 self._fail_locked(first)
             elif items is not None and len(results) < len(items) and self.active:
@@ -288,6 +311,25 @@ class Job:
             self.publish(ChunkFinished(rec, len(errors), results, items, raw, retried))
         self.maybe_finish()
 
+    def late_results(self, start: int, results: list, errors: list) -> None:
+        """Results of a chunk already given up on (dropped) that came back after the map ended."""
+        with self.cond:
+            if not self.active:
+                self._place_late(start, results, errors)
+
+    def _place_late(self, start: int, results: list, errors: list) -> None:
+        """Results that came back after the map ended (failed, cancelled): they finished, keep them."""
+        r = self.report
+        failed = {pos for pos, _ in errors}
+        for k, value in enumerate(results):
+            pos = start + k
+            if pos in failed or value is NOT_DONE:
+                continue
+            idx = self._at(pos)
+            if idx < len(r.results) and r.results[idx] is NOT_DONE and idx not in r.errors:
+                r.results[idx] = value
+                r.done += 1
+
     def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
         """Items that produced no result (crash, timeout, could not be sent or decoded)."""
         first = None
@@ -298,9 +340,10 @@ class Job:
             retried = 0
             for pos in indices:
                 off = pos - start
-                self._mark_done(pos, 1)
                 err = self._item_error(pos, exc, items[off : off + 1] if items is not None else None)
                 retried += err is None
+                if err is not None:  # a retried item's output prints when its last attempt ends
+                    self._mark_done(pos, 1)
                 first = first if first is not None or err is None else err
             if self.index is None:
                 end = max(indices) + 1
@@ -312,6 +355,18 @@ class Job:
         if self.observers:
             self.publish(ItemsFailed([self._at(i) for i in indices], exc, retried))
         self.maybe_finish()
+
+    def _mark_done_except(self, start: int, count: int, skip: set) -> None:
+        """``_mark_done`` for a chunk, but not its positions in ``skip`` (queued again)."""
+        if not skip:
+            self._mark_done(start, count)
+            return
+        run = start
+        for pos in range(start, start + count + 1):
+            if pos in skip or pos == start + count:
+                if pos > run:
+                    self._mark_done(run, pos - run)
+                run = pos + 1
 
     def _mark_done(self, start: int, count: int) -> None:
         """Positions start..start+count-1 are answered: output up to them may print."""
@@ -414,6 +469,7 @@ class Job:
 
     def _close(self, status: str) -> None:
         r = self.report
+        self._note_absorbed()
         r.status = status
         r.t_end = time.perf_counter()
         if r.items is None:
@@ -431,6 +487,23 @@ class Job:
         self.cond.notify_all()
         if self.observers:
             self.publish(MapFinished(status, self.error))
+
+    def _note_absorbed(self) -> None:
+        """Say under the summary what the results alone would hide: flaky crashes, retried items."""
+        r = self.report
+        for start, count, what, kind in self.isolated:
+            idx = [self._at(p) for p in range(start, start + count)]
+            if any(isinstance(r.errors.get(i), kind) for i in idx):
+                continue  # the culprit did it again and failed, named
+            if any(i not in r.errors and (i >= len(r.results) or r.results[i] is NOT_DONE) for i in idx):
+                continue  # the map ended before the re-runs did
+            r.notes.append(f"{what}; its items were run again one by one and none did it again: one "
+                           f"of them does it only sometimes (results are from the re-runs)")
+        ok = [i for i in r.attempts if i not in r.errors]
+        if ok:
+            shown = ", ".join(map(str, sorted(ok)[:5])) + (", …" if len(ok) > 5 else "")
+            r.notes.append(f"{len(ok):,} item{'s' if len(ok) != 1 else ''} succeeded only after a retry "
+                           f"({shown}); each failed attempt's error: _poolmap.attempts[i]")
 
     # ---------------------------------------------------------- caller side
     def _wake_caller(self) -> None:

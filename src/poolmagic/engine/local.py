@@ -89,6 +89,8 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
     """
 
     def __init__(self, size: int, start_method: str | None = None):
+        if start_method is not None:
+            _check_start_method(start_method)
         self.start_method = start_method or default_start_method()
         self.ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
@@ -343,3 +345,17 @@ def _errors_safe(exc: BaseException) -> str:
     from ..errors import safe_str
 
     return safe_str(exc)
+
+
+def _check_start_method(method: str) -> None:
+    """Refuse a start method poolmagic does not use here, as POOLMAGIC_START_METHOD is refused."""
+    allowed = [m for m in ("forkserver", "spawn") if m in mp.get_all_start_methods()]
+    if method in allowed:
+        return
+    from ..errors import BadInputError
+
+    why = (" ('fork' would fork this multi-threaded process: a lock held by another thread "
+           "stays locked in the child forever)" if method == "fork"
+           else " (not on this platform)" if method == "forkserver" else "")
+    raise BadInputError(f"start_method={method!r} is not allowed{why}; poolmagic's start methods here are "
+                        f"{' and '.join(repr(m) for m in allowed)}")

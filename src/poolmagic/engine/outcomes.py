@@ -60,16 +60,18 @@ class Outcomes:
             p.failure = rebuild_exception(msg.error)
 
     def _on_done(self, p: WorkerHandle, msg: P.ChunkDone, frames: list | None) -> None:
+        job = self._place_done(p, msg, frames)
+        if not job.active:
+            self._abandon(job)
+
+    def _place_done(self, p: WorkerHandle, msg: P.ChunkDone, frames: list | None) -> Job:
         if msg.modules:
             p.modules.update(msg.modules)
         if msg.recycle:
             p.retiring = msg.recycle  # it exits now; what it still holds never ran
         chunk = p.pop_head()
         assert chunk.seq == msg.seq, "worker answered out of order"
-        job = chunk.job
-        if chunk.cancelled or not job.active:
-            job.drop_chunk()
-            return
+        job = chunk.job  # an ended job keeps what finished too (Job.chunk_done)
         try:
             out, records, errs = p.results(msg, frames)
         except Exception as exc:
@@ -81,8 +83,7 @@ class Outcomes:
                               t_sent=chunk.t_sent, t_recv=time.perf_counter(),
                               nbytes=len(msg.body) + sum(msg.sizes), waited_s=msg.waited or 0.0, cpu_s=msg.cpu)
             job.chunk_done(rec, out, records, errors, chunk.items, (msg.body, frames))
-        if not job.active:
-            self._abandon(job)
+        return job
 
     def _on_chunk_failed(self, p: WorkerHandle, msg: P.ChunkFailed) -> None:
         chunk = p.pop_head()
@@ -145,16 +146,18 @@ class Outcomes:
             job.drop_chunk()
             return
         failure = p.failure
-        if failure is None and len(head.items) > 1:
-            # Which of its items killed it? Run them again one by one: the error
-            # then names the item, and a chunk is only ~25 ms of work. (A counter
-            # the worker updates per item would cost the fast path ~0.1 µs/item.)
-            job.retry_singly(head.start, head.items)
-            return
         if failure is not None:
             what = f"could not read a message from the kernel ({type(failure).__name__}: {safe_str(failure)})"
         else:
             what = f"died with {exit_description(code)}"
+        if failure is None and len(head.items) > 1:
+            # Which of its items killed it? Run them again one by one: the error
+            # then names the item, and a chunk is only ~25 ms of work. (A counter
+            # the worker updates per item would cost the fast path ~0.1 µs/item.)
+            job.publish(WorkerReplaced(p.slot, p.pid, what))
+            job.isolate(head.start, head.items, f"worker {p.slot} (pid {p.pid}) {what} while running "
+                        f"{head.describe()}", WorkerCrashedError)
+            return
         exc = WorkerCrashedError(
             f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
             f"The worker was replaced; items that finished are kept.",
@@ -181,9 +184,10 @@ class Outcomes:
                 self._give_back(c)
             job = head.job
             if len(head.items) > 1:
-                # which item hung? Run them again one by one, as after a crash: the others keep
-                # their results and are not failed attempts of theirs (--retries counts only the culprit)
-                job.retry_singly(head.start, head.items)
+                # which item hung? Run them again one by one, as after a crash: the others
+                # are not to blame, nor failed attempts of theirs (--retries counts only the culprit)
+                job.isolate(head.start, head.items, f"{head.describe()} ran longer than the {t:g} s "
+                            f"timeout per item", ItemTimeoutError)
                 continue
             exc = ItemTimeoutError(
                 f"{head.describe()} ran longer than the {t:g} s timeout; "
@@ -223,7 +227,8 @@ class Outcomes:
                 job.drop_chunk()
                 continue
             if len(head.items) > 1:  # name the item: run its chunk again item by item
-                job.retry_singly(head.start, head.items)
+                job.isolate(head.start, head.items, f"worker {p.slot} (pid {p.pid}) was stopped while "
+                            f"running {head.describe()}: {why}", WorkerMemoryError)
                 continue
             exc = WorkerMemoryError(
                 f"worker {p.slot} (pid {p.pid}) was stopped while running {head.describe()}: {why}. "
@@ -255,7 +260,9 @@ class Outcomes:
         for p in list(self._procs.values()):
             if not any(c.job is job for c in p.inflight):
                 continue
-            if p.inflight[0].job is job:  # running it now: kill, re-queue the others
+            if p.inflight[0].job is job:
+                self._drain(p, job)  # results it sent already finished: the job keeps them
+            if p.inflight and p.inflight[0].job is job:  # running it now: kill, re-queue the others
                 self._kill(p)
                 for c in p.inflight:
                     self._give_back(c)
@@ -264,6 +271,19 @@ class Outcomes:
                     if c.job is job:
                         c.cancelled = True
         self._forget_finished_jobs()
+
+    def _drain(self, p: WorkerHandle, job: Job) -> None:
+        """Take the results of ``job`` that ``p`` sent and we have not read yet (before it is killed)."""
+        try:
+            while p.inflight and p.inflight[0].job is job and p.pending():
+                msg, frames = p.read()
+                kind = type(msg)
+                if kind is P.ChunkDone:
+                    self._place_done(p, msg, frames)
+                elif kind is not P.Began and kind is not P.Progress:
+                    break  # a failure or a farewell: it is killed and what it holds handled as usual
+        except (EOFError, OSError):
+            pass
 
     def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
         job.unsendable(start, items)

@@ -1,0 +1,219 @@
+"""Failure paths keep what finished and say what they absorbed, on both backends.
+
+The plain loop ``[f(x) for x in items]`` is the specification: a crash, a
+timeout or a memory stop names the item that caused it and blames no other;
+results that finished stay in the report; what a map absorbed (a crash that
+did not happen again, an item that needed a retry) is said under its summary.
+Each attempt of an item is a marker file, so a re-run knows what to do.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool
+from poolmagic.errors import ItemTimeoutError, WorkerCrashedError
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _attempt(folder: str, x) -> int:
+    """Record one more attempt of item ``x``; how many came before it."""
+    n = len([m for m in os.listdir(folder) if m.startswith(f"{x}.")])
+    open(os.path.join(folder, f"{x}.{n}"), "w").close()
+    return n
+
+
+def crash(x, folder, bad=2, times=1):
+    """Item ``bad`` kills its worker on its first ``times`` attempts, then returns 10 x."""
+    if _attempt(folder, x) < times and x == bad:
+        os._exit(3)
+    return 10 * x
+
+
+def hang(x, folder, bad=2):
+    """Item ``bad`` hangs past any timeout here, every time."""
+    _attempt(folder, x)
+    if x == bad:
+        time.sleep(120)
+    return 10 * x
+
+
+def noisy(x, folder, bad=2):
+    """Prints its item; item ``bad`` raises on its first attempt and is slow on its second."""
+    print(f"item {x}")
+    n = _attempt(folder, x)
+    if x == bad:
+        if n == 0:
+            raise ConnectionError("once")
+        time.sleep(0.5)  # the other worker prints the later items meanwhile
+    return x
+
+
+def fail_then_slow(x):
+    """Item 0 fails at once; item 1 is still running when the map fails, and finishes soon after."""
+    if x == 0:
+        time.sleep(0.05)
+        raise ValueError("item 0 fails")
+    time.sleep(0.15)
+    return 10 * x
+
+
+def runs(folder: Path) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p in Path(folder).iterdir():
+        x = int(p.name.split(".")[0])
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_pool():
+    pool = Pool(2)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dask_pool():
+    pytest.importorskip("distributed")
+    pool = Pool(2, backend="dask")
+    pool.backend.wait_ready(60)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(params=["local", "dask"])
+def backend(request):
+    return request.getfixturevalue(f"{request.param}_pool")
+
+
+# ---------------------------------------------------------------- 1. a crash absorbed
+
+
+def test_a_crash_that_does_not_happen_again_is_said(backend, tmp_path):
+    """Chunk 0-4 crashed at item 2; item by item, nothing crashed: the map says so (no --retries)."""
+    r = backend.run(crash, range(10), chunksize=5, kwargs={"folder": str(tmp_path)})
+    assert r.results == [10 * x for x in range(10)]
+    assert (r.status, r.failed, r.retried) == ("done", 0, 0)
+    said = [n for n in r.notes if "items 0–4" in n]
+    assert len(said) == 1, r.notes
+    assert "died with exit code 3" in said[0] and "only sometimes" in said[0], said
+    assert "only sometimes" in r.summary()
+
+
+def test_a_crash_that_happens_again_fails_only_its_item(backend, tmp_path):
+    """Both backends find the culprit of a chunk's crash: its neighbours keep their results."""
+    with pytest.raises(MapFailedError) as info:
+        backend.run(crash, range(10), chunksize=5, keep_going=True,
+                    kwargs={"folder": str(tmp_path), "times": 2})
+    r = info.value.poolmap_report
+    assert r.results == [NOT_DONE if x == 2 else 10 * x for x in range(10)]
+    assert list(r.errors) == [2] and isinstance(r.errors[2], WorkerCrashedError)
+    assert r.errors[2].indices == [2]
+    assert (r.done, r.failed, r.retried) == (9, 1, 0)
+    assert not any("only sometimes" in n for n in r.notes), r.notes
+
+
+def test_without_keep_going_a_crash_names_its_item_alone(backend, tmp_path):
+    """Dask failed all five items of the chunk with the crash (the local backend named item 2)."""
+    with pytest.raises(WorkerCrashedError) as info:
+        # one worker: the re-runs of items 0 and 1 end before item 2 crashes again
+        backend.run(crash, range(5), chunksize=5, workers=1, kwargs={"folder": str(tmp_path), "times": 2})
+    assert info.value.indices == [2]
+    r = info.value.poolmap_report
+    assert list(r.errors) == [2]
+    assert r.results[:2] == [0, 10]
+
+
+# ---------------------------------------------------------------- 2. late results (dask)
+
+
+def test_a_result_that_arrives_after_the_map_failed_is_kept(dask_pool):
+    """Item 1 finishes after item 0 failed the map: its result is kept in the report."""
+    with pytest.raises(ValueError):
+        dask_pool.run(fail_then_slow, range(2), chunksize=1)
+    # the first failing run measures the time per item; the second leaves item 1 to finish
+    with pytest.raises(ValueError) as info:
+        dask_pool.run(fail_then_slow, range(2), chunksize=1)
+    r = info.value.poolmap_report
+    for _ in range(100):  # it arrives shortly after the map failed
+        if r.results[1] is not NOT_DONE:
+            break
+        time.sleep(0.1)
+    assert r.results == [NOT_DONE, 10]
+    assert (r.done, r.failed) == (1, 1)
+
+
+# ---------------------------------------------------------------- 3. a timeout blames one item
+
+
+def test_a_timeout_in_a_chunk_fails_only_the_item_that_hung(backend, tmp_path):
+    """No --retries: items 0, 1, 3 of the timed-out chunk 0-3 keep their results."""
+    with pytest.raises(MapFailedError) as info:
+        backend.run(hang, range(6), chunksize=4, timeout=1, keep_going=True,
+                    kwargs={"folder": str(tmp_path)})
+    r = info.value.poolmap_report
+    assert r.results == [NOT_DONE if x == 2 else 10 * x for x in range(6)]
+    assert list(r.errors) == [2] and isinstance(r.errors[2], ItemTimeoutError)
+    assert (r.done, r.failed, r.retried) == (5, 1, 0)
+
+
+def test_a_timeout_without_keep_going_names_the_item_that_hung(backend, tmp_path):
+    with pytest.raises(ItemTimeoutError) as info:
+        backend.run(hang, range(4), chunksize=4, timeout=1, kwargs={"folder": str(tmp_path)})
+    r = info.value.poolmap_report
+    assert list(r.errors) == [2]
+    assert r.results[:2] == [0, 10]
+
+
+# ---------------------------------------------------------------- 4. output order
+
+
+def test_a_retried_items_output_prints_in_item_order(backend, tmp_path, capsys):
+    r = backend.run(noisy, range(8), chunksize=1, retries=1, kwargs={"folder": str(tmp_path)})
+    assert r.results == list(range(8))
+    printed = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("item ")]
+    assert printed == sorted(printed), printed
+    assert printed.count(2) == 2  # each attempt's output, together
+
+
+# ---------------------------------------------------------------- 5. attempts of items that succeeded
+
+
+def test_an_item_that_needed_a_retry_keeps_its_attempts_and_is_said(backend, tmp_path):
+    r = backend.run(noisy, range(6), chunksize=3, retries=1, kwargs={"folder": str(tmp_path)})
+    assert r.results == list(range(6))
+    assert (r.status, r.failed, r.retried) == ("done", 0, 1)
+    assert list(r.attempts) == [2]
+    assert [type(e) for e in r.attempts[2]] == [ConnectionError]
+    assert any("1 item succeeded only after a retry (2)" in n for n in r.notes), r.notes
+    assert "succeeded only after a retry" in r.summary()
+
+
+# ---------------------------------------------------------------- 6, 7. refused before work
+
+
+def test_pool_refuses_the_fork_start_method():
+    with pytest.raises(BadInputError, match=r"start_method='fork'.*'forkserver'"):
+        Pool(2, start_method="fork")
+
+
+def test_resume_with_checkpoint_is_refused_before_work(local_pool, tmp_path):
+    with pytest.raises(MapFailedError) as info:
+        local_pool.run(crash, range(6), keep_going=True, kwargs={"folder": str(tmp_path), "times": 9})
+    earlier = info.value.poolmap_report
+    path = tmp_path.parent / f"{tmp_path.name}.ckpt"
+    with pytest.raises(BadInputError, match="--resume and --checkpoint"):
+        local_pool.run(crash, range(6), resume=earlier, checkpoint=str(path),
+                       kwargs={"folder": str(tmp_path), "times": 9})
+    assert not path.exists()
+    assert runs(tmp_path) == {x: 1 for x in range(6)}  # nothing ran
