@@ -10,7 +10,7 @@ import pytest
 import poolmagic
 from poolmagic import BadInputError, Pool, pmap
 
-from conftest import wait_for
+from conftest import wait_dead, wait_for, write_pid, written_pids
 
 
 def test_pmap_uses_the_shared_pool():
@@ -119,11 +119,13 @@ def test_two_async_maps_share_the_pool():
 
 
 def test_async_cancel_keeps_finished_results(tmp_path):
-    """Items from 2 on sleep 30 s, then leave a file: cancel stops them, it does not wait."""
+    """Items from 2 on sleep 30 s, then leave a file: cancel stops them (their workers
+    are killed), it does not wait for them."""
     done = str(tmp_path)
 
     def item(x):
         if x >= 2:
+            write_pid(done, x)
             time.sleep(30)
             open(os.path.join(done, f"done-{x}"), "w").close()
         return x
@@ -131,9 +133,11 @@ def test_async_cancel_keeps_finished_results(tmp_path):
     with Pool(2) as pool:
         h = pool.map_async(item, range(6), chunksize=1)
         assert wait_for(lambda: h.report.done >= 2), "items 0 and 1 never finished"
+        running = wait_for(lambda: written_pids(tmp_path), what="a sleeping item to start")
         h.cancel()
         assert h.ready() and h.report.status == "cancelled"
         assert not list(tmp_path.glob("done-*")), "cancel waited for the running items"
+        assert not wait_dead(running.values()), "cancel left the running items' workers running"
         assert h.report.results[:2] == [0, 1]
         assert pool.map(abs, [-1]) == [1]
 
