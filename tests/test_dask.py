@@ -336,10 +336,25 @@ def test_timeout_fails_the_item(backend):
     assert backend.map(double, range(6)) == [0, 2, 4, 6, 8, 10]
 
 
-def test_crashed_worker_names_the_item(backend):
+def exit_at_gate(x, gate, bad=3):
+    if x == bad:
+        while not os.path.exists(gate):  # the test opens it once items 0-2 are back
+            time.sleep(0.01)
+        os._exit(1)
+    return 2 * x
+
+
+def test_crashed_worker_names_the_item(backend, tmp_path):
+    """Items 0-2 came back before item 3 crashed (a gate, not a sleep, orders them): kept."""
     backend.map(double, range(4))
+    gate = str(tmp_path / "gate")
+    handle = backend.map_async(exit_at_gate, range(8), chunksize=1, kwargs={"gate": gate})
+    try:
+        wait_for(lambda: NOT_DONE not in handle.report.results[:3], what="items 0-2 to come back")
+    finally:
+        open(gate, "w").close()
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
-        backend.map(exit_at, range(8), chunksize=1)
+        handle.get(30)
     exc = ei.value
     assert exc.indices == [3] and "item 3 (3)" in str(exc), str(exc)
     assert exc.report.results[:3] == [0, 2, 4]
