@@ -168,8 +168,9 @@ def test_quickstart(executed):
 
     # the CPU-bound map agrees with the plain loop and runs in parallel
     out = stream(run.cell("assert parallel == serial"))
-    # the speedup is shown (its size depends on the machine's load: bench.py's cpu row measures it)
-    assert float(re.search(r"speedup ([\d.]+)×", out)[1]) > 0, out
+    speedup = float(re.search(r"speedup ([\d.]+)×", out)[1])
+    if min(workers, cores) >= 2:
+        assert speedup > 1.3, out
 
     c = run.cell("partial(scale, factor=3)")
     assert stream(c) == "[0, 3, 6, 9, 12]\n"
