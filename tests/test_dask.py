@@ -336,10 +336,25 @@ def test_timeout_fails_the_item(backend):
     assert backend.map(double, range(6)) == [0, 2, 4, 6, 8, 10]
 
 
-def test_crashed_worker_names_the_item(backend):
+def exit_at_gate(x, gate, bad=3):
+    if x == bad:
+        while not os.path.exists(gate):  # the test opens it once items 0-2 are back
+            time.sleep(0.01)
+        os._exit(1)
+    return 2 * x
+
+
+def test_crashed_worker_names_the_item(backend, tmp_path):
+    """Items 0-2 came back before item 3 crashed (a gate, not a sleep, orders them): kept."""
     backend.map(double, range(4))
+    gate = str(tmp_path / "gate")
+    handle = backend.map_async(exit_at_gate, range(8), chunksize=1, kwargs={"gate": gate})
+    try:
+        wait_for(lambda: NOT_DONE not in handle.report.results[:3], what="items 0-2 to come back")
+    finally:
+        open(gate, "w").close()
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
-        backend.map(exit_at, range(8), chunksize=1)
+        handle.get(30)
     exc = ei.value
     assert exc.indices == [3] and "item 3 (3)" in str(exc), str(exc)
     assert exc.report.results[:3] == [0, 2, 4]
@@ -766,14 +781,17 @@ def test_poolsize_switches_to_dask_and_back(ip, capsys):
 def test_tune_times_each_size_on_that_many_dask_workers(ip):
     """Sleeping items scale past the cores, on real worker processes: the
     LocalCluster is grown to the largest size before it is timed (4 "workers"
-    were timed on 2 processes before), and keeps the chosen size."""
+    were timed on 2 processes before), and keeps the chosen size. Items sleep
+    0.5 s, so 4 workers give twice the throughput of 2 whatever the load (dask's
+    few ms per item are far below the 5 % that --tune forgives), and the budget
+    leaves 5 s to spare before the largest size is timed: no race on the machine's speed."""
     from poolmagic.tune import candidate_sizes
 
     ip.run_line_magic("poolsize", "2 --backend dask")
     pool = poolmagic.get_pool()
     try:
-        ip.run_cell_magic("poolmap", "-q range(8)", "import time\ndef io_bound(x):\n    time.sleep(0.02)\n    return x\n")
-        result = ip.run_line_magic("poolsize", "--tune --budget 6")
+        ip.run_cell_magic("poolmap", "-q range(4)", "import time\ndef io_bound(x):\n    time.sleep(0.5)\n    return x\n")
+        result = ip.run_line_magic("poolsize", "--tune --budget 10")
         largest = candidate_sizes(pool.cores)[-1]
         assert [r.workers for r in result.rows][-1] == largest, result
         assert result.chosen == largest and "waiting-bound" in result.reason, result

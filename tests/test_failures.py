@@ -36,8 +36,6 @@ from conftest import descendants, read_pid, run_script, shutdown_and_check, wait
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-FAST = 10.0  # "returns promptly" (a hang would take 30-60 s here)
-
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -58,9 +56,8 @@ def check_partial(results: list, expected: list, failed: set[int]) -> None:
 
 
 def next_map_works(pool: Pool, n: int = 20) -> None:
-    t0 = time.monotonic()
+    """The pool serves the next map right (a hang is caught by the test's timeout, not a clock)."""
     assert pool.map(double, range(n)) == [2 * x for x in range(n)]
-    assert time.monotonic() - t0 < FAST
 
 
 def replaced(pool: Pool, dead_pid: int) -> list[int]:
@@ -140,6 +137,7 @@ def first_raises_rest_sleep(x, piddir):
         raise RuntimeError("item zero is broken")
     write_pid(piddir, x)
     time.sleep(5)
+    open(os.path.join(piddir, f"done-{x}"), "w").close()  # only if the pool let a cancelled item finish
     return x
 
 
@@ -180,7 +178,7 @@ def _load_slowly(delay):
 
 
 def uses_slow_data(x, data=None):
-    time.sleep(0.05)
+    time.sleep(0.03)
     return 2 * x
 
 
@@ -190,13 +188,10 @@ def uses_slow_data(x, data=None):
 def test_crash_os_exit(sm_pool, tmp_path):
     """os._exit(3) in item 3: WorkerCrashedError naming item and exit code, fast."""
     sm_pool.map(double, range(4))  # warm
-    t0 = time.monotonic()
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
         # one worker: the items before the crash surely finished first (no timing)
         sm_pool.map(exit_at, range(10), kwargs={"piddir": str(tmp_path)}, workers=1)
-    elapsed = time.monotonic() - t0
     exc = ei.value
-    assert elapsed < FAST
     msg = str(exc)
     assert "item 3" in msg and "exit code 3" in msg, msg
     assert exc.indices == [3]
@@ -214,10 +209,8 @@ def test_crash_os_exit(sm_pool, tmp_path):
 
 def test_crash_segfault(sm_pool, tmp_path):
     """A segfault (ctypes.string_at(0)) is reported as SIGSEGV for its item."""
-    t0 = time.monotonic()
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
         sm_pool.map(segfault_at, range(8), kwargs={"piddir": str(tmp_path)}, workers=1)
-    assert time.monotonic() - t0 < FAST
     exc = ei.value
     assert "item 2" in str(exc) and "SIGSEGV" in str(exc), str(exc)
     assert exc.indices == [2]
@@ -231,23 +224,22 @@ def test_crash_segfault(sm_pool, tmp_path):
 
 
 def test_crash_sigkill_from_outside(sm_pool, tmp_path):
-    """A worker SIGKILLed by someone else (OOM killer): the map fails at once."""
-    killed_at = []
+    """A worker SIGKILLed by someone else (OOM killer): the map fails, it does not
+    wait for the item (60 s: longer than the test's timeout) that will never come back."""
+    killed = []
 
     def killer():
         pid = read_pid(tmp_path, 1)
         os.kill(pid, signal.SIGKILL)
-        killed_at.append((time.monotonic(), pid))
+        killed.append(pid)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
         sm_pool.map(sleep_at, range(6), kwargs={"piddir": str(tmp_path), "seconds": 60})
-    raised_at = time.monotonic()
-    t.join(1)
-    assert killed_at, "the killer thread did not run"
-    when, pid = killed_at[0]
-    assert raised_at - when < FAST
+    t.join(10)
+    assert killed, "the killer thread did not run"
+    pid = killed[0]
     exc = ei.value
     assert "item 1" in str(exc) and "SIGKILL" in str(exc), str(exc)
     assert exc.indices == [1]
@@ -262,14 +254,12 @@ def test_crash_sigkill_from_outside(sm_pool, tmp_path):
 
 
 def test_exception_same_type_with_note_and_partial_results(sm_pool):
-    t0 = time.monotonic()
     try:
         sm_pool.map(raise_at, range(10))
     except ValueError as exc:  # the user's own except clause works
         caught = exc
     else:
         pytest.fail("no exception")
-    assert time.monotonic() - t0 < FAST
     assert type(caught) is ValueError
     assert str(caught) == "bad item 4"
     assert "poolmagic: item 4 (value 4) failed." in caught.__notes__
@@ -306,15 +296,14 @@ def test_exception_via_magic(ip):
 
 
 def test_timeout_api(sm_pool, tmp_path):
+    """Item 2 hangs (60 s, beyond the test's timeout) under timeout=0.5: it is stopped.
+    The others (0.05 s, 10x under the timeout) are not: their results are kept."""
     sm_pool.map(double, range(4))  # warm: the timeout is about the item
-    t0 = time.monotonic()
     with pytest.raises(poolmagic.ItemTimeoutError) as ei:
         sm_pool.map(
             sleep_at, range(8), timeout=0.5,
             kwargs={"piddir": str(tmp_path), "bad": 2, "seconds": 60, "others": 0.05},
         )
-    elapsed = time.monotonic() - t0
-    assert 0.45 <= elapsed < 5, elapsed
     exc = ei.value
     assert isinstance(exc, TimeoutError)
     assert "item 2" in str(exc), str(exc)
@@ -338,10 +327,8 @@ def test_timeout_via_magic(ip, tmp_path):
         "        time.sleep(60)\n"
         "    return x\n"
     )
-    t0 = time.monotonic()
-    with pytest.raises(poolmagic.ItemTimeoutError) as ei:
+    with pytest.raises(poolmagic.ItemTimeoutError) as ei:  # item 1 would sleep past the test's timeout
         ip.run_cell_magic("poolmap", "--timeout 0.5 range(4)", cell)
-    assert 0.45 <= time.monotonic() - t0 < 5
     assert isinstance(ei.value, TimeoutError)
     assert "item 1" in str(ei.value)
     assert ip.user_ns["_poolmap"] is ei.value.report
@@ -353,29 +340,26 @@ def test_timeout_via_magic(ip, tmp_path):
 
 
 def test_timeout_counts_item_time_not_worker_startup(sm_pool):
-    """Items of 0.05 s under timeout=0.5 s, but the function's data takes 1 s to load.
+    """Items of 0.03 s under timeout=0.5 s, but the function's data takes 5 s to load
+    (margins of 10x each way: no clock is read, the map must simply succeed).
 
     The clock must start when the item begins, not when the chunk is sent:
     otherwise a fresh worker still starting (spawn) or unpickling captured
     data is killed as "timed out" -- and so is its replacement, forever.
     (Was a bug: fixed in 50540d3.)
     """
-    data = _SlowToLoad(1.0)
-    t0 = time.monotonic()
+    data = _SlowToLoad(5.0)
     assert sm_pool.map(uses_slow_data, range(4), timeout=0.5, kwargs={"data": data}) == [0, 2, 4, 6]
-    assert time.monotonic() - t0 < FAST
 
 
 def test_timeout_keep_going_kills_only_the_hung_worker(sm_pool, tmp_path):
     """keep_going + timeout: the hung item fails, its worker is killed, the rest run."""
     n = 10
-    t0 = time.monotonic()
     with pytest.raises(poolmagic.MapFailedError) as ei:
         sm_pool.map(
             sleep_at, range(n), timeout=0.5, keep_going=True,
             kwargs={"piddir": str(tmp_path), "bad": 1, "seconds": 60, "others": 0.05},
         )
-    assert time.monotonic() - t0 < FAST
     exc = ei.value
     assert set(exc.errors) == {1}
     assert isinstance(exc.errors[1], poolmagic.ItemTimeoutError)
@@ -391,12 +375,12 @@ def test_timeout_keep_going_kills_only_the_hung_worker(sm_pool, tmp_path):
 
 
 def test_default_policy_stops_at_first_failure(pool, tmp_path):
-    """Item 0 raises; the others would sleep 5 s each: cancelled, not waited for."""
+    """Item 0 raises; the others would sleep 5 s each: cancelled, not waited for
+    (a sleeper that was let finish leaves a done-<item> file)."""
     pool.map(double, range(4))  # warm
-    t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="item zero is broken") as ei:
         pool.map(first_raises_rest_sleep, range(10), kwargs={"piddir": str(tmp_path)})
-    assert time.monotonic() - t0 < 3
+    assert not list(tmp_path.glob("done-*")), "the map waited for items it should have cancelled"
     results = ei.value.poolmap_report.results
     assert results == [NOT_DONE] * 10
     sleepers = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
@@ -407,10 +391,8 @@ def test_default_policy_stops_at_first_failure(pool, tmp_path):
 
 def test_keep_going_api(pool):
     n = 12
-    t0 = time.monotonic()
     with pytest.raises(poolmagic.MapFailedError) as ei:
         pool.map(raise_every_third, range(n), keep_going=True)
-    assert time.monotonic() - t0 < FAST
     exc = ei.value
     bad = {2, 5, 8, 11}
     msg = str(exc)

