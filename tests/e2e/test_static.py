@@ -98,9 +98,9 @@ def test_executed_notebook_holds_only_static_forms(executed):
         assert "ETA" not in card["text/html"] and "running" not in card["text/plain"], card
         m = WALL.match(card["text/plain"])
         assert m, card["text/plain"]
-        if float(m[1]) * UNIT_S[m[2]] > 1.0:
+        if float(m[1]) * UNIT_S[m[2]] >= 0.85:  # (sleeps never end early: these two take >= 0.9 s)
             long_maps += 1
-    assert long_maps >= 2  # the slow cell and the async one at least
+    assert long_maps >= 2  # the slow cell (6 x 0.4 s on 2 workers) and the async one (6 x 0.3 s)
     later = [k for k in maps if "--async" in nb.cells[k].source][-1]
     final = nb.cells[later].outputs[0].data["text/plain"]
     assert final.startswith("poolmagic: later_double() · 6 items in") and "running" not in final, final
@@ -119,8 +119,9 @@ def test_html_export_shows_one_card_per_map_and_loads_nothing(executed, tmp_path
     assert 'class="poolmagic-progress"' not in body  # the bars became the cards
     assert "html-manager" not in body and "jupyter-widgets" not in body  # no widget manager from a CDN
     # in a summary's <details>, for every map that ran more than one chunk
-    assert 1 <= body.count('<svg class="poolmagic-timeline"') <= maps
-    assert re.search(r"<details><summary>timeline</summary><svg class=\"poolmagic-timeline\"", body)
+    # (nbconvert may write an element's attributes in another order: find the class among them)
+    assert 1 <= len(re.findall(r'<svg [^>]*class="poolmagic-timeline"', body)) <= maps
+    assert re.search(r'<details><summary>timeline</summary><svg [^>]*class="poolmagic-timeline"', body)
     assert "speedup" in body
     assert WIDGET not in body and "Error displaying widget" not in body
     assert os.path.getsize(tmp_path / "quickstart.html") < 2_000_000
