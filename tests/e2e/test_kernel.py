@@ -140,8 +140,8 @@ def test_kernel_runs_this_interpreter_and_checkout(kernel):
         "dask": r"dask LocalCluster",
     }[kernel.backend]
     first = rf"poolmagic: 2 workers · {where} · \d+ cores? available · \d+ native threads? per worker · pool (warm|starting)\n"
-    cluster = (r"dask LocalCluster started by poolmagic: scheduler tls://127\.0\.0\.1:\d+ · 2 workers · \d+ cores?"
-               r" · TLS with a certificate of its own"
+    cluster = (r"dask LocalCluster started by poolmagic: scheduler tls://127\.0\.0\.1:\d+ · 2 workers"
+               r" × 1 thread \(task slots; the cores are counted above\) · TLS with a certificate of its own"
                r" · dashboard off \(%poolsize --backend dask --dashboard\)\n")
     assert re.fullmatch(first + (cluster if kernel.backend == "dask" else ""), out), out
 
