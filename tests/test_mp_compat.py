@@ -101,7 +101,8 @@ def test_map_runs_every_item_and_raises_the_first_failure():
 def test_poolmagic_options_keep_poolmagic_policy():
     """Any poolmagic option: stop at the first failure (pool.run and pmap always do)."""
     with Pool(2) as p:
-        with pytest.raises(ValueError, match="bad 2") as ei:
+        # item 2 or item 5, whichever failed first (a loaded host can run 5 before 2)
+        with pytest.raises(ValueError, match="bad [25]") as ei:
             p.map(raise_on, range(40), chunksize=1, kwargs={"sleep": 0.05})
         assert ei.value.poolmap_report.status == "failed"
         assert ei.value.poolmap_report.done < 38  # cancelled, not run to the end
