@@ -557,9 +557,6 @@ print("end", flush=True)
 """
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug (issue 22 note): now and then (1 run in 8 quiet, 3 in 5 under load) the map after an "
-    "interrupt that landed while the ITERABLE's generator blocked does not return; not reduced yet"))
 @pytest.mark.timeout(30)
 def test_interrupt_while_the_generator_blocks(tmp_path):
     out, err, code = run_script(_INTERRUPT_WHILE_GENERATOR_BLOCKS, timeout=25)

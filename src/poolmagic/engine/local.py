@@ -230,6 +230,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         than asking the pipe whether more is waiting.
         """
         ready = self._waiter.wait(self._next_deadline())
+        commanded = bool(self._cmds)
         while self._cmds:
             self._cmds.popleft()()
         if self._closed:
@@ -239,7 +240,10 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
             if self._procs.get(p.slot) is not p:
                 continue  # killed by a command this turn
             if what is PIPE:
-                self._read_one(p)
+                # a command this turn (a cancel's _drain) may have read what made the pipe ready:
+                # a blocking read of an empty pipe would stop the manager for good
+                if not commanded or p.pending():
+                    self._read_one(p)
             else:
                 deaths.append(p)
         for p in deaths:
