@@ -135,6 +135,8 @@ class ItemSource:
             if len(self.sample) < self.SAMPLE_SIZE:
                 self.sample.extend(got[: self.SAMPLE_SIZE - len(self.sample)])
             with self._lock:
+                if error is not None:  # set before "exhausted": a map that sees the one must see the other
+                    self.error = error  # the map must end failed with it, never "done"
                 if error is not None or count < n:
                     self.stream_done = True
                     if not buf:
@@ -142,7 +144,6 @@ class ItemSource:
             if self.on_items is not None:
                 self.on_items()
             if error is not None:
-                self.error = error  # the map must end failed with it, never "done"
                 break
         return error
 
