@@ -146,6 +146,15 @@ def read_pid(piddir: Path, index: Any, timeout: float = DEADLINE) -> int:
     return int(path.read_text())
 
 
+def runs(folder: Path) -> dict[int, int]:
+    """item -> attempts made, from marker files named ``<item>.<attempt>`` (one per call)."""
+    out: dict[int, int] = {}
+    for p in Path(folder).iterdir():
+        x = int(p.name.split(".")[0])
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
 def written_pids(piddir: Path) -> dict[int, int]:
     """item -> pid, for every pid file written so far."""
     return {int(p.name[len("pid-"):]): int(p.read_text()) for p in Path(piddir).glob("pid-*")}
@@ -210,6 +219,28 @@ BACKENDS: dict[str, tuple[Callable[[], "poolmagic.Pool"], dict[str, str]]] = {
 # (CI runs the dask ones on one interpreter, as it does tests/test_dask.py).
 if os.environ.get("POOLMAGIC_TEST_BACKENDS"):
     BACKENDS = {k: v for k, v in BACKENDS.items() if k in os.environ["POOLMAGIC_TEST_BACKENDS"].split(",")}
+
+
+@pytest.fixture(scope="module")
+def local_pool() -> "poolmagic.Pool":
+    """A warm local pool of 2 workers, shared by a module's tests."""
+    pool = _local_pool()
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dask_pool() -> "poolmagic.Pool":
+    """A warm pool of 2 workers on a dask LocalCluster, shared by a module's tests."""
+    pool = _dask_pool()
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(params=["local", "dask"])
+def pool_of_each(request) -> "poolmagic.Pool":
+    """``local_pool``, then ``dask_pool``: a behaviour test of the API on both backends."""
+    return request.getfixturevalue(f"{request.param}_pool")
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))

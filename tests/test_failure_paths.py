@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from conftest import runs
 
 from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool
 from poolmagic.errors import ItemTimeoutError, WorkerCrashedError
@@ -66,33 +67,12 @@ def fail_then_slow(x):
     return 10 * x
 
 
-def runs(folder: Path) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for p in Path(folder).iterdir():
-        x = int(p.name.split(".")[0])
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
-@pytest.fixture(scope="module")
-def local_pool():
-    pool = Pool(2)
-    yield pool
-    pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dask_pool():
-    pytest.importorskip("distributed")
-    pool = Pool(2, backend="dask")
-    pool.backend.wait_ready(60)
-    yield pool
-    pool.shutdown()
-
-
-@pytest.fixture(params=["local", "dask"])
-def backend(request):
-    return request.getfixturevalue(f"{request.param}_pool")
+@pytest.fixture
+def backend(pool_of_each):
+    """A warm pool of each backend in turn (tests/conftest.py)."""
+    return pool_of_each
 
 
 # ---------------------------------------------------------------- 1. a crash absorbed

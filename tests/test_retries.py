@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from conftest import runs
 
 import poolmagic
 from poolmagic import NOT_DONE, MapFailedError, Pool
@@ -31,34 +32,12 @@ def fail_first_attempt(x, folder, bad=(2,), always=()):
     return 10 * x
 
 
-def runs(folder: Path) -> dict[int, int]:
-    """item -> attempts made, from the marker files."""
-    out: dict[int, int] = {}
-    for p in Path(folder).iterdir():
-        x = int(p.name.split(".")[0])
-        out[x] = out.get(x, 0) + 1
-    return out
 
 
-@pytest.fixture(scope="module")
-def local_pool():
-    pool = Pool(2)
-    yield pool
-    pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dask_pool():
-    pytest.importorskip("distributed")
-    pool = Pool(2, backend="dask")
-    pool.backend.wait_ready(60)
-    yield pool
-    pool.shutdown()
-
-
-@pytest.fixture(params=["local", "dask"])
-def backend(request):
-    return request.getfixturevalue(f"{request.param}_pool")
+@pytest.fixture
+def backend(pool_of_each):
+    """A warm pool of each backend in turn (tests/conftest.py)."""
+    return pool_of_each
 
 
 @pytest.mark.parametrize("keep_going", [False, True])

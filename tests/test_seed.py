@@ -47,25 +47,10 @@ def pi_piece(_x, n=200_000):
     return int(np.count_nonzero(xs * xs + ys * ys < 1)), int(np.count_nonzero(zs * zs + ys * ys < 1))
 
 
-@pytest.fixture(scope="module")
-def local_pool():
-    pool = Pool(2)
-    yield pool
-    pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dask_pool():
-    pytest.importorskip("distributed")
-    pool = Pool(2, backend="dask")
-    pool.backend.wait_ready(60)
-    yield pool
-    pool.shutdown()
-
-
-@pytest.fixture(params=["local", "dask"])
-def backend(request):
-    return request.getfixturevalue(f"{request.param}_pool")
+@pytest.fixture
+def backend(pool_of_each):
+    """A warm pool of each backend in turn (tests/conftest.py)."""
+    return pool_of_each
 
 
 @pytest.fixture(scope="module")
