@@ -778,3 +778,37 @@ def test_script_that_never_shuts_its_pool_down_exits_cleanly(tmp_path):
         out, err, code = run_script(script, timeout=20)
         assert out.strip() == "240" and code == 0, err[-2000:]
         assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+
+# ------------------------------------------- a failed map's drain and the manager's turn
+
+
+class SlowToLoad:
+    """A result whose unpickling in the kernel takes 0.5 s: the manager is busy meanwhile."""
+
+    def __reduce__(self):
+        return (time.sleep, (0.5,))
+
+
+def fail_while_the_manager_is_busy(x):
+    if x == 0:  # fails while the manager unpickles item 1's result
+        time.sleep(0.2)
+        raise ValueError("item 0 fails")
+    if x == 1:
+        return SlowToLoad()
+    time.sleep(0.3)  # lands in the same turn as item 0's failure
+    return x
+
+
+def test_a_failure_that_drains_another_worker_does_not_stop_the_manager():
+    """Regression (CI, a hung test_tutorial): item 0's failure ends the map, which takes
+    the result item 2's worker had already sent; that worker's pipe was ready in the same
+    turn, and the manager then blocked for good reading it, empty. Every later map hung."""
+    p = Pool(3)
+    try:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="item 0 fails"):
+                p.run(fail_while_the_manager_is_busy, range(3), chunksize=1)
+        next_map_works(p)
+    finally:
+        shutdown_and_check(p)

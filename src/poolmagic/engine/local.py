@@ -113,6 +113,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._shared: dict[str, int] = {}  # payload key -> memfd of its big buffers
         self._next_guard = 0.0  # when the memory guard looks next
         self._start_failures = 0  # workers in a row that died before they were ready
+        self._read_elsewhere: set[WorkerHandle] = set()  # pipes read this turn outside _read_one
 
     @property
     def size(self) -> int:
@@ -230,7 +231,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         than asking the pipe whether more is waiting.
         """
         ready = self._waiter.wait(self._next_deadline())
-        commanded = bool(self._cmds)
+        self._read_elsewhere.clear()
         while self._cmds:
             self._cmds.popleft()()
         if self._closed:
@@ -240,9 +241,10 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
             if self._procs.get(p.slot) is not p:
                 continue  # killed by a command this turn
             if what is PIPE:
-                # a command this turn (a cancel's _drain) may have read what made the pipe ready:
-                # a blocking read of an empty pipe would stop the manager for good
-                if not commanded or p.pending():
+                # A command (a cancel) or another worker's message (a failed map's drain) may
+                # have read what made this pipe ready: a blocking read of an empty pipe would
+                # stop the manager for good, so such a pipe is asked first.
+                if p not in self._read_elsewhere or p.pending():
                     self._read_one(p)
             else:
                 deaths.append(p)

@@ -114,6 +114,7 @@ class Outcomes:
     def _on_death(self, p: WorkerHandle) -> None:
         if self._procs.get(p.slot) is not p:
             return
+        self._read_elsewhere.add(p)
         try:  # results it sent before dying are still valid
             while p.pending():
                 self._handle(p, *p.read())
@@ -274,6 +275,7 @@ class Outcomes:
 
     def _drain(self, p: WorkerHandle, job: Job) -> None:
         """Take the results of ``job`` that ``p`` sent and we have not read yet (before it is killed)."""
+        self._read_elsewhere.add(p)
         try:
             while p.inflight and p.inflight[0].job is job and p.pending():
                 msg, frames = p.read()
