@@ -286,6 +286,7 @@ class Pool:
         o = MapOptions.from_kwargs(options)
         if o.max_memory is None and self.max_memory is not None:
             o = o.with_(max_memory=self.max_memory)
+        self.backend.check_options(o)  # what this backend lacks (threads: --timeout, --max-memory)
         if o.max_memory is not None and not self.backend.limits_memory:
             raise BadInputError(
                 f"--max-memory reads each worker's memory on this machine: it works on the local backend "

@@ -7,7 +7,7 @@ from ..errors import BadInputError
 from .base import Backend
 from .local import LocalBackend
 
-NAMES = ("local", "dask")
+NAMES = ("local", "dask", "threads")
 
 
 def make_backend(backend: "Backend | str | None", size: int, start_method: str | None = None,
@@ -24,6 +24,10 @@ def make_backend(backend: "Backend | str | None", size: int, start_method: str |
         if dashboard:
             raise BadInputError("the dashboard is dask's: it goes with backend=\"dask\"")
         return LocalBackend(size, start_method)
+    if name == "threads":
+        from .threads import ThreadsBackend
+
+        return ThreadsBackend.make(size, address, dashboard)
     if name == "dask":
         if importlib.util.find_spec("distributed") is None:
             raise BadInputError(

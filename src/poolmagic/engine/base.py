@@ -10,7 +10,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from ..errors import BadInputError
 from .job import Job
+
+# map option -> the capability it needs from the backend (a key of Backend.lacks)
+OPTION_NEEDS = {"timeout": ("--timeout", "timeout"), "max_memory": ("--max-memory", "max_memory")}
 
 
 class Backend(ABC):
@@ -20,6 +24,18 @@ class Backend(ABC):
     description: str = "?"
     #: whether maps may set --max-memory: the workers' memory can be read from here
     limits_memory: bool = True
+    #: what this backend cannot do: capability -> why. %poolsize shows it, a map whose
+    #: option needs one is refused before it starts, the conformance suite skips on it.
+    lacks: dict[str, str] = {}
+
+    def check_options(self, options: Any) -> None:
+        """Refuse (BadInputError, before any work) a map option this backend cannot honour."""
+        for field, (flag, capability) in OPTION_NEEDS.items():
+            if getattr(options, field, None) is not None and capability in self.lacks:
+                raise BadInputError(f"{flag} ({field}=) cannot work on the "
+                                    f"{getattr(self, 'name', None) or self.description} backend: "
+                                    f"{self.lacks[capability]}. Run this map on the local backend "
+                                    f"(%poolsize --backend local, or Pool(backend=\"local\")).")
 
     @property
     @abstractmethod

@@ -1,0 +1,255 @@
+"""The threads backend: a map's items run on threads of the kernel's own process.
+
+For maps that wait (HTTP requests, files, subprocesses, sleeps) it skips what
+processes cost: no pickling of items or results, no process start. On a
+free-threaded Python (3.13t/3.14t, the GIL off) CPU-bound items run in
+parallel too; with the GIL they take turns, and ``%poolsize`` says which.
+
+It drives the same Job as the other backends: each thread takes a chunk with
+``job.next_items`` (sized by the Job from measured item times), runs it with
+``runchunk.run_chunk`` (the per-chunk loop of every worker: print() capture,
+seeds, timing, errors packed with their frames) and answers with
+``job.chunk_done``. So results, errors, retries, keep-going, resume,
+checkpoint, progress and the summary are the Job's, as everywhere.
+
+What a thread cannot do is declared in ``LACKS``: a running thread cannot be
+killed, so no ``--timeout``, an interrupt or ``.cancel()`` ends the map but
+lets each running item finish in the background, an item that crashes the
+process (``os._exit``, a segfault) ends the kernel, and memory is the
+kernel's own. Maps asking for those are refused before they start.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any
+
+from ...errors import BadInputError, PoolmapError, rebuild_exception
+from ..base import Backend
+from ..events import ChunkRecord, MapFinished
+from ..job import Job
+from ..runchunk import run_chunk
+from . import streams
+
+TIMED_ABOVE_S = 10e-6  # per-item timing (and progress) only for items longer than this, as in a process worker
+IDLE_WAIT_S = 0.5  # an idle thread looks again at least this often (a wake-up is never needed for correctness)
+
+LACKS: dict[str, str] = {
+    "timeout": "a thread cannot be stopped while it runs an item",
+    "max_memory": "items share the kernel's memory: no worker of their own to stop and replace",
+    "kill a worker": "an item that ends its process (os._exit, a segfault) ends the kernel: no crash is isolated",
+    "interrupt a running item": "an interrupt or .cancel() ends the map at once; items already running "
+                                "finish in the background",
+}
+# a seeded item seeds the process's `random` and `np.random`: one seeded item at a time
+_SEED_LOCK = threading.Lock()
+
+
+def gil_enabled() -> bool:
+    """Whether this interpreter runs Python code one thread at a time (the GIL is on)."""
+    check = getattr(sys, "_is_gil_enabled", None)  # 3.13+: False on a free-threaded build running without it
+    return True if check is None else bool(check())
+
+
+class ThreadsBackend(Backend):
+    """Worker threads in the kernel's process, taking chunks from the running Jobs."""
+
+    name = "threads"
+    limits_memory = False
+    lacks = LACKS
+
+    def __init__(self, size: int):
+        self._size = max(1, int(size))
+        self._jobs: list[Job] = []
+        self._threads: dict[int, threading.Thread] = {}
+        self._cv = threading.Condition()
+        self._gen = 0  # bumped by every wake-up: a thread that found no work waits only if nothing changed
+        self._rr = 0
+        self._closed = False
+        self._limiter: Any = None  # threadpoolctl's limits while maps run (native threads per item)
+        self.free_threaded = not gil_enabled()
+        self.description = "threads in this process (" + ("free-threaded)" if self.free_threaded else "GIL)")
+
+    @classmethod
+    def make(cls, size: int, address: str | None = None, dashboard: bool = False) -> "ThreadsBackend":
+        """``Pool(backend="threads")``: refuses what only the dask backend takes."""
+        if address is not None or dashboard:
+            raise BadInputError(f"{'address=' if address is not None else 'dashboard='} goes with "
+                                f"backend=\"dask\"; the threads backend runs in this process")
+        return cls(size)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def state(self) -> str:
+        return "warm" if self._threads else "cold"
+
+    def status_detail(self) -> str:
+        """%poolsize's lines under the status: what runs in parallel here, what threads cannot do."""
+        if self.free_threaded:
+            how = "free-threaded Python (GIL off): CPU-bound items run in parallel too"
+        else:
+            how = ("the GIL is on: items that wait (I/O, sleep, subprocesses) overlap, CPU-bound Python "
+                   "items take turns (a free-threaded Python, 3.13t+, runs them in parallel)")
+        lines = [f"  threads: {how}", "  threads cannot:"]
+        lines += [f"    {cap}: {why}" for cap, why in self.lacks.items()]
+        return "\n".join(lines)
+
+    def start(self) -> None:
+        with self._cv:
+            if self._closed:
+                raise PoolmapError("this pool has been shut down")
+            self._grow_locked()
+
+    def submit(self, job: Job) -> None:
+        job.abort = lambda exc: self.cancel(job, exc, wait=0)
+        job.source.on_items = self._wake
+        job.source.set_want(2 * self._workers_for(job))
+        job.observers.append(lambda event: self._finished(job) if type(event) is MapFinished else None)
+        with self._cv:
+            if self._closed:
+                raise PoolmapError("this pool has been shut down")
+            self._jobs.append(job)
+            self._limit_native_threads(job)
+            self._grow_locked()
+        job.maybe_finish()  # an empty ITERABLE is done at once
+        self._wake()
+
+    def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
+        job.stop(error)  # running items finish in the background; their results are kept (late)
+        self._wake()
+
+    def resize(self, n: int) -> None:
+        with self._cv:
+            self._size = max(1, int(n))
+            if self._threads:
+                self._grow_locked()
+        self._wake()
+
+    def worker_pids(self) -> list[int]:
+        return []  # no process of its own: nothing can outlive the pool
+
+    def shutdown(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            jobs, self._jobs = list(self._jobs), []
+            threads = list(self._threads.values())
+        for job in jobs:
+            job.fail(PoolmapError("the pool was shut down while this map was running"))
+        self._wake()
+        for t in threads:  # idle threads leave at once; one running an item cannot be stopped
+            t.join(0.1)
+
+    # ------------------------------------------------------------ the worker threads
+    def _workers_for(self, job: Job) -> int:
+        return job.options.workers or self._size
+
+    def _target(self) -> int:
+        return max([self._size, *(j.options.workers or 0 for j in self._jobs)])
+
+    def _grow_locked(self) -> None:
+        for slot in range(self._target()):
+            if slot not in self._threads:
+                t = threading.Thread(target=self._serve, args=(slot,), name=f"poolmagic-thread-{slot}", daemon=True)
+                self._threads[slot] = t
+                t.start()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._gen += 1
+            self._cv.notify_all()
+
+    def _serve(self, slot: int) -> None:
+        while True:
+            with self._cv:
+                gen = self._gen
+                if self._closed or slot >= self._target():
+                    del self._threads[slot]
+                    return
+            got = self._take(slot)
+            if got is not None:
+                self._run(slot, *got)
+                self._wake()  # the chunk may have queued retries or ended a map: idle threads look again
+                continue
+            with self._cv:
+                if gen == self._gen and not self._closed:
+                    self._cv.wait(IDLE_WAIT_S)
+
+    def _take(self, slot: int) -> tuple[Job, int, Any] | None:
+        """A chunk for thread ``slot``: jobs take turns; a ``-n N`` map uses threads 0..N-1 only."""
+        with self._cv:
+            self._jobs = [j for j in self._jobs if j.active]
+            jobs, rr = list(self._jobs), self._rr
+        for k in range(len(jobs)):
+            job = jobs[(rr + k) % len(jobs)]
+            w = job.options.workers
+            if not job.has_work() or (w is not None and slot >= w):
+                continue
+            size = job.chunk_size(self._workers_for(job))
+            if job.source.is_stream:
+                job.source.set_want(size * max(2, self._workers_for(job)))
+            got = job.next_items(size)
+            if got is not None:
+                self._rr = (rr + k + 1) % len(jobs)
+                return job, got[0], got[1]
+        return None
+
+    def _run(self, slot: int, job: Job, start: int, items: Any) -> None:
+        """Run one chunk on this thread and hand its outcome to the job (always exactly one answer)."""
+        try:
+            t = job.per_item_s()
+            o = job.options
+            tid = threading.get_native_id()
+            job.started(slot, tid, start, len(items))
+            t_sent, cpu0 = time.perf_counter(), time.thread_time()
+            if o.seed is not None:
+                _SEED_LOCK.acquire()
+            try:
+                out, t0, t1, times, records, errs = run_chunk(
+                    job.func, items, start, o, timed=t is None or t >= TIMED_ABOVE_S,
+                    progress=lambda done: job.progress(start, done), indices=job.seed_indices(start, len(items)),
+                    redirect=streams.redirect)
+            finally:
+                if o.seed is not None:
+                    _SEED_LOCK.release()
+            errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
+            rec = ChunkRecord(slot, start, len(out), t0, t1, times, tid, t_sent=t_sent,
+                              t_recv=time.perf_counter(), cpu_s=time.thread_time() - cpu0)
+            job.chunk_done(rec, out, records, errors, items)
+        except BaseException as exc:  # poolmagic's own failure: the map fails, never hangs
+            job.items_failed(list(range(start, start + len(items))), exc, items, start)
+
+    # ------------------------------------------------------------ native thread pools
+    def _limit_native_threads(self, job: Job) -> None:
+        """While maps run, limit BLAS/OpenMP pools to the map's --threads (cores ÷ workers by default).
+
+        Items on N threads each calling a BLAS with one thread per core would
+        oversubscribe the cores N times. The limit is the process's, so it is
+        lifted when the last map ends. Needs threadpoolctl (as the process workers do).
+        """
+        threads = getattr(job.context, "threads", None)
+        if threads is None or self._limiter is not None:
+            return
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._limiter = threadpool_limits(limits=threads)
+        except Exception:
+            self._limiter = None
+
+    def _finished(self, job: Job) -> None:
+        with self._cv:
+            if self._limiter is not None and not any(j.active and j is not job for j in self._jobs):
+                limiter, self._limiter = self._limiter, None
+                try:
+                    limiter.restore_original_limits()
+                except Exception:
+                    pass
+
+
+__all__ = ["ThreadsBackend", "gil_enabled", "LACKS"]
