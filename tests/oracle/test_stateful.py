@@ -149,7 +149,9 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _lacks(self, case) -> bool:
         lacks = self.backend.lacks
-        return bool(case.kinds() & M.KILLERS) and "kill a worker" in lacks
+        return bool(case.kinds() & M.KILLERS) and "kill a worker" in lacks or any(
+            case.options.get(o) and cap in lacks for o, cap in (("timeout", "time out an item"),
+                                                                ("max_memory", "cap a worker's memory")))
 
     @invariant()
     def pool_works(self):

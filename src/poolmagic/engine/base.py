@@ -14,7 +14,7 @@ from ..errors import BadInputError
 from .job import Job
 
 # map option -> the capability it needs from the backend (a key of Backend.lacks)
-OPTION_NEEDS = {"timeout": ("--timeout", "timeout"), "max_memory": ("--max-memory", "max_memory")}
+OPTION_NEEDS = {"timeout": ("--timeout", "time out an item"), "max_memory": ("--max-memory", "cap a worker's memory")}
 
 
 class Backend(ABC):

@@ -36,11 +36,13 @@ TIMED_ABOVE_S = 10e-6  # per-item timing (and progress) only for items longer th
 IDLE_WAIT_S = 0.5  # an idle thread looks again at least this often (a wake-up is never needed for correctness)
 
 LACKS: dict[str, str] = {
-    "timeout": "a thread cannot be stopped while it runs an item",
-    "max_memory": "items share the kernel's memory: no worker of their own to stop and replace",
+    "time out an item": "a thread cannot be stopped while it runs an item",
+    "cap a worker's memory": "items share the kernel's memory: no worker of their own to stop and replace",
     "kill a worker": "an item that ends its process (os._exit, a segfault) ends the kernel: no crash is isolated",
     "interrupt a running item": "an interrupt or .cancel() ends the map at once; items already running "
                                 "finish in the background",
+    "run items in worker processes": "items run in the kernel's process: what an item changes there "
+                                     "(os.chdir, os.environ, globals) stays changed",
 }
 # a seeded item seeds the process's `random` and `np.random`: one seeded item at a time
 _SEED_LOCK = threading.Lock()
@@ -63,6 +65,7 @@ class ThreadsBackend(Backend):
         self._size = max(1, int(size))
         self._jobs: list[Job] = []
         self._threads: dict[int, threading.Thread] = {}
+        self._running: dict[int, Job] = {}  # slot -> the job whose chunk its thread runs
         self._cv = threading.Condition()
         self._gen = 0  # bumped by every wake-up: a thread that found no work waits only if nothing changed
         self._rr = 0
@@ -119,7 +122,9 @@ class ThreadsBackend(Backend):
         self._wake()
 
     def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
-        job.stop(error)  # running items finish in the background; their results are kept (late)
+        """End ``job`` now. Its running items cannot be stopped: they finish in the background (their
+        results are kept, late) while fresh threads take their slots, so the next map does not wait."""
+        job.stop(error)  # _finished (an observer of the job) frees the slots
         self._wake()
 
     def resize(self, n: int) -> None:
@@ -165,15 +170,23 @@ class ThreadsBackend(Backend):
             self._cv.notify_all()
 
     def _serve(self, slot: int) -> None:
+        me = threading.current_thread()
         while True:
             with self._cv:
                 gen = self._gen
+                if self._threads.get(slot) is not me:  # replaced (its map was cancelled meanwhile)
+                    return
                 if self._closed or slot >= self._target():
                     del self._threads[slot]
                     return
             got = self._take(slot)
             if got is not None:
+                with self._cv:
+                    self._running[slot] = got[0]
                 self._run(slot, *got)
+                with self._cv:
+                    if self._threads.get(slot) is me:
+                        self._running.pop(slot, None)
                 self._wake()  # the chunk may have queued retries or ended a map: idle threads look again
                 continue
             with self._cv:
@@ -243,7 +256,14 @@ class ThreadsBackend(Backend):
             self._limiter = None
 
     def _finished(self, job: Job) -> None:
+        """A map ended (done, failed, cancelled): threads still running its items are left to finish
+        them alone, and fresh threads take their slots; the native thread limit is lifted after the last."""
+        me = threading.current_thread()
         with self._cv:
+            for slot in [s for s, j in self._running.items() if j is job and self._threads.get(s) is not me]:
+                del self._running[slot], self._threads[slot]  # its thread leaves after its chunk
+            if not self._closed and self._threads:
+                self._grow_locked()
             if self._limiter is not None and not any(j.active and j is not job for j in self._jobs):
                 limiter, self._limiter = self._limiter, None
                 try:

@@ -47,12 +47,6 @@ def pi_piece(_x, n=200_000):
     return int(np.count_nonzero(xs * xs + ys * ys < 1)), int(np.count_nonzero(zs * zs + ys * ys < 1))
 
 
-@pytest.fixture
-def backend(pool_of_each):
-    """A warm pool of each backend in turn (tests/conftest.py)."""
-    return pool_of_each
-
-
 @pytest.fixture(scope="module")
 def reference(local_pool):
     """Seed 7, fresh, one item per chunk: what every other run must give."""
