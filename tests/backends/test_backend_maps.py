@@ -321,6 +321,7 @@ def blas_threads(_):
 
 
 def test_threads_sets_the_native_threads_per_worker(backend):
+    backend.need("limit native threads per worker")
     pytest.importorskip("numpy")
     pytest.importorskip("threadpoolctl")
     assert backend.map(blas_threads, range(2), threads=2, chunksize=1) == [[2], [2]]

@@ -14,7 +14,8 @@ from ..errors import BadInputError
 from .job import Job
 
 # map option -> the capability it needs from the backend (a key of Backend.lacks)
-OPTION_NEEDS = {"timeout": ("--timeout", "time out an item"), "max_memory": ("--max-memory", "cap a worker's memory")}
+OPTION_NEEDS = {"timeout": ("--timeout", "time out an item"), "max_memory": ("--max-memory", "cap a worker's memory"),
+                "threads": ("--threads", "limit native threads per worker")}
 
 
 class Backend(ABC):

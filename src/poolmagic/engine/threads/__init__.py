@@ -41,6 +41,8 @@ LACKS: dict[str, str] = {
     "kill a worker": "an item that ends its process (os._exit, a segfault) ends the kernel: no crash is isolated",
     "interrupt a running item": "an interrupt or .cancel() ends the map at once; items already running "
                                 "finish in the background",
+    "limit native threads per worker": "BLAS and OpenMP thread pools are the kernel's own: a limit would be "
+                                       "the notebook's too, and OpenBLAS lets only the main thread raise it again",
     "run items in worker processes": "items run in the kernel's process: what an item changes there "
                                      "(os.chdir, os.environ, globals) stays changed",
 }
@@ -70,7 +72,6 @@ class ThreadsBackend(Backend):
         self._gen = 0  # bumped by every wake-up: a thread that found no work waits only if nothing changed
         self._rr = 0
         self._closed = False
-        self._limiter: Any = None  # threadpoolctl's limits while maps run (native threads per item)
         self.free_threaded = not gil_enabled()
         self.description = "threads in this process (" + ("free-threaded)" if self.free_threaded else "GIL)")
 
@@ -116,7 +117,6 @@ class ThreadsBackend(Backend):
             if self._closed:
                 raise PoolmapError("this pool has been shut down")
             self._jobs.append(job)
-            self._limit_native_threads(job)
             self._grow_locked()
         job.maybe_finish()  # an empty ITERABLE is done at once
         self._wake()
@@ -237,39 +237,16 @@ class ThreadsBackend(Backend):
         except BaseException as exc:  # poolmagic's own failure: the map fails, never hangs
             job.items_failed(list(range(start, start + len(items))), exc, items, start)
 
-    # ------------------------------------------------------------ native thread pools
-    def _limit_native_threads(self, job: Job) -> None:
-        """While maps run, limit BLAS/OpenMP pools to the map's --threads (cores ÷ workers by default).
-
-        Items on N threads each calling a BLAS with one thread per core would
-        oversubscribe the cores N times. The limit is the process's, so it is
-        lifted when the last map ends. Needs threadpoolctl (as the process workers do).
-        """
-        threads = getattr(job.context, "threads", None)
-        if threads is None or self._limiter is not None:
-            return
-        try:
-            from threadpoolctl import threadpool_limits
-
-            self._limiter = threadpool_limits(limits=threads)
-        except Exception:
-            self._limiter = None
-
+    # ------------------------------------------------------------ a map ended
     def _finished(self, job: Job) -> None:
         """A map ended (done, failed, cancelled): threads still running its items are left to finish
-        them alone, and fresh threads take their slots; the native thread limit is lifted after the last."""
+        them alone, and fresh threads take their slots."""
         me = threading.current_thread()
         with self._cv:
             for slot in [s for s, j in self._running.items() if j is job and self._threads.get(s) is not me]:
                 del self._running[slot], self._threads[slot]  # its thread leaves after its chunk
             if not self._closed and self._threads:
                 self._grow_locked()
-            if self._limiter is not None and not any(j.active and j is not job for j in self._jobs):
-                limiter, self._limiter = self._limiter, None
-                try:
-                    limiter.restore_original_limits()
-                except Exception:
-                    pass
 
 
 __all__ = ["ThreadsBackend", "gil_enabled", "LACKS"]
