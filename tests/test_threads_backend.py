@@ -78,6 +78,18 @@ def test_dask_only_arguments_are_refused():
         Pool(backend="threads", dashboard=True)
 
 
+def test_an_initializer_is_refused_not_ignored():
+    with pytest.raises(BadInputError, match="initializer= and maxtasksperchild="):
+        Pool(2, backend="threads", initializer=print)
+    with pytest.raises(BadInputError, match="initializer= and maxtasksperchild="):
+        Pool(2, backend="threads", maxtasksperchild=5)
+
+
+def test_many_threads_are_not_warned_about(recwarn):
+    Pool(64, backend="threads").shutdown()
+    assert not [w for w in recwarn if "workers on" in str(w.message)]
+
+
 def test_the_magic_refuses_timeout_on_threads(ip, capsys):
     ip.run_line_magic("poolsize", "2 --backend threads")
     try:

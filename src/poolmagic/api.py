@@ -135,9 +135,13 @@ class Pool:
             check_positive("maxtasksperchild", maxtasksperchild)
         start_method = mpcompat.start_method_of(context, start_method)
         self.cores = available_cores()
-        self._warn_size(workers)
         self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address, dashboard)
+        self._warn_size(workers)
         self._setup = (initializer, tuple(initargs), maxtasksperchild) if initializer or maxtasksperchild else None
+        if self._setup is not None and "run an initializer per worker" in self.backend.lacks:
+            self.backend.shutdown()
+            raise BadInputError(f"initializer= and maxtasksperchild= cannot work on the {backend} backend: "
+                                f"{self.backend.lacks['run an initializer per worker']}")
         self._token = uuid.uuid4().hex
         self._callbacks = mpcompat.Callbacks()
         self._live: set[Job] = set()  # maps not finished yet (join waits for them)
@@ -178,6 +182,8 @@ class Pool:
         self._last = tuple(pair)
 
     def _warn_size(self, workers: int | None) -> None:
+        if "run items in worker processes" in self.backend.lacks:
+            return  # threads: many more than the cores is what they are for (maps that wait)
         msg = too_many_workers(workers or 0, self.cores)
         if msg:
             warnings.warn(msg, stacklevel=3)

@@ -43,6 +43,8 @@ LACKS: dict[str, str] = {
                                 "finish in the background",
     "limit native threads per worker": "BLAS and OpenMP thread pools are the kernel's own: a limit would be "
                                        "the notebook's too, and OpenBLAS lets only the main thread raise it again",
+    "run an initializer per worker": "there is no worker process to set up or retire: call the setup once "
+                                     "in the notebook, the threads share it",
     "run items in worker processes": "items run in the kernel's process: what an item changes there "
                                      "(os.chdir, os.environ, globals) stays changed",
 }
