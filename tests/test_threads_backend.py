@@ -216,6 +216,21 @@ def test_a_cancelled_maps_running_items_finish_in_the_background_and_the_next_ma
     assert wait_for(lambda: len(pool.backend._threads) == 2, what="the pool back to 2 threads")
 
 
+def inner_map(x):
+    return poolmagic.get_pool().map(abs, [x])
+
+
+def test_an_item_that_maps_over_its_own_pool_is_refused_not_deadlocked():
+    p = poolmagic.set_pool(Pool(2, backend="threads"))
+    try:
+        with pytest.raises(poolmagic.errors.NestedPoolError, match="same pool") as ei:
+            p.map(inner_map, range(4), chunksize=1)
+        assert any(n.startswith("poolmagic: item ") and n.endswith("failed.") for n in ei.value.__notes__)
+        assert p.map(abs, [-1]) == [1]
+    finally:
+        poolmagic.shutdown_pool()
+
+
 def test_registered_by_name():
     p = Pool(3, backend="threads")
     try:

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from ...errors import BadInputError, PoolmapError, rebuild_exception
+from ...errors import BadInputError, NestedPoolError, PoolmapError, rebuild_exception
 from ..base import Backend
 from ..events import ChunkRecord, MapFinished
 from ..job import Job
@@ -50,6 +50,7 @@ LACKS: dict[str, str] = {
 }
 # a seeded item seeds the process's `random` and `np.random`: one seeded item at a time
 _SEED_LOCK = threading.Lock()
+_here = threading.local()  # .backend: the ThreadsBackend whose worker this thread is
 
 
 def gil_enabled() -> bool:
@@ -111,6 +112,11 @@ class ThreadsBackend(Backend):
             self._grow_locked()
 
     def submit(self, job: Job) -> None:
+        if getattr(_here, "backend", None) is self:  # it would wait for a thread it holds itself
+            raise NestedPoolError(
+                "an item running on the threads backend mapped over the same pool: the map would wait "
+                "for threads its own items hold. Call the function directly (or in a plain loop) here, "
+                "or map the inner work and not the outer one.")
         job.abort = lambda exc: self.cancel(job, exc, wait=0)
         job.source.on_items = self._wake
         job.source.set_want(2 * self._workers_for(job))
@@ -173,6 +179,7 @@ class ThreadsBackend(Backend):
 
     def _serve(self, slot: int) -> None:
         me = threading.current_thread()
+        _here.backend = self
         while True:
             with self._cv:
                 gen = self._gen
