@@ -24,6 +24,7 @@ from IPython.core.error import UsageError
 
 import poolmagic
 from poolmagic import NOT_DONE, BadInputError, Pool
+from poolmagic.engine.events import ChunkFinished
 from poolmagic.engine.threads import LACKS, ThreadsBackend, gil_enabled
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,6 +230,58 @@ def test_an_item_that_maps_over_its_own_pool_is_refused_not_deadlocked():
         assert p.map(abs, [-1]) == [1]
     finally:
         poolmagic.shutdown_pool()
+
+
+FIRST_BACK = threading.Event()
+
+
+def in_turn(x, folder):
+    """Item 1 returns only once item 0 has: its chunk is answered while item 0's is being published."""
+    Path(folder, f"{x}.{len(list(Path(folder).glob(f'{x}.*')))}").touch()
+    if x == 0:
+        FIRST_BACK.set()
+    else:
+        assert FIRST_BACK.wait(30)
+    return x
+
+
+class HoldFirstChunk:
+    """A display that is slow to take chunk 0's end (as a busy observer can be), until chunk 1 ended too."""
+
+    def attach(self, job):
+        self.second = threading.Event()
+        self.seen: list = []  # in the order an observer after this one (the checkpoint writer's) sees them
+        job.observers.append(self)  # before the checkpoint writer's observer
+        job.observers.append(lambda event: self.seen.append(type(event).__name__))
+
+    def __call__(self, event):
+        if type(event) is ChunkFinished:
+            if event.record.start == 0:
+                self.second.wait(2)  # chunk 1 cannot end meanwhile (answers are serialised): give up
+            else:
+                self.second.set()
+
+    def tick(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_observers_see_a_maps_end_after_all_its_chunks(pool, tmp_path):
+    """Regression: two threads answering at once published the map's end (MapFinished) before
+    chunk 0's ChunkFinished, which a slow observer was still taking: the checkpoint writer was
+    told "close" before chunk 0's records (they survived only because its fsync runs later)."""
+    FIRST_BACK.clear()
+    marks, ck = tmp_path / "marks", str(tmp_path / "run.ckpt")
+    marks.mkdir()
+    kw = {"folder": str(marks)}
+    watch = HoldFirstChunk()
+    assert pool.run(in_turn, range(2), chunksize=1, checkpoint=ck, kwargs=kw, watch=watch).results == [0, 1]
+    assert watch.seen[-1] == "MapFinished" and watch.seen.count("ChunkFinished") == 2, watch.seen
+    again = pool.run(in_turn, range(2), chunksize=1, checkpoint=ck, kwargs=kw)
+    assert again.results == [0, 1] and again.resumed == (2, 0), again.resumed
+    assert sorted(p.name for p in marks.iterdir()) == ["0.0", "1.0"]
 
 
 def test_registered_by_name():

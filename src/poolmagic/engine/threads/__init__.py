@@ -72,6 +72,10 @@ class ThreadsBackend(Backend):
         self._threads: dict[int, threading.Thread] = {}
         self._running: dict[int, Job] = {}  # slot -> the job whose chunk its thread runs
         self._cv = threading.Condition()
+        # Every call into a job from this backend (a chunk started, progress, its answer, a stop)
+        # holds this: the Job expects them from one backend thread, and its observers (the
+        # checkpoint writer, the live counts) rely on that order: a map's end after its chunks.
+        self._answer = threading.RLock()
         self._gen = 0  # bumped by every wake-up: a thread that found no work waits only if nothing changed
         self._rr = 0
         self._closed = False
@@ -126,13 +130,15 @@ class ThreadsBackend(Backend):
                 raise PoolmapError("this pool has been shut down")
             self._jobs.append(job)
             self._grow_locked()
-        job.maybe_finish()  # an empty ITERABLE is done at once
+        with self._answer:
+            job.maybe_finish()  # an empty ITERABLE is done at once
         self._wake()
 
     def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
         """End ``job`` now. Its running items cannot be stopped: they finish in the background (their
         results are kept, late) while fresh threads take their slots, so the next map does not wait."""
-        job.stop(error)  # _finished (an observer of the job) frees the slots
+        with self._answer:
+            job.stop(error)  # _finished (an observer of the job) frees the slots
         self._wake()
 
     def resize(self, n: int) -> None:
@@ -153,7 +159,8 @@ class ThreadsBackend(Backend):
             jobs, self._jobs = list(self._jobs), []
             threads = list(self._threads.values())
         for job in jobs:
-            job.fail(PoolmapError("the pool was shut down while this map was running"))
+            with self._answer:
+                job.fail(PoolmapError("the pool was shut down while this map was running"))
         self._wake()
         for t in threads:  # idle threads leave at once; one running an item cannot be stopped
             t.join(0.1)
@@ -227,14 +234,15 @@ class ThreadsBackend(Backend):
             t = job.per_item_s()
             o = job.options
             tid = threading.get_native_id()
-            job.started(slot, tid, start, len(items))
+            with self._answer:
+                job.started(slot, tid, start, len(items))
             t_sent, cpu0 = time.perf_counter(), time.thread_time()
             if o.seed is not None:
                 _SEED_LOCK.acquire()
             try:
                 out, t0, t1, times, records, errs = run_chunk(
                     job.func, items, start, o, timed=t is None or t >= TIMED_ABOVE_S,
-                    progress=lambda done: job.progress(start, done), indices=job.seed_indices(start, len(items)),
+                    progress=lambda done: self._progress(job, start, done), indices=job.seed_indices(start, len(items)),
                     redirect=streams.redirect)
             finally:
                 if o.seed is not None:
@@ -242,9 +250,15 @@ class ThreadsBackend(Backend):
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
             rec = ChunkRecord(slot, start, len(out), t0, t1, times, tid, t_sent=t_sent,
                               t_recv=time.perf_counter(), cpu_s=time.thread_time() - cpu0)
-            job.chunk_done(rec, out, records, errors, items)
+            with self._answer:
+                job.chunk_done(rec, out, records, errors, items)
         except BaseException as exc:  # poolmagic's own failure: the map fails, never hangs
-            job.items_failed(list(range(start, start + len(items))), exc, items, start)
+            with self._answer:
+                job.items_failed(list(range(start, start + len(items))), exc, items, start)
+
+    def _progress(self, job: Job, start: int, done: int) -> None:
+        with self._answer:
+            job.progress(start, done)
 
     # ------------------------------------------------------------ a map ended
     def _finished(self, job: Job) -> None:
