@@ -197,8 +197,6 @@ class ThreadsBackend(Backend):
                     return
             got = self._take(slot)
             if got is not None:
-                with self._cv:
-                    self._running[slot] = got[0]
                 self._run(slot, *got)
                 with self._cv:
                     if self._threads.get(slot) is me:
@@ -222,14 +220,20 @@ class ThreadsBackend(Backend):
             size = job.chunk_size(self._workers_for(job))
             if job.source.is_stream:
                 job.source.set_want(size * max(2, self._workers_for(job)))
+            with self._cv:  # before taking: a cancel from now on frees this slot (see _finished)
+                self._running[slot] = job
             got = job.next_items(size)
             if got is not None:
                 self._rr = (rr + k + 1) % len(jobs)
                 return job, got[0], got[1]
+            with self._cv:
+                if self._running.get(slot) is job:
+                    del self._running[slot]
         return None
 
     def _run(self, slot: int, job: Job, start: int, items: Any) -> None:
         """Run one chunk on this thread and hand its outcome to the job (always exactly one answer)."""
+        answered = False
         try:
             t = job.per_item_s()
             o = job.options
@@ -251,8 +255,14 @@ class ThreadsBackend(Backend):
             rec = ChunkRecord(slot, start, len(out), t0, t1, times, tid, t_sent=t_sent,
                               t_recv=time.perf_counter(), cpu_s=time.thread_time() - cpu0)
             with self._answer:
+                answered = True
                 job.chunk_done(rec, out, records, errors, items)
         except BaseException as exc:  # poolmagic's own failure: the map fails, never hangs
+            if answered:  # the job has its answer: a second one would count the chunk twice
+                import traceback
+
+                traceback.print_exc(file=sys.__stderr__)  # a bug of poolmagic's: said, the thread goes on
+                return
             with self._answer:
                 job.items_failed(list(range(start, start + len(items))), exc, items, start)
 
