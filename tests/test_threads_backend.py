@@ -99,6 +99,9 @@ def test_the_magic_refuses_timeout_on_threads(ip, capsys):
         with pytest.raises(UsageError, match="--timeout"):
             ip.run_cell_magic("poolmap", "--timeout 1 range(3)", "def f(x):\n    return x\n")
         assert ip.run_cell_magic("poolmap", "-q range(3)", "def f(x):\n    return x + 1\n") == [1, 2, 3]
+        ip.run_line_magic("poolsize", "--backend local")
+        assert "local processes" in capsys.readouterr().out
+        assert ip.run_cell_magic("poolmap", "-q --timeout 5 range(3)", "def f(x):\n    return x + 1\n") == [1, 2, 3]
     finally:
         poolmagic.shutdown_pool()
 
