@@ -189,7 +189,12 @@ class Pool:
             warnings.warn(msg, stacklevel=3)
 
     def threads_per_worker(self, workers: int | None = None) -> int:
-        """Native threads (BLAS, OpenMP) each worker may use: set, or cores ÷ workers."""
+        """Native threads (BLAS, OpenMP) each worker may use: set, or cores ÷ workers.
+
+        On threads the pools are the kernel's own, left as they are: the cores.
+        """
+        if "limit native threads per worker" in self.backend.lacks:
+            return self.cores
         if self.threads is not None:
             return self.threads
         return max(1, self.cores // (workers or self.size))
