@@ -1,4 +1,4 @@
-"""Failure paths keep what finished and say what they absorbed, on both backends.
+"""Failure paths keep what finished and say what they absorbed, on every backend.
 
 The plain loop ``[f(x) for x in items]`` is the specification: a crash, a
 timeout or a memory stop names the item that caused it and blames no other;

@@ -1,4 +1,4 @@
-"""--retries never drops a result (issue 22), on the local backend and on Dask.
+"""--retries never drops a result (issue 22), on every backend (tests/conftest.py's backend fixture).
 
 An item that fails once and then succeeds is re-run alone; the items after it
 in its chunk, which its worker never reached, must run too. Each item's

@@ -1,4 +1,4 @@
-"""--seed S gives item i its own numbers, the same in every run (issue 22), on both backends.
+"""--seed S gives item i its own numbers, the same in every run (issue 22), on every backend.
 
 Each item returns what ``random``, numpy's global generator and the item's
 own generator (``poolmagic.item_rng()``) draw: three independent streams,
