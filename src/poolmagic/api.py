@@ -31,9 +31,9 @@ from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
-from .engine.events import MapFinished
-from .engine.items import SEQUENCES, ItemSource
-from .engine.job import Job, write_outputs
+from .engine.core.events import MapFinished
+from .engine.core.items import SEQUENCES, ItemSource
+from .engine.core.job import Job, write_outputs
 from .engine.mapoptions import MapOptions
 from .errors import (
     BadInputError,

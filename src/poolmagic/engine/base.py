@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from .job import Job
+from .core.job import Job
 
 
 class Backend(ABC):

@@ -60,7 +60,9 @@ from ..errors import (
 from . import worker as _worker
 from .base import Backend
 from .handle import SHARED_MIN_BYTES, Chunk, WorkerHandle
-from .job import ItemTimes, Job
+from .core.failures import FailurePolicy
+from .core.job import ItemTimes, Job
+from .core.schedule import TIMED_ABOVE_S, WINDOW, RoundRobin, timed, workers_for  # noqa: F401  (TIMED_ABOVE_S: daskscheduling imports it here)
 from .outcomes import Outcomes
 from .processes import (
     Waiter,
@@ -73,8 +75,6 @@ from .processes import (
 )
 from .workerset import PIPE, WorkerSet
 
-WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
-TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
 
 
 class LocalBackend(WorkerSet, Outcomes, Backend):
@@ -101,7 +101,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._idle_size = available_cores()  # workers kept warm before a map asks for more
         self._procs: dict[int, WorkerHandle] = {}
         self._jobs: list[Job] = []
-        self._rr = 0
+        self._turns = RoundRobin()
         self._seq = itertools.count()
         self._cmds: deque[Callable[[], None]] = deque()
         self._waiter = Waiter()
@@ -114,6 +114,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._next_guard = 0.0  # when the memory guard looks next
         self._start_failures = 0  # workers in a row that died before they were ready
         self._read_elsewhere: set[WorkerHandle] = set()  # pipes read this turn outside _read_one
+        self._policy = FailurePolicy(self._abandon)
 
     @property
     def size(self) -> int:
@@ -150,16 +151,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._command(cmd)
 
     def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
-        done = threading.Event()
-
-        def cmd() -> None:
-            job.stop(error)
-            self._abandon(job)
-            done.set()
-
-        self._command(cmd)
-        if wait:
-            done.wait(wait)
+        self._policy.cancel(self._command, job, error, wait)
 
     def resize(self, n: int) -> None:
         self._size = max(1, int(n))
@@ -204,9 +196,11 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._jobs.clear()
         self._waiter.close()
 
-    def _command(self, fn: Callable[[], None]) -> None:
+    def _command(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the manager thread, in its next turn."""
         self._cmds.append(fn)
         self._waiter.wake()
+        return True
 
     def _main(self) -> None:
         try:
@@ -285,7 +279,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
             for p in sorted(self._procs.values(), key=lambda p: len(p.inflight)):
                 if p.stale or p.retiring or len(p.inflight) >= WINDOW:
                     continue
-                job = self._pick(jobs, p)
+                job = self._turns.pick(jobs, p.slot)
                 if job is None:
                     continue
                 size = job.chunk_size(self._workers_for(job))
@@ -303,7 +297,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         self._forget_finished_jobs()
 
     def _workers_for(self, job: Job) -> int:
-        return job.options.workers or self._size
+        return workers_for(job, self._size)
 
     def _forget_finished_jobs(self) -> None:
         self._jobs = self._item_times.keep_active(self._jobs)
@@ -322,35 +316,18 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
                 self._shared[payload.key] = fd
         return fd
 
-    def _pick(self, jobs: list[Job], p: WorkerHandle) -> Job | None:
-        n = len(jobs)
-        for k in range(n):
-            job = jobs[(self._rr + k) % n]
-            w = job.options.workers
-            if job.has_work() and (w is None or p.slot < w):
-                self._rr = (self._rr + k + 1) % max(n, 1)
-                return job
-        return None
-
     def _send_chunk(self, p: WorkerHandle, job: Job, start: int, items: Any) -> None:
-        t = job.per_item_s()
-        timed = t is None or t >= TIMED_ABOVE_S
         seq = next(self._seq)
         try:
-            data, frames = p.encode_chunk(seq, job, start, items, timed)
+            data, frames = p.encode_chunk(seq, job, start, items, timed(job))
         except Exception:
-            self._unpicklable_items(job, start, items)
+            self._policy.unsendable(job, start, items)
             return
         job.started(p.slot, p.pid, start, len(items))
         try:
             p.send_chunk(Chunk(seq, job, start, items), data, frames, self._shared_fd)
         except OSError:
             pass  # the worker is dying; its sentinel will report it and re-queue
-
-def _errors_safe(exc: BaseException) -> str:
-    from ..errors import safe_str
-
-    return safe_str(exc)
 
 
 def _check_start_method(method: str) -> None:

@@ -17,16 +17,16 @@ from ..errors import (
     ItemTimeoutError,
     WorkerCrashedError,
     WorkerMemoryError,
-    add_note,
     exit_description,
     rebuild_exception,
     safe_str,
 )
 from . import memory
 from . import protocol as P
-from .events import ChunkRecord, WorkerReplaced
-from .handle import Chunk, WorkerHandle, kill_group
-from .job import Job
+from .core.events import ChunkRecord
+from .core.failures import FailurePolicy
+from .handle import WorkerHandle, kill_group
+from .core.job import Job
 
 START_GRACE_S = 30.0  # a timed chunk's clock starts when it begins, or after this
 START_ATTEMPTS = 3  # workers that die before they are ready, in a row, before the maps fail
@@ -39,6 +39,7 @@ class Outcomes:
     _jobs: list[Job]
     _next_guard: float
     _start_failures: int
+    _policy: FailurePolicy
 
     def _handle(self, p: WorkerHandle, msg: Any, frames: list | None) -> None:
         kind = type(msg)
@@ -87,29 +88,7 @@ class Outcomes:
 
     def _on_chunk_failed(self, p: WorkerHandle, msg: P.ChunkFailed) -> None:
         chunk = p.pop_head()
-        job = chunk.job
-        if chunk.cancelled or not job.active:
-            job.drop_chunk()
-            return
-        exc = rebuild_exception(msg.error, job.filename_of)
-        if msg.stage == "decode":
-            if len(chunk.items) > 1:  # find the item that does not unpickle
-                job.retry_singly(chunk.start, chunk.items)
-                return
-            err = ItemPicklingError(
-                f"{chunk.describe()} could not be unpickled in the worker: "
-                f"{type(exc).__name__}: {safe_str(exc)}"
-            )
-            err.__cause__ = exc
-            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
-        else:
-            where = ("the kernel's working directory or environment could not be applied"
-                     if msg.stage == "context" else "the function could not be loaded")
-            add_note(exc, f"poolmagic: {where} in a worker process.")
-            job.drop_chunk()
-            job.fail(exc)
-        if not job.active:
-            self._abandon(job)
+        self._policy.chunk_failed(chunk, msg.stage, rebuild_exception(msg.error, chunk.job.filename_of))
 
     def _on_death(self, p: WorkerHandle) -> None:
         if self._procs.get(p.slot) is not p:
@@ -126,7 +105,7 @@ class Outcomes:
         self._forget(p)
         if not p.ready:  # it never started: nothing it holds ran; no item is to blame
             for c in p.inflight:
-                self._give_back(c)
+                self._policy.give_back(c)
             self._start_failures += 1
             if self._start_failures >= START_ATTEMPTS and not any(q.ready for q in self._procs.values()):
                 self._start_failures = 0
@@ -137,39 +116,28 @@ class Outcomes:
             return
         if p.retiring and p.retiring != "failed":  # it left on purpose: nothing it holds ran
             for c in p.inflight:
-                self._give_back(c)
+                self._policy.give_back(c)
             return
         head, *rest = p.inflight
         for c in rest:
-            self._give_back(c)
-        job = head.job
-        if head.cancelled or not job.active:
-            job.drop_chunk()
-            return
+            self._policy.give_back(c)
         failure = p.failure
         if failure is not None:
             what = f"could not read a message from the kernel ({type(failure).__name__}: {safe_str(failure)})"
         else:
             what = f"died with {exit_description(code)}"
-        if failure is None and len(head.items) > 1:
-            # Which of its items killed it? Run them again one by one: the error
-            # then names the item, and a chunk is only ~25 ms of work. (A counter
-            # the worker updates per item would cost the fast path ~0.1 µs/item.)
-            job.publish(WorkerReplaced(p.slot, p.pid, what))
-            job.isolate(head.start, head.items, f"worker {p.slot} (pid {p.pid}) {what} while running "
-                        f"{head.describe()}", WorkerCrashedError)
-            return
-        exc = WorkerCrashedError(
-            f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
-            f"The worker was replaced; items that finished are kept.",
-            head.indices,
-            code,
-        )
-        exc.__cause__ = failure
-        job.items_failed(head.indices, exc, head.items, head.start)
-        job.publish(WorkerReplaced(p.slot, p.pid, what))
-        if not job.active:
-            self._abandon(job)
+
+        def error() -> BaseException:
+            exc = WorkerCrashedError(f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
+                                     f"The worker was replaced; items that finished are kept.", head.indices, code)
+            exc.__cause__ = failure
+            return exc
+
+        # Which of its items killed it? Run them again one by one: the error
+        # then names the item, and a chunk is only ~25 ms of work. (A counter
+        # the worker updates per item would cost the fast path ~0.1 µs/item.)
+        self._policy.worker_lost(head, WorkerCrashedError, f"worker {p.slot} (pid {p.pid}) {what} while "
+                                 f"running {head.describe()}", error, isolate=failure is None)
 
     def _check_timeouts(self) -> None:
         now = time.perf_counter()
@@ -182,23 +150,11 @@ class Outcomes:
                 continue
             self._kill(p)
             for c in list(p.inflight)[1:]:
-                self._give_back(c)
-            job = head.job
-            if len(head.items) > 1:
-                # which item hung? Run them again one by one, as after a crash: the others
-                # are not to blame, nor failed attempts of theirs (--retries counts only the culprit)
-                job.isolate(head.start, head.items, f"{head.describe()} ran longer than the {t:g} s "
-                            f"timeout per item", ItemTimeoutError)
-                continue
-            exc = ItemTimeoutError(
-                f"{head.describe()} ran longer than the {t:g} s timeout; "
-                f"its worker was killed and replaced.",
-                head.start,
-                t,
-            )
-            job.items_failed(head.indices, exc, head.items, head.start)
-            if not job.active:
-                self._abandon(job)
+                self._policy.give_back(c)
+            self._policy.worker_lost(
+                head, ItemTimeoutError, f"{head.describe()} ran longer than the {t:g} s timeout per item",
+                lambda head=head, t=t: ItemTimeoutError(f"{head.describe()} ran longer than the {t:g} s timeout; "
+                                                        f"its worker was killed and replaced.", head.start, t))
 
     def _next_deadline(self) -> float | None:
         now = time.perf_counter()
@@ -222,24 +178,13 @@ class Outcomes:
             head = p.inflight[0]
             self._kill(p)
             for c in list(p.inflight)[1:]:
-                self._give_back(c)
-            job = head.job
-            if head.cancelled or not job.active:
-                job.drop_chunk()
-                continue
-            if len(head.items) > 1:  # name the item: run its chunk again item by item
-                job.isolate(head.start, head.items, f"worker {p.slot} (pid {p.pid}) was stopped while "
-                            f"running {head.describe()}: {why}", WorkerMemoryError)
-                continue
-            exc = WorkerMemoryError(
-                f"worker {p.slot} (pid {p.pid}) was stopped while running {head.describe()}: {why}. "
-                f"The worker was replaced; items that finished are kept.",
-                head.indices, size, job.options.max_memory,
-            )
-            job.items_failed(head.indices, exc, head.items, head.start)
-            job.publish(WorkerReplaced(p.slot, p.pid, why))
-            if not job.active:
-                self._abandon(job)
+                self._policy.give_back(c)
+            what = f"worker {p.slot} (pid {p.pid}) was stopped while running {head.describe()}: {why}"
+            self._policy.worker_lost(
+                head, WorkerMemoryError, what,
+                lambda head=head, what=what, size=size: WorkerMemoryError(
+                    f"{what}. The worker was replaced; items that finished are kept.",
+                    head.indices, size, head.job.options.max_memory))
 
     @staticmethod
     def _deadline(p: WorkerHandle) -> float:
@@ -248,13 +193,6 @@ class Outcomes:
         head = p.inflight[0]
         limit = head.job.options.timeout * len(head.items)
         return p.head_started + limit + (0.0 if p.head_begun else START_GRACE_S)
-
-    def _give_back(self, c: Chunk) -> None:
-        """A chunk that never started: back to its job (or dropped if cancelled)."""
-        if c.cancelled or not c.job.active:
-            c.job.drop_chunk()
-        else:
-            c.job.requeue(c.start, c.items)
 
     def _abandon(self, job: Job) -> None:
         """Stop all work of a finished, failed or cancelled job at once."""
@@ -266,7 +204,7 @@ class Outcomes:
             if p.inflight and p.inflight[0].job is job:  # running it now: kill, re-queue the others
                 self._kill(p)
                 for c in p.inflight:
-                    self._give_back(c)
+                    self._policy.give_back(c)
             else:
                 for c in p.inflight:
                     if c.job is job:
@@ -286,10 +224,3 @@ class Outcomes:
                     break  # a failure or a farewell: it is killed and what it holds handled as usual
         except (EOFError, OSError):
             pass
-
-    def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
-        job.unsendable(start, items)
-        if not job.active:
-            self._abandon(job)
-
-
