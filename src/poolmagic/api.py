@@ -272,8 +272,8 @@ class Pool:
 
         text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
                            self.backend.state, self.max_memory)
-        detail = getattr(self.backend, "status_detail", None)  # e.g. a dask cluster's scheduler and dashboard
-        return f"{text}\n{detail()}" if detail is not None else text
+        detail = self.backend.status_detail()  # e.g. a dask cluster's scheduler and dashboard
+        return f"{text}\n{detail}" if detail is not None else text
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,

@@ -34,5 +34,7 @@ def make_backend(backend: "Backend | str | None", size: int, start_method: str |
         if dashboard and address is not None:
             raise BadInputError("dashboard= starts the dashboard of a LocalCluster poolmagic starts; "
                                 "a cluster at an address has its own (dask scheduler --dashboard-address)")
-        return DaskBackend(size, address, dashboard)
+        backend = DaskBackend(size, address, dashboard)
+        backend.name = "dask"  # (until daskbackend.py declares it)
+        return backend
     raise BadInputError(f"unknown backend {name!r}; the backends are: {', '.join(NAMES)}")

@@ -88,6 +88,8 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
     methods of this part are the public interface plus the loop's steps.
     """
 
+    name = "local"
+
     def __init__(self, size: int, start_method: str | None = None):
         if start_method is not None:
             _check_start_method(start_method)
