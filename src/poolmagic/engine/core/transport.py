@@ -84,7 +84,8 @@ class Transport(Protocol[W]):
         """The workers that can take a chunk now, least loaded first (room in their window)."""
 
     def send(self, worker: W, chunk: Chunk) -> bool:
-        """Send ``chunk`` to ``worker``; False if it could not be (the chunk was answered already)."""
+        """Send ``chunk`` to ``worker``; False if its items cannot be pickled (nothing was
+        sent: the core's policy answers it, FailurePolicy.unsendable)."""
 
     def events(self, timeout: float | None) -> Sequence[tuple[str, W]]:
         """Wait up to ``timeout`` s for something from the workers: (what, worker) pairs."""
