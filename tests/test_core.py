@@ -178,3 +178,27 @@ def test_output_waits_for_every_earlier_item():
     assert [o[3] for o in out.take()] == ["a"], "item 1 is queued again: item 2's output waits"
     out.done(1, 1)
     assert [o[3] for o in out.take()] == ["c"]
+
+
+def test_a_backend_joins_by_registering(monkeypatch):
+    import pytest
+
+    from poolmagic.engine import backends
+    from poolmagic.engine.base import Backend
+    from poolmagic.errors import BadInputError
+
+    class Fake(Backend):
+        size = 1
+        start = submit = cancel = resize = shutdown = lambda self, *a, **k: None  # noqa: E731
+        worker_pids = lambda self: []  # noqa: E731
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    backends.register("fake", lambda size, **options: Fake())
+    made = backends.make_backend("fake", 2)
+    assert isinstance(made, Fake) and made.name == "fake" and not made.closed
+    assert made.status_detail() is None and made.limits_memory
+    backends.register("needy", lambda size, **options: Fake(), needs="no_such_module_here", extra="needy")
+    with pytest.raises(BadInputError, match=r'needs no_such_module_here.*pip install "poolmagic\[needy\]"'):
+        backends.make_backend("needy", 2)
+    with pytest.raises(BadInputError, match="the backends are: local, dask, fake, needy"):
+        backends.make_backend("nope", 2)
