@@ -42,6 +42,7 @@ from .events import (
 from .caller import unpicklable, wait_for
 from .items import ItemSource
 from .output import OutputOrder
+from .record import FAILED_KEPT, MapRecord
 from ..mapoptions import MapOptions
 from .rules import ItemTimes, absorbed_notes, as_item_error, attach_report, star_hint, summary_error, write_outputs  # noqa: F401  (re-exported)
 from .schedule import MAX_CHUNK, MIN_CHUNK_S, STREAM_MAX_CHUNK, TARGET_CHUNK_S, chunk_size  # noqa: F401  (re-exported)
@@ -58,7 +59,7 @@ class Job:
     every field under one lock; split apart they would pass that state around.
     """
 
-    def __init__(self, payload: Any, source: ItemSource, report: Any, options: MapOptions,
+    def __init__(self, payload: Any, source: ItemSource, report: MapRecord, options: MapOptions,
                  context: Any, func: Callable | None = None):
         self.func = func
         self._filenames: dict[tuple[str, int], str] | None = None
@@ -340,18 +341,18 @@ class Job:
         value = one[0] if one is not None and len(one) else None
         exc = as_item_error(idx, exc, value)
         self.report.errors[idx] = exc
-        kept = getattr(self.report, "failed_items", None)
-        if kept is not None and one is not None and len(kept) < 100:
+        kept = self.report.failed_items
+        if one is not None and len(kept) < FAILED_KEPT:
             kept[idx] = value
         if not getattr(exc, "_poolmagic_noted", False):
             what = f"item {idx}" + ("" if one is None else f" (value {short_repr(value)})")
             if tries:
                 self.report.attempts[idx] = [*tries, exc]
                 add_note(exc, f"poolmagic: {what} failed after {len(tries) + 1} attempts "
-                              f"(each attempt's error: _poolmap.attempts[{idx}]).")
+                              f"(each attempt's error: {self.report.where_attempts(idx)}).")
             else:
                 add_note(exc, f"poolmagic: {what} failed.")
-            hint = star_hint(self.func, self.options, exc, value)
+            hint = star_hint(self.func, self.options, exc, value, self.report.how_to_star())
             if hint:
                 add_note(exc, hint)
             exc._poolmagic_noted = True  # type: ignore[attr-defined]

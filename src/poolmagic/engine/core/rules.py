@@ -88,7 +88,7 @@ def summary_error(r: Any) -> BaseException:
         lines.append(f"  item {i}: {type(e).__name__}: {_safe(e)}")
     if n > len(first):
         lines.append(f"  ... and {n - len(first)} more (all in .errors)")
-    lines.append(f"The {r.done} results that finished are kept: _poolmap.results (or .report.results).")
+    lines.append(f"The {r.done} results that finished are kept: {r.where_results()}.")
     return MapFailedError("\n".join(lines), dict(r.errors))
 
 
@@ -105,8 +105,8 @@ def attach_report(exc: BaseException, r: Any) -> None:
         pass
 
 
-def star_hint(func: Any, options: Any, exc: BaseException, value: Any) -> str | None:
-    """A TypeError on a tuple item whose length the function's arity matches: --star."""
+def star_hint(func: Any, options: Any, exc: BaseException, value: Any, how: str = "star=True") -> str | None:
+    """A TypeError on a tuple item whose length the function's arity matches: ``how`` says how to unpack it."""
     if options.star or not isinstance(exc, TypeError) or not isinstance(value, tuple):
         return None
     try:
@@ -118,7 +118,7 @@ def star_hint(func: Any, options: Any, exc: BaseException, value: Any) -> str | 
     if len(required) <= len(value) <= len(positional) and len(value) > 1:
         return (
             f"poolmagic: each item is a tuple of {len(value)} values and the function takes "
-            f"{len(positional)} arguments: did you mean --star (star=True), to call f(*item)?"
+            f"{len(positional)} arguments: did you mean {how}, to call f(*item)?"
         )
     return None
 
@@ -143,5 +143,5 @@ def absorbed_notes(r: Any, isolated: list[tuple[int, int, str, type]], at: Calla
     if ok:
         shown = ", ".join(map(str, sorted(ok)[:5])) + (", …" if len(ok) > 5 else "")
         notes.append(f"{len(ok):,} item{'s' if len(ok) != 1 else ''} succeeded only after a retry "
-                     f"({shown}); each failed attempt's error: _poolmap.attempts[i]")
+                     f"({shown}); each failed attempt's error: {r.where_attempts('i')}")
     return notes
