@@ -9,20 +9,17 @@ whose package is missing costs nothing until it is asked for.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, NamedTuple
 
 from ..errors import BadInputError
 from .base import Backend
 
 
-class Factory(Protocol):
-    def __call__(self, size: int, *, start_method: str | None, address: str | None,
-                 dashboard: bool) -> Backend: ...
+# factory(size, *, start_method, address, dashboard) -> Backend
+Factory = Callable[..., Backend]
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     name: str
     factory: Factory
     needs: str | None = None  #: a module it imports ("distributed"): refused with a hint when missing

@@ -8,9 +8,11 @@ Those calls come from one backend thread; the caller's thread only waits
 (``wait``), feeds a stream's items and prints worker output in item order.
 
 What happens is published as events (events.py) to any number of observers.
-The Job also keeps the run report it was given up to date (results in input
-order, errors by index, chunk records, output) — the bookkeeping every backend
-would otherwise repeat.
+The Job also keeps the record it was given up to date (record.py's MapRecord,
+which the API's RunReport extends: results in input order, errors by index,
+chunk records, output) — the bookkeeping every backend would otherwise repeat.
+The failure policy a backend applies to its chunks is failures.py's; the
+caller's wait is caller.py's, output order output.py's.
 """
 from __future__ import annotations
 
