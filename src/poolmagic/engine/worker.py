@@ -43,7 +43,7 @@ from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .chunk import PKG_DIR, pack_results, run_chunk
+from .core.chunk import PKG_DIR, pack_results, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 
