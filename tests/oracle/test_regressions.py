@@ -181,3 +181,11 @@ def test_dask_cluster_that_lost_its_nannies_starts_them_again():
         pids = pool.backend.worker_pids()
         pool.shutdown()
         wait_dead(pids)
+
+
+def test_the_model_expects_a_nap_to_return(tmp_path):
+    """The state machine's interrupt rule maps items planned to "nap"; resuming that map
+    (resume_last) asked the model, which read a nap as crash_once and expected a crash."""
+    items = [1000, 1001]
+    case = M.Case(items, {M.key(x): ("nap",) for x in items}, {"chunksize": 1})
+    assert [o.value for o in M.expect(case, str(tmp_path))] == [True, True]
