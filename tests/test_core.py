@@ -202,3 +202,14 @@ def test_a_backend_joins_by_registering(monkeypatch):
         backends.make_backend("needy", 2)
     with pytest.raises(BadInputError, match="the backends are: local, dask, fake, needy"):
         backends.make_backend("nope", 2)
+
+
+def test_the_local_worker_set_is_a_transport():
+    from poolmagic.engine.local import LocalBackend
+
+    backend = LocalBackend(1)
+    try:
+        assert isinstance(backend.workers, Transport)
+        assert backend.workers.lacks == frozenset() and backend.limits_memory and backend.name == "local"
+    finally:
+        backend.shutdown()
