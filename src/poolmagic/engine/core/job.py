@@ -23,30 +23,15 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-
-from ...errors import (
-    MapFailedError,
-    PoolmapError,
-    add_note,
-    point_at_function,
-    short_repr,
-)
+from ...errors import add_note, short_repr
 from ...sentinel import NOT_DONE
-from .events import (
-    ChunkFinished,
-    ChunkRecord,
-    ChunkStarted,
-    ItemsFailed,
-    ItemsProgress,
-    MapFinished,
-    Observer,
-)
+from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Observer
 from .caller import unpicklable, wait_for
 from .items import ItemSource
 from .output import OutputOrder
 from .record import FAILED_KEPT, MapRecord
 from ..mapoptions import MapOptions
-from .rules import ItemTimes, absorbed_notes, as_item_error, attach_report, star_hint, summary_error, write_outputs  # noqa: F401  (re-exported)
+from .rules import ItemTimes, absorbed_notes, as_item_error, finish_error, star_hint, summary_error, write_outputs  # noqa: F401  (re-exported)
 from .schedule import MAX_CHUNK, MIN_CHUNK_S, STREAM_MAX_CHUNK, TARGET_CHUNK_S, chunk_size  # noqa: F401  (re-exported)
 
 _FIRST = operator.itemgetter(0)
@@ -283,16 +268,8 @@ class Job:
 
     def _place_late(self, start: int, results: list, errors: list) -> None:
         """Results that came back after the map ended (failed, cancelled): they finished, keep them."""
-        r = self.report
         failed = {pos for pos, _ in errors}
-        for k, value in enumerate(results):
-            pos = start + k
-            if pos in failed or value is NOT_DONE:
-                continue
-            idx = self._at(pos)
-            if idx < len(r.results) and r.results[idx] is NOT_DONE and idx not in r.errors:
-                r.results[idx] = value
-                r.done += 1
+        self.report.keep_late([(self._at(start + k), v) for k, v in enumerate(results) if start + k not in failed])
 
     def items_failed(self, indices: list[int], exc: BaseException, items: Any = None, start: int = 0) -> None:
         """Items that produced no result (crash, timeout, could not be sent or decoded)."""
@@ -404,13 +381,7 @@ class Job:
         if r.items is None:
             r.items = self.source.pos
         if self.error is not None:
-            attach_report(self.error, r)
-            first = r.errors.get(min(r.errors)) if isinstance(self.error, MapFailedError) and r.errors else None
-            if first is not None and first.__traceback__ is not None:
-                # --keep-going: point at the line that raised for the first failed item
-                self.error.__traceback__ = first.__traceback__
-            elif isinstance(self.error, PoolmapError) and self.error.__traceback__ is None:
-                point_at_function(self.error, self.func)
+            finish_error(self.error, r, self.func)
         self.source.close()
         self.finished.set()
         self.cond.notify_all()

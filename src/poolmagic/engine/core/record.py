@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...sentinel import NOT_DONE
 from .events import ChunkRecord
 
 FAILED_KEPT = 100  # failed items whose values a record keeps, for rerun() of stream items
@@ -33,6 +34,15 @@ class MapRecord:
     attempts: dict[int, list[BaseException]] = field(default_factory=dict)  # index -> each attempt's error
     notes: list[str] = field(default_factory=list)  # said under the summary
     failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
+
+    def keep_late(self, values: list[tuple[int, Any]]) -> None:
+        """Results (index, value) that came back after the map ended: they finished, keep them
+        where nothing else was recorded."""
+        for idx, value in values:
+            if value is not NOT_DONE and idx < len(self.results) and self.results[idx] is NOT_DONE \
+                    and idx not in self.errors:
+                self.results[idx] = value
+                self.done += 1
 
     # ------------------------------------------------ the words that say where things are kept
     def where_attempts(self, index: int | str) -> str:

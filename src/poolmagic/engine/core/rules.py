@@ -13,7 +13,7 @@ import sys
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
-from ...errors import ItemExitError, MapFailedError, PoolmapError, safe_str, short_repr
+from ...errors import ItemExitError, MapFailedError, PoolmapError, point_at_function, safe_str, short_repr
 from ...sentinel import NOT_DONE
 
 if TYPE_CHECKING:
@@ -145,3 +145,17 @@ def absorbed_notes(r: Any, isolated: list[tuple[int, int, str, type]], at: Calla
         notes.append(f"{len(ok):,} item{'s' if len(ok) != 1 else ''} succeeded only after a retry "
                      f"({shown}); each failed attempt's error: {r.where_attempts('i')}")
     return notes
+
+
+def finish_error(error: BaseException, r: Any, func: Any) -> None:
+    """The error a map ends with carries its record and points at the user's code.
+
+    Under --keep-going the summary's traceback is the first failed item's (the
+    line that raised); an error of poolmagic's own points at the function.
+    """
+    attach_report(error, r)
+    first = r.errors.get(min(r.errors)) if isinstance(error, MapFailedError) and r.errors else None
+    if first is not None and first.__traceback__ is not None:
+        error.__traceback__ = first.__traceback__
+    elif isinstance(error, PoolmapError) and error.__traceback__ is None:
+        point_at_function(error, func)
