@@ -47,9 +47,9 @@ def touch(path):
 
 
 @pytest.mark.parametrize("options,flag,capability", [
-    ({"timeout": 1}, "--timeout", "time out an item"),
-    ({"max_memory": "1GB"}, "--max-memory", "cap a worker's memory"),
-    ({"threads": 1}, "--threads", "limit native threads per worker"),
+    ({"timeout": 1}, "--timeout", "kill-on-timeout"),
+    ({"max_memory": "1GB"}, "--max-memory", "memory-limit"),
+    ({"threads": 1}, "--threads", "native-thread-limit"),
 ])
 def test_an_option_threads_cannot_honour_is_refused_before_any_work(pool, tmp_path, options, flag, capability):
     marker = tmp_path / "ran"
@@ -114,8 +114,8 @@ def test_status_says_gil_or_free_threaded_and_what_threads_cannot_do(pool):
     mode = "GIL" if gil_enabled() else "free-threaded"
     assert f"2 workers · threads in this process ({mode})" in text, text
     assert ("CPU-bound Python items take turns" in text) == gil_enabled(), text
-    for capability, why in LACKS.items():
-        assert f"{capability}: {why}" in text, text
+    for why in LACKS.values():
+        assert why in text, text
     assert pool.last_report is None or pool.last_report.backend == pool.backend.description
 
 

@@ -31,9 +31,10 @@ from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
-from .engine.events import MapFinished
-from .engine.items import SEQUENCES, ItemSource
-from .engine.job import Job, write_outputs
+from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP
+from .engine.core.events import MapFinished
+from .engine.core.items import SEQUENCES, ItemSource
+from .engine.core.job import Job, write_outputs
 from .engine.mapoptions import MapOptions
 from .errors import (
     BadInputError,
@@ -138,10 +139,10 @@ class Pool:
         self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address, dashboard)
         self._warn_size(workers)
         self._setup = (initializer, tuple(initargs), maxtasksperchild) if initializer or maxtasksperchild else None
-        if self._setup is not None and "run an initializer per worker" in self.backend.lacks:
+        if self._setup is not None and WORKER_SETUP in self.backend.lacks:
             self.backend.shutdown()
             raise BadInputError(f"initializer= and maxtasksperchild= cannot work on the {backend} backend: "
-                                f"{self.backend.lacks['run an initializer per worker']}")
+                                f"{self.backend.lacks[WORKER_SETUP]}")
         self._token = uuid.uuid4().hex
         self._callbacks = mpcompat.Callbacks()
         self._live: set[Job] = set()  # maps not finished yet (join waits for them)
@@ -182,7 +183,7 @@ class Pool:
         self._last = tuple(pair)
 
     def _warn_size(self, workers: int | None) -> None:
-        if "run items in worker processes" in self.backend.lacks:
+        if OWN_PROCESS in self.backend.lacks:
             return  # threads: many more than the cores is what they are for (maps that wait)
         msg = too_many_workers(workers or 0, self.cores)
         if msg:
@@ -193,7 +194,7 @@ class Pool:
 
         On threads the pools are the kernel's own, left as they are: the cores.
         """
-        if "limit native threads per worker" in self.backend.lacks:
+        if NATIVE_THREAD_LIMIT in self.backend.lacks:
             return self.cores
         if self.threads is not None:
             return self.threads
@@ -283,8 +284,8 @@ class Pool:
 
         text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
                            self.backend.state, self.max_memory)
-        detail = getattr(self.backend, "status_detail", None)  # e.g. a dask cluster's scheduler and dashboard
-        return f"{text}\n{detail()}" if detail is not None else text
+        detail = self.backend.status_detail()  # e.g. a dask cluster's scheduler and dashboard
+        return f"{text}\n{detail}" if detail is not None else text
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,

@@ -151,7 +151,7 @@ def test_print_output_comes_back_in_item_order(backend, capsys):
 
 
 def test_timeout_fails_the_item(backend):
-    backend.need("time out an item")
+    backend.need("kill-on-timeout")
     with pytest.raises(poolmagic.ItemTimeoutError) as ei:
         backend.map(sleep_at, range(4), timeout=1.0)
     assert ei.value.index == 1 and "item 1 (1)" in str(ei.value)
@@ -168,7 +168,7 @@ def exit_at_gate(x, gate, bad=3):
 
 def test_crashed_worker_names_the_item(backend, tmp_path):
     """Items 0-2 came back before item 3 crashed (a gate, not a sleep, orders them): kept."""
-    backend.need("kill a worker")
+    backend.need("crash-isolation")
     backend.map(double, range(4))
     gate = str(tmp_path / "gate")
     handle = backend.map_async(exit_at_gate, range(8), chunksize=1, kwargs={"gate": gate})
@@ -185,7 +185,7 @@ def test_crashed_worker_names_the_item(backend, tmp_path):
 
 
 def test_an_item_that_exits_at_once_is_the_one_named(backend):
-    backend.need("kill a worker")
+    backend.need("crash-isolation")
     with pytest.raises(poolmagic.WorkerCrashedError) as ei:
         backend.map(exit_at_once, range(6), chunksize=1)
     assert ei.value.indices == [4], str(ei.value)
@@ -193,7 +193,7 @@ def test_an_item_that_exits_at_once_is_the_one_named(backend):
 
 
 def test_cancel_then_next_map_runs(backend):
-    backend.need("interrupt a running item")
+    backend.need("kill-on-interrupt")
     assert backend.map(double, range(6)) == [0, 2, 4, 6, 8, 10]
     for _ in range(2):  # dask: both workers go, and the cached version of double with them
         handle = backend.map_async(sleepy, range(4), chunksize=1)
@@ -228,7 +228,7 @@ def test_n_above_the_pool_size_runs_that_many_workers_at_once(backend, tmp_path)
     """``-n 4`` on a 2-worker pool: 4 workers run its items at the same time
     (local: extra worker processes; dask: our LocalCluster scaled up, where it
     ran on 2 before), and the pool is back to 2 workers after the map."""
-    backend.need("run items in worker processes")
+    backend.need("own-process")
     deadline = time.time() + 60
     pids = backend.map(meet, range(8), workers=4, chunksize=1,
                        kwargs={"folder": str(tmp_path), "n": 4, "deadline": deadline})
@@ -321,7 +321,7 @@ def blas_threads(_):
 
 
 def test_threads_sets_the_native_threads_per_worker(backend):
-    backend.need("limit native threads per worker")
+    backend.need("native-thread-limit")
     pytest.importorskip("numpy")
     pytest.importorskip("threadpoolctl")
     assert backend.map(blas_threads, range(2), threads=2, chunksize=1) == [[2], [2]]

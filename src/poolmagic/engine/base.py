@@ -11,32 +11,69 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from ..errors import BadInputError
-from .job import Job
+from .core.job import Job
+from .core.transport import CAPABILITIES, KILL_ON_TIMEOUT, MEMORY_LIMIT, NATIVE_THREAD_LIMIT
 
-# map option -> the capability it needs from the backend (a key of Backend.lacks)
-OPTION_NEEDS = {"timeout": ("--timeout", "time out an item"), "max_memory": ("--max-memory", "cap a worker's memory"),
-                "threads": ("--threads", "limit native threads per worker")}
+# map option -> (its flag, the capability it needs: see core/transport.py CAPABILITIES)
+OPTION_NEEDS = {"timeout": ("--timeout", KILL_ON_TIMEOUT), "max_memory": ("--max-memory", MEMORY_LIMIT),
+                "threads": ("--threads", NATIVE_THREAD_LIMIT)}
 
 
 class Backend(ABC):
-    """Runs Jobs on some set of workers. Thread-safe; never blocks the caller long."""
+    """Runs Jobs on some set of workers. Thread-safe; never blocks the caller long.
 
+    Callers (the API, ``%poolsize``, switching backends) use only what is
+    declared here: never a backend's class name or private attributes.
+    """
+
+    #: the name it is registered under (backends.py): "local", "dask"
+    name: str = "?"
     #: shown by %poolsize, e.g. "local processes (forkserver)"
     description: str = "?"
-    #: whether maps may set --max-memory: the workers' memory can be read from here
-    limits_memory: bool = True
-    #: what this backend cannot do: capability -> why. %poolsize shows it, a map whose
-    #: option needs one is refused before it starts, the conformance suite skips on it.
-    lacks: dict[str, str] = {}
+    #: what it cannot do (core/transport.py CAPABILITIES); a map needing one is refused
+    lacks: frozenset[str] = frozenset()
+    #: the cluster it is connected to, if any (``Pool(backend="dask", address=...)``)
+    address: str | None = None
+    #: whether it serves a dashboard
+    dashboard: bool = False
+    _closed: bool = False
+
+    @property
+    def limits_memory(self) -> bool:
+        """Whether maps may set --max-memory: the workers' memory can be read from here."""
+        return MEMORY_LIMIT not in self.lacks
+
+    @property
+    def closed(self) -> bool:
+        """Shut down (or disowned in a forked child): it runs no more maps."""
+        return self._closed
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the workers can take maps (a cluster up or connected); raise why not.
+
+        Local workers start with the first map: nothing to wait for.
+        """
+
+    def status_detail(self) -> str | None:
+        """A second line for ``%poolsize`` (a cluster's scheduler, workers, dashboard), or None."""
+        return None
 
     def check_options(self, options: Any) -> None:
-        """Refuse (BadInputError, before any work) a map option this backend cannot honour."""
+        """Refuse (BadInputError, before any work) a map option this backend cannot honour.
+
+        The reason is the backend's own when ``lacks`` maps each capability to one
+        (threads), else the words of CAPABILITIES.
+        """
         for field, (flag, capability) in OPTION_NEEDS.items():
             if getattr(options, field, None) is not None and capability in self.lacks:
-                raise BadInputError(f"{flag} ({field}=) cannot work on the "
-                                    f"{getattr(self, 'name', None) or self.description} backend: "
-                                    f"{self.lacks[capability]}. Run this map on the local backend "
-                                    f"(%poolsize --backend local, or Pool(backend=\"local\")).")
+                why = self.lacks[capability] if isinstance(self.lacks, dict) else CAPABILITIES[capability]
+                raise BadInputError(f"{flag} ({field}=) cannot work on the {self.name} backend: {why}. "
+                                    f"Run this map on the local backend (%poolsize --backend local, "
+                                    f"or Pool(backend=\"local\")).")
+
+    def disown(self) -> None:
+        """In a child made by a bare ``os.fork()``: the workers are the parent's; touch nothing."""
+        self._closed = True
 
     @property
     @abstractmethod

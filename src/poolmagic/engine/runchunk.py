@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import chunk as _chunk
+from .core import chunk as _chunk
 from .mapoptions import MapOptions
 
 

@@ -27,26 +27,30 @@ from typing import Any
 
 from ...errors import BadInputError, NestedPoolError, PoolmapError, rebuild_exception
 from ..base import Backend
-from ..events import ChunkRecord, MapFinished
-from ..job import Job
+from ..core.events import ChunkRecord, MapFinished
+from ..core.job import Job
+from ..core.transport import (CAPABILITIES, CRASH_ISOLATION, KILL_ON_INTERRUPT, KILL_ON_TIMEOUT, MEMORY_LIMIT,
+                              NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP)
 from ..runchunk import run_chunk
 from . import streams
 
 TIMED_ABOVE_S = 10e-6  # per-item timing (and progress) only for items longer than this, as in a process worker
 IDLE_WAIT_S = 0.5  # an idle thread looks again at least this often (a wake-up is never needed for correctness)
 
+# what threads cannot do (core/transport.py CAPABILITIES), and why: %poolsize shows it, a map
+# asking for it is refused (Backend.check_options), the conformance suite skips on it
 LACKS: dict[str, str] = {
-    "time out an item": "a thread cannot be stopped while it runs an item",
-    "cap a worker's memory": "items share the kernel's memory: no worker of their own to stop and replace",
-    "kill a worker": "an item that ends its process (os._exit, a segfault) ends the kernel: no crash is isolated",
-    "interrupt a running item": "an interrupt or .cancel() ends the map at once; items already running "
-                                "finish in the background",
-    "limit native threads per worker": "BLAS and OpenMP thread pools are the kernel's own: a limit would be "
-                                       "the notebook's too, and OpenBLAS lets only the main thread raise it again",
-    "run an initializer per worker": "there is no worker process to set up or retire: call the setup once "
-                                     "in the notebook, the threads share it",
-    "run items in worker processes": "items run in the kernel's process: what an item changes there "
-                                     "(os.chdir, os.environ, globals) stays changed",
+    KILL_ON_TIMEOUT: "a thread cannot be stopped while it runs an item",
+    MEMORY_LIMIT: "items share the kernel's memory: no worker of their own to stop and replace",
+    CRASH_ISOLATION: "an item that ends its process (os._exit, a segfault) ends the kernel",
+    KILL_ON_INTERRUPT: "an interrupt or .cancel() ends the map at once; items already running "
+                       "finish in the background",
+    NATIVE_THREAD_LIMIT: "BLAS and OpenMP thread pools are the kernel's own: a limit would be the "
+                         "notebook's too, and OpenBLAS lets only the main thread raise it again",
+    WORKER_SETUP: "there is no worker process to set up or retire: call the setup once in the "
+                  "notebook, the threads share it",
+    OWN_PROCESS: "items run in the kernel's process: what an item changes there (os.chdir, "
+                 "os.environ, globals) stays changed",
 }
 # a seeded item seeds the process's `random` and `np.random`: one seeded item at a time
 _SEED_LOCK = threading.Lock()
@@ -63,8 +67,7 @@ class ThreadsBackend(Backend):
     """Worker threads in the kernel's process, taking chunks from the running Jobs."""
 
     name = "threads"
-    limits_memory = False
-    lacks = LACKS
+    lacks = LACKS  # type: ignore[assignment]  (a mapping: each capability with its reason)
 
     def __init__(self, size: int):
         self._size = max(1, int(size))
@@ -106,7 +109,7 @@ class ThreadsBackend(Backend):
             how = ("the GIL is on: items that wait (I/O, sleep, subprocesses) overlap, CPU-bound Python "
                    "items take turns (a free-threaded Python, 3.13t+, runs them in parallel)")
         lines = [f"  threads: {how}", "  threads cannot:"]
-        lines += [f"    {cap}: {why}" for cap, why in self.lacks.items()]
+        lines += [f"    {CAPABILITIES[cap].split(':')[0]}: {why}" for cap, why in self.lacks.items()]
         return "\n".join(lines)
 
     def start(self) -> None:
