@@ -191,10 +191,13 @@ class BackendUnderTest:
         self.name, self.pool, self.lacks = name, pool, lacks
 
     def need(self, *capabilities: str) -> None:
-        """Skip the test unless this backend has every one of ``capabilities``."""
+        """Skip the test unless this backend has every one of ``capabilities`` (core/transport.py ids)."""
+        from poolmagic.engine.core.transport import CAPABILITIES
+
         for cap in capabilities:
+            assert cap in CAPABILITIES, f"unknown capability {cap!r}"  # a typo would never skip
             if cap in self.lacks:
-                pytest.skip(f"the {self.name} backend cannot {cap}: {self.lacks[cap]}")
+                pytest.skip(f"the {self.name} backend cannot {CAPABILITIES[cap]}: {self.lacks[cap]}")
 
     def __getattr__(self, name: str) -> Any:
         """The pool's own: ``backend.run(...)``, ``backend.map(...)``, ``backend.backend``."""
