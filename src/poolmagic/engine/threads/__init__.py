@@ -29,12 +29,12 @@ from ...errors import BadInputError, NestedPoolError, PoolmapError, rebuild_exce
 from ..base import Backend
 from ..core.events import ChunkRecord, MapFinished
 from ..core.job import Job
+from ..core.schedule import RoundRobin, timed, workers_for
 from ..core.transport import (CAPABILITIES, CRASH_ISOLATION, KILL_ON_INTERRUPT, KILL_ON_TIMEOUT, MEMORY_LIMIT,
                               NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP)
 from ..runchunk import run_chunk
 from . import streams
 
-TIMED_ABOVE_S = 10e-6  # per-item timing (and progress) only for items longer than this, as in a process worker
 IDLE_WAIT_S = 0.5  # an idle thread looks again at least this often (a wake-up is never needed for correctness)
 
 # what threads cannot do (core/transport.py CAPABILITIES), and why: %poolsize shows it, a map
@@ -80,7 +80,7 @@ class ThreadsBackend(Backend):
         # checkpoint writer, the live counts) rely on that order: a map's end after its chunks.
         self._answer = threading.RLock()
         self._gen = 0  # bumped by every wake-up: a thread that found no work waits only if nothing changed
-        self._rr = 0
+        self._turn = RoundRobin()
         self._closed = False
         self.free_threaded = not gil_enabled()
         self.description = "threads in this process (" + ("free-threaded)" if self.free_threaded else "GIL)")
@@ -126,7 +126,7 @@ class ThreadsBackend(Backend):
                 "or map the inner work and not the outer one.")
         job.abort = lambda exc: self.cancel(job, exc, wait=0)
         job.source.on_items = self._wake
-        job.source.set_want(2 * self._workers_for(job))
+        job.source.set_want(2 * workers_for(job, self._size))
         job.observers.append(lambda event: self._finished(job) if type(event) is MapFinished else None)
         with self._cv:
             if self._closed:
@@ -169,9 +169,6 @@ class ThreadsBackend(Backend):
             t.join(0.1)
 
     # ------------------------------------------------------------ the worker threads
-    def _workers_for(self, job: Job) -> int:
-        return job.options.workers or self._size
-
     def _target(self) -> int:
         return max([self._size, *(j.options.workers or 0 for j in self._jobs)])
 
@@ -211,23 +208,21 @@ class ThreadsBackend(Backend):
                     self._cv.wait(IDLE_WAIT_S)
 
     def _take(self, slot: int) -> tuple[Job, int, Any] | None:
-        """A chunk for thread ``slot``: jobs take turns; a ``-n N`` map uses threads 0..N-1 only."""
+        """A chunk for thread ``slot``: maps take turns (core.schedule), a ``-n N`` map uses threads 0..N-1."""
         with self._cv:
             self._jobs = [j for j in self._jobs if j.active]
-            jobs, rr = list(self._jobs), self._rr
-        for k in range(len(jobs)):
-            job = jobs[(rr + k) % len(jobs)]
-            w = job.options.workers
-            if not job.has_work() or (w is not None and slot >= w):
-                continue
-            size = job.chunk_size(self._workers_for(job))
+            jobs = list(self._jobs)
+        for _ in jobs:
+            with self._cv:
+                job = self._turn.pick(jobs, slot)
+                if job is None:
+                    return None
+                self._running[slot] = job  # before taking: a cancel from now on frees this slot (_finished)
+            size = job.chunk_size(workers_for(job, self._size))
             if job.source.is_stream:
-                job.source.set_want(size * max(2, self._workers_for(job)))
-            with self._cv:  # before taking: a cancel from now on frees this slot (see _finished)
-                self._running[slot] = job
+                job.source.set_want(size * max(2, workers_for(job, self._size)))
             got = job.next_items(size)
             if got is not None:
-                self._rr = (rr + k + 1) % len(jobs)
                 return job, got[0], got[1]
             with self._cv:
                 if self._running.get(slot) is job:
@@ -238,7 +233,6 @@ class ThreadsBackend(Backend):
         """Run one chunk on this thread and hand its outcome to the job (always exactly one answer)."""
         answered = False
         try:
-            t = job.per_item_s()
             o = job.options
             tid = threading.get_native_id()
             with self._answer:
@@ -248,7 +242,7 @@ class ThreadsBackend(Backend):
                 _SEED_LOCK.acquire()
             try:
                 out, t0, t1, times, records, errs = run_chunk(
-                    job.func, items, start, o, timed=t is None or t >= TIMED_ABOVE_S,
+                    job.func, items, start, o, timed=timed(job),
                     progress=lambda done: self._progress(job, start, done), indices=job.seed_indices(start, len(items)),
                     redirect=streams.redirect)
             finally:
