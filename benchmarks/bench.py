@@ -484,7 +484,7 @@ GEN_STMT = {  # mapping x*x over a generator of 10 million items
 def wl_gen(peer: Peer, cfg, fresh) -> dict:
     """Peak kernel RSS growth while mapping over a 10M-item generator ÷ the result's size."""
     src = "def f(x):\n    return x * x\n"
-    stmt = GEN_STMT[peer.key] or peer.map_stmt("f", src, "(i for i in range(10_000_000))")
+    stmt = GEN_STMT.get(peer.key) or peer.map_stmt("f", src, "(i for i in range(10_000_000))")
     with fresh() as k:
         setup(k, peer, src, extra=PEAK_RSS + "import gc\n")
         return k.figures(cell(
