@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
@@ -398,8 +397,7 @@ class PoolMagics(Magics):
     poolsize = line_magic(poolsize)
 
 
-@dataclass(frozen=True)
-class MapRequest:
+class MapRequest(NamedTuple):
     """One ``%%poolmap``, evaluated: what to call the API with, and what to do with its report."""
 
     func: Any
