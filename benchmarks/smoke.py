@@ -28,6 +28,7 @@ TREE, BASE = "poolmagic", "poolmagic_base"  # bench.py's keys for the working tr
 HIGHER_IS_BETTER = ("speedup",)
 # Not performance figures: counts, sizes, bookkeeping, and a percentage that can be ~0.
 SKIPPED = ("harness_s", "rounds", "size", "n", "ck_pct")
+NOISE_MB = 1.0  # memory growths both under 1 MB are allocator noise (0.004 vs 0.008 MB is no 2x)
 
 
 def figures(res: dict) -> dict[str, float]:
@@ -48,7 +49,7 @@ def judge(results: dict, limit: float) -> tuple[list[str], list[str]]:
         b = figures(base)
         for key, x in figures(tree).items():
             y = b.get(key)
-            if y is None or y <= 0 or x < 0:
+            if y is None or y <= 0 or x < 0 or ("mb" in key and max(x, y) < NOISE_MB):
                 continue
             ratio = x / y
             worse = ratio < 1 / limit if key in HIGHER_IS_BETTER else ratio > limit
