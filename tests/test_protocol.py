@@ -68,7 +68,6 @@ def samples() -> dict[str, list]:
             P.RunChunk(4, _key(fn_data), _key(b"ctx"), 125, 3, items_blob,
                        tuple(f.nbytes for f in items_frames), options, True),
         ],
-        "Stop": [P.Stop()],
         "Ready": [P.Ready()],
         "Began": [P.Began(4)],
         "Progress": [P.Progress(seq=4, done=17)],

@@ -20,38 +20,39 @@ if TYPE_CHECKING:
     from .timeline import Timeline
 
 
-from .engine.events import ChunkRecord  # noqa: F401  (re-exported)
+from .engine.core.events import ChunkRecord  # noqa: F401  (re-exported)
+from .engine.core.record import FAILED_KEPT, MapRecord  # noqa: F401  (FAILED_KEPT: re-exported)
 from .sentinel import NOT_DONE  # noqa: F401  (re-exported: results hold it)
-
-FAILED_KEPT = 100  # failed items whose values a report keeps, for rerun() of stream items
 
 
 @dataclass
-class RunReport:
-    """Results in input order, errors by index, and timing of one map."""
+class RunReport(MapRecord):
+    """Results in input order, errors by index, and timing of one map.
+
+    The engine's record (MapRecord: results, errors, chunks, output, status)
+    with what the user reads: the function and pool, figures, a timeline,
+    ``rerun()``, and the words that say where a notebook keeps things.
+    """
 
     func_name: str = "?"
-    items: int | None = None
-    results: list = field(default_factory=list)
-    errors: dict[int, BaseException] = field(default_factory=dict)
-    chunks: list[ChunkRecord] = field(default_factory=list)
-    outputs: list[tuple[int, str, str]] = field(default_factory=list)
     cores: int = 1
     pool_size: int = 1
     backend: str = "local"
-    status: str = "running"
-    t_start: float = field(default_factory=time.perf_counter)
-    t_end: float | None = None
-    done: int = 0
     threads: int | None = None  # native threads per worker
-    retried: int = 0  # attempts run again (--retries)
-    attempts: dict[int, list[BaseException]] = field(default_factory=dict)  # index -> each attempt's error
     resumed: tuple[int, int] | None = None  # (kept, run) when this run resumed an earlier one
-    notes: list[str] = field(default_factory=list)  # said under the summary
-    failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
     replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
     serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
     identity: Any = field(default=None, repr=False)  # the items' keys, for --resume (longrun.SeenItems)
+
+    # ---------------------------------------------------------------- words
+    def where_attempts(self, index: int | str) -> str:
+        return f"_poolmap.attempts[{index}]"
+
+    def where_results(self) -> str:
+        return "_poolmap.results (or .report.results)"
+
+    def how_to_star(self) -> str:
+        return "--star (star=True)"
 
     # ---------------------------------------------------------------- figures
     @property

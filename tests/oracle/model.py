@@ -334,7 +334,7 @@ def expect(case: Case, markers: str) -> list[Outcome]:
     out = []
     for x in case.items:
         kind, *arg = case.plan(x)
-        if kind == "ok":
+        if kind in ("ok", "nap"):  # a nap (the state machine's interrupt rule) returns too
             out.append(Outcome(True, None, 1))
         elif kind == "raise":
             cls = EXCEPTIONS[arg[0]]

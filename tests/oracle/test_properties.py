@@ -39,21 +39,10 @@ def markers():
         shutil.rmtree(d, ignore_errors=True)
 
 
-DASK_RETIRED = ("dask: a map's chunk on a worker that a -n map above the pool's size grew and "
-                "retired fails with WorkerCrashedError, exit code 0 (test_regressions.py)")
-
-
-DASK_DRAINED = ("dask: after about six maps that each killed a worker (a crash, a timeout), the "
-                "LocalCluster has no worker left and the next map waits forever (test_regressions.py)")
-
-
 def known_bug(case: M.Case, backend=None) -> str | None:
     """The known bug this case would trip, or None (see the module docstring)."""
-    o = case.options
-    if backend is not None and backend.name == "dask" and (o.get("workers") or 0) > backend.pool.size:
-        return DASK_RETIRED
-    if backend is not None and backend.name == "dask" and case.kinds() & M.KILLERS:
-        return DASK_DRAINED
+    # (none open: the dask ones, a -n map's retired worker and a cluster drained by
+    # kills, are fixed; their tests are in test_regressions.py)
     return None
 
 
@@ -143,13 +132,8 @@ SEED_CASES = M.cases(slow=False, star=False, options={"keep_going": True}, max_i
 
 @M.budget(6)
 @given(case=SEED_CASES, seed=st.integers(0, 2**32 - 1))
-def test_seed_gives_item_i_the_same_numbers_whatever_the_run(backend, case, seed, request):
+def test_seed_gives_item_i_the_same_numbers_whatever_the_run(backend, case, seed):
     """Workers, chunking and retries change nothing an item draws."""
-    if backend.name == "dask":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "open bug, found by this test: on dask, item 0 of [-412, 5.86e286, DataFrame, 6.38e15] with items 1-3 "
-            "failing (one retried), -c 5 --keep-going --retries 1 --seed 6588956, got another random.random() "
-            "than the one-worker run (numpy's matched); not seen on the local backend")))
     assume(known_bug(case, backend) is None)
     needs(backend, case)
     with markers() as mk:

@@ -73,6 +73,7 @@ from .daskcluster import (
     marks_folder,
 )
 from .daskmemory import DaskMemoryGuard
+from .daskscale import Scaler
 from .daskoutcomes import DaskChunk, DaskOutcomes
 from .daskplumbing import dashboard_link, forget_at_exit, stop_at_exit
 from .daskscheduling import (
@@ -126,8 +127,7 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
         self.dashboard = bool(dashboard) and self.owned
         self.description = "dask LocalCluster" if self.owned else f"dask cluster {address}"
         self._cap: int | None = None  # remote: at most this many workers (%poolsize N)
-        self._scaled = self._size  # our LocalCluster: the size last asked of it (see _fit_cluster)
-        self._scaling = False  # a thread is scaling it
+        self._scaler: Scaler | None = None  # grows and shrinks our LocalCluster (daskscale.py)
         self._waiting: dict[int, Job] = {}  # maps told they wait for a worker (a remote cluster has none)
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
@@ -391,33 +391,16 @@ class DaskBackend(DaskCluster, DaskScheduling, DaskOutcomes, DaskMemoryGuard, Ba
 
     def _fit_cluster(self) -> None:
         """Our LocalCluster runs the pool's size, more while a map asks for more
-        (``-n N``, as the local pool starts extra workers), and shrinks back after.
-
-        Starting workers takes a second: a thread of its own scales, and the
-        maps go on meanwhile with the workers there are.
-        """
-        if not self.owned or self.cluster is None:
+        (``-n N``, as the local pool starts extra workers), and shrinks back after,
+        retiring only workers that hold no chunk of ours (daskscale.py)."""
+        if not self.owned or self.cluster is None or self._scaler is None:
             return
         want = max([self._size, *[j.options.workers or 0 for j in self._jobs]])
-        with self._lock:
-            if want == self._scaled:
-                return
-            self._scaled = want
-            if self._scaling:
-                return  # the running thread takes the new size next
-            self._scaling = True
-        threading.Thread(target=self._scale, daemon=True, name="poolmagic-dask-scale").start()
+        self._scaler.fit(want, self._holds)
 
-    def _scale(self) -> None:
-        applied = None
-        while True:
-            with self._lock:
-                want, cluster = self._scaled, self.cluster
-                if want == applied or cluster is None or self._closed:
-                    self._scaling = False
-                    return
-            _quietly(cluster.scale, want)
-            applied = want
+    def _holds(self, address: str) -> bool:
+        """A chunk of ours is queued or runs on the worker at ``address``."""
+        return any(c.worker == address for c in self._inflight.values()) or address in self._zombies.values()
 
     def _wait_s(self) -> float | None:
         """How long the manager may sleep: until a deadline, or a look at the workers while maps run."""

@@ -24,6 +24,7 @@ from . import dasktask, runtimedir
 from .daskaddress import PROBE_TIMEOUT_S, check_scheduler
 from .daskoutcomes import DaskChunk
 from .daskplumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
+from .daskscale import Scaler
 from .events import Waiting
 from .job import Job
 
@@ -39,7 +40,8 @@ class DaskCluster:
     address: str | None
     _size: int
     _cap: int | None
-    _scaled: int
+    _scaler: Any  # daskscale.Scaler of our LocalCluster, else None
+    _wake: Callable[[], None]
     _waiting: dict[int, Job]
     cluster: LocalCluster | None
     client: Client | None
@@ -83,7 +85,7 @@ class DaskCluster:
         if self._closed:
             return
         if self.owned:
-            self._scaled = len(self.cluster.worker_spec)  # (resized while it started: _fit_cluster)
+            self._scaler = Scaler(self.cluster, self._wake)  # (resized while it started: _fit_cluster)
         unbatch(getattr(self.client, "scheduler_comm", None))  # our submits go at once
         self.client.subscribe_topic(self._topic, self._on_topic)
         self._ac = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
@@ -238,7 +240,9 @@ class DaskCluster:
 
     def _usable(self) -> list[str]:
         """Workers that may get chunks, in a stable order (-n N takes the first N)."""
-        addrs = [a for a in sorted(self._workers, key=self._slot) if a not in self._expected]
+        scaler = self._scaler
+        addrs = [a for a in sorted(self._workers, key=self._slot)
+                 if a not in self._expected and not (scaler is not None and scaler.is_retiring(a))]
         if not self.owned and self._cap:
             addrs = addrs[: self._cap]
         return addrs
@@ -287,6 +291,9 @@ class DaskCluster:
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
+            if self._scaler is not None:
+                self._scaler.closed = True
+                self._scaler = None
         self._more.set()
         if client is not None:
             futures = [c.future for c in list(self._inflight.values())]

@@ -82,6 +82,7 @@ class DaskOutcomes:
     _zombie_keys: dict[str, DaskChunk]
     _kills: list[tuple[float, str, int, int]]
     _gone: set[str]
+    _scaler: Any  # daskscale.Scaler of our LocalCluster, else None
 
     # ------------------------------------------------------------------ bookkeeping
     def _take(self, c: DaskChunk) -> bool:
@@ -235,8 +236,11 @@ class DaskOutcomes:
             del self._zombies[seq]
         for key in [k for k, z in self._zombie_keys.items() if z.seq not in self._zombies]:
             del self._zombie_keys[key]
-        killed = address in self._expected
+        # killed by us, or retired by us once idle (daskscale): nothing it held is to blame
+        killed = address in self._expected or (self._scaler is not None and self._scaler.is_retiring(address))
         self._expected.discard(address)
+        if self._scaler is not None:
+            self._scaler.gone(address)
         chunks = sorted((c for c in self._inflight.values() if c.worker == address), key=lambda c: c.seq)
         if not chunks:
             return

@@ -27,6 +27,7 @@ from distributed.utils import silence_logging_cmgr
 from ..errors import PoolmapError
 from . import daskforkserver
 from .daskpreload import WARM_ENV, unbatch
+from .daskscale import PoolCluster
 from .handle import kill_group
 from .processes import install_main_guard, warm_modules
 
@@ -230,7 +231,7 @@ def start_local_cluster(n_workers: int, dashboard: bool = False,
     try:
         security = Security() if BENCHMARK_PLAIN_TCP else Security.temporary()
         with dask.config.set(config):  # the scheduler and nannies run here, in the kernel
-            cluster = LocalCluster(
+            cluster = PoolCluster(
                 n_workers=n_workers,
                 threads_per_worker=1,
                 processes=True,

@@ -26,6 +26,7 @@ from . import protocol as P
 from . import worker as _worker
 from .chunk import pack_results
 from .context import ContextApplier
+from .daskrandom import isolate as _isolate_random
 
 _FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
 _APPLIER = ContextApplier()
@@ -116,6 +117,7 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
     machine (a LocalCluster's) where the chunk running now is written down.
     ``indices``: the items' ITERABLE positions when not ``start + k`` (seeds).
     """
+    _isolate_random()  # dask's threads draw from a random.Random of their own (seeds)
     with _LOCK:
         _mark(marks, seq)
         try:

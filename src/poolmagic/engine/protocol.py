@@ -18,7 +18,6 @@ Parent -> worker::
     SetContext    a map's process state: cwd, environment, sys.path, native
                   threads; once per worker and context
     RunChunk      items ``start .. start+count-1``; ``sizes`` frames follow
-    Stop          finish and exit
 
 Worker -> parent::
 
@@ -71,10 +70,6 @@ class RunChunk(NamedTuple):
     indices: tuple | None = None  #: each item's ITERABLE index, when a re-run's positions differ (seeds)
 
 
-class Stop(NamedTuple):
-    pass
-
-
 # ---------------------------------------------------------------- worker -> parent
 class Ready(NamedTuple):
     """The worker has started; a death before this is a failure to start, not a crash."""
@@ -112,8 +107,8 @@ class WorkerFailed(NamedTuple):
     error: dict  #: a packed exception; the worker exits after sending this
 
 
-Message = Union[LoadFunction, SetContext, RunChunk, Stop, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
-MESSAGES = (LoadFunction, SetContext, RunChunk, Stop, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
+Message = Union[LoadFunction, SetContext, RunChunk, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
+MESSAGES = (LoadFunction, SetContext, RunChunk, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
 PROGRESS_S = 0.5  # a chunk running longer reports its finished items this often
 
 

@@ -43,7 +43,7 @@ from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .chunk import PKG_DIR, pack_results, run_chunk
+from .core.chunk import PKG_DIR, pack_results, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 
@@ -83,8 +83,6 @@ class Worker:
                     self.inbox.put((msg, P.recv_frames(conn, msg.sizes) if msg.sizes else None))
                 else:
                     self.inbox.put((msg, None))
-                    if type(msg) is P.Stop:
-                        return
         except (EOFError, OSError):
             # The parent is gone (kernel shut down or killed): never linger.
             os._exit(0)
@@ -128,8 +126,6 @@ class Worker:
                 self._remember(self.fns, msg.key, (msg.data, extra))
             elif kind is P.SetContext:
                 self._remember(self.contexts, msg.key, msg)
-            elif kind is P.Stop:
-                return
             elif kind is _ReaderFailed:
                 self._send(P.WorkerFailed(msg.packed))
                 self._exit()
