@@ -16,7 +16,6 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
 from .cellfunc import Target, read_line
-from .cellfunc import split_func_and_iterable, transform, uncalled_functions  # noqa: F401  (their old home)
 from .checks import check_not_text
 from .errors import BadInputError, PoolmapError
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
