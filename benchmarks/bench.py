@@ -496,7 +496,7 @@ GEN_STMT = {  # mapping x*x over a generator of 10 million items
 def wl_gen(peer: Peer, cfg, fresh) -> dict:
     """Peak kernel RSS growth while mapping over a 10M-item generator ÷ the result's size."""
     src = "def f(x):\n    return x * x\n"
-    stmt = GEN_STMT[peer.key] or peer.map_stmt("f", src, "(i for i in range(10_000_000))")
+    stmt = GEN_STMT.get(peer.key) or peer.map_stmt("f", src, "(i for i in range(10_000_000))")
     with fresh() as k:
         setup(k, peer, src, extra=PEAK_RSS + "import gc\n")
         return k.figures(cell(
@@ -1307,7 +1307,8 @@ def main() -> int:
         label = PEER_BY_KEY[BASE_KEY].label.replace(" (baseline)", "")
         table = (f"Working tree ({meta['poolmagic_commit']}) against {label}, {args.rounds} alternating rounds per "
                  f"workload, medians; command: `{meta['command']}`\n\n" + baseline_table(results, label) + "\n")
-        (RESULTS / f"baseline-{label.split()[-1]}.md").write_text(table)
+        # both commits in the name: two trees measured against one baseline keep both tables
+        (RESULTS / f"baseline-{label.split()[-1]}-tree-{meta['poolmagic_commit']}.md").write_text(table)
         print(table)
     print(f"total {meta['total_s']} s; kernels: {len(kernels)}; leftover processes killed: "
           f"{meta['leaked_processes_killed']}; wrote {RESULTS / stem}.json and .md")

@@ -5,7 +5,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import poolmagic
-from poolmagic.magics import split_func_and_iterable, uncalled_functions
+from poolmagic.cellfunc import split_func_and_iterable, uncalled_functions
 
 
 def cell(ip, line: str, body: str):
@@ -263,13 +263,13 @@ def test_split_func_and_iterable():
     ],
 )
 def test_fast_transform_matches_ipython(ip, source):
-    from poolmagic.magics import transform
+    from poolmagic.cellfunc import transform
 
     assert transform(ip, source) == ip.transform_cell(source)
 
 
 @pytest.mark.parametrize("source", ["%time x = 1\ndef f(x):\n    return x\n", "  def f(x):\n      return x\n", "!ls\n", ">>> x = 1\n"])
 def test_cells_with_ipython_syntax_still_go_through_ipython(ip, source):
-    from poolmagic.magics import transform
+    from poolmagic.cellfunc import transform
 
     assert transform(ip, source) == ip.transform_cell(source)

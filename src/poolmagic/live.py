@@ -3,7 +3,10 @@
 ``Progress`` is an observer (events.py): it counts finished and failed items
 as chunks report, including items of long chunks that are still running,
 without ever asking the engine. Displays read it on their own thread and
-render it (display.py); ``changed`` wakes a display that waits for news.
+render it (display.py); ``changed`` (made only when asked: ``notify=True``)
+wakes a display that waits for news. A blocking map's bar polls instead, at
+each tick of its wait: setting an Event on every event would cost the
+manager thread a lock per chunk for nobody.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from .engine.core.events import ChunkFinished, ChunkStarted, ItemsFailed, ItemsP
 class Progress:
     """Counts of one map, updated by its events (on the backend's thread)."""
 
-    def __init__(self, total: int | None, workers: int):
+    def __init__(self, total: int | None, workers: int, notify: bool = False):
         self.total = total
         self.workers = workers
         self.t_start = time.perf_counter()
@@ -29,7 +32,7 @@ class Progress:
         self.status = "running"
         self.error: BaseException | None = None
         self.waiting: str | None = None  # why no worker runs the map's items now (events.Waiting)
-        self.changed = threading.Event()
+        self.changed: threading.Event | None = threading.Event() if notify else None
 
     def __call__(self, event: Any) -> None:
         kind = type(event)
@@ -52,7 +55,8 @@ class Progress:
             self.status, self.error = event.status, event.error
             self.t_end = time.perf_counter()
             self.waiting = None
-        self.changed.set()
+        if self.changed is not None:
+            self.changed.set()
 
     @property
     def finished(self) -> int:

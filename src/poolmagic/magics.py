@@ -1,25 +1,25 @@
 """The magics: parse the line, run the cell, call the API, display the report.
 
 No pool logic lives here; everything below ``Pool`` works without IPython.
+``%%poolmap`` is four steps, each a function of its own: the line and cell
+name a function and an ITERABLE (cellfunc.py), the cell runs and they become a
+``MapRequest``, the API runs it, and the report is shown (publish.py).
 """
 from __future__ import annotations
 
-import ast
-import functools
 import os
-import re
-import threading
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 
 from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
+from .cellfunc import Target, read_line
 from .checks import check_not_text
 from .errors import BadInputError, PoolmapError
-from .publish import LiveProgress, LiveSummary, announce_async, show, show_bundle
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text, parse
+from .publish import LiveSummary, announce_async, live_display, show_bundle, show_summary
 
 _POOLMAP_DOC = f"""Map a function over an iterable on a warm pool of worker processes.
 
@@ -58,118 +58,6 @@ Options:
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _HIDE = "poolmagic: hide the cell's magic call in this traceback"
-_IPYTHON_SYNTAX = re.compile(r"[%!?]|^(>>>|\.\.\.|In \[)", re.M)
-
-
-def transform(shell: Any, cell: str) -> str:
-    """IPython's transform_cell, skipped for a cell that has no IPython syntax.
-
-    The transformer tokenizes the whole cell (~0.15 ms); a cell without magics,
-    shell escapes, help marks, prompts or leading indentation comes out the same.
-    """
-    if cell and not cell[0].isspace() and not _IPYTHON_SYNTAX.search(cell):
-        return cell if cell.endswith("\n") else cell + "\n"
-    return shell.transform_cell(cell)
-
-
-@functools.lru_cache(maxsize=128)
-def cell_functions(transformed: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """(functions the cell defines, those none of the others uses); None when it does not parse.
-
-    Cached: re-running a cell is the common case, and parsing is ~20 µs of it.
-    """
-    try:
-        tree = ast.parse(transformed)
-    except SyntaxError:
-        return None  # running the cell will report it as usual
-    return uncalled_functions(tree)
-
-
-@functools.lru_cache(maxsize=128)
-def compile_iterable(expr: str) -> Any:
-    return compile(expr, "<ITERABLE>", "eval")
-
-
-def _top_level_functions(tree: ast.Module) -> dict[str, ast.AST]:
-    """name -> node of each function a cell defines at top level (``def f``, ``f = lambda``), in order."""
-    defs: dict[str, ast.AST] = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            defs.pop(node.name, None)  # a redefinition counts where it is
-            defs[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Lambda):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for t in targets:
-                if isinstance(t, ast.Name):
-                    defs.pop(t.id, None)
-                    defs[t.id] = node.value
-    return defs
-
-
-def uncalled_functions(tree: ast.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The functions a cell defines at top level, and those no other of its functions uses.
-
-    The second are what a cell may mean to map: ``main`` calling ``helper``
-    leaves ``main``. A use is any mention of the name inside another function
-    (body, decorators, defaults) or inside a class (methods, class body);
-    statements at top level (``work(1)``, a quick check) do not count, nor
-    does a function calling itself.
-    """
-    defs = _top_level_functions(tree)
-    users: list[tuple[str | None, ast.AST]] = list(defs.items())
-    users += [(None, n) for n in tree.body if isinstance(n, ast.ClassDef)]
-    used: set[str] = set()
-    for owner, node in users:
-        for n in ast.walk(node):
-            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id != owner:
-                used.add(n.id)
-    return tuple(defs), tuple(name for name in defs if name not in used)
-
-
-def mapped_function_name(found: tuple[tuple[str, ...], tuple[str, ...]] | None, line: str) -> str | None:
-    """The function a cell maps, by the rule of ``uncalled_functions``; UsageError when it is not one.
-
-    None when the cell does not parse (running it reports that).
-    """
-    if found is None:
-        return None
-    defined, candidates = found
-    if not defined:
-        raise UsageError(
-            "the cell defines no function to map: define one at top level "
-            "(def work(x): ... or work = lambda x: ...), or name one with -f NAME"
-        )
-    if len(candidates) == 1:
-        return candidates[0]
-    example = f"%%poolmap -f {(candidates or defined)[-1]} {line.strip()}".rstrip()
-    if candidates:
-        raise UsageError(
-            f"the cell defines {len(candidates)} functions that none of its other functions calls "
-            f"({', '.join(candidates)}), so which one to map is not clear: name it with -f NAME, e.g. {example}"
-        )
-    raise UsageError(
-        f"every function the cell defines is called by another of them ({', '.join(defined)}), "
-        f"so which one to map is not clear: name it with -f NAME, e.g. {example}"
-    )
-
-
-def split_func_and_iterable(rest: str) -> tuple[str, str]:
-    """``"partial(f, y=2) range(1, 10)"`` -> ``("partial(f, y=2)", "range(1, 10)")``."""
-    for i, ch in enumerate(rest):
-        if ch.isspace():
-            left, right = rest[:i].strip(), rest[i:].strip()
-            if not left or not right:
-                continue
-            try:
-                compile(left, "<FUNC>", "eval")
-                compile(right, "<ITERABLE>", "eval")
-            except SyntaxError:
-                continue
-            return left, right
-    raise UsageError(
-        "the line form needs a function and an ITERABLE: %poolmap FUNC ITERABLE "
-        f"(or %poolmap -f FUNC ITERABLE); got {rest!r}"
-    )
 
 
 def _end_at_user_frames(tb: Any) -> None:
@@ -183,30 +71,12 @@ def _end_at_user_frames(tb: Any) -> None:
         last_user.tb_next = None
 
 
-@functools.lru_cache(maxsize=128)
-def check_func_expr(func_expr: str, after_f: bool) -> None:
-    """A FUNC that is no Python expression is refused before the cell runs.
-
-    ``-f lambda x: x + 1 range(3)`` gives -f only ``lambda``: say so.
-    """
-    try:
-        compile(func_expr, "<FUNC>", "eval")
-    except SyntaxError as exc:
-        if after_f and re.match(r"lambda\b", func_expr):
-            raise UsageError(
-                "-f takes one expression without spaces, or in brackets: write a lambda in parentheses, "
-                "e.g. -f (lambda x: x + 1) range(3), or define the function in the cell"
-            ) from None
-        raise UsageError(f"FUNC `{func_expr}` is not a Python expression: {exc.msg}") from None
-
-
 @magics_class
 class PoolMagics(Magics):
     """``%%poolmap`` and ``%poolsize``; holds the extension's state."""
 
     def __init__(self, shell: Any):
         super().__init__(shell)
-        self._live: list[threading.Thread] = []
         self._runs: dict[tuple[str, str], Any] = {}  # (function, ITERABLE) -> its last report, for --resume
         self._async_jobs: weakref.WeakSet = weakref.WeakSet()  # --async maps (the backend holds those running)
 
@@ -294,57 +164,41 @@ class PoolMagics(Magics):
             f"(handle.cancel()), then run this again"
         )
 
-    def _show(self, obj: Any, quiet: bool, watch: Any = None) -> None:
-        if quiet:
-            return
-        if watch is not None:  # one card per map: the live bar becomes the summary
-            watch.final(obj)
-        else:
-            show(obj, self.shell)
-
     def _in_kernel(self) -> bool:
         return getattr(self.shell, "kernel", None) is not None
 
     # ------------------------------------------------------------ %%poolmap
     def poolmap(self, line: str, cell: str | None = None) -> Any:
         __tracebackhide__ = True
+        request = self._request(line, cell)
+        if request.background:
+            return self._start_async(request)
+        results = self._run(request).results
+        if request.out:
+            self.shell.user_ns[request.out] = results
+            return None
+        return results
+
+    poolmap.__doc__ = _POOLMAP_DOC
+    # The line is Python code (ITERABLE, -f, --kw) and paths (--checkpoint): IPython
+    # must not expand {x} or $x in it first, as for %time and %timeit.
+    poolmap = line_cell_magic(no_var_expand(poolmap))
+
+    def _request(self, line: str, cell: str | None) -> "MapRequest":
+        """Check the line, run the cell, evaluate what the line names: the map to run.
+
+        Every mistake in the line is a UsageError before the cell runs.
+        """
+        __tracebackhide__ = True
         parsed = parse(line, POOLMAP_OPTIONS)
         o = parsed.opts
-        expr = parsed.rest
-        func_expr = o.get("func")
-        fname = None
-        transformed = transform(self.shell, cell) if cell is not None else ""
-        if cell is None:
-            if func_expr is None:
-                if o.get("repeat"):
-                    func_expr, expr = expr, ""
-                else:
-                    func_expr, expr = split_func_and_iterable(expr)
-        elif func_expr is None:
-            fname = mapped_function_name(cell_functions(transformed), line)
-        if func_expr is not None:
-            check_func_expr(func_expr, o.get("func") is not None)
-        if o.get("repeat") and expr:
-            raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
-        if not o.get("repeat") and not expr:
-            raise UsageError("give an ITERABLE after the options, e.g. %%poolmap range(10)")
-        iter_code = None
-        if expr:
-            try:
-                iter_code = compile_iterable(expr)
-            except SyntaxError as exc:
-                raise UsageError(f"ITERABLE `{expr}` is not a Python expression: {exc.msg}") from None
+        target = read_line(self.shell, o, parsed.rest, line, cell)
         if cell is not None:
-            self._run_cell(cell, transformed)
-        if func_expr is not None:
-            func = self._eval(func_expr, "-f")
-            if not callable(func):
-                raise UsageError(f"-f {func_expr} is not callable (it is a {type(func).__name__})")
-        else:
-            func = self.shell.user_ns.get(fname)
-        iterable = self._eval(expr, "ITERABLE", iter_code) if expr else None
+            self._run_cell(cell, target.transformed)
+        func = self._function(target)
+        iterable = self._eval(target.expr, "ITERABLE", target.iter_code) if target.expr else None
         try:
-            check_not_text(iterable, expr)
+            check_not_text(iterable, target.expr)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
         options = {opt.dest: o[opt.dest] for opt in MAP_OPTIONS if opt.dest in o}
@@ -352,60 +206,76 @@ class PoolMagics(Magics):
             options["kwargs"] = {k: self._eval(v, f"--kw {k}") for k, v in options["kwargs"].items()}
         if "retry_on" in options:
             options["retry_on"] = self._exception_types(options["retry_on"])
-        quiet = o.get("quiet", False)
-        key = (fname or func_expr or "", expr)
         if o.get("resume"):
-            earlier = self._runs.get(key)
-            if earlier is None:
-                raise UsageError(
-                    f"nothing to resume: this cell (function {key[0] or '?'}, ITERABLE {expr or '-'}) has not "
-                    f"run in this kernel; run it without --resume first"
-                )
-            options["resume"] = earlier
+            options["resume"] = self._earlier_run(target)
+        return MapRequest(func, iterable, options, target.key, o.get("out"), bool(o.get("quiet")),
+                          not o.get("no_progress"), bool(o.get("async_")))
+
+    def _function(self, target: Target) -> Any:
+        """The callable to map: ``-f FUNC`` evaluated, or the function the cell defined."""
+        if target.func_expr is None:
+            return self.shell.user_ns.get(target.fname)
+        func = self._eval(target.func_expr, "-f")
+        if not callable(func):
+            raise UsageError(f"-f {target.func_expr} is not callable (it is a {type(func).__name__})")
+        return func
+
+    def _earlier_run(self, target: Target) -> Any:
+        """The report ``--resume`` continues: this cell's last run in this kernel."""
+        earlier = self._runs.get(target.key)
+        if earlier is None:
+            raise UsageError(
+                f"nothing to resume: this cell (function {target.key[0] or '?'}, ITERABLE {target.expr or '-'}) "
+                f"has not run in this kernel; run it without --resume first"
+            )
+        return earlier
+
+    def _run(self, req: "MapRequest") -> Any:
+        """Run the map through the API, bind ``_poolmap``, show its one card; the report."""
+        __tracebackhide__ = True
+        pool = self.pool
+        before = pool.last_report
+        watch = live_display(self.shell, req.quiet, req.progress)
+        report = None
         try:
-            if o.get("async_"):
-                return self._start_async(func, iterable, options, o.get("out"), quiet, key)
-            report = None
-            before = self.pool.last_report
-            watch = None if quiet or o.get("no_progress") else LiveProgress(self.shell)
-            try:
-                report = self.pool.run(func, iterable, watch=watch, **options)
-            finally:
-                last = self.pool.last_report
-                if last is not None and last is not before:  # this cell's map started
-                    self.shell.user_ns["_poolmap"] = last
-                    self._remember_run(key, last)
-                    if report is None and last.status != "running":
-                        self._show(last, quiet, watch)
+            report = pool.run(req.func, req.iterable, watch=watch, **req.options)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
         except Exception:
             self._hide_cell_frame()
             raise
-        self._show(report, quiet, watch)
-        if o.get("out"):
-            self.shell.user_ns[o["out"]] = report.results
-            return None
-        return report.results
+        finally:
+            last = pool.last_report
+            if last is not None and last is not before:  # this cell's map started
+                self.shell.user_ns["_poolmap"] = last
+                self._remember_run(req.key, last)
+                if report is None and last.status != "running" and not req.quiet:
+                    show_summary(self.shell, last, watch)  # a failed or interrupted map's card
+        if not req.quiet:
+            show_summary(self.shell, report, watch)
+        return report
 
-    poolmap.__doc__ = _POOLMAP_DOC
-    # The line is Python code (ITERABLE, -f, --kw) and paths (--checkpoint): IPython
-    # must not expand {x} or $x in it first, as for %time and %timeit.
-    poolmap = line_cell_magic(no_var_expand(poolmap))
-
-    def _start_async(self, func, iterable, options, out, quiet, key) -> MapHandle | None:
-        live = LiveSummary() if not quiet and self._in_kernel() else None
-        handle = self.pool.map_async(func, iterable, watch=live, **options)
+    def _start_async(self, req: "MapRequest") -> MapHandle | None:
+        """``--async``: start the map, bind its handle, show a card that follows it."""
+        __tracebackhide__ = True
+        live = LiveSummary() if not req.quiet and self._in_kernel() else None
+        try:
+            handle = self.pool.map_async(req.func, req.iterable, watch=live, **req.options)
+        except BadInputError as exc:
+            raise UsageError(str(exc)) from None
+        except Exception:
+            self._hide_cell_frame()
+            raise
         self._async_jobs.add(handle._job)
         self.shell.user_ns["_poolmap"] = handle.report
-        self._remember_run(key, handle.report)
-        if out:
-            self.shell.user_ns[out] = handle
+        self._remember_run(req.key, handle.report)
+        if req.out:
+            self.shell.user_ns[req.out] = handle
         if live is not None:
-            self._live.append(live.follow(handle, live.show(handle)))
-        elif not quiet:
-            self._live.append(announce_async(handle, handle.report.func_name))
-        return None if out else handle
+            live.follow(handle, live.show(handle))
+        elif not req.quiet:
+            announce_async(handle, handle.report.func_name)
+        return None if req.out else handle
 
     # ------------------------------------------------------------ %pooldebug
     @line_magic
@@ -524,3 +394,16 @@ class PoolMagics(Magics):
 
     poolsize.__doc__ = _POOLSIZE_DOC
     poolsize = line_magic(poolsize)
+
+
+class MapRequest(NamedTuple):
+    """One ``%%poolmap``, evaluated: what to call the API with, and what to do with its report."""
+
+    func: Any
+    iterable: Any
+    options: dict  #: the API's keyword arguments (MapOptions's fields, ``resume``)
+    key: tuple[str, str]  #: (function, ITERABLE), for a later ``--resume``
+    out: str | None  #: ``-o NAME``
+    quiet: bool  #: ``-q``: no card at all
+    progress: bool  #: a live bar for a long map (not ``--no-progress``)
+    background: bool  #: ``--async``

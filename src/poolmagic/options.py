@@ -12,9 +12,9 @@ README show, so help, parser and options cannot drift apart.
 """
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
 
@@ -22,8 +22,9 @@ from .engine.mapoptions import cli_fields
 from .engine.memory import parse_size
 
 
-@dataclass(frozen=True)
-class Opt:
+class Opt(NamedTuple):
+    """One option of a magic: its spellings, where its value goes, its kind and help."""
+
     names: tuple[str, ...]
     dest: str
     kind: str  # "flag", "int", "float", "name", "expr", "kw"
@@ -69,10 +70,11 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
 )
 
 
-@dataclass
-class Parsed:
-    opts: dict[str, Any] = field(default_factory=dict)
-    rest: str = ""
+class Parsed(NamedTuple):
+    """A parsed line: the options by ``dest``, and the expression after them."""
+
+    opts: dict[str, Any]
+    rest: str
 
 
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
@@ -110,13 +112,25 @@ def _take_value(line: str, pos: int, opt: str) -> tuple[str, int]:
 
 
 def parse(line: str, table: tuple[Opt, ...]) -> Parsed:
-    """Split ``line`` into options (by ``table``) and the remaining expression."""
+    """Split ``line`` into options (by ``table``) and the remaining expression.
+
+    A re-run cell parses the same line again: the result is cached, and each
+    caller gets its own copy of the options.
+    """
+    parsed = _parse(line, table)
+    return Parsed(dict(parsed.opts), parsed.rest)
+
+
+_TOKEN = re.compile(r"\s*(-{1,2}[A-Za-z][\w-]*)(=?)")
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(line: str, table: tuple[Opt, ...]) -> Parsed:
     by_name = {n: o for o in table for n in o.names}
-    out = Parsed()
+    opts: dict[str, Any] = {}
     pos = 0
-    token = re.compile(r"\s*(-{1,2}[A-Za-z][\w-]*)(=?)")
     while True:
-        m = token.match(line, pos)
+        m = _TOKEN.match(line, pos)
         if not m:
             break
         name = m.group(1)
@@ -126,12 +140,11 @@ def parse(line: str, table: tuple[Opt, ...]) -> Parsed:
             raise UsageError(f"unknown option {name}; the options are: {known}")
         pos = m.end()
         if opt.kind == "flag":
-            out.opts[opt.dest] = True
+            opts[opt.dest] = True
             continue
         raw, pos = _take_value(line, pos, name)
-        out.opts[opt.dest] = _convert(opt, name, raw, out.opts.get(opt.dest))
-    out.rest = line[pos:].strip()
-    return out
+        opts[opt.dest] = _convert(opt, name, raw, opts.get(opt.dest))
+    return Parsed(opts, line[pos:].strip())
 
 
 def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:

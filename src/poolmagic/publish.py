@@ -29,7 +29,7 @@ def show(obj: Any, shell: Any) -> None:
     before publishing, each flush a synchronous round trip to its I/O thread:
     together ~0.8 ms of a 4-item cell. The report's bundle is known, and the
     flushes only keep printed text ahead of the display, so they are skipped
-    when no text is waiting.
+    when no text is waiting. A terminal gets the text alone.
     """
     pub = getattr(shell, "display_pub", None)
     bundle = getattr(obj, "_repr_mimebundle_", None)
@@ -38,7 +38,10 @@ def show(obj: Any, shell: Any) -> None:
 
         display(obj)
         return
-    data = bundle()
+    if getattr(shell, "kernel", None) is None and hasattr(obj, "summary"):
+        data = {"text/plain": obj.summary()}  # a terminal shows the text only: no HTML made for it
+    else:
+        data = bundle()
     if not hasattr(pub, "_flush_streams") or not _streams_idle():
         pub.publish(data=data, metadata={})
         return
@@ -47,6 +50,19 @@ def show(obj: Any, shell: Any) -> None:
         pub.publish(data=data, metadata={})
     finally:
         del pub._flush_streams
+
+
+def live_display(shell: Any, quiet: bool, progress: bool) -> "LiveProgress | None":
+    """The display a blocking map gets while it runs: none with ``-q`` or ``--no-progress``."""
+    return None if quiet or not progress else LiveProgress(shell)
+
+
+def show_summary(shell: Any, report: Any, watch: "LiveProgress | None") -> None:
+    """A map's summary, once: in place of its live card when it had one, else as a new output."""
+    if watch is not None:
+        watch.final(report)
+    else:
+        show(report, shell)
 
 
 def show_bundle(data: dict, shell: Any) -> None:
@@ -85,6 +101,7 @@ class LiveProgress:
         self._handle: Any = None
         self._bar: Any = None
         self._next = 0.0
+        self._drawn: dict | None = None  # the bundle the live card shows now
 
     def attach(self, job: Any) -> None:
         from .live import Progress
@@ -150,11 +167,13 @@ class LiveProgress:
             self._bar.set_postfix_str(" · ".join(post), refresh=False)
             self._bar.refresh()
         elif self._handle is not None:
-            self._handle.update(self._bundle(), raw=True)
+            self._draw(self._bundle())
 
-    @property
-    def shown(self) -> bool:
-        return self._handle is not None
+    def _draw(self, bundle: dict) -> None:
+        """Update the live card, unless it already shows exactly this (one publish per state)."""
+        if bundle != self._drawn:
+            self._handle.update(bundle, raw=True)
+            self._drawn = bundle
 
     def close(self) -> None:
         """The map ended: erase a terminal bar; turn a notebook bar into the summary."""
@@ -163,14 +182,14 @@ class LiveProgress:
             self._bar.close()
             self._bar = None
         if self._handle is not None:
-            self._handle.update(self._bundle(), raw=True)
+            self._draw(self._bundle())
 
     def final(self, report: Any) -> None:
         """Show the map's summary: in place of the live bar when there was one, else as a new output."""
         if self._handle is not None:
             from .display import summary_bundle
 
-            self._handle.update(summary_bundle(report), raw=True)
+            self._draw(summary_bundle(report))  # close() drew the same card, unless a note came since
         else:
             show(report, self.shell)
 
@@ -194,14 +213,8 @@ class LiveSummary:
     def attach(self, job: Any) -> None:
         from .live import Progress
 
-        self.progress = Progress(job.report.items, job.report.pool_size)
+        self.progress = Progress(job.report.items, job.report.pool_size, notify=True)
         job.observers.append(self.progress)
-
-    def tick(self) -> None:  # an async map is drawn by its own thread
-        pass
-
-    def close(self) -> None:
-        pass
 
     def bundle(self, handle: Any) -> dict:
         from .display import summary_bundle
@@ -219,9 +232,10 @@ class LiveSummary:
     def follow(self, handle: Any, display_handle: Any) -> threading.Thread:
         def run() -> None:
             p = self.progress
+            changed = p.changed  # made by attach (notify=True)
             while p.status == "running":
-                p.changed.wait()
-                p.changed.clear()
+                changed.wait()
+                changed.clear()
                 if p.status != "running":
                     break
                 display_handle.update(self.bundle(handle), raw=True)
