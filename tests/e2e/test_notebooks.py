@@ -201,7 +201,8 @@ def test_quickstart_in_a_terminal(tmp_path):
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "Error:" not in out, out
     assert "item 4: Point(4, 8).norm2() = 80" in proc.stdout
-    assert re.search(r"^poolmagic: \w+\(\) · 16 items in .* speedup", proc.stdout, re.M), proc.stdout
+    # the card says "· speedup ≈…" or, on a loaded host, "· slower than a plain loop (speedup ≈…)"
+    assert re.search(r"^poolmagic: \w+\(\) · 16 items in .*\bspeedup ≈", proc.stdout, re.M), proc.stdout
     assert "\n[0, 3, 6, 9, 12]\n" in proc.stdout, proc.stdout  # the last code cell ran
     # each cell's code comes before its output
     code = proc.stdout.index("In [4]: %%poolmap range(8)")
