@@ -184,20 +184,26 @@ def test_healthy_map_has_no_findings_and_its_time_adds_up():
         report = pool.run(cpu_2m, range(16), chunksize=1)
     assert report.results == [cpu_2m(0)] * 16
     a = report.analysis()
-    if contended(a):
+    figures = (f"{report.summary()}\nbusy {a.busy_s:.3f} s, waited for a CPU {a.waited_s:.3f} s, "
+               f"transport {a.transport_s:.3f} s, idle {a.idle_s:.3f} s, wall {a.wall_s:.3f} s")
+    if contended(a) or a.waited_s >= 0.2 * a.busy_s:
         # Other processes kept the workers waiting for a CPU (a loaded machine): that,
         # and only that, may be reported. More work per item would not change the share.
-        assert kinds(report) in ([], ["contended"]), report.summary()
+        # When the two workers together still had a CPU's worth, a loop would have had
+        # it too: the card then says "slower" (seen in CI at load 7: 1.35 s of work in
+        # a map of 1.37 s) rather than "contended"; either names the load, nothing else.
+        assert kinds(report) in ([], ["contended"], ["slower"]), figures
     else:
-        assert a.findings == [], report.summary()
+        assert a.findings == [], figures
         assert "why:" not in report.summary()
+        assert "slower" not in report.summary()
     assert a.workers == report.workers == 2
     assert a.busy_s == pytest.approx(report.busy_s)
     assert min(a.busy_s, a.transport_s, a.idle_s) >= 0
     capacity = a.workers * a.wall_s
     assert abs(a.busy_s + a.transport_s + a.idle_s - capacity) <= 0.05 * capacity
     assert a.efficiency == pytest.approx(a.speedup / a.workers)
-    assert "speedup ≈" in report.summary() and "slower" not in report.summary()
+    assert "speedup ≈" in report.summary()
 
 
 # ------------------------------------------------------------------ speedup words
