@@ -91,6 +91,18 @@ def test_many_threads_are_not_warned_about(recwarn):
     assert not [w for w in recwarn if "workers on" in str(w.message)]
 
 
+def test_the_magic_does_not_warn_about_many_threads_either(ip, capsys):
+    """%poolsize 64 --backend threads: no 'more processes than cores' note (it is what threads are for)."""
+    try:
+        ip.run_line_magic("poolsize", "64 --backend threads")
+        out = capsys.readouterr().out
+        assert "64 workers · threads in this process" in out and "workers on" not in out, out
+        ip.run_line_magic("poolsize", "64 --backend local")
+        assert "more processes than cores" in capsys.readouterr().out
+    finally:
+        poolmagic.shutdown_pool()
+
+
 def test_the_magic_refuses_timeout_on_threads(ip, capsys):
     ip.run_line_magic("poolsize", "2 --backend threads")
     try:

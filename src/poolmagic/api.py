@@ -182,10 +182,15 @@ class Pool:
         pair[k] = value if value is None or self._shared else weakref.ref(value)
         self._last = tuple(pair)
 
-    def _warn_size(self, workers: int | None) -> None:
+    def size_note(self, workers: int | None) -> str | None:
+        """A note when ``workers`` is far above the cores; never on threads, which are
+        for maps that wait, where many more than the cores is the point."""
         if OWN_PROCESS in self.backend.lacks:
-            return  # threads: many more than the cores is what they are for (maps that wait)
-        msg = too_many_workers(workers or 0, self.cores)
+            return None
+        return too_many_workers(workers or 0, self.cores)
+
+    def _warn_size(self, workers: int | None) -> None:
+        msg = self.size_note(workers)
         if msg:
             warnings.warn(msg, stacklevel=3)
 

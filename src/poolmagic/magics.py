@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 
-from .api import MapHandle, get_pool, shutdown_pool, too_many_workers
+from .api import MapHandle, get_pool, shutdown_pool
 from .cellfunc import Target, read_line
 from .checks import check_not_text
 from .errors import BadInputError, PoolmapError
@@ -378,7 +378,7 @@ class PoolMagics(Magics):
             if n is None:  # auto
                 self.pool.resize(None)
             else:
-                note = too_many_workers(n, self.pool.cores)
+                note = self.pool.size_note(n)
                 if note:
                     print(f"poolmagic: note: {note}")
                 self.pool.resize(n, warn=False)
