@@ -26,6 +26,9 @@ from .outcomes import Outcomes
 from .workers import PIPE, WorkerSet
 
 
+TURN_WAIT_S = 0.005  # how long a caller sending directly waits for the manager's turn to end
+
+
 class Manager:
     """The loop and its state: the running maps, the commands queued for it, the turn of maps."""
 
@@ -67,7 +70,7 @@ class Manager:
 
         It saves the caller's hand-off to the manager thread (a thread wake-up
         and a manager turn before the first chunk leaves). It waits for the
-        manager's turn to end (the manager holds ``lock`` only in turns).
+        manager's turn to end (the manager holds ``lock`` only in turns), briefly.
         Refused (False: send the map as a command) on the manager's own thread
         (an observer), for a stream, while a command waits, or unless the pool
         is idle (no map running, no chunk held) with every worker the map
@@ -79,7 +82,13 @@ class Manager:
         me = threading.get_ident()
         if job.source.is_stream or me in (self._thread_id, self._holder):
             return False  # from the manager's thread (an observer) or from inside a direct send
-        self.lock.acquire()  # the manager ends its turn first (it holds the lock only in turns)
+        procs = list(self.workers.procs.values())  # a hint, read without the lock: no lock while cold
+        if len(procs) < self.workers.size or not all(p.ready for p in procs):
+            return False
+        # the manager holds the lock only in turns: wait for the end of a short one, not a long
+        # one (a worker started or killed), which the command path would wait for anyway
+        if not self.lock.acquire(timeout=TURN_WAIT_S):
+            return False
         self._holder = me
         try:
             if self.closed or self._cmds or any(j.active for j in self.jobs) or not self.workers.warm_for(job):
