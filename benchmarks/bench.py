@@ -13,7 +13,7 @@ reported as "hang", its kernel interrupted and, if still stuck, killed.
     python benchmarks/bench.py --baseline HEAD~1 --only overhead,tiny,cold --peers poolmagic
                                      # the working tree against a commit, alternating, with ratios
 
-Workloads: cold, tiny, cpu, overhead, big, gen, failures; data-science rows numpy,
+Workloads: cold, tiny, cpu, overhead, big, gen, failures, wait; data-science rows numpy,
 bigresult, bigarg, many (see README.md). A full run writes benchmarks/results/latest.json
 and latest.md; a partial one (--only, --peers, --quick) partial.json and partial.md.
 """
@@ -270,6 +270,7 @@ class Peer:
     tiny_n: int = 100_000  # items of the tiny workload (dask: one task per item, ~ms each)
     reference: bool = False  # not a pool: a serial reference, run only where a workload names it
     env: dict = field(default_factory=dict)  # extra environment of its kernels (a baseline's PYTHONPATH)
+    rows: tuple | None = None  # the only workloads it runs (None: every workload open to all peers)
 
     def create_code(self, workers: int = WORKERS) -> str:
         return self.create.format(w=workers)
@@ -322,6 +323,17 @@ PEERS = [
          "C = Client(LocalCluster(n_workers={w}, threads_per_worker=1, processes=True,"
          " host='127.0.0.1', dashboard_address=None))",
          "C.gather(C.map({f}, {it}, pure=False))", tiny_n=2_000),
+]
+# Thread pools, for maps that wait: only the rows where threads mean something (a crash
+# in the failures row would end their kernel, the cpu row is the GIL's, and the cold row
+# times the magic on the default backend).
+THREAD_ROWS = ("wait", "overhead")
+PEERS += [
+    Peer("poolmagic_threads", "poolmagic (threads backend)", "poolmagic", "",
+         "%load_ext poolmagic\n%poolsize {w} --backend threads", magic=True, rows=THREAD_ROWS),
+    Peer("tpe", "ThreadPoolExecutor", "concurrent.futures", "from concurrent.futures import ThreadPoolExecutor",
+         "P = ThreadPoolExecutor({w})", "list(P.map({f}, {it}))", "list(P.map({f}, {it}, chunksize={c}))",
+         rows=THREAD_ROWS),
 ]
 # The numpy row's serial reference: a plain loop in one kernel, numpy's default BLAS threads.
 SERIAL = Peer("serial", "plain loop, one process (no pool)", "numpy", "", "", reference=True)
@@ -770,6 +782,33 @@ def wl_many(peer: Peer, cfg, fresh) -> dict:
     return out
 
 
+WAIT_W, WAIT_N, WAIT_S = 16, 64, 0.02  # the wait row: 16 workers, 64 items that each wait 20 ms
+
+
+def wl_wait(peer: Peer, cfg, fresh) -> dict:
+    """64 items that each wait 20 ms (a sleep, as an HTTP request or a file read waits) on 16 workers.
+
+    Wall s per map (ideal 64 × 20 ms / 16 = 0.08 s), median of warm repeats; and a 4-item
+    no-op map on the same 16 workers, ms per cell (poolmagic: the whole magic, -q).
+    """
+    src = f"def wait(x):\n    time.sleep({WAIT_S})\n    return x\n"
+    noop = "def noop(x):\n    return x\n"
+    with fresh() as k:
+        k.figures(PREAMBLE)
+        k.figures(cell(src, noop, WARM_SRC))
+        k.figures(cell(peer.imports, peer.create_code(WAIT_W)), 60)
+        stmt = peer.map_stmt("wait", src, f"range({WAIT_N})", n=WAIT_N, workers=WAIT_W)
+        k.figures(stmt + "\n", 60)  # warm: every worker started
+        fig = k.figures(cell(timed_loop(stmt, cfg.reps_wait), f"assert list(r) == list(range({WAIT_N}))",
+                             "_emit(ts=_ts)"), 120)
+        ov = k.figures(cell(timed_loop(peer.map_stmt("noop", noop, "range(4)", n=4, workers=WAIT_W),
+                                       cfg.reps_overhead // 3, warm=3),
+                            "assert list(r) == [0, 1, 2, 3]", "_emit(ts=_ts)"), 120)
+    wall = statistics.median(fig["ts"])
+    return {"wall_s": wall, "ideal_s": WAIT_N * WAIT_S / WAIT_W, "ms_4": statistics.median(ov["ts"]) * 1e3,
+            "ts": fig["ts"]}
+
+
 WORKLOADS = {  # name: (function, peers it runs for: None = all peers but the reference)
     "cold": (wl_cold, None),
     "tiny": (wl_tiny, None),
@@ -778,6 +817,7 @@ WORKLOADS = {  # name: (function, peers it runs for: None = all peers but the re
     "big": (wl_big, None),
     "gen": (wl_gen, list(GEN_STMT)),
     "failures": (wl_failures, None),
+    "wait": (wl_wait, ["poolmagic", "poolmagic_threads", "tpe"]),
     "numpy": (wl_numpy, DS_PEERS + ["serial"]),
     "bigresult": (wl_bigresult, DS_PEERS),
     "bigarg": (wl_bigarg, DS_PEERS),
@@ -822,6 +862,8 @@ COLUMNS = [  # (workload, key, header, format)
     ("failures", "recovery_s", "4-item map after crash s", "{:.3f}"),
     ("failures", "interrupt_s", "interrupt → return s", "{:.3f}"),
     ("failures", "next_s", "2-item map after interrupt s", "{:.3f}"),
+    ("wait", "wall_s", f"wait: {WAIT_N}×{WAIT_S * 1e3:.0f} ms on {WAIT_W} workers s", "{:.3f}"),
+    ("wait", "ms_4", f"4 no-ops on {WAIT_W} workers ms", "{:.2f}"),
 ]
 
 
@@ -1066,6 +1108,7 @@ class Config:
     reps_cpu: int = 5
     reps_overhead: int = 300  # ~1 ms each; the summary's I/O-thread work makes single runs noisy
     reps_ck: int = 40  # pairs of tiny maps without and with --checkpoint (~7 ms each)
+    reps_wait: int = 15  # maps of the wait row (~0.1 s each)
     hang: float = 10.0  # seconds before a map counts as hung
     hang_gen: float = 120.0
     hang_ds: float = 30.0  # a data-science row's map (the first one imports numpy in the workers)
@@ -1219,6 +1262,8 @@ def main() -> int:
                 peer = PEER_BY_KEY[key]
                 if key == BASE_KEY or ((key not in only) if only is not None else peer.reference):
                     continue  # the baseline runs in rounds with poolmagic
+                if peer.rows is not None and wl not in peer.rows:
+                    continue  # a thread pool, in a row where threads mean nothing
                 if importlib.util.find_spec(peer.module) is None:
                     results[wl][key] = {"status": "skipped", "note": f"{peer.module} not importable"}
                 elif key in broken:

@@ -23,6 +23,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import poolmagic
+from poolmagic.engine.threads import LACKS as THREADS_LACKS
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -190,10 +191,19 @@ class BackendUnderTest:
         self.name, self.pool, self.lacks = name, pool, lacks
 
     def need(self, *capabilities: str) -> None:
-        """Skip the test unless this backend has every one of ``capabilities``."""
+        """Skip the test unless this backend has every one of ``capabilities`` (core/transport.py ids)."""
+        from poolmagic.engine.core.transport import CAPABILITIES
+
         for cap in capabilities:
+            assert cap in CAPABILITIES, f"unknown capability {cap!r}"  # a typo would never skip
             if cap in self.lacks:
-                pytest.skip(f"the {self.name} backend cannot {cap}: {self.lacks[cap]}")
+                pytest.skip(f"the {self.name} backend cannot {CAPABILITIES[cap]}: {self.lacks[cap]}")
+
+    def __getattr__(self, name: str) -> Any:
+        """The pool's own: ``backend.run(...)``, ``backend.map(...)``, ``backend.backend``."""
+        if name in ("name", "pool", "lacks"):
+            raise AttributeError(name)
+        return getattr(self.pool, name)
 
     def __repr__(self) -> str:
         return f"<{self.name} backend, {self.pool.size} workers>"
@@ -210,10 +220,18 @@ def _dask_pool() -> "poolmagic.Pool":
     return pool
 
 
-# name -> (make a warm pool of 2 workers, {capability it lacks: why})
+def _threads_pool() -> "poolmagic.Pool":
+    pool = poolmagic.Pool(2, backend="threads")
+    pool.start()
+    return pool
+
+
+# name -> (make a warm pool of 2 workers, {capability it lacks: why}); a backend's
+# own declaration (Backend.lacks, shown by %poolsize) is what its tests skip on
 BACKENDS: dict[str, tuple[Callable[[], "poolmagic.Pool"], dict[str, str]]] = {
     "local": (_local_pool, {}),
     "dask": (_dask_pool, {}),
+    "threads": (_threads_pool, THREADS_LACKS),
 }
 # POOLMAGIC_TEST_BACKENDS=local runs the conformance suites on those backends only
 # (CI runs the dask ones on one interpreter, as it does tests/test_dask.py).

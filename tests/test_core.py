@@ -200,7 +200,7 @@ def test_a_backend_joins_by_registering(monkeypatch):
     backends.register("needy", lambda size, **options: Fake(), needs="no_such_module_here", extra="needy")
     with pytest.raises(BadInputError, match=r'needs no_such_module_here.*pip install "poolmagic\[needy\]"'):
         backends.make_backend("needy", 2)
-    with pytest.raises(BadInputError, match="the backends are: local, dask, fake, needy"):
+    with pytest.raises(BadInputError, match="the backends are: local, dask, threads, fake, needy"):
         backends.make_backend("nope", 2)
 
 

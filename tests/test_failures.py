@@ -272,26 +272,6 @@ def test_exception_same_type_with_note_and_partial_results(sm_pool):
     next_map_works(sm_pool)
 
 
-def test_exception_via_magic(ip):
-    cell = (
-        "def fails_at_four(x):\n"
-        "    if x == 4:\n"
-        "        raise ValueError('bad item 4')\n"
-        "    return x * 2\n"
-    )
-    with pytest.raises(ValueError, match="bad item 4") as ei:
-        ip.run_cell_magic("poolmap", "range(10)", cell)
-    exc = ei.value
-    assert type(exc) is ValueError
-    assert "poolmagic: item 4 (value 4) failed." in exc.__notes__
-    report = ip.user_ns["_poolmap"]
-    assert report is exc.poolmap_report
-    check_partial(report.results, [2 * x for x in range(10)], failed={4})
-    assert 4 in report.errors
-    # the next cell works with no manual step
-    assert ip.run_cell_magic("poolmap", "-q range(5)", "def ok(x):\n    return x + 1\n") == [1, 2, 3, 4, 5]
-
-
 # ================================================================ timeouts
 
 
@@ -407,24 +387,6 @@ def test_keep_going_api(pool):
     assert exc.report.done == n - len(bad)
 
 
-def test_keep_going_via_magic(ip):
-    cell = (
-        "def odd_fails(x):\n"
-        "    if x % 2:\n"
-        "        raise KeyError(x)\n"
-        "    return x\n"
-    )
-    with pytest.raises(poolmagic.MapFailedError) as ei:
-        ip.run_cell_magic("poolmap", "--keep-going range(8)", cell)
-    exc = ei.value
-    assert "4 of 8 items failed" in str(exc)
-    assert set(exc.errors) == {1, 3, 5, 7}
-    assert all(type(e) is KeyError for e in exc.errors.values())
-    report = ip.user_ns["_poolmap"]
-    assert report is exc.report
-    assert [report.results[i] for i in (0, 2, 4, 6)] == [0, 2, 4, 6]
-
-
 def test_keep_going_crash_fails_only_that_item(sm_pool, tmp_path):
     """os._exit in one item of a 10-item chunk: only that item fails."""
     n = 40
@@ -531,21 +493,6 @@ def test_bad_input_star_with_non_sequence_item(cold_pool):
         cold_pool.starmap(pow, [(2, 3), 5, (1, 1)])
     msg = str(ei.value)
     assert "item 1" in msg and "int" in msg, msg
-
-
-def test_bad_input_via_magic(ip):
-    before = poolmagic.get_pool().last_report
-    ip.user_ns["LOCK"] = threading.Lock()
-    with pytest.raises(UsageError) as ei:
-        ip.run_cell_magic("poolmap", "range(3)", "def locked(x):\n    with LOCK:\n        return x\n")
-    assert "'LOCK'" in str(ei.value) and "_thread.lock" in str(ei.value)
-    with pytest.raises(UsageError) as ei:
-        ip.run_cell_magic("poolmap", "42", "def fine(x):\n    return x\n")
-    assert "int" in str(ei.value) and "not iterable" in str(ei.value)
-    with pytest.raises(UsageError) as ei:
-        ip.run_cell_magic("poolmap", "range(3)", "def typo(x):\n    return x + undefined_thing\n")
-    assert "'undefined_thing'" in str(ei.value)
-    assert poolmagic.get_pool().last_report is before, "a map started on bad input"
 
 
 def test_magic_bad_input_shows_no_stale_summary(ip, capsys):

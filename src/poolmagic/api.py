@@ -31,6 +31,7 @@ from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
+from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP
 from .engine.core.events import MapFinished
 from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.job import Job, write_outputs
@@ -135,9 +136,13 @@ class Pool:
             check_positive("maxtasksperchild", maxtasksperchild)
         start_method = mpcompat.start_method_of(context, start_method)
         self.cores = available_cores()
-        self._warn_size(workers)
         self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address, dashboard)
+        self._warn_size(workers)
         self._setup = (initializer, tuple(initargs), maxtasksperchild) if initializer or maxtasksperchild else None
+        if self._setup is not None and WORKER_SETUP in self.backend.lacks:
+            self.backend.shutdown()
+            raise BadInputError(f"initializer= and maxtasksperchild= cannot work on the {backend} backend: "
+                                f"{self.backend.lacks[WORKER_SETUP]}")
         self._token = uuid.uuid4().hex
         self._callbacks = mpcompat.Callbacks()
         self._live: set[Job] = set()  # maps not finished yet (join waits for them)
@@ -178,12 +183,19 @@ class Pool:
         self._last = tuple(pair)
 
     def _warn_size(self, workers: int | None) -> None:
+        if OWN_PROCESS in self.backend.lacks:
+            return  # threads: many more than the cores is what they are for (maps that wait)
         msg = too_many_workers(workers or 0, self.cores)
         if msg:
             warnings.warn(msg, stacklevel=3)
 
     def threads_per_worker(self, workers: int | None = None) -> int:
-        """Native threads (BLAS, OpenMP) each worker may use: set, or cores ÷ workers."""
+        """Native threads (BLAS, OpenMP) each worker may use: set, or cores ÷ workers.
+
+        On threads the pools are the kernel's own, left as they are: the cores.
+        """
+        if NATIVE_THREAD_LIMIT in self.backend.lacks:
+            return self.cores
         if self.threads is not None:
             return self.threads
         return max(1, self.cores // (workers or self.size))
@@ -286,6 +298,7 @@ class Pool:
         o = MapOptions.from_kwargs(options)
         if o.max_memory is None and self.max_memory is not None:
             o = o.with_(max_memory=self.max_memory)
+        self.backend.check_options(o)  # what this backend lacks (threads: --timeout, --max-memory)
         if o.max_memory is not None and not self.backend.limits_memory:
             raise BadInputError(
                 f"--max-memory reads each worker's memory on this machine: it works on the local backend "

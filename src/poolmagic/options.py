@@ -63,7 +63,7 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--shutdown",), "shutdown", "flag", "stop the pool's workers now (it restarts on next use)"),
     Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
     Opt(("--max-memory",), "max_memory", "size", "stop a worker whose memory passes SIZE, for every map; 'off' to clear", "SIZE"),
-    Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
+    Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, 'threads' of this process (maps that wait), or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
     Opt(("--address",), "address", "expr", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
     Opt(("--dashboard",), "dashboard", "flag", "with --backend dask: the LocalCluster serves dask's dashboard (127.0.0.1, no password)"),
 )

@@ -1,4 +1,4 @@
-"""``%poolsize --backend dask [--address ADDR]`` and ``--backend local``: swap the shared pool.
+"""``%poolsize --backend dask [--address ADDR]``, ``--backend threads``, ``--backend local``: swap the shared pool.
 
 The new pool is started, and for dask waited for (cluster up or connected),
 before it replaces the old one; if it cannot start, the old pool stays and
@@ -20,8 +20,8 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
     ``size``: its workers (``%poolsize 4 --backend dask`` starts 4, not 2 then 2 more).
     """
     name = backend_name(name, address)
-    if name == "local" and address:
-        raise BadInputError("--address goes with --backend dask (the local backend has no address)")
+    if name != "dask" and address:
+        raise BadInputError(f"--address goes with --backend dask (the {name} backend has no address)")
     old = get_pool()
     if _same(old, name, address) and dashboard == old.backend.dashboard:
         return old

@@ -91,7 +91,7 @@ def _script(tmp: Path, source: str, failing: list, backend: str) -> Path:
     plans = f"[(x, ('raise_once', 'ValueError')) for i, x in enumerate(items) if i in {failing!r}]"
     s.write_text(textwrap.dedent(SCRIPT).format(
         here=str(HERE), items=source, plans=plans, path=str(tmp / "ck"), mk=str(tmp / "mk"),
-        backend=', backend="dask"' if backend == "dask" else ""))
+        backend=f', backend="{backend}"' if backend != "local" else ""))
     return s
 
 
@@ -142,7 +142,7 @@ def test_checkpoint_after_the_writer_is_killed(backend, tmp_path):
     mk.mkdir()
     script = tmp_path / "killed.py"
     script.write_text(textwrap.dedent(KILLED).format(here=str(HERE), path=str(path), mk=str(mk), n=n,
-                                                     backend=', backend="dask"' if backend.name == "dask" else ""))
+                                                     backend=f', backend="{backend.name}"' if backend.name != "local" else ""))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:

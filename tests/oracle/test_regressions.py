@@ -22,6 +22,7 @@ def test_timeout_fails_only_the_item_that_ran_too_long(backend, tmp_path):
     Before: every item of the chunk failed with ItemTimeoutError ("items 0–1
     ran longer than the 1 s timeout"), the quick ones included (local and dask).
     """
+    backend.need("kill-on-timeout")
     items = [0, 1, 2]
     plans = {M.key(1): ("sleep",)}
     with pytest.raises(MapFailedError) as ei:

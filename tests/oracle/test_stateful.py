@@ -145,7 +145,9 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _lacks(self, case) -> bool:
         lacks = self.backend.lacks
-        return bool(case.kinds() & M.KILLERS) and "kill a worker" in lacks
+        return bool(case.kinds() & M.KILLERS) and "crash-isolation" in lacks or any(
+            case.options.get(o) and cap in lacks for o, cap in (("timeout", "kill-on-timeout"),
+                                                                ("max_memory", "memory-limit")))
 
     @invariant()
     def pool_works(self):

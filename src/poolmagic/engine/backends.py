@@ -83,3 +83,11 @@ def _dask(size: int, *, start_method: str | None, address: str | None, dashboard
 register("local", _local)
 register("dask", _dask, needs="distributed", extra="dask", what="dask.distributed")
 
+
+def _threads(size: int, *, start_method: str | None, address: str | None, dashboard: bool) -> Backend:
+    from .threads import ThreadsBackend
+
+    return ThreadsBackend.make(size, address, dashboard)
+
+
+register("threads", _threads)

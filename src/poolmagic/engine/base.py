@@ -10,8 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from ..errors import BadInputError
 from .core.job import Job
-from .core.transport import MEMORY_LIMIT
+from .core.transport import CAPABILITIES, KILL_ON_TIMEOUT, MEMORY_LIMIT, NATIVE_THREAD_LIMIT
+
+# map option -> (its flag, the capability it needs: see core/transport.py CAPABILITIES)
+OPTION_NEEDS = {"timeout": ("--timeout", KILL_ON_TIMEOUT), "max_memory": ("--max-memory", MEMORY_LIMIT),
+                "threads": ("--threads", NATIVE_THREAD_LIMIT)}
 
 
 class Backend(ABC):
@@ -52,6 +57,19 @@ class Backend(ABC):
     def status_detail(self) -> str | None:
         """A second line for ``%poolsize`` (a cluster's scheduler, workers, dashboard), or None."""
         return None
+
+    def check_options(self, options: Any) -> None:
+        """Refuse (BadInputError, before any work) a map option this backend cannot honour.
+
+        The reason is the backend's own when ``lacks`` maps each capability to one
+        (threads), else the words of CAPABILITIES.
+        """
+        for field, (flag, capability) in OPTION_NEEDS.items():
+            if getattr(options, field, None) is not None and capability in self.lacks:
+                why = self.lacks[capability] if isinstance(self.lacks, dict) else CAPABILITIES[capability]
+                raise BadInputError(f"{flag} ({field}=) cannot work on the {self.name} backend: {why}. "
+                                    f"Run this map on the local backend (%poolsize --backend local, "
+                                    f"or Pool(backend=\"local\")).")
 
     def disown(self) -> None:
         """In a child made by a bare ``os.fork()``: the workers are the parent's; touch nothing."""

@@ -17,12 +17,14 @@ from __future__ import annotations
 import itertools
 import random
 import sys
+import threading
 from typing import Any
 
 _RANDOM, _NUMPY, _ITEM = 0, 1, 2  # the children of an item's SeedSequence, in spawn order
 
-# the item running now in this process: [seed, index, its own SeedSequence, its Generator] (made when asked)
-_current: list | None = None
+# the item running now in this thread: [seed, index, its own SeedSequence, its Generator] (made when asked).
+# Per thread: the threads backend runs items of several maps at once in one process.
+_state = threading.local()
 
 
 def _numpy() -> Any:
@@ -119,7 +121,6 @@ def seed_item(seed: int, index: int) -> None:
     both draw the same numbers. ``item_seed()``/``item_rng()`` answer for
     this item until the next call or ``clear()``.
     """
-    global _current
     # child k of SeedSequence(S, spawn_key=(i,)) is SeedSequence(S, spawn_key=(i, k)):
     # made directly, the parent's pool is never mixed, and the item's own only when asked
     np = _numpy()
@@ -129,7 +130,7 @@ def seed_item(seed: int, index: int) -> None:
         words = np.random.SeedSequence(seed, spawn_key=(index, _RANDOM)).generate_state(4)
         random.seed(int.from_bytes(words.tobytes(), "little"))  # = _join(words), 2 µs sooner
         np.random.seed(np.random.SeedSequence(seed, spawn_key=(index, _NUMPY)).generate_state(4))
-    _current = [seed, index, None, None]
+    _state.current = [seed, index, None, None]
 
 
 def _item_sequence(cur: list) -> Any:
@@ -143,8 +144,7 @@ def _item_sequence(cur: list) -> Any:
 
 def clear() -> None:
     """No seeded item runs now: ``item_seed()``/``item_rng()`` draw fresh entropy."""
-    global _current
-    _current = None
+    _state.current = None
 
 
 def item_seed() -> int:
@@ -159,7 +159,7 @@ def item_seed() -> int:
     count never change it. In a map without ``--seed``, or outside a map, each
     call returns a fresh random seed.
     """
-    cur = _current
+    cur = getattr(_state, "current", None)
     if cur is None:
         return random.SystemRandom().getrandbits(64)
     return _join(_item_sequence(cur).generate_state(2))  # = generate_state(1, np.uint64)[0]
@@ -177,7 +177,7 @@ def item_rng() -> Any:
     """
     import numpy as np
 
-    cur = _current
+    cur = getattr(_state, "current", None)
     if cur is None:
         return np.random.default_rng()
     if cur[3] is None:

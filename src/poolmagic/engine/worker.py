@@ -43,7 +43,8 @@ from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .core.chunk import PKG_DIR, pack_results, run_chunk
+from . import runchunk
+from .core.chunk import PKG_DIR, pack_results, run_chunk  # noqa: F401  (dasktask.py calls worker.run_chunk)
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 
@@ -173,8 +174,8 @@ class Worker:
         seq = msg.seq
         waited = _runqueue_wait()  # (two reads per chunk, ~10 µs: the speedup needs them for every chunk)
         cpu0 = time.process_time()
-        out, t0, t1, times, records, errors = run_chunk(
-            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
+        out, t0, t1, times, records, errors = runchunk.run_chunk(
+            fn, items, msg.start, o, timed=msg.timed,
             progress=lambda done: self._send(P.Progress(seq, done)), indices=msg.indices,
         )
         cpu = None if cpu0 is None else time.process_time() - cpu0

@@ -61,7 +61,7 @@ class _Capture(io.TextIOBase):
 
 def run_chunk(
     fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False,
-    seed: int | None = None, progress=None, indices=None,
+    seed: int | None = None, progress=None, indices=None, redirect=None,
 ) -> tuple[list, float, float, list | None, list, list]:
     """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
 
@@ -70,6 +70,9 @@ def run_chunk(
     is called every PROGRESS_S while a timed chunk runs. ``indices``: each
     item's position in the user's ITERABLE when it is not ``start + k`` (a
     re-run of some items); a seeded item's numbers come from it.
+    ``redirect(stdout, stderr)``: installs the two captures and returns what
+    undoes that; by default they replace sys.stdout/sys.stderr (a worker
+    process runs one chunk at a time; the threads backend runs several).
     """
     seeds.clear()
     n = len(items)
@@ -82,8 +85,12 @@ def run_chunk(
         locate = lambda: state["i"]  # noqa: E731
     else:
         locate = lambda: start + n - state["it"].__length_hint__() - 1  # noqa: E731
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Capture("stdout", records, locate), _Capture("stderr", records, locate)
+    captures = _Capture("stdout", records, locate), _Capture("stderr", records, locate)
+    if redirect is None:
+        old = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = captures
+    else:
+        undo = redirect(*captures)
     t0 = time.perf_counter()
     try:
         if timed or seed is not None:
@@ -103,7 +110,10 @@ def run_chunk(
                         break
     finally:
         t1 = time.perf_counter()
-        sys.stdout, sys.stderr = old
+        if redirect is None:
+            sys.stdout, sys.stderr = old
+        else:
+            undo()
         seeds.clear()
     return out, t0, t1, times, records, errors
 

@@ -53,11 +53,17 @@ KILL_ON_TIMEOUT = "kill-on-timeout"
 KILL_ON_INTERRUPT = "kill-on-interrupt"
 CRASH_ISOLATION = "crash-isolation"
 MEMORY_LIMIT = "memory-limit"
+NATIVE_THREAD_LIMIT = "native-thread-limit"
+WORKER_SETUP = "worker-setup"
+OWN_PROCESS = "own-process"
 CAPABILITIES = {
     KILL_ON_TIMEOUT: "stop an item that runs past --timeout (it runs on; its result is dropped)",
     KILL_ON_INTERRUPT: "stop a running item on an interrupt or cancel (it runs on; its result is dropped)",
     CRASH_ISOLATION: "survive an item that crashes its worker (the crash takes the kernel down)",
     MEMORY_LIMIT: "read a worker's memory: --max-memory",
+    NATIVE_THREAD_LIMIT: "limit a worker's native thread pools (BLAS, OpenMP): --threads",
+    WORKER_SETUP: "set a worker up or retire it: initializer=, maxtasksperchild=",
+    OWN_PROCESS: "run items in a process of their own (what an item changes stays in the kernel)",
 }
 
 W = TypeVar("W", bound=Hashable)  # a worker as the transport knows it (a handle, an address)

@@ -1,4 +1,4 @@
-"""--retries never drops a result (issue 22), on the local backend and on Dask.
+"""--retries never drops a result (issue 22), on every backend (tests/conftest.py's backend fixture).
 
 An item that fails once and then succeeds is re-run alone; the items after it
 in its chunk, which its worker never reached, must run too. Each item's
@@ -32,12 +32,6 @@ def fail_first_attempt(x, folder, bad=(2,), always=()):
     return 10 * x
 
 
-
-
-@pytest.fixture
-def backend(pool_of_each):
-    """A warm pool of each backend in turn (tests/conftest.py)."""
-    return pool_of_each
 
 
 @pytest.mark.parametrize("keep_going", [False, True])
@@ -117,6 +111,7 @@ def test_an_item_that_crashes_its_worker_once_is_retried_alone(backend, tmp_path
     to find the culprit (not a retry: its items' results died with the worker);
     here the culprit's second run then succeeds. One item alone is retried.
     """
+    backend.need("crash-isolation")
     r = backend.run(crash_first_attempt, range(10), chunksize=chunksize, retries=1,
                     kwargs={"folder": str(tmp_path)})
     assert r.results == [10 * x for x in range(10)]
@@ -167,6 +162,7 @@ def hang_first_attempt(x, folder, bad=2):
 
 def test_an_item_that_times_out_once_in_a_chunk_is_retried_alone(backend, tmp_path):
     """A chunk of 4 timed out: its items are re-run one by one; only the one that hung is retried."""
+    backend.need("kill-on-timeout")
     r = backend.run(hang_first_attempt, range(8), chunksize=4, timeout=2, retries=1,
                     kwargs={"folder": str(tmp_path)})
     assert r.results == [10 * x for x in range(8)]

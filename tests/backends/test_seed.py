@@ -1,4 +1,4 @@
-"""--seed S gives item i its own numbers, the same in every run (issue 22), on both backends.
+"""--seed S gives item i its own numbers, the same in every run (issue 22), on every backend.
 
 Each item returns what ``random``, numpy's global generator and the item's
 own generator (``poolmagic.item_rng()``) draw: three independent streams,
@@ -45,12 +45,6 @@ def pi_piece(_x, n=200_000):
     ys = np.random.random(n)
     zs = poolmagic.item_rng().random(n)
     return int(np.count_nonzero(xs * xs + ys * ys < 1)), int(np.count_nonzero(zs * zs + ys * ys < 1))
-
-
-@pytest.fixture
-def backend(pool_of_each):
-    """A warm pool of each backend in turn (tests/conftest.py)."""
-    return pool_of_each
 
 
 @pytest.fixture(scope="module")

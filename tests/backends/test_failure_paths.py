@@ -1,4 +1,4 @@
-"""Failure paths keep what finished and say what they absorbed, on both backends.
+"""Failure paths keep what finished and say what they absorbed, on every backend.
 
 The plain loop ``[f(x) for x in items]`` is the specification: a crash, a
 timeout or a memory stop names the item that caused it and blames no other;
@@ -69,17 +69,12 @@ def fail_then_slow(x):
 
 
 
-@pytest.fixture
-def backend(pool_of_each):
-    """A warm pool of each backend in turn (tests/conftest.py)."""
-    return pool_of_each
-
-
 # ---------------------------------------------------------------- 1. a crash absorbed
 
 
 def test_a_crash_that_does_not_happen_again_is_said(backend, tmp_path):
     """Chunk 0-4 crashed at item 2; item by item, nothing crashed: the map says so (no --retries)."""
+    backend.need("crash-isolation")
     r = backend.run(crash, range(10), chunksize=5, kwargs={"folder": str(tmp_path)})
     assert r.results == [10 * x for x in range(10)]
     assert (r.status, r.failed, r.retried) == ("done", 0, 0)
@@ -91,6 +86,7 @@ def test_a_crash_that_does_not_happen_again_is_said(backend, tmp_path):
 
 def test_a_crash_that_happens_again_fails_only_its_item(backend, tmp_path):
     """Both backends find the culprit of a chunk's crash: its neighbours keep their results."""
+    backend.need("crash-isolation")
     with pytest.raises(MapFailedError) as info:
         backend.run(crash, range(10), chunksize=5, keep_going=True,
                     kwargs={"folder": str(tmp_path), "times": 2})
@@ -104,6 +100,7 @@ def test_a_crash_that_happens_again_fails_only_its_item(backend, tmp_path):
 
 def test_without_keep_going_a_crash_names_its_item_alone(backend, tmp_path):
     """Dask failed all five items of the chunk with the crash (the local backend named item 2)."""
+    backend.need("crash-isolation")
     with pytest.raises(WorkerCrashedError) as info:
         # one worker: the re-runs of items 0 and 1 end before item 2 crashes again
         backend.run(crash, range(5), chunksize=5, workers=1, kwargs={"folder": str(tmp_path), "times": 2})
@@ -141,6 +138,7 @@ def test_a_result_that_arrives_after_the_map_failed_is_kept(dask_pool):
 
 def test_a_timeout_in_a_chunk_fails_only_the_item_that_hung(backend, tmp_path):
     """No --retries: items 0, 1, 3 of the timed-out chunk 0-3 keep their results."""
+    backend.need("kill-on-timeout")
     with pytest.raises(MapFailedError) as info:
         backend.run(hang, range(6), chunksize=4, timeout=1, keep_going=True,
                     kwargs={"folder": str(tmp_path)})
@@ -151,6 +149,7 @@ def test_a_timeout_in_a_chunk_fails_only_the_item_that_hung(backend, tmp_path):
 
 
 def test_a_timeout_without_keep_going_names_the_item_that_hung(backend, tmp_path):
+    backend.need("kill-on-timeout")
     with pytest.raises(ItemTimeoutError) as info:
         backend.run(hang, range(4), chunksize=4, timeout=1, kwargs={"folder": str(tmp_path)})
     r = info.value.poolmap_report
