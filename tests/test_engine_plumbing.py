@@ -406,6 +406,30 @@ def test_result_that_cannot_be_unpickled_in_the_kernel_fails_its_items_fast():
         assert pool.map(abs, [-3]) == [3]
 
 
+def _hog(n: int) -> int:
+    if n:
+        held = b"x" * n  # resident at once
+        time.sleep(20)
+        return len(held)
+    return 0
+
+
+@linux_only
+def test_a_map_sent_from_the_callers_thread_has_its_memory_watched():
+    """Into an idle warm pool a map is sent from the caller's thread (Manager.add_direct)
+    while the manager thread sleeps with no deadline. Its item is known to be fast,
+    so its chunk is not timed and sends nothing until it ends: unless the manager is
+    woken to start watching, --max-memory is never checked and the item runs its 20 s."""
+    with Pool(2) as pool:
+        assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]
+        assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]  # known fast, warm and idle
+        handle = pool.map_async(_hog, [300 << 20], max_memory="100MB")
+        assert handle.wait(FAST), "the memory of a map sent from the caller's thread was not watched"
+        with pytest.raises(poolmagic.errors.WorkerMemoryError):
+            handle.get()
+        assert pool.map(abs, [-5]) == [5]
+
+
 # ================================================================ the magic's cached parse
 
 

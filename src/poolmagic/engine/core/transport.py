@@ -71,7 +71,8 @@ W = TypeVar("W", bound=Hashable)  # a worker as the transport knows it (a handle
 
 @runtime_checkable
 class Transport(Protocol[W]):
-    """Moves chunks to workers and tells what happened to them. Called from the manager thread only.
+    """Moves chunks to workers and tells what happened to them. Called from the manager thread only
+    (or under the manager's lock: the local backend's caller sends into an idle pool itself).
 
     A transport decides nothing about maps: which chunk goes where, when a
     map fails and what a lost worker's items become are the core's.

@@ -32,6 +32,10 @@ How data flows::
                                    the worker's process group is killed
                                    and the worker replaced
 
+Into an idle warm pool the caller's thread does the manager's scheduling
+itself, under the manager's lock (Manager.add_direct: no wake-up and turn
+before the first chunk leaves), then wakes the manager for its turn.
+
 Every wait is on pipes and process sentinels together, so a death is seen the
 moment it happens, never after a poll interval. Nothing listens on TCP.
 

@@ -71,7 +71,8 @@ class LocalBackend(Backend):
         job.abort = lambda exc: self.cancel(job, exc, wait=0)
         job.source.on_items = self.workers.waiter.wake
         job.source.set_want(workers_for(job, self.workers.size) * WINDOW)
-        self.manager.command(lambda: self.manager.add(job))
+        if not self.manager.add_direct(job):  # sent from here when the workers are warm
+            self.manager.command(lambda: self.manager.add(job))
 
     def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
         self.manager.policy.cancel(self.manager.command, job, error, wait)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import time
 from collections import deque
 from typing import Callable
@@ -23,6 +24,9 @@ from ..handle import WorkerHandle
 from ..processes import start_resource_tracker
 from .outcomes import Outcomes
 from .workers import PIPE, WorkerSet
+
+
+TURN_WAIT_S = 0.005  # how long a caller sending directly waits for the manager's turn to end
 
 
 class Manager:
@@ -38,6 +42,11 @@ class Manager:
         self._seq = itertools.count()
         self._turns = RoundRobin()
         self._item_times = ItemTimes()
+        # Held by whoever changes the manager's state: the manager thread for
+        # each turn, the caller's thread while it sends a small map directly.
+        self.lock = threading.Lock()
+        self._holder: int | None = None  # the thread sending directly (add_direct), while it does
+        self._thread_id: int | None = None  # the manager thread's
 
     def command(self, fn: Callable[[], None]) -> bool:
         """Run ``fn`` on the manager thread, in its next turn."""
@@ -48,25 +57,75 @@ class Manager:
     def add(self, job: Job) -> None:
         """(A command) ``job`` joins the running maps."""
         self.workers.spawn_error = None  # a new map tries again to start what failed
+        self._join(job)
+        self.workers.refresh_stale()
+
+    def _join(self, job: Job) -> None:
         self._item_times.recall(job)
         self.jobs.append(job)
         job.maybe_finish()  # an empty ITERABLE is done at once
-        self.workers.refresh_stale()
+
+    def add_direct(self, job: Job) -> bool:
+        """From the caller's thread: add ``job`` and send its first chunks now, if that is safe.
+
+        It saves the caller's hand-off to the manager thread (a thread wake-up
+        and a manager turn before the first chunk leaves). It waits for the
+        manager's turn to end (the manager holds ``lock`` only in turns), briefly.
+        Refused (False: send the map as a command) on the manager's own thread
+        (an observer), for a stream, while a command waits, or unless the pool
+        is idle (no map running, no chunk held) with every worker the map
+        wants warm: nothing here starts, stops or reads a worker, so the
+        manager's turn, which it is woken for afterwards, still does all that
+        (deadlines, memory guard, replacements) as it would have; and an
+        interrupt of the caller's thread mid-send concerns this map alone.
+        """
+        me = threading.get_ident()
+        if job.source.is_stream or me in (self._thread_id, self._holder):
+            return False  # from the manager's thread (an observer) or from inside a direct send
+        procs = list(self.workers.procs.values())  # a hint, read without the lock: no lock while cold
+        if len(procs) < self.workers.size or not all(p.ready for p in procs):
+            return False
+        # the manager holds the lock only in turns: wait for the end of a short one, not a long
+        # one (a worker started or killed), which the command path would wait for anyway
+        if not self.lock.acquire(timeout=TURN_WAIT_S):
+            return False
+        self._holder = me
+        try:
+            if self.closed or self._cmds or any(j.active for j in self.jobs) or not self.workers.warm_for(job):
+                return False
+            try:
+                self._join(job)
+                self._schedule()
+            except Exception as exc:  # as in a manager turn: fail the maps, start over
+                self._recover(exc)
+            except BaseException:  # an interrupt, maybe mid-send: stop this map and the workers it reached
+                job.stop()
+                self.outcomes.abandon(job)
+                raise
+        finally:
+            self._holder = None
+            self.lock.release()
+        self.workers.waiter.wake()  # its turn: deadlines, the memory guard, the window refilled
+        return True
 
     def main(self) -> None:
+        self._thread_id = threading.get_ident()
         try:
             start_resource_tracker()
         except Exception as exc:  # the manager thread must live on, or every map would hang
             self._recover(exc)
         try:
-            self.workers.start_workers()
+            with self.lock:
+                self.workers.start_workers()
             while not self.closed:
                 try:
                     self._step()
                 except Exception as exc:
-                    self._recover(exc)
+                    with self.lock:
+                        self._recover(exc)
         finally:
-            self.workers.stop_workers()
+            with self.lock:
+                self.workers.stop_workers()
 
     def _step(self) -> None:
         """One turn: wait for anything, then handle commands, results, deaths, deadlines.
@@ -75,8 +134,14 @@ class Manager:
         a second message makes the next wait return at once. That costs less
         than asking the pipe whether more is waiting.
         """
+        with self.lock:
+            timeout = self.outcomes.next_deadline()
+        ready = self.workers.events(timeout)
+        with self.lock:
+            self._turn(ready)
+
+    def _turn(self, ready: list) -> None:
         workers, outcomes = self.workers, self.outcomes
-        ready = workers.events(outcomes.next_deadline())
         while self._cmds:
             self._cmds.popleft()()
         if self.closed:
@@ -151,8 +216,9 @@ class Manager:
 
     def stop(self) -> None:
         """After the thread ended (shutdown): kill the workers, fail what still runs."""
-        self.workers.stop_workers()
-        for job in list(self.jobs):
-            job.fail(PoolmapError("the pool was shut down while this map was running"))
-        self.jobs.clear()
-        self.workers.close()
+        with self.lock:
+            self.workers.stop_workers()
+            for job in list(self.jobs):
+                job.fail(PoolmapError("the pool was shut down while this map was running"))
+            self.jobs.clear()
+            self.workers.close()

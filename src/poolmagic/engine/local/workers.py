@@ -216,8 +216,30 @@ class WorkerSet:
         self.waiter.add(parent_conn, (PIPE, p))
         self.waiter.add(p.sentinel, (DEATH, p))
 
+    def warm_for(self, job: Job) -> bool:
+        """Whether ``job`` can be sent at once: every worker it wants runs, is ready, current and idle.
+
+        Then a manager turn would start and stop nothing before sending it
+        (user modules changed on disk are looked at first, as for any map).
+        """
+        if self.spawn_error is not None:
+            return False
+        self.mark_stale()
+        want = max(self._desired(), job.options.workers or 0, self.size)
+        if len(self.procs) != want:
+            return False
+        for slot, p in self.procs.items():
+            if slot >= want or not p.ready or p.stale or p.retiring or p.inflight:
+                return False
+        return True
+
     def refresh_stale(self) -> None:
         """Recycle workers whose imported user modules changed on disk."""
+        self.mark_stale()
+        self.start_workers()
+
+    def mark_stale(self) -> None:
+        """Mark the workers whose imported user modules changed on disk (replaced when idle)."""
         cache: dict[str, int | None] = {}
         for p in self.procs.values():
             for path, mtime in p.modules.values():
@@ -229,7 +251,6 @@ class WorkerSet:
                 if cache[path] != mtime:
                     p.stale = True
                     break
-        self.start_workers()
 
     def _shared_fd(self, payload: Any) -> int | None:
         """The function's big buffers in shared memory, made once per version and map."""
