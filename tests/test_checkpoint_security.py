@@ -129,7 +129,7 @@ def test_a_key_others_could_read_plant_or_change_is_refused(own_key, damage, tmp
         want = "is damaged"
     else:
         os.chown(path, NOBODY, NOBODY)
-        want = "belongs to uid 65534, not to you"
+        want = "(uid 65534), not to you"
     with pytest.raises(userkey.KeyFileError) as info:
         userkey.user_key()
     assert want in str(info.value), str(info.value)

@@ -392,3 +392,14 @@ def test_summary_html_of_640k_chunks_stays_small(huge_report):
     assert "poolmagic" in html and "640,000 items" in html
     size = len(html.encode())
     assert size <= 250 * 1024, f"summary HTML of 640,000 chunks is {size / 1024:.0f} KB (> 250 KB)"
+
+
+def test_a_speedup_below_one_hundredth_is_not_printed_as_zero():
+    """A 3-item map of microsecond items: 'speedup ≈0.00×' read as 'exactly none'."""
+    with Pool(2) as pool:
+        report = pool.run(square, range(3))
+    a = report.analysis()
+    if a.speedup < 0.005:
+        assert a.speedup_text == "<0.01×" and "≈0.00×" not in report.summary(), report.summary()
+    else:  # (a slow host: the map took long enough to count)
+        assert a.speedup_text.startswith("≈"), a.speedup_text

@@ -50,6 +50,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from .filesafety import unsafe
 from .userkey import KeyFileError, key_id, key_path, user_key
 
 MAGIC = b"poolmagic-ckpt2\n"
@@ -83,47 +84,27 @@ class Stored:
 # ------------------------------------------------------------------ paths
 
 
-_KINDS_OF_FILE = [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                  (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-
-
-def _not_regular(st: os.stat_result) -> str | None:
-    for test, name in _KINDS_OF_FILE:
-        if test(st.st_mode):
-            return name
-    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
-
-
 def check_stat(st: os.stat_result) -> None:
     """Refuse what another user could have planted or could change: anything but a regular
     file of this user that group and others cannot write."""
-    kind = _not_regular(st)
-    if kind is not None:
-        if kind == "a symbolic link":
+    bad = unsafe(st, stat.S_ISREG, 0o022)
+    if bad is None:
+        return
+    if bad.reason == "kind":
+        if bad.kind == "a symbolic link":
             raise CheckpointFileError("it is a symbolic link: give the path of the file itself "
                                       "(a link in a shared directory could point anywhere)")
-        raise CheckpointFileError(f"it is {kind}, not a regular file")
-    if st.st_uid != os.geteuid():
+        raise CheckpointFileError(f"it is {bad.kind}, not a regular file")
+    if bad.reason == "owner":
         raise CheckpointFileError(
-            f"it belongs to {_user(st.st_uid)}, not to you: a checkpoint holds pickled results, and "
+            f"it belongs to {bad.owner}, not to you: a checkpoint holds pickled results, and "
             f"loading one another user wrote would run their code. If you trust it, make a copy of "
             f"your own, signed with your key: poolmagic.trust_checkpoint(PATH, dest='mine.ckpt')"
         )
-    if st.st_mode & 0o022:
-        raise CheckpointFileError(
-            f"group or others can write it (mode {stat.S_IMODE(st.st_mode):04o}), so it may not hold "
-            f"what you wrote; fix it with: chmod go-w PATH"
-        )
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-
-        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
+    raise CheckpointFileError(
+        f"group or others can write it (mode {bad.mode:04o}), so it may not hold "
+        f"what you wrote; fix it with: chmod go-w PATH"
+    )
 
 
 def open_checked(path: str, flags: int, *, create: bool = False) -> int:

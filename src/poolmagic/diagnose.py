@@ -83,9 +83,11 @@ class Analysis:
 
     @property
     def speedup_text(self) -> str:
-        """``≈1.93×``, ``≈1.00–1.97×`` (native threads), or ``unknown``."""
+        """``≈1.93×``, ``≈1.00–1.97×`` (native threads), ``<0.01×``, or ``unknown``."""
         if self.failed or math.isnan(self.speedup):
             return "unknown"
+        if self.speedup < 0.005:  # "≈0.00×" would read as "no speedup at all, exactly"
+            return "<0.01×"
         if self.threads and self.speedup_high > self.speedup * 1.05:
             return f"≈{self.speedup:.2f}–{self.speedup_high:.2f}×"
         return f"≈{self.speedup:.2f}×"

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from .errors import BadInputError
-from .serialize import global_names
+from .serialize import closure_values, global_names, walk
 
 #: the source a map may send by value, all local modules together
 MAX_SOURCE_BYTES = 16 * 2**20
@@ -85,52 +85,42 @@ def is_local(module: types.ModuleType) -> bool:
 def modules_used(func: Callable, extra: Iterable[Any] = ()) -> ModuleUse:
     """The modules ``func`` (and the sample objects in ``extra``, e.g. the first item) need."""
     use = ModuleUse()
-    seen: set[int] = set()
-    todo: list[Any] = [func, *extra]
-    while todo and len(seen) < _WALK_LIMIT:
-        obj = todo.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
+
+    def children(obj: Any) -> "list[Any] | None":
         if isinstance(obj, types.ModuleType):
+            todo: list[Any] = []
             _note_module(obj, use, todo)
             if obj.__name__ in use.local or _top(obj.__name__) in use.local:
                 use.imported[obj.__name__] = obj
-            continue
+            return todo
         if isinstance(obj, functools.partial):
-            todo += [obj.func, *obj.args, *obj.keywords.values()]
-            continue
+            return [obj.func, *obj.args, *obj.keywords.values()]
         if isinstance(obj, (staticmethod, classmethod)):
-            todo.append(obj.__func__)
-            continue
+            return [obj.__func__]
         if isinstance(obj, types.MethodType):
-            todo += [obj.__func__, obj.__self__]
-            continue
+            return [obj.__func__, obj.__self__]
         if isinstance(obj, types.FunctionType):
+            todo = []
             _note_owner(obj, use, todo)
-            todo += _imported_by(obj.__code__)
             g = obj.__globals__
-            todo += [g[n] for n in global_names(obj) if n in g]
-            for cell in obj.__closure__ or ():
-                try:
-                    todo.append(cell.cell_contents)
-                except ValueError:
-                    pass
-            todo += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
-            continue
+            return [*todo, *_imported_by(obj.__code__), *(g[n] for n in global_names(obj) if n in g),
+                    *closure_values(obj), *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
         if isinstance(obj, type):
+            todo = []
             _note_owner(obj, use, todo)
             if obj.__module__ == "__main__":  # a notebook class travels by value: what its methods use
                 todo += [v for v in vars(obj).values() if isinstance(v, (types.FunctionType, staticmethod, classmethod))]
-            continue
+            return todo
         if isinstance(obj, (list, tuple, set, frozenset)) and len(obj) <= 64:
-            todo += list(obj)
-            continue
+            return list(obj)
         if isinstance(obj, dict) and len(obj) <= 64:
-            todo += list(obj.values())
-            continue
+            return list(obj.values())
         if not isinstance(obj, (str, bytes, int, float, complex, bool, type(None))):
-            todo.append(type(obj))  # an instance: its class must be found on the worker
+            return [type(obj)]  # an instance: its class must be found on the worker
+        return None
+
+    for _ in walk([func, *extra], children, _WALK_LIMIT):
+        pass
     return use
 
 

@@ -19,7 +19,7 @@ import hashlib
 import pickle
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
@@ -179,6 +179,37 @@ def undefined_globals(func: Callable, _seen: set | None = None) -> list[tuple[st
     return missing
 
 
+def walk(roots: "list[Any]", children: Callable[[Any], "Iterable[Any] | None"], limit: int) -> Iterator[Any]:
+    """Each object reachable from ``roots`` once, depth first, at most ``limit`` of them.
+
+    ``children(obj)`` names what to visit from ``obj`` (None: nothing). The
+    walks that follow what cloudpickle ships (code_filenames here, the local
+    modules a function needs) differ only in what they follow.
+    """
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo and len(seen) < limit:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        yield obj
+        more = children(obj)
+        if more:
+            todo.extend(more)
+
+
+def closure_values(func: types.FunctionType) -> list[Any]:
+    """What ``func``'s closure cells hold (an empty cell is skipped)."""
+    out = []
+    for cell in func.__closure__ or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:
+            pass
+    return out
+
+
 def code_filenames(func: Any, limit: int = 200) -> dict[tuple[str, int], str]:
     """(co_name, co_firstlineno) -> co_filename for code reachable from ``func``.
 
@@ -186,34 +217,28 @@ def code_filenames(func: Any, limit: int = 200) -> dict[tuple[str, int], str]:
     classes and their methods), as cloudpickle does when it ships them.
     """
     found: dict[tuple[str, int], str] = {}
-    seen: set[int] = set()
-    todo: list[Any] = [func]
-    while todo and len(seen) < limit:
-        obj = todo.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
+
+    def children(obj: Any) -> "list[Any] | None":
         if isinstance(obj, functools.partial):
-            todo += [obj.func, *obj.args, *obj.keywords.values()]
-        elif isinstance(obj, types.MethodType):
-            todo.append(obj.__func__)
-        elif isinstance(obj, type):
-            todo += [v for v in vars(obj).values() if callable(v) or isinstance(v, (staticmethod, classmethod, property))]
-        elif isinstance(obj, (staticmethod, classmethod)):
-            todo.append(obj.__func__)
-        elif isinstance(obj, property):
-            todo += [f for f in (obj.fget, obj.fset, obj.fdel) if f is not None]
-        elif isinstance(obj, types.FunctionType):
+            return [obj.func, *obj.args, *obj.keywords.values()]
+        if isinstance(obj, types.MethodType):
+            return [obj.__func__]
+        if isinstance(obj, type):
+            return [v for v in vars(obj).values() if callable(v) or isinstance(v, (staticmethod, classmethod, property))]
+        if isinstance(obj, (staticmethod, classmethod)):
+            return [obj.__func__]
+        if isinstance(obj, property):
+            return [f for f in (obj.fget, obj.fset, obj.fdel) if f is not None]
+        if isinstance(obj, types.FunctionType):
             for co in _code_objects(obj.__code__):
                 found[(co.co_name, co.co_firstlineno)] = co.co_filename
-            for cell in obj.__closure__ or ():
-                try:
-                    todo.append(cell.cell_contents)
-                except ValueError:
-                    pass
             g = obj.__globals__
-            todo += [g[n] for n in global_names(obj) if n in g and isinstance(g[n], (type, types.FunctionType))]
-        elif callable(obj) and hasattr(type(obj), "__call__"):
-            todo.append(type(obj))
-            todo += [v for v in getattr(obj, "__dict__", {}).values() if callable(v)]
+            return closure_values(obj) + [g[n] for n in global_names(obj)
+                                          if n in g and isinstance(g[n], (type, types.FunctionType))]
+        if callable(obj) and hasattr(type(obj), "__call__"):
+            return [type(obj), *(v for v in getattr(obj, "__dict__", {}).values() if callable(v))]
+        return None
+
+    for _ in walk([func], children, limit):
+        pass
     return found

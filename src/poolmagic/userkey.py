@@ -20,6 +20,8 @@ import stat
 import threading
 from pathlib import Path
 
+from .filesafety import unsafe
+
 KEY_BYTES = 32
 KEY_NAME = "checkpoint.key"
 _CACHE: dict[str, bytes] = {}  # key file path -> key, for this process
@@ -57,18 +59,20 @@ def user_key() -> bytes:
 
 def _check(st: os.stat_result, path: Path, what: str, mode: str) -> None:
     """Refuse what another user could have planted, read or changed (as OpenSSH does)."""
-    if stat.S_ISLNK(st.st_mode):
-        raise KeyFileError(f"the poolmagic key {what} {path} is a symbolic link; replace it by a real {what}")
-    if st.st_uid != os.geteuid():
+    bad = unsafe(st, stat.S_ISDIR if what == "directory" else stat.S_ISREG, 0o077)
+    if bad is None:
+        return
+    if bad.reason == "kind":
+        raise KeyFileError(f"the poolmagic key {what} {path} is {bad.kind}; replace it by a real {what}")
+    if bad.reason == "owner":
         raise KeyFileError(
-            f"the poolmagic key {what} {path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+            f"the poolmagic key {what} {path} belongs to {bad.owner}, not to you (uid {os.geteuid()}): "
             f"someone else may have made it; remove it and poolmagic makes a new one"
         )
-    if st.st_mode & 0o077:
-        raise KeyFileError(
-            f"the poolmagic key {what} {path} is accessible to group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); fix it with: chmod {mode} {path}"
-        )
+    raise KeyFileError(
+        f"the poolmagic key {what} {path} is accessible to group or others "
+        f"(mode {bad.mode:04o}); fix it with: chmod {mode} {path}"
+    )
 
 
 def _load_or_make(path: Path) -> bytes:

@@ -18,6 +18,8 @@ import stat
 import tempfile
 import threading
 
+from ..filesafety import unsafe
+
 PREFIX = "poolmagic-"
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
 
@@ -47,8 +49,7 @@ def subdir(name: str) -> str:
 
 def check_private(path: str) -> None:
     """Refuse a directory that is a symlink, not ours, or open to group/others."""
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if unsafe(os.lstat(path), stat.S_ISDIR, 0o077) is not None:
         raise PermissionError(f"poolmagic's runtime directory {path} is not a private directory of this user")
 
 
