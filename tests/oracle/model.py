@@ -334,7 +334,7 @@ def expect(case: Case, markers: str) -> list[Outcome]:
     out = []
     for x in case.items:
         kind, *arg = case.plan(x)
-        if kind == "ok":
+        if kind in ("ok", "nap"):  # (a nap only makes the item slow enough to interrupt)
             out.append(Outcome(True, None, 1))
         elif kind == "raise":
             cls = EXCEPTIONS[arg[0]]
