@@ -33,7 +33,7 @@ from conftest import run_script, wait_dead, wait_for  # noqa: E402
 
 import poolmagic  # noqa: E402
 from poolmagic import NOT_DONE, BadInputError, Pool  # noqa: E402
-from poolmagic.engine import daskforkserver  # noqa: E402
+from poolmagic.engine.dask import forkserver as daskforkserver  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -446,13 +446,13 @@ def test_a_50_mb_global_travels_once(backend):
             assert list(dask_backend).count(key) == 1
             loaded = backend.backend.client.run(_loaded_functions)
             assert all(key in keys for keys in loaded.values()), loaded  # unpickled once per worker
-            assert key in backend.backend._memfds  # our own cluster: mapped from shared memory, not sent
+            assert key in backend.backend.link.memfds  # our own cluster: mapped from shared memory, not sent
     finally:
         BIG = None
 
 
 def _loaded_functions():
-    from poolmagic.engine import dasktask
+    from poolmagic.engine.dask import task as dasktask
 
     return list(dasktask._FNS)
 
@@ -752,7 +752,7 @@ def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):
 def test_a_bad_address_fails_with_the_reason_and_keeps_the_pool(ip, monkeypatch):
     from IPython.core.error import UsageError
 
-    from poolmagic.engine import daskcluster
+    from poolmagic.engine.dask import link as daskcluster
 
     monkeypatch.setattr(daskcluster, "CONNECT_TIMEOUT_S", 2.0)  # nothing listens there: no need to wait 10 s
     before = poolmagic.get_pool()
@@ -875,7 +875,7 @@ def test_dask_gets_its_own_process_context_back_when_our_last_cluster_closes():
         """
         import distributed.nanny, distributed.process
         from poolmagic import Pool
-        from poolmagic.engine import daskforkserver
+        from poolmagic.engine.dask import forkserver as daskforkserver
         originals = (distributed.process.get_mp_context, distributed.nanny.get_mp_context)
         pool = Pool(1, backend="dask")
         assert pool.map(abs, [-1, -2]) == [1, 2]
@@ -910,7 +910,7 @@ def test_a_killed_kernel_takes_its_workers_and_what_they_started_along(tmp_path)
     script.write_text(
         "import os, signal, subprocess, sys\n"
         "from poolmagic import Pool\n"
-        "from poolmagic.engine import daskforkserver\n"
+        "from poolmagic.engine.dask import forkserver as daskforkserver\n"
         "def start(x):\n"
         "    import subprocess\n"
         "    return subprocess.Popen(['sleep', '300']).pid\n"

@@ -29,7 +29,7 @@ def make_backend(backend: "Backend | str | None", size: int, start_method: str |
             raise BadInputError(
                 'the dask backend needs dask.distributed, which is not installed: pip install "poolmagic[dask]"'
             )
-        from .daskbackend import DaskBackend
+        from .dask.backend import DaskBackend
 
         if dashboard and address is not None:
             raise BadInputError("dashboard= starts the dashboard of a LocalCluster poolmagic starts; "

@@ -19,7 +19,7 @@ import cloudpickle
 
 from ..errors import short_repr
 from . import protocol as P
-from .worker import CACHE_SIZE
+from .runchunk import CACHE_SIZE
 
 SHARED_MIN_BYTES = 1 << 20  # a function's buffers above this go to all workers through shared memory
 

@@ -57,7 +57,7 @@ from ..errors import (
     NestedPoolError,
     PoolmapError,
 )
-from . import worker as _worker
+from .runchunk import TIMED_ABOVE_S, in_worker
 from .base import Backend
 from .handle import SHARED_MIN_BYTES, Chunk, WorkerHandle
 from .job import ItemTimes, Job
@@ -74,7 +74,6 @@ from .processes import (
 from .workerset import PIPE, WorkerSet
 
 WINDOW = 2  # chunks in flight per worker: one running, one ready behind it
-TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: only for items longer than this
 
 
 class LocalBackend(WorkerSet, Outcomes, Backend):
@@ -120,7 +119,7 @@ class LocalBackend(WorkerSet, Outcomes, Backend):
         return self._size
 
     def start(self) -> None:
-        if _worker.IN_WORKER:
+        if in_worker():
             raise NestedPoolError(
                 "poolmagic cannot start a pool inside one of its own workers: the outer map "
                 "already uses the cores. Call the function directly (or in a plain loop) here, "

@@ -37,18 +37,16 @@ import random
 import signal
 import sys
 import threading
-import time
 from collections import OrderedDict
 from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .chunk import PKG_DIR, pack_results, run_chunk
+from .chunk import PKG_DIR, pack_results
+from .runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 
-CACHE_SIZE = 4  # functions and contexts kept per worker; the parent mirrors this LRU
-IN_WORKER = False  # True inside a worker process: poolmagic refuses to nest pools
 RETIRE: str | None = None  # set by the mapped code (maxtasksperchild): exit after this chunk, and why
 
 
@@ -175,22 +173,13 @@ class Worker:
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()
         seq = msg.seq
-        waited = _runqueue_wait()  # (two reads per chunk, ~10 µs: the speedup needs them for every chunk)
-        cpu0 = time.process_time()
-        out, t0, t1, times, records, errors = run_chunk(
-            fn, items, msg.start, star=o.star, timed=msg.timed, keep_going=o.keep_going, seed=o.seed,
-            progress=lambda done: self._send(P.Progress(seq, done)), indices=msg.indices,
-        )
-        cpu = None if cpu0 is None else time.process_time() - cpu0
-        if waited is not None:
-            after = _runqueue_wait()
-            # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
-            waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
+        r = run_chunk(fn, items, o, start=msg.start, timed=msg.timed, indices=msg.indices,
+                      progress=lambda done: self._send(P.Progress(seq, done)))
         recycle = self.baseline.changed() if self.baseline is not None else None
         recycle = recycle or RETIRE
-        body, frames_out = pack_results(out, records, errors, msg.start, items, msg.indices)
-        self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
-                               self._new_modules(), recycle, waited, cpu), frames_out)
+        body, frames_out = pack_results(r.out, r.records, r.errors, msg.start, items, msg.indices)
+        self._send(P.ChunkDone(msg.seq, r.t0, r.t1, r.times, body, tuple(f.nbytes for f in frames_out),
+                               self._new_modules(), recycle, r.waited_s, r.cpu_s), frames_out)
         return recycle
 
     # ------------------------------------------------------------ sending
@@ -229,21 +218,6 @@ class Worker:
                 except OSError:
                     pass
         return found or None
-
-_SCHEDSTAT = "/proc/thread-self/schedstat"
-_has_schedstat = os.path.exists(_SCHEDSTAT)
-
-
-def _runqueue_wait() -> int | None:
-    """Nanoseconds this thread has spent runnable but waiting for a CPU (Linux)."""
-    if not _has_schedstat:
-        return None
-    try:
-        with open(_SCHEDSTAT, "rb") as f:
-            return int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
 
 _SYSTEM_PREFIXES: tuple[str, ...] | None = None
 
@@ -295,8 +269,7 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
     than by SIG_IGN, because a handler is reset on exec: processes the
     function starts get the default SIGINT, not an inherited "ignore".
     """
-    global IN_WORKER
-    IN_WORKER = True
+    mark_in_worker()
     if hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)

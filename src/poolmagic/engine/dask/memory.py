@@ -1,4 +1,4 @@
-"""The memory guard on a dask LocalCluster that poolmagic started (mixed into DaskBackend).
+"""The memory guard on a dask LocalCluster that poolmagic started (``DaskBackend.memory``).
 
 The same rules as the local backend's (memory.py): a worker above its map's
 ``--max-memory`` is stopped and its item fails with ``WorkerMemoryError``
@@ -11,7 +11,7 @@ cluster's are not, and a map there with ``--max-memory`` is refused before
 it starts (``limits_memory``); dask's own worker memory limit covers it.
 
 dask's worker-side memory monitor (spill at 70 %, pause at 80 % of the
-worker's limit) is off on our cluster (daskplumbing.CLUSTER_CONFIG): our tasks
+worker's limit) is off on our cluster (plumbing.CLUSTER_CONFIG): our tasks
 are pinned to their worker, and a paused worker would hold them until its
 memory went down, which it may never do. The nanny's own last resort (it
 kills its worker at 95 %) stays.
@@ -21,57 +21,54 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import WorkerMemoryError
-from . import memory
-from .daskplumbing import kill_worker
-from .events import WorkerReplaced
+from ...errors import WorkerMemoryError
+from .. import memory
+from .plumbing import kill_worker
+from ..events import WorkerReplaced
+from .state import State
 
 
-class DaskMemoryGuard:
-    """Mixin of DaskBackend: stop a worker of our LocalCluster for its memory."""
+class MemoryGuard:
+    """Stops a worker of our LocalCluster for its memory (held by DaskBackend)."""
 
-    owned: bool
-    _jobs: list
-    _inflight: dict[int, Any]
-    _expected: set[str]
-    _next_guard: float
+    def __init__(self, state: State, link: Any, outcomes: Any) -> None:
+        self.state = state
+        self.link = link
+        self.outcomes = outcomes
+        self.owned = state.owned
+        self._next = 0.0  # when it looks next
 
-    @property
-    def limits_memory(self) -> bool:
-        """Whether maps may set ``--max-memory``: only our own cluster's workers can be looked at."""
-        return self.owned
-
-    def _guard_due(self) -> bool:
-        return self.owned and memory.SUPPORTED and bool(self._inflight) and time.perf_counter() >= self._next_guard
+    def due(self) -> bool:
+        return self.owned and memory.SUPPORTED and bool(self.state.inflight) and time.perf_counter() >= self._next
 
     def _running_chunks(self) -> dict[str, Any]:
-        """Each worker's running chunk, as the worker wrote it down (daskcluster marks)."""
+        """Each worker's running chunk, as the worker wrote it down (link.running_mark)."""
         running = {}
-        for address in {c.worker for c in self._inflight.values()}:
-            mark = self._running_mark(address)
-            c = self._inflight.get(mark) if mark is not None and mark >= 0 else None
+        for address in {c.worker for c in self.state.inflight.values()}:
+            mark = self.link.running_mark(address)
+            c = self.state.inflight.get(mark) if mark is not None and mark >= 0 else None
             if c is not None and c.worker == address:
                 running[address] = c
         return running
 
-    def _guard_memory(self) -> None:
-        self._next_guard = time.perf_counter() + memory.PERIOD_S
+    def guard(self) -> None:
+        self._next = time.perf_counter() + memory.PERIOD_S
         running = self._running_chunks()
         busy = {}
         for address, c in running.items():
-            pid = self._pid_of(address)
+            pid = self.link.pid_of(address)
             if pid is not None:
                 busy[address] = (pid, c.job.options.max_memory)
-        held = sum(j.received for j in self._jobs if j.active)
+        held = sum(j.received for j in self.state.jobs if j.active)
         for address, size, why in memory.over_limit(busy, held=held):
             self._memory_stop(running[address], busy[address][0], size, why)
 
     def _memory_stop(self, c: Any, pid: int, size: int, why: str) -> None:
         """Kill ``c``'s worker now; its item fails (a longer chunk runs again item by item to name it)."""
-        if not self._take(c):
+        if not self.state.take(c):
             return
-        self._cancel_futures([c])
-        self._expected.add(c.worker)  # what else it holds goes back to its jobs, unblamed
+        self.link.cancel([c])
+        self.state.expected.add(c.worker)  # what else it holds goes back to its jobs, unblamed
         kill_worker(pid)  # its nanny starts a new worker
         job = c.job
         if not job.active:
@@ -80,7 +77,7 @@ class DaskMemoryGuard:
         if len(c.items) > 1:
             job.retry_singly(c.start, c.items)
             return
-        slot = self._slot(c.worker)
+        slot = self.state.slot(c.worker)
         exc = WorkerMemoryError(
             f"dask worker {slot} ({c.worker}, pid {pid}) was stopped while running {c.describe()}: {why}. "
             f"Its nanny starts a new worker; items that finished are kept.",
@@ -89,23 +86,4 @@ class DaskMemoryGuard:
         job.items_failed(c.indices, exc, c.items, c.start)
         job.publish(WorkerReplaced(slot, pid, why))
         if not job.active:
-            self._abandon(job)
-
-    # provided by DaskCluster and DaskOutcomes, which come before this class among DaskBackend's bases
-    def _running_mark(self, address: str) -> int | None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _pid_of(self, address: str) -> int | None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _slot(self, address: str | None) -> int:  # pragma: no cover
-        raise NotImplementedError
-
-    def _take(self, c: Any) -> bool:  # pragma: no cover
-        raise NotImplementedError
-
-    def _cancel_futures(self, chunks: list) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _abandon(self, job: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
+            self.outcomes.abandon(job)
