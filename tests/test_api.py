@@ -81,7 +81,7 @@ def test_big_global_is_shipped_once_per_worker():
 
     with Pool(2) as pool:
         assert pool.map(read, range(64), chunksize=1) == [float(i) for i in range(64)]
-        key = pool.last_report and pool.backend._procs[0].fns
+        key = pool.last_report and pool.backend.workers.procs[0].fns
         assert len(key) == 1  # one function version cached in the worker
         arr[0] = -1.0  # a changed global is a new version: shipped again
         assert pool.map(read, range(2))[0] == -1.0

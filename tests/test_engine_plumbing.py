@@ -360,7 +360,7 @@ def test_results_a_worker_sent_before_it_was_killed_are_kept(tmp_path):
             held.set()
             release.wait(20)
 
-        backend._command(hold)  # the manager stops reading pipes until released
+        backend.manager.command(hold)  # the manager stops reading pipes until released
         try:
             assert held.wait(FAST)
             (tmp_path / "go").write_text("")

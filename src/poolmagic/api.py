@@ -31,9 +31,9 @@ from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
-from .engine.events import MapFinished
-from .engine.items import SEQUENCES, ItemSource
-from .engine.job import Job, write_outputs
+from .engine.core.events import MapFinished
+from .engine.core.items import SEQUENCES, ItemSource
+from .engine.core.job import Job, write_outputs
 from .engine.mapoptions import MapOptions
 from .errors import (
     BadInputError,
@@ -272,8 +272,8 @@ class Pool:
 
         text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
                            self.backend.state, self.max_memory)
-        detail = getattr(self.backend, "status_detail", None)  # e.g. a dask cluster's scheduler and dashboard
-        return f"{text}\n{detail()}" if detail is not None else text
+        detail = self.backend.status_detail()  # e.g. a dask cluster's scheduler and dashboard
+        return f"{text}\n{detail}" if detail is not None else text
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,

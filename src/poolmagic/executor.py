@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .api import Pool
 from .engine.base import Backend
-from .engine.events import ChunkStarted, MapFinished
+from .engine.core.events import ChunkStarted, MapFinished
 from .mpcompat import TimeoutError as PoolTimeoutError
 
 

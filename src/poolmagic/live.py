@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from .engine.events import ChunkFinished, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Waiting
+from .engine.core.events import ChunkFinished, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Waiting
 
 
 class Progress:

@@ -32,8 +32,8 @@ import cloudpickle
 
 from . import identity
 from .checkpointfile import CheckpointFileError, Stored, Writer, read, signing_key
-from .engine.events import ChunkFinished, MapFinished
-from .engine.items import SEQUENCES
+from .engine.core.events import ChunkFinished, MapFinished
+from .engine.core.items import SEQUENCES
 from .errors import BadInputError
 from .report import RunReport
 from .sentinel import NOT_DONE

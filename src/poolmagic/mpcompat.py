@@ -19,8 +19,8 @@ from collections import deque
 from multiprocessing.pool import CLOSE, RUN, TERMINATE, RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
-from .engine.events import ChunkFinished, ItemsFailed, MapFinished
-from .engine.rules import attach_report, write_outputs
+from .engine.core.events import ChunkFinished, ItemsFailed, MapFinished
+from .engine.core.rules import attach_report, write_outputs
 from .errors import BadInputError, MapCancelledError, MapFailedError, PoolmapError, add_note
 from .sentinel import NOT_DONE
 
@@ -397,7 +397,7 @@ class IMapIterator:
         if self._filed - self._next == BACKLOG // 2:
             with self._cond:
                 self._cond.notify_all()  # the feeder may go on
-        if self._job._pending_out:
+        if self._job.output.pending():
             write_outputs(self._job.take_printable(final=self._end is not None))
         ok, value = got
         if ok:

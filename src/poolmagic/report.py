@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .timeline import Timeline
 
 
-from .engine.events import ChunkRecord  # noqa: F401  (re-exported)
+from .engine.core.events import ChunkRecord  # noqa: F401  (re-exported)
 from .sentinel import NOT_DONE  # noqa: F401  (re-exported: results hold it)
 
 FAILED_KEPT = 100  # failed items whose values a report keeps, for rerun() of stream items

@@ -23,19 +23,17 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
     if name == "local" and address:
         raise BadInputError("--address goes with --backend dask (the local backend has no address)")
     old = get_pool()
-    if _same(old, name, address) and dashboard == getattr(old.backend, "dashboard", False):
+    if _same(old, name, address) and dashboard == old.backend.dashboard:
         return old
     # A LocalCluster or a local pool is sized like the pool it replaces; leaving a
     # remote cluster, the local pool takes the cores (not the cluster's size).
     if size is None:
-        size = None if getattr(old.backend, "address", None) else old.size
+        size = None if old.backend.address else old.size
     new = Pool(size, backend=name, address=address, dashboard=dashboard)
     new.threads = old.threads
     try:
         new.start()
-        wait_ready = getattr(new.backend, "wait_ready", None)
-        if wait_ready is not None:
-            wait_ready(timeout)
+        new.backend.wait_ready(timeout)
     except BaseException:
         new.shutdown()
         raise
@@ -54,7 +52,6 @@ def is_current(pool: Pool, name: str | None, address: str | None) -> bool:
 
 def _same(pool: Pool, name: str, address: str | None) -> bool:
     backend = pool.backend
-    kind = "dask" if type(backend).__name__ == "DaskBackend" else "local"
-    if kind != name or getattr(backend, "_closed", False):
+    if backend.name != name or backend.closed:
         return False
-    return kind == "local" or getattr(backend, "address", None) == address
+    return backend.address == address

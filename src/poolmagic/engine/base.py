@@ -10,16 +10,52 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from .job import Job
+from .core.job import Job
+from .core.transport import MEMORY_LIMIT
 
 
 class Backend(ABC):
-    """Runs Jobs on some set of workers. Thread-safe; never blocks the caller long."""
+    """Runs Jobs on some set of workers. Thread-safe; never blocks the caller long.
 
+    Callers (the API, ``%poolsize``, switching backends) use only what is
+    declared here: never a backend's class name or private attributes.
+    """
+
+    #: the name it is registered under (backends.py): "local", "dask"
+    name: str = "?"
     #: shown by %poolsize, e.g. "local processes (forkserver)"
     description: str = "?"
-    #: whether maps may set --max-memory: the workers' memory can be read from here
-    limits_memory: bool = True
+    #: what it cannot do (core/transport.py CAPABILITIES); a map needing one is refused
+    lacks: frozenset[str] = frozenset()
+    #: the cluster it is connected to, if any (``Pool(backend="dask", address=...)``)
+    address: str | None = None
+    #: whether it serves a dashboard
+    dashboard: bool = False
+    _closed: bool = False
+
+    @property
+    def limits_memory(self) -> bool:
+        """Whether maps may set --max-memory: the workers' memory can be read from here."""
+        return MEMORY_LIMIT not in self.lacks
+
+    @property
+    def closed(self) -> bool:
+        """Shut down (or disowned in a forked child): it runs no more maps."""
+        return self._closed
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the workers can take maps (a cluster up or connected); raise why not.
+
+        Local workers start with the first map: nothing to wait for.
+        """
+
+    def status_detail(self) -> str | None:
+        """A second line for ``%poolsize`` (a cluster's scheduler, workers, dashboard), or None."""
+        return None
+
+    def disown(self) -> None:
+        """In a child made by a bare ``os.fork()``: the workers are the parent's; touch nothing."""
+        self._closed = True
 
     @property
     @abstractmethod

@@ -17,33 +17,13 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from ..errors import short_repr
 from . import protocol as P
-from .runchunk import CACHE_SIZE
+from .core.inflight import Chunk
+from .core.runchunk import CACHE_SIZE
 
 SHARED_MIN_BYTES = 1 << 20  # a function's buffers above this go to all workers through shared memory
 
-
-
-class Chunk:
-    """Items ``start .. start+len(items)-1`` of one job, sent to one worker."""
-
-    __slots__ = ("seq", "job", "start", "items", "cancelled", "t_sent")
-
-    def __init__(self, seq: int, job: Any, start: int, items: Any):
-        self.seq, self.job, self.start, self.items = seq, job, start, items
-        self.cancelled = False
-        self.t_sent = time.perf_counter()
-
-    @property
-    def indices(self) -> list[int]:
-        return list(range(self.start, self.start + len(self.items)))
-
-    def describe(self) -> str:
-        n = len(self.items)
-        if n == 1:
-            return f"item {self.start} ({short_repr(self.items[0])})"
-        return f"items {self.start}–{self.start + n - 1}"
+__all__ = ["SHARED_MIN_BYTES", "Chunk", "WorkerHandle", "kill_group"]  # Chunk: its old path (dask imports it here)
 
 
 class WorkerHandle:

@@ -5,7 +5,6 @@ helper processes; the supervisor in ``local.py`` only decides *when*.
 """
 from __future__ import annotations
 
-import atexit
 import mmap
 import multiprocessing as mp
 import os
@@ -14,9 +13,10 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from multiprocessing import connection, util
 from typing import Any, Hashable
+
+from .core.exits import ExitList
 
 
 WORKER_NAME = "poolmagic-worker"
@@ -41,7 +41,8 @@ def forkserver_preload() -> list[str]:
     return [WORKER_MODULE, SERVER_HOOKS, "threadpoolctl", *warm_modules()]
 
 
-_STARTED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # backends with processes to stop
+# Made here, after multiprocessing.util registered its exit handler: ours runs first.
+_STARTED = ExitList(disown_at_fork=True)  # backends with processes to stop
 
 
 def stop_at_exit(backend: Any) -> None:
@@ -52,29 +53,14 @@ def stop_at_exit(backend: Any) -> None:
     terminated and the join hung for ever (or raised, when the manager reaped a
     worker first). atexit runs handlers in reverse order, and multiprocessing
     registered its own when this module imported ``multiprocessing.util``, so
-    ``_shutdown_started`` runs first.
+    ours runs first.
     """
     _STARTED.add(backend)
 
 
 def others_have_workers(backend: Any) -> bool:
     """Whether a started backend other than ``backend`` has live workers (they share the forkserver)."""
-    return any(b is not backend and b.worker_pids() for b in list(_STARTED))
-
-
-def _shutdown_started() -> None:
-    for backend in list(_STARTED):
-        backend.shutdown()
-
-
-def _disown_started() -> None:
-    for backend in list(_STARTED):
-        backend.disown()
-
-
-atexit.register(_shutdown_started)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_disown_started)
+    return any(b.worker_pids() for b in _STARTED.others(backend))
 
 
 def default_start_method() -> str:

@@ -42,8 +42,8 @@ from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .chunk import PKG_DIR, pack_results
-from .runchunk import CACHE_SIZE, mark_in_worker, run_chunk
+from .core.chunk import PKG_DIR, pack_results
+from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 

@@ -57,13 +57,15 @@ from distributed import Client, LocalCluster
 
 from ...errors import NestedPoolError, PoolmapError
 from ..base import Backend
-from ..job import Job
-from ..runchunk import in_worker
+from ..core.transport import MEMORY_LIMIT
+from ..core.job import Job
+from ..core.runchunk import in_worker
 from .link import REFRESH_OWNED_S, REFRESH_REMOTE_S, ClusterLink
 from .memory import MemoryGuard
 from .outcomes import Outcomes
 from .plumbing import forget_at_exit, stop_at_exit
-from .scheduling import WINDOW, Scheduler
+from ..core.schedule import WINDOW
+from .scheduling import Scheduler
 from .state import State
 
 CONNECT_WAIT_S = 30.0  # how long a map's checks wait for a remote scheduler's connection
@@ -86,7 +88,10 @@ class DaskBackend(Backend):
         self._size = max(1, int(size))
         self.address = address
         self.owned = address is None
+        self.dashboard = bool(dashboard) and self.owned
         self.description = "dask LocalCluster" if self.owned else f"dask cluster {address}"
+        # a remote cluster's workers are on other machines: their memory cannot be read from here
+        self.lacks = frozenset() if self.owned else frozenset({MEMORY_LIMIT})
         self._q: queue.SimpleQueue = queue.SimpleQueue()  # callables the manager thread runs
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -94,7 +99,7 @@ class DaskBackend(Backend):
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.shared = State(self.owned)
-        self.link = ClusterLink(self.shared, address, lambda: self._size, bool(dashboard) and self.owned,
+        self.link = ClusterLink(self.shared, address, lambda: self._size, self.dashboard,
                                 f"poolmagic-{uuid.uuid4().hex[:8]}", self._q.put, self._wake, lambda: self._closed)
         self.outcomes = Outcomes(self.shared, self.link)
         self.link.events = self.outcomes
@@ -114,11 +119,6 @@ class DaskBackend(Backend):
     def remote_env(self) -> Any:
         """What a remote cluster's workers get of this kernel (env.py); None for our own."""
         return self.link.remote_env
-
-    @property
-    def limits_memory(self) -> bool:
-        """Whether maps may set ``--max-memory``: only our own cluster's workers can be looked at."""
-        return self.owned
 
     # ------------------------------------------------------------------ Backend
     @property
@@ -177,21 +177,15 @@ class DaskBackend(Backend):
             self._q.put(cmd)
 
     def cancel(self, job: Job, error: BaseException | None = None, wait: float = 1.0) -> None:
-        done = threading.Event()
+        self.outcomes.policy.cancel(self._command, job, error, wait)
 
-        def cmd() -> None:
-            job.stop(error)
-            self.outcomes.abandon(job)
-            done.set()
-
+    def _command(self, cmd: Any) -> bool:
+        """Hand ``cmd`` to the manager thread; False if none runs (the caller runs it then)."""
         with self._lock:
             running = self._thread is not None and not self._closed
             if running:
                 self._q.put(cmd)
-        if not running:
-            cmd()
-        elif wait:
-            done.wait(wait)
+        return running
 
     def resize(self, n: int) -> None:
         n = max(1, int(n))

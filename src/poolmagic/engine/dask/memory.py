@@ -24,7 +24,6 @@ from typing import Any
 from ...errors import WorkerMemoryError
 from .. import memory
 from .plumbing import kill_worker
-from ..events import WorkerReplaced
 from .state import State
 
 
@@ -70,20 +69,8 @@ class MemoryGuard:
         self.link.cancel([c])
         self.state.expected.add(c.worker)  # what else it holds goes back to its jobs, unblamed
         kill_worker(pid)  # its nanny starts a new worker
-        job = c.job
-        if not job.active:
-            job.drop_chunk()
-            return
-        if len(c.items) > 1:
-            job.retry_singly(c.start, c.items)
-            return
-        slot = self.state.slot(c.worker)
-        exc = WorkerMemoryError(
-            f"dask worker {slot} ({c.worker}, pid {pid}) was stopped while running {c.describe()}: {why}. "
-            f"Its nanny starts a new worker; items that finished are kept.",
-            c.indices, size, job.options.max_memory,
-        )
-        job.items_failed(c.indices, exc, c.items, c.start)
-        job.publish(WorkerReplaced(slot, pid, why))
-        if not job.active:
-            self.outcomes.abandon(job)
+        what = f"dask worker {self.state.slot(c.worker)} ({c.worker}, pid {pid}) was stopped while running " \
+               f"{c.describe()}: {why}"
+        self.outcomes.policy.worker_lost(c, WorkerMemoryError, what, lambda: WorkerMemoryError(
+            f"{what}. Its nanny starts a new worker; items that finished are kept.",
+            c.indices, size, c.job.options.max_memory))

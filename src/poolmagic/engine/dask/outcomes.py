@@ -28,13 +28,13 @@ from ...errors import (
     add_note,
     exit_description,
     rebuild_exception,
-    safe_str,
 )
 from . import forkserver
 from .. import protocol as P
 from .plumbing import EXITS, kill_worker
-from ..events import ChunkRecord, WorkerReplaced
-from ..job import Job
+from ..core.events import ChunkRecord
+from ..core.failures import FailurePolicy
+from ..core.job import Job
 from .state import DaskChunk, State
 
 EXIT_CODE_WAIT_S = 0.2  # how long a crash report waits for the nanny to say how its worker ended
@@ -65,14 +65,9 @@ class Outcomes:
         self.state = state
         self.link = link
         self.owned = state.owned
-
-    # ------------------------------------------------------------------ bookkeeping
-    def give_back(self, c: DaskChunk) -> None:
-        """A chunk that did not run to its end through no fault of its own: run it again."""
-        if c.job.active:
-            c.job.requeue(c.start, c.items)
-        else:
-            c.job.drop_chunk()
+        # the failure policy every backend shares (core/failures.py); abandoning a map is ours
+        self.policy = FailurePolicy(self.abandon, the_worker="the dask worker", a_worker="a dask worker")
+        self.give_back = self.policy.give_back  # (not the items' fault: run again, or dropped)
 
     # ------------------------------------------------------------------ results
     def on_result(self, fut: Any, result: Any) -> None:
@@ -96,8 +91,8 @@ class Outcomes:
         if status == "finished":
             if result[0] == "done":
                 self._done(c, result)
-            else:
-                self._chunk_failed(c, result[1], result[2])
+            else:  # the items did not unpickle, or the context or function could not be applied
+                self.policy.chunk_failed(c, result[1], rebuild_exception(result[2], job.filename_of))
         elif any(d.status != "finished" for d in c.deps):
             # dask cancels a task whose scattered input died with every worker that
             # held it ("lost dependencies"): the version is scattered again, the chunk re-run
@@ -136,25 +131,6 @@ class Outcomes:
         except Exception:
             return
         c.job.late_results(c.start, out, [(i, None) for i, _ in errs])
-
-    def _chunk_failed(self, c: DaskChunk, stage: str, packed: dict) -> None:
-        job = c.job
-        exc = rebuild_exception(packed, job.filename_of)
-        if stage == "decode":
-            if len(c.items) > 1:  # find the item that does not unpickle
-                job.retry_singly(c.start, c.items)
-                return
-            err = ItemPicklingError(
-                f"{c.describe()} could not be unpickled in the dask worker: {type(exc).__name__}: {safe_str(exc)}"
-            )
-            err.__cause__ = exc
-            job.items_failed(c.indices, err, c.items, c.start)
-            return
-        where = ("the kernel's working directory or environment could not be applied"
-                 if stage == "context" else "the function could not be loaded")
-        add_note(exc, f"poolmagic: {where} in a dask worker.")
-        job.drop_chunk()
-        job.fail(exc)
 
     def _errored(self, c: DaskChunk, exc: BaseException) -> None:
         """The task itself failed (not the function's items: run_chunk catches those)."""
@@ -238,10 +214,10 @@ class Outcomes:
         return None if vanished or not open_ else open_[0]
 
     def _crashed(self, c: DaskChunk, address: str, pid: int | None = None) -> None:
-        """``c`` was running when its worker died: its items fail (or are isolated)."""
-        job = c.job
-        if not job.active:
-            job.drop_chunk()
+        """``c`` was running when its worker died: its item fails; several are run again
+        one by one to find the one that kills workers, as the local backend does."""
+        if not c.job.active:
+            c.job.drop_chunk()
             return
         code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
         pid = c.pid or pid
@@ -252,22 +228,9 @@ class Outcomes:
         else:
             what = "left the cluster (it died or was stopped)"
             tail = "Items that finished are kept."
-        if len(c.items) > 1:
-            # find the item that kills workers, as the local backend does: its chunk's
-            # other items are not to blame, nor failed attempts of theirs (--retries)
-            job.publish(WorkerReplaced(self.state.slot(address), pid or 0, what))
-            job.isolate(c.start, c.items, f"dask worker {self.state.slot(address)} ({where}) {what} while "
-                        f"running {c.describe()}", WorkerCrashedError)
-            return
-        exc = WorkerCrashedError(
-            f"dask worker {self.state.slot(address)} ({where}) {what} while running {c.describe()}. {tail}",
-            c.indices,
-            code,
-        )
-        job.items_failed(c.indices, exc, c.items, c.start)
-        job.publish(WorkerReplaced(self.state.slot(address), pid or 0, what))
-        if not job.active:
-            self.abandon(job)
+        said = f"dask worker {self.state.slot(address)} ({where}) {what} while running {c.describe()}"
+        self.policy.worker_lost(c, WorkerCrashedError, said,
+                                lambda: WorkerCrashedError(f"{said}. {tail}", c.indices, code))
 
     # ------------------------------------------------------------------ timeouts, cancel
     @staticmethod
@@ -298,19 +261,11 @@ class Outcomes:
             else:
                 what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
                         "stopped) and its result will be dropped")
-            job = c.job
-            if len(c.items) > 1:  # isolate the item that hung, as locally: the others are not to blame
-                job.isolate(c.start, c.items, f"{c.describe()} ran longer than the "
-                            f"{job.options.timeout:g} s timeout per item", ItemTimeoutError)
-                continue
-            exc = ItemTimeoutError(
-                f"{c.describe()} ran longer than the {job.options.timeout:g} s timeout; {what}.",
-                c.start,
-                job.options.timeout,
-            )
-            job.items_failed(c.indices, exc, c.items, c.start)
-            if not job.active:
-                self.abandon(job)
+            t = c.job.options.timeout
+            self.policy.worker_lost(
+                c, ItemTimeoutError, f"{c.describe()} ran longer than the {t:g} s timeout per item",
+                lambda c=c, t=t, what=what: ItemTimeoutError(
+                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.start, t))
 
     def _stop_running(self, c: DaskChunk) -> None:
         """A task we gave up on while it runs: kill its worker (ours), or wait out its end (remote)."""
@@ -364,8 +319,3 @@ class Outcomes:
             return False  # a remote task runs on anyway; unknown: it may run for ever
         ran = time.perf_counter() - c.began if c.began is not None else 0.0
         return t * len(c.items) - ran < RESTART_S
-
-    def unpicklable_items(self, job: Job, start: int, items: Any) -> None:
-        job.unsendable(start, items)
-        if not job.active:
-            self.abandon(job)

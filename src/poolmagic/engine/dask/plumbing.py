@@ -6,7 +6,6 @@ backend (backend.py) only decides *when*.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
@@ -14,7 +13,6 @@ import re
 import signal
 import sys
 import threading
-import weakref
 from typing import Any
 
 import cloudpickle
@@ -25,6 +23,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import silence_logging_cmgr
 
 from ...errors import PoolmapError
+from ..core.exits import ExitList
 from . import forkserver
 from .preload import WARM_ENV, unbatch
 from .scale import PoolCluster
@@ -342,7 +341,8 @@ def dashboard_link(client: Client) -> str | None:
         return None
 
 
-_STARTED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Made here, after distributed registered its exit handlers when it was imported: ours runs first.
+_STARTED = ExitList()
 
 
 def stop_at_exit(backend: Any) -> None:
@@ -358,12 +358,3 @@ def stop_at_exit(backend: Any) -> None:
 
 def forget_at_exit(backend: Any) -> None:
     _STARTED.discard(backend)
-
-
-@atexit.register
-def _shutdown_started() -> None:
-    for backend in list(_STARTED):
-        try:
-            backend.shutdown()
-        except Exception:
-            pass

@@ -27,12 +27,11 @@ from . import env, task
 from .. import protocol as P
 from .link import _close
 from .state import DaskChunk, State
+from ..core.job import Job
+from ..core.schedule import STREAM_MAX_CHUNK, WINDOW, RoundRobin, timed, workers_for
 from ..handle import SHARED_MIN_BYTES
-from ..job import STREAM_MAX_CHUNK, Job
-from ..runchunk import TIMED_ABOVE_S
 from ..processes import shared_buffers
 
-WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
 # A dask task costs ~6 ms of CPU between the client, the scheduler and the
 # worker (a local chunk ~0.1 ms), on the cores the items need: chunks of ~200 ms
 # keep that near 3 %, where the local backend's 25 ms chunks would make it a
@@ -60,12 +59,12 @@ class Scheduler:
         self.outcomes = outcomes
         self.size = size
         self.owned = state.owned
-        self._rr = 0
+        self._turns = RoundRobin()  # the maps take turns for each worker (core/schedule.py)
         self._seq = itertools.count()
         self._token = uuid.uuid4().hex[:8]
 
     def workers_for(self, job: Job) -> int:
-        return job.options.workers or self.size()
+        return workers_for(job, self.size())
 
     def schedule(self) -> None:
         if self.state.jobs and self.link.client is not None:
@@ -93,7 +92,7 @@ class Scheduler:
                     # first ran after an item that killed its worker, and was lost).
                     if load[address] >= WINDOW or address in waiting:
                         continue
-                    job = self._pick(jobs, rank[address])
+                    job = self._turns.pick(jobs, rank[address])
                     if job is None:
                         continue
                     size = self._chunk_size(job, address, usable)
@@ -155,16 +154,6 @@ class Scheduler:
                 busy[c.worker] += left
         return busy
 
-    def _pick(self, jobs: list[Job], rank: int) -> Job | None:
-        n = len(jobs)
-        for k in range(n):
-            job = jobs[(self._rr + k) % n]
-            w = job.options.workers
-            if job.has_work() and (w is None or rank < w):
-                self._rr = (self._rr + k + 1) % n
-                return job
-        return None
-
     def _send(self, job: Job, start: int, items: Any, address: str) -> bool:
         """Submit one chunk as one task pinned to ``address``; False if it was not sent."""
         if type(items) is range:
@@ -173,11 +162,9 @@ class Scheduler:
             try:
                 data, frames = P.dumps_oob(items, cloudpickle.dumps)
             except Exception:
-                self.outcomes.unpicklable_items(job, start, items)
+                self.outcomes.policy.unsendable(job, start, items)
                 return False
             wire = task.Blob(None, data, frames)
-        t = job.per_item_s()
-        timed = t is None or t >= TIMED_ABOVE_S
         seq = next(self._seq)
         try:
             fn = self._scattered(self.link.blobs, job.payload.key, lambda: self._function_blob(job.payload))
@@ -189,7 +176,7 @@ class Scheduler:
                 overlay = env.overlay_for(job.context)
                 ctx = self._scattered(self.link.contexts, overlay.key, lambda: task.Box(overlay))
             fut = self.link.client.submit(
-                task.run, fn, ctx, seq, start, wire, job.wire_options, timed, self.link.topic, not self.owned,
+                task.run, fn, ctx, seq, start, wire, job.wire_options, timed(job), self.link.topic, not self.owned,
                 self.link.marks, job.seed_indices(start, len(items)),
                 key=f"poolmap-{_task_name(job)}-{self._token}-{seq}", retries=0,
                 workers=[address], allow_other_workers=False,

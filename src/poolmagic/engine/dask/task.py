@@ -23,8 +23,8 @@ from typing import Any
 
 from ... import errors as _errors
 from .. import protocol as P
-from ..chunk import PKG_DIR, pack_results
-from ..runchunk import CACHE_SIZE, mark_in_worker, run_chunk
+from ..core.chunk import PKG_DIR, pack_results
+from ..core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from ..context import ContextApplier
 from .draws import isolate as _isolate_random
 

@@ -8,11 +8,13 @@ once; worker output is written to the caller's streams.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import ItemExitError, MapFailedError, PoolmapError, safe_str, short_repr
+from ...errors import ItemExitError, MapFailedError, PoolmapError, safe_str, short_repr
+from ...sentinel import NOT_DONE
 
 if TYPE_CHECKING:
     from .job import Job
@@ -70,10 +72,6 @@ class ItemTimes:
                 self._known.popitem(last=False)
 
 
-def _first(t: tuple) -> Any:
-    return t[0]
-
-
 def write_outputs(batch: list[tuple[int, int, str, str]]) -> None:
     """Write captured worker output to this thread's stdout/stderr."""
     for _idx, _seq, stream, text in batch:
@@ -105,3 +103,45 @@ def attach_report(exc: BaseException, r: Any) -> None:
             exc.report = r
     except (AttributeError, TypeError):
         pass
+
+
+def star_hint(func: Any, options: Any, exc: BaseException, value: Any) -> str | None:
+    """A TypeError on a tuple item whose length the function's arity matches: --star."""
+    if options.star or not isinstance(exc, TypeError) or not isinstance(value, tuple):
+        return None
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) <= len(value) <= len(positional) and len(value) > 1:
+        return (
+            f"poolmagic: each item is a tuple of {len(value)} values and the function takes "
+            f"{len(positional)} arguments: did you mean --star (star=True), to call f(*item)?"
+        )
+    return None
+
+
+def absorbed_notes(r: Any, isolated: list[tuple[int, int, str, type]], at: Callable[[int], int]) -> list[str]:
+    """What the results alone would hide, said under the summary: flaky crashes, retried items.
+
+    ``isolated``: chunks re-run item by item after a crash, timeout or memory
+    stop (start, count, what happened, its error class); ``at``: a job
+    position's index in the report.
+    """
+    notes = []
+    for start, count, what, kind in isolated:
+        idx = [at(p) for p in range(start, start + count)]
+        if any(isinstance(r.errors.get(i), kind) for i in idx):
+            continue  # the culprit did it again and failed, named
+        if any(i not in r.errors and (i >= len(r.results) or r.results[i] is NOT_DONE) for i in idx):
+            continue  # the map ended before the re-runs did
+        notes.append(f"{what}; its items were run again one by one and none did it again: one "
+                     f"of them does it only sometimes (results are from the re-runs)")
+    ok = [i for i in r.attempts if i not in r.errors]
+    if ok:
+        shown = ", ".join(map(str, sorted(ok)[:5])) + (", …" if len(ok) > 5 else "")
+        notes.append(f"{len(ok):,} item{'s' if len(ok) != 1 else ''} succeeded only after a retry "
+                     f"({shown}); each failed attempt's error: _poolmap.attempts[i]")
+    return notes

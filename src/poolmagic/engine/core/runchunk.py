@@ -1,7 +1,7 @@
 """The one place a worker reads a map's options: ``run_chunk(fn, items, options)``.
 
-Every backend's worker (a local worker process, worker.py; a dask task,
-dask/task.py) runs a chunk through here, so a new per-item option is a field
+Every backend's worker (a local worker process, engine/worker.py; a dask
+task, engine/dask/task.py) runs a chunk through here, so a new per-item option is a field
 of MapOptions (mapoptions.py) plus its use below, and it works on every
 backend: before, each worker unpacked the options itself, and an option read
 by one could silently do nothing on the other.
@@ -19,7 +19,6 @@ from typing import Any, Callable, NamedTuple
 from .chunk import run_chunk as _run_items
 
 CACHE_SIZE = 4  # functions and contexts kept per worker process (the local parent mirrors this LRU)
-TIMED_ABOVE_S = 10e-6  # per-item timing costs ~0.1 µs: a chunk is timed item by item only above this
 _in_worker = False  # True in a worker process (or a dask worker, once it ran a chunk): no nested pools
 
 

@@ -1,0 +1,70 @@
+"""The caller's side of a map: waiting for it, and what the caller's thread checks before sending.
+
+A blocking map's caller (or an async map's feeder thread) waits here: it
+reads a stream's items (never the backend's thread: user code must not stall
+the pool), prints worker output in item order and lets a progress display
+render, until the map ends.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import cloudpickle
+
+from ...errors import ItemPicklingError, pickling_error, safe_str
+from ...serialize import describe
+
+if TYPE_CHECKING:
+    from .job import Job
+
+
+def wait_for(job: Job, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True,
+             on_tick: Callable[[], None] | None = None) -> bool:
+    """Block until ``job`` is done, feeding a stream's items and writing output; True when finished.
+
+    ``feed``: this thread reads the ITERABLE (a blocking map's caller, or
+    an async map's feeder thread); only one thread may. ``on_tick`` runs on
+    this thread at least every 0.1 s (a progress display renders there).
+    """
+    __tracebackhide__ = True
+    deadline = None if timeout is None else time.monotonic() + timeout
+    source = job.source
+    while True:
+        if feed and source.needs_feed() and job.active:
+            error = source.feed()
+            if error is not None:
+                job.abort(error)
+            elif source.exhausted:
+                job.maybe_finish()
+        with job.cond:
+            if not job.finished.is_set() and not job.output.ready() and not (feed and source.needs_feed()):
+                left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if left > 0:
+                    job.cond.wait(left)
+            done = job.finished.is_set()
+            batch = job.output.take(final=done)
+        if on_output is not None and batch:
+            on_output(batch)
+        if on_tick is not None:
+            on_tick()
+        if done:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
+
+def unpicklable(start: int, items: Any) -> dict[int, BaseException]:
+    """Which items of a chunk that did not pickle do not, each with an error naming it (by offset)."""
+    bad: dict[int, BaseException] = {}
+    for k, x in enumerate(items):
+        try:
+            cloudpickle.dumps(x, protocol=5)
+        except Exception as exc:
+            bad[k] = pickling_error(
+                f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                f"to a worker: {safe_str(exc)}", exc
+            )
+    if not bad:  # the items pickle one by one; report the whole chunk
+        bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+    return bad

@@ -1,0 +1,154 @@
+"""Where a map's items come from, without running user code on the manager thread.
+
+``range``, ``list`` and ``tuple`` are sliced by the backend directly: slicing
+them runs no user code. Anything else (a generator, a queue reader, a sqlite
+cursor, a DataFrame's rows) is read by the *caller's* thread — the one that
+waits for the map, or a feeder thread for an async map — into a bounded
+buffer the backend takes chunks from. A blocking or slow iterable then stalls
+nothing but its own map: the pool stays responsive, an interrupt stops the
+read, and iterables tied to their thread (sqlite3) work.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from ...errors import add_note
+
+SEQUENCES = (range, list, tuple)
+MAX_READ_AHEAD = 1 << 17  # items buffered from a stream at most
+FAST_RATE = 100_000  # items/s above which a stream is read in batches
+
+
+class ItemSource:
+    """Hands out consecutive items: ``take`` on the manager side, ``feed`` on the caller's."""
+
+    SAMPLE_SIZE = 2000
+
+    def __init__(self, iterable: Iterable):
+        self.seq = iterable if type(iterable) in SEQUENCES else None
+        self.it = None if self.seq is not None else iter(iterable)
+        try:
+            self.length: int | None = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            self.length = None
+        self.pos = 0  # items handed out
+        self.read = 0  # items read from the stream
+        self.exhausted = self.length == 0  # nothing more will ever be handed out
+        self.stream_done = self.seq is not None  # the iterator has ended (or failed)
+        self.sample: list = []  # first items of a stream, kept for %poolsize --tune
+        self.error: BaseException | None = None  # what the stream raised, if it did
+        self._buffer: deque = deque()
+        self._lock = threading.Lock()
+        self.want = 1  # how many items the backend would like buffered
+        self._fast = False  # the stream proved fast: read it in batches
+        self.on_low: Callable[[], None] | None = None  # the buffer ran low (wake the feeder)
+        self.on_items: Callable[[], None] | None = None  # items arrived (wake the backend)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.seq is None
+
+    def items_for_sampling(self) -> Any:
+        """Items that can be mapped again: the sequence, or a stream's first items."""
+        return self.seq if self.seq is not None else self.sample
+
+    def remaining(self) -> int | None:
+        return None if self.length is None else self.length - self.pos
+
+    def has_items(self) -> bool:
+        """Items can be taken now (a stream may be waiting for its feeder)."""
+        return not self.exhausted and (self.seq is not None or bool(self._buffer))
+
+    # ------------------------------------------------------------ backend side
+    def take(self, n: int) -> tuple[int, Any] | None:
+        """Up to ``n`` next items as (first index, items), or None if none are ready."""
+        if self.exhausted:
+            return None
+        start = self.pos
+        if self.seq is not None:
+            items = self.seq[start : start + n]
+            self.pos += len(items)
+            if len(items) < n or (self.length is not None and self.pos >= self.length):
+                self.exhausted = True
+            return (start, items) if len(items) else None
+        with self._lock:
+            buf = self._buffer
+            k = min(n, len(buf))
+            items = [buf.popleft() for _ in range(k)]
+            self.pos += k
+            if not buf and self.stream_done:
+                self.exhausted = True
+            low = not self.stream_done and len(buf) * 2 < self.want
+        if low and self.on_low is not None:
+            self.on_low()
+        return (start, items) if items else None
+
+    def set_want(self, n: int) -> None:
+        self.want = max(1, min(n, MAX_READ_AHEAD))
+
+    # ------------------------------------------------------------ caller side
+    def needs_feed(self) -> bool:
+        return not self.stream_done and len(self._buffer) * 2 < self.want
+
+    def feed(self) -> BaseException | None:
+        """Read items until the buffer holds what the backend wants (caller's thread).
+
+        A slow stream is read item by item, each handed over as soon as it
+        exists (a producer that waits for results must not wait for a batch);
+        once the stream proves fast (over FAST_RATE items/s) it is read in C-speed
+        batches. Returns the exception the iterable raised, noted with the
+        position of the item it was producing; KeyboardInterrupt propagates.
+        """
+        __tracebackhide__ = True
+        error = None
+        buf = self._buffer
+        while not self.stream_done and len(buf) < self.want:
+            n = self.want - len(buf)
+            before = self.read
+            t = time.perf_counter()
+            got: list = []
+            try:
+                if self._fast:
+                    try:
+                        got.extend(itertools.islice(self.it, n))  # type: ignore[arg-type]
+                    finally:
+                        with self._lock:
+                            buf.extend(got)
+                            self.read += len(got)
+                else:
+                    n = min(n, 64)
+                    for x in itertools.islice(self.it, n):  # type: ignore[arg-type]
+                        got.append(x)
+                        buf.append(x)  # the backend may take it at once
+                        self.read += 1
+                        if self.on_items is not None:
+                            self.on_items()
+            except Exception as exc:
+                add_note(exc, f"poolmagic: raised by the ITERABLE while producing item {self.read}.")
+                error = exc
+            count = self.read - before
+            self._fast = count >= 16 and count / max(time.perf_counter() - t, 1e-9) > FAST_RATE
+            if len(self.sample) < self.SAMPLE_SIZE:
+                self.sample.extend(got[: self.SAMPLE_SIZE - len(self.sample)])
+            with self._lock:
+                if error is not None:  # set before "exhausted": a map that sees the one must see the other
+                    self.error = error  # the map must end failed with it, never "done"
+                if error is not None or count < n:
+                    self.stream_done = True
+                    if not buf:
+                        self.exhausted = True
+            if self.on_items is not None:
+                self.on_items()
+            if error is not None:
+                break
+        return error
+
+    def close(self) -> None:
+        """Drop buffered items (the map ended early)."""
+        with self._lock:
+            self._buffer.clear()
+            self.stream_done = self.exhausted = True
