@@ -257,6 +257,23 @@ def test_results_in_input_order(backend):
     assert report.status == "done"
 
 
+def spin(x):
+    """About 20 ms of CPU (a loop, not a sleep)."""
+    end = time.process_time() + 0.02
+    while time.process_time() < end:
+        pass
+    return x
+
+
+def test_each_chunk_reports_its_cpu_and_wait_time(backend):
+    """The map's card compares CPU with wall time: a dask chunk's cpu_s and waited_s
+    reach its record as a local chunk's do (before: None and 0 on dask)."""
+    report = backend.run(spin, range(6), chunksize=2)
+    assert len(report.chunks) == 3
+    assert all(c.cpu_s is not None and c.cpu_s >= 0.03 for c in report.chunks), [c.cpu_s for c in report.chunks]
+    assert all(0.0 <= c.waited_s <= c.t1 - c.t0 for c in report.chunks)
+
+
 def test_tiny_items_go_in_chunks_not_one_task_each(backend):
     report = backend.run(double, range(50_000))
     assert report.results[-1] == 99_998

@@ -169,7 +169,7 @@ class DaskBackend(Backend):
         def cmd() -> None:
             self.shared.item_times.recall(job)
             self.shared.jobs.append(job)
-            self._note_fewer_workers(job)
+            self.scheduler.note_fewer_workers(job)
             job.maybe_finish()  # an empty ITERABLE is done at once
 
         with self._lock:  # a failed start empties the queue under this lock: nothing is lost
@@ -305,16 +305,6 @@ class DaskBackend(Backend):
             self.memory.guard()
         self._fit_cluster()
         self.scheduler.schedule()
-
-    def _note_fewer_workers(self, job: Job) -> None:
-        """A remote cluster's workers are its own to add: ``-n N`` above them is said, not granted."""
-        n = job.options.workers
-        if not self.owned and n and n > self.size:
-            job.report.notes.append(
-                f"-n {n}: the dask cluster at {self.address} gave this pool {self.size} "
-                f"worker{'s' if self.size != 1 else ''}, and the map ran on those; "
-                f"start more with `dask worker {self.address}`"
-            )
 
     def _fit_cluster(self) -> None:
         """Our LocalCluster runs the pool's size, more while a map asks for more

@@ -66,6 +66,16 @@ class Scheduler:
     def workers_for(self, job: Job) -> int:
         return workers_for(job, self.size())
 
+    def note_fewer_workers(self, job: Job) -> None:
+        """A remote cluster's workers are its own to add: ``-n N`` above them is said, not granted."""
+        n = job.options.workers
+        if not self.owned and n and n > self.size():
+            job.report.notes.append(
+                f"-n {n}: the dask cluster at {self.link.address} gave this pool {self.size()} "
+                f"worker{'s' if self.size() != 1 else ''}, and the map ran on those; "
+                f"start more with `dask worker {self.link.address}`"
+            )
+
     def schedule(self) -> None:
         if self.state.jobs and self.link.client is not None:
             self.link.refresh_workers()
