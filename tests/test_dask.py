@@ -941,3 +941,38 @@ def test_a_killed_kernel_takes_its_workers_and_what_they_started_along(tmp_path)
     pids = [int(p) for line in out.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
     assert len(pids) == 5, out
     assert not wait_dead(pids, timeout=15), "a process outlived its killed kernel"
+
+
+def test_a_scatter_to_a_worker_that_just_left_is_tried_again():
+    """Found by the oracle on dask (a crash_once map): the client scattered the function
+    to a worker directly, the worker died, and the scheduler's update_data raised
+    KeyError of its address; the map failed at submit ("could not submit a task to
+    the dask cluster: KeyError: 'tls://…'"). The scheduling part alone, with a client
+    whose first scatter meets that."""
+    from collections import OrderedDict
+
+    from poolmagic.engine.dask.scheduling import Scheduler
+    from poolmagic.engine.dask.state import State
+
+    class Future:
+        status = "finished"
+
+    class Client:
+        calls = 0
+
+        def scatter(self, data, hash, timeout):
+            Client.calls += 1
+            if Client.calls == 1:
+                raise KeyError("tls://127.0.0.1:45839")
+            return Future()
+
+    class Link:
+        client = Client()
+        memfds: dict = {}
+
+        def refresh_workers(self, force=False):
+            pass
+
+    scheduler = Scheduler(State(owned=True), Link(), outcomes=None, size=lambda: 2)
+    fut = scheduler._scattered(OrderedDict(), "v1", lambda: b"the function")
+    assert isinstance(fut, Future) and Client.calls == 2
