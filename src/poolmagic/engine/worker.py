@@ -43,6 +43,7 @@ from multiprocessing import reduction
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
 from .core.chunk import PKG_DIR, pack_results
+from .core.childprocess import die_with_parent, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
@@ -243,22 +244,6 @@ def _is_user_file(path: str) -> bool:
     return not os.path.realpath(path).startswith(_SYSTEM_PREFIXES)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies, GIL or not."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(0)
-
-
 def main(conn, slot: int, warm: list[str] = ()) -> None:
     """Process entry point. ``warm``: modules to import before the first chunk.
 
@@ -275,37 +260,14 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
             os.setpgid(0, 0)
         except OSError:
             pass
-    _die_with_parent()
-    _release_forkserver_pipe()
+    die_with_parent()
+    release_forkserver_pipe()
     signal.signal(signal.SIGINT, _ignore_sigint)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
     random.seed()  # fresh OS entropy: no two workers share a random state
     Worker(conn, slot).serve(warm)
-
-
-def _release_forkserver_pipe() -> bool:
-    """Close the forkserver's "alive" pipe, which multiprocessing hands every child;
-    True if this process is such a child (False: it was spawned, or is a server).
-
-    The forkserver exits when every writer of that pipe is gone; it is meant to
-    be the kernel alone. A worker holding it kept the forkserver alive after
-    the kernel died while the worker was inside a long C call (its own pipe-EOF
-    exit cannot run then), and so kept itself alive: PR_SET_PDEATHSIG waits for
-    the forkserver. A nested forkserver in a worker starts its own.
-    """
-    fs = sys.modules.get("multiprocessing.forkserver")
-    server = getattr(fs, "_forkserver", None)
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if fd is None or getattr(server, "_forkserver_pid", None) is not None:
-        return False  # not a forkserver child (or this process runs its own forkserver)
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-    server._forkserver_alive_fd = None
-    return True
 
 
 def _ignore_sigint(signum: int, frame: object) -> None:

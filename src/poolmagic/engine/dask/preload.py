@@ -24,7 +24,7 @@ import os
 import signal
 from typing import Any
 
-from ..worker import _die_with_parent, _release_forkserver_pipe
+from ..core.childprocess import die_with_parent, release_forkserver_pipe
 
 WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
 
@@ -56,8 +56,8 @@ def dask_setup(worker: Any) -> None:
             os.setpgid(0, 0)
         except OSError:
             pass
-    if _release_forkserver_pipe():  # forked by our server (forkserver.py): die with it
-        _die_with_parent()
+    if release_forkserver_pipe():  # forked by our server (forkserver.py): die with it
+        die_with_parent()
     try:
         signal.signal(signal.SIGINT, _ignore)
     except ValueError:  # not the main thread
