@@ -41,7 +41,7 @@ DASK = Peer(
 # only to measure what TLS costs (--tcp).
 DASK_TCP = Peer(
     "poolmagic_dask_tcp", "poolmagic --backend dask (LocalCluster, plain TCP)", "distributed", "",
-    f"%load_ext poolmagic\nimport poolmagic.engine.daskplumbing as _dp\n_dp.BENCHMARK_PLAIN_TCP = True\n"
+    f"%load_ext poolmagic\nimport poolmagic.engine.dask.plumbing as _dp\n_dp.BENCHMARK_PLAIN_TCP = True\n"
     f"%poolsize {WORKERS}\n%poolsize --backend dask", magic=True,
 )
 LOCAL = bench.PEER_BY_KEY["poolmagic"]
@@ -53,7 +53,7 @@ def wl_cold(peer: Peer, cfg: Config, fresh) -> dict:
     src = "def f(x):\n    return x\n"
     switch = "get_ipython().run_line_magic('poolsize', '--backend dask')" if peer in (DASK, DASK_TCP) else ""
     if peer is DASK_TCP:
-        switch = "import poolmagic.engine.daskplumbing as _dp; _dp.BENCHMARK_PLAIN_TCP = True; " + switch
+        switch = "import poolmagic.engine.dask.plumbing as _dp; _dp.BENCHMARK_PLAIN_TCP = True; " + switch
     with fresh() as k:
         k.figures(PREAMBLE)
         out = k.figures(cell(

@@ -33,7 +33,7 @@ from conftest import run_script, wait_dead, wait_for  # noqa: E402
 
 import poolmagic  # noqa: E402
 from poolmagic import NOT_DONE, BadInputError, Pool  # noqa: E402
-from poolmagic.engine import daskforkserver  # noqa: E402
+from poolmagic.engine.dask import forkserver as daskforkserver  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -471,7 +471,7 @@ def test_shutdown_leaves_a_remote_cluster_running(remote_cluster):
 def test_a_bad_address_fails_with_the_reason_and_keeps_the_pool(ip, monkeypatch):
     from IPython.core.error import UsageError
 
-    from poolmagic.engine import daskcluster
+    from poolmagic.engine.dask import link as daskcluster
 
     monkeypatch.setattr(daskcluster, "CONNECT_TIMEOUT_S", 2.0)  # nothing listens there: no need to wait 10 s
     before = poolmagic.get_pool()
@@ -594,7 +594,7 @@ def test_dask_gets_its_own_process_context_back_when_our_last_cluster_closes():
         """
         import distributed.nanny, distributed.process
         from poolmagic import Pool
-        from poolmagic.engine import daskforkserver
+        from poolmagic.engine.dask import forkserver as daskforkserver
         originals = (distributed.process.get_mp_context, distributed.nanny.get_mp_context)
         pool = Pool(1, backend="dask")
         assert pool.map(abs, [-1, -2]) == [1, 2]
@@ -629,7 +629,7 @@ def test_a_killed_kernel_takes_its_workers_and_what_they_started_along(tmp_path)
     script.write_text(
         "import os, signal, subprocess, sys\n"
         "from poolmagic import Pool\n"
-        "from poolmagic.engine import daskforkserver\n"
+        "from poolmagic.engine.dask import forkserver as daskforkserver\n"
         "def start(x):\n"
         "    import subprocess\n"
         "    return subprocess.Popen(['sleep', '300']).pid\n"
@@ -643,3 +643,38 @@ def test_a_killed_kernel_takes_its_workers_and_what_they_started_along(tmp_path)
     pids = [int(p) for line in out.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
     assert len(pids) == 5, out
     assert not wait_dead(pids, timeout=15), "a process outlived its killed kernel"
+
+
+def test_a_scatter_to_a_worker_that_just_left_is_tried_again():
+    """Found by the oracle on dask (a crash_once map): the client scattered the function
+    to a worker directly, the worker died, and the scheduler's update_data raised
+    KeyError of its address; the map failed at submit ("could not submit a task to
+    the dask cluster: KeyError: 'tls://…'"). The scheduling part alone, with a client
+    whose first scatter meets that."""
+    from collections import OrderedDict
+
+    from poolmagic.engine.dask.scheduling import Scheduler
+    from poolmagic.engine.dask.state import State
+
+    class Future:
+        status = "finished"
+
+    class Client:
+        calls = 0
+
+        def scatter(self, data, hash, timeout):
+            Client.calls += 1
+            if Client.calls == 1:
+                raise KeyError("tls://127.0.0.1:45839")
+            return Future()
+
+    class Link:
+        client = Client()
+        memfds: dict = {}
+
+        def refresh_workers(self, force=False):
+            pass
+
+    scheduler = Scheduler(State(owned=True), Link(), outcomes=None, size=lambda: 2)
+    fut = scheduler._scattered(OrderedDict(), "v1", lambda: b"the function")
+    assert isinstance(fut, Future) and Client.calls == 2

@@ -354,8 +354,8 @@ def test_every_runtime_file_is_private_during_a_map(dask_pool):
     try:
         handle = dask_pool.map_async(big_sum, range(6), chunksize=1)
         assert local.map(abs, [-1, -2]) == [1, 2]  # the local forkserver's socket too
-        wait_for(lambda: dask_pool.backend._marks and os.path.isdir(dask_pool.backend._marks)
-                 and os.listdir(dask_pool.backend._marks), what="the workers' marks")
+        wait_for(lambda: dask_pool.backend.link.marks and os.path.isdir(dask_pool.backend.link.marks)
+                 and os.listdir(dask_pool.backend.link.marks), what="the workers' marks")
         root = runtimedir.runtime_dir()
         assert os.path.basename(root).startswith(f"poolmagic-{os.getpid()}-")
         entries = _modes(root)
@@ -371,10 +371,10 @@ def test_every_runtime_file_is_private_during_a_map(dask_pool):
         from multiprocessing import util
 
         assert util.get_temp_dir().startswith(root + os.sep)
-        memfds = [fd for fd in dask_pool.backend._memfds.values()]
+        memfds = [fd for fd in dask_pool.backend.link.memfds.values()]
         assert memfds and all(stat.S_IMODE(os.fstat(fd).st_mode) == 0o600 for fd in memfds)
         assert handle.get(60) == [1.0 + i for i in range(6)]
-        cluster_dir = dask_pool.backend._dir
+        cluster_dir = dask_pool.backend.link.dir
     finally:
         local.shutdown()
     assert cluster_dir and os.path.isdir(cluster_dir)
@@ -394,7 +394,7 @@ def test_a_closed_cluster_leaves_nothing_behind():
     pool = Pool(1, backend="dask")
     pool.backend.wait_ready(90)
     assert pool.map(abs, [-3]) == [3]
-    folder = pool.backend._dir
+    folder = pool.backend.link.dir
     assert folder and os.path.isdir(folder)
     pool.shutdown()
     assert not os.path.exists(folder)

@@ -127,7 +127,7 @@ def test_report_figures_and_rendering():
 
 
 def test_run_chunk_keeps_results_before_a_failure_and_attributes_output():
-    from poolmagic.engine.worker import run_chunk
+    from poolmagic.engine.core.chunk import run_chunk  # the item loop (core.runchunk reads the options)
 
     def f(x):
         print("at", x)

@@ -9,7 +9,7 @@ has loaded, as the plain loop would; the payload's content hash changes with
 that code, so an edited and reloaded module reaches the workers on the next
 map. *Installed* modules (site-packages, the standard library) are imported
 on the workers by name: their distributions' versions are compared with the
-kernel's before work (engine/daskenv.py).
+kernel's before work (engine/dask/env.py).
 
 The walk follows what cloudpickle follows: the function's globals, closure,
 defaults, the modules, classes and functions found there, instances' classes,

@@ -109,6 +109,23 @@ def test_results_in_input_order(backend):
     assert report.status == "done"
 
 
+def spin(x):
+    """About 20 ms of CPU (a loop, not a sleep)."""
+    end = time.thread_time() + 0.02
+    while time.thread_time() < end:
+        pass
+    return x
+
+
+def test_each_chunk_reports_its_cpu_and_wait_time(backend):
+    """The map's card compares CPU with wall time: every backend's chunk records its cpu_s
+    and waited_s (before: None and 0 on dask)."""
+    report = backend.run(spin, range(6), chunksize=2)
+    assert len(report.chunks) == 3
+    assert all(c.cpu_s is not None and c.cpu_s >= 0.03 for c in report.chunks), [c.cpu_s for c in report.chunks]
+    assert all(0.0 <= c.waited_s <= c.t1 - c.t0 for c in report.chunks)
+
+
 def test_tiny_items_go_in_chunks_not_one_task_each(backend):
     report = backend.run(double, range(50_000))
     assert report.results[-1] == 99_998
@@ -265,13 +282,13 @@ def test_a_50_mb_global_travels_once(backend):
             assert list(dask_backend).count(key) == 1
             loaded = backend.backend.client.run(_loaded_functions)
             assert all(key in keys for keys in loaded.values()), loaded  # unpickled once per worker
-            assert key in backend.backend._memfds  # our own cluster: mapped from shared memory, not sent
+            assert key in backend.backend.link.memfds  # our own cluster: mapped from shared memory, not sent
     finally:
         BIG = None
 
 
 def _loaded_functions():
-    from poolmagic.engine import dasktask
+    from poolmagic.engine.dask import task as dasktask
 
     return list(dasktask._FNS)
 

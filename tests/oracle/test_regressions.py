@@ -111,9 +111,10 @@ def test_seed_is_not_moved_by_the_workers_own_draws(backend):
 
 DRAWS = r"""
 import random, threading
-from poolmagic.engine import daskrandom, seeds
+from poolmagic.engine import seeds
+from poolmagic.engine.dask import draws
 from distributed.protocol import compression
-daskrandom.isolate()
+draws.isolate()
 out = {}
 def item():
     seeds.seed_item(7, 3)

@@ -75,7 +75,7 @@ def _dask(size: int, *, start_method: str | None, address: str | None, dashboard
     if dashboard and address is not None:
         raise BadInputError("dashboard= starts the dashboard of a LocalCluster poolmagic starts; "
                             "a cluster at an address has its own (dask scheduler --dashboard-address)")
-    from .daskbackend import DaskBackend
+    from .dask.backend import DaskBackend
 
     return DaskBackend(size, address, dashboard)
 

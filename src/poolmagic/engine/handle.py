@@ -19,7 +19,7 @@ import cloudpickle
 
 from . import protocol as P
 from .core.inflight import Chunk
-from .worker import CACHE_SIZE
+from .core.runchunk import CACHE_SIZE
 
 SHARED_MIN_BYTES = 1 << 20  # a function's buffers above this go to all workers through shared memory
 

@@ -37,19 +37,17 @@ import random
 import signal
 import sys
 import threading
-import time
 from collections import OrderedDict
 from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from . import runchunk
-from .core.chunk import PKG_DIR, pack_results, run_chunk  # noqa: F401  (dasktask.py calls worker.run_chunk)
+from .core.chunk import PKG_DIR, pack_results
+from .core.childprocess import die_with_parent, release_forkserver_pipe
+from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
 
-CACHE_SIZE = 4  # functions and contexts kept per worker; the parent mirrors this LRU
-IN_WORKER = False  # True inside a worker process: poolmagic refuses to nest pools
 RETIRE: str | None = None  # set by the mapped code (maxtasksperchild): exit after this chunk, and why
 
 
@@ -172,22 +170,13 @@ class Worker:
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()
         seq = msg.seq
-        waited = _runqueue_wait()  # (two reads per chunk, ~10 µs: the speedup needs them for every chunk)
-        cpu0 = time.process_time()
-        out, t0, t1, times, records, errors = runchunk.run_chunk(
-            fn, items, msg.start, o, timed=msg.timed,
-            progress=lambda done: self._send(P.Progress(seq, done)), indices=msg.indices,
-        )
-        cpu = None if cpu0 is None else time.process_time() - cpu0
-        if waited is not None:
-            after = _runqueue_wait()
-            # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
-            waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
+        r = run_chunk(fn, items, o, start=msg.start, timed=msg.timed, indices=msg.indices,
+                      progress=lambda done: self._send(P.Progress(seq, done)))
         recycle = self.baseline.changed() if self.baseline is not None else None
         recycle = recycle or RETIRE
-        body, frames_out = pack_results(out, records, errors, msg.start, items, msg.indices)
-        self._send(P.ChunkDone(msg.seq, t0, t1, times, body, tuple(f.nbytes for f in frames_out),
-                               self._new_modules(), recycle, waited, cpu), frames_out)
+        body, frames_out = pack_results(r.out, r.records, r.errors, msg.start, items, msg.indices)
+        self._send(P.ChunkDone(msg.seq, r.t0, r.t1, r.times, body, tuple(f.nbytes for f in frames_out),
+                               self._new_modules(), recycle, r.waited_s, r.cpu_s), frames_out)
         return recycle
 
     # ------------------------------------------------------------ sending
@@ -227,34 +216,6 @@ class Worker:
                     pass
         return found or None
 
-_SCHEDSTAT = "/proc/thread-self/schedstat"
-_has_schedstat = os.path.exists(_SCHEDSTAT)
-
-
-_schedstat_fd: tuple[int, int, int] | None = None  # (pid, thread ident, fd) of the file kept open
-
-
-def _runqueue_wait() -> int | None:
-    """Nanoseconds this thread has spent runnable but waiting for a CPU (Linux).
-
-    The file is kept open and read again from offset 0 (one pread, ~1 µs):
-    opening it for each of a chunk's two reads cost ~14 µs each, on every
-    chunk's path. It names the thread that opened it, hence the key.
-    """
-    global _schedstat_fd
-    if not _has_schedstat:
-        return None
-    key = (os.getpid(), threading.get_ident())
-    try:
-        if _schedstat_fd is None or _schedstat_fd[:2] != key:
-            if _schedstat_fd is not None and _schedstat_fd[0] == key[0]:
-                os.close(_schedstat_fd[2])  # another thread's (a forked child's is left alone)
-            _schedstat_fd = (*key, os.open(_SCHEDSTAT, os.O_RDONLY | os.O_CLOEXEC))
-        return int(os.pread(_schedstat_fd[2], 128, 0).split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 _SYSTEM_PREFIXES: tuple[str, ...] | None = None
 
 
@@ -279,22 +240,6 @@ def _is_user_file(path: str) -> bool:
     return not os.path.realpath(path).startswith(_SYSTEM_PREFIXES)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies, GIL or not."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        return
-    if os.getppid() == 1:  # the parent died before the request took effect
-        os._exit(0)
-
-
 def main(conn, slot: int, warm: list[str] = ()) -> None:
     """Process entry point. ``warm``: modules to import before the first chunk.
 
@@ -305,44 +250,20 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
     than by SIG_IGN, because a handler is reset on exec: processes the
     function starts get the default SIGINT, not an inherited "ignore".
     """
-    global IN_WORKER
-    IN_WORKER = True
+    mark_in_worker()
     if hasattr(os, "setpgid"):
         try:
             os.setpgid(0, 0)
         except OSError:
             pass
-    _die_with_parent()
-    _release_forkserver_pipe()
+    die_with_parent()
+    release_forkserver_pipe()
     signal.signal(signal.SIGINT, _ignore_sigint)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
     random.seed()  # fresh OS entropy: no two workers share a random state
     Worker(conn, slot).serve(warm)
-
-
-def _release_forkserver_pipe() -> bool:
-    """Close the forkserver's "alive" pipe, which multiprocessing hands every child;
-    True if this process is such a child (False: it was spawned, or is a server).
-
-    The forkserver exits when every writer of that pipe is gone; it is meant to
-    be the kernel alone. A worker holding it kept the forkserver alive after
-    the kernel died while the worker was inside a long C call (its own pipe-EOF
-    exit cannot run then), and so kept itself alive: PR_SET_PDEATHSIG waits for
-    the forkserver. A nested forkserver in a worker starts its own.
-    """
-    fs = sys.modules.get("multiprocessing.forkserver")
-    server = getattr(fs, "_forkserver", None)
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if fd is None or getattr(server, "_forkserver_pid", None) is not None:
-        return False  # not a forkserver child (or this process runs its own forkserver)
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-    server._forkserver_alive_fd = None
-    return True
 
 
 def _ignore_sigint(signum: int, frame: object) -> None:

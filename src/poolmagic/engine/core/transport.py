@@ -40,7 +40,7 @@ refuses an option that needs one with the words of CAPABILITIES.
 
 Adding a backend: a Backend subclass (its transport and manager, on this
 core) and one ``backends.register(name, factory, extra)`` line. Adding a
-per-item option: a field of MapOptions and its use in ``core.chunk``.
+per-item option: a field of MapOptions and its use in ``core.runchunk``.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ guard, applying core/failures.py).
 """
 from __future__ import annotations
 
-from ..core.schedule import TIMED_ABOVE_S, WINDOW  # noqa: F401  (daskscheduling imports TIMED_ABOVE_S here)
+from ..core.schedule import TIMED_ABOVE_S, WINDOW  # noqa: F401  (old import path)
 from .backend import LocalBackend, _check_start_method  # noqa: F401
 
 __all__ = ["LocalBackend", "TIMED_ABOVE_S", "WINDOW"]

@@ -9,7 +9,7 @@ import threading
 
 from ...cores import available_cores
 from ...errors import NestedPoolError, PoolmapError
-from .. import worker as _worker
+from ..core.runchunk import in_worker
 from ..base import Backend
 from ..core.job import Job
 from ..core.schedule import WINDOW, workers_for
@@ -52,7 +52,7 @@ class LocalBackend(Backend):
         return self.workers.size
 
     def start(self) -> None:
-        if _worker.IN_WORKER:
+        if in_worker():
             raise NestedPoolError(
                 "poolmagic cannot start a pool inside one of its own workers: the outer map "
                 "already uses the cores. Call the function directly (or in a plain loop) here, "

@@ -7,7 +7,7 @@ parallel too; with the GIL they take turns, and ``%poolsize`` says which.
 
 It drives the same Job as the other backends: each thread takes a chunk with
 ``job.next_items`` (sized by the Job from measured item times), runs it with
-``runchunk.run_chunk`` (the per-chunk loop of every worker: print() capture,
+``core.runchunk.run_chunk`` (the per-chunk loop of every worker: print() capture,
 seeds, timing, errors packed with their frames) and answers with
 ``job.chunk_done``. So results, errors, retries, keep-going, resume,
 checkpoint, progress and the summary are the Job's, as everywhere.
@@ -32,7 +32,7 @@ from ..core.job import Job
 from ..core.schedule import RoundRobin, timed, workers_for
 from ..core.transport import (CAPABILITIES, CRASH_ISOLATION, KILL_ON_INTERRUPT, KILL_ON_TIMEOUT, MEMORY_LIMIT,
                               NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP)
-from ..runchunk import run_chunk
+from ..core.runchunk import run_chunk
 from . import streams
 
 IDLE_WAIT_S = 0.5  # an idle thread looks again at least this often (a wake-up is never needed for correctness)
@@ -237,23 +237,23 @@ class ThreadsBackend(Backend):
             tid = threading.get_native_id()
             with self._answer:
                 job.started(slot, tid, start, len(items))
-            t_sent, cpu0 = time.perf_counter(), time.thread_time()
+            t_sent = time.perf_counter()
             if o.seed is not None:
                 _SEED_LOCK.acquire()
             try:
-                out, t0, t1, times, records, errs = run_chunk(
-                    job.func, items, start, o, timed=timed(job),
-                    progress=lambda done: self._progress(job, start, done), indices=job.seed_indices(start, len(items)),
-                    redirect=streams.redirect)
+                r = run_chunk(job.func, items, o, start=start, timed=timed(job),
+                              progress=lambda done: self._progress(job, start, done),
+                              indices=job.seed_indices(start, len(items)), redirect=streams.redirect,
+                              clock=time.thread_time)
             finally:
                 if o.seed is not None:
                     _SEED_LOCK.release()
-            errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
-            rec = ChunkRecord(slot, start, len(out), t0, t1, times, tid, t_sent=t_sent,
-                              t_recv=time.perf_counter(), cpu_s=time.thread_time() - cpu0)
+            errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in r.errors]
+            rec = ChunkRecord(slot, start, len(r.out), r.t0, r.t1, r.times, tid, t_sent=t_sent,
+                              t_recv=time.perf_counter(), cpu_s=r.cpu_s, waited_s=r.waited_s or 0.0)
             with self._answer:
                 answered = True
-                job.chunk_done(rec, out, records, errors, items)
+                job.chunk_done(rec, r.out, r.records, errors, items)
         except BaseException as exc:  # poolmagic's own failure: the map fails, never hangs
             if answered:  # the job has its answer: a second one would count the chunk twice
                 import traceback

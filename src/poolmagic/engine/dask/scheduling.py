@@ -1,6 +1,6 @@
 """Which chunk of which map goes to which dask worker, and sending it there.
 
-Part of the dask backend (mixed into DaskBackend, whose state it uses): on
+A part the dask backend holds (``DaskBackend.scheduler``): on
 each turn of the manager thread, chunks are sized (the Job's adaptive size,
 grown to ~TASK_S of work, a worker's last share whole), the maps take turns
 for each worker with room in its window (WINDOW chunks in flight), and each
@@ -10,27 +10,28 @@ future cached.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any, Callable
 
 import cloudpickle
 from distributed.comm import CommClosedError
 
-from ..errors import PoolmapError, safe_str
-from . import daskenv, dasktask
-from . import protocol as P
-from .daskcluster import _close
-from .daskoutcomes import DaskChunk
-from .handle import SHARED_MIN_BYTES
-from .job import STREAM_MAX_CHUNK, ItemTimes, Job
-from .local import TIMED_ABOVE_S
-from .processes import shared_buffers
+from ...errors import PoolmapError, safe_str
+from . import env, task
+from .. import protocol as P
+from .link import _close
+from .state import DaskChunk, State
+from ..core.job import Job
+from ..core.schedule import STREAM_MAX_CHUNK, WINDOW, RoundRobin, timed, workers_for
+from ..handle import SHARED_MIN_BYTES
+from ..processes import shared_buffers
 
-WINDOW = 2  # chunks in flight per worker: one running, one ready behind it (as locally)
 # A dask task costs ~6 ms of CPU between the client, the scheduler and the
 # worker (a local chunk ~0.1 ms), on the cores the items need: chunks of ~200 ms
 # keep that near 3 %, where the local backend's 25 ms chunks would make it a
@@ -45,48 +46,52 @@ SCATTER_TIMEOUT_S = 10.0
 KEEP_VERSIONS = 4  # function versions kept scattered, as a local worker caches 4
 
 
-class DaskScheduling:
-    """Mixin of DaskBackend: chunk sizes, the choice of map per worker, tasks and scattered functions."""
+class Scheduler:
+    """Chunk sizes, the choice of map per worker, tasks and scattered functions (held by DaskBackend).
 
-    owned: bool
-    size: int
-    client: Any
-    _jobs: list[Job]
-    _rr: int
-    _inflight: dict[int, DaskChunk]
-    _by_key: dict[str, DaskChunk]
-    _seq: Any
-    _token: str
-    _topic: str
-    _blobs: OrderedDict[str, Any]
-    _contexts: OrderedDict[str, Any]
-    _zombies: dict[int, str]
-    _marks: str | None
-    _memfds: dict[str, int]
-    _item_times: ItemTimes
-    _waiting: dict[int, Job]
-    _ac: Any
-    _more: Any
+    ``size()``: the pool's size now; ``outcomes``: what a chunk that cannot be
+    sent does to its map.
+    """
 
-    def _workers_for(self, job: Job) -> int:
-        return job.options.workers or self.size
+    def __init__(self, state: State, link: Any, outcomes: Any, size: Callable[[], int]) -> None:
+        self.state = state
+        self.link = link
+        self.outcomes = outcomes
+        self.size = size
+        self.owned = state.owned
+        self._turns = RoundRobin()  # the maps take turns for each worker (core/schedule.py)
+        self._seq = itertools.count()
+        self._token = uuid.uuid4().hex[:8]
 
-    def _schedule(self) -> None:
-        if self._jobs and self.client is not None:
-            self._refresh_workers()
-        jobs = [j for j in self._jobs if j.has_work()]
-        if jobs and self.client is not None:
-            usable = self._usable()
-            self._say_waiting(jobs if not usable else [])
+    def workers_for(self, job: Job) -> int:
+        return workers_for(job, self.size())
+
+    def note_fewer_workers(self, job: Job) -> None:
+        """A remote cluster's workers are its own to add: ``-n N`` above them is said, not granted."""
+        n = job.options.workers
+        if not self.owned and n and n > self.size():
+            job.report.notes.append(
+                f"-n {n}: the dask cluster at {self.link.address} gave this pool {self.size()} "
+                f"worker{'s' if self.size() != 1 else ''}, and the map ran on those; "
+                f"start more with `dask worker {self.link.address}`"
+            )
+
+    def schedule(self) -> None:
+        if self.state.jobs and self.link.client is not None:
+            self.link.refresh_workers()
+        jobs = [j for j in self.state.jobs if j.has_work()]
+        if jobs and self.link.client is not None:
+            usable = self.link.usable()
+            self.link.say_waiting(jobs if not usable else [])
             rank = {a: i for i, a in enumerate(usable)}
             load = dict.fromkeys(usable, 0)
             waiting = set()  # workers with a chunk that has not begun: nothing more for them yet
-            for c in self._inflight.values():
+            for c in self.state.inflight.values():
                 if c.worker in load:
                     load[c.worker] += 1
                     if c.began is None:
                         waiting.add(c.worker)
-            for a in self._zombies.values():
+            for a in self.state.zombies.values():
                 if a in load:
                     load[a] += 1
             while jobs:
@@ -97,7 +102,7 @@ class DaskScheduling:
                     # first ran after an item that killed its worker, and was lost).
                     if load[address] >= WINDOW or address in waiting:
                         continue
-                    job = self._pick(jobs, rank[address])
+                    job = self._turns.pick(jobs, rank[address])
                     if job is None:
                         continue
                     size = self._chunk_size(job, address, usable)
@@ -105,7 +110,7 @@ class DaskScheduling:
                         continue
                     got = job.next_items(size)
                     if job.source.is_stream:  # buffered ahead: about half a round of chunks
-                        job.source.set_want(size * max(1, self._workers_for(job) // 2))
+                        job.source.set_want(size * max(1, self.workers_for(job) // 2))
                     if got is None:
                         continue
                     if self._send(job, *got, address):
@@ -115,7 +120,7 @@ class DaskScheduling:
                 jobs = [j for j in jobs if j.has_work()]
                 if not sent:
                     break
-        self._forget_finished_jobs()
+        self.state.forget_finished_jobs()
 
     def _chunk_size(self, job: Job, address: str, usable: list[str]) -> int:
         """The Job's size grown to ~TASK_S of work, but no more than ``address``'s share
@@ -129,7 +134,7 @@ class DaskScheduling:
         with the guided ``rem / (2 × workers)`` left one worker idle for up to
         2 items' time.
         """
-        workers = self._workers_for(job)
+        workers = self.workers_for(job)
         size = job.chunk_size(workers)
         t = job.per_item_s()
         if job.chunksize or t is None:  # the user's size; a probe
@@ -151,23 +156,13 @@ class DaskScheduling:
         """Seconds of work each of ``addresses`` still holds, by its chunks' maps' times per item."""
         now = time.perf_counter()
         busy = dict.fromkeys(addresses, 0.0)
-        for c in self._inflight.values():
+        for c in self.state.inflight.values():
             if c.worker in busy:
                 left = (c.job.per_item_s() or 0.0) * len(c.items)
                 if c.began is not None:
                     left = max(0.0, left - (now - c.began))
                 busy[c.worker] += left
         return busy
-
-    def _pick(self, jobs: list[Job], rank: int) -> Job | None:
-        n = len(jobs)
-        for k in range(n):
-            job = jobs[(self._rr + k) % n]
-            w = job.options.workers
-            if job.has_work() and (w is None or rank < w):
-                self._rr = (self._rr + k + 1) % n
-                return job
-        return None
 
     def _send(self, job: Job, start: int, items: Any, address: str) -> bool:
         """Submit one chunk as one task pinned to ``address``; False if it was not sent."""
@@ -177,24 +172,22 @@ class DaskScheduling:
             try:
                 data, frames = P.dumps_oob(items, cloudpickle.dumps)
             except Exception:
-                self._unpicklable_items(job, start, items)
+                self.outcomes.policy.unsendable(job, start, items)
                 return False
-            wire = dasktask.Blob(None, data, frames)
-        t = job.per_item_s()
-        timed = t is None or t >= TIMED_ABOVE_S
+            wire = task.Blob(None, data, frames)
         seq = next(self._seq)
         try:
-            fn = self._scattered(self._blobs, job.payload.key, lambda: self._function_blob(job.payload))
+            fn = self._scattered(self.link.blobs, job.payload.key, lambda: self._function_blob(job.payload))
             # a remote machine gets only the variables the user set: the kernel's cwd, sys.path,
             # thread limits and start-up environment describe this machine
             if self.owned:
-                ctx = self._scattered(self._contexts, job.context.key, lambda: dasktask.Box(job.context))
+                ctx = self._scattered(self.link.contexts, job.context.key, lambda: task.Box(job.context))
             else:
-                env = daskenv.overlay_for(job.context)
-                ctx = self._scattered(self._contexts, env.key, lambda: dasktask.Box(env))
-            fut = self.client.submit(
-                dasktask.run, fn, ctx, seq, start, wire, job.wire_options, timed, self._topic, not self.owned,
-                self._marks, job.seed_indices(start, len(items)),
+                overlay = env.overlay_for(job.context)
+                ctx = self._scattered(self.link.contexts, overlay.key, lambda: task.Box(overlay))
+            fut = self.link.client.submit(
+                task.run, fn, ctx, seq, start, wire, job.wire_options, timed(job), self.link.topic, not self.owned,
+                self.link.marks, job.seed_indices(start, len(items)),
                 key=f"poolmap-{_task_name(job)}-{self._token}-{seq}", retries=0,
                 workers=[address], allow_other_workers=False,
             )
@@ -203,13 +196,13 @@ class DaskScheduling:
             err = PoolmapError(f"could not submit a task to the dask cluster: {type(exc).__name__}: {safe_str(exc)}")
             err.__cause__ = exc
             job.fail(err)
-            self._abandon(job)
+            self.outcomes.abandon(job)
             return False
         c = DaskChunk(seq, job, start, items, fut, address, (fn,) if ctx is None else (fn, ctx))
-        self._inflight[seq] = c
-        self._by_key[fut.key] = c
-        self._ac.add(fut)
-        self._more.set()
+        self.state.inflight[seq] = c
+        self.state.by_key[fut.key] = c
+        self.link.ac.add(fut)
+        self.link.more.set()
         return True
 
     def _scattered(self, cache: OrderedDict, version: str, make: Callable[[], Any]) -> Any:
@@ -225,19 +218,22 @@ class DaskScheduling:
                 # the others fetch it with their first task of this version. Not
                 # broadcast: dask's replicate looped for ever when a worker left
                 # meanwhile (a map after a timeout hung its test, 1 full suite in 2).
-                fut = self.client.scatter(make(), hash=False, timeout=SCATTER_TIMEOUT_S)
+                fut = self.link.client.scatter(make(), hash=False, timeout=SCATTER_TIMEOUT_S)
                 break
-            except (OSError, CommClosedError):  # a worker died just now; the scheduler will know soon
+            # A worker died just now; the scheduler will know soon. KeyError: the worker the
+            # data went to (directly) left before the scheduler heard of it (update_data):
+            # the oracle's crash_once maps on dask failed at submit with "KeyError: 'tls://...'"
+            except (OSError, CommClosedError, KeyError):
                 if attempt == SCATTER_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2)
-                self._refresh_workers(force=True)
+                self.link.refresh_workers(force=True)
         cache[version] = fut
-        in_use = {j.payload.key for j in self._jobs} | {j.context.key for j in self._jobs}
+        in_use = {j.payload.key for j in self.state.jobs} | {j.context.key for j in self.state.jobs}
         for old in list(cache)[:-KEEP_VERSIONS]:
             if old not in in_use:
                 del cache[old]  # releasing the future frees the workers' copies
-                _close(self._memfds.pop(old, None))  # workers keep what they mapped
+                _close(self.link.memfds.pop(old, None))  # workers keep what they mapped
         return fut
 
     def _function_blob(self, payload: Any) -> Any:
@@ -247,14 +243,9 @@ class DaskScheduling:
         if self.owned and sum(sizes) >= SHARED_MIN_BYTES:
             fd = shared_buffers(payload.buffers)
             if fd is not None:
-                self._memfds[payload.key] = fd
-                return dasktask.SharedBlob(payload.key, payload.data, f"/proc/{os.getpid()}/fd/{fd}", sizes)
-        return dasktask.Blob(payload.key, payload.data, payload.buffers)
-
-    def _forget_finished_jobs(self) -> None:
-        self._jobs = self._item_times.keep_active(self._jobs)
-        if self._waiting:
-            self._waiting = {k: j for k, j in self._waiting.items() if j in self._jobs}
+                self.link.memfds[payload.key] = fd
+                return task.SharedBlob(payload.key, payload.data, f"/proc/{os.getpid()}/fd/{fd}", sizes)
+        return task.Blob(payload.key, payload.data, payload.buffers)
 
 
 def _task_name(job: Job) -> str:

@@ -1,13 +1,13 @@
 """What runs inside a dask worker: one chunk of one map, as a local worker runs it.
 
-The dask backend (daskbackend.py) submits ``run`` once per chunk. It is found
+The dask backend (backend.py) submits ``run`` once per chunk. It is found
 by reference on the worker, so poolmagic must be installed there; the user's
 function travels by value inside a ``Blob`` scattered to every worker once
 per function version, and is unpickled once per worker process (``_FNS``).
 
-The chunk itself runs through ``worker.run_chunk``: the same per-item
-seeding, print() capture, timing and exception packing as the local
-backend, so results, errors and output are the same whichever backend ran
+The chunk itself runs through ``runchunk.run_chunk``, the one reader of the
+map's options in a worker: the same per-item seeding, print() capture,
+timing, CPU and wait measures and exception packing as the local backend, so results, errors and output are the same whichever backend ran
 them. Results go back already pickled (cloudpickle, big buffers as separate
 frames), so a result that cannot be pickled becomes an error naming its
 item, as locally, instead of failing inside dask's transfer.
@@ -21,12 +21,12 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from .. import errors as _errors
-from . import protocol as P
-from . import worker as _worker
-from .chunk import pack_results
-from .context import ContextApplier
-from .daskrandom import isolate as _isolate_random
+from ... import errors as _errors
+from .. import protocol as P
+from ..core.chunk import PKG_DIR, pack_results
+from ..core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
+from ..context import ContextApplier
+from .draws import isolate as _isolate_random
 
 _FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
 _APPLIER = ContextApplier()
@@ -130,30 +130,27 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
 
 def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
          indices: tuple | None = None) -> tuple:
-    _worker.IN_WORKER = True  # a pool started by the function would nest: refused
+    mark_in_worker()  # a pool started by the function would nest: refused
     if ctx is not None:
         try:
             _APPLIER.apply(ctx.value)
         except BaseException as exc:
-            return ("failed", "context", _errors.pack_exception(exc, _worker.PKG_DIR))
+            return ("failed", "context", _errors.pack_exception(exc, PKG_DIR))
     try:
         func = _function(fn)
     except BaseException as exc:
-        return ("failed", "load", _errors.pack_exception(exc, _worker.PKG_DIR))
+        return ("failed", "load", _errors.pack_exception(exc, PKG_DIR))
     if type(items) is Blob:
         try:
             items = items.load()
         except BaseException as exc:
-            return ("failed", "decode", _errors.pack_exception(exc, _worker.PKG_DIR))
+            return ("failed", "decode", _errors.pack_exception(exc, PKG_DIR))
     address = _tell(topic, {"seq": seq, "pid": os.getpid()})
     _APPLIER.limit_threads_if_new_libraries()
-    out, t0, t1, times, records, errors = _worker.run_chunk(
-        func, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
-        indices=indices,
-    )
-    body, frames = pack_results(out, records, errors, start, items, indices)
+    r = run_chunk(func, items, options, start=start, timed=timed, indices=indices)
+    body, frames = pack_results(r.out, r.records, r.errors, start, items, indices)
     # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
-    return ("done", t0, t1, times, os.getpid(), address, body, frames)
+    return ("done", r.t0, r.t1, r.times, os.getpid(), address, body, frames, r.cpu_s, r.waited_s)
 
 
 def _function(fn: Blob | SharedBlob) -> Any:
@@ -161,7 +158,7 @@ def _function(fn: Blob | SharedBlob) -> Any:
     if func is None:
         func = fn.load()
         _FNS[fn.key] = func
-        while len(_FNS) > _worker.CACHE_SIZE:
+        while len(_FNS) > CACHE_SIZE:
             _FNS.popitem(last=False)
     else:
         _FNS.move_to_end(fn.key)

@@ -8,7 +8,7 @@ workers running them), so a worker leads a process group of its own, and a
 SIGINT that still reaches it does nothing. (A handler that does nothing, not
 SIG_IGN: processes the function starts get the default SIGINT back on exec.)
 A worker still exits with its kernel: dask's nanny pipe tells it. A worker
-forked by our server (daskforkserver) also lets go of the server's "alive"
+forked by our server (forkserver.py) also lets go of the server's "alive"
 pipe and dies with the server, which outlives the kernel by no more than its
 exit hook: killing each worker's process group, with whatever the mapped
 function started.
@@ -24,7 +24,7 @@ import os
 import signal
 from typing import Any
 
-from .worker import _die_with_parent, _release_forkserver_pipe
+from ..core.childprocess import die_with_parent, release_forkserver_pipe
 
 WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
 
@@ -56,8 +56,8 @@ def dask_setup(worker: Any) -> None:
             os.setpgid(0, 0)
         except OSError:
             pass
-    if _release_forkserver_pipe():  # forked by our server (daskforkserver): die with it
-        _die_with_parent()
+    if release_forkserver_pipe():  # forked by our server (forkserver.py): die with it
+        die_with_parent()
     try:
         signal.signal(signal.SIGINT, _ignore)
     except ValueError:  # not the main thread

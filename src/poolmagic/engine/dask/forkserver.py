@@ -15,7 +15,7 @@ it starts a worker, and dask's ``get_mp_context`` answers with ``CONTEXT``
 then; any other dask cluster in the kernel gets dask's own context.
 
 What a forked worker does differently from a spawned one is in
-``daskpreload.dask_setup``: it lets go of the server's "alive" pipe, dies
+``preload.dask_setup``: it lets go of the server's "alive" pipe, dies
 with the server, and the server, once the kernel is gone, kills the process
 group of each worker it forked (``serverhooks``), with whatever the mapped
 function started. The server's environment is the kernel's when it started:
@@ -34,7 +34,7 @@ from multiprocessing import context as _context
 from multiprocessing import forkserver as _forkserver
 from typing import Any
 
-from .processes import (
+from ..processes import (
     SERVER_HOOKS,
     block_sigint,
     default_start_method,
@@ -50,8 +50,8 @@ STOP_WAIT_S = 1.0
 BASE_PRELOAD = (
     SERVER_HOOKS,
     "distributed",
-    "poolmagic.engine.dasktask",
-    "poolmagic.engine.daskpreload",
+    "poolmagic.engine.dask.task",
+    "poolmagic.engine.dask.preload",
     "threadpoolctl",
 )
 
@@ -112,7 +112,7 @@ def start() -> None:
 
     Called on the dask manager thread, with SIGINT blocked there: the server
     and the workers it forks inherit the mask, so an interrupt cannot reach
-    a worker before ``daskpreload`` has set its handler (which unblocks it).
+    a worker before ``preload`` has set its handler (which unblocks it).
     """
     global _USERS
     if CONTEXT is None:

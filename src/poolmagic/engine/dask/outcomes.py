@@ -1,9 +1,9 @@
 """What each task result, worker death, deadline or cancel does to the job it concerns.
 
-Part of the dask backend (mixed into DaskBackend, whose state it uses), kept
-apart as the local backend keeps outcomes.py: it is the failure policy, the
+A part the dask backend holds (``DaskBackend.outcomes``), kept apart as the
+local backend keeps outcomes.py: it is the failure policy, the
 same as the local backend's. Runs on the manager thread, which answers every
-chunk exactly once: ``_take`` removes a chunk from the chunks in flight, and
+chunk exactly once: ``State.take`` removes a chunk from the chunks in flight, and
 whatever comes later for it (a result of a task we gave up on, a second
 report of the same death) finds nothing.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from distributed.comm import CommClosedError
 
-from ..errors import (
+from ...errors import (
     ItemPicklingError,
     ItemTimeoutError,
     PoolmapError,
@@ -28,21 +28,21 @@ from ..errors import (
     add_note,
     exit_description,
     rebuild_exception,
-    safe_str,
 )
-from . import daskforkserver
-from . import protocol as P
-from .daskplumbing import EXITS, kill_worker
-from .events import ChunkRecord, WorkerReplaced
-from .handle import Chunk
-from .job import Job
+from . import forkserver
+from .. import protocol as P
+from .plumbing import EXITS, kill_worker
+from ..core.events import ChunkRecord
+from ..core.failures import FailurePolicy
+from ..core.job import Job
+from .state import DaskChunk, State
 
 EXIT_CODE_WAIT_S = 0.2  # how long a crash report waits for the nanny to say how its worker ended
 # A LocalCluster's nanny takes about this long to start a new worker: a chunk given
 # up on that will end sooner by itself is left to finish (its result dropped).
-# Forked by our server (daskforkserver), two replacements are up in 0.09 s; spawned
+# Forked by our server (forkserver.py), two replacements are up in 0.09 s; spawned
 # (where there is no forkserver), in 0.26 s, with most of a second of CPU each.
-FORKED = daskforkserver.CONTEXT is not None
+FORKED = forkserver.CONTEXT is not None
 RESTART_S = 0.2 if FORKED else 1.0
 # A worker given up on is killed this long after (it gets no new chunk meanwhile).
 # Spawned replacements took both cores for most of a second, and an interrupted
@@ -50,77 +50,40 @@ RESTART_S = 0.2 if FORKED else 1.0
 KILL_AFTER_S = 0.0 if FORKED else 0.3
 
 
-class DaskChunk(Chunk):
-    """A chunk as one dask task, pinned to one worker."""
-
-    __slots__ = ("future", "worker", "began", "pid", "deps")
-
-    def __init__(self, seq: int, job: Job, start: int, items: Any, future: Any, worker: str, deps: tuple):
-        super().__init__(seq, job, start, items)
-        self.future = future
-        self.worker = worker  # the address it is pinned to
-        self.began: float | None = None  # perf_counter here when the task said it runs
-        self.pid: int | None = None
-        self.deps = deps  # the futures of the scattered function and context it needs
-
-
 def _is_death(exc: BaseException) -> bool:
     """The task failed because its worker went away (not because of its own code)."""
     return type(exc).__name__ == "KilledWorker" or isinstance(exc, (CommClosedError, ConnectionError))
 
 
-class DaskOutcomes:
-    """Mixin of DaskBackend: reactions to results, deaths, deadlines and cancels."""
+class Outcomes:
+    """What results, deaths, deadlines and cancels do to the maps (held by DaskBackend).
 
-    owned: bool
-    client: Any
-    _inflight: dict[int, DaskChunk]
-    _by_key: dict[str, DaskChunk]
-    _workers: dict[str, int | None]
-    _expected: set[str]
-    _zombies: dict[int, str]
-    _zombie_keys: dict[str, DaskChunk]
-    _kills: list[tuple[float, str, int, int]]
-    _gone: set[str]
-    _scaler: Any  # daskscale.Scaler of our LocalCluster, else None
+    ``link``: the cluster (its client, its workers' pids and marks, the scaler).
+    """
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _take(self, c: DaskChunk) -> bool:
-        """Remove ``c`` from the chunks in flight; False if it was answered already."""
-        if self._inflight.pop(c.seq, None) is None:
-            return False
-        self._by_key.pop(c.future.key, None)
-        return True
-
-    def _give_back(self, c: DaskChunk) -> None:
-        """A chunk that did not run to its end through no fault of its own: run it again."""
-        if c.job.active:
-            c.job.requeue(c.start, c.items)
-        else:
-            c.job.drop_chunk()
-
-    def _cancel_futures(self, chunks: list[DaskChunk]) -> None:
-        if chunks and self.client is not None:
-            try:
-                self.client.cancel([c.future for c in chunks])
-            except Exception:
-                pass
+    def __init__(self, state: State, link: Any) -> None:
+        self.state = state
+        self.link = link
+        self.owned = state.owned
+        # the failure policy every backend shares (core/failures.py); abandoning a map is ours
+        self.policy = FailurePolicy(self.abandon, the_worker="the dask worker", a_worker="a dask worker")
+        self.give_back = self.policy.give_back  # (not the items' fault: run again, or dropped)
 
     # ------------------------------------------------------------------ results
-    def _on_result(self, fut: Any, result: Any) -> None:
-        c = self._by_key.get(fut.key)
+    def on_result(self, fut: Any, result: Any) -> None:
+        c = self.state.by_key.get(fut.key)
         if c is None:
-            z = self._zombie_keys.pop(fut.key, None)
+            z = self.state.zombie_keys.pop(fut.key, None)
             if z is not None:  # a chunk left to finish: its worker is free again
-                self._zombies.pop(z.seq, None)
+                self.state.zombies.pop(z.seq, None)
                 if fut.status == "finished" and result[0] == "done":
                     self._late(z, result)  # its items finished: keep them
             return  # answered already (a death, a timeout, a cancel)
         status = fut.status
         if status == "error" and _is_death(result[1]):
-            self._worker_gone(c.worker, expected=False)  # its death was not reported as an event
+            self.worker_gone(c.worker, expected=False)  # its death was not reported as an event
             return
-        self._take(c)
+        self.state.take(c)
         job = c.job
         if not job.active and not (status == "finished" and result[0] == "done"):
             job.drop_chunk()
@@ -128,8 +91,8 @@ class DaskOutcomes:
         if status == "finished":
             if result[0] == "done":
                 self._done(c, result)
-            else:
-                self._chunk_failed(c, result[1], result[2])
+            else:  # the items did not unpickle, or the context or function could not be applied
+                self.policy.chunk_failed(c, result[1], rebuild_exception(result[2], job.filename_of))
         elif any(d.status != "finished" for d in c.deps):
             # dask cancels a task whose scattered input died with every worker that
             # held it ("lost dependencies"): the version is scattered again, the chunk re-run
@@ -140,10 +103,10 @@ class DaskOutcomes:
             job.items_failed(c.indices, PoolmapError(
                 f"the dask cluster dropped the task running {c.describe()} ({status})"), c.items, c.start)
         if not job.active:
-            self._abandon(job)
+            self.abandon(job)
 
     def _done(self, c: DaskChunk, result: tuple) -> None:
-        _, t0, t1, times, pid, address, body, frames = result
+        _, t0, t1, times, pid, address, body, frames, cpu, waited = result
         job = c.job
         try:
             out, records, errs = P.decode(body, buffers=frames)
@@ -155,8 +118,9 @@ class DaskOutcomes:
             now = time.perf_counter()
             t0, t1 = now - (t1 - t0), now
         errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
-        rec = ChunkRecord(self._slot(c.worker), c.start, len(out), t0, t1, times, pid, t_sent=c.t_sent,
-                          t_recv=time.perf_counter(), nbytes=len(body) + sum(memoryview(f).nbytes for f in frames))
+        rec = ChunkRecord(self.state.slot(c.worker), c.start, len(out), t0, t1, times, pid, t_sent=c.t_sent,
+                          t_recv=time.perf_counter(), nbytes=len(body) + sum(memoryview(f).nbytes for f in frames),
+                          waited_s=waited or 0.0, cpu_s=cpu)
         job.chunk_done(rec, out, records, errors, c.items)
 
     @staticmethod
@@ -167,25 +131,6 @@ class DaskOutcomes:
         except Exception:
             return
         c.job.late_results(c.start, out, [(i, None) for i, _ in errs])
-
-    def _chunk_failed(self, c: DaskChunk, stage: str, packed: dict) -> None:
-        job = c.job
-        exc = rebuild_exception(packed, job.filename_of)
-        if stage == "decode":
-            if len(c.items) > 1:  # find the item that does not unpickle
-                job.retry_singly(c.start, c.items)
-                return
-            err = ItemPicklingError(
-                f"{c.describe()} could not be unpickled in the dask worker: {type(exc).__name__}: {safe_str(exc)}"
-            )
-            err.__cause__ = exc
-            job.items_failed(c.indices, err, c.items, c.start)
-            return
-        where = ("the kernel's working directory or environment could not be applied"
-                 if stage == "context" else "the function could not be loaded")
-        add_note(exc, f"poolmagic: {where} in a dask worker.")
-        job.drop_chunk()
-        job.fail(exc)
 
     def _errored(self, c: DaskChunk, exc: BaseException) -> None:
         """The task itself failed (not the function's items: run_chunk catches those)."""
@@ -202,23 +147,23 @@ class DaskOutcomes:
         job.drop_chunk()
         job.fail(exc)
 
-    def _on_task_event(self, msg: dict) -> None:
+    def on_task_event(self, msg: dict) -> None:
         """A task began (or, on a remote cluster, ended) on its worker."""
         seq = msg.get("seq")
         if msg.get("end"):
-            self._zombies.pop(seq, None)  # a task we gave up on has left its worker
+            self.state.zombies.pop(seq, None)  # a task we gave up on has left its worker
             return
-        c = self._inflight.get(seq)
+        c = self.state.inflight.get(seq)
         if c is None:
             return
         c.began = time.perf_counter()
         c.pid = msg.get("pid")
         if c.pid:
-            self._workers[c.worker] = c.pid
-        c.job.started(self._slot(c.worker), c.pid or 0, c.start, len(c.items))
+            self.state.workers[c.worker] = c.pid
+        c.job.started(self.state.slot(c.worker), c.pid or 0, c.start, len(c.items))
 
     # ------------------------------------------------------------------ deaths
-    def _worker_gone(self, address: str, expected: bool | None, event: bool = False) -> None:
+    def worker_gone(self, address: str, expected: bool | None, event: bool = False) -> None:
         """``address`` left the cluster: what it held runs again, what it ran fails.
 
         ``expected``: it was stopped on purpose (retired, restarted), False: it
@@ -226,37 +171,37 @@ class DaskOutcomes:
         this is its own "remove-worker" event, the last we follow for it (when
         it vanished first, its event may still come and say how it left).
         A function version that died with it is scattered again when next
-        needed (DaskScheduling._scattered looks at its future's status).
+        needed (Scheduler._scattered looks at its future's status).
         """
-        pid = self._workers.pop(address, None)
-        self._gone.add(address)
+        pid = self.state.workers.pop(address, None)
+        self.state.gone.add(address)
         if event:
-            self._unlisten(address)
-        for seq in [s for s, a in self._zombies.items() if a == address]:
-            del self._zombies[seq]
-        for key in [k for k, z in self._zombie_keys.items() if z.seq not in self._zombies]:
-            del self._zombie_keys[key]
-        # killed by us, or retired by us once idle (daskscale): nothing it held is to blame
-        killed = address in self._expected or (self._scaler is not None and self._scaler.is_retiring(address))
-        self._expected.discard(address)
-        if self._scaler is not None:
-            self._scaler.gone(address)
-        chunks = sorted((c for c in self._inflight.values() if c.worker == address), key=lambda c: c.seq)
+            self.link.unlisten(address)
+        for seq in [s for s, a in self.state.zombies.items() if a == address]:
+            del self.state.zombies[seq]
+        for key in [k for k, z in self.state.zombie_keys.items() if z.seq not in self.state.zombies]:
+            del self.state.zombie_keys[key]
+        # killed by us, or retired by us once idle (scale.py): nothing it held is to blame
+        killed = address in self.state.expected or (self.link.scaler is not None and self.link.scaler.is_retiring(address))
+        self.state.expected.discard(address)
+        if self.link.scaler is not None:
+            self.link.scaler.gone(address)
+        chunks = sorted((c for c in self.state.inflight.values() if c.worker == address), key=lambda c: c.seq)
         if not chunks:
             return
         for c in chunks:
-            self._take(c)
-        self._cancel_futures(chunks)
+            self.state.take(c)
+        self.link.cancel(chunks)
         head = None if killed or expected else self._was_running(address, chunks, vanished=expected is None)
         for c in chunks:
             if c is not head:
-                self._give_back(c)  # queued, or finished with its result still on the worker
+                self.give_back(c)  # queued, or finished with its result still on the worker
         if head is not None:
             self._crashed(head, address, pid)
 
     def _was_running(self, address: str, chunks: list[DaskChunk], vanished: bool) -> DaskChunk | None:
         """Which of a dead worker's chunks it was running (None: none of them, or no telling)."""
-        mark = self._running_mark(address)
+        mark = self.link.running_mark(address)
         if mark is not None:  # our own cluster: the worker wrote it down
             return next((c for c in chunks if c.seq == mark), None)
         # Otherwise from what dask told: not one whose task finished (its result
@@ -269,10 +214,10 @@ class DaskOutcomes:
         return None if vanished or not open_ else open_[0]
 
     def _crashed(self, c: DaskChunk, address: str, pid: int | None = None) -> None:
-        """``c`` was running when its worker died: its items fail (or are isolated)."""
-        job = c.job
-        if not job.active:
-            job.drop_chunk()
+        """``c`` was running when its worker died: its item fails; several are run again
+        one by one to find the one that kills workers, as the local backend does."""
+        if not c.job.active:
+            c.job.drop_chunk()
             return
         code = EXITS.wait(address, EXIT_CODE_WAIT_S) if self.owned else None
         pid = c.pid or pid
@@ -283,22 +228,9 @@ class DaskOutcomes:
         else:
             what = "left the cluster (it died or was stopped)"
             tail = "Items that finished are kept."
-        if len(c.items) > 1:
-            # find the item that kills workers, as the local backend does: its chunk's
-            # other items are not to blame, nor failed attempts of theirs (--retries)
-            job.publish(WorkerReplaced(self._slot(address), pid or 0, what))
-            job.isolate(c.start, c.items, f"dask worker {self._slot(address)} ({where}) {what} while "
-                        f"running {c.describe()}", WorkerCrashedError)
-            return
-        exc = WorkerCrashedError(
-            f"dask worker {self._slot(address)} ({where}) {what} while running {c.describe()}. {tail}",
-            c.indices,
-            code,
-        )
-        job.items_failed(c.indices, exc, c.items, c.start)
-        job.publish(WorkerReplaced(self._slot(address), pid or 0, what))
-        if not job.active:
-            self._abandon(job)
+        said = f"dask worker {self.state.slot(address)} ({where}) {what} while running {c.describe()}"
+        self.policy.worker_lost(c, WorkerCrashedError, said,
+                                lambda: WorkerCrashedError(f"{said}. {tail}", c.indices, code))
 
     # ------------------------------------------------------------------ timeouts, cancel
     @staticmethod
@@ -308,85 +240,77 @@ class DaskOutcomes:
             return None  # the clock starts when the task says it runs
         return c.began + t * len(c.items)
 
-    def _next_deadline(self) -> float | None:
-        best = min((k[0] for k in self._kills), default=None)
-        for c in self._inflight.values():
+    def next_deadline(self) -> float | None:
+        best = min((k[0] for k in self.state.kills), default=None)
+        for c in self.state.inflight.values():
             d = self._deadline(c)
             if d is not None:
                 best = d if best is None else min(best, d)
         return None if best is None else max(0.0, best - time.perf_counter())
 
-    def _check_timeouts(self) -> None:
+    def check_timeouts(self) -> None:
         now = time.perf_counter()
-        for c in list(self._inflight.values()):
+        for c in list(self.state.inflight.values()):
             d = self._deadline(c)
-            if d is None or now < d or not self._take(c):
+            if d is None or now < d or not self.state.take(c):
                 continue
-            self._cancel_futures([c])
+            self.link.cancel([c])
             self._stop_running(c)
             if self.owned:
                 what = "its dask worker was killed and its nanny starts a new one"
             else:
                 what = ("the task runs on in its dask worker (a task on a remote cluster cannot be "
                         "stopped) and its result will be dropped")
-            job = c.job
-            if len(c.items) > 1:  # isolate the item that hung, as locally: the others are not to blame
-                job.isolate(c.start, c.items, f"{c.describe()} ran longer than the "
-                            f"{job.options.timeout:g} s timeout per item", ItemTimeoutError)
-                continue
-            exc = ItemTimeoutError(
-                f"{c.describe()} ran longer than the {job.options.timeout:g} s timeout; {what}.",
-                c.start,
-                job.options.timeout,
-            )
-            job.items_failed(c.indices, exc, c.items, c.start)
-            if not job.active:
-                self._abandon(job)
+            t = c.job.options.timeout
+            self.policy.worker_lost(
+                c, ItemTimeoutError, f"{c.describe()} ran longer than the {t:g} s timeout per item",
+                lambda c=c, t=t, what=what: ItemTimeoutError(
+                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.start, t))
 
     def _stop_running(self, c: DaskChunk) -> None:
         """A task we gave up on while it runs: kill its worker (ours), or wait out its end (remote)."""
         if not self.owned:
-            self._zombies[c.seq] = c.worker  # its worker stays busy with it until it says it ended
+            self.state.zombies[c.seq] = c.worker  # its worker stays busy with it until it says it ended
             return
-        pid = self._pid_of(c.worker)
+        pid = self.link.pid_of(c.worker)
         if pid is None:
             return
-        self._expected.add(c.worker)  # what it holds goes back to its jobs, unblamed
-        self._kills.append((time.perf_counter() + KILL_AFTER_S, c.worker, pid, c.seq))
+        self.state.expected.add(c.worker)  # what it holds goes back to its jobs, unblamed
+        self.state.kills.append((time.perf_counter() + KILL_AFTER_S, c.worker, pid, c.seq))
 
-    def _kill_due(self) -> None:
+    def kill_due(self) -> None:
         """Kill the workers given up on whose time has come (KILL_AFTER_S)."""
         now = time.perf_counter()
-        for due in [k for k in self._kills if k[0] <= now]:
-            self._kills.remove(due)
+        for due in [k for k in self.state.kills if k[0] <= now]:
+            self.state.kills.remove(due)
             _, address, pid, seq = due
-            if self._pid_of(address) != pid:  # gone already: never kill another's process
+            if self.link.pid_of(address) != pid:  # gone already: never kill another's process
                 continue
-            if self._running_mark(address) not in (seq, None):  # the chunk ended meanwhile
-                self._expected.discard(address)  # back to work, unharmed
+            if self.link.running_mark(address) not in (seq, None):  # the chunk ended meanwhile
+                self.state.expected.discard(address)  # back to work, unharmed
                 continue
             kill_worker(pid)  # its nanny starts a new worker
 
-    def _abandon(self, job: Job) -> None:
+    def abandon(self, job: Job) -> None:
         """Stop all work of a finished, failed or cancelled job at once."""
-        chunks = [c for c in self._inflight.values() if c.job is job]
+        chunks = [c for c in self.state.inflight.values() if c.job is job]
         heads: dict[str, DaskChunk] = {}  # what each worker runs now: its oldest chunk
-        for c in sorted(self._inflight.values(), key=lambda c: c.seq):
+        for c in sorted(self.state.inflight.values(), key=lambda c: c.seq):
             heads.setdefault(c.worker, c)
         stop, finish = [], []
         for c in chunks:
-            self._take(c)
+            self.state.take(c)
             job.drop_chunk()
             # running now, even if its "began" is still on its way (queued ones just go)
             if c.began is not None or heads.get(c.worker) is c:
                 (finish if self._ends_soon(c) else stop).append(c)
-        self._cancel_futures([c for c in chunks if c not in finish])
+        self.link.cancel([c for c in chunks if c not in finish])
         for c in stop:
             self._stop_running(c)
         for c in finish:  # its worker is busy until the result comes (and is dropped)
-            self._zombies[c.seq] = c.worker
-            self._zombie_keys[c.future.key] = c
-        self._forget_finished_jobs()
+            self.state.zombies[c.seq] = c.worker
+            self.state.zombie_keys[c.future.key] = c
+        self.state.forget_finished_jobs()
 
     def _ends_soon(self, c: DaskChunk) -> bool:
         """A running chunk of ours that will end before a new worker could start."""
@@ -395,25 +319,3 @@ class DaskOutcomes:
             return False  # a remote task runs on anyway; unknown: it may run for ever
         ran = time.perf_counter() - c.began if c.began is not None else 0.0
         return t * len(c.items) - ran < RESTART_S
-
-    def _unpicklable_items(self, job: Job, start: int, items: Any) -> None:
-        job.unsendable(start, items)
-        if not job.active:
-            self._abandon(job)
-
-    # provided by DaskCluster (_slot, _pid_of, _running_mark, _unlisten) and DaskScheduling
-    # (_forget_finished_jobs), which come before this class among DaskBackend's bases
-    def _slot(self, address: str | None) -> int:  # pragma: no cover
-        raise NotImplementedError
-
-    def _pid_of(self, address: str) -> int | None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _running_mark(self, address: str) -> int | None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _unlisten(self, address: str) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _forget_finished_jobs(self) -> None:  # pragma: no cover
-        raise NotImplementedError

@@ -1,12 +1,11 @@
 """Plumbing of the dask backend: starting a LocalCluster, reaching a remote one, exit.
 
 Everything here talks to dask.distributed or the operating system; the
-backend (daskbackend.py) only decides *when*.
+backend (backend.py) only decides *when*.
 """
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
@@ -14,7 +13,6 @@ import re
 import signal
 import sys
 import threading
-import weakref
 from typing import Any
 
 import cloudpickle
@@ -24,12 +22,13 @@ from distributed.security import Security
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import silence_logging_cmgr
 
-from ..errors import PoolmapError
-from . import daskforkserver
-from .daskpreload import WARM_ENV, unbatch
-from .daskscale import PoolCluster
-from .handle import kill_group
-from .processes import install_main_guard, warm_modules
+from ...errors import PoolmapError
+from ..core.exits import ExitList
+from . import forkserver
+from .preload import WARM_ENV, unbatch
+from .scale import PoolCluster
+from ..handle import kill_group
+from ..processes import install_main_guard, warm_modules
 
 DASK_WORKER_NAME = "Dask Worker process"  # how a nanny names the process it starts
 
@@ -67,12 +66,12 @@ class PoolNanny(Nanny):
     closing = False  # set by poolmagic before it kills the workers to close the cluster
 
     async def instantiate(self) -> Any:
-        """Start the worker process, forked by our server (daskforkserver) where it can be."""
-        token = daskforkserver.OURS.set(daskforkserver.CONTEXT is not None)
+        """Start the worker process, forked by our server (forkserver.py) where it can be."""
+        token = forkserver.OURS.set(forkserver.CONTEXT is not None)
         try:
             return await super().instantiate()
         finally:
-            daskforkserver.OURS.reset(token)
+            forkserver.OURS.reset(token)
 
     def _on_worker_exit_sync(self, exitcode: int) -> None:
         try:
@@ -175,7 +174,7 @@ CLUSTER_CONFIG = {
     # LocalCluster costs the kernel 1.4 % of a core instead of 2.3 %.
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.admin.system-monitor.disk": False,
-    # No spilling or pausing by the workers (daskmemory.py has the guard): our
+    # No spilling or pausing by the workers (memory.py has the guard): our
     # tasks are pinned, and a worker paused at 80 % of its limit would hold them
     # until its memory went down. Its monitor also woke each worker 10 times a
     # second, mid-item: a busy 2-worker cluster's context switches went from
@@ -189,7 +188,7 @@ CLUSTER_CONFIG = {
 
 def kill_worker(pid: int) -> None:
     """SIGKILL a worker of our LocalCluster and its process group (it leads one,
-    see daskpreload), so that processes the mapped function started go too."""
+    see preload.py), so that processes the mapped function started go too."""
     kill_group(pid)
     try:
         os.kill(pid, signal.SIGKILL)  # not yet the leader of a group of its own
@@ -224,8 +223,8 @@ def start_local_cluster(n_workers: int, dashboard: bool = False,
     poolmagic reports the item at once instead.
     """
     drop_main_for_dask_workers()
-    daskforkserver.install()
-    daskforkserver.start()  # both released when the cluster is closed (release_cluster)
+    forkserver.install()
+    forkserver.start()  # both released when the cluster is closed (release_cluster)
     HUSH.hold()
     config = cluster_config(dashboard, directory)
     try:
@@ -244,7 +243,7 @@ def start_local_cluster(n_workers: int, dashboard: bool = False,
                 worker_class=PoolNanny,
                 scheduler_kwargs={"allowed_failures": 0, "dashboard": dashboard},
                 silence_logs=logging.ERROR,  # its workers; in this process HUSH has done it already
-                preload=["poolmagic.engine.daskpreload"],  # each worker: its own process group, SIGINT ignored
+                preload=["poolmagic.engine.dask.preload"],  # each worker: its own process group, SIGINT ignored
                 env={WARM_ENV: ",".join(warm_modules())},  # ... and the kernel's numpy/pandas, imported up front
                 config=config,  # the worker processes' (the scheduler's: dask.config.set)
                 local_directory=directory,  # the nannies' and workers' scratch space
@@ -296,7 +295,7 @@ def _close_http(cluster: LocalCluster) -> None:
 
 def release_cluster() -> None:
     """What a LocalCluster of ours held in this process: the forkserver, the hushed logs."""
-    daskforkserver.release()
+    forkserver.release()
     HUSH.release()
 
 
@@ -342,7 +341,8 @@ def dashboard_link(client: Client) -> str | None:
         return None
 
 
-_STARTED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Made here, after distributed registered its exit handlers when it was imported: ours runs first.
+_STARTED = ExitList()
 
 
 def stop_at_exit(backend: Any) -> None:
@@ -358,12 +358,3 @@ def stop_at_exit(backend: Any) -> None:
 
 def forget_at_exit(backend: Any) -> None:
     _STARTED.discard(backend)
-
-
-@atexit.register
-def _shutdown_started() -> None:
-    for backend in list(_STARTED):
-        try:
-            backend.shutdown()
-        except Exception:
-            pass

@@ -27,9 +27,9 @@ import os
 import sys
 from typing import Any, Iterable
 
-from ..errors import BadInputError
-from . import protocol as P
-from .context import EnvOverlay
+from ...errors import BadInputError
+from .. import protocol as P
+from ..context import EnvOverlay
 
 #: packages whose pickles do not load across a major version
 BREAKS_ACROSS_MAJOR = ("numpy", "pandas", "pyarrow", "scipy", "sklearn")
@@ -203,7 +203,7 @@ class RemoteEnvironment:
 
         Returns what to pickle in place of ``func``, and the notes to show.
         """
-        from ..localmodules import check_size, modules_used, register_by_value, with_modules
+        from ...localmodules import check_size, modules_used, register_by_value, with_modules
 
         sample = items[:1] if isinstance(items, (list, tuple)) else ()
         use = modules_used(func, sample)
@@ -274,6 +274,6 @@ class RemoteEnvironment:
         return "\n".join(lines)
 
     def close(self) -> None:
-        from ..localmodules import unregister
+        from ...localmodules import unregister
 
         unregister(self.registered)

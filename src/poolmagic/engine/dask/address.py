@@ -15,7 +15,7 @@ import os
 import socket
 from typing import Any
 
-from ..errors import PoolmapError, safe_str
+from ...errors import PoolmapError, safe_str
 
 PROBE_TIMEOUT_S = 5.0
 

@@ -1,0 +1,111 @@
+"""The one place a worker reads a map's options: ``run_chunk(fn, items, options)``.
+
+Every backend's worker (a local worker process, engine/worker.py; a dask
+task, engine/dask/task.py; a thread of engine/threads) runs a chunk through here, so a new per-item option is a field
+of MapOptions (mapoptions.py) plus its use below, and it works on every
+backend: before, each worker unpacked the options itself, and an option read
+by one could silently do nothing on the other.
+
+What a chunk run measures is measured here too, the same on every backend:
+its CPU time (native threads included) and the time its thread waited,
+runnable, for a CPU (Linux): the map's card compares them with its wall time.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, NamedTuple
+
+from .chunk import run_chunk as _run_items
+
+CACHE_SIZE = 4  # functions and contexts kept per worker process (the local parent mirrors this LRU)
+_in_worker = False  # True in a worker process (or a dask worker, once it ran a chunk): no nested pools
+
+
+def mark_in_worker() -> None:
+    """This process runs chunks: a pool started by a mapped function would nest, and is refused."""
+    global _in_worker
+    _in_worker = True
+
+
+def in_worker() -> bool:
+    """Whether this process runs chunks of a poolmagic map."""
+    return _in_worker
+
+
+class ChunkRun(NamedTuple):
+    """What running one chunk produced, and what it cost."""
+
+    out: list  # results, NOT_DONE where an item raised
+    t0: float  # perf_counter when the first item began
+    t1: float  # ... and when the last ended
+    times: list | None  # each item's seconds, when timed
+    records: list  # print() output: (index, stream, text)
+    errors: list  # (index, packed exception)
+    cpu_s: float | None  # CPU time of the process meanwhile
+    waited_s: float | None  # of t1 - t0, time runnable but waiting for a CPU (None: not measured)
+
+
+def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool,
+              indices: tuple | None = None, progress: Callable[[int], None] | None = None,
+              redirect: Callable | None = None, clock: Callable[[], float] = time.process_time) -> ChunkRun:
+    """Run ``fn`` over one chunk as ``options`` (a MapOptions) say: ``star``, ``keep_going``, ``seed``.
+
+    ``start``: the first item's index in the map; ``timed``: time each item;
+    ``indices``: each item's position in the ITERABLE when not ``start + k``
+    (a re-run of some items: seeds); ``progress(done)``: called while a long
+    timed chunk runs; ``redirect``: how print() is captured (chunk.run_chunk;
+    a thread of the threads backend routes its own writes); ``clock``: the CPU
+    clock (the process's in a worker process, the thread's on threads).
+    Options the parent enforces (timeout, retries, memory) are not read here.
+    """
+    waited = runqueue_wait()  # (two reads per chunk, ~1 µs each: the speedup needs them for every chunk)
+    cpu0 = clock()
+    out, t0, t1, times, records, errors = _run_items(
+        fn, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
+        progress=progress, indices=indices, redirect=redirect,
+    )
+    cpu = clock() - cpu0
+    if waited is not None:
+        after = runqueue_wait()
+        # a wait just outside t0..t1 (preempted before the read) is counted too: clamp
+        waited = None if after is None else min((after - waited) / 1e9, t1 - t0)
+    return ChunkRun(out, t0, t1, times, records, errors, cpu, waited)
+
+
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+_has_schedstat = os.path.exists(_SCHEDSTAT)
+
+
+class _OpenFile:
+    """A descriptor closed when its holder goes (with its thread's ``threading.local`` data)."""
+
+    def __init__(self, path: str) -> None:
+        self.pid = os.getpid()
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+# This thread's schedstat file, kept open: one pread (~1 µs) per reading, where opening it for
+# each of a chunk's two readings cost ~14 µs each. Per thread: the file names the thread that
+# opened it, and the threads backend runs chunks on many.
+_schedstat = threading.local()
+
+
+def runqueue_wait() -> int | None:
+    """Nanoseconds this thread has spent runnable but waiting for a CPU (Linux)."""
+    if not _has_schedstat:
+        return None
+    try:
+        f = getattr(_schedstat, "file", None)
+        if f is None or f.pid != os.getpid():  # first use in this thread, or a forked child
+            f = _schedstat.file = _OpenFile(_SCHEDSTAT)
+        return int(os.pread(f.fd, 128, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
