@@ -366,5 +366,11 @@ def test_the_guard_counts_the_results_held_in_the_kernel(tmp_path, backend, monk
     r = exc.report
     kept = [i for i, a in enumerate(r.results) if a is not NOT_DONE]
     assert all(float(r.results[i][0]) == i for i in kept)
-    assert kept == list(range(len(kept))) and held == pytest.approx(len(kept) * 64 * MB, rel=0.01)
-    assert sum(c.nbytes for c in r.chunks) == pytest.approx(held, abs=0.06 * MB)  # the bytes counted are those kept
+    # the message is a snapshot; on dask a result already on its way may land after it
+    # (late results are kept): then the report holds one more than the message counted
+    late = 1 if backend == "dask" else 0
+    n_held = round(held / (64 * MB))
+    assert held == pytest.approx(n_held * 64 * MB, rel=0.01), msg
+    assert kept == list(range(len(kept))) and n_held <= len(kept) <= n_held + late, (kept, msg)
+    # the bytes counted are those kept
+    assert sum(c.nbytes for c in r.chunks) == pytest.approx(len(kept) * 64 * MB, abs=0.06 * MB)
