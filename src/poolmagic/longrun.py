@@ -219,7 +219,11 @@ class SeenItems:
         if job.source.is_stream or r.items is None or r.done >= r.items:
             return  # a stream was hashed as it went; a map with nothing missing needs no keys
         seq, index, k = job.source.seq, job.index, identity.KEY
-        done = [p for p in range(len(seq)) if r.results[p if index is None else index[p]] is not NOT_DONE]
+        # with a result now, or handed to a worker: a result on its way when the map ended (a
+        # cancel, a failure) is kept when it lands later, and --resume must know its item too
+        handed = min(len(seq), job.source.pos)
+        done = [p for p in range(len(seq))
+                if p < handed or r.results[p if index is None else index[p]] is not NOT_DONE]
         if len(self.keys) < r.items * k:
             self.keys.extend(bytes(r.items * k - len(self.keys)))
         got = _keys_at(seq, done, "--resume", index)  # only the kept items: a map that failed at once hashes little
