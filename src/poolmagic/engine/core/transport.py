@@ -58,7 +58,7 @@ WORKER_SETUP = "worker-setup"
 OWN_PROCESS = "own-process"
 CAPABILITIES = {
     KILL_ON_TIMEOUT: "stop an item that runs past --timeout (it runs on; its result is dropped)",
-    KILL_ON_INTERRUPT: "stop a running item on an interrupt or cancel (it runs on; its result is dropped)",
+    KILL_ON_INTERRUPT: "stop a running item on an interrupt or cancel (it runs on to its end; a result it gives then is kept)",
     CRASH_ISOLATION: "survive an item that crashes its worker (the crash takes the kernel down)",
     MEMORY_LIMIT: "read a worker's memory: --max-memory",
     NATIVE_THREAD_LIMIT: "limit a worker's native thread pools (BLAS, OpenMP): --threads",
