@@ -304,11 +304,11 @@ def test_max_memory_on_a_remote_cluster_is_refused_before_any_work(remote_pool, 
     """Its workers' memory is not on this machine: say so, and what to use instead."""
     ran = tmp_path / "ran"
     with pytest.raises(BadInputError, match=r"--max-memory reads each worker's memory on this machine.*"
-                                            r"dask worker --memory-limit\)$"):
+                                            r"dask worker --memory-limit\)\. Drop it, or run this map on the local"):
         remote_pool.run(touch, [str(ran)], max_memory="1GB")
     remote_pool.max_memory = 1 << 30  # the pool's limit (%poolsize --max-memory) is refused the same way
     try:
-        with pytest.raises(BadInputError, match=r"clear the pool's \(%poolsize --max-memory off\)"):
+        with pytest.raises(BadInputError, match=r"it is the pool's setting: clear it \(%poolsize --max-memory off\)"):
             remote_pool.map(touch, [str(ran)])
     finally:
         remote_pool.max_memory = None

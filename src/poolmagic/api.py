@@ -301,16 +301,12 @@ class Pool:
         their results are merged into its results.
         """
         o = MapOptions.from_kwargs(options)
+        from_pool = frozenset()
         if o.max_memory is None and self.max_memory is not None:
             o = o.with_(max_memory=self.max_memory)
-        self.backend.check_options(o)  # what this backend lacks (threads: --timeout, --max-memory)
-        if o.max_memory is not None and not self.backend.limits_memory:
-            raise BadInputError(
-                f"--max-memory reads each worker's memory on this machine: it works on the local backend "
-                f"and on a dask LocalCluster that poolmagic started, not on the {self.backend.description}. "
-                f"Give that cluster's workers a limit of their own (dask worker --memory-limit)"
-                + (", and clear the pool's (%poolsize --max-memory off)" if options.get("max_memory") is None else "")
-            )
+            from_pool = frozenset({"max_memory"})
+        # what this backend lacks (threads: --timeout, --max-memory; a remote cluster: --max-memory)
+        self.backend.check_options(o, from_pool)
         if not callable(func):
             raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
         name = callable_name(func)

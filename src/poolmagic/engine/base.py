@@ -58,18 +58,21 @@ class Backend(ABC):
         """A second line for ``%poolsize`` (a cluster's scheduler, workers, dashboard), or None."""
         return None
 
-    def check_options(self, options: Any) -> None:
+    def check_options(self, options: Any, from_pool: frozenset = frozenset()) -> None:
         """Refuse (BadInputError, before any work) a map option this backend cannot honour.
 
         The reason is the backend's own when ``lacks`` maps each capability to one
-        (threads), else the words of CAPABILITIES.
+        (threads, a remote dask cluster), else the words of CAPABILITIES.
+        ``from_pool``: the fields the pool set, not the call (``%poolsize --max-memory``):
+        the error then says how to clear them.
         """
         for field, (flag, capability) in OPTION_NEEDS.items():
             if getattr(options, field, None) is not None and capability in self.lacks:
                 why = self.lacks[capability] if isinstance(self.lacks, dict) else CAPABILITIES[capability]
+                fix = (f"it is the pool's setting: clear it (%poolsize {flag} off)" if field in from_pool else
+                       "run this map on the local backend (%poolsize --backend local, or Pool(backend=\"local\"))")
                 raise BadInputError(f"{flag} ({field}=) cannot work on the {self.name} backend: {why}. "
-                                    f"Run this map on the local backend (%poolsize --backend local, "
-                                    f"or Pool(backend=\"local\")).")
+                                    f"Drop it, or {fix}.")
 
     def disown(self) -> None:
         """In a child made by a bare ``os.fork()``: the workers are the parent's; touch nothing."""

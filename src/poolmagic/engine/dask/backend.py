@@ -91,7 +91,9 @@ class DaskBackend(Backend):
         self.dashboard = bool(dashboard) and self.owned
         self.description = "dask LocalCluster" if self.owned else f"dask cluster {address}"
         # a remote cluster's workers are on other machines: their memory cannot be read from here
-        self.lacks = frozenset() if self.owned else frozenset({MEMORY_LIMIT})
+        self.lacks = {} if self.owned else {MEMORY_LIMIT: (
+            "--max-memory reads each worker's memory on this machine, and this cluster's workers "
+            "are elsewhere; give them a limit of their own (dask worker --memory-limit)")}
         self._q: queue.SimpleQueue = queue.SimpleQueue()  # callables the manager thread runs
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
