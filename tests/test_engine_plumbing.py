@@ -180,7 +180,13 @@ def test_prestart_boots_the_forkserver_warm_and_with_sigint_blocked():
         print("BOOTED", pid is not None, flush=True)
         if pid is None:
             sys.exit(0)
-        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+        # the pid is known from fork on; until the child has exec'd, its cmdline is this script's
+        # (multiprocessing's spawnv_passfds does not wait for the exec)
+        while True:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+            if "forkserver import main" in cmdline or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
         print("PRELOAD_WORKER", "'poolmagic.engine.worker'" in cmdline)
         print("PRELOAD_NUMPY", "'numpy'" in cmdline)
         status = open(f"/proc/{pid}/status").read()
