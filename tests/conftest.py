@@ -108,6 +108,16 @@ def shutdown_and_check(pool: "poolmagic.Pool", extra_pids=()) -> None:
 # ---------------------------------------------------------------- polling
 
 
+def check_partial(results: list, expected: list, failed: set[int]) -> None:
+    """Each result is poolmagic.NOT_DONE or correct; the failed items are poolmagic.NOT_DONE."""
+    assert len(results) == len(expected)
+    for i, (got, want) in enumerate(zip(results, expected)):
+        if i in failed:
+            assert got is poolmagic.NOT_DONE, f"item {i} failed but has a result {got!r}"
+        else:
+            assert got is poolmagic.NOT_DONE or got == want, f"item {i}: {got!r} != {want!r}"
+
+
 def wait_for(pred: Callable[[], Any], timeout: float = DEADLINE, what: str | None = None,
              every: float = 0.01) -> Any:
     """Poll ``pred`` until it returns something true, or ``timeout`` s pass.

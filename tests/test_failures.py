@@ -32,7 +32,7 @@ from IPython.core.error import UsageError
 import poolmagic
 from poolmagic import NOT_DONE, Pool
 
-from conftest import descendants, read_pid, run_script, shutdown_and_check, wait_dead, wait_for, write_pid
+from conftest import check_partial, descendants, read_pid, run_script, shutdown_and_check, wait_dead, wait_for, write_pid
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -43,16 +43,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # wait_for, read_pid/write_pid and shutdown_and_check are conftest's.
-
-
-def check_partial(results: list, expected: list, failed: set[int]) -> None:
-    """Each result is NOT_DONE or correct; the failed items are NOT_DONE."""
-    assert len(results) == len(expected)
-    for i, (got, want) in enumerate(zip(results, expected)):
-        if i in failed:
-            assert got is NOT_DONE, f"item {i} failed but has a result {got!r}"
-        else:
-            assert got is NOT_DONE or got == want, f"item {i}: {got!r} != {want!r}"
 
 
 def next_map_works(pool: Pool, n: int = 20) -> None:

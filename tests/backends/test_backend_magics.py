@@ -15,7 +15,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import poolmagic
-from poolmagic import NOT_DONE
+from conftest import check_partial
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -30,16 +30,6 @@ def shared(ip, backend):
 
 def cell(ip, line: str, body: str):
     return ip.run_cell_magic("poolmap", line, body)
-
-
-def check_partial(results: list, expected: list, failed: set[int]) -> None:
-    """Each result is NOT_DONE or correct; the failed items are NOT_DONE."""
-    assert len(results) == len(expected)
-    for i, (got, want) in enumerate(zip(results, expected)):
-        if i in failed:
-            assert got is NOT_DONE, f"item {i} failed but has a result {got!r}"
-        else:
-            assert got is NOT_DONE or got == want, f"item {i}: {got!r} != {want!r}"
 
 
 def test_the_magics_run_on_this_backend(ip, shared):
