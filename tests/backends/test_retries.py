@@ -23,10 +23,16 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.timeout(120)
 
 
-def fail_first_attempt(x, folder, bad=(2,), always=()):
-    """Item ``x`` in ``bad`` raises on its first attempt, then returns 10 x; in ``always``, every time."""
+def note_attempt(x, folder) -> int:
+    """Leave a file for this attempt at item ``x``; returns how many came before it."""
     attempt = len([n for n in os.listdir(folder) if n.startswith(f"{x}.")])
     open(os.path.join(folder, f"{x}.{attempt}"), "w").close()
+    return attempt
+
+
+def fail_first_attempt(x, folder, bad=(2,), always=()):
+    """Item ``x`` in ``bad`` raises on its first attempt, then returns 10 x; in ``always``, every time."""
+    attempt = note_attempt(x, folder)
     if x in always or (x in bad and attempt == 0):
         raise ConnectionError(f"item {x} fails once")
     return 10 * x
@@ -96,8 +102,7 @@ def test_magic_with_retries_and_chunks(ip, tmp_path):
 
 def crash_first_attempt(x, folder, bad=2):
     """Item ``bad`` kills its worker on its first attempt (os._exit), then returns 10 x."""
-    attempt = len([n for n in os.listdir(folder) if n.startswith(f"{x}.")])
-    open(os.path.join(folder, f"{x}.{attempt}"), "w").close()
+    attempt = note_attempt(x, folder)
     if x == bad and attempt == 0:
         os._exit(3)
     return 10 * x
@@ -151,8 +156,7 @@ def test_live_progress_counts_a_retried_item_once(backend, tmp_path, chunksize):
 
 def hang_first_attempt(x, folder, bad=2):
     """Item ``bad`` hangs on its first attempt (past any --timeout here), then returns 10 x."""
-    attempt = len([n for n in os.listdir(folder) if n.startswith(f"{x}.")])
-    open(os.path.join(folder, f"{x}.{attempt}"), "w").close()
+    attempt = note_attempt(x, folder)
     if x == bad and attempt == 0:
         import time
 
