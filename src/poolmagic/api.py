@@ -87,19 +87,14 @@ class MapHandle(AsyncResult):
 class Pool:
     """A warm pool of worker processes that maps notebook-defined functions.
 
-    multiprocessing.Pool's interface and poolmagic's own in one object, made of
-    smaller ones; each method is a few lines over them:
-
-    - ``backend`` (engine/): the workers, and the maps running on them;
-    - ``_life`` (poolstate.py): RUN/CLOSE/TERMINATE, the maps running, the last map;
-    - ``_callbacks`` (mpcompat.py): the thread AsyncResult callbacks run on;
-    - ``prepare`` (mapprep.py): a call checked, its function pickled, a Job;
-    - ``run`` and every other map (maprun.py): started, then waited for;
-    - ``imap`` (imap.py): results handed out lazily, as they finish.
-
-    It is near 300 lines because multiprocessing's interface is large: some 25
-    public names, each a signature, a docstring and a few lines over those objects.
+    multiprocessing.Pool's interface and poolmagic's own (``run``, settings).
     """
+
+    # One object made of smaller ones, each method a few lines over them: ``backend``
+    # (engine/): the workers and the maps on them; ``_life`` (poolstate.py): RUN/CLOSE/
+    # TERMINATE, the maps running, the last map; ``_callbacks`` (mpcompat.py): the thread
+    # AsyncResult callbacks run on. A map is prepared (mapprep.py), started and waited for
+    # (maprun.py); imap's iterators are in imap.py.
 
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
                  initargs: Iterable = (), maxtasksperchild: int | None = None, context: Any = None, *,
@@ -298,16 +293,12 @@ class Pool:
         before ``ready()`` turns True. A stream ITERABLE is read by a feeder
         thread of its own (never by the pool's manager), which ends with the map.
         """
-        # multiprocessing's error policy (mpcompat.run_map) unless poolmagic's options are given;
         # the magics pass watch= (None when quiet): poolmagic's policy for them
-        mp_errors = not (set(options) - {"star"}) and watch is _NOT_GIVEN and resume is None
-        watch = None if watch is _NOT_GIVEN else watch
-        if chunksize is not None:
-            options["chunksize"] = chunksize
-        if mp_errors:
-            options["keep_going"] = True
+        own = watch is not _NOT_GIVEN or resume is not None
+        mp_errors = mpcompat.async_policy(options, chunksize, own)
         handle = MapHandle(self, callback=callback, error_callback=error_callback, mp_errors=mp_errors)
-        job = self._submit(func, iterable, options, watch, resume, before=handle.attach)
+        job = self._submit(func, iterable, options, None if watch is _NOT_GIVEN else watch, resume,
+                           before=handle.attach)
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
         return handle

@@ -148,6 +148,17 @@ def run_map(run: Callable[..., Any], func: Callable, iterable: Any, chunksize: i
         raise first_item_error(exc, exc.report) from None
 
 
+def async_policy(options: dict, chunksize: int | None, poolmagic_call: bool) -> bool:
+    """``map_async``'s options, under the policy its arguments ask for (as ``run_map``'s);
+    True: multiprocessing's errors (``poolmagic_call``: watch= or resume= was given)."""
+    mp_errors = not (set(options) - {"star"}) and not poolmagic_call
+    if chunksize is not None:
+        options["chunksize"] = chunksize
+    if mp_errors:
+        options["keep_going"] = True
+    return mp_errors
+
+
 def _remote_cause(exc: BaseException) -> BaseException:
     """Chain the worker's traceback text as multiprocessing does (``__cause__``)."""
     if exc.__cause__ is None and exc.__traceback__ is not None:

@@ -1,7 +1,7 @@
 """``_poolmap.timeline``: one row per chunk, as each worker ran it.
 
 Raw rows for analysis (``.rows``, ``.to_frame()``), text bars in a terminal,
-an inline SVG (display.py) in a notebook: busy vs idle per worker, failed
+an inline SVG (charts.py) in a notebook: busy vs idle per worker, failed
 chunks marked. Large maps are aggregated when drawn, so the notebook stays
 light whatever the number of chunks.
 """
