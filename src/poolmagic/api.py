@@ -5,8 +5,8 @@
     with Pool(4) as pool:
         report = pool.run(work, data, keep_going=True)  # RunReport: results, errors, timing
 
-``Pool`` is a facade over a few objects, each in a module of its own (its
-docstring lists them); every check of bad input runs before any work starts
+``Pool`` is a facade over a few objects, each in a module of its own (the
+comment atop the class lists them); every check of bad input runs before any work starts
 (mapprep.py), so a mistake is reported as one sentence naming the culprit.
 Here too: ``MapHandle`` (a map in the background) and the shared pool of the
 magics and ``pmap`` (``get_pool``, ``set_pool``, ``shutdown_pool``).
