@@ -5,11 +5,9 @@
     with Pool(4) as pool:
         report = pool.run(work, data, keep_going=True)  # RunReport: results, errors, timing
 
-``Pool`` is a facade over a few objects, each in a module of its own (the
-comment atop the class lists them); every check of bad input runs before any work starts
-(mapprep.py), so a mistake is reported as one sentence naming the culprit.
-Here too: ``MapHandle`` (a map in the background) and the shared pool of the
-magics and ``pmap`` (``get_pool``, ``set_pool``, ``shutdown_pool``).
+``Pool`` is a facade over objects in modules of their own (a comment atop the
+class lists them). Here too: ``MapHandle`` (a map in the background) and the
+shared pool of the magics and ``pmap`` (``get_pool``, ``set_pool``, ``shutdown_pool``).
 """
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ import functools
 import threading
 import uuid
 import warnings
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import mpcompat
 from .checks import check_positive, too_many_workers
@@ -28,12 +26,14 @@ from .engine.context import ContextCache
 from .engine.core.job import Job
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP
 from .errors import BadInputError, PoolmapError
-from .imap import IMapIterator, start_imap
 from .mapprep import prepare_map
 from .maprun import finish_checkpoint, start, wait_for
 from .mpcompat import RUN, TERMINATE, AsyncResult
 from .poolstate import PoolState
 from .report import RunReport
+
+if TYPE_CHECKING:
+    from .imap import IMapIterator
 
 
 _NOT_GIVEN: Any = object()
@@ -90,11 +90,10 @@ class Pool:
     multiprocessing.Pool's interface and poolmagic's own (``run``, settings).
     """
 
-    # One object made of smaller ones, each method a few lines over them: ``backend``
-    # (engine/): the workers and the maps on them; ``_life`` (poolstate.py): RUN/CLOSE/
-    # TERMINATE, the maps running, the last map; ``_callbacks`` (mpcompat.py): the thread
-    # AsyncResult callbacks run on. A map is prepared (mapprep.py), started and waited for
-    # (maprun.py); imap's iterators are in imap.py.
+    # Made of smaller objects, each method a few lines over them: ``backend`` (engine/), the
+    # workers; ``_life`` (poolstate.py), RUN/CLOSE/TERMINATE, the maps running, the last map;
+    # ``_callbacks`` (mpcompat.py), the thread AsyncResult callbacks run on. A map is checked
+    # and prepared (mapprep.py), started and waited for (maprun.py); imap's is in imap.py.
 
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
                  initargs: Iterable = (), maxtasksperchild: int | None = None, context: Any = None, *,
@@ -318,12 +317,16 @@ class Pool:
         is raised in its place, and the iteration goes on. ``chunksize``:
         items per chunk (default: poolmagic sizes chunks from measured times).
         """
+        from .imap import start_imap  # loaded on first use: most maps are not imap's
+
         self._life.check_running()
         return start_imap(self._submit, func, iterable, chunksize, True, options)
 
     def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
                        **options: Any) -> IMapIterator:
         """As ``imap``, but each result as soon as it is done, in any order."""
+        from .imap import start_imap
+
         self._life.check_running()
         return start_imap(self._submit, func, iterable, chunksize, False, options)
 
