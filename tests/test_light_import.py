@@ -16,7 +16,8 @@ HEAVY_PACKAGES = ("tqdm", "threadpoolctl", "dask", "distributed", "numpy", "pand
                   "ipywidgets", "matplotlib", "psutil")
 # poolmagic's own modules a map needs only once it shows or explains something.
 LATER_MODULES = ("poolmagic.display", "poolmagic.charts", "poolmagic.style", "poolmagic.diagnose",
-                 "poolmagic.timeline", "poolmagic.tune", "poolmagic.switch", "poolmagic.executor")
+                 "poolmagic.timeline", "poolmagic.tune", "poolmagic.switch", "poolmagic.executor",
+                 "poolmagic.imap", "poolmagic.poolsize", "poolmagic.pooldebug")
 
 
 def heavy(names: list[str]) -> list[str]:
