@@ -31,7 +31,8 @@ from typing import Any, Iterable
 import cloudpickle
 
 from . import identity
-from .checkpointfile import CheckpointFileError, Stored, Writer, read, signing_key
+from .checkpointfile import Writer, read
+from .checkpointformat import CheckpointFileError, Stored, signing_key
 from .engine.core.events import ChunkFinished, MapFinished
 from .engine.core.items import SEQUENCES
 from .errors import BadInputError
