@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from poolmagic import checkpointfile
-from poolmagic.longrun import Checkpoint, items_hash
+from poolmagic.checkpointing import Checkpoint
+from poolmagic.itemkeys import items_hash
 
 GOLDEN = Path(__file__).parent / "data" / "checkpoint-1598cff.ckpt"
 KEY = bytes(range(32))  # not a secret: only this test's files are signed with it
