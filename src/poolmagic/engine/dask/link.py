@@ -219,13 +219,24 @@ class ClusterLink:
 
     def running_mark(self, address: str) -> int | None:
         """The chunk our worker at ``address`` wrote down as running (-1: none; None: unknown)."""
+        return self.marks_of(address)[0]
+
+    def marks_of(self, address: str) -> tuple[int | None, int | None]:
+        """(the chunk running, the last chunk that ended) as our worker at ``address`` wrote
+        them down (task._mark); None where unknown (not our cluster, or nothing written)."""
         if self.marks is None:
-            return None
+            return None, None
         try:
             with open(os.path.join(self.marks, task.mark_name(address)), "rb") as f:
-                return int(f.read().strip() or b"-1")
-        except (OSError, ValueError):
-            return None
+                lines = f.read().split()
+        except OSError:
+            return None, None
+        try:
+            running = int(lines[0]) if lines else -1
+            ended = int(lines[1]) if len(lines) > 1 else None
+        except ValueError:
+            return None, None
+        return running, ended
 
     def pid_of(self, address: str) -> int | None:
         """The process of the worker at ``address`` (a LocalCluster we own)."""
