@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import cloudpickle
 
 from . import identity
-from .checkpointfile import Writer, read
+from .checkpointfile import Writer, parse, read
 from .checkpointformat import CheckpointFileError, Stored, signing_key
 from .engine.core.events import ChunkFinished, MapFinished
 from .errors import BadInputError
@@ -34,8 +34,8 @@ def _record_at(exc: BaseException) -> str:
     """Which record the file reader was at when ``exc`` was raised: "the record at byte N"."""
     tb, at = exc.__traceback__, None
     while tb is not None:
-        if tb.tb_frame.f_code is read.__code__:
-            at = tb.tb_frame.f_locals.get("pos")
+        if tb.tb_frame.f_code is parse.__code__:  # decoding the records it found, in order
+            at = tb.tb_frame.f_locals.get("offset")
         tb = tb.tb_next
     return f"the record at byte {at:,}" if isinstance(at, int) else "a record"
 
