@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -716,18 +717,70 @@ def test_a_worker_chosen_to_retire_is_never_kept_once_its_drop_was_asked(dask_po
     """Issue 22: ``-n 3`` on a pool of 2 grows the cluster, the next map shrinks it. A drop
     asked for on the scaling thread could be overtaken by a map that kept the worker after
     all: the drop then closed it under that map's chunk, blamed with WorkerCrashedError
-    (exit code 0). A name whose drop was asked for stays retiring."""
+    (exit code 0). A worker whose drop was asked for stays retiring. (The two asks run on the
+    backend's manager thread, as a map's do, the pool sized 3 so that nothing else shrinks it.)"""
+    backend = dask_pool.backend
+    workers = lambda: backend.link.cluster.scheduler_info["workers"]  # noqa: E731
+    backend.resize(3)
+    try:
+        assert wait_for(lambda: len(workers()) == 3, timeout=30)
+        ids = {w["name"]: w["local_directory"] for w in workers().values()}  # (one per worker process)
+        seen: dict = {}
+        done = threading.Event()
+
+        def on_the_manager_thread() -> None:
+            try:
+                scaler = backend.link.scaler
+                scaler.fit(2, holds=lambda address: False)  # asks the scaling thread for a drop ...
+                retired = getattr(scaler, "retired", ())  # (the drop may have run already)
+                seen["chosen"] = [n for n in ids if n in scaler.retiring or ids[n] in retired]
+                scaler.fit(3, holds=lambda address: False)  # ... and a map wants 3 again, before it ran
+                seen["kept"] = [n for n in seen["chosen"]
+                                if n not in scaler.retiring and ids[n] not in getattr(scaler, "retired", ())]
+            finally:
+                done.set()
+
+        backend._q.put(on_the_manager_thread)
+        assert done.wait(30)
+        assert len(seen["chosen"]) == 1, (seen, ids)
+        assert not seen["kept"], "a worker whose drop was asked was kept after all"
+        gone = ids[seen["chosen"][0]]
+        assert wait_for(lambda: gone not in {w["local_directory"] for w in workers().values()}, timeout=30), \
+            "the worker chosen was not retired"
+        assert wait_for(lambda: len(workers()) == 3, timeout=30), "the pool of 3 did not start a worker again"
+    finally:
+        backend.resize(2)
     assert dask_pool.map(double, range(6), workers=3, chunksize=1) == [2 * x for x in range(6)]
-    scaler = dask_pool.backend.link.scaler
+
+
+def test_a_worker_started_after_a_retirement_gets_chunks(dask_pool):
+    """Issue 22 (a deep oracle run hung): dask started a new worker under a retired one's name,
+    and retirement was by name, so the new worker was retiring for ever and got no chunk; once
+    the others' ports were taken over as well (below), no worker was usable and the map waited
+    for ever. Names are now never given twice, and retirement is by worker process."""
     workers = lambda: dask_pool.backend.link.cluster.scheduler_info["workers"]  # noqa: E731
-    assert wait_for(lambda: len(workers()) == 3, timeout=30)
-    spec = set(dask_pool.backend.link.cluster.worker_spec)
-    scaler.fit(2, holds=lambda address: False)  # asks the scaling thread for a drop ...
-    chosen = [n for n in scaler.retiring if n in spec]  # (names retired before are never reused)
-    assert len(chosen) == 1, (chosen, spec)
-    name = chosen[0]
-    scaler.fit(3, holds=lambda address: False)  # ... and a map wants 3 again, the drop not yet applied
-    assert name in scaler.retiring, "a worker whose drop was asked was kept after all"
-    assert wait_for(lambda: all(w.get("name") != name for w in workers().values()), timeout=30), \
-        "the worker chosen was not retired"
     assert dask_pool.map(double, range(6), workers=3, chunksize=1) == [2 * x for x in range(6)]
+    assert wait_for(lambda: len(workers()) == 3, timeout=30)
+    assert dask_pool.map(double, range(4), workers=2) == [2 * x for x in range(4)]  # retires one
+    assert wait_for(lambda: len(workers()) == 2, timeout=30), "no worker was retired"
+    # the pool grows to 3 again, with a worker it starts now: items long enough that it
+    # gets some (it starts in ~0.1 s, the map takes ~3 s on the other two)
+    r = dask_pool.run(nap, range(24), workers=3, chunksize=1, kwargs={"seconds": 0.25})
+    assert r.results == list(range(24))
+    assert len({c.worker for c in r.chunks}) == 3, \
+        f"the map ran on workers {sorted({c.worker for c in r.chunks})}: the one started after a retirement got no chunk"
+
+
+def test_a_new_worker_on_the_port_of_one_that_left_gets_chunks(dask_pool):
+    """Issue 22: the OS hands a dead worker's port to a new one (seen after ~100 deaths in a
+    deep oracle run); the backend skipped every address it had seen leave, so the new worker
+    never got a chunk. Here a worker's address is recorded as left by another worker (another
+    dask id), as a port taken over looks (another worker process: another scratch folder)."""
+    link, state = dask_pool.backend.link, dask_pool.backend.shared
+    assert dask_pool.map(double, range(4)) == [0, 2, 4, 6]
+    address = sorted(link.usable())[0]
+    state.workers.pop(address)
+    state.gone[address] = "/the/scratch/folder/of/a/worker/that/left"
+    link.refresh_workers(force=True)
+    assert address in state.workers and address in link.usable(), "a new worker on a port seen before is not used"
+    assert dask_pool.map(double, range(4)) == [0, 2, 4, 6]

@@ -28,7 +28,7 @@ from .env import RemoteEnvironment
 from .plumbing import (check_workers, dashboard_link, kill_worker, release_cluster, serves_dashboard,
                        start_local_cluster, unbatch)
 from .scale import Scaler
-from .state import State
+from .state import State, incarnation
 from ..events import Waiting
 from ..job import Job
 
@@ -152,11 +152,19 @@ class ClusterLink:
                 workers = self.client.scheduler_info()["workers"]
         except Exception:
             return
-        for address in workers:
-            if address not in self.state.workers and address not in self.state.gone:
-                self.state.workers[address] = self.pid_of(address)  # ours; a remote one: from its events
-                self.state.slot(address)
-                self.listen(address)
+        for address, info in workers.items():
+            if address in self.state.workers:
+                continue
+            wid = incarnation(info)
+            if address in self.state.gone:
+                if self.state.gone[address] in (None, wid):
+                    continue  # the worker that left, still listed
+                del self.state.gone[address]  # a new worker on the port of one that left
+                self.state.slots.pop(address, None)  # (shown as a new worker)
+            self.state.ids[address] = wid
+            self.state.workers[address] = self.pid_of(address)  # ours; a remote one: from its events
+            self.state.slot(address)
+            self.listen(address)
         for address in [a for a in self.state.workers if a not in workers]:
             self.events.worker_gone(address, expected=None)  # in case its event never came
 

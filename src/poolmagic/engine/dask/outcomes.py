@@ -174,7 +174,7 @@ class Outcomes:
         needed (Scheduler._scattered looks at its future's status).
         """
         pid = self.state.workers.pop(address, None)
-        self.state.gone.add(address)
+        self.state.gone[address] = self.state.ids.pop(address, None)
         if event:
             self.link.unlisten(address)
         for seq in [s for s, a in self.state.zombies.items() if a == address]:

@@ -10,6 +10,11 @@ things dask does by itself lost work (issue 22):
   WorkerCrashedError, exit code 0 (1 map in 60). Here the workers to retire
   are chosen first, get no new chunk (``retiring``), and are retired only
   once they hold none.
+* dask starts a new worker under the name of one it dropped, and asked while
+  that one still closes, the name's return cancels the close: the old worker
+  stayed for good, idle. ``PoolCluster`` never gives a name twice, and a
+  retired worker is told by its process (``state.incarnation``), not by name
+  or address (the OS gives a dead worker's port to a new one).
 * A SpecCluster forgets a worker that is absent from the scheduler when its
   ``lost-worker-timeout`` (15 s) after a removal ends, closing its nanny for
   good. After a few kills (--timeout, a crash, an interrupt) a worker was
@@ -30,6 +35,8 @@ from typing import Any, Callable
 from distributed import LocalCluster
 from distributed.deploy.cluster import Cluster
 
+from .state import incarnation
+
 REPAIR_EVERY_S = 1.0  # how often a cluster missing a nanny of its spec is told to start it
 
 
@@ -38,6 +45,14 @@ class PoolCluster(LocalCluster):
 
     def _update_worker_status(self, op: str, msg: Any) -> None:
         Cluster._update_worker_status(self, op, msg)  # (not SpecCluster's: no lost-worker timer)
+
+    def new_worker_spec(self) -> dict:
+        """A name never used before. dask's own gives a dropped worker's name to the next one;
+        asked for while the dropped worker was still closing, that cancelled its close, and the
+        worker stayed for good, retired and idle."""
+        spec = super().new_worker_spec()
+        self._i += 1
+        return spec
 
 
 class Scaler:
@@ -58,30 +73,38 @@ class Scaler:
         # of those, the names a drop was asked for: never kept after all (the drop may run
         # any moment on the scaling thread: a chunk sent meanwhile would die with the worker)
         self.dropping: set[Any] = set()
-        self._names: dict[str, Any] = {}  # worker address -> its spec name, as seen
+        # the incarnations (state.incarnation) of the workers whose drop was applied: dask
+        # gives a dropped name to the next worker it starts, and the OS its port
+        self.retired: set[str] = set()
+        self._seen: dict[str, tuple[Any, Any]] = {}  # worker address -> (spec name, incarnation), as seen
         self._todo: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._busy = False
         self._repaired = 0.0
         self.closed = False
 
+    def _workers(self) -> dict[str, tuple[Any, Any]]:
+        """address -> (spec name, incarnation) of the workers the scheduler lists now (and remembered)."""
+        now = {a: (w.get("name"), incarnation(w)) for a, w in dict(self.cluster.scheduler_info.get("workers", {})).items()}
+        self._seen.update(now)
+        return now
+
     def is_retiring(self, address: str) -> bool:
         """The worker at ``address`` is (or will be) retired: it gets no new chunk."""
-        name = self._names.get(address)
-        if name is None:
-            info = self.cluster.scheduler_info.get("workers", {}).get(address)
-            if info is None:
-                return False
-            name = self._names[address] = info.get("name")
-        return name in self.retiring
+        w = self.cluster.scheduler_info.get("workers", {}).get(address)
+        if w is not None:
+            self._seen[address] = (w.get("name"), incarnation(w))
+        seen = self._seen.get(address)  # (after it left too: its removal is not its chunk's fault)
+        if seen is None:
+            return False
+        name, wid = seen
+        return wid in self.retired or name in self.retiring
 
     def fit(self, want: int, holds: Callable[[str], bool]) -> None:
         """Ask for ``want`` workers; ``holds(address)``: a chunk of ours is on that worker."""
         cluster = self.cluster
         spec = list(cluster.worker_spec)
-        address_of = {w.get("name"): a for a, w in dict(cluster.scheduler_info.get("workers", {})).items()}
-        for name, address in address_of.items():
-            self._names[address] = name  # known after the worker has left too
+        address_of = {name: a for a, (name, wid) in self._workers().items() if wid not in self.retired}
         live = [n for n in spec if n not in self.dropping]  # (the others go, whatever is asked)
         if want >= len(live):
             self.retiring -= set(live)  # chosen, not yet dropped: kept after all
@@ -106,12 +129,18 @@ class Scaler:
 
     def gone(self, address: str) -> None:
         """The worker at ``address`` left the cluster."""
-        self._names.pop(address, None)
+        self._seen.pop(address, None)
 
     def _drop(self, names: list) -> None:
+        """Close the workers of ``names`` (on the scaling thread); their names are free again."""
+        for address, (name, wid) in self._workers().items():
+            if name in names:
+                self.retired.add(wid)
         for name in names:
             self.cluster.worker_spec.pop(name, None)
         self.cluster.scale(len(self.cluster.worker_spec))  # closes the nannies left out of the spec
+        self.retiring.difference_update(names)  # a name dask starts a new worker under is not retiring
+        self.dropping.difference_update(names)
 
     def _ask(self, fn: Callable[[], None]) -> None:
         with self._lock:

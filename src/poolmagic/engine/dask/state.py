@@ -13,6 +13,15 @@ from ..handle import Chunk
 from ..job import ItemTimes, Job
 
 
+def incarnation(info: Any) -> str | None:
+    """What tells one worker process from another in the scheduler's list of workers.
+
+    Not its address (the OS hands a dead worker's port to a new one), nor its
+    name or "id" (dask starts a new worker under a retired one's name): the
+    scratch folder each worker process makes for itself."""
+    return info.get("local_directory") if isinstance(info, dict) else None
+
+
 class DaskChunk(Chunk):
     """A chunk as one dask task, pinned to one worker."""
 
@@ -38,7 +47,10 @@ class State:
         self.workers: dict[str, int | None] = {}  # address -> pid (None: not known yet)
         self.slots: dict[str, int] = {}  # address -> the number shown as its worker
         self.expected: set[str] = set()  # workers we killed: what they held goes back, unblamed
-        self.gone: set[str] = set()  # workers that left (a stale worker list may still name them)
+        # workers that left (a stale worker list may still name them): address -> the incarnation
+        # of the one that left there (the OS hands a port to a new worker again, often after ~100 deaths)
+        self.gone: dict[str, str | None] = {}
+        self.ids: dict[str, str | None] = {}  # address -> the incarnation of the worker known there
         # chunks given up on that still run (left to finish, or on a remote cluster): seq -> address
         self.zombies: dict[int, str] = {}
         self.zombie_keys: dict[str, DaskChunk] = {}  # their futures (ours, left to finish): key -> chunk
