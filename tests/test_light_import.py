@@ -17,7 +17,10 @@ HEAVY_PACKAGES = ("tqdm", "threadpoolctl", "dask", "distributed", "numpy", "pand
 # poolmagic's own modules a map needs only once it shows or explains something.
 LATER_MODULES = ("poolmagic.display", "poolmagic.charts", "poolmagic.style", "poolmagic.diagnose",
                  "poolmagic.timeline", "poolmagic.tune", "poolmagic.switch", "poolmagic.executor",
-                 "poolmagic.imap", "poolmagic.poolsize", "poolmagic.pooldebug")
+                 "poolmagic.imap", "poolmagic.poolsize", "poolmagic.pooldebug",
+                 # --checkpoint only: the file format, its signing, its writer threads
+                 "poolmagic.checkpointing", "poolmagic.checkpointfile", "poolmagic.checkpointformat",
+                 "poolmagic.checkpointpaths")
 
 
 def heavy(names: list[str]) -> list[str]:

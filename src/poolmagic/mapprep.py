@@ -17,12 +17,13 @@ from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
-from .longrun import Checkpoint, resume_report
+from .resume import resume_report
 from .report import FAILED_KEPT, RunReport
 from .serialize import Payload, callable_name, describe, dump_function, undefined_globals
 
 if TYPE_CHECKING:
     from .api import Pool
+    from .checkpointing import Checkpoint  # loaded when a map asks for --checkpoint
 
 
 def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options: dict,
@@ -138,6 +139,8 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
     if resume is not None:
         earlier, index, iterable = resume_report(resume, iterable)
     elif o.checkpoint:
+        from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
+
         checkpoint = Checkpoint(o.checkpoint)
         earlier, index, iterable = checkpoint.load(iterable, name, key)
     if index is not None:
