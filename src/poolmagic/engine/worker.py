@@ -29,9 +29,7 @@ a C call holds the GIL.
 """
 from __future__ import annotations
 
-import mmap
 import os
-import pickle
 import queue
 import random
 import signal
@@ -43,6 +41,7 @@ from multiprocessing import reduction
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
 from .core.chunk import PKG_DIR, pack_results
+from .core.chunkstart import NOT_SENT, FunctionCache, Pickled, StageFailed, map_shared, start_chunk
 from .core.childprocess import die_with_parent, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
@@ -62,7 +61,7 @@ class Worker:
     def __init__(self, conn, slot: int):
         self.conn = conn
         self.slot = slot
-        self.fns: OrderedDict[str, object] = OrderedDict()  # key -> function or (data, buffers)
+        self.fns = FunctionCache()
         self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.n_modules = 0
@@ -92,17 +91,7 @@ class Worker:
         """A function's out-of-band buffers: mapped from shared memory, or read from the socket."""
         if not shared:
             return P.recv_frames(self.conn, sizes)
-        fd = reduction.recv_handle(self.conn)
-        try:
-            # copy-on-write: the function may modify its arrays privately
-            m = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        view, bufs, offset = memoryview(m), [], 0
-        for size in sizes:
-            bufs.append(view[offset : offset + size])
-            offset += size
-        return bufs
+        return map_shared(reduction.recv_handle(self.conn), sizes)
 
     # ------------------------------------------------------------ running (main thread)
     def serve(self, warm: list[str] = ()) -> None:
@@ -122,7 +111,7 @@ class Worker:
                 if self._run(msg, extra):
                     self._exit()
             elif kind is P.LoadFunction:
-                self._remember(self.fns, msg.key, (msg.data, extra))
+                self.fns.put(msg.key, Pickled(msg.data, extra))
             elif kind is P.SetContext:
                 self._remember(self.contexts, msg.key, msg)
             elif kind is _ReaderFailed:
@@ -136,35 +125,14 @@ class Worker:
         while len(cache) > CACHE_SIZE:
             cache.popitem(last=False)
 
-    def _function(self, key: str):
-        fn = self.fns.get(key)
-        if fn is None:
-            raise RuntimeError("poolmagic: the function was not sent to this worker")
-        if type(fn) is tuple:  # still bytes: load it here, on the main thread
-            data, bufs = fn
-            fn = pickle.loads(data, buffers=bufs)
-            self.fns[key] = fn
-        return fn
-
     def _run(self, msg: P.RunChunk, frames: list | None) -> str | None:
         """Run one chunk and answer; returns why the worker must be recycled, if it must."""
         try:
-            self.applier.apply(self.contexts[msg.ctx])
-        except BaseException as exc:
-            self._send(P.ChunkFailed(msg.seq, "context", _errors.pack_exception(exc, PKG_DIR)))
+            fn, items = start_chunk(self.applier, self.contexts.get(msg.ctx, NOT_SENT), self.fns, msg.fn,
+                                    msg.items, frames)
+        except StageFailed as failed:
+            self._send(P.ChunkFailed(msg.seq, failed.stage, failed.packed))
             return None
-        try:
-            fn = self._function(msg.fn)
-        except BaseException as exc:
-            self._send(P.ChunkFailed(msg.seq, "load", _errors.pack_exception(exc, PKG_DIR)))
-            return None
-        items = msg.items
-        if type(items) is not range:
-            try:
-                items = pickle.loads(items, buffers=frames)
-            except BaseException as exc:
-                self._send(P.ChunkFailed(msg.seq, "decode", _errors.pack_exception(exc, PKG_DIR)))
-                return None
         o = msg.options
         if o.timeout is not None:  # tell the parent the chunk's clock starts now
             self._send(P.Began(msg.seq))
