@@ -202,7 +202,9 @@ class Manager:
                 if got is None:
                     jobs = [j for j in jobs if j.has_work()]
                     continue
-                if not self.workers.send(p, Chunk(next(self._seq), job, *got)):
+                # its worker's only chunk and nothing left to send anyone: a quiet chunk
+                quiet = not p.inflight and not any(j.has_work() for j in jobs)
+                if not self.workers.send(p, Chunk(next(self._seq), job, *got, quiet)):
                     self.policy.unsendable(job, *got)
                 sent = True
             jobs = [j for j in jobs if j.has_work()]
