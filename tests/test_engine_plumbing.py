@@ -436,6 +436,30 @@ def test_a_map_sent_from_the_callers_thread_has_its_memory_watched():
         assert pool.map(abs, [-5]) == [5]
 
 
+@linux_only
+def test_a_blocking_map_sent_from_the_callers_thread_has_its_memory_watched():
+    """A blocking map into an idle warm pool does not wake the manager when it is sent: the
+    reply would. Its caller wakes it once the map has run NUDGE_S without ending; without
+    that nudge the memory guard never looks and the item runs its 20 s."""
+    with Pool(2) as pool:
+        assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]
+        assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]  # known fast, warm and idle
+        outcome = {}
+
+        def blocking() -> None:
+            try:
+                pool.map(_hog, [300 << 20], max_memory="100MB")
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        t = threading.Thread(target=blocking)
+        t.start()
+        t.join(FAST)
+        assert not t.is_alive(), "the memory of a blocking map sent from the caller's thread was not watched"
+        assert isinstance(outcome.get("error"), poolmagic.errors.WorkerMemoryError), outcome
+        assert pool.map(abs, [-5]) == [5]
+
+
 # ================================================================ the magic's cached parse
 
 

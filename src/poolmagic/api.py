@@ -389,7 +389,7 @@ class Pool:
         fed by the map's events and drawn on this thread.
         """
         __tracebackhide__ = True
-        job = self._submit(func, iterable, options, watch, resume)
+        job = self._submit(func, iterable, options, watch, resume, before=_waited)
         try:
             job.wait(on_output=write_outputs, on_tick=watch.tick if watch is not None else None)
         except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
@@ -562,6 +562,10 @@ class Pool:
             with self._live_lock:
                 self._live.discard(job)
 
+
+
+def _waited(job: Job) -> None:
+    job.waited = True  # this thread waits for it at once (engine/core/caller.py: NUDGE_S)
 
 _default: Pool | None = None
 _default_lock = threading.Lock()

@@ -105,7 +105,15 @@ class Manager:
         finally:
             self._holder = None
             self.lock.release()
-        self.workers.waiter.wake()  # its turn: deadlines, the memory guard, the window refilled
+        # Its turn: deadlines, the memory guard, the window refilled. A map's replies wake
+        # the manager anyway (its pipes are in the wait); a caller that waits at once wakes
+        # it only if the map runs NUDGE_S (~5 ms) without ending (caller.wait_for): a small
+        # map then costs no manager turn on the way out, where its thread fights the caller's
+        # for the GIL. Anyone else's map (async: nobody may wait) wakes it now.
+        if job.waited:
+            job.nudge = self.workers.waiter.wake
+        else:
+            self.workers.waiter.wake()
         return True
 
     def main(self) -> None:
