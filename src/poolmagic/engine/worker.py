@@ -90,6 +90,8 @@ class Worker:
         self.reader_may = threading.Event()
         self.reader_failed = False
         self.wake_r, self.wake_w = os.pipe() if self.handover else (-1, -1)
+        if self.handover:  # a full wake-up pipe already holds a byte the reader will see
+            os.set_blocking(self.wake_w, False)
 
     # ------------------------------------------------------------ receiving
     def _read(self) -> tuple:
@@ -150,7 +152,10 @@ class Worker:
         if self.handover and not self.reader_failed:
             self.main_reads = True
             self.reader_may.clear()
-            os.write(self.wake_w, b"!")
+            try:
+                os.write(self.wake_w, b"!")
+            except BlockingIOError:
+                pass
             self.pipe.acquire()
 
     def _next(self) -> tuple:
