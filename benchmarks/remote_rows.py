@@ -49,7 +49,7 @@ later = []
 for _ in range(maps):
     t0 = time.perf_counter(); pool.map(f, range(4)); later.append(time.perf_counter() - t0)
 import pickle
-size = len(poolmagic.api.dump_function(pool.backend.prepare_function(f, range(4), False)[0]).data)
+size = len(poolmagic.serialize.dump_function(pool.backend.prepare_function(f, range(4), False)[0]).data)
 pool.shutdown()
 print(json.dumps({"first_s": first, "later_s": sorted(later)[len(later) // 2], "payload_bytes": size}))
 """

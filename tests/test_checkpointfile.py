@@ -1,4 +1,4 @@
-"""checkpointfile.py: the append-only log of checksummed records, on real files."""
+"""checkpointfile.py: the append-only log of signed records (checkpointformat.py), on real files."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from poolmagic import checkpointfile
-from poolmagic.checkpointfile import HEADER_SIZE, MAGIC, CheckpointFileError, Writer, read
+from poolmagic.checkpointfile import HEADER_SIZE, CheckpointFileError, Writer, read
+from poolmagic.checkpointformat import MAGIC
 
 
 def _body_and_frames(values):

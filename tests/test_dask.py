@@ -678,3 +678,56 @@ def test_a_scatter_to_a_worker_that_just_left_is_tried_again():
     scheduler = Scheduler(State(owned=True), Link(), outcomes=None, size=lambda: 2)
     fut = scheduler._scattered(OrderedDict(), "v1", lambda: b"the function")
     assert isinstance(fut, Future) and Client.calls == 2
+
+
+def note_then_maybe_exit(x, folder):
+    """Leaves a file per call; item 1 then ends its worker at once (os._exit)."""
+    import uuid
+
+    Path(folder, f"{x}-{uuid.uuid4().hex}").write_text("ran")
+    if x == 1:
+        os._exit(1)
+    return 2 * x
+
+
+def test_a_result_lost_with_its_worker_is_run_again_and_said_to_be(dask_pool, tmp_path):
+    """Issue 22 (found by the deep oracle run): a dask worker holds a finished task's result
+    until the kernel fetches it. Item 0 finishes, item 1 kills the same worker at once: item
+    0's result dies with it and item 0 runs again. The map said nothing (a --retries count one
+    short, the function called twice); now ``report.lost`` and a note say so."""
+    for run in range(4):
+        folder = tmp_path / str(run)
+        folder.mkdir()
+        with pytest.raises(poolmagic.MapFailedError) as ei:
+            dask_pool.run(note_then_maybe_exit, [0, 1], workers=1, chunksize=1, keep_going=True,
+                          kwargs={"folder": str(folder)})
+        r = ei.value.poolmap_report
+        calls = len(list(folder.glob("0-*")))
+        lost = getattr(r, "lost", {})
+        assert r.results[0] == 0 and isinstance(r.errors[1], poolmagic.WorkerCrashedError)
+        assert calls == 1 + lost.get(0, 0), (calls, lost)  # every run of item 0 accounted for
+        assert set(lost) <= {0}, lost
+        assert any("lost with a worker" in n for n in r.notes) == bool(lost), r.notes
+        if lost:
+            assert "1 item ran again (0)" in r.summary(), r.summary()
+
+
+def test_a_worker_chosen_to_retire_is_never_kept_once_its_drop_was_asked(dask_pool):
+    """Issue 22: ``-n 3`` on a pool of 2 grows the cluster, the next map shrinks it. A drop
+    asked for on the scaling thread could be overtaken by a map that kept the worker after
+    all: the drop then closed it under that map's chunk, blamed with WorkerCrashedError
+    (exit code 0). A name whose drop was asked for stays retiring."""
+    assert dask_pool.map(double, range(6), workers=3, chunksize=1) == [2 * x for x in range(6)]
+    scaler = dask_pool.backend.link.scaler
+    workers = lambda: dask_pool.backend.link.cluster.scheduler_info["workers"]  # noqa: E731
+    assert wait_for(lambda: len(workers()) == 3, timeout=30)
+    spec = set(dask_pool.backend.link.cluster.worker_spec)
+    scaler.fit(2, holds=lambda address: False)  # asks the scaling thread for a drop ...
+    chosen = [n for n in scaler.retiring if n in spec]  # (names retired before are never reused)
+    assert len(chosen) == 1, (chosen, spec)
+    name = chosen[0]
+    scaler.fit(3, holds=lambda address: False)  # ... and a map wants 3 again, the drop not yet applied
+    assert name in scaler.retiring, "a worker whose drop was asked was kept after all"
+    assert wait_for(lambda: all(w.get("name") != name for w in workers().values()), timeout=30), \
+        "the worker chosen was not retired"
+    assert dask_pool.map(double, range(6), workers=3, chunksize=1) == [2 * x for x in range(6)]

@@ -1,4 +1,4 @@
-"""Why a map paid or did not (diagnose.py), and its timeline (timeline.py, display.py).
+"""Why a map paid or did not (diagnose.py), and its timeline (timeline.py, charts.py).
 
 Each finding is provoked for real on a private pool: the mapped functions
 sleep or compute to *create* the situation; the assertions are on what the
@@ -17,7 +17,7 @@ import pytest
 
 import poolmagic
 from conftest import wait_for
-from poolmagic import Pool, display
+from poolmagic import Pool, charts, display
 from poolmagic.cores import available_cores
 from poolmagic.engine.events import ChunkRecord
 from poolmagic.errors import MapCancelledError, MapFailedError
@@ -385,7 +385,7 @@ def huge_report():
 def test_timeline_svg_of_640k_chunks_stays_small(huge_report):
     tl = Timeline(huge_report)
     assert len(tl) == 640_000 and len(tl.workers()) == 64
-    svg = display.timeline_svg(tl)
+    svg = charts.timeline_svg(tl)
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     assert "worker 0<" in svg and "worker 63<" in svg
     size = len(svg.encode())

@@ -15,8 +15,9 @@ from conftest import run_script
 HEAVY_PACKAGES = ("tqdm", "threadpoolctl", "dask", "distributed", "numpy", "pandas", "hypothesis",
                   "ipywidgets", "matplotlib", "psutil")
 # poolmagic's own modules a map needs only once it shows or explains something.
-LATER_MODULES = ("poolmagic.display", "poolmagic.diagnose", "poolmagic.timeline", "poolmagic.tune",
-                 "poolmagic.switch", "poolmagic.executor")
+LATER_MODULES = ("poolmagic.display", "poolmagic.charts", "poolmagic.style", "poolmagic.diagnose",
+                 "poolmagic.timeline", "poolmagic.tune", "poolmagic.switch", "poolmagic.executor",
+                 "poolmagic.imap", "poolmagic.poolsize", "poolmagic.pooldebug")
 
 
 def heavy(names: list[str]) -> list[str]:

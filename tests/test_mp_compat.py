@@ -2,8 +2,8 @@
 poolmagic does where the standard library's behaviour is a trap.
 
 CPython's own Pool tests run in test_stdlib_pool.py; this module covers what
-they do not: functions defined in a notebook cell, the shared pool, bounded
-imap memory, initializer/maxtasksperchild, a crashed worker.
+they do not: functions defined in a notebook cell, the shared pool,
+initializer/maxtasksperchild, a crashed worker. imap's are in test_imap.py.
 """
 from __future__ import annotations
 
@@ -125,43 +125,6 @@ def test_async_result_and_callbacks_run_before_ready():
             slow.get(0.2)
     with pytest.raises(poolmagic.PoolmapError):  # terminated with it running: an error, not a hang
         slow.get(10)
-
-
-def test_imap_streams_with_errors_in_place():
-    with Pool(2) as p:
-        it = p.imap(raise_on, iter(range(8)))
-        got = []
-        for _ in range(8):
-            try:
-                got.append(next(it))
-            except ValueError as exc:
-                got.append(str(exc))
-        assert got == [0, 1, "bad 2", 3, 4, "bad 5", 6, 7]
-        with pytest.raises(StopIteration):
-            next(it)
-        assert sorted(p.imap_unordered(double, range(100), 7)) == [2 * x for x in range(100)]
-
-
-def test_imap_memory_stays_bounded_on_a_long_stream():
-    """Results are handed over, not kept: RSS does not grow with the items consumed."""
-    n = 1_000_000  # 10⁷ in docs/design.md; a kept list of this size would add ~36 MB
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    with Pool(2) as p:
-        it = p.imap(abs, (-i for i in range(n)))
-        total = 0
-        for k, v in enumerate(it):
-            total += v
-            if k == 100_000:
-                gc.collect()
-                base = rss()
-        gc.collect()
-        grown = rss() - base
-    assert total == sum(range(n))
-    assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.0f} MB over {n:,} items"
 
 
 def test_initializer_once_per_worker_and_maxtasksperchild():

@@ -194,3 +194,47 @@ def test_a_relative_path_in_the_items_is_refused_before_work(remote, monkeypatch
     with pytest.raises(BadInputError, match=r"item 0 \('data/part-001.csv'\) is a path relative to this kernel's folder"):
         pool.map(f, ["data/part-001.csv"])
     assert pool.map(f, [str(notebook / "data" / "part-001.csv")]) == ["a,b\n"]  # absolute: fine here
+
+
+def test_the_status_shows_no_dashboard_where_the_scheduler_serves_none(remote):
+    """The scheduler runs its HTTP server (and lists it as its "dashboard" service) with
+    --no-dashboard or without bokeh too, where /status only says "Dask needs bokeh": no link then."""
+    pool, _, _ = remote
+    link = pool.backend.client.dashboard_link
+    assert link.startswith("http://127.0.0.1:")  # the HTTP server is there...
+    text = pool.status()
+    assert "no dashboard" in text and link not in text and "http" not in text, text  # ...the dashboard is not
+
+
+def test_a_dashboard_is_told_from_an_http_server_without_one():
+    """What the scheduler's individual-plots.json lists (dask-labextension reads it): the plots, or {}."""
+    import http.server
+    import threading
+
+    from poolmagic.engine.dask.plumbing import serves_dashboard
+
+    answers = {"/individual-plots.json": b'{"Individual Task Stream": "/individual-task-stream"}'}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = answers.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert serves_dashboard(f"{base}/status") is True
+        answers["/individual-plots.json"] = b"{}"  # no bokeh on the scheduler, or --no-dashboard
+        assert serves_dashboard(f"{base}/status") is False
+        del answers["/individual-plots.json"]  # not a dask scheduler's server
+        assert serves_dashboard(f"{base}/status") is False
+        assert serves_dashboard(f"{base}/proxy/8787/other") is None  # a link template of the user's: cannot tell
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -37,4 +37,38 @@ def test_it_measures_cpu_and_wait_for_every_backend():
     r = run_chunk(lambda x: sum(range(20_000)), range(5), MapOptions(), start=0, timed=True)
     assert r.cpu_s is not None and r.cpu_s > 0
     assert r.waited_s is None or 0.0 <= r.waited_s <= r.t1 - r.t0
+    assert r.faults is None or r.faults >= 0
     assert r.times is not None and len(r.times) == 5
+
+
+def test_the_wait_and_cpu_cover_the_items_and_nothing_around_them(monkeypatch):
+    """What is read for a chunk covers t0..t1 only: a wait just before the first item or after the
+    last (its thread preempted while installing print() capture, say) is no part of the items' time.
+    Read around the whole call, a quarter of a tiny-item map's chunks had "waited" all their time."""
+    from poolmagic.engine.core import runchunk
+
+    ns = {"wait": 0, "cpu": 0.0, "faults": 0}
+    monkeypatch.setattr(runchunk, "runqueue_wait", lambda: ns["wait"])
+    monkeypatch.setattr(runchunk, "thread_faults", lambda: ns["faults"])
+
+    def outside():  # 1 s of waiting, 1 s of CPU and 1,000 page faults outside the items
+        ns["wait"] += 1_000_000_000
+        ns["cpu"] += 1.0
+        ns["faults"] += 1_000
+
+    def redirect(out, err):
+        outside()
+        return outside
+
+    def item(x):  # each item: 1 ns of waiting, 1 µs of CPU, a page fault
+        ns["wait"] += 1
+        ns["cpu"] += 1e-6
+        ns["faults"] += 1
+        return x
+
+    r = run_chunk(item, range(3), MapOptions(), start=0, timed=False, redirect=redirect,
+                  clock=lambda: ns["cpu"])
+    assert r.out == [0, 1, 2]
+    assert r.waited_s == 3e-9
+    assert abs(r.cpu_s - 3e-6) < 1e-12
+    assert r.faults == 3

@@ -5,50 +5,35 @@
     with Pool(4) as pool:
         report = pool.run(work, data, keep_going=True)  # RunReport: results, errors, timing
 
-Every check that can fail on bad input runs here, before any work starts, so a
-mistake is reported as one sentence naming the culprit.
+``Pool`` is a facade over objects in modules of their own (a comment atop the
+class lists them). Here too: ``MapHandle`` (a map in the background) and the
+shared pool of the magics and ``pmap`` (``get_pool``, ``set_pool``, ``shutdown_pool``).
 """
 from __future__ import annotations
 
 import functools
 import threading
-import time
 import uuid
 import warnings
-import weakref
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .checks import (  # noqa: F401
-    NoArgs,
-    check_arity,
-    check_not_text,
-    check_plain_function,
-    check_positive,
-    check_star,
-    too_many_workers,
-)
+from . import mpcompat
+from .checks import check_positive, too_many_workers
 from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
 from .engine.context import ContextCache
+from .engine.core.job import Job
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP
-from .engine.core.events import MapFinished
-from .engine.core.items import SEQUENCES, ItemSource
-from .engine.core.job import Job, write_outputs
-from .engine.mapoptions import MapOptions
-from .errors import (
-    BadInputError,
-    MapFailedError,
-    PoolmapError,
-    SerializationError,
-    add_note,
-    point_at_function,
-)
-from . import mpcompat
-from .longrun import Checkpoint, SeenItems, resume_report
-from .mpcompat import CLOSE, RUN, TERMINATE, AsyncResult
-from .report import FAILED_KEPT, RunReport
-from .serialize import callable_name, describe, dump_function, undefined_globals
+from .errors import BadInputError, PoolmapError
+from .mapprep import prepare_map
+from .maprun import finish_checkpoint, start, wait_for
+from .mpcompat import RUN, TERMINATE, AsyncResult
+from .poolstate import PoolState
+from .report import RunReport
+
+if TYPE_CHECKING:
+    from .imap import IMapIterator
 
 
 _NOT_GIVEN: Any = object()
@@ -82,7 +67,7 @@ class MapHandle(AsyncResult):
     def _deliver(self) -> None:
         if not getattr(self, "_printed", False):
             super()._deliver()
-            Pool._finish_checkpoint(self._job)
+            finish_checkpoint(self._job)
 
     def cancel(self) -> None:
         """Stop the map now; results that finished stay in ``.report.results``."""
@@ -102,12 +87,13 @@ class MapHandle(AsyncResult):
 class Pool:
     """A warm pool of worker processes that maps notebook-defined functions.
 
-    Its methods are the API itself (lifecycle, mapping, settings); each is a
-    few lines over the backend and the Job.
+    multiprocessing.Pool's interface and poolmagic's own (``run``, settings).
     """
 
-    _state = RUN  # multiprocessing's: RUN, then CLOSE or TERMINATE (then work is refused)
-    _shared = False  # the magics' and pmap's pool (get_pool): user code may not close it
+    # Made of smaller objects, each method a few lines over them: ``backend`` (engine/), the
+    # workers; ``_life`` (poolstate.py), RUN/CLOSE/TERMINATE, the maps running, the last map;
+    # ``_callbacks`` (mpcompat.py), the thread AsyncResult callbacks run on. A map is checked
+    # and prepared (mapprep.py), started and waited for (maprun.py); imap's is in imap.py.
 
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
                  initargs: Iterable = (), maxtasksperchild: int | None = None, context: Any = None, *,
@@ -124,64 +110,58 @@ class Pool:
         ``address``, e.g. "tcp://host:8786"), or a Backend instance. ``dashboard``:
         a LocalCluster serves dask's dashboard (127.0.0.1, no password; off by default).
         """
-        if processes is not None and workers is not None and processes != workers:
-            raise BadInputError("give processes or workers, not both")
-        workers = workers if workers is not None else processes
-        if isinstance(workers, int) and not isinstance(workers, bool) and workers < 1:
-            raise BadInputError("Number of processes must be at least 1")
-        check_positive("workers", workers)
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if maxtasksperchild is not None:
-            check_positive("maxtasksperchild", maxtasksperchild)
-        start_method = mpcompat.start_method_of(context, start_method)
+        workers, start_method = mpcompat.pool_arguments(processes, workers, initializer, maxtasksperchild,
+                                                        context, start_method)
         self.cores = available_cores()
         self.backend: Backend = make_backend(backend, workers or self.cores, start_method, address, dashboard)
         self._warn_size(workers)
-        self._setup = (initializer, tuple(initargs), maxtasksperchild) if initializer or maxtasksperchild else None
-        if self._setup is not None and WORKER_SETUP in self.backend.lacks:
-            self.backend.shutdown()
-            raise BadInputError(f"initializer= and maxtasksperchild= cannot work on the {backend} backend: "
-                                f"{self.backend.lacks[WORKER_SETUP]}")
-        self._token = uuid.uuid4().hex
+        self._worker_setup: Callable[[Callable], Callable] | None = None  # wraps the function (mapprep.py)
+        if initializer or maxtasksperchild:
+            if WORKER_SETUP in self.backend.lacks:
+                self.backend.shutdown()
+                raise BadInputError(f"initializer= and maxtasksperchild= cannot work on the {backend} backend: "
+                                    f"{self.backend.lacks[WORKER_SETUP]}")
+            self._worker_setup = functools.partial(mpcompat.WorkerSetup, token=uuid.uuid4().hex,
+                                                   initializer=initializer, initargs=tuple(initargs),
+                                                   maxtasks=maxtasksperchild)
         self._callbacks = mpcompat.Callbacks()
-        self._live: set[Job] = set()  # maps not finished yet (join waits for them)
-        self._live_lock = threading.Lock()
-        self._last: Any = None  # (report, job), or weak references to them (see last_report)
         self.threads: int | None = None  # native threads per worker; None: cores ÷ workers
         self.max_memory: int | None = None  # bytes per worker, for maps that set none
         self.serial_item_s: dict[str, float] = {}  # function version -> one worker's s/item (--tune)
         self._contexts = ContextCache()
-        self._state = RUN
+        self._life = PoolState()  # last: a pool that failed to start is not a running one (__del__)
 
-    # The last map, for _poolmap and --tune. The shared pool keeps it; a pool of
-    # your own keeps it only while you do (multiprocessing keeps nothing: a
-    # long-lived pool must not hold the inputs and results of its last map).
+    # multiprocessing's names for its state and size (its own tests set _state)
+    @property
+    def _state(self) -> str:
+        return self._life.state
+
+    @_state.setter
+    def _state(self, state: str) -> None:
+        self._life.state = state
+
+    @property
+    def _processes(self) -> int:
+        return self.size
+
+    # The last map, for _poolmap and --tune (poolstate.py: which pools keep it).
     @property
     def last_report(self) -> RunReport | None:
-        return self._last_get(0)
+        return self._life.last(0)
 
     @last_report.setter
     def last_report(self, report: RunReport | None) -> None:
-        self._last_set(0, report)
+        self._life.remember(0, report)
 
     @property
     def last_job(self) -> Job | None:
-        return self._last_get(1)
+        return self._life.last(1)
 
     @last_job.setter
     def last_job(self, job: Job | None) -> None:
-        self._last_set(1, job)
+        self._life.remember(1, job)
 
-    def _last_get(self, k: int) -> Any:
-        ref = (self._last or (None, None))[k]
-        return ref() if isinstance(ref, weakref.ref) else ref
-
-    def _last_set(self, k: int, value: Any) -> None:
-        pair = list(self._last or (None, None))
-        pair[k] = value if value is None or self._shared else weakref.ref(value)
-        self._last = tuple(pair)
-
+    # ------------------------------------------------------------ settings
     def size_note(self, workers: int | None) -> str | None:
         """A note when ``workers`` is far above the cores; never on threads, which are
         for maps that wait, where many more than the cores is the point."""
@@ -205,6 +185,14 @@ class Pool:
             return self.threads
         return max(1, self.cores // (workers or self.size))
 
+    def status(self) -> str:
+        from .display import status_text
+
+        text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
+                           self.backend.state, self.max_memory)
+        detail = self.backend.status_detail()  # e.g. a dask cluster's scheduler and dashboard
+        return f"{text}\n{detail}" if detail is not None else text
+
     # ------------------------------------------------------------ lifecycle
     @property
     def size(self) -> int:
@@ -224,73 +212,43 @@ class Pool:
 
     def shutdown(self) -> None:
         """Stop every worker now (as ``terminate``; the pool then refuses work)."""
-        self._state = TERMINATE
+        self._life.state = TERMINATE
         self._callbacks.stop()
         self.backend.shutdown()
 
     def close(self) -> None:
         """Refuse new work; the maps running go on (``join`` waits for them)."""
-        self._not_shared("close")
-        if self._state == RUN:
-            self._state = CLOSE
+        self._life.close()
 
     def terminate(self) -> None:
         """Stop every worker now; running maps end cancelled."""
-        self._not_shared("terminate")
-        self._state = TERMINATE
+        self._life.not_shared("terminate")
         self.shutdown()
-        for job in self._live_jobs():  # a map the backend had not taken up yet ends too
-            job.stop()
+        self._life.stop_maps()  # a map the backend had not taken up yet ends too
 
     def join(self, timeout: float | None = None) -> None:
         """After ``close`` or ``terminate``: wait for the running maps, then stop the workers."""
-        if self._state == RUN:
-            raise ValueError("Pool is still running")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for job in self._live_jobs():
-            job.finished.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._life.wait_maps(timeout)
         self.shutdown()
 
-    def _live_jobs(self) -> list[Job]:
-        with self._live_lock:
-            return list(self._live)
-
-    def _not_shared(self, what: str) -> None:
-        if self._shared:
-            raise BadInputError(
-                f"this is poolmagic's shared pool (the magics' and pmap's): it cannot {what}. Stop it with "
-                f"poolmagic.shutdown_pool() (the next use starts a fresh one), or make a pool of your own: "
-                f"poolmagic.Pool()"
-            )
-
-    @property
-    def _processes(self) -> int:
-        """multiprocessing's name for the pool's size."""
-        return self.size
-
     def __enter__(self) -> "Pool":
-        self._not_shared("be used in a with block")
-        mpcompat.check_running(self._state)
+        self._life.not_shared("be used in a with block")
+        self._life.check_running()
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.terminate()
 
     def __del__(self, _warn: Callable = warnings.warn) -> None:
-        if self.__dict__.get("_state") == RUN and not self._shared:
+        life = self.__dict__.get("_life")
+        if life is not None and life.state == RUN and not life.shared:
             _warn(f"unclosed running multiprocessing pool {self!r}: call close() and join(), or use "
                   f"'with Pool() as pool:'", ResourceWarning, source=self)
 
     def __repr__(self) -> str:
-        return f"<poolmagic.Pool state={self._state} workers={self.__dict__.get('backend') and self.size}>"
-
-    def status(self) -> str:
-        from .display import status_text
-
-        text = status_text(self.size, self.backend.description, self.cores, self.threads_per_worker(),
-                           self.backend.state, self.max_memory)
-        detail = self.backend.status_detail()  # e.g. a dask cluster's scheduler and dashboard
-        return f"{text}\n{detail}" if detail is not None else text
+        life = self.__dict__.get("_life")
+        return (f"<poolmagic.Pool state={life.state if life is not None else RUN} "
+                f"workers={self.__dict__.get('backend') and self.size}>")
 
     # ------------------------------------------------------------ mapping
     def prepare(self, func: Callable, iterable: Iterable | None, *, resume: RunReport | None = None,
@@ -300,84 +258,7 @@ class Pool:
         ``resume``: an earlier run's report; only its unfinished items run, and
         their results are merged into its results.
         """
-        o = MapOptions.from_kwargs(options)
-        from_pool = frozenset()
-        if o.max_memory is None and self.max_memory is not None:
-            o = o.with_(max_memory=self.max_memory)
-            from_pool = frozenset({"max_memory"})
-        # what this backend lacks (threads: --timeout, --max-memory; a remote cluster: --max-memory)
-        self.backend.check_options(o, from_pool)
-        if not callable(func):
-            raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
-        name = callable_name(func)
-        check_plain_function(func, name)
-        if not o.star:
-            check_arity(func, name, repeat=o.repeat is not None, kwargs=o.kwargs)
-        if o.repeat is not None:
-            if iterable is not None:
-                raise BadInputError("give either an ITERABLE or repeat=N, not both")
-            iterable = range(o.repeat)
-        missing = undefined_globals(func)
-        if missing:
-            fn, var = missing[0]
-            raise BadInputError(f"{fn}() uses the name {var!r}, which is not defined")
-        unwrapped = func
-        if o.kwargs:
-            func = functools.partial(func, **o.kwargs)
-        if o.repeat is not None:
-            func = NoArgs(func)
-        try:
-            iter(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
-        check_not_text(iterable)
-        if o.star:
-            iterable = check_star(iterable, unwrapped, name, o.kwargs)
-        shipped, notes = self.backend.prepare_function(func, iterable, o.star)  # a remote cluster's checks
-        if self._setup is not None:
-            shipped = mpcompat.WorkerSetup(shipped, self._token, *self._setup)
-        try:
-            payload = dump_function(shipped)
-        except SerializationError:
-            if shipped is not func:
-                dump_function(func)  # the function itself cannot be pickled: that error names the culprit
-            raise
-        workers = o.workers or self.size
-        threads = o.threads or self.threads_per_worker(workers)
-        context = self._contexts.get(threads)
-        report = RunReport(func_name=name, cores=self.cores, pool_size=workers, backend=self.backend.description,
-                           threads=threads, serial_item_s=self.serial_item_s.get(payload.key))
-        report.notes.extend(notes)
-        index, checkpoint = None, None
-        if resume is not None and o.checkpoint:  # either would decide which items run; both: no file was written
-            raise BadInputError(
-                "--resume and --checkpoint (resume= and checkpoint=) cannot be used together: --checkpoint "
-                "PATH resumes by itself from what PATH recorded; run the map again with only --checkpoint "
-                "to continue it, or only --resume to re-run an earlier map's missing items")
-        if resume is not None:
-            earlier, index, iterable = resume_report(resume, iterable)
-        elif o.checkpoint:
-            checkpoint = Checkpoint(o.checkpoint)
-            earlier, index, iterable = checkpoint.load(iterable, name, payload.key)
-        if index is not None:
-            for f in ("items", "results", "errors", "done", "resumed", "identity"):
-                setattr(report, f, getattr(earlier, f))
-            if checkpoint is not None and checkpoint.function_changed:
-                report.notes.append(f"the function changed since {o.checkpoint} was written; "
-                                    f"{earlier.done:,} results of its earlier version were kept")
-        if checkpoint is not None:
-            report.notes.extend(checkpoint.notes)
-        job = Job(payload, ItemSource(iterable), report, o, context, func)
-        job.index = index
-        job.checkpoint = checkpoint
-        if index is None and type(iterable) in SEQUENCES:
-            report.replay = (func, o, iterable)
-        elif index is not None:
-            report.replay = (func, o, None)
-            report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
-        else:
-            report.replay = (func, o, None)
-        return job
+        return prepare_map(self, func, iterable, options, resume, self._worker_setup, self._contexts)
 
     def run(self, func: Callable, iterable: Iterable | None = None, *, watch: Any = None,
             resume: RunReport | None = None, **options: Any) -> RunReport:
@@ -389,64 +270,18 @@ class Pool:
         fed by the map's events and drawn on this thread.
         """
         __tracebackhide__ = True
-        job = self._submit(func, iterable, options, watch, resume, before=_waited)
-        try:
-            job.wait(on_output=write_outputs, on_tick=watch.tick if watch is not None else None)
-        except BaseException as exc:  # KeyboardInterrupt while waiting or reading the ITERABLE
-            self.backend.cancel(job)
-            write_outputs(job.take_printable(final=True))
-            self._finish_checkpoint(job)
-            if watch is not None:
-                watch.close()
-            if not isinstance(exc, KeyboardInterrupt):
-                raise
-            r = job.report
-            stop = KeyboardInterrupt()
-            add_note(
-                stop,
-                f"poolmagic: interrupted; the running items were stopped and {r.done} of "
-                f"{r.items if r.items is not None else '?'} results kept (_poolmap.results).",
-            )
-            stop.poolmap_report = r  # type: ignore[attr-defined]
-            raise point_at_function(stop, job.func) from None
-        if watch is not None:
-            watch.close()
-        self._finish_checkpoint(job)
-        if job.error is not None:
-            raise job.error
-        return job.report
+        return wait_for(self._submit(func, iterable, options, watch, resume, before=_waited), self.backend, watch)
 
-    # Called with multiprocessing's arguments only, map/starmap/map_async/
-    # starmap_async behave as multiprocessing's: every item runs and the first
-    # failed item's error (in input order) is raised at the end. With any of
-    # poolmagic's options, poolmagic's policy: stop at the first failure (or,
-    # keep_going=True, run all and raise one MapFailedError). run() and pmap()
-    # always use poolmagic's.
     def map(self, func: Callable, iterable: Iterable | None = None, chunksize: int | None = None,
             **options: Any) -> list:
         """Results of ``func(x)`` for each item, in input order (multiprocessing's ``map``)."""
         __tracebackhide__ = True
-        return self._map(func, iterable, chunksize, options)
+        return mpcompat.run_map(self.run, func, iterable, chunksize, options)
 
     def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, **options: Any) -> list:
         """Results of ``func(*args)`` for each tuple ``args`` (multiprocessing's ``starmap``)."""
         __tracebackhide__ = True
-        return self._map(func, iterable, chunksize, options, star=True)
-
-    def _map(self, func: Callable, iterable: Iterable | None, chunksize: int | None, options: dict,
-             star: bool = False) -> list:
-        __tracebackhide__ = True
-        mp_style = not options
-        if chunksize is not None:
-            options["chunksize"] = chunksize
-        if star:
-            options["star"] = True
-        if not mp_style:
-            return self.run(func, iterable, **options).results
-        try:
-            return self.run(func, iterable, keep_going=True, **options).results
-        except MapFailedError as exc:
-            raise mpcompat.first_item_error(exc, exc.report) from None
+        return mpcompat.run_map(self.run, func, iterable, chunksize, options, star=True)
 
     def map_async(self, func: Callable, iterable: Iterable | None = None, chunksize: int | None = None,
                   callback: Callable | None = None, error_callback: Callable | None = None, *,
@@ -458,14 +293,11 @@ class Pool:
         thread of its own (never by the pool's manager), which ends with the map.
         """
         # the magics pass watch= (None when quiet): poolmagic's policy for them
-        mp_errors = not (set(options) - {"star"}) and watch is _NOT_GIVEN and resume is None
-        watch = None if watch is _NOT_GIVEN else watch
-        if chunksize is not None:
-            options["chunksize"] = chunksize
-        if mp_errors:
-            options["keep_going"] = True
+        own = watch is not _NOT_GIVEN or resume is not None
+        mp_errors = mpcompat.async_policy(options, chunksize, own)
         handle = MapHandle(self, callback=callback, error_callback=error_callback, mp_errors=mp_errors)
-        job = self._submit(func, iterable, options, watch, resume, before=handle.attach)
+        job = self._submit(func, iterable, options, None if watch is _NOT_GIVEN else watch, resume,
+                           before=handle.attach)
         if job.source.is_stream:
             threading.Thread(target=job.wait, kwargs={"feed": True}, daemon=True, name="poolmagic-feeder").start()
         return handle
@@ -477,7 +309,7 @@ class Pool:
         return self.map_async(func, iterable, chunksize, callback, error_callback, star=True, **options)
 
     def imap(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
-             **options: Any) -> mpcompat.IMapIterator:
+             **options: Any) -> IMapIterator:
         """Results in input order, each as soon as it and those before it are done.
 
         Lazy: the ITERABLE is read as workers need items and results are not
@@ -485,30 +317,18 @@ class Pool:
         is raised in its place, and the iteration goes on. ``chunksize``:
         items per chunk (default: poolmagic sizes chunks from measured times).
         """
-        return self._imap(func, iterable, chunksize, True, options)
+        from .imap import start_imap  # loaded on first use: most maps are not imap's
+
+        self._life.check_running()
+        return start_imap(self._submit, func, iterable, chunksize, True, options)
 
     def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
-                       **options: Any) -> mpcompat.IMapIterator:
+                       **options: Any) -> IMapIterator:
         """As ``imap``, but each result as soon as it is done, in any order."""
-        return self._imap(func, iterable, chunksize, False, options)
+        from .imap import start_imap
 
-    def _imap(self, func: Callable, iterable: Iterable, chunksize: int | None, ordered: bool,
-              options: dict) -> mpcompat.IMapIterator:
-        mpcompat.check_running(self._state)
-        guard = None
-        if type(iterable) not in SEQUENCES:
-            try:
-                guard = mpcompat.Guarded(iterable, chunksize or 1)
-            except TypeError:
-                raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
-        if chunksize is not None:
-            options["chunksize"] = chunksize
-        options.setdefault("keep_going", True)
-        it = mpcompat.IMapIterator(ordered, guard)
-        job = self._submit(func, iterable if guard is None else guard, options, before=it.attach, remember=False)
-        if job.source.is_stream:
-            threading.Thread(target=it.feed, daemon=True, name="poolmagic-feeder").start()
-        return it
+        self._life.check_running()
+        return start_imap(self._submit, func, iterable, chunksize, False, options)
 
     def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
         """``func(*args, **kwds)`` in a worker; its result (multiprocessing's ``apply``)."""
@@ -525,47 +345,19 @@ class Pool:
         self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
         return handle
 
-    @staticmethod
-    def _finish_checkpoint(job: Job) -> None:
-        """Return only once the checkpoint holds every finished result."""
-        if isinstance(job.report.identity, SeenItems):
-            job.report.identity.settle()
-        ck = getattr(job, "checkpoint", None)
-        if ck is not None:
-            err = ck.wait()
-            if err is not None:
-                job.report.notes.append(f"the checkpoint {ck.path} could not be written: {err}")
-
     def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,
                 resume: RunReport | None = None, before: Callable[[Job], None] | None = None,
                 remember: bool = True) -> Job:
-        """Check, remember as the last map (``_poolmap``, ``--tune``), attach observers, start."""
-        mpcompat.check_running(self._state)
+        """Check, build the Job, start it (maprun.py: observers attached, then the backend)."""
+        self._life.check_running()
         job = self.prepare(func, iterable, resume=resume, **options)
-        if remember:
-            self.last_report, self.last_job = job.report, job
-        if watch is not None:
-            watch.attach(job)
-        if before is not None:
-            before(job)
-        with self._live_lock:
-            self._live.add(job)
-        job.observers.append(functools.partial(self._forget, job))
-        if job.checkpoint is not None:  # attached as the map starts: a job only prepared holds no file
-            job.checkpoint.attach(job)
-        SeenItems(job)  # the items' identities, for a later --resume
-        self.backend.submit(job)
+        start(job, self.backend, self._life, watch, before, remember)
         return job
-
-    def _forget(self, job: Job, event: Any) -> None:
-        if type(event) is MapFinished:
-            with self._live_lock:
-                self._live.discard(job)
-
 
 
 def _waited(job: Job) -> None:
     job.waited = True  # this thread waits for it at once (engine/core/caller.py: NUDGE_S)
+
 
 _default: Pool | None = None
 _default_lock = threading.Lock()
@@ -577,7 +369,7 @@ def get_pool() -> Pool:
     with _default_lock:
         if _default is None:
             _default = Pool()
-            _default._shared = True
+            _default._life.make_shared()
         return _default
 
 
@@ -598,8 +390,7 @@ def set_pool(pool: Pool) -> Pool:
     global _default
     with _default_lock:
         old, _default = _default, pool
-    pool._shared = True
-    pool._last = tuple(r() if isinstance(r, weakref.ref) else r for r in (pool._last or (None, None)))
+    pool._life.make_shared()
     if old is not None and old is not pool:
         old.shutdown()
     return pool

@@ -20,8 +20,9 @@ import struct
 import zlib
 from typing import Any
 
-from . import checkpointfile as cf
-from .checkpointfile import CheckpointFileError
+from . import checkpointformat as fmt
+from .checkpointfile import Writer, parse
+from .checkpointformat import CheckpointFileError
 
 
 def trust_checkpoint(path: str | os.PathLike, dest: str | os.PathLike | None = None) -> str:
@@ -36,17 +37,17 @@ def trust_checkpoint(path: str | os.PathLike, dest: str | os.PathLike | None = N
     src = os.fspath(path)
     target = os.fspath(dest) if dest is not None else src
     data = _read_any(src)
-    head = bytes(data[: len(cf.MAGIC)])
-    if head == cf.MAGIC_V1:
+    head = bytes(data[: len(fmt.MAGIC)])
+    if head == fmt.MAGIC_V1:
         records = list(_records_v1(data))
-    elif head == cf.MAGIC:
+    elif head == fmt.MAGIC:
         records = _own_records(data) or list(_records_v2(data))
     else:
         raise CheckpointFileError(f"cannot trust {src!r}: it is not a poolmagic checkpoint file")
     where = os.path.dirname(os.path.abspath(target))
     tmp = os.path.join(where, f".poolmagic-trust-{secrets.token_hex(8)}")
     try:
-        w = cf.Writer(tmp, 0, new=True)  # 0600, O_EXCL | O_NOFOLLOW
+        w = Writer(tmp, 0, new=True)  # 0600, O_EXCL | O_NOFOLLOW
         try:
             for kind, value in records:
                 if kind == b"M":
@@ -93,41 +94,41 @@ def _read_any(path: str) -> bytearray:
 def _own_records(data: bytearray) -> list | None:
     """A file this user's key signed: only its verified records (a damaged one would be
     re-signed as it is, and could load as a silently wrong result); None for another key's."""
-    key = cf.signing_key()
+    key = fmt.signing_key()
     try:
-        file_id = cf.check_header(data, key)
+        file_id = fmt.check_header(data, key)
     except CheckpointFileError:
         return None
-    stored = cf._parse(data, key, file_id)
+    stored = parse(data, key, file_id)
     return ([(b"M", stored.meta)] if stored.meta else []) + [(b"C", c) for c in stored.chunks]
 
 
 def _records_v2(data: bytearray) -> Any:
     """(kind, value) of every record whose frame is intact, in the file's order (MACs ignored)."""
     view, n = memoryview(data), len(data)
-    pos = cf.HEADER_SIZE
+    pos = fmt.HEADER_SIZE
     while pos < n:
-        rec = cf._frame(view, pos, n)
+        rec = fmt.frame(view, pos, n)
         if rec is not None and rec[3] <= n:
             kind, elen, plen, end = rec
-            start = pos + cf._HEAD.size
-            out = cf.Stored()
+            start = pos + fmt.HEAD.size
+            out = fmt.Stored()
             try:
-                cf._decode(out, kind, view[start : start + elen], view[start + elen : start + plen], "")
+                fmt.decode_record(out, kind, view[start : start + elen], view[start + elen : start + plen], "")
             except CheckpointFileError:
-                pos = cf._next_sync(data, pos)
+                pos = fmt.next_sync(data, pos)
                 continue
             yield (b"M", out.meta) if kind == b"M" else (b"C", out.chunks[0])
             pos = end
         else:
-            pos = cf._next_sync(data, pos)
+            pos = fmt.next_sync(data, pos)
 
 
 _V1_HEAD = struct.Struct("<cQI")
 
 
 def _records_v1(data: bytearray) -> Any:
-    view, pos = memoryview(data), len(cf.MAGIC_V1)
+    view, pos = memoryview(data), len(fmt.MAGIC_V1)
     number = 0
     while pos + _V1_HEAD.size <= len(data):
         kind, size, crc = _V1_HEAD.unpack_from(view, pos)

@@ -86,7 +86,7 @@ class Executor(futures.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
         end = None if timeout is None else time.monotonic() + timeout
-        it = self._pool._imap(fn, zip(*iterables), chunksize, True, {"star": True})
+        it = self._pool.imap(fn, zip(*iterables), chunksize, star=True)
 
         def results() -> Iterator:
             try:

@@ -133,7 +133,7 @@ class LiveProgress:
             from tqdm import tqdm
 
             name = getattr(self.report, "func_name", None)
-            from .display import call_name
+            from .style import call_name
 
             desc = f"poolmagic {call_name(name)}" if name else "poolmagic"
             self._bar = tqdm(total=p.total, desc=desc, unit=" items", leave=False, file=sys.stderr)
@@ -252,7 +252,7 @@ def announce_async(handle: Any, name: str) -> threading.Thread:
     """In a terminal: a line when an async map starts, and one (its summary) when it ends."""
     r = handle.report
     total = f"{r.items:,} items" if r.items is not None else "a stream of items"
-    from .display import call_name
+    from .style import call_name
 
     print(f"poolmagic: {call_name(name)} started in the background · {total} on {r.pool_size} "
           f"worker{'s' if r.pool_size != 1 else ''} · .get() waits for the results", flush=True)

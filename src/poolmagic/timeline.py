@@ -1,7 +1,7 @@
 """``_poolmap.timeline``: one row per chunk, as each worker ran it.
 
 Raw rows for analysis (``.rows``, ``.to_frame()``), text bars in a terminal,
-an inline SVG (display.py) in a notebook: busy vs idle per worker, failed
+an inline SVG (charts.py) in a notebook: busy vs idle per worker, failed
 chunks marked. Large maps are aggregated when drawn, so the notebook stays
 light whatever the number of chunks.
 """
@@ -74,7 +74,7 @@ class Timeline:
         return pd.DataFrame([r.__dict__ for r in self.rows])
 
     def text(self, width: int = 60) -> str:
-        from .display import timeline_text
+        from .charts import timeline_text
 
         return timeline_text(self, width)
 
@@ -85,6 +85,6 @@ class Timeline:
         p.text(self.text())
 
     def _repr_html_(self) -> str:
-        from .display import timeline_html
+        from .charts import timeline_html
 
         return timeline_html(self)

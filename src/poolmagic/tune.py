@@ -105,7 +105,7 @@ class TuneResult:
         return next(r for r in self.rows if r.workers == workers)
 
     def text(self) -> str:
-        from .display import tune_text
+        from .charts import tune_text
 
         return tune_text(self)
 
@@ -116,7 +116,7 @@ class TuneResult:
         p.text(self.text())
 
     def _repr_html_(self) -> str:
-        from .display import tune_html
+        from .charts import tune_html
 
         return tune_html(self)
 

@@ -98,6 +98,7 @@ class ChunkDone(NamedTuple):
     recycle: str | None  #: why this worker must be replaced now (it exits next)
     waited: float | None = None  #: seconds the chunk waited for a CPU (Linux schedstat; timed chunks)
     cpu: float | None = None  #: CPU seconds the worker process used running it, native threads included (timed chunks)
+    faults: int | None = None  #: page faults of the worker's thread while it ran the items (Linux)
 
 
 class ChunkFailed(NamedTuple):

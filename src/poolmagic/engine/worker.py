@@ -233,7 +233,7 @@ class Worker:
         recycle = recycle or RETIRE
         body, frames_out = pack_results(r.out, r.records, r.errors, msg.start, items, msg.indices)
         self._send(P.ChunkDone(msg.seq, r.t0, r.t1, r.times, body, tuple(f.nbytes for f in frames_out),
-                               self._new_modules(), recycle, r.waited_s, r.cpu_s), frames_out)
+                               self._new_modules(), recycle, r.waited_s, r.cpu_s, r.faults), frames_out)
         return recycle
 
     # ------------------------------------------------------------ sending

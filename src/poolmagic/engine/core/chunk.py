@@ -61,7 +61,7 @@ class _Capture(io.TextIOBase):
 
 def run_chunk(
     fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False,
-    seed: int | None = None, progress=None, indices=None, redirect=None,
+    seed: int | None = None, progress=None, indices=None, redirect=None, meter=None,
 ) -> tuple[list, float, float, list | None, list, list]:
     """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
 
@@ -73,6 +73,9 @@ def run_chunk(
     ``redirect(stdout, stderr)``: installs the two captures and returns what
     undoes that; by default they replace sys.stdout/sys.stderr (a worker
     process runs one chunk at a time; the threads backend runs several).
+    ``meter()``: called right before the first item and right after the last,
+    so that what the caller measures (CPU time, waits for a CPU) covers the
+    items' t0..t1 and nothing around them.
     """
     seeds.clear()
     n = len(items)
@@ -91,6 +94,8 @@ def run_chunk(
         sys.stdout, sys.stderr = captures
     else:
         undo = redirect(*captures)
+    if meter is not None:
+        meter()
     t0 = time.perf_counter()
     try:
         if timed or seed is not None:
@@ -110,6 +115,8 @@ def run_chunk(
                         break
     finally:
         t1 = time.perf_counter()
+        if meter is not None:
+            meter()
         if redirect is None:
             sys.stdout, sys.stderr = old
         else:

@@ -30,6 +30,8 @@ class ChunkRecord:
     nbytes: int = 0  #: bytes of results that came back
     waited_s: float = 0.0  #: of t1 - t0, time runnable but waiting for a CPU (measured on Linux)
     cpu_s: float | None = None  #: CPU time the worker used for it, native threads included (None: not measured)
+    faults: int | None = None  #: page faults of the worker's thread while it ran the items (None: not measured)
+    kept_faults: int | None = None  #: page faults of the kernel while it built the results (None: not measured)
 
     @property
     def busy_s(self) -> float:

@@ -154,6 +154,16 @@ class Job:
             if self.active:
                 self.retry.appendleft((start, items))
 
+    def results_lost(self, start: int, items: Any) -> None:
+        """A chunk that ran, but whose results died with its worker before they reached us:
+        run again, and the record says so (what those attempts gave is not known)."""
+        with self.cond:
+            if self.active:
+                for k in range(len(items)):
+                    i = self._at(start + k)
+                    self.report.lost[i] = self.report.lost.get(i, 0) + 1
+        self.requeue(start, items)
+
     def retry_singly(self, start: int, items: Any) -> None:
         """Re-run a chunk item by item (to find which of its items kills a worker)."""
         with self.cond:

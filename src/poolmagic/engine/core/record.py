@@ -32,6 +32,9 @@ class MapRecord:
     done: int = 0  # items that succeeded
     retried: int = 0  # attempts run again (--retries)
     attempts: dict[int, list[BaseException]] = field(default_factory=dict)  # index -> each attempt's error
+    # index -> attempts that ran but whose results were lost with their worker (a dask worker
+    # holds results until the kernel fetches them): run again, and not in retried/attempts
+    lost: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # said under the summary
     failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
 

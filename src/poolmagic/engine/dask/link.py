@@ -25,7 +25,8 @@ from .. import runtimedir
 from . import task
 from .address import PROBE_TIMEOUT_S, check_scheduler
 from .env import RemoteEnvironment
-from .plumbing import check_workers, dashboard_link, kill_worker, release_cluster, start_local_cluster, unbatch
+from .plumbing import (check_workers, dashboard_link, kill_worker, release_cluster, serves_dashboard,
+                       start_local_cluster, unbatch)
 from .scale import Scaler
 from .state import State
 from ..events import Waiting
@@ -59,6 +60,7 @@ class ClusterLink:
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
         self.scaler: Scaler | None = None  # grows and shrinks our LocalCluster (scale.py)
+        self.dashboards: dict[str, bool] = {}  # a remote scheduler's link -> it serves a dashboard (asked once)
         self.lock = threading.Lock()
         self.listening: set[str] = set()  # worker addresses whose event topic we follow
         self.refreshed = 0.0
@@ -217,13 +219,24 @@ class ClusterLink:
 
     def running_mark(self, address: str) -> int | None:
         """The chunk our worker at ``address`` wrote down as running (-1: none; None: unknown)."""
+        return self.marks_of(address)[0]
+
+    def marks_of(self, address: str) -> tuple[int | None, int | None]:
+        """(the chunk running, the last chunk that ended) as our worker at ``address`` wrote
+        them down (task._mark); None where unknown (not our cluster, or nothing written)."""
         if self.marks is None:
-            return None
+            return None, None
         try:
             with open(os.path.join(self.marks, task.mark_name(address)), "rb") as f:
-                return int(f.read().strip() or b"-1")
-        except (OSError, ValueError):
-            return None
+                lines = f.read().split()
+        except OSError:
+            return None, None
+        try:
+            running = int(lines[0]) if lines else -1
+            ended = int(lines[1]) if len(lines) > 1 else None
+        except ValueError:
+            return None, None
+        return running, ended
 
     def pid_of(self, address: str) -> int | None:
         """The process of the worker at ``address`` (a LocalCluster we own)."""
@@ -273,16 +286,24 @@ class ClusterLink:
         elif self.owned:  # without bokeh the page only says so; its other routes (logs, metrics) serve
             bokeh = "needs bokeh: pip install bokeh; " if importlib.util.find_spec("bokeh") is None else ""
             board = f"dashboard {link} ({bokeh}no password: anyone on this machine can open it)"
-        else:
+        elif self._serves(link):
             board = f"dashboard {link}"
+        else:  # its HTTP server serves no dashboard (--no-dashboard, no bokeh there), or not to us
+            board = "no dashboard"
         tls = " · TLS with a certificate of its own" if self.owned else ""
         text = (
             f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')}"
             + (f" × {_plural(threads[0], 'thread') if len(threads) == 1 else '/'.join(map(str, threads)) + ' threads'}"
-               " (task slots; the cores are counted above)" if threads else "")
+               + (" (task slots; the cores are counted above)" if self.owned else " (task slots)") if threads else "")
             + f"{tls} · {board}"
         )
         return text if self.remote_env is None else f"{text}\n{self.remote_env.describe()}"
+
+    def _serves(self, link: str) -> bool:
+        """Whether a remote scheduler's ``link`` serves a dashboard (asked once per link)."""
+        if link not in self.dashboards:
+            self.dashboards[link] = serves_dashboard(link) is not False
+        return self.dashboards[link]
 
     # ------------------------------------------------------------------ the end
     def teardown(self) -> None:

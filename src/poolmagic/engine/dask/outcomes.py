@@ -193,11 +193,27 @@ class Outcomes:
             self.state.take(c)
         self.link.cancel(chunks)
         head = None if killed or expected else self._was_running(address, chunks, vanished=expected is None)
+        ended = self.link.marks_of(address)[1]
         for c in chunks:
-            if c is not head:
-                self.give_back(c)  # queued, or finished with its result still on the worker
+            if c is head:
+                continue
+            if self._ran(c, chunks, ended) and c.job.active and not c.cancelled:
+                c.job.results_lost(c.start, c.items)  # finished, its result still on the worker
+            else:
+                self.give_back(c)  # queued
         if head is not None:
             self._crashed(head, address, pid)
+
+    @staticmethod
+    def _ran(c: DaskChunk, chunks: list[DaskChunk], ended: int | None) -> bool:
+        """A chunk of a dead worker that had run to its end: its result died with the worker.
+
+        Our own cluster's workers write down the last chunk that ended (a
+        one-thread worker runs its chunks in order); on a remote one, a chunk
+        that began before another one began had ended."""
+        if c.future.status == "finished" or (ended is not None and c.seq <= ended):
+            return True
+        return c.began is not None and any(o.began is not None and o.seq > c.seq for o in chunks)
 
     def _was_running(self, address: str, chunks: list[DaskChunk], vanished: bool) -> DaskChunk | None:
         """Which of a dead worker's chunks it was running (None: none of them, or no telling)."""

@@ -333,12 +333,41 @@ def check_workers(client: Client) -> None:
 
 
 def dashboard_link(client: Client) -> str | None:
+    """The URL of the scheduler's HTTP server, when it has one (it may serve no dashboard: see below)."""
     try:
         if "dashboard" not in (client.scheduler_info(n_workers=0).get("services") or {}):
             return None
         return client.dashboard_link
     except Exception:
         return None
+
+
+DASHBOARD_PROBE_S = 1.0
+
+
+def serves_dashboard(link: str, timeout: float = DASHBOARD_PROBE_S) -> bool | None:
+    """Does the HTTP server at ``link`` serve dask's dashboard? None: cannot tell.
+
+    A scheduler runs its HTTP server (and lists it as its "dashboard" service)
+    even with ``--no-dashboard`` or without bokeh, where ``/status`` only says
+    "Dask needs bokeh". Its ``individual-plots.json`` (what dask-labextension
+    reads) lists the dashboard's plots, and is ``{}`` when there are none.
+    False also when the kernel cannot reach it: a link the user could not open.
+    """
+    import json
+    import ssl
+    import urllib.request
+
+    head, sep, tail = link.partition("?")[0].rpartition("/status")
+    if not sep or tail.strip("/"):
+        return None  # a link template of the user's (a proxy): no known place to ask
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asks which plots exist
+    try:
+        with urllib.request.urlopen(f"{head}/individual-plots.json", timeout=timeout, context=context) as r:
+            return bool(json.loads(r.read(1 << 20) or b"{}"))
+    except Exception:
+        return False
 
 
 # Made here, after distributed registered its exit handlers when it was imported: ours runs first.

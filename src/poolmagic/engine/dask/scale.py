@@ -55,6 +55,9 @@ class Scaler:
         # worker still starting has none yet, and one that registers after its name was
         # dropped from the spec is closed as soon as its nanny's start ends.
         self.retiring: set[Any] = set()
+        # of those, the names a drop was asked for: never kept after all (the drop may run
+        # any moment on the scaling thread: a chunk sent meanwhile would die with the worker)
+        self.dropping: set[Any] = set()
         self._names: dict[str, Any] = {}  # worker address -> its spec name, as seen
         self._todo: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -77,18 +80,22 @@ class Scaler:
         cluster = self.cluster
         spec = list(cluster.worker_spec)
         address_of = {w.get("name"): a for a, w in dict(cluster.scheduler_info.get("workers", {})).items()}
-        if want >= len(spec):
-            self.retiring -= set(spec)  # chosen, not yet dropped: kept after all
-        if want > len(spec):
-            if not self._busy:
+        for name, address in address_of.items():
+            self._names[address] = name  # known after the worker has left too
+        live = [n for n in spec if n not in self.dropping]  # (the others go, whatever is asked)
+        if want >= len(live):
+            self.retiring -= set(live)  # chosen, not yet dropped: kept after all
+        if want > len(live):
+            if not self._busy:  # (busy: looked at again once the thread has applied it)
                 self._ask(lambda: cluster.scale(want))
             return
-        if want < len(spec):
-            chosen = [n for n in reversed(spec) if n in self.retiring]
-            chosen += [n for n in reversed(spec) if n not in chosen][: len(spec) - want - len(chosen)]
+        if want < len(live):
+            chosen = [n for n in reversed(live) if n in self.retiring]
+            chosen += [n for n in reversed(live) if n not in chosen][: len(live) - want - len(chosen)]
             self.retiring.update(chosen)
             idle = [n for n in chosen if address_of.get(n) is None or not holds(address_of[n])]
-            if idle and not self._busy:  # (busy: looked at again once the thread has applied it)
+            if idle and not self._busy:
+                self.dropping.update(idle)
                 self._ask(lambda: self._drop(idle))
             return
         if set(spec) - set(cluster.workers) and not self._busy:  # a nanny missing: start it again

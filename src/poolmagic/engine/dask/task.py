@@ -111,7 +111,7 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
         try:
             return _run(fn, ctx, seq, start, items, options, timed, topic, indices)
         finally:
-            _mark(marks, -1)
+            _mark(marks, -1, ended=seq)
             if report_end:
                 _tell(topic, {"seq": seq, "end": True})
 
@@ -134,13 +134,16 @@ def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: An
 _MARK_FDS: dict[str, int] = {}
 
 
-def _mark(folder: str | None, seq: int) -> None:
-    """Write down which chunk this worker runs (-1: none), where its client can read it.
+def _mark(folder: str | None, seq: int, ended: int | None = None) -> None:
+    """Write down which chunk this worker runs (-1: none), and the last that ``ended``,
+    where its client can read them.
 
     Events reach the client only after dask's 2 ms batching: an item that
     kills its worker at once (os._exit, a segfault) would take its "began"
     with it, and the client could blame the chunk before it. A write to a
-    file survives the process: the kernel has the page.
+    file survives the process: the kernel has the page. The last chunk that
+    ended tells the client which of a dead worker's chunks ran, though their
+    results died with it (outcomes.py: they are run again, and said to be).
     """
     if folder is None:
         return
@@ -151,7 +154,10 @@ def _mark(folder: str | None, seq: int) -> None:
 
             path = os.path.join(folder, mark_name(get_worker().address))
             fd = _MARK_FDS[folder] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.pwrite(fd, b"%20d\n" % seq, 0)
+        if ended is None:
+            os.pwrite(fd, b"%20d\n" % seq, 0)
+        else:
+            os.pwrite(fd, b"%20d\n%20d\n" % (seq, ended), 0)
     except Exception:
         pass
 

@@ -27,6 +27,7 @@ from .. import protocol as P
 from ..core.events import ChunkRecord
 from ..core.failures import FailurePolicy
 from ..core.job import Job
+from ..core.runchunk import thread_faults
 from ..handle import WorkerHandle, kill_group
 from .workers import WorkerSet
 
@@ -77,6 +78,7 @@ class Outcomes:
         chunk = p.pop_head()
         assert chunk.seq == msg.seq, "worker answered out of order"
         job = chunk.job  # an ended job keeps what finished too (Job.chunk_done)
+        faults = thread_faults()
         try:
             out, records, errs = p.results(msg, frames)
         except Exception as exc:
@@ -86,8 +88,11 @@ class Outcomes:
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
             rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid,
                               t_sent=chunk.t_sent, t_recv=time.perf_counter(),
-                              nbytes=len(msg.body) + sum(msg.sizes), waited_s=msg.waited or 0.0, cpu_s=msg.cpu)
+                              nbytes=len(msg.body) + sum(msg.sizes), waited_s=msg.waited or 0.0, cpu_s=msg.cpu,
+                              faults=msg.faults)
             job.chunk_done(rec, out, records, errors, chunk.items, (msg.body, frames))
+            if faults is not None:  # fresh memory the kernel touched to hold the results (diagnose.py)
+                rec.kept_faults = thread_faults() - faults
         return job
 
     def _on_chunk_failed(self, p: WorkerHandle, msg: P.ChunkFailed) -> None:

@@ -1,0 +1,151 @@
+"""A map prepared: a call checked, its function pickled, its options made a Job.
+
+Every check that can fail on bad input runs here, before any work starts, so
+a mistake is reported as one sentence naming the culprit. ``Pool.prepare``,
+and so every way of starting a map, comes through ``prepare_map``; nothing
+here starts a worker or reads the ITERABLE beyond a stream's first look.
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
+from .engine.base import Backend
+from .engine.context import ContextCache
+from .engine.core.items import SEQUENCES, ItemSource
+from .engine.core.job import Job
+from .engine.mapoptions import MapOptions
+from .errors import BadInputError, SerializationError
+from .longrun import Checkpoint, resume_report
+from .report import FAILED_KEPT, RunReport
+from .serialize import Payload, callable_name, describe, dump_function, undefined_globals
+
+if TYPE_CHECKING:
+    from .api import Pool
+
+
+def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options: dict,
+                resume: RunReport | None, worker_setup: Callable[[Callable], Callable] | None,
+                contexts: ContextCache) -> Job:
+    """Check everything and build the Job; raises BadInputError before any work.
+
+    ``pool`` gives its settings: backend, size, native threads, memory limit,
+    cores, measured item times. ``worker_setup`` wraps the function to run the
+    pool's ``initializer`` (None: no setup); ``contexts`` caches the per-map
+    context by thread count. ``resume``: an earlier run's report; only its
+    unfinished items run, and their results are merged into its results.
+    """
+    o = _options(pool, options)
+    name = _check_function(func, o)
+    func, iterable = _call(func, iterable, o, name)
+    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup)
+    workers = o.workers or pool.size
+    threads = o.threads or pool.threads_per_worker(workers)
+    context = contexts.get(threads)
+    report = RunReport(func_name=name, cores=pool.cores, pool_size=workers, backend=pool.backend.description,
+                       threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
+    report.notes.extend(notes)
+    index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key)
+    job = Job(payload, ItemSource(iterable), report, o, context, func)
+    job.index = index
+    job.checkpoint = checkpoint
+    if index is None and type(iterable) in SEQUENCES:
+        report.replay = (func, o, iterable)
+    elif index is not None:
+        report.replay = (func, o, None)
+        report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
+    else:
+        report.replay = (func, o, None)
+    return job
+
+
+def _options(pool: "Pool", options: dict) -> MapOptions:
+    """The map's options, with the pool's memory limit where the map sets none; the
+    backend refuses those it cannot honour (threads: --timeout, --max-memory; a
+    remote cluster: --max-memory)."""
+    o = MapOptions.from_kwargs(options)
+    from_pool = frozenset()
+    if o.max_memory is None and pool.max_memory is not None:
+        o = o.with_(max_memory=pool.max_memory)
+        from_pool = frozenset({"max_memory"})
+    pool.backend.check_options(o, from_pool)
+    return o
+
+
+def _check_function(func: Callable, o: MapOptions) -> str:
+    """The function's name, once it is known to be a callable the workers can run."""
+    if not callable(func):
+        raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
+    name = callable_name(func)
+    check_plain_function(func, name)
+    if not o.star:
+        check_arity(func, name, repeat=o.repeat is not None, kwargs=o.kwargs)
+    return name
+
+
+def _call(func: Callable, iterable: Iterable | None, o: MapOptions, name: str) -> tuple[Callable, Iterable]:
+    """What each item calls (``kwargs`` bound, ``repeat`` without arguments) and the items, checked."""
+    if o.repeat is not None:
+        if iterable is not None:
+            raise BadInputError("give either an ITERABLE or repeat=N, not both")
+        iterable = range(o.repeat)
+    missing = undefined_globals(func)
+    if missing:
+        fn, var = missing[0]
+        raise BadInputError(f"{fn}() uses the name {var!r}, which is not defined")
+    unwrapped = func
+    if o.kwargs:
+        func = functools.partial(func, **o.kwargs)
+    if o.repeat is not None:
+        func = NoArgs(func)
+    try:
+        iter(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+    check_not_text(iterable)
+    if o.star:
+        iterable = check_star(iterable, unwrapped, name, o.kwargs)
+    return func, iterable  # type: ignore[return-value]
+
+
+def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
+             worker_setup: Callable[[Callable], Callable] | None) -> tuple[Payload, list[str]]:
+    """The function as the workers receive it, pickled, and the backend's notes on it."""
+    shipped, notes = backend.prepare_function(func, iterable, star)  # a remote cluster's checks
+    if worker_setup is not None:
+        shipped = worker_setup(shipped)
+    try:
+        payload = dump_function(shipped)
+    except SerializationError:
+        if shipped is not func:
+            dump_function(func)  # the function itself cannot be pickled: that error names the culprit
+        raise
+    return payload, notes
+
+
+def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, iterable: Iterable, name: str,
+                 key: str) -> tuple[Any, Checkpoint | None, Iterable]:
+    """What an earlier run (``resume``) or a checkpoint file already did: ``(index, checkpoint,
+    iterable)``, the index and ITERABLE of the items still to run (index None: all of them).
+    The earlier results are copied into ``report``."""
+    index, checkpoint = None, None
+    if resume is not None and o.checkpoint:  # either would decide which items run; both: no file was written
+        raise BadInputError(
+            "--resume and --checkpoint (resume= and checkpoint=) cannot be used together: --checkpoint "
+            "PATH resumes by itself from what PATH recorded; run the map again with only --checkpoint "
+            "to continue it, or only --resume to re-run an earlier map's missing items")
+    if resume is not None:
+        earlier, index, iterable = resume_report(resume, iterable)
+    elif o.checkpoint:
+        checkpoint = Checkpoint(o.checkpoint)
+        earlier, index, iterable = checkpoint.load(iterable, name, key)
+    if index is not None:
+        for f in ("items", "results", "errors", "done", "resumed", "identity"):
+            setattr(report, f, getattr(earlier, f))
+        if checkpoint is not None and checkpoint.function_changed:
+            report.notes.append(f"the function changed since {o.checkpoint} was written; "
+                                f"{earlier.done:,} results of its earlier version were kept")
+    if checkpoint is not None:
+        report.notes.extend(checkpoint.notes)
+    return index, checkpoint, iterable

@@ -1,0 +1,98 @@
+"""A pool's state apart from its workers: whether it takes work, the maps it runs, its last map.
+
+``PoolState`` is one of the objects ``poolmagic.Pool`` is made of (api.py):
+multiprocessing's RUN, then CLOSE or TERMINATE; whether it is the shared pool
+(the magics' and pmap's, which user code may not close); the maps not finished
+yet, which ``join`` waits for and ``terminate`` ends; and the last map, for
+``_poolmap`` and ``--tune``.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import weakref
+from typing import Any
+
+from .engine.core.events import MapFinished
+from .engine.core.job import Job
+from .errors import BadInputError
+from .mpcompat import CLOSE, RUN, check_running
+
+
+class PoolState:
+    """RUN/CLOSE/TERMINATE, shared or not, the maps running, the last map."""
+
+    def __init__(self) -> None:
+        self.state = RUN  # multiprocessing's: RUN, then CLOSE or TERMINATE (then work is refused)
+        self.shared = False  # the magics' and pmap's pool (get_pool): user code may not close it
+        self._live: set[Job] = set()  # maps not finished yet (join waits for them)
+        self._live_lock = threading.Lock()
+        self._last: tuple = (None, None)  # (report, job), or weak references to them (see last)
+
+    # ------------------------------------------------------------ taking work
+    def check_running(self) -> None:
+        """PoolNotRunningError (a ValueError, as multiprocessing's) once closed or terminated."""
+        check_running(self.state)
+
+    def not_shared(self, what: str) -> None:
+        """Refuse ``what`` on the shared pool: the magics and pmap rely on it."""
+        if self.shared:
+            raise BadInputError(
+                f"this is poolmagic's shared pool (the magics' and pmap's): it cannot {what}. Stop it with "
+                f"poolmagic.shutdown_pool() (the next use starts a fresh one), or make a pool of your own: "
+                f"poolmagic.Pool()"
+            )
+
+    def close(self) -> None:
+        self.not_shared("close")
+        if self.state == RUN:
+            self.state = CLOSE
+
+    def make_shared(self) -> None:
+        """This pool becomes the shared one: it keeps its last map for ``_poolmap``."""
+        self.shared = True
+        self._last = tuple(r() if isinstance(r, weakref.ref) else r for r in self._last)
+
+    # ------------------------------------------------------------ the maps running
+    def started(self, job: Job) -> None:
+        """Count ``job`` as running until its MapFinished event."""
+        with self._live_lock:
+            self._live.add(job)
+        job.observers.append(functools.partial(self._forget, job))
+
+    def _forget(self, job: Job, event: Any) -> None:
+        if type(event) is MapFinished:
+            with self._live_lock:
+                self._live.discard(job)
+
+    def running(self) -> list[Job]:
+        with self._live_lock:
+            return list(self._live)
+
+    def stop_maps(self) -> None:
+        """End every map still running (one the backend had not taken up yet too)."""
+        for job in self.running():
+            job.stop()
+
+    def wait_maps(self, timeout: float | None) -> None:
+        """After close or terminate: wait up to ``timeout`` seconds for the maps running."""
+        if self.state == RUN:
+            raise ValueError("Pool is still running")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self.running():
+            job.finished.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------ the last map
+    # The shared pool keeps it; a pool of your own keeps it only while you do
+    # (multiprocessing keeps nothing: a long-lived pool must not hold the inputs
+    # and results of its last map).
+    def last(self, k: int) -> Any:
+        """The last map's report (``k`` = 0) or Job (1), if still held."""
+        ref = self._last[k]
+        return ref() if isinstance(ref, weakref.ref) else ref
+
+    def remember(self, k: int, value: Any) -> None:
+        pair = list(self._last)
+        pair[k] = value if value is None or self.shared else weakref.ref(value)
+        self._last = tuple(pair)
