@@ -436,6 +436,30 @@ def test_a_map_sent_from_the_callers_thread_has_its_memory_watched():
         assert pool.map(abs, [-5]) == [5]
 
 
+@linux_only
+def test_a_blocking_map_sent_from_the_callers_thread_has_its_memory_watched():
+    """A blocking map into an idle warm pool does not wake the manager when it is sent: the
+    reply would. Its caller wakes it once the map has run NUDGE_S without ending; without
+    that nudge the memory guard never looks and the item runs its 20 s."""
+    with Pool(2) as pool:
+        assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]
+        assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]  # known fast, warm and idle
+        outcome = {}
+
+        def blocking() -> None:
+            try:
+                pool.map(_hog, [300 << 20], max_memory="100MB")
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        t = threading.Thread(target=blocking)
+        t.start()
+        t.join(FAST)
+        assert not t.is_alive(), "the memory of a blocking map sent from the caller's thread was not watched"
+        assert isinstance(outcome.get("error"), poolmagic.errors.WorkerMemoryError), outcome
+        assert pool.map(abs, [-5]) == [5]
+
+
 # ================================================================ the magic's cached parse
 
 
@@ -452,3 +476,57 @@ def test_function_found_in_a_cell_that_also_uses_ipython_syntax(ip):
     body = "n = 2\n%time m = 1\nfiles = !echo a\ndef work(x):\n    return x * n\n"
     assert ip.run_cell_magic("poolmap", "range(3)", body) == [0, 2, 4]
     assert ip.user_ns["files"] == ["a"]
+
+
+# ================================================================ who reads a worker's pipe
+
+
+def _echo_after(x):
+    time.sleep(0.2)
+    return x
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the main thread reads the pipe only where select() takes it")
+def test_big_items_sent_while_a_chunk_returns_a_big_result_do_not_deadlock():
+    """While a chunk runs, the worker's reader thread has the pipe: the parent sends the
+    next chunk (16 MB of items, more than a socket holds) while the worker sends back
+    16 MB. Without a reader draining during the chunk both block on a full pipe for ever."""
+    items = [bytes([i]) * (16 << 20) for i in range(3)]
+    with Pool(1) as pool:
+        handle = pool.map_async(_echo_after, items, chunksize=1)
+        assert handle.wait(30), "the worker and the parent block on each other's full pipe"
+        assert [r[:1] for r in handle.get()] == [b"\x00", b"\x01", b"\x02"]
+
+
+def _nap_pid(x):
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def test_a_small_maps_chunk_is_quiet_and_its_worker_is_sent_nothing_until_it_answers():
+    """A worker's only chunk, with nothing left to schedule, is sent quiet: the worker runs
+    it with no reader thread, so the parent must not send that worker anything until it
+    answers (it leaves the scheduler's capacity). Another map meanwhile runs elsewhere."""
+    with Pool(2) as pool:
+        assert pool.map(abs, range(4)) == list(range(4))
+        backend = pool.backend
+        handle = pool.map_async(_nap_pid, [0])
+        seen = {}
+
+        def look() -> None:
+            busy = [p for p in backend.workers.procs.values() if p.inflight]
+            seen["quiet"] = [p.inflight[-1].quiet for p in busy]
+            seen["offered"] = [p in backend.workers.capacity() for p in busy]
+
+        deadline = time.monotonic() + FAST
+        while not seen.get("quiet") and time.monotonic() < deadline:
+            done = threading.Event()
+            backend.manager.command(lambda: (look(), done.set()))
+            assert done.wait(FAST)
+        assert seen["quiet"] == [True] and seen["offered"] == [False]
+        other = pool.map(_pid_of, range(2), chunksize=1)
+        assert handle.get()[0] not in other, "a chunk went to the worker running a quiet one"
+
+
+def _pid_of(x):
+    return os.getpid()

@@ -65,3 +65,17 @@ def test_load_ext_imports_nothing_heavy_even_once_the_pool_is_warm():
     seen = json.loads(out.splitlines()[-1])
     assert seen["warm"] == "warm", seen
     assert heavy(seen["new"]) == [], seen["new"]
+
+
+def test_the_worker_module_the_forkserver_preloads_skips_the_kernels_memory_code():
+    """The forkserver's boot (preloading engine/worker.py) is the serial part of a cold start:
+    the memory guard's module and its pathlib are the kernel's, not a worker's (~4 ms)."""
+    out, err, code = run_script("""
+        import json, sys
+        import poolmagic.engine.worker
+        print(json.dumps(sorted(sys.modules)))
+    """)
+    assert code == 0, err
+    loaded = json.loads(out.splitlines()[-1])
+    assert "poolmagic.engine.memory" not in loaded and "pathlib" not in loaded, loaded
+    assert heavy(loaded) == [], loaded

@@ -270,7 +270,7 @@ class Pool:
         fed by the map's events and drawn on this thread.
         """
         __tracebackhide__ = True
-        return wait_for(self._submit(func, iterable, options, watch, resume), self.backend, watch)
+        return wait_for(self._submit(func, iterable, options, watch, resume, before=_waited), self.backend, watch)
 
     def map(self, func: Callable, iterable: Iterable | None = None, chunksize: int | None = None,
             **options: Any) -> list:
@@ -353,6 +353,10 @@ class Pool:
         job = self.prepare(func, iterable, resume=resume, **options)
         start(job, self.backend, self._life, watch, before, remember)
         return job
+
+
+def _waited(job: Job) -> None:
+    job.waited = True  # this thread waits for it at once (engine/core/caller.py: NUDGE_S)
 
 
 _default: Pool | None = None

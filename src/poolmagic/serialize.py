@@ -17,6 +17,7 @@ import dis
 import functools
 import hashlib
 import pickle
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -36,7 +37,93 @@ class Payload:
 
 
 def dump_function(func: Callable) -> Payload:
-    """Pickle ``func`` with cloudpickle; raise SerializationError naming the culprit."""
+    """Pickle ``func`` with cloudpickle; raise SerializationError naming the culprit.
+
+    A function whose pickle is a pure function of values that cannot change in
+    place (its code, its name, defaults, closure and the globals it reads all
+    numbers, strings, bytes, None, tuples of them, modules pickled by reference
+    or builtins) is pickled once: the same fingerprint gives the payload kept
+    from before (a re-run cell, a map in a loop; ~17 µs of cloudpickle and hash
+    each). Anything else (a list, an array, a helper function, a class among
+    its globals) is pickled at every map, as its contents may have changed.
+    """
+    fp = _fingerprint(func)
+    if fp is None:
+        return _dump(func)
+    payload = _PAYLOADS.get(fp)
+    if payload is None:
+        payload = _PAYLOADS[fp] = _dump(func)
+        if len(_PAYLOADS) > _PAYLOADS_KEPT:
+            del _PAYLOADS[next(iter(_PAYLOADS))]
+    return payload
+
+
+_PAYLOADS: dict[tuple, Payload] = {}  # fingerprint -> payload, oldest first
+_PAYLOADS_KEPT = 16
+
+
+class _Changeable(Exception):
+    """A value whose contents may change in place: its function's pickle is not cached."""
+
+
+_ATOMS = frozenset({int, str, bytes, bool, type(None)})
+
+
+def _atom(value: Any) -> Any:
+    """A key equal for two values exactly when they pickle the same (raises _Changeable)."""
+    t = type(value)
+    if t in _ATOMS:
+        return (t, value)
+    if t is float:
+        return (t, value.hex())  # 0.0 == -0.0 and nan != nan: compare their bits
+    if t is tuple or t is frozenset:
+        return (t, tuple(_atom(v) for v in value))
+    if t is types.BuiltinFunctionType:
+        return (t, value)  # pickled by reference
+    if t is types.ModuleType and _by_reference(value):
+        return (t, value)
+    raise _Changeable
+
+
+def _by_reference(module: types.ModuleType) -> bool:
+    """cloudpickle pickles ``module`` by its name (not registered to go by value, importable)."""
+    name = getattr(module, "__name__", None)
+    if not isinstance(name, str) or sys.modules.get(name) is not module:
+        return False
+    by_value = cloudpickle.list_registry_pickle_by_value()
+    parts = name.split(".")
+    return not any(".".join(parts[:i]) in by_value for i in range(1, len(parts) + 1))
+
+
+@functools.lru_cache(maxsize=512)
+def _code_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name the code (and code nested in it) may look up: what cloudpickle ships of its globals."""
+    names: dict[str, None] = {}
+    for co in _code_objects(code):
+        names.update(dict.fromkeys(co.co_names))
+    return tuple(names)
+
+
+_BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")  # cloudpickle ships these too
+
+
+def _fingerprint(func: Any) -> tuple | None:
+    """What ``func``'s pickle depends on, if all of it is values that cannot change in place."""
+    if type(func) is not types.FunctionType or func.__dict__ or func.__annotations__:
+        return None
+    code = func.__code__
+    g = func.__globals__
+    try:
+        return (code, getattr(code, "co_qualname", None), func.__name__, func.__qualname__, func.__module__, _atom(func.__doc__),
+                _atom(func.__defaults__), _atom(tuple(sorted((func.__kwdefaults__ or {}).items()))),
+                tuple(_atom(c.cell_contents) for c in func.__closure__ or ()),
+                tuple(_atom(g[n]) if n in g else None for n in _code_names(code)),
+                tuple(_atom(g[n]) if n in g else None for n in _BASE_GLOBALS))
+    except (_Changeable, ValueError, TypeError):  # ValueError: an empty closure cell
+        return None
+
+
+def _dump(func: Callable) -> Payload:
     buffers: list[pickle.PickleBuffer] = []
     try:
         data = cloudpickle.dumps(func, protocol=5, buffer_callback=buffers.append)

@@ -45,7 +45,8 @@ class WorkerHandle:
         self.ready = False  # it said it started
 
     # ------------------------------------------------------------ sending
-    def encode_chunk(self, seq: int, job: Any, start: int, items: Any, timed: bool) -> tuple[bytes, list]:
+    def encode_chunk(self, seq: int, job: Any, start: int, items: Any, timed: bool,
+                     quiet: bool = False) -> tuple[bytes, list]:
         """The RunChunk bytes and the out-of-band frames that follow them.
 
         Raises if the items do not pickle. Big item buffers (arrays of MBs)
@@ -61,7 +62,7 @@ class WorkerHandle:
             blob, frames = P.dumps_oob(items, cloudpickle.dumps)
         msg = P.RunChunk(seq, job.payload.key, job.context.key, start, len(items), blob,
                          tuple(f.nbytes for f in frames), job.wire_options, timed,
-                         job.seed_indices(start, len(items)))
+                         job.seed_indices(start, len(items)), quiet)
         return P.encode(msg), frames
 
     def send_chunk(self, chunk: Chunk, data: bytes, frames: list, shared_fd: Callable[[Any], int | None]) -> None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import BadInputError
-from .memory import parse_size
 
 
 def opt(default: Any, *names: str, help: str, metavar: str = "", kind: str = "") -> Any:
@@ -56,6 +55,10 @@ class MapOptions:
         if isinstance(self.retry_on, type):  # one class: a tuple of one
             object.__setattr__(self, "retry_on", (self.retry_on,))
         if self.max_memory is not None and not isinstance(self.max_memory, int):
+            # here, not at the top: a worker (and the forkserver that preloads it) never
+            # parses a size, and memory.py's pathlib is ~4 ms of the server's boot
+            from .memory import parse_size
+
             try:  # "500MB", "4GB": stored as bytes
                 object.__setattr__(self, "max_memory", parse_size(self.max_memory))
             except ValueError:

@@ -68,6 +68,9 @@ class RunChunk(NamedTuple):
     options: Any  #: the map's MapOptions, without ``kwargs`` (bound into the function)
     timed: bool  #: time each item (else one time for the chunk)
     indices: tuple | None = None  #: each item's ITERABLE index, when a re-run's positions differ (seeds)
+    #: the parent sends this worker nothing more until it answers (its only chunk, no work
+    #: left to schedule): the worker needs no reader thread draining its pipe meanwhile
+    quiet: bool = False
 
 
 # ---------------------------------------------------------------- worker -> parent

@@ -5,13 +5,21 @@ already imported this module, the protocol and cloudpickle (through chunk.py).
 
 Two threads, and only one of them ever runs user code:
 
-* the **reader** thread receives messages (protocol.py) and queues them. It
-  unpickles envelopes of builtins only; the user's bytes (items, function)
-  stay bytes. Because it always drains the pipe, the parent can never block
-  on a full pipe while the worker blocks sending a big result the other way.
-  When the parent dies the pipe reaches EOF and the reader ends the process.
-  If it fails for any other reason, the main thread reports the cause and
-  the worker exits, so the parent fails the running items at once.
+* the **reader** thread receives messages (protocol.py) and queues them
+  while a chunk runs and until it is answered. It unpickles envelopes of
+  builtins only; the user's bytes (items, function) stay bytes. Because it
+  drains the pipe whenever the main thread is busy, the parent can never
+  block on a full pipe while the worker blocks sending a big result the
+  other way. When the parent dies the pipe reaches EOF and the reader ends
+  the process. If it fails for any other reason, the main thread reports the
+  cause and the worker exits, so the parent fails the running items at once.
+  While no chunk runs the main thread reads the pipe itself (``_next``): a
+  chunk then starts without a thread hand-off; the reader is given the pipe
+  when the chunk starts and woken out of its ``select`` to give it back
+  after the answer is sent (``_give_pipe``/``_take_pipe``, one lock). A
+  *quiet* chunk (``RunChunk.quiet``: the parent sends this worker nothing
+  until it answers, so there is nothing to drain) runs without the reader:
+  a small map's chunk costs no thread switch in the worker at all.
 * the **main** thread decodes and runs chunks: ``out.extend(map(f, items))``
   on the fast path, an explicit loop with per-item timing and seeding
   otherwise. print() is captured per item, exceptions are packed with their
@@ -29,11 +37,10 @@ a C call holds the GIL.
 """
 from __future__ import annotations
 
-import mmap
 import os
-import pickle
 import queue
 import random
+import select
 import signal
 import sys
 import threading
@@ -43,6 +50,7 @@ from multiprocessing import reduction
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
 from .core.chunk import PKG_DIR, pack_results
+from .core.chunkstart import NOT_SENT, FunctionCache, Pickled, StageFailed, map_shared, start_chunk
 from .core.childprocess import die_with_parent, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
@@ -62,67 +70,137 @@ class Worker:
     def __init__(self, conn, slot: int):
         self.conn = conn
         self.slot = slot
-        self.fns: OrderedDict[str, object] = OrderedDict()  # key -> function or (data, buffers)
+        self.fns = FunctionCache()
         self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.n_modules = 0
         self.seen_modules: set[str] = set()
         self.applier = ContextApplier()
         self.baseline: ProcessState | None = None
+        # Who reads the pipe: the main thread while no chunk runs (no thread hand-off
+        # before a chunk starts), the reader thread while one runs. Without select()
+        # on a pipe (Windows) the reader thread reads it always.
+        self.handover = os.name == "posix"
+        # A quiet chunk (the parent sends nothing until it is answered) runs with no reader
+        # at all: no thread wakes for it. Only where the kernel kills this process with its
+        # parent (die_with_parent): elsewhere the reader's EOF is what ends an orphan.
+        self.quiet_ok = self.handover and sys.platform.startswith("linux")
+        self.pipe = threading.Lock()  # held by the thread that may read the pipe
+        self.main_reads = False
+        self.reader_may = threading.Event()
+        self.reader_failed = False
+        self.wake_r, self.wake_w = os.pipe() if self.handover else (-1, -1)
+        if self.handover:  # a full wake-up pipe already holds a byte the reader will see
+            os.set_blocking(self.wake_w, False)
 
-    # ------------------------------------------------------------ receiving (reader thread)
-    def _reader(self) -> None:
+    # ------------------------------------------------------------ receiving
+    def _read(self) -> tuple:
+        """One message from the parent and what follows it (frames, a shared mapping)."""
         conn = self.conn
+        msg = P.decode(conn.recv_bytes())
+        if type(msg) is P.LoadFunction:
+            return msg, self._receive_buffers(msg.sizes, msg.shared)
+        if type(msg) is P.RunChunk:
+            return msg, P.recv_frames(conn, msg.sizes) if msg.sizes else None
+        return msg, None
+
+    def _reader(self) -> None:
+        """The reader thread: drains the pipe into the inbox whenever the main thread does not read it."""
         try:
+            if not self.handover:
+                while True:
+                    self.inbox.put(self._read())
+            conn, wake, pipe, may = self.conn, self.wake_r, self.pipe, self.reader_may
             while True:
-                msg = P.decode(conn.recv_bytes())
-                if type(msg) is P.LoadFunction:
-                    self.inbox.put((msg, self._receive_buffers(msg.sizes, msg.shared)))
-                elif type(msg) is P.RunChunk:
-                    self.inbox.put((msg, P.recv_frames(conn, msg.sizes) if msg.sizes else None))
-                else:
-                    self.inbox.put((msg, None))
+                may.wait()
+                with pipe:  # the failure is queued before the main thread may read again
+                    try:
+                        while not self.main_reads:
+                            ready = select.select((conn, wake), (), ())[0]
+                            if wake in ready:
+                                os.read(wake, 512)
+                            elif not self.main_reads:
+                                self.inbox.put(self._read())
+                    except (EOFError, OSError):
+                        os._exit(0)
+                    except BaseException as exc:
+                        self._reader_failed(exc)
+                        return
         except (EOFError, OSError):
             # The parent is gone (kernel shut down or killed): never linger.
             os._exit(0)
         except BaseException as exc:  # never die silently: the main thread reports it
-            self.inbox.put((_ReaderFailed(_errors.pack_exception(exc, "")), None))
+            self._reader_failed(exc)
+
+    def _reader_failed(self, exc: BaseException) -> None:
+        self.reader_failed = True
+        self.inbox.put((_ReaderFailed(_errors.pack_exception(exc, "")), None))
+
+    def _give_pipe(self) -> None:
+        """A chunk begins: the reader thread reads the pipe until it is answered.
+
+        So the parent never blocks writing to this worker (a second chunk, a
+        new function) while the worker blocks writing a big result to it.
+        """
+        if self.handover and not self.reader_failed:
+            self.main_reads = False
+            self.reader_may.set()
+            self.pipe.release()
+
+    def _take_pipe(self) -> None:
+        """The chunk is answered: take the pipe back, the reader woken out of its wait."""
+        if self.handover and not self.reader_failed:
+            self.main_reads = True
+            self.reader_may.clear()
+            try:
+                os.write(self.wake_w, b"!")
+            except BlockingIOError:
+                pass
+            self.pipe.acquire()
+
+    def _next(self) -> tuple:
+        """The next message: one the reader queued, else read here, on the main thread."""
+        if not self.handover or self.reader_failed or not self.inbox.empty():
+            return self.inbox.get()
+        try:
+            return self._read()
+        except (EOFError, OSError):
+            os._exit(0)
+        except BaseException as exc:
+            return _ReaderFailed(_errors.pack_exception(exc, "")), None
 
     def _receive_buffers(self, sizes: tuple, shared: bool) -> list:
         """A function's out-of-band buffers: mapped from shared memory, or read from the socket."""
         if not shared:
             return P.recv_frames(self.conn, sizes)
-        fd = reduction.recv_handle(self.conn)
-        try:
-            # copy-on-write: the function may modify its arrays privately
-            m = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        view, bufs, offset = memoryview(m), [], 0
-        for size in sizes:
-            bufs.append(view[offset : offset + size])
-            offset += size
-        return bufs
+        return map_shared(reduction.recv_handle(self.conn), sizes)
 
     # ------------------------------------------------------------ running (main thread)
     def serve(self, warm: list[str] = ()) -> None:
         self._send(P.Ready())
+        self.reader_may.set()  # the reader drains the pipe while the warm imports run
         threading.Thread(target=self._reader, name="poolmagic-reader", daemon=True).start()
-        for name in warm:  # messages queue up in the inbox meanwhile
+        for name in warm:
             try:
                 __import__(name)
             except Exception:
                 pass
         self.baseline = ProcessState.read()
         watch_calls()
+        self._take_pipe()
         while True:
-            msg, extra = self.inbox.get()
+            msg, extra = self._next()
             kind = type(msg)
             if kind is P.RunChunk:
+                lend = not (msg.quiet and self.quiet_ok)
+                if lend:
+                    self._give_pipe()
                 if self._run(msg, extra):
                     self._exit()
+                if lend:
+                    self._take_pipe()
             elif kind is P.LoadFunction:
-                self._remember(self.fns, msg.key, (msg.data, extra))
+                self.fns.put(msg.key, Pickled(msg.data, extra))
             elif kind is P.SetContext:
                 self._remember(self.contexts, msg.key, msg)
             elif kind is _ReaderFailed:
@@ -136,35 +214,14 @@ class Worker:
         while len(cache) > CACHE_SIZE:
             cache.popitem(last=False)
 
-    def _function(self, key: str):
-        fn = self.fns.get(key)
-        if fn is None:
-            raise RuntimeError("poolmagic: the function was not sent to this worker")
-        if type(fn) is tuple:  # still bytes: load it here, on the main thread
-            data, bufs = fn
-            fn = pickle.loads(data, buffers=bufs)
-            self.fns[key] = fn
-        return fn
-
     def _run(self, msg: P.RunChunk, frames: list | None) -> str | None:
         """Run one chunk and answer; returns why the worker must be recycled, if it must."""
         try:
-            self.applier.apply(self.contexts[msg.ctx])
-        except BaseException as exc:
-            self._send(P.ChunkFailed(msg.seq, "context", _errors.pack_exception(exc, PKG_DIR)))
+            fn, items = start_chunk(self.applier, self.contexts.get(msg.ctx, NOT_SENT), self.fns, msg.fn,
+                                    msg.items, frames)
+        except StageFailed as failed:
+            self._send(P.ChunkFailed(msg.seq, failed.stage, failed.packed))
             return None
-        try:
-            fn = self._function(msg.fn)
-        except BaseException as exc:
-            self._send(P.ChunkFailed(msg.seq, "load", _errors.pack_exception(exc, PKG_DIR)))
-            return None
-        items = msg.items
-        if type(items) is not range:
-            try:
-                items = pickle.loads(items, buffers=frames)
-            except BaseException as exc:
-                self._send(P.ChunkFailed(msg.seq, "decode", _errors.pack_exception(exc, PKG_DIR)))
-                return None
         o = msg.options
         if o.timeout is not None:  # tell the parent the chunk's clock starts now
             self._send(P.Began(msg.seq))

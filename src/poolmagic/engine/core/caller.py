@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from .job import Job
 
 
+NUDGE_S = 0.005  # a blocking map sent without waking its backend's supervisor wakes it after this
+
+
 def wait_for(job: Job, timeout: float | None = None, on_output: Callable | None = None, feed: bool = True,
              on_tick: Callable[[], None] | None = None) -> bool:
     """Block until ``job`` is done, feeding a stream's items and writing output; True when finished.
@@ -26,10 +29,14 @@ def wait_for(job: Job, timeout: float | None = None, on_output: Callable | None 
     ``feed``: this thread reads the ITERABLE (a blocking map's caller, or
     an async map's feeder thread); only one thread may. ``on_tick`` runs on
     this thread at least every 0.1 s (a progress display renders there).
+    ``job.nudge``, if the backend left one, is called once the map has run
+    NUDGE_S without ending (local: the manager thread's first turn for a map
+    the caller's thread sent; a small map ends first and needs none).
     """
     __tracebackhide__ = True
     deadline = None if timeout is None else time.monotonic() + timeout
     source = job.source
+    nudge, job.nudge = job.nudge, None
     while True:
         if feed and source.needs_feed() and job.active:
             error = source.feed()
@@ -41,9 +48,12 @@ def wait_for(job: Job, timeout: float | None = None, on_output: Callable | None 
             if not job.finished.is_set() and not job.output.ready() and not (feed and source.needs_feed()):
                 left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if left > 0:
-                    job.cond.wait(left)
+                    job.cond.wait(left if nudge is None else min(left, NUDGE_S))
             done = job.finished.is_set()
             batch = job.output.take(final=done)
+        if nudge is not None and not done:
+            nudge()
+            nudge = None
         if on_output is not None and batch:
             on_output(batch)
         if on_tick is not None:

@@ -15,10 +15,11 @@ from ...errors import short_repr
 class Chunk:
     """Items ``start .. start+len(items)-1`` of one job, sent to one worker."""
 
-    __slots__ = ("seq", "job", "start", "items", "cancelled", "t_sent")
+    __slots__ = ("seq", "job", "start", "items", "cancelled", "t_sent", "quiet")
 
-    def __init__(self, seq: int, job: Any, start: int, items: Any):
+    def __init__(self, seq: int, job: Any, start: int, items: Any, quiet: bool = False):
         self.seq, self.job, self.start, self.items = seq, job, start, items
+        self.quiet = quiet  # nothing more goes to its worker until it is answered (local backend)
         self.cancelled = False  # its job ended while it was queued behind another chunk
         self.t_sent = time.perf_counter()
 

@@ -71,6 +71,10 @@ class Job:
         self.error: BaseException | None = None
         self.observers: list[Observer] = []
         self.abort: Callable[[BaseException], None] = self.fail  # a backend stops its work too
+        # A caller's thread waits for it at once (a blocking map): the backend may leave it
+        # ``nudge``, to be called should the map not end within NUDGE_S (caller.py).
+        self.waited = False
+        self.nudge: Callable[[], None] | None = None
         # per-item timing estimate (sum of busy seconds, items)
         self.busy = 0.0
         self.timed_items = 0

@@ -14,21 +14,18 @@ item, as locally, instead of failing inside dask's transfer.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import threading
-from collections import OrderedDict
 from typing import Any
 
-from ... import errors as _errors
-from .. import protocol as P
-from ..core.chunk import PKG_DIR, pack_results
-from ..core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
+from ..core.chunk import pack_results
+from ..core.chunkstart import FunctionCache, StageFailed, map_shared, start_chunk
+from ..core.runchunk import mark_in_worker, run_chunk
 from ..context import ContextApplier
 from .draws import isolate as _isolate_random
 
-_FNS: OrderedDict[str, Any] = OrderedDict()  # function version -> the loaded function (this process)
+_FNS = FunctionCache(by_use=True)  # function version -> the loaded function (this process)
 _APPLIER = ContextApplier()
 # run_chunk swaps sys.stdout/sys.stderr for the whole process and the context
 # (cwd, environment) is per process too: one chunk at a time per process.
@@ -77,16 +74,7 @@ class SharedBlob:
         return (SharedBlob, (self.key, self.data, self.path, self.sizes))
 
     def load(self) -> Any:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            m = mmap.mmap(fd, sum(self.sizes), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        view, bufs, offset = memoryview(m), [], 0
-        for size in self.sizes:
-            bufs.append(view[offset : offset + size])
-            offset += size
-        return pickle.loads(self.data, buffers=bufs)
+        return pickle.loads(self.data, buffers=map_shared(os.open(self.path, os.O_RDONLY), self.sizes))
 
 
 class Box:
@@ -131,38 +119,16 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
 def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
          indices: tuple | None = None) -> tuple:
     mark_in_worker()  # a pool started by the function would nest: refused
-    if ctx is not None:
-        try:
-            _APPLIER.apply(ctx.value)
-        except BaseException as exc:
-            return ("failed", "context", _errors.pack_exception(exc, PKG_DIR))
     try:
-        func = _function(fn)
-    except BaseException as exc:
-        return ("failed", "load", _errors.pack_exception(exc, PKG_DIR))
-    if type(items) is Blob:
-        try:
-            items = items.load()
-        except BaseException as exc:
-            return ("failed", "decode", _errors.pack_exception(exc, PKG_DIR))
+        func, items = start_chunk(_APPLIER, None if ctx is None else ctx.value, _FNS, fn.key, items, source=fn)
+    except StageFailed as failed:
+        return ("failed", failed.stage, failed.packed)
     address = _tell(topic, {"seq": seq, "pid": os.getpid()})
     _APPLIER.limit_threads_if_new_libraries()
     r = run_chunk(func, items, options, start=start, timed=timed, indices=indices)
     body, frames = pack_results(r.out, r.records, r.errors, start, items, indices)
     # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
     return ("done", r.t0, r.t1, r.times, os.getpid(), address, body, frames, r.cpu_s, r.waited_s)
-
-
-def _function(fn: Blob | SharedBlob) -> Any:
-    func = _FNS.get(fn.key)
-    if func is None:
-        func = fn.load()
-        _FNS[fn.key] = func
-        while len(_FNS) > CACHE_SIZE:
-            _FNS.popitem(last=False)
-    else:
-        _FNS.move_to_end(fn.key)
-    return func
 
 
 _MARK_FDS: dict[str, int] = {}

@@ -105,7 +105,15 @@ class Manager:
         finally:
             self._holder = None
             self.lock.release()
-        self.workers.waiter.wake()  # its turn: deadlines, the memory guard, the window refilled
+        # Its turn: deadlines, the memory guard, the window refilled. A map's replies wake
+        # the manager anyway (its pipes are in the wait); a caller that waits at once wakes
+        # it only if the map runs NUDGE_S (~5 ms) without ending (caller.wait_for): a small
+        # map then costs no manager turn on the way out, where its thread fights the caller's
+        # for the GIL. Anyone else's map (async: nobody may wait) wakes it now.
+        if job.waited:
+            job.nudge = self.workers.waiter.wake
+        else:
+            self.workers.waiter.wake()
         return True
 
     def main(self) -> None:
@@ -202,7 +210,9 @@ class Manager:
                 if got is None:
                     jobs = [j for j in jobs if j.has_work()]
                     continue
-                if not self.workers.send(p, Chunk(next(self._seq), job, *got)):
+                # its worker's only chunk and nothing left to send anyone: a quiet chunk
+                quiet = not p.inflight and not any(j.has_work() for j in jobs)
+                if not self.workers.send(p, Chunk(next(self._seq), job, *got, quiet)):
                     self.policy.unsendable(job, *got)
                 sent = True
             jobs = [j for j in jobs if j.has_work()]

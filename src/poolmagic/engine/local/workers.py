@@ -65,9 +65,13 @@ class WorkerSet:
         return ready
 
     def capacity(self) -> list[WorkerHandle]:
-        """Workers with room in their window, least loaded first."""
+        """Workers with room in their window, least loaded first.
+
+        A worker running a quiet chunk has none: it was told nothing follows
+        until it answers, so it reads its pipe with no thread of its own.
+        """
         return [p for p in sorted(self.procs.values(), key=lambda p: len(p.inflight))
-                if not (p.stale or p.retiring or len(p.inflight) >= WINDOW)]
+                if not (p.stale or p.retiring or len(p.inflight) >= WINDOW or (p.inflight and p.inflight[-1].quiet))]
 
     def send(self, p: WorkerHandle, chunk: Chunk) -> bool:
         """Send ``chunk`` (its function and context first if ``p`` lacks them).
@@ -77,7 +81,7 @@ class WorkerSet:
         """
         job = chunk.job
         try:
-            data, frames = p.encode_chunk(chunk.seq, job, chunk.start, chunk.items, timed(job))
+            data, frames = p.encode_chunk(chunk.seq, job, chunk.start, chunk.items, timed(job), chunk.quiet)
         except Exception:
             return False
         chunk.t_sent = time.perf_counter()

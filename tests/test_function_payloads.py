@@ -1,0 +1,96 @@
+"""dump_function pickles a function once while nothing it ships can have changed (serialize.py)."""
+import pickle
+import types
+
+import cloudpickle
+
+from poolmagic.serialize import _fingerprint, dump_function
+
+
+def _cell(src: str, ns: dict | None = None) -> types.FunctionType:
+    """The function a notebook cell defines (module __main__, compiled anew as each run is)."""
+    ns = {"__name__": "__main__"} if ns is None else ns
+    exec(compile(src, "<cell>", "exec"), ns)
+    return ns["f"]
+
+
+def _run(payload, x):
+    return pickle.loads(payload.data, buffers=payload.buffers)(x)
+
+
+def test_a_rerun_cell_reuses_its_payload():
+    a = _cell("def f(x):\n    return x + 1\n")
+    b = _cell("def f(x):\n    return x + 1\n")
+    assert dump_function(a) is dump_function(b)
+    assert _run(dump_function(b), 1) == 2
+
+
+def test_a_list_global_changed_in_place_is_pickled_again():
+    ns = {"__name__": "__main__", "DATA": [1]}
+    f = _cell("def f(x):\n    return DATA[-1] + x\n", ns)
+    first = dump_function(f)
+    ns["DATA"].append(10)
+    assert _fingerprint(f) is None
+    assert _run(dump_function(f), 0) == 10 and _run(first, 0) == 1
+
+
+def test_a_rebound_number_string_or_module_gives_a_new_version():
+    import math
+    import os
+
+    ns = {"__name__": "__main__", "N": 1000, "S": "a", "M": math}
+    f = _cell("def f(x):\n    return (N, S, M.__name__)\n", ns)
+    keys = {dump_function(f).key}
+    for name, value in [("N", 2000), ("S", "b"), ("M", os), ("N", 2000.0), ("N", True)]:
+        ns[name] = value
+        keys.add(dump_function(f).key)
+        assert _run(dump_function(f), 0)[0] == ns["N"]
+    assert len(keys) == 6
+
+
+def test_floats_are_told_apart_by_their_bits():
+    ns = {"__name__": "__main__", "Z": 0.0}
+    f = _cell("def f(x):\n    return Z\n", ns)
+    plus = dump_function(f)
+    ns["Z"] = -0.0
+    assert dump_function(f).key != plus.key
+    assert str(_run(dump_function(f), 0)) == "-0.0"
+
+
+def test_closures_defaults_and_late_globals_count():
+    g = _cell("def f(x):\n    def inner(y, k=3):\n        return x + y + k\n    return inner\n")
+    assert _run(dump_function(g(1)), 1) == 5 and _run(dump_function(g(2)), 1) == 6
+    ns = {"__name__": "__main__"}
+    f = _cell("def f(x, k=1):\n    return x + k + (abs(0) if 'abs' not in globals() else abs(0))\n", ns)
+    before = dump_function(f).key
+    f.__defaults__ = (2,)
+    assert dump_function(f).key != before
+    ns["abs"] = 5  # a global shadowing a builtin it reads: shipped, a new version
+    assert _fingerprint(f) != _fingerprint(_cell("def f(x, k=1):\n    return 0\n"))
+    assert dump_function(f).key != before
+
+
+def test_what_may_change_in_place_is_never_cached():
+    ns = {"__name__": "__main__"}
+    exec("def helper(x):\n    return x\n", ns)
+    f = _cell("def f(x):\n    return helper(x)\n", ns)
+    assert _fingerprint(f) is None  # a helper function can be redefined in place (its __code__)
+    f2 = _cell("def f(x):\n    return x\n")
+    f2.attr = [1]
+    assert _fingerprint(f2) is None
+    mod = types.ModuleType("lat2_dynamic")  # not importable: cloudpickle ships it by value
+    ns2 = {"__name__": "__main__", "mod": mod}
+    assert _fingerprint(_cell("def f(x):\n    return mod\n", ns2)) is None
+
+
+def test_a_module_registered_by_value_is_not_taken_as_a_reference():
+    import json
+
+    ns = {"__name__": "__main__", "json": json}
+    f = _cell("def f(x):\n    return json\n", ns)
+    assert _fingerprint(f) is not None
+    cloudpickle.register_pickle_by_value(json)
+    try:
+        assert _fingerprint(f) is None
+    finally:
+        cloudpickle.unregister_pickle_by_value(json)
