@@ -784,3 +784,27 @@ def test_a_new_worker_on_the_port_of_one_that_left_gets_chunks(dask_pool):
     link.refresh_workers(force=True)
     assert address in state.workers and address in link.usable(), "a new worker on a port seen before is not used"
     assert dask_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+@pytest.mark.timeout(180)
+def test_a_remote_clusters_card_counts_its_task_slots_not_the_kernels_cores(tmp_path):
+    """Issue 24: the card judged a map on a remote cluster against this machine's cores: a
+    speedup above them, real on a bigger cluster, was called a failed timing. The card now
+    counts the cluster's task slots (its workers' threads). Three one-thread workers here."""
+    address, procs = _launch_cluster(tmp_path, workers=3)
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(3, timeout=60)
+        pool = Pool(backend="dask", address=address)
+        try:
+            pool.backend.wait_ready(30)
+            report = pool.run(nap, range(6), chunksize=1)
+            assert report.results == list(range(6))
+            assert report.cores == 3, report.cores
+            assert "3 cores" in report.summary() or "3 task slots" in report.summary(), report.summary()
+        finally:
+            pool.shutdown()
+    finally:
+        _kill_cluster(procs)

@@ -44,7 +44,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     workers = o.workers or pool.size
     threads = o.threads or pool.threads_per_worker(workers)
     context = contexts.get(threads)
-    report = RunReport(func_name=name, cores=pool.cores, pool_size=workers, backend=pool.backend.description,
+    report = RunReport(func_name=name, cores=pool.backend.cores() or pool.cores, pool_size=workers, backend=pool.backend.description,
                        threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key)

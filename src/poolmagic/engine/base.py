@@ -54,6 +54,11 @@ class Backend(ABC):
         Local workers start with the first map: nothing to wait for.
         """
 
+    def cores(self) -> int | None:
+        """The CPUs a map's workers share when they run elsewhere (a remote cluster's task
+        slots), or None: this machine's, which the card counts itself."""
+        return None
+
     def status_detail(self) -> str | None:
         """A second line for ``%poolsize`` (a cluster's scheduler, workers, dashboard), or None."""
         return None

@@ -123,6 +123,10 @@ class DaskBackend(Backend):
         return self.link.remote_env
 
     # ------------------------------------------------------------------ Backend
+    def cores(self) -> int | None:
+        """A remote cluster's task slots (its workers' threads); our LocalCluster runs here."""
+        return None if self.owned else (self.shared.task_slots or None)
+
     @property
     def size(self) -> int:
         if self.owned:

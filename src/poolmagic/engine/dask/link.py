@@ -152,6 +152,7 @@ class ClusterLink:
                 workers = self.client.scheduler_info()["workers"]
         except Exception:
             return
+        self.state.task_slots = sum(int(w.get("nthreads") or 1) for w in workers.values() if isinstance(w, dict))
         for address, info in workers.items():
             if address in self.state.workers:
                 continue

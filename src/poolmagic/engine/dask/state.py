@@ -57,6 +57,7 @@ class State:
         self.kills: list[tuple[float, str, int, int]] = []  # (when, address, pid, seq): workers to kill
         self.waiting: dict[int, Job] = {}  # maps told they wait for a worker (a remote cluster has none)
         self.item_times = ItemTimes()
+        self.task_slots = 0  # the threads of the workers the scheduler listed last (link.refresh_workers)
 
     def take(self, c: DaskChunk) -> bool:
         """Remove ``c`` from the chunks in flight; False if it was answered already."""
