@@ -132,15 +132,16 @@ class Scaler:
         self._seen.pop(address, None)
 
     def _drop(self, names: list) -> None:
-        """Close the workers of ``names`` (on the scaling thread); their names are free again."""
+        """Close the workers of ``names`` (on the scaling thread)."""
         for address, (name, wid) in self._workers().items():
             if name in names:
                 self.retired.add(wid)
         for name in names:
             self.cluster.worker_spec.pop(name, None)
-        self.cluster.scale(len(self.cluster.worker_spec))  # closes the nannies left out of the spec
-        self.retiring.difference_update(names)  # a name dask starts a new worker under is not retiring
-        self.dropping.difference_update(names)
+        # closes the nannies left out of the spec. Their names stay retiring: a worker of theirs
+        # still starting registers later, and is closed as soon as it has (PoolCluster never
+        # gives the name to another worker)
+        self.cluster.scale(len(self.cluster.worker_spec))
 
     def _ask(self, fn: Callable[[], None]) -> None:
         with self._lock:
