@@ -808,3 +808,37 @@ def test_a_remote_clusters_card_counts_its_task_slots_not_the_kernels_cores(tmp_
             pool.shutdown()
     finally:
         _kill_cluster(procs)
+
+
+def crash_once_after(x, folder, seconds=0.5):
+    """Ends its worker (os._exit) the first time it runs on ``x``, after ``seconds``."""
+    flag = Path(folder, str(x))
+    if not flag.exists():
+        flag.write_text("crashed")
+        time.sleep(seconds)
+        os._exit(3)
+    return x
+
+
+def test_a_worker_chosen_to_retire_that_crashes_on_its_own_blames_its_item(dask_pool, tmp_path):
+    """Issue 22 (the deep oracle run on dask): a worker chosen to retire while it still runs
+    chunks is retired once idle; if one of its items crashes it first, that item is to blame.
+    It was not (a retiring worker's removal counted as ours): its chunk ran again unblamed, and
+    an item that crashes once came back with a value the loop would never give."""
+    backend = dask_pool.backend
+    workers = lambda: backend.link.cluster.scheduler_info["workers"]  # noqa: E731
+    backend.resize(3)
+    try:
+        assert wait_for(lambda: len(workers()) == 3, timeout=30)
+        dask_pool.map(double, range(6), chunksize=1)  # the three are the map's workers
+        handle = dask_pool.map_async(crash_once_after, range(3), chunksize=1, keep_going=True,
+                                     kwargs={"folder": str(tmp_path)})
+        assert wait_for(lambda: len(list(tmp_path.iterdir())) == 3, timeout=30), "the items did not start"
+        backend.resize(2)  # one of the three, busy, is chosen to retire
+        with pytest.raises(poolmagic.MapFailedError):
+            handle.get(timeout=60)
+        r = handle.report
+        assert sorted(r.errors) == [0, 1, 2], (r.results, r.errors)
+        assert all(isinstance(e, poolmagic.WorkerCrashedError) for e in r.errors.values()), r.errors
+    finally:
+        backend.resize(2)

@@ -182,7 +182,7 @@ class Outcomes:
         for key in [k for k, z in self.state.zombie_keys.items() if z.seq not in self.state.zombies]:
             del self.state.zombie_keys[key]
         # killed by us, or retired by us once idle (scale.py): nothing it held is to blame
-        killed = address in self.state.expected or (self.link.scaler is not None and self.link.scaler.is_retiring(address))
+        killed = address in self.state.expected or (self.link.scaler is not None and self.link.scaler.closed_by_us(address))
         self.state.expected.discard(address)
         if self.link.scaler is not None:
             self.link.scaler.gone(address)

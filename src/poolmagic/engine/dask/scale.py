@@ -100,6 +100,13 @@ class Scaler:
         name, wid = seen
         return wid in self.retired or name in self.retiring
 
+    def closed_by_us(self, address: str) -> bool:
+        """The worker at ``address`` was closed by a drop (its removal is no chunk's fault). A
+        worker only chosen to retire still runs what it holds, and may crash on its own."""
+        self.is_retiring(address)  # (reads what the scheduler lists of it)
+        seen = self._seen.get(address)
+        return seen is not None and seen[1] in self.retired
+
     def fit(self, want: int, holds: Callable[[str], bool]) -> None:
         """Ask for ``want`` workers; ``holds(address)``: a chunk of ours is on that worker."""
         cluster = self.cluster
