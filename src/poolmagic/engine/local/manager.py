@@ -10,6 +10,7 @@ wanted (workers.py) and fills every worker's window, the maps taking turns
 from __future__ import annotations
 
 import itertools
+import select
 import sys
 import threading
 import time
@@ -47,6 +48,9 @@ class Manager:
         self.lock = threading.Lock()
         self._holder: int | None = None  # the thread sending directly (add_direct), while it does
         self._thread_id: int | None = None  # the manager thread's
+        # The worker whose pipe the caller's thread reads for a quiet map's reply
+        # (read_reply), taken out of the manager's wait until it is handed back.
+        self._lent: WorkerHandle | None = None
 
     def command(self, fn: Callable[[], None]) -> bool:
         """Run ``fn`` on the manager thread, in its next turn."""
@@ -97,8 +101,10 @@ class Manager:
                 self._join(job)
                 self._schedule()
             except Exception as exc:  # as in a manager turn: fail the maps, start over
+                self._reclaim()
                 self._recover(exc)
             except BaseException:  # an interrupt, maybe mid-send: stop this map and the workers it reached
+                self._reclaim()
                 job.stop()
                 self.outcomes.abandon(job)
                 raise
@@ -112,9 +118,90 @@ class Manager:
         # for the GIL. Anyone else's map (async: nobody may wait) wakes it now.
         if job.waited:
             job.nudge = self.workers.waiter.wake
+            lent = self._lent
+            if lent is not None and lent.inflight and lent.inflight[0].job is job:  # lent for this map
+                job.reply = lambda budget: self.read_reply(lent, job, budget)
         else:
             self.workers.waiter.wake()
         return True
+
+    def read_reply(self, p: WorkerHandle, job: Job, budget: float) -> None:
+        """On the caller's thread: read ``p``'s reply to ``job`` for up to ``budget`` s, then hand the pipe back.
+
+        The pipe was taken out of the manager's wait when the map's one quiet
+        chunk was sent (``_schedule`` under ``add_direct``): the reply wakes no
+        manager turn and no waiting caller. Each message is read and handled
+        under ``lock``, as a manager turn would (``Outcomes.handle``). Anything
+        else goes the usual way: a death (the pipe's end, or the manager's turn
+        for the sentinel, still watched), a kill (timeout, memory guard,
+        cancel: ``p`` is no longer the slot's worker) or ``budget`` spent hand
+        the pipe back and leave the rest to the manager, nudged by the caller.
+        An interrupt between messages only hands the pipe back; one inside a
+        read or its handling stops the map and kills the worker, as during a
+        direct send.
+        """
+        me = threading.get_ident()
+        end = time.perf_counter() + budget
+        try:
+            poller = select.poll()
+            poller.register(p.conn.fileno(), select.POLLIN)
+        except (OSError, ValueError):  # closed already: killed by the manager
+            self._give_back(p)
+            return
+        timed = job.options.timeout is not None
+        try:
+            while not job.finished.is_set():
+                if timed and p.inflight:  # its deadline is the manager's to act on: back by then
+                    end = min(end, self.outcomes.deadline(p))
+                left = end - time.perf_counter()
+                if left <= 0 or not poller.poll(max(1, int(left * 1000 + 0.999))):
+                    if time.perf_counter() >= end:
+                        return
+                    continue
+                with self.lock:
+                    if self._lent is not p or self.workers.procs.get(p.slot) is not p:
+                        return  # the manager ended it (a death, a timeout, the memory guard, a cancel)
+                    if not poller.poll(0):
+                        continue  # a turn read it (a stale ready entry, see may_read)
+                    self._holder = me  # an observer that maps sends it as a command
+                    try:
+                        msg, frames = p.read()
+                        self.workers.read_elsewhere.add(p)
+                        self.outcomes.handle(p, msg, frames)
+                    except (EOFError, OSError):
+                        return  # dying: its sentinel tells the manager
+                    except Exception as exc:  # as in a manager turn
+                        self._recover(exc)
+                        return
+                    except BaseException:  # an interrupt mid-message: the pipe is unusable
+                        self.workers.stop_worker(p)
+                        job.stop()
+                        self.outcomes.abandon(job)
+                        raise
+                    finally:
+                        self._holder = None
+        finally:
+            self._give_back(p)
+
+    def _give_back(self, p: WorkerHandle) -> None:
+        """``p``'s pipe is watched by the manager again; it is woken if anything waits for it."""
+        with self.lock:
+            if self._lent is not p:
+                return
+            self._reclaim()
+            if self._cmds or any(j.active for j in self.jobs):
+                self.workers.waiter.wake()  # what came meanwhile is scheduled on p too
+
+    def _reclaim(self) -> None:
+        """(Under ``lock``) the lent pipe, if any, is in the manager's wait again.
+
+        Any manager turn takes it back first: it then reads the reply itself and
+        the caller's thread, finding the pipe gone, waits as for any map. So a
+        lend the caller never uses (interrupted before it waits) costs nothing.
+        """
+        p, self._lent = self._lent, None
+        if p is not None and self.workers.procs.get(p.slot) is p:
+            self.workers.waiter.add(p.conn, (PIPE, p))
 
     def main(self) -> None:
         self._thread_id = threading.get_ident()
@@ -150,6 +237,8 @@ class Manager:
 
     def _turn(self, ready: list) -> None:
         workers, outcomes = self.workers, self.outcomes
+        if self._lent is not None:
+            self._reclaim()
         while self._cmds:
             self._cmds.popleft()()
         if self.closed:
@@ -212,6 +301,12 @@ class Manager:
                     continue
                 # its worker's only chunk and nothing left to send anyone: a quiet chunk
                 quiet = not p.inflight and not any(j.has_work() for j in jobs)
+                if quiet and job.waited and self._holder is not None and self._lent is None \
+                        and not any(q.inflight for q in self.workers.procs.values()):
+                    # the whole of a blocking map sent from its caller's thread: that
+                    # thread reads the reply too (read_reply); out of our wait first
+                    self._lent = p
+                    self.workers.waiter.remove(p.conn)
                 if not self.workers.send(p, Chunk(next(self._seq), job, *got, quiet)):
                     self.policy.unsendable(job, *got)
                 sent = True
