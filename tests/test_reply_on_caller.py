@@ -269,3 +269,17 @@ def test_an_interrupt_inside_the_reply_s_handling_kills_the_worker(lends, monkey
             time.sleep(0.01)
         assert not os.path.exists(f"/proc/{hit[0]}"), "the worker whose pipe was mid-read still runs"
         assert pool.map(abs, [-5, -6]) == [5, 6]
+
+
+@linux_only
+def test_a_map_whose_items_do_not_pickle_leaves_no_pipe_lent(lends):
+    """Its one chunk never leaves (the items do not pickle): the pipe taken out of the
+    manager's wait for it is put back at once, and the next map is lent as usual."""
+    with Pool(2) as pool:
+        _warm(pool)
+        with pytest.raises(Exception):
+            pool.map(abs, [threading.Lock()])
+        assert pool.backend.manager._lent is None, "a pipe stayed out of the manager's wait"
+        n = len(lends)
+        assert pool.map(abs, [-5, -6]) == [5, 6]
+        assert len(lends) == n + 1

@@ -94,12 +94,17 @@ class Manager:
         if not self.lock.acquire(timeout=TURN_WAIT_S):
             return False
         self._holder = me
+        lent = None
         try:
             if self.closed or self._cmds or any(j.active for j in self.jobs) or not self.workers.warm_for(job):
                 return False
             try:
                 self._join(job)
                 self._schedule()
+                lent = self._lent
+                if lent is not None and not (lent.inflight and lent.inflight[0].job is job):
+                    self._reclaim()  # its chunk did not go (items that do not pickle): nothing to read
+                    lent = None
             except Exception as exc:  # as in a manager turn: fail the maps, start over
                 self._reclaim()
                 self._recover(exc)
@@ -118,8 +123,7 @@ class Manager:
         # for the GIL. Anyone else's map (async: nobody may wait) wakes it now.
         if job.waited:
             job.nudge = self.workers.waiter.wake
-            lent = self._lent
-            if lent is not None and lent.inflight and lent.inflight[0].job is job:  # lent for this map
+            if lent is not None:  # its one chunk's reply is this thread's to read (read_reply)
                 job.reply = lambda budget: self.read_reply(lent, job, budget)
         else:
             self.workers.waiter.wake()
