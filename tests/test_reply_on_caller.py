@@ -97,8 +97,9 @@ def test_a_small_blocking_map_takes_no_manager_turn(lends, turns):
         assert len(lent) == 50, "every map into the idle warm pool was lent to its caller"
         ended_here = sum(done for _, done in lent)
         # a loaded host may stretch a map past NUDGE_S: then the manager finishes it, as before
+        # (a turn for the hand-back, one for the nudge, one for the reply at most)
         assert ended_here >= 25, lent
-        assert turns[0] - before <= 50 - ended_here, (turns[0] - before, ended_here)
+        assert turns[0] - before <= 3 * (50 - ended_here), (turns[0] - before, ended_here)
         assert pool.backend.manager._lent is None, "each caller handed its worker's pipe back"
 
 

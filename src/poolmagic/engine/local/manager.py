@@ -10,6 +10,7 @@ wanted (workers.py) and fills every worker's window, the maps taking turns
 from __future__ import annotations
 
 import itertools
+import os
 import select
 import sys
 import threading
@@ -51,6 +52,11 @@ class Manager:
         # The worker whose pipe the caller's thread reads for a quiet map's reply
         # (read_reply), taken out of the manager's wait until it is handed back.
         self._lent: WorkerHandle | None = None
+        self._lend_r = self._lend_w = -1  # wakes a caller in read_reply when a turn takes the pipe back
+        if os.name == "posix":  # (quiet chunks, hence lends, are Linux only)
+            self._lend_r, self._lend_w = os.pipe()
+            os.set_blocking(self._lend_r, False)
+            os.set_blocking(self._lend_w, False)
 
     def command(self, fn: Callable[[], None]) -> bool:
         """Run ``fn`` on the manager thread, in its next turn."""
@@ -147,8 +153,10 @@ class Manager:
         me = threading.get_ident()
         end = time.perf_counter() + budget
         try:
+            fd = p.conn.fileno()
             poller = select.poll()
-            poller.register(p.conn.fileno(), select.POLLIN)
+            poller.register(fd, select.POLLIN)
+            poller.register(self._lend_r, select.POLLIN)  # the manager took the pipe back
         except (OSError, ValueError):  # closed already: killed by the manager
             self._give_back(p)
             return
@@ -158,15 +166,18 @@ class Manager:
                 if timed and p.inflight:  # its deadline is the manager's to act on: back by then
                     end = min(end, self.outcomes.deadline(p))
                 left = end - time.perf_counter()
-                if left <= 0 or not poller.poll(max(1, int(left * 1000 + 0.999))):
+                events = poller.poll(max(1, int(left * 1000 + 0.999))) if left > 0 else []
+                if not events:
                     if time.perf_counter() >= end:
                         return
                     continue
+                if any(f == self._lend_r for f, _ in events):
+                    _drain(self._lend_r)  # (or a byte left by an earlier lend's reclaim)
                 with self.lock:
                     if self._lent is not p or self.workers.procs.get(p.slot) is not p:
                         return  # the manager ended it (a death, a timeout, the memory guard, a cancel)
-                    if not poller.poll(0):
-                        continue  # a turn read it (a stale ready entry, see may_read)
+                    if not any(f == fd for f, _ in poller.poll(0)):
+                        continue  # a turn read it (a stale ready entry, see may_read), or a stale wake
                     self._holder = me  # an observer that maps sends it as a command
                     try:
                         msg, frames = p.read()
@@ -192,11 +203,11 @@ class Manager:
         with self.lock:
             if self._lent is not p:
                 return
-            self._reclaim()
+            self._reclaim(notify=False)
             if self._cmds or any(j.active for j in self.jobs):
                 self.workers.waiter.wake()  # what came meanwhile is scheduled on p too
 
-    def _reclaim(self) -> None:
+    def _reclaim(self, notify: bool = True) -> None:
         """(Under ``lock``) the lent pipe, if any, is in the manager's wait again.
 
         Any manager turn takes it back first: it then reads the reply itself and
@@ -206,6 +217,11 @@ class Manager:
         p, self._lent = self._lent, None
         if p is not None and self.workers.procs.get(p.slot) is p:
             self.workers.waiter.add(p.conn, (PIPE, p))
+        if p is not None and notify:  # a caller in read_reply's poll stops waiting on it
+            try:
+                os.write(self._lend_w, b"\0")
+            except OSError:  # full: it holds a byte the caller will see
+                pass
 
     def main(self) -> None:
         self._thread_id = threading.get_ident()
@@ -273,6 +289,7 @@ class Manager:
         import traceback
 
         traceback.print_exc(file=sys.__stderr__)
+        self._reclaim()
         for job in list(self.jobs):
             job.fail(PoolmapError(f"poolmagic's engine hit an internal error and restarted its workers: {exc!r}"))
         self.jobs.clear()
@@ -326,8 +343,23 @@ class Manager:
     def stop(self) -> None:
         """After the thread ended (shutdown): kill the workers, fail what still runs."""
         with self.lock:
+            self._reclaim()
             self.workers.stop_workers()
             for job in list(self.jobs):
                 job.fail(PoolmapError("the pool was shut down while this map was running"))
             self.jobs.clear()
             self.workers.close()
+            for fd in (self._lend_r, self._lend_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._lend_r = self._lend_w = -1  # a second stop closes nobody's descriptor
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:  # empty (BlockingIOError), or closed by a shutdown
+        pass
