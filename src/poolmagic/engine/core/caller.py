@@ -32,11 +32,20 @@ def wait_for(job: Job, timeout: float | None = None, on_output: Callable | None 
     ``job.nudge``, if the backend left one, is called once the map has run
     NUDGE_S without ending (local: the manager thread's first turn for a map
     the caller's thread sent; a small map ends first and needs none).
+    ``job.reply``, if the backend left one, runs first on this thread: it
+    reads the map's reply itself for up to NUDGE_S, then hands the pipe back
+    (local: a one-chunk map into an idle pool; no manager turn, no wake-up).
     """
     __tracebackhide__ = True
     deadline = None if timeout is None else time.monotonic() + timeout
     source = job.source
     nudge, job.nudge = job.nudge, None
+    reply, job.reply = job.reply, None
+    if reply is not None:  # the backend lent this thread the reply's pipe: read it here, NUDGE_S at most
+        reply(NUDGE_S if deadline is None else max(0.0, min(NUDGE_S, deadline - time.monotonic())))
+        if nudge is not None and not job.finished.is_set():
+            nudge()  # the pipe is the backend's again: its first turn, now
+        nudge = None
     while True:
         if feed and source.needs_feed() and job.active:
             error = source.feed()

@@ -75,6 +75,7 @@ class Job:
         # ``nudge``, to be called should the map not end within NUDGE_S (caller.py).
         self.waited = False
         self.nudge: Callable[[], None] | None = None
+        self.reply: Callable[[float], None] | None = None  # or the reply read on the caller's thread first
         # per-item timing estimate (sum of busy seconds, items)
         self.busy = 0.0
         self.timed_items = 0

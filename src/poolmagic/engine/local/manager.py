@@ -10,6 +10,8 @@ wanted (workers.py) and fills every worker's window, the maps taking turns
 from __future__ import annotations
 
 import itertools
+import os
+import select
 import sys
 import threading
 import time
@@ -47,6 +49,14 @@ class Manager:
         self.lock = threading.Lock()
         self._holder: int | None = None  # the thread sending directly (add_direct), while it does
         self._thread_id: int | None = None  # the manager thread's
+        # The worker whose pipe the caller's thread reads for a quiet map's reply
+        # (read_reply), taken out of the manager's wait until it is handed back.
+        self._lent: WorkerHandle | None = None
+        self._lend_r = self._lend_w = -1  # wakes a caller in read_reply when a turn takes the pipe back
+        if os.name == "posix":  # (quiet chunks, hence lends, are Linux only)
+            self._lend_r, self._lend_w = os.pipe()
+            os.set_blocking(self._lend_r, False)
+            os.set_blocking(self._lend_w, False)
 
     def command(self, fn: Callable[[], None]) -> bool:
         """Run ``fn`` on the manager thread, in its next turn."""
@@ -90,15 +100,22 @@ class Manager:
         if not self.lock.acquire(timeout=TURN_WAIT_S):
             return False
         self._holder = me
+        lent = None
         try:
             if self.closed or self._cmds or any(j.active for j in self.jobs) or not self.workers.warm_for(job):
                 return False
             try:
                 self._join(job)
                 self._schedule()
+                lent = self._lent
+                if lent is not None and not (lent.inflight and lent.inflight[0].job is job):
+                    self._reclaim()  # its chunk did not go (items that do not pickle): nothing to read
+                    lent = None
             except Exception as exc:  # as in a manager turn: fail the maps, start over
+                self._reclaim()
                 self._recover(exc)
             except BaseException:  # an interrupt, maybe mid-send: stop this map and the workers it reached
+                self._reclaim()
                 job.stop()
                 self.outcomes.abandon(job)
                 raise
@@ -112,9 +129,99 @@ class Manager:
         # for the GIL. Anyone else's map (async: nobody may wait) wakes it now.
         if job.waited:
             job.nudge = self.workers.waiter.wake
+            if lent is not None:  # its one chunk's reply is this thread's to read (read_reply)
+                job.reply = lambda budget: self.read_reply(lent, job, budget)
         else:
             self.workers.waiter.wake()
         return True
+
+    def read_reply(self, p: WorkerHandle, job: Job, budget: float) -> None:
+        """On the caller's thread: read ``p``'s reply to ``job`` for up to ``budget`` s, then hand the pipe back.
+
+        The pipe was taken out of the manager's wait when the map's one quiet
+        chunk was sent (``_schedule`` under ``add_direct``): the reply wakes no
+        manager turn and no waiting caller. Each message is read and handled
+        under ``lock``, as a manager turn would (``Outcomes.handle``). Anything
+        else goes the usual way: a death (the pipe's end, or the manager's turn
+        for the sentinel, still watched), a kill (timeout, memory guard,
+        cancel: ``p`` is no longer the slot's worker) or ``budget`` spent hand
+        the pipe back and leave the rest to the manager, nudged by the caller.
+        An interrupt between messages only hands the pipe back; one inside a
+        read or its handling stops the map and kills the worker, as during a
+        direct send.
+        """
+        me = threading.get_ident()
+        end = time.perf_counter() + budget
+        try:
+            fd = p.conn.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(self._lend_r, select.POLLIN)  # the manager took the pipe back
+        except (OSError, ValueError):  # closed already: killed by the manager
+            self._give_back(p)
+            return
+        timed = job.options.timeout is not None
+        try:
+            while not job.finished.is_set():
+                if timed and p.inflight:  # its deadline is the manager's to act on: back by then
+                    end = min(end, self.outcomes.deadline(p))
+                left = end - time.perf_counter()
+                events = poller.poll(max(1, int(left * 1000 + 0.999))) if left > 0 else []
+                if not events:
+                    if time.perf_counter() >= end:
+                        return
+                    continue
+                if any(f == self._lend_r for f, _ in events):
+                    _drain(self._lend_r)  # (or a byte left by an earlier lend's reclaim)
+                with self.lock:
+                    if self._lent is not p or self.workers.procs.get(p.slot) is not p:
+                        return  # the manager ended it (a death, a timeout, the memory guard, a cancel)
+                    if not any(f == fd for f, _ in poller.poll(0)):
+                        continue  # a turn read it (a stale ready entry, see may_read), or a stale wake
+                    self._holder = me  # an observer that maps sends it as a command
+                    try:
+                        msg, frames = p.read()
+                        self.workers.read_elsewhere.add(p)
+                        self.outcomes.handle(p, msg, frames)
+                    except (EOFError, OSError):
+                        return  # dying: its sentinel tells the manager
+                    except Exception as exc:  # as in a manager turn
+                        self._recover(exc)
+                        return
+                    except BaseException:  # an interrupt mid-message: the pipe is unusable
+                        self.workers.stop_worker(p)
+                        job.stop()
+                        self.outcomes.abandon(job)
+                        raise
+                    finally:
+                        self._holder = None
+        finally:
+            self._give_back(p)
+
+    def _give_back(self, p: WorkerHandle) -> None:
+        """``p``'s pipe is watched by the manager again; it is woken if anything waits for it."""
+        with self.lock:
+            if self._lent is not p:
+                return
+            self._reclaim(notify=False)
+            if self._cmds or any(j.active for j in self.jobs):
+                self.workers.waiter.wake()  # what came meanwhile is scheduled on p too
+
+    def _reclaim(self, notify: bool = True) -> None:
+        """(Under ``lock``) the lent pipe, if any, is in the manager's wait again.
+
+        Any manager turn takes it back first: it then reads the reply itself and
+        the caller's thread, finding the pipe gone, waits as for any map. So a
+        lend the caller never uses (interrupted before it waits) costs nothing.
+        """
+        p, self._lent = self._lent, None
+        if p is not None and self.workers.procs.get(p.slot) is p:
+            self.workers.waiter.add(p.conn, (PIPE, p))
+        if p is not None and notify:  # a caller in read_reply's poll stops waiting on it
+            try:
+                os.write(self._lend_w, b"\0")
+            except OSError:  # full: it holds a byte the caller will see
+                pass
 
     def main(self) -> None:
         self._thread_id = threading.get_ident()
@@ -150,6 +257,8 @@ class Manager:
 
     def _turn(self, ready: list) -> None:
         workers, outcomes = self.workers, self.outcomes
+        if self._lent is not None:
+            self._reclaim()
         while self._cmds:
             self._cmds.popleft()()
         if self.closed:
@@ -180,6 +289,7 @@ class Manager:
         import traceback
 
         traceback.print_exc(file=sys.__stderr__)
+        self._reclaim()
         for job in list(self.jobs):
             job.fail(PoolmapError(f"poolmagic's engine hit an internal error and restarted its workers: {exc!r}"))
         self.jobs.clear()
@@ -212,6 +322,12 @@ class Manager:
                     continue
                 # its worker's only chunk and nothing left to send anyone: a quiet chunk
                 quiet = not p.inflight and not any(j.has_work() for j in jobs)
+                if quiet and job.waited and self._holder is not None and self._lent is None \
+                        and not any(q.inflight for q in self.workers.procs.values()):
+                    # the whole of a blocking map sent from its caller's thread: that
+                    # thread reads the reply too (read_reply); out of our wait first
+                    self._lent = p
+                    self.workers.waiter.remove(p.conn)
                 if not self.workers.send(p, Chunk(next(self._seq), job, *got, quiet)):
                     self.policy.unsendable(job, *got)
                 sent = True
@@ -227,8 +343,23 @@ class Manager:
     def stop(self) -> None:
         """After the thread ended (shutdown): kill the workers, fail what still runs."""
         with self.lock:
+            self._reclaim()
             self.workers.stop_workers()
             for job in list(self.jobs):
                 job.fail(PoolmapError("the pool was shut down while this map was running"))
             self.jobs.clear()
             self.workers.close()
+            for fd in (self._lend_r, self._lend_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._lend_r = self._lend_w = -1  # a second stop closes nobody's descriptor
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:  # empty (BlockingIOError), or closed by a shutdown
+        pass

@@ -155,7 +155,7 @@ class Outcomes:
                 continue
             head = p.inflight[0]
             t = head.job.options.timeout
-            if t is None or head.cancelled or now < self._deadline(p):
+            if t is None or head.cancelled or now < self.deadline(p):
                 continue
             self.workers.stop_worker(p)
             for c in list(p.inflight)[1:]:
@@ -170,7 +170,7 @@ class Outcomes:
         best = None
         for p in self.workers.procs.values():
             if p.inflight and p.inflight[0].job.options.timeout is not None:
-                left = self._deadline(p) - now
+                left = self.deadline(p) - now
                 best = left if best is None else min(best, left)
         if self.jobs and memory.SUPPORTED:  # the memory guard looks while maps run
             left = self.next_guard - now
@@ -196,7 +196,7 @@ class Outcomes:
                     head.indices, size, head.job.options.max_memory))
 
     @staticmethod
-    def _deadline(p: WorkerHandle) -> float:
+    def deadline(p: WorkerHandle) -> float:
         """When the head chunk's timeout expires. Until the worker says it began
         (start-up, imports, loading a big function), a grace period applies."""
         head = p.inflight[0]
