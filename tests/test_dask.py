@@ -710,7 +710,7 @@ def test_a_result_lost_with_its_worker_is_run_again_and_said_to_be(dask_pool, tm
         assert set(lost) <= {0}, lost
         assert any("lost with a worker" in n for n in r.notes) == bool(lost), r.notes
         if lost:
-            assert "1 item ran again (0)" in r.summary(), r.summary()
+            assert "1 item was run again (0)" in r.summary(), r.summary()
 
 
 def test_a_worker_chosen_to_retire_is_never_kept_once_its_drop_was_asked(dask_pool):

@@ -486,10 +486,9 @@ def check_run(case: Case, outcomes: list[Outcome], got: Run, markers: str | None
     if markers is not None and (keep_going or got.error is None):
         exact = all(o.attempts is not None for i, o in enumerate(outcomes) if i not in kept)
         ran = {i: attempts(markers, x) for i, x in enumerate(case.items) if i not in kept}
-        # a result lost with its worker (dask holds results on the worker) is run again and
-        # said to be (report.lost): what that attempt gave is unknown, one retry at most
-        for i, n in lost.items():
-            assert attempts(markers, case.items[i]) >= n + 1, f"item {i}: {n} lost attempts, it ran fewer times"
+        # a chunk whose results were lost with its worker (dask holds results on the worker) is
+        # run again and said to be (report.lost): what it gave is unknown, one retry at most
+        # (an item may not have run in a lost chunk: one stops at its first failure without --keep-going)
         assert bool(lost) == any("lost with a worker" in note for note in r.notes), r.notes
         if exact:
             want_retried = sum(outcomes[i].attempts - 1 for i in ran)

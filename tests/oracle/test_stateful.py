@@ -131,7 +131,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert counts["done"] == report.done and counts["items"] == n, report.summary()
         self.last = (case, report)
 
-    @precondition(lambda self: self.last is not None and NOT_DONE in self.last[1].results)
+    @precondition(lambda self: self.last is not None and any(v is NOT_DONE for v in self.last[1].results))
     @rule(run_async=st.booleans())
     def resume_last(self, run_async):
         case, prev = self.last

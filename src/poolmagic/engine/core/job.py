@@ -156,8 +156,8 @@ class Job:
                 self.retry.appendleft((start, items))
 
     def results_lost(self, start: int, items: Any) -> None:
-        """A chunk that ran, but whose results died with its worker before they reached us:
-        run again, and the record says so (what those attempts gave is not known)."""
+        """A chunk that finished, but whose results died with its worker before they reached
+        us: run again, and the record says so (what ran of it, and what it gave, is not known)."""
         with self.cond:
             if self.active:
                 for k in range(len(items)):

@@ -32,8 +32,9 @@ class MapRecord:
     done: int = 0  # items that succeeded
     retried: int = 0  # attempts run again (--retries)
     attempts: dict[int, list[BaseException]] = field(default_factory=dict)  # index -> each attempt's error
-    # index -> attempts that ran but whose results were lost with their worker (a dask worker
-    # holds results until the kernel fetches them): run again, and not in retried/attempts
+    # index -> chunks of the item that finished but whose results were lost with their worker (a
+    # dask worker holds results until they are fetched): run again, not in retried/attempts. The
+    # item may not have run in such a chunk (a chunk stops at its first failure without --keep-going)
     lost: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # said under the summary
     failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items

@@ -142,10 +142,10 @@ def absorbed_notes(r: Any, isolated: list[tuple[int, int, str, type]], at: Calla
     if r.lost:
         shown = ", ".join(map(str, sorted(r.lost)[:5])) + (", …" if len(r.lost) > 5 else "")
         n = len(r.lost)
-        notes.append(f"{n:,} item{'s' if n != 1 else ''} ran again ({shown}): {'their' if n != 1 else 'its'} "
-                     f"finished result{'s were' if n != 1 else ' was'} lost with a worker that died before "
-                     f"sending {'them' if n != 1 else 'it'}; what those runs gave (an error to retry?) is "
-                     f"not known, and is not counted in retried or {r.where_attempts('i')}")
+        notes.append(f"{n:,} item{'s were' if n != 1 else ' was'} run again ({shown}): the results of "
+                     f"{'their' if n != 1 else 'its'} chunk were lost with a worker that died before "
+                     f"sending them; what ran of that chunk (an error to retry?) is not known, and is "
+                     f"not counted in retried or {r.where_attempts('i')}")
     ok = [i for i in r.attempts if i not in r.errors]
     if ok:
         shown = ", ".join(map(str, sorted(ok)[:5])) + (", …" if len(ok) > 5 else "")
