@@ -36,6 +36,9 @@ from .rules import ItemTimes, summary_error, write_outputs  # noqa: F401  (re-ex
 from .schedule import MAX_CHUNK, MIN_CHUNK_S, STREAM_MAX_CHUNK, TARGET_CHUNK_S, chunk_size  # noqa: F401  (re-exported)
 
 
+_NONE: frozenset[int] = frozenset()  # no position queued again
+
+
 class Job:
     """One map. See the module docstring for the contract with backends.
 
@@ -225,10 +228,11 @@ class Job:
             for pos, stream, text in outputs:
                 self.output.add(pos, stream, text)
                 self.results.add_output(pos, stream, text)
-            first, again = self._item_errors(errors, items, rec.start)
+            first, again = self._item_errors(errors, items, rec.start) if errors else (None, _NONE)
             self.output.done_except(rec.start, rec.count, again)
-            for pos, tries in self.retry.succeeded(rec.start, len(results), {pos for pos, _ in errors}):
-                self.results.succeeded_after(pos, tries)
+            if self.retry.attempts:
+                for pos, tries in self.retry.succeeded(rec.start, len(results), {pos for pos, _ in errors}):
+                    self.results.succeeded_after(pos, tries)
             if first is not None and not self.options.keep_going:
                 self._fail_locked(first)
             elif items is not None and len(results) < len(items) and self.active:

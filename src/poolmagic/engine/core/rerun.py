@@ -78,8 +78,6 @@ class Reruns:
 
     def succeeded(self, start: int, count: int, failed: Any) -> Iterator[tuple[int, list[BaseException]]]:
         """(position, earlier errors) of the items of a chunk that succeeded after a retry."""
-        if not self.attempts:
-            return
         for pos in range(start, start + count):
             tries = self.attempts.get(pos)
             if tries and pos not in failed:
