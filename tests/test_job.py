@@ -1,26 +1,27 @@
-"""engine/job.py: one map's bookkeeping, driven by hand as a backend would drive it.
+"""engine/core/job.py: one map's bookkeeping, driven by hand as a backend would drive it.
 
 No backend and no process: the test takes chunks with ``next_items``, runs the
 items in this process and answers each chunk with exactly one of
 ``chunk_done``, ``items_failed``, ``requeue``, ``retry_singly``,
 ``split_failed`` or ``drop_chunk`` -- the contract in job.py's docstring.
+What an answer writes in the record is tested in test_results.py, what runs
+again in test_rerun.py (helpers: job_helpers.py).
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 import types
 
 import pytest
 
+from job_helpers import add, answer, has_failure_note, make_job, notes, run_all, square, take
 from poolmagic.engine import job as job_module
-from poolmagic.engine.events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, MapFinished
+from poolmagic.engine.events import ChunkFinished, ChunkStarted, ItemsFailed, MapFinished
 from poolmagic.engine.items import ItemSource
 from poolmagic.engine.job import ItemTimes, Job, write_outputs
 from poolmagic.engine.mapoptions import MapOptions
 from poolmagic.errors import (
-    ItemExitError,
     ItemPicklingError,
     MapCancelledError,
     MapFailedError,
@@ -28,64 +29,6 @@ from poolmagic.errors import (
 )
 from poolmagic.report import RunReport
 from poolmagic.sentinel import NOT_DONE
-
-
-def square(x):
-    return x * x
-
-
-def make_job(items=range(10), func=square, **options) -> Job:
-    return Job(types.SimpleNamespace(key="k"), ItemSource(items), RunReport(), MapOptions(**options), None, func)
-
-
-def take(job: Job, size: int):
-    got = job.next_items(size)
-    assert got is not None, "no chunk to take"
-    return got
-
-
-def answer(job: Job, chunk, *, outputs=(), seconds: float = 0.01, worker: int = 0, pid: int = 0):
-    """Run a chunk's items here and answer it as a worker's ChunkDone would.
-
-    Like the worker: a failed item's result is NOT_DONE, and without
-    keep_going the chunk stops at its first failure.
-    """
-    start, items = chunk
-    results, errors = [], []
-    for k, x in enumerate(items):
-        try:
-            results.append(job.func(*x) if job.options.star else job.func(x))
-        except BaseException as exc:  # noqa: BLE001 - SystemExit too, as a worker catches it
-            results.append(NOT_DONE)
-            errors.append((start + k, exc))
-            if not job.options.keep_going:
-                break
-    rec = ChunkRecord(worker=worker, start=start, count=len(results), t0=100.0, t1=100.0 + seconds, pid=pid)
-    job.chunk_done(rec, results, list(outputs), errors, items)
-    return rec
-
-
-def run_all(job: Job, size: int = 3) -> None:
-    while job.active:
-        got = job.next_items(size)
-        if got is None:
-            break
-        answer(job, got)
-
-
-def notes(exc: BaseException) -> list[str]:
-    return list(getattr(exc, "__notes__", []))
-
-
-def item_named(idx: int, value: str | None) -> str:
-    """A pattern for "item 4 (4)" or "item 4 (value 4)" -- the index and the item's value."""
-    return rf"item {idx}" + ("" if value is None else rf" \((value )?{re.escape(value)}\)")
-
-
-def has_failure_note(exc: BaseException, idx: int, value: str | None = None) -> bool:
-    """``exc`` carries the note "poolmagic: item IDX (VALUE) failed" (the value left out if None)."""
-    pattern = rf"^poolmagic: {item_named(idx, value)} failed\b"
-    return any(re.search(pattern, n) for n in notes(exc))
 
 
 # ---------------------------------------------------------------- a map that succeeds
@@ -253,13 +196,6 @@ def test_fail_fast_raises_the_items_own_exception_with_a_note():
     assert job.report.status == "failed" and job.error is boom
 
 
-def test_a_long_item_value_is_shortened_in_the_note():
-    job = make_job(["x" * 500], lambda s: int(s))
-    run_all(job)
-    note = [n for n in notes(job.error) if n.startswith("poolmagic: item 0")][0]
-    assert len(note) < 120 and "..." in note
-
-
 def test_items_failed_fail_fast():
     job = make_job(range(10))
     a = take(job, 3)
@@ -284,107 +220,10 @@ def test_items_failed_keep_going_records_each_index():
     assert job.report.done == 2
 
 
-def test_items_failed_without_items_names_only_the_index():
-    job = make_job(range(3), keep_going=True)
-    take(job, 3)
-    exc = RuntimeError("lost")
-    job.items_failed([0, 1, 2], exc)
-    assert has_failure_note(exc, 0), notes(exc)
-    assert job.report.status == "failed"
-
-
-def test_items_failed_of_a_stream_extends_the_results():
-    job = make_job(iter(range(4)), keep_going=True)
-    job.source.set_want(4)
-    job.source.feed()
-    a = take(job, 4)
-    job.items_failed([2, 3], RuntimeError("x"), a[1], a[0])
-    assert len(job.report.results) == 4
-    job.source.feed()  # reads the end of the stream
-    assert job.next_items(1) is None  # the source ended: the job finishes
-    assert job.report.items == 4 and len(job.report.results) == 4
-
-
-@pytest.mark.parametrize("code, shown", [(2, "sys.exit(2)"), (None, "sys.exit()"), ("bye", "sys.exit('bye')")])
-def test_system_exit_in_an_item_becomes_item_exit_error(code, shown):
-    def f(x):
-        if x == 1:
-            raise SystemExit(code)
-        return x
-
-    job = make_job(range(3), f)
-    run_all(job, 3)
-    err = job.error
-    assert isinstance(err, ItemExitError), type(err)
-    assert re.search(item_named(1, "1") + re.escape(f" called {shown} in its worker"), str(err)), str(err)
-    assert isinstance(err.__cause__, SystemExit) and err.__cause__.code == code
-    assert job.report.errors[1] is err
-    assert not isinstance(err, SystemExit)
-
-
-def test_keyboard_interrupt_in_an_item_becomes_item_exit_error():
-    def f(x):
-        raise KeyboardInterrupt
-
-    job = make_job(range(2), f, keep_going=True)
-    run_all(job, 2)
-    errs = job.report.errors
-    assert all(isinstance(e, ItemExitError) for e in errs.values())
-    assert "raised KeyboardInterrupt in its worker" in str(errs[0])
-    assert isinstance(job.error, MapFailedError)
-
-
-def add(a, b):
-    return a + b
-
-
-def test_a_type_error_on_a_tuple_item_hints_at_star():
-    job = make_job([(1, 2), (3, 4)], add)
-    run_all(job)
-    assert isinstance(job.error, TypeError)
-    hint = [n for n in notes(job.error) if "--star" in n]
-    assert hint, notes(job.error)
-    assert "tuple of 2 values" in hint[0] and "takes 2 arguments" in hint[0]
-
-
 def test_with_star_the_tuples_are_unpacked():
     job = make_job([(1, 2), (3, 4)], add, star=True)
     run_all(job)
     assert job.report.results == [3, 7]
-
-
-@pytest.mark.parametrize(
-    "func, items, options",
-    [
-        (add, [(1, 2)], {"star": True}),  # already --star
-        (square, [(1, 2)], {}),  # the function takes one argument: no arity match
-        (lambda a, b, c: a, [(1, 2)], {}),  # needs 3
-        (lambda a, b=0: a, [(1,)], {}),  # a 1-tuple is not a sign of starmap
-        (lambda a, b: a, ["ab"], {}),  # not a tuple
-    ],
-)
-def test_no_star_hint_when_it_does_not_fit(func, items, options):
-    job = make_job(items, func, **options)
-    take(job, 1)
-    exc = TypeError("wrong")
-    job.items_failed([0], exc, items, 0)
-    assert not [n for n in notes(exc) if "--star" in n], notes(exc)
-
-
-def test_no_star_hint_for_other_errors():
-    job = make_job([(1, 2)], add)
-    take(job, 1)
-    exc = ValueError("not a TypeError")
-    job.items_failed([0], exc, [(1, 2)], 0)
-    assert not [n for n in notes(exc) if "--star" in n]
-
-
-def test_an_error_is_noted_once():
-    job = make_job(range(4), keep_going=True)
-    a = take(job, 4)
-    exc = RuntimeError("same object for several items")
-    job.items_failed([0, 1, 2, 3], exc, a[1], a[0])
-    assert len([n for n in notes(exc) if n.startswith("poolmagic: item")]) == 1
 
 
 def test_fail_from_the_caller_ends_the_job():
@@ -403,31 +242,6 @@ def test_fail_from_the_caller_ends_the_job():
 
 
 # ---------------------------------------------------------------- requeue, retry, drop, split
-
-
-def test_requeue_hands_the_same_chunk_out_first():
-    job = make_job(range(10))
-    a = take(job, 3)
-    b = take(job, 3)
-    job.requeue(*a)
-    assert job.inflight == 1
-    assert job.next_items(3) == a
-    assert job.inflight == 2
-    answer(job, a)
-    answer(job, b)
-    run_all(job)
-    assert job.report.results == [x * x for x in range(10)]
-
-
-def test_retry_singly_splits_a_chunk_into_its_items_in_order():
-    job = make_job(list("abcdef"), str.upper)
-    a = take(job, 4)
-    job.retry_singly(*a)
-    assert job.inflight == 0
-    singles = [job.next_items(10) for _ in range(4)]
-    assert singles == [(0, ["a"]), (1, ["b"]), (2, ["c"]), (3, ["d"])]
-    assert job.next_items(10) == (4, ["e", "f"])
-    assert job.inflight == 5
 
 
 def test_inflight_stays_consistent_through_requeue_retry_and_answers():
@@ -454,34 +268,6 @@ def test_inflight_stays_consistent_through_requeue_retry_and_answers():
     answer(job, taken[-1])
     assert not job.active and job.inflight == 0
     assert job.report.results == [x * x for x in range(6)]
-
-
-def test_requeue_and_retry_of_a_finished_job_are_dropped():
-    job = make_job(range(6))
-    a, b = take(job, 2), take(job, 2)
-    job.fail(MapCancelledError("x"), status="cancelled")
-    job.requeue(*a)
-    job.retry_singly(*b)
-    assert job.inflight == 0
-    assert not job.retry and not job.has_work()
-
-
-def test_split_failed_keep_going_fails_the_bad_items_and_retries_the_rest():
-    job = make_job(range(5), keep_going=True)
-    a = take(job, 5)
-    bad = {1: ItemPicklingError("item 1 cannot be pickled"), 3: ItemPicklingError("item 3 cannot be pickled")}
-    job.split_failed(*a, bad)
-    assert job.inflight == 0 and job.active
-    assert set(job.report.errors) == {1, 3}
-    retried = []
-    while (got := job.next_items(5)) is not None:
-        retried.append(got)
-    assert retried == [(0, range(0, 1)), (2, range(2, 3)), (4, range(4, 5))]
-    for chunk in retried:
-        answer(job, chunk)
-    assert isinstance(job.error, MapFailedError)
-    assert job.report.results == [0, NOT_DONE, 4, NOT_DONE, 16]
-    assert has_failure_note(bad[1], 1, "1"), notes(bad[1])
 
 
 def test_split_failed_fail_fast_raises_the_first_bad_item():

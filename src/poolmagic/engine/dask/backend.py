@@ -81,6 +81,9 @@ class DaskBackend(Backend):
     or cancel does to a job: outcomes.py) and ``memory`` (--max-memory and the
     memory guard on our own cluster: memory.py). This class is the public face
     and the manager thread's loop; all but the public methods run on that thread.
+    Why one class of ~300 lines: the public methods and the loop share the command
+    queue, the lock and the connection's life (start, reconnect, recover); split
+    apart, each half would call back into the other's.
     """
 
     def __init__(self, size: int, address: str | None = None, dashboard: bool = False):

@@ -1,15 +1,17 @@
 """The dask backend's link to its cluster: starting or reaching it, following its workers, closing it.
 
-A part the dask backend holds (``DaskBackend.link``), as workerset.py is of
+A part the dask backend holds (``DaskBackend.link``), as local/workers.py is of
 the local backend: a LocalCluster we own is started here
 (or a remote scheduler reached), the worker list is read again while maps
 run and each worker's events followed, and at the end the client is closed
 and a LocalCluster we own killed and closed (never a remote one). Runs on
 the manager thread, but for the event handlers, which only hand over.
+Its words are other modules': why a cluster cannot be reached
+(connecterror.py), its line in ``%poolsize`` (statusline.py); so is the
+folder our workers write their marks in (marks.py).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -20,14 +22,14 @@ from typing import Any, Callable
 
 from distributed import Client, LocalCluster, as_completed
 
-from ...errors import PoolmapError, safe_str
-from .. import runtimedir
-from . import task
+from ...errors import PoolmapError
 from .address import PROBE_TIMEOUT_S, check_scheduler
+from .connecterror import connect_error
 from .env import RemoteEnvironment
-from .plumbing import (check_workers, dashboard_link, kill_worker, release_cluster, serves_dashboard,
-                       start_local_cluster, unbatch)
+from .marks import cluster_folder, read_marks
+from .plumbing import check_workers, kill_worker, release_cluster, start_local_cluster, unbatch
 from .scale import Scaler
+from .statusline import StatusLine
 from .state import State, incarnation
 from ..events import Waiting
 from ..job import Job
@@ -60,7 +62,7 @@ class ClusterLink:
         self.cluster: LocalCluster | None = None
         self.client: Client | None = None
         self.scaler: Scaler | None = None  # grows and shrinks our LocalCluster (scale.py)
-        self.dashboards: dict[str, bool] = {}  # a remote scheduler's link -> it serves a dashboard (asked once)
+        self.status_line = StatusLine()  # %poolsize's line (a remote link's dashboard asked once)
         self.lock = threading.Lock()
         self.listening: set[str] = set()  # worker addresses whose event topic we follow
         self.refreshed = 0.0
@@ -99,26 +101,7 @@ class ClusterLink:
 
         ``again``: the connection was lost in use and could not be made anew.
         """
-        where = "start a dask LocalCluster" if self.owned else f"connect to the dask scheduler at {self.address}"
-        if again:
-            where = f"connect again to the dask scheduler at {self.address} after losing the connection"
-        # A Client(...) that fails after starting its event loop (a tls:// address
-        # without dask's TLS configuration) leaves a half-made client in a cycle:
-        # closed only at interpreter exit, where that took 20 s. Close it now.
-        _close_clients_in(exc)
-        _drop_frames(exc)
-        if isinstance(exc, PoolmapError) and again:  # (address.py's checks: said once, with "again")
-            reason = str(exc).removeprefix(f"could not connect to the dask scheduler at {self.address}: ")
-            err = PoolmapError(f"could not {where}: {reason}")
-        elif isinstance(exc, PoolmapError):
-            err = exc
-        else:
-            hint = ""
-            if (self.address or "").startswith("tls://") and "ssl" in safe_str(exc).lower():
-                hint = (" (a tls:// scheduler needs dask's TLS configuration: distributed.comm.tls.ca-file, "
-                        ".client.cert and .client.key, e.g. in ~/.config/dask/distributed.yaml)")
-            err = PoolmapError(f"could not {where}: {type(exc).__name__}: {safe_str(exc)}{hint}")
-            err.__cause__ = exc
+        err = connect_error(exc, None if self.owned else self.address, again)
         self.teardown()
         return err
 
@@ -233,19 +216,7 @@ class ClusterLink:
     def marks_of(self, address: str) -> tuple[int | None, int | None]:
         """(the chunk running, the last chunk that ended) as our worker at ``address`` wrote
         them down (task._mark); None where unknown (not our cluster, or nothing written)."""
-        if self.marks is None:
-            return None, None
-        try:
-            with open(os.path.join(self.marks, task.mark_name(address)), "rb") as f:
-                lines = f.read().split()
-        except OSError:
-            return None, None
-        try:
-            running = int(lines[0]) if lines else -1
-            ended = int(lines[1]) if len(lines) > 1 else None
-        except ValueError:
-            return None, None
-        return running, ended
+        return read_marks(self.marks, address)
 
     def pid_of(self, address: str) -> int | None:
         """The process of the worker at ``address`` (a LocalCluster we own)."""
@@ -282,37 +253,7 @@ class ClusterLink:
 
     def describe(self) -> str:
         """The connected cluster in a line: scheduler, workers, threads, TLS, dashboard."""
-        client = self.client
-        try:
-            workers = client.scheduler_info()["workers"]
-        except Exception as exc:
-            return f"dask: scheduler {client.scheduler.address} not answering ({type(exc).__name__})"
-        threads = sorted({int(w.get("nthreads", 0)) for w in workers.values()})
-        owner = "LocalCluster started by poolmagic" if self.owned else "cluster (not started by poolmagic)"
-        link = dashboard_link(client)
-        if link is None:
-            board = "dashboard off (%poolsize --backend dask --dashboard)" if self.owned else "no dashboard"
-        elif self.owned:  # without bokeh the page only says so; its other routes (logs, metrics) serve
-            bokeh = "needs bokeh: pip install bokeh; " if importlib.util.find_spec("bokeh") is None else ""
-            board = f"dashboard {link} ({bokeh}no password: anyone on this machine can open it)"
-        elif self._serves(link):
-            board = f"dashboard {link}"
-        else:  # its HTTP server serves no dashboard (--no-dashboard, no bokeh there), or not to us
-            board = "no dashboard"
-        tls = " · TLS with a certificate of its own" if self.owned else ""
-        text = (
-            f"dask {owner}: scheduler {client.scheduler.address} · {_plural(len(workers), 'worker')}"
-            + (f" × {_plural(threads[0], 'thread') if len(threads) == 1 else '/'.join(map(str, threads)) + ' threads'}"
-               + (" (task slots; the cores are counted above)" if self.owned else " (task slots)") if threads else "")
-            + f"{tls} · {board}"
-        )
-        return text if self.remote_env is None else f"{text}\n{self.remote_env.describe()}"
-
-    def _serves(self, link: str) -> bool:
-        """Whether a remote scheduler's ``link`` serves a dashboard (asked once per link)."""
-        if link not in self.dashboards:
-            self.dashboards[link] = serves_dashboard(link) is not False
-        return self.dashboards[link]
+        return self.status_line.describe(self.client, self.owned, self.remote_env)
 
     # ------------------------------------------------------------------ the end
     def teardown(self) -> None:
@@ -364,46 +305,6 @@ class ClusterLink:
         self.listening.clear()
 
 
-def _close_clients_in(exc: BaseException) -> None:
-    """Close the dask clients whose methods ``exc`` came through (``self`` of its frames)."""
-    tb = exc.__traceback__
-    while tb is not None:
-        obj = tb.tb_frame.f_locals.get("self")
-        if isinstance(obj, Client) and obj.status != "closed":
-            _quietly(obj.close, 2)
-        tb = tb.tb_next
-
-
-def _drop_frames(exc: BaseException | None) -> None:
-    """Forget the tracebacks of ``exc`` and the exceptions it chains to (the messages stay)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
-
-
-MARKS_PREFIX = "poolmagic-"  # (runtimedir.PREFIX: every runtime directory of ours)
-
-
-def cluster_folder() -> str:
-    """A new private folder for our LocalCluster: its workers' marks and dask's scratch space.
-
-    Inside this process's runtime directory (runtimedir.py: 0700, named after
-    the pid, removed at exit and, after a SIGKILL, by the next one); removed
-    when the cluster closes. Everything in it is made 0700/0600.
-    """
-    path = runtimedir.subdir("dask")
-    for name in ("marks", "dask-scratch-space"):  # (dask would make its scratch space 0755)
-        os.mkdir(os.path.join(path, name), 0o700)
-    return path
-
-
-def marks_folder() -> str:
-    """(The marks of a cluster: see cluster_folder.)"""
-    return os.path.join(cluster_folder(), "marks")
-
-
 def _close(fd: int | None) -> None:
     if fd is not None:
         try:
@@ -417,7 +318,3 @@ def _quietly(fn: Callable, *args: Any) -> None:
         fn(*args)
     except Exception:
         pass
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
