@@ -170,10 +170,10 @@ class Job:
 
     def results_lost(self, start: int, items: Any) -> None:
         """A chunk that finished, but whose results died with its worker before they reached
-        us: run again, and the record says so (what ran of it, and what it gave, is not known)."""
+        us: run again, and the record says so (what ran of it, and what it gave, is not known).
+        After the map ended it is not run again, and ``report.lost`` says why those stay NOT_DONE."""
         with self.cond:
-            if self.active:
-                self.results.lost(start, len(items))
+            self.results.lost(start, len(items))
         self.requeue(start, items)
 
     def retry_singly(self, start: int, items: Any) -> None:

@@ -197,7 +197,7 @@ class Outcomes:
         for c in chunks:
             if c is head:
                 continue
-            if self._ran(c, chunks, ended) and c.job.active and not c.cancelled:
+            if self._ran(c, chunks, ended) and not c.cancelled:
                 c.job.results_lost(c.start, c.items)  # finished, its result still on the worker
             else:
                 self.give_back(c)  # queued
