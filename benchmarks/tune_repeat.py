@@ -1,7 +1,7 @@
 """Four --tune runs in a row per map shape (issue 24): one map, then tune(), four times.
 
 Run: python benchmarks/tune_repeat.py (a quiet host; prints the size each tune chose)."""
-import time, sys
+import time
 import numpy as np
 import poolmagic
 from poolmagic.tune import tune
