@@ -320,8 +320,11 @@ class Manager:
                 if got is None:
                     jobs = [j for j in jobs if j.has_work()]
                     continue
-                # its worker's only chunk and nothing left to send anyone: a quiet chunk
-                quiet = not p.inflight and not any(j.has_work() for j in jobs)
+                # its worker's only chunk and nothing left to send anyone: a quiet chunk. Not
+                # while a stream may still yield items: its next ones must not wait for this
+                # chunk's answer (and its read-ahead, or its error, for the items after them)
+                quiet = not p.inflight and not any(
+                    j.has_work() or (j.active and j.source.is_stream and not j.source.exhausted) for j in self.jobs)
                 if quiet and job.waited and self._holder is not None and self._lent is None \
                         and not any(q.inflight for q in self.workers.procs.values()):
                     # the whole of a blocking map sent from its caller's thread: that
