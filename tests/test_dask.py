@@ -758,17 +758,26 @@ def test_a_worker_started_after_a_retirement_gets_chunks(dask_pool):
     and retirement was by name, so the new worker was retiring for ever and got no chunk; once
     the others' ports were taken over as well (below), no worker was usable and the map waited
     for ever. Names are now never given twice, and retirement is by worker process."""
-    workers = lambda: dask_pool.backend.link.cluster.scheduler_info["workers"]  # noqa: E731
+    backend = dask_pool.backend
+    workers = lambda: backend.link.cluster.scheduler_info["workers"]  # noqa: E731
     assert dask_pool.map(double, range(6), workers=3, chunksize=1) == [2 * x for x in range(6)]
     assert wait_for(lambda: len(workers()) == 3, timeout=30)
     assert dask_pool.map(double, range(4), workers=2) == [2 * x for x in range(4)]  # retires one
     assert wait_for(lambda: len(workers()) == 2, timeout=30), "no worker was retired"
-    # the pool grows to 3 again, with a worker it starts now: items long enough that it
-    # gets some (it starts in ~0.1 s, the map takes ~3 s on the other two)
-    r = dask_pool.run(nap, range(24), workers=3, chunksize=1, kwargs={"seconds": 0.25})
-    assert r.results == list(range(24))
-    assert len({c.worker for c in r.chunks}) == 3, \
-        f"the map ran on workers {sorted({c.worker for c in r.chunks})}: the one started after a retirement got no chunk"
+    before = {w["local_directory"] for w in workers().values()}
+    backend.resize(3)  # a worker started now, the pool held at 3 (nothing shrinks it meanwhile)
+    try:
+        assert wait_for(lambda: len(workers()) == 3, timeout=30)
+        new = next(a for a, w in workers().items() if w["local_directory"] not in before)
+
+        def ran_on_new() -> bool:  # maps until one sends a chunk to it (it may join late on a loaded host)
+            r = dask_pool.run(nap, range(12), chunksize=1, kwargs={"seconds": 0.05})
+            assert r.results == list(range(12))
+            return any(c.worker == backend.shared.slots.get(new) for c in r.chunks)
+
+        assert wait_for(ran_on_new, timeout=60, every=0.0), "the worker started after a retirement got no chunk"
+    finally:
+        backend.resize(2)
 
 
 def test_a_new_worker_on_the_port_of_one_that_left_gets_chunks(dask_pool):
