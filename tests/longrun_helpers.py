@@ -1,5 +1,5 @@
 """Helpers shared by test_longrun.py, test_resume.py and test_checkpointing.py: what a
-mapped function records of its calls, and the functions those tests map.
+mapped function records of its calls, the functions those tests map, and their ``pool`` fixture.
 
 Pickled *by value*, like notebook code (workers never import this module).
 """
@@ -12,8 +12,20 @@ import time
 from pathlib import Path
 
 import cloudpickle
+import pytest
+from conftest import shutdown_and_check
+
+from poolmagic import Pool
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One warm two-worker pool for the API tests of a module; no worker may outlive it."""
+    p = Pool(2).start()
+    yield p
+    shutdown_and_check(p)
 
 
 def log_call(path: str | Path, x) -> None:

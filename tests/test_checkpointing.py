@@ -16,22 +16,14 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-from conftest import shutdown_and_check
-from longrun_helpers import calls, ck_wait_for, log_call, plain
+
+from longrun_helpers import calls, ck_wait_for, log_call, plain, pool  # noqa: F401  (pool: the module's warm pool, a fixture)
 from IPython.core.error import UsageError
 
 from poolmagic import checkpointfile
 from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture(scope="module")
-def pool():
-    """One warm two-worker pool for the API tests of this module; no worker may outlive it."""
-    p = Pool(2).start()
-    yield p
-    shutdown_and_check(p)
 
 
 def ck_square(x, path, fail):

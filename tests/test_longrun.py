@@ -20,8 +20,8 @@ import sys
 
 import cloudpickle
 import pytest
-from conftest import shutdown_and_check
-from longrun_helpers import attempts_of, calls, log_call, plain
+
+from longrun_helpers import attempts_of, calls, log_call, plain, pool  # noqa: F401  (pool: the module's warm pool, a fixture)
 from IPython.core.error import UsageError
 
 import poolmagic
@@ -29,14 +29,6 @@ import poolmagic.api
 from poolmagic import MapFailedError, Pool, WorkerCrashedError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture(scope="module")
-def pool():
-    """One warm two-worker pool for the API tests of this module; no worker may outlive it."""
-    p = Pool(2).start()
-    yield p
-    shutdown_and_check(p)
 
 
 # ================================================================ 1. retries
