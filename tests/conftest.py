@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +117,21 @@ def check_partial(results: list, expected: list, failed: set[int]) -> None:
             assert got is poolmagic.NOT_DONE, f"item {i} failed but has a result {got!r}"
         else:
             assert got is poolmagic.NOT_DONE or got == want, f"item {i}: {got!r} != {want!r}"
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict]:
+    """Start ``fn()`` on a thread of its own; the dict gets its "value" or its "error"."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (the test looks at what it was)
+            outcome["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, outcome
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = DEADLINE, what: str | None = None,

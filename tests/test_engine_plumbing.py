@@ -24,7 +24,7 @@ import poolmagic
 from poolmagic import Pool
 from poolmagic.engine.processes import Waiter
 
-from conftest import read_pid, run_script, write_pid
+from conftest import in_thread, read_pid, run_script, write_pid
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -444,16 +444,7 @@ def test_a_blocking_map_sent_from_the_callers_thread_has_its_memory_watched():
     with Pool(2) as pool:
         assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]
         assert pool.map(_hog, [0, 0, 0, 0]) == [0, 0, 0, 0]  # known fast, warm and idle
-        outcome = {}
-
-        def blocking() -> None:
-            try:
-                pool.map(_hog, [300 << 20], max_memory="100MB")
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        t = threading.Thread(target=blocking)
-        t.start()
+        t, outcome = in_thread(lambda: pool.map(_hog, [300 << 20], max_memory="100MB"))
         t.join(FAST)
         assert not t.is_alive(), "the memory of a blocking map sent from the caller's thread was not watched"
         assert isinstance(outcome.get("error"), poolmagic.errors.WorkerMemoryError), outcome

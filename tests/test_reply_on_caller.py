@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from conftest import in_thread
 
 import poolmagic
 from poolmagic import Pool
@@ -126,16 +127,7 @@ def test_a_timeout_while_the_caller_reads_fires(lends, monkeypatch):
     with Pool(2) as pool:
         _warm(pool)
         n = len(lends)
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                pool.map(_sleep_then, [30.0], timeout=0.5)
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        t = threading.Thread(target=run)
-        t.start()
+        t, outcome = in_thread(lambda: pool.map(_sleep_then, [30.0], timeout=0.5))
         t.join(FAST)
         assert not t.is_alive(), "the timeout of a lent map never fired"
         assert len(lends) > n, "the timed map was lent to its caller"
@@ -186,16 +178,7 @@ def test_the_memory_guard_stops_a_lent_map(lends):
     with Pool(2) as pool:
         _warm(pool)
         n = len(lends)
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                pool.map(_hog, [300 << 20], max_memory="100MB")
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        t = threading.Thread(target=run)
-        t.start()
+        t, outcome = in_thread(lambda: pool.map(_hog, [300 << 20], max_memory="100MB"))
         t.join(FAST)
         assert not t.is_alive(), "the memory of a lent map was not watched"
         assert len(lends) > n, "the map was lent to its caller"
@@ -220,16 +203,7 @@ def test_a_cancel_from_another_thread_ends_a_lent_map(lends, monkeypatch):
     with Pool(2) as pool:
         _warm(pool)
         jobs.clear()
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                outcome["value"] = pool.map(_sleep_then, [30.0])
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        t = threading.Thread(target=run)
-        t.start()
+        t, outcome = in_thread(lambda: pool.map(_sleep_then, [30.0]))
         stop = time.monotonic() + FAST
         while not jobs and time.monotonic() < stop:
             time.sleep(0.01)
