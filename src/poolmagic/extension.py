@@ -12,7 +12,6 @@ forkserver and the tracker itself as soon as the kernel is asked to shut down.
 from __future__ import annotations
 
 import atexit
-import sys
 from typing import Any
 
 from .lifecycle import prestart, stop_helpers
@@ -61,9 +60,6 @@ class _Extension:
 
         shutdown_pool()
         stop_helpers()
-        queues = sys.modules.get("poolmagic.iopub")  # (imported by a map's first card)
-        if queues is not None:
-            queues.stop_queues()
 
 
 _loaded: _Extension | None = None

@@ -29,8 +29,7 @@ def show(obj: Any, shell: Any) -> None:
     before publishing, each flush a synchronous round trip to its I/O thread:
     together ~0.8 ms of a 4-item cell. The report's bundle is known, and the
     flushes only keep printed text ahead of the display, so they are skipped
-    when no text is waiting; the message is then queued on ipykernel's IOPub
-    thread without waking it (iopub.py). A terminal gets the text alone.
+    when no text is waiting. A terminal gets the text alone.
     """
     pub = getattr(shell, "display_pub", None)
     bundle = getattr(obj, "_repr_mimebundle_", None)
@@ -45,10 +44,6 @@ def show(obj: Any, shell: Any) -> None:
         data = bundle()
     if not hasattr(pub, "_flush_streams") or not _streams_idle():
         pub.publish(data=data, metadata={})
-        return
-    from .iopub import queue_card
-
-    if queue_card(pub, data):
         return
     pub._flush_streams = _no_flush
     try:
