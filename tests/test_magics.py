@@ -192,6 +192,29 @@ def test_error_in_cell_body_propagates_and_nothing_is_mapped(ip):
         cell(ip, "range(3)", "def f(x):\n    return x\n1 / 0\n")
 
 
+def test_a_cell_run_again_in_a_loop_keeps_its_lines_in_tracebacks(ip):
+    """The cell's compiled code is reused when the same cell runs the magic again
+    (a loop, %timeit): its tracebacks must still show its lines, even after the
+    line cache was cleared, and a changed cell must run as changed."""
+    import linecache
+    import traceback
+
+    body = "def f(x):\n    return x\nif FAIL:\n    raise ValueError('cell line shown')\n"
+    ip.user_ns["FAIL"] = False
+    assert cell(ip, "-q range(3)", body) == [0, 1, 2]
+    assert cell(ip, "-q range(3)", body) == [0, 1, 2]
+    ip.user_ns["FAIL"] = True
+    for clear in (False, True):
+        if clear:
+            linecache.clearcache()
+        with pytest.raises(ValueError) as info:
+            cell(ip, "-q range(3)", body)
+        shown = "".join(traceback.format_exception(info.value))
+        assert "raise ValueError('cell line shown')" in shown, shown
+    ip.user_ns["FAIL"] = False
+    assert cell(ip, "-q range(3)", body.replace("return x", "return -x")) == [0, -1, -2]
+
+
 # ------------------------------------------------------------------ pure helpers
 
 

@@ -64,9 +64,10 @@ def samples() -> dict[str, list]:
             P.SetContext(_key(b"ctx2"), "/tmp", {"PATH": "/usr/bin", "LANG": "C.UTF-8"}, [""], None),
         ],
         "RunChunk": [
-            P.RunChunk(3, _key(fn_data), _key(b"ctx"), 100, 25, range(100, 125), (), MapOptions(), False),
+            P.RunChunk(3, _key(fn_data), _key(b"ctx"), 100, 25, range(100, 125), (),
+                       P.OptionsWire().dump(MapOptions()), False),
             P.RunChunk(4, _key(fn_data), _key(b"ctx"), 125, 3, items_blob,
-                       tuple(f.nbytes for f in items_frames), options, True),
+                       tuple(f.nbytes for f in items_frames), P.OptionsWire().dump(options), True),
         ],
         "Ready": [P.Ready()],
         "Began": [P.Began(4)],
@@ -140,6 +141,31 @@ def test_round_trip(name):
         assert back._fields == msg._fields
 
 
+def test_an_envelope_is_a_plain_tuple_that_names_no_message_class():
+    """The message types are known to both ends: the wire holds a tag, not a class to look up."""
+    for name, msgs in samples().items():
+        for msg in msgs:
+            u = RecordingUnpickler(P.encode(msg))
+            wire = u.load()
+            assert type(wire) is tuple and P.MESSAGES[wire[0]] is type(msg), name
+            assert not {n for m, n in u.looked_up if m == P.__name__}, (name, u.looked_up)
+
+
+def test_options_are_pickled_once_per_options_and_read_once_per_change():
+    parent, worker = P.OptionsWire(), P.OptionsWire()
+    a, b = MapOptions.from_kwargs({"seed": 1}), MapOptions.from_kwargs({"seed": 2})
+    assert MapOptions.from_kwargs({"seed": 1}) is a  # made once: the parent keys on the object
+    blob_a = parent.dump(a)
+    assert parent.dump(a) is blob_a  # not pickled again
+    assert worker.load(blob_a) == a
+    assert worker.load(bytes(blob_a)) is worker.load(blob_a)  # equal bytes: not unpickled again
+    blob_b = parent.dump(b)
+    assert worker.load(blob_b) == b and worker.load(blob_b).seed == 2
+    assert worker.load(parent.dump(a)).seed == 1  # and back: each change is read
+    equal = MapOptions(seed=1)  # equal, another object: pickled again, the same bytes
+    assert equal is not a and parent.dump(equal) == blob_a
+
+
 def test_a_range_travels_as_a_range():
     msg = samples()["RunChunk"][0]
     back = P.decode(P.encode(msg))
@@ -155,7 +181,7 @@ def test_run_chunk_items_bytes_rebuild_the_items():
     items = pickle.loads(back.items, buffers=[bytearray(f) for f in frames])
     assert np.array_equal(items[0], np.arange(1 << 14, dtype=np.float64))
     assert items[1:] == [{"id": 3}, "text"]
-    assert back.options.max_memory == 500 * 2**20
+    assert P.OptionsWire().load(back.options).max_memory == 500 * 2**20
 
 
 @pytest.mark.parametrize("name", sorted(c.__name__ for c in P.MESSAGES))
@@ -163,7 +189,7 @@ def test_envelopes_name_only_builtins_protocol_and_mapoptions(name):
     """Whatever the user owns travels as bytes: the envelope itself refers to no other module."""
     for msg in samples()[name]:
         u = RecordingUnpickler(P.encode(msg))
-        assert u.load() == msg
+        assert P.from_wire(u.load()) == msg
         foreign = sorted({m for m, _ in u.looked_up} - ENVELOPE_MODULES)
         assert not foreign, f"{name} envelope refers to {foreign}"
 
@@ -182,7 +208,7 @@ def test_decoding_an_envelope_imports_no_module(tmp_path, monkeypatch):
     del mod
     sys.modules.pop(modname)
     try:
-        envelope = P.encode(P.RunChunk(1, "f", "c", 0, 2, items, (), MapOptions(seed=1), False))
+        envelope = P.encode(P.RunChunk(1, "f", "c", 0, 2, items, (), P.OptionsWire().dump(MapOptions(seed=1)), False))
         before = set(sys.modules)
         msg = P.decode(envelope)
         assert set(sys.modules) - before == set(), "decoding an envelope imported modules"

@@ -8,6 +8,7 @@ before the cell runs.
 """
 from __future__ import annotations
 
+import linecache
 from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
@@ -87,9 +88,30 @@ def _run_cell(shell: Any, cell: str, transformed: str) -> None:
     # the number of the cell now running (IPython has already counted it)
     running = getattr(shell.displayhook, "exec_result", None)
     number = running.execution_count if running is not None else shell.execution_count
-    filename = shell.compile.cache(transformed, number, raw_code=cell)
-    code = shell.compile(transformed, filename, "exec")
-    exec(code, shell.user_global_ns, shell.user_ns)
+    exec(_compiled(shell.compile, cell, transformed, number), shell.user_global_ns, shell.user_ns)
+
+
+_last_compiled: tuple = ()  # (compiler, key, filename, code): the cell compiled last
+
+
+def _compiled(compiler: Any, cell: str, transformed: str, number: int) -> Any:
+    """The cell's code object, registered with IPython for its tracebacks.
+
+    A cell that runs the magic again (a loop, ``%timeit``) gets the code it got
+    last time: IPython's name for it (ipykernel hashes the source in Python)
+    and ``compile`` were most of a small map's magic overhead. Reused only for
+    the same source, cell number and ``__future__`` flags, while IPython's
+    line cache still holds the source, so tracebacks are the same.
+    """
+    global _last_compiled
+    key = (cell, transformed, number, compiler.flags)
+    if _last_compiled and _last_compiled[0] is compiler and _last_compiled[1] == key \
+            and _last_compiled[2] in linecache.cache:
+        return _last_compiled[3]
+    filename = compiler.cache(transformed, number, raw_code=cell)
+    code = compiler(transformed, filename, "exec")
+    _last_compiled = (compiler, key, filename, code)
+    return code
 
 
 def _function(shell: Any, target: Target) -> Any:

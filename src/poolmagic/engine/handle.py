@@ -21,6 +21,7 @@ from . import protocol as P
 from .core.inflight import Chunk
 from .core.runchunk import CACHE_SIZE
 
+_OPTIONS = P.OptionsWire()  # the last map's options and their bytes
 SHARED_MIN_BYTES = 1 << 20  # a function's buffers above this go to all workers through shared memory
 
 __all__ = ["SHARED_MIN_BYTES", "Chunk", "WorkerHandle", "kill_group"]  # Chunk: its old path (dask imports it here)
@@ -61,7 +62,7 @@ class WorkerHandle:
             # anything else may hold notebook-defined classes, pickled by value
             blob, frames = P.dumps_oob(items, cloudpickle.dumps)
         msg = P.RunChunk(seq, job.payload.key, job.context.key, start, len(items), blob,
-                         tuple(f.nbytes for f in frames), job.wire_options, timed,
+                         tuple(f.nbytes for f in frames), _OPTIONS.dump(job.wire_options), timed,
                          job.seed_indices(start, len(items)), quiet)
         return P.encode(msg), frames
 

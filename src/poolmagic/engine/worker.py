@@ -72,6 +72,7 @@ class Worker:
         self.slot = slot
         self.fns = FunctionCache()
         self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
+        self.options = P.OptionsWire()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.n_modules = 0
         self.seen_modules: set[str] = set()
@@ -222,7 +223,7 @@ class Worker:
         except StageFailed as failed:
             self._send(P.ChunkFailed(msg.seq, failed.stage, failed.packed))
             return None
-        o = msg.options
+        o = self.options.load(msg.options)
         if o.timeout is not None:  # tell the parent the chunk's clock starts now
             self._send(P.Began(msg.seq))
         self.applier.limit_threads_if_new_libraries()

@@ -15,6 +15,7 @@ one that was running, and dask cannot run that task again on another worker
 """
 from __future__ import annotations
 
+import pickle
 import time
 from typing import Any
 
@@ -30,7 +31,6 @@ from ...errors import (
     rebuild_exception,
 )
 from . import forkserver
-from .. import protocol as P
 from .plumbing import EXITS, kill_worker
 from ..core.events import ChunkRecord
 from ..core.failures import FailurePolicy
@@ -109,7 +109,7 @@ class Outcomes:
         _, t0, t1, times, pid, address, body, frames, cpu, waited = result
         job = c.job
         try:
-            out, records, errs = P.decode(body, buffers=frames)
+            out, records, errs = pickle.loads(body, buffers=frames)
         except Exception as exc:
             err = ItemPicklingError(f"the results of {c.describe()} could not be unpickled in the kernel: {exc}")
             job.items_failed(c.indices, err, c.items, c.start)
@@ -127,7 +127,7 @@ class Outcomes:
     def _late(c: DaskChunk, result: tuple) -> None:
         """A chunk the ended map gave up on finished after all: its results are kept."""
         try:
-            out, _, errs = P.decode(result[6], buffers=result[7])
+            out, _, errs = pickle.loads(result[6], buffers=result[7])
         except Exception:
             return
         c.job.late_results(c.start, out, [(i, None) for i, _ in errs])
