@@ -1,7 +1,8 @@
-"""Showing poolmagic's displays in IPython: the only module that talks to ipykernel.
+"""Showing poolmagic's displays in IPython: with iopub.py, the only modules that talk to ipykernel.
 
 Rendering (display.py) makes the text and HTML; this publishes it, and knows
-the kernel's internals that make that cheap.
+the kernel's internals that make that cheap (iopub.py builds the summary's
+message itself).
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def show(obj: Any, shell: Any) -> None:
         data = bundle()
     if not hasattr(pub, "_flush_streams") or not _streams_idle():
         pub.publish(data=data, metadata={})
+        return
+    from .iopub import send_display
+
+    if send_display(pub, data):  # publish()'s message, built with less work (iopub.py)
         return
     pub._flush_streams = _no_flush
     try:

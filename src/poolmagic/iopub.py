@@ -1,0 +1,120 @@
+"""One ``display_data`` message onto ipykernel's IOPub thread, built with less work.
+
+A warm 4-item ``%%poolmap`` cell spends more on its card's message than on the
+map. ``ZMQDisplayPublisher.publish`` builds the nested message (``Session.msg``)
+and serializes it (``Session.serialize``): four ``json.dumps`` calls, each
+making a new encoder, the cell's parent header among them, packed again for
+every display. ``send_display`` sends the same frames (header, parent,
+metadata, content, signed as ``Session.sign`` signs them) with the parent
+header packed once per cell and one JSON encoder reused, through the same
+socket call ``Session.send`` makes, so the IOPub thread sends it in order with
+everything else.
+
+It only covers the case it reproduces exactly, and says so (returns False)
+for anything else, where the caller uses ``publish``: a display publisher
+that is not ipykernel's own (``capture_output`` swaps in its own), transform
+hooks (an ipywidgets ``Output``, ``capture_output`` in a thread), stored
+display history, a session that debugs, adapts versions or runs in a fork,
+and data that is not all text (images would need encoding). Tested against
+``publish``'s message in a real kernel (tests/e2e/test_card_message.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+_TYPES: tuple | None = None  # (ZMQDisplayPublisher, BackgroundSocket, DELIM, json_packer, json_default, extract_header)
+
+
+def _kernel_types() -> tuple | None:
+    """ipykernel's classes, once, when it is loaded (a terminal never imports it here)."""
+    global _TYPES
+    if _TYPES is None:
+        if "ipykernel.zmqshell" not in sys.modules:
+            return None
+        try:
+            import ipykernel
+            from ipykernel.iostream import BackgroundSocket
+            from ipykernel.zmqshell import ZMQDisplayPublisher
+            from jupyter_client.jsonutil import json_default
+            from jupyter_client.session import DELIM, extract_header, json_packer
+        except ImportError:
+            _TYPES = ()
+            return None
+        # publish() as in ipykernel 6 and 7 (the e2e test compares the messages)
+        ok = 6 <= getattr(ipykernel, "version_info", (0,))[0] <= 7
+        _TYPES = (ZMQDisplayPublisher, BackgroundSocket, DELIM, json_packer, json_default, extract_header) if ok else ()
+    return _TYPES or None
+
+
+class _Packing:
+    """Per session: the JSON encoder ``json_packer`` makes each call, and the last parent header packed."""
+
+    __slots__ = ("pack", "parent", "parent_copy", "parent_bytes", "empty")
+
+    def __init__(self, session: Any, json_packer: Any, json_default: Any):
+        if session.pack is json_packer:
+            # json_packer is json.dumps(o, default=json_default, ensure_ascii=False, allow_nan=False),
+            # utf-8 encoded: one encoder with those settings makes the same bytes
+            enc = json.JSONEncoder(default=json_default, ensure_ascii=False, allow_nan=False).encode
+
+            def pack(obj: Any) -> bytes:
+                try:
+                    return enc(obj).encode("utf8", errors="surrogateescape")
+                except (TypeError, ValueError):
+                    return json_packer(obj)  # its own fallback (and warning)
+            self.pack = pack
+        else:
+            self.pack = session.pack
+        self.parent: Any = None
+        self.parent_copy: Any = None
+        self.parent_bytes = b""
+        self.empty = self.pack({})
+
+    def parent_packed(self, parent: dict, extract_header: Any) -> bytes:
+        """The parent header's bytes, packed again only when it is another (or a changed) header."""
+        if parent is not self.parent or parent != self.parent_copy:
+            self.parent_bytes = self.pack(extract_header(parent))
+            self.parent, self.parent_copy = parent, dict(parent)
+        return self.parent_bytes
+
+
+_PACKING: dict[int, tuple[Any, _Packing]] = {}  # id(session) -> (session, its packing)
+
+
+def send_display(pub: Any, data: dict) -> bool:
+    """Send ``data`` as ``pub.publish(data=data, metadata={})`` would, less its stream flush.
+
+    Returns False, having sent nothing, when the case is not one this
+    reproduces exactly: the caller then calls ``publish``.
+    """
+    types = _kernel_types()
+    if types is None:
+        return False
+    zmq_pub, background, delim, json_packer, json_default, extract_header = types
+    if type(pub) is not zmq_pub or getattr(pub, "store_display_history", False) or pub._hooks:
+        return False
+    session, socket = pub.session, pub.pub_socket
+    if (session is None or type(socket) is not background or session.debug or session.adapt_version
+            or (session.check_pid and os.getpid() != session.pid)):
+        return False
+    for value in data.values():
+        if type(value) is not str:
+            return False
+    entry = _PACKING.get(id(session))
+    if entry is None or entry[0] is not session:
+        entry = _PACKING[id(session)] = (session, _Packing(session, json_packer, json_default))
+    packing = entry[1]
+    pack = packing.pack
+    parent = pub.parent_header
+    parts = [
+        pack(session.msg_header("display_data")),
+        packing.parent_packed(parent, extract_header) if parent else packing.empty,
+        pack(session.metadata) if session.metadata else packing.empty,
+        pack({"data": data, "metadata": {}, "transient": {}}),
+    ]
+    to_send = [pub.topic, delim, session.sign(parts), *parts]
+    socket.send_multipart(to_send, copy=max(len(p) for p in to_send) < session.copy_threshold)
+    return True

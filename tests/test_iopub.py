@@ -1,0 +1,116 @@
+"""iopub.send_display: publish()'s frames, and publish() itself whenever it would do more.
+
+An ipykernel display publisher on a Session (with a key: messages are signed)
+and a BackgroundSocket whose IOPub thread only records what it is given: the
+frames ``send_display`` hands over are compared with ``publish``'s, in this
+process. tests/e2e/test_card_message.py does the same in a real kernel.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ipykernel")
+from ipykernel.iostream import BackgroundSocket  # noqa: E402
+from ipykernel.zmqshell import ZMQDisplayPublisher  # noqa: E402
+from jupyter_client.session import Session  # noqa: E402
+
+from poolmagic.iopub import send_display  # noqa: E402
+
+CARD = {"text/plain": "poolmagic: f() · 4 items in 861 µs", "text/html": "<div>poolmagic · <b>f()</b> µs</div>"}
+
+
+class RecordingIOThread:
+    def __init__(self) -> None:
+        self.sent: list[tuple[list, dict]] = []
+
+    def send_multipart(self, msg, *args, **kwargs):
+        self.sent.append((list(msg), kwargs))
+
+
+@pytest.fixture
+def pub():
+    session = Session(key=b"secret", username="u")
+    io = RecordingIOThread()
+    dp = ZMQDisplayPublisher(session=session, pub_socket=BackgroundSocket(io))
+    dp._flush_streams = lambda: None
+    dp.set_parent({"header": {"msg_id": "req-1", "msg_type": "execute_request", "username": "u",
+                              "session": "s", "date": "2026-12-07T15:00:00Z", "version": "5.4"}})
+    dp.io = io
+    return dp
+
+
+def _frames(dp, send) -> list:
+    dp.io.sent.clear()
+    send()
+    (frames, kwargs), = dp.io.sent
+    assert kwargs == {"copy": True}
+    return frames
+
+
+def test_frames_are_publishs(pub):
+    slow = _frames(pub, lambda: pub.publish(data=CARD, metadata={}))
+    fast = _frames(pub, lambda: send_display(pub, CARD))
+    assert fast[:2] == slow[:2] == [b"display_data", b"<IDS|MSG>"]
+    assert fast[4:] == slow[4:]
+    h_slow, h_fast = json.loads(slow[3]), json.loads(fast[3])
+    assert list(h_fast) == list(h_slow)
+    assert h_fast["msg_id"] != h_slow["msg_id"] and h_fast["session"] == h_slow["session"]
+    assert fast[2] == pub.session.sign(fast[3:7])  # signed over the frames sent
+    assert json.loads(fast[4])["msg_id"] == "req-1"
+
+
+def test_parent_changed_in_place_is_packed_again(pub):
+    assert send_display(pub, CARD)
+    pub.parent_header["msg_id"] = "req-2"  # the same dict, changed
+    frames = _frames(pub, lambda: send_display(pub, CARD))
+    assert json.loads(frames[4])["msg_id"] == "req-2"
+    pub.set_parent({"header": dict(pub.parent_header, msg_id="req-3")})
+    assert json.loads(_frames(pub, lambda: send_display(pub, CARD))[4])["msg_id"] == "req-3"
+
+
+def test_session_metadata_and_no_parent(pub):
+    pub.session.metadata = {"origin": "test"}
+    pub.set_parent({})
+    slow = _frames(pub, lambda: pub.publish(data=CARD, metadata={}))
+    fast = _frames(pub, lambda: send_display(pub, CARD))
+    assert fast[4:] == slow[4:] and json.loads(fast[5]) == {"origin": "test"}
+    assert fast[4] == b"{}"
+
+
+@pytest.mark.parametrize("case", ["hook", "history", "debug", "adapt", "fork", "image", "other_publisher",
+                                  "other_socket"])
+def test_anything_else_is_left_to_publish(pub, case):
+    """Nothing sent, False returned: the caller then calls publish()."""
+    data = dict(CARD)
+    if case == "hook":
+        pub.register_hook(lambda msg: msg)
+    elif case == "history":
+        pub.store_display_history = True
+    elif case == "debug":
+        pub.session.debug = True
+    elif case == "adapt":
+        pub.session.adapt_version = 4
+    elif case == "fork":
+        pub.session.pid = -1  # Session.send warns and drops a message from a forked child
+    elif case == "image":
+        data["image/png"] = b"\x89PNG"
+    elif case == "other_publisher":
+        sub = type("Sub", (ZMQDisplayPublisher,), {})
+        pub = sub(session=pub.session, pub_socket=pub.pub_socket)
+        pub.io = pub.pub_socket.io_thread
+    elif case == "other_socket":
+        pub.pub_socket = pub.io  # a socket-like object that is not ipykernel's BackgroundSocket
+    assert send_display(pub, data) is False
+    assert pub.io.sent == []
+
+
+def test_hook_in_another_thread_does_not_apply_here(pub):
+    """Hooks are per thread (capture in a thread): one registered elsewhere does not stop this one."""
+    import threading
+
+    t = threading.Thread(target=lambda: pub.register_hook(lambda msg: None))
+    t.start()
+    t.join()
+    assert send_display(pub, CARD) is True
