@@ -16,7 +16,7 @@ import pytest
 from nbclient import NotebookClient
 
 from e2e_helpers import kernel_spec_manager  # noqa: F401  (a fixture)
-from e2e_helpers import evaluate, new_kernel_manager, run_ok, start_kernel, stop_kernel
+from e2e_helpers import collect, evaluate, new_kernel_manager, run_ok, start_kernel, stop_kernel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,7 +26,6 @@ FUNC = "def f(x):\n    return x\n"
 SPY = """\
 import json
 import poolmagic.iopub as _iopub
-from ipykernel.iostream import BackgroundSocket
 _real_send = _iopub.send_display
 _fast = []
 def _spy(pub, data):
@@ -50,20 +49,24 @@ def kc(kernel_spec_manager, tmp_path_factory):
 def test_card_frames_are_publishs(kc):
     """Same topic, parent, metadata and content bytes as publish(); a header of the same form."""
     code = """\
-from poolmagic.iopub import send_display
+import time
+from ipykernel.iostream import IOPubThread
 _frames = []
-_orig = BackgroundSocket.send_multipart
-def _record(self, msg, *args, **kwargs):
+_orig = IOPubThread._really_send
+def _record(self, msg, *args, **kwargs):  # on the IOPub thread: what reaches its socket
     _frames.append([bytes(p) for p in msg])
     return _orig(self, msg, *args, **kwargs)
-BackgroundSocket.send_multipart = _record
+IOPubThread._really_send = _record
 try:
     _dp = get_ipython().display_pub
     _b = _poolmap._repr_mimebundle_()
     _dp.publish(data=_b, metadata={})
     _ok = _real_send(_dp, _b)
+    _t = time.monotonic()
+    while len([f for f in _frames if f[0] == b"display_data"]) < 2 and time.monotonic() - _t < 10:
+        time.sleep(0.01)
 finally:
-    BackgroundSocket.send_multipart = _orig
+    IOPubThread._really_send = _orig
 _shown = [f for f in _frames if f[0] == b"display_data"]
 print(json.dumps({"ok": _ok, "frames": [[p.decode() for p in f] for f in _shown]}))
 """
@@ -143,3 +146,37 @@ def test_output_widget_still_captures_the_card(kernel_spec_manager):
     assert len(outs) == 1
     assert [o["data"]["text/plain"][:24] for o in outs[0]] == ["poolmagic: f() · 4 items"], outs
     assert nb.cells[3].outputs[0].text.strip() == "[True]"  # the card took the fast path
+
+
+def test_cards_of_a_burst_arrive_while_the_cell_runs(kc, tmp_path):
+    """Maps in a loop share the IOPub thread's wake-ups, yet every card reaches the frontend
+    while the cell still runs (the drain armed on the IOPub loop sends them), in order."""
+    go = tmp_path / "go"
+    code = (
+        "import os, time\n"
+        "_before = sum(p.coalesced for p in _iopub._POSTS.values())\n"
+        "for _ in range(20):\n"
+        f"    get_ipython().run_cell_magic('poolmap', '-o r range(4)', {FUNC!r})\n"
+        "_t = time.monotonic()\n"
+        f"while not os.path.exists({str(go)!r}) and time.monotonic() - _t < 30:\n"
+        "    time.sleep(0.01)\n"
+        f"print('go' if os.path.exists({str(go)!r}) else 'no go', "
+        "sum(p.coalesced for p in _iopub._POSTS.values()) - _before)\n"
+    )
+    msg_id = kc.execute(code)
+    cards = []
+    while len(cards) < 20:  # the cell waits for the file: the cards must come before it ends
+        msg = kc.get_iopub_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") == msg_id:
+            assert msg["msg_type"] != "stream", msg  # nothing printed before all cards came
+            if msg["msg_type"] == "display_data":
+                cards.append(msg)
+    go.write_text("")
+    r = collect(kc, msg_id, 40)
+    assert r.status == "ok", repr(r)
+    said, coalesced = r.stdout.split()
+    assert said == "go"
+    assert int(coalesced) > 0  # the burst did share wake-ups
+    assert all(c["content"]["data"]["text/plain"].startswith("poolmagic: f() · 4 items") for c in cards)
+    ids = [c["header"]["msg_id"] for c in cards]
+    assert ids == sorted(ids, key=lambda i: int(i.rsplit("_", 1)[1]))  # sent in the order they were made
