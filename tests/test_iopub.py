@@ -114,3 +114,66 @@ def test_hook_in_another_thread_does_not_apply_here(pub):
     t.start()
     t.join()
     assert send_display(pub, CARD) is True
+
+
+class FakeIOPubThread(RecordingIOThread):
+    """The parts of ipykernel's IOPubThread that iopub._Post uses, run by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import collections
+        import threading
+
+        self._events = collections.deque()
+        self.wakes = 0
+        self.timers: list = []
+        self.thread = threading.current_thread()  # alive
+        self.io_loop = type("Loop", (), {"call_later": lambda _, delay, f: self.timers.append((delay, f))})()
+        self._event_pipe = type("Pipe", (), {"send": lambda _, b: setattr(self, "wakes", self.wakes + 1)})()
+
+    def schedule(self, f):  # ipykernel's: queue it, wake the thread
+        self._events.append(f)
+        self._event_pipe.send(b"")
+
+    def send_multipart(self, msg, *args, **kwargs):
+        self.schedule(lambda: self._really_send(msg, *args, **kwargs))
+
+    def _really_send(self, msg, *args, **kwargs):
+        self.sent.append((list(msg), kwargs))
+
+    def _handle_event(self, msg):
+        for _ in range(len(self._events)):
+            self._events.popleft()()
+
+
+def test_a_burst_shares_wake_ups_and_keeps_order(pub, monkeypatch):
+    import poolmagic.iopub as iopub
+
+    io = FakeIOPubThread()
+    pub.pub_socket = BackgroundSocket(io)
+    clock = iter([10.0, 10.001, 10.002, 10.003, 10.5, 10.501])
+    monkeypatch.setattr(iopub.time, "monotonic", lambda: next(clock))
+
+    def card(n):
+        assert send_display(pub, {"text/plain": f"card {n}"})
+
+    def shown():
+        return [json.loads(frames[6])["data"]["text/plain"] for frames, _ in io.sent]
+
+    card(0)  # a lone card: woken as before
+    assert io.wakes == 1
+    card(1)  # a burst starts: sent with a wake-up, and a drain gets armed on the IOPub loop
+    assert io.wakes == 2
+    io._handle_event(None)
+    assert shown() == ["card 0", "card 1"] and len(io.timers) == 1 and io.timers[0][0] == iopub.COALESCE_S
+    card(2)  # armed: queued, no wake-up
+    card(3)
+    assert io.wakes == 2 and len(io._events) == 2 and shown() == ["card 0", "card 1"]
+    io.timers.pop()[1]()  # the drain: everything queued, in order
+    assert shown() == ["card 0", "card 1", "card 2", "card 3"] and not io._events
+    card(4)  # after the burst: a lone card again, woken
+    assert io.wakes == 3
+    card(5)  # a new burst: the drain was spent, so woken and armed again
+    assert io.wakes == 4
+    io._handle_event(None)
+    assert shown()[-2:] == ["card 4", "card 5"] and len(io.timers) == 1

@@ -172,8 +172,11 @@ class _Post:
         def send_and_arm() -> None:  # on the IOPub thread
             io._really_send(frames, copy=copy)
             if not self.armed:
+                try:
+                    io.io_loop.call_later(COALESCE_S, self._drain)
+                except Exception:  # a loop closing (shutdown): stay unarmed, cards keep their wake-ups
+                    return
                 self.armed = True
-                io.io_loop.call_later(COALESCE_S, self._drain)
         io.schedule(send_and_arm)
 
     def _drain(self) -> None:
