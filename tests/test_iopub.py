@@ -177,3 +177,56 @@ def test_a_burst_shares_wake_ups_and_keeps_order(pub, monkeypatch):
     assert io.wakes == 4
     io._handle_event(None)
     assert shown()[-2:] == ["card 4", "card 5"] and len(io.timers) == 1
+
+
+class FakeShell:
+    def __init__(self, code: str, msg_type: str = "execute_request"):
+        self.request = {"header": {"msg_type": msg_type}, "content": {"code": code}}
+
+    def get_parent(self):
+        return self.request
+
+
+@pytest.mark.parametrize("code, msg_type, expected", [
+    ("%%poolmap -o r range(4)\ndef f(x):\n    return x\n", "execute_request", True),
+    ("\n\n%%poolmap range(4)\ndef f(x):\n    return x\n", "execute_request", True),
+    ("%%poolmap\n", "execute_request", True),
+    ("r = %poolmap -f f range(4)\nprint(r)\n", "execute_request", False),  # more of the cell follows
+    ("for _ in range(3):\n    get_ipython().run_cell_magic('poolmap', 'range(4)', 'def f(x): return x')\n",
+     "execute_request", False),
+    ("%%poolmapper range(4)\n", "execute_request", False),
+    ("%%capture\n%%poolmap range(4)\n", "execute_request", False),
+    ("%%poolmap range(4)\n", "comm_msg", False),
+    ("", "execute_request", False),
+])
+def test_card_ends_cell_only_for_a_cell_that_is_one_poolmap(code, msg_type, expected):
+    from poolmagic.publish import _card_ends_cell
+
+    assert _card_ends_cell(FakeShell(code, msg_type)) is expected
+
+
+def test_card_ends_cell_not_from_another_thread_or_a_shell_without_a_request():
+    import threading
+
+    from poolmagic.publish import _card_ends_cell
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(_card_ends_cell(FakeShell("%%poolmap range(4)\n"))))
+    t.start()
+    t.join()
+    assert got == [False]
+    assert _card_ends_cell(object()) is False
+    shell = FakeShell("%%poolmap range(4)\n")
+    shell.request = None
+    assert _card_ends_cell(shell) is False
+
+
+def test_a_cells_last_card_is_queued_for_the_cell_end(pub):
+    """ends_cell: queued without a wake-up; the next wake-up (ipykernel's end-of-cell flush) sends it first."""
+    io = FakeIOPubThread()
+    pub.pub_socket = BackgroundSocket(io)
+    assert send_display(pub, {"text/plain": "card"}, ends_cell=True)
+    assert io.wakes == 0 and len(io._events) == 1 and io.sent == []
+    io.schedule(lambda: io.sent.append((["flush"], {})))  # the kernel's flush of stdout, then its idle status
+    io._handle_event(None)
+    assert [frames[0] for frames, _ in io.sent] == [b"display_data", "flush"]

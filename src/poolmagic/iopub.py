@@ -8,7 +8,8 @@ every display. ``send_display`` sends the same frames (header, parent,
 metadata, content, signed as ``Session.sign`` signs them) with the parent
 header packed once per header and one JSON encoder reused, to the IOPub
 thread's queue, which keeps them in order with everything else the kernel
-sends. Cards made in a burst share the IOPub thread's wake-ups (``_Post``).
+sends. Cards made in a burst, and the card that ends a cell, share the IOPub
+thread's wake-ups (``_Post``).
 
 It only covers the case it reproduces exactly, and says so (returns False)
 for anything else, where the caller uses ``publish``: a display publisher
@@ -86,11 +87,12 @@ class _Packing:
 _PACKING: dict[int, tuple[Any, _Packing]] = {}  # id(session) -> (session, its packing)
 
 
-def send_display(pub: Any, data: dict) -> bool:
+def send_display(pub: Any, data: dict, ends_cell: bool = False) -> bool:
     """Send ``data`` as ``pub.publish(data=data, metadata={})`` would, less its stream flush.
 
     Returns False, having sent nothing, when the case is not one this
-    reproduces exactly: the caller then calls ``publish``.
+    reproduces exactly: the caller then calls ``publish``. ``ends_cell``:
+    nothing of the running cell follows (see ``_Post``).
     """
     types = _kernel_types()
     if types is None:
@@ -123,8 +125,11 @@ def send_display(pub: Any, data: dict) -> bool:
     post = _POSTS.get(id(io))
     if post is None or post.io is not io:
         post = _POSTS[id(io)] = _Post(io)
-    post.send(socket, to_send, copy)
+    post.send(socket, to_send, copy, ends_cell and ENDS_CELL)
     return True
+
+
+ENDS_CELL = True  # a cell's last card rides on the kernel's end-of-cell flush (tests and benchmarks switch it)
 
 
 COALESCE_S = 0.02  # cards closer together than this share the IOPub thread's wake-ups (see _Post)
@@ -141,8 +146,12 @@ class _Post:
     armed, or any earlier wake-up (printed text, any display, the cell's end)
     sends everything queued, in order. Cards stay separate messages in the
     order they were made, before any later output; one in a burst may reach
-    the frontend up to COALESCE_S later. A lone card (a cell's one map) is
-    sent exactly as before.
+    the frontend up to COALESCE_S later. A lone card is sent as before,
+    unless nothing of its cell follows it (a cell that is one ``%%poolmap``):
+    then it is queued without a wake-up too, and ipykernel's flush of
+    stdout/stderr when the cell's code ends (a round trip to the IOPub thread
+    that the kernel's main thread waits for, before its reply and idle status)
+    sends it, the IOPub thread's work overlapping that wait.
     """
 
     def __init__(self, io: Any):
@@ -152,12 +161,18 @@ class _Post:
         self.ok = all(hasattr(io, a) for a in ("_events", "_event_pipe", "_really_send", "_handle_event",
                                                "io_loop", "thread"))
         self.coalesced = 0  # cards queued without a wake-up (tests read it)
+        self.at_cell_end = 0  # of them, cards left to the end-of-cell flush
 
-    def send(self, socket: Any, frames: list, copy: bool) -> None:
+    def send(self, socket: Any, frames: list, copy: bool, ends_cell: bool = False) -> None:
         """Send ``frames`` through ``socket`` (a BackgroundSocket of this thread), as Session.send would."""
         io = self.io
         now = time.monotonic()
         burst, self.last = now - self.last < COALESCE_S, now
+        if ends_cell and self.ok and io.thread.is_alive():
+            io._events.append(lambda: io._really_send(frames, copy=copy))
+            self.coalesced += 1
+            self.at_cell_end += 1
+            return
         if not burst or not self.ok or not io.thread.is_alive():
             socket.send_multipart(frames, copy=copy)
             return

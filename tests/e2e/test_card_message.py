@@ -28,8 +28,8 @@ import json
 import poolmagic.iopub as _iopub
 _real_send = _iopub.send_display
 _fast = []
-def _spy(pub, data):
-    sent = _real_send(pub, data)
+def _spy(pub, data, *args):
+    sent = _real_send(pub, data, *args)
     _fast.append(sent)
     return sent
 _iopub.send_display = _spy
@@ -180,3 +180,22 @@ def test_cards_of_a_burst_arrive_while_the_cell_runs(kc, tmp_path):
     assert all(c["content"]["data"]["text/plain"].startswith("poolmagic: f() · 4 items") for c in cards)
     ids = [c["header"]["msg_id"] for c in cards]
     assert ids == sorted(ids, key=lambda i: int(i.rsplit("_", 1)[1]))  # sent in the order they were made
+
+
+def test_a_poolmap_cells_card_goes_with_the_cell_end(kc):
+    """A cell that is one %%poolmap: its card waits for ipykernel's end-of-cell flush, and still comes
+    before the cell's value and its idle status, under the cell's request."""
+    before = evaluate(kc, "sum(p.at_cell_end for p in _iopub._POSTS.values())")
+    r = run_ok(kc, f"%%poolmap range(4)\n{FUNC}")
+    kinds = [m["msg_type"] for m in r.msgs if m["msg_type"] in ("stream", "display_data", "execute_result")]
+    assert kinds == ["display_data", "execute_result"], kinds
+    card = r.msgs[[m["msg_type"] for m in r.msgs].index("display_data")]
+    assert card["content"]["data"]["text/plain"].startswith("poolmagic: f() · 4 items")
+    assert card["parent_header"]["msg_id"] == r.reply["parent_header"]["msg_id"]
+    assert r.value == "[0, 1, 2, 3]"
+    assert evaluate(kc, "sum(p.at_cell_end for p in _iopub._POSTS.values())") == before + 1
+    # a failing map's card: before the cell's error
+    r = collect(kc, kc.execute("%%poolmap range(4)\ndef g(x):\n    return 1 / (x - 2)\n"), 30)
+    kinds = [m["msg_type"] for m in r.msgs if m["msg_type"] in ("display_data", "error")]
+    assert kinds == ["display_data", "error"], kinds
+    assert evaluate(kc, "sum(p.at_cell_end for p in _iopub._POSTS.values())") == before + 2
