@@ -32,6 +32,7 @@ card says so instead of showing it.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections import defaultdict
@@ -93,6 +94,10 @@ class Analysis:
         return f"≈{self.speedup:.2f}×"
 
 
+def _t0(c: Any) -> float:
+    return c.t0
+
+
 def transport_s(r: "RunReport") -> float:
     """Seconds chunks spent travelling, not waiting behind another chunk."""
     total = 0.0
@@ -104,7 +109,7 @@ def transport_s(r: "RunReport") -> float:
     for chunks in by_worker.values():
         free = 0.0
         moving = busy = 0.0
-        for c in sorted(chunks, key=lambda c: c.t0):
+        for c in sorted(chunks, key=_t0) if len(chunks) > 1 else chunks:
             moving += max(0.0, c.t0 - max(c.t_sent, free)) + max(0.0, c.t_recv - c.t1)
             busy += c.t1 - c.t0
             free = max(c.t1, c.t_recv)  # sending its results, the worker is not free yet
@@ -231,7 +236,7 @@ def _native_threads(r: "RunReport", threads: int | None) -> tuple[int, int] | No
 def _uses_native_threads(func: Any, depth: int = 0) -> bool:
     """Does ``func``'s code name a module (or a function of one) from a natively threaded package?"""
     func = getattr(func, "__wrapped__", func)
-    if isinstance(func, __import__("functools").partial):
+    if isinstance(func, functools.partial):
         func = func.func
     code = getattr(func, "__code__", None)
     g = getattr(func, "__globals__", None)

@@ -11,6 +11,7 @@ formatting: no templates, no imports beyond the stdlib ``html`` escape.
 from __future__ import annotations
 
 import html
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from .style import BAD, BLUE, FONT, GOOD, WARN, call_name, fmt_s, labelled_bar, plural
@@ -93,7 +94,13 @@ def summary_bundle(r: "RunReport", progress: "Progress | None" = None) -> dict[s
 
 
 def _head(r: "RunReport") -> str:
-    return f"<b>poolmagic</b> <code>{html.escape(call_name(r.func_name))}</code>"
+    return _head_of(r.func_name)
+
+
+@lru_cache(maxsize=256)
+def _head_of(func_name: str) -> str:
+    """The card's title: the same few functions are mapped cell after cell."""
+    return f"<b>poolmagic</b> <code>{html.escape(call_name(func_name))}</code>"
 
 
 def _running(r: "RunReport", p: "Progress") -> dict[str, str]:
@@ -105,20 +112,27 @@ def _running(r: "RunReport", p: "Progress") -> dict[str, str]:
 
 
 def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
-    """The text form, and the HTML one (its timeline picture included) only when asked."""
+    """The text form, and the HTML one (its timeline picture included) only when asked.
+
+    On every card's path: each figure is formatted once, and lists that are
+    usually empty (notes, findings) are only walked when they are not.
+    """
     a = r.analysis()
     items = _counts(r)
     workers = r.workers
-    if r.status == "cancelled":  # the stopped chunks were never recorded: count the workers they ran on
+    status = r.status
+    if status == "cancelled":  # the stopped chunks were never recorded: count the workers they ran on
         workers = max(workers, min(r.pool_size, r.items if r.items is not None else r.pool_size))
     cores = f"{r.cores} core{'s' if r.cores != 1 else ''}"
     words = speedup_words(r, a)
     extra = _status_words(r)
-    ok_map = r.status == "done" and not r.errors
+    ok_map = status == "done" and not r.errors
+    took = f"{items} in {fmt_s(r.wall_s)}"  # (items: digits and words, nothing to escape)
+    used = plural(workers, "worker")
+    notes, findings = r.notes, a.findings
 
-    text = [f"poolmagic: {call_name(r.func_name)} · {items} in {fmt_s(r.wall_s)}", plural(workers, "worker"),
-            f"{cores} available"]
-    cells = [_head(r), f"{html.escape(items)} in {fmt_s(r.wall_s)}", f"{plural(workers, 'worker')} / {cores}"]
+    text = [f"poolmagic: {call_name(r.func_name)} · {took}", used, f"{cores} available"]
+    cells = [_head(r), took, f"{used} / {cores}"]
     if words:
         text.append(words)
         good = a.efficiency >= 0.7 and a.speedup >= 1 and not a.failed
@@ -127,30 +141,31 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     if extra:
         text.append(extra)
         cells.append(f"<b>{html.escape(extra)}</b>")
-    lines = [" · ".join(text)]
-    lines += [f"  note: {n}" for n in r.notes]
-    lines += [f"  why: {f.text}" for f in a.findings]
+    plain = " · ".join(text)
+    if notes or findings:
+        plain = "\n".join([plain, *(f"  note: {n}" for n in notes), *(f"  why: {f.text}" for f in findings)])
     if not with_html:  # a terminal's repr: no HTML, no timeline picture
-        return {"text/plain": "\n".join(lines)}
+        return {"text/plain": plain}
 
-    edge = BAD if not ok_map else (GOOD if not a.findings and not a.failed else WARN)
+    edge = BAD if not ok_map else (GOOD if not findings and not a.failed else WARN)
     parts = [_CARD % edge, " · ".join(cells)]
     if r.chunks and ok_map:
         parts.append(
             f'<div>time: function {fmt_s(a.busy_s)} · transport {fmt_s(a.transport_s)}'
             f" · idle {fmt_s(a.idle_s)} (over {plural(a.workers, 'worker')})</div>"
         )
-    parts += [f"<div>note: {html.escape(n)}</div>" for n in r.notes]
-    if a.findings:
+    if notes:
+        parts += [f"<div>note: {html.escape(n)}</div>" for n in notes]
+    if findings:
         parts.append('<ul style="margin:2px 0 0 0;padding-left:18px">'
-                     + "".join(f"<li>{html.escape(f.text)}</li>" for f in a.findings) + "</ul>")
+                     + "".join(f"<li>{html.escape(f.text)}</li>" for f in findings) + "</ul>")
     if len(r.chunks) > 1:  # one chunk is no picture
         from .charts import timeline_html
         from .timeline import Timeline
 
         parts.append(f"<details><summary>timeline</summary>{timeline_html(Timeline(r))}</details>")
     parts.append("</div>")
-    return {"text/plain": "\n".join(lines), "text/html": "".join(parts)}
+    return {"text/plain": plain, "text/html": "".join(parts)}
 
 
 def progress_text(p: "Progress", func_name: str | None = None) -> str:

@@ -1,7 +1,8 @@
-"""Showing poolmagic's displays in IPython: the only module that talks to ipykernel.
+"""Showing poolmagic's displays in IPython: with iopub.py, the only modules that talk to ipykernel.
 
 Rendering (display.py) makes the text and HTML; this publishes it, and knows
-the kernel's internals that make that cheap.
+the kernel's internals that make that cheap (iopub.py builds the summary's
+message itself).
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def show(obj: Any, shell: Any) -> None:
     if not hasattr(pub, "_flush_streams") or not _streams_idle():
         pub.publish(data=data, metadata={})
         return
+    from .iopub import send_display
+
+    if send_display(pub, data, _card_ends_cell(shell)):  # publish()'s message, built with less work (iopub.py)
+        return
     pub._flush_streams = _no_flush
     try:
         pub.publish(data=data, metadata={})
@@ -74,6 +79,22 @@ def show_bundle(data: dict, shell: Any) -> None:
 
 def _no_flush() -> None:
     pass
+
+
+def _card_ends_cell(shell: Any) -> bool:
+    """Nothing of the running cell follows this card: the kernel's main thread runs a cell that is one
+    ``%%poolmap`` (its body ran before the map), so ipykernel's end-of-cell flush can send the card."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    get_parent = getattr(shell, "get_parent", None)
+    try:
+        request = get_parent() if get_parent is not None else None
+        if not request or request["header"]["msg_type"] != "execute_request":
+            return False
+        first = request["content"]["code"].split(None, 1)
+        return bool(first) and first[0] == "%%poolmap"
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 class LiveProgress:

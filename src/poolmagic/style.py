@@ -46,7 +46,8 @@ GREY = "var(--jp-layout-color4,#9ca3af)"
 def labelled_bar(frac: float, width: int, color: str, label: str) -> str:
     """A labelled bar: ``label`` is read by screen readers and shown on hover; callers print it too."""
     frac = min(max(frac, 0.0), 1.0)
-    return _BAR % (html.escape(label), html.escape(label), round(frac * 100), width, TRACK, frac * width, color)
+    label = html.escape(label)
+    return _BAR % (label, label, round(frac * 100), width, TRACK, frac * width, color)
 
 
 _BAR = ('<span role="progressbar" aria-label="%s" title="%s" aria-valuenow="%d" aria-valuemin="0" '
