@@ -199,3 +199,34 @@ def test_a_poolmap_cells_card_goes_with_the_cell_end(kc):
     kinds = [m["msg_type"] for m in r.msgs if m["msg_type"] in ("display_data", "error")]
     assert kinds == ["display_data", "error"], kinds
     assert evaluate(kc, "sum(p.at_cell_end for p in _iopub._POSTS.values())") == before + 2
+
+
+def _items_of(summary: str) -> str:
+    """'poolmagic: f() · 3 items in 374 µs · ...' -> '3 items'."""
+    return summary.splitlines()[0].split(" · ")[1].split(" in ")[0]
+
+
+def test_a_burst_of_cards_between_prints_keeps_every_output_once_and_in_order(kc):
+    """30 maps in one cell, each followed by a print: each card must leave after the text
+    printed before it (still buffered: the card flushes it) and before the text after it,
+    whichever way the card is sent; each once, with the cell as its parent."""
+    magic = "get_ipython().run_cell_magic('poolmap', {!r}, " + repr(FUNC) + ")"
+    code = "\n".join(["print('before')"] + [f"{magic.format(f'range({n})')}\nprint('after {n}')"
+                                            for n in range(1, 31)])
+    r = run_ok(kc, code, timeout=50)
+    got: list[str] = []
+    for m in r.msgs:
+        if m["msg_type"] == "stream":
+            if got and got[-1].startswith("text:"):
+                got[-1] += m["content"]["text"]
+            else:
+                got.append("text:" + m["content"]["text"])
+        elif m["msg_type"] == "display_data":
+            got.append("card:" + _items_of(m["content"]["data"]["text/plain"]))
+    want = ["text:before\n"]
+    for n in range(1, 31):
+        want += [f"card:{n} item{'s' if n != 1 else ''}", f"text:after {n}\n"]
+    assert got == want, got
+    cards = [m for m in r.msgs if m["msg_type"] == "display_data"]
+    assert all(m["parent_header"]["msg_id"] == r.reply["parent_header"]["msg_id"] for m in cards)
+    assert len({m["header"]["msg_id"] for m in cards}) == 30
