@@ -115,7 +115,9 @@ def test_prestart_returns_with_the_forkserver_launched():
     before %load_ext goes on importing (its thread used to wait for the GIL meanwhile)."""
     out, err, code = run_script("""
         from multiprocessing import forkserver
+        from poolmagic.engine import processes
         from poolmagic.engine.processes import prestart, stop_helper_processes
+        processes.PRESTART_WAIT_S = 60  # its bound, for a loaded host: no clock in this test
         prestart("forkserver")
         print("LAUNCHED", forkserver._forkserver._forkserver_pid is not None, flush=True)
         stop_helper_processes(tracker=True)
