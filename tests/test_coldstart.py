@@ -110,17 +110,25 @@ def test_the_worker_module_does_not_load_openssl():
 
 
 @linux_only
-def test_prestart_returns_with_the_forkserver_launched():
-    """The forkserver's boot is the longest step of a cold start: prestart() launches it
-    before %load_ext goes on importing (its thread used to wait for the GIL meanwhile)."""
+def test_prestart_launches_the_forkserver_with_a_short_switch_interval_then_restores_it():
+    """The forkserver's boot is the longest step of a cold start: prestart()'s thread
+    launches it while %load_ext goes on importing, and used to wait up to 5 ms (the
+    GIL's switch interval) each time it needed the GIL back. Until it has launched the
+    server, the interval is short; then it is what it was."""
     out, err, code = run_script("""
+        import sys, time
         from multiprocessing import forkserver
         from poolmagic.engine import processes
-        from poolmagic.engine.processes import prestart, stop_helper_processes
-        processes.PRESTART_WAIT_S = 60  # its bound, for a loaded host: no clock in this test
-        prestart("forkserver")
-        print("LAUNCHED", forkserver._forkserver._forkserver_pid is not None, flush=True)
-        stop_helper_processes(tracker=True)
+        sys.setswitchinterval(0.004)
+        usual = sys.getswitchinterval()
+        with forkserver._forkserver._lock:  # the launch waits for this lock: no clock in this test
+            processes.prestart("forkserver")
+            print("DURING", abs(sys.getswitchinterval() - processes.PRESTART_SWITCH_S) < 1e-6, flush=True)
+        deadline = time.monotonic() + 20
+        while sys.getswitchinterval() != usual and time.monotonic() < deadline:
+            time.sleep(0.005)
+        print("AFTER", sys.getswitchinterval() == usual, forkserver._forkserver._forkserver_pid is not None, flush=True)
+        processes.stop_helper_processes(tracker=True)
     """)
     assert code == 0, err[-2000:]
-    assert "LAUNCHED True" in out, out
+    assert "DURING True" in out and "AFTER True True" in out, out

@@ -209,23 +209,26 @@ def install_main_guard(prefix: str = WORKER_NAME) -> None:
     spawn.get_preparation_data = get_preparation_data
 
 
-PRESTART_WAIT_S = 0.05  # at most this long for prestart's thread to launch the forkserver
+PRESTART_SWITCH_S = 0.0002  # the GIL's switch interval while prestart's thread launches the forkserver
 
 
 def prestart(start_method: str | None = None) -> None:
-    """Boot the forkserver in the background, now: returns once its process is launched.
+    """Boot the forkserver in the background, now (returns at once).
 
     A fresh forkserver takes ~60 ms to start Python and preload the worker
     module; started before ``%load_ext`` imports the rest of poolmagic (~40 ms),
     the two overlap. The manager thread later finds it running. Its boot is
-    the longest step of a cold start, so it is launched first: the caller
-    waits (~2 ms) while a thread of its own launches it (SIGINT blocked there,
-    see block_sigint), instead of importing meanwhile and making that thread
-    wait for the GIL (it launched the server ~10 ms later).
+    the longest step of a cold start, so its launch must not wait: the
+    caller's imports hold the GIL, and the launching thread (SIGINT blocked
+    there, see block_sigint) got it back only every 5 ms (the switch
+    interval), launching the server ~10 ms late. Until it has launched it,
+    the interval is PRESTART_SWITCH_S; then it is put back.
     """
     if (start_method or default_start_method()) != "forkserver":
         return
-    launched = threading.Event()
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, PRESTART_SWITCH_S))
+    ours = sys.getswitchinterval()  # (kept in µs: not always the float given)
 
     def boot() -> None:
         try:
@@ -238,10 +241,10 @@ def prestart(start_method: str | None = None) -> None:
         except Exception:  # the manager will try again and report it
             pass
         finally:
-            launched.set()
+            if sys.getswitchinterval() == ours:  # (unless someone else set it meanwhile)
+                sys.setswitchinterval(before)
 
     threading.Thread(target=boot, name="poolmagic-prestart", daemon=True).start()
-    launched.wait(PRESTART_WAIT_S)
 
 
 def block_sigint() -> None:
