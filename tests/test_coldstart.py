@@ -132,3 +132,16 @@ def test_prestart_launches_the_forkserver_with_a_short_switch_interval_then_rest
     """)
     assert code == 0, err[-2000:]
     assert "DURING True" in out and "AFTER True True" in out, out
+
+
+def test_prestart_puts_the_switch_interval_back_when_its_thread_cannot_start(monkeypatch):
+    import threading
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    usual = sys.getswitchinterval()
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        processes.prestart("forkserver")
+    assert sys.getswitchinterval() == usual

@@ -244,7 +244,11 @@ def prestart(start_method: str | None = None) -> None:
             if sys.getswitchinterval() == ours:  # (unless someone else set it meanwhile)
                 sys.setswitchinterval(before)
 
-    threading.Thread(target=boot, name="poolmagic-prestart", daemon=True).start()
+    try:
+        threading.Thread(target=boot, name="poolmagic-prestart", daemon=True).start()
+    except BaseException:  # no thread could start: the interval is put back here
+        sys.setswitchinterval(before)
+        raise
 
 
 def block_sigint() -> None:
