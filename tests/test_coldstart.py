@@ -2,9 +2,10 @@
 
 The first map of a fresh kernel waits for the forkserver's boot, then for its
 workers' first chunk. These tests pin the steps taken off that path: the
-forkserver is launched before ``%load_ext`` imports the rest, it preloads
-nothing a plain map does not use, and a fresh worker does not look at the
-modules it started with (their files, their native libraries) on its first chunk.
+forkserver's launch does not wait for the GIL while ``%load_ext`` imports the
+rest, the server preloads nothing a plain map does not use, and a fresh worker
+does not look at the modules it started with (their files, their native
+libraries) on its first chunk.
 """
 from __future__ import annotations
 
