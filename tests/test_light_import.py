@@ -20,7 +20,10 @@ LATER_MODULES = ("poolmagic.display", "poolmagic.charts", "poolmagic.style", "po
                  "poolmagic.imap", "poolmagic.poolsize", "poolmagic.pooldebug",
                  # --checkpoint only: the file format, its signing, its writer threads
                  "poolmagic.checkpointing", "poolmagic.checkpointfile", "poolmagic.checkpointformat",
-                 "poolmagic.checkpointpaths")
+                 "poolmagic.checkpointpaths",
+                 # --resume only, or a map that ends with items missing: the items' keys
+                 "poolmagic.resume", "poolmagic.identity", "poolmagic.identityencoding",
+                 "poolmagic.itemkeys", "poolmagic.threadqueues")
 
 
 def heavy(names: list[str]) -> list[str]:

@@ -17,7 +17,6 @@ from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
-from .resume import resume_report
 from .report import FAILED_KEPT, RunReport
 from .serialize import Payload, callable_name, describe, dump_function, undefined_globals
 
@@ -137,6 +136,8 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
             "PATH resumes by itself from what PATH recorded; run the map again with only --checkpoint "
             "to continue it, or only --resume to re-run an earlier map's missing items")
     if resume is not None:
+        from .resume import resume_report  # (the items' keys and their comparison: only for --resume)
+
         earlier, index, iterable = resume_report(resume, iterable)
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .engine.base import Backend
 from .engine.core.job import Job, write_outputs
 from .errors import add_note, point_at_function
-from .resume import SeenItems
+from .seenitems import SeenItems
 from .report import RunReport
 
 if TYPE_CHECKING:

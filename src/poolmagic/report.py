@@ -42,7 +42,7 @@ class RunReport(MapRecord):
     resumed: tuple[int, int] | None = None  # (kept, run) when this run resumed an earlier one
     replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
     serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
-    identity: Any = field(default=None, repr=False)  # the items' keys, for --resume (resume.SeenItems)
+    identity: Any = field(default=None, repr=False)  # the items' keys, for --resume (seenitems.SeenItems)
 
     # ---------------------------------------------------------------- words
     def where_attempts(self, index: int | str) -> str:

@@ -3,21 +3,20 @@
 A run re-maps the positions an earlier report kept no result for, and merges
 them into its results in input order. It is refused unless the items behind
 the ITERABLE are, at every kept position, the ones the earlier run mapped: a
-report keeps its items' keys (``SeenItems``, computed only when needed).
+report keeps its items' keys (``SeenItems``, seenitems.py, computed only when needed).
+Loaded by the first map that resumes (or checkpoints), not by every map.
 """
 from __future__ import annotations
 
-import threading
-from typing import Any, Iterable
+from typing import Iterable
 
 from . import identity
-from .engine.core.events import ChunkFinished, MapFinished
 from .engine.core.items import SEQUENCES
 from .errors import BadInputError
 from .itemkeys import differ_message, keys_at
 from .report import RunReport
+from .seenitems import SeenItems
 from .sentinel import NOT_DONE
-from .threadqueues import thread_queue
 
 
 def materialise(iterable: Iterable) -> list | range | tuple:
@@ -64,108 +63,6 @@ def resume_report(prev: RunReport, iterable: Iterable) -> tuple[RunReport, list[
     report.resumed = (prev.items - len(missing), len(missing))
     report.identity = now
     return report, missing, [items[i] for i in missing]
-
-
-
-class SeenItems:
-    """The keys (identity.py) of a map's items, kept on its report for ``--resume``.
-
-    Hashing every item of every map would cost the tiny-items path dearly
-    (docs/design.md), so they are computed only when needed, on a thread of
-    their own: for a sequence ITERABLE (still held by the report) once the map
-    ends with items missing; for a stream, which is gone once read, chunk by
-    chunk as results come back. Positions kept from a checkpoint or an earlier
-    run start out known (their keys were compared on the way in).
-    """
-
-    def __init__(self, job: Any):
-        self.job = job
-        report = job.report
-        pre = report.identity
-        self.keys = bytearray(pre) if isinstance(pre, (bytes, bytearray)) else bytearray()
-        self.error: BaseException | None = None
-        self.ready: threading.Event | None = None  # made when keys are computed after the map (~3 µs)
-        self.ending = False  # the map has ended
-        report.identity = self
-        job.observers.append(self)
-
-    def __call__(self, event: Any) -> None:
-        if type(event) is ChunkFinished:
-            if self.job.source.is_stream and event.items is not None:
-                if self.ready is None:
-                    self.ready = threading.Event()
-                self._put(self._add, event.record.start, event.items)
-        elif type(event) is MapFinished:  # published under the job's lock: a caller that saw the
-            r = self.job.report           # map end sees ``ending`` (and ``ready``) too
-            if not self.job.source.is_stream and r.items is not None and r.done >= r.items:
-                self.job = None  # nothing missing: nothing to resume, no keys needed (the common case)
-            else:
-                if self.ready is None:
-                    self.ready = threading.Event()
-                self._put(self._end)
-            self.ending = True
-
-    def _put(self, fn: Any, *args: Any) -> None:
-        thread_queue("identity").put((self._guard, (fn, args)))
-
-    def _guard(self, fn: Any, args: tuple) -> None:
-        if self.error is not None:
-            return
-        try:
-            fn(*args)
-        except identity.IdentityError as exc:
-            self.error = exc
-        except BaseException as exc:  # never lose the event: resume says what went wrong
-            self.error = BadInputError(f"the items could not be identified ({type(exc).__name__}: {exc})")
-        finally:
-            if fn == self._end:
-                self.job = None  # the report outlives the job: hold nothing of it
-                self.ready.set()  # type: ignore[union-attr]
-
-    def _add(self, start: int, items: Any, index: Any = None) -> None:
-        k = identity.KEY
-        keys = identity.keys(items, range(start, start + len(items)) if index is None else index, "--resume")
-        if index is None:
-            if len(self.keys) < (start + len(items)) * k:
-                self.keys.extend(bytes((start + len(items)) * k - len(self.keys)))
-            self.keys[start * k : (start + len(items)) * k] = keys
-        else:
-            for j, i in enumerate(index):
-                self.keys[i * k : (i + 1) * k] = keys[j * k : (j + 1) * k]
-
-    def _end(self) -> None:
-        job = self.job
-        r = job.report
-        if job.source.is_stream or r.items is None or r.done >= r.items:
-            return  # a stream was hashed as it went; a map with nothing missing needs no keys
-        seq, index, k = job.source.seq, job.index, identity.KEY
-        # with a result now, or handed to a worker: a result on its way when the map ended (a
-        # cancel, a failure) is kept when it lands later, and --resume must know its item too
-        handed = min(len(seq), job.source.pos)
-        done = [p for p in range(len(seq))
-                if p < handed or r.results[p if index is None else index[p]] is not NOT_DONE]
-        if len(self.keys) < r.items * k:
-            self.keys.extend(bytes(r.items * k - len(self.keys)))
-        got = keys_at(seq, done, "--resume", index)  # only the kept items: a map that failed at once hashes little
-        if index is None:  # a fresh map: nothing was known before
-            self.keys[: len(got)] = got
-            return
-        for p in done:
-            self.keys[index[p] * k : (index[p] + 1) * k] = got[index[p] * k : (index[p] + 1) * k]
-
-    def settle(self) -> None:
-        """Once the map has ended, wait for its keys: a sequence changed in place after
-        ``run`` returns must not be hashed as the items the map ran."""
-        if self.ending and self.ready is not None:
-            self.ready.wait()
-
-    def result(self) -> bytes:
-        """The keys, once known (raises what made them unknowable)."""
-        if self.ready is not None:
-            self.ready.wait()
-        if self.error is not None:
-            raise BadInputError(f"cannot resume: {self.error}; run the cell without --resume") from None
-        return bytes(self.keys)
 
 
 def continuing(name: str, n: int, results: list, errors: dict) -> RunReport:

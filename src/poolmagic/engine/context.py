@@ -14,7 +14,6 @@ one of those, the worker is recycled after its chunk.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sys
@@ -46,6 +45,8 @@ class EnvOverlay(NamedTuple):
 
 def make_context(threads: int | None) -> P.SetContext:
     """The caller's process context now: cwd, environment, sys.path, thread limit."""
+    import hashlib  # here: the worker module imports this one, and _hashlib loads OpenSSL (~3 ms of every cold start)
+
     cwd = os.getcwd()
     env = dict(os.environ)
     path = list(sys.path)
@@ -81,6 +82,7 @@ class ContextApplier:
         self._env_raw: dict | None = None  # os.environ._data as the context wants it
         self._threads: int | None = None
         self._limited_at = -1  # len(sys.modules) when thread pools were last limited
+        self._bare_at = -1  # len(sys.modules) while no native thread pool is loaded (no_thread_pools_yet)
         self._base_env: dict | None = None  # a remote worker's own environment, before any overlay
 
     def apply(self, ctx: P.SetContext | EnvOverlay) -> None:
@@ -137,6 +139,14 @@ class ContextApplier:
             if os.environ.get(k) != v:
                 os.environ[k] = v
 
+    def no_thread_pools_yet(self) -> None:
+        """This process has loaded no native thread pool (BLAS, OpenMP) so far.
+
+        A fresh worker whose start imported no numpy-like module: nothing to
+        limit until modules are imported (whatever the thread limit becomes).
+        """
+        self._bare_at = len(sys.modules)
+
     def limit_threads_if_new_libraries(self) -> None:
         """Limit native thread pools; again only when modules were imported since.
 
@@ -144,7 +154,8 @@ class ContextApplier:
         only when the set of modules grew (a new library may have come with
         them). Libraries loaded later still read the THREAD_VARS set above.
         """
-        if self._threads is None or len(sys.modules) == self._limited_at:
+        n = len(sys.modules)
+        if self._threads is None or n == self._limited_at or n == self._bare_at:
             return
         self._limited_at = len(sys.modules)
         try:

@@ -17,6 +17,7 @@ from multiprocessing import connection, util
 from typing import Any, Hashable
 
 from .core.exits import ExitList
+from .warm import WARM_MODULES, warm_modules  # noqa: F401  (their old home)
 
 
 WORKER_NAME = "poolmagic-worker"
@@ -25,20 +26,16 @@ WORKER_NAME = "poolmagic-worker"
 OWNER_PID = os.getpid()
 WORKER_MODULE = "poolmagic.engine.worker"  # preloaded by the forkserver
 SERVER_HOOKS = "poolmagic.engine.serverhooks"  # the forkserver's own exit hook
-# Heavy modules workers get up front when the kernel uses them: preloaded by the
-# forkserver (every worker, replacements too, is a fork that already has them),
-# imported by each worker at start under spawn.
-WARM_MODULES = ("numpy", "pandas")
-
-
-def warm_modules() -> list[str]:
-    """The heavy modules of WARM_MODULES this process has imported."""
-    return [m for m in WARM_MODULES if m in sys.modules]
-
 
 def forkserver_preload() -> list[str]:
-    """What the forkserver imports once, so that no worker pays for it."""
-    return [WORKER_MODULE, SERVER_HOOKS, "threadpoolctl", *warm_modules()]
+    """What the forkserver imports once, so that no worker pays for it.
+
+    threadpoolctl only with numpy or pandas: without them a worker has no
+    native thread pool to limit (worker.py), and its import (~2.5 ms) would
+    lengthen the server's boot, which a cold start's first map waits for.
+    """
+    warm = warm_modules()
+    return [WORKER_MODULE, SERVER_HOOKS, *(["threadpoolctl", *warm] if warm else [])]
 
 
 # Made here, after multiprocessing.util registered its exit handler: ours runs first.
@@ -212,28 +209,46 @@ def install_main_guard(prefix: str = WORKER_NAME) -> None:
     spawn.get_preparation_data = get_preparation_data
 
 
+PRESTART_SWITCH_S = 0.0002  # the GIL's switch interval while prestart's thread launches the forkserver
+
+
 def prestart(start_method: str | None = None) -> None:
     """Boot the forkserver in the background, now (returns at once).
 
     A fresh forkserver takes ~60 ms to start Python and preload the worker
     module; started before ``%load_ext`` imports the rest of poolmagic (~40 ms),
-    the two overlap. The manager thread later finds it running.
+    the two overlap. The manager thread later finds it running. Its boot is
+    the longest step of a cold start, so its launch must not wait: the
+    caller's imports hold the GIL, and the launching thread (SIGINT blocked
+    there, see block_sigint) got it back only every 5 ms (the switch
+    interval), launching the server ~10 ms late. Until it has launched it,
+    the interval is PRESTART_SWITCH_S; then it is put back.
     """
     if (start_method or default_start_method()) != "forkserver":
         return
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, PRESTART_SWITCH_S))
+    ours = sys.getswitchinterval()  # (kept in µs: not always the float given)
 
     def boot() -> None:
-        start_resource_tracker()
-        block_sigint()  # after the tracker: starting it unblocks SIGINT (see below)
-        from multiprocessing import forkserver
-
-        mp.get_context("forkserver").set_forkserver_preload(forkserver_preload())
         try:
+            start_resource_tracker()
+            block_sigint()  # after the tracker: starting it unblocks SIGINT (see below)
+            from multiprocessing import forkserver
+
+            mp.get_context("forkserver").set_forkserver_preload(forkserver_preload())
             forkserver.ensure_running()
         except Exception:  # the manager will try again and report it
             pass
+        finally:
+            if sys.getswitchinterval() == ours:  # (unless someone else set it meanwhile)
+                sys.setswitchinterval(before)
 
-    threading.Thread(target=boot, name="poolmagic-prestart", daemon=True).start()
+    try:
+        threading.Thread(target=boot, name="poolmagic-prestart", daemon=True).start()
+    except BaseException:  # no thread could start: the interval is put back here
+        sys.setswitchinterval(before)
+        raise
 
 
 def block_sigint() -> None:

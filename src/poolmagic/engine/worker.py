@@ -55,6 +55,7 @@ from .core.childprocess import die_with_parent, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from .context import ContextApplier, ProcessState, watch_calls
+from .warm import WARM_MODULES
 
 RETIRE: str | None = None  # set by the mapped code (maxtasksperchild): exit after this chunk, and why
 
@@ -74,7 +75,7 @@ class Worker:
         self.contexts: OrderedDict[str, P.SetContext] = OrderedDict()
         self.options = P.OptionsWire()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.n_modules = 0
+        self.n_modules = 0  # len(sys.modules) when they were last looked at (_new_modules)
         self.seen_modules: set[str] = set()
         self.applier = ContextApplier()
         self.baseline: ProcessState | None = None
@@ -186,6 +187,7 @@ class Worker:
                 __import__(name)
             except Exception:
                 pass
+        self._started_with(sys.modules)
         self.baseline = ProcessState.read()
         watch_calls()
         self._take_pipe()
@@ -207,6 +209,22 @@ class Worker:
             elif kind is _ReaderFailed:
                 self._send(P.WorkerFailed(msg.packed))
                 self._exit()
+
+    def _started_with(self, modules: dict) -> None:
+        """The modules this worker starts with are not the user's work, nor new libraries.
+
+        They are the forkserver's preload (or, under spawn, the interpreter's
+        start and the warm imports): stdlib, poolmagic, cloudpickle, and numpy or
+        pandas when the kernel had them. The first chunk's reply looked at every
+        one of their files (realpath, stat: ~6 ms, all of it on a cold start's
+        first map); only modules imported after this are looked at now. Without
+        numpy or pandas among them no native thread pool is loaded either, so
+        threadpoolctl's walk of the shared libraries (~1.5 ms) waits for an import.
+        """
+        self.seen_modules = set(modules)
+        self.n_modules = len(modules)
+        if not any(name in modules for name in WARM_MODULES):
+            self.applier.no_thread_pools_yet()
 
     @staticmethod
     def _remember(cache: OrderedDict, key: str, value: object) -> None:
