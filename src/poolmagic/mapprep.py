@@ -137,12 +137,12 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
             "PATH resumes by itself from what PATH recorded; run the map again with only --checkpoint "
             "to continue it, or only --resume to re-run an earlier map's missing items")
     if resume is not None:
-        earlier, index, iterable = resume_report(resume, iterable)
+        earlier, index, iterable = resume_report(resume, iterable, o.seed)
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 
         checkpoint = Checkpoint(o.checkpoint)
-        earlier, index, iterable = checkpoint.load(iterable, name, key)
+        earlier, index, iterable = checkpoint.load(iterable, name, key, o.seed)
     if index is not None:
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))
