@@ -312,3 +312,21 @@ def test_workers_have_numpy_before_the_first_item_when_the_parent_uses_it(start_
             server = forkserver._forkserver._forkserver_pid
             with open(f"/proc/{server}/maps") as maps:
                 assert "_multiarray_umath" in maps.read(), "numpy not preloaded in the forkserver"
+
+
+def test_a_function_that_assigns_a_global_is_said_to_change_only_the_workers_copy(ip):
+    """``global total; total += x`` in a mapped function changed each worker's copy; the
+    notebook's stayed 0 without a word, where the plain loop leaves it at the sum. The summary
+    says so on backends whose items run in processes of their own (threads share the kernel's)."""
+    ip.run_cell("total = 0\ndef adds(x):\n    global total\n    total += x\n    return x\n"
+                "def reads(x):\n    return x + total\n")
+    adds, reads = ip.user_ns["adds"], ip.user_ns["reads"]
+    report = poolmagic.get_pool().run(adds, range(4))
+    assert ip.user_ns["total"] == 0
+    said = [n for n in report.notes if "'total'" in n]
+    assert said and "global" in said[0] and "notebook" in said[0], report.notes
+    assert "'total'" in report.summary()
+    assert not [n for n in poolmagic.get_pool().run(reads, range(4)).notes if "total" in n]
+    with Pool(2, backend="threads") as threads:
+        assert not [n for n in threads.run(adds, range(4)).notes if "total" in n]
+    assert ip.user_ns["total"] == 6  # the threads ran in the kernel: like the loop

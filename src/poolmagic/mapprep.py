@@ -14,12 +14,13 @@ from .checks import NoArgs, check_arity, check_not_text, check_plain_function, c
 from .engine.base import Backend
 from .engine.context import ContextCache
 from .engine.core.items import SEQUENCES, ItemSource
+from .engine.core.transport import OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .resume import resume_report
 from .report import FAILED_KEPT, RunReport
-from .serialize import Payload, callable_name, describe, dump_function, undefined_globals
+from .serialize import Payload, assigned_globals, callable_name, describe, dump_function, undefined_globals
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -39,6 +40,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     """
     o = _options(pool, options)
     name = _check_function(func, o)
+    written = assigned_globals(func) if OWN_PROCESS not in pool.backend.lacks else ()
     func, iterable = _call(func, iterable, o, name)
     payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup)
     workers = o.workers or pool.size
@@ -47,6 +49,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     report = RunReport(func_name=name, cores=pool.backend.cores() or pool.cores, pool_size=workers, backend=pool.backend.description,
                        threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
+    if written:
+        report.notes.append(_globals_note(name, written))
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -59,6 +63,14 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     else:
         report.replay = (func, o, None)
     return job
+
+
+def _globals_note(name: str, written: tuple[str, ...]) -> str:
+    """What a map of a function that assigns globals changes: each worker's copy, not the notebook's."""
+    names = ", ".join(repr(n) for n in written)
+    one = len(written) == 1
+    return (f"{name}() assigns the global{'' if one else 's'} {names} in the workers: the notebook's "
+            f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
 
 
 def _options(pool: "Pool", options: dict) -> MapOptions:

@@ -189,6 +189,29 @@ def _code_global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(n for n in seen if n not in stored)
 
 
+def assigned_globals(func: Any) -> tuple[str, ...]:
+    """Global names the function's code assigns (``global x; x = ...``), in order of first store."""
+    while True:  # the function a partial, a bound method or poolmagic's wrappers call
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif hasattr(func, "__func__"):
+            func = func.__func__
+        else:
+            break
+    code = getattr(func, "__code__", None)
+    return () if code is None else _code_stored_globals(code)
+
+
+@functools.lru_cache(maxsize=512)
+def _code_stored_globals(code: types.CodeType) -> tuple[str, ...]:
+    stored: dict[str, None] = {}
+    for co in _code_objects(code):
+        for ins in dis.get_instructions(co):
+            if ins.opname == "STORE_GLOBAL" and isinstance(ins.argval, str):
+                stored.setdefault(ins.argval, None)
+    return tuple(stored)
+
+
 def _captured(func: Any) -> Iterator[tuple[str, Any]]:
     """(description, value) of everything cloudpickle must pickle along with ``func``."""
     if isinstance(func, functools.partial):
