@@ -42,7 +42,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     name = _check_function(func, o)
     written = assigned_globals(func) if OWN_PROCESS not in pool.backend.lacks else ()
     func, iterable = _call(func, iterable, o, name)
-    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup)
+    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
     workers = o.workers or pool.size
     threads = o.threads or pool.threads_per_worker(workers)
     context = contexts.get(threads)
@@ -123,7 +123,8 @@ def _call(func: Callable, iterable: Iterable | None, o: MapOptions, name: str) -
 
 
 def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
-             worker_setup: Callable[[Callable], Callable] | None) -> tuple[Payload, list[str]]:
+             worker_setup: Callable[[Callable], Callable] | None,
+             kwargs: dict | None = None) -> tuple[Payload, list[str]]:
     """The function as the workers receive it, pickled, and the backend's notes on it."""
     shipped, notes = backend.prepare_function(func, iterable, star)  # a remote cluster's checks
     if worker_setup is not None:
@@ -131,10 +132,26 @@ def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
     try:
         payload = dump_function(shipped)
     except SerializationError:
+        _check_kwargs(func, kwargs)  # a --kw value: named as the user wrote it, not as "the partial's"
         if shipped is not func:
             dump_function(func)  # the function itself cannot be pickled: that error names the culprit
         raise
     return payload, notes
+
+
+def _check_kwargs(func: Callable, kwargs: dict | None) -> None:
+    """Raise SerializationError naming the first ``--kw`` value (``kwargs=``) that cannot be pickled."""
+    import cloudpickle
+
+    for key, value in (kwargs or {}).items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            name = callable_name(func.func if isinstance(func, functools.partial) else func)
+            raise SerializationError(
+                f"{name}() cannot be sent to the workers with --kw {key}=... (kwargs={{{key!r}: ...}}): "
+                f"its value is {describe(value)}, which cannot be pickled ({exc})."
+            ) from None
 
 
 def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, iterable: Iterable, name: str,
