@@ -330,3 +330,22 @@ def test_a_function_that_assigns_a_global_is_said_to_change_only_the_workers_cop
     with Pool(2, backend="threads") as threads:
         assert not [n for n in threads.run(adds, range(4)).notes if "total" in n]
     assert ip.user_ns["total"] == 6  # the threads ran in the kernel: like the loop
+
+
+def test_a_stream_that_raises_midway_has_a_place_for_every_item_it_yielded():
+    """The map of a generator that raised after 5 items said "1/5 items" but its results held 2
+    places: ``len(_poolmap.results)`` must be the items the stream yielded, NOT_DONE where none came."""
+    def items():
+        yield from range(5)
+        raise KeyError("source broke")
+
+    def first_only(x):
+        if x:
+            time.sleep(0.3)  # still running when the stream breaks
+        return x
+
+    with pytest.raises(KeyError) as e:
+        poolmagic.get_pool().map(first_only, items(), chunksize=1)
+    r = e.value.poolmap_report
+    assert r.items == 5 and len(r.results) == 5, (r.items, r.results)
+    assert r.done == sum(v is not poolmagic.NOT_DONE for v in r.results)
