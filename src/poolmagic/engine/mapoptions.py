@@ -67,6 +67,9 @@ class MapOptions:
                 ) from None
         for f in fields(self):
             _check(f.name, getattr(self, f.name), f.type)
+        if self.retry_on is not None and self.retries is None:  # it would retry nothing, silently
+            raise BadInputError("--retry-on (retry_on=) only limits --retries N (retries=) to some exceptions: "
+                                "give both, e.g. --retries 2 --retry-on ConnectionError")
 
     @classmethod
     def from_kwargs(cls, options: dict) -> "MapOptions":
