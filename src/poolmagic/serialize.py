@@ -16,6 +16,7 @@ import builtins
 import dis
 import functools
 import hashlib
+import io
 import pickle
 import sys
 import types
@@ -123,10 +124,45 @@ def _fingerprint(func: Any) -> tuple | None:
         return None
 
 
+_LRU = getattr(functools, "_lru_cache_wrapper", None)
+
+
+def _found_by_name(obj: Any) -> bool:
+    """``obj`` is what its module gives under its qualified name (pickle can take it by name)."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if module is None or module.__name__ == "__main__" or not _by_reference(module):
+        return False
+    found: Any = module
+    for part in getattr(obj, "__qualname__", "<>").split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, and ``@functools.lru_cache``/``@cache`` functions of a notebook by value.
+
+    pickle takes an lru_cache wrapper by its name, ``__main__.f``, which no worker
+    has; such a wrapper is rebuilt around its function (pickled by value), with an
+    empty cache of the same size.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is _LRU and not _found_by_name(obj):
+            p = obj.cache_parameters()
+            return _LRU, (obj.__wrapped__, p["maxsize"], p["typed"], functools._CacheInfo), dict(obj.__dict__)
+        return super().reducer_override(obj)
+
+
+def _dumps(obj: Any, buffer_callback: Callable | None = None) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def _dump(func: Callable) -> Payload:
     buffers: list[pickle.PickleBuffer] = []
     try:
-        data = cloudpickle.dumps(func, protocol=5, buffer_callback=buffers.append)
+        data = _dumps(func, buffer_callback=buffers.append)
     except Exception as exc:  # cloudpickle raises TypeError, PicklingError, ...
         raise SerializationError(explain_unpicklable(func, exc)) from None
     raw: list[memoryview] = []
@@ -142,7 +178,7 @@ def _dump(func: Callable) -> Payload:
 
 
 def _dump_in_band(func: Callable) -> Payload:
-    data = cloudpickle.dumps(func, protocol=5)
+    data = _dumps(func)
     return Payload(hashlib.sha256(data).hexdigest()[:24], data, [])
 
 
