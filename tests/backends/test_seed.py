@@ -213,3 +213,17 @@ def test_checkpoint_with_another_seed_is_refused(local_pool, tmp_path):
             local_pool.run(draw, range(N), checkpoint=path, kwargs=kw, **({"seed": other} if other else {}))
     r = local_pool.run(draw, range(N), seed=7, checkpoint=path, kwargs=kw)
     assert r.resumed == (N - 1, 1) and r.results == local_pool.map(draw, range(N), seed=7)
+
+
+def plain_draw(_x):
+    return random.random(), float(np.random.random())
+
+
+def test_an_unseeded_map_after_a_seeded_one_draws_fresh_numbers(backend):
+    """A worker kept the last seeded item's streams: an unseeded map after a --seed map drew the
+    same numbers in every session (repeated simulations gave identical 'random' replicates)."""
+    runs = []
+    for _ in range(2):
+        backend.pool.map(plain_draw, range(2), seed=7, workers=1, chunksize=1)
+        runs.append(backend.pool.map(plain_draw, range(3), workers=1, chunksize=1))
+    assert not set(runs[0]) & set(runs[1]), runs

@@ -165,6 +165,18 @@ def restore_streams(saved: tuple) -> None:
             np.random.seed()
 
 
+def fresh() -> None:
+    """Fresh OS entropy for ``random`` and numpy's global generator (after a seeded chunk).
+
+    A worker would otherwise stay on the last seeded item's streams, and an
+    unseeded map after a seeded one would draw the same numbers in every session.
+    """
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
 def clear() -> None:
     """No seeded item runs now: ``item_seed()``/``item_rng()`` draw fresh entropy."""
     _state.current = None
