@@ -330,6 +330,9 @@ def test_a_function_that_assigns_a_global_is_said_to_change_only_the_workers_cop
     with Pool(2, backend="threads") as threads:
         assert not [n for n in threads.run(adds, range(4)).notes if "total" in n]
     assert ip.user_ns["total"] == 6  # the threads ran in the kernel: like the loop
+    lib: dict = {"__name__": "somelib", "COUNT": 0}
+    exec("def lib_adds(x):\n    global COUNT\n    COUNT += 1\n    return x\n", lib)
+    assert not [n for n in poolmagic.get_pool().run(lib["lib_adds"], range(2)).notes if "COUNT" in n]
 
 
 def test_a_stream_that_raises_midway_has_a_place_for_every_item_it_yielded():

@@ -226,7 +226,10 @@ def _code_global_names(code: types.CodeType) -> tuple[str, ...]:
 
 
 def assigned_globals(func: Any) -> tuple[str, ...]:
-    """Global names the function's code assigns (``global x; x = ...``), in order of first store."""
+    """Notebook globals the function's code assigns (``global x; x = ...``), in order of first store.
+
+    Only a function of the notebook (``__main__``): a library's own module globals are not the notebook's.
+    """
     while True:  # the function a partial, a bound method or poolmagic's wrappers call
         if isinstance(func, functools.partial):
             func = func.func
@@ -235,7 +238,9 @@ def assigned_globals(func: Any) -> tuple[str, ...]:
         else:
             break
     code = getattr(func, "__code__", None)
-    return () if code is None else _code_stored_globals(code)
+    if code is None or getattr(func, "__globals__", {}).get("__name__") != "__main__":
+        return ()
+    return _code_stored_globals(code)
 
 
 @functools.lru_cache(maxsize=512)
