@@ -101,8 +101,8 @@ class RunReport(MapRecord):
 
     @property
     def workers(self) -> int:
-        """Distinct workers that ran at least one chunk."""
-        return len({c.worker for c in self.chunks})
+        """Distinct workers that ran at least one chunk (a chunk their death or a kill ended too)."""
+        return len({c.worker for c in self.chunks} | self.lost_on)
 
     @property
     def failed(self) -> int:

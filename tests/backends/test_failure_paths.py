@@ -240,3 +240,18 @@ def test_an_items_error_keeps_its_cause_its_context_and_its_attributes(backend):
     assert type(e.__context__) is ValueError and "'y'" in str(e.__context__)
     e = errors[3]
     assert type(e) is TwoArgError and e.args == ("seven",) and e.code == 7
+
+
+def sleeps(x):
+    time.sleep(30)
+
+
+def test_workers_that_were_killed_count_as_workers_that_ran(backend):
+    """Two items on two workers, both past --timeout: the card said "0 workers" (it counted
+    only workers whose chunks came back)."""
+    backend.need("kill-on-timeout")
+    with pytest.raises(MapFailedError) as info:
+        backend.run(sleeps, range(2), chunksize=1, timeout=1, keep_going=True)
+    r = info.value.poolmap_report
+    assert r.workers == 2, r.summary()
+    assert "0 workers" not in r.summary()
