@@ -49,7 +49,7 @@ class MapOptions:
     retries: int | None = opt(None, "--retries", metavar="N",
                               help="run an item that raised, crashed or timed out up to N more times")
     retry_on: tuple | None = opt(None, "--retry-on", metavar="EXC[,EXC]", kind="exceptions",
-                                 help="retry only these exception types (e.g. ConnectionError)")
+                                 help="with --retries N: retry only these exception types (e.g. ConnectionError)")
 
     def __post_init__(self) -> None:
         if isinstance(self.retry_on, type):  # one class: a tuple of one
