@@ -312,3 +312,43 @@ def test_workers_have_numpy_before_the_first_item_when_the_parent_uses_it(start_
             server = forkserver._forkserver._forkserver_pid
             with open(f"/proc/{server}/maps") as maps:
                 assert "_multiarray_umath" in maps.read(), "numpy not preloaded in the forkserver"
+
+
+def test_a_function_that_assigns_a_global_is_said_to_change_only_the_workers_copy(ip):
+    """``global total; total += x`` in a mapped function changed each worker's copy; the
+    notebook's stayed 0 without a word, where the plain loop leaves it at the sum. The summary
+    says so on backends whose items run in processes of their own (threads share the kernel's)."""
+    ip.run_cell("total = 0\ndef adds(x):\n    global total\n    total += x\n    return x\n"
+                "def reads(x):\n    return x + total\n")
+    adds, reads = ip.user_ns["adds"], ip.user_ns["reads"]
+    report = poolmagic.get_pool().run(adds, range(4))
+    assert ip.user_ns["total"] == 0
+    said = [n for n in report.notes if "'total'" in n]
+    assert said and "global" in said[0] and "notebook" in said[0], report.notes
+    assert "'total'" in report.summary()
+    assert not [n for n in poolmagic.get_pool().run(reads, range(4)).notes if "total" in n]
+    with Pool(2, backend="threads") as threads:
+        assert not [n for n in threads.run(adds, range(4)).notes if "total" in n]
+    assert ip.user_ns["total"] == 6  # the threads ran in the kernel: like the loop
+    lib: dict = {"__name__": "somelib", "COUNT": 0}
+    exec("def lib_adds(x):\n    global COUNT\n    COUNT += 1\n    return x\n", lib)
+    assert not [n for n in poolmagic.get_pool().run(lib["lib_adds"], range(2)).notes if "COUNT" in n]
+
+
+def test_a_stream_that_raises_midway_has_a_place_for_every_item_it_yielded():
+    """The map of a generator that raised after 5 items said "1/5 items" but its results held 2
+    places: ``len(_poolmap.results)`` must be the items the stream yielded, NOT_DONE where none came."""
+    def items():
+        yield from range(5)
+        raise KeyError("source broke")
+
+    def first_only(x):
+        if x:
+            time.sleep(0.3)  # still running when the stream breaks
+        return x
+
+    with pytest.raises(KeyError) as e:
+        poolmagic.get_pool().map(first_only, items(), chunksize=1)
+    r = e.value.poolmap_report
+    assert r.items == 5 and len(r.results) == 5, (r.items, r.results)
+    assert r.done == sum(v is not poolmagic.NOT_DONE for v in r.results)

@@ -521,3 +521,26 @@ def test_a_small_maps_chunk_is_quiet_and_its_worker_is_sent_nothing_until_it_ans
 
 def _pid_of(x):
     return os.getpid()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_notebooks_own_multiprocessing_start_method_stays_unset(method):
+    """multiprocessing's preparation data asks for the default start method, which fixes it:
+    after ``%load_ext poolmagic`` and a map, the notebook's own ``mp.set_start_method("spawn")``
+    raised "RuntimeError: context has already been set" (poolmagic never chose it)."""
+    out, err, code = run_script(f"""
+        import os
+        os.environ["POOLMAGIC_START_METHOD"] = {method!r}
+        import multiprocessing as mp
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.extension_manager.load_extension("poolmagic")
+        assert ip.run_cell("%%poolmap -q -o r range(4)\\ndef sq(x):\\n    return x * x\\n").success
+        assert ip.user_ns["r"] == [0, 1, 4, 9]
+        print(mp.get_start_method(allow_none=True))
+        mp.set_start_method("spawn")
+        assert ip.run_cell("%%poolmap -q -o r range(4)\\ndef sq(x):\\n    return x + 1\\n").success
+        print(ip.user_ns["r"])
+    """, timeout=60)
+    assert code == 0, err[-2000:]
+    assert out.split("\n")[:2] == ["None", "[1, 2, 3, 4]"], out

@@ -94,3 +94,27 @@ def test_a_module_registered_by_value_is_not_taken_as_a_reference():
         assert _fingerprint(f) is None
     finally:
         cloudpickle.unregister_pickle_by_value(json)
+
+
+def test_a_notebooks_lru_cache_function_travels_by_value():
+    """``@functools.lru_cache``/``@cache`` on a notebook function: its wrapper pickled by name
+    (``__main__.f``), so every worker failed with "Can't get attribute 'f' on <module '__main__'>"."""
+    f = _cell("import functools\n@functools.lru_cache(maxsize=8)\ndef f(x):\n    return x * 3\n")
+    back = pickle.loads(dump_function(f).data)
+    assert back(4) == 12 and back.cache_parameters() == {"maxsize": 8, "typed": False}
+    assert back.__wrapped__(5) == 15 and back.__name__ == "f"
+    helper = _cell("import functools\n@functools.cache\ndef g(x):\n    return x + 1\ndef f(x):\n    return g(x) * 2\n")
+    assert _run(dump_function(helper), 1) == 4
+
+
+def test_an_importable_lru_cache_function_still_goes_by_name():
+    import functools
+    import posixpath
+
+    cached = functools.lru_cache(posixpath.basename)
+    assert cached.__module__ == "posixpath"  # not findable under its name: by value, and it works
+    assert pickle.loads(dump_function(cached).data)("/a/b") == "b"
+    import fnmatch
+
+    assert isinstance(fnmatch._compile_pattern, functools._lru_cache_wrapper)
+    assert b"_compile_pattern" in dump_function(fnmatch._compile_pattern).data  # by reference

@@ -320,3 +320,19 @@ def test_loading_the_extension_with_an_unknown_start_method_names_it_and_starts_
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
     assert "BadInputError POOLMAGIC_START_METHOD is 'fork' ('fork' would fork a multi-threaded kernel)" in out, out
     assert "children 0" in out, out
+
+
+def test_repeat_zero_is_refused_as_a_count(ip):
+    """``--repeat 0`` was read as no --repeat: "give an ITERABLE after the options"."""
+    with pytest.raises(UsageError, match=r"repeat must be a whole number, at least 1, not 0"):
+        cell(ip, "-q --repeat 0", "def once():\n    return 5\n")
+
+
+def test_a_kw_value_that_cannot_be_sent_is_named_as_written(ip):
+    """``--kw y=<a generator>`` said "partial(f, ...)() ... captures keyword argument 'y' of the
+    partial": a partial the user never wrote."""
+    with pytest.raises(UsageError) as info:
+        cell(ip, "-q --kw y=(i for i in range(3)) range(2)", "def kw_gen(x, y):\n    return x\n")
+    msg = str(info.value)
+    assert "kw_gen() cannot be sent" in msg and "--kw y=" in msg and "a generator" in msg, msg
+    assert "partial" not in msg, msg

@@ -256,3 +256,11 @@ def test_cells_with_ipython_syntax_still_go_through_ipython(ip, source):
     from poolmagic.cellfunc import transform
 
     assert transform(ip, source) == ip.transform_cell(source)
+
+
+def test_a_cell_with_lru_cache_functions_maps_like_the_loop(ip):
+    """A mapped function decorated with @functools.cache, or calling a helper that is, failed in
+    every worker: "Can't get attribute 'lru_sq' on <module '__main__'>"."""
+    ip.run_cell("import functools\n@functools.lru_cache(maxsize=None)\ndef lru_sq(x):\n    return x * x\n")
+    assert ip.run_line_magic("poolmap", "-q lru_sq range(4)") == [0, 1, 4, 9]
+    assert cell(ip, "-q range(4)", "def uses_lru(x):\n    return lru_sq(x) + 1\n") == [1, 2, 5, 10]

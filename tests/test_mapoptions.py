@@ -139,3 +139,10 @@ def test_cli_fields_have_names_help_and_keep_declaration_order():
     assert {"star", "chunksize", "workers", "timeout", "keep_going", "seed", "threads", "max_memory"} <= {
         f.name for f in cli
     }
+
+
+def test_retry_on_without_retries_is_refused():
+    """``--retry-on ValueError`` alone retried nothing, silently: it only limits --retries N."""
+    with pytest.raises(BadInputError, match=r"--retry-on.*--retries N"):
+        MapOptions(retry_on=(ValueError,))
+    assert MapOptions(retries=2, retry_on=(ValueError,)).retry_on == (ValueError,)

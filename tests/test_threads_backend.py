@@ -308,3 +308,51 @@ def test_registered_by_name():
         assert p.backend.state == "warm"
     finally:
         p.shutdown()
+
+
+def draw_both(x):
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.random())
+
+
+def test_a_seeded_map_leaves_the_kernels_own_random_streams_as_they_were(pool):
+    """Seeded items seed the process's ``random`` and ``np.random``; on threads that process is
+    the kernel, whose streams were left on the last item's numbers: ``random.random()`` in the
+    next cell drew item 5's next number (on any other backend the kernel's streams are untouched)."""
+    import random
+
+    import numpy as np
+
+    from poolmagic.engine import seeds
+
+    items = []
+    for i in range(6):  # each item's own numbers, as a worker draws them
+        seeds.seed_item(7, i)
+        items.append(draw_both(i))
+    seeds.clear()
+    random.seed(123)
+    np.random.seed(456)
+    expected = (random.random(), float(np.random.random()))
+    random.seed(123)
+    np.random.seed(456)
+    assert pool.map(draw_both, range(6), seed=7, chunksize=1) == items
+    assert (random.random(), float(np.random.random())) == expected
+
+
+def test_rerun_leaves_the_kernels_own_random_streams_as_they_were(pool):
+    """``rerun`` (and %pooldebug) seeds the kernel for the item: afterwards its streams are back."""
+    import random
+
+    import numpy as np
+
+    r = pool.run(draw_both, range(3), seed=7)
+    random.seed(123)
+    np.random.seed(456)
+    expected = (random.random(), float(np.random.random()))
+    random.seed(123)
+    np.random.seed(456)
+    assert r.rerun(2) == r.results[2]
+    assert (random.random(), float(np.random.random())) == expected

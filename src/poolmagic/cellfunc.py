@@ -172,7 +172,7 @@ def read_line(shell: Any, opts: dict, rest: str, line: str, cell: str | None) ->
     transformed = transform(shell, cell) if cell is not None else ""
     if cell is None:
         if func_expr is None:
-            if opts.get("repeat"):
+            if opts.get("repeat") is not None:
                 func_expr, expr = expr, ""
             else:
                 func_expr, expr = split_func_and_iterable(expr)
@@ -180,9 +180,9 @@ def read_line(shell: Any, opts: dict, rest: str, line: str, cell: str | None) ->
         fname = mapped_function_name(cell_functions(transformed), line)
     if func_expr is not None:
         check_func_expr(func_expr, opts.get("func") is not None)
-    if opts.get("repeat") and expr:
+    if opts.get("repeat") is not None and expr:
         raise UsageError("--repeat N calls a zero-argument function N times: give no ITERABLE")
-    if not opts.get("repeat") and not expr:
+    if opts.get("repeat") is None and not expr:
         raise UsageError("give an ITERABLE after the options, e.g. %%poolmap range(10)")
     iter_code = None
     if expr:

@@ -25,7 +25,7 @@ from .engine.core.events import ChunkFinished, MapFinished
 from .errors import BadInputError
 from .itemkeys import differ_message, expand, items_hash, legacy
 from .report import RunReport
-from .resume import continuing, materialise
+from .resume import continuing, materialise, seed_words
 from .sentinel import NOT_DONE
 from .threadqueues import thread_queue
 
@@ -109,21 +109,24 @@ class Checkpoint:
                 self._do(*self._pending.popleft())
 
     # ------------------------------------------------------------ loading (caller's thread)
-    def load(self, iterable: Iterable, name: str, function_key: str) -> tuple[RunReport, list[int] | None, Any]:
+    def load(self, iterable: Iterable, name: str, function_key: str,
+             seed: int | None = None) -> tuple[RunReport, list[int] | None, Any]:
         """The report with what the file holds, the positions left to run (None: all), their items.
 
-        Nothing is written to the file unless this succeeds.
+        Refused when the file's results were drawn with another ``seed`` (they and the
+        new ones would come from two seeds). Nothing is written to the file unless this succeeds.
         """
         try:
             items = materialise(iterable)
-            report, missing, todo = self._load(items, name, function_key)
+            report, missing, todo = self._load(items, name, function_key, seed)
         except BaseException:
             self._put("close")
             raise
-        self._put("meta", {"items": len(items), "function": function_key})
+        self._put("meta", {"items": len(items), "function": function_key, "seed": seed})
         return report, missing, todo
 
-    def _load(self, items: Any, name: str, function_key: str) -> tuple[RunReport, list[int] | None, Any]:
+    def _load(self, items: Any, name: str, function_key: str,
+              seed: int | None) -> tuple[RunReport, list[int] | None, Any]:
         n = len(items)
         stored = self._stored
         if stored is None or not stored.chunks:
@@ -136,6 +139,12 @@ class Checkpoint:
             raise BadInputError(
                 f"the checkpoint {self.path!r} is for {int(meta['items']):,} items and the ITERABLE has {n:,}: "
                 f"the ITERABLE changed. Use another PATH, or delete the file to start over."
+            )
+        if "seed" in meta and meta["seed"] != seed and stored.chunks:  # (files before 2026-12 have no seed)
+            raise BadInputError(
+                f"the checkpoint {self.path!r} holds results drawn with {seed_words(meta['seed'])} and this map "
+                f"has {seed_words(seed)}: they and the new ones would come from two seeds. Run it with "
+                f"{seed_words(meta['seed'])}, or use another PATH, or delete the file to start over."
             )
         self.function_changed = "function" in meta and meta["function"] != function_key
         damaged = getattr(stored, "damaged", 0)

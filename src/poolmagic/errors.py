@@ -156,8 +156,15 @@ def exit_description(exitcode: int | None) -> str:
 # ---------------------------------------------------------------- worker side
 
 
-def pack_exception(exc: BaseException, skip_prefix: str) -> dict:
-    """Everything the parent needs to re-raise ``exc`` faithfully."""
+_CHAIN_DEPTH = 8  # links of an error's __cause__/__context__ chain sent back with it
+
+
+def pack_exception(exc: BaseException, skip_prefix: str, _depth: int = 0) -> dict:
+    """Everything the parent needs to re-raise ``exc`` faithfully.
+
+    Its ``__cause__`` and ``__context__`` too (pickle keeps neither): the plain
+    loop's traceback shows the error it was raised from, the root cause.
+    """
     frames = []
     tb = exc.__traceback__
     while tb is not None:
@@ -169,7 +176,7 @@ def pack_exception(exc: BaseException, skip_prefix: str) -> dict:
         frames.pop(0)
     import cloudpickle
 
-    blob = cls_blob = None
+    blob = cls_blob = state = None
     try:
         blob = cloudpickle.dumps(exc)
         pickle.loads(blob)  # must round-trip, or the parent gets a broken object
@@ -177,16 +184,43 @@ def pack_exception(exc: BaseException, skip_prefix: str) -> dict:
         blob = None
         try:  # the class alone, so `except ThatError:` still works in the parent
             cls_blob = cloudpickle.dumps(type(exc))
+            state = _state_blob(exc)
         except BaseException:  # noqa: BLE001
             pass
-    return {
+    packed = {
         "blob": blob,
         "cls": cls_blob,
+        "state": state,
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": safe_str(exc),
         "frames": frames,
         "text": _format(exc),
     }
+    if _depth < _CHAIN_DEPTH:
+        cause, context = exc.__cause__, exc.__context__
+        if cause is not None:
+            packed["cause"] = pack_exception(cause, skip_prefix, _depth + 1)
+        if context is not None and context is not cause and not exc.__suppress_context__:
+            packed["context"] = pack_exception(context, skip_prefix, _depth + 1)
+        packed["suppress"] = exc.__suppress_context__
+    return packed
+
+
+def _state_blob(exc: BaseException) -> bytes | None:
+    """An exception's args and attributes that pickle, for one that does not unpickle whole
+    (an ``__init__`` that wants other arguments than ``args``): rebuilt without calling it."""
+    import cloudpickle
+
+    def sendable(value: Any) -> bool:
+        try:
+            pickle.loads(cloudpickle.dumps(value))
+            return True
+        except BaseException:  # noqa: BLE001
+            return False
+
+    args = exc.args if sendable(exc.args) else None
+    attrs = {k: v for k, v in getattr(exc, "__dict__", {}).items() if sendable(v)}
+    return cloudpickle.dumps((args, attrs))
 
 
 def _format(exc: BaseException) -> str:
@@ -242,10 +276,13 @@ def rebuild_exception(packed: dict, filenames: Callable[[str, int], str | None] 
         except Exception:
             exc = None
     if exc is None and packed.get("cls") is not None:
-        try:  # an exception that does not pickle: same class, its message as args
+        try:  # an exception that does not pickle: same class, its args and attributes that do
             cls = pickle.loads(packed["cls"])
             exc = cls.__new__(cls)
-            exc.args = (packed["message"],)
+            args, attrs = pickle.loads(packed["state"]) if packed.get("state") else (None, {})
+            exc.args = (packed["message"],) if args is None else args
+            for k, v in attrs.items():
+                setattr(exc, k, v)
         except Exception:
             exc = None
     if exc is None:
@@ -263,6 +300,12 @@ def rebuild_exception(packed: dict, filenames: Callable[[str, int], str | None] 
             prev.tb_next = tb
         prev = tb
     exc.__traceback__ = head
+    if packed.get("cause") is not None:
+        exc.__cause__ = rebuild_exception(packed["cause"], filenames)
+    if packed.get("context") is not None:
+        exc.__context__ = rebuild_exception(packed["context"], filenames)
+    if "suppress" in packed:
+        exc.__suppress_context__ = packed["suppress"]
     return exc
 
 

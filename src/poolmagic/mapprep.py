@@ -14,11 +14,12 @@ from .checks import NoArgs, check_arity, check_not_text, check_plain_function, c
 from .engine.base import Backend
 from .engine.context import ContextCache
 from .engine.core.items import SEQUENCES, ItemSource
+from .engine.core.transport import OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .report import FAILED_KEPT, RunReport
-from .serialize import Payload, callable_name, describe, dump_function, undefined_globals
+from .serialize import Payload, assigned_globals, callable_name, describe, dump_function, undefined_globals
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -38,14 +39,17 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     """
     o = _options(pool, options)
     name = _check_function(func, o)
+    written = assigned_globals(func) if OWN_PROCESS not in pool.backend.lacks else ()
     func, iterable = _call(func, iterable, o, name)
-    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup)
+    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
     workers = o.workers or pool.size
     threads = o.threads or pool.threads_per_worker(workers)
     context = contexts.get(threads)
     report = RunReport(func_name=name, cores=pool.backend.cores() or pool.cores, pool_size=workers, backend=pool.backend.description,
                        threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
+    if written:
+        report.notes.append(_globals_note(name, written))
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -58,6 +62,14 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     else:
         report.replay = (func, o, None)
     return job
+
+
+def _globals_note(name: str, written: tuple[str, ...]) -> str:
+    """What a map of a function that assigns globals changes: each worker's copy, not the notebook's."""
+    names = ", ".join(repr(n) for n in written)
+    one = len(written) == 1
+    return (f"{name}() assigns the global{'' if one else 's'} {names} in the workers: the notebook's "
+            f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
 
 
 def _options(pool: "Pool", options: dict) -> MapOptions:
@@ -110,7 +122,8 @@ def _call(func: Callable, iterable: Iterable | None, o: MapOptions, name: str) -
 
 
 def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
-             worker_setup: Callable[[Callable], Callable] | None) -> tuple[Payload, list[str]]:
+             worker_setup: Callable[[Callable], Callable] | None,
+             kwargs: dict | None = None) -> tuple[Payload, list[str]]:
     """The function as the workers receive it, pickled, and the backend's notes on it."""
     shipped, notes = backend.prepare_function(func, iterable, star)  # a remote cluster's checks
     if worker_setup is not None:
@@ -118,10 +131,26 @@ def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
     try:
         payload = dump_function(shipped)
     except SerializationError:
+        _check_kwargs(func, kwargs)  # a --kw value: named as the user wrote it, not as "the partial's"
         if shipped is not func:
             dump_function(func)  # the function itself cannot be pickled: that error names the culprit
         raise
     return payload, notes
+
+
+def _check_kwargs(func: Callable, kwargs: dict | None) -> None:
+    """Raise SerializationError naming the first ``--kw`` value (``kwargs=``) that cannot be pickled."""
+    import cloudpickle
+
+    for key, value in (kwargs or {}).items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            name = callable_name(func.func if isinstance(func, functools.partial) else func)
+            raise SerializationError(
+                f"{name}() cannot be sent to the workers with --kw {key}=... (kwargs={{{key!r}: ...}}): "
+                f"its value is {describe(value)}, which cannot be pickled ({exc})."
+            ) from None
 
 
 def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, iterable: Iterable, name: str,
@@ -138,12 +167,12 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
     if resume is not None:
         from .resume import resume_report  # (the items' keys and their comparison: only for --resume)
 
-        earlier, index, iterable = resume_report(resume, iterable)
+        earlier, index, iterable = resume_report(resume, iterable, o.seed)
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 
         checkpoint = Checkpoint(o.checkpoint)
-        earlier, index, iterable = checkpoint.load(iterable, name, key)
+        earlier, index, iterable = checkpoint.load(iterable, name, key, o.seed)
     if index is not None:
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))

@@ -101,8 +101,8 @@ class RunReport(MapRecord):
 
     @property
     def workers(self) -> int:
-        """Distinct workers that ran at least one chunk."""
-        return len({c.worker for c in self.chunks})
+        """Distinct workers that ran at least one chunk (a chunk their death or a kill ended too)."""
+        return len({c.worker for c in self.chunks} | self.lost_on)
 
     @property
     def failed(self) -> int:
@@ -158,6 +158,7 @@ class RunReport(MapRecord):
         if options.seed is not None:
             from .engine import seeds
 
+            saved = seeds.save_streams()  # the kernel's own, put back after
             seeds.seed_item(options.seed, index)  # the numbers item ``index`` drew in its worker
         try:
             with time_limit(limit, index):
@@ -165,6 +166,7 @@ class RunReport(MapRecord):
         finally:
             if options.seed is not None:
                 seeds.clear()
+                seeds.restore_streams(saved)
 
     def unsafe_failure(self, index: int) -> BaseException | None:
         """The error that makes item ``index`` unsafe to run in this process, if any.

@@ -23,18 +23,31 @@ def materialise(iterable: Iterable) -> list | range | tuple:
     return iterable if type(iterable) in SEQUENCES else list(iterable)
 
 
-def resume_report(prev: RunReport, iterable: Iterable) -> tuple[RunReport, list[int], list]:
+def seed_words(seed: int | None) -> str:
+    """How a run's seed reads in a message: ``--seed 7`` or ``no --seed``."""
+    return "no --seed" if seed is None else f"--seed {seed}"
+
+
+def resume_report(prev: RunReport, iterable: Iterable, seed: int | None = None) -> tuple[RunReport, list[int], list]:
     """A report that keeps ``prev``'s results, the positions to run, and their items.
 
     Refused unless the items behind the ITERABLE are, at every position ``prev``
     kept a result for, the ones ``prev`` mapped (compared by identity.py keys):
     kept results of other items would mix two ITERABLEs silently. An item that
-    failed may have changed: its result is computed now.
+    failed may have changed: its result is computed now. Refused too when
+    ``seed`` is not the seed ``prev`` ran with: the results would come from two
+    seeds, a list no run gives.
     """
     if prev.status == "running":
         raise BadInputError("cannot resume: the run to resume is still running; wait for it (or cancel it) first")
     if prev.items is None:
         raise BadInputError("nothing to resume: the earlier run never learned how many items it had")
+    was_seed = prev.replay[1].seed if prev.replay is not None else seed
+    if was_seed != seed:
+        raise BadInputError(
+            f"cannot resume: the run to resume drew its numbers with {seed_words(was_seed)} and this one has "
+            f"{seed_words(seed)}: its kept results and the new ones would come from two seeds. Resume with "
+            f"{seed_words(was_seed)}, or run the cell without --resume")
     missing = [i for i, v in enumerate(prev.results) if v is NOT_DONE]
     if not missing:
         raise BadInputError(f"nothing to resume: all {prev.items:,} items of the earlier run finished")

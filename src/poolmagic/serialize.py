@@ -13,9 +13,11 @@ name the function reads that is not defined.
 from __future__ import annotations
 
 import builtins
+import collections
 import dis
 import functools
 import hashlib
+import io
 import pickle
 import sys
 import types
@@ -123,10 +125,50 @@ def _fingerprint(func: Any) -> tuple | None:
         return None
 
 
+_LRU = getattr(functools, "_lru_cache_wrapper", None)
+
+
+def _found_by_name(obj: Any) -> bool:
+    """``obj`` is what its module gives under its qualified name (pickle can take it by name)."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if module is None or module.__name__ == "__main__" or not _by_reference(module):
+        return False
+    found: Any = module
+    for part in getattr(obj, "__qualname__", "<>").split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def _reduce_lru(obj: Any) -> Any:
+    """An lru_cache wrapper: by its name when that finds it, else rebuilt around its function."""
+    if _found_by_name(obj):
+        return obj.__reduce__()
+    p = obj.cache_parameters()
+    return _LRU, (obj.__wrapped__, p["maxsize"], p["typed"], functools._CacheInfo), dict(obj.__dict__)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, and ``@functools.lru_cache``/``@cache`` functions of a notebook by value.
+
+    pickle takes an lru_cache wrapper by its name, ``__main__.f``, which no worker
+    has; such a wrapper is rebuilt around its function (pickled by value), with an
+    empty cache of the same size. (A dispatch-table entry: no cost per other object.)
+    """
+
+    dispatch_table = collections.ChainMap({_LRU: _reduce_lru} if _LRU is not None else {},
+                                          cloudpickle.Pickler.dispatch_table)
+
+
+def _dumps(obj: Any, buffer_callback: Callable | None = None) -> bytes:
+    with io.BytesIO() as file:
+        _Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def _dump(func: Callable) -> Payload:
     buffers: list[pickle.PickleBuffer] = []
     try:
-        data = cloudpickle.dumps(func, protocol=5, buffer_callback=buffers.append)
+        data = _dumps(func, buffer_callback=buffers.append)
     except Exception as exc:  # cloudpickle raises TypeError, PicklingError, ...
         raise SerializationError(explain_unpicklable(func, exc)) from None
     raw: list[memoryview] = []
@@ -142,7 +184,7 @@ def _dump(func: Callable) -> Payload:
 
 
 def _dump_in_band(func: Callable) -> Payload:
-    data = cloudpickle.dumps(func, protocol=5)
+    data = _dumps(func)
     return Payload(hashlib.sha256(data).hexdigest()[:24], data, [])
 
 
@@ -187,6 +229,34 @@ def _code_global_names(code: types.CodeType) -> tuple[str, ...]:
             elif ins.opname in ("STORE_GLOBAL", "STORE_NAME"):
                 stored.add(ins.argval)
     return tuple(n for n in seen if n not in stored)
+
+
+def assigned_globals(func: Any) -> tuple[str, ...]:
+    """Notebook globals the function's code assigns (``global x; x = ...``), in order of first store.
+
+    Only a function of the notebook (``__main__``): a library's own module globals are not the notebook's.
+    """
+    while True:  # the function a partial, a bound method or poolmagic's wrappers call
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif hasattr(func, "__func__"):
+            func = func.__func__
+        else:
+            break
+    code = getattr(func, "__code__", None)
+    if code is None or getattr(func, "__globals__", {}).get("__name__") != "__main__":
+        return ()
+    return _code_stored_globals(code)
+
+
+@functools.lru_cache(maxsize=512)
+def _code_stored_globals(code: types.CodeType) -> tuple[str, ...]:
+    stored: dict[str, None] = {}
+    for co in _code_objects(code):
+        for ins in dis.get_instructions(co):
+            if ins.opname == "STORE_GLOBAL" and isinstance(ins.argval, str):
+                stored.setdefault(ins.argval, None)
+    return tuple(stored)
 
 
 def _captured(func: Any) -> Iterator[tuple[str, Any]]:

@@ -200,3 +200,58 @@ def test_resume_with_checkpoint_is_refused_before_work(local_pool, tmp_path):
                        kwargs={"folder": str(tmp_path), "times": 9})
     assert not path.exists()
     assert runs(tmp_path) == {x: 1 for x in range(6)}  # nothing ran
+
+
+class TwoArgError(Exception):
+    """Pickles but does not unpickle as is: its __init__ wants two arguments, args holds one."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def chained(x):
+    """'x': an error raised from another; 'y': one raised while handling another; '7': TwoArgError."""
+    try:
+        return int(x)
+    except ValueError as exc:
+        if x == "x":
+            raise RuntimeError(f"bad row {x!r}") from exc
+        return {}[x]
+    finally:
+        if x == "7":
+            raise TwoArgError("seven", code=7)
+
+
+def test_an_items_error_keeps_its_cause_its_context_and_its_attributes(backend):
+    """As the plain loop raises them: ``raise ... from exc`` and an error while handling another
+    came back without __cause__/__context__ (the root cause, its message and lines, gone from
+    the traceback), and an exception that did not unpickle lost its attributes (``e.code``)."""
+    with pytest.raises(MapFailedError) as info:
+        backend.pool.run(chained, ["1", "x", "y", "7"], keep_going=True, chunksize=1)
+    errors = info.value.poolmap_report.errors
+    assert sorted(errors) == [1, 2, 3]
+    e = errors[1]
+    assert type(e) is RuntimeError and e.__suppress_context__
+    assert type(e.__cause__) is ValueError and "invalid literal" in str(e.__cause__)
+    assert e.__cause__.__traceback__ is not None  # its own lines show in the traceback
+    e = errors[2]
+    assert type(e) is KeyError and e.__cause__ is None and not e.__suppress_context__
+    assert type(e.__context__) is ValueError and "'y'" in str(e.__context__)
+    e = errors[3]
+    assert type(e) is TwoArgError and e.args == ("seven",) and e.code == 7
+
+
+def sleeps(x):
+    time.sleep(30)
+
+
+def test_workers_that_were_killed_count_as_workers_that_ran(backend):
+    """Two items on two workers, both past --timeout: the card said "0 workers" (it counted
+    only workers whose chunks came back)."""
+    backend.need("kill-on-timeout")
+    with pytest.raises(MapFailedError) as info:
+        backend.run(sleeps, range(2), chunksize=1, timeout=1, keep_going=True)
+    r = info.value.poolmap_report
+    assert r.workers == 2, r.summary()
+    assert "0 workers" not in r.summary()

@@ -184,3 +184,46 @@ def test_magic_seed_keep_going_then_resume(ip, tmp_path, reference):
     assert sorted(first.errors) == [3, 5]
     ip.run_cell_magic("poolmap", "-q -o seed_again --seed 7 --keep-going --resume -c 2 range(20)", body)
     assert ip.user_ns["seed_again"] == reference
+
+
+def test_resume_with_another_seed_is_refused(local_pool, tmp_path):
+    """Resuming a seed-7 run with seed 8 kept seed 7's results beside seed 8's, silently: a list
+    no single seed gives (nor no seed). Refused before any work; the same seed still resumes."""
+    kw = {"folder": str(tmp_path), "bad": (3,)}
+    with pytest.raises(MapFailedError) as info:
+        local_pool.run(draw, range(N), seed=7, keep_going=True, kwargs=kw)
+    first = info.value.poolmap_report
+    for other in (8, None):
+        with pytest.raises(poolmagic.BadInputError, match="seed"):
+            local_pool.run(draw, range(N), resume=first, kwargs=kw, **({"seed": other} if other else {}))
+    assert local_pool.run(draw, range(N), seed=7, resume=first, kwargs=kw).resumed == (N - 1, 1)
+
+
+def test_checkpoint_with_another_seed_is_refused(local_pool, tmp_path):
+    """A checkpoint written with --seed 7 and run again with --seed 8 kept seed 7's results and
+    drew the missing ones with seed 8, without a word (a changed function is at least said)."""
+    path = str(tmp_path / "ck.pmck")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    kw = {"folder": str(folder), "bad": (2,)}
+    with pytest.raises(MapFailedError):
+        local_pool.run(draw, range(N), seed=7, keep_going=True, checkpoint=path, kwargs=kw)
+    for other in (8, None):
+        with pytest.raises(poolmagic.BadInputError, match="seed"):
+            local_pool.run(draw, range(N), checkpoint=path, kwargs=kw, **({"seed": other} if other else {}))
+    r = local_pool.run(draw, range(N), seed=7, checkpoint=path, kwargs=kw)
+    assert r.resumed == (N - 1, 1) and r.results == local_pool.map(draw, range(N), seed=7)
+
+
+def plain_draw(_x):
+    return random.random(), float(np.random.random())
+
+
+def test_an_unseeded_map_after_a_seeded_one_draws_fresh_numbers(backend):
+    """A worker kept the last seeded item's streams: an unseeded map after a --seed map drew the
+    same numbers in every session (repeated simulations gave identical 'random' replicates)."""
+    runs = []
+    for _ in range(2):
+        backend.pool.map(plain_draw, range(2), seed=7, workers=1, chunksize=1)
+        runs.append(backend.pool.map(plain_draw, range(3), workers=1, chunksize=1))
+    assert not set(runs[0]) & set(runs[1]), runs

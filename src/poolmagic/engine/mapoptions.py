@@ -49,7 +49,7 @@ class MapOptions:
     retries: int | None = opt(None, "--retries", metavar="N",
                               help="run an item that raised, crashed or timed out up to N more times")
     retry_on: tuple | None = opt(None, "--retry-on", metavar="EXC[,EXC]", kind="exceptions",
-                                 help="retry only these exception types (e.g. ConnectionError)")
+                                 help="with --retries N: retry only these exception types (e.g. ConnectionError)")
 
     def __post_init__(self) -> None:
         if isinstance(self.retry_on, type):  # one class: a tuple of one
@@ -67,6 +67,9 @@ class MapOptions:
                 ) from None
         for f in fields(self):
             _check(f.name, getattr(self, f.name), f.type)
+        if self.retry_on is not None and self.retries is None:  # it would retry nothing, silently
+            raise BadInputError("--retry-on (retry_on=) only limits --retries N (retries=) to some exceptions: "
+                                "give both, e.g. --retries 2 --retry-on ConnectionError")
 
     @classmethod
     def from_kwargs(cls, options: dict) -> "MapOptions":

@@ -5,6 +5,7 @@ helper processes; the supervisor in ``local.py`` only decides *when*.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing as mp
 import os
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from multiprocessing import connection, util
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterator
 
 from .core.exits import ExitList
 from .warm import WARM_MODULES, warm_modules  # noqa: F401  (their old home)
@@ -180,6 +181,25 @@ class Waiter:
 _GUARDED: set[str] = set()  # process-name prefixes whose children skip the parent's __main__
 
 
+@contextlib.contextmanager
+def default_method_left_unset() -> Iterator[None]:
+    """Leave multiprocessing's default start method unset if it was.
+
+    ``spawn.get_preparation_data`` (every forkserver boot, every spawned
+    process) calls ``get_start_method()``, which fixes the default: the
+    notebook's own ``multiprocessing.set_start_method()`` then raised "context
+    has already been set", though poolmagic, which names its context, never
+    chose one.
+    """
+    default = mp.context._default_context
+    unset = getattr(default, "_actual_context", False) is None
+    try:
+        yield
+    finally:
+        if unset:
+            default._actual_context = None
+
+
 def install_main_guard(prefix: str = WORKER_NAME) -> None:
     """Keep workers from re-running the parent's ``__main__``.
 
@@ -199,7 +219,8 @@ def install_main_guard(prefix: str = WORKER_NAME) -> None:
         return
 
     def get_preparation_data(name: str) -> dict:
-        data = original(name)
+        with default_method_left_unset():
+            data = original(name)
         if name.startswith(tuple(_GUARDED)):
             data.pop("init_main_from_path", None)
             data.pop("init_main_from_name", None)
@@ -237,7 +258,8 @@ def prestart(start_method: str | None = None) -> None:
             from multiprocessing import forkserver
 
             mp.get_context("forkserver").set_forkserver_preload(forkserver_preload())
-            forkserver.ensure_running()
+            with default_method_left_unset():  # (the main guard may not be installed yet)
+                forkserver.ensure_running()
         except Exception:  # the manager will try again and report it
             pass
         finally:

@@ -142,6 +142,41 @@ def _item_sequence(cur: list) -> Any:
     return cur[2]
 
 
+def save_streams() -> tuple:
+    """The process's ``random`` and numpy global streams as they are, for ``restore_streams``.
+
+    Seeded items that run in the kernel (threads backend, ``rerun``) seed its own
+    streams: the notebook's next ``random.random()`` would otherwise draw the
+    last item's numbers.
+    """
+    np = sys.modules.get("numpy")
+    return random.getstate(), (np.random.get_state() if np is not None else None)
+
+
+def restore_streams(saved: tuple) -> None:
+    """Put back the streams ``save_streams`` saved; numpy imported since gets fresh entropy."""
+    state, np_state = saved
+    random.setstate(state)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if np_state is not None:
+            np.random.set_state(np_state)
+        else:  # imported by a seeded item: as fresh as a first import would be
+            np.random.seed()
+
+
+def fresh() -> None:
+    """Fresh OS entropy for ``random`` and numpy's global generator (after a seeded chunk).
+
+    A worker would otherwise stay on the last seeded item's streams, and an
+    unseeded map after a seeded one would draw the same numbers in every session.
+    """
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
 def clear() -> None:
     """No seeded item runs now: ``item_seed()``/``item_rng()`` draw fresh entropy."""
     _state.current = None

@@ -122,6 +122,8 @@ def run_chunk(
         else:
             undo()
         seeds.clear()
+        if seed is not None:  # the next map, seeded or not, starts from no item's streams
+            seeds.fresh()
     return out, t0, t1, times, records, errors
 
 

@@ -71,16 +71,19 @@ class FailurePolicy:
         self.ended(job)
 
     def worker_lost(self, c: Chunk, kind: type, what: str, error: Callable[[], BaseException],
-                    isolate: bool = True) -> None:
+                    isolate: bool = True, worker: int | None = None) -> None:
         """``c`` was running when its worker was lost (``kind``: the error class of a crash,
         timeout or memory stop). One item fails with ``error()``; several are run again one
         by one (``what`` says what happened), so that the error names the item to blame and
         the others, and failed attempts of theirs (``--retries``), are not counted. Without
-        ``isolate`` (the loss is no item's doing) all of them fail."""
+        ``isolate`` (the loss is no item's doing) all of them fail. ``worker``: its slot, a
+        worker that ran items though no chunk of it came back."""
         job = c.job
         if c.cancelled or not job.active:
             job.drop_chunk()
             return
+        if worker is not None:
+            job.ran_on(worker)
         if isolate and len(c.items) > 1:
             job.isolate(c.start, c.items, what, kind)
             return

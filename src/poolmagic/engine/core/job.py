@@ -189,6 +189,11 @@ class Job:
         """
         self._again(self.retry.isolate, start, items, what, kind)
 
+    def ran_on(self, worker: int) -> None:
+        """The worker ``worker`` ran a chunk of this map that will never come back (killed, crashed)."""
+        with self.cond:
+            self.report.lost_on.add(worker)
+
     def drop_chunk(self) -> None:
         """A chunk of this (cancelled or failed) job will never report."""
         with self.cond:

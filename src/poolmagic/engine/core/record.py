@@ -36,6 +36,7 @@ class MapRecord:
     # dask worker holds results until they are fetched): run again, not in retried/attempts. The
     # item may not have run in such a chunk (a chunk stops at its first failure without --keep-going)
     lost: dict[int, int] = field(default_factory=dict)
+    lost_on: set[int] = field(default_factory=set)  # workers whose chunk never came back (killed, crashed)
     notes: list[str] = field(default_factory=list)  # said under the summary
     failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
 

@@ -131,5 +131,7 @@ class Results:
         r.t_end = time.perf_counter()
         if r.items is None:
             r.items = pos
+        if self.index is None and len(r.results) < r.items:  # a stream that stopped: a place per item taken
+            r.results.extend([NOT_DONE] * (r.items - len(r.results)))
         if error is not None:
             finish_error(error, r, self.func)

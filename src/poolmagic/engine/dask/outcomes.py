@@ -246,7 +246,8 @@ class Outcomes:
             tail = "Items that finished are kept."
         said = f"dask worker {self.state.slot(address)} ({where}) {what} while running {c.describe()}"
         self.policy.worker_lost(c, WorkerCrashedError, said,
-                                lambda: WorkerCrashedError(f"{said}. {tail}", c.indices, code))
+                                lambda: WorkerCrashedError(f"{said}. {tail}", c.indices, code),
+                                worker=self.state.slot(address))
 
     # ------------------------------------------------------------------ timeouts, cancel
     @staticmethod
@@ -281,7 +282,8 @@ class Outcomes:
             self.policy.worker_lost(
                 c, ItemTimeoutError, f"{c.describe()} ran longer than the {t:g} s timeout per item",
                 lambda c=c, t=t, what=what: ItemTimeoutError(
-                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.start, t))
+                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.start, t),
+                worker=self.state.slot(c.worker))
 
     def _stop_running(self, c: DaskChunk) -> None:
         """A task we gave up on while it runs: kill its worker (ours), or wait out its end (remote)."""

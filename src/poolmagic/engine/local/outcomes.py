@@ -146,7 +146,8 @@ class Outcomes:
         # then names the item, and a chunk is only ~25 ms of work. (A counter
         # the worker updates per item would cost the fast path ~0.1 µs/item.)
         self.policy.worker_lost(head, WorkerCrashedError, f"worker {p.slot} (pid {p.pid}) {what} while "
-                                 f"running {head.describe()}", error, isolate=failure is None)
+                                 f"running {head.describe()}", error, isolate=failure is None,
+                                 worker=p.slot)
 
     def check_timeouts(self) -> None:
         now = time.perf_counter()
@@ -163,7 +164,8 @@ class Outcomes:
             self.policy.worker_lost(
                 head, ItemTimeoutError, f"{head.describe()} ran longer than the {t:g} s timeout per item",
                 lambda head=head, t=t: ItemTimeoutError(f"{head.describe()} ran longer than the {t:g} s timeout; "
-                                                        f"its worker was killed and replaced.", head.start, t))
+                                                        f"its worker was killed and replaced.", head.start, t),
+                worker=p.slot)
 
     def next_deadline(self) -> float | None:
         now = time.perf_counter()
@@ -193,7 +195,7 @@ class Outcomes:
                 head, WorkerMemoryError, what,
                 lambda head=head, what=what, size=size: WorkerMemoryError(
                     f"{what}. The worker was replaced; items that finished are kept.",
-                    head.indices, size, head.job.options.max_memory))
+                    head.indices, size, head.job.options.max_memory), worker=p.slot)
 
     @staticmethod
     def deadline(p: WorkerHandle) -> float:

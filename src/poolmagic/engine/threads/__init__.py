@@ -33,6 +33,7 @@ from ..core.schedule import RoundRobin, timed, workers_for
 from ..core.transport import (CAPABILITIES, CRASH_ISOLATION, KILL_ON_INTERRUPT, KILL_ON_TIMEOUT, MEMORY_LIMIT,
                               NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP)
 from ..core.runchunk import run_chunk
+from .. import seeds
 from . import streams
 
 IDLE_WAIT_S = 0.5  # an idle thread looks again at least this often (a wake-up is never needed for correctness)
@@ -240,6 +241,7 @@ class ThreadsBackend(Backend):
             t_sent = time.perf_counter()
             if o.seed is not None:
                 _SEED_LOCK.acquire()
+                saved = seeds.save_streams()  # the kernel's own streams: put back after the chunk
             try:
                 r = run_chunk(job.func, items, o, start=start, timed=timed(job),
                               progress=lambda done: self._progress(job, start, done),
@@ -247,6 +249,7 @@ class ThreadsBackend(Backend):
                               clock=time.thread_time)
             finally:
                 if o.seed is not None:
+                    seeds.restore_streams(saved)
                     _SEED_LOCK.release()
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in r.errors]
             rec = ChunkRecord(slot, start, len(r.out), r.t0, r.t1, r.times, tid, t_sent=t_sent,
