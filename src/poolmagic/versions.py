@@ -1,0 +1,74 @@
+"""What a map was given, as keys to compare later: the function's code and each ``--kw`` value.
+
+A checkpoint, ``--resume`` and ``%pooldebug`` compare these with a later map
+(or the values now) to say what changed since: the function the user wrote, or
+the value of a keyword constant. The function's key leaves out where the code
+was compiled (a notebook cell's file name and line numbers change at every run
+of the cell) so that running the same cell again is not "a changed function".
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import types
+from typing import Any, Callable
+
+import cloudpickle
+
+
+def code_key(func: Callable) -> str | None:
+    """A key equal for two functions with the same code, defaults and closure; None: not a plain function."""
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return None
+    h = hashlib.blake2b(digest_size=12)
+    _feed(h, code)
+    try:
+        h.update(cloudpickle.dumps((func.__defaults__, func.__kwdefaults__,
+                                    [c.cell_contents for c in func.__closure__ or ()]), protocol=5))
+    except Exception:  # an empty cell, an unpicklable default: the map's own pickling says so
+        return None
+    return h.hexdigest()
+
+
+def _feed(h: Any, code: types.CodeType) -> None:
+    h.update(code.co_code)
+    h.update(repr((code.co_name, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+                   code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed(h, const)
+        else:
+            h.update(repr((type(const).__name__, const)).encode())
+
+
+def kw_keys(kwargs: dict | None) -> dict[str, str] | None:
+    """Each ``--kw`` value's key: a hash of its pickle (big buffers hashed where they are, not copied)."""
+    if not kwargs:
+        return None
+    out = {}
+    for name, value in kwargs.items():
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        except Exception:  # the map itself refuses it, naming it
+            continue
+        h = hashlib.blake2b(data, digest_size=12)
+        for b in buffers:
+            try:
+                h.update(b.raw())
+            except BufferError:  # not contiguous
+                h.update(bytes(memoryview(b)))
+        out[name] = h.hexdigest()
+    return out
+
+
+def changed_kw(was: dict[str, str] | None, now: dict[str, str] | None) -> list[str]:
+    """The ``--kw`` names whose value differs (or that one side lacks), in order."""
+    was, now = was or {}, now or {}
+    return [k for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k)]
+
+
+def kw_words(names: list[str]) -> str:
+    """``--kw y`` or ``--kw y, z``."""
+    return "--kw " + ", ".join(names)
