@@ -50,9 +50,9 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
                        threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
     if o.kwargs:  # what the workers got, to say later that a value changed since (resume, checkpoint, rerun)
-        from .versions import kw_keys
+        from .versions import kw_record
 
-        report.kw_keys = kw_keys(o.kwargs)
+        report.kw_keys, report.kw_kept = kw_record(o.kwargs)
     if written:
         report.notes.append(_globals_note(name, written))
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)

@@ -42,11 +42,20 @@ def _feed(h: Any, code: types.CodeType) -> None:
             h.update(repr((type(const).__name__, const)).encode())
 
 
+KEPT_BYTES = 1 << 20  # a --kw value pickled to at most this is kept, for %pooldebug to re-run with it
+
+
 def kw_keys(kwargs: dict | None) -> dict[str, str] | None:
     """Each ``--kw`` value's key: a hash of its pickle (big buffers hashed where they are, not copied)."""
+    return kw_record(kwargs)[0]
+
+
+def kw_record(kwargs: dict | None) -> tuple[dict[str, str] | None, dict[str, tuple]]:
+    """``(keys, kept)``: each ``--kw`` value's key, and the pickles of the values of at most
+    KEPT_BYTES (``name: (data, buffers)``, copied), which ``kw_values`` unpickles."""
     if not kwargs:
-        return None
-    out = {}
+        return None, {}
+    out, kept = {}, {}
     for name, value in kwargs.items():
         buffers: list[pickle.PickleBuffer] = []
         try:
@@ -54,13 +63,22 @@ def kw_keys(kwargs: dict | None) -> dict[str, str] | None:
         except Exception:  # the map itself refuses it, naming it
             continue
         h = hashlib.blake2b(data, digest_size=12)
+        views = []
         for b in buffers:
             try:
-                h.update(b.raw())
+                views.append(b.raw())
             except BufferError:  # not contiguous
-                h.update(bytes(memoryview(b)))
+                views.append(memoryview(bytes(memoryview(b))))
+            h.update(views[-1])
         out[name] = h.hexdigest()
-    return out
+        if len(data) + sum(v.nbytes for v in views) <= KEPT_BYTES:
+            kept[name] = (data, [bytes(v) for v in views])
+    return out, kept
+
+
+def kw_values(kept: dict[str, tuple], names: list[str]) -> dict[str, Any]:
+    """The values ``kw_record`` kept for ``names``, unpickled (a fresh copy each call)."""
+    return {n: pickle.loads(kept[n][0], buffers=[bytearray(b) for b in kept[n][1]]) for n in names}
 
 
 def changed_kw(was: dict[str, str] | None, now: dict[str, str] | None) -> list[str]:
