@@ -28,7 +28,10 @@ from .draws import isolate as _isolate_random
 _FNS = FunctionCache(by_use=True)  # function version -> the loaded function (this process)
 _APPLIER = ContextApplier()
 # run_chunk swaps sys.stdout/sys.stderr for the whole process and the context
-# (cwd, environment) is per process too: one chunk at a time per process.
+# (cwd, environment) is per process too: one chunk at a time per process. Seeds
+# need it as well: a worker with several threads would run two seeded chunks on
+# the process's one random/np.random, each moving the other's streams
+# (tests/test_dask.py, two threads).
 _LOCK = threading.Lock()
 
 
