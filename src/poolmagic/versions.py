@@ -62,18 +62,30 @@ def kw_record(kwargs: dict | None) -> tuple[dict[str, str] | None, dict[str, tup
             data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
         except Exception:  # the map itself refuses it, naming it
             continue
-        h = hashlib.blake2b(data, digest_size=12)
         views = []
         for b in buffers:
             try:
                 views.append(b.raw())
             except BufferError:  # not contiguous
                 views.append(memoryview(bytes(memoryview(b))))
-            h.update(views[-1])
-        out[name] = h.hexdigest()
+        out[name] = _stable_key(value, data, views)
         if len(data) + sum(v.nbytes for v in views) <= KEPT_BYTES:
             kept[name] = (data, [bytes(v) for v in views])
     return out, kept
+
+
+def _stable_key(value: Any, data: bytes, views: list) -> str:
+    """The value's key as the checkpoint's items are keyed (identity.py: the same in every kernel,
+    where a set of str pickles in another order); else a hash of its pickle."""
+    from . import identity
+
+    try:
+        return "i" + identity.keys([value], [0], "--kw").hex()
+    except Exception:
+        h = hashlib.blake2b(data, digest_size=12)
+        for v in views:
+            h.update(v)
+        return h.hexdigest()
 
 
 def kw_values(kept: dict[str, tuple], names: list[str]) -> dict[str, Any]:
