@@ -158,6 +158,8 @@ class IMapIterator:
             errors = self._job.report.errors
             with self._cond:
                 for pos in event.indices:
+                    if event.retried and pos not in errors:
+                        continue  # queued to run again (--retries): its last attempt answers for it
                     self._single[pos] = (False, errors.get(pos, event.error))
                     if not self._ordered:
                         self._queue.append((pos, [NOT_DONE]))
