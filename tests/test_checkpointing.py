@@ -530,3 +530,35 @@ def test_magic_changed_iterable_message_is_said_once(ip, tmp_path):
     assert "item 5 differs (it is now 'b5')" in message and "cannot be read" not in message, message
     assert message.count("the ITERABLE changed") == 1 and message.count("delete") == 1, message
     assert len(calls(path)) == n
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_says_a_changed_kw_value_not_a_changed_function(ip, tmp_path):
+    """Only a --kw value changed: the note said 'the function changed since PATH was written'; and the
+    same cell run again (a new cell number, the same code and values) said it too, where nothing changed."""
+    ck = tmp_path / "kw.bin"
+    ip.user_ns.update(KW_CK_FAIL={3}, kw_ck_w=[1, 2])
+    cell = (
+        f"%%poolmap -q --keep-going --checkpoint {ck} --kw w=kw_ck_w range(6)\n"
+        "def kw_ck(x, w):\n"
+        "    if x in KW_CK_FAIL:\n"
+        "        raise ValueError(x)\n"
+        "    return x * sum(w)\n"
+    )
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    ip.user_ns["KW_CK_FAIL"] = set()
+    ip.run_cell("pass")  # the next run of the cell is compiled under another cell number
+    again = ip.run_cell(cell)
+    assert again.error_in_exec is None, again.error_in_exec
+    assert ip.user_ns["_poolmap"].notes == [], ip.user_ns["_poolmap"].notes
+
+    ck.unlink()
+    ip.user_ns["KW_CK_FAIL"] = {3}
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    ip.user_ns["KW_CK_FAIL"] = set()
+    ip.user_ns["kw_ck_w"].append(7)  # changed in place
+    changed = ip.run_cell(cell)
+    assert changed.result == [0, 3, 6, 30, 12, 15]  # the kept ones computed with [1, 2]
+    assert ip.user_ns["_poolmap"].notes == [
+        f"--kw w changed since {ck} was written; 5 results computed with its earlier value were kept"
+    ], ip.user_ns["_poolmap"].notes

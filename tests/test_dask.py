@@ -236,7 +236,65 @@ def test_seed_gives_the_same_results_on_both_backends(local_pool, dask_pool):
     assert len(set(here)) == 12
 
 
+def drawn_slowly(_x):
+    import numpy as np
+
+    a = random.random()
+    time.sleep(0.01)  # another item running meanwhile in this process would move the streams here
+    b = float(np.random.random())
+    time.sleep(0.01)
+    return (a, b, random.random())
+
+
+def test_seeded_items_on_a_worker_with_two_threads_draw_what_the_seed_promises(local_pool):
+    """A worker process with 2 threads could run two seeded chunks at once, both on the process's
+    one ``random`` and ``np.random``: each item's draws moved the other's, silently. Chunks hold
+    task.py's per-process lock; the results equal the local pool's (the plain loop's) for the seed."""
+    pytest.importorskip("numpy")
+    from distributed import LocalCluster
+
+    expect = local_pool.map(drawn_slowly, range(16), seed=7, chunksize=1)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        pool = Pool(backend="dask", address=cluster.scheduler_address)
+        try:
+            pool.backend.wait_ready(30)
+            for chunksize in (1, 2):
+                assert pool.map(drawn_slowly, range(16), seed=7, chunksize=chunksize) == expect, chunksize
+        finally:
+            pool.shutdown()
+    assert len(set(expect)) == 16
+
+
 # ---------------------------------------------------------------- dask only
+
+
+def test_a_cluster_whose_workers_run_in_this_process_is_refused_and_leaves_it_able_to_pool():
+    """LocalCluster(processes=False): the map ran its chunks in the kernel itself, which then counted
+    as a worker (every later Pool: 'cannot start a pool inside one of its own workers'); its seeded
+    chunks also reseeded the notebook's own random streams."""
+    from distributed import LocalCluster
+
+    random.seed(3)
+    want = [random.random() for _ in range(2)]
+    random.seed(3)
+    got = [random.random()]
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        pool = Pool(backend="dask", address=cluster.scheduler_address)
+        try:
+            pool.backend.wait_ready(30)
+            with pytest.raises(poolmagic.PoolmapError, match=r"run inside this kernel.*processes=True"):
+                pool.map(double, range(4), seed=1)
+        finally:
+            pool.shutdown()
+    got.append(random.random())
+    assert got == want  # the notebook's stream went on where it was
+    after = Pool(1)
+    try:
+        assert after.map(double, range(3)) == [0, 2, 4]
+    finally:
+        after.shutdown()
+
 
 
 def test_local_cluster_listens_on_loopback_only(dask_pool):

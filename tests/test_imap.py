@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import pytest
 
 from poolmagic import Pool
+from poolmagic.errors import ItemTimeoutError
 
 
 def double(x):
@@ -54,3 +56,58 @@ def test_imap_memory_stays_bounded_on_a_long_stream():
         grown = rss() - base
     assert total == sum(range(n))
     assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.0f} MB over {n:,} items"
+
+
+def fails_first_time(x, folder, bad=(3, 7), always=(5,)):
+    """Items in ``bad`` raise on their first attempt only (a marker file per item); ``always`` every time."""
+    mark = os.path.join(folder, f"ran-{x}")
+    if x in always or (x in bad and not os.path.exists(mark)):
+        open(mark, "w").close()
+        raise ConnectionError(f"flaky {x}")
+    return 10 * x
+
+
+def _drain(it, errors: type = ConnectionError) -> list:
+    out = []
+    while True:
+        try:
+            out.append(next(it, StopIteration))
+        except errors as exc:
+            out.append("timeout" if isinstance(exc, ItemTimeoutError) else str(exc))
+        if out and out[-1] is StopIteration:
+            return out[:-1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["local", "threads"])
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_imap_with_retries_hands_out_every_result_once(tmp_path, backend, chunksize):
+    """A retried item not last in its chunk: imap skipped the rest of its chunk (items 4 and 5 of
+    3..5) waiting for them ever after, and imap_unordered lost them: both hung for good."""
+    want = [0, 10, 20, 30, 40, "flaky 5", 60, 70, 80, 90]
+    with Pool(2, backend=backend) as p:
+        for ordered in (True, False):
+            for f in tmp_path.iterdir():
+                f.unlink()
+            imap = p.imap if ordered else p.imap_unordered
+            got = _drain(imap(fails_first_time, range(10), chunksize, retries=1, kwargs={"folder": str(tmp_path)}))
+            assert (got if ordered else sorted(got, key=str)) == (want if ordered else sorted(want, key=str))
+
+
+def stalls(x, folder, once=(2,), always=(4,)):
+    """Items in ``once`` stall on their first attempt only (a marker file); those in ``always`` every time."""
+    mark = os.path.join(folder, f"stalled-{x}")
+    if x in always or (x in once and not os.path.exists(mark)):
+        open(mark, "w").close()
+        time.sleep(60)
+    return 10 * x
+
+
+@pytest.mark.timeout(90)
+def test_imap_unordered_with_retries_gives_a_timed_out_item_its_last_attempt_once(tmp_path):
+    """An item past --timeout and queued again was handed out as failed at its first timeout
+    (an item that then succeeded gave its error too) and again at its last: 9 answers for 8 items."""
+    with Pool(2) as p:
+        got = _drain(p.imap_unordered(stalls, range(8), 3, timeout=1, retries=1,
+                                      kwargs={"folder": str(tmp_path)}), errors=ItemTimeoutError)
+    assert sorted(map(str, got)) == sorted(["0", "10", "20", "30", "50", "60", "70", "timeout"]), got

@@ -19,6 +19,7 @@ import re
 import sys
 
 import cloudpickle
+import numpy as np
 import pytest
 
 from longrun_helpers import attempts_of, calls, log_call, plain, pool  # noqa: F401  (pool: the module's warm pool, a fixture)
@@ -26,7 +27,7 @@ from IPython.core.error import UsageError
 
 import poolmagic
 import poolmagic.api
-from poolmagic import MapFailedError, Pool, WorkerCrashedError
+from poolmagic import BadInputError, MapFailedError, Pool, WorkerCrashedError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -239,6 +240,57 @@ def test_rerun_raises_here_and_sees_the_workers_random_numbers(pool, tmp_path):
     assert report.rerun(1) == report.results[1]  # a good item: the same value too
     assert draws(1)[0] == draws(1)[1]
     assert len(set(report.results[:3])) == 3  # and the items do get different streams
+
+
+def weighted(x, w):
+    total = x * sum(w)
+    if total == 30:
+        raise ValueError(f"item {x} weighs {total}")
+    return total
+
+
+@pytest.mark.timeout(60)
+def test_rerun_uses_the_kw_value_the_workers_got_after_it_changed_in_place(ip, pool, monkeypatch, capsys):
+    """A --kw list changed in place after the map: %pooldebug re-ran the item with the list as it is
+    now (here: no error where the workers raised), not with what the workers got."""
+    w = [10]
+    with pytest.raises(MapFailedError) as info:
+        pool.run(weighted, range(6), keep_going=True, kwargs={"w": w})
+    report = info.value.poolmap_report
+    assert list(report.errors) == [3]
+    w.append(100)  # after the map
+    with pytest.raises(ValueError, match="item 3 weighs 30"):
+        report.rerun()
+    assert report.rerun(2) == report.results[2] == 20
+    assert w == [10, 100]  # the notebook's own value is left as it is
+
+    ip.user_ns.update(weighted=weighted, dbg_w=[10])
+    result = ip.run_cell("%poolmap -q --keep-going --kw w=dbg_w weighted range(6)")
+    assert isinstance(result.error_in_exec, MapFailedError)
+    ip.user_ns["dbg_w"][0] = 50
+    lines = _debug(ip, monkeypatch, capsys, "", commands="p total\nq\n")
+    assert _printed(lines, "30"), lines
+
+
+def big_weighted(x, w):
+    if x == 1:
+        raise ValueError(float(w.sum()))
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_rerun_refuses_a_big_kw_value_changed_in_place_unless_forced(pool):
+    w = np.zeros(300_000)  # 2.4 MB: its pickle is not kept
+    with pytest.raises(MapFailedError) as info:
+        pool.run(big_weighted, range(3), keep_going=True, kwargs={"w": w})
+    report = info.value.poolmap_report
+    with pytest.raises(ValueError, match=r"^0\.0$"):
+        report.rerun()  # unchanged: runs
+    w[0] = 1.0
+    with pytest.raises(BadInputError, match=r"--kw w changed since the map"):
+        report.rerun()
+    with pytest.raises(ValueError, match=r"^1\.0$"):
+        report.rerun(force=True)
 
 
 # ================================================================ 6. tracebacks

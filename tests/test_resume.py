@@ -338,3 +338,30 @@ def test_resume_of_a_map_still_running_is_refused(pool, tmp_path):
     finally:
         Path(gate).touch()
     assert handle.get(timeout=30) == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_resume_says_a_changed_kw_value_as_a_checkpoint_does(pool, tmp_path):
+    """The kept results were computed with the earlier --kw value: said, as --checkpoint says it."""
+    path = str(tmp_path / "calls")
+    with pytest.raises(MapFailedError) as info:
+        pool.run(numpy_block, range(4), keep_going=True, kwargs={"path": path, "fail": (2,)})
+    earlier = info.value.poolmap_report
+    report = pool.run(numpy_block, range(4), resume=earlier, kwargs={"path": path, "fail": ()})
+    assert report.notes == ["--kw fail changed since the run to resume; 3 results computed with its "
+                            "earlier value were kept"], report.notes
+
+    flag = tmp_path / "fail-2"
+    flag.touch()
+    with pytest.raises(MapFailedError) as info:
+        pool.run(fails_while_flagged, range(4), keep_going=True, kwargs={"flag": str(flag)})
+    flag.unlink()
+    same = pool.run(fails_while_flagged, range(4), resume=info.value.poolmap_report, kwargs={"flag": str(flag)})
+    assert same.results == [0, 1, 2, 3]
+    assert same.notes == [], same.notes  # nothing the user wrote changed
+
+
+def fails_while_flagged(x, flag):
+    if x == 2 and os.path.exists(flag):
+        raise ValueError(x)
+    return x

@@ -28,6 +28,7 @@ from .report import RunReport
 from .resume import continuing, materialise, seed_words
 from .sentinel import NOT_DONE
 from .threadqueues import thread_queue
+from .versions import changed_kw
 
 
 def _record_at(exc: BaseException) -> str:
@@ -55,6 +56,7 @@ class Checkpoint:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self.function_changed = False
+        self.kw_changed: tuple[dict | None, dict | None] | None = None  # (the file's keys, the map's)
         self.notes: list[str] = []  # said under the map's summary (damaged records)
         self.error: BaseException | None = None
         self._index: list[int] | None = None
@@ -109,21 +111,37 @@ class Checkpoint:
                 self._do(*self._pending.popleft())
 
     # ------------------------------------------------------------ loading (caller's thread)
-    def load(self, iterable: Iterable, name: str, function_key: str,
-             seed: int | None = None) -> tuple[RunReport, list[int] | None, Any]:
+    def load(self, iterable: Iterable, name: str, function_key: str, seed: int | None = None,
+             code: str | None = None, kw: dict | None = None) -> tuple[RunReport, list[int] | None, Any]:
         """The report with what the file holds, the positions left to run (None: all), their items.
 
         Refused when the file's results were drawn with another ``seed`` (they and the
         new ones would come from two seeds). Nothing is written to the file unless this succeeds.
+        ``code`` and ``kw``: the function's code key and the ``--kw`` values' keys (versions.py),
+        compared with the file's to say what changed (``function_changed``, ``kw_changed``).
         """
         try:
             items = materialise(iterable)
             report, missing, todo = self._load(items, name, function_key, seed)
+            self._compare(function_key, code, kw)
         except BaseException:
             self._put("close")
             raise
-        self._put("meta", {"items": len(items), "function": function_key, "seed": seed})
+        self._put("meta", {"items": len(items), "function": function_key, "seed": seed, "code": code, "kw": kw})
         return report, missing, todo
+
+    def _compare(self, function_key: str, code: str | None, kw: dict | None) -> None:
+        """What changed since the file was written: its function (as the user wrote it) or ``--kw`` values.
+
+        The whole function's pickle (``function_key``) also changes with the cell's number and a
+        --kw value; files that recorded the code's key and the values' are compared by those.
+        """
+        meta = self._stored.meta if self._stored is not None else {}
+        if "code" in meta and meta["code"] is not None and code is not None:
+            self.function_changed = meta["code"] != code
+            self.kw_changed = (meta.get("kw"), kw) if changed_kw(meta.get("kw"), kw) else None
+        else:  # a file from before 2026-12-07, or a callable that is not a plain function
+            self.function_changed = "function" in meta and meta["function"] != function_key
 
     def _load(self, items: Any, name: str, function_key: str,
               seed: int | None) -> tuple[RunReport, list[int] | None, Any]:
@@ -146,7 +164,6 @@ class Checkpoint:
                 f"has {seed_words(seed)}: they and the new ones would come from two seeds. Run it with "
                 f"{seed_words(meta['seed'])}, or use another PATH, or delete the file to start over."
             )
-        self.function_changed = "function" in meta and meta["function"] != function_key
         damaged = getattr(stored, "damaged", 0)
         if damaged:
             self.notes.append(f"{damaged:,} checkpoint record{'s were' if damaged != 1 else ' was'} damaged; "

@@ -143,17 +143,23 @@ class IMapIterator:
         kind = type(event)
         if kind is ChunkFinished:
             start = event.record.start
+            results = event.results
+            tries = self._job.retry.attempts
             with self._cond:
-                if self._ordered:
-                    self._chunks[start] = event.results
+                if tries and self._retried(start, results, tries):
+                    pass  # every item of it ran again (--retries): each went to _single
+                elif self._ordered:
+                    self._chunks[start] = results
                 else:
-                    self._queue.append((start, event.results))
-                self._filed += len(event.results)
+                    self._queue.append((start, results))
+                self._filed += len(results)
                 self._cond.notify_all()
         elif kind is ItemsFailed:
             errors = self._job.report.errors
             with self._cond:
                 for pos in event.indices:
+                    if event.retried and pos not in errors:
+                        continue  # queued to run again (--retries): its last attempt answers for it
                     self._single[pos] = (False, errors.get(pos, event.error))
                     if not self._ordered:
                         self._queue.append((pos, [NOT_DONE]))
@@ -167,6 +173,28 @@ class IMapIterator:
                 elif event.error is not None and not isinstance(event.error, MapFailedError):
                     self._end_error = event.error  # not an item's: the pool shut down, or the ITERABLE
                 self._cond.notify_all()
+
+    def _retried(self, start: int, results: list, tries: dict) -> bool:
+        """File the items of a finished chunk that ran more than once (--retries) on their own:
+        their last attempt's result or error; one queued yet again waits for its next. True
+        when every item of the chunk did (nothing else of it to file). Under the lock."""
+        errors = self._job.report.errors
+        alone = 0
+        for k, value in enumerate(results):
+            pos = start + k
+            if not tries.get(pos):
+                continue
+            alone += 1
+            if value is not NOT_DONE:
+                got = (True, value)
+            elif pos in errors:
+                got = (False, errors[pos])
+            else:
+                continue  # queued again
+            self._single[pos] = got
+            if not self._ordered:
+                self._queue.append((pos, [NOT_DONE]))
+        return alone == len(results)
 
     def feed(self) -> None:
         """Read a stream ITERABLE for the map (a feeder thread), pausing while more
@@ -218,6 +246,19 @@ class IMapIterator:
             return None
         value = results[k]
         pos = start + k
+        tries = self._job.retry.attempts
+        if tries and tries.get(pos):  # an item that ran again (--retries): its last attempt counts
+            got = self._single.pop(pos, None)
+            if got is None:
+                if self._ordered:
+                    return None  # wait here for it: the items after it follow it
+                self._off = k + 1  # it comes back on its own
+                results[k] = None
+                return self._from_chunk()
+            self._off = k + 1
+            self._next += 1
+            results[k] = None
+            return got
         if value is NOT_DONE:
             err = self._single.pop(pos, None) or (False, self._job.report.errors.get(pos))
             if err[1] is None:  # queued again (retries): it comes back as a chunk of its own
@@ -236,15 +277,17 @@ class IMapIterator:
         got = self._from_chunk()
         if got is not None:
             return got
-        if self._ordered:
+        if self._off < len(self._cur[1]):  # waiting for a retried item of the chunk being consumed
+            pass
+        elif self._ordered:
+            chunk = self._chunks.pop(self._next, None)  # (first: it may begin with a retried item)
+            if chunk is not None:
+                self._cur, self._off = (self._next, chunk), 0
+                return self._take()
             single = self._single.pop(self._next, None)
             if single is not None:
                 self._next += 1
                 return single
-            chunk = self._chunks.pop(self._next, None)
-            if chunk is not None:
-                self._cur, self._off = (self._next, chunk), 0
-                return self._take()
         elif self._queue:
             self._cur, self._off = self._queue.popleft(), 0
             return self._take()

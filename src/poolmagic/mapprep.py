@@ -39,6 +39,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     """
     o = _options(pool, options)
     name = _check_function(func, o)
+    unwrapped = func
     written = assigned_globals(func) if OWN_PROCESS not in pool.backend.lacks else ()
     func, iterable = _call(func, iterable, o, name)
     payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
@@ -48,9 +49,13 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     report = RunReport(func_name=name, cores=pool.backend.cores() or pool.cores, pool_size=workers, backend=pool.backend.description,
                        threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
+    if o.kwargs:  # what the workers got, to say later that a value changed since (resume, checkpoint, rerun)
+        from .versions import kw_record
+
+        report.kw_keys, report.kw_kept = kw_record(o.kwargs)
     if written:
         report.notes.append(_globals_note(name, written))
-    index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key)
+    index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
     job.checkpoint = checkpoint
@@ -153,8 +158,20 @@ def _check_kwargs(func: Callable, kwargs: dict | None) -> None:
             ) from None
 
 
+def kw_changed_note(was: dict | None, now: dict | None, since: str, kept: int) -> list[str]:
+    """The note of a map that keeps ``kept`` results computed with other ``--kw`` values (none: same values)."""
+    from .versions import changed_kw, kw_words
+
+    names = changed_kw(was, now)
+    if not names:
+        return []
+    one = len(names) == 1
+    return [f"{kw_words(names)} changed since {since}; {kept:,} results computed with "
+            f"{'its' if one else 'their'} earlier value{'' if one else 's'} were kept"]
+
+
 def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, iterable: Iterable, name: str,
-                 key: str) -> tuple[Any, Checkpoint | None, Iterable]:
+                 key: str, func: Callable) -> tuple[Any, Checkpoint | None, Iterable]:
     """What an earlier run (``resume``) or a checkpoint file already did: ``(index, checkpoint,
     iterable)``, the index and ITERABLE of the items still to run (index None: all of them).
     The earlier results are copied into ``report``."""
@@ -168,17 +185,23 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         from .resume import resume_report  # (the items' keys and their comparison: only for --resume)
 
         earlier, index, iterable = resume_report(resume, iterable, o.seed)
+        if index is not None:
+            report.notes.extend(kw_changed_note(resume.kw_keys, report.kw_keys, "the run to resume", earlier.done))
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 
         checkpoint = Checkpoint(o.checkpoint)
-        earlier, index, iterable = checkpoint.load(iterable, name, key, o.seed)
+        from .versions import code_key
+
+        earlier, index, iterable = checkpoint.load(iterable, name, key, o.seed, code_key(func), report.kw_keys)
     if index is not None:
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))
         if checkpoint is not None and checkpoint.function_changed:
             report.notes.append(f"the function changed since {o.checkpoint} was written; "
                                 f"{earlier.done:,} results of its earlier version were kept")
+        if checkpoint is not None and checkpoint.kw_changed:
+            report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written", earlier.done))
     if checkpoint is not None:
         report.notes.extend(checkpoint.notes)
     return index, checkpoint, iterable

@@ -43,6 +43,8 @@ class RunReport(MapRecord):
     replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
     serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
     identity: Any = field(default=None, repr=False)  # the items' keys, for --resume (seenitems.SeenItems)
+    kw_keys: dict | None = field(default=None, repr=False)  # each --kw value's key when mapped (versions.py)
+    kw_kept: dict = field(default_factory=dict, repr=False)  # the small --kw values' pickles, for rerun()
 
     # ---------------------------------------------------------------- words
     def where_attempts(self, index: int | str) -> str:
@@ -155,6 +157,8 @@ class RunReport(MapRecord):
         if unsafe is not None and not force:
             raise BadInputError(self._not_rerun(index, unsafe))
         limit = options.timeout if isinstance(unsafe, ItemTimeoutError) else None
+        if options.kwargs:
+            func = self._as_mapped(func, options.kwargs, index, force)
         if options.seed is not None:
             from .engine import seeds
 
@@ -167,6 +171,32 @@ class RunReport(MapRecord):
             if options.seed is not None:
                 seeds.clear()
                 seeds.restore_streams(saved)
+
+    def _as_mapped(self, func: Any, kwargs: dict, index: int, force: bool) -> Any:
+        """``func`` with the --kw values the workers got: a value changed in place since the map
+        is re-run as it was (its pickle is kept up to 1 MB); a bigger one is refused unless ``force``."""
+        import functools
+
+        from .checks import NoArgs
+        from .versions import changed_kw, kw_keys, kw_values, kw_words
+
+        changed = changed_kw(self.kw_keys, kw_keys(kwargs))
+        if not changed:
+            return func
+        lost = [n for n in changed if n not in self.kw_kept]
+        if lost and not force:
+            from .errors import BadInputError
+
+            raise BadInputError(
+                f"item {index} was not re-run: {kw_words(lost)} changed since the map (changed in place), and "
+                f"its value as the workers got it was too big to keep; here it would run with the new value. "
+                f"Map it again to debug it, or %pooldebug --force {index} (report.rerun({index}, force=True)) "
+                f"runs it with the value as it is now")
+        values = {**kwargs, **kw_values(self.kw_kept, [n for n in changed if n in self.kw_kept])}
+        wrapped = isinstance(func, NoArgs)
+        inner = func.func if wrapped else func
+        inner = functools.partial(inner.func, *inner.args, **values)
+        return NoArgs(inner) if wrapped else inner
 
     def unsafe_failure(self, index: int) -> BaseException | None:
         """The error that makes item ``index`` unsafe to run in this process, if any.

@@ -84,6 +84,9 @@ class ClusterLink:
         else:
             security = check_scheduler(self.address, min(PROBE_TIMEOUT_S, CONNECT_TIMEOUT_S))  # fails in seconds
             self.client = Client(self.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False, security=security)
+            from . import task
+
+            task.CLIENT_PID = os.getpid()  # a task running in this process is refused (task.IN_KERNEL)
             check_workers(self.client)
             self.remote_env.check_packages(self.client, [p for p in ("numpy", "pandas") if p in sys.modules], wait=False)
         if self.closed():

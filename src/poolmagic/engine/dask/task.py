@@ -28,8 +28,19 @@ from .draws import isolate as _isolate_random
 _FNS = FunctionCache(by_use=True)  # function version -> the loaded function (this process)
 _APPLIER = ContextApplier()
 # run_chunk swaps sys.stdout/sys.stderr for the whole process and the context
-# (cwd, environment) is per process too: one chunk at a time per process.
+# (cwd, environment) is per process too: one chunk at a time per process. Seeds
+# need it as well: a worker with several threads would run two seeded chunks on
+# the process's one random/np.random, each moving the other's streams
+# (tests/test_dask.py, two threads).
 _LOCK = threading.Lock()
+CLIENT_PID: int | None = None  # the process that connected a poolmagic pool to a cluster (link.py)
+IN_KERNEL = (
+    "the dask cluster's workers run inside this kernel (a LocalCluster(processes=False)): a map's "
+    "chunks replace the process's sys.stdout and seed its random and np.random streams while they run, "
+    "so they would capture the notebook's own output, change its random numbers and mark the kernel as a "
+    "worker (no pool could start after). Start the cluster with processes=True (its default), or use "
+    "%poolsize --backend threads (Pool(backend='threads')) to run items on threads of the kernel"
+)
 
 
 class Blob:
@@ -105,6 +116,10 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
     machine (a LocalCluster's) where the chunk running now is written down.
     ``indices``: the items' ITERABLE positions when not ``start + k`` (seeds).
     """
+    if CLIENT_PID == os.getpid():
+        from ...errors import PoolmapError
+
+        raise PoolmapError(IN_KERNEL)
     _isolate_random()  # dask's threads draw from a random.Random of their own (seeds)
     with _LOCK:
         _mark(marks, seq)

@@ -1,0 +1,104 @@
+"""What a map was given, as keys to compare later: the function's code and each ``--kw`` value.
+
+A checkpoint, ``--resume`` and ``%pooldebug`` compare these with a later map
+(or the values now) to say what changed since: the function the user wrote, or
+the value of a keyword constant. The function's key leaves out where the code
+was compiled (a notebook cell's file name and line numbers change at every run
+of the cell) so that running the same cell again is not "a changed function".
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import types
+from typing import Any, Callable
+
+import cloudpickle
+
+
+def code_key(func: Callable) -> str | None:
+    """A key equal for two functions with the same code, defaults and closure; None: not a plain function."""
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return None
+    h = hashlib.blake2b(digest_size=12)
+    _feed(h, code)
+    try:
+        h.update(cloudpickle.dumps((func.__defaults__, func.__kwdefaults__,
+                                    [c.cell_contents for c in func.__closure__ or ()]), protocol=5))
+    except Exception:  # an empty cell, an unpicklable default: the map's own pickling says so
+        return None
+    return h.hexdigest()
+
+
+def _feed(h: Any, code: types.CodeType) -> None:
+    h.update(code.co_code)
+    h.update(repr((code.co_name, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+                   code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed(h, const)
+        else:
+            h.update(repr((type(const).__name__, const)).encode())
+
+
+KEPT_BYTES = 1 << 20  # a --kw value pickled to at most this is kept, for %pooldebug to re-run with it
+
+
+def kw_keys(kwargs: dict | None) -> dict[str, str] | None:
+    """Each ``--kw`` value's key: a hash of its pickle (big buffers hashed where they are, not copied)."""
+    return kw_record(kwargs)[0]
+
+
+def kw_record(kwargs: dict | None) -> tuple[dict[str, str] | None, dict[str, tuple]]:
+    """``(keys, kept)``: each ``--kw`` value's key, and the pickles of the values of at most
+    KEPT_BYTES (``name: (data, buffers)``, copied), which ``kw_values`` unpickles."""
+    if not kwargs:
+        return None, {}
+    out, kept = {}, {}
+    for name, value in kwargs.items():
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        except Exception:  # the map itself refuses it, naming it
+            continue
+        views = []
+        for b in buffers:
+            try:
+                views.append(b.raw())
+            except BufferError:  # not contiguous
+                views.append(memoryview(bytes(memoryview(b))))
+        out[name] = _stable_key(value, data, views)
+        if len(data) + sum(v.nbytes for v in views) <= KEPT_BYTES:
+            kept[name] = (data, [bytes(v) for v in views])
+    return out, kept
+
+
+def _stable_key(value: Any, data: bytes, views: list) -> str:
+    """The value's key as the checkpoint's items are keyed (identity.py: the same in every kernel,
+    where a set of str pickles in another order); else a hash of its pickle."""
+    from . import identity
+
+    try:
+        return "i" + identity.keys([value], [0], "--kw").hex()
+    except Exception:
+        h = hashlib.blake2b(data, digest_size=12)
+        for v in views:
+            h.update(v)
+        return h.hexdigest()
+
+
+def kw_values(kept: dict[str, tuple], names: list[str]) -> dict[str, Any]:
+    """The values ``kw_record`` kept for ``names``, unpickled (a fresh copy each call)."""
+    return {n: pickle.loads(kept[n][0], buffers=[bytearray(b) for b in kept[n][1]]) for n in names}
+
+
+def changed_kw(was: dict[str, str] | None, now: dict[str, str] | None) -> list[str]:
+    """The ``--kw`` names whose value differs (or that one side lacks), in order."""
+    was, now = was or {}, now or {}
+    return [k for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k)]
+
+
+def kw_words(names: list[str]) -> str:
+    """``--kw y`` or ``--kw y, z``."""
+    return "--kw " + ", ".join(names)

@@ -1,0 +1,41 @@
+"""versions.py: the keys a checkpoint, --resume and %pooldebug compare to say what changed."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from poolmagic.versions import code_key, kw_keys
+
+SCRIPT = "from poolmagic.versions import kw_keys; print(kw_keys({'s': {'alpha', 'beta', 'gamma', 'delta', 'eps'}}))"
+
+
+def _keys_in_new_interpreter(hashseed: str) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": hashseed}
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_set_of_str_kw_has_the_same_key_in_every_kernel():
+    """A set of str pickles in another order under another hash seed: a checkpoint resumed in a new
+    kernel said '--kw s changed' though the value was the same."""
+    assert _keys_in_new_interpreter("1") == _keys_in_new_interpreter("2")
+
+
+def test_kw_keys_change_with_a_value_changed_in_place():
+    a, lst = np.zeros(8), [1, 2]
+    before = kw_keys({"a": a, "l": lst})
+    a[3] = 1.0
+    lst.append(3)
+    after = kw_keys({"a": a, "l": lst})
+    assert before["a"] != after["a"] and before["l"] != after["l"]
+
+
+def test_code_key_leaves_out_where_the_code_was_compiled():
+    src = "def f(x, k=2):\n    return x * k\n"
+    one, two, other = {}, {}, {}
+    exec(compile(src, "<ipython-input-1-abc>", "exec"), one)
+    exec(compile("\n\n" + src, "<ipython-input-7-def>", "exec"), two)
+    exec(compile(src.replace("x * k", "x + k"), "<ipython-input-1-abc>", "exec"), other)
+    assert code_key(one["f"]) == code_key(two["f"]) != code_key(other["f"])
