@@ -537,28 +537,67 @@ def test_checkpoint_says_a_changed_kw_value_not_a_changed_function(ip, tmp_path)
     """Only a --kw value changed: the note said 'the function changed since PATH was written'; and the
     same cell run again (a new cell number, the same code and values) said it too, where nothing changed."""
     ck = tmp_path / "kw.bin"
-    ip.user_ns.update(KW_CK_FAIL={3}, kw_ck_w=[1, 2])
+    # item 3 fails while a file exists: nothing the function reads from the notebook changes
+    flag = tmp_path / "fail3"
+    flag.touch()
+    ip.user_ns.update(kw_ck_w=[1, 2])
     cell = (
         f"%%poolmap -q --keep-going --checkpoint {ck} --kw w=kw_ck_w range(6)\n"
+        "import os\n"
         "def kw_ck(x, w):\n"
-        "    if x in KW_CK_FAIL:\n"
+        f"    if x == 3 and os.path.exists({str(flag)!r}):\n"
         "        raise ValueError(x)\n"
         "    return x * sum(w)\n"
     )
     assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
-    ip.user_ns["KW_CK_FAIL"] = set()
+    flag.unlink()
     ip.run_cell("pass")  # the next run of the cell is compiled under another cell number
     again = ip.run_cell(cell)
     assert again.error_in_exec is None, again.error_in_exec
     assert ip.user_ns["_poolmap"].notes == [], ip.user_ns["_poolmap"].notes
 
     ck.unlink()
-    ip.user_ns["KW_CK_FAIL"] = {3}
+    flag.touch()
     assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
-    ip.user_ns["KW_CK_FAIL"] = set()
+    flag.unlink()
     ip.user_ns["kw_ck_w"].append(7)  # changed in place
     changed = ip.run_cell(cell)
     assert changed.result == [0, 3, 6, 30, 12, 15]  # the kept ones computed with [1, 2]
     assert ip.user_ns["_poolmap"].notes == [
         f"--kw w changed since {ck} was written; 5 results computed with its earlier value were kept"
     ], ip.user_ns["_poolmap"].notes
+
+
+def test_checkpoint_says_the_function_changed_when_a_helper_or_a_global_it_reads_did(ip, tmp_path):
+    """The function's key leaves out the cell's file name and lines, not what the function reads:
+    a changed helper, or a changed global value, is still said (results of both versions are kept)."""
+    flag = tmp_path / "fail2"
+    helper = "def ck_helper(x):\n    return x + 1\n"
+    cell = (
+        "import os\n"
+        "def ck_f(x):\n"
+        f"    if x == 2 and os.path.exists({str(flag)!r}):\n"
+        "        raise ValueError(x)\n"
+        "    return ck_helper(x) * CK_SCALE\n"
+    )
+    for change, what in (("helper", "def ck_helper(x):\n    return x + 2\n"), ("global", "CK_SCALE = 100\n")):
+        ck = tmp_path / f"{change}.bin"
+        line = f"%%poolmap -q --keep-going --checkpoint {ck} range(4)\n"
+        ip.run_cell(helper)
+        ip.user_ns["CK_SCALE"] = 10
+        flag.touch()
+        assert isinstance(ip.run_cell(line + cell).error_in_exec, MapFailedError)
+        flag.unlink()
+        same = ip.run_cell(line + cell)  # nothing changed: no note (and nothing left to run)
+        assert same.error_in_exec is None and ip.user_ns["_poolmap"].notes == [], ip.user_ns["_poolmap"].notes
+        ck.unlink()
+        flag.touch()
+        assert isinstance(ip.run_cell(line + cell).error_in_exec, MapFailedError)
+        flag.unlink()
+        ip.run_cell(what)
+        again = ip.run_cell(line + cell)
+        assert again.error_in_exec is None, again.error_in_exec
+        notes = ip.user_ns["_poolmap"].notes
+        assert notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
+                         "written; 3 results of its earlier version were kept"], (change, notes)
+

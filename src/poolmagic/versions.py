@@ -15,9 +15,13 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from .serialize import global_names
 
-def code_key(func: Callable) -> str | None:
-    """A key equal for two functions with the same code, defaults and closure; None: not a plain function."""
+
+def code_key(func: Callable, _seen: set | None = None) -> str | None:
+    """A key equal for two functions with the same code, defaults, closure and the same globals
+    they read (a helper by its own code key, a value by its key as a --kw value's); None: not a
+    plain function. Only checkpoint maps compute it (a global's value is pickled for it)."""
     code = getattr(func, "__code__", None)
     if not isinstance(code, types.CodeType):
         return None
@@ -28,7 +32,37 @@ def code_key(func: Callable) -> str | None:
                                     [c.cell_contents for c in func.__closure__ or ()]), protocol=5))
     except Exception:  # an empty cell, an unpicklable default: the map's own pickling says so
         return None
+    seen = {id(func)} if _seen is None else _seen
+    g = getattr(func, "__globals__", {})
+    for name in global_names(func):
+        if name in g:
+            h.update(f"\0{name}={_global_key(g[name], seen)}".encode())
     return h.hexdigest()
+
+
+def _global_key(value: Any, seen: set) -> str:
+    """A global the function reads, as a key: helpers by code, modules and classes by name, values by content."""
+    if isinstance(value, types.FunctionType):
+        if id(value) in seen:  # (recursion, or a helper already keyed)
+            return "f:seen"
+        seen.add(id(value))
+        return f"f:{code_key(value, seen)}"
+    if isinstance(value, types.ModuleType):
+        return f"m:{value.__name__}"
+    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
+        return f"t:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:
+        return f"?:{type(value).__qualname__}"
+    views = []
+    for b in buffers:
+        try:
+            views.append(b.raw())
+        except BufferError:
+            views.append(memoryview(bytes(memoryview(b))))
+    return "v:" + _stable_key(value, data, views)
 
 
 def _feed(h: Any, code: types.CodeType) -> None:
