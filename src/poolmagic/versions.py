@@ -49,20 +49,12 @@ def _global_key(value: Any, seen: set) -> str:
         return f"f:{code_key(value, seen)}"
     if isinstance(value, types.ModuleType):
         return f"m:{value.__name__}"
-    if isinstance(value, type) or callable(value) and not hasattr(value, "__dict__"):
+    if isinstance(value, type) or (callable(value) and not hasattr(value, "__dict__")):
         return f"t:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
-    buffers: list[pickle.PickleBuffer] = []
     try:
-        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    except Exception:
+        return "v:" + _stable_key(value)
+    except Exception:  # it does not pickle: the map's own pickling says so
         return f"?:{type(value).__qualname__}"
-    views = []
-    for b in buffers:
-        try:
-            views.append(b.raw())
-        except BufferError:
-            views.append(memoryview(bytes(memoryview(b))))
-    return "v:" + _stable_key(value, data, views)
 
 
 def _feed(h: Any, code: types.CodeType) -> None:
@@ -91,31 +83,39 @@ def kw_record(kwargs: dict | None) -> tuple[dict[str, str] | None, dict[str, tup
         return None, {}
     out, kept = {}, {}
     for name, value in kwargs.items():
-        buffers: list[pickle.PickleBuffer] = []
         try:
-            data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+            data, views = _pickled(value)
         except Exception:  # the map itself refuses it, naming it
             continue
-        views = []
-        for b in buffers:
-            try:
-                views.append(b.raw())
-            except BufferError:  # not contiguous
-                views.append(memoryview(bytes(memoryview(b))))
-        out[name] = _stable_key(value, data, views)
+        out[name] = _stable_key(value, (data, views))
         if len(data) + sum(v.nbytes for v in views) <= KEPT_BYTES:
             kept[name] = (data, [bytes(v) for v in views])
     return out, kept
 
 
-def _stable_key(value: Any, data: bytes, views: list) -> str:
+def _pickled(value: Any) -> tuple[bytes, list[memoryview]]:
+    """``value``'s cloudpickle and its big buffers, left where they are (raises if it does not pickle)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    views = []
+    for b in buffers:
+        try:
+            views.append(b.raw())
+        except BufferError:  # not contiguous
+            views.append(memoryview(bytes(memoryview(b))))
+    return data, views
+
+
+def _stable_key(value: Any, pickled: tuple[bytes, list] | None = None) -> str:
     """The value's key as the checkpoint's items are keyed (identity.py: the same in every kernel,
-    where a set of str pickles in another order); else a hash of its pickle."""
+    where a set of str pickles in another order); else a hash of its pickle (``pickled``, or made
+    here only then)."""
     from . import identity
 
     try:
         return "i" + identity.keys([value], [0], "--kw").hex()
     except Exception:
+        data, views = pickled if pickled is not None else _pickled(value)
         h = hashlib.blake2b(data, digest_size=12)
         for v in views:
             h.update(v)
