@@ -1,15 +1,16 @@
 """The messages between the parent and a worker process, each a named type.
 
 Every message is a NamedTuple, sent as the plain tuple ``(tag, *fields)``
-pickled with the plain ``pickle`` module (``encode``), and its fields hold only builtins (``str``, ``int``, ``bytes``, ``range``, lists,
-dicts) and poolmagic's own MapOptions. Whatever the user owns (items, results, exceptions, the function)
+pickled with the plain ``pickle`` module (``encode``), and its fields hold only
+builtins (``str``, ``int``, ``bytes``, ``range``, lists, dicts; a map's
+MapOptions travel as their own pickle, ``OptionsWire``). Whatever the user owns (items, results, exceptions, the function)
 travels inside a message as ``bytes`` and, for big buffers, as raw frames sent
 right after it (pickle protocol 5 out-of-band buffers).
 
 That split is what lets a worker's reader thread receive a message without
-running user code: unpickling an envelope imports nothing but this module,
-and mapoptions.py, which every worker has already imported. User bytes are decoded on the
-worker's main thread only, so two threads never import (numpy, say) at once.
+running user code: unpickling an envelope looks up no class at all. The options
+(mapoptions.py, which every worker has already imported) and the user's bytes are
+decoded on the worker's main thread only, so two threads never import (numpy, say) at once.
 
 Parent -> worker::
 
@@ -65,7 +66,7 @@ class RunChunk(NamedTuple):
     count: int  #: number of items
     items: Any  #: a ``range`` (sent as is) or the pickled list of items
     sizes: tuple  #: out-of-band buffer frames that follow ``items``
-    options: bytes  #: the map's MapOptions (``options_blob``), without ``kwargs`` (bound into the function)
+    options: bytes  #: the map's MapOptions (``OptionsWire``), without ``kwargs`` (bound into the function)
     timed: bool  #: time each item (else one time for the chunk)
     indices: tuple | None = None  #: each item's ITERABLE index, when a re-run's positions differ (seeds)
     #: the parent sends this worker nothing more until it answers (its only chunk, no work
