@@ -18,7 +18,7 @@ from multiprocessing import connection, util
 from typing import Any, Hashable, Iterator
 
 from .core.exits import ExitList
-from .warm import WARM_MODULES, warm_modules  # noqa: F401  (their old home)
+from .warm import warm_modules
 
 
 WORKER_NAME = "poolmagic-worker"

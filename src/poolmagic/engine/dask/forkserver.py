@@ -39,8 +39,8 @@ from ..processes import (
     block_sigint,
     default_start_method,
     start_resource_tracker,
-    warm_modules,
 )
+from ..warm import warm_modules
 
 # set by PoolNanny while it starts a worker process: dask then gets CONTEXT
 OURS: contextvars.ContextVar[bool] = contextvars.ContextVar("poolmagic_dask_worker", default=False)

@@ -28,7 +28,8 @@ from . import forkserver
 from .preload import WARM_ENV, unbatch
 from .scale import PoolCluster
 from ..handle import kill_group
-from ..processes import install_main_guard, warm_modules
+from ..processes import install_main_guard
+from ..warm import warm_modules
 
 DASK_WORKER_NAME = "Dask Worker process"  # how a nanny names the process it starts
 

@@ -27,8 +27,8 @@ from ..processes import (
     others_have_workers,
     shared_buffers,
     stop_helper_processes,
-    warm_modules,
 )
+from ..warm import warm_modules
 
 SPAWN_PER_TURN = 16  # workers started per manager turn: it keeps serving meanwhile
 PIPE, DEATH = "pipe", "death"  # what events() reports about a worker
