@@ -365,3 +365,80 @@ def fails_while_flagged(x, flag):
     if x == 2 and os.path.exists(flag):
         raise ValueError(x)
     return x
+
+
+FIX_NOTE = ("the function changed (its code, or a global or helper it reads) since the run to resume; "
+            "{n} results of its earlier version were kept")
+
+
+@pytest.mark.timeout(60)
+def test_resume_says_the_function_changed_as_a_checkpoint_does(ip, tmp_path, capsys):
+    """The usual --resume: the function failed on some items, is fixed, and the rest run. The kept
+    results came from the earlier version: said under the summary, as --checkpoint says it."""
+    failing = ("%%poolmap -q --keep-going range(6)\n"
+               "def resume_fixed(x):\n"
+               "    if x == 4:\n"
+               "        raise ValueError(x)\n"
+               "    return x * SCALE\n")
+    ip.user_ns["SCALE"] = 2
+    assert isinstance(ip.run_cell(failing).error_in_exec, MapFailedError)
+    fixed = "%%poolmap --resume range(6)\ndef resume_fixed(x):\n    return x * SCALE\n"
+    capsys.readouterr()
+    assert ip.run_cell(fixed).error_in_exec is None
+    report = ip.user_ns["_poolmap"]
+    assert report.results == [0, 2, 4, 6, 8, 10]
+    assert report.notes == [FIX_NOTE.format(n=5)], report.notes
+    assert "its earlier version were kept" in capsys.readouterr().out  # on the card the cell showed
+
+
+@pytest.mark.timeout(60)
+def test_resume_says_a_changed_global_and_not_a_cell_run_again(ip, tmp_path):
+    """A global the function reads counts as the function; the same cell run again (a new
+    cell, as the kernel names it) is not a change."""
+    flag = tmp_path / "fail-3"
+    flag.touch()
+    ip.user_ns.update(SCALE=3, RESUME_FLAG=str(flag))
+    cell = ("%%poolmap -q --keep-going range(5)\n"
+            "import os\n"
+            "def resume_global(x):\n"
+            "    if x == 3 and os.path.exists(RESUME_FLAG):\n"
+            "        raise ValueError(x)\n"
+            "    return x * SCALE\n")
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    flag.unlink()
+    again = cell.replace("%%poolmap -q --keep-going", "%%poolmap -q --resume --keep-going")
+    assert ip.run_cell(again).error_in_exec is None
+    assert ip.user_ns["_poolmap"].results == [0, 3, 6, 9, 12]
+    assert ip.user_ns["_poolmap"].notes == []  # same code, same globals: nothing to say
+
+    flag.touch()
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    flag.unlink()
+    ip.user_ns["SCALE"] = 10
+    assert ip.run_cell(again).error_in_exec is None
+    report = ip.user_ns["_poolmap"]
+    assert report.results == [0, 3, 6, 30, 12]  # what the two versions gave: said
+    assert report.notes == [FIX_NOTE.format(n=4)], report.notes
+
+
+def scaled(x, k=1):
+    if x == 1 and k == 1:
+        raise ValueError(x)
+    return x * k
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_stream_and_of_a_partial_says_the_function_changed(pool, tmp_path):
+    import functools
+
+    with pytest.raises(MapFailedError) as info:
+        pool.run(scaled, (x for x in range(3)), keep_going=True)
+    report = pool.run(functools.partial(scaled, k=2), iter(range(3)), resume=info.value.poolmap_report)
+    assert report.results == [0, 2, 2]
+    assert report.notes == [FIX_NOTE.format(n=2)], report.notes
+
+    with pytest.raises(MapFailedError) as info:
+        pool.run(functools.partial(scaled, k=1), range(3), keep_going=True)
+    with pytest.raises(ValueError) as again:  # the same partial: fails the same, and no note
+        pool.run(functools.partial(scaled, k=1), range(3), resume=info.value.poolmap_report)
+    assert again.value.poolmap_report.notes == [], again.value.poolmap_report.notes

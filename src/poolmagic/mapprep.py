@@ -185,8 +185,14 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         from .resume import resume_report  # (the items' keys and their comparison: only for --resume)
 
         earlier, index, iterable = resume_report(resume, iterable, o.seed)
-        if index is not None:
-            report.notes.extend(kw_changed_note(resume.kw_keys, report.kw_keys, "the run to resume", earlier.done))
+        was = getattr(resume.identity, "code", None)
+        if was is not None:
+            from .versions import code_key
+
+            if code_key(func) not in (was, None):
+                report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
+                                    f"run to resume; {earlier.done:,} results of its earlier version were kept")
+        report.notes.extend(kw_changed_note(resume.kw_keys, report.kw_keys, "the run to resume", earlier.done))
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 

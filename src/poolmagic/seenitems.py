@@ -34,6 +34,7 @@ class SeenItems:
         self.error: BaseException | None = None
         self.ready: threading.Event | None = None  # made when keys are computed after the map (~3 µs)
         self.ending = False  # the map has ended
+        self.code: str | None = None  # the function's code key (versions.py) when the map ended with items missing
         report.identity = self
         job.observers.append(self)
 
@@ -93,6 +94,7 @@ class SeenItems:
 
         job = self.job
         r = job.report
+        self.code = _code_key(job)
         if job.source.is_stream or r.items is None or r.done >= r.items:
             return  # a stream was hashed as it went; a map with nothing missing needs no keys
         seq, index, k = job.source.seq, job.index, identity.KEY
@@ -123,3 +125,22 @@ class SeenItems:
         if self.error is not None:
             raise BadInputError(f"cannot resume: {self.error}; run the cell without --resume") from None
         return bytes(self.keys)
+
+
+def _code_key(job: Any) -> str | None:
+    """The key of the function the user mapped (not the wrappers --kw and --repeat put around it),
+    for --resume to say that the function changed since: as a checkpoint says it."""
+    import functools
+
+    from .checks import NoArgs
+    from .versions import code_key
+
+    func = job.func
+    if isinstance(func, NoArgs):
+        func = func.func
+    if job.options.kwargs and isinstance(func, functools.partial):
+        func = func.func
+    try:
+        return code_key(func)
+    except Exception:  # (a global that cannot be keyed: code_key says None itself; anything else too)
+        return None

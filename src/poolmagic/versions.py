@@ -8,6 +8,7 @@ of the cell) so that running the same cell again is not "a changed function".
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import types
@@ -21,7 +22,14 @@ from .serialize import global_names
 def code_key(func: Callable, _seen: set | None = None) -> str | None:
     """A key equal for two functions with the same code, defaults, closure and the same globals
     they read (a helper by its own code key, a value by its key as a --kw value's); None: not a
-    plain function. Only checkpoint maps compute it (a global's value is pickled for it)."""
+    plain function or a partial of one. Only checkpoint maps, and maps that end with items missing
+    (for a later --resume), compute it: a global's value is pickled for it."""
+    if isinstance(func, functools.partial):  # a partial the user made: its function and its arguments
+        inner = code_key(func.func, _seen)
+        try:
+            return None if inner is None else f"{inner}:{_stable_key((func.args, func.keywords))}"
+        except Exception:
+            return None
     code = getattr(func, "__code__", None)
     if not isinstance(code, types.CodeType):
         return None
