@@ -325,6 +325,9 @@ def test_resume_after_a_checkpointed_run_knows_the_items_the_file_held(pool, tmp
     n = len(calls_str(path))
     report = pool.run(ident_value, data, resume=earlier, kwargs={"path": path, "bad": ()})
     assert calls_str(path)[n:] == ["c7"] and report.results == data
+    # only bad changed: path, the same, is compared as the checkpoint keyed it (the same in every kernel)
+    assert report.notes == ["--kw bad changed since the run to resume; 9 results computed with its earlier "
+                            "value were kept"], report.notes
 
 
 @pytest.mark.timeout(60)

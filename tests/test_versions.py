@@ -39,3 +39,25 @@ def test_code_key_leaves_out_where_the_code_was_compiled():
     exec(compile("\n\n" + src, "<ipython-input-7-def>", "exec"), two)
     exec(compile(src.replace("x * k", "x + k"), "<ipython-input-1-abc>", "exec"), other)
     assert code_key(one["f"]) == code_key(two["f"]) != code_key(other["f"])
+
+
+def test_keys_made_in_the_kernel_see_in_place_changes_and_reuse_the_payloads_digests():
+    """What --resume and %pooldebug compare (stable=False): a hash of the pickle, with a big buffer's
+    digest taken from the map's own payload (hashed once per map, not twice)."""
+    from poolmagic.serialize import dump_function
+    from poolmagic.versions import kw_record, value_key
+    import functools
+
+    a = np.arange(100_000, dtype=np.float64)
+    here = value_key(a, stable=False)
+    assert here.startswith("k") and here == value_key(a.copy(), stable=False)
+    payload = dump_function(functools.partial(np.add, a))
+    assert list(payload.digests) == [(id(a), a.nbytes)]
+    keys, _ = kw_record({"a": a}, stable=False, digests=payload.digests)
+    assert keys == {"a": here}
+    planted = {(id(a), a.nbytes): b"\0" * 32}  # a digest given is used, not recomputed
+    assert kw_record({"a": a}, stable=False, digests=planted)[0] != keys
+    a[7] = -1.0
+    assert value_key(a, stable=False) != here
+    assert kw_keys({"a": a}, like=keys)["a"].startswith("k")  # made as the recorded ones were
+    assert not kw_keys({"a": a}, like={"a": "i00"})["a"].startswith("k")

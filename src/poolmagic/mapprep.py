@@ -52,7 +52,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     if o.kwargs:  # what the workers got, to say later that a value changed since (resume, checkpoint, rerun)
         from .versions import kw_record
 
-        report.kw_keys, report.kw_kept = kw_record(o.kwargs)
+        # keys that hold in this kernel, made at pickle speed, unless a checkpoint file keeps them
+        report.kw_keys, report.kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=payload.digests)
     if written:
         report.notes.append(_globals_note(name, written))
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
@@ -189,10 +190,15 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         if was is not None:
             from .versions import code_key
 
-            if code_key(func) not in (was, None):
+            if code_key(func, stable=False) not in (was, None):
                 report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
                                     f"run to resume; {earlier.done:,} results of its earlier version were kept")
-        report.notes.extend(kw_changed_note(resume.kw_keys, report.kw_keys, "the run to resume", earlier.done))
+        now = report.kw_keys
+        if resume.kw_keys and o.kwargs:
+            from .versions import kw_keys
+
+            now = kw_keys(o.kwargs, like=resume.kw_keys)  # (made as that run's were: it may have had a checkpoint)
+        report.notes.extend(kw_changed_note(resume.kw_keys, now, "the run to resume", earlier.done))
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 

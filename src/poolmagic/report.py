@@ -180,7 +180,7 @@ class RunReport(MapRecord):
         from .checks import NoArgs
         from .versions import changed_kw, kw_keys, kw_values, kw_words
 
-        changed = changed_kw(self.kw_keys, kw_keys(kwargs))
+        changed = changed_kw(self.kw_keys, kw_keys(kwargs, like=self.kw_keys))
         if not changed:
             return func
         lost = [n for n in changed if n not in self.kw_kept]

@@ -141,6 +141,6 @@ def _code_key(job: Any) -> str | None:
     if job.options.kwargs and isinstance(func, functools.partial):
         func = func.func
     try:
-        return code_key(func)
+        return code_key(func, stable=False)  # compared in this kernel only
     except Exception:  # (a global that cannot be keyed: code_key says None itself; anything else too)
         return None

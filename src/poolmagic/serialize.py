@@ -36,6 +36,8 @@ class Payload:
     key: str
     data: bytes
     buffers: list[memoryview] = field(default_factory=list)
+    #: each buffer's sha256 by (id of the object that holds it, size): a --kw value's key reuses them
+    digests: dict = field(default_factory=dict, repr=False)
 
 
 def dump_function(func: Callable) -> Payload:
@@ -173,14 +175,17 @@ def _dump(func: Callable) -> Payload:
         raise SerializationError(explain_unpicklable(func, exc)) from None
     raw: list[memoryview] = []
     h = hashlib.sha256(data)
+    digests = {}
     for buf in buffers:
         try:
             view = buf.raw()
         except BufferError:  # non-contiguous: let pickle copy it in-band instead
             return _dump_in_band(func)
-        h.update(view)
+        digest = hashlib.sha256(view).digest()
+        digests[(id(view.obj), view.nbytes)] = digest
+        h.update(digest)
         raw.append(view)
-    return Payload(h.hexdigest()[:24], data, raw)
+    return Payload(h.hexdigest()[:24], data, raw, digests)
 
 
 def _dump_in_band(func: Callable) -> Payload:

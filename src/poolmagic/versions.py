@@ -19,15 +19,16 @@ import cloudpickle
 from .serialize import global_names
 
 
-def code_key(func: Callable, _seen: set | None = None) -> str | None:
+def code_key(func: Callable, stable: bool = True, _seen: set | None = None) -> str | None:
     """A key equal for two functions with the same code, defaults, closure and the same globals
     they read (a helper by its own code key, a value by its key as a --kw value's); None: not a
     plain function or a partial of one. Only checkpoint maps, and maps that end with items missing
-    (for a later --resume), compute it: a global's value is pickled for it."""
+    (for a later --resume), compute it: a global's value is pickled for it. ``stable``: the same in
+    every kernel (a checkpoint file's), else only within this one, and cheaper (``value_key``)."""
     if isinstance(func, functools.partial):  # a partial the user made: its function and its arguments
-        inner = code_key(func.func, _seen)
+        inner = code_key(func.func, stable, _seen)
         try:
-            return None if inner is None else f"{inner}:{_stable_key((func.args, func.keywords))}"
+            return None if inner is None else f"{inner}:{value_key((func.args, func.keywords), stable)}"
         except Exception:
             return None
     code = getattr(func, "__code__", None)
@@ -44,23 +45,23 @@ def code_key(func: Callable, _seen: set | None = None) -> str | None:
     g = getattr(func, "__globals__", {})
     for name in global_names(func):
         if name in g:
-            h.update(f"\0{name}={_global_key(g[name], seen)}".encode())
+            h.update(f"\0{name}={_global_key(g[name], stable, seen)}".encode())
     return h.hexdigest()
 
 
-def _global_key(value: Any, seen: set) -> str:
+def _global_key(value: Any, stable: bool, seen: set) -> str:
     """A global the function reads, as a key: helpers by code, modules and classes by name, values by content."""
     if isinstance(value, types.FunctionType):
         if id(value) in seen:  # (recursion, or a helper already keyed)
             return "f:seen"
         seen.add(id(value))
-        return f"f:{code_key(value, seen)}"
+        return f"f:{code_key(value, stable, seen)}"
     if isinstance(value, types.ModuleType):
         return f"m:{value.__name__}"
     if isinstance(value, type) or (callable(value) and not hasattr(value, "__dict__")):
         return f"t:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
     try:
-        return "v:" + _stable_key(value)
+        return "v:" + value_key(value, stable)
     except Exception:  # it does not pickle: the map's own pickling says so
         return f"?:{type(value).__qualname__}"
 
@@ -79,14 +80,17 @@ def _feed(h: Any, code: types.CodeType) -> None:
 KEPT_BYTES = 1 << 20  # a --kw value pickled to at most this is kept, for %pooldebug to re-run with it
 
 
-def kw_keys(kwargs: dict | None) -> dict[str, str] | None:
-    """Each ``--kw`` value's key: a hash of its pickle (big buffers hashed where they are, not copied)."""
-    return kw_record(kwargs)[0]
+def kw_keys(kwargs: dict | None, like: dict[str, str] | None = None) -> dict[str, str] | None:
+    """Each ``--kw`` value's key, made as the keys ``like`` (recorded by ``kw_record``) were made."""
+    stable = not like or not all(k.startswith(_HERE) for k in like.values())
+    return kw_record(kwargs, stable)[0]
 
 
-def kw_record(kwargs: dict | None) -> tuple[dict[str, str] | None, dict[str, tuple]]:
-    """``(keys, kept)``: each ``--kw`` value's key, and the pickles of the values of at most
-    KEPT_BYTES (``name: (data, buffers)``, copied), which ``kw_values`` unpickles."""
+def kw_record(kwargs: dict | None, stable: bool = True,
+              digests: dict | None = None) -> tuple[dict[str, str] | None, dict[str, tuple]]:
+    """``(keys, kept)``: each ``--kw`` value's key (``value_key``), and the pickles of the values of
+    at most KEPT_BYTES (``name: (data, buffers)``, copied), which ``kw_values`` unpickles.
+    ``digests``: the map's own payload's buffer digests (``Payload.digests``), not hashed again."""
     if not kwargs:
         return None, {}
     out, kept = {}, {}
@@ -95,7 +99,7 @@ def kw_record(kwargs: dict | None) -> tuple[dict[str, str] | None, dict[str, tup
             data, views = _pickled(value)
         except Exception:  # the map itself refuses it, naming it
             continue
-        out[name] = _stable_key(value, (data, views))
+        out[name] = value_key(value, stable, (data, views), digests)
         if len(data) + sum(v.nbytes for v in views) <= KEPT_BYTES:
             kept[name] = (data, [bytes(v) for v in views])
     return out, kept
@@ -114,20 +118,41 @@ def _pickled(value: Any) -> tuple[bytes, list[memoryview]]:
     return data, views
 
 
-def _stable_key(value: Any, pickled: tuple[bytes, list] | None = None) -> str:
-    """The value's key as the checkpoint's items are keyed (identity.py: the same in every kernel,
-    where a set of str pickles in another order); else a hash of its pickle (``pickled``, or made
-    here only then)."""
-    from . import identity
+_HERE = "k"  # the prefix of keys that hold only within this kernel (value_key(stable=False))
 
-    try:
-        return "i" + identity.keys([value], [0], "--kw").hex()
-    except Exception:
-        data, views = pickled if pickled is not None else _pickled(value)
-        h = hashlib.blake2b(data, digest_size=12)
-        for v in views:
-            h.update(v)
-        return h.hexdigest()
+
+def value_key(value: Any, stable: bool = True, pickled: tuple[bytes, list] | None = None,
+              digests: dict | None = None) -> str:
+    """A key equal for equal values. ``stable``: the same in every kernel, as the checkpoint's items
+    are keyed (identity.py, where a set of str pickles in another order; else a hash of its pickle).
+    Otherwise a hash of its pickle, which holds within this kernel: what --resume and %pooldebug
+    compare, at pickle speed (identity.py encodes a 300,000-key dict in ~1.6 s, its pickle
+    is hashed in ~0.09 s), with big buffers the map's payload already hashed not hashed again."""
+    if stable:
+        from . import identity
+
+        try:
+            return "i" + identity.keys([value], [0], "--kw").hex()
+        except Exception:
+            data, views = pickled if pickled is not None else _pickled(value)
+            h = hashlib.blake2b(data, digest_size=12)
+            for v in views:
+                h.update(v)
+            return h.hexdigest()
+    data, views = pickled if pickled is not None else _pickled(value)
+    h = hashlib.sha256(data)
+    for v in views:
+        h.update(buffer_digest(v, digests))
+    return _HERE + h.hexdigest()[:24]
+
+
+def buffer_digest(view: memoryview, digests: dict | None = None) -> bytes:
+    """A pickle buffer's sha256, taken from ``digests`` (by the object that holds it) when there."""
+    if digests:
+        known = digests.get((id(view.obj), view.nbytes))
+        if known is not None:
+            return known
+    return hashlib.sha256(view).digest()
 
 
 def kw_values(kept: dict[str, tuple], names: list[str]) -> dict[str, Any]:
