@@ -409,3 +409,17 @@ def test_a_speedup_below_one_hundredth_is_not_printed_as_zero():
         assert a.speedup_text == "<0.01×" and "≈0.00×" not in report.summary(), report.summary()
     else:  # (a slow host: the map took long enough to count)
         assert a.speedup_text.startswith("≈"), a.speedup_text
+
+
+def test_slowest_items_say_their_wait_for_a_cpu_so_they_match_the_chunks_in_the_picture():
+    """A chunk that waited for a CPU all its measured 8 µs read 'item 1 0 µs' under a picture whose
+    chunk said '8 µs': the line now gives both figures."""
+    r = RunReport(func_name="f", items=2, results=[0, 1], cores=2, pool_size=2, t_start=0.0, t_end=0.001,
+                  status="done", done=2)
+    r.chunks = [ChunkRecord(0, 0, 1, 0.0001, 0.000108, None, 11, waited_s=0.000008),
+                ChunkRecord(1, 1, 1, 0.0002, 0.000205, None, 12)]
+    tl = r.timeline
+    assert tl.slowest(2) == [(1, pytest.approx(5e-6)), (0, 0.0)]
+    html = tl._repr_html_()
+    assert "slowest: item 1 5 µs, item 0 0 µs running, 8 µs with its wait for a CPU" in html, html
+    assert "· 8 µs · pid 11" in html  # the chunk's tooltip: the same 8 µs

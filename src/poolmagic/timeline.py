@@ -53,17 +53,23 @@ class Timeline:
     def slowest(self, n: int = 5) -> list[tuple[int, float]]:
         """The ``n`` slowest items, (index, seconds): measured per item where timed, else
         their chunk's average; time waiting for a CPU left out (it was not the item's)."""
+        return [(i, run) for i, run, _ in self.slowest_measured(n)]
+
+    def slowest_measured(self, n: int = 5) -> list[tuple[int, float, float]]:
+        """As ``slowest``, with each item's time as measured (its wait for a CPU in, as the
+        timeline's chunks show it): (index, seconds running, seconds measured)."""
         import heapq
 
         def times():
             for c in self._report.chunks:
                 ran = 1 - min(c.waited_s, c.busy_s) / c.busy_s if c.busy_s > 0 else 1.0
                 if c.item_times:
-                    yield from ((c.start + k, t * ran) for k, t in enumerate(c.item_times))
+                    yield from ((c.start + k, t * ran, t) for k, t in enumerate(c.item_times))
                 elif c.count:
-                    yield c.start, c.busy_s * ran / c.count  # (one per chunk: they are all alike)
+                    t = c.busy_s / c.count  # (one per chunk: they are all alike)
+                    yield c.start, t * ran, t
 
-        return heapq.nlargest(n, times(), key=lambda it: it[1])
+        return heapq.nlargest(n, times(), key=lambda it: (it[1], it[2]))
 
     def to_frame(self) -> Any:
         """The rows as a pandas DataFrame."""
