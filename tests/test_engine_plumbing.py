@@ -22,7 +22,7 @@ import pytest
 
 import poolmagic
 from poolmagic import Pool
-from poolmagic.engine.processes import Waiter
+from poolmagic.engine.local.waiter import Waiter
 
 from conftest import in_thread, read_pid, run_script, write_pid
 

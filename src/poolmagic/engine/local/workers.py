@@ -22,13 +22,13 @@ from ..core.schedule import WINDOW, timed
 from ..handle import SHARED_MIN_BYTES, WorkerHandle, kill_group
 from ..processes import (
     WORKER_NAME,
-    Waiter,
     block_sigint,
     others_have_workers,
     shared_buffers,
     stop_helper_processes,
 )
 from ..warm import warm_modules
+from .waiter import Waiter
 
 SPAWN_PER_TURN = 16  # workers started per manager turn: it keeps serving meanwhile
 PIPE, DEATH = "pipe", "death"  # what events() reports about a worker
