@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Pool": "api",
-    "MapHandle": "api",
+    "MapHandle": "maphandle",
     "AsyncResult": "mpcompat",
     "Executor": "executor",
     "pmap": "api",

@@ -6,8 +6,9 @@
         report = pool.run(work, data, keep_going=True)  # RunReport: results, errors, timing
 
 ``Pool`` is a facade over objects in modules of their own (a comment atop the
-class lists them). Here too: ``MapHandle`` (a map in the background) and the
-shared pool of the magics and ``pmap`` (``get_pool``, ``set_pool``, ``shutdown_pool``).
+class lists them; ``MapHandle``, a map in the background, is maphandle.py's).
+Here too: the shared pool of the magics and ``pmap`` (``get_pool``,
+``set_pool``, ``shutdown_pool``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from .engine.core.job import Job
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS, WORKER_SETUP
 from .errors import BadInputError, PoolmapError
 from .mapprep import prepare_map
-from .maprun import finish_checkpoint, start, wait_for
+from .maphandle import MapHandle
+from .maprun import start, wait_for
 from .mpcompat import RUN, TERMINATE, AsyncResult
 from .poolstate import PoolState
 from .report import RunReport
@@ -37,51 +39,6 @@ if TYPE_CHECKING:
 
 
 _NOT_GIVEN: Any = object()
-
-
-class MapHandle(AsyncResult):
-    """A map running in the background (``map_async``, ``%%poolmap --async``).
-
-    Also multiprocessing's AsyncResult: ``get(timeout)``, ``wait``, ``ready``,
-    ``successful``, and the ``callback``/``error_callback`` given to ``map_async``.
-    """
-
-    def __init__(self, pool: "Pool", job: Job | None = None, **result_options: Any):
-        super().__init__(callbacks=pool._callbacks, **result_options)
-        self._pool = pool
-        self._on_done: list[Callable[[], None]] = []  # called once, by the first wait()/get() that sees the end
-        if job is not None:
-            self.attach(job)
-
-    @property
-    def report(self) -> RunReport:
-        return self._job.report
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds; True when the map has finished."""
-        done = super().wait(timeout)
-        while done and self._on_done:  # e.g. the notebook card redrawn in its final state, from this cell
-            self._on_done.pop(0)()
-        return done
-
-    def _deliver(self) -> None:
-        if not getattr(self, "_printed", False):
-            super()._deliver()
-            finish_checkpoint(self._job)
-
-    def cancel(self) -> None:
-        """Stop the map now; results that finished stay in ``.report.results``."""
-        if not self.ready():
-            self._pool.backend.cancel(self._job)
-
-    def __repr__(self) -> str:
-        return f"<MapHandle {self.report.summary()}>"
-
-    def _repr_html_(self) -> str:
-        return self.report._repr_html_()
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        return self.report._repr_mimebundle_()
 
 
 class Pool:

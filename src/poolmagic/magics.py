@@ -15,7 +15,8 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 
-from .api import MapHandle, get_pool
+from .api import get_pool
+from .maphandle import MapHandle
 from .errors import BadInputError
 from .maprequest import MapRequest, build_request
 from .options import POOLMAP_OPTIONS, POOLSIZE_OPTIONS, help_text

@@ -1,0 +1,57 @@
+"""MapHandle: a map running in the background, as ``map_async`` and ``%%poolmap --async`` return it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from .engine.core.job import Job
+from .maprun import finish_checkpoint
+from .mpcompat import AsyncResult
+from .report import RunReport
+
+if TYPE_CHECKING:
+    from .api import Pool
+
+
+class MapHandle(AsyncResult):
+    """A map running in the background (``map_async``, ``%%poolmap --async``).
+
+    Also multiprocessing's AsyncResult: ``get(timeout)``, ``wait``, ``ready``,
+    ``successful``, and the ``callback``/``error_callback`` given to ``map_async``.
+    """
+
+    def __init__(self, pool: "Pool", job: Job | None = None, **result_options: Any):
+        super().__init__(callbacks=pool._callbacks, **result_options)
+        self._pool = pool
+        self._on_done: list[Callable[[], None]] = []  # called once, by the first wait()/get() that sees the end
+        if job is not None:
+            self.attach(job)
+
+    @property
+    def report(self) -> RunReport:
+        return self._job.report
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds; True when the map has finished."""
+        done = super().wait(timeout)
+        while done and self._on_done:  # e.g. the notebook card redrawn in its final state, from this cell
+            self._on_done.pop(0)()
+        return done
+
+    def _deliver(self) -> None:
+        if not getattr(self, "_printed", False):
+            super()._deliver()
+            finish_checkpoint(self._job)
+
+    def cancel(self) -> None:
+        """Stop the map now; results that finished stay in ``.report.results``."""
+        if not self.ready():
+            self._pool.backend.cancel(self._job)
+
+    def __repr__(self) -> str:
+        return f"<MapHandle {self.report.summary()}>"
+
+    def _repr_html_(self) -> str:
+        return self.report._repr_html_()
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        return self.report._repr_mimebundle_()
