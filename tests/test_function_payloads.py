@@ -118,3 +118,55 @@ def test_an_importable_lru_cache_function_still_goes_by_name():
 
     assert isinstance(fnmatch._compile_pattern, functools._lru_cache_wrapper)
     assert b"_compile_pattern" in dump_function(fnmatch._compile_pattern).data  # by reference
+
+
+class Counted:
+    """Counts how often it is pickled (in this process)."""
+
+    pickled = 0
+
+    def __init__(self, n: int = 3):
+        self.n = n
+
+    def __reduce__(self):
+        Counted.pickled += 1
+        return (Counted, (self.n,))
+
+
+def _use(x, c, a):
+    return x * c.n + float(a[x])
+
+
+def test_a_kw_value_is_pickled_once_per_map_and_its_buffers_travel_as_they_are():
+    """A --kw value was pickled twice a map: for its key (to say later that it changed) and inside
+    the payload; a DataFrame with a string column made that 0.3 s twice. The payload holds the first
+    pickle as it is, and an array's memory still travels out of band."""
+    import gc
+    import sys
+
+    import numpy as np
+
+    from poolmagic import Pool
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        a = np.arange(50_000, dtype=np.float64)
+        with Pool(2) as pool:
+            for k in range(3):
+                Counted.pickled = 0
+                report = pool.run(_use, range(4), kwargs={"c": Counted(k), "a": a})
+                assert Counted.pickled == 1
+                assert report.results == [x * k + float(a[x]) for x in range(4)]
+                del report
+                gc.collect()  # a buffer of a view of a buffer, freed by the collector, once crashed here
+            from poolmagic.versions import kw_pickles
+            from poolmagic.serialize import dump_function
+            import functools
+
+            pre = {id(a): (a, *kw_pickles({"a": a})["a"])}
+            payload = dump_function(functools.partial(_use, c=Counted(1), a=a), pre)
+            assert any(v.nbytes == a.nbytes for v in payload.buffers)  # not copied into the pickle
+            assert len(payload.data) < a.nbytes // 10
+            assert _run(payload, 2) == 2 + 2.0
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

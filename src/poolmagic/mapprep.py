@@ -42,18 +42,22 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     unwrapped = func
     written = assigned_globals(func) if OWN_PROCESS not in pool.backend.lacks else ()
     func, iterable = _call(func, iterable, o, name)
-    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
+    kw_keys, kw_kept, pickled, digests = None, {}, {}, {}
+    if o.kwargs:  # what the workers get, to say later that a value changed since (resume, checkpoint, rerun)
+        from .versions import kw_pickles, kw_record
+
+        pickled = kw_pickles(o.kwargs)  # once: the payload holds these pickles as they are
+        # keys that hold in this kernel, made at pickle speed, unless a checkpoint file keeps them
+        kw_keys, kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=digests, pickled=pickled)
+    prepickled = {id(o.kwargs[n]): (o.kwargs[n], *pickled[n]) for n in pickled}
+    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs, prepickled, digests)
     workers = o.workers or pool.size
     threads = o.threads or pool.threads_per_worker(workers)
     context = contexts.get(threads)
     report = RunReport(func_name=name, cores=pool.backend.cores() or pool.cores, pool_size=workers, backend=pool.backend.description,
                        threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
-    if o.kwargs:  # what the workers got, to say later that a value changed since (resume, checkpoint, rerun)
-        from .versions import kw_record
-
-        # keys that hold in this kernel, made at pickle speed, unless a checkpoint file keeps them
-        report.kw_keys, report.kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=payload.digests)
+    report.kw_keys, report.kw_kept = kw_keys, kw_kept
     if written:
         report.notes.append(_globals_note(name, written))
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
@@ -129,13 +133,18 @@ def _call(func: Callable, iterable: Iterable | None, o: MapOptions, name: str) -
 
 def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
              worker_setup: Callable[[Callable], Callable] | None,
-             kwargs: dict | None = None) -> tuple[Payload, list[str]]:
-    """The function as the workers receive it, pickled, and the backend's notes on it."""
+             kwargs: dict | None = None, prepickled: dict | None = None,
+             digests: dict | None = None) -> tuple[Payload, list[str]]:
+    """The function as the workers receive it, pickled, and the backend's notes on it.
+    ``prepickled``: the --kw values' pickles, used as they are unless the backend changed the
+    function (a remote cluster's local modules go by value: its pickling differs)."""
     shipped, notes = backend.prepare_function(func, iterable, star)  # a remote cluster's checks
+    if shipped is not func:
+        prepickled = None
     if worker_setup is not None:
         shipped = worker_setup(shipped)
     try:
-        payload = dump_function(shipped)
+        payload = dump_function(shipped, prepickled, digests)
     except SerializationError:
         _check_kwargs(func, kwargs)  # a --kw value: named as the user wrote it, not as "the partial's"
         if shipped is not func:

@@ -36,11 +36,11 @@ class Payload:
     key: str
     data: bytes
     buffers: list[memoryview] = field(default_factory=list)
-    #: each buffer's sha256 by (id of the object that holds it, size): a --kw value's key reuses them
+    #: each buffer's sha256 by (id of the object that holds it, size): see ``buffer_digest``
     digests: dict = field(default_factory=dict, repr=False)
 
 
-def dump_function(func: Callable) -> Payload:
+def dump_function(func: Callable, prepickled: dict | None = None, digests: dict | None = None) -> Payload:
     """Pickle ``func`` with cloudpickle; raise SerializationError naming the culprit.
 
     A function whose pickle is a pure function of values that cannot change in
@@ -50,10 +50,14 @@ def dump_function(func: Callable) -> Payload:
     from before (a re-run cell, a map in a loop; ~17 µs of cloudpickle and hash
     each). Anything else (a list, an array, a helper function, a class among
     its globals) is pickled at every map, as its contents may have changed.
+
+    ``prepickled``: values it holds (``--kw``) already pickled, by id: ``id:
+    (value, data, views, PickleBuffers)``, put in its pickle as they are instead of pickled
+    again; ``digests``: buffers' digests made already (``buffer_digest``).
     """
     fp = _fingerprint(func)
     if fp is None:
-        return _dump(func)
+        return _dump(func, prepickled, digests)
     payload = _PAYLOADS.get(fp)
     if payload is None:
         payload = _PAYLOADS[fp] = _dump(func)
@@ -160,36 +164,68 @@ class _Pickler(cloudpickle.Pickler):
     dispatch_table = collections.ChainMap({_LRU: _reduce_lru} if _LRU is not None else {},
                                           cloudpickle.Pickler.dispatch_table)
 
+    def __init__(self, file: Any, *args: Any, prepickled: dict | None = None, **kwargs: Any):
+        super().__init__(file, *args, **kwargs)
+        self._prepickled = prepickled
 
-def _dumps(obj: Any, buffer_callback: Callable | None = None) -> bytes:
+    def reducer_override(self, obj: Any) -> Any:
+        pre = self._prepickled.get(id(obj)) if self._prepickled else None
+        if pre is not None and pre[0] is obj:  # a --kw value pickled already: its pickle, out of band
+            # (its PickleBuffers as they are: a buffer of a view of a buffer, freed by the cycle
+            # collector, can be cleared before the one that exports from it, and crash)
+            return functools.partial(pickle.loads, buffers=pre[3]), (pickle.PickleBuffer(pre[1]),)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any, buffer_callback: Callable | None = None, prepickled: dict | None = None) -> bytes:
+    """``obj`` pickled as a function's payload is (cloudpickle, lru_cache functions by value)."""
     with io.BytesIO() as file:
-        _Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        pickler = _Pickler(file, protocol=5, buffer_callback=buffer_callback, prepickled=prepickled)
+        try:
+            pickler.dump(obj)
+        finally:
+            # its memo holds what reducer_override made (buffers exported from buffers): freed now, in
+            # order, not by the cycle collector, which clears a memoryview another still exports from
+            pickler.clear_memo()
         return file.getvalue()
 
 
-def _dump(func: Callable) -> Payload:
+def _dump(func: Callable, prepickled: dict | None = None, digests: dict | None = None) -> Payload:
     buffers: list[pickle.PickleBuffer] = []
     try:
-        data = _dumps(func, buffer_callback=buffers.append)
+        data = dumps(func, buffers.append, prepickled)
     except Exception as exc:  # cloudpickle raises TypeError, PicklingError, ...
         raise SerializationError(explain_unpicklable(func, exc)) from None
     raw: list[memoryview] = []
     h = hashlib.sha256(data)
-    digests = {}
+    digests = {} if digests is None else digests
     for buf in buffers:
         try:
             view = buf.raw()
         except BufferError:  # non-contiguous: let pickle copy it in-band instead
             return _dump_in_band(func)
-        digest = hashlib.sha256(view).digest()
-        digests[(id(view.obj), view.nbytes)] = digest
-        h.update(digest)
+        h.update(buffer_digest(view, digests))
         raw.append(view)
     return Payload(h.hexdigest()[:24], data, raw, digests)
 
 
+def buffer_digest(view: memoryview, digests: dict | None = None) -> bytes:
+    """A pickle buffer's sha256, kept in ``digests`` by the object that holds the memory: the
+    payload and a --kw value's key hash each big buffer once between them."""
+    holder = view.obj
+    while isinstance(holder, memoryview):
+        holder = holder.obj
+    key = (id(holder), view.nbytes)
+    known = digests.get(key) if digests is not None else None
+    if known is None:
+        known = hashlib.sha256(view).digest()
+        if digests is not None:
+            digests[key] = known
+    return known
+
+
 def _dump_in_band(func: Callable) -> Payload:
-    data = _dumps(func)
+    data = dumps(func)
     return Payload(hashlib.sha256(data).hexdigest()[:24], data, [])
 
 

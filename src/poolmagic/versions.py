@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .serialize import global_names
+from .serialize import buffer_digest, dumps, global_names
 
 
 def code_key(func: Callable, stable: bool = True, _seen: set | None = None) -> str | None:
@@ -86,36 +86,53 @@ def kw_keys(kwargs: dict | None, like: dict[str, str] | None = None) -> dict[str
     return kw_record(kwargs, stable)[0]
 
 
-def kw_record(kwargs: dict | None, stable: bool = True,
-              digests: dict | None = None) -> tuple[dict[str, str] | None, dict[str, tuple]]:
+def kw_record(kwargs: dict | None, stable: bool = True, digests: dict | None = None,
+              pickled: dict[str, tuple] | None = None) -> tuple[dict[str, str] | None, dict[str, tuple]]:
     """``(keys, kept)``: each ``--kw`` value's key (``value_key``), and the pickles of the values of
     at most KEPT_BYTES (``name: (data, buffers)``, copied), which ``kw_values`` unpickles.
-    ``digests``: the map's own payload's buffer digests (``Payload.digests``), not hashed again."""
+    ``digests``: big buffers' digests, used and added to (the map's payload hashes them too);
+    ``pickled``: the values' pickles made already (``kw_pickles``)."""
     if not kwargs:
         return None, {}
+    pickled = kw_pickles(kwargs) if pickled is None else pickled
     out, kept = {}, {}
     for name, value in kwargs.items():
-        try:
-            data, views = _pickled(value)
-        except Exception:  # the map itself refuses it, naming it
+        if name not in pickled:  # it does not pickle: the map itself refuses it, naming it
             continue
+        data, views = pickled[name][:2]
         out[name] = value_key(value, stable, (data, views), digests)
         if len(data) + sum(v.nbytes for v in views) <= KEPT_BYTES:
             kept[name] = (data, [bytes(v) for v in views])
     return out, kept
 
 
-def _pickled(value: Any) -> tuple[bytes, list[memoryview]]:
-    """``value``'s cloudpickle and its big buffers, left where they are (raises if it does not pickle)."""
+def kw_pickles(kwargs: dict) -> dict[str, tuple[bytes, list[memoryview], list[pickle.PickleBuffer]]]:
+    """Each ``--kw`` value pickled: ``(data, views, buffers)``, its big buffers left where they are
+    (their PickleBuffers, and a view of each); a value that does not pickle is left out. The map's
+    payload puts these in as they are (serialize.py's ``prepickled``)."""
+    out = {}
+    for name, value in kwargs.items():
+        try:
+            out[name] = _pickled(value, keep_buffers=True)
+        except Exception:
+            continue
+    return out
+
+
+def _pickled(value: Any, keep_buffers: bool = False) -> tuple:
+    """``value``'s pickle, as the payload pickles it, and its big buffers, left where they are
+    (raises if it does not pickle): ``(data, views)``, and the PickleBuffers with ``keep_buffers``."""
     buffers: list[pickle.PickleBuffer] = []
-    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    views = []
+    data = dumps(value, buffers.append)
+    views, kept = [], []
     for b in buffers:
         try:
             views.append(b.raw())
+            kept.append(b)
         except BufferError:  # not contiguous
             views.append(memoryview(bytes(memoryview(b))))
-    return data, views
+            kept.append(pickle.PickleBuffer(views[-1].obj))
+    return (data, views, kept) if keep_buffers else (data, views)
 
 
 _HERE = "k"  # the prefix of keys that hold only within this kernel (value_key(stable=False))
@@ -144,15 +161,6 @@ def value_key(value: Any, stable: bool = True, pickled: tuple[bytes, list] | Non
     for v in views:
         h.update(buffer_digest(v, digests))
     return _HERE + h.hexdigest()[:24]
-
-
-def buffer_digest(view: memoryview, digests: dict | None = None) -> bytes:
-    """A pickle buffer's sha256, taken from ``digests`` (by the object that holds it) when there."""
-    if digests:
-        known = digests.get((id(view.obj), view.nbytes))
-        if known is not None:
-            return known
-    return hashlib.sha256(view).digest()
 
 
 def kw_values(kept: dict[str, tuple], names: list[str]) -> dict[str, Any]:
