@@ -445,3 +445,27 @@ def test_resume_of_a_stream_and_of_a_partial_says_the_function_changed(pool, tmp
     with pytest.raises(ValueError) as again:  # the same partial: fails the same, and no note
         pool.run(functools.partial(scaled, k=1), range(3), resume=info.value.poolmap_report)
     assert again.value.poolmap_report.notes == [], again.value.poolmap_report.notes
+
+
+WEIGHTS = np.zeros(100_000)
+
+
+def weighted(x):
+    if x == 2 and WEIGHTS[0] == 0:
+        raise ValueError(x)
+    return x + float(WEIGHTS[x])
+
+
+@pytest.mark.timeout(60)
+def test_resume_sees_a_global_array_changed_in_place(pool):
+    """The function's key hashes the arrays it reads (taking the payload's digests, not hashing
+    them again): an array changed in place since the run to resume is a changed function."""
+    with pytest.raises(ValueError) as info:
+        pool.run(weighted, range(4))
+    WEIGHTS[0] = 1.0
+    try:
+        report = pool.run(weighted, range(4), resume=info.value.poolmap_report)
+    finally:
+        WEIGHTS[0] = 0.0
+    assert report.results[2:] == [2.0, 3.0]
+    assert report.notes == [FIX_NOTE.format(n=report.resumed[0])], report.notes

@@ -55,7 +55,7 @@ def test_keys_made_in_the_kernel_see_in_place_changes_and_reuse_the_payloads_dig
     assert list(payload.digests) == [(id(a), a.nbytes)]
     keys, _ = kw_record({"a": a}, stable=False, digests=payload.digests)
     assert keys == {"a": here}
-    planted = {(id(a), a.nbytes): b"\0" * 32}  # a digest given is used, not recomputed
+    planted = {(id(a), a.nbytes): (b"\0" * 32, a)}  # a digest given is used, not recomputed
     assert kw_record({"a": a}, stable=False, digests=planted)[0] != keys
     a[7] = -1.0
     assert value_key(a, stable=False) != here

@@ -60,7 +60,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     report.kw_keys, report.kw_kept = kw_keys, kw_kept
     if written:
         report.notes.append(_globals_note(name, written))
-    index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
+    index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
     job.checkpoint = checkpoint
@@ -181,7 +181,7 @@ def kw_changed_note(was: dict | None, now: dict | None, since: str, kept: int) -
 
 
 def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, iterable: Iterable, name: str,
-                 key: str, func: Callable) -> tuple[Any, Checkpoint | None, Iterable]:
+                 payload: Payload, func: Callable) -> tuple[Any, Checkpoint | None, Iterable]:
     """What an earlier run (``resume``) or a checkpoint file already did: ``(index, checkpoint,
     iterable)``, the index and ITERABLE of the items still to run (index None: all of them).
     The earlier results are copied into ``report``."""
@@ -199,7 +199,7 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         if was is not None:
             from .versions import code_key
 
-            if code_key(func, stable=False) not in (was, None):
+            if code_key(func, stable=False, digests=payload.digests) not in (was, None):
                 report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
                                     f"run to resume; {earlier.done:,} results of its earlier version were kept")
         now = report.kw_keys
@@ -214,7 +214,7 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         checkpoint = Checkpoint(o.checkpoint)
         from .versions import code_key
 
-        earlier, index, iterable = checkpoint.load(iterable, name, key, o.seed, code_key(func), report.kw_keys)
+        earlier, index, iterable = checkpoint.load(iterable, name, payload.key, o.seed, code_key(func), report.kw_keys)
     if index is not None:
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))

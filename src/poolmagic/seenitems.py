@@ -141,6 +141,7 @@ def _code_key(job: Any) -> str | None:
     if job.options.kwargs and isinstance(func, functools.partial):
         func = func.func
     try:
-        return code_key(func, stable=False)  # compared in this kernel only
+        # compared in this kernel only; a big array the function reads was hashed by the payload
+        return code_key(func, stable=False, digests=getattr(job.payload, "digests", None))
     except Exception:  # (a global that cannot be keyed: code_key says None itself; anything else too)
         return None

@@ -222,11 +222,12 @@ def buffer_digest(view: memoryview, digests: dict | None = None) -> bytes:
         holder = holder.obj
     key = (id(holder), view.nbytes)
     known = digests.get(key) if digests is not None else None
-    if known is None:
-        known = hashlib.sha256(view).digest()
-        if digests is not None:
-            digests[key] = known
-    return known
+    if known is not None and known[1] is holder:
+        return known[0]
+    digest = hashlib.sha256(view).digest()
+    if digests is not None:
+        digests[key] = (digest, holder)  # (holding it: its id cannot name another object while kept)
+    return digest
 
 
 def _dump_in_band(func: Callable) -> Payload:

@@ -19,16 +19,18 @@ import cloudpickle
 from .serialize import buffer_digest, dumps, global_names
 
 
-def code_key(func: Callable, stable: bool = True, _seen: set | None = None) -> str | None:
+def code_key(func: Callable, stable: bool = True, _seen: set | None = None,
+             digests: dict | None = None) -> str | None:
     """A key equal for two functions with the same code, defaults, closure and the same globals
     they read (a helper by its own code key, a value by its key as a --kw value's); None: not a
     plain function or a partial of one. Only checkpoint maps, and maps that end with items missing
     (for a later --resume), compute it: a global's value is pickled for it. ``stable``: the same in
-    every kernel (a checkpoint file's), else only within this one, and cheaper (``value_key``)."""
+    every kernel (a checkpoint file's), else only within this one, and cheaper (``value_key``);
+    ``digests``: big buffers hashed already (the map's payload's), not hashed again."""
     if isinstance(func, functools.partial):  # a partial the user made: its function and its arguments
-        inner = code_key(func.func, stable, _seen)
+        inner = code_key(func.func, stable, _seen, digests)
         try:
-            return None if inner is None else f"{inner}:{value_key((func.args, func.keywords), stable)}"
+            return None if inner is None else f"{inner}:{value_key((func.args, func.keywords), stable, None, digests)}"
         except Exception:
             return None
     code = getattr(func, "__code__", None)
@@ -45,23 +47,23 @@ def code_key(func: Callable, stable: bool = True, _seen: set | None = None) -> s
     g = getattr(func, "__globals__", {})
     for name in global_names(func):
         if name in g:
-            h.update(f"\0{name}={_global_key(g[name], stable, seen)}".encode())
+            h.update(f"\0{name}={_global_key(g[name], stable, seen, digests)}".encode())
     return h.hexdigest()
 
 
-def _global_key(value: Any, stable: bool, seen: set) -> str:
+def _global_key(value: Any, stable: bool, seen: set, digests: dict | None) -> str:
     """A global the function reads, as a key: helpers by code, modules and classes by name, values by content."""
     if isinstance(value, types.FunctionType):
         if id(value) in seen:  # (recursion, or a helper already keyed)
             return "f:seen"
         seen.add(id(value))
-        return f"f:{code_key(value, stable, seen)}"
+        return f"f:{code_key(value, stable, seen, digests)}"
     if isinstance(value, types.ModuleType):
         return f"m:{value.__name__}"
     if isinstance(value, type) or (callable(value) and not hasattr(value, "__dict__")):
         return f"t:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
     try:
-        return "v:" + value_key(value, stable)
+        return "v:" + value_key(value, stable, None, digests)
     except Exception:  # it does not pickle: the map's own pickling says so
         return f"?:{type(value).__qualname__}"
 
