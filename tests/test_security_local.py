@@ -6,11 +6,10 @@ the suite runs as root, as another user through a subprocess that ``os.setuid``s
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from conftest import run_script
@@ -53,3 +52,52 @@ def test_the_directories_made_for_the_key_are_private_under_umask_000(tmp_path):
         str(home / ".config" / "poolmagic"): "0700",
         str(home / ".config" / "poolmagic" / "checkpoint.key"): "0600",
     }
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to act as the user nobody")
+@pytest.mark.timeout(60)
+def test_a_runtime_directory_removed_and_taken_by_another_user_is_not_used_again():
+    """A cleaner of /tmp removes an idle kernel's empty runtime directory; ``nobody`` makes
+    directories of the same names (seen in /tmp and /proc/net/unix), open to all. The next
+    forkserver's socket and LocalCluster folder went into them: ``nobody`` could then swap
+    the socket for one of their own and be sent what workers start with (dask's TLS key)."""
+    out, err, code = run_script(f"""
+        import json, os, shutil, stat
+        from multiprocessing import forkserver, util
+        from poolmagic.engine import processes, runtimedir
+
+        runtimedir.adopt_for_multiprocessing()
+        old, old_mp = runtimedir.runtime_dir(), util.get_temp_dir()
+        shutil.rmtree(old)  # the cleaner
+        pid = os.fork()
+        if pid == 0:  # the other user takes the names
+            try:
+                os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+                for d in (old, old_mp):
+                    os.mkdir(d); os.chmod(d, 0o777)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.stat(old_mp).st_uid == {NOBODY}
+
+        processes.start_resource_tracker()  # what every forkserver start does first
+        forkserver.ensure_running()
+        socket = forkserver._forkserver._forkserver_address
+        cluster = runtimedir.subdir("dask")
+        def private(d):
+            st = os.lstat(d)
+            return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+        private = [private(d) for d in (os.path.dirname(socket), cluster, runtimedir.runtime_dir())]
+        processes.stop_helper_processes(tracker=True)
+        print(json.dumps({{"old": old, "socket": socket, "cluster": cluster, "private": private}}))
+    """)
+    assert code == 0, err
+    got = json.loads(out.strip().splitlines()[-1])
+    old = got["old"]
+    try:
+        for what in ("socket", "cluster"):
+            assert not got[what].startswith(old + os.sep), f"the {what} went into nobody's {old}: {got[what]}"
+        assert got["private"] == [True, True, True]
+        assert os.stat(old).st_uid == NOBODY  # nobody's directory is left alone at exit
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
