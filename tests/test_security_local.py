@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 
 import pytest
 from conftest import run_script
@@ -101,3 +102,66 @@ def test_a_runtime_directory_removed_and_taken_by_another_user_is_not_used_again
         assert os.stat(old).st_uid == NOBODY  # nobody's directory is left alone at exit
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Python 3.10.0-3.10.8 (CVE-2022-42919; fixed in 3.10.9 and 3.11.0) named the forkserver's
+# socket in Linux's abstract namespace, which has no permissions. The stdlib's choice of those
+# versions, for the test to run it on this Python: poolmagic's pool and forkserver are real.
+OLD_STDLIB = """
+import itertools, os
+from multiprocessing import connection, util
+_count, _original = itertools.count(), connection.arbitrary_address
+def arbitrary_address(family):
+    if family == "AF_UNIX" and util.abstract_sockets_supported:
+        return f"\\0listener-{os.getpid()}-{next(_count)}"
+    return _original(family)
+connection.arbitrary_address = arbitrary_address
+"""
+
+
+@pytest.mark.skipif(not ROOT or sys.platform != "linux", reason="needs Linux, and root to act as nobody")
+@pytest.mark.timeout(60)
+def test_another_user_cannot_reach_the_forkserver_on_a_python_that_names_it_in_the_abstract_namespace(tmp_path):
+    """On Python 3.10.0-3.10.8 the forkserver poolmagic starts by default listened on an
+    abstract socket: ``nobody`` connected to it and had a pickle of their own unpickled by
+    the server's child, as the notebook's user. Its socket must be the file in the private
+    directory whatever the Python."""
+    marker = tmp_path / "ran-as-the-notebook-user"
+    out, err, code = run_script(OLD_STDLIB + f"""
+import json, os, pickle, socket
+from multiprocessing import forkserver, reduction
+from poolmagic import Pool
+
+class Plant:
+    def __reduce__(self):
+        return (open, ({str(marker)!r}, "w"))
+
+pool = Pool(1)
+assert pool.map(abs, [-1]) == [1]
+address = forkserver._forkserver._forkserver_address
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # the other user, with the address (/proc/net/unix lists it)
+    try:
+        os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+        os.write(w, pickle.dumps(Plant()))
+        a, b = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(address)
+                reduction.sendfds(s, [r, b, a, a])
+            os.write(1, b"connected\\n")
+        except OSError as exc:
+            os.write(1, f"refused: {{exc}}\\n".encode())
+    finally:
+        os._exit(0)
+os.close(r); os.close(w)
+os.waitpid(pid, 0)
+print(json.dumps({{"abstract": address.startswith("\\0")}}))
+pool.shutdown()
+""")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("refused"), out
+    assert json.loads(lines[-1]) == {"abstract": False}
+    assert not marker.exists()
