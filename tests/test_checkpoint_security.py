@@ -450,3 +450,22 @@ def test_trusting_ones_own_file_drops_its_damaged_records_instead_of_signing_the
     poolmagic.trust_checkpoint(ck)
     got = checkpointfile.read(ck)
     assert got.damaged == 0 and [idx for idx, *_ in got.chunks] == [[0], [2]] and got.meta == {"items": 3}
+
+
+@pytest.mark.parametrize("envelope", [
+    b"\x80\x04X\x01\x00\x00\x00a(K\x01e.",  # APPENDS onto a str
+    b"\x80\x04]X\x01\x00\x00\x00a(K\x01u.",  # SETITEMS onto a str
+    b"\x80\x04h\x05.",  # a memo entry that was never made
+])
+def test_trust_refuses_an_old_file_whose_envelope_builds_nothing_plain(envelope, own_key, tmp_path):
+    """Opcodes that only name plain data but cannot build it: refused as such, naming the
+    record (they raised a bare AttributeError or KeyError out of trust_checkpoint)."""
+    import struct
+    import zlib
+
+    payload = struct.pack("<I", len(envelope)) + envelope
+    old = tmp_path / "old.ckpt"
+    old.write_bytes(b"poolmagic-ckpt1\n" + struct.pack("<cQI", b"M", len(payload), zlib.crc32(payload)) + payload)
+    with pytest.raises(CheckpointFileError, match="cannot trust it: record 1 .*do not build plain data"):
+        poolmagic.trust_checkpoint(old, dest=tmp_path / "mine.ckpt")
+    assert not (tmp_path / "mine.ckpt").exists()

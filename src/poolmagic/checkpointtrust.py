@@ -164,6 +164,13 @@ _CONST = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 def plain_pickle(data: bytes) -> Any:
     """The value of a pickle of plain data (numbers, str, bytes, tuples, lists, dicts, a range),
     computed from its opcodes without unpickling; ValueError for anything else."""
+    try:
+        return _plain(data)
+    except (AttributeError, KeyError, IndexError, TypeError) as exc:  # (APPENDS onto a str, a missing memo...)
+        raise ValueError(f"its opcodes do not build plain data ({type(exc).__name__}: {exc})") from None
+
+
+def _plain(data: bytes) -> Any:
     stack: list = []
     marks: list[int] = []
     memo: dict = {}

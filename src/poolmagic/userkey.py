@@ -2,7 +2,7 @@
 
 A 32-byte random secret in ``$XDG_CONFIG_HOME/poolmagic/checkpoint.key``
 (else ``~/.config/poolmagic/checkpoint.key``), made on first use: the
-directory ``0700``, the file ``0600``. Like OpenSSH with its keys, a key file
+directory ``0700`` (and the missing ones above it), the file ``0600``. Like OpenSSH with its keys, a key file
 or directory that is a symbolic link, belongs to another user, or that group
 or others can read or write is refused, with the command that fixes it.
 
@@ -75,9 +75,28 @@ def _check(st: os.stat_result, path: Path, what: str, mode: str) -> None:
     )
 
 
+def _make_parents(folder: Path) -> None:
+    """Make the missing directories above ``folder``, each ``0700``.
+
+    ``Path.mkdir(parents=True)`` makes all but the last with the umask's mode:
+    under ``umask 000`` a missing home directory came out ``0777``, where
+    another user could plant ``~/.bashrc`` or a ``.pth`` file.
+    """
+    missing = []
+    for parent in folder.parents:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    for parent in reversed(missing):
+        try:
+            os.mkdir(parent, 0o700)
+        except FileExistsError:
+            pass
+
+
 def _load_or_make(path: Path) -> bytes:
     folder = path.parent
-    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_parents(folder)
     try:
         os.mkdir(folder, 0o700)
     except FileExistsError:

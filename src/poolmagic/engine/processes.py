@@ -206,7 +206,13 @@ def start_resource_tracker() -> None:
 def private_runtime_dir() -> None:
     """Before any forkserver starts: multiprocessing's sockets go in our private,
     pid-named runtime directory (runtimedir.py), which the next kernel removes
-    if this one is SIGKILLed; multiprocessing's own ``pymp-*`` would stay."""
+    if this one is SIGKILLed; multiprocessing's own ``pymp-*`` would stay.
+
+    And a file it is, never a name in Linux's abstract namespace: Python 3.10.0-3.10.8
+    preferred those (CVE-2022-42919, fixed in 3.10.9), which have no permissions, so any
+    local user could connect to the forkserver and have it unpickle what they sent.
+    """
+    util.abstract_sockets_supported = False  # (later Pythons no longer read it)
     try:  # (an import can fail too: the manager thread starts this with no file descriptor to spare)
         from .runtimedir import adopt_for_multiprocessing
 

@@ -32,8 +32,8 @@ def runtime_dir() -> str:
     """This process's private directory (made on first use, removed at exit)."""
     global _dir, _dir_pid
     with _lock:
-        if _dir is not None and _dir_pid == os.getpid() and os.path.isdir(_dir):
-            return _dir
+        if _dir is not None and _dir_pid == os.getpid() and is_private(_dir):
+            return _dir  # (checked again: a cleaner of /tmp may have removed it, and another user taken its name)
         remove_stale()
         path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # 0700, O_EXCL
         check_private(path)
@@ -51,6 +51,15 @@ def check_private(path: str) -> None:
     """Refuse a directory that is a symlink, not ours, or open to group/others."""
     if unsafe(os.lstat(path), stat.S_ISDIR, 0o077) is not None:
         raise PermissionError(f"poolmagic's runtime directory {path} is not a private directory of this user")
+
+
+def is_private(path: str) -> bool:
+    """Whether ``path`` is (still) a private directory of this user, not a symlink."""
+    try:
+        check_private(path)
+    except OSError:
+        return False
+    return True
 
 
 def remove_stale(tmp: str | None = None) -> list[str]:
@@ -82,15 +91,20 @@ def remove_stale(tmp: str | None = None) -> list[str]:
 
 
 def adopt_for_multiprocessing() -> None:
-    """Make multiprocessing put its sockets in our directory, unless it already has one.
+    """Make multiprocessing put its sockets in our directory, unless it already has a private one.
 
     multiprocessing's own (``pymp-*``, 0700) carries no pid: a SIGKILLed
-    kernel's would stay in /tmp for good.
+    kernel's would stay in /tmp for good. Checked before every forkserver
+    starts: multiprocessing keeps using the path it has, and if a cleaner of
+    /tmp removed it (an idle kernel's empty directory, after days) another
+    user could make a directory of that name, take the new forkserver's
+    socket name and be sent what the workers are started with.
     """
     from multiprocessing import process
 
     config = process.current_process()._config
-    if config.get("tempdir") is None:
+    current = config.get("tempdir")
+    if current is None or not is_private(current):
         config["tempdir"] = subdir("mp")
 
 
@@ -112,5 +126,5 @@ def _remove_at_exit(path: str) -> None:
 
 
 def _remove(path: str, pid: int) -> None:
-    if os.getpid() == pid:  # not in a forked child
+    if os.getpid() == pid and is_private(path):  # not in a forked child, nor another user's since
         shutil.rmtree(path, ignore_errors=True)
