@@ -1,0 +1,37 @@
+"""What data scientists map (numpy, pandas, random streams), against the plain loop
+``[f(x) for x in items]``: each test is a difference a hostile round found.
+
+Real pools and, for the magics, the session's real InteractiveShell (``ip``).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import cloudpickle
+import numpy as np
+import pandas  # noqa: F401  (imports numpy.random: the forkserver preloads it, as in a notebook)
+import pytest
+
+from poolmagic import Pool
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _unseeded_draw(i: int) -> tuple[int, int]:
+    time.sleep(0.02)  # long enough that both workers take items
+    import os
+    return os.getpid(), int(np.random.randint(2 ** 62))
+
+
+@pytest.mark.timeout(60)
+def test_workers_do_not_share_numpy_global_stream():
+    """Unseeded ``np.random.*``: a loop draws one stream that never repeats; workers forked from
+    a forkserver that had imported numpy all started on its one state, so each worker drew the
+    same numbers (a Monte Carlo map summed the same samples twice)."""
+    with Pool(2) as pool:
+        out = pool.map(_unseeded_draw, range(12), chunksize=1)
+    pids = {pid for pid, _ in out}
+    draws = [d for _, d in out]
+    assert len(pids) == 2, "both workers should have run items"
+    assert len(set(draws)) == len(draws), sorted(draws)
