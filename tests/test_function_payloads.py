@@ -118,3 +118,23 @@ def test_an_importable_lru_cache_function_still_goes_by_name():
 
     assert isinstance(fnmatch._compile_pattern, functools._lru_cache_wrapper)
     assert b"_compile_pattern" in dump_function(fnmatch._compile_pattern).data  # by reference
+
+
+def test_a_module_s_bound_method_goes_by_name():
+    """``from random import randint``: the worker's own ``random.randint``, not a copy of the kernel's
+    generator (which every worker drew the same numbers from, and --seed did not seed)."""
+    import random
+
+    import numpy as np
+    from numpy.random import normal
+
+    ns = {"__name__": "__main__", "randint": random.randint, "normal": normal}
+    f = _cell("def f(x):\n    return randint, normal\n", ns)
+    payload = dump_function(f)
+    loaded = pickle.loads(payload.data, buffers=payload.buffers)
+    assert loaded(0) == (random.randint, np.random.normal)
+    assert loaded(0)[0] is random.randint and loaded(0)[1] is np.random.normal
+    own = random.Random(1)
+    g = _cell("def f(x):\n    return draw\n", {"__name__": "__main__", "draw": own.random})
+    copied = pickle.loads(dump_function(g).data)(0)
+    assert copied is not own.random and copied() == own.random()  # a generator of the notebook's: by value

@@ -35,3 +35,23 @@ def test_workers_do_not_share_numpy_global_stream():
     draws = [d for _, d in out]
     assert len(pids) == 2, "both workers should have run items"
     assert len(set(draws)) == len(draws), sorted(draws)
+
+
+@pytest.mark.timeout(60)
+def test_seed_reaches_functions_imported_from_random_and_numpy_random(ip):
+    """``from numpy.random import randint``, ``from random import randint``: methods of the global
+    generators. They were pickled with a copy of the kernel's generator: --seed did not seed them
+    (another run, other numbers) and every worker repeated the others' draws."""
+    ip.run_cell("from numpy.random import randint as h3_nrandint\nfrom random import randint as h3_rrandint\n")
+    cell = ("%%poolmap -c 1 --seed 5 range(6)\n"
+            "def h3_draws(i):\n"
+            "    import time\n"
+            "    time.sleep(0.02)\n"
+            "    return int({}(1000)), {}(0, 1000)\n")
+    runs = [ip.run_cell(cell.format("h3_nrandint", "h3_rrandint")) for _ in range(2)]
+    by_module = ip.run_cell(cell.format("np.random.randint", "random.randint").replace(
+        "import time", "import time, random\n    import numpy as np"))
+    for r in (*runs, by_module):
+        assert r.error_in_exec is None, r.error_in_exec
+    assert runs[0].result == runs[1].result == by_module.result
+    assert len(set(runs[0].result)) == 6, runs[0].result

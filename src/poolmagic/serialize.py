@@ -149,15 +149,35 @@ def _reduce_lru(obj: Any) -> Any:
     return _LRU, (obj.__wrapped__, p["maxsize"], p["typed"], functools._CacheInfo), dict(obj.__dict__)
 
 
+_METHOD = cloudpickle.Pickler.dispatch_table[types.MethodType]
+
+
+def _reduce_method(obj: types.MethodType) -> Any:
+    """A bound method a module holds by name (``random.randint``, ``numpy.random.normal``: methods
+    of the module's hidden generator) by that name, so the worker calls its own; else by value.
+
+    By value, ``from random import randint`` shipped a copy of the kernel's generator: every
+    worker drew the same numbers, and ``--seed`` (which seeds the worker's) did not reach them.
+    """
+    name = getattr(obj, "__name__", None)
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if (isinstance(name, str) and module is not None and module.__name__ != "__main__"
+            and getattr(module, name, None) is obj and _by_reference(module)):
+        return getattr, (module, name)
+    return _METHOD(obj)
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, and ``@functools.lru_cache``/``@cache`` functions of a notebook by value.
 
     pickle takes an lru_cache wrapper by its name, ``__main__.f``, which no worker
     has; such a wrapper is rebuilt around its function (pickled by value), with an
-    empty cache of the same size. (A dispatch-table entry: no cost per other object.)
+    empty cache of the same size. A module's bound method goes by its name
+    (``_reduce_method``). (Dispatch-table entries: no cost per other object.)
     """
 
     dispatch_table = collections.ChainMap({_LRU: _reduce_lru} if _LRU is not None else {},
+                                          {types.MethodType: _reduce_method},
                                           cloudpickle.Pickler.dispatch_table)
 
 
