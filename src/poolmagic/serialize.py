@@ -159,12 +159,18 @@ def _reduce_method(obj: types.MethodType) -> Any:
     By value, ``from random import randint`` shipped a copy of the kernel's generator: every
     worker drew the same numbers, and ``--seed`` (which seeds the worker's) did not reach them.
     """
+    module = module_method_home(obj)
+    return _METHOD(obj) if module is None else (getattr, (module, obj.__name__))
+
+
+def module_method_home(obj: Any) -> types.ModuleType | None:
+    """The module that holds bound method ``obj`` under its ``__name__`` (pickled by reference), if one does."""
     name = getattr(obj, "__name__", None)
     module = sys.modules.get(getattr(obj, "__module__", None) or "")
     if (isinstance(name, str) and module is not None and module.__name__ != "__main__"
             and getattr(module, name, None) is obj and _by_reference(module)):
-        return getattr, (module, name)
-    return _METHOD(obj)
+        return module
+    return None
 
 
 class _Pickler(cloudpickle.Pickler):
