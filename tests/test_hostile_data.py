@@ -55,3 +55,25 @@ def test_seed_reaches_functions_imported_from_random_and_numpy_random(ip):
         assert r.error_in_exec is None, r.error_in_exec
     assert runs[0].result == runs[1].result == by_module.result
     assert len(set(runs[0].result)) == 6, runs[0].result
+
+
+@pytest.mark.timeout(60)
+def test_a_notebook_generator_the_function_draws_from_is_named_in_a_note(ip):
+    """``rng = np.random.default_rng(0)`` in the notebook, drawn from in the function: each worker
+    drew from its own copy, so the workers repeated each other's numbers where a loop draws on;
+    nothing said so. np.random, random and item_rng() (fresh per worker, seeded by --seed) need no note."""
+    ip.run_cell("import random\nimport numpy as np\nh3_rng = np.random.default_rng(0)\ndef h3_helper():\n    return h3_rng.random()\n")
+    r = ip.run_cell("%%poolmap range(4)\ndef h3_gen(i):\n    return h3_helper()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    report = ip.user_ns["_poolmap"]
+    assert any("the global 'h3_rng' (of h3_helper()), a numpy.random.Generator" in n and "copy" in n
+               for n in report.notes), report.notes
+    assert "h3_rng" in report.summary()
+    r = ip.run_cell("%%poolmap --kw g=random.Random(1) range(4)\ndef h3_kw(i, g):\n    return g.random()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert any("the --kw value 'g', a random.Random" in n for n in ip.user_ns["_poolmap"].notes)
+    r = ip.run_cell("%%poolmap --seed 1 range(4)\ndef h3_fine(i):\n"
+                    "    import poolmagic\n"
+                    "    return np.random.rand() + random.random() + poolmagic.item_rng().random()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert not ip.user_ns["_poolmap"].notes

@@ -19,7 +19,8 @@ from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .report import FAILED_KEPT, RunReport
-from .serialize import Payload, assigned_globals, callable_name, describe, dump_function, undefined_globals
+from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, shared_generators,
+                        undefined_globals)
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -40,7 +41,9 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     o = _options(pool, options)
     name = _check_function(func, o)
     unwrapped = func
-    written = assigned_globals(func) if OWN_PROCESS not in pool.backend.lacks else ()
+    copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
+    written = assigned_globals(func) if copies else ()
+    generators = shared_generators(func, o.kwargs) if copies else ()
     func, iterable = _call(func, iterable, o, name)
     payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
     workers = o.workers or pool.size
@@ -56,6 +59,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
         report.kw_keys, report.kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=payload.digests)
     if written:
         report.notes.append(_globals_note(name, written))
+    if generators:
+        report.notes.append(_generators_note(name, generators))
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -76,6 +81,16 @@ def _globals_note(name: str, written: tuple[str, ...]) -> str:
     one = len(written) == 1
     return (f"{name}() assigns the global{'' if one else 's'} {names} in the workers: the notebook's "
             f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
+
+
+def _generators_note(name: str, generators: list[str]) -> str:
+    """What a map of a function that draws from a generator of the notebook gets: copies of it."""
+    one = len(generators) == 1
+    return (f"{name}() draws from {'; and '.join(generators)}: each worker draws from a copy of "
+            f"{'it' if one else 'each'} as it was when the map started, so workers repeat each other's numbers "
+            f"and the notebook's {'generator does' if one else 'generators do'} not move on (a plain loop draws "
+            f"on from one stream); draw from np.random, random or poolmagic.item_rng() instead (per item, "
+            f"and reproducible with --seed)")
 
 
 def _options(pool: "Pool", options: dict) -> MapOptions:

@@ -320,6 +320,50 @@ def _captured(func: Any) -> Iterator[tuple[str, Any]]:
         yield f"default argument {k!r}", d
 
 
+def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -> list[str]:
+    """The random generators of the notebook that are pickled with ``func`` (read by it or by a
+    helper it calls, a closure, a default, a partial's argument), as "the global 'rng', a
+    numpy.random.Generator". Each worker gets a copy of such a generator as it is when the map
+    starts: the workers draw the same numbers, where a loop draws on from the one stream. ``kwargs``:
+    the map's --kw values, which go with it too. A method
+    a module holds by name (``random.randint``) is not one: it goes by name (``_reduce_method``)."""
+    found = [f"the --kw value {k!r}, {kind}" for k, v in (kwargs or {}).items()
+             if (kind := _generator_kind(v)) is not None]
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [("", func)]
+    while todo and len(seen) < limit:
+        who, f = todo.pop()
+        if id(f) in seen or _found_by_name(f):  # a library's function goes by name, with nothing of ours
+            continue
+        seen.add(id(f))
+        for where, value in _captured(f):
+            kind = _generator_kind(value)
+            if kind is not None:
+                found.append(f"the {where}{who}, {kind}")
+            elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+                inner = value.func if isinstance(value, functools.partial) else value
+                todo.append((f" (of {callable_name(inner)}())" if where.startswith("global") else who, value))
+    return found
+
+
+def _generator_kind(value: Any) -> str | None:
+    """"a numpy.random.Generator" when ``value`` is a random generator (or a bound method of one)
+    whose copy would repeat its numbers; None otherwise (SystemRandom draws from the OS)."""
+    if isinstance(value, types.MethodType) and module_method_home(value) is None:
+        value = value.__self__
+    import random
+
+    npr = sys.modules.get("numpy.random")
+    if isinstance(value, random.Random):
+        if isinstance(value, random.SystemRandom):
+            return None
+    elif npr is None or not isinstance(value, (npr.Generator, npr.RandomState, npr.BitGenerator)):
+        return None
+    t = type(value)
+    module = "numpy.random" if t.__module__.startswith("numpy.random") else t.__module__
+    return f"a {module}.{t.__qualname__}"
+
+
 def explain_unpicklable(func: Callable, exc: BaseException, _depth: int = 0) -> str:
     """A sentence naming what in ``func`` cannot be pickled, and its type."""
     who = callable_name(func)
