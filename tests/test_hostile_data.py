@@ -77,3 +77,18 @@ def test_a_notebook_generator_the_function_draws_from_is_named_in_a_note(ip):
                     "    return np.random.rand() + random.random() + poolmagic.item_rng().random()\n")
     assert r.error_in_exec is None, r.error_in_exec
     assert not ip.user_ns["_poolmap"].notes
+
+
+@pytest.mark.timeout(60)
+def test_a_dataframe_without_rows_maps_its_columns_like_the_loop():
+    """Iterating a DataFrame gives its column names, whatever len() (its rows) says: one without
+    rows mapped to [] (and a report of 0 items) where the loop gives a result per column."""
+    import pandas as pd
+    from poolmagic import pmap
+
+    df = pd.DataFrame({"a": [], "b": []})
+    assert pmap(str.upper, df) == [c.upper() for c in df] == ["A", "B"]
+    with Pool(1) as pool:
+        assert pool.map(str.upper, df) == ["A", "B"]
+        assert pool.run(str.upper, pd.DataFrame({"a": [1], "b": [2], "c": [3]})).results == ["A", "B", "C"]
+    assert pmap(str.upper, {}) == []

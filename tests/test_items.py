@@ -187,6 +187,21 @@ def test_a_stream_of_exactly_want_items_ends_on_the_next_feed():
     assert src.take(1) is None
 
 
+def test_a_stream_whose_len_is_zero_is_still_read():
+    """A DataFrame without rows has len() 0 but yields its column names: the source was
+    exhausted at once, and the map gave [] where the loop gives one result per column."""
+    pd = pytest.importorskip("pandas")
+    src = ItemSource(pd.DataFrame({"a": [], "b": []}))
+    assert not src.exhausted
+    src.set_want(10)
+    src.feed()
+    assert src.take(10) == (0, ["a", "b"])
+    assert src.exhausted
+    empty = ItemSource({})  # an empty stream still ends
+    empty.feed()
+    assert empty.exhausted and empty.take(1) is None
+
+
 def test_an_iterable_raising_midway_names_the_item_and_keeps_the_items_before():
     it = Counting(100, fail_at=3)
     src = ItemSource(it)

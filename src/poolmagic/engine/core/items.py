@@ -37,7 +37,9 @@ class ItemSource:
             self.length = None
         self.pos = 0  # items handed out
         self.read = 0  # items read from the stream
-        self.exhausted = self.length == 0  # nothing more will ever be handed out
+        # nothing more will ever be handed out (a stream's len() is only a hint: a DataFrame's
+        # is its rows, and one without rows still yields its columns)
+        self.exhausted = self.length == 0 and self.seq is not None
         self.stream_done = self.seq is not None  # the iterator has ended (or failed)
         self.sample: list = []  # first items of a stream, kept for %poolsize --tune
         self.error: BaseException | None = None  # what the stream raised, if it did
