@@ -92,3 +92,25 @@ def test_a_dataframe_without_rows_maps_its_columns_like_the_loop():
         assert pool.map(str.upper, df) == ["A", "B"]
         assert pool.run(str.upper, pd.DataFrame({"a": [1], "b": [2], "c": [3]})).results == ["A", "B", "C"]
     assert pmap(str.upper, {}) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_map_over_a_dataframe_counts_its_columns_and_resumes(ip):
+    """A map over a 10-row, 3-column DataFrame that failed early read "2/10 items", kept 10
+    places in .results, and --resume then refused: "the ITERABLE now has 3 items"."""
+    ip.run_cell("import pandas as pd\nh3_df = pd.DataFrame({'a': range(10), 'b': range(10), 'c': range(10)})\n"
+                "H3_FAIL = {'a'}\n")
+    cell = ("%%poolmap {}-c 1 -n 1 h3_df\n"
+            "def h3_cols(c):\n"
+            "    if c in H3_FAIL:\n"
+            "        raise ValueError(c)\n"
+            "    return c.upper()\n")
+    r = ip.run_cell(cell.format(""))
+    assert isinstance(r.error_in_exec, ValueError), r.error_in_exec
+    report = ip.user_ns["_poolmap"]
+    assert report.items == 3 and len(report.results) == 3, (report.items, report.results)
+    assert "/10" not in report.summary(), report.summary()
+    ip.user_ns["H3_FAIL"].clear()
+    r = ip.run_cell(cell.format("--resume "))
+    assert r.error_in_exec is None, r.error_in_exec
+    assert r.result == ["A", "B", "C"]

@@ -197,6 +197,7 @@ def test_a_stream_whose_len_is_zero_is_still_read():
     src.feed()
     assert src.take(10) == (0, ["a", "b"])
     assert src.exhausted
+    assert ItemSource(pd.DataFrame({"a": range(10), "b": range(10), "c": range(10)})).length == 3
     empty = ItemSource({})  # an empty stream still ends
     empty.feed()
     assert empty.exhausted and empty.take(1) is None
