@@ -114,3 +114,19 @@ def test_a_failed_map_over_a_dataframe_counts_its_columns_and_resumes(ip):
     r = ip.run_cell(cell.format("--resume "))
     assert r.error_in_exec is None, r.error_in_exec
     assert r.result == ["A", "B", "C"]
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_changes_its_argument_and_returns_nothing_is_named_in_a_note(ip):
+    """``def norm(a): a -= a.mean()``: a loop normalises the notebook's arrays; mapped, each worker
+    changed its copy, the arrays stayed as they were and the results were all None, without a word."""
+    ip.run_cell("import numpy as np\nh3_arrs = [np.arange(3.0) for _ in range(3)]\n")
+    r = ip.run_cell("%%poolmap h3_arrs\ndef h3_norm(a):\n    a -= a.mean()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert r.result == [None, None, None]
+    assert all((a == np.arange(3.0)).all() for a in ip.user_ns["h3_arrs"])  # unchanged, unlike the loop
+    report = ip.user_ns["_poolmap"]
+    assert any("h3_norm() returns nothing and changes its argument 'a' in place" in n for n in report.notes)
+    assert "changes its argument" in report.summary()
+    r = ip.run_cell("%%poolmap h3_arrs\ndef h3_norm2(a):\n    a -= a.mean()\n    return a\n")
+    assert r.error_in_exec is None and not ip.user_ns["_poolmap"].notes

@@ -18,6 +18,7 @@ from .engine.core.transport import OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
+from .inplace import changed_parameter
 from .report import FAILED_KEPT, RunReport
 from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, shared_generators,
                         undefined_globals)
@@ -44,6 +45,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
     written = assigned_globals(func) if copies else ()
     generators = shared_generators(func, o.kwargs) if copies else ()
+    changed = changed_parameter(func, o.star) if copies and o.repeat is None else None
     func, iterable = _call(func, iterable, o, name)
     payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
     workers = o.workers or pool.size
@@ -61,6 +63,10 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
         report.notes.append(_globals_note(name, written))
     if generators:
         report.notes.append(_generators_note(name, generators))
+    if changed is not None:
+        report.notes.append(f"{name}() returns nothing and changes its argument {changed!r} in place: the workers "
+                            f"change their copies of the items, yours stay as they were (a plain loop would "
+                            f"change them); return the changed item and use the results")
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
