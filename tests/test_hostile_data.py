@@ -130,3 +130,21 @@ def test_a_function_that_changes_its_argument_and_returns_nothing_is_named_in_a_
     assert "changes its argument" in report.summary()
     r = ip.run_cell("%%poolmap h3_arrs\ndef h3_norm2(a):\n    a -= a.mean()\n    return a\n")
     assert r.error_in_exec is None and not ip.user_ns["_poolmap"].notes
+
+
+@pytest.mark.timeout(60)
+def test_seed_says_it_does_not_reach_a_generator_made_without_a_seed(ip):
+    """``np.random.default_rng()`` in a --seed map: fresh entropy, so another run drew other
+    numbers, while --seed promises reproducible ones; nothing said so."""
+    ip.run_cell("import numpy as np\nimport poolmagic\n"
+                "def h3_noise():\n    return np.random.default_rng().random()\n")
+    r = ip.run_cell("%%poolmap --seed 3 range(3)\ndef h3_unseeded(i):\n    return h3_noise()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    notes = ip.user_ns["_poolmap"].notes
+    assert any("h3_unseeded() calls default_rng() without a seed: --seed does not reach it" in n for n in notes), notes
+    r = ip.run_cell("%%poolmap --seed 3 range(3)\ndef h3_seeded(i):\n"
+                    "    return np.random.default_rng(poolmagic.item_seed()).random() + poolmagic.item_rng().random()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert not ip.user_ns["_poolmap"].notes
+    r = ip.run_cell("%%poolmap range(3)\ndef h3_unseeded_map(i):\n    return h3_noise()\n")
+    assert r.error_in_exec is None and not ip.user_ns["_poolmap"].notes  # no --seed: fresh numbers are the loop's

@@ -21,7 +21,7 @@ from .errors import BadInputError, SerializationError
 from .inplace import changed_parameter
 from .report import FAILED_KEPT, RunReport
 from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, shared_generators,
-                        undefined_globals)
+                        undefined_globals, unseeded_calls)
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -46,6 +46,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     written = assigned_globals(func) if copies else ()
     generators = shared_generators(func, o.kwargs) if copies else ()
     changed = changed_parameter(func, o.star) if copies and o.repeat is None else None
+    unseeded = unseeded_calls(func) if o.seed is not None else ()
     func, iterable = _call(func, iterable, o, name)
     payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
     workers = o.workers or pool.size
@@ -63,6 +64,11 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
         report.notes.append(_globals_note(name, written))
     if generators:
         report.notes.append(_generators_note(name, generators))
+    if unseeded:
+        calls = ", ".join(f"{n}()" for n in unseeded)
+        report.notes.append(f"{name}() calls {calls} without a seed: --seed does not reach {'it' if len(unseeded) == 1 else 'them'}, "
+                            f"so the numbers drawn that way differ in every run; use poolmagic.item_rng(), or pass "
+                            f"poolmagic.item_seed() as the seed")
     if changed is not None:
         report.notes.append(f"{name}() returns nothing and changes its argument {changed!r} in place: the workers "
                             f"change their copies of the items, yours stay as they were (a plain loop would "

@@ -290,6 +290,48 @@ def _code_stored_globals(code: types.CodeType) -> tuple[str, ...]:
     return tuple(stored)
 
 
+_UNSEEDED = frozenset({"default_rng", "RandomState", "Random", "PCG64", "PCG64DXSM", "MT19937", "Philox",
+                       "SFC64", "SeedSequence", "seed"})
+_BETWEEN = frozenset({"CACHE", "PRECALL", "PUSH_NULL", "EXTENDED_ARG"})
+_CALLS = frozenset({"CALL", "CALL_FUNCTION", "CALL_METHOD"})
+
+
+def unseeded_calls(func: Any, _seen: set | None = None) -> tuple[str, ...]:
+    """Generators made (or streams reseeded) without a seed in ``func`` or the notebook helpers it
+    calls: ``default_rng()``, ``random.Random()``, ``np.random.seed()``. Their numbers come from fresh
+    entropy, which ``--seed`` does not reach: another run, other numbers."""
+    seen = _seen if _seen is not None else set()
+    while isinstance(func, functools.partial) or hasattr(func, "__func__"):
+        func = func.func if isinstance(func, functools.partial) else func.__func__
+    if not isinstance(func, types.FunctionType) or id(func) in seen:
+        return ()
+    seen.add(id(func))
+    found = dict.fromkeys(_code_unseeded(func.__code__))
+    g = func.__globals__
+    for name in global_names(func):
+        value = g.get(name)
+        if isinstance(value, types.FunctionType) and value.__globals__ is g:
+            found.update(dict.fromkeys(unseeded_calls(value, seen)))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=512)
+def _code_unseeded(code: types.CodeType) -> tuple[str, ...]:
+    found: dict[str, None] = {}
+    for co in _code_objects(code):
+        pending = None  # a generator's name just loaded: is it called with no argument?
+        for ins in dis.get_instructions(co):
+            if ins.opname in _BETWEEN:
+                continue
+            if pending is not None and ins.opname in _CALLS and ins.arg == 0:
+                found.setdefault(pending, None)
+            pending = None
+            if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF")) \
+                    and ins.argval in _UNSEEDED:
+                pending = ins.argval
+    return tuple(found)
+
+
 def _captured(func: Any) -> Iterator[tuple[str, Any]]:
     """(description, value) of everything cloudpickle must pickle along with ``func``."""
     if isinstance(func, functools.partial):
