@@ -148,3 +148,20 @@ def test_seed_says_it_does_not_reach_a_generator_made_without_a_seed(ip):
     assert not ip.user_ns["_poolmap"].notes
     r = ip.run_cell("%%poolmap range(3)\ndef h3_unseeded_map(i):\n    return h3_noise()\n")
     assert r.error_in_exec is None and not ip.user_ns["_poolmap"].notes  # no --seed: fresh numbers are the loop's
+
+
+@pytest.mark.timeout(60)
+def test_a_generator_refilling_one_array_and_a_groupby_are_not_mapped_wrongly(ip):
+    """Items are read ahead of the workers: a generator that refills one array for each item
+    gave [9, 9, 9, 9, 12, 15] where the loop gives [0, 3, 6, 9, 12, 15], and a groupby's groups
+    reached the workers empty ([('a', 0), ('b', 0)]): both without a word."""
+    ip.run_cell("import itertools\nimport numpy as np\n"
+                "def h3_refill(n=6):\n    buf = np.empty(3)\n    for i in range(n):\n        buf[:] = i\n        yield buf\n"
+                "h3_rows = [('a', 1), ('a', 2), ('b', 3)]\n")
+    r = ip.run_cell("%%poolmap h3_refill()\ndef h3_sum(a):\n    return float(a.sum())\n")
+    assert r.error_in_exec is not None and "yielded item 1 as the very object it yielded for item 0" in str(
+        r.error_in_exec) and "buf.copy()" in str(r.error_in_exec), r.error_in_exec
+    r = ip.run_cell("%%poolmap itertools.groupby(h3_rows, key=lambda r: r[0])\n"
+                    "def h3_group(kg):\n    k, g = kg\n    return k, len(list(g))\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert r.result == [("a", 2), ("b", 1)]

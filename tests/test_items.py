@@ -5,12 +5,14 @@ stream (anything but a range, list or tuple) is only ever read by ``feed``.
 """
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 import time
 
 import pytest
 
+from poolmagic import BadInputError
 from poolmagic.engine.items import MAX_READ_AHEAD, ItemSource
 
 
@@ -201,6 +203,43 @@ def test_a_stream_whose_len_is_zero_is_still_read():
     empty = ItemSource({})  # an empty stream still ends
     empty.feed()
     assert empty.exhausted and empty.take(1) is None
+
+
+def _one_buffer(n: int):
+    buf = [0]
+    for i in range(n):
+        buf[0] = i
+        yield buf
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_stream_yielding_one_object_again_is_refused_at_the_repeat(fast):
+    """A generator that refills one buffer per item: read ahead, every buffered item was that
+    object with its last contents (a map gave [[5], [5], ...] where the loop gives 0..5)."""
+    src = ItemSource(itertools.chain(({"k": i} for i in range(40)), _one_buffer(3)))
+    src._fast = fast
+    src.set_want(100)
+    err = src.feed()
+    assert isinstance(err, BadInputError) and "yielded item 41 as the very object it yielded for item 40" in str(err)
+    start, items = src.take(100)
+    assert items[:40] == [{"k": i} for i in range(40)] and len(items) == 41  # the items before it stay
+    assert src.error is err
+
+
+def test_one_unchanged_object_repeated_or_immutable_items_are_not_refused():
+    for stream in (itertools.repeat([1], 3), (0 for _ in range(3)), (("a", 1) for _ in range(3))):
+        src = ItemSource(stream)
+        src.set_want(10)
+        assert src.feed() is None and len(src.take(10)[1]) == 3
+
+
+def test_groupby_groups_are_read_with_their_item():
+    """Advancing a groupby empties the group before it: read ahead, each group reached the workers
+    empty (a map of len(list(g)) gave 0s). Each group is taken as it is read."""
+    src = ItemSource(itertools.groupby([1, 1, 2, 3, 3, 3]))
+    src.set_want(10)
+    src.feed()
+    assert [(k, list(g)) for k, g in src.take(10)[1]] == [(1, [1, 1]), (2, [2]), (3, [3, 3, 3])]
 
 
 def test_an_iterable_raising_midway_names_the_item_and_keeps_the_items_before():

@@ -16,9 +16,10 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable
 
-from ...errors import add_note
+from ...errors import BadInputError, add_note
 
 SEQUENCES = (range, list, tuple)
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range)
 MAX_READ_AHEAD = 1 << 17  # items buffered from a stream at most
 FAST_RATE = 100_000  # items/s above which a stream is read in batches
 
@@ -47,6 +48,8 @@ class ItemSource:
     def __init__(self, iterable: Iterable):
         self.seq = iterable if type(iterable) in SEQUENCES else None
         self.it = None if self.seq is not None else iter(iterable)
+        if type(iterable) is itertools.groupby:  # each group as it is read: advancing empties it
+            self.it = ((key, iter(list(group))) for key, group in self.it)
         self.length: int | None = _length(iterable)
         self.pos = 0  # items handed out
         self.read = 0  # items read from the stream
@@ -55,6 +58,9 @@ class ItemSource:
         self.exhausted = self.length == 0 and self.seq is not None
         self.stream_done = self.seq is not None  # the iterator has ended (or failed)
         self.sample: list = []  # first items of a stream, kept for %poolsize --tune
+        # items may be one object yielded again (not ints, str, tuples ...; not itertools.repeat's, unchanged)
+        self._watch: bool | None = False if type(iterable) is itertools.repeat else None
+        self._last: Any = None  # the last item read, while _watch
         self.error: BaseException | None = None  # what the stream raised, if it did
         self._buffer: deque = deque()
         self._lock = threading.Lock()
@@ -130,6 +136,8 @@ class ItemSource:
                 if self._fast:
                     try:
                         got.extend(itertools.islice(self.it, n))  # type: ignore[arg-type]
+                        if self._watch is not False:
+                            got = self._once_each(got)
                     finally:
                         with self._lock:
                             buf.extend(got)
@@ -137,6 +145,8 @@ class ItemSource:
                 else:
                     n = min(n, 64)
                     for x in itertools.islice(self.it, n):  # type: ignore[arg-type]
+                        if self._watch is not False:
+                            self._once_each([x])
                         got.append(x)
                         buf.append(x)  # the backend may take it at once
                         self.read += 1
@@ -161,6 +171,37 @@ class ItemSource:
             if error is not None:
                 break
         return error
+
+    def _once_each(self, got: list) -> list:
+        """``got``, checked: an item must not be the object the item before it was.
+
+        A stream that fills one buffer and yields it again for each item works in a
+        loop, which calls the function before the next item is made; read ahead of
+        the workers, every buffered item is that one object, sent (or, on threads,
+        run) with its later contents. Such a stream is refused at the repeat; the
+        items before it keep their place. Streams of ints, str, tuples and the like
+        (immutable: a repeat is the same value) are not watched.
+        """
+        if self._watch is None and got:
+            self._watch = not isinstance(got[0], _IMMUTABLE)
+        if not self._watch:
+            return got
+        last = self._last
+        for k, x in enumerate(got):
+            if x is last:
+                self._last = None
+                del got[k:]  # what came before stays read
+                t = type(x)
+                kind = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+                raise BadInputError(
+                    f"the ITERABLE yielded item {self.read + k} as the very object it yielded for item "
+                    f"{self.read + k - 1} (a {kind}): items are read ahead of "
+                    f"the workers, so one object the ITERABLE changes and yields again would reach them with its "
+                    f"later contents, unlike a loop's. Yield a copy for each item (yield buf.copy()); to map one "
+                    f"unchanged object n times, map [x] * n")
+            last = x
+        self._last = last
+        return got
 
     def close(self) -> None:
         """Drop buffered items (the map ended early)."""
