@@ -233,6 +233,22 @@ def test_one_unchanged_object_repeated_or_immutable_items_are_not_refused():
         assert src.feed() is None and len(src.take(10)[1]) == 3
 
 
+def test_the_sample_kept_for_tune_is_bounded_in_bytes():
+    """A stream of big arrays: the first 2000 were kept alive with the pool's last map (the
+    sample --tune re-maps), 40 GB for 20 MB items, where a loop holds one at a time."""
+    np = pytest.importorskip("numpy")
+    src = ItemSource(np.zeros(50) for _ in range(20))  # 400 bytes each
+    src.SAMPLE_BYTES = 1000
+    src.set_want(100)
+    src.feed()
+    assert len(src.take(100)[1]) == 20
+    assert len(src.sample) == 2
+    big = ItemSource(iter([np.zeros(1000)]))  # bigger than the budget: still one, for --tune
+    big.SAMPLE_BYTES = 1000
+    big.feed()
+    assert len(big.sample) == 1
+
+
 def test_groupby_groups_are_read_with_their_item():
     """Advancing a groupby empties the group before it: read ahead, each group reached the workers
     empty (a map of len(list(g)) gave 0s). Each group is taken as it is read."""

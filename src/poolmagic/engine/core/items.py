@@ -11,6 +11,7 @@ read, and iterables tied to their thread (sqlite3) work.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -40,10 +41,26 @@ def _length(iterable: Any) -> int | None:
         return None
 
 
+def _size(x: Any) -> int:
+    """About how many bytes ``x`` holds: an array's (or a Series') ``nbytes``, a DataFrame's
+    columns (not deep: no walk of their objects), else ``sys.getsizeof`` (not deep either)."""
+    try:
+        n = getattr(x, "nbytes", None)
+        if type(n) is int:
+            return n
+        usage = getattr(x, "memory_usage", None) if type(x).__name__ == "DataFrame" else None
+        if callable(usage):
+            return int(usage(deep=False).sum())
+        return sys.getsizeof(x)
+    except Exception:  # a property that raises: count it as small
+        return 0
+
+
 class ItemSource:
     """Hands out consecutive items: ``take`` on the manager side, ``feed`` on the caller's."""
 
     SAMPLE_SIZE = 2000
+    SAMPLE_BYTES = 64 << 20  # and no more than this of them: a stream of 20 MB arrays kept 2000 alive
 
     def __init__(self, iterable: Iterable):
         self.seq = iterable if type(iterable) in SEQUENCES else None
@@ -58,6 +75,7 @@ class ItemSource:
         self.exhausted = self.length == 0 and self.seq is not None
         self.stream_done = self.seq is not None  # the iterator has ended (or failed)
         self.sample: list = []  # first items of a stream, kept for %poolsize --tune
+        self._sample_bytes = 0  # their size, as far as _size tells
         # items may be one object yielded again (not ints, str, tuples ...; not itertools.repeat's, unchanged)
         self._watch: bool | None = False if type(iterable) is itertools.repeat else None
         self._last: Any = None  # the last item read, while _watch
@@ -157,13 +175,14 @@ class ItemSource:
                 error = exc
             count = self.read - before
             self._fast = count >= 16 and count / max(time.perf_counter() - t, 1e-9) > FAST_RATE
-            if len(self.sample) < self.SAMPLE_SIZE:
-                self.sample.extend(got[: self.SAMPLE_SIZE - len(self.sample)])
+            if len(self.sample) < self.SAMPLE_SIZE and self._sample_bytes < self.SAMPLE_BYTES:
+                self._keep_sample(got)
             with self._lock:
                 if error is not None:  # set before "exhausted": a map that sees the one must see the other
                     self.error = error  # the map must end failed with it, never "done"
                 if error is not None or count < n:
                     self.stream_done = True
+                    self._last = None
                     if not buf:
                         self.exhausted = True
             if self.on_items is not None:
@@ -171,6 +190,20 @@ class ItemSource:
             if error is not None:
                 break
         return error
+
+    def _keep_sample(self, got: list) -> None:
+        """Keep the first of ``got`` for --tune, up to SAMPLE_SIZE items and SAMPLE_BYTES (at least one).
+
+        The sample lives as long as the pool remembers its last map: items of 20 MB kept
+        2000 at a time held 40 GB, where a loop over the stream holds one.
+        """
+        for x in got[: self.SAMPLE_SIZE - len(self.sample)]:
+            size = _size(x)
+            if self.sample and self._sample_bytes + size > self.SAMPLE_BYTES:
+                self._sample_bytes = self.SAMPLE_BYTES  # full: sample no more
+                return
+            self.sample.append(x)
+            self._sample_bytes += size
 
     def _once_each(self, got: list) -> list:
         """``got``, checked: an item must not be the object the item before it was.
