@@ -128,13 +128,15 @@ def test_a_module_s_bound_method_goes_by_name():
     import numpy as np
     from numpy.random import normal
 
-    ns = {"__name__": "__main__", "randint": random.randint, "normal": normal}
-    f = _cell("def f(x):\n    return randint, normal\n", ns)
+    ns = {"__name__": "__main__", "randint": random.randint, "normal": normal, "rnd": random.random}
+    f = _cell("def f(x):\n    return randint, normal, rnd\n", ns)
     payload = dump_function(f)
     loaded = pickle.loads(payload.data, buffers=payload.buffers)
-    assert loaded(0) == (random.randint, np.random.normal)
+    assert loaded(0) == (random.randint, np.random.normal, random.random)
     assert loaded(0)[0] is random.randint and loaded(0)[1] is np.random.normal
+    assert loaded(0)[2] is random.random  # a method in C (from random import random)
     own = random.Random(1)
     g = _cell("def f(x):\n    return draw\n", {"__name__": "__main__", "draw": own.random})
     copied = pickle.loads(dump_function(g).data)(0)
     assert copied is not own.random and copied() == own.random()  # a generator of the notebook's: by value
+    assert pickle.loads(dump_function(_cell("def f(x):\n    return len\n", {"__name__": "__main__"})).data)(0) is len

@@ -163,13 +163,27 @@ def _reduce_method(obj: types.MethodType) -> Any:
     return _METHOD(obj) if module is None else (getattr, (module, obj.__name__))
 
 
+def _reduce_builtin(obj: types.BuiltinMethodType) -> Any:
+    """``from random import random``: a method in C of the module's generator, by its name, as
+    ``_reduce_method`` does; any other builtin as pickle takes it (``len``: by its name)."""
+    module = module_method_home(obj)
+    return obj.__reduce_ex__(5) if module is None else (getattr, (module, obj.__name__))
+
+
 def module_method_home(obj: Any) -> types.ModuleType | None:
-    """The module that holds bound method ``obj`` under its ``__name__`` (pickled by reference), if one does."""
+    """The module that holds bound method ``obj`` under its ``__name__`` (pickled by reference), if one does.
+
+    Looked for in the method's module and in its object's class's module (a method in C has no
+    ``__module__``: ``random.random`` is found in ``random``)."""
     name = getattr(obj, "__name__", None)
-    module = sys.modules.get(getattr(obj, "__module__", None) or "")
-    if (isinstance(name, str) and module is not None and module.__name__ != "__main__"
-            and getattr(module, name, None) is obj and _by_reference(module)):
-        return module
+    owner = getattr(obj, "__self__", None)
+    if not isinstance(name, str) or owner is None or isinstance(owner, types.ModuleType):
+        return None
+    for module_name in (getattr(obj, "__module__", None), type(owner).__module__):
+        module = sys.modules.get(module_name or "")
+        if (module is not None and module.__name__ != "__main__" and getattr(module, name, None) is obj
+                and _by_reference(module)):
+            return module
     return None
 
 
@@ -183,7 +197,8 @@ class _Pickler(cloudpickle.Pickler):
     """
 
     dispatch_table = collections.ChainMap({_LRU: _reduce_lru} if _LRU is not None else {},
-                                          {types.MethodType: _reduce_method},
+                                          {types.MethodType: _reduce_method,
+                                           types.BuiltinMethodType: _reduce_builtin},
                                           cloudpickle.Pickler.dispatch_table)
 
 
@@ -391,8 +406,8 @@ def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -
 def _generator_kind(value: Any) -> str | None:
     """"a numpy.random.Generator" when ``value`` is a random generator (or a bound method of one)
     whose copy would repeat its numbers; None otherwise (SystemRandom draws from the OS)."""
-    if isinstance(value, types.MethodType) and module_method_home(value) is None:
-        value = value.__self__
+    if isinstance(value, (types.MethodType, types.BuiltinMethodType)) and module_method_home(value) is None:
+        value = value.__self__  # rng.normal, r.random: their generator (not random.random: the worker's own)
     import random
 
     npr = sys.modules.get("numpy.random")
