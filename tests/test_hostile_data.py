@@ -165,3 +165,16 @@ def test_a_generator_refilling_one_array_and_a_groupby_are_not_mapped_wrongly(ip
                     "def h3_group(kg):\n    k, g = kg\n    return k, len(list(g))\n")
     assert r.error_in_exec is None, r.error_in_exec
     assert r.result == [("a", 2), ("b", 1)]
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_fills_a_notebook_global_is_named_in_a_note(ip):
+    """``out.append(x)`` or ``memo[x] = ...`` in the function: a loop fills the notebook's list;
+    mapped, each worker filled its copy and the notebook's stayed empty, without a word (a global
+    assigned with ``global`` already had its note)."""
+    ip.run_cell("h3_out = []\n")
+    r = ip.run_cell("%%poolmap range(4)\ndef h3_fill(x):\n    h3_out.append(x)\n    return x\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert ip.user_ns["h3_out"] == []  # the loop would have [0, 1, 2, 3]
+    notes = ip.user_ns["_poolmap"].notes
+    assert any("h3_fill() changes the global 'h3_out' in place in the workers" in n for n in notes), notes

@@ -69,3 +69,20 @@ def test_a_function_that_returns_or_changes_something_else_is_not():
     assert changed_parameter(_local) is None
     assert changed_parameter(_writes) is None
     assert changed_parameter(len) is None
+
+
+def test_notebook_globals_changed_in_place_are_found():
+    import sys
+
+    from poolmagic.inplace import changed_globals
+
+    ns = {"__name__": "__main__", "out": [], "memo": {}, "cfg": type("C", (), {})(), "sys": sys}
+    exec(compile("def a(x):\n    out.append(x)\n"
+                 "def b(x):\n    memo[x] = x * 2\n    return memo[x]\n"
+                 "def c(x):\n    cfg.n = x\n    sys.path.append('x')\n"
+                 "def d(x):\n    return out[0] + len(memo)\n", "<cell>", "exec"), ns)
+    assert changed_globals(ns["a"]) == ("out",)
+    assert changed_globals(ns["b"]) == ("memo",)
+    assert changed_globals(ns["c"]) == ("cfg",)  # a module reached through is not the notebook's
+    assert changed_globals(ns["d"]) == ()
+    assert changed_globals(_append) == ()  # not a notebook function

@@ -18,7 +18,7 @@ from .engine.core.transport import OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
-from .inplace import changed_parameter
+from .inplace import changed_globals, changed_parameter
 from .report import FAILED_KEPT, RunReport
 from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, shared_generators,
                         undefined_globals, unseeded_calls)
@@ -44,6 +44,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     unwrapped = func
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
     written = assigned_globals(func) if copies else ()
+    changed_in_place = changed_globals(func) if copies else ()
     generators = shared_generators(func, o.kwargs) if copies else ()
     changed = changed_parameter(func, o.star) if copies and o.repeat is None else None
     unseeded = unseeded_calls(func) if o.seed is not None else ()
@@ -62,6 +63,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
         report.kw_keys, report.kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=payload.digests)
     if written:
         report.notes.append(_globals_note(name, written))
+    if changed_in_place:
+        report.notes.append(_globals_note(name, changed_in_place, "changes", " in place"))
     if generators:
         report.notes.append(_generators_note(name, generators))
     if unseeded:
@@ -87,11 +90,12 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     return job
 
 
-def _globals_note(name: str, written: tuple[str, ...]) -> str:
-    """What a map of a function that assigns globals changes: each worker's copy, not the notebook's."""
+def _globals_note(name: str, written: tuple[str, ...], verb: str = "assigns", how: str = "") -> str:
+    """What a map of a function that assigns globals (or changes them in place: ``out.append(x)``)
+    changes: each worker's copy, not the notebook's."""
     names = ", ".join(repr(n) for n in written)
     one = len(written) == 1
-    return (f"{name}() assigns the global{'' if one else 's'} {names} in the workers: the notebook's "
+    return (f"{name}() {verb} the global{'' if one else 's'} {names}{how} in the workers: the notebook's "
             f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
 
 
