@@ -178,3 +178,24 @@ def test_a_function_that_fills_a_notebook_global_is_named_in_a_note(ip):
     assert ip.user_ns["h3_out"] == []  # the loop would have [0, 1, 2, 3]
     notes = ip.user_ns["_poolmap"].notes
     assert any("h3_fill() changes the global 'h3_out' in place in the workers" in n for n in notes), notes
+
+
+def _reciprocal(x: float) -> float:
+    return np.float64(1.0) / x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["local", "threads"])
+def test_the_kernel_s_numpy_error_handling_holds_in_the_items(backend):
+    """``np.seterr(all='raise')`` (or ``with np.errstate(divide='raise')``) in the notebook: a loop
+    raises FloatingPointError at 1/0; workers (and threads: numpy keeps it per thread) ran with
+    numpy's default and gave inf, with a warning at most."""
+    with Pool(2, backend=backend) as pool:
+        with np.errstate(divide="raise"):
+            with pytest.raises(FloatingPointError):
+                [_reciprocal(x) for x in [1.0, 0.0]]
+            with pytest.raises(FloatingPointError):
+                pool.map(_reciprocal, [1.0, 0.0])
+        assert pool.map(_reciprocal, [2.0])[0] == 0.5
+        with np.errstate(divide="ignore"):  # back to the default: the workers follow
+            assert pool.map(_reciprocal, [0.0, 1.0]) == [np.inf, 1.0]

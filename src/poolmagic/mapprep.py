@@ -8,6 +8,7 @@ here starts a worker or reads the ITERABLE beyond a stream's first look.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
@@ -114,12 +115,30 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
     backend refuses those it cannot honour (threads: --timeout, --max-memory; a
     remote cluster: --max-memory)."""
     o = MapOptions.from_kwargs(options)
+    errstate = _numpy_errstate()
+    if errstate is not None and o.errstate is None:
+        o = o.with_(errstate=errstate)
     from_pool = frozenset()
     if o.max_memory is None and pool.max_memory is not None:
         o = o.with_(max_memory=pool.max_memory)
         from_pool = frozenset({"max_memory"})
     pool.backend.check_options(o, from_pool)
     return o
+
+
+_NUMPY_DEFAULT = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}
+
+
+def _numpy_errstate() -> tuple | None:
+    """The kernel's np.seterr state as (name, action) pairs, when numpy is loaded and it is not the default."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    try:
+        state = np.geterr()
+    except Exception:  # a numpy-like module in its place
+        return None
+    return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
 
 
 def _check_function(func: Callable, o: MapOptions) -> str:
