@@ -170,3 +170,25 @@ def test_a_kw_value_is_pickled_once_per_map_and_its_buffers_travel_as_they_are()
             assert _run(payload, 2) == 2 + 2.0
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_module_s_bound_method_goes_by_name():
+    """``from random import randint``: the worker's own ``random.randint``, not a copy of the kernel's
+    generator (which every worker drew the same numbers from, and --seed did not seed)."""
+    import random
+
+    import numpy as np
+    from numpy.random import normal
+
+    ns = {"__name__": "__main__", "randint": random.randint, "normal": normal, "rnd": random.random}
+    f = _cell("def f(x):\n    return randint, normal, rnd\n", ns)
+    payload = dump_function(f)
+    loaded = pickle.loads(payload.data, buffers=payload.buffers)
+    assert loaded(0) == (random.randint, np.random.normal, random.random)
+    assert loaded(0)[0] is random.randint and loaded(0)[1] is np.random.normal
+    assert loaded(0)[2] is random.random  # a method in C (from random import random)
+    own = random.Random(1)
+    g = _cell("def f(x):\n    return draw\n", {"__name__": "__main__", "draw": own.random})
+    copied = pickle.loads(dump_function(g).data)(0)
+    assert copied is not own.random and copied() == own.random()  # a generator of the notebook's: by value
+    assert pickle.loads(dump_function(_cell("def f(x):\n    return len\n", {"__name__": "__main__"})).data)(0) is len

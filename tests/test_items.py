@@ -5,12 +5,14 @@ stream (anything but a range, list or tuple) is only ever read by ``feed``.
 """
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 import time
 
 import pytest
 
+from poolmagic import BadInputError
 from poolmagic.engine.items import MAX_READ_AHEAD, ItemSource
 
 
@@ -185,6 +187,75 @@ def test_a_stream_of_exactly_want_items_ends_on_the_next_feed():
     src.feed()
     assert src.stream_done and src.exhausted
     assert src.take(1) is None
+
+
+def test_a_stream_whose_len_is_zero_is_still_read():
+    """A DataFrame without rows has len() 0 but yields its column names: the source was
+    exhausted at once, and the map gave [] where the loop gives one result per column."""
+    pd = pytest.importorskip("pandas")
+    src = ItemSource(pd.DataFrame({"a": [], "b": []}))
+    assert not src.exhausted
+    src.set_want(10)
+    src.feed()
+    assert src.take(10) == (0, ["a", "b"])
+    assert src.exhausted
+    assert ItemSource(pd.DataFrame({"a": range(10), "b": range(10), "c": range(10)})).length == 3
+    empty = ItemSource({})  # an empty stream still ends
+    empty.feed()
+    assert empty.exhausted and empty.take(1) is None
+
+
+def _one_buffer(n: int):
+    buf = [0]
+    for i in range(n):
+        buf[0] = i
+        yield buf
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_stream_yielding_one_object_again_is_refused_at_the_repeat(fast):
+    """A generator that refills one buffer per item: read ahead, every buffered item was that
+    object with its last contents (a map gave [[5], [5], ...] where the loop gives 0..5)."""
+    src = ItemSource(itertools.chain(({"k": i} for i in range(40)), _one_buffer(3)))
+    src._fast = fast
+    src.set_want(100)
+    err = src.feed()
+    assert isinstance(err, BadInputError) and "yielded item 41 as the very object it yielded for item 40" in str(err)
+    start, items = src.take(100)
+    assert items[:40] == [{"k": i} for i in range(40)] and len(items) == 41  # the items before it stay
+    assert src.error is err
+
+
+def test_one_unchanged_object_repeated_or_immutable_items_are_not_refused():
+    for stream in (itertools.repeat([1], 3), (0 for _ in range(3)), (("a", 1) for _ in range(3))):
+        src = ItemSource(stream)
+        src.set_want(10)
+        assert src.feed() is None and len(src.take(10)[1]) == 3
+
+
+def test_the_sample_kept_for_tune_is_bounded_in_bytes():
+    """A stream of big arrays: the first 2000 were kept alive with the pool's last map (the
+    sample --tune re-maps), 40 GB for 20 MB items, where a loop holds one at a time."""
+    np = pytest.importorskip("numpy")
+    src = ItemSource(np.zeros(50) for _ in range(20))  # 400 bytes each
+    src.SAMPLE_BYTES = 1000
+    src.set_want(100)
+    src.feed()
+    assert len(src.take(100)[1]) == 20
+    assert len(src.sample) == 2
+    big = ItemSource(iter([np.zeros(1000)]))  # bigger than the budget: still one, for --tune
+    big.SAMPLE_BYTES = 1000
+    big.feed()
+    assert len(big.sample) == 1
+
+
+def test_groupby_groups_are_read_with_their_item():
+    """Advancing a groupby empties the group before it: read ahead, each group reached the workers
+    empty (a map of len(list(g)) gave 0s). Each group is taken as it is read."""
+    src = ItemSource(itertools.groupby([1, 1, 2, 3, 3, 3]))
+    src.set_want(10)
+    src.feed()
+    assert [(k, list(g)) for k, g in src.take(10)[1]] == [(1, [1, 1]), (2, [2]), (3, [3, 3, 3])]
 
 
 def test_an_iterable_raising_midway_names_the_item_and_keeps_the_items_before():

@@ -61,3 +61,15 @@ def test_keys_made_in_the_kernel_see_in_place_changes_and_reuse_the_payloads_dig
     assert value_key(a, stable=False) != here
     assert kw_keys({"a": a}, like=keys)["a"].startswith("k")  # made as the recorded ones were
     assert not kw_keys({"a": a}, like={"a": "i00"})["a"].startswith("k")
+
+
+def test_a_module_s_bound_method_is_keyed_by_name_not_by_its_generator_s_state():
+    """``from random import randint``: the notebook drawing a number is not 'a changed function'."""
+    import random
+
+    ns = {"__name__": "__main__", "randint": random.randint}
+    exec(compile("def f(x):\n    return randint(0, x)\n", "<ipython-input-1-abc>", "exec"), ns)
+    for stable in (True, False):
+        before = code_key(ns["f"], stable)
+        random.random()
+        assert code_key(ns["f"], stable) == before

@@ -73,9 +73,14 @@ def check_plain_function(func: Callable, name: str) -> None:
 
 
 def _first_not_sequence(items: Iterable) -> tuple[int, Any] | None:
+    """The first item ``f(*item)`` cannot unpack: what ``iter()`` refuses. A numpy record
+    (``np.void``) has no ``__iter__`` but iterates by index, as the loop's ``f(*row)`` does."""
     for i, x in enumerate(items):
         if not hasattr(x, "__iter__"):
-            return i, x
+            try:
+                iter(x)
+            except TypeError:
+                return i, x
     return None
 
 

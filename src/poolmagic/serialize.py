@@ -155,13 +155,35 @@ def _reduce_lru(obj: Any) -> Any:
 _CLOUD_OVERRIDE = cloudpickle.Pickler.reducer_override
 
 
+def module_method_home(obj: Any) -> types.ModuleType | None:
+    """The module that holds bound method ``obj`` under its ``__name__`` (pickled by reference), if one does.
+
+    Looked for in the method's module and in its object's class's module (a method in C has no
+    ``__module__``: ``random.random`` is found in ``random``)."""
+    name = getattr(obj, "__name__", None)
+    owner = getattr(obj, "__self__", None)
+    if not isinstance(name, str) or owner is None or isinstance(owner, types.ModuleType):
+        return None
+    for module_name in (getattr(obj, "__module__", None), type(owner).__module__):
+        module = sys.modules.get(module_name or "")
+        if (module is not None and module.__name__ != "__main__" and getattr(module, name, None) is obj
+                and _by_reference(module)):
+            return module
+    return None
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, ``@functools.lru_cache``/``@cache`` functions of a notebook by value, and
     values pickled already put in as they are.
 
     pickle takes an lru_cache wrapper by its name, ``__main__.f``, which no worker
     has; such a wrapper is rebuilt around its function (pickled by value), with an
-    empty cache of the same size. Both are checked in the one hook cloudpickle has
+    empty cache of the same size. A bound method a module holds by name
+    (``random.randint``, ``numpy.random.normal``: methods of the module's hidden
+    generator) goes by that name, so the worker calls its own: by value,
+    ``from random import randint`` shipped a copy of the kernel's generator, every
+    worker drew the same numbers, and ``--seed`` (which seeds the worker's) did not
+    reach them (``module_method_home``). All are checked in the one hook cloudpickle has
     the pickler call for every object (a ChainMap dispatch table over cloudpickle's
     own made pickling 200,000 dataclass instances 1.36× slower; this, 1.1×).
     """
@@ -177,8 +199,13 @@ class _Pickler(cloudpickle.Pickler):
                 # (its PickleBuffers as they are: a buffer of a view of a buffer, freed by the cycle
                 # collector, can be cleared before the one that exports from it, and crash)
                 return functools.partial(pickle.loads, buffers=pre[3]), (pickle.PickleBuffer(pre[1]),)
-        if type(obj) is _LRU:
+        t = type(obj)
+        if t is _LRU:
             return _reduce_lru(obj)
+        if t is types.MethodType or t is types.BuiltinMethodType:
+            module = module_method_home(obj)
+            if module is not None:
+                return getattr, (module, obj.__name__)
         return _CLOUD_OVERRIDE(self, obj)
 
 
@@ -306,6 +333,48 @@ def _code_stored_globals(code: types.CodeType) -> tuple[str, ...]:
     return tuple(stored)
 
 
+_UNSEEDED = frozenset({"default_rng", "RandomState", "Random", "PCG64", "PCG64DXSM", "MT19937", "Philox",
+                       "SFC64", "SeedSequence", "seed"})
+_BETWEEN = frozenset({"CACHE", "PRECALL", "PUSH_NULL", "EXTENDED_ARG"})
+_CALLS = frozenset({"CALL", "CALL_FUNCTION", "CALL_METHOD"})
+
+
+def unseeded_calls(func: Any, _seen: set | None = None) -> tuple[str, ...]:
+    """Generators made (or streams reseeded) without a seed in ``func`` or the notebook helpers it
+    calls: ``default_rng()``, ``random.Random()``, ``np.random.seed()``. Their numbers come from fresh
+    entropy, which ``--seed`` does not reach: another run, other numbers."""
+    seen = _seen if _seen is not None else set()
+    while isinstance(func, functools.partial) or hasattr(func, "__func__"):
+        func = func.func if isinstance(func, functools.partial) else func.__func__
+    if not isinstance(func, types.FunctionType) or id(func) in seen:
+        return ()
+    seen.add(id(func))
+    found = dict.fromkeys(_code_unseeded(func.__code__))
+    g = func.__globals__
+    for name in global_names(func):
+        value = g.get(name)
+        if isinstance(value, types.FunctionType) and value.__globals__ is g:
+            found.update(dict.fromkeys(unseeded_calls(value, seen)))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=512)
+def _code_unseeded(code: types.CodeType) -> tuple[str, ...]:
+    found: dict[str, None] = {}
+    for co in _code_objects(code):
+        pending = None  # a generator's name just loaded: is it called with no argument?
+        for ins in dis.get_instructions(co):
+            if ins.opname in _BETWEEN:
+                continue
+            if pending is not None and ins.opname in _CALLS and ins.arg == 0:
+                found.setdefault(pending, None)
+            pending = None
+            if ins.opname.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF")) \
+                    and ins.argval in _UNSEEDED:
+                pending = ins.argval
+    return tuple(found)
+
+
 def _captured(func: Any) -> Iterator[tuple[str, Any]]:
     """(description, value) of everything cloudpickle must pickle along with ``func``."""
     if isinstance(func, functools.partial):
@@ -334,6 +403,50 @@ def _captured(func: Any) -> Iterator[tuple[str, Any]]:
         yield f"default argument {i}", d
     for k, d in (func.__kwdefaults__ or {}).items():
         yield f"default argument {k!r}", d
+
+
+def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -> list[str]:
+    """The random generators of the notebook that are pickled with ``func`` (read by it or by a
+    helper it calls, a closure, a default, a partial's argument), as "the global 'rng', a
+    numpy.random.Generator". Each worker gets a copy of such a generator as it is when the map
+    starts: the workers draw the same numbers, where a loop draws on from the one stream. ``kwargs``:
+    the map's --kw values, which go with it too. A method
+    a module holds by name (``random.randint``) is not one: it goes by name (``module_method_home``)."""
+    found = [f"the --kw value {k!r}, {kind}" for k, v in (kwargs or {}).items()
+             if (kind := _generator_kind(v)) is not None]
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [("", func)]
+    while todo and len(seen) < limit:
+        who, f = todo.pop()
+        if id(f) in seen or _found_by_name(f):  # a library's function goes by name, with nothing of ours
+            continue
+        seen.add(id(f))
+        for where, value in _captured(f):
+            kind = _generator_kind(value)
+            if kind is not None:
+                found.append(f"the {where}{who}, {kind}")
+            elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+                inner = value.func if isinstance(value, functools.partial) else value
+                todo.append((f" (of {callable_name(inner)}())" if where.startswith("global") else who, value))
+    return found
+
+
+def _generator_kind(value: Any) -> str | None:
+    """"a numpy.random.Generator" when ``value`` is a random generator (or a bound method of one)
+    whose copy would repeat its numbers; None otherwise (SystemRandom draws from the OS)."""
+    if isinstance(value, (types.MethodType, types.BuiltinMethodType)) and module_method_home(value) is None:
+        value = value.__self__  # rng.normal, r.random: their generator (not random.random: the worker's own)
+    import random
+
+    npr = sys.modules.get("numpy.random")
+    if isinstance(value, random.Random):
+        if isinstance(value, random.SystemRandom):
+            return None
+    elif npr is None or not isinstance(value, (npr.Generator, npr.RandomState, npr.BitGenerator)):
+        return None
+    t = type(value)
+    module = "numpy.random" if t.__module__.startswith("numpy.random") else t.__module__
+    return f"a {module}.{t.__qualname__}"
 
 
 def explain_unpicklable(func: Callable, exc: BaseException, _depth: int = 0) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .serialize import buffer_digest, dumps, global_names
+from .serialize import buffer_digest, dumps, global_names, module_method_home
 
 
 def code_key(func: Callable, stable: bool = True, _seen: set | None = None,
@@ -60,6 +60,8 @@ def _global_key(value: Any, stable: bool, seen: set, digests: dict | None) -> st
         return f"f:{code_key(value, stable, seen, digests)}"
     if isinstance(value, types.ModuleType):
         return f"m:{value.__name__}"
+    if isinstance(value, types.MethodType) and module_method_home(value) is not None:
+        return f"t:{value.__module__}.{value.__name__}"  # random.randint: by name, as the workers get it
     if isinstance(value, type) or (callable(value) and not hasattr(value, "__dict__")):
         return f"t:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
     try:

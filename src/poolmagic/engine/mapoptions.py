@@ -50,6 +50,9 @@ class MapOptions:
                               help="run an item that raised, crashed or timed out up to N more times")
     retry_on: tuple | None = opt(None, "--retry-on", metavar="EXC[,EXC]", kind="exceptions",
                                  help="with --retries N: retry only these exception types (e.g. ConnectionError)")
+    errstate: tuple | None = opt(None, help="numpy's floating-point error handling while the items run, as "
+                                            "(name, action) pairs of np.seterr: the kernel's when it is not "
+                                            "numpy's default (np.seterr(all='raise') makes 1/0 raise in a loop)")
 
     def __post_init__(self) -> None:
         if isinstance(self.retry_on, type):  # one class: a tuple of one
@@ -113,6 +116,10 @@ def _check(name: str, value: Any, annotation: str) -> None:
         )
         if not ok:
             raise BadInputError(f"retry_on must be a tuple of exception classes, not {value!r}")
+        return
+    if name == "errstate":
+        if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value)):
+            raise BadInputError(f"errstate must be (name, action) pairs as np.seterr takes them, not {value!r}")
         return
     if name == "checkpoint":
         if not isinstance(value, (str, os.PathLike)):

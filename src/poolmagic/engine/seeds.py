@@ -166,15 +166,19 @@ def restore_streams(saved: tuple) -> None:
 
 
 def fresh() -> None:
-    """Fresh OS entropy for ``random`` and numpy's global generator (after a seeded chunk).
+    """Fresh OS entropy for ``random`` and numpy's global generator (after a seeded chunk,
+    and when a worker starts).
 
     A worker would otherwise stay on the last seeded item's streams, and an
     unseeded map after a seeded one would draw the same numbers in every session.
+    A worker forked from a server that imported ``numpy.random`` (pandas does)
+    would start on the server's one state: every worker drew the same numbers.
+    ``numpy.random`` not yet imported is left alone: its import seeds it afresh.
     """
     random.seed()
-    np = sys.modules.get("numpy")
-    if np is not None:
-        np.random.seed()
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed()
 
 
 def clear() -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import queue
-import random
 import select
 import signal
 import sys
@@ -54,6 +53,7 @@ from .core.chunkstart import NOT_SENT, FunctionCache, Pickled, StageFailed, map_
 from .core.childprocess import die_with_parent, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
+from . import seeds
 from .context import ContextApplier, ProcessState, watch_calls
 from .warm import WARM_MODULES
 
@@ -338,7 +338,7 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
-    random.seed()  # fresh OS entropy: no two workers share a random state
+    seeds.fresh()  # fresh OS entropy: no two workers share a random or np.random state
     Worker(conn, slot).serve(warm)
 
 

@@ -11,35 +11,74 @@ read, and iterables tied to their thread (sqlite3) work.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import deque
 from typing import Any, Callable, Iterable
 
-from ...errors import add_note
+from ...errors import BadInputError, add_note
 
 SEQUENCES = (range, list, tuple)
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range)
 MAX_READ_AHEAD = 1 << 17  # items buffered from a stream at most
 FAST_RATE = 100_000  # items/s above which a stream is read in batches
+
+
+def _length(iterable: Any) -> int | None:
+    """How many items iterating ``iterable`` gives, as far as len() says (None: it does not).
+
+    A DataFrame's len() is its rows, but iterating it gives its column names (pandas,
+    polars, modin, dask alike): a map over 3 columns of a 10-row frame that failed
+    early read "3/10 items", kept 10 places, and --resume refused "the ITERABLE now
+    has 3 items". A stream's len() stays a hint (Results.count: what it yields counts).
+    """
+    try:
+        if type(iterable).__name__ == "DataFrame" and hasattr(iterable, "columns"):
+            return len(iterable.columns)
+        return len(iterable)
+    except TypeError:
+        return None
+
+
+def _size(x: Any) -> int:
+    """About how many bytes ``x`` holds: an array's (or a Series') ``nbytes``, a DataFrame's
+    columns (not deep: no walk of their objects), else ``sys.getsizeof`` (not deep either)."""
+    try:
+        n = getattr(x, "nbytes", None)
+        if type(n) is int:
+            return n
+        usage = getattr(x, "memory_usage", None) if type(x).__name__ == "DataFrame" else None
+        if callable(usage):
+            return int(usage(deep=False).sum())
+        return sys.getsizeof(x)
+    except Exception:  # a property that raises: count it as small
+        return 0
 
 
 class ItemSource:
     """Hands out consecutive items: ``take`` on the manager side, ``feed`` on the caller's."""
 
     SAMPLE_SIZE = 2000
+    SAMPLE_BYTES = 64 << 20  # and no more than this of them: a stream of 20 MB arrays kept 2000 alive
 
     def __init__(self, iterable: Iterable):
         self.seq = iterable if type(iterable) in SEQUENCES else None
         self.it = None if self.seq is not None else iter(iterable)
-        try:
-            self.length: int | None = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            self.length = None
+        if type(iterable) is itertools.groupby:  # each group as it is read: advancing empties it
+            self.it = ((key, iter(list(group))) for key, group in self.it)
+        self.length: int | None = _length(iterable)
         self.pos = 0  # items handed out
         self.read = 0  # items read from the stream
-        self.exhausted = self.length == 0  # nothing more will ever be handed out
+        # nothing more will ever be handed out (a stream's len() is only a hint: a DataFrame's
+        # is its rows, and one without rows still yields its columns)
+        self.exhausted = self.length == 0 and self.seq is not None
         self.stream_done = self.seq is not None  # the iterator has ended (or failed)
         self.sample: list = []  # first items of a stream, kept for %poolsize --tune
+        self._sample_bytes = 0  # their size, as far as _size tells
+        # items may be one object yielded again (not ints, str, tuples ...; not itertools.repeat's, unchanged)
+        self._watch: bool | None = False if type(iterable) is itertools.repeat else None
+        self._last: Any = None  # the last item read, while _watch
         self.error: BaseException | None = None  # what the stream raised, if it did
         self._buffer: deque = deque()
         self._lock = threading.Lock()
@@ -115,6 +154,8 @@ class ItemSource:
                 if self._fast:
                     try:
                         got.extend(itertools.islice(self.it, n))  # type: ignore[arg-type]
+                        if self._watch is not False:
+                            got = self._once_each(got)
                     finally:
                         with self._lock:
                             buf.extend(got)
@@ -122,6 +163,8 @@ class ItemSource:
                 else:
                     n = min(n, 64)
                     for x in itertools.islice(self.it, n):  # type: ignore[arg-type]
+                        if self._watch is not False:
+                            self._once_each([x])
                         got.append(x)
                         buf.append(x)  # the backend may take it at once
                         self.read += 1
@@ -132,13 +175,14 @@ class ItemSource:
                 error = exc
             count = self.read - before
             self._fast = count >= 16 and count / max(time.perf_counter() - t, 1e-9) > FAST_RATE
-            if len(self.sample) < self.SAMPLE_SIZE:
-                self.sample.extend(got[: self.SAMPLE_SIZE - len(self.sample)])
+            if len(self.sample) < self.SAMPLE_SIZE and self._sample_bytes < self.SAMPLE_BYTES:
+                self._keep_sample(got)
             with self._lock:
                 if error is not None:  # set before "exhausted": a map that sees the one must see the other
                     self.error = error  # the map must end failed with it, never "done"
                 if error is not None or count < n:
                     self.stream_done = True
+                    self._last = None
                     if not buf:
                         self.exhausted = True
             if self.on_items is not None:
@@ -146,6 +190,51 @@ class ItemSource:
             if error is not None:
                 break
         return error
+
+    def _keep_sample(self, got: list) -> None:
+        """Keep the first of ``got`` for --tune, up to SAMPLE_SIZE items and SAMPLE_BYTES (at least one).
+
+        The sample lives as long as the pool remembers its last map: items of 20 MB kept
+        2000 at a time held 40 GB, where a loop over the stream holds one.
+        """
+        for x in got[: self.SAMPLE_SIZE - len(self.sample)]:
+            size = _size(x)
+            if self.sample and self._sample_bytes + size > self.SAMPLE_BYTES:
+                self._sample_bytes = self.SAMPLE_BYTES  # full: sample no more
+                return
+            self.sample.append(x)
+            self._sample_bytes += size
+
+    def _once_each(self, got: list) -> list:
+        """``got``, checked: an item must not be the object the item before it was.
+
+        A stream that fills one buffer and yields it again for each item works in a
+        loop, which calls the function before the next item is made; read ahead of
+        the workers, every buffered item is that one object, sent (or, on threads,
+        run) with its later contents. Such a stream is refused at the repeat; the
+        items before it keep their place. Streams of ints, str, tuples and the like
+        (immutable: a repeat is the same value) are not watched.
+        """
+        if self._watch is None and got:
+            self._watch = not isinstance(got[0], _IMMUTABLE)
+        if not self._watch:
+            return got
+        last = self._last
+        for k, x in enumerate(got):
+            if x is last:
+                self._last = None
+                del got[k:]  # what came before stays read
+                t = type(x)
+                kind = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+                raise BadInputError(
+                    f"the ITERABLE yielded item {self.read + k} as the very object it yielded for item "
+                    f"{self.read + k - 1} (a {kind}): items are read ahead of "
+                    f"the workers, so one object the ITERABLE changes and yields again would reach them with its "
+                    f"later contents, unlike a loop's. Yield a copy for each item (yield buf.copy()); to map one "
+                    f"unchanged object n times, map [x] * n")
+            last = x
+        self._last = last
+        return got
 
     def close(self) -> None:
         """Drop buffered items (the map ended early)."""

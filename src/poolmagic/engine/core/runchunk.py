@@ -12,6 +12,7 @@ runnable, for a CPU (Linux): the map's card compares them with its wall time.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -66,16 +67,30 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     # tiny-item map a quarter of the chunks "waited" all their time while using as much CPU (the
     # waits read at t0..t1 were 23 % less), and the card read that much too little work.
     marks: list = []
-    out, t0, t1, times, records, errors = _run_items(
-        fn, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
-        progress=progress, indices=indices, redirect=redirect,
-        meter=lambda: marks.append((runqueue_wait(), clock(), thread_faults())),
-    )
+    with _errstate(options.errstate):
+        out, t0, t1, times, records, errors = _run_items(
+            fn, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
+            progress=progress, indices=indices, redirect=redirect,
+            meter=lambda: marks.append((runqueue_wait(), clock(), thread_faults())),
+        )
     (wait0, cpu0, faults0), (wait1, cpu1, faults1) = marks
     cpu = cpu1 - cpu0
     waited = None if wait0 is None or wait1 is None else min((wait1 - wait0) / 1e9, t1 - t0)
     faults = None if faults0 is None or faults1 is None else faults1 - faults0
     return ChunkRun(out, t0, t1, times, records, errors, cpu, waited, faults)
+
+
+def _errstate(pairs: tuple | None) -> Any:
+    """numpy's error handling as the kernel had it (``MapOptions.errstate``), for the chunk only.
+
+    A worker (and a thread: numpy keeps it per thread) starts with numpy's default, so a
+    kernel's ``np.seterr(all='raise')`` made 1/0 raise in a loop and give inf in a map.
+    """
+    if pairs is None:
+        return contextlib.nullcontext()
+    import numpy as np  # the kernel has it, so the workers were started with it
+
+    return np.errstate(**dict(pairs))
 
 
 try:
