@@ -12,7 +12,8 @@ from poolmagic import cores
 from poolmagic.errors import SerializationError
 from poolmagic.options import POOLMAP_OPTIONS, parse
 from poolmagic.report import NOT_DONE, ChunkRecord, RunReport
-from poolmagic.serialize import dump_function, explain_unpicklable, undefined_globals
+from poolmagic.captures import explain_unpicklable, undefined_globals
+from poolmagic.serialize import dump_function
 
 
 def test_parse_keeps_the_expression_whole():

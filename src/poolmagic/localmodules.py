@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from .errors import BadInputError
-from .serialize import closure_values, global_names, walk
+from .captures import closure_values, global_names, walk
 
 #: the source a map may send by value, all local modules together
 MAX_SOURCE_BYTES = 16 * 2**20

@@ -21,8 +21,8 @@ from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .inplace import changed_globals, changed_parameter
 from .report import FAILED_KEPT, RunReport
-from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, shared_generators,
-                        undefined_globals, unseeded_calls)
+from .captures import assigned_globals, shared_generators, undefined_globals, unseeded_calls
+from .serialize import Payload, callable_name, describe, dump_function
 
 if TYPE_CHECKING:
     from .api import Pool

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .serialize import buffer_digest, dumps, global_names, module_method_home
+from .captures import global_names
+from .serialize import buffer_digest, dumps, module_method_home
 
 
 def code_key(func: Callable, stable: bool = True, _seen: set | None = None,

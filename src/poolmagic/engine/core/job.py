@@ -105,7 +105,7 @@ class Job:
     def filename_of(self, name: str, firstlineno: int) -> str | None:
         """Where the mapped function's code named ``name`` lives (for tracebacks)."""
         if self._filenames is None:
-            from ...serialize import code_filenames
+            from ...captures import code_filenames
 
             self._filenames = code_filenames(self.func) if self.func is not None else {}
         return self._filenames.get((name, firstlineno))
