@@ -59,6 +59,8 @@ class Outcomes:
             if p.inflight and p.inflight[0].seq == msg.seq:
                 head = p.inflight[0]
                 head.job.progress(head.start, msg.done)
+                if head.job.options.timeout is not None:
+                    p.began(msg.seq)  # the next item began: its timeout counts from now
         elif kind is P.ChunkFailed:
             self._on_chunk_failed(p, msg)
         elif kind is P.WorkerFailed:
@@ -199,10 +201,16 @@ class Outcomes:
 
     @staticmethod
     def deadline(p: WorkerHandle) -> float:
-        """When the head chunk's timeout expires. Until the worker says it began
-        (start-up, imports, loading a big function), a grace period applies."""
+        """When the running item's timeout expires. Until the worker says the chunk
+        began (start-up, imports, loading a big function), a grace period applies.
+
+        The clock restarts at each report of a chunk of several items (a report is
+        checked for before each item, sent once ``progress_every`` passed since the
+        last): the item running began at most that long after the last report, so
+        none fails before it ran the timeout, and a hung one fails within that much after."""
         head = p.inflight[0]
-        limit = head.job.options.timeout * len(head.items)
+        t = head.job.options.timeout
+        limit = t + (P.progress_every(t) if len(head.items) > 1 else 0.0)
         return p.head_started + limit + (0.0 if p.head_begun else START_GRACE_S)
 
     def abandon(self, job: Job) -> None:
