@@ -18,7 +18,7 @@ import pytest
 from conftest import runs, wait_for
 
 from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool
-from poolmagic.errors import ItemTimeoutError, WorkerCrashedError
+from poolmagic.errors import ItemPicklingError, ItemTimeoutError, WorkerCrashedError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -155,6 +155,36 @@ def test_a_timeout_without_keep_going_names_the_item_that_hung(backend, tmp_path
     r = info.value.poolmap_report
     assert list(r.errors) == [2]
     assert r.results[:2] == [0, 10]
+
+
+def _refuse_to_load():
+    raise RuntimeError("this result cannot be rebuilt here")
+
+
+class LoadsOnlyInTheWorker:
+    """Pickles in the worker; unpickling it in the kernel raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def unloadable_at_2(x):
+    return LoadsOnlyInTheWorker() if x == 2 else 10 * x
+
+
+def test_a_result_the_kernel_cannot_unpickle_fails_only_its_item(backend):
+    """Chunks of 4 (their results one pickle): items 0, 1, 3 failed with item 2's
+    ItemPicklingError ("5 of 8 items failed"), and without --keep-going all 8 of a chunk of 8."""
+    backend.need("own-process")
+    with pytest.raises(MapFailedError) as info:
+        backend.run(unloadable_at_2, range(8), chunksize=4, keep_going=True)
+    r = info.value.poolmap_report
+    assert list(r.errors) == [2] and isinstance(r.errors[2], ItemPicklingError), r.errors
+    assert r.results == [NOT_DONE if x == 2 else 10 * x for x in range(8)]
+    assert (r.done, r.failed, r.retried) == (7, 1, 0)
+    with pytest.raises(ItemPicklingError, match="item 2") as info:
+        backend.run(unloadable_at_2, range(8), chunksize=8)
+    assert list(info.value.poolmap_report.errors) == [2]
 
 
 # ---------------------------------------------------------------- 4. output order

@@ -22,7 +22,6 @@ from typing import Any
 from distributed.comm import CommClosedError
 
 from ...errors import (
-    ItemPicklingError,
     ItemTimeoutError,
     PoolmapError,
     WorkerCrashedError,
@@ -111,8 +110,7 @@ class Outcomes:
         try:
             out, records, errs = pickle.loads(body, buffers=frames)
         except Exception as exc:
-            err = ItemPicklingError(f"the results of {c.describe()} could not be unpickled in the kernel: {exc}")
-            job.items_failed(c.indices, err, c.items, c.start)
+            self.policy.results_undecodable(c, exc)
             return
         if not self.owned:  # another machine's clock: place the chunk at its arrival here
             now = time.perf_counter()

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 
 from ...errors import (
-    ItemPicklingError,
     ItemTimeoutError,
     WorkerCrashedError,
     WorkerMemoryError,
@@ -84,8 +83,7 @@ class Outcomes:
         try:
             out, records, errs = p.results(msg, frames)
         except Exception as exc:
-            err = ItemPicklingError(f"the results of {chunk.describe()} could not be unpickled in the kernel: {exc}")
-            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
+            self.policy.results_undecodable(chunk, exc)
         else:
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
             rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid,
