@@ -72,6 +72,35 @@ def test_keyboard_interrupt_in_an_item_becomes_item_exit_error():
     assert isinstance(job.error, MapFailedError)
 
 
+def test_an_attempt_that_exited_is_kept_as_item_exit_error_too():
+    """--retries: item 1 called sys.exit() on its first attempt (and KeyboardInterrupt on its
+    second): report.attempts kept the raw SystemExit and KeyboardInterrupt beside the final
+    ItemExitError, so re-raising an attempt's error ended the script or read as Ctrl-C."""
+    tries = []
+
+    def f(x):
+        if x == 1 and len(tries) < 2:
+            tries.append(x)
+            raise SystemExit(4) if len(tries) == 1 else KeyboardInterrupt
+        return x
+
+    job = make_job(range(3), f, retries=2)
+    run_all(job, 1)
+    assert job.report.results == [0, 1, 2]
+    kept = job.report.attempts[1]
+    assert [type(e) for e in kept] == [ItemExitError, ItemExitError], kept
+    assert isinstance(kept[0].__cause__, SystemExit) and isinstance(kept[1].__cause__, KeyboardInterrupt)
+
+    def g(x):
+        if x == 1:
+            raise SystemExit(5)
+        return x
+
+    job = make_job(range(3), g, retries=1, keep_going=True)
+    run_all(job, 1)
+    assert [type(e) for e in job.report.attempts[1]] == [ItemExitError, ItemExitError]
+
+
 def test_a_type_error_on_a_tuple_item_hints_at_star():
     job = make_job([(1, 2), (3, 4)], add)
     run_all(job)
