@@ -244,7 +244,7 @@ class Outcomes:
             tail = "Items that finished are kept."
         said = f"dask worker {self.state.slot(address)} ({where}) {what} while running {c.describe()}"
         self.policy.worker_lost(c, WorkerCrashedError, said,
-                                lambda: WorkerCrashedError(f"{said}. {tail}", c.indices, code),
+                                lambda: WorkerCrashedError(f"{said}. {tail}", c.item_indices(), code),
                                 worker=self.state.slot(address))
 
     # ------------------------------------------------------------------ timeouts, cancel
@@ -280,7 +280,7 @@ class Outcomes:
             self.policy.worker_lost(
                 c, ItemTimeoutError, f"{c.describe()} ran longer than the {t:g} s timeout per item",
                 lambda c=c, t=t, what=what: ItemTimeoutError(
-                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.start, t),
+                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.item_indices()[0], t),
                 worker=self.state.slot(c.worker))
 
     def _stop_running(self, c: DaskChunk) -> None:

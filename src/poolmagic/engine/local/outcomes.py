@@ -138,7 +138,7 @@ class Outcomes:
 
         def error() -> BaseException:
             exc = WorkerCrashedError(f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
-                                     f"The worker was replaced; items that finished are kept.", head.indices, code)
+                                     f"The worker was replaced; items that finished are kept.", head.item_indices(), code)
             exc.__cause__ = failure
             return exc
 
@@ -164,7 +164,7 @@ class Outcomes:
             self.policy.worker_lost(
                 head, ItemTimeoutError, f"{head.describe()} ran longer than the {t:g} s timeout per item",
                 lambda head=head, t=t: ItemTimeoutError(f"{head.describe()} ran longer than the {t:g} s timeout; "
-                                                        f"its worker was killed and replaced.", head.start, t),
+                                                        f"its worker was killed and replaced.", head.item_indices()[0], t),
                 worker=p.slot)
 
     def next_deadline(self) -> float | None:
@@ -195,7 +195,7 @@ class Outcomes:
                 head, WorkerMemoryError, what,
                 lambda head=head, what=what, size=size: WorkerMemoryError(
                     f"{what}. The worker was replaced; items that finished are kept.",
-                    head.indices, size, head.job.options.max_memory), worker=p.slot)
+                    head.item_indices(), size, head.job.options.max_memory), worker=p.slot)
 
     @staticmethod
     def deadline(p: WorkerHandle) -> float:
