@@ -187,6 +187,35 @@ def test_a_result_the_kernel_cannot_unpickle_fails_only_its_item(backend):
     assert list(info.value.poolmap_report.errors) == [2]
 
 
+def slow_first(x):
+    """Item 0 runs 3 s, then returns; the others return at once."""
+    if x == 0:
+        time.sleep(3)
+    return x
+
+
+def test_a_timeout_bounds_each_item_of_a_chunk_of_several(backend):
+    """--timeout 1 with chunks of 4: item 0 ran 3 s and came back as a result, where the same
+    map in chunks of 1 failed it (a chunk had a budget of 4 s for its 4 items)."""
+    backend.need("kill-on-timeout")
+    with pytest.raises(ItemTimeoutError) as info:
+        backend.run(slow_first, range(8), chunksize=4, timeout=1)
+    r = info.value.poolmap_report
+    assert list(r.errors) == [0] and r.errors[0].index == 0
+    assert r.results[0] is NOT_DONE
+
+
+def naps(x):
+    time.sleep(0.3)
+    return x
+
+
+def test_a_timeout_fails_no_item_of_a_chunk_that_ran_within_it(backend):
+    """Each item 0.3 s under --timeout 1, in chunks of 5 (1.5 s a chunk): none times out."""
+    backend.need("kill-on-timeout")
+    assert backend.run(naps, range(10), chunksize=5, timeout=1).results == list(range(10))
+
+
 # ---------------------------------------------------------------- 4. output order
 
 

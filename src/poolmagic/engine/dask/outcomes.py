@@ -29,6 +29,7 @@ from ...errors import (
     exit_description,
     rebuild_exception,
 )
+from .. import protocol as P
 from . import forkserver
 from .plumbing import EXITS, kill_worker
 from ..core.events import ChunkRecord
@@ -155,6 +156,8 @@ class Outcomes:
         if c is None:
             return
         c.began = time.perf_counter()
+        if "done" in msg:  # the chunk's next item began (--timeout): its clock starts now
+            return
         c.pid = msg.get("pid")
         if c.pid:
             self.state.workers[c.worker] = c.pid
@@ -253,7 +256,9 @@ class Outcomes:
         t = c.job.options.timeout
         if t is None or c.began is None:
             return None  # the clock starts when the task says it runs
-        return c.began + t * len(c.items)
+        # and again when it says it moved on, at most progress_every(t) after an item began
+        # (local/outcomes.py: deadline)
+        return c.began + t + (P.progress_every(t) if len(c.items) > 1 else 0.0)
 
     def next_deadline(self) -> float | None:
         best = min((k[0] for k in self.state.kills), default=None)
