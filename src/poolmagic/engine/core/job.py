@@ -323,6 +323,8 @@ class Job:
                     self._close("done")
 
     def _close(self, status: str) -> None:
+        src = self.source
+        self.report.unread = src.is_stream and (not src.exhausted or src.error is not None)
         self.results.close(status, self.error, self.retry.isolated, self.source.pos)
         self.source.close()
         self.finished.set()
