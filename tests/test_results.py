@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from job_helpers import add, has_failure_note, item_named, make_job, notes, run_all, square, take
+from job_helpers import add, answer, has_failure_note, item_named, make_job, notes, run_all, square, take
 from poolmagic.errors import ItemExitError, MapFailedError
 
 
@@ -72,6 +72,35 @@ def test_keyboard_interrupt_in_an_item_becomes_item_exit_error():
     assert isinstance(job.error, MapFailedError)
 
 
+def test_an_attempt_that_exited_is_kept_as_item_exit_error_too():
+    """--retries: item 1 called sys.exit() on its first attempt (and KeyboardInterrupt on its
+    second): report.attempts kept the raw SystemExit and KeyboardInterrupt beside the final
+    ItemExitError, so re-raising an attempt's error ended the script or read as Ctrl-C."""
+    tries = []
+
+    def f(x):
+        if x == 1 and len(tries) < 2:
+            tries.append(x)
+            raise SystemExit(4) if len(tries) == 1 else KeyboardInterrupt
+        return x
+
+    job = make_job(range(3), f, retries=2)
+    run_all(job, 1)
+    assert job.report.results == [0, 1, 2]
+    kept = job.report.attempts[1]
+    assert [type(e) for e in kept] == [ItemExitError, ItemExitError], kept
+    assert isinstance(kept[0].__cause__, SystemExit) and isinstance(kept[1].__cause__, KeyboardInterrupt)
+
+    def g(x):
+        if x == 1:
+            raise SystemExit(5)
+        return x
+
+    job = make_job(range(3), g, retries=1, keep_going=True)
+    run_all(job, 1)
+    assert [type(e) for e in job.report.attempts[1]] == [ItemExitError, ItemExitError]
+
+
 def test_a_type_error_on_a_tuple_item_hints_at_star():
     job = make_job([(1, 2), (3, 4)], add)
     run_all(job)
@@ -114,3 +143,25 @@ def test_an_error_is_noted_once():
     job.items_failed([0, 1, 2, 3], exc, a[1], a[0])
     assert len([n for n in notes(exc) if n.startswith("poolmagic: item")]) == 1
 
+
+
+def test_a_first_failure_that_overtook_earlier_items_says_so():
+    """Item 3 failed while items 0 and 1 still ran on another worker: the map raised item 3's
+    error where the plain loop raises item 0's or 1's (if they fail), without a word."""
+    def f(x):
+        if x == 3:
+            raise KeyError(x)
+        return x
+
+    job = make_job(range(6), f)
+    first, second = take(job, 2), take(job, 2)
+    answer(job, second)  # items 2, 3 come back first
+    err = job.error
+    assert isinstance(err, KeyError)
+    said = [n for n in notes(err) if "had not finished" in n]
+    assert said and "(0, 1)" in said[0] and "plain loop" in said[0], notes(err)
+    answer(job, first)  # late: kept, the error stays the one raised
+
+    job = make_job(range(6), f)
+    run_all(job, 2)  # in order: nothing before item 3 was unfinished
+    assert not [n for n in notes(job.error) if "had not finished" in n]

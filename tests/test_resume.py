@@ -185,6 +185,32 @@ def test_api_resume_after_a_cancelled_async_map(pool, tmp_path):
     assert report.resumed == (40 - len(missing), len(missing))
 
 
+@pytest.mark.timeout(60)
+def test_api_resume_after_a_cancelled_map_over_a_generator(pool, tmp_path):
+    """A map over a generator cancelled half-way had taken only some of its items: resuming
+    with the same generator was refused ('the ITERABLE now has 40 items, the run to resume had
+    9'), where a range resumed. The items it never took run too, with those left unfinished."""
+    path = str(tmp_path / "calls")
+    handle = pool.map_async(slow_logged, (x for x in range(40)), chunksize=1, kwargs={"path": path})
+    deadline = time.monotonic() + 20
+    while len(calls(path)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls(path)) >= 6, "the async map never got going"
+    handle.cancel()
+    assert handle.wait(20)
+    earlier = handle.report
+    kept = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
+    assert earlier.items < 40 or len(kept) < 40, "everything finished before the cancel"
+    n = len(calls(path))
+
+    report = pool.run(slow_logged, (x for x in range(40)), resume=earlier, chunksize=4, kwargs={"path": path})
+    assert sorted(calls(path)[n:]) == [x for x in range(40) if x not in kept]
+    assert report.results == [-x for x in range(40)]
+    assert report.resumed == (len(kept), 40 - len(kept))
+    with pytest.raises(BadInputError, match="nothing to resume"):
+        pool.run(slow_logged, (x for x in range(40)), resume=report, kwargs={"path": path})
+
+
 def gated(x, gate):
     """Items 0 and 1 say they started, then wait for the gate file; the others return at once."""
     if x < 2:

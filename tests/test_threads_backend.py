@@ -356,3 +356,21 @@ def test_rerun_leaves_the_kernels_own_random_streams_as_they_were(pool):
     np.random.seed(456)
     assert r.rerun(2) == r.results[2]
     assert (random.random(), float(np.random.random())) == expected
+
+
+def naps(x):
+    import time
+
+    time.sleep(0.02)
+    return x
+
+
+def test_the_card_never_advises_threads_it_refuses(pool):
+    """A seeded map (its items run one at a time on threads) was 'slower than a plain loop'
+    and its card said why: '2 native threads each: 4 threads on 2 cores; try --threads 1',
+    an option this backend refuses, about thread pools it never limits."""
+    pool.resize(2)
+    r = pool.run(naps, range(8), seed=5)
+    assert r.threads is None
+    assert "--threads" not in r.summary()
+    assert not [f for f in r.analysis(all_findings=True).findings if f.kind == "threads"]

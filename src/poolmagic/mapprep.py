@@ -15,7 +15,7 @@ from .checks import NoArgs, check_arity, check_not_text, check_plain_function, c
 from .engine.base import Backend
 from .engine.context import ContextCache
 from .engine.core.items import SEQUENCES, ItemSource
-from .engine.core.transport import OWN_PROCESS
+from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
@@ -62,8 +62,11 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     workers = o.workers or pool.size
     threads = o.threads or pool.threads_per_worker(workers)
     context = contexts.get(threads)
+    # on threads the native pools are the kernel's own, shared and never limited: the card
+    # has no per-worker count to weigh (or to advise --threads, which threads refuse)
+    shown = None if NATIVE_THREAD_LIMIT in pool.backend.lacks else threads
     report = RunReport(func_name=name, cores=pool.backend.cores() or pool.cores, pool_size=workers, backend=pool.backend.description,
-                       threads=threads, serial_item_s=pool.serial_item_s.get(payload.key))
+                       threads=shown, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
     report.kw_keys, report.kw_kept = kw_keys, kw_kept
     if written:

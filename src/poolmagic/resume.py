@@ -4,6 +4,8 @@ A run re-maps the positions an earlier report kept no result for, and merges
 them into its results in input order. It is refused unless the items behind
 the ITERABLE are, at every kept position, the ones the earlier run mapped: a
 report keeps its items' keys (``SeenItems``, seenitems.py, computed only when needed).
+A stream the earlier run stopped taking items from (an interrupt, a cancel, a failure)
+may have had more: those run too.
 Loaded by the first map that resumes (or checkpoints), not by every map.
 """
 from __future__ import annotations
@@ -49,14 +51,21 @@ def resume_report(prev: RunReport, iterable: Iterable, seed: int | None = None) 
             f"{seed_words(seed)}: its kept results and the new ones would come from two seeds. Resume with "
             f"{seed_words(was_seed)}, or run the cell without --resume")
     missing = [i for i, v in enumerate(prev.results) if v is NOT_DONE]
-    if not missing:
+    if not missing and not prev.unread:
         raise BadInputError(f"nothing to resume: all {prev.items:,} items of the earlier run finished")
     items = materialise(iterable)
-    if len(items) != prev.items:
+    # a stream the earlier run stopped reading (an interrupt) had more items than it took: they run too
+    more = len(items) - prev.items if prev.unread else 0
+    if len(items) != prev.items and more <= 0:
         raise BadInputError(
             f"cannot resume: the ITERABLE now has {len(items):,} items, the run to resume had "
             f"{prev.items:,}; resume needs the same items (or run the cell without --resume)"
         )
+    if not missing and not more:
+        raise BadInputError(f"nothing to resume: all {prev.items:,} items of the earlier run finished, "
+                            f"and the ITERABLE has no more")
+    kept_n = prev.items - len(missing)
+    missing += range(prev.items, prev.items + max(more, 0))
     seen = prev.identity
     if not isinstance(seen, SeenItems):
         raise BadInputError("cannot resume: the earlier run's items were not recorded (it was not made by a map); "
@@ -69,11 +78,12 @@ def resume_report(prev: RunReport, iterable: Iterable, seed: int | None = None) 
     if changed:
         raise BadInputError(
             f"cannot resume: the ITERABLE changed since the run to resume: {differ_message(changed, items)}. "
-            f"The {prev.items - len(missing):,} kept results are of the old items: run the cell without --resume "
+            f"The {kept_n:,} kept results are of the old items: run the cell without --resume "
             f"to map every item again."
         )
-    report = continuing(prev.func_name, prev.items, prev.results, {i: e for i, e in prev.errors.items() if i not in skip})
-    report.resumed = (prev.items - len(missing), len(missing))
+    results = [*prev.results, *[NOT_DONE] * (len(items) - prev.items)]
+    report = continuing(prev.func_name, len(items), results, {i: e for i, e in prev.errors.items() if i not in skip})
+    report.resumed = (kept_n, len(missing))
     report.identity = now
     return report, missing, [items[i] for i in missing]
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import runs, wait_for
 
 from poolmagic import NOT_DONE, BadInputError, MapFailedError, Pool
-from poolmagic.errors import ItemTimeoutError, WorkerCrashedError
+from poolmagic.errors import ItemPicklingError, ItemTimeoutError, WorkerCrashedError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -155,6 +155,65 @@ def test_a_timeout_without_keep_going_names_the_item_that_hung(backend, tmp_path
     r = info.value.poolmap_report
     assert list(r.errors) == [2]
     assert r.results[:2] == [0, 10]
+
+
+def _refuse_to_load():
+    raise RuntimeError("this result cannot be rebuilt here")
+
+
+class LoadsOnlyInTheWorker:
+    """Pickles in the worker; unpickling it in the kernel raises."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def unloadable_at_2(x):
+    return LoadsOnlyInTheWorker() if x == 2 else 10 * x
+
+
+def test_a_result_the_kernel_cannot_unpickle_fails_only_its_item(backend):
+    """Chunks of 4 (their results one pickle): items 0, 1, 3 failed with item 2's
+    ItemPicklingError ("5 of 8 items failed"), and without --keep-going all 8 of a chunk of 8."""
+    backend.need("own-process")
+    with pytest.raises(MapFailedError) as info:
+        backend.run(unloadable_at_2, range(8), chunksize=4, keep_going=True)
+    r = info.value.poolmap_report
+    assert list(r.errors) == [2] and isinstance(r.errors[2], ItemPicklingError), r.errors
+    assert r.results == [NOT_DONE if x == 2 else 10 * x for x in range(8)]
+    assert (r.done, r.failed, r.retried) == (7, 1, 0)
+    with pytest.raises(ItemPicklingError, match="item 2") as info:
+        backend.run(unloadable_at_2, range(8), chunksize=8)
+    assert list(info.value.poolmap_report.errors) == [2]
+
+
+def slow_first(x):
+    """Item 0 runs 3 s, then returns; the others return at once."""
+    if x == 0:
+        time.sleep(3)
+    return x
+
+
+def test_a_timeout_bounds_each_item_of_a_chunk_of_several(backend):
+    """--timeout 1 with chunks of 4: item 0 ran 3 s and came back as a result, where the same
+    map in chunks of 1 failed it (a chunk had a budget of 4 s for its 4 items)."""
+    backend.need("kill-on-timeout")
+    with pytest.raises(ItemTimeoutError) as info:
+        backend.run(slow_first, range(8), chunksize=4, timeout=1)
+    r = info.value.poolmap_report
+    assert list(r.errors) == [0] and r.errors[0].index == 0
+    assert r.results[0] is NOT_DONE
+
+
+def naps(x):
+    time.sleep(0.3)
+    return x
+
+
+def test_a_timeout_fails_no_item_of_a_chunk_that_ran_within_it(backend):
+    """Each item 0.3 s under --timeout 1, in chunks of 5 (1.5 s a chunk): none times out."""
+    backend.need("kill-on-timeout")
+    assert backend.run(naps, range(10), chunksize=5, timeout=1).results == list(range(10))
 
 
 # ---------------------------------------------------------------- 4. output order

@@ -85,7 +85,7 @@ class Began(NamedTuple):
 
 class Progress(NamedTuple):
     seq: int
-    done: int  #: items of the chunk finished so far (a long chunk reports every PROGRESS_S)
+    done: int  #: items of the chunk finished so far (a long chunk reports every PROGRESS_S; progress_every)
 
 
 class ChunkDone(NamedTuple):
@@ -115,6 +115,13 @@ class WorkerFailed(NamedTuple):
 Message = Union[LoadFunction, SetContext, RunChunk, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed]
 MESSAGES = (LoadFunction, SetContext, RunChunk, Ready, Began, Progress, ChunkDone, ChunkFailed, WorkerFailed)
 PROGRESS_S = 0.5  # a chunk running longer reports its finished items this often
+
+
+def progress_every(timeout: float | None) -> float:
+    """How often a running chunk reports its finished items: every PROGRESS_S, and under
+    --timeout at least every tenth of it, checked before each item, so the parent's clock
+    for each item of a chunk of several starts within that tenth of when the item did."""
+    return PROGRESS_S if timeout is None else min(PROGRESS_S, timeout / 10)
 
 
 _TAG = {cls: tag for tag, cls in enumerate(MESSAGES)}

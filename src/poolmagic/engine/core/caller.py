@@ -73,17 +73,18 @@ def wait_for(job: Job, timeout: float | None = None, on_output: Callable | None 
             return False
 
 
-def unpicklable(start: int, items: Any) -> dict[int, BaseException]:
-    """Which items of a chunk that did not pickle do not, each with an error naming it (by offset)."""
+def unpicklable(start: int, items: Any, at: Callable[[int], int] = int) -> dict[int, BaseException]:
+    """Which items of a chunk that did not pickle do not, each with an error naming it (by offset);
+    ``at``: a job position's index in the ITERABLE (a map re-running a subset)."""
     bad: dict[int, BaseException] = {}
     for k, x in enumerate(items):
         try:
             cloudpickle.dumps(x, protocol=5)
         except Exception as exc:
             bad[k] = pickling_error(
-                f"item {start + k} is {describe(x)}, which cannot be pickled to send it "
+                f"item {at(start + k)} is {describe(x)}, which cannot be pickled to send it "
                 f"to a worker: {safe_str(exc)}", exc
             )
     if not bad:  # the items pickle one by one; report the whole chunk
-        bad = {0: ItemPicklingError(f"items {start}–{start + len(items) - 1} cannot be pickled")}
+        bad = {0: ItemPicklingError(f"items {at(start)}–{at(start + len(items) - 1)} cannot be pickled")}
     return bad

@@ -62,12 +62,15 @@ class _Capture(io.TextIOBase):
 def run_chunk(
     fn, items, start: int, *, star: bool = False, timed: bool = False, keep_going: bool = False,
     seed: int | None = None, progress=None, indices=None, redirect=None, meter=None,
+    progress_s: float | None = None,
 ) -> tuple[list, float, float, list | None, list, list]:
     """Run ``fn`` over one chunk: (results, t0, t1, item times, output records, packed errors).
 
     Independent of how the chunk arrived, so any backend's worker (a dask
     task, say) runs chunks exactly as the local workers do. ``progress(done)``
-    is called every PROGRESS_S while a timed chunk runs. ``indices``: each
+    is called every PROGRESS_S while a timed chunk runs; with ``progress_s``, at
+    least that often in any chunk, checked before each item (the parent's clock
+    for each item under --timeout). ``indices``: each
     item's position in the user's ITERABLE when it is not ``start + k`` (a
     re-run of some items); a seeded item's numbers come from it.
     ``redirect(stdout, stderr)``: installs the two captures and returns what
@@ -84,7 +87,8 @@ def run_chunk(
     records: list = []
     times: list | None = [] if timed else None
     state = {"it": None, "i": start}
-    if timed or seed is not None:
+    explicit = timed or seed is not None or (progress is not None and progress_s is not None)
+    if explicit:
         locate = lambda: state["i"]  # noqa: E731
     else:
         locate = lambda: start + n - state["it"].__length_hint__() - 1  # noqa: E731
@@ -98,8 +102,9 @@ def run_chunk(
         meter()
     t0 = time.perf_counter()
     try:
-        if timed or seed is not None:
-            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress, indices)
+        if explicit:
+            _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress, indices,
+                          P.PROGRESS_S if progress_s is None else progress_s)
         else:
             it = iter(items)
             state["it"] = it
@@ -128,14 +133,14 @@ def run_chunk(
 
 
 def _run_explicit(fn, items, start, star, seed, keep_going, out, errors, times, state, progress=None,
-                  indices=None) -> None:
+                  indices=None, progress_s: float = P.PROGRESS_S) -> None:
     """The per-item loop: index known, per-item times, seeds and progress possible."""
     clock = time.perf_counter
-    report_at = clock() + P.PROGRESS_S
+    report_at = clock() + progress_s
     for offset, x in enumerate(items):
         if progress is not None and offset and clock() >= report_at:
             progress(offset)
-            report_at = clock() + P.PROGRESS_S
+            report_at = clock() + progress_s
         i = start + offset
         state["i"] = i
         if seed is not None:

@@ -14,6 +14,8 @@ ended it:
   fails its item, or with several items re-runs them one by one to name the
   culprit (``Job.isolate``); what it held behind that chunk goes back;
 * items that cannot be pickled to be sent fail, the others of their chunk run;
+* a chunk whose results do not unpickle in the kernel is re-run item by item,
+  and the item whose result does not fails;
 * a cancel ends the map and abandons its work, on the backend's own thread.
 """
 from __future__ import annotations
@@ -69,6 +71,19 @@ class FailurePolicy:
             job.drop_chunk()
             job.fail(exc)
         self.ended(job)
+
+    @staticmethod
+    def results_undecodable(c: Chunk, exc: BaseException) -> None:
+        """The results of ``c`` came back but do not unpickle in the kernel. Several items
+        run again one by one, so that the error names the item whose result it is and the
+        chunk's others keep theirs; one item fails with ``ItemPicklingError``."""
+        job = c.job
+        if len(c.items) > 1:
+            job.retry_singly(c.start, c.items)
+            return
+        err = ItemPicklingError(f"the results of {c.describe()} could not be unpickled in the kernel: {exc}")
+        err.__cause__ = exc
+        job.items_failed(c.indices, err, c.items, c.start)
 
     def worker_lost(self, c: Chunk, kind: type, what: str, error: Callable[[], BaseException],
                     isolate: bool = True, worker: int | None = None) -> None:

@@ -25,10 +25,19 @@ class Chunk:
 
     @property
     def indices(self) -> list[int]:
+        """The job's positions of its items (what the Job's answers take)."""
         return list(range(self.start, self.start + len(self.items)))
 
+    def item_indices(self) -> list[int]:
+        """Its items' indices in the ITERABLE, which the user sees: a map that re-runs a subset
+        (--resume, --checkpoint) runs them at other positions of its own."""
+        at = self.job.results.at
+        return [at(pos) for pos in range(self.start, self.start + len(self.items))]
+
     def describe(self) -> str:
-        n = len(self.items)
-        if n == 1:
-            return f"item {self.start} ({short_repr(self.items[0])})"
-        return f"items {self.start}–{self.start + n - 1}"
+        idx = self.item_indices()
+        if len(idx) == 1:
+            return f"item {idx[0]} ({short_repr(self.items[0])})"
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return f"items {idx[0]}–{idx[-1]}"
+        return "items " + ", ".join(map(str, idx[:5])) + (", …" if len(idx) > 5 else "")

@@ -201,7 +201,7 @@ class Job:
 
     def unsendable(self, start: int, items: Any) -> None:
         """A chunk that does not pickle: fail the items that do not, re-run the rest (any backend)."""
-        self.split_failed(start, items, unpicklable(start, items))
+        self.split_failed(start, items, unpicklable(start, items, self.results.at))
 
     def split_failed(self, start: int, items: Any, bad: dict[int, BaseException]) -> None:
         """Some items of a chunk cannot be sent: fail those, re-run the rest one by one."""
@@ -323,6 +323,8 @@ class Job:
                     self._close("done")
 
     def _close(self, status: str) -> None:
+        src = self.source
+        self.report.unread = src.is_stream and (not src.exhausted or src.error is not None)
         self.results.close(status, self.error, self.retry.isolated, self.source.pos)
         self.source.close()
         self.finished.set()

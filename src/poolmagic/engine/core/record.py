@@ -38,6 +38,9 @@ class MapRecord:
     lost: dict[int, int] = field(default_factory=dict)
     lost_on: set[int] = field(default_factory=set)  # workers whose chunk never came back (killed, crashed)
     notes: list[str] = field(default_factory=list)  # said under the summary
+    # a stream the map stopped reading before its end (an interrupt, a failure, the ITERABLE
+    # raised): more items may follow the last it took, and --resume may run them too
+    unread: bool = False
     failed_items: dict[int, Any] = field(default_factory=dict, repr=False)  # the first FAILED_KEPT failed items
 
     def keep_late(self, values: list[tuple[int, Any]]) -> None:

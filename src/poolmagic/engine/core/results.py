@@ -79,7 +79,8 @@ class Results:
 
     def succeeded_after(self, pos: int, tries: list[BaseException]) -> None:
         """The item at ``pos`` succeeded after ``tries`` failed attempts: each one's error is kept."""
-        self.report.attempts[self.at(pos)] = list(tries)
+        idx = self.at(pos)
+        self.report.attempts[idx] = [as_item_error(idx, e, None) for e in tries]
 
     def late(self, start: int, results: list, errors: list) -> None:
         """Results that came back after the map ended (failed, cancelled): they finished, keep them."""
@@ -101,8 +102,8 @@ class Results:
             kept[idx] = value
         if not getattr(exc, "_poolmagic_noted", False):
             what = f"item {idx}" + ("" if one is None else f" (value {short_repr(value)})")
-            if tries:
-                r.attempts[idx] = [*tries, exc]
+            if tries:  # an attempt that exited or raised KeyboardInterrupt is kept as the last one is
+                r.attempts[idx] = [*(as_item_error(idx, e, value) for e in tries), exc]
                 add_note(exc, f"poolmagic: {what} failed after {len(tries) + 1} attempts "
                               f"(each attempt's error: {r.where_attempts(idx)}).")
             else:

@@ -13,7 +13,7 @@ import sys
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
-from ...errors import ItemExitError, MapFailedError, PoolmapError, point_at_function, safe_str, short_repr
+from ...errors import ItemExitError, MapFailedError, PoolmapError, add_note, point_at_function, safe_str, short_repr
 from ...sentinel import NOT_DONE
 
 if TYPE_CHECKING:
@@ -161,8 +161,25 @@ def finish_error(error: BaseException, r: Any, func: Any) -> None:
     line that raised); an error of poolmagic's own points at the function.
     """
     attach_report(error, r)
+    _say_earlier_unfinished(error, r)
     first = r.errors.get(min(r.errors)) if isinstance(error, MapFailedError) and r.errors else None
     if first is not None and first.__traceback__ is not None:
         error.__traceback__ = first.__traceback__
     elif isinstance(error, PoolmapError) and error.__traceback__ is None:
         point_at_function(error, func)
+
+
+def _say_earlier_unfinished(error: BaseException, r: Any) -> None:
+    """A map stopped at an item's error while items before it had not finished: the plain
+    loop would have run those first (and raised theirs, if they fail), so the error says so."""
+    idx = next((i for i, e in r.errors.items() if e is error), None)
+    if idx is None:
+        return
+    earlier = [i for i in range(min(idx, len(r.results))) if r.results[i] is NOT_DONE and i not in r.errors]
+    if not earlier:
+        return
+    n = len(earlier)
+    shown = ", ".join(map(str, earlier[:5])) + (", …" if n > 5 else "")
+    add_note(error, f"poolmagic: the map stopped at this first failure while {n:,} item{'s' if n != 1 else ''} "
+                    f"before it ({shown}) had not finished; a plain loop would have run "
+                    f"{'them' if n != 1 else 'it'} first. --keep-going runs every item.")

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable, NamedTuple
 
+from .. import protocol as P
 from .chunk import run_chunk as _run_items
 
 CACHE_SIZE = 4  # functions and contexts kept per worker process (the local parent mirrors this LRU)
@@ -60,7 +61,8 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     timed chunk runs; ``redirect``: how print() is captured (chunk.run_chunk;
     a thread of the threads backend routes its own writes); ``clock``: the CPU
     clock (the process's in a worker process, the thread's on threads).
-    Options the parent enforces (timeout, retries, memory) are not read here.
+    Options the parent enforces (timeout, retries, memory) are not read here, but for
+    how often a chunk under --timeout says how far it got (the parent clocks each item).
     """
     # Read right at t0 and t1 (two reads per chunk, ~1 µs each: the speedup needs them for every chunk).
     # Read around the call (before), a chunk also took up waits just outside its items: in a
@@ -71,6 +73,7 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
         out, t0, t1, times, records, errors = _run_items(
             fn, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
             progress=progress, indices=indices, redirect=redirect,
+            progress_s=None if options.timeout is None else P.progress_every(options.timeout),
             meter=lambda: marks.append((runqueue_wait(), clock(), thread_faults())),
         )
     (wait0, cpu0, faults0), (wait1, cpu1, faults1) = marks

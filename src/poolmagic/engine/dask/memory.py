@@ -73,4 +73,4 @@ class MemoryGuard:
                f"{c.describe()}: {why}"
         self.outcomes.policy.worker_lost(c, WorkerMemoryError, what, lambda: WorkerMemoryError(
             f"{what}. Its nanny starts a new worker; items that finished are kept.",
-            c.indices, size, c.job.options.max_memory), worker=self.state.slot(c.worker))
+            c.item_indices(), size, c.job.options.max_memory), worker=self.state.slot(c.worker))

@@ -22,7 +22,6 @@ from typing import Any
 from distributed.comm import CommClosedError
 
 from ...errors import (
-    ItemPicklingError,
     ItemTimeoutError,
     PoolmapError,
     WorkerCrashedError,
@@ -30,6 +29,7 @@ from ...errors import (
     exit_description,
     rebuild_exception,
 )
+from .. import protocol as P
 from . import forkserver
 from .plumbing import EXITS, kill_worker
 from ..core.events import ChunkRecord
@@ -111,8 +111,7 @@ class Outcomes:
         try:
             out, records, errs = pickle.loads(body, buffers=frames)
         except Exception as exc:
-            err = ItemPicklingError(f"the results of {c.describe()} could not be unpickled in the kernel: {exc}")
-            job.items_failed(c.indices, err, c.items, c.start)
+            self.policy.results_undecodable(c, exc)
             return
         if not self.owned:  # another machine's clock: place the chunk at its arrival here
             now = time.perf_counter()
@@ -157,6 +156,8 @@ class Outcomes:
         if c is None:
             return
         c.began = time.perf_counter()
+        if "done" in msg:  # the chunk's next item began (--timeout): its clock starts now
+            return
         c.pid = msg.get("pid")
         if c.pid:
             self.state.workers[c.worker] = c.pid
@@ -246,7 +247,7 @@ class Outcomes:
             tail = "Items that finished are kept."
         said = f"dask worker {self.state.slot(address)} ({where}) {what} while running {c.describe()}"
         self.policy.worker_lost(c, WorkerCrashedError, said,
-                                lambda: WorkerCrashedError(f"{said}. {tail}", c.indices, code),
+                                lambda: WorkerCrashedError(f"{said}. {tail}", c.item_indices(), code),
                                 worker=self.state.slot(address))
 
     # ------------------------------------------------------------------ timeouts, cancel
@@ -255,7 +256,9 @@ class Outcomes:
         t = c.job.options.timeout
         if t is None or c.began is None:
             return None  # the clock starts when the task says it runs
-        return c.began + t * len(c.items)
+        # and again when it says it moved on, at most progress_every(t) after an item began
+        # (local/outcomes.py: deadline)
+        return c.began + t + (P.progress_every(t) if len(c.items) > 1 else 0.0)
 
     def next_deadline(self) -> float | None:
         best = min((k[0] for k in self.state.kills), default=None)
@@ -282,7 +285,7 @@ class Outcomes:
             self.policy.worker_lost(
                 c, ItemTimeoutError, f"{c.describe()} ran longer than the {t:g} s timeout per item",
                 lambda c=c, t=t, what=what: ItemTimeoutError(
-                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.start, t),
+                    f"{c.describe()} ran longer than the {t:g} s timeout; {what}.", c.item_indices()[0], t),
                 worker=self.state.slot(c.worker))
 
     def _stop_running(self, c: DaskChunk) -> None:

@@ -140,7 +140,9 @@ def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: An
         return ("failed", failed.stage, failed.packed)
     address = _tell(topic, {"seq": seq, "pid": os.getpid()})
     _APPLIER.limit_threads_if_new_libraries()
-    r = run_chunk(func, items, options, start=start, timed=timed, indices=indices)
+    # under --timeout the client clocks each item: the chunk says when it moves on (core/runchunk.py)
+    progress = None if options.timeout is None else (lambda done: _tell(topic, {"seq": seq, "done": done}))
+    r = run_chunk(func, items, options, start=start, timed=timed, indices=indices, progress=progress)
     body, frames = pack_results(r.out, r.records, r.errors, start, items, indices)
     # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
     return ("done", r.t0, r.t1, r.times, os.getpid(), address, body, frames, r.cpu_s, r.waited_s)

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 
 from ...errors import (
-    ItemPicklingError,
     ItemTimeoutError,
     WorkerCrashedError,
     WorkerMemoryError,
@@ -59,6 +58,8 @@ class Outcomes:
             if p.inflight and p.inflight[0].seq == msg.seq:
                 head = p.inflight[0]
                 head.job.progress(head.start, msg.done)
+                if head.job.options.timeout is not None:
+                    p.began(msg.seq)  # the next item began: its timeout counts from now
         elif kind is P.ChunkFailed:
             self._on_chunk_failed(p, msg)
         elif kind is P.WorkerFailed:
@@ -82,8 +83,7 @@ class Outcomes:
         try:
             out, records, errs = p.results(msg, frames)
         except Exception as exc:
-            err = ItemPicklingError(f"the results of {chunk.describe()} could not be unpickled in the kernel: {exc}")
-            job.items_failed(chunk.indices, err, chunk.items, chunk.start)
+            self.policy.results_undecodable(chunk, exc)
         else:
             errors = [(i, rebuild_exception(pe, job.filename_of)) for i, pe in errs]
             rec = ChunkRecord(p.slot, chunk.start, len(out), msg.t0, msg.t1, msg.times, p.pid,
@@ -138,7 +138,7 @@ class Outcomes:
 
         def error() -> BaseException:
             exc = WorkerCrashedError(f"worker {p.slot} (pid {p.pid}) {what} while running {head.describe()}. "
-                                     f"The worker was replaced; items that finished are kept.", head.indices, code)
+                                     f"The worker was replaced; items that finished are kept.", head.item_indices(), code)
             exc.__cause__ = failure
             return exc
 
@@ -164,7 +164,7 @@ class Outcomes:
             self.policy.worker_lost(
                 head, ItemTimeoutError, f"{head.describe()} ran longer than the {t:g} s timeout per item",
                 lambda head=head, t=t: ItemTimeoutError(f"{head.describe()} ran longer than the {t:g} s timeout; "
-                                                        f"its worker was killed and replaced.", head.start, t),
+                                                        f"its worker was killed and replaced.", head.item_indices()[0], t),
                 worker=p.slot)
 
     def next_deadline(self) -> float | None:
@@ -195,14 +195,20 @@ class Outcomes:
                 head, WorkerMemoryError, what,
                 lambda head=head, what=what, size=size: WorkerMemoryError(
                     f"{what}. The worker was replaced; items that finished are kept.",
-                    head.indices, size, head.job.options.max_memory), worker=p.slot)
+                    head.item_indices(), size, head.job.options.max_memory), worker=p.slot)
 
     @staticmethod
     def deadline(p: WorkerHandle) -> float:
-        """When the head chunk's timeout expires. Until the worker says it began
-        (start-up, imports, loading a big function), a grace period applies."""
+        """When the running item's timeout expires. Until the worker says the chunk
+        began (start-up, imports, loading a big function), a grace period applies.
+
+        The clock restarts at each report of a chunk of several items (a report is
+        checked for before each item, sent once ``progress_every`` passed since the
+        last): the item running began at most that long after the last report, so
+        none fails before it ran the timeout, and a hung one fails within that much after."""
         head = p.inflight[0]
-        limit = head.job.options.timeout * len(head.items)
+        t = head.job.options.timeout
+        limit = t + (P.progress_every(t) if len(head.items) > 1 else 0.0)
         return p.head_started + limit + (0.0 if p.head_begun else START_GRACE_S)
 
     def abandon(self, job: Job) -> None:
