@@ -199,3 +199,15 @@ def test_the_kernel_s_numpy_error_handling_holds_in_the_items(backend):
         assert pool.map(_reciprocal, [2.0])[0] == 0.5
         with np.errstate(divide="ignore"):  # back to the default: the workers follow
             assert pool.map(_reciprocal, [0.0, 1.0]) == [np.inf, 1.0]
+
+
+@pytest.mark.timeout(60)
+def test_an_iterator_the_function_takes_from_is_named_in_a_note(ip):
+    """``counter = itertools.count()`` and ``next(counter)`` in the function: a loop numbers the
+    items 0, 1, 2 ...; each worker took from its own copy, so the map gave 0, 0, 1, 1, 2, 2."""
+    ip.run_cell("import itertools\nh3_counter = itertools.count()\n")
+    r = ip.run_cell("%%poolmap range(4)\ndef h3_next(i):\n    return next(h3_counter)\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    notes = ip.user_ns["_poolmap"].notes
+    assert any("the global 'h3_counter', an itertools.count: each worker draws from a copy" in n
+               for n in notes), notes

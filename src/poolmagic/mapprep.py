@@ -101,13 +101,13 @@ def _globals_note(name: str, written: tuple[str, ...], verb: str = "assigns", ho
 
 
 def _generators_note(name: str, generators: list[str]) -> str:
-    """What a map of a function that draws from a generator of the notebook gets: copies of it."""
+    """What a map of a function that draws from a generator (or an iterator) of the notebook gets: copies."""
     one = len(generators) == 1
     return (f"{name}() draws from {'; and '.join(generators)}: each worker draws from a copy of "
-            f"{'it' if one else 'each'} as it was when the map started, so workers repeat each other's numbers "
-            f"and the notebook's {'generator does' if one else 'generators do'} not move on (a plain loop draws "
-            f"on from one stream); draw from np.random, random or poolmagic.item_rng() instead (per item, "
-            f"and reproducible with --seed)")
+            f"{'it' if one else 'each'} as it was when the map started, so workers repeat each other's draws "
+            f"and the notebook's {'does' if one else 'do'} not move on (a plain loop draws on from one "
+            f"stream); draw random numbers from np.random, random or poolmagic.item_rng() instead (per item, "
+            f"and reproducible with --seed), and number items by their position (enumerate) rather than next()")
 
 
 def _options(pool: "Pool", options: dict) -> MapOptions:

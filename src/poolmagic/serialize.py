@@ -378,7 +378,7 @@ def _captured(func: Any) -> Iterator[tuple[str, Any]]:
 
 
 def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -> list[str]:
-    """The random generators of the notebook that are pickled with ``func`` (read by it or by a
+    """The random generators and iterators of the notebook that are pickled with ``func`` (read by it or by a
     helper it calls, a closure, a default, a partial's argument), as "the global 'rng', a
     numpy.random.Generator". Each worker gets a copy of such a generator as it is when the map
     starts: the workers draw the same numbers, where a loop draws on from the one stream. ``kwargs``:
@@ -404,8 +404,9 @@ def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -
 
 
 def _generator_kind(value: Any) -> str | None:
-    """"a numpy.random.Generator" when ``value`` is a random generator (or a bound method of one)
-    whose copy would repeat its numbers; None otherwise (SystemRandom draws from the OS)."""
+    """"a numpy.random.Generator" when ``value`` is a random generator or an iterator
+    (``itertools.count()``, ``iter(ids)``), or a bound method of one, whose copy would repeat
+    what it gives; None otherwise (SystemRandom draws from the OS)."""
     if isinstance(value, (types.MethodType, types.BuiltinMethodType)) and module_method_home(value) is None:
         value = value.__self__  # rng.normal, r.random: their generator (not random.random: the worker's own)
     import random
@@ -414,11 +415,13 @@ def _generator_kind(value: Any) -> str | None:
     if isinstance(value, random.Random):
         if isinstance(value, random.SystemRandom):
             return None
-    elif npr is None or not isinstance(value, (npr.Generator, npr.RandomState, npr.BitGenerator)):
-        return None
+    elif isinstance(value, (type, types.ModuleType)) or not hasattr(type(value), "__next__"):
+        if npr is None or not isinstance(value, (npr.Generator, npr.RandomState, npr.BitGenerator)):
+            return None
     t = type(value)
     module = "numpy.random" if t.__module__.startswith("numpy.random") else t.__module__
-    return f"a {module}.{t.__qualname__}"
+    kind = t.__qualname__ if module == "builtins" else f"{module}.{t.__qualname__}"
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def explain_unpicklable(func: Callable, exc: BaseException, _depth: int = 0) -> str:
