@@ -230,8 +230,8 @@ class ItemSource:
                     f"the ITERABLE yielded item {self.read + k} as the very object it yielded for item "
                     f"{self.read + k - 1} (a {kind}): items are read ahead of "
                     f"the workers, so one object the ITERABLE changes and yields again would reach them with its "
-                    f"later contents, unlike a loop's. Yield a copy for each item (yield buf.copy()); to map one "
-                    f"unchanged object n times, map [x] * n")
+                    f"later contents, unlike a loop's. Yield a copy for each item (yield buf.copy()); if the object "
+                    f"does not change (a cached value), map a list of the items instead ([x] * n)")
             last = x
         self._last = last
         return got
