@@ -130,15 +130,20 @@ class SeenItems:
 def _code_key(job: Any) -> str | None:
     """The key of the function the user mapped (not the wrappers --kw and --repeat put around it),
     for --resume to say that the function changed since: as a checkpoint says it."""
+    return mapped_code_key(job.func, job.options.kwargs)
+
+
+def mapped_code_key(func: Any, kwargs: dict | None) -> str | None:
+    """``_code_key`` of the function a map called (``func``, with ``kwargs`` bound by --kw):
+    also what ``RunReport.rerun`` compares, to re-run only the version the workers ran."""
     import functools
 
     from .checks import NoArgs
     from .versions import code_key
 
-    func = job.func
     if isinstance(func, NoArgs):
         func = func.func
-    if job.options.kwargs and isinstance(func, functools.partial):
+    if kwargs and isinstance(func, functools.partial):
         func = func.func
     try:
         return code_key(func, stable=False)  # compared in this kernel only
