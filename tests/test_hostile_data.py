@@ -5,6 +5,7 @@ Real pools and, for the magics, the session's real InteractiveShell (``ip``).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -211,3 +212,17 @@ def test_an_iterator_the_function_takes_from_is_named_in_a_note(ip):
     notes = ip.user_ns["_poolmap"].notes
     assert any("the global 'h3_counter', an itertools.count: each worker draws from a copy" in n
                for n in notes), notes
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_hashes_is_told_that_workers_hash_str_otherwise(ip):
+    """``hash(word) % 8`` (feature hashing): each worker process has its own str hash seed, so the
+    map's buckets differ from the loop's, without a word."""
+    if not sys.flags.hash_randomization or os.environ.get("PYTHONHASHSEED", "random") != "random":
+        pytest.skip("this process hashes str with a fixed seed (PYTHONHASHSEED), as its workers do")
+    ip.run_cell("def h3_bucket_of(w):\n    return hash(w) % 8\n")
+    r = ip.run_cell("%%poolmap ['a', 'b']\ndef h3_bucket(w):\n    return h3_bucket_of(w)\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert any("h3_bucket() calls hash()" in n for n in ip.user_ns["_poolmap"].notes)
+    r = ip.run_cell("%%poolmap ['a', 'b']\ndef h3_no_hash(w):\n    return len(w)\n")
+    assert not ip.user_ns["_poolmap"].notes

@@ -8,7 +8,9 @@ here starts a worker or reads the ITERABLE beyond a stream's first look.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import types
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
@@ -21,8 +23,8 @@ from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .inplace import changed_globals, changed_parameter
 from .report import FAILED_KEPT, RunReport
-from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, shared_generators,
-                        undefined_globals, unseeded_calls)
+from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, global_names,
+                        shared_generators, undefined_globals, unseeded_calls)
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -46,6 +48,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
     written = assigned_globals(func) if copies else ()
     changed_in_place = changed_globals(func) if copies else ()
+    hashes = copies and _calls_hash(func)
     generators = shared_generators(func, o.kwargs) if copies else ()
     changed = changed_parameter(func, o.star) if copies and o.repeat is None else None
     unseeded = unseeded_calls(func) if o.seed is not None else ()
@@ -73,6 +76,11 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
         report.notes.append(f"{name}() calls {calls} without a seed: --seed does not reach {'it' if len(unseeded) == 1 else 'them'}, "
                             f"so the numbers drawn that way differ in every run; use poolmagic.item_rng(), or pass "
                             f"poolmagic.item_seed() as the seed")
+    if hashes:
+        report.notes.append(f"{name}() calls hash(): a str or bytes hashes to another number in each worker process "
+                            f"than here (Python randomises it per process), so a result that depends on it, or on "
+                            f"the order of a set of str, differs from a plain loop's; start Jupyter with "
+                            f"PYTHONHASHSEED=0 for the same numbers everywhere, or use hashlib")
     if changed is not None:
         report.notes.append(f"{name}() returns nothing and changes its argument {changed!r} in place: the workers "
                             f"change their copies of the items, yours stay as they were (a plain loop would "
@@ -124,6 +132,42 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
         from_pool = frozenset({"max_memory"})
     pool.backend.check_options(o, from_pool)
     return o
+
+
+def _calls_hash(func: Callable) -> bool:
+    """``func`` (or a notebook helper it calls) uses the builtin ``hash`` while str hashes are
+    randomised per process (the kernel started without a fixed PYTHONHASHSEED: the workers get
+    other numbers; one set in a cell does not reach this process's own)."""
+    seen: set[int] = set()
+    todo = [func]
+    while todo and len(seen) < 50:
+        f = todo.pop()
+        while isinstance(f, functools.partial) or hasattr(f, "__func__"):
+            f = f.func if isinstance(f, functools.partial) else f.__func__
+        if not isinstance(f, types.FunctionType) or id(f) in seen:
+            continue
+        seen.add(id(f))
+        g = f.__globals__
+        for n in global_names(f):
+            if n == "hash" and n not in g:
+                return _random_hash_seed()
+            value = g.get(n)
+            if isinstance(value, types.FunctionType) and value.__globals__ is g:
+                todo.append(value)
+    return False
+
+
+def _random_hash_seed() -> bool:
+    """This process hashes str with a random seed: PYTHONHASHSEED was not fixed when it started."""
+    if not sys.flags.hash_randomization:
+        return False
+    try:
+        with open("/proc/self/environ", "rb") as f:  # the environment it started with (Linux)
+            start = dict(e.partition(b"=")[::2] for e in f.read().split(b"\0") if b"=" in e)
+        seed = start.get(b"PYTHONHASHSEED", b"random").decode("ascii", "replace")
+    except OSError:
+        seed = os.environ.get("PYTHONHASHSEED", "random")
+    return seed == "random"
 
 
 _NUMPY_DEFAULT = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}
