@@ -8,9 +8,7 @@ here starts a worker or reads the ITERABLE beyond a stream's first look.
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import types
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
@@ -21,10 +19,9 @@ from .engine.core.transport import OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
-from .inplace import changed_globals, changed_parameter
+from .loopnotes import loop_notes
 from .report import FAILED_KEPT, RunReport
-from .serialize import (Payload, assigned_globals, callable_name, describe, dump_function, global_names,
-                        shared_generators, undefined_globals, unseeded_calls)
+from .serialize import Payload, callable_name, describe, dump_function, undefined_globals
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -46,12 +43,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     name = _check_function(func, o)
     unwrapped = func
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
-    written = assigned_globals(func) if copies else ()
-    changed_in_place = changed_globals(func) if copies else ()
-    hashes = copies and _calls_hash(func)
-    generators = shared_generators(func, o.kwargs) if copies else ()
-    changed = changed_parameter(func, o.star) if copies and o.repeat is None else None
-    unseeded = unseeded_calls(func) if o.seed is not None else ()
+    unlike_loop = loop_notes(func, name, o, copies)
     func, iterable = _call(func, iterable, o, name)
     payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs)
     workers = o.workers or pool.size
@@ -65,26 +57,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
 
         # keys that hold in this kernel, made at pickle speed, unless a checkpoint file keeps them
         report.kw_keys, report.kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=payload.digests)
-    if written:
-        report.notes.append(_globals_note(name, written))
-    if changed_in_place:
-        report.notes.append(_globals_note(name, changed_in_place, "changes", " in place"))
-    if generators:
-        report.notes.append(_generators_note(name, generators))
-    if unseeded:
-        calls = ", ".join(f"{n}()" for n in unseeded)
-        report.notes.append(f"{name}() calls {calls} without a seed: --seed does not reach {'it' if len(unseeded) == 1 else 'them'}, "
-                            f"so the numbers drawn that way differ in every run; use poolmagic.item_rng(), or pass "
-                            f"poolmagic.item_seed() as the seed")
-    if hashes:
-        report.notes.append(f"{name}() calls hash(): a str or bytes hashes to another number in each worker process "
-                            f"than here (Python randomises it per process), so a result that depends on it, or on "
-                            f"the order of a set of str, differs from a plain loop's; start Jupyter with "
-                            f"PYTHONHASHSEED=0 for the same numbers everywhere, or use hashlib")
-    if changed is not None:
-        report.notes.append(f"{name}() returns nothing and changes its argument {changed!r} in place: the workers "
-                            f"change their copies of the items, yours stay as they were (a plain loop would "
-                            f"change them); return the changed item and use the results")
+    report.notes.extend(unlike_loop)
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload.key, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -97,25 +70,6 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     else:
         report.replay = (func, o, None)
     return job
-
-
-def _globals_note(name: str, written: tuple[str, ...], verb: str = "assigns", how: str = "") -> str:
-    """What a map of a function that assigns globals (or changes them in place: ``out.append(x)``)
-    changes: each worker's copy, not the notebook's."""
-    names = ", ".join(repr(n) for n in written)
-    one = len(written) == 1
-    return (f"{name}() {verb} the global{'' if one else 's'} {names}{how} in the workers: the notebook's "
-            f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
-
-
-def _generators_note(name: str, generators: list[str]) -> str:
-    """What a map of a function that draws from a generator (or an iterator) of the notebook gets: copies."""
-    one = len(generators) == 1
-    return (f"{name}() draws from {'; and '.join(generators)}: each worker draws from a copy of "
-            f"{'it' if one else 'each'} as it was when the map started, so workers repeat each other's draws "
-            f"and the notebook's {'does' if one else 'do'} not move on (a plain loop draws on from one "
-            f"stream); draw random numbers from np.random, random or poolmagic.item_rng() instead (per item, "
-            f"and reproducible with --seed), and number items by their position (enumerate) rather than next()")
 
 
 def _options(pool: "Pool", options: dict) -> MapOptions:
@@ -132,42 +86,6 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
         from_pool = frozenset({"max_memory"})
     pool.backend.check_options(o, from_pool)
     return o
-
-
-def _calls_hash(func: Callable) -> bool:
-    """``func`` (or a notebook helper it calls) uses the builtin ``hash`` while str hashes are
-    randomised per process (the kernel started without a fixed PYTHONHASHSEED: the workers get
-    other numbers; one set in a cell does not reach this process's own)."""
-    seen: set[int] = set()
-    todo = [func]
-    while todo and len(seen) < 50:
-        f = todo.pop()
-        while isinstance(f, functools.partial) or hasattr(f, "__func__"):
-            f = f.func if isinstance(f, functools.partial) else f.__func__
-        if not isinstance(f, types.FunctionType) or id(f) in seen:
-            continue
-        seen.add(id(f))
-        g = f.__globals__
-        for n in global_names(f):
-            if n == "hash" and n not in g:
-                return _random_hash_seed()
-            value = g.get(n)
-            if isinstance(value, types.FunctionType) and value.__globals__ is g:
-                todo.append(value)
-    return False
-
-
-def _random_hash_seed() -> bool:
-    """This process hashes str with a random seed: PYTHONHASHSEED was not fixed when it started."""
-    if not sys.flags.hash_randomization:
-        return False
-    try:
-        with open("/proc/self/environ", "rb") as f:  # the environment it started with (Linux)
-            start = dict(e.partition(b"=")[::2] for e in f.read().split(b"\0") if b"=" in e)
-        seed = start.get(b"PYTHONHASHSEED", b"random").decode("ascii", "replace")
-    except OSError:
-        seed = os.environ.get("PYTHONHASHSEED", "random")
-    return seed == "random"
 
 
 _NUMPY_DEFAULT = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}
