@@ -406,19 +406,36 @@ def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -
 def _generator_kind(value: Any) -> str | None:
     """"a numpy.random.Generator" when ``value`` is a random generator or an iterator
     (``itertools.count()``, ``iter(ids)``), or a bound method of one, whose copy would repeat
-    what it gives; None otherwise (SystemRandom draws from the OS)."""
-    if isinstance(value, (types.MethodType, types.BuiltinMethodType)) and module_method_home(value) is None:
-        value = value.__self__  # rng.normal, r.random: their generator (not random.random: the worker's own)
+    what it gives; None otherwise (SystemRandom draws from the OS). Decided once per type."""
+    t = type(value)
+    if t is types.MethodType or t is types.BuiltinMethodType:
+        if module_method_home(value) is not None:
+            return None  # random.random: the worker's own generator
+        value = value.__self__  # rng.normal, r.random: their generator
+        t = type(value)
+    kind = _KINDS.get(t, _UNKNOWN)
+    if kind is _UNKNOWN:
+        kind = _kind_of(t)
+        if len(_KINDS) > 1024:
+            _KINDS.clear()
+        _KINDS[t] = kind
+    return kind
+
+
+_UNKNOWN = object()
+_KINDS: dict[type, Any] = {}  # type -> what _kind_of says
+
+
+def _kind_of(t: type) -> str | None:
     import random
 
     npr = sys.modules.get("numpy.random")
-    if isinstance(value, random.Random):
-        if isinstance(value, random.SystemRandom):
+    if issubclass(t, random.Random):
+        if issubclass(t, random.SystemRandom):
             return None
-    elif isinstance(value, (type, types.ModuleType)) or not hasattr(type(value), "__next__"):
-        if npr is None or not isinstance(value, (npr.Generator, npr.RandomState, npr.BitGenerator)):
+    elif issubclass(t, (type, types.ModuleType)) or not hasattr(t, "__next__"):
+        if npr is None or not issubclass(t, (npr.Generator, npr.RandomState, npr.BitGenerator)):
             return None
-    t = type(value)
     module = "numpy.random" if t.__module__.startswith("numpy.random") else t.__module__
     kind = t.__qualname__ if module == "builtins" else f"{module}.{t.__qualname__}"
     return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
