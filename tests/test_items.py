@@ -240,7 +240,13 @@ def test_a_tuple_holding_one_object_again_is_refused():
 
 
 def test_one_unchanged_object_repeated_or_immutable_items_are_not_refused():
-    for stream in (itertools.repeat([1], 3), (0 for _ in range(3)), (("a", 1) for _ in range(3))):
+    import enum
+
+    np = pytest.importorskip("numpy")
+    color = enum.Enum("Color", "RED BLUE")
+    for stream in (itertools.repeat([1], 3), (0 for _ in range(3)), (("a", 1) for _ in range(3)),
+                   iter(np.array([True, True, False])),  # np.True_ is one object
+                   iter([color.RED] * 3), iter([int] * 3)):
         src = ItemSource(stream)
         src.set_want(10)
         assert src.feed() is None and len(src.take(10)[1]) == 3

@@ -10,10 +10,12 @@ read, and iterables tied to their thread (sqlite3) work.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import sys
 import threading
 import time
+import types
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -39,6 +41,22 @@ def _length(iterable: Any) -> int | None:
         return len(iterable)
     except TypeError:
         return None
+
+
+def _refillable(x: Any) -> bool:
+    """``x`` is an object a stream could fill again and yield anew: a list, dict, set, bytearray,
+    an array (not a numpy scalar: np.True_ is one object however often a bool array yields it),
+    a DataFrame or Series, an instance with attributes. Not a value that cannot change (int, str,
+    tuple, None, a numpy scalar, an enum member) nor a class, function or module."""
+    if isinstance(x, (list, dict, set, bytearray, deque)):
+        return True
+    if isinstance(x, _IMMUTABLE) or isinstance(x, (type, types.FunctionType, types.BuiltinFunctionType,
+                                                   types.ModuleType, enum.Enum)):
+        return False
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(x, np.generic):
+        return False
+    return getattr(x, "ndim", 1) != 0 and (hasattr(x, "__dict__") or hasattr(x, "__array__"))
 
 
 def _size(x: Any) -> int:
@@ -223,10 +241,9 @@ class ItemSource:
         if self._watch is None and got:
             first = got[0]
             if type(first) is tuple:  # enumerate's (i, buffer): its second place, when mutable
-                self._watch = (1,) if self._enumerate and len(first) == 2 and not isinstance(
-                    first[1], _IMMUTABLE) else False
+                self._watch = (1,) if self._enumerate and len(first) == 2 and _refillable(first[1]) else False
             else:
-                self._watch = not isinstance(first, _IMMUTABLE)
+                self._watch = _refillable(first)
         watch = self._watch
         if not watch:
             return got
