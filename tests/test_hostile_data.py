@@ -5,7 +5,6 @@ Real pools and, for the magics, the session's real InteractiveShell (``ip``).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -218,8 +217,10 @@ def test_an_iterator_the_function_takes_from_is_named_in_a_note(ip):
 def test_a_function_that_hashes_is_told_that_workers_hash_str_otherwise(ip):
     """``hash(word) % 8`` (feature hashing): each worker process has its own str hash seed, so the
     map's buckets differ from the loop's, without a word."""
-    if not sys.flags.hash_randomization or os.environ.get("PYTHONHASHSEED", "random") != "random":
-        pytest.skip("this process hashes str with a fixed seed (PYTHONHASHSEED), as its workers do")
+    from poolmagic.loopnotes import _random_hash_seed
+
+    if not _random_hash_seed():
+        pytest.skip("this process started with a fixed PYTHONHASHSEED, as its workers do: they hash alike")
     ip.run_cell("def h3_bucket_of(w):\n    return hash(w) % 8\n")
     r = ip.run_cell("%%poolmap ['a', 'b']\ndef h3_bucket(w):\n    return h3_bucket_of(w)\n")
     assert r.error_in_exec is None, r.error_in_exec
