@@ -199,3 +199,31 @@ def test_the_kernel_s_numpy_error_handling_holds_in_the_items(backend):
         assert pool.map(_reciprocal, [2.0])[0] == 0.5
         with np.errstate(divide="ignore"):  # back to the default: the workers follow
             assert pool.map(_reciprocal, [0.0, 1.0]) == [np.inf, 1.0]
+
+
+@pytest.mark.timeout(60)
+def test_an_iterator_the_function_takes_from_is_named_in_a_note(ip):
+    """``counter = itertools.count()`` and ``next(counter)`` in the function: a loop numbers the
+    items 0, 1, 2 ...; each worker took from its own copy, so the map gave 0, 0, 1, 1, 2, 2."""
+    ip.run_cell("import itertools\nh3_counter = itertools.count()\n")
+    r = ip.run_cell("%%poolmap range(4)\ndef h3_next(i):\n    return next(h3_counter)\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    notes = ip.user_ns["_poolmap"].notes
+    assert any("the global 'h3_counter', an itertools.count: each worker draws from a copy" in n
+               for n in notes), notes
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_hashes_is_told_that_workers_hash_str_otherwise(ip):
+    """``hash(word) % 8`` (feature hashing): each worker process has its own str hash seed, so the
+    map's buckets differ from the loop's, without a word."""
+    from poolmagic.loopnotes import _random_hash_seed
+
+    if not _random_hash_seed():
+        pytest.skip("this process started with a fixed PYTHONHASHSEED, as its workers do: they hash alike")
+    ip.run_cell("def h3_bucket_of(w):\n    return hash(w) % 8\n")
+    r = ip.run_cell("%%poolmap ['a', 'b']\ndef h3_bucket(w):\n    return h3_bucket_of(w)\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    assert any("h3_bucket() calls hash()" in n for n in ip.user_ns["_poolmap"].notes)
+    r = ip.run_cell("%%poolmap ['a', 'b']\ndef h3_no_hash(w):\n    return len(w)\n")
+    assert not ip.user_ns["_poolmap"].notes

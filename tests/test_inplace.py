@@ -85,4 +85,8 @@ def test_notebook_globals_changed_in_place_are_found():
     assert changed_globals(ns["b"]) == ("memo",)
     assert changed_globals(ns["c"]) == ("cfg",)  # a module reached through is not the notebook's
     assert changed_globals(ns["d"]) == ()
+    import multiprocessing.managers
+
+    ns["out"] = multiprocessing.managers.ListProxy.__new__(multiprocessing.managers.ListProxy)
+    assert changed_globals(ns["a"]) == ()  # a Manager's list is shared on purpose
     assert changed_globals(_append) == ()  # not a notebook function

@@ -226,8 +226,27 @@ def test_a_stream_yielding_one_object_again_is_refused_at_the_repeat(fast):
     assert src.error is err
 
 
+def test_a_tuple_holding_one_object_again_is_refused():
+    """enumerate(a generator refilling one buffer): tuples are new each time, the buffer is not."""
+    src = ItemSource(enumerate(_one_buffer(3)))
+    src.set_want(10)
+    err = src.feed()
+    assert isinstance(err, BadInputError) and "yielded item 1 as the very object it yielded for item 0" in str(err)
+    model = [1]
+    for fine in (enumerate([[0], [1]]), zip(itertools.repeat(model), range(3)), itertools.product([model], range(3))):
+        src = ItemSource(fine)  # new lists; one unchanged object passed with each item on purpose
+        src.set_want(10)
+        assert src.feed() is None and len(src.take(10)[1]) >= 2
+
+
 def test_one_unchanged_object_repeated_or_immutable_items_are_not_refused():
-    for stream in (itertools.repeat([1], 3), (0 for _ in range(3)), (("a", 1) for _ in range(3))):
+    import enum
+
+    np = pytest.importorskip("numpy")
+    color = enum.Enum("Color", "RED BLUE")
+    for stream in (itertools.repeat([1], 3), (0 for _ in range(3)), (("a", 1) for _ in range(3)),
+                   iter(np.array([True, True, False])),  # np.True_ is one object
+                   iter([color.RED] * 3), iter([int] * 3)):
         src = ItemSource(stream)
         src.set_want(10)
         assert src.feed() is None and len(src.take(10)[1]) == 3

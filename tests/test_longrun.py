@@ -293,6 +293,24 @@ def test_rerun_refuses_a_big_kw_value_changed_in_place_unless_forced(pool):
         report.rerun(force=True)
 
 
+@pytest.mark.timeout(60)
+def test_rerun_refuses_when_a_global_the_function_reads_changed_since_the_map(ip):
+    """A global array changed in place after the map: report.rerun / %pooldebug ran the item with it
+    as it is now, so the item the workers saw fail ran without failing (2.0), and a debugger would
+    have shown an item they never ran."""
+    ip.run_cell("import numpy as np\nRR_K = np.array([1.0])\n")
+    r = ip.run_cell("%%poolmap --keep-going [0, 1]\ndef rr_uses_k(x):\n"
+                    "    if x == 1 and RR_K[0] == 1.0:\n        raise ValueError('K is 1')\n    return float(RR_K[0])\n")
+    assert isinstance(r.error_in_exec, MapFailedError), r.error_in_exec
+    report = ip.user_ns["_poolmap"]
+    with pytest.raises(ValueError, match="K is 1"):
+        report.rerun(1)  # unchanged: the item fails as in the map
+    ip.user_ns["RR_K"][0] = 2.0
+    with pytest.raises(BadInputError, match="a global or helper the function reads changed since the map"):
+        report.rerun(1)
+    assert report.rerun(1, force=True) == 2.0
+
+
 # ================================================================ 6. tracebacks
 
 

@@ -145,12 +145,12 @@ def _captured(func: Any) -> Iterator[tuple[str, Any]]:
 
 
 def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -> list[str]:
-    """The random generators of the notebook that are pickled with ``func`` (read by it or by a
+    """The random generators and iterators of the notebook that are pickled with ``func`` (read by it or by a
     helper it calls, a closure, a default, a partial's argument), as "the global 'rng', a
     numpy.random.Generator". Each worker gets a copy of such a generator as it is when the map
     starts: the workers draw the same numbers, where a loop draws on from the one stream. ``kwargs``:
     the map's --kw values, which go with it too. A method
-    a module holds by name (``random.randint``) is not one: it goes by name (``module_method_home``)."""
+    a module holds by name (``random.randint``) is not one: it goes by name (``_reduce_method``)."""
     found = [f"the --kw value {k!r}, {kind}" for k, v in (kwargs or {}).items()
              if (kind := _generator_kind(v)) is not None]
     seen: set[int] = set()
@@ -171,21 +171,41 @@ def shared_generators(func: Any, kwargs: dict | None = None, limit: int = 200) -
 
 
 def _generator_kind(value: Any) -> str | None:
-    """"a numpy.random.Generator" when ``value`` is a random generator (or a bound method of one)
-    whose copy would repeat its numbers; None otherwise (SystemRandom draws from the OS)."""
-    if isinstance(value, (types.MethodType, types.BuiltinMethodType)) and module_method_home(value) is None:
-        value = value.__self__  # rng.normal, r.random: their generator (not random.random: the worker's own)
+    """"a numpy.random.Generator" when ``value`` is a random generator or an iterator
+    (``itertools.count()``, ``iter(ids)``), or a bound method of one, whose copy would repeat
+    what it gives; None otherwise (SystemRandom draws from the OS). Decided once per type."""
+    t = type(value)
+    if t is types.MethodType or t is types.BuiltinMethodType:
+        if module_method_home(value) is not None:
+            return None  # random.random: the worker's own generator
+        value = value.__self__  # rng.normal, r.random: their generator
+        t = type(value)
+    kind = _KINDS.get(t, _UNKNOWN)
+    if kind is _UNKNOWN:
+        kind = _kind_of(t)
+        if len(_KINDS) > 1024:
+            _KINDS.clear()
+        _KINDS[t] = kind
+    return kind
+
+
+_UNKNOWN = object()
+_KINDS: dict[type, Any] = {}  # type -> what _kind_of says
+
+
+def _kind_of(t: type) -> str | None:
     import random
 
     npr = sys.modules.get("numpy.random")
-    if isinstance(value, random.Random):
-        if isinstance(value, random.SystemRandom):
+    if issubclass(t, random.Random):
+        if issubclass(t, random.SystemRandom):
             return None
-    elif npr is None or not isinstance(value, (npr.Generator, npr.RandomState, npr.BitGenerator)):
-        return None
-    t = type(value)
+    elif issubclass(t, (type, types.ModuleType)) or not hasattr(t, "__next__"):
+        if npr is None or not issubclass(t, (npr.Generator, npr.RandomState, npr.BitGenerator)):
+            return None
     module = "numpy.random" if t.__module__.startswith("numpy.random") else t.__module__
-    return f"a {module}.{t.__qualname__}"
+    kind = t.__qualname__ if module == "builtins" else f"{module}.{t.__qualname__}"
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def explain_unpicklable(func: Callable, exc: BaseException, _depth: int = 0) -> str:

@@ -55,8 +55,15 @@ def changed_globals(func: Any) -> tuple[str, ...]:
     g = getattr(func, "__globals__", {})
     if code is None or g.get("__name__") != "__main__":
         return ()
-    return tuple(n for n in _changes(code, False)[1]
-                 if n in g and not isinstance(g[n], (types.ModuleType, types.FunctionType, type)))
+    return tuple(n for n in _changes(code, False)[1] if n in g and _copied(g[n]))
+
+
+def _copied(value: Any) -> bool:
+    """A global whose change in a worker stays there: not a module, function or class (reached
+    through), nor a multiprocessing proxy or queue (``Manager().dict()``: shared on purpose)."""
+    if isinstance(value, (types.ModuleType, types.FunctionType, type)):
+        return False
+    return not (type(value).__module__ or "").startswith("multiprocessing")
 
 
 def _code(func: Any) -> types.CodeType | None:

@@ -19,9 +19,9 @@ from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
-from .inplace import changed_globals, changed_parameter
+from .loopnotes import loop_notes
 from .report import FAILED_KEPT, RunReport
-from .captures import assigned_globals, shared_generators, undefined_globals, unseeded_calls
+from .captures import undefined_globals
 from .serialize import Payload, callable_name, describe, dump_function
 
 if TYPE_CHECKING:
@@ -44,11 +44,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     name = _check_function(func, o)
     unwrapped = func
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
-    written = assigned_globals(func) if copies else ()
-    changed_in_place = changed_globals(func) if copies else ()
-    generators = shared_generators(func, o.kwargs) if copies else ()
-    changed = changed_parameter(func, o.star) if copies and o.repeat is None else None
-    unseeded = unseeded_calls(func) if o.seed is not None else ()
+    unlike_loop = loop_notes(func, name, o, copies)
     func, iterable = _call(func, iterable, o, name)
     kw_keys, kw_kept, pickled, digests = None, {}, {}, {}
     if o.kwargs:  # what the workers get, to say later that a value changed since (resume, checkpoint, rerun)
@@ -69,21 +65,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
                        threads=shown, serial_item_s=pool.serial_item_s.get(payload.key))
     report.notes.extend(notes)
     report.kw_keys, report.kw_kept = kw_keys, kw_kept
-    if written:
-        report.notes.append(_globals_note(name, written))
-    if changed_in_place:
-        report.notes.append(_globals_note(name, changed_in_place, "changes", " in place"))
-    if generators:
-        report.notes.append(_generators_note(name, generators))
-    if unseeded:
-        calls = ", ".join(f"{n}()" for n in unseeded)
-        report.notes.append(f"{name}() calls {calls} without a seed: --seed does not reach {'it' if len(unseeded) == 1 else 'them'}, "
-                            f"so the numbers drawn that way differ in every run; use poolmagic.item_rng(), or pass "
-                            f"poolmagic.item_seed() as the seed")
-    if changed is not None:
-        report.notes.append(f"{name}() returns nothing and changes its argument {changed!r} in place: the workers "
-                            f"change their copies of the items, yours stay as they were (a plain loop would "
-                            f"change them); return the changed item and use the results")
+    report.notes.extend(unlike_loop)
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -96,25 +78,6 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     else:
         report.replay = (func, o, None)
     return job
-
-
-def _globals_note(name: str, written: tuple[str, ...], verb: str = "assigns", how: str = "") -> str:
-    """What a map of a function that assigns globals (or changes them in place: ``out.append(x)``)
-    changes: each worker's copy, not the notebook's."""
-    names = ", ".join(repr(n) for n in written)
-    one = len(written) == 1
-    return (f"{name}() {verb} the global{'' if one else 's'} {names}{how} in the workers: the notebook's "
-            f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
-
-
-def _generators_note(name: str, generators: list[str]) -> str:
-    """What a map of a function that draws from a generator of the notebook gets: copies of it."""
-    one = len(generators) == 1
-    return (f"{name}() draws from {'; and '.join(generators)}: each worker draws from a copy of "
-            f"{'it' if one else 'each'} as it was when the map started, so workers repeat each other's numbers "
-            f"and the notebook's {'generator does' if one else 'generators do'} not move on (a plain loop draws "
-            f"on from one stream); draw from np.random, random or poolmagic.item_rng() instead (per item, "
-            f"and reproducible with --seed)")
 
 
 def _options(pool: "Pool", options: dict) -> MapOptions:

@@ -157,6 +157,8 @@ class RunReport(MapRecord):
         if unsafe is not None and not force:
             raise BadInputError(self._not_rerun(index, unsafe))
         limit = options.timeout if isinstance(unsafe, ItemTimeoutError) else None
+        if not force:
+            self._same_version(func, options.kwargs, index)
         if options.kwargs:
             func = self._as_mapped(func, options.kwargs, index, force)
         if options.seed is not None:
@@ -171,6 +173,25 @@ class RunReport(MapRecord):
             if options.seed is not None:
                 seeds.clear()
                 seeds.restore_streams(saved)
+
+    def _same_version(self, func: Any, kwargs: dict | None, index: int) -> None:
+        """Refuse to re-run ``func`` when a global or helper it reads changed since the map (in place,
+        or bound anew): it would run another version than the workers did, and a debugger would show
+        an item they never ran (one that no longer fails, or fails otherwise). Known for maps that
+        ended with items missing (their function's key is taken then)."""
+        was = getattr(self.identity, "code", None)
+        if was is None:
+            return
+        from .seenitems import mapped_code_key
+
+        if mapped_code_key(func, kwargs) in (was, None):
+            return
+        from .errors import BadInputError
+
+        raise BadInputError(
+            f"item {index} was not re-run: a global or helper the function reads changed since the map, so "
+            f"here it would run another version than the workers did. Map it again to debug it, or "
+            f"%pooldebug --force {index} (report.rerun({index}, force=True)) runs it as it is now")
 
     def _as_mapped(self, func: Any, kwargs: dict, index: int, force: bool) -> Any:
         """``func`` with the --kw values the workers got: a value changed in place since the map

@@ -130,18 +130,24 @@ class SeenItems:
 def _code_key(job: Any) -> str | None:
     """The key of the function the user mapped (not the wrappers --kw and --repeat put around it),
     for --resume to say that the function changed since: as a checkpoint says it."""
+    return mapped_code_key(job.func, job.options.kwargs, getattr(job.payload, "digests", None))
+
+
+def mapped_code_key(func: Any, kwargs: dict | None, digests: dict | None = None) -> str | None:
+    """``_code_key`` of the function a map called (``func``, with ``kwargs`` bound by --kw):
+    also what ``RunReport.rerun`` compares, to re-run only the version the workers ran.
+    ``digests``: big buffers the map's payload hashed already."""
     import functools
 
     from .checks import NoArgs
     from .versions import code_key
 
-    func = job.func
     if isinstance(func, NoArgs):
         func = func.func
-    if job.options.kwargs and isinstance(func, functools.partial):
+    if kwargs and isinstance(func, functools.partial):
         func = func.func
     try:
         # compared in this kernel only; a big array the function reads was hashed by the payload
-        return code_key(func, stable=False, digests=getattr(job.payload, "digests", None))
+        return code_key(func, stable=False, digests=digests)
     except Exception:  # (a global that cannot be keyed: code_key says None itself; anything else too)
         return None

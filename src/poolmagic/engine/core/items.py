@@ -10,10 +10,12 @@ read, and iterables tied to their thread (sqlite3) work.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import sys
 import threading
 import time
+import types
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -39,6 +41,22 @@ def _length(iterable: Any) -> int | None:
         return len(iterable)
     except TypeError:
         return None
+
+
+def _refillable(x: Any) -> bool:
+    """``x`` is an object a stream could fill again and yield anew: a list, dict, set, bytearray,
+    an array (not a numpy scalar: np.True_ is one object however often a bool array yields it),
+    a DataFrame or Series, an instance with attributes. Not a value that cannot change (int, str,
+    tuple, None, a numpy scalar, an enum member) nor a class, function or module."""
+    if isinstance(x, (list, dict, set, bytearray, deque)):
+        return True
+    if isinstance(x, _IMMUTABLE) or isinstance(x, (type, types.FunctionType, types.BuiltinFunctionType,
+                                                   types.ModuleType, enum.Enum)):
+        return False
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(x, np.generic):
+        return False
+    return getattr(x, "ndim", 1) != 0 and (hasattr(x, "__dict__") or hasattr(x, "__array__"))
 
 
 def _size(x: Any) -> int:
@@ -77,7 +95,10 @@ class ItemSource:
         self.sample: list = []  # first items of a stream, kept for %poolsize --tune
         self._sample_bytes = 0  # their size, as far as _size tells
         # items may be one object yielded again (not ints, str, tuples ...; not itertools.repeat's, unchanged)
-        self._watch: bool | None = False if type(iterable) is itertools.repeat else None
+        self._watch: Any = False if type(iterable) is itertools.repeat else None  # True, or a tuple's places
+        # tuples are watched only from an enumerate: zip(repeat(model), xs) and product(datasets, params)
+        # repeat one unchanged object in a place on purpose
+        self._enumerate = type(iterable) is enumerate
         self._last: Any = None  # the last item read, while _watch
         self.error: BaseException | None = None  # what the stream raised, if it did
         self._buffer: deque = deque()
@@ -206,32 +227,44 @@ class ItemSource:
             self._sample_bytes += size
 
     def _once_each(self, got: list) -> list:
-        """``got``, checked: an item must not be the object the item before it was.
+        """``got``, checked: an item must not be the object the item before it was (nor, for
+        ``enumerate``'s pairs, hold the object the pair before held).
 
         A stream that fills one buffer and yields it again for each item works in a
         loop, which calls the function before the next item is made; read ahead of
         the workers, every buffered item is that one object, sent (or, on threads,
         run) with its later contents. Such a stream is refused at the repeat; the
         items before it keep their place. Streams of ints, str, tuples and the like
-        (immutable: a repeat is the same value) are not watched.
+        (immutable: a repeat is the same value) are not watched, nor tuples but
+        enumerate's: zip(repeat(model), xs) repeats one unchanged object on purpose.
         """
         if self._watch is None and got:
-            self._watch = not isinstance(got[0], _IMMUTABLE)
-        if not self._watch:
+            first = got[0]
+            if type(first) is tuple:  # enumerate's (i, buffer): its second place, when mutable
+                self._watch = (1,) if self._enumerate and len(first) == 2 and _refillable(first[1]) else False
+            else:
+                self._watch = _refillable(first)
+        watch = self._watch
+        if not watch:
             return got
         last = self._last
         for k, x in enumerate(got):
-            if x is last:
+            if watch is True:
+                repeat = x is last
+            else:
+                repeat = (type(x) is tuple and type(last) is tuple
+                          and any(j < len(x) and j < len(last) and x[j] is last[j] for j in watch))
+            if repeat:
                 self._last = None
                 del got[k:]  # what came before stays read
                 t = type(x)
                 kind = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
                 raise BadInputError(
                     f"the ITERABLE yielded item {self.read + k} as the very object it yielded for item "
-                    f"{self.read + k - 1} (a {kind}): items are read ahead of "
-                    f"the workers, so one object the ITERABLE changes and yields again would reach them with its "
-                    f"later contents, unlike a loop's. Yield a copy for each item (yield buf.copy()); to map one "
-                    f"unchanged object n times, map [x] * n")
+                    f"{self.read + k - 1} (a {kind}{'' if watch is True else ' holding it'}): items are read "
+                    f"ahead of the workers, so one object the ITERABLE changes and yields again would reach them "
+                    f"with its later contents, unlike a loop's. Yield a copy for each item (yield buf.copy()); if "
+                    f"the object does not change (a cached value), map a list of the items instead ([x] * n)")
             last = x
         self._last = last
         return got

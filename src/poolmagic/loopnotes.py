@@ -1,0 +1,112 @@
+"""What a map does unlike the plain loop, said as notes on its report before it runs.
+
+Workers are other processes: they get copies of the items and of what the
+function reads, and hash str with seeds of their own. Where the function's
+code shows it relies on what a copy cannot give (a global it assigns or
+changes in place, an argument it changes and does not return, a generator or
+iterator of the notebook it draws from, ``hash()``), or on what ``--seed``
+cannot reach (a generator made without a seed), the map says so: the results
+then differ from the loop's, and nothing else would tell. Each check reads the
+function's code and the values it captures, not the items: no cost per item.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import types
+from typing import Callable
+
+from .engine.mapoptions import MapOptions
+from .inplace import changed_globals, changed_parameter
+from .captures import assigned_globals, global_names, shared_generators, unseeded_calls
+
+
+def loop_notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
+    """The notes for mapping ``func`` (the user's, before --kw and --repeat wrap it) with ``o``;
+    ``copies``: the backend runs it in other processes (not the threads backend)."""
+    notes = []
+    if copies:
+        written = assigned_globals(func)
+        if written:
+            notes.append(_globals_note(name, written))
+        changed = changed_globals(func)
+        if changed:
+            notes.append(_globals_note(name, changed, "changes", " in place"))
+        generators = shared_generators(func, o.kwargs)
+        if generators:
+            notes.append(_generators_note(name, generators))
+    if o.seed is not None:
+        unseeded = unseeded_calls(func)
+        if unseeded:
+            calls = ", ".join(f"{n}()" for n in unseeded)
+            notes.append(f"{name}() calls {calls} without a seed: --seed does not reach "
+                         f"{'it' if len(unseeded) == 1 else 'them'}, so the numbers drawn that way differ in every "
+                         f"run; use poolmagic.item_rng(), or pass poolmagic.item_seed() as the seed")
+    if copies and _calls_hash(func):
+        notes.append(f"{name}() calls hash(): a str or bytes hashes to another number in each worker process "
+                     f"than here (Python randomises it per process), so a result that depends on it, or on "
+                     f"the order of a set of str, differs from a plain loop's; start Jupyter with "
+                     f"PYTHONHASHSEED=0 for the same numbers everywhere, or use hashlib")
+    if copies and o.repeat is None:
+        param = changed_parameter(func, o.star)
+        if param is not None:
+            notes.append(f"{name}() returns nothing and changes its argument {param!r} in place: the workers "
+                         f"change their copies of the items, yours stay as they were (a plain loop would "
+                         f"change them); return the changed item and use the results")
+    return notes
+
+
+def _globals_note(name: str, written: tuple[str, ...], verb: str = "assigns", how: str = "") -> str:
+    """What a map of a function that assigns globals (or changes them in place: ``out.append(x)``)
+    changes: each worker's copy, not the notebook's."""
+    names = ", ".join(repr(n) for n in written)
+    one = len(written) == 1
+    return (f"{name}() {verb} the global{'' if one else 's'} {names}{how} in the workers: the notebook's "
+            f"{'does' if one else 'do'} not change (in a plain loop {'it' if one else 'they'} would)")
+
+
+def _generators_note(name: str, generators: list[str]) -> str:
+    """What a map of a function that draws from a generator (or an iterator) of the notebook gets: copies."""
+    one = len(generators) == 1
+    return (f"{name}() draws from {'; and '.join(generators)}: each worker draws from a copy of "
+            f"{'it' if one else 'each'} as it was when the map started, so workers repeat each other's draws "
+            f"and the notebook's {'does' if one else 'do'} not move on (a plain loop draws on from one "
+            f"stream); draw random numbers from np.random, random or poolmagic.item_rng() instead (per item, "
+            f"and reproducible with --seed), and number items by their position (enumerate) rather than next()")
+
+
+def _calls_hash(func: Callable) -> bool:
+    """``func`` (or a notebook helper it calls) uses the builtin ``hash`` while str hashes are
+    randomised per process (the kernel started without a fixed PYTHONHASHSEED: the workers get
+    other numbers; one set in a cell does not reach this process's own)."""
+    seen: set[int] = set()
+    todo = [func]
+    while todo and len(seen) < 50:
+        f = todo.pop()
+        while isinstance(f, functools.partial) or hasattr(f, "__func__"):
+            f = f.func if isinstance(f, functools.partial) else f.__func__
+        if not isinstance(f, types.FunctionType) or id(f) in seen:
+            continue
+        seen.add(id(f))
+        g = f.__globals__
+        for n in global_names(f):
+            if n == "hash" and n not in g:
+                return _random_hash_seed()
+            value = g.get(n)
+            if isinstance(value, types.FunctionType) and value.__globals__ is g:
+                todo.append(value)
+    return False
+
+
+def _random_hash_seed() -> bool:
+    """This process hashes str with a random seed: PYTHONHASHSEED was not fixed when it started."""
+    if not sys.flags.hash_randomization:
+        return False
+    try:
+        with open("/proc/self/environ", "rb") as f:  # the environment it started with (Linux)
+            start = dict(e.partition(b"=")[::2] for e in f.read().split(b"\0") if b"=" in e)
+        seed = start.get(b"PYTHONHASHSEED", b"random").decode("ascii", "replace")
+    except OSError:
+        seed = os.environ.get("PYTHONHASHSEED", "random")
+    return seed == "random"
