@@ -74,6 +74,19 @@ def test_a_retry_that_fails_again_still_stops_the_map(backend, tmp_path):
     assert runs(tmp_path)[2] == 2
 
 
+def test_every_retry_counted_is_an_attempt_kept_when_a_map_stops_with_retries_pending(backend, tmp_path):
+    """Items that failed and waited to run again when the map stopped at another's last failure:
+    ``retried`` counted their retries and ``.attempts`` held only the failing item's (a map read
+    '6 retried' beside one item's three). Every failed attempt that was counted is kept."""
+    with pytest.raises(ConnectionError) as info:
+        backend.run(fail_first_attempt, range(3), chunksize=1, retries=3,
+                    kwargs={"folder": str(tmp_path), "always": (0, 1, 2)})
+    r = info.value.poolmap_report
+    failed_attempts = sum(len(v) - (i in r.errors) for i, v in r.attempts.items())
+    assert failed_attempts == r.retried, (r.retried, {i: len(v) for i, v in r.attempts.items()}, list(r.errors))
+    assert all(type(e) is ConnectionError for v in r.attempts.values() for e in v)
+
+
 def test_keep_going_retries_exhausted_keeps_every_other_result(backend, tmp_path):
     with pytest.raises(MapFailedError) as info:
         backend.run(fail_first_attempt, range(20), chunksize=10, retries=1, keep_going=True,

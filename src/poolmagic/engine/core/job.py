@@ -325,6 +325,8 @@ class Job:
     def _close(self, status: str) -> None:
         src = self.source
         self.report.unread = src.is_stream and (not src.exhausted or src.error is not None)
+        if self.retry.attempts and status != "done":
+            self.results.stopped_after(self.retry.attempts)
         self.results.close(status, self.error, self.retry.isolated, self.source.pos)
         self.source.close()
         self.finished.set()

@@ -82,6 +82,16 @@ class Results:
         idx = self.at(pos)
         self.report.attempts[idx] = [as_item_error(idx, e, None) for e in tries]
 
+    def stopped_after(self, attempts: dict[int, list[BaseException]]) -> None:
+        """The map ended while these items (by position) waited to run again: their failed attempts are
+        kept too, as ``retried`` counted them (a fail-fast map read '6 retried' beside the attempts of
+        one item)."""
+        r = self.report
+        for pos, tries in attempts.items():
+            idx = self.at(pos)
+            if tries and idx not in r.attempts and idx not in r.errors:
+                r.attempts[idx] = [as_item_error(idx, e, None) for e in tries]
+
     def late(self, start: int, results: list, errors: list) -> None:
         """Results that came back after the map ended (failed, cancelled): they finished, keep them."""
         failed = {pos for pos, _ in errors}
