@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
@@ -84,16 +85,54 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
     """The map's options, with the pool's memory limit where the map sets none; the
     backend refuses those it cannot honour (threads: --timeout, --max-memory; a
     remote cluster: --max-memory)."""
-    o = MapOptions.from_kwargs(options)
-    errstate = _numpy_errstate()
-    if errstate is not None and o.errstate is None:
-        o = o.with_(errstate=errstate)
+    o = _with_kernel_state(MapOptions.from_kwargs(options))
     from_pool = frozenset()
     if o.max_memory is None and pool.max_memory is not None:
         o = o.with_(max_memory=pool.max_memory)
         from_pool = frozenset({"max_memory"})
     pool.backend.check_options(o, from_pool)
     return o
+
+
+def _with_kernel_state(o: MapOptions) -> MapOptions:
+    """``o`` with what the kernel's loop would run under: numpy's error handling and the warning
+    filters. The same options and state give the same object (its pickle is reused, protocol.py)."""
+    errstate = _numpy_errstate() if o.errstate is None else o.errstate
+    filters = _warning_filters() if o.warning_filters is None else o.warning_filters
+    if errstate is o.errstate and filters is o.warning_filters:
+        return o
+    key = (id(o), id(filters), errstate)  # (by identity: hashing the options costs more than making them)
+    kept = _WITH_STATE.get(key)
+    if kept is not None and kept[0] is o and kept[1] is filters:
+        return kept[2]
+    made = o.with_(errstate=errstate, warning_filters=filters)
+    _WITH_STATE[key] = (o, filters, made)  # (holding o and filters: their ids name no other object)
+    if len(_WITH_STATE) > 64:
+        del _WITH_STATE[next(iter(_WITH_STATE))]
+    return made
+
+
+_WITH_STATE: dict = {}
+_FILTERS: list = [None, None]  # [fingerprint of warnings.filters, the tuple made of it]
+
+
+def _warning_filters() -> tuple | None:
+    """The kernel's warning filters, as the workers can load them: an entry whose category a
+    worker cannot import (a Warning class of the notebook) is left out. Made again only when the
+    list changed (simplefilter and filterwarnings put a new entry first, or last with append=True;
+    catch_warnings puts a new list in place)."""
+    filters = warnings.filters
+    mark = (id(filters), len(filters), id(filters[0]) if filters else 0, id(filters[-1]) if filters else 0)
+    if _FILTERS[0] != mark:
+        kept = tuple(f for f in filters if len(f) == 5 and _importable(f[2]))
+        _FILTERS[:] = [mark, kept]
+    return _FILTERS[1]
+
+
+def _importable(category: Any) -> bool:
+    module = sys.modules.get(getattr(category, "__module__", "") or "")
+    return (module is not None and module.__name__ != "__main__"
+            and getattr(module, getattr(category, "__qualname__", ""), None) is category)
 
 
 _NUMPY_DEFAULT = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}

@@ -53,6 +53,9 @@ class MapOptions:
     errstate: tuple | None = opt(None, help="numpy's floating-point error handling while the items run, as "
                                             "(name, action) pairs of np.seterr: the kernel's when it is not "
                                             "numpy's default (np.seterr(all='raise') makes 1/0 raise in a loop)")
+    warning_filters: tuple | None = opt(None, help="the warning filters while the items run (warnings.filters): "
+                                                   "the kernel's (warnings.simplefilter('error') makes a "
+                                                   "RuntimeWarning raise in a loop)")
 
     def __post_init__(self) -> None:
         if isinstance(self.retry_on, type):  # one class: a tuple of one
@@ -120,6 +123,10 @@ def _check(name: str, value: Any, annotation: str) -> None:
     if name == "errstate":
         if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value)):
             raise BadInputError(f"errstate must be (name, action) pairs as np.seterr takes them, not {value!r}")
+        return
+    if name == "warning_filters":
+        if not (isinstance(value, tuple) and all(isinstance(f, tuple) and len(f) == 5 for f in value)):
+            raise BadInputError(f"warning_filters must be entries of warnings.filters, not {value!r}")
         return
     if name == "checkpoint":
         if not isinstance(value, (str, os.PathLike)):

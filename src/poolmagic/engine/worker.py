@@ -247,7 +247,7 @@ class Worker:
         self.applier.limit_threads_if_new_libraries()
         seq = msg.seq
         r = run_chunk(fn, items, o, start=msg.start, timed=msg.timed, indices=msg.indices,
-                      progress=lambda done: self._send(P.Progress(seq, done)))
+                      progress=lambda done: self._send(P.Progress(seq, done)), own_filters=True)
         recycle = self.baseline.changed() if self.baseline is not None else None
         recycle = recycle or RETIRE
         body, frames_out = pack_results(r.out, r.records, r.errors, msg.start, items, msg.indices)

@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .. import protocol as P
 from .chunk import run_chunk as _run_items
@@ -52,7 +52,8 @@ class ChunkRun(NamedTuple):
 
 def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool,
               indices: tuple | None = None, progress: Callable[[int], None] | None = None,
-              redirect: Callable | None = None, clock: Callable[[], float] = time.process_time) -> ChunkRun:
+              redirect: Callable | None = None, clock: Callable[[], float] = time.process_time,
+              own_filters: bool = False) -> ChunkRun:
     """Run ``fn`` over one chunk as ``options`` (a MapOptions) say: ``star``, ``keep_going``, ``seed``.
 
     ``start``: the first item's index in the map; ``timed``: time each item;
@@ -60,7 +61,9 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     (a re-run of some items: seeds); ``progress(done)``: called while a long
     timed chunk runs; ``redirect``: how print() is captured (chunk.run_chunk;
     a thread of the threads backend routes its own writes); ``clock``: the CPU
-    clock (the process's in a worker process, the thread's on threads).
+    clock (the process's in a worker process, the thread's on threads);
+    ``own_filters``: this process runs one chunk at a time (a worker of its own), so the
+    kernel's warning filters are put in place around it.
     Options the parent enforces (timeout, retries, memory) are not read here, but for
     how often a chunk under --timeout says how far it got (the parent clocks each item).
     """
@@ -69,7 +72,7 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     # tiny-item map a quarter of the chunks "waited" all their time while using as much CPU (the
     # waits read at t0..t1 were 23 % less), and the card read that much too little work.
     marks: list = []
-    with _errstate(options.errstate):
+    with _errstate(options.errstate), _filters(options.warning_filters if own_filters else None):
         out, t0, t1, times, records, errors = _run_items(
             fn, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
             progress=progress, indices=indices, redirect=redirect,
@@ -81,6 +84,23 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     waited = None if wait0 is None or wait1 is None else min((wait1 - wait0) / 1e9, t1 - t0)
     faults = None if faults0 is None or faults1 is None else faults1 - faults0
     return ChunkRun(out, t0, t1, times, records, errors, cpu, waited, faults)
+
+
+def _filters(filters: tuple | None) -> Any:
+    """The kernel's warning filters (``MapOptions.warning_filters``) for the chunk only: a worker
+    starts with Python's, so a kernel's ``warnings.simplefilter('error')`` made a RuntimeWarning
+    raise in a loop and only print in a map. Module state: only where one chunk runs at a time."""
+    return contextlib.nullcontext() if filters is None else _kernel_filters(filters)
+
+
+@contextlib.contextmanager
+def _kernel_filters(filters: tuple) -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filters[:] = filters
+        warnings._filters_mutated()  # (the C side caches the filters by a version number)
+        yield
 
 
 def _errstate(pairs: tuple | None) -> Any:

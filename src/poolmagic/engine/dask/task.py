@@ -142,7 +142,8 @@ def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: An
     _APPLIER.limit_threads_if_new_libraries()
     # under --timeout the client clocks each item: the chunk says when it moves on (core/runchunk.py)
     progress = None if options.timeout is None else (lambda done: _tell(topic, {"seq": seq, "done": done}))
-    r = run_chunk(func, items, options, start=start, timed=timed, indices=indices, progress=progress)
+    r = run_chunk(func, items, options, start=start, timed=timed, indices=indices, progress=progress,
+                  own_filters=_one_task_at_a_time())
     body, frames = pack_results(r.out, r.records, r.errors, start, items, indices)
     # memoryviews: dask sends them as frames of their own, whatever the pickle protocol
     return ("done", r.t0, r.t1, r.times, os.getpid(), address, body, frames, r.cpu_s, r.waited_s)
@@ -194,3 +195,14 @@ def _tell(topic: str, msg: dict) -> str | None:
         return w.address
     except Exception:  # not in a dask worker (a test calling run directly)
         return None
+
+
+def _one_task_at_a_time() -> bool:
+    """This dask worker runs one task at a time (the LocalCluster poolmagic starts: one thread each),
+    so module state such as the warning filters can be set around a chunk."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads == 1
+    except Exception:  # not in a worker, or another distributed: leave the filters alone
+        return False
