@@ -243,6 +243,29 @@ def test_f_followed_by_an_unbracketed_lambda_is_refused_before_the_cell_runs(ip,
     assert marked(marks) == []
 
 
+def test_options_after_the_iterable_are_named_with_the_line_to_write(ip, marks):
+    """Options come first; one written after the ITERABLE is read as part of it. The error
+    must say so (it said only 'invalid syntax', or ``range(3) -q`` raised TypeError)."""
+    body = MARKING.format(name="mark2", args="x")
+    ip.user_ns["q"] = 1
+    with pytest.raises(UsageError, match=r"--timeout follows it here; write %%poolmap -n 2 --timeout 3 range\(3\)"):
+        cell(ip, "-n 2 range(3) --timeout 3", body)
+    with pytest.raises(UsageError, match=r"TypeError.*-q follows it here; write %%poolmap -q range\(3\)"):
+        cell(ip, "range(3) -q", body)
+    with pytest.raises(UsageError, match=r"--tiemout is no option of this magic, and options come before"):
+        cell(ip, "range(3) --tiemout 3", body)
+    with pytest.raises(UsageError, match=r"-q follows it here; write %poolmap -q mark2 range\(3\)"):
+        ip.run_line_magic("poolmap", "mark2 range(3) -q")
+    with pytest.raises(UsageError, match=r"--timeout follows it here; write %poolmap --timeout 3 mark2 range\(3\)"):
+        ip.run_line_magic("poolmap", "mark2 range(3) --timeout 3")
+    assert marked(marks) == []
+    # a minus inside the ITERABLE is Python, and an ITERABLE that fails without one gets no hint
+    assert cell(ip, "-q [x -q for x in range(2)]", "def ident(v):\n    return v\n") == [-1, 0]
+    with pytest.raises(UsageError) as e:
+        cell(ip, "range(N_UNDEFINED - 1)", body)
+    assert "options come" not in str(e.value)
+
+
 # ------------------------------------------------------------------ 5. while an --async map runs
 
 GATED = (
