@@ -1,6 +1,8 @@
 """%%poolmap in a real InteractiveShell: parsing, cell semantics, bad input (%poolsize: test_poolsize.py)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from IPython.core.error import UsageError
 
@@ -213,6 +215,20 @@ def test_a_cell_run_again_in_a_loop_keeps_its_lines_in_tracebacks(ip):
         assert "raise ValueError('cell line shown')" in shown, shown
     ip.user_ns["FAIL"] = False
     assert cell(ip, "-q range(3)", body.replace("return x", "return -x")) == [0, -1, -2]
+
+
+def test_a_failed_map_outside_a_cell_leaves_the_next_cells_traceback_whole(ip, capsys):
+    """A magic called from a widget's callback runs in no cell: the flag that hides the
+    magic's own cell line must not hide the next cell's lines (it stayed until a cell ended)."""
+    ip.run_cell("def half_bad(x):\n    return 1 / (x - 1)\n")
+    with pytest.raises(ZeroDivisionError):
+        ip.run_line_magic("poolmap", "-q half_bad range(3)")  # as an ipywidgets on_click callback would
+    capsys.readouterr()
+    result = ip.run_cell("def g():\n    return 1 / 0\ng()  # the line that failed\n")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "----> 3 g()  # the line that failed" in shown and "skipping hidden" not in shown, shown
+    assert "__tracebackhide__" not in ip.user_ns
 
 
 # ------------------------------------------------------------------ pure helpers

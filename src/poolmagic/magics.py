@@ -87,6 +87,8 @@ class PoolMagics(Magics):
         line, the whole cell as a string. IPython hides frames whose locals hold
         ``__tracebackhide__``; the cell's locals are the namespace, so the flag
         is set there until this cell's traceback has been shown, then removed.
+        A magic called outside a cell (a widget's callback) has no end of cell:
+        the next cell's start removes it, or that cell's own frames would hide.
         """
         ns = self.shell.user_ns
         if "__tracebackhide__" in ns:
@@ -96,11 +98,13 @@ class PoolMagics(Magics):
         def clear(*_: Any) -> None:
             if ns.get("__tracebackhide__") is _HIDE:
                 del ns["__tracebackhide__"]
-            try:
-                self.shell.events.unregister("post_run_cell", clear)
-            except ValueError:
-                pass
+            for event in ("pre_run_cell", "post_run_cell"):
+                try:
+                    self.shell.events.unregister(event, clear)
+                except ValueError:
+                    pass
 
+        self.shell.events.register("pre_run_cell", clear)
         self.shell.events.register("post_run_cell", clear)
 
     def _in_kernel(self) -> bool:
