@@ -231,6 +231,19 @@ def test_a_failed_map_outside_a_cell_leaves_the_next_cells_traceback_whole(ip, c
     assert "__tracebackhide__" not in ip.user_ns
 
 
+def test_an_interrupted_maps_traceback_hides_the_cell_as_a_string_as_a_failed_maps_does(ip, capsys):
+    """Ctrl-C during a map (here: while the kernel reads the ITERABLE) is a BaseException: its
+    traceback began with the cell's ``get_ipython().run_cell_magic('poolmap', ...)`` line."""
+    ip.run_cell("def stopped_items():\n    yield 1\n    raise KeyboardInterrupt\n")
+    capsys.readouterr()
+    result = ip.run_cell("%%poolmap stopped_items()\ndef ident_i(x):\n    return x\n")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "run_cell_magic(" not in shown and "----> 1 def ident_i(x):" in shown, shown
+    assert "poolmagic: interrupted" in shown, shown
+    assert "__tracebackhide__" not in ip.user_ns
+
+
 # ------------------------------------------------------------------ pure helpers
 
 

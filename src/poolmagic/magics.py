@@ -138,7 +138,7 @@ class PoolMagics(Magics):
             report = pool.run(req.func, req.iterable, watch=watch, **req.options)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
-        except Exception:
+        except BaseException:  # an interrupt's traceback too
             self._hide_cell_frame()
             raise
         finally:

@@ -168,6 +168,8 @@ def test_interrupt_stops_running_items(kernel, tmp_path):
     r = collect(kernel.kc, msg_id, timeout=30, t0=t_int)
 
     assert r.error and r.error["ename"] == "KeyboardInterrupt", repr(r)
+    tb = strip_ansi(r.traceback)  # starts at the function, as a failed map's: not the cell as a string
+    assert "run_cell_magic(" not in tb and "----> 1 def sleepy(x):" in tb, tb
     summary = "\n".join(r.data("text/plain"))
     assert "interrupted" in summary and "0/6 items" in summary, summary
     # the two workers it ran on, though neither finished a chunk; no verdict on a gain
