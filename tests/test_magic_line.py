@@ -74,6 +74,21 @@ def test_checkpoint_path_stays_literal(ip, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["$name-{name}.ck"]
 
 
+def test_quoted_values_keep_their_spaces(ip, tmp_path):
+    """A --kw string with a space was cut at the space (``--kw sep=', '``: 'unterminated string
+    literal'), and a quoted --checkpoint path made a file whose name had the quotes in it."""
+    body = "def joined(v, sep):\n    return sep.join([str(v), str(v)])\n"
+    assert cell(ip, "-q --kw sep=', ' range(2)", body) == ["0, 0", "1, 1"]
+    assert cell(ip, '-q --kw sep=" - " --seed 1 range(1)', body) == ["0 - 0"]
+    assert cell(ip, "-q --kw sep='it\\'s' range(1)", body) == ["0it's0"]
+    sq = "def sq(v):\n    return v * v\n"
+    assert cell(ip, f"-q --checkpoint '{tmp_path}/run 1.ck' range(3)", sq) == [0, 1, 4]
+    assert cell(ip, f'-q --checkpoint "{tmp_path}/b.ck" range(3)', sq) == [0, 1, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.ck", "run 1.ck"]
+    with pytest.raises(UsageError, match="the value of --kw has an unclosed quote"):
+        cell(ip, "-q --kw sep=', range(2)", body)
+
+
 # ------------------------------------------------------------------ 2. str / bytes ITERABLE
 
 

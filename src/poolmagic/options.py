@@ -27,7 +27,7 @@ class Opt(NamedTuple):
 
     names: tuple[str, ...]
     dest: str
-    kind: str  # "flag", "int", "float", "name", "expr", "kw"
+    kind: str  # "flag", "int", "float", "name", "expr", "kw", "text" (a path or address: quotes optional)
     help: str
     metavar: str = ""
 
@@ -65,7 +65,7 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
     Opt(("--max-memory",), "max_memory", "size", "stop a worker whose memory passes SIZE, for every map; 'off' to clear", "SIZE"),
     Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, 'threads' of this process (maps that wait), or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
-    Opt(("--address",), "address", "expr", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
+    Opt(("--address",), "address", "text", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
     Opt(("--dashboard",), "dashboard", "flag", "with --backend dask: the LocalCluster serves dask's dashboard (127.0.0.1, no password)"),
 )
 
@@ -80,12 +80,18 @@ class Parsed(NamedTuple):
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
 
-def _balance(s: str) -> int:
+def _scan(s: str) -> tuple[int, str | None]:
+    """(brackets left open, the quote left open or None) at the end of ``s``."""
     depth = 0
     quote = None
+    escaped = False
     for ch in s:
         if quote:
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
                 quote = None
         elif ch in "'\"":
             quote = ch
@@ -93,21 +99,29 @@ def _balance(s: str) -> int:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-    return depth
+    return depth, quote
+
+
+def _balance(s: str) -> int:
+    return _scan(s)[0]
 
 
 def _take_value(line: str, pos: int, opt: str) -> tuple[str, int]:
-    """Next whitespace-separated token from ``pos``, extended until brackets balance."""
+    """Next whitespace-separated token from ``pos``, extended until brackets balance and quotes close
+    (``--kw sep=', '``, ``--checkpoint "run 1.ck"``)."""
     m = re.compile(r"\s*(\S+)").match(line, pos)
     if not m:
         raise UsageError(f"option {opt} needs a value")
     value, end = m.group(1), m.end()
-    while _balance(value) > 0:
+    depth, quote = _scan(value)
+    while depth > 0 or quote:
         m2 = re.compile(r"(\s*)(\S+)").match(line, end)
         if not m2:
-            raise UsageError(f"the value of {opt} has an unclosed bracket: {value!r}")
+            what = "an unclosed quote" if quote else "an unclosed bracket"
+            raise UsageError(f"the value of {opt} has {what}: {value!r}")
         value += m2.group(1) + m2.group(2)
         end = m2.end()
+        depth, quote = _scan(value)
     return value, end
 
 
@@ -171,6 +185,10 @@ def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
     if opt.kind == "name":
         if not raw.isidentifier():
             raise UsageError(f"{name} takes a variable name, not {raw!r}")
+        return raw
+    if opt.kind == "text":  # literal, never expanded; quotes only delimit ("run 1.ck")
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            return raw[1:-1]
         return raw
     if opt.kind == "kw":
         key, eq, expr = raw.partition("=")
