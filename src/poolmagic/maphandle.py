@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from .engine.core.job import Job
+from .errors import add_note
 from .maprun import finish_checkpoint
 from .mpcompat import AsyncResult
 from .report import RunReport
@@ -31,8 +32,23 @@ class MapHandle(AsyncResult):
         return self._job.report
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds; True when the map has finished."""
-        done = super().wait(timeout)
+        """Wait up to ``timeout`` seconds; True when the map has finished.
+
+        Ctrl-C stops the wait, not the map: the KeyboardInterrupt says so, and
+        how to stop it, instead of showing the frames of threading's lock.
+        """
+        __tracebackhide__ = True
+        try:
+            done = super().wait(timeout)
+        except KeyboardInterrupt:
+            if self.ready():
+                raise
+            r = self.report
+            stop = KeyboardInterrupt()
+            add_note(stop, f"poolmagic: interrupted the wait, not the map: {r.func_name}() goes on in the "
+                           f"background ({r.done:,} of {f'{r.items:,}' if r.items is not None else '?'} "
+                           f"items done); .cancel() stops it")
+            raise stop from None
         while done and self._on_done:  # e.g. the notebook card redrawn in its final state, from this cell
             self._on_done.pop(0)()
         return done
