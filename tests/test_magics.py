@@ -187,6 +187,7 @@ def test_unknown_option_and_bad_values(ip):
     assert "at least 1" in usage_error(ip, "-n 0 range(3)", "def f(x):\n    return x\n")
     assert "more than 0" in usage_error(ip, "--timeout -1 range(3)", "def f(x):\n    return x\n")
     assert "variable name" in usage_error(ip, "-o 1abc range(3)", "def f(x):\n    return x\n")
+    assert "variable name, not 'class'" in usage_error(ip, "-o class range(3)", "def f(x):\n    return x\n")
 
 
 def test_error_in_cell_body_propagates_and_nothing_is_mapped(ip):

@@ -13,6 +13,7 @@ README show, so help, parser and options cannot drift apart.
 from __future__ import annotations
 
 import functools
+import keyword
 import re
 from typing import Any, NamedTuple
 
@@ -183,7 +184,7 @@ def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
         except ValueError:
             raise UsageError(f"{name} takes a number of seconds, not {raw!r}") from None
     if opt.kind == "name":
-        if not raw.isidentifier():
+        if not raw.isidentifier() or keyword.iskeyword(raw):  # -o class: a name no cell could read
             raise UsageError(f"{name} takes a variable name, not {raw!r}")
         return raw
     if opt.kind == "text":  # literal, never expanded; quotes only delimit ("run 1.ck")
