@@ -120,6 +120,12 @@ def test_cell_without_function_is_rejected_before_running(ip):
     assert "ran" not in ip.user_ns  # the cell did not run
 
 
+def test_a_cell_that_deletes_its_function_is_told_so(ip):
+    """It said 'the function to map is a NoneType, which is not callable'."""
+    msg = usage_error(ip, "range(3)", "def gone(x):\n    return x\ndel gone\n")
+    assert msg == "the cell defines gone(), but once it ran the name 'gone' is not defined", msg
+
+
 def test_f_name_undefined_or_not_callable(ip):
     assert "not defined" in usage_error(ip, "-f nosuchfn range(3)", "x = 1\n")
     ip.run_cell("notfn = 5")

@@ -121,7 +121,10 @@ def _compiled(compiler: Any, cell: str, transformed: str, number: int) -> Any:
 def _function(shell: Any, target: Target) -> Any:
     """The callable to map: ``-f FUNC`` evaluated, or the function the cell defined."""
     if target.func_expr is None:
-        return shell.user_ns.get(target.fname)
+        if target.fname not in shell.user_ns:  # the cell ran `del work`: the loop's NameError
+            raise UsageError(f"the cell defines {target.fname}(), but once it ran the name "
+                             f"'{target.fname}' is not defined")
+        return shell.user_ns[target.fname]
     func = evaluate(shell, target.func_expr, "-f")
     if not callable(func):
         raise UsageError(f"-f {target.func_expr} is not callable (it is a {type(func).__name__})")
