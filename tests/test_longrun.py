@@ -172,7 +172,7 @@ def test_pooldebug_opens_the_debugger_in_the_failed_item(ip, monkeypatch, capsys
     assert re.search(r"^> .*\(4\)dbg_work\(\)", text, re.MULTILINE), text
     assert "ValueError" in text and "bad item 2" in text, text
 
-    lines = _debug(ip, monkeypatch, capsys, "4")
+    lines = _debug(ip, monkeypatch, capsys, "4  # the other one")  # a comment, as in %poolsize
     assert _printed(lines, "40") and _printed(lines, "4"), lines
     assert not _printed(lines, "20"), lines
 
@@ -207,7 +207,7 @@ def test_pooldebug_on_a_generator_keeps_the_failed_items(ip, monkeypatch, capsys
 
     lines = _debug(ip, monkeypatch, capsys, "")
     assert _printed(lines, "20") and _printed(lines, "2"), lines
-    lines = _debug(ip, monkeypatch, capsys, "4")
+    lines = _debug(ip, monkeypatch, capsys, "4  # the other one")  # a comment, as in %poolsize
     assert _printed(lines, "40") and _printed(lines, "4"), lines
     with pytest.raises(UsageError, match="no longer available"):
         ip.run_line_magic("pooldebug", "1")

@@ -126,6 +126,18 @@ def _take_value(line: str, pos: int, opt: str) -> tuple[str, int]:
     return value, end
 
 
+_COMMENT = re.compile(r"(^|\s)#.*$", re.S)
+
+
+def strip_comment(line: str) -> str:
+    """``%poolsize 8  # the downloads wait`` -> ``8``: a comment, as Python reads one.
+
+    For the lines that hold no Python (``%poolsize``, ``%pooldebug``); a
+    ``%%poolmap`` line's ITERABLE is Python, which reads its own comments.
+    """
+    return _COMMENT.sub("", line).strip()
+
+
 def parse(line: str, table: tuple[Opt, ...]) -> Parsed:
     """Split ``line`` into options (by ``table``) and the remaining expression.
 

@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 
 from .api import get_pool
 from .errors import BadInputError
+from .options import strip_comment
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,6 +34,7 @@ def run_pooldebug(shell: Any, line: str) -> None:
     report = shell.user_ns.get("_poolmap") or get_pool().last_report
     if report is None:
         raise UsageError("no map has run yet: %pooldebug re-runs an item of the last map")
+    line = strip_comment(line)
     words = line.split()
     force = "--force" in words
     words = [w for w in words if w != "--force"]
