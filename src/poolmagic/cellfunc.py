@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
 
-from .options import POOLMAP_OPTIONS, _balance
+from .options import POOLMAP_OPTIONS, _scan
 
 _IPYTHON_SYNTAX = re.compile(r"[%!?]|^(>>>|\.\.\.|In \[)", re.M)
 
@@ -121,14 +121,19 @@ def options_after(line: str, rest: str, magic: str) -> str:
     the ITERABLE, and its error (a syntax error, or ``range(3) -q`` raising
     TypeError) does not say why. Only asked once the expression has failed.
     """
+    before = line.strip()[: len(line.strip()) - len(rest.strip())]  # the options
+    for i, ch in enumerate(rest):
+        if ch == "#" and _scan(rest[:i])[1] is None:  # a comment: ``range(N)  # -q later`` names no option
+            rest = rest[:i]
+            break
     for m in _OPTION_WORD.finditer(rest):
         head, tail = rest[: m.start()].strip(), rest[m.start():].strip()
-        if _balance(head) > 0:
-            continue  # inside brackets: ``f(x, -y)`` is Python
+        depth, quote = _scan(head)
+        if depth > 0 or quote:
+            continue  # inside brackets or a string: ``f(x, -y)`` is Python
         name = m.group(1)
         if name not in {n for o in POOLMAP_OPTIONS for n in o.names}:
             return f"({name} is no option of this magic, and options come before the ITERABLE)"
-        before = line.strip()[: len(line.strip()) - len(rest.strip())]
         return f"(options come before the ITERABLE: {name} follows it here; write {magic} {before}{tail} {head})"
     return ""
 
