@@ -485,6 +485,20 @@ def test_bad_input_star_with_non_sequence_item(cold_pool):
     assert "item 1" in msg and "int" in msg, msg
 
 
+def test_star_over_a_stream_with_a_non_sequence_item_points_at_the_function(ip, capsys):
+    """A stream's items are not checked before the map: the worker's TypeError has no frame of
+    the user's, and its traceback ended at poolmagic's ``raise job.error`` in maprun.py."""
+    import re
+
+    ip.run_cell("def pairs_then_five():\n    yield (1, 2)\n    yield 5\n")
+    capsys.readouterr()
+    result = ip.run_cell("%%poolmap --star pairs_then_five()\ndef add_s(a, b):\n    return a + b\n")
+    assert isinstance(result.error_in_exec, TypeError)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "----> 1 def add_s(a, b):" in shown and "maprun.py" not in shown, shown
+    assert "argument after * must be an iterable, not int" in shown and "item 1 (value 5) failed" in shown
+
+
 def test_magic_bad_input_shows_no_stale_summary(ip, capsys):
     """Bad input shows no summary and keeps ``_poolmap``: no map ran.
 
