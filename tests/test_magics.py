@@ -60,6 +60,15 @@ def test_o_binds_results_and_returns_nothing(ip):
     assert ip.user_ns["squares"] == [0, 1, 4, 9]
 
 
+def test_a_trailing_semicolon_silences_the_cells_value_as_after_a_python_line(ip):
+    """``%%poolmap range(3);`` was refused ('ITERABLE `range(3);` is not a Python expression'),
+    and so was ``r = %poolmap f range(3);``."""
+    assert cell(ip, "-q range(3);", "def semi(x):\n    return x + 1\n") is None
+    assert ip.user_ns["_poolmap"].results == [1, 2, 3]
+    assert cell(ip, "-q range(3) ; ", "def semi(x):\n    return x + 1\n") is None
+    assert ip.run_line_magic("poolmap", "-q semi range(2);") == [1, 2]  # r = %poolmap semi range(2);
+
+
 def test_report_bound_to__poolmap(ip):
     cell(ip, "-q range(20)", "def sq(x):\n    return x * x\n")
     r = ip.user_ns["_poolmap"]

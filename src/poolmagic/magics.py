@@ -113,14 +113,21 @@ class PoolMagics(Magics):
     # ------------------------------------------------------------ %%poolmap
     def poolmap(self, line: str, cell: str | None = None) -> Any:
         __tracebackhide__ = True
+        # A trailing ';' silences a cell's value, as after any Python line: a %%poolmap
+        # cell's list is not shown. (In the line form it ends the statement: ``r = %poolmap
+        # f xs;`` binds r, and IPython shows a line magic's value whatever ends its line.)
+        silenced = line.rstrip().endswith(";")
+        if silenced:
+            line = line.rstrip()[:-1]
         request = build_request(self.shell, self._runs, line, cell)
         if request.background:
-            return self._start_async(request)
+            handle = self._start_async(request)
+            return None if silenced and cell is not None else handle
         results = self._run(request).results
         if request.out:
             self.shell.user_ns[request.out] = results
             return None
-        return results
+        return None if silenced and cell is not None else results
 
     poolmap.__doc__ = _POOLMAP_DOC
     # The line is Python code (ITERABLE, -f, --kw) and paths (--checkpoint): IPython
