@@ -243,6 +243,23 @@ def test_crash_sigkill_from_outside(sm_pool, tmp_path):
 # ================================================================ exceptions
 
 
+def asks(x):
+    if x == 0:
+        try:
+            return input("fallback? ")
+        except EOFError:  # as at the end of any input: the function's own fallback still works
+            return "default"
+    return input("value? ")
+
+
+def test_input_in_a_worker_says_why_it_cannot_ask(pool):
+    """A loop in the notebook would have asked; a worker's stdin is /dev/null, and the item failed
+    with a bare 'EOFError: EOF when reading a line'."""
+    with pytest.raises(EOFError, match=r"input\(\) cannot ask anyone in a worker: .*--kw NAME=EXPR") as ei:
+        pool.map(asks, range(2), chunksize=1)
+    assert ei.value.poolmap_report.results[0] == "default"
+
+
 def test_exception_same_type_with_note_and_partial_results(sm_pool):
     try:
         sm_pool.map(raise_at, range(10))
