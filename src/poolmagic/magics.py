@@ -177,6 +177,7 @@ class PoolMagics(Magics):
             self.shell.user_ns[req.out] = handle
         if live is not None:
             live.follow(handle, live.show(handle))
+            handle.followed = True  # displayed while it runs, the handle points at this card
         elif not req.quiet:
             announce_async(handle, handle.report.func_name)
         return None if req.out else handle

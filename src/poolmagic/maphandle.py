@@ -70,4 +70,20 @@ class MapHandle(AsyncResult):
         return self.report._repr_html_()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        line = self._followed_now()
+        if line is not None:
+            import html
+
+            return {"text/plain": line, "text/html": f"<code>{html.escape(line)}</code>"}
         return self.report._repr_mimebundle_()
+
+    def _followed_now(self) -> str | None:
+        """While a live card follows this map (``%%poolmap --async`` in a notebook): a line
+        pointing at it, not a second card frozen at this moment (``0/4 items · workers
+        starting`` left under the card that ends at ``4 items``)."""
+        if not getattr(self, "followed", False) or self.ready():
+            return None
+        from .style import call_name
+
+        return (f"<MapHandle: {call_name(self.report.func_name)} runs in the background; its card follows it, "
+                f".get() waits for the results>")
