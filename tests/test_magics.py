@@ -198,6 +198,8 @@ def test_star_with_non_sequence_item(ip):
 
 def test_unknown_option_and_bad_values(ip):
     assert "unknown option" in usage_error(ip, "--bogus range(3)", "def f(x):\n    return x\n")
+    msg = usage_error(ip, "--keepgoing range(3)", "def f(x):\n    return x\n")
+    assert msg.startswith("unknown option --keepgoing (did you mean --keep-going?); the options are: -o,"), msg
     assert "whole number" in usage_error(ip, "-c many range(3)", "def f(x):\n    return x\n")
     assert "at least 1" in usage_error(ip, "-n 0 range(3)", "def f(x):\n    return x\n")
     assert "more than 0" in usage_error(ip, "--timeout -1 range(3)", "def f(x):\n    return x\n")

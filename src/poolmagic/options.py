@@ -163,8 +163,12 @@ def _parse(line: str, table: tuple[Opt, ...]) -> Parsed:
         name = m.group(1)
         opt = by_name.get(name)
         if opt is None:
-            known = ", ".join(n for o in table for n in o.names)
-            raise UsageError(f"unknown option {name}; the options are: {known}")
+            names = [n for o in table for n in o.names]
+            import difflib
+
+            close = difflib.get_close_matches(name, [n for n in names if n.startswith("--")], n=2, cutoff=0.75)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise UsageError(f"unknown option {name}{hint}; the options are: {', '.join(names)}")
         pos = m.end()
         if opt.kind == "flag":
             opts[opt.dest] = True
