@@ -317,6 +317,16 @@ def test_tune_while_an_async_map_runs_says_so(ip, running_async):
     assert handle.get(30) == [0, 10, 20, 30]
 
 
+def test_pooldebug_while_an_async_map_runs_says_so(ip, running_async):
+    """It said 'the last map had no failure' of a map whose items had not finished."""
+    handle, open_gate = running_async
+    with pytest.raises(UsageError, match=r"the last map, gated\(\), is still running in the background: "
+                                         r"wait for it \(handle.wait\(\)\), then %pooldebug"):
+        ip.run_line_magic("pooldebug", "")
+    open_gate()
+    assert handle.get(30) == [0, 10, 20, 30]
+
+
 def test_backend_switch_while_an_async_map_runs_is_refused_and_the_map_finishes(ip, running_async):
     pytest.importorskip("distributed")
     handle, open_gate = running_async
