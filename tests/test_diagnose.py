@@ -261,6 +261,27 @@ def test_an_interrupted_map_gets_no_verdict(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def sleeps_on_one(x):
+    if x == 1:
+        time.sleep(10)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_map_with_a_timed_out_item_gets_no_why():
+    """The timed-out item's second is the wall, but no chunk holds it: the card said
+    'why: items take 10 µs each: overhead dominates; run it serially'."""
+    from poolmagic import ItemTimeoutError
+
+    with Pool(2) as pool:
+        with pytest.raises(ItemTimeoutError):
+            pool.run(sleeps_on_one, range(3), chunksize=1, timeout=1)
+        report = pool.last_report
+    text = report.summary()
+    assert isinstance(report.errors[1], ItemTimeoutError) and "1 failed" in text, text
+    assert "why:" not in text, text
+
+
 def test_one_speedup_before_and_after_tune(ip):
     """``--tune`` no longer changes what a map's speedup means: the summary and
     ``.speedup`` give the same figure, before and after (it was "measured

@@ -243,6 +243,23 @@ def test_crash_sigkill_from_outside(sm_pool, tmp_path):
 # ================================================================ exceptions
 
 
+def asks(x):
+    if x == 0:
+        try:
+            return input("fallback? ")
+        except EOFError:  # as at the end of any input: the function's own fallback still works
+            return "default"
+    return input("value? ")
+
+
+def test_input_in_a_worker_says_why_it_cannot_ask(pool):
+    """A loop in the notebook would have asked; a worker's stdin is /dev/null, and the item failed
+    with a bare 'EOFError: EOF when reading a line'."""
+    with pytest.raises(EOFError, match=r"input\(\) cannot ask anyone in a worker: .*--kw NAME=EXPR") as ei:
+        pool.map(asks, range(2), chunksize=1)
+    assert ei.value.poolmap_report.results[0] == "default"
+
+
 def test_exception_same_type_with_note_and_partial_results(sm_pool):
     try:
         sm_pool.map(raise_at, range(10))
@@ -483,6 +500,22 @@ def test_bad_input_star_with_non_sequence_item(cold_pool):
         cold_pool.starmap(pow, [(2, 3), 5, (1, 1)])
     msg = str(ei.value)
     assert "item 1" in msg and "int" in msg, msg
+
+
+def test_star_over_a_stream_with_a_non_sequence_item_points_at_the_function(ip, capsys):
+    """A stream's items are not checked before the map: the worker's TypeError has no frame of
+    the user's, and its traceback ended at poolmagic's ``raise job.error`` in maprun.py."""
+    import re
+
+    ip.run_cell("def pairs_then_five():\n    yield (1, 2)\n    yield 5\n")
+    capsys.readouterr()
+    result = ip.run_cell("%%poolmap --star pairs_then_five()\ndef add_s(a, b):\n    return a + b\n")
+    assert isinstance(result.error_in_exec, TypeError)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "----> 1 def add_s(a, b):" in shown and "maprun.py" not in shown, shown
+    # (starmap's words or the call's, by the worker's path: "'int' object is not iterable",
+    # "add_s() argument after * must be an iterable, not int")
+    assert re.search(r"TypeError: .*iterable", shown) and "item 1 (value 5) failed" in shown, shown
 
 
 def test_magic_bad_input_shows_no_stale_summary(ip, capsys):

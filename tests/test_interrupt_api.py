@@ -118,6 +118,35 @@ def test_keyboard_interrupt_while_waiting(tmp_path: Path, how: str):
         shutdown_and_check(pool)
 
 
+def test_keyboard_interrupt_while_getting_a_background_map_says_the_map_goes_on(tmp_path: Path):
+    """Ctrl-C in ``handle.get()`` stops the wait, not the map (as multiprocessing's): the
+    interrupt said nothing of it, its traceback threading's lock frames."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default KeyboardInterrupt handler here")
+    import traceback
+
+    pool = Pool(2)
+    try:
+        handle = pool.map_async(sleep_long, range(3), kwargs={"piddir": str(tmp_path)})
+        intr = Interrupter(0.5, "sigint").start()
+        with pytest.raises(KeyboardInterrupt) as ei:
+            try:
+                handle.get(20)
+            finally:
+                intr.disarm()
+        assert intr.fired_at is not None
+        notes = getattr(ei.value, "__notes__", [])
+        assert notes == ["poolmagic: interrupted the wait, not the map: sleep_long() goes on in the background "
+                         "(0 of 3 items done); .cancel() stops it"], notes
+        shown = "".join(traceback.format_exception(ei.value))
+        assert "threading.py" not in shown, shown
+        assert not handle.ready() and handle.report.status == "running"
+        handle.cancel()
+        assert handle.wait(10) and handle.report.status == "cancelled"
+    finally:
+        shutdown_and_check(pool)
+
+
 # ---------------------------------------------------------------- SIGINT at the workers
 
 

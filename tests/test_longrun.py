@@ -172,7 +172,7 @@ def test_pooldebug_opens_the_debugger_in_the_failed_item(ip, monkeypatch, capsys
     assert re.search(r"^> .*\(4\)dbg_work\(\)", text, re.MULTILINE), text
     assert "ValueError" in text and "bad item 2" in text, text
 
-    lines = _debug(ip, monkeypatch, capsys, "4")
+    lines = _debug(ip, monkeypatch, capsys, "4  # the other one")  # a comment, as in %poolsize
     assert _printed(lines, "40") and _printed(lines, "4"), lines
     assert not _printed(lines, "20"), lines
 
@@ -183,6 +183,31 @@ def test_pooldebug_opens_the_debugger_in_the_failed_item(ip, monkeypatch, capsys
         ip.run_line_magic("pooldebug", "99")
     with pytest.raises(UsageError, match="index"):
         ip.run_line_magic("pooldebug", "two")
+
+
+@pytest.mark.timeout(60)
+def test_pooldebug_on_a_function_that_is_not_python_says_so(ip, monkeypatch, capsys):
+    """``int('x')`` fails outside Python code: no frame to open the debugger in, and pdb
+    itself failed with IndexError (its traceback under the item's)."""
+    result = ip.run_cell("r = %poolmap -q int ['1', 'x']")
+    assert isinstance(result.error_in_exec, ValueError)
+    lines = _debug(ip, monkeypatch, capsys, "")
+    text = "\n".join(lines)
+    assert "ValueError: invalid literal for int() with base 10: 'x'" in text, text
+    assert "poolmagic: the error was raised outside Python code (in int()): there is no frame to debug" in text
+    assert "IndexError" not in text, text
+
+
+@pytest.mark.timeout(60)
+def test_pooldebug_finds_the_last_map_when_poolmap_was_rebound(ip, monkeypatch, capsys):
+    """``_poolmap = [...]`` in the notebook: %pooldebug called .rerun on the list (AttributeError,
+    then pdb's IndexError); the pool still knows the last map."""
+    result = ip.run_cell("%%poolmap -q --keep-going range(6)\n" + DEBUG_BODY.format(name="dbg_rebound"))
+    assert isinstance(result.error_in_exec, MapFailedError)
+    ip.user_ns["_poolmap"] = [1, 2]
+    lines = _debug(ip, monkeypatch, capsys, "")
+    assert _printed(lines, "20") and _printed(lines, "2"), lines
+    assert "IndexError" not in "\n".join(lines)
 
 
 @pytest.mark.timeout(60)
@@ -207,7 +232,7 @@ def test_pooldebug_on_a_generator_keeps_the_failed_items(ip, monkeypatch, capsys
 
     lines = _debug(ip, monkeypatch, capsys, "")
     assert _printed(lines, "20") and _printed(lines, "2"), lines
-    lines = _debug(ip, monkeypatch, capsys, "4")
+    lines = _debug(ip, monkeypatch, capsys, "4  # the other one")  # a comment, as in %poolsize
     assert _printed(lines, "40") and _printed(lines, "4"), lines
     with pytest.raises(UsageError, match="no longer available"):
         ip.run_line_magic("pooldebug", "1")

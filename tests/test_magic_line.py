@@ -74,6 +74,21 @@ def test_checkpoint_path_stays_literal(ip, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["$name-{name}.ck"]
 
 
+def test_quoted_values_keep_their_spaces(ip, tmp_path):
+    """A --kw string with a space was cut at the space (``--kw sep=', '``: 'unterminated string
+    literal'), and a quoted --checkpoint path made a file whose name had the quotes in it."""
+    body = "def joined(v, sep):\n    return sep.join([str(v), str(v)])\n"
+    assert cell(ip, "-q --kw sep=', ' range(2)", body) == ["0, 0", "1, 1"]
+    assert cell(ip, '-q --kw sep=" - " --seed 1 range(1)', body) == ["0 - 0"]
+    assert cell(ip, "-q --kw sep='it\\'s' range(1)", body) == ["0it's0"]
+    sq = "def sq(v):\n    return v * v\n"
+    assert cell(ip, f"-q --checkpoint '{tmp_path}/run 1.ck' range(3)", sq) == [0, 1, 4]
+    assert cell(ip, f'-q --checkpoint "{tmp_path}/b.ck" range(3)', sq) == [0, 1, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.ck", "run 1.ck"]
+    with pytest.raises(UsageError, match="the value of --kw has an unclosed quote"):
+        cell(ip, "-q --kw sep=', range(2)", body)
+
+
 # ------------------------------------------------------------------ 2. str / bytes ITERABLE
 
 
@@ -243,6 +258,30 @@ def test_f_followed_by_an_unbracketed_lambda_is_refused_before_the_cell_runs(ip,
     assert marked(marks) == []
 
 
+def test_options_after_the_iterable_are_named_with_the_line_to_write(ip, marks):
+    """Options come first; one written after the ITERABLE is read as part of it. The error
+    must say so (it said only 'invalid syntax', or ``range(3) -q`` raised TypeError)."""
+    body = MARKING.format(name="mark2", args="x")
+    ip.user_ns["q"] = 1
+    with pytest.raises(UsageError, match=r"--timeout follows it here; write %%poolmap -n 2 --timeout 3 range\(3\)"):
+        cell(ip, "-n 2 range(3) --timeout 3", body)
+    with pytest.raises(UsageError, match=r"TypeError.*-q follows it here; write %%poolmap -q range\(3\)"):
+        cell(ip, "range(3) -q", body)
+    with pytest.raises(UsageError, match=r"--tiemout is no option of this magic, and options come before"):
+        cell(ip, "range(3) --tiemout 3", body)
+    with pytest.raises(UsageError, match=r"-q follows it here; write %poolmap -q mark2 range\(3\)"):
+        ip.run_line_magic("poolmap", "mark2 range(3) -q")
+    with pytest.raises(UsageError, match=r"--timeout follows it here; write %poolmap --timeout 3 mark2 range\(3\)"):
+        ip.run_line_magic("poolmap", "mark2 range(3) --timeout 3")
+    assert marked(marks) == []
+    # a minus inside the ITERABLE is Python, and an ITERABLE that fails without one gets no hint
+    assert cell(ip, "-q [x -q for x in range(2)]", "def ident(v):\n    return v\n") == [-1, 0]
+    for line in ("range(N_UNDEFINED - 1)", "range(N_UNDEFINED)  # -q later"):
+        with pytest.raises(UsageError) as e:
+            cell(ip, line, body)
+        assert "options come" not in str(e.value) and "no option" not in str(e.value), line
+
+
 # ------------------------------------------------------------------ 5. while an --async map runs
 
 GATED = (
@@ -274,6 +313,16 @@ def test_tune_while_an_async_map_runs_says_so(ip, running_async):
                                          r"--tune would time .*handle\.cancel\(\)"):
         ip.run_line_magic("poolsize", "--tune")
     assert poolmagic.get_pool().size == size
+    open_gate()
+    assert handle.get(30) == [0, 10, 20, 30]
+
+
+def test_pooldebug_while_an_async_map_runs_says_so(ip, running_async):
+    """It said 'the last map had no failure' of a map whose items had not finished."""
+    handle, open_gate = running_async
+    with pytest.raises(UsageError, match=r"the last map, gated\(\), is still running in the background: "
+                                         r"wait for it \(handle.wait\(\)\), then %pooldebug"):
+        ip.run_line_magic("pooldebug", "")
     open_gate()
     assert handle.get(30) == [0, 10, 20, 30]
 

@@ -1,6 +1,8 @@
 """%%poolmap in a real InteractiveShell: parsing, cell semantics, bad input (%poolsize: test_poolsize.py)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from IPython.core.error import UsageError
 
@@ -56,6 +58,15 @@ def test_iterable_expression_with_spaces_and_commas(ip):
 def test_o_binds_results_and_returns_nothing(ip):
     assert cell(ip, "-o squares -q range(4)", "def sq(x):\n    return x * x\n") is None
     assert ip.user_ns["squares"] == [0, 1, 4, 9]
+
+
+def test_a_trailing_semicolon_silences_the_cells_value_as_after_a_python_line(ip):
+    """``%%poolmap range(3);`` was refused ('ITERABLE `range(3);` is not a Python expression'),
+    and so was ``r = %poolmap f range(3);``."""
+    assert cell(ip, "-q range(3);", "def semi(x):\n    return x + 1\n") is None
+    assert ip.user_ns["_poolmap"].results == [1, 2, 3]
+    assert cell(ip, "-q range(3) ; ", "def semi(x):\n    return x + 1\n") is None
+    assert ip.run_line_magic("poolmap", "-q semi range(2);") == [1, 2]  # r = %poolmap semi range(2);
 
 
 def test_report_bound_to__poolmap(ip):
@@ -116,6 +127,12 @@ def test_cell_without_function_is_rejected_before_running(ip):
     msg = usage_error(ip, "range(3)", "ran = True\nx = 1\n")
     assert "defines no function" in msg
     assert "ran" not in ip.user_ns  # the cell did not run
+
+
+def test_a_cell_that_deletes_its_function_is_told_so(ip):
+    """It said 'the function to map is a NoneType, which is not callable'."""
+    msg = usage_error(ip, "range(3)", "def gone(x):\n    return x\ndel gone\n")
+    assert msg == "the cell defines gone(), but once it ran the name 'gone' is not defined", msg
 
 
 def test_f_name_undefined_or_not_callable(ip):
@@ -181,10 +198,13 @@ def test_star_with_non_sequence_item(ip):
 
 def test_unknown_option_and_bad_values(ip):
     assert "unknown option" in usage_error(ip, "--bogus range(3)", "def f(x):\n    return x\n")
+    msg = usage_error(ip, "--keepgoing range(3)", "def f(x):\n    return x\n")
+    assert msg.startswith("unknown option --keepgoing (did you mean --keep-going?); the options are: -o,"), msg
     assert "whole number" in usage_error(ip, "-c many range(3)", "def f(x):\n    return x\n")
     assert "at least 1" in usage_error(ip, "-n 0 range(3)", "def f(x):\n    return x\n")
     assert "more than 0" in usage_error(ip, "--timeout -1 range(3)", "def f(x):\n    return x\n")
     assert "variable name" in usage_error(ip, "-o 1abc range(3)", "def f(x):\n    return x\n")
+    assert "variable name, not 'class'" in usage_error(ip, "-o class range(3)", "def f(x):\n    return x\n")
 
 
 def test_error_in_cell_body_propagates_and_nothing_is_mapped(ip):
@@ -213,6 +233,33 @@ def test_a_cell_run_again_in_a_loop_keeps_its_lines_in_tracebacks(ip):
         assert "raise ValueError('cell line shown')" in shown, shown
     ip.user_ns["FAIL"] = False
     assert cell(ip, "-q range(3)", body.replace("return x", "return -x")) == [0, -1, -2]
+
+
+def test_a_failed_map_outside_a_cell_leaves_the_next_cells_traceback_whole(ip, capsys):
+    """A magic called from a widget's callback runs in no cell: the flag that hides the
+    magic's own cell line must not hide the next cell's lines (it stayed until a cell ended)."""
+    ip.run_cell("def half_bad(x):\n    return 1 / (x - 1)\n")
+    with pytest.raises(ZeroDivisionError):
+        ip.run_line_magic("poolmap", "-q half_bad range(3)")  # as an ipywidgets on_click callback would
+    capsys.readouterr()
+    result = ip.run_cell("def g():\n    return 1 / 0\ng()  # the line that failed\n")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "----> 3 g()  # the line that failed" in shown and "skipping hidden" not in shown, shown
+    assert "__tracebackhide__" not in ip.user_ns
+
+
+def test_an_interrupted_maps_traceback_hides_the_cell_as_a_string_as_a_failed_maps_does(ip, capsys):
+    """Ctrl-C during a map (here: while the kernel reads the ITERABLE) is a BaseException: its
+    traceback began with the cell's ``get_ipython().run_cell_magic('poolmap', ...)`` line."""
+    ip.run_cell("def stopped_items():\n    yield 1\n    raise KeyboardInterrupt\n")
+    capsys.readouterr()
+    result = ip.run_cell("%%poolmap stopped_items()\ndef ident_i(x):\n    return x\n")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "run_cell_magic(" not in shown and "----> 1 def ident_i(x):" in shown, shown
+    assert "poolmagic: interrupted" in shown, shown
+    assert "__tracebackhide__" not in ip.user_ns
 
 
 # ------------------------------------------------------------------ pure helpers

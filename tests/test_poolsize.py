@@ -41,6 +41,19 @@ def test_poolsize_takes_options_after_the_count_too(ip, capsys):
     capsys.readouterr()
 
 
+def test_a_comment_after_the_count_is_a_comment(ip, capsys):
+    """``%poolsize 3  # the downloads wait`` was refused: 'not '3  # the downloads wait''."""
+    pool = poolmagic.get_pool()
+    ip.run_line_magic("poolsize", "3  # the downloads wait")
+    assert pool.size == 3
+    ip.run_line_magic("poolsize", "--threads 1 2 #two")
+    assert pool.size == 2 and pool.threads == 1
+    ip.run_line_magic("poolsize", "# just look")
+    assert pool.size == 2 and "2 workers" in capsys.readouterr().out
+    ip.run_line_magic("poolsize", "auto --threads auto")
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("arg", ["0", "-2", "many", "1.5"])
 def test_poolsize_rejects_bad_sizes(ip, arg):
     with pytest.raises(UsageError) as e:

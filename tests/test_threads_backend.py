@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,10 @@ def test_the_magic_does_not_warn_about_many_threads_either(ip, capsys):
         ip.run_line_magic("poolsize", "64 --backend threads")
         out = capsys.readouterr().out
         assert "64 workers · threads in this process" in out and "workers on" not in out, out
-        ip.run_line_magic("poolsize", "64 --backend local")
-        assert "more processes than cores" in capsys.readouterr().out
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the note is printed once, not also warned from switch.py
+            ip.run_line_magic("poolsize", "64 --backend local")
+        assert capsys.readouterr().out.count("more processes than cores") == 1
     finally:
         poolmagic.shutdown_pool()
 
@@ -230,6 +233,31 @@ def test_a_cancelled_maps_running_items_finish_in_the_background_and_the_next_ma
     assert wait_for(lambda: r.results[:2] == [0, 10], what="the running items' late results")
     assert r.results[2:] == [NOT_DONE, NOT_DONE]  # never started
     assert wait_for(lambda: len(pool.backend._threads) == 2, what="the pool back to 2 threads")
+
+
+def test_an_interrupted_map_says_its_running_items_go_on(pool):
+    """Ctrl-C while a map waits on threads: the note said 'the running items were stopped',
+    which a thread cannot be; they finish in the background."""
+    import _thread
+
+    GATE.clear()
+    while STARTED.acquire(blocking=False):  # what an earlier test left
+        pass
+
+    def interrupt_once_both_hold_an_item():
+        for _ in range(2):
+            assert STARTED.acquire(timeout=30)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_both_hold_an_item, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as ei:
+        pool.run(held, range(4), chunksize=1)
+    notes = getattr(ei.value, "__notes__", [])
+    assert notes == ["poolmagic: interrupted; items already running finish in the background "
+                     "(a thread cannot be stopped) and 0 of 4 results kept (_poolmap.results)."], notes
+    GATE.set()
+    r = ei.value.poolmap_report
+    assert wait_for(lambda: r.results[:2] == [0, 10], what="the running items' late results")
 
 
 def inner_map(x):

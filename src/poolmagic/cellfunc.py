@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
 
+from .options import POOLMAP_OPTIONS, _scan
+
 _IPYTHON_SYNTAX = re.compile(r"[%!?]|^(>>>|\.\.\.|In \[)", re.M)
 
 
@@ -109,6 +111,33 @@ def mapped_function_name(found: tuple[tuple[str, ...], tuple[str, ...]] | None, 
     )
 
 
+_OPTION_WORD = re.compile(r"\s(-{1,2}[A-Za-z][\w-]*)")
+
+
+def options_after(line: str, rest: str, magic: str) -> str:
+    """A hint when ``rest`` (what follows the options) has words that look like options; else "".
+
+    Options come first on the line, so ``range(3) --timeout 3`` is all read as
+    the ITERABLE, and its error (a syntax error, or ``range(3) -q`` raising
+    TypeError) does not say why. Only asked once the expression has failed.
+    """
+    before = line.strip()[: len(line.strip()) - len(rest.strip())]  # the options
+    for i, ch in enumerate(rest):
+        if ch == "#" and _scan(rest[:i])[1] is None:  # a comment: ``range(N)  # -q later`` names no option
+            rest = rest[:i]
+            break
+    for m in _OPTION_WORD.finditer(rest):
+        head, tail = rest[: m.start()].strip(), rest[m.start():].strip()
+        depth, quote = _scan(head)
+        if depth > 0 or quote:
+            continue  # inside brackets or a string: ``f(x, -y)`` is Python
+        name = m.group(1)
+        if name not in {n for o in POOLMAP_OPTIONS for n in o.names}:
+            return f"({name} is no option of this magic, and options come before the ITERABLE)"
+        return f"(options come before the ITERABLE: {name} follows it here; write {magic} {before}{tail} {head})"
+    return ""
+
+
 def split_func_and_iterable(rest: str) -> tuple[str, str]:
     """``"partial(f, y=2) range(1, 10)"`` -> ``("partial(f, y=2)", "range(1, 10)")``."""
     for i, ch in enumerate(rest):
@@ -124,7 +153,7 @@ def split_func_and_iterable(rest: str) -> tuple[str, str]:
             return left, right
     raise UsageError(
         "the line form needs a function and an ITERABLE: %poolmap FUNC ITERABLE "
-        f"(or %poolmap -f FUNC ITERABLE); got {rest!r}"
+        f"(or %poolmap -f FUNC ITERABLE); got {rest!r} {options_after(rest, rest, '%poolmap')}".rstrip()
     )
 
 
@@ -189,5 +218,7 @@ def read_line(shell: Any, opts: dict, rest: str, line: str, cell: str | None) ->
         try:
             iter_code = compile_iterable(expr)
         except SyntaxError as exc:
-            raise UsageError(f"ITERABLE `{expr}` is not a Python expression: {exc.msg}") from None
+            raise UsageError(f"ITERABLE `{expr}` is not a Python expression: {exc.msg} "
+                             f"{options_after(line, rest, '%poolmap' if cell is None else '%%poolmap')}".rstrip()
+                             ) from None
     return Target(func_expr, fname, expr, iter_code, transformed)

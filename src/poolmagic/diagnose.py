@@ -215,9 +215,20 @@ def analyse(r: "RunReport", serial_item_s: float | None = None, threads: int | N
     n_done = sum(c.count for c in r.chunks)
     if r.status in ("running", "cancelled") or not r.chunks:  # (cancelled: the stopped items' time is unknown)
         return a
+    if any(isinstance(e, _STOPPED) for e in r.errors.values()):  # a killed item's time is unknown too
+        return a
     if wall >= FINDINGS_ABOVE_S or all_findings:
         a.findings = _findings(r, a, n_done, threads)
     return a
+
+
+def _stopped_types() -> tuple:
+    from .errors import ItemTimeoutError, WorkerCrashedError, WorkerMemoryError
+
+    return (ItemTimeoutError, WorkerCrashedError, WorkerMemoryError)
+
+
+_STOPPED = _stopped_types()  # items whose worker was killed, or died, under them: no time recorded
 
 
 def _native_threads(r: "RunReport", threads: int | None) -> tuple[int, int] | None:

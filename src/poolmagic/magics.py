@@ -87,6 +87,8 @@ class PoolMagics(Magics):
         line, the whole cell as a string. IPython hides frames whose locals hold
         ``__tracebackhide__``; the cell's locals are the namespace, so the flag
         is set there until this cell's traceback has been shown, then removed.
+        A magic called outside a cell (a widget's callback) has no end of cell:
+        the next cell's start removes it, or that cell's own frames would hide.
         """
         ns = self.shell.user_ns
         if "__tracebackhide__" in ns:
@@ -96,11 +98,13 @@ class PoolMagics(Magics):
         def clear(*_: Any) -> None:
             if ns.get("__tracebackhide__") is _HIDE:
                 del ns["__tracebackhide__"]
-            try:
-                self.shell.events.unregister("post_run_cell", clear)
-            except ValueError:
-                pass
+            for event in ("pre_run_cell", "post_run_cell"):
+                try:
+                    self.shell.events.unregister(event, clear)
+                except ValueError:
+                    pass
 
+        self.shell.events.register("pre_run_cell", clear)
         self.shell.events.register("post_run_cell", clear)
 
     def _in_kernel(self) -> bool:
@@ -109,14 +113,21 @@ class PoolMagics(Magics):
     # ------------------------------------------------------------ %%poolmap
     def poolmap(self, line: str, cell: str | None = None) -> Any:
         __tracebackhide__ = True
+        # A trailing ';' silences a cell's value, as after any Python line: a %%poolmap
+        # cell's list is not shown. (In the line form it ends the statement: ``r = %poolmap
+        # f xs;`` binds r, and IPython shows a line magic's value whatever ends its line.)
+        silenced = line.rstrip().endswith(";")
+        if silenced:
+            line = line.rstrip()[:-1]
         request = build_request(self.shell, self._runs, line, cell)
         if request.background:
-            return self._start_async(request)
+            handle = self._start_async(request)
+            return None if silenced and cell is not None else handle
         results = self._run(request).results
         if request.out:
             self.shell.user_ns[request.out] = results
             return None
-        return results
+        return None if silenced and cell is not None else results
 
     poolmap.__doc__ = _POOLMAP_DOC
     # The line is Python code (ITERABLE, -f, --kw) and paths (--checkpoint): IPython
@@ -134,7 +145,7 @@ class PoolMagics(Magics):
             report = pool.run(req.func, req.iterable, watch=watch, **req.options)
         except BadInputError as exc:
             raise UsageError(str(exc)) from None
-        except Exception:
+        except BaseException:  # an interrupt's traceback too
             self._hide_cell_frame()
             raise
         finally:
@@ -166,6 +177,7 @@ class PoolMagics(Magics):
             self.shell.user_ns[req.out] = handle
         if live is not None:
             live.follow(handle, live.show(handle))
+            handle.followed = True  # displayed while it runs, the handle points at this card
         elif not req.quiet:
             announce_async(handle, handle.report.func_name)
         return None if req.out else handle

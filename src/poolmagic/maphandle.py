@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from .engine.core.job import Job
+from .errors import add_note
 from .maprun import finish_checkpoint
 from .mpcompat import AsyncResult
 from .report import RunReport
@@ -31,8 +32,23 @@ class MapHandle(AsyncResult):
         return self._job.report
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds; True when the map has finished."""
-        done = super().wait(timeout)
+        """Wait up to ``timeout`` seconds; True when the map has finished.
+
+        Ctrl-C stops the wait, not the map: the KeyboardInterrupt says so, and
+        how to stop it, instead of showing the frames of threading's lock.
+        """
+        __tracebackhide__ = True
+        try:
+            done = super().wait(timeout)
+        except KeyboardInterrupt:
+            if self.ready():
+                raise
+            r = self.report
+            stop = KeyboardInterrupt()
+            add_note(stop, f"poolmagic: interrupted the wait, not the map: {r.func_name}() goes on in the "
+                           f"background ({r.done:,} of {f'{r.items:,}' if r.items is not None else '?'} "
+                           f"items done); .cancel() stops it")
+            raise stop from None
         while done and self._on_done:  # e.g. the notebook card redrawn in its final state, from this cell
             self._on_done.pop(0)()
         return done
@@ -54,4 +70,20 @@ class MapHandle(AsyncResult):
         return self.report._repr_html_()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        line = self._followed_now()
+        if line is not None:
+            import html
+
+            return {"text/plain": line, "text/html": f"<code>{html.escape(line)}</code>"}
         return self.report._repr_mimebundle_()
+
+    def _followed_now(self) -> str | None:
+        """While a live card follows this map (``%%poolmap --async`` in a notebook): a line
+        pointing at it, not a second card frozen at this moment (``0/4 items · workers
+        starting`` left under the card that ends at ``4 items``)."""
+        if not getattr(self, "followed", False) or self.ready():
+            return None
+        from .style import call_name
+
+        return (f"<MapHandle: {call_name(self.report.func_name)} runs in the background; its card follows it, "
+                f".get() waits for the results>")

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from IPython.core.error import UsageError
 
-from .cellfunc import Target, read_line
+from .cellfunc import Target, options_after, read_line
 from .checks import check_not_text
 from .errors import BadInputError
 from .options import MAP_OPTIONS, POOLMAP_OPTIONS, parse
@@ -44,7 +44,11 @@ def build_request(shell: Any, runs: dict, line: str, cell: str | None) -> MapReq
     if cell is not None:
         _run_cell(shell, cell, target.transformed)
     func = _function(shell, target)
-    iterable = evaluate(shell, target.expr, "ITERABLE", target.iter_code) if target.expr else None
+    try:
+        iterable = evaluate(shell, target.expr, "ITERABLE", target.iter_code) if target.expr else None
+    except UsageError as exc:
+        hint = options_after(line, parsed.rest, "%poolmap" if cell is None else "%%poolmap")
+        raise UsageError(f"{exc} {hint}".rstrip()) from None
     try:
         check_not_text(iterable, target.expr)
     except BadInputError as exc:
@@ -117,7 +121,10 @@ def _compiled(compiler: Any, cell: str, transformed: str, number: int) -> Any:
 def _function(shell: Any, target: Target) -> Any:
     """The callable to map: ``-f FUNC`` evaluated, or the function the cell defined."""
     if target.func_expr is None:
-        return shell.user_ns.get(target.fname)
+        if target.fname not in shell.user_ns:  # the cell ran `del work`: the loop's NameError
+            raise UsageError(f"the cell defines {target.fname}(), but once it ran the name "
+                             f"'{target.fname}' is not defined")
+        return shell.user_ns[target.fname]
     func = evaluate(shell, target.func_expr, "-f")
     if not callable(func):
         raise UsageError(f"-f {target.func_expr} is not callable (it is a {type(func).__name__})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from .engine.base import Backend
+from .engine.core.transport import KILL_ON_INTERRUPT
 from .engine.core.job import Job, write_outputs
 from .errors import add_note, point_at_function
 from .seenitems import SeenItems
@@ -59,9 +60,11 @@ def wait_for(job: Job, backend: Backend, watch: Any = None) -> RunReport:
             raise
         r = job.report
         stop = KeyboardInterrupt()
+        running = ("the running items were stopped" if KILL_ON_INTERRUPT not in backend.lacks
+                   else "items already running finish in the background (a thread cannot be stopped)")
         add_note(
             stop,
-            f"poolmagic: interrupted; the running items were stopped and {r.done} of "
+            f"poolmagic: interrupted; {running} and {r.done} of "
             f"{r.items if r.items is not None else '?'} results kept (_poolmap.results).",
         )
         stop.poolmap_report = r  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ README show, so help, parser and options cannot drift apart.
 from __future__ import annotations
 
 import functools
+import keyword
 import re
 from typing import Any, NamedTuple
 
@@ -27,7 +28,7 @@ class Opt(NamedTuple):
 
     names: tuple[str, ...]
     dest: str
-    kind: str  # "flag", "int", "float", "name", "expr", "kw"
+    kind: str  # "flag", "int", "float", "name", "expr", "kw", "text" (a path or address: quotes optional)
     help: str
     metavar: str = ""
 
@@ -65,7 +66,7 @@ POOLSIZE_OPTIONS: tuple[Opt, ...] = (
     Opt(("--threads",), "threads", "int", "native threads (BLAS, OpenMP) per worker for every map; 'auto': cores ÷ workers", "N"),
     Opt(("--max-memory",), "max_memory", "size", "stop a worker whose memory passes SIZE, for every map; 'off' to clear", "SIZE"),
     Opt(("--backend",), "backend", "name", "where maps run: 'local' processes, 'threads' of this process (maps that wait), or 'dask' (a LocalCluster of the pool's size, or --address)", "NAME"),
-    Opt(("--address",), "address", "expr", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
+    Opt(("--address",), "address", "text", "with --backend dask: the scheduler of a running cluster, e.g. tcp://host:8786", "ADDR"),
     Opt(("--dashboard",), "dashboard", "flag", "with --backend dask: the LocalCluster serves dask's dashboard (127.0.0.1, no password)"),
 )
 
@@ -80,12 +81,18 @@ class Parsed(NamedTuple):
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
 
-def _balance(s: str) -> int:
+def _scan(s: str) -> tuple[int, str | None]:
+    """(brackets left open, the quote left open or None) at the end of ``s``."""
     depth = 0
     quote = None
+    escaped = False
     for ch in s:
         if quote:
-            if ch == quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
                 quote = None
         elif ch in "'\"":
             quote = ch
@@ -93,22 +100,42 @@ def _balance(s: str) -> int:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-    return depth
+    return depth, quote
+
+
+def _balance(s: str) -> int:
+    return _scan(s)[0]
 
 
 def _take_value(line: str, pos: int, opt: str) -> tuple[str, int]:
-    """Next whitespace-separated token from ``pos``, extended until brackets balance."""
+    """Next whitespace-separated token from ``pos``, extended until brackets balance and quotes close
+    (``--kw sep=', '``, ``--checkpoint "run 1.ck"``)."""
     m = re.compile(r"\s*(\S+)").match(line, pos)
     if not m:
         raise UsageError(f"option {opt} needs a value")
     value, end = m.group(1), m.end()
-    while _balance(value) > 0:
+    depth, quote = _scan(value)
+    while depth > 0 or quote:
         m2 = re.compile(r"(\s*)(\S+)").match(line, end)
         if not m2:
-            raise UsageError(f"the value of {opt} has an unclosed bracket: {value!r}")
+            what = "an unclosed quote" if quote else "an unclosed bracket"
+            raise UsageError(f"the value of {opt} has {what}: {value!r}")
         value += m2.group(1) + m2.group(2)
         end = m2.end()
+        depth, quote = _scan(value)
     return value, end
+
+
+_COMMENT = re.compile(r"(^|\s)#.*$", re.S)
+
+
+def strip_comment(line: str) -> str:
+    """``%poolsize 8  # the downloads wait`` -> ``8``: a comment, as Python reads one.
+
+    For the lines that hold no Python (``%poolsize``, ``%pooldebug``); a
+    ``%%poolmap`` line's ITERABLE is Python, which reads its own comments.
+    """
+    return _COMMENT.sub("", line).strip()
 
 
 def parse(line: str, table: tuple[Opt, ...]) -> Parsed:
@@ -136,8 +163,12 @@ def _parse(line: str, table: tuple[Opt, ...]) -> Parsed:
         name = m.group(1)
         opt = by_name.get(name)
         if opt is None:
-            known = ", ".join(n for o in table for n in o.names)
-            raise UsageError(f"unknown option {name}; the options are: {known}")
+            names = [n for o in table for n in o.names]
+            import difflib
+
+            close = difflib.get_close_matches(name, [n for n in names if n.startswith("--")], n=2, cutoff=0.75)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise UsageError(f"unknown option {name}{hint}; the options are: {', '.join(names)}")
         pos = m.end()
         if opt.kind == "flag":
             opts[opt.dest] = True
@@ -169,8 +200,12 @@ def _convert(opt: Opt, name: str, raw: str, previous: Any) -> Any:
         except ValueError:
             raise UsageError(f"{name} takes a number of seconds, not {raw!r}") from None
     if opt.kind == "name":
-        if not raw.isidentifier():
+        if not raw.isidentifier() or keyword.iskeyword(raw):  # -o class: a name no cell could read
             raise UsageError(f"{name} takes a variable name, not {raw!r}")
+        return raw
+    if opt.kind == "text":  # literal, never expanded; quotes only delimit ("run 1.ck")
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            return raw[1:-1]
         return raw
     if opt.kind == "kw":
         key, eq, expr = raw.partition("=")

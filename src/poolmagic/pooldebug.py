@@ -13,6 +13,7 @@ from IPython.core.error import UsageError
 
 from .api import get_pool
 from .errors import BadInputError
+from .options import strip_comment
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,9 +31,15 @@ def _end_at_user_frames(tb: Any) -> None:
 
 def run_pooldebug(shell: Any, line: str) -> None:
     """``%pooldebug LINE`` (its help is the magic's docstring, magics.py)."""
-    report = shell.user_ns.get("_poolmap") or get_pool().last_report
+    report = shell.user_ns.get("_poolmap")
+    if not hasattr(report, "rerun"):  # unset, or a name the notebook reused (``_poolmap = ...``)
+        report = get_pool().last_report
     if report is None:
         raise UsageError("no map has run yet: %pooldebug re-runs an item of the last map")
+    if report.status == "running":  # an --async map: its failures are not all in yet
+        raise UsageError(f"the last map, {report.func_name}(), is still running in the background: "
+                         f"wait for it (handle.wait()), then %pooldebug")
+    line = strip_comment(line)
     words = line.split()
     force = "--force" in words
     words = [w for w in words if w != "--force"]
@@ -53,6 +60,10 @@ def run_pooldebug(shell: Any, line: str) -> None:
             tb = tb.tb_next  # start at the user's frames
         _end_at_user_frames(tb)  # a timeout is raised in poolmagic's alarm handler
         shell.showtraceback((type(exc), exc, tb))
+        if tb is None:  # raised by code that is not Python (``int``, a C extension): no frame to stop in
+            print(f"poolmagic: the error was raised outside Python code (in {report.func_name}()): "
+                  f"there is no frame to debug")
+            return None
         debugger = shell.debugger_cls()
         debugger.reset()  # as pdb.post_mortem does: quitting needs it
         debugger.interaction(None, tb)

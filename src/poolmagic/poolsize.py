@@ -13,7 +13,7 @@ from IPython.core.error import UsageError
 
 from .api import get_pool, shutdown_pool
 from .errors import BadInputError, PoolmapError
-from .options import POOLSIZE_OPTIONS, parse
+from .options import POOLSIZE_OPTIONS, parse, strip_comment
 from .publish import show_bundle
 
 
@@ -23,7 +23,7 @@ def run_poolsize(shell: Any, async_jobs: Iterable, line: str) -> Any:
     ``async_jobs``: the ``--async`` maps the magics started; a change that
     would pull the pool from under one still running is refused.
     """
-    parsed = parse(line, POOLSIZE_OPTIONS)
+    parsed = parse(strip_comment(line), POOLSIZE_OPTIONS)
     o, rest = parsed.opts, parsed.rest
     count, _, after = rest.partition(" ")
     if after.strip().startswith("-"):  # %poolsize 4 --backend dask: options after the count too

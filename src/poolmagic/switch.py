@@ -7,6 +7,8 @@ started goes with it; a cluster at an address is only disconnected from).
 """
 from __future__ import annotations
 
+import warnings
+
 from .api import Pool, get_pool, set_pool
 from .errors import BadInputError
 
@@ -29,7 +31,9 @@ def switch_backend(name: str | None, address: str | None, timeout: float = READY
     # remote cluster, the local pool takes the cores (not the cluster's size).
     if size is None:
         size = None if old.backend.address else old.size
-    new = Pool(size, backend=name, address=address, dashboard=dashboard)
+    with warnings.catch_warnings():  # %poolsize prints its note on the size itself: not twice
+        warnings.filterwarnings("ignore", message=r"\d+ workers on \d+ cores?:", category=UserWarning)
+        new = Pool(size, backend=name, address=address, dashboard=dashboard)
     new.threads = old.threads
     try:
         new.start()

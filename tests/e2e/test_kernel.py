@@ -168,6 +168,8 @@ def test_interrupt_stops_running_items(kernel, tmp_path):
     r = collect(kernel.kc, msg_id, timeout=30, t0=t_int)
 
     assert r.error and r.error["ename"] == "KeyboardInterrupt", repr(r)
+    tb = strip_ansi(r.traceback)  # starts at the function, as a failed map's: not the cell as a string
+    assert "run_cell_magic(" not in tb and "----> 1 def sleepy(x):" in tb, tb
     summary = "\n".join(r.data("text/plain"))
     assert "interrupted" in summary and "0/6 items" in summary, summary
     # the two workers it ran on, though neither finished a chunk; no verdict on a gain
@@ -397,3 +399,19 @@ def test_async_map_display_updates_in_place(kernel):
     final = updates[-1]["content"]["data"]
     assert "6 items" in final["text/plain"] and "running" not in final["text/plain"]
     assert "poolmagic" in final["text/html"]
+
+
+def test_async_map_without_o_shows_one_card(kernel):
+    """Without -o the handle is the cell's value: its display was a second card, frozen at
+    '0/4 items · workers starting' under the live card that ends at '4 items'."""
+    first = run(kernel.kc, "%%poolmap --async -c 1 range(4)\nimport time\ndef nap(x):\n    time.sleep(0.3)\n    return x\n")
+    assert first.status == "ok", repr(first)
+    cards = [m for m in first.msgs if m["msg_type"] == "display_data"]
+    assert len(cards) == 1 and "running" in cards[0]["content"]["data"]["text/plain"], first.msgs
+    value = first.value
+    assert value.startswith("<MapHandle: nap() runs in the background; its card follows it"), value
+    assert "items" not in value, value
+    second = run(kernel.kc, "handle = _\nhandle.get(30)")
+    assert second.value == "[0, 1, 2, 3]", repr(second)
+    shown = run(kernel.kc, "handle").value  # finished: the handle shows the map's card again
+    assert shown.startswith("poolmagic: nap() · 4 items in"), shown

@@ -43,7 +43,7 @@ class MapOptions:
                               help="native threads (BLAS, OpenMP) per worker (default: cores ÷ workers)")
     max_memory: int | None = opt(None, "--max-memory", metavar="SIZE", kind="size",
                                  help="stop a worker whose memory passes SIZE (500MB, 4GB); its item fails")
-    checkpoint: str | None = opt(None, "--checkpoint", metavar="PATH",
+    checkpoint: str | None = opt(None, "--checkpoint", metavar="PATH", kind="text",
                                  help="append each result to the file PATH as it arrives; the same map with the "
                                       "same PATH in a new kernel runs only what is missing")
     retries: int | None = opt(None, "--retries", metavar="N",

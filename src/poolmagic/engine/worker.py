@@ -37,6 +37,7 @@ a C call holds the GIL.
 """
 from __future__ import annotations
 
+import builtins
 import os
 import queue
 import select
@@ -338,8 +339,20 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
+    builtins.input = _no_input
     seeds.fresh()  # fresh OS entropy: no two workers share a random or np.random state
     Worker(conn, slot).serve(warm)
+
+
+NO_INPUT = ("input() cannot ask anyone in a worker: the item runs in a process of its own, with no "
+            "notebook to answer it; ask in the notebook before the map and pass the answer in "
+            "(%%poolmap --kw NAME=EXPR, or a global the function reads)")
+
+
+def _no_input(prompt: object = "") -> str:
+    """``input()`` in a worker: its stdin is /dev/null (multiprocessing's), where a loop in the
+    notebook would have asked. Still the EOFError input() gives at the end of input, saying why."""
+    raise EOFError(NO_INPUT)
 
 
 def _ignore_sigint(signum: int, frame: object) -> None:

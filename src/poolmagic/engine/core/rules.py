@@ -158,14 +158,16 @@ def finish_error(error: BaseException, r: Any, func: Any) -> None:
     """The error a map ends with carries its record and points at the user's code.
 
     Under --keep-going the summary's traceback is the first failed item's (the
-    line that raised); an error of poolmagic's own points at the function.
+    line that raised); an error of poolmagic's own, or one raised before any
+    frame of the user's (``--star`` over an item that is no sequence), points
+    at the function, not at the line of poolmagic's that re-raised it.
     """
     attach_report(error, r)
     _say_earlier_unfinished(error, r)
     first = r.errors.get(min(r.errors)) if isinstance(error, MapFailedError) and r.errors else None
     if first is not None and first.__traceback__ is not None:
         error.__traceback__ = first.__traceback__
-    elif isinstance(error, PoolmapError) and error.__traceback__ is None:
+    elif error.__traceback__ is None:
         point_at_function(error, func)
 
 
