@@ -217,8 +217,9 @@ class Pool:
         self.backend.shutdown()
 
     def close(self) -> None:
-        """Refuse new work; the maps running go on (``join`` waits for them)."""
-        self._life.close()
+        """Refuse new work; the maps running go on (``join`` waits for them), and the
+        workers stop once they end."""
+        self._life.close(idle=self.backend.shutdown)
 
     def terminate(self) -> None:
         """Stop every worker now; running maps end cancelled."""
