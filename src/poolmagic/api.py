@@ -12,6 +12,7 @@ shared pool of the magics and ``pmap`` (``get_pool``, ``set_pool``, ``shutdown_p
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import uuid
 import warnings
@@ -245,6 +246,14 @@ class Pool:
         if life is not None and life.state == RUN and not life.shared:
             _warn(f"unclosed running multiprocessing pool {self!r}: call close() and join(), or use "
                   f"'with Pool() as pool:'", ResourceWarning, source=self)
+            # and its workers stop, as multiprocessing's do (they ran on until the kernel exited),
+            # from a thread of their own: the last reference may go on the pool's own manager thread
+            if sys.is_finalizing():  # the interpreter is exiting: its exit handlers stopped them
+                return
+            try:
+                threading.Thread(target=self.backend.shutdown, daemon=True, name="poolmagic-dropped").start()
+            except RuntimeError:  # (threads can no longer start)
+                pass
 
     def __repr__(self) -> str:
         life = self.__dict__.get("_life")
