@@ -330,7 +330,7 @@ class Pool:
         from .imap import start_imap  # loaded on first use: most maps are not imap's
 
         self._life.check_running()
-        return start_imap(self._submit, func, iterable, chunksize, True, options)
+        return start_imap(self._submit, func, iterable, chunksize, True, options, self.backend.cancel)
 
     def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
                        **options: Any) -> IMapIterator:
@@ -338,7 +338,7 @@ class Pool:
         from .imap import start_imap
 
         self._life.check_running()
-        return start_imap(self._submit, func, iterable, chunksize, False, options)
+        return start_imap(self._submit, func, iterable, chunksize, False, options, self.backend.cancel)
 
     def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
         """``func(*args, **kwds)`` in a worker; its result (multiprocessing's ``apply``)."""
