@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import cloudpickle
 import pytest
+from conftest import wait_dead, wait_for
 
 from poolmagic import NOT_DONE, MapFailedError, Pool
 from poolmagic.errors import WorkerCrashedError
@@ -45,3 +47,27 @@ def test_a_crash_in_a_resumed_run_names_the_item_by_its_index(tmp_path):
         assert isinstance(err, WorkerCrashedError) and err.indices == [12], err.indices
         assert "running item 12 (12)" in str(err), str(err)
         assert r.results == [NOT_DONE if x == 12 else 10 * x for x in range(20)]
+
+
+def naps(x: int) -> int:
+    time.sleep(0.05)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_pool_leaves_no_worker_process():
+    """pool.close() with no map running, or with one that then ends: its workers ran on (a
+    dropped closed pool's too) until the process exited; multiprocessing's leave."""
+    pool = Pool(2)
+    assert pool.run(naps, range(4)).results == [0, 1, 2, 3]
+    pids = pool.backend.worker_pids()
+    assert pids
+    pool.close()
+    assert not wait_dead(pids), "a closed pool's idle workers still run"
+
+    pool = Pool(2)
+    handle = pool.map_async(naps, range(20))
+    pool.close()
+    assert handle.get(30) == list(range(20))
+    wait_for(lambda: not pool.backend.worker_pids(), what="the workers to stop after the last map")
+    pool.join()

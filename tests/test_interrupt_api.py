@@ -147,6 +147,37 @@ def test_keyboard_interrupt_while_getting_a_background_map_says_the_map_goes_on(
         shutdown_and_check(pool)
 
 
+def test_keyboard_interrupt_while_imap_waits_stops_its_items(tmp_path: Path):
+    """Ctrl-C while ``next()`` of an imap waited left the map running: its 30 s items, then the
+    rest of its ITERABLE, for results no one would read, and the next map waited behind them."""
+    from poolmagic.errors import MapCancelledError
+
+    pool = Pool(2)
+    try:
+        pool.map(double, range(4))  # warm
+        it = pool.imap(sleep_long, range(20), kwargs={"piddir": str(tmp_path)})
+
+        def interrupt_once_both_run() -> None:
+            deadline = time.monotonic() + 20
+            while len(written_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            next(it)
+        sleepers = list(written_pids(tmp_path).values())
+        assert len(sleepers) == 2, sleepers
+        assert not wait_dead(sleepers), "the workers running the interrupted imap's items still run"
+        assert it.report.status == "cancelled"
+        with pytest.raises(MapCancelledError, match="interrupted"):
+            next(it)
+        assert pool.map(double, range(10)) == [2 * x for x in range(10)]
+        assert not list(tmp_path.glob("done-*"))
+    finally:
+        shutdown_and_check(pool)
+
+
 # ---------------------------------------------------------------- SIGINT at the workers
 
 

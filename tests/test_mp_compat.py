@@ -16,7 +16,7 @@ import weakref
 import pytest
 
 import poolmagic
-from conftest import wait_for
+from conftest import wait_dead, wait_for
 from poolmagic import Pool
 
 # The tutorial's code, as a notebook runs it: functions defined in cells
@@ -173,6 +173,20 @@ def test_an_unclosed_pool_warns_like_multiprocessing():
         del p
         gc.collect()
     assert any(issubclass(x.category, ResourceWarning) and "unclosed running" in str(x.message) for x in w)
+
+
+def test_an_unclosed_pool_dropped_stops_its_workers_like_multiprocessing():
+    """A Pool dropped running (no close, no with block) warned, and its worker processes ran
+    on until the process exited; multiprocessing's pool terminates them when collected."""
+    p = Pool(2)
+    assert p.map(abs, [-1, -2, -3, -4]) == [1, 2, 3, 4]
+    pids = p.backend.worker_pids()
+    assert pids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del p
+        gc.collect()
+    assert not wait_dead(pids), "the workers of a dropped pool still run"
 
 
 def test_a_pool_of_your_own_keeps_no_inputs_or_results():

@@ -68,6 +68,25 @@ def test_a_map_counts_as_running_until_its_end_and_can_be_stopped():
     life.wait_maps(None)  # returns: nothing runs
 
 
+def test_close_stops_the_workers_once_no_map_runs():
+    """A closed pool kept its worker processes (even dropped) until the kernel exited, where
+    multiprocessing's leave once a closed pool's work is done: ``idle`` runs then."""
+    life, stops = PoolState(), []
+    life.close(idle=lambda: stops.append(threading.current_thread()))
+    assert stops == [threading.current_thread()]  # nothing ran: at once
+
+    life, stops = PoolState(), []
+    first, second = StandInMap(), StandInMap()
+    life.started(first)
+    life.started(second)
+    life.close(idle=lambda: stops.append(threading.current_thread()))
+    first.end()
+    assert not stops
+    second.end()  # on the backend's thread, which the stop must not run on (it joins it)
+    life.wait_maps(10)  # join: returns once the workers were stopped
+    assert len(stops) == 1 and stops[0] is not threading.current_thread()
+
+
 def test_wait_maps_gives_up_at_its_timeout():
     life = PoolState()
     life.started(StandInMap())

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import run_script, wait_for
+from conftest import in_thread, run_script, wait_for
 from IPython.core.error import UsageError
 
 import poolmagic
@@ -402,3 +402,32 @@ def test_the_card_never_advises_threads_it_refuses(pool):
     assert r.threads is None
     assert "--threads" not in r.summary()
     assert not [f for f in r.analysis(all_findings=True).findings if f.kind == "threads"]
+
+
+def held_until(x, gate):
+    """Says it started, then waits for the gate file (a thread cannot be stopped)."""
+    Path(f"{gate}-started-{x}").write_text("")
+    while not os.path.exists(gate):
+        threading.Event().wait(0.01)
+    return x
+
+
+def test_a_map_waiting_behind_a_cancelled_one_that_held_every_thread_runs(tmp_path):
+    """An --async map held both threads; a blocking map waited; the async one was cancelled:
+    its threads were let go and no fresh ones were started while a map still waited, so the
+    blocking map hung for ever."""
+    gate = str(tmp_path / "gate")
+    p = Pool(2, backend="threads")
+    try:
+        handle = p.map_async(held_until, range(2), chunksize=1, kwargs={"gate": gate})
+        assert wait_for(lambda: len(list(tmp_path.glob("gate-started-*"))) == 2)
+        t, out = in_thread(lambda: p.map(abs, [-1, -2, -3]))
+        assert wait_for(lambda: len(p._life.running()) == 2)  # it waits for a thread
+        handle.cancel()
+        t.join(30)
+        assert not t.is_alive(), "the map behind the cancelled one hangs"
+        assert out == {"value": [1, 2, 3]}, out
+    finally:
+        Path(gate).write_text("")  # the held threads may leave
+        p.shutdown()
+

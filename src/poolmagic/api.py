@@ -13,6 +13,7 @@ Here too: the shared pool of the magics and ``pmap`` (``get_pool``,
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import uuid
 import warnings
@@ -174,8 +175,9 @@ class Pool:
         self.backend.shutdown()
 
     def close(self) -> None:
-        """Refuse new work; the maps running go on (``join`` waits for them)."""
-        self._life.close()
+        """Refuse new work; the maps running go on (``join`` waits for them), and the
+        workers stop once they end."""
+        self._life.close(idle=self.backend.shutdown)
 
     def terminate(self) -> None:
         """Stop every worker now; running maps end cancelled."""
@@ -201,6 +203,14 @@ class Pool:
         if life is not None and life.state == RUN and not life.shared:
             _warn(f"unclosed running multiprocessing pool {self!r}: call close() and join(), or use "
                   f"'with Pool() as pool:'", ResourceWarning, source=self)
+            # and its workers stop, as multiprocessing's do (they ran on until the kernel exited),
+            # from a thread of their own: the last reference may go on the pool's own manager thread
+            if sys.is_finalizing():  # the interpreter is exiting: its exit handlers stopped them
+                return
+            try:
+                threading.Thread(target=self.backend.shutdown, daemon=True, name="poolmagic-dropped").start()
+            except RuntimeError:  # (threads can no longer start)
+                pass
 
     def __repr__(self) -> str:
         life = self.__dict__.get("_life")
@@ -277,7 +287,7 @@ class Pool:
         from .imap import start_imap  # loaded on first use: most maps are not imap's
 
         self._life.check_running()
-        return start_imap(self._submit, func, iterable, chunksize, True, options)
+        return start_imap(self._submit, func, iterable, chunksize, True, options, self.backend.cancel)
 
     def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
                        **options: Any) -> IMapIterator:
@@ -285,7 +295,7 @@ class Pool:
         from .imap import start_imap
 
         self._life.check_running()
-        return start_imap(self._submit, func, iterable, chunksize, False, options)
+        return start_imap(self._submit, func, iterable, chunksize, False, options, self.backend.cancel)
 
     def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
         """``func(*args, **kwds)`` in a worker; its result (multiprocessing's ``apply``)."""

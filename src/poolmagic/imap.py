@@ -114,9 +114,12 @@ class IMapIterator:
     its items.
     """
 
-    def __init__(self, ordered: bool, guard: Guarded | None = None):
+    def __init__(self, ordered: bool, guard: Guarded | None = None,
+                 cancel: Callable[[Any], None] | None = None):
         self._ordered = ordered
         self._guard = guard
+        self._cancel = cancel  # the pool's: stops a map's running items (an interrupt)
+        self._interrupted = False
         self._cond = threading.Condition()
         self._chunks: dict[int, list] = {}  # ordered: first position -> the chunk's results
         self._queue: deque[tuple[int, list]] = deque()  # unordered: (first position, results)
@@ -169,7 +172,9 @@ class IMapIterator:
             with self._cond:
                 self._end = job.source.pos
                 if event.status == "cancelled":
-                    self._end_error = MapCancelledError("the pool was terminated while imap was running")
+                    self._end_error = MapCancelledError(
+                        "imap was interrupted (Ctrl-C while it waited for a result): its running items were "
+                        "stopped" if self._interrupted else "the pool was terminated while imap was running")
                 elif event.error is not None and not isinstance(event.error, MapFailedError):
                     self._end_error = event.error  # not an item's: the pool shut down, or the ITERABLE
                 self._cond.notify_all()
@@ -218,16 +223,15 @@ class IMapIterator:
         __tracebackhide__ = True
         got = self._from_chunk()
         if got is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            with self._cond:
-                while True:
-                    got = self._take()
-                    if got is not None:
-                        break
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"no result within {timeout} s")
-                    self._cond.wait(0.5 if left is None else min(left, 0.5))
+            try:
+                got = self._wait(timeout)
+            except KeyboardInterrupt:
+                # as an interrupted map: its running items stop (they ran on, and the rest of the
+                # ITERABLE after them, for results no one would read, ahead of the next map)
+                if self._cancel is not None and self._job.active:
+                    self._interrupted = True
+                    self._cancel(self._job)
+                raise
         if self._filed - self._next == BACKLOG // 2:
             with self._cond:
                 self._cond.notify_all()  # the feeder may go on
@@ -237,6 +241,18 @@ class IMapIterator:
         if ok:
             return value
         raise value
+
+    def _wait(self, timeout: float | None) -> tuple[bool, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = self._take()
+                if got is not None:
+                    return got
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no result within {timeout} s")
+                self._cond.wait(0.5 if left is None else min(left, 0.5))
 
     def _from_chunk(self) -> tuple[bool, Any] | None:
         """The next item of the chunk being consumed (no lock: only this thread reads it)."""
@@ -309,8 +325,9 @@ class IMapIterator:
 
 
 def start_imap(submit: Callable[..., Any], func: Callable, iterable: Iterable, chunksize: int | None,
-               ordered: bool, options: dict) -> IMapIterator:
-    """Start ``func`` over ``iterable`` with ``submit`` (the pool's) and return its iterator.
+               ordered: bool, options: dict, cancel: Callable[[Any], None] | None = None) -> IMapIterator:
+    """Start ``func`` over ``iterable`` with ``submit`` (the pool's) and return its iterator;
+    ``cancel`` (the pool's) stops the map when the consumer is interrupted.
 
     A stream ITERABLE is read in ``chunksize`` chunks, as multiprocessing reads
     it, by a feeder thread of its own; every item runs (``keep_going``).
@@ -324,7 +341,7 @@ def start_imap(submit: Callable[..., Any], func: Callable, iterable: Iterable, c
     if chunksize is not None:
         options["chunksize"] = chunksize
     options.setdefault("keep_going", True)
-    it = IMapIterator(ordered, guard)
+    it = IMapIterator(ordered, guard, cancel)
     job = submit(func, iterable if guard is None else guard, options, before=it.attach, remember=False)
     if job.source.is_stream:
         threading.Thread(target=it.feed, daemon=True, name="poolmagic-feeder").start()

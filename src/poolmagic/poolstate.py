@@ -29,6 +29,8 @@ class PoolState:
         self._live: set[Job] = set()  # maps not finished yet (join waits for them)
         self._live_lock = threading.Lock()
         self._last: tuple = (None, None)  # (report, job), or weak references to them (see last)
+        self._idle: Any = None  # after close: what stops the workers once no map runs
+        self._stopped: threading.Event | None = None  # set once it ran (join waits for it)
 
     # ------------------------------------------------------------ taking work
     def check_running(self) -> None:
@@ -44,10 +46,20 @@ class PoolState:
                 f"poolmagic.Pool()"
             )
 
-    def close(self) -> None:
+    def close(self, idle: Any = None) -> None:
+        """Refuse new work (CLOSE). ``idle()`` stops the workers once no map runs: now, or
+        when the last one ends (multiprocessing's workers leave once a closed pool's work is
+        done: a closed pool, even dropped, kept its worker processes until the kernel exited)."""
         self.not_shared("close")
-        if self.state == RUN:
-            self.state = CLOSE
+        if self.state != RUN:
+            return
+        self.state = CLOSE
+        with self._live_lock:
+            if self._live and idle is not None:
+                self._idle, self._stopped = idle, threading.Event()
+                return
+        if idle is not None:
+            idle()
 
     def make_shared(self) -> None:
         """This pool becomes the shared one: it keeps its last map for ``_poolmap``."""
@@ -65,6 +77,15 @@ class PoolState:
         if type(event) is MapFinished:
             with self._live_lock:
                 self._live.discard(job)
+                idle, self._idle = (self._idle, None) if not self._live else (None, self._idle)
+            if idle is not None:  # on the backend's own thread: it is stopped from another
+                threading.Thread(target=self._stop_idle, args=(idle,), daemon=True, name="poolmagic-close").start()
+
+    def _stop_idle(self, idle: Any) -> None:
+        try:
+            idle()
+        finally:
+            self._stopped.set()  # type: ignore[union-attr]
 
     def running(self) -> list[Job]:
         with self._live_lock:
@@ -82,6 +103,8 @@ class PoolState:
         deadline = None if timeout is None else time.monotonic() + timeout
         for job in self.running():
             job.finished.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._stopped is not None:  # the workers stop as the last map ends: join returns after
+            self._stopped.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------ the last map
     # The shared pool keeps it; a pool of your own keeps it only while you do

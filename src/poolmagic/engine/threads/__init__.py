@@ -278,7 +278,9 @@ class ThreadsBackend(Backend):
         with self._cv:
             for slot in [s for s, j in self._running.items() if j is job and self._threads.get(s) is not me]:
                 del self._running[slot], self._threads[slot]  # its thread leaves after its chunk
-            if not self._closed and self._threads:
+            # fresh threads for the maps still running too: one waiting while the ended map held
+            # every thread was left with none (a blocking map behind a cancelled --async one hung)
+            if not self._closed and (self._threads or any(j.active for j in self._jobs)):
                 self._grow_locked()
 
 
