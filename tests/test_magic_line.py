@@ -306,6 +306,22 @@ def running_async(ip, tmp_path):
     handle.wait(30)
 
 
+def test_a_quiet_async_maps_handle_shows_no_card_while_it_runs(ip, tmp_path):
+    """``%%poolmap -q --async`` without -o: the handle, the cell's value, was shown as a summary
+    card (frozen at 'workers starting'), where -q shows neither progress nor summary."""
+    gate = tmp_path / "gate"
+    ip.user_ns["GATE"] = str(gate)
+    handle = cell(ip, "-q --async range(2)", GATED)
+    try:
+        shown = ip.display_formatter.format(handle)[0]
+        assert shown["text/plain"] == "<MapHandle: gated() runs in the background; .get() waits for the results>"
+        assert "items" not in shown["text/html"], shown
+    finally:
+        gate.touch()
+    assert handle.get(30) == [0, 10]
+    assert ip.display_formatter.format(handle)[0]["text/plain"].startswith("poolmagic: gated() · 2 items in")
+
+
 def test_tune_while_an_async_map_runs_says_so(ip, running_async):
     handle, open_gate = running_async
     size = poolmagic.get_pool().size

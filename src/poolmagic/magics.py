@@ -177,8 +177,10 @@ class PoolMagics(Magics):
             self.shell.user_ns[req.out] = handle
         if live is not None:
             live.follow(handle, live.show(handle))
-            handle.followed = True  # displayed while it runs, the handle points at this card
-        elif not req.quiet:
+            handle.followed = "card"  # displayed while it runs, the handle points at this card
+        elif req.quiet:
+            handle.followed = "quiet"  # -q: the cell's value is no card either
+        else:
             announce_async(handle, handle.report.func_name)
         return None if req.out else handle
 

@@ -80,10 +80,12 @@ class MapHandle(AsyncResult):
     def _followed_now(self) -> str | None:
         """While a live card follows this map (``%%poolmap --async`` in a notebook): a line
         pointing at it, not a second card frozen at this moment (``0/4 items · workers
-        starting`` left under the card that ends at ``4 items``)."""
-        if not getattr(self, "followed", False) or self.ready():
+        starting`` left under the card that ends at ``4 items``); with ``-q``, no card at all."""
+        shown = getattr(self, "followed", "")  # set by the magic: "card", "quiet" or ""
+        if not shown or self.ready():
             return None
         from .style import call_name
 
-        return (f"<MapHandle: {call_name(self.report.func_name)} runs in the background; its card follows it, "
+        card = "its card follows it, " if shown == "card" else ""
+        return (f"<MapHandle: {call_name(self.report.func_name)} runs in the background; {card}"
                 f".get() waits for the results>")

@@ -103,10 +103,6 @@ def _scan(s: str) -> tuple[int, str | None]:
     return depth, quote
 
 
-def _balance(s: str) -> int:
-    return _scan(s)[0]
-
-
 def _take_value(line: str, pos: int, opt: str) -> tuple[str, int]:
     """Next whitespace-separated token from ``pos``, extended until brackets balance and quotes close
     (``--kw sep=', '``, ``--checkpoint "run 1.ck"``)."""
