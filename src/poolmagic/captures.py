@@ -44,18 +44,23 @@ def _code_global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(n for n in seen if n not in stored)
 
 
-def assigned_globals(func: Any) -> tuple[str, ...]:
-    """Notebook globals the function's code assigns (``global x; x = ...``), in order of first store.
-
-    Only a function of the notebook (``__main__``): a library's own module globals are not the notebook's.
-    """
-    while True:  # the function a partial, a bound method or poolmagic's wrappers call
+def called_function(func: Any) -> Any:
+    """The function a partial, a bound method or poolmagic's wrappers call, unwrapped."""
+    while True:
         if isinstance(func, functools.partial):
             func = func.func
         elif hasattr(func, "__func__"):
             func = func.__func__
         else:
-            break
+            return func
+
+
+def assigned_globals(func: Any) -> tuple[str, ...]:
+    """Notebook globals the function's code assigns (``global x; x = ...``), in order of first store.
+
+    Only a function of the notebook (``__main__``): a library's own module globals are not the notebook's.
+    """
+    func = called_function(func)
     code = getattr(func, "__code__", None)
     if code is None or getattr(func, "__globals__", {}).get("__name__") != "__main__":
         return ()
@@ -83,8 +88,7 @@ def unseeded_calls(func: Any, _seen: set | None = None) -> tuple[str, ...]:
     calls: ``default_rng()``, ``random.Random()``, ``np.random.seed()``. Their numbers come from fresh
     entropy, which ``--seed`` does not reach: another run, other numbers."""
     seen = _seen if _seen is not None else set()
-    while isinstance(func, functools.partial) or hasattr(func, "__func__"):
-        func = func.func if isinstance(func, functools.partial) else func.__func__
+    func = called_function(func)
     if not isinstance(func, types.FunctionType) or id(func) in seen:
         return ()
     seen.add(id(func))

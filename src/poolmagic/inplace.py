@@ -49,9 +49,10 @@ def changed_globals(func: Any) -> tuple[str, ...]:
     """Notebook globals ``func`` changes in place (``out.append(x)``, ``memo[x] = v``, ``cfg.n = 1``),
     in order; modules and functions it reaches through are not counted (``sys.path.append``).
     Only a function of the notebook (``__main__``): a library's module globals are not the notebook's."""
+    from .captures import called_function
+
+    func = called_function(func)
     code = _code(func)
-    while isinstance(func, functools.partial) or hasattr(func, "__func__"):
-        func = func.func if isinstance(func, functools.partial) else func.__func__
     g = getattr(func, "__globals__", {})
     if code is None or g.get("__name__") != "__main__":
         return ()
@@ -67,14 +68,9 @@ def _copied(value: Any) -> bool:
 
 
 def _code(func: Any) -> types.CodeType | None:
-    while True:
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif hasattr(func, "__func__"):
-            func = func.__func__
-        else:
-            break
-    code = getattr(func, "__code__", None)
+    from .captures import called_function
+
+    code = getattr(called_function(func), "__code__", None)
     return code if isinstance(code, types.CodeType) else None
 
 
