@@ -259,6 +259,27 @@ def undefined_globals(func: Callable, _seen: set | None = None) -> list[tuple[st
     return missing
 
 
+def reader_of(func: Callable, name: str, _seen: set | None = None) -> str | None:
+    """The function (``func`` or a helper of the same namespace it calls) that reads the global
+    ``name``, if one does."""
+    seen = _seen if _seen is not None else set()
+    func = called_function(func)
+    if not isinstance(func, types.FunctionType) or id(func) in seen:
+        return None
+    seen.add(id(func))
+    g = func.__globals__
+    names = global_names(func)
+    if name in names:
+        return func.__qualname__
+    for n in names:
+        value = g.get(n)
+        if isinstance(value, types.FunctionType) and value.__globals__ is g:
+            found = reader_of(value, name, seen)
+            if found is not None:
+                return found
+    return None
+
+
 def walk(roots: "list[Any]", children: Callable[[Any], "Iterable[Any] | None"], limit: int) -> Iterator[Any]:
     """Each object reachable from ``roots`` once, depth first, at most ``limit`` of them.
 

@@ -45,6 +45,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     name = _check_function(func, o)
     unwrapped = func
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
+    if copies:
+        _check_no_shell(func)
     unlike_loop = loop_notes(func, name, o, copies)
     func, iterable = _call(func, iterable, o, name)
     kw_keys, kw_kept, pickled, digests = None, {}, {}, {}
@@ -148,6 +150,19 @@ def _numpy_errstate() -> tuple | None:
     except Exception:  # a numpy-like module in its place
         return None
     return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
+
+
+def _check_no_shell(func: Callable) -> None:
+    """Refuse a function that calls ``get_ipython()`` before any work: the notebook's shell, which a
+    worker (a process of its own) has not; pickling it failed on a lock, naming nothing useful."""
+    from .captures import reader_of
+
+    who = reader_of(func, "get_ipython")
+    if who is not None:
+        raise BadInputError(
+            f"{who}() calls get_ipython(), the notebook's shell, which a worker does not have (items run in a "
+            f"process of their own): call it in the notebook and pass what the items need (--kw NAME=EXPR), "
+            f"or use the threads backend (%poolsize --backend threads), whose items run in the kernel")
 
 
 def _check_function(func: Callable, o: MapOptions) -> str:

@@ -47,3 +47,42 @@ def test_a_filter_on_a_warning_class_of_the_notebook_is_left_out_not_a_broken_ma
     with warnings.catch_warnings():
         warnings.simplefilter("error", ns["NotebookWarning"])  # its class cannot be imported by a worker
         assert backend.run(inverse, [1, 2]).results == [1.0, 0.5]
+
+
+def shows(x):
+    display(f"item {x}")  # noqa: F821  (IPython's builtin in a notebook)
+    return x
+
+
+def test_display_a_notebook_builtin_works_in_the_items(backend, capfd, monkeypatch):
+    """A loop in the notebook finds IPython's display() among the builtins; an item raised NameError."""
+    import builtins
+
+    shown = []
+    monkeypatch.setattr(builtins, "display", lambda *objs, **kw: shown.extend(objs), raising=False)
+    report = backend.run(shows, range(3))
+    assert report.results == [0, 1, 2]
+    if backend.name == "threads":  # the kernel's own display, as a loop's
+        assert sorted(shown) == ["item 0", "item 1", "item 2"]
+    else:
+        out = capfd.readouterr().out
+        assert all(f"item {x}" in out for x in range(3)), out
+
+
+def calls_shell(x):
+    return get_ipython() is not None  # noqa: F821
+
+
+def test_get_ipython_in_the_items_is_refused_before_any_work_where_items_have_no_shell(backend, monkeypatch):
+    import builtins
+
+    from poolmagic import BadInputError
+
+    monkeypatch.setattr(builtins, "get_ipython", lambda: object(), raising=False)
+    from poolmagic.engine.core.transport import OWN_PROCESS
+
+    if OWN_PROCESS in backend.lacks:  # threads: the items run in the kernel, which has its shell
+        assert backend.run(calls_shell, range(2)).results == [True, True]
+        return
+    with pytest.raises(BadInputError, match=r"calls_shell\(\) calls get_ipython\(\), the notebook's shell"):
+        backend.run(calls_shell, range(2))

@@ -51,7 +51,7 @@ from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
 from .core.chunk import PKG_DIR, pack_results
 from .core.chunkstart import NOT_SENT, FunctionCache, Pickled, StageFailed, map_shared, start_chunk
-from .core.childprocess import die_with_parent, release_forkserver_pipe
+from .core.childprocess import die_with_parent, notebook_builtins, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from . import seeds
@@ -340,6 +340,7 @@ def main(conn, slot: int, warm: list[str] = ()) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _allow_children()
     builtins.input = _no_input
+    notebook_builtins()
     seeds.fresh()  # fresh OS entropy: no two workers share a random or np.random state
     Worker(conn, slot).serve(warm)
 

@@ -2,7 +2,8 @@
 
 A local worker (engine/worker.py) and a dask worker of our LocalCluster
 (engine/dask/preload.py), both forked by a forkserver of ours, let go of the
-server's "alive" pipe and ask the kernel to kill them when their parent dies.
+server's "alive" pipe and ask the kernel to kill them when their parent dies,
+and get the ``display()`` a loop in the notebook finds among IPython's builtins.
 """
 from __future__ import annotations
 
@@ -48,3 +49,21 @@ def release_forkserver_pipe() -> bool:
         pass
     server._forkserver_alive_fd = None
     return True
+
+
+def notebook_builtins() -> None:
+    """``display()``, a builtin in the notebook (IPython's): a loop's display() works, an item's raised
+    NameError. IPython's own display, which without a shell prints each object's text."""
+    import builtins
+
+    if not hasattr(builtins, "display"):
+        builtins.display = _display
+
+
+def _display(*objs: object, **kwargs: object) -> None:
+    try:
+        from IPython.display import display
+    except ImportError:
+        print(*objs)
+        return None
+    return display(*objs, **kwargs)

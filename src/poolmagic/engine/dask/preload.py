@@ -24,7 +24,7 @@ import os
 import signal
 from typing import Any
 
-from ..core.childprocess import die_with_parent, release_forkserver_pipe
+from ..core.childprocess import die_with_parent, notebook_builtins, release_forkserver_pipe
 
 WARM_ENV = "POOLMAGIC_DASK_WARM"  # comma-separated module names
 
@@ -58,6 +58,7 @@ def dask_setup(worker: Any) -> None:
             pass
     if release_forkserver_pipe():  # forked by our server (forkserver.py): die with it
         die_with_parent()
+    notebook_builtins()
     try:
         signal.signal(signal.SIGINT, _ignore)
     except ValueError:  # not the main thread
