@@ -111,3 +111,29 @@ def test_imap_unordered_with_retries_gives_a_timed_out_item_its_last_attempt_onc
         got = _drain(p.imap_unordered(stalls, range(8), 3, timeout=1, retries=1,
                                       kwargs={"folder": str(tmp_path)}), errors=ItemTimeoutError)
     assert sorted(map(str, got)) == sorted(["0", "10", "20", "30", "50", "60", "70", "timeout"]), got
+
+
+def first_quick(x, folder):
+    """Item 0 returns at once; the others run 30 s (and leave a mark if let finish)."""
+    if x:
+        time.sleep(30)
+        open(os.path.join(folder, f"done-{x}"), "w").close()
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["local", "threads"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_loop_that_breaks_out_of_imap_stops_its_map(tmp_path, backend, stream):
+    """``for r in pool.imap(...): break`` left the map running to the end of its ITERABLE (here
+    19 items of 30 s) for results no one could read any more, and the next map waited behind it."""
+    items = range(20) if not stream else (x for x in range(20))
+    with Pool(2, backend=None if backend == "local" else backend) as p:
+        for meth in ("imap", "imap_unordered"):
+            for r in getattr(p, meth)(first_quick, items, chunksize=1, kwargs={"folder": str(tmp_path)}):
+                assert r == 0
+                break
+            # at once: the items after the break do not run (a held thread is replaced by a fresh one)
+            assert p.map(double, range(4)) == [0, 2, 4, 6]
+            items = range(20) if not stream else (x for x in range(20))
+    assert not list(tmp_path.glob("done-*"))

@@ -157,9 +157,9 @@ def test_keyboard_interrupt_while_imap_waits_stops_its_items(tmp_path: Path):
         pool.map(double, range(4))  # warm
         it = pool.imap(sleep_long, range(20), kwargs={"piddir": str(tmp_path)})
 
-        def interrupt_once_both_run() -> None:
+        def interrupt_once_both_run() -> None:  # and next() waits: never outside pytest.raises
             deadline = time.monotonic() + 20
-            while len(written_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+            while (len(written_pids(tmp_path)) < 2 or not it._cond._waiters) and time.monotonic() < deadline:
                 time.sleep(0.01)
             _thread.interrupt_main()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
@@ -140,7 +141,7 @@ class IMapIterator:
     def attach(self, job: Any) -> None:
         self._job = job
         job.report.results = Discard(len(job.report.results))
-        job.observers.append(self._observe)
+        job.observers.append(_weakly(self._observe))  # the map must not keep a dropped iterator
 
     def _observe(self, event: Any) -> None:
         kind = type(event)
@@ -201,16 +202,18 @@ class IMapIterator:
                 self._queue.append((pos, [NOT_DONE]))
         return alone == len(results)
 
-    def feed(self) -> None:
-        """Read a stream ITERABLE for the map (a feeder thread), pausing while more
-        than BACKLOG results wait for the consumer: memory stays bounded however
-        slowly the results are taken (multiprocessing reads on regardless)."""
+    def feed(self) -> bool:
+        """Read a stream ITERABLE for the map (a feeder thread, a turn at a time: _feed),
+        pausing while more than BACKLOG results wait for the consumer: memory stays bounded
+        however slowly the results are taken (multiprocessing reads on regardless). False
+        once the map ended."""
         job = self._job
-        while not job.finished.is_set():
-            with self._cond:
-                while self._filed - self._next > BACKLOG and not job.finished.is_set():
-                    self._cond.wait(0.1)
-            job.wait(0.05, feed=True)
+        with self._cond:
+            if self._filed - self._next > BACKLOG and not job.finished.is_set():
+                self._cond.wait(0.1)
+                return True
+        job.wait(0.05, feed=True)
+        return not job.finished.is_set()
 
     def __iter__(self) -> "IMapIterator":
         return self
@@ -324,6 +327,35 @@ class IMapIterator:
         return None
 
 
+def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An observer that holds its iterator weakly."""
+    ref = weakref.WeakMethod(method)
+
+    def observe(event: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(event)
+
+    return observe
+
+
+def _feed(ref: "weakref.ref[IMapIterator]") -> None:
+    """The feeder thread: holds its iterator only for a turn, so a dropped one is collected."""
+    while True:
+        it = ref()
+        if it is None or not it.feed():
+            return
+        del it
+
+
+def _stop_dropped(job: Any, cancel: Callable[..., None]) -> None:
+    """An iterator dropped before its map ended (a ``break`` out of the loop): no one can
+    read its results any more, so its map stops, as the loop would (it ran on to the end of
+    its ITERABLE, ahead of the next map)."""
+    if job.active:
+        cancel(job, None, 0)
+
+
 def start_imap(submit: Callable[..., Any], func: Callable, iterable: Iterable, chunksize: int | None,
                ordered: bool, options: dict, cancel: Callable[[Any], None] | None = None) -> IMapIterator:
     """Start ``func`` over ``iterable`` with ``submit`` (the pool's) and return its iterator;
@@ -343,6 +375,8 @@ def start_imap(submit: Callable[..., Any], func: Callable, iterable: Iterable, c
     options.setdefault("keep_going", True)
     it = IMapIterator(ordered, guard, cancel)
     job = submit(func, iterable if guard is None else guard, options, before=it.attach, remember=False)
+    if cancel is not None:
+        weakref.finalize(it, _stop_dropped, job, cancel).atexit = False  # (at exit the pool stops anyway)
     if job.source.is_stream:
-        threading.Thread(target=it.feed, daemon=True, name="poolmagic-feeder").start()
+        threading.Thread(target=_feed, args=(weakref.ref(it),), daemon=True, name="poolmagic-feeder").start()
     return it

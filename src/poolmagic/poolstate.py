@@ -12,7 +12,7 @@ import functools
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from .engine.core.events import MapFinished
 from .engine.core.job import Job
@@ -29,7 +29,7 @@ class PoolState:
         self._live: set[Job] = set()  # maps not finished yet (join waits for them)
         self._live_lock = threading.Lock()
         self._last: tuple = (None, None)  # (report, job), or weak references to them (see last)
-        self._idle: Any = None  # after close: what stops the workers once no map runs
+        self._idle: Callable[[], None] | None = None  # after close: what stops the workers once no map runs
         self._stopped: threading.Event | None = None  # set once it ran (join waits for it)
 
     # ------------------------------------------------------------ taking work
@@ -46,7 +46,7 @@ class PoolState:
                 f"poolmagic.Pool()"
             )
 
-    def close(self, idle: Any = None) -> None:
+    def close(self, idle: Callable[[], None] | None = None) -> None:
         """Refuse new work (CLOSE). ``idle()`` stops the workers once no map runs: now, or
         when the last one ends (multiprocessing's workers leave once a closed pool's work is
         done: a closed pool, even dropped, kept its worker processes until the kernel exited)."""
@@ -81,7 +81,7 @@ class PoolState:
             if idle is not None:  # on the backend's own thread: it is stopped from another
                 threading.Thread(target=self._stop_idle, args=(idle,), daemon=True, name="poolmagic-close").start()
 
-    def _stop_idle(self, idle: Any) -> None:
+    def _stop_idle(self, idle: Callable[[], None]) -> None:
         try:
             idle()
         finally:
