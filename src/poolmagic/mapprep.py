@@ -119,21 +119,29 @@ _FILTERS: list = [None, None]  # [fingerprint of warnings.filters, the tuple mad
 
 
 def _warning_filters() -> tuple | None:
-    """The kernel's warning filters, as the workers can load them: an entry whose category a
-    worker cannot import (a Warning class of the notebook) is left out. Made again only when the
-    list changed (simplefilter and filterwarnings put a new entry first, or last with append=True;
+    """The kernel's warning filters, as the workers can load them at once: entries on Python's own
+    warning classes, and on those of the modules the workers start with (numpy, pandas: warm.py).
+    Another category would be imported by the worker to read the options, before its first item
+    (IPython's ProvisionalCompleterWarning, in every kernel's filters, made a warm pool's first
+    map 15× slower); a notebook's own cannot be imported at all. Made again only when the list
+    changed (simplefilter and filterwarnings put a new entry first, or last with append=True;
     catch_warnings puts a new list in place)."""
     filters = warnings.filters
     mark = (id(filters), len(filters), id(filters[0]) if filters else 0, id(filters[-1]) if filters else 0)
     if _FILTERS[0] != mark:
-        kept = tuple(f for f in filters if len(f) == 5 and _importable(f[2]))
+        from .engine.warm import warm_modules
+
+        loaded = ("builtins", *warm_modules())
+        kept = tuple(f for f in filters if len(f) == 5 and _loaded_with(f[2], loaded))
         _FILTERS[:] = [mark, kept]
     return _FILTERS[1]
 
 
-def _importable(category: Any) -> bool:
-    module = sys.modules.get(getattr(category, "__module__", "") or "")
-    return (module is not None and module.__name__ != "__main__"
+def _loaded_with(category: Any, packages: tuple[str, ...]) -> bool:
+    """``category`` is a class of one of ``packages`` that a worker finds by its name."""
+    name = getattr(category, "__module__", "") or ""
+    module = sys.modules.get(name)
+    return (name.split(".")[0] in packages and module is not None
             and getattr(module, getattr(category, "__qualname__", ""), None) is category)
 
 
