@@ -431,3 +431,14 @@ def test_a_map_waiting_behind_a_cancelled_one_that_held_every_thread_runs(tmp_pa
         Path(gate).write_text("")  # the held threads may leave
         p.shutdown()
 
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_holds_what_cannot_be_pickled_maps_on_threads():
+    """The threads backend calls the function itself: a lock, a connection or an open file a
+    notebook function reads is fine, where every map was refused ('cannot be sent to the
+    workers: ... cannot be pickled')."""
+    ns = {"__name__": "__main__", "LOCK": threading.Lock()}
+    exec("def under_lock(x):\n    with LOCK:\n        return x * 2\n", ns)  # a notebook's: pickled by value
+    with Pool(2, backend="threads") as pool:
+        assert pool.map(ns["under_lock"], range(5)) == [0, 2, 4, 6, 8]

@@ -219,6 +219,11 @@ def explain_unpicklable(func: Callable, exc: BaseException, _depth: int = 0) -> 
         try:
             cloudpickle.dumps(value)
         except Exception as inner:
+            if what == "global 'get_ipython'":  # the notebook's shell (a bound method holding locks)
+                return (f"{who}() calls get_ipython(), the notebook's shell, which a worker does not have (items "
+                        f"run in a process of their own): call it in the notebook and pass what the items need "
+                        f"(--kw NAME=EXPR), or use the threads backend (%poolsize --backend threads), whose "
+                        f"items run in the kernel")
             is_local_fn = isinstance(value, (types.FunctionType, functools.partial))
             if is_local_fn and _depth < 3 and value is not func:
                 return explain_unpicklable(value, inner, _depth + 1).replace(
@@ -257,27 +262,6 @@ def undefined_globals(func: Callable, _seen: set | None = None) -> list[tuple[st
         elif name not in b:
             missing.append((func.__qualname__, name))
     return missing
-
-
-def reader_of(func: Callable, name: str, _seen: set | None = None) -> str | None:
-    """The function (``func`` or a helper of the same namespace it calls) that reads the global
-    ``name``, if one does."""
-    seen = _seen if _seen is not None else set()
-    func = called_function(func)
-    if not isinstance(func, types.FunctionType) or id(func) in seen:
-        return None
-    seen.add(id(func))
-    g = func.__globals__
-    names = global_names(func)
-    if name in names:
-        return func.__qualname__
-    for n in names:
-        value = g.get(n)
-        if isinstance(value, types.FunctionType) and value.__globals__ is g:
-            found = reader_of(value, name, seen)
-            if found is not None:
-                return found
-    return None
 
 
 def walk(roots: "list[Any]", children: Callable[[Any], "Iterable[Any] | None"], limit: int) -> Iterator[Any]:

@@ -45,8 +45,6 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     name = _check_function(func, o)
     unwrapped = func
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
-    if copies:
-        _check_no_shell(func)
     unlike_loop = loop_notes(func, name, o, copies)
     func, iterable = _call(func, iterable, o, name)
     kw_keys, kw_kept, pickled, digests = None, {}, {}, {}
@@ -160,19 +158,6 @@ def _numpy_errstate() -> tuple | None:
     return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
 
 
-def _check_no_shell(func: Callable) -> None:
-    """Refuse a function that calls ``get_ipython()`` before any work: the notebook's shell, which a
-    worker (a process of its own) has not; pickling it failed on a lock, naming nothing useful."""
-    from .captures import reader_of
-
-    who = reader_of(func, "get_ipython")
-    if who is not None:
-        raise BadInputError(
-            f"{who}() calls get_ipython(), the notebook's shell, which a worker does not have (items run in a "
-            f"process of their own): call it in the notebook and pass what the items need (--kw NAME=EXPR), "
-            f"or use the threads backend (%poolsize --backend threads), whose items run in the kernel")
-
-
 def _check_function(func: Callable, o: MapOptions) -> str:
     """The function's name, once it is known to be a callable the workers can run."""
     if not callable(func):
@@ -217,6 +202,8 @@ def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
     ``prepickled``: the --kw values' pickles, used as they are unless the backend changed the
     function (a remote cluster's local modules go by value: its pickling differs)."""
     shipped, notes = backend.prepare_function(func, iterable, star)  # a remote cluster's checks
+    if OWN_PROCESS in backend.lacks:  # threads: the items call the function itself, nothing is pickled
+        return Payload(f"t{id(shipped):x}", b"", []), notes  # (the key: this object, for its item times)
     if shipped is not func:
         prepickled = None
     if worker_setup is not None:
