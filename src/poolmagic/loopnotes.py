@@ -20,11 +20,37 @@ from typing import Callable
 from .engine.mapoptions import MapOptions
 from .inplace import changed_globals, changed_parameter
 from .captures import assigned_globals, global_names, shared_generators, unseeded_calls
+from .serialize import _fingerprint
 
 
 def loop_notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
     """The notes for mapping ``func`` (the user's, before --kw and --repeat wrap it) with ``o``;
-    ``copies``: the backend runs it in other processes (not the threads backend)."""
+    ``copies``: the backend runs it in other processes (not the threads backend).
+
+    A function whose captured values are all immutable (numbers, strings, tuples of them,
+    modules: serialize's fingerprint, which dump_function takes anyway) has notes that follow
+    from its code alone: they are kept by that fingerprint, and only the --kw values are
+    looked at again (a walk of the globals cost ~10 µs of a warm 4-item cell)."""
+    fp = _fingerprint(func)
+    if fp is None:
+        return _notes(func, name, o, copies)
+    key = (fp, name, copies, o.seed is not None, o.star, o.repeat is None)
+    notes = _BY_CODE.get(key)
+    if notes is None:
+        notes = _BY_CODE[key] = tuple(_notes(func, name, o.with_(kwargs=None), copies))
+        if len(_BY_CODE) > 256:
+            del _BY_CODE[next(iter(_BY_CODE))]
+    if copies and o.kwargs:
+        generators = shared_generators(None, o.kwargs)
+        if generators:
+            return [*notes, _generators_note(name, generators)]
+    return list(notes)
+
+
+_BY_CODE: dict = {}
+
+
+def _notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
     notes = []
     if copies:
         written = assigned_globals(func)
