@@ -601,3 +601,46 @@ def test_checkpoint_says_the_function_changed_when_a_helper_or_a_global_it_reads
         assert notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
                          "written; 3 results of its earlier version were kept"], (change, notes)
 
+
+
+_NOTEBOOK_CLASS_SCRIPT = '''
+import sys
+from dataclasses import dataclass
+from poolmagic import Pool
+
+@dataclass
+class Point:  # defined in __main__, as in a notebook: pickled by value
+    x: int
+
+def mk(i):
+    return Point(i)
+
+if __name__ == "__main__":
+    p = Pool(1).start()
+    notes = []
+    for _ in range(int(sys.argv[2])):
+        r = p.run(mk, range(4), checkpoint=sys.argv[1])
+        notes.append(r.notes)
+    print(repr((notes, [type(v) is Point for v in r.results])))
+'''
+
+
+@pytest.mark.timeout(60)
+def test_results_of_a_notebook_class_loaded_in_a_new_kernel_are_said(tmp_path):
+    """cloudpickle rebuilds a class the notebook defined as a new class in a kernel that did not
+    pickle it: kept results then differ (==, isinstance) from the plain loop's, and that is said."""
+    script = tmp_path / "nb.py"
+    script.write_text(_NOTEBOOK_CLASS_SCRIPT)
+    ck = str(tmp_path / "ck.bin")
+
+    def kernel(runs: int):
+        out = subprocess.run([sys.executable, str(script), ck, str(runs)], capture_output=True, text=True,
+                             timeout=50, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return eval(out.stdout.strip().splitlines()[-1])
+
+    notes, same_class = kernel(2)  # the same kernel loading its own file: its class, nothing to say
+    assert notes == [[], []] and all(same_class)
+    notes, same_class = kernel(1)
+    assert not any(same_class)
+    assert len(notes[0]) == 1 and "items 0–3" in notes[0][0] and "Point" in notes[0][0], notes

@@ -10,6 +10,7 @@ version is recorded, and a changed function is allowed but reported.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import threading
@@ -173,6 +174,8 @@ class Checkpoint:
         results = [NOT_DONE] * n
         known = bytearray(n * identity.KEY)  # the items' keys where the file holds results (for --resume)
         changed: list[int] = []
+        foreign: set = set()  # the tracker ids of classes only the file's kernel defined
+        notebook_classes: dict[str, list[int]] = {}  # such a class's name -> the items whose results hold it
         for k, (idx, digest, body, frames) in enumerate(stored.chunks):
             where = f"chunk record {k + 1} of {len(stored.chunks)}"
             try:
@@ -194,7 +197,8 @@ class Checkpoint:
                     if differ:
                         changed += [positions[j] for j in differ]
                         continue
-                values = pickle.loads(body, buffers=frames)[0]
+                loader = _ResultsLoader(body, frames, foreign)
+                values = loader.load()[0]
                 if len(values) != len(positions):
                     raise ValueError(f"it holds {len(values)} results for {len(positions)} items")
             except BadInputError:
@@ -207,6 +211,8 @@ class Checkpoint:
             for i, v in zip(positions, values):
                 if v is not NOT_DONE:
                     results[i] = v
+            for cls in loader.classes:
+                notebook_classes.setdefault(cls, []).extend(positions)
             k8 = identity.KEY
             if type(idx) is range:
                 known[idx.start * k8 : idx.stop * k8] = now
@@ -219,6 +225,11 @@ class Checkpoint:
                 f"the ITERABLE changed since the checkpoint {self.path!r} was written: "
                 f"{differ_message(changed, items)}. Use another PATH, or delete the file to start over."
             )
+        for cls, where in notebook_classes.items():
+            self.notes.append(
+                f"the results of {_items_words(sorted(where))} loaded from the checkpoint hold instances of {cls} as "
+                f"the kernel that computed them defined it, not of this kernel's {cls}: == and isinstance() with "
+                f"it are False. Delete the checkpoint to compute them again with this kernel's class")
         report = continuing(name, n, results, {})
         missing = [i for i, v in enumerate(results) if v is NOT_DONE]
         if report.done:
@@ -299,6 +310,43 @@ class Checkpoint:
             body = cloudpickle.dumps((results, [], []), protocol=5, buffer_callback=frames_pb.append)
             frames = [f.raw() for f in frames_pb]
         self.file.chunk(idx, items_hash(items, idx), body, list(frames or ()))
+
+
+_SKELETONS = {"_make_skeleton_class": (1, 4), "_make_skeleton_enum": (2, 5)}  # (name, tracker id) positions
+
+
+class _ResultsLoader(pickle.Unpickler):
+    """Unpickles a stored chunk, noting the classes its results carry that were pickled by
+    value (defined in the notebook) by another kernel: cloudpickle rebuilds each as a new
+    class, unlike the one of the same name defined here (``classes``: their names)."""
+
+    def __init__(self, body: Any, frames: list, foreign: set):
+        super().__init__(io.BytesIO(body), buffers=frames)
+        self.foreign = foreign  # tracker ids not of this kernel, shared by every chunk of a file
+        self.classes: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module != "cloudpickle.cloudpickle" or name not in _SKELETONS:
+            return found
+        at_name, at_id = _SKELETONS[name]
+
+        def make(*args: Any) -> Any:
+            tracker = args[at_id]
+            if tracker in self.foreign or tracker not in cloudpickle.cloudpickle._DYNAMIC_CLASS_TRACKER_BY_ID:
+                self.foreign.add(tracker)
+                self.classes.add(str(args[at_name]))
+            return found(*args)
+
+        return make
+
+
+def _items_words(where: list[int]) -> str:
+    if len(where) == 1:
+        return f"item {where[0]}"
+    if where == list(range(where[0], where[-1] + 1)):
+        return f"items {where[0]}–{where[-1]}"
+    return f"{len(where):,} items ({', '.join(map(str, where[:5]))}{', …' if len(where) > 5 else ''})"
 
 
 SYNC_AFTER_S = 1.0  # a map that ran this long has its file fsynced when it ends
