@@ -495,3 +495,30 @@ def test_resume_sees_a_global_array_changed_in_place(pool):
         WEIGHTS[0] = 0.0
     assert report.results[2:] == [2.0, 3.0]
     assert report.notes == [FIX_NOTE.format(n=report.resumed[0])], report.notes
+
+
+def ten_times_but_13(x):
+    if x == 13:
+        raise ValueError("thirteen")
+    return x * 10
+
+
+@pytest.mark.parametrize("how", ["resume", "checkpoint"])
+@pytest.mark.timeout(60)
+def test_any_item_of_a_list_can_be_rerun_after_a_map_that_ran_only_the_missing_ones(pool, tmp_path, how):
+    """%pooldebug N / rerun(N) after --resume or a checkpoint's second run: item N of the list,
+    not 'the ITERABLE was a stream' (the map ran only the missing items, the list has them all)."""
+    items = [10, 11, 12, 13, 14, 15]
+    ck = str(tmp_path / "ck.bin")
+    options = {"checkpoint": ck} if how == "checkpoint" else {}
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ten_times_but_13, items, keep_going=True, chunksize=1, **options)
+    if how == "resume":
+        options = {"resume": info.value.report}
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ten_times_but_13, items, keep_going=True, chunksize=1, **options)
+    report = info.value.report
+    assert report.resumed == (5, 1)
+    assert report.rerun(5) == 150 and report.rerun(0) == 100
+    with pytest.raises(ValueError, match="thirteen"):
+        report.rerun(3)

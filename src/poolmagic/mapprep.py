@@ -67,6 +67,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     report.notes.extend(notes)
     report.kw_keys, report.kw_kept = kw_keys, kw_kept
     report.notes.extend(unlike_loop)
+    every = iterable  # a sequence: every item stays available to re-run, whichever ran now
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -74,7 +75,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     if index is None and type(iterable) in SEQUENCES:
         report.replay = (func, o, iterable)
     elif index is not None:
-        report.replay = (func, o, None)
+        report.replay = (func, o, every if type(every) in SEQUENCES else None)
         report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
     else:
         report.replay = (func, o, None)
