@@ -599,7 +599,7 @@ def test_checkpoint_says_the_function_changed_when_a_helper_or_a_global_it_reads
         assert again.error_in_exec is None, again.error_in_exec
         notes = ip.user_ns["_poolmap"].notes
         assert notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
-                         "written; 3 results of its earlier version were kept"], (change, notes)
+                         "written; 3 results of its earlier version were kept (items 0, 1 and 3)"], (change, notes)
 
 
 
@@ -644,3 +644,21 @@ def test_results_of_a_notebook_class_loaded_in_a_new_kernel_are_said(tmp_path):
     notes, same_class = kernel(1)
     assert not any(same_class)
     assert len(notes[0]) == 1 and "items 0–3" in notes[0][0] and "Point" in notes[0][0], notes
+
+
+@pytest.mark.timeout(60)
+def test_results_of_an_earlier_version_are_said_after_the_new_version_wrote_the_file_too(ip, tmp_path):
+    """v1 fills items 0-2, v2 items 3-4 (item 5 still fails), then v2 again: the results of 0-2
+    are still v1's, though the file's last meta is v2's. Each chunk is judged by the version it was
+    written under."""
+    ck = tmp_path / "ck.bin"
+    line = f"%%poolmap -q --keep-going --checkpoint {ck} range(6)\ndef ck_versions(x):\n"
+    v1 = line + "    if x >= 3:\n        raise ValueError(x)\n    return ('v1', x)\n"
+    v2 = line + "    if x >= 5:\n        raise ValueError(x)\n    return ('v2', x)\n"
+    assert isinstance(ip.run_cell(v1).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [("v1", 0), ("v1", 1), ("v1", 2), ("v2", 3), ("v2", 4)]
+    assert report.notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
+                            "written; 3 results of its earlier version were kept (items 0–2)"], report.notes

@@ -61,6 +61,8 @@ class Checkpoint:
         self.notes: list[str] = []  # said under the map's summary (damaged records)
         self.error: BaseException | None = None
         self._index: list[int] | None = None
+        self._kept: list[tuple[list[int], dict]] = []  # (the positions a chunk kept, the meta it was written under)
+        self.older: list[int] = []  # the items whose kept results an earlier version of the function computed
         self._committed = threading.Event()  # every chunk of the map is written
         self._done = threading.Event()  # the file is synced and closed
         self._t_open = time.perf_counter()
@@ -137,12 +139,20 @@ class Checkpoint:
         The whole function's pickle (``function_key``) also changes with the cell's number and a
         --kw value; files that recorded the code's key and the values' are compared by those.
         """
-        meta = self._stored.meta if self._stored is not None else {}
-        if "code" in meta and meta["code"] is not None and code is not None:
-            self.function_changed = meta["code"] != code
-            self.kw_changed = (meta.get("kw"), kw) if changed_kw(meta.get("kw"), kw) else None
-        else:  # a file from before 2026-12-07, or a callable that is not a plain function
-            self.function_changed = "function" in meta and meta["function"] != function_key
+        # each kept chunk against the meta it was written under: a file several versions wrote
+        # holds results of each, whichever wrote it last
+        kept = self._kept or [([], self._stored.meta if self._stored is not None else {})]
+        older: set[int] = set()
+        for positions, meta in kept:
+            if "code" in meta and meta["code"] is not None and code is not None:
+                if meta["code"] != code:
+                    older.update(positions)
+                if self.kw_changed is None and changed_kw(meta.get("kw"), kw):
+                    self.kw_changed = (meta.get("kw"), kw)
+            elif "function" in meta and meta["function"] != function_key:  # a file from before 2026-12-07,
+                older.update(positions)  # or a callable that is not a plain function
+        self.older = sorted(older)
+        self.function_changed = bool(older)
 
     def _load(self, items: Any, name: str, function_key: str,
               seed: int | None) -> tuple[RunReport, list[int] | None, Any]:
@@ -211,6 +221,7 @@ class Checkpoint:
             for i, v in zip(positions, values):
                 if v is not NOT_DONE:
                     results[i] = v
+            self._kept.append(([i for i, v in zip(positions, values) if v is not NOT_DONE], stored.versions[k]))
             for cls in loader.classes:
                 notebook_classes.setdefault(cls, []).extend(positions)
             k8 = identity.KEY
@@ -227,7 +238,7 @@ class Checkpoint:
             )
         for cls, where in notebook_classes.items():
             self.notes.append(
-                f"the results of {_items_words(sorted(where))} loaded from the checkpoint hold instances of {cls} as "
+                f"the results of {items_words(sorted(where))} loaded from the checkpoint hold instances of {cls} as "
                 f"the kernel that computed them defined it, not of this kernel's {cls}: == and isinstance() with "
                 f"it are False. Delete the checkpoint to compute them again with this kernel's class")
         report = continuing(name, n, results, {})
@@ -341,12 +352,15 @@ class _ResultsLoader(pickle.Unpickler):
         return make
 
 
-def _items_words(where: list[int]) -> str:
+def items_words(where: list[int]) -> str:
+    """"item 3", "items 0–5", "7 items (0, 2, 4, 6, 8, …)"."""
     if len(where) == 1:
         return f"item {where[0]}"
     if where == list(range(where[0], where[-1] + 1)):
         return f"items {where[0]}–{where[-1]}"
-    return f"{len(where):,} items ({', '.join(map(str, where[:5]))}{', …' if len(where) > 5 else ''})"
+    if len(where) <= 5:
+        return f"items {', '.join(map(str, where[:-1]))} and {where[-1]}"
+    return f"{len(where):,} items ({', '.join(map(str, where[:5]))}, …)"
 
 
 SYNC_AFTER_S = 1.0  # a map that ran this long has its file fsynced when it ends

@@ -285,8 +285,11 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))
         if checkpoint is not None and checkpoint.function_changed:
+            from .checkpointing import items_words
+
             report.notes.append(f"the function changed (its code, or a global or helper it reads) since "
-                                f"{o.checkpoint} was written; {earlier.done:,} results of its earlier version were kept")
+                                f"{o.checkpoint} was written; {len(checkpoint.older):,} results of its earlier "
+                                f"version were kept ({items_words(checkpoint.older)})")
         if checkpoint is not None and checkpoint.kw_changed:
             report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written", earlier.done))
     if checkpoint is not None:
