@@ -522,3 +522,19 @@ def test_any_item_of_a_list_can_be_rerun_after_a_map_that_ran_only_the_missing_o
     assert report.rerun(5) == 150 and report.rerun(0) == 100
     with pytest.raises(ValueError, match="thirteen"):
         report.rerun(3)
+
+
+@pytest.mark.timeout(60)
+def test_a_resume_of_a_resume_says_the_results_an_earlier_version_computed(ip):
+    """v1 fills items 0-2, --resume with v2 fills 3-4 (item 5 still fails, said), --resume with v2
+    again: items 0-2 are still v1's, though the run it resumes was v2's."""
+    body = "def resumed_versions(x):\n    if x >= {n}:\n        raise ValueError(x)\n    return ('{v}', x)\n"
+    assert isinstance(ip.run_cell("%%poolmap -q --keep-going range(6)\n" + body.format(n=3, v="v1")).error_in_exec,
+                      MapFailedError)
+    v2 = "%%poolmap -q --resume --keep-going range(6)\n" + body.format(n=5, v="v2")
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [("v1", 0), ("v1", 1), ("v1", 2), ("v2", 3), ("v2", 4)]
+    assert report.notes == ["3 results kept by the run to resume were computed by an earlier version of the "
+                            "function (items 0–2)"], report.notes

@@ -24,7 +24,7 @@ from .checkpointfile import Writer, parse, read
 from .checkpointformat import CheckpointFileError, Stored, signing_key
 from .engine.core.events import ChunkFinished, MapFinished
 from .errors import BadInputError
-from .itemkeys import differ_message, expand, items_hash, legacy
+from .itemkeys import differ_message, expand, items_hash, items_words, legacy
 from .report import RunReport
 from .resume import continuing, materialise, seed_words
 from .sentinel import NOT_DONE
@@ -350,17 +350,6 @@ class _ResultsLoader(pickle.Unpickler):
             return found(*args)
 
         return make
-
-
-def items_words(where: list[int]) -> str:
-    """"item 3", "items 0–5", "7 items (0, 2, 4, 6, 8, …)"."""
-    if len(where) == 1:
-        return f"item {where[0]}"
-    if where == list(range(where[0], where[-1] + 1)):
-        return f"items {where[0]}–{where[-1]}"
-    if len(where) <= 5:
-        return f"items {', '.join(map(str, where[:-1]))} and {where[-1]}"
-    return f"{len(where):,} items ({', '.join(map(str, where[:5]))}, …)"
 
 
 SYNC_AFTER_S = 1.0  # a map that ran this long has its file fsynced when it ends

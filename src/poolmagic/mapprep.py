@@ -22,6 +22,7 @@ from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .loopnotes import loop_notes
 from .report import FAILED_KEPT, RunReport
+from .sentinel import NOT_DONE
 from .captures import undefined_globals
 from .serialize import Payload, callable_name, describe, dump_function
 
@@ -262,12 +263,19 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
 
         earlier, index, iterable = resume_report(resume, iterable, o.seed)
         was = getattr(resume.identity, "code", None)
-        if was is not None:
-            from .versions import code_key
+        from .versions import code_key
 
-            if code_key(func, stable=False, digests=payload.digests) not in (was, None):
-                report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
-                                    f"run to resume; {earlier.done:,} results of its earlier version were kept")
+        if was is not None and code_key(func, stable=False, digests=payload.digests) not in (was, None):
+            report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
+                                f"run to resume; {earlier.done:,} results of its earlier version were kept")
+            report.older = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
+        else:  # the same version as the run to resume: what an earlier one computed is still its
+            report.older = [i for i in resume.older if earlier.results[i] is not NOT_DONE]
+            if report.older:
+                from .itemkeys import items_words
+
+                report.notes.append(f"{len(report.older):,} results kept by the run to resume were computed by an "
+                                    f"earlier version of the function ({items_words(report.older)})")
         now = report.kw_keys
         if resume.kw_keys and o.kwargs:
             from .versions import kw_keys
@@ -285,11 +293,12 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))
         if checkpoint is not None and checkpoint.function_changed:
-            from .checkpointing import items_words
+            from .itemkeys import items_words
 
             report.notes.append(f"the function changed (its code, or a global or helper it reads) since "
                                 f"{o.checkpoint} was written; {len(checkpoint.older):,} results of its earlier "
                                 f"version were kept ({items_words(checkpoint.older)})")
+            report.older = checkpoint.older
         if checkpoint is not None and checkpoint.kw_changed:
             report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written", earlier.done))
     if checkpoint is not None:
