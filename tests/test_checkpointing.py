@@ -662,3 +662,15 @@ def test_results_of_an_earlier_version_are_said_after_the_new_version_wrote_the_
     assert report.results[:5] == [("v1", 0), ("v1", 1), ("v1", 2), ("v2", 3), ("v2", 4)]
     assert report.notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
                             "written; 3 results of its earlier version were kept (items 0–2)"], report.notes
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_path_under_the_home_directory_written_with_a_tilde(ip, tmp_path, monkeypatch):
+    """``--checkpoint ~/ck.bin`` is the file in the home directory, as a shell reads it: it was
+    refused with "there is no directory '<cwd>/~'"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = ip.run_cell("%%poolmap -q --checkpoint ~/ck.bin range(3)\ndef ck_home(x):\n    return x\n")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert ip.user_ns["_poolmap"].results == [0, 1, 2]
+    assert checkpointfile.read(str(tmp_path / "ck.bin")).chunks

@@ -55,7 +55,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str):
-        self.path = os.fspath(path)
+        self.path = os.path.expanduser(os.fspath(path))  # --checkpoint ~/runs/a.ckpt, as a shell reads it
         self.function_changed = False
         self.kw_changed: tuple[dict | None, dict | None] | None = None  # (the file's keys, the map's)
         self.notes: list[str] = []  # said under the map's summary (damaged records)
