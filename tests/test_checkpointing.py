@@ -674,3 +674,20 @@ def test_a_checkpoint_path_under_the_home_directory_written_with_a_tilde(ip, tmp
     assert result.error_in_exec is None, result.error_in_exec
     assert ip.user_ns["_poolmap"].results == [0, 1, 2]
     assert checkpointfile.read(str(tmp_path / "ck.bin")).chunks
+
+
+@pytest.mark.timeout(60)
+def test_results_of_an_earlier_kw_value_are_counted_after_the_new_value_wrote_the_file_too(ip, tmp_path):
+    """--kw w=1 fills items 0-3, w=2 item 4 (item 5 still fails), then w=2 again: 4 kept results,
+    not 5, were computed with the earlier value."""
+    cell = (f"%%poolmap -q --keep-going --checkpoint {tmp_path / 'ck.bin'} --kw w=CK_W range(6)\n"
+            "def ck_kw_versions(x, w):\n    if x >= 3 + w:\n        raise ValueError(x)\n    return x * w\n")
+    ip.user_ns["CK_W"] = 1
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    ip.user_ns["CK_W"] = 2
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [0, 1, 2, 3, 8]
+    assert report.notes == [f"--kw w changed since {tmp_path / 'ck.bin'} was written; 4 results computed with "
+                            "its earlier value were kept"], report.notes

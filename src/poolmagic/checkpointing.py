@@ -63,6 +63,7 @@ class Checkpoint:
         self._index: list[int] | None = None
         self._kept: list[tuple[list[int], dict]] = []  # (the positions a chunk kept, the meta it was written under)
         self.older: list[int] = []  # the items whose kept results an earlier version of the function computed
+        self.kw_older = 0
         self._committed = threading.Event()  # every chunk of the map is written
         self._done = threading.Event()  # the file is synced and closed
         self._t_open = time.perf_counter()
@@ -143,16 +144,20 @@ class Checkpoint:
         # holds results of each, whichever wrote it last
         kept = self._kept or [([], self._stored.meta if self._stored is not None else {})]
         older: set[int] = set()
+        kw_older = 0
         for positions, meta in kept:
             if "code" in meta and meta["code"] is not None and code is not None:
                 if meta["code"] != code:
                     older.update(positions)
-                if self.kw_changed is None and changed_kw(meta.get("kw"), kw):
-                    self.kw_changed = (meta.get("kw"), kw)
+                if changed_kw(meta.get("kw"), kw):
+                    kw_older += len(positions)
+                    if self.kw_changed is None:
+                        self.kw_changed = (meta.get("kw"), kw)
             elif "function" in meta and meta["function"] != function_key:  # a file from before 2026-12-07,
                 older.update(positions)  # or a callable that is not a plain function
         self.older = sorted(older)
         self.function_changed = bool(older)
+        self.kw_older = kw_older  # how many kept results other --kw values computed
 
     def _load(self, items: Any, name: str, function_key: str,
               seed: int | None) -> tuple[RunReport, list[int] | None, Any]:

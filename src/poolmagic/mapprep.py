@@ -300,7 +300,8 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
                                 f"version were kept ({items_words(checkpoint.older)})")
             report.older = checkpoint.older
         if checkpoint is not None and checkpoint.kw_changed:
-            report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written", earlier.done))
+            report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written",
+                                                checkpoint.kw_older))
     if checkpoint is not None:
         report.notes.extend(checkpoint.notes)
     return index, checkpoint, iterable
