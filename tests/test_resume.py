@@ -538,3 +538,21 @@ def test_a_resume_of_a_resume_says_the_results_an_earlier_version_computed(ip):
     assert report.results[:5] == [("v1", 0), ("v1", 1), ("v1", 2), ("v2", 3), ("v2", 4)]
     assert report.notes == ["3 results kept by the run to resume were computed by an earlier version of the "
                             "function (items 0–2)"], report.notes
+
+
+@pytest.mark.timeout(60)
+def test_a_resume_of_a_resume_says_the_results_an_earlier_kw_value_computed(ip):
+    """--kw w=1 fills items 0-3, --resume with w=2 item 4 (item 5 still fails), --resume with w=2
+    again: items 0-3 are still w=1's."""
+    body = ("def resumed_kw(x, w):\n    if x >= 3 + w:\n        raise ValueError(x)\n    return x * w\n")
+    ip.user_ns["RS_W"] = 1
+    assert isinstance(ip.run_cell("%%poolmap -q --keep-going --kw w=RS_W range(6)\n" + body).error_in_exec,
+                      MapFailedError)
+    ip.user_ns["RS_W"] = 2
+    again = "%%poolmap -q --resume --keep-going --kw w=RS_W range(6)\n" + body
+    assert isinstance(ip.run_cell(again).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(again).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [0, 1, 2, 3, 8]
+    assert report.notes == ["4 results kept by the run to resume were computed with earlier --kw values "
+                            "(items 0–3)"], report.notes

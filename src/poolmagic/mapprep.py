@@ -281,7 +281,17 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
             from .versions import kw_keys
 
             now = kw_keys(o.kwargs, like=resume.kw_keys)  # (made as that run's were: it may have had a checkpoint)
-        report.notes.extend(kw_changed_note(resume.kw_keys, now, "the run to resume", earlier.done))
+        kw_note = kw_changed_note(resume.kw_keys, now, "the run to resume", earlier.done)
+        report.notes.extend(kw_note)
+        if kw_note:
+            report.kw_older = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
+        else:  # the same values as the run to resume: what earlier ones computed is still theirs
+            report.kw_older = [i for i in resume.kw_older if earlier.results[i] is not NOT_DONE]
+            if report.kw_older:
+                from .itemkeys import items_words
+
+                report.notes.append(f"{len(report.kw_older):,} results kept by the run to resume were computed with "
+                                    f"earlier --kw values ({items_words(report.kw_older)})")
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 
