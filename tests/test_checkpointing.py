@@ -599,5 +599,95 @@ def test_checkpoint_says_the_function_changed_when_a_helper_or_a_global_it_reads
         assert again.error_in_exec is None, again.error_in_exec
         notes = ip.user_ns["_poolmap"].notes
         assert notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
-                         "written; 3 results of its earlier version were kept"], (change, notes)
+                         "written; 3 results of its earlier version were kept (items 0, 1 and 3)"], (change, notes)
 
+
+
+_NOTEBOOK_CLASS_SCRIPT = '''
+import sys
+from dataclasses import dataclass
+from poolmagic import Pool
+
+@dataclass
+class Point:  # defined in __main__, as in a notebook: pickled by value
+    x: int
+
+def mk(i):
+    return Point(i)
+
+if __name__ == "__main__":
+    p = Pool(1).start()
+    notes = []
+    for _ in range(int(sys.argv[2])):
+        r = p.run(mk, range(4), checkpoint=sys.argv[1])
+        notes.append(r.notes)
+    print(repr((notes, [type(v) is Point for v in r.results])))
+'''
+
+
+@pytest.mark.timeout(60)
+def test_results_of_a_notebook_class_loaded_in_a_new_kernel_are_said(tmp_path):
+    """cloudpickle rebuilds a class the notebook defined as a new class in a kernel that did not
+    pickle it: kept results then differ (==, isinstance) from the plain loop's, and that is said."""
+    script = tmp_path / "nb.py"
+    script.write_text(_NOTEBOOK_CLASS_SCRIPT)
+    ck = str(tmp_path / "ck.bin")
+
+    def kernel(runs: int):
+        out = subprocess.run([sys.executable, str(script), ck, str(runs)], capture_output=True, text=True,
+                             timeout=50, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return eval(out.stdout.strip().splitlines()[-1])
+
+    notes, same_class = kernel(2)  # the same kernel loading its own file: its class, nothing to say
+    assert notes == [[], []] and all(same_class)
+    notes, same_class = kernel(1)
+    assert not any(same_class)
+    assert len(notes[0]) == 1 and "items 0–3" in notes[0][0] and "Point" in notes[0][0], notes
+
+
+@pytest.mark.timeout(60)
+def test_results_of_an_earlier_version_are_said_after_the_new_version_wrote_the_file_too(ip, tmp_path):
+    """v1 fills items 0-2, v2 items 3-4 (item 5 still fails), then v2 again: the results of 0-2
+    are still v1's, though the file's last meta is v2's. Each chunk is judged by the version it was
+    written under."""
+    ck = tmp_path / "ck.bin"
+    line = f"%%poolmap -q --keep-going --checkpoint {ck} range(6)\ndef ck_versions(x):\n"
+    v1 = line + "    if x >= 3:\n        raise ValueError(x)\n    return ('v1', x)\n"
+    v2 = line + "    if x >= 5:\n        raise ValueError(x)\n    return ('v2', x)\n"
+    assert isinstance(ip.run_cell(v1).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [("v1", 0), ("v1", 1), ("v1", 2), ("v2", 3), ("v2", 4)]
+    assert report.notes == [f"the function changed (its code, or a global or helper it reads) since {ck} was "
+                            "written; 3 results of its earlier version were kept (items 0–2)"], report.notes
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_path_under_the_home_directory_written_with_a_tilde(ip, tmp_path, monkeypatch):
+    """``--checkpoint ~/ck.bin`` is the file in the home directory, as a shell reads it: it was
+    refused with "there is no directory '<cwd>/~'"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = ip.run_cell("%%poolmap -q --checkpoint ~/ck.bin range(3)\ndef ck_home(x):\n    return x\n")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert ip.user_ns["_poolmap"].results == [0, 1, 2]
+    assert checkpointfile.read(str(tmp_path / "ck.bin")).chunks
+
+
+@pytest.mark.timeout(60)
+def test_results_of_an_earlier_kw_value_are_counted_after_the_new_value_wrote_the_file_too(ip, tmp_path):
+    """--kw w=1 fills items 0-3, w=2 item 4 (item 5 still fails), then w=2 again: 4 kept results,
+    not 5, were computed with the earlier value."""
+    cell = (f"%%poolmap -q --keep-going --checkpoint {tmp_path / 'ck.bin'} --kw w=CK_W range(6)\n"
+            "def ck_kw_versions(x, w):\n    if x >= 3 + w:\n        raise ValueError(x)\n    return x * w\n")
+    ip.user_ns["CK_W"] = 1
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    ip.user_ns["CK_W"] = 2
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(cell).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [0, 1, 2, 3, 8]
+    assert report.notes == [f"--kw w changed since {tmp_path / 'ck.bin'} was written; 4 results computed with "
+                            "its earlier value were kept"], report.notes

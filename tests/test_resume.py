@@ -495,3 +495,64 @@ def test_resume_sees_a_global_array_changed_in_place(pool):
         WEIGHTS[0] = 0.0
     assert report.results[2:] == [2.0, 3.0]
     assert report.notes == [FIX_NOTE.format(n=report.resumed[0])], report.notes
+
+
+def ten_times_but_13(x):
+    if x == 13:
+        raise ValueError("thirteen")
+    return x * 10
+
+
+@pytest.mark.parametrize("how", ["resume", "checkpoint"])
+@pytest.mark.timeout(60)
+def test_any_item_of_a_list_can_be_rerun_after_a_map_that_ran_only_the_missing_ones(pool, tmp_path, how):
+    """%pooldebug N / rerun(N) after --resume or a checkpoint's second run: item N of the list,
+    not 'the ITERABLE was a stream' (the map ran only the missing items, the list has them all)."""
+    items = [10, 11, 12, 13, 14, 15]
+    ck = str(tmp_path / "ck.bin")
+    options = {"checkpoint": ck} if how == "checkpoint" else {}
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ten_times_but_13, items, keep_going=True, chunksize=1, **options)
+    if how == "resume":
+        options = {"resume": info.value.report}
+    with pytest.raises(MapFailedError) as info:
+        pool.run(ten_times_but_13, items, keep_going=True, chunksize=1, **options)
+    report = info.value.report
+    assert report.resumed == (5, 1)
+    assert report.rerun(5) == 150 and report.rerun(0) == 100
+    with pytest.raises(ValueError, match="thirteen"):
+        report.rerun(3)
+
+
+@pytest.mark.timeout(60)
+def test_a_resume_of_a_resume_says_the_results_an_earlier_version_computed(ip):
+    """v1 fills items 0-2, --resume with v2 fills 3-4 (item 5 still fails, said), --resume with v2
+    again: items 0-2 are still v1's, though the run it resumes was v2's."""
+    body = "def resumed_versions(x):\n    if x >= {n}:\n        raise ValueError(x)\n    return ('{v}', x)\n"
+    assert isinstance(ip.run_cell("%%poolmap -q --keep-going range(6)\n" + body.format(n=3, v="v1")).error_in_exec,
+                      MapFailedError)
+    v2 = "%%poolmap -q --resume --keep-going range(6)\n" + body.format(n=5, v="v2")
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(v2).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [("v1", 0), ("v1", 1), ("v1", 2), ("v2", 3), ("v2", 4)]
+    assert report.notes == ["3 results kept by the run to resume were computed by an earlier version of the "
+                            "function (items 0–2)"], report.notes
+
+
+@pytest.mark.timeout(60)
+def test_a_resume_of_a_resume_says_the_results_an_earlier_kw_value_computed(ip):
+    """--kw w=1 fills items 0-3, --resume with w=2 item 4 (item 5 still fails), --resume with w=2
+    again: items 0-3 are still w=1's."""
+    body = ("def resumed_kw(x, w):\n    if x >= 3 + w:\n        raise ValueError(x)\n    return x * w\n")
+    ip.user_ns["RS_W"] = 1
+    assert isinstance(ip.run_cell("%%poolmap -q --keep-going --kw w=RS_W range(6)\n" + body).error_in_exec,
+                      MapFailedError)
+    ip.user_ns["RS_W"] = 2
+    again = "%%poolmap -q --resume --keep-going --kw w=RS_W range(6)\n" + body
+    assert isinstance(ip.run_cell(again).error_in_exec, MapFailedError)
+    assert isinstance(ip.run_cell(again).error_in_exec, MapFailedError)
+    report = ip.user_ns["_poolmap"]
+    assert report.results[:5] == [0, 1, 2, 3, 8]
+    assert report.notes == ["4 results kept by the run to resume were computed with earlier --kw values "
+                            "(items 0–3)"], report.notes

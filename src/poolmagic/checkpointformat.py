@@ -57,6 +57,8 @@ class Stored:
     end: int = HEADER_SIZE  #: the offset after the last valid record: a writer appends there
     torn: int = 0  #: bytes after it (a torn last record), ignored and cut off by the next writer
     damaged: int = 0  #: records skipped because they failed their HMAC (their items re-run)
+    #: per chunk, the meta in effect when it was written (its function's version, its --kw values)
+    versions: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ signing
@@ -138,7 +140,7 @@ def decode_record(out: Stored, kind: bytes, envelope: memoryview, blobs: memoryv
             meta = json.loads(bytes(envelope))
             if type(meta) is not dict:
                 raise ValueError("the meta is not a JSON object")
-            out.meta.update(meta)
+            out.meta = {**out.meta, **meta}  # a new dict: the chunks written before keep theirs
             return
         indices, digest, sizes = decode_chunk_envelope(envelope)
     except (ValueError, IndexError, struct.error, UnicodeDecodeError) as exc:
@@ -151,6 +153,7 @@ def decode_record(out: Stored, kind: bytes, envelope: memoryview, blobs: memoryv
         parts.append(blobs[at : at + s])
         at += s
     out.chunks.append((indices, digest, parts[0], parts[1:]))
+    out.versions.append(out.meta)
 
 
 

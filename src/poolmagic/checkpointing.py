@@ -10,6 +10,7 @@ version is recorded, and a changed function is allowed but reported.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import threading
@@ -23,7 +24,7 @@ from .checkpointfile import Writer, parse, read
 from .checkpointformat import CheckpointFileError, Stored, signing_key
 from .engine.core.events import ChunkFinished, MapFinished
 from .errors import BadInputError
-from .itemkeys import differ_message, expand, items_hash, legacy
+from .itemkeys import differ_message, expand, items_hash, items_words, legacy
 from .report import RunReport
 from .resume import continuing, materialise, seed_words
 from .sentinel import NOT_DONE
@@ -54,12 +55,15 @@ class Checkpoint:
     """
 
     def __init__(self, path: str):
-        self.path = os.fspath(path)
+        self.path = os.path.expanduser(os.fspath(path))  # --checkpoint ~/runs/a.ckpt, as a shell reads it
         self.function_changed = False
         self.kw_changed: tuple[dict | None, dict | None] | None = None  # (the file's keys, the map's)
         self.notes: list[str] = []  # said under the map's summary (damaged records)
         self.error: BaseException | None = None
         self._index: list[int] | None = None
+        self._kept: list[tuple[list[int], dict]] = []  # (the positions a chunk kept, the meta it was written under)
+        self.older: list[int] = []  # the items whose kept results an earlier version of the function computed
+        self.kw_older = 0
         self._committed = threading.Event()  # every chunk of the map is written
         self._done = threading.Event()  # the file is synced and closed
         self._t_open = time.perf_counter()
@@ -136,12 +140,24 @@ class Checkpoint:
         The whole function's pickle (``function_key``) also changes with the cell's number and a
         --kw value; files that recorded the code's key and the values' are compared by those.
         """
-        meta = self._stored.meta if self._stored is not None else {}
-        if "code" in meta and meta["code"] is not None and code is not None:
-            self.function_changed = meta["code"] != code
-            self.kw_changed = (meta.get("kw"), kw) if changed_kw(meta.get("kw"), kw) else None
-        else:  # a file from before 2026-12-07, or a callable that is not a plain function
-            self.function_changed = "function" in meta and meta["function"] != function_key
+        # each kept chunk against the meta it was written under: a file several versions wrote
+        # holds results of each, whichever wrote it last
+        kept = self._kept or [([], self._stored.meta if self._stored is not None else {})]
+        older: set[int] = set()
+        kw_older = 0
+        for positions, meta in kept:
+            if "code" in meta and meta["code"] is not None and code is not None:
+                if meta["code"] != code:
+                    older.update(positions)
+                if changed_kw(meta.get("kw"), kw):
+                    kw_older += len(positions)
+                    if self.kw_changed is None:
+                        self.kw_changed = (meta.get("kw"), kw)
+            elif "function" in meta and meta["function"] != function_key:  # a file from before 2026-12-07,
+                older.update(positions)  # or a callable that is not a plain function
+        self.older = sorted(older)
+        self.function_changed = bool(older)
+        self.kw_older = kw_older  # how many kept results other --kw values computed
 
     def _load(self, items: Any, name: str, function_key: str,
               seed: int | None) -> tuple[RunReport, list[int] | None, Any]:
@@ -173,6 +189,8 @@ class Checkpoint:
         results = [NOT_DONE] * n
         known = bytearray(n * identity.KEY)  # the items' keys where the file holds results (for --resume)
         changed: list[int] = []
+        foreign: set = set()  # the tracker ids of classes only the file's kernel defined
+        notebook_classes: dict[str, list[int]] = {}  # such a class's name -> the items whose results hold it
         for k, (idx, digest, body, frames) in enumerate(stored.chunks):
             where = f"chunk record {k + 1} of {len(stored.chunks)}"
             try:
@@ -194,7 +212,8 @@ class Checkpoint:
                     if differ:
                         changed += [positions[j] for j in differ]
                         continue
-                values = pickle.loads(body, buffers=frames)[0]
+                loader = _ResultsLoader(body, frames, foreign)
+                values = loader.load()[0]
                 if len(values) != len(positions):
                     raise ValueError(f"it holds {len(values)} results for {len(positions)} items")
             except BadInputError:
@@ -207,6 +226,9 @@ class Checkpoint:
             for i, v in zip(positions, values):
                 if v is not NOT_DONE:
                     results[i] = v
+            self._kept.append(([i for i, v in zip(positions, values) if v is not NOT_DONE], stored.versions[k]))
+            for cls in loader.classes:
+                notebook_classes.setdefault(cls, []).extend(positions)
             k8 = identity.KEY
             if type(idx) is range:
                 known[idx.start * k8 : idx.stop * k8] = now
@@ -219,6 +241,11 @@ class Checkpoint:
                 f"the ITERABLE changed since the checkpoint {self.path!r} was written: "
                 f"{differ_message(changed, items)}. Use another PATH, or delete the file to start over."
             )
+        for cls, where in notebook_classes.items():
+            self.notes.append(
+                f"the results of {items_words(sorted(where))} loaded from the checkpoint hold instances of {cls} as "
+                f"the kernel that computed them defined it, not of this kernel's {cls}: == and isinstance() with "
+                f"it are False. Delete the checkpoint to compute them again with this kernel's class")
         report = continuing(name, n, results, {})
         missing = [i for i, v in enumerate(results) if v is NOT_DONE]
         if report.done:
@@ -299,6 +326,35 @@ class Checkpoint:
             body = cloudpickle.dumps((results, [], []), protocol=5, buffer_callback=frames_pb.append)
             frames = [f.raw() for f in frames_pb]
         self.file.chunk(idx, items_hash(items, idx), body, list(frames or ()))
+
+
+_SKELETONS = {"_make_skeleton_class": (1, 4), "_make_skeleton_enum": (2, 5)}  # (name, tracker id) positions
+
+
+class _ResultsLoader(pickle.Unpickler):
+    """Unpickles a stored chunk, noting the classes its results carry that were pickled by
+    value (defined in the notebook) by another kernel: cloudpickle rebuilds each as a new
+    class, unlike the one of the same name defined here (``classes``: their names)."""
+
+    def __init__(self, body: Any, frames: list, foreign: set):
+        super().__init__(io.BytesIO(body), buffers=frames)
+        self.foreign = foreign  # tracker ids not of this kernel, shared by every chunk of a file
+        self.classes: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module != "cloudpickle.cloudpickle" or name not in _SKELETONS:
+            return found
+        at_name, at_id = _SKELETONS[name]
+
+        def make(*args: Any) -> Any:
+            tracker = args[at_id]
+            if tracker in self.foreign or tracker not in cloudpickle.cloudpickle._DYNAMIC_CLASS_TRACKER_BY_ID:
+                self.foreign.add(tracker)
+                self.classes.add(str(args[at_name]))
+            return found(*args)
+
+        return make
 
 
 SYNC_AFTER_S = 1.0  # a map that ran this long has its file fsynced when it ends

@@ -100,7 +100,13 @@ def _own_records(data: bytearray) -> list | None:
     except CheckpointFileError:
         return None
     stored = parse(data, key, file_id)
-    return ([(b"M", stored.meta)] if stored.meta else []) + [(b"C", c) for c in stored.chunks]
+    records, meta = [], None
+    for chunk, version in zip(stored.chunks, stored.versions):  # each chunk after the meta it was written under
+        if version is not meta and version:
+            records.append((b"M", version))
+        meta = version
+        records.append((b"C", chunk))
+    return records + ([(b"M", stored.meta)] if stored.meta and stored.meta is not meta else [])
 
 
 def _records_v2(data: bytearray) -> Any:

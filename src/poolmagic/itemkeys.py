@@ -62,6 +62,16 @@ def differ_message(which: list[int], items: Any, limit: int = 5) -> str:
     return f"{len(which):,} items differ, the first {', '.join(map(str, which[:limit]))} (now {now}, …)"
 
 
+def items_words(where: list[int]) -> str:
+    """"item 3", "items 0–5", "7 items (0, 2, 4, 6, 8, …)"."""
+    if len(where) == 1:
+        return f"item {where[0]}"
+    if where == list(range(where[0], where[-1] + 1)):
+        return f"items {where[0]}–{where[-1]}"
+    if len(where) <= 5:
+        return f"items {', '.join(map(str, where[:-1]))} and {where[-1]}"
+    return f"{len(where):,} items ({', '.join(map(str, where[:5]))}, …)"
+
 
 def keys_at(seq: Any, positions: list[int], purpose: str, index: Any = None) -> bytearray:
     """Keys of ``seq`` at ``positions`` (zeros elsewhere), as one buffer of 8 bytes per item;

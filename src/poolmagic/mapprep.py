@@ -22,6 +22,7 @@ from .engine.mapoptions import MapOptions
 from .errors import BadInputError, SerializationError
 from .loopnotes import loop_notes
 from .report import FAILED_KEPT, RunReport
+from .sentinel import NOT_DONE
 from .captures import undefined_globals
 from .serialize import Payload, callable_name, describe, dump_function
 
@@ -67,6 +68,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     report.notes.extend(notes)
     report.kw_keys, report.kw_kept = kw_keys, kw_kept
     report.notes.extend(unlike_loop)
+    every = iterable  # a sequence: every item stays available to re-run, whichever ran now
     index, checkpoint, iterable = _earlier_run(report, resume, o, iterable, name, payload, unwrapped)
     job = Job(payload, ItemSource(iterable), report, o, context, func)
     job.index = index
@@ -74,7 +76,7 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     if index is None and type(iterable) in SEQUENCES:
         report.replay = (func, o, iterable)
     elif index is not None:
-        report.replay = (func, o, None)
+        report.replay = (func, o, every if type(every) in SEQUENCES else None)
         report.failed_items.update(zip(index, iterable) if len(index) <= FAILED_KEPT else ())
     else:
         report.replay = (func, o, None)
@@ -261,18 +263,35 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
 
         earlier, index, iterable = resume_report(resume, iterable, o.seed)
         was = getattr(resume.identity, "code", None)
-        if was is not None:
-            from .versions import code_key
+        from .versions import code_key
 
-            if code_key(func, stable=False, digests=payload.digests) not in (was, None):
-                report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
-                                    f"run to resume; {earlier.done:,} results of its earlier version were kept")
+        if was is not None and code_key(func, stable=False, digests=payload.digests) not in (was, None):
+            report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
+                                f"run to resume; {earlier.done:,} results of its earlier version were kept")
+            report.older = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
+        else:  # the same version as the run to resume: what an earlier one computed is still its
+            report.older = [i for i in resume.older if earlier.results[i] is not NOT_DONE]
+            if report.older:
+                from .itemkeys import items_words
+
+                report.notes.append(f"{len(report.older):,} results kept by the run to resume were computed by an "
+                                    f"earlier version of the function ({items_words(report.older)})")
         now = report.kw_keys
         if resume.kw_keys and o.kwargs:
             from .versions import kw_keys
 
             now = kw_keys(o.kwargs, like=resume.kw_keys)  # (made as that run's were: it may have had a checkpoint)
-        report.notes.extend(kw_changed_note(resume.kw_keys, now, "the run to resume", earlier.done))
+        kw_note = kw_changed_note(resume.kw_keys, now, "the run to resume", earlier.done)
+        report.notes.extend(kw_note)
+        if kw_note:
+            report.kw_older = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
+        else:  # the same values as the run to resume: what earlier ones computed is still theirs
+            report.kw_older = [i for i in resume.kw_older if earlier.results[i] is not NOT_DONE]
+            if report.kw_older:
+                from .itemkeys import items_words
+
+                report.notes.append(f"{len(report.kw_older):,} results kept by the run to resume were computed with "
+                                    f"earlier --kw values ({items_words(report.kw_older)})")
     elif o.checkpoint:
         from .checkpointing import Checkpoint  # (its file format and threads: only for --checkpoint)
 
@@ -284,10 +303,15 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))
         if checkpoint is not None and checkpoint.function_changed:
+            from .itemkeys import items_words
+
             report.notes.append(f"the function changed (its code, or a global or helper it reads) since "
-                                f"{o.checkpoint} was written; {earlier.done:,} results of its earlier version were kept")
+                                f"{o.checkpoint} was written; {len(checkpoint.older):,} results of its earlier "
+                                f"version were kept ({items_words(checkpoint.older)})")
+            report.older = checkpoint.older
         if checkpoint is not None and checkpoint.kw_changed:
-            report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written", earlier.done))
+            report.notes.extend(kw_changed_note(*checkpoint.kw_changed, f"{o.checkpoint} was written",
+                                                checkpoint.kw_older))
     if checkpoint is not None:
         report.notes.extend(checkpoint.notes)
     return index, checkpoint, iterable

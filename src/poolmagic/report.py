@@ -43,6 +43,8 @@ class RunReport(MapRecord):
     replay: Any = field(default=None, repr=False)  # (function, options, items or None) for rerun()
     serial_item_s: float | None = None  # one worker's measured time per item (--tune), if known
     identity: Any = field(default=None, repr=False)  # the items' keys, for --resume (seenitems.SeenItems)
+    older: list = field(default_factory=list, repr=False)  # items whose kept results an earlier version computed
+    kw_older: list = field(default_factory=list, repr=False)  # items whose kept results other --kw values computed
     kw_keys: dict | None = field(default=None, repr=False)  # each --kw value's key when mapped (versions.py)
     kw_kept: dict = field(default_factory=dict, repr=False)  # the small --kw values' pickles, for rerun()
 
