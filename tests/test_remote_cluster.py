@@ -58,7 +58,10 @@ def remote(tmp_path_factory):
     (site_dir / f"wcwidth-{theirs}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: wcwidth\nVersion: {theirs}\n")
     (site_dir / "pure_eval").mkdir()
     (site_dir / "pure_eval" / "__init__.py").write_text("raise ImportError('not installed on this worker')\n")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "PYTHONPATH": str(site_dir),
+    # the workers run the poolmagic under test (its folder, not the notebook's)
+    ours_src = Path(poolmagic.__file__).resolve().parents[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "PYTHONPATH": os.pathsep.join([str(site_dir), str(ours_src)]),
            "LANG": "C.UTF-8"}
     sched_file = home / "scheduler.json"
     procs = []
@@ -194,6 +197,27 @@ def test_a_relative_path_in_the_items_is_refused_before_work(remote, monkeypatch
     with pytest.raises(BadInputError, match=r"item 0 \('data/part-001.csv'\) is a path relative to this kernel's folder"):
         pool.map(f, ["data/part-001.csv"])
     assert pool.map(f, [str(notebook / "data" / "part-001.csv")]) == ["a,b\n"]  # absolute: fine here
+
+
+def test_an_item_that_kills_its_worker_is_blamed_not_the_chunk_before_it(remote):
+    """The worker dies as its next item starts: its "began" must not die with it (2 ms batching),
+    or the chunk it finished just before is blamed and retried, and item 3 runs once more."""
+    pool, _, _ = remote
+    f = cell("""
+        import os, time
+        def risky(x):
+            if x == 3:
+                os._exit(1)
+            time.sleep(0.05)  # its "began" has left, its result is still in the 2 ms batch
+            return x
+    """)
+    with pytest.raises(poolmagic.MapFailedError) as info:
+        pool.run(f, range(6), retries=1, keep_going=True, chunksize=1)
+    report = info.value.report
+    assert report.results[:3] + report.results[4:] == [0, 1, 2, 4, 5]
+    assert list(report.errors) == [3]
+    assert list(report.attempts) == [3] and len(report.attempts[3]) == 2
+    assert report.retried == 1
 
 
 def test_the_status_shows_no_dashboard_where_the_scheduler_serves_none(remote):
