@@ -218,6 +218,8 @@ def test_an_item_that_kills_its_worker_is_blamed_not_the_chunk_before_it(remote)
     assert list(report.errors) == [3]
     assert list(report.attempts) == [3] and len(report.attempts[3]) == 2
     assert report.retried == 1
+    # each death left the cluster without a worker for a moment: said once, not once a death
+    assert sum("had no worker for a while" in n for n in report.notes) == 1
 
 
 def test_the_status_shows_no_dashboard_where_the_scheduler_serves_none(remote):
