@@ -70,6 +70,15 @@ def sleep_at(x, bad=1, seconds=30.0):
     return x
 
 
+def pid_or_stuck(x, mark, bad=1):
+    """Item ``bad`` writes its worker's pid to ``mark`` and hangs; the others return their pid."""
+    if x == bad:
+        with open(mark, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(3.0)
+    return os.getpid()
+
+
 def exit_at(x, bad=3):
     if x == bad:
         time.sleep(0.2)  # the items before it finish first
@@ -356,6 +365,21 @@ def test_the_address_path_reports_a_crash_and_goes_on(remote_pool):
 def test_the_address_path_times_out_an_item_whose_task_runs_on(remote_pool):
     with pytest.raises(poolmagic.ItemTimeoutError, match="runs on in its dask worker"):
         remote_pool.map(sleep_at, range(3), timeout=0.5, kwargs={"seconds": 2.0})
+    assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_task_on_a_remote_cluster_does_not_hold_the_chunks_queued_behind_it(remote_pool, tmp_path):
+    """Its worker stays busy until the task ends: the chunks queued on that worker run on
+    another one, not after the hung item (the map waited for the hang to end)."""
+    mark = tmp_path / "stuck-pid"
+    with pytest.raises(poolmagic.MapFailedError) as ei:
+        remote_pool.run(pid_or_stuck, range(6), timeout=0.5, keep_going=True, chunksize=1,
+                        kwargs={"mark": str(mark)})
+    report = ei.value.report
+    assert list(report.errors) == [1]
+    stuck = int(mark.read_text())
+    assert all(report.results[x] != stuck for x in range(2, 6))
     assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
 
 
