@@ -7,6 +7,7 @@ folder is visible to them, as on a cluster someone else started.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -264,3 +265,44 @@ def test_a_dashboard_is_told_from_an_http_server_without_one():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_workers_with_another_poolmagic_version_are_refused_with_both_versions(tmp_path):
+    """Each chunk runs poolmagic's own code on the worker: another version was let through
+    without a word (only a missing poolmagic was said), and a changed protocol fails obscurely."""
+    site_dir = tmp_path / "site"
+    meta = site_dir / "poolmagic-0.0.1.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: poolmagic\nVersion: 0.0.1\n")
+    ours_src = Path(poolmagic.__file__).resolve().parents[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "PYTHONPATH": os.pathsep.join([str(site_dir), str(ours_src)])}
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([*_dask_cli(), *args, "--host", "127.0.0.1", "--no-dashboard",
+                               "--dashboard-address", "127.0.0.1:0"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for args in [("scheduler", "--port", "0", "--scheduler-file", str(sched_file))]]
+    pool = None
+    try:
+        deadline = time.monotonic() + 30
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs.append(subprocess.Popen([*_dask_cli(), "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                                       "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"], cwd=tmp_path, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        from distributed import Client
+
+        address = json.loads(sched_file.read_text())["address"]
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(1, timeout=30)
+        pool = Pool(backend="dask", address=address)
+        with pytest.raises(poolmagic.PoolmapError, match=r"poolmagic 0\.0\.1, this kernel .*install poolmagic=="):
+            pool.map(abs, [-1, 2])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        for p in procs:
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, 9)
+            p.wait(10)
