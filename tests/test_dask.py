@@ -383,6 +383,20 @@ def test_a_timed_out_task_on_a_remote_cluster_does_not_hold_the_chunks_queued_be
     assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
 
 
+@pytest.mark.timeout(60)
+def test_a_map_that_waits_for_tasks_a_cancelled_map_left_running_says_why(remote_pool):
+    """A remote task cannot be stopped: after a cancel, the next map of instant items waits
+    for both workers to finish theirs. It said only "slower than a plain loop"."""
+    handle = remote_pool.map_async(nap, [0, 1], chunksize=1, kwargs={"seconds": 2.0})
+    while handle.report.done == 0 and len(remote_pool.backend.shared.inflight) < 2 or not all(
+            c.began for c in list(remote_pool.backend.shared.inflight.values())):
+        time.sleep(0.02)  # both items run (their tasks said they began)
+    handle.cancel()
+    report = remote_pool.run(double, range(4))
+    assert report.results == [0, 2, 4, 6]
+    assert any("an earlier map gave up on" in n for n in report.notes), report.notes
+
+
 def test_max_memory_on_a_remote_cluster_is_refused_before_any_work(remote_pool, tmp_path):
     """Its workers' memory is not on this machine: say so, and what to use instead."""
     ran = tmp_path / "ran"
