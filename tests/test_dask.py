@@ -70,6 +70,14 @@ def sleep_at(x, bad=1, seconds=30.0):
     return x
 
 
+def _until(condition, timeout: float = 30.0) -> None:
+    """Wait (polling) until ``condition()`` holds; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the cluster did not get there"
+        time.sleep(0.02)
+
+
 def pid_or_stuck(x, mark, bad=1):
     """Item ``bad`` writes its worker's pid to ``mark`` and hangs; the others return their pid."""
     if x == bad:
@@ -387,14 +395,34 @@ def test_a_timed_out_task_on_a_remote_cluster_does_not_hold_the_chunks_queued_be
 def test_a_map_that_waits_for_tasks_a_cancelled_map_left_running_says_why(remote_pool):
     """A remote task cannot be stopped: after a cancel, the next map of instant items waits
     for both workers to finish theirs. It said only "slower than a plain loop"."""
+    shared = remote_pool.backend.shared
+    _until(lambda: not shared.zombies)  # what an earlier test gave up on has ended
     handle = remote_pool.map_async(nap, [0, 1], chunksize=1, kwargs={"seconds": 2.0})
-    while handle.report.done == 0 and len(remote_pool.backend.shared.inflight) < 2 or not all(
-            c.began for c in list(remote_pool.backend.shared.inflight.values())):
-        time.sleep(0.02)  # both items run (their tasks said they began)
-    handle.cancel()
+    _until(lambda: len(shared.inflight) == 2 and all(c.began for c in list(shared.inflight.values())))
+    handle.cancel()  # both items run (their tasks said they began)
     report = remote_pool.run(double, range(4))
     assert report.results == [0, 2, 4, 6]
     assert any("an earlier map gave up on" in n for n in report.notes), report.notes
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_map_on_a_remote_cluster_does_not_claim_its_running_items_stopped(remote_pool):
+    """Ctrl-C: the note said 'the running items were stopped'; a remote task runs on to its end."""
+    import _thread
+
+    shared = remote_pool.backend.shared
+    _until(lambda: not shared.zombies)  # what an earlier test gave up on has ended
+
+    def interrupt_once_both_run():
+        _until(lambda: len(shared.inflight) == 2 and all(c.began for c in list(shared.inflight.values())))
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as ei:
+        remote_pool.run(nap, [0, 1], chunksize=1, kwargs={"seconds": 2.0})
+    notes = getattr(ei.value, "__notes__", [])
+    assert len(notes) == 1 and "the running items were not stopped (a task on a remote dask cluster" in notes[0], notes
+    assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
 
 
 def test_max_memory_on_a_remote_cluster_is_refused_before_any_work(remote_pool, tmp_path):
