@@ -70,6 +70,23 @@ def sleep_at(x, bad=1, seconds=30.0):
     return x
 
 
+def _until(condition, timeout: float = 30.0) -> None:
+    """Wait (polling) until ``condition()`` holds; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the cluster did not get there"
+        time.sleep(0.02)
+
+
+def pid_or_stuck(x, mark, bad=1):
+    """Item ``bad`` writes its worker's pid to ``mark`` and hangs; the others return their pid."""
+    if x == bad:
+        with open(mark, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(3.0)
+    return os.getpid()
+
+
 def exit_at(x, bad=3):
     if x == bad:
         time.sleep(0.2)  # the items before it finish first
@@ -356,6 +373,55 @@ def test_the_address_path_reports_a_crash_and_goes_on(remote_pool):
 def test_the_address_path_times_out_an_item_whose_task_runs_on(remote_pool):
     with pytest.raises(poolmagic.ItemTimeoutError, match="runs on in its dask worker"):
         remote_pool.map(sleep_at, range(3), timeout=0.5, kwargs={"seconds": 2.0})
+    assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_task_on_a_remote_cluster_does_not_hold_the_chunks_queued_behind_it(remote_pool, tmp_path):
+    """Its worker stays busy until the task ends: the chunks queued on that worker run on
+    another one, not after the hung item (the map waited for the hang to end)."""
+    mark = tmp_path / "stuck-pid"
+    with pytest.raises(poolmagic.MapFailedError) as ei:
+        remote_pool.run(pid_or_stuck, range(6), timeout=0.5, keep_going=True, chunksize=1,
+                        kwargs={"mark": str(mark)})
+    report = ei.value.report
+    assert list(report.errors) == [1]
+    stuck = int(mark.read_text())
+    assert all(report.results[x] != stuck for x in range(2, 6))
+    assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
+
+
+@pytest.mark.timeout(60)
+def test_a_map_that_waits_for_tasks_a_cancelled_map_left_running_says_why(remote_pool):
+    """A remote task cannot be stopped: after a cancel, the next map of instant items waits
+    for both workers to finish theirs. It said only "slower than a plain loop"."""
+    shared = remote_pool.backend.shared
+    _until(lambda: not shared.zombies)  # what an earlier test gave up on has ended
+    handle = remote_pool.map_async(nap, [0, 1], chunksize=1, kwargs={"seconds": 2.0})
+    _until(lambda: len(shared.inflight) == 2 and all(c.began for c in list(shared.inflight.values())))
+    handle.cancel()  # both items run (their tasks said they began)
+    report = remote_pool.run(double, range(4))
+    assert report.results == [0, 2, 4, 6]
+    assert any("an earlier map gave up on" in n for n in report.notes), report.notes
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_map_on_a_remote_cluster_does_not_claim_its_running_items_stopped(remote_pool):
+    """Ctrl-C: the note said 'the running items were stopped'; a remote task runs on to its end."""
+    import _thread
+
+    shared = remote_pool.backend.shared
+    _until(lambda: not shared.zombies)  # what an earlier test gave up on has ended
+
+    def interrupt_once_both_run():
+        _until(lambda: len(shared.inflight) == 2 and all(c.began for c in list(shared.inflight.values())))
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as ei:
+        remote_pool.run(nap, [0, 1], chunksize=1, kwargs={"seconds": 2.0})
+    notes = getattr(ei.value, "__notes__", [])
+    assert len(notes) == 1 and "the running items were not stopped (a task on a remote dask cluster" in notes[0], notes
     assert remote_pool.map(double, range(4)) == [0, 2, 4, 6]
 
 

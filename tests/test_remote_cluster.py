@@ -7,6 +7,7 @@ folder is visible to them, as on a cluster someone else started.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -58,7 +59,10 @@ def remote(tmp_path_factory):
     (site_dir / f"wcwidth-{theirs}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: wcwidth\nVersion: {theirs}\n")
     (site_dir / "pure_eval").mkdir()
     (site_dir / "pure_eval" / "__init__.py").write_text("raise ImportError('not installed on this worker')\n")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "PYTHONPATH": str(site_dir),
+    # the workers run the poolmagic under test (its folder, not the notebook's)
+    ours_src = Path(poolmagic.__file__).resolve().parents[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
+           "PYTHONPATH": os.pathsep.join([str(site_dir), str(ours_src)]),
            "LANG": "C.UTF-8"}
     sched_file = home / "scheduler.json"
     procs = []
@@ -196,6 +200,29 @@ def test_a_relative_path_in_the_items_is_refused_before_work(remote, monkeypatch
     assert pool.map(f, [str(notebook / "data" / "part-001.csv")]) == ["a,b\n"]  # absolute: fine here
 
 
+def test_an_item_that_kills_its_worker_is_blamed_not_the_chunk_before_it(remote):
+    """The worker dies as its next item starts: its "began" must not die with it (2 ms batching),
+    or the chunk it finished just before is blamed and retried, and item 3 runs once more."""
+    pool, _, _ = remote
+    f = cell("""
+        import os, time
+        def risky(x):
+            if x == 3:
+                os._exit(1)
+            time.sleep(0.05)  # its "began" has left, its result is still in the 2 ms batch
+            return x
+    """)
+    with pytest.raises(poolmagic.MapFailedError) as info:
+        pool.run(f, range(6), retries=1, keep_going=True, chunksize=1)
+    report = info.value.report
+    assert report.results[:3] + report.results[4:] == [0, 1, 2, 4, 5]
+    assert list(report.errors) == [3]
+    assert list(report.attempts) == [3] and len(report.attempts[3]) == 2
+    assert report.retried == 1
+    # each death left the cluster without a worker for a moment: said once, not once a death
+    assert sum("had no worker for a while" in n for n in report.notes) == 1
+
+
 def test_the_status_shows_no_dashboard_where_the_scheduler_serves_none(remote):
     """The scheduler runs its HTTP server (and lists it as its "dashboard" service) with
     --no-dashboard or without bokeh too, where /status only says "Dask needs bokeh": no link then."""
@@ -238,3 +265,44 @@ def test_a_dashboard_is_told_from_an_http_server_without_one():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_workers_with_another_poolmagic_version_are_refused_with_both_versions(tmp_path):
+    """Each chunk runs poolmagic's own code on the worker: another version was let through
+    without a word (only a missing poolmagic was said), and a changed protocol fails obscurely."""
+    site_dir = tmp_path / "site"
+    meta = site_dir / "poolmagic-0.0.1.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: poolmagic\nVersion: 0.0.1\n")
+    ours_src = Path(poolmagic.__file__).resolve().parents[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "PYTHONPATH": os.pathsep.join([str(site_dir), str(ours_src)])}
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([*_dask_cli(), *args, "--host", "127.0.0.1", "--no-dashboard",
+                               "--dashboard-address", "127.0.0.1:0"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for args in [("scheduler", "--port", "0", "--scheduler-file", str(sched_file))]]
+    pool = None
+    try:
+        deadline = time.monotonic() + 30
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs.append(subprocess.Popen([*_dask_cli(), "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                                       "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"], cwd=tmp_path, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        from distributed import Client
+
+        address = json.loads(sched_file.read_text())["address"]
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(1, timeout=30)
+        pool = Pool(backend="dask", address=address)
+        with pytest.raises(poolmagic.PoolmapError, match=r"poolmagic 0\.0\.1, this kernel .*install poolmagic=="):
+            pool.map(abs, [-1, 2])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        for p in procs:
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, 9)
+            p.wait(10)

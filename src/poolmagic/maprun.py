@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from .engine.base import Backend
-from .engine.core.transport import KILL_ON_INTERRUPT
+from .engine.core.transport import KILL_ON_INTERRUPT, OWN_PROCESS
 from .engine.core.job import Job, write_outputs
 from .errors import add_note, point_at_function
 from .seenitems import SeenItems
@@ -60,8 +60,12 @@ def wait_for(job: Job, backend: Backend, watch: Any = None) -> RunReport:
             raise
         r = job.report
         stop = KeyboardInterrupt()
-        running = ("the running items were stopped" if KILL_ON_INTERRUPT not in backend.lacks
-                   else "items already running finish in the background (a thread cannot be stopped)")
+        if KILL_ON_INTERRUPT not in backend.lacks:
+            running = "the running items were stopped"
+        elif OWN_PROCESS in backend.lacks:
+            running = "items already running finish in the background (a thread cannot be stopped)"
+        else:  # a remote dask cluster: its lacks say why
+            running = f"the running items were not stopped ({backend.lacks[KILL_ON_INTERRUPT]})"
         add_note(
             stop,
             f"poolmagic: interrupted; {running} and {r.done} of "

@@ -57,7 +57,7 @@ from distributed import Client, LocalCluster
 
 from ...errors import NestedPoolError, PoolmapError
 from ..base import Backend
-from ..core.transport import MEMORY_LIMIT
+from ..core.transport import KILL_ON_INTERRUPT, MEMORY_LIMIT
 from ..core.job import Job
 from ..core.runchunk import in_worker
 from .link import REFRESH_OWNED_S, REFRESH_REMOTE_S, ClusterLink
@@ -96,7 +96,9 @@ class DaskBackend(Backend):
         # a remote cluster's workers are on other machines: their memory cannot be read from here
         self.lacks = {} if self.owned else {MEMORY_LIMIT: (
             "--max-memory reads each worker's memory on this machine, and this cluster's workers "
-            "are elsewhere; give them a limit of their own (dask worker --memory-limit)")}
+            "are elsewhere; give them a limit of their own (dask worker --memory-limit)"),
+            KILL_ON_INTERRUPT: ("a task on a remote dask cluster cannot be stopped: it runs on to its end "
+                                "in its worker, which gets no new task meanwhile, and its results are dropped")}
         self._q: queue.SimpleQueue = queue.SimpleQueue()  # callables the manager thread runs
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

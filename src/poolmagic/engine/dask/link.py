@@ -200,7 +200,9 @@ class ClusterLink:
                     f"waiting for a worker: the dask cluster at {self.address} has none "
                     f"(start one with `dask worker {self.address}`)"
                 ))
-                job.report.notes.append(f"the dask cluster at {self.address} had no worker for a while: the map waited")
+                note = f"the dask cluster at {self.address} had no worker for a while: the map waited"
+                if note not in job.report.notes:  # once, however often its workers were all gone
+                    job.report.notes.append(note)
         self.state.waiting = waiting
 
     def usable(self) -> list[str]:

@@ -276,6 +276,13 @@ class Outcomes:
                 continue
             self.link.cancel([c])
             self._stop_running(c)
+            if not self.owned:  # chunks queued behind it would wait for its end: run them elsewhere
+                behind = [o for o in self.state.inflight.values() if o.worker == c.worker and o.began is None]
+                for o in behind:
+                    self.state.take(o)
+                self.link.cancel(behind)
+                for o in behind:
+                    self.give_back(o)
             if self.owned:
                 what = "its dask worker was killed and its nanny starts a new one"
             else:

@@ -307,6 +307,8 @@ def check_workers(client: Client) -> None:
     except Exception:
         return  # an old scheduler: the first task will tell
     here = sys.version_info[:2]
+    # the workers run poolmagic's own code for each chunk (task.py): its version must be ours
+    ours = ((versions.get("client") or {}).get("packages") or {}).get("poolmagic")
     for address, info in (versions.get("workers") or {}).items():
         if not isinstance(info, dict):
             continue
@@ -316,6 +318,11 @@ def check_workers(client: Client) -> None:
             raise PoolmapError(
                 f"the dask worker {address} cannot import poolmagic: install it in the workers' "
                 f"environment too (pip install poolmagic, the same version as here)"
+            )
+        if ours is not None and pkgs["poolmagic"] != ours:
+            raise PoolmapError(
+                f"the dask worker {address} has poolmagic {pkgs['poolmagic']}, this kernel {ours}: each chunk "
+                f"runs poolmagic's code on the worker; install poolmagic=={ours} in the workers' environment"
             )
         try:
             theirs = tuple(int(p) for p in py.split(".")[:2])

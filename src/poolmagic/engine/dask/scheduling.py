@@ -91,9 +91,12 @@ class Scheduler:
                     load[c.worker] += 1
                     if c.began is None:
                         waiting.add(c.worker)
-            for a in self.state.zombies.values():
-                if a in load:
-                    load[a] += 1
+            busy = {a for a in self.state.zombies.values() if a in load}
+            for a in busy:  # a task given up on runs on there (remote): no new task meanwhile
+                load[a] = WINDOW
+            if busy and busy == set(usable):
+                for job in jobs:
+                    self._say_busy(job)
             while jobs:
                 sent = False
                 for address in sorted(usable, key=load.__getitem__):
@@ -121,6 +124,13 @@ class Scheduler:
                 if not sent:
                     break
         self.state.forget_finished_jobs()
+
+    def _say_busy(self, job: Job) -> None:
+        """Every worker still runs a task an earlier map gave up on: the map waits, and says why."""
+        note = (f"the map waited for the dask workers to finish tasks that an earlier map gave up on "
+                f"(a timeout or a cancel): a task on the cluster at {self.link.address} cannot be stopped")
+        if note not in job.report.notes:
+            job.report.notes.append(note)
 
     def _chunk_size(self, job: Job, address: str, usable: list[str]) -> int:
         """The Job's size grown to ~TASK_S of work, but no more than ``address``'s share

@@ -124,7 +124,7 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
     with _LOCK:
         _mark(marks, seq)
         try:
-            return _run(fn, ctx, seq, start, items, options, timed, topic, indices)
+            return _run(fn, ctx, seq, start, items, options, timed, topic, indices, sure=report_end)
         finally:
             _mark(marks, -1, ended=seq)
             if report_end:
@@ -132,13 +132,16 @@ def run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any
 
 
 def _run(fn: Blob | SharedBlob, ctx: Box | None, seq: int, start: int, items: Any, options: Any, timed: bool, topic: str,
-         indices: tuple | None = None) -> tuple:
+         indices: tuple | None = None, sure: bool = False) -> tuple:
     mark_in_worker()  # a pool started by the function would nest: refused
     try:
         func, items = start_chunk(_APPLIER, None if ctx is None else ctx.value, _FNS, fn.key, items, source=fn)
     except StageFailed as failed:
         return ("failed", failed.stage, failed.packed)
-    address = _tell(topic, {"seq": seq, "pid": os.getpid()})
+    # ``sure`` (a remote cluster: no marks file): "began" reaches the scheduler before the first
+    # item runs, so an item that kills its worker at once does not take it along and leave the
+    # client blaming the chunk before it (outcomes.py: _was_running)
+    address = _tell(topic, {"seq": seq, "pid": os.getpid()}, sure=sure)
     _APPLIER.limit_threads_if_new_libraries()
     # under --timeout the client clocks each item: the chunk says when it moves on (core/runchunk.py)
     progress = None if options.timeout is None else (lambda done: _tell(topic, {"seq": seq, "done": done}))
@@ -185,12 +188,23 @@ def mark_name(address: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in address)
 
 
-def _tell(topic: str, msg: dict) -> str | None:
-    """An event for the client: chunk ``seq`` runs now, here (timeouts, interrupts, crashes)."""
+def _tell(topic: str, msg: dict, sure: bool = False) -> str | None:
+    """An event for the client: chunk ``seq`` runs now, here (timeouts, interrupts, crashes).
+
+    ``sure``: wait until the scheduler has it (a round trip), rather than
+    batching it for 2 ms, where a worker that dies at once would lose it."""
     try:
         from distributed import get_worker
 
         w = get_worker()
+        if sure:
+            from distributed.utils import sync
+
+            try:
+                sync(w.loop, w.scheduler.log_event, topic=topic, msg={**msg, "worker": w.address})
+                return w.address
+            except Exception:  # the scheduler did not answer: batched, as before
+                pass
         w.log_event(topic, msg)
         return w.address
     except Exception:  # not in a dask worker (a test calling run directly)
