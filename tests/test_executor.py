@@ -174,3 +174,19 @@ def test_submitted_callable_is_freed():
         assert ex.submit(obj.method).result(timeout=60) == 1
         del obj
         assert wait_for(lambda: gc.collect() is not None and ref() is None, 5.0)
+
+
+def fail(x):
+    raise ValueError(f"bad {x}")
+
+
+@pytest.mark.timeout(60)
+def test_an_items_error_has_its_worker_traceback_as_cause():
+    """As ProcessPoolExecutor's: the worker's traceback text chained as ``__cause__``."""
+    with poolmagic.Executor(2) as ex:
+        err = ex.submit(fail, 1).exception(timeout=30)
+        assert isinstance(err, ValueError)
+        assert type(err.__cause__).__name__ == "_RemoteTraceback" and "in fail" in str(err.__cause__)
+        with pytest.raises(ValueError) as info:
+            list(ex.map(fail, [1]))
+        assert "in fail" in str(info.value.__cause__)

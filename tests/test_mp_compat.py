@@ -247,3 +247,26 @@ def test_a_stream_failing_before_its_first_item_raises_every_time():
         for _ in range(10):
             with pytest.raises(LookupError):
                 p.run(double, fails_at_once())
+
+
+@pytest.mark.timeout(60)
+def test_an_items_error_has_its_worker_traceback_as_cause_in_every_call():
+    """multiprocessing chains the worker's traceback (a RemoteTraceback) to an item's error
+    from map, starmap, map_async and imap as from apply; only apply's had it."""
+    from multiprocessing.pool import RemoteTraceback
+
+    calls = {
+        "map": lambda p: p.map(raise_on, range(4)),
+        "starmap": lambda p: p.starmap(raise_on, [(x,) for x in range(4)]),
+        "map_async": lambda p: p.map_async(raise_on, range(4)).get(30),
+        "imap": lambda p: list(p.imap(raise_on, range(4))),
+        "imap_unordered": lambda p: list(p.imap_unordered(raise_on, range(4))),
+        "apply": lambda p: p.apply(raise_on, (2,)),
+    }
+    with Pool(2) as p:
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match="bad 2") as info:
+                call(p)
+            cause = info.value.__cause__
+            assert isinstance(cause, RemoteTraceback), name
+            assert "raise_on" in str(cause), name

@@ -121,7 +121,7 @@ def first_item_error(err: BaseException | None, report: Any) -> BaseException | 
                             f"in .poolmap_report.errors.")
         first._poolmagic_first = True  # type: ignore[attr-defined]
         attach_report(first, report)
-        return first
+        return _remote_cause(first)
     return err
 
 
@@ -145,7 +145,8 @@ def run_map(run: Callable[..., Any], func: Callable, iterable: Any, chunksize: i
     try:
         return run(func, iterable, keep_going=True, **options).results
     except MapFailedError as exc:
-        raise first_item_error(exc, exc.report) from None
+        first = first_item_error(exc, exc.report)
+        raise first from first.__cause__  # (its worker traceback, not the MapFailedError)
 
 
 def async_policy(options: dict, chunksize: int | None, poolmagic_call: bool) -> bool:
@@ -159,11 +160,13 @@ def async_policy(options: dict, chunksize: int | None, poolmagic_call: bool) -> 
     return mp_errors
 
 
-def _remote_cause(exc: BaseException) -> BaseException:
-    """Chain the worker's traceback text as multiprocessing does (``__cause__``)."""
-    if exc.__cause__ is None and exc.__traceback__ is not None:
+def _remote_cause(exc: BaseException, kind: type[Exception] = RemoteTraceback) -> BaseException:
+    """Chain the worker's traceback text as multiprocessing does (``__cause__``); ``kind``:
+    concurrent.futures' own class for the Executor. Not on poolmagic's own errors (a crashed
+    worker, a value that does not pickle): those are made in this process."""
+    if exc.__cause__ is None and exc.__traceback__ is not None and not isinstance(exc, PoolmapError):
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        exc.__cause__ = RemoteTraceback(text)
+        exc.__cause__ = kind(text)
     return exc
 
 
