@@ -270,3 +270,20 @@ def test_an_items_error_has_its_worker_traceback_as_cause_in_every_call():
             cause = info.value.__cause__
             assert isinstance(cause, RemoteTraceback), name
             assert "raise_on" in str(cause), name
+
+
+@pytest.mark.timeout(60)
+def test_join_waits_for_a_slow_callback_as_multiprocessing():
+    """multiprocessing's join() returns after every callback ran (it joins its result
+    thread); poolmagic's gave up on its callback thread after 5 s."""
+    done = []
+
+    def slow_callback(value):
+        time.sleep(6)
+        done.append(value)
+
+    p = Pool(1)
+    p.apply_async(double, (2,), callback=slow_callback)
+    p.close()
+    p.join()
+    assert done == [4]

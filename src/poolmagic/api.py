@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -186,8 +187,12 @@ class Pool:
         self._life.stop_maps()  # a map the backend had not taken up yet ends too
 
     def join(self, timeout: float | None = None) -> None:
-        """After ``close`` or ``terminate``: wait for the running maps, then stop the workers."""
+        """After ``close`` or ``terminate``: wait for the running maps and their callbacks,
+        then stop the workers."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._life.wait_maps(timeout)
+        # as multiprocessing's join, which waits for its result thread: callbacks have all run
+        self._callbacks.stop(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self.shutdown()
 
     def __enter__(self) -> "Pool":

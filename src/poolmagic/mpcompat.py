@@ -99,14 +99,15 @@ class Callbacks:
                 return
             fn()
 
-    def stop(self) -> None:
-        """End the thread after the callbacks queued so far; forget it, so that it can be collected."""
+    def stop(self, timeout: float | None = 5) -> None:
+        """End the thread after the callbacks queued so far, waiting up to ``timeout`` seconds
+        for them (None: until they ran, as ``join`` does); forget it, so that it can be collected."""
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._q.put(None)
             if thread is not threading.current_thread():
-                thread.join(5)
+                thread.join(timeout)
 
 
 # ---------------------------------------------------------------- results
