@@ -287,3 +287,16 @@ def test_join_waits_for_a_slow_callback_as_multiprocessing():
     p.close()
     p.join()
     assert done == [4]
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_does_not_pickle_with_multiprocessing_error():
+    """multiprocessing raises NotImplementedError with a sentence; poolmagic's failed
+    deep inside with an AttributeError about a local lambda or a lock."""
+    import pickle
+
+    with Pool(1) as p:
+        with pytest.raises(NotImplementedError, match="pool objects cannot be passed"):
+            pickle.dumps(p)
+        with pytest.raises(NotImplementedError, match="pool objects cannot be passed"):
+            p.apply(double, (p,))

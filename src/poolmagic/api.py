@@ -217,6 +217,10 @@ class Pool:
             except RuntimeError:  # (threads can no longer start)
                 pass
 
+    def __reduce__(self) -> Any:
+        """A pool cannot travel to a worker, as multiprocessing's cannot (its own error)."""
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
     def __repr__(self) -> str:
         life = self.__dict__.get("_life")
         return (f"<poolmagic.Pool state={life.state if life is not None else RUN} "
