@@ -300,3 +300,13 @@ def test_a_pool_does_not_pickle_with_multiprocessing_error():
             pickle.dumps(p)
         with pytest.raises(NotImplementedError, match="pool objects cannot be passed"):
             p.apply(double, (p,))
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_is_not_callable_is_a_type_error():
+    """multiprocessing raises TypeError ('int' object is not callable); poolmagic's was a
+    ValueError only, which `except TypeError` written for the standard library missed."""
+    with Pool(1) as p:
+        for call in (lambda: p.apply(5), lambda: p.map(5, [1]), lambda: list(p.imap(5, [1]))):
+            with pytest.raises(TypeError, match="not callable"):
+                call()
