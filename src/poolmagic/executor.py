@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .api import Pool
 from .engine.base import Backend
 from .engine.core.events import ChunkStarted, MapFinished
+from .errors import BadInputError
 from .mpcompat import TimeoutError as PoolTimeoutError, _remote_cause
 
 
@@ -69,6 +70,11 @@ class Executor(futures.Executor):
             link._start()
         try:
             self._pool._submit(fn, [args], options, before=link.attach, remember=False)
+        except BadInputError as exc:  # the call's own (not callable, wrong arguments, does not pickle):
+            self._done(future)        # on its future, as ProcessPoolExecutor's
+            if link._start():
+                future.set_exception(exc)
+            return future
         except BaseException:
             self._done(future)
             raise
