@@ -310,3 +310,21 @@ def test_a_function_that_is_not_callable_is_a_type_error():
         for call in (lambda: p.apply(5), lambda: p.map(5, [1]), lambda: list(p.imap(5, [1]))):
             with pytest.raises(TypeError, match="not callable"):
                 call()
+
+
+@pytest.mark.timeout(60)
+def test_apply_async_of_a_bad_call_reports_by_get_and_error_callback():
+    """multiprocessing's apply_async returns; the call's TypeError comes from get() and
+    goes to error_callback. poolmagic's apply_async raised it at once."""
+    seen = []
+    with Pool(1) as p:
+        r = p.apply_async(double, (), error_callback=seen.append)
+        with pytest.raises(TypeError):
+            r.get(timeout=30)
+        assert r.ready() and not r.successful()
+        assert len(seen) == 1 and isinstance(seen[0], TypeError)
+        with pytest.raises(TypeError):
+            p.apply(5)
+        p.close()
+        with pytest.raises(ValueError, match="not running"):
+            p.apply_async(double, (1,))

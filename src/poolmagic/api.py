@@ -312,13 +312,17 @@ class Pool:
         return self.apply_async(func, args, kwds).get()
 
     def apply_async(self, func: Callable, args: Iterable = (), kwds: dict | None = None,
-                    callback: Callable | None = None, error_callback: Callable | None = None) -> MapHandle:
-        """Start ``func(*args, **kwds)`` in a worker; an AsyncResult of its result."""
+                    callback: Callable | None = None, error_callback: Callable | None = None) -> AsyncResult:
+        """Start ``func(*args, **kwds)`` in a worker; an AsyncResult of its result (a MapHandle,
+        unless the call cannot start: then its error comes from ``get``)."""
         options: dict[str, Any] = {"star": True}
         if kwds:
             options["kwargs"] = dict(kwds)
         handle = MapHandle(self, callback=callback, error_callback=error_callback, one=True)
-        self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
+        try:
+            self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
+        except BadInputError as exc:  # the call's own error: reported by get(), as multiprocessing's
+            return mpcompat.FailedCall(exc, error_callback, self._callbacks)
         return handle
 
     def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,

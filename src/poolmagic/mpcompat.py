@@ -266,6 +266,29 @@ class AsyncResult:
             write_outputs(job.take_printable(final=True))
 
 
+class FailedCall(AsyncResult):
+    """``apply_async`` of a call that cannot start (not callable, wrong arguments, does not
+    pickle): ready at once, its error given to ``error_callback`` and raised by ``get``, as
+    multiprocessing reports it (not raised by ``apply_async`` itself)."""
+
+    def __init__(self, error: BaseException, error_callback: Callable | None, callbacks: Callbacks):
+        super().__init__(error_callback=error_callback, callbacks=callbacks, one=True)
+        self._failed = error
+        if error_callback is not None:
+            callbacks.put(self._finish)
+        else:
+            self._finish()
+
+    def _error(self) -> BaseException | None:
+        return self._failed
+
+    def _deliver(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult failed: {self._failed!r}>"
+
+
 # ---------------------------------------------------------------- per-worker setup
 
 _TASKS: dict[str, int] = {}  # pool token -> tasks this worker process ran for that pool
