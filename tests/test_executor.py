@@ -174,3 +174,32 @@ def test_submitted_callable_is_freed():
         assert ex.submit(obj.method).result(timeout=60) == 1
         del obj
         assert wait_for(lambda: gc.collect() is not None and ref() is None, 5.0)
+
+
+def fail(x):
+    raise ValueError(f"bad {x}")
+
+
+@pytest.mark.timeout(60)
+def test_an_items_error_has_its_worker_traceback_as_cause():
+    """As ProcessPoolExecutor's: the worker's traceback text chained as ``__cause__``."""
+    with poolmagic.Executor(2) as ex:
+        err = ex.submit(fail, 1).exception(timeout=30)
+        assert isinstance(err, ValueError)
+        assert type(err.__cause__).__name__ == "_RemoteTraceback" and "in fail" in str(err.__cause__)
+        with pytest.raises(ValueError) as info:
+            list(ex.map(fail, [1]))
+        assert "in fail" in str(info.value.__cause__)
+
+
+@pytest.mark.timeout(60)
+def test_a_calls_own_error_is_on_its_future_not_raised_by_submit():
+    """ProcessPoolExecutor's submit returns a future that holds the TypeError of a call
+    that cannot be made; poolmagic's submit raised it, so a loop of submits stopped."""
+    with poolmagic.Executor(1) as ex:
+        futures = [ex.submit(double), ex.submit(5), ex.submit(double, 2)]
+        assert isinstance(futures[0].exception(timeout=30), TypeError)
+        assert isinstance(futures[1].exception(timeout=30), TypeError)
+        assert futures[2].result(timeout=30) == 4
+        done, _ = cf.wait(futures, timeout=30)
+        assert len(done) == 3

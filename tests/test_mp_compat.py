@@ -247,3 +247,84 @@ def test_a_stream_failing_before_its_first_item_raises_every_time():
         for _ in range(10):
             with pytest.raises(LookupError):
                 p.run(double, fails_at_once())
+
+
+@pytest.mark.timeout(60)
+def test_an_items_error_has_its_worker_traceback_as_cause_in_every_call():
+    """multiprocessing chains the worker's traceback (a RemoteTraceback) to an item's error
+    from map, starmap, map_async and imap as from apply; only apply's had it."""
+    from multiprocessing.pool import RemoteTraceback
+
+    calls = {
+        "map": lambda p: p.map(raise_on, range(4)),
+        "starmap": lambda p: p.starmap(raise_on, [(x,) for x in range(4)]),
+        "map_async": lambda p: p.map_async(raise_on, range(4)).get(30),
+        "imap": lambda p: list(p.imap(raise_on, range(4))),
+        "imap_unordered": lambda p: list(p.imap_unordered(raise_on, range(4))),
+        "apply": lambda p: p.apply(raise_on, (2,)),
+    }
+    with Pool(2) as p:
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match="bad 2") as info:
+                call(p)
+            cause = info.value.__cause__
+            assert isinstance(cause, RemoteTraceback), name
+            assert "raise_on" in str(cause), name
+
+
+@pytest.mark.timeout(60)
+def test_join_waits_for_a_slow_callback_as_multiprocessing():
+    """multiprocessing's join() returns after every callback ran (it joins its result
+    thread); poolmagic's gave up on its callback thread after 5 s."""
+    done = []
+
+    def slow_callback(value):
+        time.sleep(6)
+        done.append(value)
+
+    p = Pool(1)
+    p.apply_async(double, (2,), callback=slow_callback)
+    p.close()
+    p.join()
+    assert done == [4]
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_does_not_pickle_with_multiprocessing_error():
+    """multiprocessing raises NotImplementedError with a sentence; poolmagic's failed
+    deep inside with an AttributeError about a local lambda or a lock."""
+    import pickle
+
+    with Pool(1) as p:
+        with pytest.raises(NotImplementedError, match="pool objects cannot be passed"):
+            pickle.dumps(p)
+        with pytest.raises(NotImplementedError, match="pool objects cannot be passed"):
+            p.apply(double, (p,))
+
+
+@pytest.mark.timeout(60)
+def test_a_function_that_is_not_callable_is_a_type_error():
+    """multiprocessing raises TypeError ('int' object is not callable); poolmagic's was a
+    ValueError only, which `except TypeError` written for the standard library missed."""
+    with Pool(1) as p:
+        for call in (lambda: p.apply(5), lambda: p.map(5, [1]), lambda: list(p.imap(5, [1]))):
+            with pytest.raises(TypeError, match="not callable"):
+                call()
+
+
+@pytest.mark.timeout(60)
+def test_apply_async_of_a_bad_call_reports_by_get_and_error_callback():
+    """multiprocessing's apply_async returns; the call's TypeError comes from get() and
+    goes to error_callback. poolmagic's apply_async raised it at once."""
+    seen = []
+    with Pool(1) as p:
+        r = p.apply_async(double, (), error_callback=seen.append)
+        with pytest.raises(TypeError):
+            r.get(timeout=30)
+        assert r.ready() and not r.successful()
+        assert len(seen) == 1 and isinstance(seen[0], TypeError)
+        with pytest.raises(TypeError):
+            p.apply(5)
+        p.close()
+        with pytest.raises(ValueError, match="not running"):
+            p.apply_async(double, (1,))

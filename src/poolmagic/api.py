@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -186,8 +187,12 @@ class Pool:
         self._life.stop_maps()  # a map the backend had not taken up yet ends too
 
     def join(self, timeout: float | None = None) -> None:
-        """After ``close`` or ``terminate``: wait for the running maps, then stop the workers."""
+        """After ``close`` or ``terminate``: wait for the running maps and their callbacks,
+        then stop the workers."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._life.wait_maps(timeout)
+        # as multiprocessing's join, which waits for its result thread: callbacks have all run
+        self._callbacks.stop(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self.shutdown()
 
     def __enter__(self) -> "Pool":
@@ -211,6 +216,10 @@ class Pool:
                 threading.Thread(target=self.backend.shutdown, daemon=True, name="poolmagic-dropped").start()
             except RuntimeError:  # (threads can no longer start)
                 pass
+
+    def __reduce__(self) -> Any:
+        """A pool cannot travel to a worker, as multiprocessing's cannot (its own error)."""
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     def __repr__(self) -> str:
         life = self.__dict__.get("_life")
@@ -303,13 +312,17 @@ class Pool:
         return self.apply_async(func, args, kwds).get()
 
     def apply_async(self, func: Callable, args: Iterable = (), kwds: dict | None = None,
-                    callback: Callable | None = None, error_callback: Callable | None = None) -> MapHandle:
-        """Start ``func(*args, **kwds)`` in a worker; an AsyncResult of its result."""
+                    callback: Callable | None = None, error_callback: Callable | None = None) -> AsyncResult:
+        """Start ``func(*args, **kwds)`` in a worker; an AsyncResult of its result (a MapHandle,
+        unless the call cannot start: then its error comes from ``get``)."""
         options: dict[str, Any] = {"star": True}
         if kwds:
             options["kwargs"] = dict(kwds)
         handle = MapHandle(self, callback=callback, error_callback=error_callback, one=True)
-        self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
+        try:
+            self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
+        except BadInputError as exc:  # the call's own error: reported by get(), as multiprocessing's
+            return mpcompat.FailedCall(exc, error_callback, self._callbacks)
         return handle
 
     def _submit(self, func: Callable, iterable: Iterable | None, options: dict, watch: Any = None,

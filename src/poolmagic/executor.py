@@ -17,12 +17,14 @@ from __future__ import annotations
 import threading
 import time
 from concurrent import futures
+from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
 from .api import Pool
 from .engine.base import Backend
 from .engine.core.events import ChunkStarted, MapFinished
-from .mpcompat import TimeoutError as PoolTimeoutError
+from .errors import BadInputError
+from .mpcompat import TimeoutError as PoolTimeoutError, _remote_cause
 
 
 class Executor(futures.Executor):
@@ -68,6 +70,11 @@ class Executor(futures.Executor):
             link._start()
         try:
             self._pool._submit(fn, [args], options, before=link.attach, remember=False)
+        except BadInputError as exc:  # the call's own (not callable, wrong arguments, does not pickle):
+            self._done(future)        # on its future, as ProcessPoolExecutor's
+            if link._start():
+                future.set_exception(exc)
+            return future
         except BaseException:
             self._done(future)
             raise
@@ -161,8 +168,8 @@ class _Link:
             self.future.set_result(job.report.results[0])
         elif event.status == "cancelled":
             self.future.set_exception(futures.CancelledError("the executor was shut down"))
-        else:
-            self.future.set_exception(job.error)
+        else:  # an item's error has its worker traceback as __cause__, as ProcessPoolExecutor's
+            self.future.set_exception(_remote_cause(job.error, _RemoteTraceback))
         self.job = None  # the future holds its result; nothing else needs the map
 
     def on_done(self, future: futures.Future) -> None:

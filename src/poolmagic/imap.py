@@ -19,7 +19,7 @@ from .engine.core.items import SEQUENCES
 from .engine.core.events import ChunkFinished, ItemsFailed, MapFinished
 from .engine.core.rules import write_outputs
 from .errors import BadInputError, MapCancelledError, MapFailedError
-from .mpcompat import TimeoutError
+from .mpcompat import TimeoutError, _remote_cause
 from .serialize import describe
 from .sentinel import NOT_DONE
 
@@ -243,9 +243,11 @@ class IMapIterator:
         ok, value = got
         if ok:
             return value
+        if ok is False:  # an item's error: its worker traceback as __cause__, as multiprocessing's
+            _remote_cause(value)
         raise value
 
-    def _wait(self, timeout: float | None) -> tuple[bool, Any]:
+    def _wait(self, timeout: float | None) -> tuple[bool | None, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -257,7 +259,7 @@ class IMapIterator:
                     raise TimeoutError(f"no result within {timeout} s")
                 self._cond.wait(0.5 if left is None else min(left, 0.5))
 
-    def _from_chunk(self) -> tuple[bool, Any] | None:
+    def _from_chunk(self) -> tuple[bool | None, Any] | None:
         """The next item of the chunk being consumed (no lock: only this thread reads it)."""
         start, results = self._cur
         k = self._off
@@ -291,7 +293,7 @@ class IMapIterator:
         results[k] = None  # the consumer owns it now: keep no reference
         return value
 
-    def _take(self) -> tuple[bool, Any] | None:
+    def _take(self) -> tuple[bool | None, Any] | None:
         """The next (ok, value) if it is there; raises StopIteration at the end. Under the lock."""
         got = self._from_chunk()
         if got is not None:
@@ -317,11 +319,11 @@ class IMapIterator:
         if guard is not None and guard.error is not None and (done or (self._ordered and self._next >= guard.error_at)):
             err, guard.error = guard.error, None
             self._end = self._next  # nothing follows the ITERABLE's error
-            return (False, err)
+            return (None, err)  # the parent's own error, raised as it is
         if self._end_error is not None:
             err, self._end_error = self._end_error, None
             self._end = self._next
-            return (False, err)
+            return (None, err)
         if done:
             raise StopIteration
         return None

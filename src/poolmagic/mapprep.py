@@ -19,7 +19,7 @@ from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS
 from .engine.core.job import Job
 from .engine.mapoptions import MapOptions
-from .errors import BadInputError, SerializationError
+from .errors import BadArgumentsError, BadInputError, SerializationError
 from .loopnotes import loop_notes
 from .report import FAILED_KEPT, RunReport
 from .sentinel import NOT_DONE
@@ -163,7 +163,8 @@ def _numpy_errstate() -> tuple | None:
 def _check_function(func: Callable, o: MapOptions) -> str:
     """The function's name, once it is known to be a callable the workers can run."""
     if not callable(func):
-        raise BadInputError(f"the function to map is {describe(func)}, which is not callable")
+        # a TypeError too, as the loop's call (and multiprocessing's, concurrent.futures') raises
+        raise BadArgumentsError(f"the function to map is {describe(func)}, which is not callable")
     name = callable_name(func)
     check_plain_function(func, name)
     if not o.star:

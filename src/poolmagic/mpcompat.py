@@ -99,14 +99,15 @@ class Callbacks:
                 return
             fn()
 
-    def stop(self) -> None:
-        """End the thread after the callbacks queued so far; forget it, so that it can be collected."""
+    def stop(self, timeout: float | None = 5) -> None:
+        """End the thread after the callbacks queued so far, waiting up to ``timeout`` seconds
+        for them (None: until they ran, as ``join`` does); forget it, so that it can be collected."""
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._q.put(None)
             if thread is not threading.current_thread():
-                thread.join(5)
+                thread.join(timeout)
 
 
 # ---------------------------------------------------------------- results
@@ -121,7 +122,7 @@ def first_item_error(err: BaseException | None, report: Any) -> BaseException | 
                             f"in .poolmap_report.errors.")
         first._poolmagic_first = True  # type: ignore[attr-defined]
         attach_report(first, report)
-        return first
+        return _remote_cause(first)
     return err
 
 
@@ -145,7 +146,8 @@ def run_map(run: Callable[..., Any], func: Callable, iterable: Any, chunksize: i
     try:
         return run(func, iterable, keep_going=True, **options).results
     except MapFailedError as exc:
-        raise first_item_error(exc, exc.report) from None
+        first = first_item_error(exc, exc.report)
+        raise first from first.__cause__  # (its worker traceback, not the MapFailedError)
 
 
 def async_policy(options: dict, chunksize: int | None, poolmagic_call: bool) -> bool:
@@ -159,11 +161,13 @@ def async_policy(options: dict, chunksize: int | None, poolmagic_call: bool) -> 
     return mp_errors
 
 
-def _remote_cause(exc: BaseException) -> BaseException:
-    """Chain the worker's traceback text as multiprocessing does (``__cause__``)."""
-    if exc.__cause__ is None and exc.__traceback__ is not None:
+def _remote_cause(exc: BaseException, kind: type[Exception] = RemoteTraceback) -> BaseException:
+    """Chain the worker's traceback text as multiprocessing does (``__cause__``); ``kind``:
+    concurrent.futures' own class for the Executor. Not on poolmagic's own errors (a crashed
+    worker, a value that does not pickle): those are made in this process."""
+    if exc.__cause__ is None and exc.__traceback__ is not None and not isinstance(exc, PoolmapError):
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        exc.__cause__ = RemoteTraceback(text)
+        exc.__cause__ = kind(text)
     return exc
 
 
@@ -260,6 +264,29 @@ class AsyncResult:
         if not getattr(self, "_printed", False):
             self._printed = True
             write_outputs(job.take_printable(final=True))
+
+
+class FailedCall(AsyncResult):
+    """``apply_async`` of a call that cannot start (not callable, wrong arguments, does not
+    pickle): ready at once, its error given to ``error_callback`` and raised by ``get``, as
+    multiprocessing reports it (not raised by ``apply_async`` itself)."""
+
+    def __init__(self, error: BaseException, error_callback: Callable | None, callbacks: Callbacks):
+        super().__init__(error_callback=error_callback, callbacks=callbacks, one=True)
+        self._failed = error
+        if error_callback is not None:
+            callbacks.put(self._finish)
+        else:
+            self._finish()
+
+    def _error(self) -> BaseException | None:
+        return self._failed
+
+    def _deliver(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult failed: {self._failed!r}>"
 
 
 # ---------------------------------------------------------------- per-worker setup
