@@ -96,7 +96,9 @@ def test_pooldebug_drops_into_the_debugger_on_the_failed_item_in_a_real_kernel(k
     km, kc = start_kernel(kernel_spec_manager, tmp_path)
     try:
         run_ok(kc, "%load_ext poolmagic\n%poolsize 2")
-        r = run(kc, "%%poolmap -q -c 1 range(5)\ndef work(x):\n    y = x * 10\n    if x == 3:\n"
+        # one chunk: items 0-2 finish before item 3 fails (in chunks of one, a fail-fast map could end
+        # before an earlier item's result landed: it lands later, after this test looked)
+        r = run(kc, "%%poolmap -q -c 5 range(5)\ndef work(x):\n    y = x * 10\n    if x == 3:\n"
                     "        raise ValueError(f'bad {x}')\n    return y\n", timeout=30)
         assert r.error and r.error["ename"] == "ValueError", r
         r, prompts = run_with_stdin(kc, "%pooldebug", ["p (x, y)", "q"])
