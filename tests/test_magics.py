@@ -257,7 +257,8 @@ def test_an_interrupted_maps_traceback_hides_the_cell_as_a_string_as_a_failed_ma
     result = ip.run_cell("%%poolmap stopped_items()\ndef ident_i(x):\n    return x\n")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
-    assert "run_cell_magic(" not in shown and "----> 1 def ident_i(x):" in shown, shown
+    # (the cell as a string; IPython 8 on 3.10 also shows its own run_cell_magic frame, which is not it)
+    assert "run_cell_magic('poolmap'" not in shown and "----> 1 def ident_i(x):" in shown, shown
     assert "poolmagic: interrupted" in shown, shown
     assert "__tracebackhide__" not in ip.user_ns
 
