@@ -163,18 +163,23 @@ def slow_logged(x, path):
     return -x
 
 
-@pytest.mark.timeout(60)
-def test_api_resume_after_a_cancelled_async_map(pool, tmp_path):
-    """An async map cancelled half-way: resuming runs exactly what has no result."""
-    path = str(tmp_path / "calls")
-    handle = pool.map_async(slow_logged, range(40), chunksize=1, kwargs={"path": path})
+def _cancelled_after_six(pool, iterable, path: str):
+    """The report of an async map of slow_logged over ``iterable`` cancelled once 6 items ran."""
+    handle = pool.map_async(slow_logged, iterable, chunksize=1, kwargs={"path": path})
     deadline = time.monotonic() + 20
     while len(calls(path)) < 6 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(calls(path)) >= 6, "the async map never got going"
     handle.cancel()
     assert handle.wait(20)
-    earlier = handle.report
+    return handle.report
+
+
+@pytest.mark.timeout(60)
+def test_api_resume_after_a_cancelled_async_map(pool, tmp_path):
+    """An async map cancelled half-way: resuming runs exactly what has no result."""
+    path = str(tmp_path / "calls")
+    earlier = _cancelled_after_six(pool, range(40), path)
     missing = [i for i, v in enumerate(earlier.results) if v is NOT_DONE]
     assert missing, "everything finished before the cancel (nothing to resume)"
     n = len(calls(path))
@@ -191,14 +196,7 @@ def test_api_resume_after_a_cancelled_map_over_a_generator(pool, tmp_path):
     with the same generator was refused ('the ITERABLE now has 40 items, the run to resume had
     9'), where a range resumed. The items it never took run too, with those left unfinished."""
     path = str(tmp_path / "calls")
-    handle = pool.map_async(slow_logged, (x for x in range(40)), chunksize=1, kwargs={"path": path})
-    deadline = time.monotonic() + 20
-    while len(calls(path)) < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(calls(path)) >= 6, "the async map never got going"
-    handle.cancel()
-    assert handle.wait(20)
-    earlier = handle.report
+    earlier = _cancelled_after_six(pool, (x for x in range(40)), path)
     kept = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
     assert earlier.items < 40 or len(kept) < 40, "everything finished before the cancel"
     n = len(calls(path))

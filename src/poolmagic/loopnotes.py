@@ -11,7 +11,6 @@ function's code and the values it captures, not the items: no cost per item.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import types
@@ -19,7 +18,7 @@ from typing import Callable
 
 from .engine.mapoptions import MapOptions
 from .inplace import changed_globals, changed_parameter
-from .captures import assigned_globals, global_names, shared_generators, unseeded_calls
+from .captures import assigned_globals, called_function, global_names, shared_generators, unseeded_calls
 from .serialize import _fingerprint
 
 
@@ -109,9 +108,7 @@ def _calls_hash(func: Callable) -> bool:
     seen: set[int] = set()
     todo = [func]
     while todo and len(seen) < 50:
-        f = todo.pop()
-        while isinstance(f, functools.partial) or hasattr(f, "__func__"):
-            f = f.func if isinstance(f, functools.partial) else f.__func__
+        f = called_function(todo.pop())
         if not isinstance(f, types.FunctionType) or id(f) in seen:
             continue
         seen.add(id(f))
