@@ -285,3 +285,87 @@ def _install(modules: dict[str, types.ModuleType], func: Callable) -> Callable:
     """On a worker: make the shipped modules importable, return the function."""
     sys.modules.update(modules)
     return func
+
+
+class ByValue:
+    """The local modules a backend's workers get by value from this kernel, registered until ``close``."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, types.ModuleType] = {}
+        self._trials: dict[tuple, str | None] = {}  # a module -> why it cannot be pickled whole
+
+    def pack(self, func: Callable, local: dict[str, types.ModuleType], imported: dict[str, types.ModuleType],
+             otherwise: str) -> tuple[Any, list[str]]:
+        """``func`` with ``local`` sent by value, and the modules its body imports packed whole.
+
+        ``otherwise``: what ``import mylib`` in the body does when the module cannot travel whole.
+        """
+        register_by_value(local.values(), self.registered)
+        whole, notes = {}, []
+        for name, mod in imported.items():
+            why = self._unpicklable(mod)
+            if why is None:
+                whole[name] = mod
+            else:
+                notes.append(f"the local module {name} cannot travel whole ({why}): what the function takes "
+                             f"from it travels by value, but `import {name}` in its body {otherwise}")
+        return with_modules(func, whole), notes
+
+    def _unpicklable(self, mod: types.ModuleType) -> str | None:
+        """Why a local module cannot be pickled by value (checked once per module object)."""
+        key = (mod.__name__, id(mod), len(vars(mod)))
+        if key not in self._trials:
+            try:
+                cloudpickle.dumps(mod)
+                self._trials[key] = None
+            except Exception as exc:
+                self._trials[key] = f"{type(exc).__name__}: {exc}"
+        return self._trials[key]
+
+    def close(self) -> None:
+        unregister(self.registered)
+
+
+class FollowReloads:
+    """Local modules for workers that share this machine's files but keep what they imported.
+
+    A dask worker imports ``mylib`` once and keeps that copy: reloaded in the
+    kernel (``importlib.reload``, ``%autoreload``), the kernel runs the new
+    code while the workers run the old. From the first map after such a
+    reload on, the module goes by value, so the workers run the kernel's copy
+    as a loop would; a module edited and not reloaded is refused
+    (moduleedits.py), since a replaced worker would import the file.
+    """
+
+    def __init__(self) -> None:
+        self.by_value = ByValue()
+        self._stamps: dict[str, tuple] = {}  # module -> its file's (mtime, size) when the workers may have imported it
+
+    def prepare(self, func: Callable, items: Any) -> tuple[Any, list[str]]:
+        from .moduleedits import module_file, refuse_behind
+
+        sample = items[:1] if isinstance(items, (list, tuple)) else ()
+        use = modules_used(func, sample)
+        if not use.local:
+            return func, []
+        names = [n for n, m in list(sys.modules.items())
+                 if m is not None and _top(n) in use.local and module_file(m) is not None]
+        refuse_behind(names)
+        notes = []
+        for name in names:
+            try:
+                st = os.stat(module_file(sys.modules[name]))
+            except OSError:
+                continue
+            stamp = self._stamps.setdefault(name, (st.st_mtime_ns, st.st_size))
+            top = _top(name)
+            if stamp != (st.st_mtime_ns, st.st_size) and top not in self.by_value.registered:
+                register_by_value([use.local[top]], self.by_value.registered)
+                notes.append(f"the module {top} was reloaded since the workers imported it: it goes to them "
+                             f"by value from now on, so they run this kernel's copy")
+        sent = {t: m for t, m in use.local.items() if t in self.by_value.registered}
+        if not sent:
+            return func, notes
+        imported = {n: m for n, m in use.imported.items() if _top(n) in sent}
+        func, more = self.by_value.pack(func, sent, imported, "imports the workers' older copy")
+        return func, notes + more

@@ -55,6 +55,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
+from ...localmodules import FollowReloads
 from ...errors import NestedPoolError, PoolmapError
 from ..base import Backend
 from ..core.transport import KILL_ON_INTERRUPT, MEMORY_LIMIT
@@ -112,6 +113,7 @@ class DaskBackend(Backend):
         self.link.events = self.outcomes
         self.scheduler = Scheduler(self.shared, self.link, self.outcomes, lambda: self.size)
         self.memory = MemoryGuard(self.shared, self.link, self.outcomes)
+        self.reloads = FollowReloads()  # our own cluster's workers keep the local modules they imported
 
     @property
     def cluster(self) -> LocalCluster | None:
@@ -234,15 +236,17 @@ class DaskBackend(Backend):
         self._closed = True
 
     def prepare_function(self, func: Any, items: Any, star: bool) -> tuple[Any, list[str]]:
-        """A remote cluster: local modules sent by value, packages compared, relative paths refused."""
+        """A remote cluster: local modules sent by value, packages compared, relative paths refused.
+        Our own: a local module reloaded in the kernel since the workers imported it goes by value."""
         if self.remote_env is None:
-            return func, []
+            return self.reloads.prepare(func, items)
         self.wait_ready(CONNECT_WAIT_S)
         return self.remote_env.prepare(self.client, func, items, star)
 
     def shutdown(self) -> None:
         if self.remote_env is not None:
             self.remote_env.close()
+        self.reloads.by_value.close()
         with self._lock:
             if self._closed:
                 return

@@ -193,17 +193,18 @@ class RemoteEnvironment:
                "items are refused), sys.path or native-thread limits")
 
     def __init__(self) -> None:
-        self.registered: dict[str, Any] = {}  # modules this kernel sends by value
+        from ...localmodules import ByValue
+
+        self.by_value = ByValue()  # the local modules this kernel sends by value
         self._checked: dict[tuple, list[str]] = {}  # (packages, workers) -> notes
         self.notes: set[str] = set()  # every harmless difference seen, for %poolsize
-        self._trials: dict[tuple, str | None] = {}  # local module -> why it cannot be pickled whole
 
     def prepare(self, client: Any, func: Any, items: Any, star: bool) -> tuple[Any, list[str]]:
         """Before a map: refuse what cannot work there, and pack local modules with ``func``.
 
         Returns what to pickle in place of ``func``, and the notes to show.
         """
-        from ...localmodules import check_size, modules_used, register_by_value, with_modules
+        from ...localmodules import check_size, modules_used
 
         sample = items[:1] if isinstance(items, (list, tuple)) else ()
         use = modules_used(func, sample)
@@ -212,29 +213,8 @@ class RemoteEnvironment:
         if not use.local:
             return func, notes
         check_size(use.local)
-        register_by_value(use.local.values(), self.registered)
-        imported = {}
-        for name, mod in use.imported.items():
-            why = self._unpicklable(mod)
-            if why is None:
-                imported[name] = mod
-            else:
-                notes.append(f"the local module {name} cannot travel whole ({why}): what the function takes "
-                             f"from it travels by value, but `import {name}` in its body fails on the workers")
-        return with_modules(func, imported), notes
-
-    def _unpicklable(self, mod: Any) -> str | None:
-        """Why a local module cannot be pickled by value (checked once per module object)."""
-        key = (mod.__name__, id(mod), len(vars(mod)))
-        if key not in self._trials:
-            import cloudpickle
-
-            try:
-                cloudpickle.dumps(mod)
-                self._trials[key] = None
-            except Exception as exc:
-                self._trials[key] = f"{type(exc).__name__}: {exc}"
-        return self._trials[key]
+        func, more = self.by_value.pack(func, use.local, use.imported, "fails on the workers")
+        return func, notes + more
 
     def check_packages(self, client: Any, tops: Iterable[str], wait: bool = True) -> list[str]:
         """Compare the installed packages ``tops`` (import names) between here and every worker.
@@ -267,13 +247,11 @@ class RemoteEnvironment:
     def describe(self) -> str:
         """%poolsize's lines about this cluster's environment."""
         lines = [self.FOLLOWS]
-        if self.registered:
-            lines.append("local modules sent by value: " + ", ".join(sorted(self.registered)))
+        if self.by_value.registered:
+            lines.append("local modules sent by value: " + ", ".join(sorted(self.by_value.registered)))
         if self.notes:
             lines.append("versions that differ (harmless): " + "; ".join(sorted(self.notes)))
         return "\n".join(lines)
 
     def close(self) -> None:
-        from ...localmodules import unregister
-
-        unregister(self.registered)
+        self.by_value.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+from typing import Any
 
 from ...cores import available_cores
 from ...errors import NestedPoolError, PoolmapError
@@ -65,6 +66,20 @@ class LocalBackend(Backend):
                 stop_at_exit(self)
                 self._thread = threading.Thread(target=self.manager.main, name="poolmagic-manager", daemon=True)
                 self._thread.start()
+
+    def prepare_function(self, func: Any, items: Any, star: bool) -> tuple[Any, list[str]]:
+        """Refuse a map that would use a local module edited since the kernel imported it.
+
+        The workers import such a module from its file (a worker that imported
+        it before is replaced once the file changes), while a loop here runs
+        the kernel's copy.
+        """
+        from ...moduleedits import refuse_behind_if_used
+
+        names = self.workers.user_modules()
+        if names:
+            refuse_behind_if_used(names, func, items)
+        return func, []
 
     def submit(self, job: Job) -> None:
         self.start()

@@ -79,6 +79,8 @@ class Outcomes:
         chunk = p.pop_head()
         assert chunk.seq == msg.seq, "worker answered out of order"
         job = chunk.job  # an ended job keeps what finished too (Job.chunk_done)
+        if msg.modules:
+            _note_behind(job, msg.modules)
         faults = thread_faults()
         try:
             out, records, errs = p.results(msg, frames)
@@ -241,3 +243,18 @@ class Outcomes:
                     break  # a failure or a farewell: it is killed and what it holds handled as usual
         except (EOFError, OSError):
             pass
+
+
+def _note_behind(job: Job, imported: dict) -> None:
+    """Say so when a worker just imported a local module the kernel runs an older copy of."""
+    from ...moduleedits import first_behind
+
+    found = first_behind(imported)
+    if found is None:
+        return
+    name, why = found
+    note = (f"a worker imported the module {name} from its file, which differs from this kernel's copy ({why}): "
+            f"the results may differ from a loop here, which runs the kernel's copy. If the file was edited, "
+            f"reload it (importlib.reload({name})) or restart the kernel, and map again")
+    if note not in job.report.notes:
+        job.report.notes.append(note)

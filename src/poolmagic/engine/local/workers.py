@@ -237,6 +237,13 @@ class WorkerSet:
                 return False
         return True
 
+    def user_modules(self) -> set[str]:
+        """The modules from the user's files that some worker has imported (any thread may ask)."""
+        names: set[str] = set()
+        for p in list(self.procs.values()):
+            names.update(p.modules)
+        return names
+
     def refresh_stale(self) -> None:
         """Recycle workers whose imported user modules changed on disk."""
         self.mark_stale()

@@ -1,0 +1,233 @@
+"""Whether the kernel still runs what its local modules' files say.
+
+A worker imports a local module (``mylib.py`` next to the notebook) from its
+file; the kernel runs the copy it imported, perhaps hours ago. Edit the file
+without reloading it and the two differ: a loop runs the kernel's copy, a new
+worker (a replacement, a bigger pool, a worker recycled because the file
+changed) runs the file. Reload it (``importlib.reload``, ``%autoreload``) and
+the kernel runs the file while a warm worker may still hold the old copy.
+
+Either way the map would silently disagree with the loop. This module tells
+which: ``behind(mod)`` says how the kernel's copy differs from the file now,
+comparing what compiling the file defines (its functions' and methods' code,
+its literal constants) with what the kernel's module holds. A file not
+modified since the kernel started cannot differ; any other answer is computed
+once per (file version, loaded copy). The backends then refuse a map that
+would use a changed module the kernel has not reloaded (``refuse_behind``),
+and the dask backend sends a reloaded one by value.
+"""
+from __future__ import annotations
+
+import dis
+import os
+import sys
+import tokenize
+import types
+from typing import Any, Iterable
+
+from .errors import BadInputError
+
+_CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
+_MARGIN_S = 2.0  # /proc's boot time is in whole seconds
+_FUNCTION_FLAGS = 0x0001 | 0x0002  # CO_OPTIMIZED | CO_NEWLOCALS: a function's code, not a class body's
+
+_answers: dict[tuple, str | None] = {}
+
+
+def _kernel_started() -> float:
+    """When this process started (seconds since the epoch), or 0 when that cannot be read."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:
+        return 0.0
+
+
+STARTED = _kernel_started()
+
+
+def _signature(code: types.CodeType) -> tuple:
+    """What a code object does, without where it sits in its file (line numbers, file name)."""
+    consts = tuple(_signature(c) if isinstance(c, types.CodeType) else (type(c).__name__, repr(c))
+                   for c in code.co_consts)
+    return (code.co_name, code.co_code, consts, code.co_names, code.co_varnames, code.co_freevars,
+            code.co_cellvars, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)
+
+
+def _file_defines(code: types.CodeType) -> tuple[dict[str, set], dict[str, Any], set[str]]:
+    """From a module's compiled file: qualified name -> signatures of the functions defined there
+    (top level and in classes), literal constants assigned at the top level, and top-level names."""
+    defs: dict[str, set] = {}
+    stack = [(code, "")]
+    while stack:
+        co, prefix = stack.pop()
+        for c in co.co_consts:
+            if not isinstance(c, types.CodeType) or c.co_name.startswith("<"):
+                continue
+            qual = prefix + c.co_name
+            if c.co_flags & _FUNCTION_FLAGS == _FUNCTION_FLAGS:
+                defs.setdefault(qual, set()).add(_signature(c))  # nested functions are in its signature
+            else:  # a class body: its methods are named after it
+                stack.append((c, qual + "."))
+    constants: dict[str, Any] = {}
+    names: set[str] = set()
+    last = None
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("DELETE_NAME", "DELETE_GLOBAL"):
+            names.discard(ins.argval)
+            constants.pop(ins.argval, None)
+            for qual in [q for q in defs if q.partition(".")[0] == ins.argval]:
+                del defs[qual]
+        elif ins.opname in ("STORE_NAME", "STORE_GLOBAL"):
+            names.add(ins.argval)
+            if last is not None and last.opname == "LOAD_CONST" and isinstance(last.argval, _CONSTANT_TYPES):
+                constants[ins.argval] = last.argval
+            else:
+                constants.pop(ins.argval, None)
+        last = ins
+    return defs, constants, names
+
+
+def _unwrap(obj: Any) -> Any:
+    for _ in range(20):
+        inner = getattr(obj, "__wrapped__", None) if not isinstance(obj, type) else None
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _kernel_defines(mod: types.ModuleType) -> dict[str, tuple]:
+    """Qualified name -> signature of the functions the kernel's copy of ``mod`` defines itself."""
+    out: dict[str, tuple] = {}
+    name = mod.__name__
+
+    def note(fn: Any) -> None:
+        fn = _unwrap(fn)
+        if isinstance(fn, (staticmethod, classmethod)):
+            fn = _unwrap(fn.__func__)
+        if isinstance(fn, property):
+            for part in (fn.fget, fn.fset, fn.fdel):
+                if part is not None:
+                    note(part)
+            return
+        if isinstance(fn, types.FunctionType) and fn.__module__ == name and "<" not in fn.__qualname__:
+            out[fn.__qualname__] = _signature(fn.__code__)
+
+    for value in list(vars(mod).values()):
+        if isinstance(value, type) and value.__module__ == name:
+            for attr in list(vars(value).values()):
+                note(attr)
+        else:
+            note(value)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and (a == b or (a != a and b != b))
+    except Exception:
+        return True  # a value that cannot say: not the kind of constant this compares
+
+
+def _compare(mod: types.ModuleType, path: str) -> str | None:
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+        code = compile(source, path, "exec", dont_inherit=True)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"its file cannot be compiled now ({type(exc).__name__}: {exc})"
+    defs, constants, _ = _file_defines(code)  # a def gone from the file stays after a reload: not compared
+    here = _kernel_defines(mod)
+    for qual, sig in here.items():
+        if qual in defs and sig not in defs[qual]:
+            return f"{qual}() in the file differs from the one this kernel runs"
+    for qual in defs:
+        top = qual.partition(".")[0]
+        if top not in vars(mod):
+            return f"the file defines {top}, which this kernel's copy does not have"
+    for key, value in constants.items():
+        if key in vars(mod) and not _same(vars(mod)[key], value):
+            return f"{key} is {value!r} in the file, {vars(mod)[key]!r} in this kernel"
+    return None
+
+
+def module_file(mod: Any) -> str | None:
+    path = getattr(mod, "__file__", None)
+    return path if isinstance(path, str) and path.endswith(".py") else None
+
+
+def behind(mod: types.ModuleType, path: str | None = None) -> str | None:
+    """How the kernel's copy of ``mod`` differs from its file now, or None when it does not.
+
+    Cheap when the file was not modified since the kernel started (a stat);
+    otherwise one compile per file version and loaded copy.
+    """
+    path = path or module_file(mod)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # gone: a worker cannot import it either
+    if st.st_mtime < STARTED - _MARGIN_S:
+        return None
+    key = (path, st.st_mtime_ns, st.st_size, id(getattr(mod, "__spec__", None)), id(mod))
+    if key not in _answers:
+        if len(_answers) > 256:
+            _answers.clear()
+        _answers[key] = _compare(mod, path)
+    return _answers[key]
+
+
+def first_behind(names: Iterable[str]) -> tuple[str, str] | None:
+    """The first of these loaded modules the kernel runs an older (or other) copy of, and how."""
+    for name in names:
+        mod = sys.modules.get(name)
+        if mod is None or module_file(mod) is None:
+            continue
+        why = behind(mod)
+        if why is not None:
+            return name, why
+    return None
+
+
+def stale_message(name: str, why: str) -> str:
+    path = module_file(sys.modules.get(name))
+    return (f"the workers would import the module {name} from {path}, which differs from this kernel's copy: "
+            f"{why}. A loop here runs the kernel's copy. If the file was edited, reload the module "
+            f"(importlib.reload({name}), or %load_ext autoreload then %autoreload 2) or restart the kernel; if "
+            f"the notebook set an attribute of {name}, pass that value to the function instead (the workers do "
+            f"not see it). Then map again")
+
+
+def refuse_behind(names: Iterable[str]) -> None:
+    """Raise BadInputError, before any work, when a map would use a module the kernel has not reloaded."""
+    found = first_behind(names)
+    if found is not None:
+        raise BadInputError(stale_message(*found))
+
+
+def refuse_behind_if_used(names: Iterable[str], func: Any, items: Any) -> None:
+    """``refuse_behind`` for the modules among ``names`` that ``func`` uses (looked for only when one is behind)."""
+    names = list(names)
+    if first_behind(names) is None:
+        return
+    from .localmodules import modules_used
+
+    sample = items[:1] if isinstance(items, (list, tuple)) else ()
+    use = modules_used(func, sample)
+    tops = set(use.local)
+    refuse_behind(n for n in names if n.partition(".")[0] in tops)
+
+
+
