@@ -94,6 +94,15 @@ def test_a_file_older_than_the_kernel_is_not_compiled(lib, monkeypatch):
     assert moduleedits.behind(mod) is None
 
 
+def test_a_module_an_import_hook_loaded_is_not_compared(monkeypatch):
+    """pytest rewrites a test module's asserts: compiling its file gives other code, and every map
+    that used a test module written less than 2 s before the run was refused."""
+    monkeypatch.setattr(moduleedits, "STARTED", 0.0)  # as if this file had been edited since
+    this = sys.modules[__name__]
+    assert type(this.__spec__.loader).__name__ == "AssertionRewritingHook"
+    assert moduleedits.behind(this, this.__file__) is None
+
+
 # ------------------------------------------------------------------ the local backend
 def test_a_map_after_an_edit_without_reload_is_refused_before_any_work(local_pool, lib, tmp_path):
     name, path = lib

@@ -10,7 +10,9 @@ the kernel runs the file while a warm worker may still hold the old copy.
 Either way the map would silently disagree with the loop. This module tells
 which: ``behind(mod)`` says how the kernel's copy differs from the file now,
 comparing what compiling the file defines (its functions' and methods' code,
-its literal constants) with what the kernel's module holds. A file not
+its literal constants) with what the kernel's module holds. A module an
+import hook loaded (pytest's assertion rewriting, beartype's or jaxtyping's
+hooks) runs code that compiling its file does not give: it is not compared. A file not
 modified since the kernel started cannot differ; any other answer is computed
 once per (file version, loaded copy). The backends then refuse a map that
 would use a changed module the kernel has not reloaded (``refuse_behind``),
@@ -23,6 +25,7 @@ import os
 import sys
 import tokenize
 import types
+from importlib.machinery import SourceFileLoader
 from typing import Any, Iterable
 
 from .errors import BadInputError
@@ -173,8 +176,8 @@ def behind(mod: types.ModuleType, path: str | None = None) -> str | None:
     otherwise one compile per file version and loaded copy.
     """
     path = path or module_file(mod)
-    if path is None:
-        return None
+    if path is None or type(getattr(getattr(mod, "__spec__", None), "loader", None)) is not SourceFileLoader:
+        return None  # an import hook's module (pytest's assertion rewriting, beartype's): not the file's code
     try:
         st = os.stat(path)
     except OSError:
