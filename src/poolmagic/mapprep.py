@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
 from .engine.base import Backend
 from .engine.context import ContextCache
+from .engine.core.settings import read as read_settings
 from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS
 from .engine.core.job import Job
@@ -97,17 +98,18 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
 
 
 def _with_kernel_state(o: MapOptions) -> MapOptions:
-    """``o`` with what the kernel's loop would run under: numpy's error handling and the warning
-    filters. The same options and state give the same object (its pickle is reused, protocol.py)."""
+    """``o`` with what the kernel's loop would run under: numpy's error handling, the warning
+    filters and library settings (decimal, numpy printing, pandas: engine/core/settings.py). The same options and state give the same object (its pickle is reused, protocol.py)."""
     errstate = _numpy_errstate() if o.errstate is None else o.errstate
     filters = _warning_filters() if o.warning_filters is None else o.warning_filters
-    if errstate is o.errstate and filters is o.warning_filters:
+    kept_settings = read_settings() if o.settings is None else o.settings
+    if errstate is o.errstate and filters is o.warning_filters and kept_settings is o.settings:
         return o
-    key = (id(o), id(filters), errstate)  # (by identity: hashing the options costs more than making them)
+    key = (id(o), id(filters), errstate, kept_settings)  # (by identity: hashing the options costs more)
     kept = _WITH_STATE.get(key)
     if kept is not None and kept[0] is o and kept[1] is filters:
         return kept[2]
-    made = o.with_(errstate=errstate, warning_filters=filters)
+    made = o.with_(errstate=errstate, warning_filters=filters, settings=kept_settings)
     _WITH_STATE[key] = (o, filters, made)  # (holding o and filters: their ids name no other object)
     if len(_WITH_STATE) > 64:
         del _WITH_STATE[next(iter(_WITH_STATE))]
@@ -277,6 +279,11 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
 
                 report.notes.append(f"{len(report.older):,} results kept by the run to resume were computed by an "
                                     f"earlier version of the function ({items_words(report.older)})")
+        was_o = resume.replay[1] if resume.replay is not None else None
+        if was_o is not None and (was_o.settings, was_o.errstate) != (o.settings, o.errstate):
+            report.notes.append(f"the kernel's library settings (decimal context, numpy's print options or "
+                                f"error handling, pandas options) changed since the run to resume; "
+                                f"{earlier.done:,} results computed under the earlier ones were kept")
         now = report.kw_keys
         if resume.kw_keys and o.kwargs:
             from .versions import kw_keys

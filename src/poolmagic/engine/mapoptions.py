@@ -56,6 +56,10 @@ class MapOptions:
     warning_filters: tuple | None = opt(None, help="the warning filters while the items run (warnings.filters): "
                                                    "the kernel's (warnings.simplefilter('error') makes a "
                                                    "RuntimeWarning raise in a loop)")
+    settings: tuple | None = opt(None, help="library settings while the items run, as (library, value) "
+                                            "pairs: the kernel's decimal context, numpy print options and "
+                                            "pandas options where they differ from the defaults "
+                                            "(core/settings.py)")
 
     def __post_init__(self) -> None:
         if isinstance(self.retry_on, type):  # one class: a tuple of one
@@ -123,6 +127,11 @@ def _check(name: str, value: Any, annotation: str) -> None:
     if name == "errstate":
         if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value)):
             raise BadInputError(f"errstate must be (name, action) pairs as np.seterr takes them, not {value!r}")
+        return
+    if name == "settings":
+        if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value)):
+            raise BadInputError(f"settings must be (library, value) pairs as core/settings.py reads them, "
+                                f"not {value!r}")
         return
     if name == "warning_filters":
         if not (isinstance(value, tuple) and all(isinstance(f, tuple) and len(f) == 5 for f in value)):

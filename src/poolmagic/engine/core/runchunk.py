@@ -72,7 +72,8 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     # tiny-item map a quarter of the chunks "waited" all their time while using as much CPU (the
     # waits read at t0..t1 were 23 % less), and the card read that much too little work.
     marks: list = []
-    with _errstate(options.errstate), _filters(options.warning_filters if own_filters else None):
+    with _errstate(options.errstate), _filters(options.warning_filters if own_filters else None), \
+            _settings(options.settings, own_filters):
         out, t0, t1, times, records, errors = _run_items(
             fn, items, start, star=options.star, timed=timed, keep_going=options.keep_going, seed=options.seed,
             progress=progress, indices=indices, redirect=redirect,
@@ -84,6 +85,15 @@ def run_chunk(fn: Callable, items: Any, options: Any, *, start: int, timed: bool
     waited = None if wait0 is None or wait1 is None else min((wait1 - wait0) / 1e9, t1 - t0)
     faults = None if faults0 is None or faults1 is None else faults1 - faults0
     return ChunkRun(out, t0, t1, times, records, errors, cpu, waited, faults)
+
+
+def _settings(settings: tuple | None, process_wide: bool) -> Any:
+    """The kernel's decimal context, numpy print options and pandas options (core/settings.py)."""
+    if settings is None:
+        return contextlib.nullcontext()
+    from .settings import applied
+
+    return applied(settings, process_wide)
 
 
 def _filters(filters: tuple | None) -> Any:

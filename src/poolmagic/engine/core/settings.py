@@ -1,0 +1,122 @@
+"""Library settings a loop in the kernel runs under, carried to the items.
+
+A worker process (and a new thread, for what is kept per thread) starts with
+each library's defaults. In the kernel, ``decimal.getcontext().prec = 50``
+made a loop compute with 50 digits while a map computed with 28. Likewise,
+``np.set_printoptions(precision=3)`` made ``str(array)`` differ, and
+``pd.set_option("future.no_silent_downcasting", True)`` changed the dtypes
+that pandas returns. Those differences were silent.
+
+``read()`` runs in the kernel before each map. It returns the settings that
+differ from the defaults, or None (~1–3 µs when nothing differs). ``applied()``
+runs around a chunk, wherever the items run. Only libraries the kernel has
+imported are read.
+
+MapOptions.settings carries them; numpy's error handling and the warning
+filters have fields of their own (errstate, warning_filters).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+_DECIMAL_DEFAULT = (28, "ROUND_HALF_EVEN", -999999, 999999, 1, 0, ("DivisionByZero", "InvalidOperation", "Overflow"))
+_SIMPLE = (str, int, float, bool, type(None))
+_pandas_cache: list = [None, ()]  # [fingerprint of pandas' option values, the pairs that differ]
+
+
+def _decimal() -> tuple | None:
+    dec = sys.modules.get("decimal")
+    if dec is None:
+        return None
+    c = dec.getcontext()
+    head = (c.prec, c.rounding, c.Emin, c.Emax, c.capitals, c.clamp)
+    if head == _DECIMAL_DEFAULT[:6] and c.traps[dec.DivisionByZero] and c.traps[dec.InvalidOperation] \
+            and c.traps[dec.Overflow] and sum(map(bool, c.traps.values())) == 3:
+        return None
+    traps = tuple(sorted(k.__name__ for k, on in c.traps.items() if on))
+    return (*head, traps)
+
+
+def _numpy_print() -> tuple | None:
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None
+    try:
+        now = np.get_printoptions()
+    except Exception:
+        return None
+    defaults = _NUMPY_PRINT_DEFAULT
+    pairs = tuple(sorted((k, v) for k, v in now.items()
+                         if k in defaults and v != defaults[k] and isinstance(v, _SIMPLE)))
+    return pairs or None
+
+
+_NUMPY_PRINT_DEFAULT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "precision": 8,
+                        "suppress": False, "linewidth": 75, "nanstr": "nan", "infstr": "inf", "sign": "-",
+                        "legacy": False}
+
+
+def _pandas() -> tuple | None:
+    pd = sys.modules.get("pandas")
+    if pd is None:
+        return None
+    try:
+        from pandas._config import config
+
+        values = config._global_config
+        mark = tuple(tuple(v.values()) if isinstance(v, dict) else v for v in values.values())
+        if mark == _pandas_cache[0]:
+            return _pandas_cache[1] or None
+        pairs = []
+        deprecated = getattr(config, "_deprecated_options", {})
+        for key, option in config._registered_options.items():
+            if key in deprecated:
+                continue
+            *path, last = key.split(".")
+            d = values
+            for p in path:
+                d = d[p]
+            value = d[last]
+            if isinstance(value, _SIMPLE) and value != option.defval and not key.startswith("display.html"):
+                pairs.append((key, value))
+        _pandas_cache[:] = [mark, tuple(pairs)]
+        return tuple(pairs) or None
+    except Exception:  # another pandas' layout: its options are not carried
+        return None
+
+
+def read() -> tuple | None:
+    """The kernel's settings that differ from the libraries' defaults, as (library, value) pairs."""
+    out = tuple((name, value) for name, value in (("decimal", _decimal()), ("numpy.print", _numpy_print()),
+                                                  ("pandas", _pandas())) if value is not None)
+    return out or None
+
+
+@contextlib.contextmanager
+def applied(settings: tuple | None, process_wide: bool) -> Iterator[None]:
+    """Run the block under ``settings`` (from ``read``). ``process_wide``: this process runs one
+    chunk at a time, so pandas' options, which are the process's, may be set for it too."""
+    if not settings:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for name, value in settings:
+            if name == "decimal":
+                import decimal
+
+                prec, rounding, emin, emax, capitals, clamp, traps = value
+                ctx = decimal.Context(prec=prec, rounding=rounding, Emin=emin, Emax=emax, capitals=capitals,
+                                      clamp=clamp, traps=[getattr(decimal, t) for t in traps])
+                stack.enter_context(decimal.localcontext(ctx))
+            elif name == "numpy.print":
+                import numpy as np
+
+                stack.enter_context(np.printoptions(**dict(value)))
+            elif name == "pandas" and process_wide:
+                import pandas as pd
+
+                stack.enter_context(pd.option_context(*(x for pair in value for x in pair)))
+        yield
+
