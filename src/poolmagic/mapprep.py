@@ -162,6 +162,16 @@ def _numpy_errstate() -> tuple | None:
     return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
 
 
+def _item_classes_changed(was: dict | None, items: Any) -> list[str]:
+    """The items' notebook classes whose methods or attributes differ from the run to resume's."""
+    if not was:
+        return []
+    from .versions import item_class_keys
+
+    now = item_class_keys(set(map(type, items))) or {}
+    return sorted(name for name, key in now.items() if name in was and was[name] != key)
+
+
 def _check_function(func: Callable, o: MapOptions) -> str:
     """The function's name, once it is known to be a callable the workers can run."""
     if not callable(func):
@@ -268,9 +278,15 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         was = getattr(resume.identity, "code", None)
         from .versions import code_key
 
+        classes = _item_classes_changed(getattr(resume.identity, "item_classes", None), iterable)
         if was is not None and code_key(func, stable=False, digests=payload.digests) not in (was, None):
             report.notes.append(f"the function changed (its code, or a global or helper it reads) since the "
                                 f"run to resume; {earlier.done:,} results of its earlier version were kept")
+            report.older = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
+        elif classes:
+            report.notes.append(f"the items' class {', '.join(classes)} changed (a method or a class attribute) "
+                                f"since the run to resume; {earlier.done:,} results computed with its earlier "
+                                f"version were kept")
             report.older = [i for i, v in enumerate(earlier.results) if v is not NOT_DONE]
         else:  # the same version as the run to resume: what an earlier one computed is still its
             report.older = [i for i in resume.older if earlier.results[i] is not NOT_DONE]

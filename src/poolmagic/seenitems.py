@@ -35,6 +35,8 @@ class SeenItems:
         self.ready: threading.Event | None = None  # made when keys are computed after the map (~3 µs)
         self.ending = False  # the map has ended
         self.code: str | None = None  # the function's code key (versions.py) when the map ended with items missing
+        self.item_classes: dict[str, str] | None = None  # then too: the items' notebook classes, by their keys
+        self._types: set[type] = set()  # the classes of a stream's items, as they are hashed
         report.identity = self
         job.observers.append(self)
 
@@ -79,6 +81,7 @@ class SeenItems:
         from . import identity
 
         k = identity.KEY
+        self._types.update(map(type, items))
         keys = identity.keys(items, range(start, start + len(items)) if index is None else index, "--resume")
         if index is None:
             if len(self.keys) < (start + len(items)) * k:
@@ -95,6 +98,10 @@ class SeenItems:
         job = self.job
         r = job.report
         self.code = _code_key(job)
+        if r.items is None or r.done < r.items:  # what --resume compares besides the function
+            from .versions import item_class_keys
+
+            self.item_classes = item_class_keys(self._types if job.source.is_stream else set(map(type, job.source.seq)))
         if job.source.is_stream or r.items is None or r.done >= r.items:
             return  # a stream was hashed as it went; a map with nothing missing needs no keys
         seq, index, k = job.source.seq, job.index, identity.KEY

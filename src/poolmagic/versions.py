@@ -39,12 +39,15 @@ def code_key(func: Callable, stable: bool = True, _seen: set | None = None,
         return None
     h = hashlib.blake2b(digest_size=12)
     _feed(h, code)
-    try:
-        h.update(cloudpickle.dumps((func.__defaults__, func.__kwdefaults__,
-                                    [c.cell_contents for c in func.__closure__ or ()]), protocol=5))
-    except Exception:  # an empty cell, an unpicklable default: the map's own pickling says so
-        return None
     seen = {id(func)} if _seen is None else _seen
+    try:  # each as a global is: a method's __class__ cell by the class's content, not by a pickle of it
+        # (a class sent whole pickles with an id drawn in each kernel: a checkpoint's key would change)
+        parts = [*(func.__defaults__ or ()), *sorted((func.__kwdefaults__ or {}).items()),
+                 *(c.cell_contents for c in func.__closure__ or ())]
+    except ValueError:  # an empty cell: the map's own pickling says so
+        return None
+    for part in parts:
+        h.update(f"\0{_global_key(part, stable, seen, digests)}".encode())
     g = getattr(func, "__globals__", {})
     for name in global_names(func):
         if name in g:
@@ -63,12 +66,65 @@ def _global_key(value: Any, stable: bool, seen: set, digests: dict | None) -> st
         return f"m:{value.__name__}"
     if isinstance(value, types.MethodType) and module_method_home(value) is not None:
         return f"t:{value.__module__}.{value.__name__}"  # random.randint: by name, as the workers get it
+    if isinstance(value, type) and _travels_by_value(value):
+        if id(value) in seen:
+            return "c:seen"
+        seen.add(id(value))
+        return f"c:{value.__qualname__}:{class_key(value, stable, seen, digests)}"
     if isinstance(value, type) or (callable(value) and not hasattr(value, "__dict__")):
         return f"t:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
     try:
         return "v:" + value_key(value, stable, None, digests)
     except Exception:  # it does not pickle: the map's own pickling says so
         return f"?:{type(value).__qualname__}"
+
+
+def _travels_by_value(cls: type) -> bool:
+    """cloudpickle sends ``cls`` whole (a notebook class), not by its name."""
+    by_reference = getattr(getattr(cloudpickle, "cloudpickle", None), "_should_pickle_by_reference", None)
+    try:
+        return not by_reference(cls) if by_reference is not None else cls.__module__ == "__main__"
+    except Exception:
+        return cls.__module__ == "__main__"
+
+
+# a class's attributes that say nothing of what it does, or that pickling and abc add later
+_NOT_BEHAVIOUR = frozenset({"__dict__", "__weakref__", "__module__", "__doc__", "__annotations__", "__slotnames__",
+                            "_abc_impl"})
+
+
+def class_key(cls: type, stable: bool = True, _seen: set | None = None, digests: dict | None = None) -> str:
+    """A key of what a class sent whole does: its methods' code and its class attributes, and its
+    bases sent whole. Redefined with another method, a notebook class is another key, though its name
+    is the same (keyed by name, a checkpoint or --resume kept the earlier version's results)."""
+    seen = {id(cls)} if _seen is None else _seen
+    h = hashlib.blake2b(digest_size=12)
+    for name, attr in sorted(vars(cls).items()):
+        if name in _NOT_BEHAVIOUR:
+            continue
+        if isinstance(attr, (staticmethod, classmethod)):
+            attr = attr.__func__
+        if isinstance(attr, property):
+            keys = [_global_key(f, stable, seen, digests) for f in (attr.fget, attr.fset, attr.fdel) if f]
+            h.update(f"\0{name}=p:{keys}".encode())
+            continue
+        h.update(f"\0{name}={_global_key(attr, stable, seen, digests)}".encode())
+    for base in cls.__bases__:
+        if base is not object:
+            h.update(f"\0base={_global_key(base, stable, seen, digests)}".encode())
+    return h.hexdigest()
+
+
+def item_class_keys(classes: Any) -> dict[str, str] | None:
+    """``class_key`` of each of these classes that travels whole (the items' notebook classes), by name."""
+    out = {}
+    for cls in classes:
+        if cls.__module__ != "builtins" and _travels_by_value(cls):
+            try:
+                out[cls.__qualname__] = class_key(cls, stable=False)
+            except Exception:  # an attribute that cannot be keyed: not compared
+                pass
+    return out or None
 
 
 def _feed(h: Any, code: types.CodeType) -> None:

@@ -1,0 +1,110 @@
+"""A notebook class redefined with another method: --resume and --checkpoint say so (versions.class_key).
+
+A class the notebook defines travels whole. It was keyed by its name alone, so
+after the cell that defines it ran again with another method, a resumed map or
+a checkpoint kept the results of the earlier version without a word, whether
+the function used the class as a global (``Model(x).score()``) or the items
+were its instances (``p.score()``).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from poolmagic import MapFailedError
+from poolmagic.versions import class_key
+
+CLASS = '''
+import dataclasses
+
+@dataclasses.dataclass
+class {name}:
+    a: int
+
+    def score(self):
+        return self.a * {factor}
+'''
+
+
+def define(ip, name: str, factor: int) -> None:
+    assert ip.run_cell(CLASS.format(name=name, factor=factor)).success
+
+
+def test_a_redefined_class_with_the_same_code_is_the_same_key(ip):
+    define(ip, "SameCls", 2)
+    before = class_key(ip.user_ns["SameCls"])
+    define(ip, "SameCls", 2)
+    assert class_key(ip.user_ns["SameCls"]) == before
+    define(ip, "SameCls", 3)
+    assert class_key(ip.user_ns["SameCls"]) != before
+
+
+def test_a_method_using_super_is_the_same_key_in_every_kernel(tmp_path):
+    """A method's __class__ cell was keyed by the class's pickle, whose id is drawn in each kernel."""
+    script = tmp_path / "k.py"
+    script.write_text(
+        "import dataclasses\nfrom poolmagic.versions import code_key\n"
+        "class Base:\n    def score(self):\n        return 1\n"
+        "@dataclasses.dataclass\nclass P(Base):\n    a: int = 3\n"
+        "    def score(self):\n        return super().score() + self.a\n"
+        "def f(x):\n    return P(x).score()\nprint(code_key(f))\n")
+    keys = {subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                           timeout=60).stdout for _ in range(2)}
+    assert len(keys) == 1, keys
+
+
+def test_resume_says_when_a_class_the_function_uses_changed(ip):
+    define(ip, "ModelG", 2)
+    assert ip.run_cell("def use_model(x):\n    if x == 2 and os.environ.get('_FAIL_MODEL'):\n        raise ValueError(x)\n"
+                       "    return ModelG(x).score()\nimport os\nos.environ['_FAIL_MODEL'] = '1'").success
+    with pytest.raises(MapFailedError):
+        ip.run_line_magic("poolmap", "-q --keep-going use_model range(4)")
+    define(ip, "ModelG", 3)
+    ip.run_cell("os.environ.pop('_FAIL_MODEL')")
+    ip.run_line_magic("poolmap", "-q --resume use_model range(4)")
+    r = ip.user_ns["_poolmap"]
+    assert r.results == [0, 2, 6, 6]
+    assert any("the function changed" in n and "3 results" in n for n in r.notes), r.notes
+
+
+def test_resume_says_when_the_items_class_changed(ip):
+    define(ip, "ItemP", 2)
+    assert ip.run_cell("items_p = [ItemP(i) for i in range(4)]\nimport os\nos.environ['_FAIL_ITEM'] = '1'").success
+    body = "def score(p):\n    if p.a == 2 and os.environ.get('_FAIL_ITEM'):\n        raise ValueError(p)\n    return p.score()\n"
+    with pytest.raises(MapFailedError):
+        ip.run_cell_magic("poolmap", "-q --keep-going items_p", body)
+    define(ip, "ItemP", 3)
+    assert ip.run_cell("items_p = [ItemP(i) for i in range(4)]\nos.environ.pop('_FAIL_ITEM')").success
+    ip.run_cell_magic("poolmap", "-q --resume items_p", body)
+    r = ip.user_ns["_poolmap"]
+    assert r.results == [0, 2, 6, 6]
+    assert any("class ItemP changed" in n and "3 results" in n for n in r.notes), r.notes
+
+
+def test_the_same_class_cell_run_again_is_no_change(ip):
+    define(ip, "ItemQ", 2)
+    assert ip.run_cell("items_q = [ItemQ(i) for i in range(4)]\nimport os\nos.environ['_FAIL_Q'] = '1'").success
+    body = "def score_q(p):\n    if p.a == 2 and os.environ.get('_FAIL_Q'):\n        raise ValueError(p)\n    return p.score()\n"
+    with pytest.raises(MapFailedError):
+        ip.run_cell_magic("poolmap", "-q --keep-going items_q", body)
+    define(ip, "ItemQ", 2)
+    assert ip.run_cell("items_q = [ItemQ(i) for i in range(4)]\nos.environ.pop('_FAIL_Q')").success
+    ip.run_cell_magic("poolmap", "-q --resume items_q", body)
+    assert ip.user_ns["_poolmap"].notes == []
+
+
+def test_a_checkpoint_says_when_a_class_the_function_uses_changed(ip, tmp_path):
+    ck = tmp_path / "c.ck"
+    define(ip, "ModelC", 2)
+    assert ip.run_cell("def use_c(x):\n    if x == 2 and os.environ.get('_FAIL_C'):\n        raise ValueError(x)\n"
+                       "    return ModelC(x).score()\nimport os\nos.environ['_FAIL_C'] = '1'").success
+    with pytest.raises(MapFailedError):
+        ip.run_line_magic("poolmap", f"-q --keep-going --checkpoint {ck} use_c range(4)")
+    define(ip, "ModelC", 3)
+    ip.run_cell("os.environ.pop('_FAIL_C')")
+    ip.run_line_magic("poolmap", f"-q --checkpoint {ck} use_c range(4)")
+    r = ip.user_ns["_poolmap"]
+    assert r.results == [0, 2, 6, 6]
+    assert any("the function changed" in n for n in r.notes), r.notes
