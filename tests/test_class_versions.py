@@ -108,3 +108,57 @@ def test_a_checkpoint_says_when_a_class_the_function_uses_changed(ip, tmp_path):
     r = ip.user_ns["_poolmap"]
     assert r.results == [0, 2, 6, 6]
     assert any("the function changed" in n for n in r.notes), r.notes
+
+
+_ITEM_CLASS_SCRIPT = '''
+import sys
+from dataclasses import dataclass
+from poolmagic import Pool, PoolmapError
+
+@dataclass
+class Item:  # defined in __main__, as in a notebook
+    a: int
+
+    def score(self):
+        return self.a * FACTOR
+
+FACTOR = 1  # read by the class, not by the function: only the class's code says it
+
+def score(p):
+    if p.a == 2 and sys.argv[3] == "fail":
+        raise ValueError(p)
+    return p.score()
+
+if __name__ == "__main__":
+    if sys.argv[2] == "3":
+        exec("def _score(self):\\n    return self.a * 3\\n")
+        Item.score = _score  # this kernel's Item does something else
+        Item.score.__qualname__ = "Item.score"
+    with Pool(1) as pool:
+        try:
+            r = pool.run(score, [Item(i) for i in range(4)], checkpoint=sys.argv[1], keep_going=True)
+        except PoolmapError as exc:
+            r = exc.report
+    print(repr((r.results[:2] + r.results[3:], r.notes)))
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_says_when_the_items_class_changed_in_a_new_kernel(tmp_path):
+    """Each run is a new kernel: the items' class keys must be the same in every kernel, and differ
+    when the class's method does."""
+    script = tmp_path / "nb.py"
+    script.write_text(_ITEM_CLASS_SCRIPT)
+
+    def kernel(ck: str, version: str, mode: str):
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / ck), version, mode], capture_output=True,
+                             text=True, timeout=100, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return eval(out.stdout.strip().splitlines()[-1])
+
+    kernel("same.ck", "1", "fail")
+    results, notes = kernel("same.ck", "1", "ok")  # a new kernel, the same class: nothing to say
+    assert notes == [] and results == [0, 1, 3]
+    kernel("changed.ck", "1", "fail")
+    results, notes = kernel("changed.ck", "3", "ok")
+    assert any("the items' class Item changed" in n and "3 results" in n for n in notes), notes

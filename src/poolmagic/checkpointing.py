@@ -29,7 +29,7 @@ from .report import RunReport
 from .resume import continuing, materialise, seed_words
 from .sentinel import NOT_DONE
 from .threadqueues import thread_queue
-from .versions import changed_kw
+from .versions import changed_kw, item_class_keys
 
 
 def _record_at(exc: BaseException) -> str:
@@ -127,14 +127,16 @@ class Checkpoint:
         try:
             items = materialise(iterable)
             report, missing, todo = self._load(items, name, function_key, seed)
-            self._compare(function_key, code, kw)
+            classes = item_class_keys(set(map(type, items)), stable=True)
+            self._compare(function_key, code, kw, classes)
         except BaseException:
             self._put("close")
             raise
-        self._put("meta", {"items": len(items), "function": function_key, "seed": seed, "code": code, "kw": kw})
+        self._put("meta", {"items": len(items), "function": function_key, "seed": seed, "code": code, "kw": kw,
+                           "classes": classes})
         return report, missing, todo
 
-    def _compare(self, function_key: str, code: str | None, kw: dict | None) -> None:
+    def _compare(self, function_key: str, code: str | None, kw: dict | None, classes: dict | None) -> None:
         """What changed since the file was written: its function (as the user wrote it) or ``--kw`` values.
 
         The whole function's pickle (``function_key``) also changes with the cell's number and a
@@ -145,7 +147,15 @@ class Checkpoint:
         kept = self._kept or [([], self._stored.meta if self._stored is not None else {})]
         older: set[int] = set()
         kw_older = 0
+        by_class: set[int] = set()
+        changed_classes: set[str] = set()
         for positions, meta in kept:
+            was = meta.get("classes") if isinstance(meta.get("classes"), dict) else None
+            if was and classes:  # the items' notebook classes, redefined since (versions.class_key)
+                differ = {n for n, k in classes.items() if n in was and was[n] != k}
+                if differ:
+                    changed_classes |= differ
+                    by_class.update(positions)
             if "code" in meta and meta["code"] is not None and code is not None:
                 if meta["code"] != code:
                     older.update(positions)
@@ -157,6 +167,12 @@ class Checkpoint:
                 older.update(positions)  # or a callable that is not a plain function
         self.older = sorted(older)
         self.function_changed = bool(older)
+        if by_class - older:
+            self.notes.append(
+                f"the items' class {', '.join(sorted(changed_classes))} changed (a method or a class attribute) since "
+                f"{self.path} was written; {len(by_class - older):,} results computed with its earlier version were "
+                f"kept ({items_words(sorted(by_class - older))})")
+            self.older = sorted(older | by_class)
         self.kw_older = kw_older  # how many kept results other --kw values computed
 
     def _load(self, items: Any, name: str, function_key: str,

@@ -115,13 +115,13 @@ def class_key(cls: type, stable: bool = True, _seen: set | None = None, digests:
     return h.hexdigest()
 
 
-def item_class_keys(classes: Any) -> dict[str, str] | None:
+def item_class_keys(classes: Any, stable: bool = False) -> dict[str, str] | None:
     """``class_key`` of each of these classes that travels whole (the items' notebook classes), by name."""
     out = {}
     for cls in classes:
         if cls.__module__ != "builtins" and _travels_by_value(cls):
             try:
-                out[cls.__qualname__] = class_key(cls, stable=False)
+                out[cls.__qualname__] = class_key(cls, stable)
             except Exception:  # an attribute that cannot be keyed: not compared
                 pass
     return out or None
