@@ -90,3 +90,87 @@ def test_notebook_globals_changed_in_place_are_found():
     ns["out"] = multiprocessing.managers.ListProxy.__new__(multiprocessing.managers.ListProxy)
     assert changed_globals(ns["a"]) == ()  # a Manager's list is shared on purpose
     assert changed_globals(_append) == ()  # not a notebook function
+
+
+# ------------------------------------------------------------------ state kept from one call to the next
+def _counter():
+    n = 0
+
+    def count(x):
+        nonlocal n
+        n += 1
+        return n
+    return count
+
+
+def _collector():
+    seen = []
+
+    def collect(x):
+        seen.append(x)
+        return len(seen)
+    return collect
+
+
+def _reader():
+    table = {"a": 1}
+
+    def read(x):
+        return table.get(x)
+    return read
+
+
+def _acc(x, acc=[]):  # noqa: B006 (the point of the test)
+    acc.append(x)
+    return len(acc)
+
+
+def _acc_kw(x, *, seen={}):  # noqa: B006
+    seen[x] = 1
+    return len(seen)
+
+
+def _tuple_default(x, shape=(1, 2)):
+    return x, shape
+
+
+def _int_iadd(x, total=0):
+    total += x  # a local rebinding of an int: no state
+    return total
+
+
+def test_state_kept_between_calls_is_found():
+    from poolmagic.inplace import kept_state
+
+    assert kept_state(_counter()) == ["the closure variable 'n'"]
+    assert kept_state(_collector()) == ["the closure variable 'seen'"]
+    assert kept_state(_acc) == ["its default argument 'acc'"]
+    assert kept_state(_acc_kw) == ["its default argument 'seen'"]
+
+
+def test_reading_closures_and_immutable_defaults_keeps_no_state():
+    from poolmagic.inplace import kept_state
+
+    assert kept_state(_reader()) == []
+    assert kept_state(_tuple_default) == []
+    assert kept_state(_int_iadd) == []
+    assert kept_state(functools.partial(_tuple_default, shape=(3,))) == []
+
+
+def test_attributes_of_notebook_functions_and_classes(ip):
+    ip.run_cell("class Tally:\n    n = 0\n"
+                "def by_class(x):\n    Tally.n += 1\n    return Tally.n\n"
+                "def by_attr(x):\n    by_attr.calls = getattr(by_attr, 'calls', 0) + 1\n    return by_attr.calls\n"
+                "def reads_attr(x):\n    return Tally.n + x\n")
+    from poolmagic.inplace import kept_state
+
+    assert kept_state(ip.user_ns["by_class"]) == ["an attribute of the notebook's class 'Tally'"]
+    assert kept_state(ip.user_ns["by_attr"]) == ["an attribute of the notebook's function 'by_attr'"]
+    assert kept_state(ip.user_ns["reads_attr"]) == []
+
+
+def test_a_map_of_a_counting_function_says_why_it_differs_from_the_loop(local_pool):
+    count = _counter()
+    report = local_pool.run(count, range(6), chunksize=1)
+    assert any("keeps state from one call to the next in the closure variable 'n'" in n for n in report.notes), \
+        report.notes

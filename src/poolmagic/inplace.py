@@ -31,8 +31,11 @@ _PUSH_ONLY = ("LOAD_CONST", "LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME", "LOAD_CLOS
               "LOAD_SMALL_INT", "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "LOAD_FAST_BORROW")
 _TWO_IN = ("BINARY_OP", "COMPARE_OP", "BINARY_SUBSCR", "CONTAINS_OP", "IS_OP")
 _NO_STACK = ("NOP", "RESUME", "CACHE", "EXTENDED_ARG", "PRECALL", "KW_NAMES")
-# tags: a parameter, a global (or part of one); a method of one bound for a call
+# tags: the item's parameter, a global (or part of one); another parameter, a closure variable;
+# a method of one bound for a call
 _ARG, _GLOBAL, _METHOD = "arg", "global", "method"
+_OTHER, _FREE = "other", "free"
+_NO_STATE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range)
 
 
 def changed_parameter(func: Any, star: bool = False) -> str | None:
@@ -59,6 +62,50 @@ def changed_globals(func: Any) -> tuple[str, ...]:
     return tuple(n for n in _changes(code, False)[1] if n in g and _copied(g[n]))
 
 
+def kept_state(func: Any) -> list[str]:
+    """Where ``func`` keeps state from one call to the next, which a worker keeps to itself: a closure
+    variable it assigns (``nonlocal n; n += 1``) or changes in place, a default argument it changes in
+    place (``def f(x, acc=[])``), an attribute of a notebook function or class (``f.calls += 1``,
+    ``Counter.n += 1``). Each worker then counts or collects only the items it ran."""
+    from .captures import called_function
+
+    func = called_function(func)
+    code = _code(func)
+    if code is None:
+        return []
+    _, globals_changed, free, others = _changes_all(code)
+    out = []
+    cells = dict(zip(code.co_freevars, func.__closure__ or ()))
+    for name, assigned in free:
+        try:
+            value = cells[name].cell_contents
+        except (KeyError, ValueError):
+            continue
+        if assigned or (_copied(value) and not isinstance(value, _NO_STATE)):
+            out.append(f"the closure variable {name!r}")
+    defaults = _defaults(func, code)
+    for name in others:
+        if name in defaults and _copied(defaults[name]) and not isinstance(defaults[name], _NO_STATE):
+            out.append(f"its default argument {name!r}")
+    g = getattr(func, "__globals__", {})
+    if g.get("__name__") == "__main__":
+        for name in globals_changed:
+            value = g.get(name)
+            if isinstance(value, (types.FunctionType, type)) and getattr(value, "__module__", None) == "__main__":
+                kind = "class" if isinstance(value, type) else "function"
+                out.append(f"an attribute of the notebook's {kind} {name!r}")
+    return out
+
+
+def _defaults(func: Any, code: types.CodeType) -> dict[str, Any]:
+    """Parameter name -> its default value."""
+    out = dict(getattr(func, "__kwdefaults__", None) or {})
+    values = getattr(func, "__defaults__", None) or ()
+    if values:
+        out.update(zip(code.co_varnames[code.co_argcount - len(values):code.co_argcount], values))
+    return out
+
+
 def _copied(value: Any) -> bool:
     """A global whose change in a worker stays there: not a module, function or class (reached
     through), nor a multiprocessing proxy or queue (``Manager().dict()``: shared on purpose)."""
@@ -76,24 +123,40 @@ def _code(func: Any) -> types.CodeType | None:
 
 def _changes(code: types.CodeType, star: bool) -> tuple[str | None, tuple[str, ...]]:
     try:
-        return _read(code, star)
+        return _read(code, star)[:2]
     except Exception:  # bytecode this Python version lays out otherwise: say nothing
         return None, ()
 
 
+def _changes_all(code: types.CodeType) -> tuple:
+    try:
+        return _read(code, False)
+    except Exception:
+        return None, (), (), ()
+
+
 @functools.lru_cache(maxsize=512)
-def _read(code: types.CodeType, star: bool) -> tuple[str | None, tuple[str, ...]]:
-    """(the item's parameter changed in place, if the code returns nothing; the globals it changes in place)."""
+def _read(code: types.CodeType, star: bool) -> tuple:
+    """(the item's parameter changed in place, if the code returns nothing; the globals it changes in
+    place; the closure variables it changes, as (name, assigned); the other parameters it changes in place)."""
     n = code.co_argcount - (1 if code.co_varnames[:1] in (("self",), ("cls",)) else 0)
     first = code.co_argcount - n
     params = set(code.co_varnames[first:code.co_argcount if star else first + 1])
+    others = set(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]) - params
+    free = set(code.co_freevars)
     param: str | None = None
     changed: dict[str, None] = {}
+    free_changed: dict[str, bool] = {}
+    others_changed: dict[str, None] = {}
 
     def change(tag: Any) -> None:
         nonlocal param
         if tag[0] == _ARG:
             param = param or tag[1]
+        elif tag[0] == _FREE:
+            free_changed.setdefault(tag[1], False)
+        elif tag[0] == _OTHER:
+            others_changed.setdefault(tag[1], None)
         else:
             changed.setdefault(tag[1], None)
 
@@ -105,7 +168,29 @@ def _read(code: types.CodeType, star: bool) -> tuple[str | None, tuple[str, ...]
             stack.clear()
         if op.startswith("LOAD_FAST"):
             names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
-            stack.extend((_ARG, n) if n in params else None for n in names)
+            stack.extend((_ARG, n) if n in params else (_OTHER, n) if n in others else None for n in names)
+            continue
+        if op == "LOAD_DEREF" and ins.argval in free:
+            stack.append((_FREE, ins.argval))
+            continue
+        if op == "STORE_DEREF" and ins.argval in free:  # nonlocal n; n = ...
+            free_changed[ins.argval] = True
+            if stack:
+                stack.pop()
+            continue
+        if op in ("COPY", "DUP_TOP") and stack:
+            depth = ins.arg if op == "COPY" else 1
+            if len(stack) < depth:
+                stack.clear()
+                continue
+            stack.append(stack[-depth])
+            continue
+        if op in ("SWAP", "ROT_TWO"):
+            depth = ins.arg if op == "SWAP" else 2
+            if len(stack) < depth:
+                stack.clear()
+                continue
+            stack[-1], stack[-depth] = stack[-depth], stack[-1]
             continue
         if op == "LOAD_GLOBAL" and dis.stack_effect(ins.opcode, ins.arg) == 1:  # not one loaded to be called
             stack.append((_GLOBAL, ins.argval))
@@ -151,14 +236,18 @@ def _read(code: types.CodeType, star: bool) -> tuple[str | None, tuple[str, ...]
                 stack.clear()
                 continue
             left = stack[-2]
-            if op == "BINARY_OP" and ins.argrepr.endswith("=") and _is_arg(left):
-                change(left)  # a += b on the parameter: an array or a list changes in place
+            if op == "BINARY_OP" and ins.argrepr.endswith("=") and _is_param(left):
+                change(left)  # a += b on a parameter: an array or a list changes in place
             tag = left if op == "BINARY_SUBSCR" and _changeable(left) else None  # rows[0]: part of the item
             del stack[-2:]
             stack.append(tag)
             continue
-        if op.startswith("INPLACE_") and len(stack) >= 2 and _is_arg(stack[-2]):  # 3.10
-            change(stack[-2])
+        if op.startswith("INPLACE_") and len(stack) >= 2:  # 3.10
+            if _is_param(stack[-2]):
+                change(stack[-2])
+            del stack[-2:]
+            stack.append(None)
+            continue
         if op in _PUSH_ONLY:
             stack.extend([None] * dis.stack_effect(ins.opcode, ins.arg))
             continue
@@ -170,16 +259,17 @@ def _read(code: types.CodeType, star: bool) -> tuple[str | None, tuple[str, ...]
             stack.pop()
             continue
         stack.clear()  # not modelled: forget what the stack held
-    return (param if params and _returns_nothing(code) else None), tuple(changed)
+    return ((param if params and _returns_nothing(code) else None), tuple(changed), tuple(free_changed.items()),
+            tuple(others_changed))
 
 
-def _is_arg(tag: Any) -> bool:
-    return isinstance(tag, tuple) and tag[0] == _ARG
+def _is_param(tag: Any) -> bool:
+    return isinstance(tag, tuple) and tag[0] in (_ARG, _OTHER)
 
 
 def _changeable(tag: Any) -> bool:
-    """A parameter, a global, or part of one (not a method bound for a call)."""
-    return isinstance(tag, tuple) and tag[0] in (_ARG, _GLOBAL)
+    """A parameter, a global, a closure variable, or part of one (not a method bound for a call)."""
+    return isinstance(tag, tuple) and tag[0] in (_ARG, _GLOBAL, _OTHER, _FREE)
 
 
 def _returns_nothing(code: types.CodeType) -> bool:

@@ -17,7 +17,7 @@ import types
 from typing import Callable
 
 from .engine.mapoptions import MapOptions
-from .inplace import changed_globals, changed_parameter
+from .inplace import changed_globals, changed_parameter, kept_state
 from .captures import assigned_globals, called_function, global_names, shared_generators, unseeded_calls
 from .serialize import _fingerprint
 
@@ -61,6 +61,12 @@ def _notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
         generators = shared_generators(func, o.kwargs)
         if generators:
             notes.append(_generators_note(name, generators))
+        state = kept_state(func)
+        if state:
+            notes.append(f"{name}() keeps state from one call to the next in {' and '.join(state)}: each worker "
+                         f"keeps its own copy, so a call sees only the calls its worker ran before it, not every "
+                         f"earlier item as in a plain loop, and the notebook's copy does not change; compute what "
+                         f"each item needs from the item itself and combine the results afterwards")
     if o.seed is not None:
         unseeded = unseeded_calls(func)
         if unseeded:
