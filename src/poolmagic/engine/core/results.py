@@ -93,9 +93,16 @@ class Results:
                 r.attempts[idx] = [as_item_error(idx, e, None) for e in tries]
 
     def late(self, start: int, results: list, errors: list) -> None:
-        """Results that came back after the map ended (failed, cancelled): they finished, keep them."""
+        """Results that came back after the map ended (failed, cancelled): they finished, keep them,
+        and the errors of items that failed then too (an item on a thread or a dask worker runs on
+        after a fail-fast failure: it ran, and the report must not say it never did)."""
         failed = {pos for pos, _ in errors}
         self.report.keep_late([(self.at(start + k), v) for k, v in enumerate(results) if start + k not in failed])
+        r = self.report
+        for pos, exc in errors:
+            idx = self.at(pos)
+            if idx < len(r.results) and r.results[idx] is NOT_DONE and idx not in r.errors:
+                self.error(pos, exc, None, None)
 
     def error(self, pos: int, exc: BaseException, one: Any, tries: list[BaseException] | None) -> BaseException:
         """Record the error of the item at ``pos`` (``one``: a one-item slice, or None), after

@@ -124,12 +124,13 @@ class Outcomes:
 
     @staticmethod
     def _late(c: DaskChunk, result: tuple) -> None:
-        """A chunk the ended map gave up on finished after all: its results are kept."""
+        """A chunk the ended map gave up on finished after all: its results are kept, and its errors."""
         try:
             out, _, errs = pickle.loads(result[6], buffers=result[7])
+            errors = [(i, rebuild_exception(pe, c.job.filename_of)) for i, pe in errs]
         except Exception:
             return
-        c.job.late_results(c.start, out, [(i, None) for i, _ in errs])
+        c.job.late_results(c.start, out, errors)
 
     def _errored(self, c: DaskChunk, exc: BaseException) -> None:
         """The task itself failed (not the function's items: run_chunk catches those)."""
