@@ -322,6 +322,18 @@ def failed_report():
     return e.value.report
 
 
+def test_a_blink_of_a_map_gets_no_timeline_under_its_card_and_a_longer_one_does(monkeypatch):
+    """A map shorter than TIMELINE_MIN_S draws no picture of its slivers (most of a card's cost);
+    the report still has its timeline."""
+    with Pool(2) as pool:
+        r = pool.run(square, range(4), chunksize=1)
+    assert len(r.chunks) > 1
+    monkeypatch.setattr(display, "TIMELINE_MIN_S", r.wall_s * 2)  # as if it took a blink
+    assert "poolmagic-timeline" not in r._repr_html_() and r.timeline.rows
+    monkeypatch.setattr(display, "TIMELINE_MIN_S", r.wall_s / 2)  # as if it took long enough to draw
+    assert "<details><summary>timeline</summary>" in r._repr_html_()
+
+
 @pytest.mark.timeout(60)
 def test_timeline_rows(failed_report):
     r = failed_report

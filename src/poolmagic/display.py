@@ -79,6 +79,9 @@ def summary_html(r: "RunReport") -> str:
     return summary_bundle(r)["text/html"]
 
 
+#: a map shorter than this gets no timeline under its card: its chunks are slivers of transport,
+#: and drawing them was most of the card's cost (~90 µs of ~130 for 4 chunks); _poolmap.timeline has it
+TIMELINE_MIN_S = 0.05
 _CARD = f'<div class="poolmagic-summary" style="{FONT};border-left:3px solid %s;padding:1px 8px">'
 
 
@@ -159,7 +162,7 @@ def _summary(r: "RunReport", with_html: bool) -> dict[str, str]:
     if findings:
         parts.append('<ul style="margin:2px 0 0 0;padding-left:18px">'
                      + "".join(f"<li>{html.escape(f.text)}</li>" for f in findings) + "</ul>")
-    if len(r.chunks) > 1:  # one chunk is no picture
+    if len(r.chunks) > 1 and r.wall_s >= TIMELINE_MIN_S:  # one chunk, or a blink, is no picture
         from .charts import timeline_html
         from .timeline import Timeline
 
