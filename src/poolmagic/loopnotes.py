@@ -14,23 +14,25 @@ from __future__ import annotations
 import os
 import sys
 import types
-from typing import Callable
+from typing import Any, Callable
 
 from .engine.mapoptions import MapOptions
 from .inplace import changed_globals, changed_parameter, kept_state
 from .captures import assigned_globals, called_function, global_names, shared_generators, unseeded_calls
-from .serialize import _fingerprint
+from .serialize import _UNSET, _fingerprint
 
 
-def loop_notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
+def loop_notes(func: Callable, name: str, o: MapOptions, copies: bool, fp: Any = _UNSET) -> list[str]:
     """The notes for mapping ``func`` (the user's, before --kw and --repeat wrap it) with ``o``;
     ``copies``: the backend runs it in other processes (not the threads backend).
 
     A function whose captured values are all immutable (numbers, strings, tuples of them,
     modules: serialize's fingerprint, which dump_function takes anyway) has notes that follow
     from its code alone: they are kept by that fingerprint, and only the --kw values are
-    looked at again (a walk of the globals cost ~10 µs of a warm 4-item cell)."""
-    fp = _fingerprint(func)
+    looked at again (a walk of the globals cost ~10 µs of a warm 4-item cell). ``fp``: that
+    fingerprint, made already."""
+    if fp is _UNSET:
+        fp = _fingerprint(func)
     if fp is None:
         return _notes(func, name, o, copies)
     key = (fp, name, copies, o.seed is not None, o.star, o.repeat is None)

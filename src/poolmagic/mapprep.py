@@ -25,7 +25,7 @@ from .loopnotes import loop_notes
 from .report import FAILED_KEPT, RunReport
 from .sentinel import NOT_DONE
 from .captures import undefined_globals
-from .serialize import Payload, callable_name, describe, dump_function
+from .serialize import _UNSET, Payload, _fingerprint, callable_name, describe, dump_function
 
 if TYPE_CHECKING:
     from .api import Pool
@@ -47,7 +47,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
     name = _check_function(func, o)
     unwrapped = func
     copies = OWN_PROCESS not in pool.backend.lacks  # the workers get copies of what the function reads
-    unlike_loop = loop_notes(func, name, o, copies)
+    fp = _fingerprint(func)  # once: the notes and the payload's cache both key on it
+    unlike_loop = loop_notes(func, name, o, copies, fp)
     func, iterable = _call(func, iterable, o, name)
     kw_keys, kw_kept, pickled, digests = None, {}, {}, {}
     if o.kwargs:  # what the workers get, to say later that a value changed since (resume, checkpoint, rerun)
@@ -57,7 +58,8 @@ def prepare_map(pool: "Pool", func: Callable, iterable: Iterable | None, options
         # keys that hold in this kernel, made at pickle speed, unless a checkpoint file keeps them
         kw_keys, kw_kept = kw_record(o.kwargs, stable=bool(o.checkpoint), digests=digests, pickled=pickled)
     prepickled = {id(o.kwargs[n]): (o.kwargs[n], *pickled[n]) for n in pickled}
-    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs, prepickled, digests)
+    payload, notes = _payload(pool.backend, func, iterable, o.star, worker_setup, o.kwargs, prepickled, digests,
+                              fp if func is unwrapped else _UNSET)
     workers = o.workers or pool.size
     threads = o.threads or pool.threads_per_worker(workers)
     context = contexts.get(threads)
@@ -212,7 +214,7 @@ def _call(func: Callable, iterable: Iterable | None, o: MapOptions, name: str) -
 def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
              worker_setup: Callable[[Callable], Callable] | None,
              kwargs: dict | None = None, prepickled: dict | None = None,
-             digests: dict | None = None) -> tuple[Payload, list[str]]:
+             digests: dict | None = None, fp: Any = _UNSET) -> tuple[Payload, list[str]]:
     """The function as the workers receive it, pickled, and the backend's notes on it.
     ``prepickled``: the --kw values' pickles, used as they are unless the backend changed the
     function (a remote cluster's local modules go by value: its pickling differs)."""
@@ -224,7 +226,7 @@ def _payload(backend: Backend, func: Callable, iterable: Iterable, star: bool,
     if worker_setup is not None:
         shipped = worker_setup(shipped)
     try:
-        payload = dump_function(shipped, prepickled, digests)
+        payload = dump_function(shipped, prepickled, digests, fp if shipped is func else _UNSET)
     except SerializationError:
         _check_kwargs(func, kwargs)  # a --kw value: named as the user wrote it, not as "the partial's"
         if shipped is not func:

@@ -37,7 +37,11 @@ class Payload:
     digests: dict = field(default_factory=dict, repr=False)
 
 
-def dump_function(func: Callable, prepickled: dict | None = None, digests: dict | None = None) -> Payload:
+_UNSET: Any = object()
+
+
+def dump_function(func: Callable, prepickled: dict | None = None, digests: dict | None = None,
+                  fp: Any = _UNSET) -> Payload:
     """Pickle ``func`` with cloudpickle; raise SerializationError naming the culprit.
 
     A function whose pickle is a pure function of values that cannot change in
@@ -50,16 +54,22 @@ def dump_function(func: Callable, prepickled: dict | None = None, digests: dict 
 
     ``prepickled``: values it holds (``--kw``) already pickled, by id: ``id:
     (value, data, views, PickleBuffers)``, put in its pickle as they are instead of pickled
-    again; ``digests``: buffers' digests made already (``buffer_digest``).
+    again; ``digests``: buffers' digests made already (``buffer_digest``); ``fp``: ``func``'s
+    fingerprint when the map started, made already (loop_notes needs it too: ~5–12 µs each).
     """
-    fp = _fingerprint(func)
+    given = fp is not _UNSET
+    if not given:
+        fp = _fingerprint(func)
     if fp is None:
         return _dump(func, prepickled, digests)
     payload = _PAYLOADS.get(fp)
     if payload is None:
-        payload = _PAYLOADS[fp] = _dump(func)
-        if len(_PAYLOADS) > _PAYLOADS_KEPT:
-            del _PAYLOADS[next(iter(_PAYLOADS))]
+        payload = _dump(func)
+        now = _fingerprint(func) if given else fp  # kept under what it pickled (code run since may have changed it)
+        if now is not None:
+            _PAYLOADS[now] = payload
+            if len(_PAYLOADS) > _PAYLOADS_KEPT:
+                del _PAYLOADS[next(iter(_PAYLOADS))]
     return payload
 
 
