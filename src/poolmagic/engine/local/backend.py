@@ -74,9 +74,9 @@ class LocalBackend(Backend):
         it before is replaced once the file changes), while a loop here runs
         the kernel's copy.
         """
-        from ...moduleedits import refuse_behind_if_used
+        from ...moduleedits import STARTED, refuse_behind_if_used
 
-        names = self.workers.user_modules()
+        names = self.workers.edited_modules(STARTED - 2.0) if self.workers.procs else ()
         if names:
             refuse_behind_if_used(names, func, items)
         return func, []

@@ -28,6 +28,8 @@ from ..processes import (
     stop_helper_processes,
 )
 from ..warm import warm_modules
+
+_DISK_TIMES_S = 0.2  # how long one reading of the user files' times serves (disk_times)
 from .waiter import Waiter
 
 SPAWN_PER_TURN = 16  # workers started per manager turn: it keeps serving meanwhile
@@ -56,6 +58,8 @@ class WorkerSet:
         self.spawn_error: BaseException | None = None
         self.read_elsewhere: set[WorkerHandle] = set()  # pipes read this turn outside the turn's own read
         self._shared: dict[str, int] = {}  # payload key -> memfd of its big buffers
+        self._disk_times: dict[str, int | None] = {}  # disk_times: user file -> mtime, as last read
+        self._disk_at = -1e9
 
     # ------------------------------------------------------------ Transport
     def events(self, timeout: float | None) -> list[tuple[str, WorkerHandle]]:
@@ -237,12 +241,37 @@ class WorkerSet:
                 return False
         return True
 
-    def user_modules(self) -> set[str]:
-        """The modules from the user's files that some worker has imported (any thread may ask)."""
-        names: set[str] = set()
+    def edited_modules(self, since: float) -> list[str]:
+        """The user modules some worker imported whose file was modified after ``since`` (the
+        kernel's start: moduleedits.py), or since that worker imported it. Any thread may ask; the
+        files' times are read once for this and for ``mark_stale`` (a stat each, ~1-3 µs)."""
+        times = self.disk_times(fresh=True)
+        since_ns = int(since * 1e9)
+        out = []
         for p in list(self.procs.values()):
-            names.update(p.modules)
-        return names
+            for name, (path, mtime) in list(p.modules.items()):
+                now = times.get(path)
+                if now is not None and (now != mtime or now >= since_ns) and name not in out:
+                    out.append(name)
+        return out
+
+    def disk_times(self, fresh: bool = False) -> dict[str, int | None]:
+        """Each worker-imported user file's mtime (None: gone), read once a map: ``fresh`` as the
+        map starts (edited_modules, on the caller's thread); the stale checks that follow within
+        ~0.2 s use what it read."""
+        now = time.monotonic()
+        if not fresh and now - self._disk_at < _DISK_TIMES_S:
+            return self._disk_times
+        times: dict[str, int | None] = {}
+        for p in list(self.procs.values()):
+            for path, _ in list(p.modules.values()):
+                if path not in times:
+                    try:
+                        times[path] = os.stat(path).st_mtime_ns
+                    except OSError:
+                        times[path] = None
+        self._disk_times, self._disk_at = times, now
+        return times
 
     def refresh_stale(self) -> None:
         """Recycle workers whose imported user modules changed on disk."""
@@ -251,15 +280,10 @@ class WorkerSet:
 
     def mark_stale(self) -> None:
         """Mark the workers whose imported user modules changed on disk (replaced when idle)."""
-        cache: dict[str, int | None] = {}
+        times = self.disk_times()
         for p in self.procs.values():
             for path, mtime in p.modules.values():
-                if path not in cache:
-                    try:
-                        cache[path] = os.stat(path).st_mtime_ns
-                    except OSError:
-                        cache[path] = None
-                if cache[path] != mtime:
+                if times.get(path, mtime) != mtime:
                     p.stale = True
                     break
 
