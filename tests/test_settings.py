@@ -80,3 +80,19 @@ def test_resume_says_when_the_settings_changed(local_pool):
     with pytest.raises(PoolmapError) as same:  # the same settings: item 2 fails again, and no note
         local_pool.run(fails_on_2_at_default_precision, range(4), resume=first, keep_going=True)
     assert not any("library settings" in n for n in same.value.report.notes), same.value.report.notes
+
+
+def test_a_checkpoint_says_when_the_settings_changed(local_pool, tmp_path):
+    ck = str(tmp_path / "run.ck")
+    with pytest.raises(PoolmapError):
+        local_pool.run(fails_on_2_at_default_precision, range(4), keep_going=True, checkpoint=ck)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        again = local_pool.run(fails_on_2_at_default_precision, range(4), checkpoint=ck)
+    assert any("library settings" in n and "3 results" in n for n in again.notes), again.notes
+    ck2 = str(tmp_path / "same.ck")
+    with pytest.raises(PoolmapError):
+        local_pool.run(fails_on_2_at_default_precision, range(4), keep_going=True, checkpoint=ck2)
+    with pytest.raises(PoolmapError) as same:  # the same settings: item 2 fails again, and no note
+        local_pool.run(fails_on_2_at_default_precision, range(4), keep_going=True, checkpoint=ck2)
+    assert not any("library settings" in n for n in same.value.report.notes), same.value.report.notes

@@ -116,25 +116,38 @@ class Checkpoint:
 
     # ------------------------------------------------------------ loading (caller's thread)
     def load(self, iterable: Iterable, name: str, function_key: str, seed: int | None = None,
-             code: str | None = None, kw: dict | None = None) -> tuple[RunReport, list[int] | None, Any]:
+             code: str | None = None, kw: dict | None = None,
+             settings: str | None = None) -> tuple[RunReport, list[int] | None, Any]:
         """The report with what the file holds, the positions left to run (None: all), their items.
 
         Refused when the file's results were drawn with another ``seed`` (they and the
         new ones would come from two seeds). Nothing is written to the file unless this succeeds.
         ``code`` and ``kw``: the function's code key and the ``--kw`` values' keys (versions.py),
-        compared with the file's to say what changed (``function_changed``, ``kw_changed``).
+        compared with the file's to say what changed (``function_changed``, ``kw_changed``);
+        ``settings``: the library settings the items run under (``settings_words``), compared too.
         """
         try:
             items = materialise(iterable)
             report, missing, todo = self._load(items, name, function_key, seed)
             classes = item_class_keys(set(map(type, items)), stable=True)
             self._compare(function_key, code, kw, classes)
+            self._compare_settings(settings)
         except BaseException:
             self._put("close")
             raise
         self._put("meta", {"items": len(items), "function": function_key, "seed": seed, "code": code, "kw": kw,
-                           "classes": classes})
+                           "classes": classes, "settings": settings})
         return report, missing, todo
+
+    def _compare_settings(self, settings: str | None) -> None:
+        """Say which kept results were computed under other library settings (decimal, numpy, pandas)."""
+        kept = self._kept or []
+        other = sorted({i for positions, meta in kept if "settings" in meta and meta["settings"] != settings
+                        for i in positions})
+        if other:
+            self.notes.append(f"the kernel's library settings (decimal context, numpy's print options or error "
+                              f"handling, pandas options) changed since {self.path} was written; {len(other):,} "
+                              f"results computed under the earlier ones were kept ({items_words(other)})")
 
     def _compare(self, function_key: str, code: str | None, kw: dict | None, classes: dict | None) -> None:
         """What changed since the file was written: its function (as the user wrote it) or ``--kw`` values.

@@ -164,6 +164,13 @@ def _numpy_errstate() -> tuple | None:
     return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
 
 
+def settings_words(o: MapOptions) -> str | None:
+    """The library settings a map's items run under, as a checkpoint records them (None: the defaults)."""
+    if o.settings is None and o.errstate is None:
+        return None
+    return repr((o.settings, o.errstate))
+
+
 def _item_classes_changed(was: dict | None, items: Any) -> list[str]:
     """The items' notebook classes whose methods or attributes differ from the run to resume's."""
     if not was:
@@ -324,7 +331,8 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         checkpoint = Checkpoint(o.checkpoint)
         from .versions import code_key
 
-        earlier, index, iterable = checkpoint.load(iterable, name, payload.key, o.seed, code_key(func), report.kw_keys)
+        earlier, index, iterable = checkpoint.load(iterable, name, payload.key, o.seed, code_key(func), report.kw_keys,
+                                                   settings_words(o))
     if index is not None:
         for f in ("items", "results", "errors", "done", "resumed", "identity"):
             setattr(report, f, getattr(earlier, f))
