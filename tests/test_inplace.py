@@ -174,3 +174,30 @@ def test_a_map_of_a_counting_function_says_why_it_differs_from_the_loop(local_po
     report = local_pool.run(count, range(6), chunksize=1)
     assert any("keeps state from one call to the next in the closure variable 'n'" in n for n in report.notes), \
         report.notes
+
+
+class _Acc:
+    def __init__(self):
+        self.n = 0
+
+    def add(self, x):
+        self.n += x
+        return self.n
+
+    def pure(self, x):
+        return x + self.n
+
+    @classmethod
+    def make(cls, x):
+        cls.last = x
+        return x
+
+
+def test_a_method_that_changes_its_object_keeps_state():
+    from poolmagic.inplace import kept_state
+
+    acc = _Acc()
+    assert kept_state(acc.add) == ["the _Acc object the method add() is bound to"]
+    assert kept_state(functools.partial(acc.add)) == ["the _Acc object the method add() is bound to"]
+    assert kept_state(acc.pure) == []
+    assert kept_state(_Acc.make) == []  # bound to the class: a class of a module, not the notebook's

@@ -66,15 +66,21 @@ def kept_state(func: Any) -> list[str]:
     """Where ``func`` keeps state from one call to the next, which a worker keeps to itself: a closure
     variable it assigns (``nonlocal n; n += 1``) or changes in place, a default argument it changes in
     place (``def f(x, acc=[])``), an attribute of a notebook function or class (``f.calls += 1``,
-    ``Counter.n += 1``). Each worker then counts or collects only the items it ran."""
+    ``Counter.n += 1``), the object a mapped method is bound to (``acc.add`` doing ``self.n += x``). Each worker then counts or collects only the items it ran."""
     from .captures import called_function
 
+    bound = func
+    while isinstance(bound, functools.partial):
+        bound = bound.func
     func = called_function(func)
     code = _code(func)
     if code is None:
         return []
     _, globals_changed, free, others = _changes_all(code)
     out = []
+    if isinstance(bound, types.MethodType) and code.co_argcount and code.co_varnames[0] in others \
+            and not isinstance(bound.__self__, type):  # obj.add where add does self.n += x
+        out.append(f"the {type(bound.__self__).__name__} object the method {bound.__name__}() is bound to")
     cells = dict(zip(code.co_freevars, func.__closure__ or ()))
     for name, assigned in free:
         try:
