@@ -20,10 +20,8 @@ and the dask backend sends a reloaded one by value.
 """
 from __future__ import annotations
 
-import dis
 import os
 import sys
-import tokenize
 import types
 from importlib.machinery import SourceFileLoader
 from typing import Any, Iterable
@@ -81,6 +79,8 @@ def _file_defines(code: types.CodeType) -> tuple[dict[str, set], dict[str, Any],
                 defs.setdefault(qual, set()).add(_signature(c))  # nested functions are in its signature
             else:  # a class body: its methods are named after it
                 stack.append((c, qual + "."))
+    import dis
+
     constants: dict[str, Any] = {}
     names: set[str] = set()
     last = None
@@ -143,6 +143,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _compare(mod: types.ModuleType, path: str) -> str | None:
+    import tokenize
+
     try:
         with tokenize.open(path) as f:
             source = f.read()

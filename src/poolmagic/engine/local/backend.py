@@ -8,6 +8,8 @@ import multiprocessing as mp
 import threading
 from typing import Any
 
+from ... import moduleedits  # (light: what it compares with is imported when a file was edited)
+
 from ...cores import available_cores
 from ...errors import NestedPoolError, PoolmapError
 from ..core.runchunk import in_worker
@@ -74,11 +76,9 @@ class LocalBackend(Backend):
         it before is replaced once the file changes), while a loop here runs
         the kernel's copy.
         """
-        from ...moduleedits import STARTED, refuse_behind_if_used
-
-        names = self.workers.edited_modules(STARTED - 2.0) if self.workers.procs else ()
+        names = self.workers.edited_modules(moduleedits.STARTED - 2.0) if self.workers.procs else ()
         if names:
-            refuse_behind_if_used(names, func, items)
+            moduleedits.refuse_behind_if_used(names, func, items)
         return func, []
 
     def submit(self, job: Job) -> None:
