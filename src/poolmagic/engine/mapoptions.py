@@ -110,6 +110,14 @@ def _cached(items: frozenset) -> MapOptions:
     return _build({k: v for k, _t, v in items})
 
 
+
+# options that are tuples of tuples: name -> (each tuple's length, what they must be)
+_TUPLES_OF = {
+    "errstate": (2, "(name, action) pairs as np.seterr takes them"),
+    "settings": (2, "(library, value) pairs as core/settings.py reads them"),
+    "warning_filters": (5, "entries of warnings.filters"),
+}
+
 def _check(name: str, value: Any, annotation: str) -> None:
     if value is None:
         return
@@ -124,18 +132,10 @@ def _check(name: str, value: Any, annotation: str) -> None:
         if not ok:
             raise BadInputError(f"retry_on must be a tuple of exception classes, not {value!r}")
         return
-    if name == "errstate":
-        if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value)):
-            raise BadInputError(f"errstate must be (name, action) pairs as np.seterr takes them, not {value!r}")
-        return
-    if name == "settings":
-        if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value)):
-            raise BadInputError(f"settings must be (library, value) pairs as core/settings.py reads them, "
-                                f"not {value!r}")
-        return
-    if name == "warning_filters":
-        if not (isinstance(value, tuple) and all(isinstance(f, tuple) and len(f) == 5 for f in value)):
-            raise BadInputError(f"warning_filters must be entries of warnings.filters, not {value!r}")
+    if name in _TUPLES_OF:  # the kernel's state, as prepare_map reads it
+        size, what = _TUPLES_OF[name]
+        if not (isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == size for p in value)):
+            raise BadInputError(f"{name} must be {what}, not {value!r}")
         return
     if name == "checkpoint":
         if not isinstance(value, (str, os.PathLike)):
