@@ -385,12 +385,16 @@ def _start_cluster(n):
                                       start_new_session=True, preexec_fn=die_with_kernel))
     sched = home / "scheduler.json"
     launch("scheduler", "--port", "0", "--scheduler-file", str(sched))
-    deadline = time.monotonic() + 30
-    while not sched.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline, address = time.monotonic() + 30, None
+    while address is None:  # the file may be there before all of it is
+        try:
+            address = json.loads(sched.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dask scheduler did not start: see {home}")
+            time.sleep(0.05)
     for _ in range(n):
         launch("worker", "--scheduler-file", str(sched), "--nthreads", "1")
-    address = json.loads(sched.read_text())["address"]
     from distributed import Client
     with Client(address, timeout=30) as c:  # every worker in before the first map
         c.wait_for_workers(n, timeout=30)
