@@ -335,6 +335,82 @@ PEERS += [
          "P = ThreadPoolExecutor({w})", "list(P.map({f}, {it}))", "list(P.map({f}, {it}, chunksize={c}))",
          rows=THREAD_ROWS),
 ]
+# poolmagic's dask backend, and raw dask on a cluster started elsewhere: only the rows that
+# time a map's own cost (a crash or an interrupt is the dask_rows.py script's, and the
+# magic's cold row would time the default backend). tiny is dask-sized, as the dask peer's.
+DASK_ROWS = ("overhead", "tiny", "cpu")
+# A scheduler and {w} workers (1 thread each) on 127.0.0.1, plain tcp, in a folder of their
+# own, as `dask scheduler` / `dask worker` from this venv: "a cluster someone else runs".
+# Each in a session of its own (the kernel's interrupt does not reach it), killed with the
+# kernel even if the kernel is SIGKILLed (Linux PR_SET_PDEATHSIG: the nanny's worker then
+# exits when its pipe to the nanny closes), and at the kernel's exit (atexit).
+REMOTE_CLUSTER = '''\
+import atexit, ctypes, json, os, shutil, signal, subprocess, sys, tempfile, time
+from pathlib import Path
+def _start_cluster(n):
+    home = Path(tempfile.mkdtemp(prefix="poolmagic-bench-cluster-"))
+    exe = Path(sys.executable).with_name("dask")
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "dask"]
+    common = ["--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
+    kernel = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    def die_with_kernel():  # in the child, before exec: as little Python as can be
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != kernel:  # the kernel died before the line above
+            os._exit(1)
+    procs = []
+    def stop():
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.5
+        for p in procs:
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            p.wait()
+        shutil.rmtree(home, ignore_errors=True)
+    atexit.register(stop)
+    def launch(*args):
+        procs.append(subprocess.Popen([*cli, *args, *common], cwd=home, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=open(home / f"log-{len(procs)}.txt", "w"),
+                                      start_new_session=True, preexec_fn=die_with_kernel))
+    sched = home / "scheduler.json"
+    launch("scheduler", "--port", "0", "--scheduler-file", str(sched))
+    deadline, address = time.monotonic() + 30, None
+    while address is None:  # the file may be there before all of it is
+        try:
+            address = json.loads(sched.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dask scheduler did not start: see {home}")
+            time.sleep(0.05)
+    for _ in range(n):
+        launch("worker", "--scheduler-file", str(sched), "--nthreads", "1")
+    from distributed import Client
+    with Client(address, timeout=30) as c:  # every worker in before the first map
+        c.wait_for_workers(n, timeout=30)
+    return address
+'''
+DASK_IMPORTS = ("import logging\nfrom dask.distributed import Client, LocalCluster\n"
+                "logging.getLogger('distributed').setLevel(logging.ERROR)")
+PEERS += [
+    Peer("poolmagic_dask", "poolmagic dask backend (its LocalCluster)", "distributed", "",
+         "%load_ext poolmagic\n%poolsize {w} --backend dask", magic=True, tiny_n=2_000, rows=DASK_ROWS),
+    Peer("poolmagic_remote", "poolmagic dask backend (CLI cluster, tcp)", "distributed", REMOTE_CLUSTER,
+         "_ADDR = _start_cluster({w})\n%load_ext poolmagic\n%poolsize {w} --backend dask --address $_ADDR",
+         magic=True, tiny_n=2_000, rows=DASK_ROWS),
+    Peer("dask_remote", "dask.distributed Client (CLI cluster, tcp)", "distributed", REMOTE_CLUSTER + DASK_IMPORTS,
+         "C = Client(_start_cluster({w}))", "C.gather(C.map({f}, {it}, pure=False))", tiny_n=2_000, rows=DASK_ROWS),
+]
 # The numpy row's serial reference: a plain loop in one kernel, numpy's default BLAS threads.
 SERIAL = Peer("serial", "plain loop, one process (no pool)", "numpy", "", "", reference=True)
 PEER_BY_KEY = {p.key: p for p in PEERS + [SERIAL]}
@@ -923,8 +999,13 @@ def md_notes(results: dict) -> list[str]:
                      f"{t['ck_plain_s'] * 1e3:.2f} ms → {t['ck_s'] * 1e3:.2f} ms, {t['ck_pct']:+.1f} %.")
     for peer, t in (results.get("tiny") or {}).items():
         if t.get("status") == "ok" and t["n"] != 100_000:
+            if PEER_BY_KEY[peer].magic:  # poolmagic chunks: a small n weighs the map's own cost more
+                notes.append(f"{label[peer]}, tiny: over range({t['n']:_}) as the dask peers, in chunks "
+                             f"({t['us_per_item'] * t['n'] / 1e3:.1f} ms a map).")
+                continue
             notes.append(f"{label[peer]}, tiny: over range({t['n']:_}) only (one task per item, "
                          f"{t['us_per_item'] * t['n'] / 1e6:.1f} s a map); the per-item cost does not depend on n.")
+    notes += dask_ratios(results, label)
     errs = [f"{peer}: `{f['crash_error'] if peer == 'poolmagic' else f['crash_error'].split(':')[0]}`"
             for peer, f in (results.get("failures") or {}).items()
             if f.get("status") == "ok" and num(f.get("crash_s")) is not None and f.get("crash_error")]
@@ -942,6 +1023,30 @@ def md_notes(results: dict) -> list[str]:
             if res.get("note") and res["status"] != "broken" and not (wl == "big" and peer in blind):
                 later = " (its other workloads were skipped)" if res.get("skips_rest") else ""
                 notes.append(f"{label[peer]}, {wl}: {res['status']} — {res['note']}{later}")
+    return notes
+
+
+DASK_PAIRS = (  # (a, b): a ÷ b on the same cluster shape, the table's ratios being to poolmagic (local)
+    ("poolmagic_dask", "dask"),  # each on its own LocalCluster
+    ("poolmagic_remote", "dask_remote"),  # each on a CLI cluster of its own
+    ("poolmagic_remote", "poolmagic_dask"),  # what a cluster started elsewhere costs poolmagic
+)
+
+
+def dask_ratios(results: dict, label: dict) -> list[str]:
+    """The dask peers' figures against each other: a ÷ b for each of DASK_PAIRS run."""
+    notes = []
+    figs = (("overhead", "ms", "warm 4-item cell ms", "{:.2f}"), ("overhead", "ms_quiet", "with -q", "{:.2f}"),
+            ("tiny", "us_per_item", "tiny µs/item", "{:.1f}"), ("cpu", "speedup", "CPU speedup", "{:.2f}"))
+    for a, b in DASK_PAIRS:
+        parts = []
+        for wl, key, what, fmt in figs:
+            ra, rb = ((results.get(wl) or {}).get(p) or {} for p in (a, b))
+            x, y = num(ra.get(key)), num(rb.get(key) if key in rb else rb.get("ms"))  # raw dask: no -q
+            if ra.get("status") == rb.get("status") == "ok" and x is not None and y:
+                parts.append(f"{what} {fmt.format(x)} vs {fmt.format(y)} ({ratio(x / y)})")
+        if parts:
+            notes.append(f"{label[a]} ÷ {label[b]}: " + "; ".join(parts) + ".")
     return notes
 
 
