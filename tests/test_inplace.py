@@ -201,3 +201,23 @@ def test_a_method_that_changes_its_object_keeps_state():
     assert kept_state(functools.partial(acc.add)) == ["the _Acc object the method add() is bound to"]
     assert kept_state(acc.pure) == []
     assert kept_state(_Acc.make) == []  # bound to the class: a class of a module, not the notebook's
+
+
+def test_a_c_method_that_changes_its_object_is_found():
+    import collections
+
+    from poolmagic.inplace import changed_receiver
+
+    assert changed_receiver([].append) == "list"
+    assert changed_receiver(set().add) == "set"
+    assert changed_receiver({}.update) == "dict"
+    assert changed_receiver(collections.deque().appendleft) == "deque"
+    assert changed_receiver(functools.partial({}.setdefault)) == "dict"
+    assert changed_receiver([].count) is None  # reads only
+    assert changed_receiver(len) is None and changed_receiver(str.upper) is None
+
+
+def test_a_map_of_out_append_says_the_notebooks_list_stays_empty(local_pool):
+    out = []
+    report = local_pool.run(out.append, range(3))
+    assert out == [] and any("list.append() changes its list in place" in n for n in report.notes), report.notes

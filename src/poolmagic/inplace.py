@@ -103,6 +103,19 @@ def kept_state(func: Any) -> list[str]:
     return out
 
 
+def changed_receiver(func: Any) -> str | None:
+    """The type of the object ``func`` changes when it is a C method that changes its object
+    (``out.append``, ``seen.add``, ``d.update``): mapped, it changes each worker's copy."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if not isinstance(func, (types.BuiltinMethodType, types.MethodWrapperType)):
+        return None
+    owner = getattr(func, "__self__", None)
+    if owner is None or isinstance(owner, (types.ModuleType, type)) or not _copied(owner):
+        return None
+    return type(owner).__name__ if getattr(func, "__name__", "") in _MUTATORS else None
+
+
 def _defaults(func: Any, code: types.CodeType) -> dict[str, Any]:
     """Parameter name -> its default value."""
     out = dict(getattr(func, "__kwdefaults__", None) or {})

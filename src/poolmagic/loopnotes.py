@@ -17,7 +17,7 @@ import types
 from typing import Any, Callable
 
 from .engine.mapoptions import MapOptions
-from .inplace import changed_globals, changed_parameter, kept_state
+from .inplace import changed_globals, changed_parameter, changed_receiver, kept_state
 from .captures import assigned_globals, called_function, global_names, shared_generators, unseeded_calls
 from .serialize import _UNSET, _fingerprint
 
@@ -63,6 +63,11 @@ def _notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
         generators = shared_generators(func, o.kwargs)
         if generators:
             notes.append(_generators_note(name, generators))
+        receiver = changed_receiver(func)
+        if receiver is not None:
+            notes.append(f"{name}() changes its {receiver} in place: each worker changes its own copy, so the "
+                         f"notebook's {receiver} stays as it was (a plain loop would change it); map a function "
+                         f"that returns what to keep, and collect the results")
         state = kept_state(func)
         if state:
             notes.append(f"{name}() keeps state from one call to the next in {' and '.join(state)}: each worker "
