@@ -2,10 +2,17 @@
 
 A worker starts with each library's defaults: a kernel's decimal precision,
 numpy print options or pandas options made a loop and a map differ without a word.
+So did the interpreter's and the process's own: the recursion limit, the int
+digits limit, the locale and the umask, set in the kernel after the pool was warm.
 """
 from __future__ import annotations
 
 import decimal
+import locale
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -96,3 +103,100 @@ def test_a_checkpoint_says_when_the_settings_changed(local_pool, tmp_path):
     with pytest.raises(PoolmapError) as same:  # the same settings: item 2 fails again, and no note
         local_pool.run(fails_on_2_at_default_precision, range(4), keep_going=True, checkpoint=ck2)
     assert not any("library settings" in n for n in same.value.report.notes), same.value.report.notes
+
+
+def depth(n):
+    return 0 if n == 0 else 1 + depth(n - 1)
+
+
+def limits(x):
+    """What sys.setrecursionlimit and sys.set_int_max_str_digits change: an error, or an answer."""
+    try:
+        deep = depth(2000 + x)
+    except RecursionError:
+        deep = "RecursionError"
+    try:
+        digits = len(str(10 ** (5000 + x)))
+    except ValueError:
+        digits = "ValueError"
+    return deep, digits
+
+
+def test_the_kernels_recursion_and_int_digit_limits_reach_the_items(backend):
+    backend.map(limits, range(2))  # warm: the workers started with the defaults
+    was = sys.getrecursionlimit(), sys.get_int_max_str_digits()
+    sys.setrecursionlimit(10_000)
+    sys.set_int_max_str_digits(0)
+    try:
+        loop = [limits(x) for x in range(3)]
+        assert loop[0] == (2000, 5001)
+        assert backend.map(limits, range(3), chunksize=1) == loop
+    finally:
+        sys.setrecursionlimit(was[0])
+        sys.set_int_max_str_digits(was[1])
+    assert backend.map(limits, range(2)) == [limits(x) for x in range(2)] == [("RecursionError", "ValueError")] * 2
+
+
+@pytest.fixture(scope="module")
+def grouping_locale(tmp_path_factory):
+    """A locale whose numbers have a thousands separator (one installed, or one localedef builds
+    under a LOCPATH, which the workers get with the environment); its name and LOCPATH."""
+    was = locale.setlocale(locale.LC_ALL)
+    try:
+        for name in ("de_DE.UTF-8", "de_DE.utf8", "en_US.UTF-8", "en_US.utf8", "fr_FR.UTF-8"):
+            try:
+                locale.setlocale(locale.LC_NUMERIC, name)
+                return name, None
+            except locale.Error:
+                pass
+        folder = tmp_path_factory.mktemp("locales")
+        if shutil.which("localedef") is None or subprocess.run(
+                ["localedef", "-i", "de_DE", "-f", "UTF-8", str(folder / "de_DE.UTF-8")],
+                capture_output=True).returncode not in (0, 1):
+            pytest.skip("no locale with a thousands separator, and localedef cannot build one")
+        return "de_DE.UTF-8", str(folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, was)
+
+
+def formatted(x):
+    """What the locale changes: '{:n}', the order of strxfrm, the decimal point atof reads."""
+    return "{:n}".format(1234567 + x), sorted(["b", "B", "a", "A"], key=locale.strxfrm), locale.localeconv()["decimal_point"]
+
+
+def test_the_kernels_locale_reaches_the_items(backend, grouping_locale, monkeypatch):
+    name, locpath = grouping_locale
+    if locpath:
+        monkeypatch.setenv("LOCPATH", locpath)
+    backend.map(formatted, range(2))  # warm, in the "C" locale
+    was = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_ALL, name)
+        loop = [formatted(x) for x in range(3)]
+        assert loop[0][0] != "1234567"  # grouped: the locale is in force here
+        assert backend.map(formatted, range(3), chunksize=1) == loop
+    finally:
+        locale.setlocale(locale.LC_ALL, was)
+    assert backend.map(formatted, range(2)) == [formatted(x) for x in range(2)]
+    assert backend.map(formatted, range(1))[0][0] == "1234567"
+
+
+def file_mode(folder, x):
+    path = os.path.join(folder, f"item{x}")
+    with open(path, "w") as f:
+        f.write("x")
+    mode = os.stat(path).st_mode & 0o777
+    os.remove(path)
+    return mode
+
+
+def test_files_the_items_write_get_the_kernels_umask(backend, tmp_path):
+    backend.map(file_mode, [(str(tmp_path), 0)], star=True)  # warm, with the umask the kernel started with
+    was = os.umask(0o027)
+    try:
+        loop = [file_mode(str(tmp_path), x) for x in range(3)]
+        assert loop == [0o640] * 3
+        assert backend.map(file_mode, [(str(tmp_path), x) for x in range(3)], star=True, chunksize=1) == loop
+    finally:
+        os.umask(was)
+    assert backend.map(file_mode, [(str(tmp_path), 0)], star=True) == [file_mode(str(tmp_path), 9)]

@@ -101,7 +101,8 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
 
 def _with_kernel_state(o: MapOptions) -> MapOptions:
     """``o`` with what the kernel's loop would run under: numpy's error handling, the warning
-    filters and library settings (decimal, numpy printing, pandas: engine/core/settings.py). The same options and state give the same object (its pickle is reused, protocol.py)."""
+    filters and library settings (decimal, numpy printing, pandas, the interpreter's limits, locale,
+    umask: engine/core/settings.py). The same options and state give the same object (its pickle is reused, protocol.py)."""
     errstate = _numpy_errstate() if o.errstate is None else o.errstate
     filters = _warning_filters() if o.warning_filters is None else o.warning_filters
     kept_settings = read_settings() if o.settings is None else o.settings
@@ -307,7 +308,8 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         was_o = resume.replay[1] if resume.replay is not None else None
         if was_o is not None and (was_o.settings, was_o.errstate) != (o.settings, o.errstate):
             report.notes.append(f"the kernel's library settings (decimal context, numpy's print options or "
-                                f"error handling, pandas options) changed since the run to resume; "
+                                f"error handling, pandas options, the recursion or int digits limit, locale, "
+                                f"umask) changed since the run to resume; "
                                 f"{earlier.done:,} results computed under the earlier ones were kept")
         now = report.kw_keys
         if resume.kw_keys and o.kwargs:

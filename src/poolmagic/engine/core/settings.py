@@ -12,6 +12,9 @@ differ from the defaults, or None (~3 µs when nothing differs, pandas' ~2). ``a
 runs around a chunk, wherever the items run. Only libraries the kernel has
 imported are read.
 
+The interpreter's and the process's own (recursion limit, int digits limit,
+locale, umask: core/processstate.py) travel with them.
+
 MapOptions.settings carries them; numpy's error handling and the warning
 filters have fields of their own (errstate, warning_filters).
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from typing import Iterator
+
+from .processstate import NAMES as PROCESS_STATE, applied as process_applied, read as process_state
 
 _DECIMAL_DEFAULT = (28, "ROUND_HALF_EVEN", -999999, 999999, 1, 0, ("DivisionByZero", "InvalidOperation", "Overflow"))
 _SIMPLE = (str, int, float, bool, type(None))
@@ -114,11 +119,11 @@ def _pandas() -> tuple | None:
 
 def read() -> tuple | None:
     """The kernel's settings that differ from the libraries' defaults, as (library, value) pairs."""
-    d, n, p = _decimal(), _numpy_print(), _pandas()
-    if d is None and n is None and p is None:
+    d, n, p, proc = _decimal(), _numpy_print(), _pandas(), process_state()
+    if d is None and n is None and p is None and not proc:
         return None
     return tuple((name, value) for name, value in (("decimal", d), ("numpy.print", n), ("pandas", p))
-                 if value is not None)
+                 if value is not None) + proc
 
 
 @contextlib.contextmanager
@@ -145,5 +150,7 @@ def applied(settings: tuple | None, process_wide: bool) -> Iterator[None]:
                 import pandas as pd
 
                 stack.enter_context(pd.option_context(*(x for pair in value for x in pair)))
+            elif name in PROCESS_STATE and process_wide:
+                stack.enter_context(process_applied(name, value))
         yield
 
