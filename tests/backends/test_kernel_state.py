@@ -113,3 +113,30 @@ def test_a_filter_on_a_class_of_a_module_the_workers_lack_is_not_carried(backend
         assert ("error", RuntimeWarning) in {(f[0], f[2]) for f in carried}, carried
         with pytest.raises(RuntimeWarning):  # the builtin category's filter still travels
             backend.run(inverse, [0])
+
+
+def local_hour(x):
+    import time
+
+    return time.strftime("%H %Z", time.localtime(3600 * x))
+
+
+def test_the_kernels_time_zone_reaches_warm_workers(backend, monkeypatch):
+    """``os.environ["TZ"] = ...; time.tzset()`` in the kernel: a warm worker got the variable but
+    kept the zone it started with, so local times differed from a loop's without a word."""
+    import time
+
+    backend.map(local_hour, range(2))  # warm, in the zone the kernel started with
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    assert backend.map(local_hour, range(2)) == [local_hour(x) for x in range(2)]
+    monkeypatch.setenv("TZ", "JST-9")  # (POSIX form: no tz database needed)
+    time.tzset()
+    try:
+        loop = [local_hour(x) for x in range(3)]
+        assert loop[0] == "09 JST"
+        assert backend.map(local_hour, range(3), chunksize=1) == loop
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert backend.map(local_hour, range(2)) == [local_hour(x) for x in range(2)]
