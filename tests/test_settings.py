@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from poolmagic.engine.core import settings
-from poolmagic.errors import PoolmapError
+from poolmagic.errors import BadInputError, PoolmapError
 
 
 @pytest.fixture
@@ -200,3 +200,50 @@ def test_files_the_items_write_get_the_kernels_umask(backend, tmp_path):
     finally:
         os.umask(was)
     assert backend.map(file_mode, [(str(tmp_path), 0)], star=True) == [file_mode(str(tmp_path), 9)]
+
+
+def shown(x):
+    return str(np.array([1 / 3, x])), str(pd.DataFrame({"a": [1 / 3 + x]}))
+
+
+def test_formatter_functions_reach_the_items(backend):
+    """Options whose value is a function were left out: a kernel's float_format or numpy formatter
+    printed 0.33 in a loop and 0.333333 in a map (on threads too: numpy's options are per thread)."""
+    backend.map(shown, range(2))
+    with np.printoptions(formatter={"float": "{:.2f}".format}), \
+            pd.option_context("display.float_format", lambda v: f"<{v:.1f}>"):
+        loop = [shown(x) for x in range(3)]
+        assert loop[0] == ("[0.33 0.00]", "      a\n0 <0.3>")
+        assert dict(settings.read())["numpy.print"][0][0] == "formatter"
+        assert backend.map(shown, range(3), chunksize=1) == loop
+    assert backend.map(shown, range(2)) == [shown(x) for x in range(2)]
+
+
+def test_a_formatter_that_cannot_be_sent_is_refused_before_any_work(backend, tmp_path):
+    with open(tmp_path / "f.txt", "w") as f:
+        with pd.option_context("display.float_format", f.write):  # a method of an open file
+            with pytest.raises(BadInputError, match="display.float_format.*cannot be sent"):
+                backend.map(shown, range(2))
+    assert backend.map(shown, range(1)) == [shown(0)]
+
+
+def test_a_worker_without_numpy_or_pandas_runs_chunks_under_the_kernels_settings():
+    """A remote cluster's worker may lack a library the kernel set options of: its chunks failed
+    on the import before their first item, though the items did not use it."""
+    from conftest import run_script
+
+    out, err, code = run_script("""
+        import sys
+        sys.modules["numpy"] = sys.modules["pandas"] = None  # not installed here
+        from poolmagic.engine.core.runchunk import run_chunk
+        from poolmagic.engine.mapoptions import MapOptions
+        options = MapOptions.from_kwargs({}).with_(
+            errstate=(("divide", "raise"),),
+            settings=(("numpy.print", (("precision", 3),)), ("pandas", (("display.precision", 2),)),
+                      ("sys", (2000, 0))))
+        run = run_chunk(lambda x: (x + 1, sys.getrecursionlimit()), [1, 2], options, start=0, timed=False,
+                        own_filters=True)
+        print(run.out, run.errors)
+    """)
+    assert code == 0, err
+    assert out.strip() == "[(2, 2000), (3, 2000)] []"

@@ -121,8 +121,10 @@ def _errstate(pairs: tuple | None) -> Any:
     """
     if pairs is None:
         return contextlib.nullcontext()
-    import numpy as np  # the kernel has it, so the workers were started with it
-
+    try:
+        import numpy as np  # the kernel has it; a remote cluster's worker may not (nor may its items)
+    except ImportError:
+        return contextlib.nullcontext()
     return np.errstate(**dict(pairs))
 
 

@@ -66,8 +66,8 @@ def _numpy_print() -> tuple | None:
     except Exception:
         return None
     defaults = _NUMPY_PRINT_DEFAULT
-    pairs = tuple(sorted((k, v) for k, v in now.items()
-                         if k in defaults and v != defaults[k] and isinstance(v, _SIMPLE))) or None
+    pairs = tuple(sorted((k, _pack(v, f"np.set_printoptions({k}=...)")) for k, v in now.items()
+                         if k in defaults and v is not defaults[k] and v != defaults[k])) or None
     if raw is not None:
         _numpy_last[0:2] = [raw, pairs]
     return pairs
@@ -85,7 +85,7 @@ def _numpy_var(np) -> object | None:
 _numpy_last: list = [None, None, None]  # [the options dict last read, its pairs, numpy 2's ContextVar]
 _NUMPY_PRINT_DEFAULT = {"edgeitems": 3, "threshold": 1000, "floatmode": "maxprec", "precision": 8,
                         "suppress": False, "linewidth": 75, "nanstr": "nan", "infstr": "inf", "sign": "-",
-                        "legacy": False}
+                        "legacy": False, "formatter": None, "override_repr": None}
 
 
 def _pandas() -> tuple | None:
@@ -109,12 +109,52 @@ def _pandas() -> tuple | None:
             for p in path:
                 d = d[p]
             value = d[last]
-            if isinstance(value, _SIMPLE) and value != option.defval and not key.startswith("display.html"):
+            if value is not option.defval and value != option.defval and not key.startswith("display.html"):
                 pairs.append((key, value))
-        _pandas_cache[:] = [mark, tuple(pairs)]
-        return tuple(pairs) or None
     except Exception:  # another pandas' layout: its options are not carried
         return None
+    packed = tuple((key, _pack(value, f"pd.set_option({key!r}, ...)")) for key, value in pairs)
+    _pandas_cache[:] = [mark, packed]
+    return packed or None
+
+
+class Packed(bytes):
+    """A setting's value that the options' plain pickle cannot carry, cloudpickled: a formatter
+    function (``pd.options.display.float_format = "{:.2f}".format``, ``np.set_printoptions(
+    formatter=...)``). Left out, ``str(df)`` and ``str(array)`` silently differed from a loop's."""
+
+
+def _pack(value: object, what: str) -> object:
+    """``value`` as the options can carry it: as it is when simple, else cloudpickled (once per
+    change of the settings: the callers cache their result)."""
+    if isinstance(value, _SIMPLE):
+        return value
+    try:
+        import cloudpickle
+
+        return Packed(cloudpickle.dumps(value, protocol=5))
+    except Exception as e:
+        from ...errors import BadInputError
+
+        raise BadInputError(f"{what} is set in this kernel to {value!r}, which cannot be sent to the "
+                            f"workers ({type(e).__name__}: {e}): the items would format otherwise than a "
+                            f"loop here; set it to a function of the notebook or a module, or reset it") from None
+
+
+_UNPACKED: dict = {}  # Packed -> its value, in the process that runs the items
+
+
+def _unpack(value: object) -> object:
+    if type(value) is not Packed:
+        return value
+    got = _UNPACKED.get(value, _UNPACKED)
+    if got is _UNPACKED:
+        import cloudpickle
+
+        got = _UNPACKED[value] = cloudpickle.loads(value)
+        if len(_UNPACKED) > 16:
+            del _UNPACKED[next(iter(_UNPACKED))]
+    return got
 
 
 def read() -> tuple | None:
@@ -143,14 +183,22 @@ def applied(settings: tuple | None, process_wide: bool) -> Iterator[None]:
                                       clamp=clamp, traps=[getattr(decimal, t) for t in traps])
                 stack.enter_context(decimal.localcontext(ctx))
             elif name == "numpy.print":
-                import numpy as np
-
-                stack.enter_context(np.printoptions(**dict(value)))
+                np = _library("numpy")
+                if np is not None:
+                    stack.enter_context(np.printoptions(**{k: _unpack(v) for k, v in value}))
             elif name == "pandas" and process_wide:
-                import pandas as pd
-
-                stack.enter_context(pd.option_context(*(x for pair in value for x in pair)))
+                pd = _library("pandas")
+                if pd is not None:
+                    stack.enter_context(pd.option_context(*(x for k, v in value for x in (k, _unpack(v)))))
             elif name in PROCESS_STATE and process_wide:
                 stack.enter_context(process_applied(name, value))
         yield
 
+
+def _library(name: str) -> object | None:
+    """The library ``name``, or None where it is not installed (a remote cluster's worker): the
+    items cannot use it there either, and a chunk failed on the import before its first item."""
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
