@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
 from .engine.base import Backend
 from .engine.context import ContextCache
+from .engine.core.runchunk import FilterCategory
 from .engine.core.settings import read as read_settings
 from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS
@@ -130,16 +131,25 @@ def _warning_filters() -> tuple | None:
     (IPython's ProvisionalCompleterWarning, in every kernel's filters, made a warm pool's first
     map 15× slower); a notebook's own cannot be imported at all. Made again only when the list
     changed (simplefilter and filterwarnings put a new entry first, or last with append=True;
-    catch_warnings puts a new list in place)."""
+    catch_warnings puts a new list in place). A library's category goes by name (FilterCategory):
+    a remote worker without that library could not unpickle the options."""
     filters = warnings.filters
     mark = (id(filters), len(filters), id(filters[0]) if filters else 0, id(filters[-1]) if filters else 0)
     if _FILTERS[0] != mark:
         from .engine.warm import warm_modules
 
         loaded = ("builtins", *warm_modules())
-        kept = tuple(f for f in filters if len(f) == 5 and _loaded_with(f[2], loaded))
+        kept = tuple(_by_name(f) for f in filters if len(f) == 5 and _loaded_with(f[2], loaded))
         _FILTERS[:] = [mark, kept]
     return _FILTERS[1]
+
+
+def _by_name(f: tuple) -> tuple:
+    """The filter ``f`` with its category by name, unless it is one of Python's own."""
+    category = f[2]
+    if category.__module__ == "builtins":
+        return f
+    return (f[0], f[1], FilterCategory(category.__module__, category.__qualname__), f[3], f[4])
 
 
 def _loaded_with(category: Any, packages: tuple[str, ...]) -> bool:

@@ -140,3 +140,19 @@ def test_the_kernels_time_zone_reaches_warm_workers(backend, monkeypatch):
         monkeypatch.undo()
         time.tzset()
     assert backend.map(local_hour, range(2)) == [local_hour(x) for x in range(2)]
+
+
+def warns_numpy(x):
+    warnings.warn(f"item {x}", np.exceptions.VisibleDeprecationWarning)
+    return x
+
+
+def test_a_filter_on_a_numpy_warning_class_reaches_the_items(backend):
+    """numpy's and pandas' categories travel by name (a remote worker without the library can
+    still read the options); where the library is, the filter is in force as in a loop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", np.exceptions.VisibleDeprecationWarning)
+        with pytest.raises(np.exceptions.VisibleDeprecationWarning):
+            [warns_numpy(x) for x in range(2)]
+        with pytest.raises(np.exceptions.VisibleDeprecationWarning, match="item 0"):
+            backend.run(warns_numpy, range(2))
