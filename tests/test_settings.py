@@ -247,3 +247,35 @@ def test_a_worker_without_numpy_or_pandas_runs_chunks_under_the_kernels_settings
     """)
     assert code == 0, err
     assert out.strip() == "[(2, 2000), (3, 2000)] []"
+
+
+def logs(x):
+    import logging
+
+    logging.getLogger("notebook.items").info("item %s", x)
+    return x
+
+
+def test_an_items_log_records_print_as_the_kernels_logging_says(backend, capsys):
+    """``logging.basicConfig(level=logging.INFO)`` in the kernel: an item's info records printed in
+    a loop and vanished in a map (a worker's root logger: WARNING, no handler)."""
+    import logging
+
+    backend.map(logs, range(2))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("REC {levelname} {message}", style="{"))
+    root = logging.getLogger()
+    was = root.level, list(root.handlers)
+    root.handlers, _ = [handler], root.setLevel(logging.INFO)
+    try:
+        loop = [logs(x) for x in range(3)]
+        assert capsys.readouterr().err.count("REC INFO item") == 3  # the loop's records print
+        assert backend.map(logs, range(3), chunksize=1) == loop
+        got = capsys.readouterr().err
+        assert sorted(line for line in got.splitlines() if line.startswith("REC")) == \
+            ["REC INFO item 0", "REC INFO item 1", "REC INFO item 2"], got
+    finally:
+        root.handlers = was[1]
+        root.setLevel(was[0])
+    backend.map(logs, range(2))
+    assert "item" not in capsys.readouterr().err

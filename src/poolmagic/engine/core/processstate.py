@@ -6,7 +6,9 @@ deep recursion ran in a loop and raised RecursionError in a map),
 ``sys.set_int_max_str_digits(0)`` (``str(10**5000)`` likewise: ValueError), the
 locale (``locale.setlocale(locale.LC_ALL, "de_DE.UTF-8")``: ``'{:n}'.format``,
 ``locale.strxfrm``'s order, ``strftime`` and ``atof`` silently differed) and the
-umask (the mode of the files the items write, silently).
+umask (the mode of the files the items write, silently), and the root logger's
+level and printing handlers (``logging.basicConfig(level=logging.INFO)``: an
+item's info records printed in a loop and vanished in a map).
 
 ``read()`` runs in the kernel before each map, within core/settings.read: each
 is compared with what a worker starts with, and only a difference is carried
@@ -22,7 +24,7 @@ import os
 import sys
 from typing import Iterator
 
-NAMES = ("sys", "locale", "umask")
+NAMES = ("sys", "locale", "umask", "logging")
 
 _HAS_DIGITS = hasattr(sys, "get_int_max_str_digits")  # (Python 3.11+, and some 3.8-3.10 releases)
 _DIGITS_FLAG = getattr(sys.flags, "int_max_str_digits", -1)  # PYTHONINTMAXSTRDIGITS, which workers inherit
@@ -83,12 +85,45 @@ def _locale_now() -> str | None:
     return now if _locale_cache[1] else None
 
 
+_STREAMS = ("stderr", "stdout")
+
+
+def _logging() -> tuple | None:
+    """The root logger's level and its handlers that print (to sys.stderr or sys.stdout), as
+    (level, ((stream, level, fmt, datefmt, style), ...)), when not a new process's (WARNING, none):
+    ``logging.basicConfig(level=logging.INFO)`` printed an item's info records in a loop, and
+    nothing in a map. Other handlers (files, sockets) are the kernel's own."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return None
+    root = logging.root
+    if not root.handlers and root.level == logging.WARNING:
+        return None
+    printing = []
+    try:
+        for h in root.handlers:
+            stream = getattr(h, "stream", None)
+            name = next((n for n in _STREAMS if stream is not None
+                         and stream in (getattr(sys, n), getattr(sys, f"__{n}__"))), None)
+            if name is None or type(h) is not logging.StreamHandler:
+                continue
+            f = h.formatter or logging._defaultFormatter
+            style = next((k for k, v in logging._STYLES.items() if type(f._style) is v[0]), "%")
+            printing.append((name, h.level, f._fmt, f.datefmt, style))
+    except Exception:  # a logging of another shape: left as the workers have it
+        return None
+    if not printing and root.level == logging.WARNING:  # (pytest's capturing handler, a file: the kernel's)
+        return None
+    return root.level, tuple(printing)
+
+
 def read() -> tuple:
     """(name, value) pairs of what differs from a new worker's."""
-    i, lc, m = _interpreter(), _locale_now(), _umask()
-    if i is None and lc is None and m is None:
+    i, lc, m, lg = _interpreter(), _locale_now(), _umask(), _logging()
+    if i is None and lc is None and m is None and lg is None:
         return ()
-    return tuple((name, value) for name, value in (("sys", i), ("locale", lc), ("umask", m)) if value is not None)
+    return tuple((name, value) for name, value in (("sys", i), ("locale", lc), ("umask", m), ("logging", lg))
+                 if value is not None)
 
 
 def applied(name: str, value: object) -> contextlib.AbstractContextManager:
@@ -97,7 +132,51 @@ def applied(name: str, value: object) -> contextlib.AbstractContextManager:
         return _interpreter_set(*value)
     if name == "locale":
         return _locale_set(value)
+    if name == "logging":
+        return _logging_set(*value)
     return _umask_set(value)
+
+
+_HANDLERS: dict = {}  # the handlers made for a kernel's printing handlers, kept for the next chunks
+
+
+@contextlib.contextmanager
+def _logging_set(level: int, printing: tuple) -> Iterator[None]:
+    import logging
+
+    handlers = _HANDLERS.get(printing)
+    if handlers is None:
+        handlers = _HANDLERS[printing] = [_printing_handler(*spec) for spec in printing]
+        if len(_HANDLERS) > 8:
+            del _HANDLERS[next(iter(_HANDLERS))]
+    root = logging.root
+    was = root.level, root.handlers
+    root.setLevel(level)
+    root.handlers = list(handlers) if handlers else was[1]
+    try:
+        yield
+    finally:
+        root.handlers = was[1]
+        root.setLevel(was[0])
+
+
+def _printing_handler(stream: str, level: int, fmt: str | None, datefmt: str | None, style: str):
+    """A handler printing to ``sys.<stream>`` as it is when a record comes (the chunk's captured output)."""
+    import logging
+
+    class _Printing(logging.StreamHandler):
+        @property
+        def stream(self):  # noqa: ANN202
+            return getattr(sys, stream)
+
+        @stream.setter
+        def stream(self, value) -> None:  # noqa: ANN001
+            pass
+
+    h = _Printing()
+    h.setLevel(level)
+    h.setFormatter(logging.Formatter(fmt, datefmt, style))
+    return h
 
 
 @contextlib.contextmanager
