@@ -279,3 +279,22 @@ def test_an_items_log_records_print_as_the_kernels_logging_says(backend, capsys)
         root.setLevel(was[0])
     backend.map(logs, range(2))
     assert "item" not in capsys.readouterr().err
+
+
+def default_timeout(x):
+    import socket
+
+    return socket.getdefaulttimeout()
+
+
+def test_the_kernels_socket_timeout_reaches_the_items(backend):
+    """``socket.setdefaulttimeout(5)``: a loop's connections time out after 5 s, a map's waited for ever."""
+    import socket
+
+    backend.map(default_timeout, range(2))
+    socket.setdefaulttimeout(5)
+    try:
+        assert [default_timeout(x) for x in range(2)] == backend.map(default_timeout, range(2), chunksize=1) == [5.0] * 2
+    finally:
+        socket.setdefaulttimeout(None)
+    assert backend.map(default_timeout, range(2)) == [None, None]

@@ -8,7 +8,9 @@ locale (``locale.setlocale(locale.LC_ALL, "de_DE.UTF-8")``: ``'{:n}'.format``,
 ``locale.strxfrm``'s order, ``strftime`` and ``atof`` silently differed) and the
 umask (the mode of the files the items write, silently), and the root logger's
 level and printing handlers (``logging.basicConfig(level=logging.INFO)``: an
-item's info records printed in a loop and vanished in a map).
+item's info records printed in a loop and vanished in a map), and
+``socket.setdefaulttimeout`` (an item's connection timed out in a loop and
+waited for ever in a map).
 
 ``read()`` runs in the kernel before each map, within core/settings.read: each
 is compared with what a worker starts with, and only a difference is carried
@@ -24,7 +26,7 @@ import os
 import sys
 from typing import Iterator
 
-NAMES = ("sys", "locale", "umask", "logging")
+NAMES = ("sys", "locale", "umask", "logging", "socket")
 
 _HAS_DIGITS = hasattr(sys, "get_int_max_str_digits")  # (Python 3.11+, and some 3.8-3.10 releases)
 _DIGITS_FLAG = getattr(sys.flags, "int_max_str_digits", -1)  # PYTHONINTMAXSTRDIGITS, which workers inherit
@@ -117,13 +119,20 @@ def _logging() -> tuple | None:
     return root.level, tuple(printing)
 
 
+def _socket_timeout() -> float | None:
+    """``socket.setdefaulttimeout(5)`` in the kernel: an item's connection gave up after 5 s in a
+    loop and waited for ever in a map (a worker's default is None)."""
+    socket = sys.modules.get("socket")
+    return None if socket is None else socket.getdefaulttimeout()
+
+
 def read() -> tuple:
     """(name, value) pairs of what differs from a new worker's."""
-    i, lc, m, lg = _interpreter(), _locale_now(), _umask(), _logging()
-    if i is None and lc is None and m is None and lg is None:
+    i, lc, m, lg, so = _interpreter(), _locale_now(), _umask(), _logging(), _socket_timeout()
+    if i is None and lc is None and m is None and lg is None and so is None:
         return ()
-    return tuple((name, value) for name, value in (("sys", i), ("locale", lc), ("umask", m), ("logging", lg))
-                 if value is not None)
+    return tuple((name, value) for name, value in (("sys", i), ("locale", lc), ("umask", m), ("logging", lg),
+                                                   ("socket", so)) if value is not None)
 
 
 def applied(name: str, value: object) -> contextlib.AbstractContextManager:
@@ -134,7 +143,21 @@ def applied(name: str, value: object) -> contextlib.AbstractContextManager:
         return _locale_set(value)
     if name == "logging":
         return _logging_set(*value)
+    if name == "socket":
+        return _socket_timeout_set(value)
     return _umask_set(value)
+
+
+@contextlib.contextmanager
+def _socket_timeout_set(seconds: float) -> Iterator[None]:
+    import socket
+
+    was = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(was)
 
 
 _HANDLERS: dict = {}  # the handlers made for a kernel's printing handlers, kept for the next chunks
