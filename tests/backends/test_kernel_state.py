@@ -154,5 +154,25 @@ def test_a_filter_on_a_numpy_warning_class_reaches_the_items(backend):
         warnings.simplefilter("error", np.exceptions.VisibleDeprecationWarning)
         with pytest.raises(np.exceptions.VisibleDeprecationWarning):
             [warns_numpy(x) for x in range(2)]
-        with pytest.raises(np.exceptions.VisibleDeprecationWarning, match="item 0"):
+        with pytest.raises(np.exceptions.VisibleDeprecationWarning, match=r"item \d"):
             backend.run(warns_numpy, range(2))
+
+
+def test_numpys_error_callback_goes_with_its_error_handling(backend):
+    """``np.seterr(all="call")`` with ``np.seterrcall(f)``: a loop called f on 1/0, a map raised
+    NameError ("python callback specified ... but no function found"), on threads too."""
+    seen = []
+
+    def note(kind, flag):
+        seen.append(kind)
+
+    was = np.seterrcall(note), np.seterr(divide="call")
+    try:
+        loop = [inverse(x) for x in [1, 0]]
+        assert seen == ["divide by zero"]
+        assert backend.map(inverse, [1, 0, 2], chunksize=1) == [1.0, float("inf"), 0.5] == [*loop, 0.5]
+        if backend.name == "threads":  # the kernel's own function, as in a loop
+            assert seen == ["divide by zero"] * 2
+    finally:
+        np.seterrcall(was[0])
+        np.seterr(**was[1])
