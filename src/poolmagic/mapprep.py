@@ -172,7 +172,20 @@ def _numpy_errstate() -> tuple | None:
         state = np.geterr()
     except Exception:  # a numpy-like module in its place
         return None
-    return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
+    if state == _NUMPY_DEFAULT:
+        return None
+    pairs = tuple(sorted(state.items()))
+    if "call" in state.values() or "log" in state.values():  # np.seterrcall's function goes along
+        call = np.geterrcall()
+        if _ERRCALL[0] is not call:
+            from .engine.core.settings import pack_value
+
+            _ERRCALL[:] = [call, pack_value(call, "np.seterrcall(...)")]
+        pairs += (("call", _ERRCALL[1]),)
+    return pairs
+
+
+_ERRCALL: list = [None, None]  # [np.geterrcall() last sent, its packed value]
 
 
 def settings_words(o: MapOptions) -> str | None:

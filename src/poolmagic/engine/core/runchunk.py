@@ -158,7 +158,9 @@ def _errstate(pairs: tuple | None) -> Any:
         import numpy as np  # the kernel has it; a remote cluster's worker may not (nor may its items)
     except ImportError:
         return contextlib.nullcontext()
-    return np.errstate(**dict(pairs))
+    from .settings import unpack_value
+
+    return np.errstate(**{k: unpack_value(v) for k, v in pairs})  # (with "call": np.seterrcall's function)
 
 
 try:

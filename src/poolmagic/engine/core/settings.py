@@ -66,7 +66,7 @@ def _numpy_print() -> tuple | None:
     except Exception:
         return None
     defaults = _NUMPY_PRINT_DEFAULT
-    pairs = tuple(sorted((k, _pack(v, f"np.set_printoptions({k}=...)")) for k, v in now.items()
+    pairs = tuple(sorted((k, pack_value(v, f"np.set_printoptions({k}=...)")) for k, v in now.items()
                          if k in defaults and v is not defaults[k] and v != defaults[k])) or None
     if raw is not None:
         _numpy_last[0:2] = [raw, pairs]
@@ -113,7 +113,7 @@ def _pandas() -> tuple | None:
                 pairs.append((key, value))
     except Exception:  # another pandas' layout: its options are not carried
         return None
-    packed = tuple((key, _pack(value, f"pd.set_option({key!r}, ...)")) for key, value in pairs)
+    packed = tuple((key, pack_value(value, f"pd.set_option({key!r}, ...)")) for key, value in pairs)
     _pandas_cache[:] = [mark, packed]
     return packed or None
 
@@ -124,7 +124,7 @@ class Packed(bytes):
     formatter=...)``). Left out, ``str(df)`` and ``str(array)`` silently differed from a loop's."""
 
 
-def _pack(value: object, what: str) -> object:
+def pack_value(value: object, what: str) -> object:
     """``value`` as the options can carry it: as it is when simple, else cloudpickled (once per
     change of the settings: the callers cache their result)."""
     if isinstance(value, _SIMPLE):
@@ -132,19 +132,23 @@ def _pack(value: object, what: str) -> object:
     try:
         import cloudpickle
 
-        return Packed(cloudpickle.dumps(value, protocol=5))
+        packed = Packed(cloudpickle.dumps(value, protocol=5))
     except Exception as e:
         from ...errors import BadInputError
 
         raise BadInputError(f"{what} is set in this kernel to {value!r}, which cannot be sent to the "
-                            f"workers ({type(e).__name__}: {e}): the items would format otherwise than a "
-                            f"loop here; set it to a function of the notebook or a module, or reset it") from None
+                            f"workers ({type(e).__name__}: {e}): the items would run otherwise than a loop "
+                            f"here; set it to a function of the notebook or a module, or reset it") from None
+    _UNPACKED[packed] = value  # (a thread of this process runs with the object itself, not a copy)
+    if len(_UNPACKED) > 16:
+        del _UNPACKED[next(iter(_UNPACKED))]
+    return packed
 
 
-_UNPACKED: dict = {}  # Packed -> its value, in the process that runs the items
+_UNPACKED: dict = {}  # Packed -> its value: in the kernel the original, in a worker its unpickled copy
 
 
-def _unpack(value: object) -> object:
+def unpack_value(value: object) -> object:
     if type(value) is not Packed:
         return value
     got = _UNPACKED.get(value, _UNPACKED)
@@ -185,11 +189,11 @@ def applied(settings: tuple | None, process_wide: bool) -> Iterator[None]:
             elif name == "numpy.print":
                 np = _library("numpy")
                 if np is not None:
-                    stack.enter_context(np.printoptions(**{k: _unpack(v) for k, v in value}))
+                    stack.enter_context(np.printoptions(**{k: unpack_value(v) for k, v in value}))
             elif name == "pandas" and process_wide:
                 pd = _library("pandas")
                 if pd is not None:
-                    stack.enter_context(pd.option_context(*(x for k, v in value for x in (k, _unpack(v)))))
+                    stack.enter_context(pd.option_context(*(x for k, v in value for x in (k, unpack_value(v)))))
             elif name in PROCESS_STATE and process_wide:
                 stack.enter_context(process_applied(name, value))
         yield
