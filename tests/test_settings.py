@@ -298,3 +298,24 @@ def test_the_kernels_socket_timeout_reaches_the_items(backend):
     finally:
         socket.setdefaulttimeout(None)
     assert backend.map(default_timeout, range(2)) == [None, None]
+
+
+def mp_seventh(x):
+    import mpmath
+
+    return str(mpmath.mpf(x + 1) / 7), repr(mpmath.mpf(1) / 3)
+
+
+def test_mpmaths_precision_reaches_the_items(backend):
+    """``mpmath.mp.dps = 50`` is decimal's case: 50 digits in a loop, 15 in a map."""
+    mpmath = pytest.importorskip("mpmath")
+    backend.map(mp_seventh, range(2))
+    was = mpmath.mp.prec, mpmath.mp.pretty
+    mpmath.mp.dps, mpmath.mp.pretty = 50, True
+    try:
+        loop = [mp_seventh(x) for x in range(3)]
+        assert len(loop[0][0]) > 50 and loop[0][1].startswith("0.333")
+        assert backend.map(mp_seventh, range(3), chunksize=1) == loop
+    finally:
+        mpmath.mp.prec, mpmath.mp.pretty = was
+    assert backend.map(mp_seventh, range(2)) == [mp_seventh(x) for x in range(2)]

@@ -5,7 +5,8 @@ each library's defaults. In the kernel, ``decimal.getcontext().prec = 50``
 made a loop compute with 50 digits while a map computed with 28. Likewise,
 ``np.set_printoptions(precision=3)`` made ``str(array)`` differ, and
 ``pd.set_option("future.no_silent_downcasting", True)`` changed the dtypes
-that pandas returns. Those differences were silent.
+that pandas returns, and ``mpmath.mp.dps = 50`` mpmath's digits. Those
+differences were silent.
 
 ``read()`` runs in the kernel before each map. It returns the settings that
 differ from the defaults, or None (~3 µs when nothing differs, pandas' ~2). ``applied()``
@@ -161,13 +162,27 @@ def unpack_value(value: object) -> object:
     return got
 
 
+def _mpmath() -> tuple | None:
+    """mpmath's precision and printing (``mpmath.mp.dps = 50``: exactly decimal's case), when not
+    its defaults (53 bits, not pretty)."""
+    mpmath = sys.modules.get("mpmath")
+    if mpmath is None:
+        return None
+    try:
+        mp = mpmath.mp
+        prec, pretty = mp.prec, mp.pretty
+    except Exception:
+        return None
+    return None if prec == 53 and not pretty else (prec, pretty)
+
+
 def read() -> tuple | None:
     """The kernel's settings that differ from the libraries' defaults, as (library, value) pairs."""
-    d, n, p, proc = _decimal(), _numpy_print(), _pandas(), process_state()
-    if d is None and n is None and p is None and not proc:
+    d, n, p, m, proc = _decimal(), _numpy_print(), _pandas(), _mpmath(), process_state()
+    if d is None and n is None and p is None and m is None and not proc:
         return None
-    return tuple((name, value) for name, value in (("decimal", d), ("numpy.print", n), ("pandas", p))
-                 if value is not None) + proc
+    return tuple((name, value) for name, value in (("decimal", d), ("numpy.print", n), ("pandas", p),
+                                                   ("mpmath", m)) if value is not None) + proc
 
 
 @contextlib.contextmanager
@@ -194,9 +209,23 @@ def applied(settings: tuple | None, process_wide: bool) -> Iterator[None]:
                 pd = _library("pandas")
                 if pd is not None:
                     stack.enter_context(pd.option_context(*(x for k, v in value for x in (k, unpack_value(v)))))
+            elif name == "mpmath" and process_wide:  # (mpmath.mp is the process's, not per thread)
+                mpmath = _library("mpmath")
+                if mpmath is not None:
+                    stack.enter_context(_mpmath_set(mpmath.mp, *value))
             elif name in PROCESS_STATE and process_wide:
                 stack.enter_context(process_applied(name, value))
         yield
+
+
+@contextlib.contextmanager
+def _mpmath_set(mp: object, prec: int, pretty: bool) -> Iterator[None]:
+    was = mp.prec, mp.pretty
+    mp.prec, mp.pretty = prec, pretty
+    try:
+        yield
+    finally:
+        mp.prec, mp.pretty = was
 
 
 def _library(name: str) -> object | None:
