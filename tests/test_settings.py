@@ -319,3 +319,24 @@ def test_mpmaths_precision_reaches_the_items(backend):
     finally:
         mpmath.mp.prec, mpmath.mp.pretty = was
     assert backend.map(mp_seventh, range(2)) == [mp_seventh(x) for x in range(2)]
+
+
+def log_gamma(x):
+    import scipy.special as sc
+
+    try:
+        return float(sc.gammaln(x))
+    except sc.SpecialFunctionError as e:
+        return f"raised: {e}"
+
+
+def test_scipy_specials_error_handling_reaches_the_items(backend):
+    """``sc.seterr(all="raise")``: gammaln(0) raised in a loop and gave inf in a map, silently."""
+    sc = pytest.importorskip("scipy.special")
+    backend.map(log_gamma, [1])
+    with sc.errstate(singular="raise"):
+        loop = [log_gamma(x) for x in (0, 1)]
+        assert loop[0].startswith("raised")
+        assert dict(settings.read())["scipy.special"]
+        assert backend.map(log_gamma, [0, 1], chunksize=1) == loop
+    assert backend.map(log_gamma, [0]) == [float("inf")]

@@ -176,13 +176,30 @@ def _mpmath() -> tuple | None:
     return None if prec == 53 and not pretty else (prec, pretty)
 
 
+def _scipy_special() -> tuple | None:
+    """scipy.special's error handling (``sc.seterr(all="raise")``: ``gammaln(0)`` raised in a loop
+    and gave inf in a map, on threads too: scipy keeps it per thread), when the kernel imported
+    scipy.special and it is not the default (ignore, but "raise" on memory). ~0.7 µs."""
+    special = sys.modules.get("scipy.special")
+    if special is None:
+        return None
+    try:
+        state = special.geterr()
+    except Exception:
+        return None
+    if all(v == ("raise" if k == "memory" else "ignore") for k, v in state.items()):
+        return None
+    return tuple(sorted(state.items()))
+
+
 def read() -> tuple | None:
     """The kernel's settings that differ from the libraries' defaults, as (library, value) pairs."""
-    d, n, p, m, proc = _decimal(), _numpy_print(), _pandas(), _mpmath(), process_state()
-    if d is None and n is None and p is None and m is None and not proc:
+    d, n, p, m, sp, proc = _decimal(), _numpy_print(), _pandas(), _mpmath(), _scipy_special(), process_state()
+    if d is None and n is None and p is None and m is None and sp is None and not proc:
         return None
     return tuple((name, value) for name, value in (("decimal", d), ("numpy.print", n), ("pandas", p),
-                                                   ("mpmath", m)) if value is not None) + proc
+                                                   ("mpmath", m), ("scipy.special", sp))
+                 if value is not None) + proc
 
 
 @contextlib.contextmanager
@@ -209,6 +226,12 @@ def applied(settings: tuple | None, process_wide: bool) -> Iterator[None]:
                 pd = _library("pandas")
                 if pd is not None:
                     stack.enter_context(pd.option_context(*(x for k, v in value for x in (k, unpack_value(v)))))
+            elif name == "scipy.special":
+                try:
+                    import scipy.special as special
+                except ImportError:  # not where this worker runs: nor can the items use it
+                    continue
+                stack.enter_context(special.errstate(**dict(value)))
             elif name == "mpmath" and process_wide:  # (mpmath.mp is the process's, not per thread)
                 mpmath = _library("mpmath")
                 if mpmath is not None:
