@@ -67,3 +67,18 @@ def test_own_generators_and_items_that_seed_the_stream_are_not_draws():
     assert global_draws(own_generators) == ()
     assert global_draws(seeds_each_item) == ()
     assert global_draws(len) == ()
+
+
+def test_a_threads_map_without_seed_says_items_get_the_kernels_numbers_in_another_order():
+    """On threads the items draw from the kernel's own stream, in the order the threads run: the
+    same numbers as a loop after np.random.seed(0), given to other items, without a word."""
+    import poolmagic
+
+    pool = poolmagic.Pool(2, backend="threads")
+    try:
+        report = pool.run(np_draw, range(4))
+        assert any("np_draw() draws from np.random.random() without --seed: the threads draw from the "
+                   "notebook's stream in the order they run" in n for n in report.notes), report.notes
+        assert not pool.run(np_draw, range(4), seed=1).notes
+    finally:
+        pool.shutdown()

@@ -70,13 +70,15 @@ def _notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
                          f"keeps its own copy, so a call sees only the calls its worker ran before it, not every "
                          f"earlier item as in a plain loop, and the notebook's copy does not change; compute what "
                          f"each item needs from the item itself and combine the results afterwards")
-    if copies and o.seed is None:
+    if o.seed is None:
         draws = global_draws(func)
         if draws:
-            notes.append(f"{name}() draws from {', '.join(f'{d}()' for d in draws)} without --seed: each worker "
-                         f"process has a random stream of its own, which random.seed() or np.random.seed() in the "
-                         f"notebook does not reach, so the numbers differ from a plain loop's, and from run to "
-                         f"run; add --seed S for the same numbers in every run")
+            how = ("each worker process has a random stream of its own, which random.seed() or np.random.seed() "
+                   "in the notebook does not reach, so the numbers differ from a plain loop's" if copies else
+                   "the threads draw from the notebook's stream in the order they run, so which item gets "
+                   "which number differs from a plain loop's")
+            notes.append(f"{name}() draws from {', '.join(f'{d}()' for d in draws)} without --seed: {how}, and "
+                         f"from run to run; add --seed S for the same numbers in every run")
     if o.seed is not None:
         unseeded = unseeded_calls(func)
         if unseeded:
