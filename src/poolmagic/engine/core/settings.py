@@ -124,6 +124,11 @@ class Packed(bytes):
     function (``pd.options.display.float_format = "{:.2f}".format``, ``np.set_printoptions(
     formatter=...)``). Left out, ``str(df)`` and ``str(array)`` silently differed from a loop's."""
 
+    def __repr__(self) -> str:  # short: a checkpoint records the settings' repr (checkpointing.settings_words)
+        import hashlib
+
+        return f"Packed({hashlib.sha1(self).hexdigest()[:16]})"
+
 
 def pack_value(value: object, what: str) -> object:
     """``value`` as the options can carry it: as it is when simple, else cloudpickled (once per
