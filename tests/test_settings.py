@@ -340,3 +340,22 @@ def test_scipy_specials_error_handling_reaches_the_items(backend):
         assert dict(settings.read())["scipy.special"]
         assert backend.map(log_gamma, [0, 1], chunksize=1) == loop
     assert backend.map(log_gamma, [0]) == [float("inf")]
+
+
+def scaled(x):
+    from sklearn.preprocessing import StandardScaler
+
+    out = StandardScaler().fit_transform(np.array([[1.0 + x], [2.0], [3.0]]))
+    return type(out).__name__
+
+
+def test_sklearns_configuration_reaches_the_items(backend):
+    """``sklearn.set_config(transform_output="pandas")``: a loop's transformers returned DataFrames,
+    a map's arrays (on threads too: sklearn keeps its configuration per thread)."""
+    sklearn = pytest.importorskip("sklearn")
+    backend.map(scaled, range(2))
+    with sklearn.config_context(transform_output="pandas"):
+        loop = [scaled(x) for x in range(3)]
+        assert loop == ["DataFrame"] * 3
+        assert backend.map(scaled, range(3), chunksize=1) == loop
+    assert backend.map(scaled, range(2)) == ["ndarray"] * 2
