@@ -227,3 +227,18 @@ def test_a_function_that_hashes_is_told_that_workers_hash_str_otherwise(ip):
     assert any("h3_bucket() calls hash()" in n for n in ip.user_ns["_poolmap"].notes)
     r = ip.run_cell("%%poolmap ['a', 'b']\ndef h3_no_hash(w):\n    return len(w)\n")
     assert not ip.user_ns["_poolmap"].notes
+
+
+@pytest.mark.timeout(60)
+def test_a_map_without_seed_says_the_notebooks_seed_does_not_reach_the_global_streams(ip):
+    """``np.random.seed(0)`` in the notebook, then a map of a function drawing ``np.random.rand()``:
+    a loop's numbers are the seeded stream's, a map's each worker's own (other in every run),
+    and nothing said so."""
+    ip.run_cell("import random\nimport numpy as np\nnp.random.seed(0)\n")
+    r = ip.run_cell("%%poolmap range(4)\ndef h3_draws(i):\n    return np.random.rand() + random.random()\n")
+    assert r.error_in_exec is None, r.error_in_exec
+    notes = ip.user_ns["_poolmap"].notes
+    assert any("h3_draws() draws from np.random.rand(), random.random() without --seed" in n
+               and "np.random.seed() in the notebook does not reach" in n for n in notes), notes
+    r = ip.run_cell("%%poolmap --seed 1 range(4)\ndef h3_seeded_draws(i):\n    return np.random.rand()\n")
+    assert r.error_in_exec is None and not ip.user_ns["_poolmap"].notes

@@ -72,3 +72,35 @@ def test_the_wait_and_cpu_cover_the_items_and_nothing_around_them(monkeypatch):
     assert r.waited_s == 3e-9
     assert abs(r.cpu_s - 3e-6) < 1e-12
     assert r.faults == 3
+
+
+def test_a_worker_without_numpy_reads_options_that_filter_a_numpy_warning(tmp_path):
+    """Every kernel with numpy has a filter on numpy's RankWarning; pickled as a class, it made
+    a remote worker without numpy fail every chunk on unpickling the map's options."""
+    import pickle
+    import warnings
+
+    import numpy as np
+
+    from conftest import run_script
+    from poolmagic.engine.mapoptions import MapOptions
+    from poolmagic.mapprep import _with_kernel_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", np.exceptions.VisibleDeprecationWarning)
+        warnings.simplefilter("error", RuntimeWarning)
+        options = _with_kernel_state(MapOptions.from_kwargs({}))
+    (tmp_path / "options.pickle").write_bytes(pickle.dumps(options, protocol=5))
+    out, err, code = run_script(f"""
+        import pickle, sys, warnings
+        sys.modules["numpy"] = None  # not installed here
+        from poolmagic.engine.core.runchunk import run_chunk
+        with open({str(tmp_path / "options.pickle")!r}, "rb") as f:
+            options = pickle.load(f)
+        def item(x):
+            warnings.warn("careful", RuntimeWarning)
+        run = run_chunk(item, [1], options, start=0, timed=False, own_filters=True)
+        print(len(run.errors), "RuntimeWarning" in repr(run.errors[0]))
+    """)
+    assert code == 0, err
+    assert out.split() == ["1", "True"], (out, err)  # the kernel's "error" on RuntimeWarning held

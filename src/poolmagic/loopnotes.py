@@ -17,8 +17,9 @@ import types
 from typing import Any, Callable
 
 from .engine.mapoptions import MapOptions
-from .inplace import changed_globals, changed_parameter, changed_receiver, kept_state
 from .captures import assigned_globals, called_function, global_names, shared_generators, unseeded_calls
+from .globalstreams import global_draws
+from .inplace import changed_globals, changed_parameter, changed_receiver, kept_state
 from .serialize import _UNSET, _fingerprint
 
 
@@ -74,6 +75,15 @@ def _notes(func: Callable, name: str, o: MapOptions, copies: bool) -> list[str]:
                          f"keeps its own copy, so a call sees only the calls its worker ran before it, not every "
                          f"earlier item as in a plain loop, and the notebook's copy does not change; compute what "
                          f"each item needs from the item itself and combine the results afterwards")
+    if o.seed is None:
+        draws = global_draws(func)
+        if draws:
+            how = ("each worker process has a random stream of its own, which random.seed() or np.random.seed() "
+                   "in the notebook does not reach, so the numbers differ from a plain loop's" if copies else
+                   "the threads draw from the notebook's stream in the order they run, so which item gets "
+                   "which number differs from a plain loop's")
+            notes.append(f"{name}() draws from {', '.join(f'{d}()' for d in draws)} without --seed: {how}, and "
+                         f"from run to run; add --seed S for the same numbers in every run")
     if o.seed is not None:
         unseeded = unseeded_calls(func)
         if unseeded:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .checks import NoArgs, check_arity, check_not_text, check_plain_function, check_star
 from .engine.base import Backend
 from .engine.context import ContextCache
+from .engine.core.runchunk import FilterCategory
 from .engine.core.settings import read as read_settings
 from .engine.core.items import SEQUENCES, ItemSource
 from .engine.core.transport import NATIVE_THREAD_LIMIT, OWN_PROCESS
@@ -101,7 +102,8 @@ def _options(pool: "Pool", options: dict) -> MapOptions:
 
 def _with_kernel_state(o: MapOptions) -> MapOptions:
     """``o`` with what the kernel's loop would run under: numpy's error handling, the warning
-    filters and library settings (decimal, numpy printing, pandas: engine/core/settings.py). The same options and state give the same object (its pickle is reused, protocol.py)."""
+    filters and library settings (decimal, numpy printing, pandas, the interpreter's limits, locale,
+    umask: engine/core/settings.py). The same options and state give the same object (its pickle is reused, protocol.py)."""
     errstate = _numpy_errstate() if o.errstate is None else o.errstate
     filters = _warning_filters() if o.warning_filters is None else o.warning_filters
     kept_settings = read_settings() if o.settings is None else o.settings
@@ -129,16 +131,25 @@ def _warning_filters() -> tuple | None:
     (IPython's ProvisionalCompleterWarning, in every kernel's filters, made a warm pool's first
     map 15× slower); a notebook's own cannot be imported at all. Made again only when the list
     changed (simplefilter and filterwarnings put a new entry first, or last with append=True;
-    catch_warnings puts a new list in place)."""
+    catch_warnings puts a new list in place). A library's category goes by name (FilterCategory):
+    a remote worker without that library could not unpickle the options."""
     filters = warnings.filters
     mark = (id(filters), len(filters), id(filters[0]) if filters else 0, id(filters[-1]) if filters else 0)
     if _FILTERS[0] != mark:
         from .engine.warm import warm_modules
 
         loaded = ("builtins", *warm_modules())
-        kept = tuple(f for f in filters if len(f) == 5 and _loaded_with(f[2], loaded))
+        kept = tuple(_by_name(f) for f in filters if len(f) == 5 and _loaded_with(f[2], loaded))
         _FILTERS[:] = [mark, kept]
     return _FILTERS[1]
+
+
+def _by_name(f: tuple) -> tuple:
+    """The filter ``f`` with its category by name, unless it is one of Python's own."""
+    category = f[2]
+    if category.__module__ == "builtins":
+        return f
+    return (f[0], f[1], FilterCategory(category.__module__, category.__qualname__), f[3], f[4])
 
 
 def _loaded_with(category: Any, packages: tuple[str, ...]) -> bool:
@@ -161,7 +172,20 @@ def _numpy_errstate() -> tuple | None:
         state = np.geterr()
     except Exception:  # a numpy-like module in its place
         return None
-    return None if state == _NUMPY_DEFAULT else tuple(sorted(state.items()))
+    if state == _NUMPY_DEFAULT:
+        return None
+    pairs = tuple(sorted(state.items()))
+    if "call" in state.values() or "log" in state.values():  # np.seterrcall's function goes along
+        call = np.geterrcall()
+        if _ERRCALL[0] is not call:
+            from .engine.core.settings import pack_value
+
+            _ERRCALL[:] = [call, pack_value(call, "np.seterrcall(...)")]
+        pairs += (("call", _ERRCALL[1]),)
+    return pairs
+
+
+_ERRCALL: list = [None, None]  # [np.geterrcall() last sent, its packed value]
 
 
 def settings_words(o: MapOptions) -> str | None:
@@ -307,7 +331,8 @@ def _earlier_run(report: RunReport, resume: RunReport | None, o: MapOptions, ite
         was_o = resume.replay[1] if resume.replay is not None else None
         if was_o is not None and (was_o.settings, was_o.errstate) != (o.settings, o.errstate):
             report.notes.append(f"the kernel's library settings (decimal context, numpy's print options or "
-                                f"error handling, pandas options) changed since the run to resume; "
+                                f"error handling, pandas options, the recursion or int digits limit, locale, "
+                                f"umask) changed since the run to resume; "
                                 f"{earlier.done:,} results computed under the earlier ones were kept")
         now = report.kw_keys
         if resume.kw_keys and o.kwargs:

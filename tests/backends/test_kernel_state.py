@@ -113,3 +113,66 @@ def test_a_filter_on_a_class_of_a_module_the_workers_lack_is_not_carried(backend
         assert ("error", RuntimeWarning) in {(f[0], f[2]) for f in carried}, carried
         with pytest.raises(RuntimeWarning):  # the builtin category's filter still travels
             backend.run(inverse, [0])
+
+
+def local_hour(x):
+    import time
+
+    return time.strftime("%H %Z", time.localtime(3600 * x))
+
+
+def test_the_kernels_time_zone_reaches_warm_workers(backend, monkeypatch):
+    """``os.environ["TZ"] = ...; time.tzset()`` in the kernel: a warm worker got the variable but
+    kept the zone it started with, so local times differed from a loop's without a word."""
+    import time
+
+    backend.map(local_hour, range(2))  # warm, in the zone the kernel started with
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    assert backend.map(local_hour, range(2)) == [local_hour(x) for x in range(2)]
+    monkeypatch.setenv("TZ", "JST-9")  # (POSIX form: no tz database needed)
+    time.tzset()
+    try:
+        loop = [local_hour(x) for x in range(3)]
+        assert loop[0] == "09 JST"
+        assert backend.map(local_hour, range(3), chunksize=1) == loop
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert backend.map(local_hour, range(2)) == [local_hour(x) for x in range(2)]
+
+
+def warns_numpy(x):
+    warnings.warn(f"item {x}", np.exceptions.VisibleDeprecationWarning)
+    return x
+
+
+def test_a_filter_on_a_numpy_warning_class_reaches_the_items(backend):
+    """numpy's and pandas' categories travel by name (a remote worker without the library can
+    still read the options); where the library is, the filter is in force as in a loop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", np.exceptions.VisibleDeprecationWarning)
+        with pytest.raises(np.exceptions.VisibleDeprecationWarning):
+            [warns_numpy(x) for x in range(2)]
+        with pytest.raises(np.exceptions.VisibleDeprecationWarning, match=r"item \d"):
+            backend.run(warns_numpy, range(2))
+
+
+def test_numpys_error_callback_goes_with_its_error_handling(backend):
+    """``np.seterr(all="call")`` with ``np.seterrcall(f)``: a loop called f on 1/0, a map raised
+    NameError ("python callback specified ... but no function found"), on threads too."""
+    seen = []
+
+    def note(kind, flag):
+        seen.append(kind)
+
+    was = np.seterrcall(note), np.seterr(divide="call")
+    try:
+        loop = [inverse(x) for x in [1, 0]]
+        assert seen == ["divide by zero"]
+        assert backend.map(inverse, [1, 0, 2], chunksize=1) == [1.0, float("inf"), 0.5] == [*loop, 0.5]
+        if backend.name == "threads":  # the kernel's own function, as in a loop
+            assert seen == ["divide by zero"] * 2
+    finally:
+        np.seterrcall(was[0])
+        np.seterr(**was[1])

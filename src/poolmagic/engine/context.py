@@ -133,11 +133,14 @@ class ContextApplier:
         elif dict(os.environ) == self._env_want:
             return
         want = self._env_want
+        tz = os.environ.get("TZ")
         for k in [k for k in os.environ if k not in want]:
             del os.environ[k]
         for k, v in want.items():
             if os.environ.get(k) != v:
                 os.environ[k] = v
+        if want.get("TZ") != tz:  # the C library reads TZ again only when told (time.tzset in the kernel)
+            _tzset()
 
     def no_thread_pools_yet(self) -> None:
         """This process has loaded no native thread pool (BLAS, OpenMP) so far.
@@ -164,6 +167,16 @@ class ContextApplier:
             threadpool_limits(limits=self._threads)
         except Exception:  # threadpoolctl missing or a library it cannot drive
             pass
+
+
+def _tzset() -> None:
+    """The kernel's TZ in force: a warm worker kept the zone it started with, so after
+    ``os.environ["TZ"] = "Asia/Tokyo"; time.tzset()`` a loop's ``time.localtime()`` and
+    ``datetime.now()`` were Tokyo's and a map's were not."""
+    import time
+
+    if hasattr(time, "tzset"):
+        time.tzset()
 
 
 _SIGNALS = tuple(

@@ -103,12 +103,45 @@ def _filters(filters: tuple | None) -> Any:
     return contextlib.nullcontext() if filters is None else _kernel_filters(filters)
 
 
+class FilterCategory(NamedTuple):
+    """A warning filter's category of a library (numpy, pandas), by name: unpickling the class
+    itself imported its library with the options, and a remote worker without that library
+    failed every chunk before its first item, though the items did not use it."""
+
+    module: str
+    qualname: str
+
+
+_RESOLVED: list = [None, ()]  # [the filters last resolved, what they resolved to]
+
+
+def _resolved(filters: tuple) -> tuple:
+    """``filters`` with each FilterCategory's class, those whose library is missing here left out
+    (no warning of that class can be raised where its library cannot be imported)."""
+    if _RESOLVED[0] is filters:
+        return _RESOLVED[1]
+    import importlib
+
+    out = []
+    for f in filters:
+        category = f[2]
+        if type(category) is FilterCategory:
+            try:
+                category = getattr(importlib.import_module(category.module), category.qualname)
+            except (ImportError, AttributeError):
+                continue
+            f = (f[0], f[1], category, f[3], f[4])
+        out.append(f)
+    _RESOLVED[:] = [filters, tuple(out)]
+    return _RESOLVED[1]
+
+
 @contextlib.contextmanager
 def _kernel_filters(filters: tuple) -> Iterator[None]:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filters[:] = filters
+        warnings.filters[:] = _resolved(filters)
         warnings._filters_mutated()  # (the C side caches the filters by a version number)
         yield
 
@@ -121,9 +154,13 @@ def _errstate(pairs: tuple | None) -> Any:
     """
     if pairs is None:
         return contextlib.nullcontext()
-    import numpy as np  # the kernel has it, so the workers were started with it
+    try:
+        import numpy as np  # the kernel has it; a remote cluster's worker may not (nor may its items)
+    except ImportError:
+        return contextlib.nullcontext()
+    from .settings import unpack_value
 
-    return np.errstate(**dict(pairs))
+    return np.errstate(**{k: unpack_value(v) for k, v in pairs})  # (with "call": np.seterrcall's function)
 
 
 try:
