@@ -62,13 +62,15 @@ def noisy(x, folder, bad=2):
 
 
 def fail_then_fail_later(x, folder):
-    """Item 0 fails at once; item 1, running meanwhile, fails once the test lets it go (after the map failed)."""
+    """Item 0 fails once item 1 runs; item 1 fails once the test lets it go (after the map failed)."""
+    wait = "running" if x == 0 else "go"
+    if x == 1:
+        open(os.path.join(folder, "running"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(folder, wait)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     if x == 0:
         raise ValueError("item 0 fails")
-    open(os.path.join(folder, "running"), "w").close()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < deadline:
-        time.sleep(0.01)
     raise KeyError("item 1 fails later")
 
 
@@ -153,7 +155,6 @@ def test_an_error_that_arrives_after_the_map_failed_is_kept(backend, tmp_path):
     with pytest.raises(ValueError) as info:
         backend.run(fail_then_fail_later, range(2), chunksize=1, kwargs={"folder": folder})
     r = info.value.poolmap_report
-    wait_for(lambda: os.path.exists(os.path.join(folder, "running")), LATE)
     open(os.path.join(folder, "go"), "w").close()
     wait_for(lambda: 1 in r.errors, LATE)  # it fails shortly after the test lets it go
     assert isinstance(r.errors[1], KeyError) and r.results == [NOT_DONE, NOT_DONE]

@@ -102,7 +102,10 @@ class Results:
         for pos, exc in errors:
             idx = self.at(pos)
             if idx < len(r.results) and r.results[idx] is NOT_DONE and idx not in r.errors:
-                self.error(pos, exc, None, None)
+                tries = r.attempts.get(idx)  # its failed attempts, kept when the map stopped
+                err = self.error(pos, exc, None, None)
+                if tries:  # this was its last attempt: kept with them, as a last attempt is
+                    r.attempts[idx] = [*tries, err]
 
     def error(self, pos: int, exc: BaseException, one: Any, tries: list[BaseException] | None) -> BaseException:
         """Record the error of the item at ``pos`` (``one``: a one-item slice, or None), after
