@@ -26,7 +26,10 @@ from .sentinel import NOT_DONE
 
 class Discard:
     """Stands for a report's results list that keeps nothing: ``imap`` hands each
-    result to its consumer, so a 10⁷-item stream runs in bounded memory."""
+    result to its consumer, so a 10⁷-item stream runs in bounded memory. Nor are its items'
+    keys (maprun.start reads ``keeps``): a report with no results has nothing to resume."""
+
+    keeps = False
 
     def __init__(self, n: int = 0):
         self._n = n
