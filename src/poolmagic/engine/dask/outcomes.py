@@ -129,7 +129,7 @@ class Outcomes:
             out, _, errs = pickle.loads(result[6], buffers=result[7])
         except Exception:
             return
-        c.job.late_results(c.start, out, [(i, None) for i, _ in errs])
+        c.job.late_results(c.start, out, [(i, None) for i, _ in errs], c.items)
 
     def _errored(self, c: DaskChunk, exc: BaseException) -> None:
         """The task itself failed (not the function's items: run_chunk catches those)."""
