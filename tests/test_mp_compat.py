@@ -373,6 +373,9 @@ def test_apply_async_with_args_or_kwds_of_the_wrong_type_reports_by_get():
             assert r.ready() and not r.successful()
         wait_for(lambda: len(seen) == 2, what="both error callbacks")
         assert all(isinstance(e, TypeError) for e in seen), seen
+        # in the words of the call, not a map's ("--star ... item 0 () holds 0 values")
+        with pytest.raises(TypeError, match=r"cannot be called as double\(\): missing a required argument"):
+            p.apply(double, ())
 
 
 @pytest.mark.timeout(60)

@@ -21,7 +21,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import mpcompat
-from .checks import check_positive, too_many_workers
+from .checks import check_call, check_positive, too_many_workers
 from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
@@ -322,6 +322,7 @@ class Pool:
             call = [tuple(args)]
             if kwds:
                 options["kwargs"] = dict(kwds)
+            check_call(func, call[0], options.get("kwargs"))
             self._submit(func, call, options, before=handle.attach, remember=False)
         except (BadInputError, TypeError) as exc:  # the call's own error: reported by get(), as multiprocessing's
             return mpcompat.FailedCall(exc, error_callback, self._callbacks)

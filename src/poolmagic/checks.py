@@ -117,6 +117,21 @@ def check_star(iterable: Iterable, func: Callable | None = None, name: str = "",
     return iterable
 
 
+def check_call(func: Callable, args: tuple, kwargs: dict | None) -> None:
+    """``apply``/``submit``: refuse a call that does not fit ``func``'s parameters in the words
+    of the call (a map's check speaks of --star and item 0, which such a caller never wrote)."""
+    sig = signature(func)
+    if sig is None:
+        return
+    try:
+        sig.bind(*args, **(kwargs or {}))
+    except TypeError as exc:
+        name = getattr(func, "__qualname__", None) or type(func).__name__
+        given = ", ".join([*map(short_repr, args), *(f"{k}={short_repr(v)}" for k, v in (kwargs or {}).items())])
+        raise BadArgumentsError(f"{_shown(name, sig)} cannot be called as {name.rpartition('.')[2]}({given}): "
+                                f"{exc}") from None
+
+
 def signature(func: Callable) -> inspect.Signature | None:
     """``func``'s own signature, or None when it has none to read (builtins such as ``str``).
 
