@@ -358,6 +358,10 @@ def test_an_iterable_that_is_not_one_is_a_type_error():
         for call in calls:
             with pytest.raises(TypeError, match="not iterable"):
                 call()
+        # an item that is no sequence of arguments: f(*1) is a TypeError in the loop too
+        for call in (lambda: p.starmap(double, [1]), lambda: p.starmap_async(double, iter([1])).get(30)):
+            with pytest.raises(TypeError, match="sequence of arguments, but item 0 is an int"):
+                call()
 
 
 @pytest.mark.timeout(60)

@@ -99,9 +99,9 @@ def check_star(iterable: Iterable, func: Callable | None = None, name: str = "",
             return ()
         bad = _first_not_sequence([first])
         iterable = itertools.chain([first], it)
-    if bad is not None:
+    if bad is not None:  # a TypeError, as f(*x) in the loop (and multiprocessing's starmap) raises
         i, x = bad
-        raise BadInputError(
+        raise BadArgumentsError(
             f"--star needs each item to be a sequence of arguments, but item {i} is "
             f"{describe(x)} ({x!r:.60})"
         )
