@@ -203,3 +203,32 @@ def test_a_calls_own_error_is_on_its_future_not_raised_by_submit():
         assert futures[2].result(timeout=30) == 4
         done, _ = cf.wait(futures, timeout=30)
         assert len(done) == 3
+
+
+@pytest.mark.timeout(60)
+def test_sizes_are_checked_as_process_pool_executor_checks_them():
+    """ProcessPoolExecutor(True) has one worker; a size that is no int (1.5) and a
+    max_tasks_per_child that is none are TypeErrors. poolmagic refused True and raised
+    ValueErrors only, which `except TypeError` written for the standard library missed."""
+    with poolmagic.Executor(True) as ex:
+        assert ex.pool.size == 1
+        assert ex.submit(double, 2).result(timeout=30) == 4
+    with pytest.raises(TypeError, match="max_workers must be an integer"):
+        poolmagic.Executor(1.5)
+    with pytest.raises(TypeError, match="max_tasks_per_child must be an integer"):
+        poolmagic.Executor(1, max_tasks_per_child=1.5)
+    for bad in ({"max_workers": 0}, {"max_tasks_per_child": 0}):
+        with pytest.raises(ValueError):
+            poolmagic.Executor(**bad)
+
+
+@pytest.mark.timeout(60)
+def test_a_call_that_does_not_fit_says_so_in_the_words_of_the_call():
+    """submit(double) said "--star calls the function with each item's values as its arguments,
+    but item 0 () holds 0 values": words of a map the caller never wrote. Now the call's own."""
+    with poolmagic.Executor(1) as ex:
+        err = ex.submit(double).exception(timeout=30)
+        assert isinstance(err, TypeError)
+        assert "cannot be called as double()" in str(err) and "'x'" in str(err), err
+        assert "--star" not in str(err) and "item 0" not in str(err), err
+

@@ -328,3 +328,68 @@ def test_apply_async_of_a_bad_call_reports_by_get_and_error_callback():
         p.close()
         with pytest.raises(ValueError, match="not running"):
             p.apply_async(double, (1,))
+
+
+@pytest.mark.timeout(60)
+def test_pool_sizes_are_checked_as_multiprocessing_checks_them():
+    """CPython 3.10-3.13: Pool(True) is one worker, maxtasksperchild=True one task, and a size
+    that is no int (1.5, 2.0, '2') a TypeError. poolmagic refused True, and raised a ValueError
+    only for the others, which `except TypeError` written for the standard library missed."""
+    with Pool(True) as p:
+        assert p.size == 1 and p._processes == 1
+        assert p.map(double, [1, 2]) == [2, 4]
+    with Pool(1, maxtasksperchild=True) as p:
+        assert p.map(double, [1, 2], 1) == [2, 4]
+    for size in (1.5, 2.0, "2"):
+        with pytest.raises(TypeError):
+            Pool(size)
+    with pytest.raises(ValueError, match="at least 1"):
+        Pool(False)
+
+
+@pytest.mark.timeout(60)
+def test_an_iterable_that_is_not_one_is_a_type_error():
+    """multiprocessing raises TypeError ("'int' object is not iterable") from map, starmap,
+    map_async and starmap_async at the call (imap's from next()); poolmagic's was a ValueError."""
+    with Pool(1) as p:
+        calls = (lambda: p.map(double, 5), lambda: p.starmap(double, 5), lambda: p.map_async(double, 5),
+                 lambda: p.starmap_async(double, 5), lambda: next(p.imap(double, 5)),
+                 lambda: next(p.imap_unordered(double, 5)))
+        for call in calls:
+            with pytest.raises(TypeError, match="not iterable"):
+                call()
+        # an item that is no sequence of arguments: f(*1) is a TypeError in the loop too
+        for call in (lambda: p.starmap(double, [1]), lambda: p.starmap_async(double, iter([1])).get(30)):
+            with pytest.raises(TypeError, match="sequence of arguments, but item 0 is an int"):
+                call()
+
+
+@pytest.mark.timeout(60)
+def test_apply_async_with_args_or_kwds_of_the_wrong_type_reports_by_get():
+    """multiprocessing's apply_async(f, 5) returns; the TypeError comes from get() and goes to
+    error_callback. poolmagic's raised it at the call, and error_callback never ran."""
+    seen = []
+    with Pool(1) as p:
+        for args, kwds in ((5, None), ((1,), 5)):
+            r = p.apply_async(double, args, kwds, error_callback=seen.append)
+            with pytest.raises(TypeError):
+                r.get(timeout=30)
+            assert r.ready() and not r.successful()
+        wait_for(lambda: len(seen) == 2, what="both error callbacks")
+        assert all(isinstance(e, TypeError) for e in seen), seen
+        # in the words of the call, not a map's ("--star ... item 0 () holds 0 values")
+        with pytest.raises(TypeError, match=r"cannot be called as double\(\): missing a required argument"):
+            p.apply(double, ())
+
+
+@pytest.mark.timeout(60)
+def test_a_map_ended_by_the_with_block_says_the_pool_was_shut_down():
+    """A map the backend had not taken up yet when the with block terminated the pool said "the
+    map was cancelled" (as if the user had cancelled it); one it had taken up said the pool was
+    shut down. Both say the latter now, whatever the timing."""
+    for _ in range(5):
+        with Pool(2) as p:
+            r = p.map_async(time.sleep, [5, 5])
+        with pytest.raises(poolmagic.PoolmapError, match="the pool was shut down while this map was running"):
+            r.get(10)
+

@@ -20,8 +20,8 @@ class StandInMap:
         self.finished = threading.Event()
         self.stopped = False
 
-    def stop(self) -> None:
-        self.stopped = True
+    def stop(self, error: BaseException | None = None) -> None:
+        self.stopped = error or True
 
     def end(self) -> None:
         for observe in self.observers:

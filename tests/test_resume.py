@@ -164,14 +164,15 @@ def slow_logged(x, path):
 
 
 def _cancelled_after_six(pool, iterable, path: str):
-    """The report of an async map of slow_logged over ``iterable`` cancelled once 6 items ran."""
+    """The report of an async map of slow_logged over ``iterable`` cancelled once 6 items ran,
+    once every chunk it sent has answered: cancel() waits at most 1 s for the workers to be
+    stopped, and under load a result drained from a worker being killed landed (or a queued
+    item started) after the test had counted what was kept."""
     handle = pool.map_async(slow_logged, iterable, chunksize=1, kwargs={"path": path})
-    deadline = time.monotonic() + 20
-    while len(calls(path)) < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(calls(path)) >= 6, "the async map never got going"
+    wait_for(lambda: len(calls(path)) >= 6, timeout=20, what="the async map getting going")
     handle.cancel()
     assert handle.wait(20)
+    wait_for(lambda: handle._job.inflight <= 0, what="the cancelled map's chunks all answered")
     return handle.report
 
 
@@ -240,6 +241,37 @@ def test_resume_keeps_results_that_landed_after_the_map_ended(tmp_path):
         assert report.resumed[0] >= 2  # items 0 and 1 were kept, not run again
 
 
+
+
+def gated_or_failing(x, gate):
+    """As ``gated``; items from 6 on raise while the file ``gate``-fail exists."""
+    if x >= 6 and os.path.exists(f"{gate}-fail"):
+        raise ValueError(x)
+    return gated(x, gate)
+
+
+def test_resume_over_a_generator_keeps_results_that_landed_after_the_map_ended(tmp_path):
+    """Regression (test_api_resume_after_a_cancelled_map_over_a_generator, flaky under load):
+    a stream's items are keyed as their chunks finish, but a chunk that finished after the map
+    ended (drained from a worker being killed, or a thread left running) was kept unkeyed:
+    resuming refused "the ITERABLE changed since the run to resume: item 0 differs" (or, with no
+    key after it, kept it unchecked). Threads make it deterministic: item 6 fails the map while
+    items 0 and 1 wait for the gate."""
+    gate = str(tmp_path / "gate")
+    open(f"{gate}-fail", "w").close()
+    with Pool(4, backend="threads") as pool:
+        handle = pool.map_async(gated_or_failing, (x for x in range(20)), chunksize=1, kwargs={"gate": gate})
+        assert handle.wait(20)
+        earlier = handle.report
+        assert earlier.status == "failed", earlier.status
+        assert earlier.identity.ready.wait(20)  # the keys are taken: the map has ended
+        assert earlier.results[0] is NOT_DONE and earlier.results[1] is NOT_DONE
+        open(gate, "w").close()  # now items 0 and 1 finish, after the map ended
+        wait_for(lambda: earlier.results[0] == 0 and earlier.results[1] == -1, what="the late results")
+        os.remove(f"{gate}-fail")
+        report = pool.run(gated_or_failing, (x for x in range(20)), resume=earlier, kwargs={"gate": gate})
+        assert report.results == [-x for x in range(20)]
+        assert report.resumed[0] >= 3  # items 0 and 1 (late) and one of 2..5 at least were kept
 
 # ---------------------------------------------------------------- the identity of items (issue 22)
 

@@ -21,7 +21,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import mpcompat
-from .checks import check_positive, too_many_workers
+from .checks import check_call, check_positive, too_many_workers
 from .cores import available_cores
 from .engine.backends import make_backend
 from .engine.base import Backend
@@ -315,13 +315,16 @@ class Pool:
                     callback: Callable | None = None, error_callback: Callable | None = None) -> AsyncResult:
         """Start ``func(*args, **kwds)`` in a worker; an AsyncResult of its result (a MapHandle,
         unless the call cannot start: then its error comes from ``get``)."""
-        options: dict[str, Any] = {"star": True}
-        if kwds:
-            options["kwargs"] = dict(kwds)
+        self._life.check_running()
         handle = MapHandle(self, callback=callback, error_callback=error_callback, one=True)
-        try:
-            self._submit(func, [tuple(args)], options, before=handle.attach, remember=False)
-        except BadInputError as exc:  # the call's own error: reported by get(), as multiprocessing's
+        options: dict[str, Any] = {"star": True}
+        try:  # args not iterable, kwds not a mapping: the call's own TypeError, from get() too
+            call = [tuple(args)]
+            if kwds:
+                options["kwargs"] = dict(kwds)
+            check_call(func, call[0], options.get("kwargs"))
+            self._submit(func, call, options, before=handle.attach, remember=False)
+        except (BadInputError, TypeError) as exc:  # the call's own error: reported by get(), as multiprocessing's
             return mpcompat.FailedCall(exc, error_callback, self._callbacks)
         return handle
 

@@ -99,9 +99,9 @@ def check_star(iterable: Iterable, func: Callable | None = None, name: str = "",
             return ()
         bad = _first_not_sequence([first])
         iterable = itertools.chain([first], it)
-    if bad is not None:
+    if bad is not None:  # a TypeError, as f(*x) in the loop (and multiprocessing's starmap) raises
         i, x = bad
-        raise BadInputError(
+        raise BadArgumentsError(
             f"--star needs each item to be a sequence of arguments, but item {i} is "
             f"{describe(x)} ({x!r:.60})"
         )
@@ -115,6 +115,21 @@ def check_star(iterable: Iterable, func: Callable | None = None, name: str = "",
                 f"{'them' if len(first) != 1 else 'it'}{_with(kwargs)}"
             )
     return iterable
+
+
+def check_call(func: Callable, args: tuple, kwargs: dict | None) -> None:
+    """``apply``/``submit``: refuse a call that does not fit ``func``'s parameters in the words
+    of the call (a map's check speaks of --star and item 0, which such a caller never wrote)."""
+    sig = signature(func)
+    if sig is None:
+        return
+    try:
+        sig.bind(*args, **(kwargs or {}))
+    except TypeError as exc:
+        name = getattr(func, "__qualname__", None) or type(func).__name__
+        given = ", ".join([*map(short_repr, args), *(f"{k}={short_repr(v)}" for k, v in (kwargs or {}).items())])
+        raise BadArgumentsError(f"{_shown(name, sig)} cannot be called as {name.rpartition('.')[2]}({given}): "
+                                f"{exc}") from None
 
 
 def signature(func: Callable) -> inspect.Signature | None:

@@ -121,7 +121,8 @@ class BadInputError(PoolmapError, ValueError):
 
 
 class BadArgumentsError(BadInputError, TypeError):
-    """The function cannot take what the map would pass it; a TypeError, as the loop's call would raise."""
+    """The function cannot take what the map would pass it, or the ITERABLE is not iterable, or a
+    Pool size is not a number: a TypeError, as the loop (or multiprocessing) would raise."""
 
 
 class SerializationError(BadInputError):

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator
 from .api import Pool
 from .engine.base import Backend
 from .engine.core.events import ChunkStarted, MapFinished
-from .errors import BadInputError
+from .checks import check_call
+from .errors import BadArgumentsError, BadInputError
 from .mpcompat import TimeoutError as PoolTimeoutError, _remote_cause
 
 
@@ -39,9 +40,8 @@ class Executor(futures.Executor):
                  initializer: Callable | None = None, initargs: Iterable = (), *,
                  max_tasks_per_child: int | None = None, backend: Backend | str | None = None,
                  address: str | None = None, start_method: str | None = None):
-        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
-                                        or max_workers <= 0):
-            raise ValueError(f"max_workers must be greater than 0, not {max_workers!r}")
+        max_workers = _checked("max_workers", max_workers, "must be greater than 0")
+        max_tasks_per_child = _checked("max_tasks_per_child", max_tasks_per_child, "must be >= 1")
         self._pool = Pool(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
                           start_method=start_method, backend=backend, address=address)
         self._lock = threading.Lock()
@@ -69,6 +69,7 @@ class Executor(futures.Executor):
         if taken:
             link._start()
         try:
+            check_call(fn, args, kwargs)
             self._pool._submit(fn, [args], options, before=link.attach, remember=False)
         except BadInputError as exc:  # the call's own (not callable, wrong arguments, does not pickle):
             self._done(future)        # on its future, as ProcessPoolExecutor's
@@ -130,6 +131,20 @@ class Executor(futures.Executor):
     def _done(self, future: futures.Future) -> None:
         with self._lock:
             self._pending.discard(future)
+
+
+def _checked(name: str, value: Any, rule: str) -> Any:
+    """A size as ProcessPoolExecutor checks it: a bool is an int (True: 1), anything else that
+    is no int a TypeError (also a ValueError, poolmagic's BadArgumentsError), below 1 a ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, int):
+        raise BadArgumentsError(f"{name} must be an integer, not {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} {rule}, not {value!r}")
+    return value
 
 
 class _Link:

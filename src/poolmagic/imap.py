@@ -18,7 +18,7 @@ from .engine.core.items import SEQUENCES
 
 from .engine.core.events import ChunkFinished, ItemsFailed, MapFinished
 from .engine.core.rules import write_outputs
-from .errors import BadInputError, MapCancelledError, MapFailedError
+from .errors import BadArgumentsError, MapCancelledError, MapFailedError
 from .mpcompat import TimeoutError, _remote_cause
 from .serialize import describe
 from .sentinel import NOT_DONE
@@ -26,7 +26,10 @@ from .sentinel import NOT_DONE
 
 class Discard:
     """Stands for a report's results list that keeps nothing: ``imap`` hands each
-    result to its consumer, so a 10⁷-item stream runs in bounded memory."""
+    result to its consumer, so a 10⁷-item stream runs in bounded memory. Nor are its items'
+    keys (maprun.start reads ``keeps``): a report with no results has nothing to resume."""
+
+    keeps = False
 
     def __init__(self, n: int = 0):
         self._n = n
@@ -371,7 +374,7 @@ def start_imap(submit: Callable[..., Any], func: Callable, iterable: Iterable, c
         try:
             guard = Guarded(iterable, chunksize or 1)
         except TypeError:
-            raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+            raise BadArgumentsError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
     if chunksize is not None:
         options["chunksize"] = chunksize
     options.setdefault("keep_going", True)

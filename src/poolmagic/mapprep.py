@@ -235,7 +235,7 @@ def _call(func: Callable, iterable: Iterable | None, o: MapOptions, name: str) -
     try:
         iter(iterable)  # type: ignore[arg-type]
     except TypeError:
-        raise BadInputError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
+        raise BadArgumentsError(f"ITERABLE is {describe(iterable)}, which is not iterable") from None
     check_not_text(iterable)
     if o.star:
         iterable = check_star(iterable, unwrapped, name, o.kwargs)

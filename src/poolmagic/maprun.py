@@ -37,7 +37,8 @@ def start(job: Job, backend: Backend, life: "PoolState", watch: Any = None,
     life.started(job)
     if job.checkpoint is not None:  # attached as the map starts: a job only prepared holds no file
         job.checkpoint.attach(job)
-    SeenItems(job)  # the items' identities, for a later --resume
+    if getattr(job.report.results, "keeps", True):  # imap's keeps no result: nothing to resume
+        SeenItems(job)  # the items' identities, for a later --resume (a stream's: 8 bytes an item)
     backend.submit(job)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .engine.core.events import MapFinished
 from .engine.core.rules import attach_report, write_outputs
 from .checks import check_positive
-from .errors import BadInputError, MapCancelledError, MapFailedError, PoolmapError, add_note
+from .errors import BadArgumentsError, BadInputError, MapCancelledError, MapFailedError, PoolmapError, add_note
 
 __all__ = ["RUN", "CLOSE", "TERMINATE", "TimeoutError", "AsyncResult", "RemoteTraceback"]
 
@@ -32,6 +32,10 @@ class TimeoutError(multiprocessing.TimeoutError, builtins.TimeoutError):  # noqa
 def pool_arguments(processes: int | None, workers: int | None, initializer: Callable | None,
                    maxtasksperchild: int | None, context: Any, start_method: str | None) -> tuple[int | None, str | None]:
     """``multiprocessing.Pool``'s arguments checked as it checks them: (workers, start method)."""
+    if isinstance(processes, bool):
+        processes = int(processes)  # multiprocessing's Pool(True) has one worker (a bool is an int)
+    if processes is not None and not isinstance(processes, int):  # as multiprocessing's: a TypeError
+        raise BadArgumentsError(f"processes must be a whole number, not {processes!r}")
     if processes is not None and workers is not None and processes != workers:
         raise BadInputError("give processes or workers, not both")
     workers = workers if workers is not None else processes
@@ -41,7 +45,8 @@ def pool_arguments(processes: int | None, workers: int | None, initializer: Call
     if initializer is not None and not callable(initializer):
         raise TypeError("initializer must be a callable")
     if maxtasksperchild is not None:
-        check_positive("maxtasksperchild", maxtasksperchild)
+        check_positive("maxtasksperchild", int(maxtasksperchild) if isinstance(maxtasksperchild, bool)
+                       else maxtasksperchild)
     return workers, start_method_of(context, start_method)
 
 

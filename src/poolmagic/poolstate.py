@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from .engine.core.events import MapFinished
 from .engine.core.job import Job
-from .errors import BadInputError
+from .errors import BadInputError, PoolmapError
 from .mpcompat import CLOSE, RUN, check_running
 
 
@@ -92,9 +92,10 @@ class PoolState:
             return list(self._live)
 
     def stop_maps(self) -> None:
-        """End every map still running (one the backend had not taken up yet too)."""
+        """End every map still running (one the backend had not taken up yet too), with the
+        error a map the backend was running gets: "the map was cancelled" blamed the user."""
         for job in self.running():
-            job.stop()
+            job.stop(PoolmapError("the pool was shut down while this map was running"))
 
     def wait_maps(self, timeout: float | None) -> None:
         """After close or terminate: wait up to ``timeout`` seconds for the maps running."""

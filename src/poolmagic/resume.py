@@ -42,6 +42,9 @@ def resume_report(prev: RunReport, iterable: Iterable, seed: int | None = None) 
     """
     if prev.status == "running":
         raise BadInputError("cannot resume: the run to resume is still running; wait for it (or cancel it) first")
+    if not getattr(prev.results, "keeps", True):
+        raise BadInputError("cannot resume an imap: it hands its results out and keeps none; "
+                            "run the cell without --resume")
     if prev.items is None:
         raise BadInputError("nothing to resume: the earlier run never learned how many items it had")
     was_seed = prev.replay[1].seed if prev.replay is not None else seed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .engine.core.events import ChunkFinished, MapFinished
+from .engine.core.events import ChunkFinished, LateChunk, MapFinished
 from .errors import BadInputError
 from .sentinel import NOT_DONE
 
@@ -37,12 +37,14 @@ class SeenItems:
         self.code: str | None = None  # the function's code key (versions.py) when the map ended with items missing
         self.item_classes: dict[str, str] | None = None  # then too: the items' notebook classes, by their keys
         self._types: set[type] = set()  # the classes of a stream's items, as they are hashed
+        self._stream = job.source.is_stream
+        self._lock = threading.Lock()  # a late chunk is keyed on the backend's thread
         report.identity = self
         job.observers.append(self)
 
     def __call__(self, event: Any) -> None:
         if type(event) is ChunkFinished:
-            if self.job.source.is_stream and event.items is not None:
+            if self._stream and event.items is not None:
                 if self.ready is None:
                     self.ready = threading.Event()
                 self._put(self._add, event.record.start, event.items)
@@ -55,6 +57,10 @@ class SeenItems:
                     self.ready = threading.Event()
                 self._put(self._end)
             self.ending = True
+        elif type(event) is LateChunk and self._stream:
+            # a result kept after the map ended (a cancel, a failure): its item keyed now, before
+            # the result shows (Job.late_results): --resume would compare it with no key
+            self._guard(self._add, (event.start, event.items))
 
     def _put(self, fn: Any, *args: Any) -> None:
         from .threadqueues import thread_queue
@@ -80,13 +86,19 @@ class SeenItems:
     def _add(self, start: int, items: Any, index: Any = None) -> None:
         from . import identity
 
-        k = identity.KEY
         self._types.update(map(type, items))
         keys = identity.keys(items, range(start, start + len(items)) if index is None else index, "--resume")
+        with self._lock:
+            self._put_keys(start, len(items), keys, index)
+
+    def _put_keys(self, start: int, n: int, keys: bytes, index: Any) -> None:
+        from . import identity
+
+        k = identity.KEY
         if index is None:
-            if len(self.keys) < (start + len(items)) * k:
-                self.keys.extend(bytes((start + len(items)) * k - len(self.keys)))
-            self.keys[start * k : (start + len(items)) * k] = keys
+            if len(self.keys) < (start + n) * k:
+                self.keys.extend(bytes((start + n) * k - len(self.keys)))
+            self.keys[start * k : (start + n) * k] = keys
         else:
             for j, i in enumerate(index):
                 self.keys[i * k : (i + 1) * k] = keys[j * k : (j + 1) * k]

@@ -55,6 +55,14 @@ class ChunkFinished(NamedTuple):
     retried: int = 0  #: of the failed, items queued to run again (--retries): not finished yet
 
 
+class LateChunk(NamedTuple):
+    """A chunk that finished after its map ended (cancelled, failed): published before its
+    results are kept, so a stream's items are keyed for --resume before the results show."""
+
+    start: int  #: the chunk's first item
+    items: Any  #: its items
+
+
 class ItemsProgress(NamedTuple):
     """Items of a chunk still running have finished (sent at most every 0.5 s)."""
 

@@ -24,7 +24,8 @@ import time
 from typing import Any, Callable, Iterable
 
 from ...sentinel import NOT_DONE
-from .events import ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, ItemsProgress, MapFinished, Observer
+from .events import (ChunkFinished, ChunkRecord, ChunkStarted, ItemsFailed, ItemsProgress, LateChunk, MapFinished,
+                     Observer)
 from .caller import unpicklable, wait_for
 from .items import ItemSource
 from .output import OutputOrder
@@ -224,35 +225,47 @@ class Job:
         """Place a finished chunk's results (results.py); errors arrive already rebuilt."""
         with self.cond:
             self.inflight -= 1
-            if not self.active:
-                self.results.late(rec.start, results, errors)
-                return
-            self.results.place(rec, results, len(errors))
-            self.received += rec.nbytes
-            self.busy += rec.t1 - rec.t0
-            self.timed_items += len(results)
-            for pos, stream, text in outputs:
-                self.output.add(pos, stream, text)
-                self.results.add_output(pos, stream, text)
-            first, again = self._item_errors(errors, items, rec.start) if errors else (None, _NONE)
-            self.output.done_except(rec.start, rec.count, again)
-            if self.retry.attempts:
-                for pos, tries in self.retry.succeeded(rec.start, len(results), {pos for pos, _ in errors}):
-                    self.results.succeeded_after(pos, tries)
-            if first is not None and not self.options.keep_going:
-                self._fail_locked(first)
-            elif items is not None and len(results) < len(items) and self.active:
-                # the worker stopped at an item that is queued again (--retries):
-                # the items after it never ran, so they run again too
-                self.retry.front(rec.start + len(results), items[len(results):])
-                items = items[: len(results)]
-            self.cond.notify_all()
+            ended = not self.active
+            if not ended:
+                items, again = self._place(rec, results, outputs, errors, items)
+        if ended:  # (a map never starts again once ended)
+            self.late_results(rec.start, results, errors, items)
+            return
         if self.observers:
-            self.publish(ChunkFinished(rec, len(errors), results, items, raw, len(again)))
+            self.publish(ChunkFinished(rec, len(errors), results, items, raw, again))
         self.maybe_finish()
 
-    def late_results(self, start: int, results: list, errors: list) -> None:
-        """Results of a chunk already given up on (dropped) that came back after the map ended."""
+    def _place(self, rec: ChunkRecord, results: list, outputs: list,
+               errors: list[tuple[int, BaseException]], items: Any) -> tuple[Any, int]:
+        """chunk_done's work under the lock: (the items that ran, as --retries may queue the
+        rest again; how many of its failed items were queued again)."""
+        self.results.place(rec, results, len(errors))
+        self.received += rec.nbytes
+        self.busy += rec.t1 - rec.t0
+        self.timed_items += len(results)
+        for pos, stream, text in outputs:
+            self.output.add(pos, stream, text)
+            self.results.add_output(pos, stream, text)
+        first, again = self._item_errors(errors, items, rec.start) if errors else (None, _NONE)
+        self.output.done_except(rec.start, rec.count, again)
+        if self.retry.attempts:
+            for pos, tries in self.retry.succeeded(rec.start, len(results), {pos for pos, _ in errors}):
+                self.results.succeeded_after(pos, tries)
+        if first is not None and not self.options.keep_going:
+            self._fail_locked(first)
+        elif items is not None and len(results) < len(items) and self.active:
+            # the worker stopped at an item that is queued again (--retries):
+            # the items after it never ran, so they run again too
+            self.retry.front(rec.start + len(results), items[len(results):])
+            items = items[: len(results)]
+        self.cond.notify_all()
+        return items, len(again)
+
+    def late_results(self, start: int, results: list, errors: list, items: Any = None) -> None:
+        """Results of a chunk that came back after the map ended: kept. Its ``items`` go to the
+        observers first (LateChunk): a stream's are keyed for --resume before the results show."""
+        if items is not None and self.observers:
+            self.publish(LateChunk(start, items))
         with self.cond:
             if not self.active:
                 self.results.late(start, results, errors)

@@ -130,7 +130,7 @@ class Outcomes:
             errors = [(i, rebuild_exception(pe, c.job.filename_of)) for i, pe in errs]
         except Exception:
             return
-        c.job.late_results(c.start, out, errors)
+        c.job.late_results(c.start, out, errors, c.items)
 
     def _errored(self, c: DaskChunk, exc: BaseException) -> None:
         """The task itself failed (not the function's items: run_chunk catches those)."""
