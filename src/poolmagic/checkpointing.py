@@ -29,7 +29,7 @@ from .report import RunReport
 from .resume import continuing, materialise, seed_words
 from .sentinel import NOT_DONE
 from .threadqueues import thread_queue
-from .versions import changed_kw, item_class_keys
+from .versions import changed_kw, item_class_keys, item_types
 
 
 def _record_at(exc: BaseException) -> str:
@@ -129,7 +129,7 @@ class Checkpoint:
         try:
             items = materialise(iterable)
             report, missing, todo = self._load(items, name, function_key, seed)
-            classes = item_class_keys(set(map(type, items)), stable=True)
+            classes = item_class_keys(item_types(items), stable=True)
             self._compare(function_key, code, kw, classes)
             self._compare_settings(settings)
         except BaseException:

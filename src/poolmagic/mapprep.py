@@ -199,9 +199,9 @@ def _item_classes_changed(was: dict | None, items: Any) -> list[str]:
     """The items' notebook classes whose methods or attributes differ from the run to resume's."""
     if not was:
         return []
-    from .versions import item_class_keys
+    from .versions import item_class_keys, item_types
 
-    now = item_class_keys(set(map(type, items))) or {}
+    now = item_class_keys(item_types(items)) or {}
     return sorted(name for name, key in now.items() if name in was and was[name] != key)
 
 

@@ -111,9 +111,9 @@ class SeenItems:
         r = job.report
         self.code = _code_key(job)
         if r.items is None or r.done < r.items:  # what --resume compares besides the function
-            from .versions import item_class_keys
+            from .versions import item_class_keys, item_types
 
-            self.item_classes = item_class_keys(self._types if job.source.is_stream else set(map(type, job.source.seq)))
+            self.item_classes = item_class_keys(self._types if job.source.is_stream else item_types(job.source.seq))
         if job.source.is_stream or r.items is None or r.done >= r.items:
             return  # a stream was hashed as it went; a map with nothing missing needs no keys
         seq, index, k = job.source.seq, job.index, identity.KEY

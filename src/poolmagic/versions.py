@@ -115,6 +115,23 @@ def class_key(cls: type, stable: bool = True, _seen: set | None = None, digests:
     return h.hexdigest()
 
 
+_TYPES_SAMPLED = 4096
+
+
+def item_types(items: Any) -> set:
+    """The classes of a sequence's items: of every item up to 4,096 items, else of 4,096 spread
+    over it (a full scan cost ~3 ms per 100,000 items; notebook classes come in runs)."""
+    n = len(items)
+    if n <= _TYPES_SAMPLED:
+        return set(map(type, items))
+    try:
+        return set(map(type, items[:: n // _TYPES_SAMPLED]))
+    except TypeError:  # not sliceable
+        import itertools
+
+        return set(map(type, itertools.islice(items, _TYPES_SAMPLED)))
+
+
 def item_class_keys(classes: Any, stable: bool = False) -> dict[str, str] | None:
     """``class_key`` of each of these classes that travels whole (the items' notebook classes), by name."""
     out = {}
