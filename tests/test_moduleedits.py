@@ -178,3 +178,19 @@ def test_a_reloaded_module_reaches_dask_workers_by_value(dask_pool, lib):
     report = dask_pool.run(g, range(3))
     assert report.results == [g(x) for x in range(3)] == [(100, "Box"), (101, "Box"), (102, "Box")]
     assert any(f"the module {name} was reloaded" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("source", [
+    "try:\n    import json\n    HAS_IT = True\nexcept ImportError:\n    HAS_IT = False\n",
+    "import sys\nif sys.maxsize > 1:\n    WIDE = 64\nelse:\n    WIDE = 32\n",
+    "MODE = 'slow'\ndef fast():\n    global MODE\n    MODE = 'fast'\nfast()\n",
+])
+def test_a_constant_the_file_sets_twice_or_from_a_function_is_not_compared(lib, source):
+    """The kernel's value is not the file's last literal: once the file was edited, every map that
+    used it was refused, even after a reload ('HAS_IT is False in the file, True in this kernel')."""
+    name, path = lib
+    mod = load(name, path, source)
+    write(path, source + "# edited\n")
+    assert moduleedits.behind(mod) is None
+    importlib.reload(mod)
+    assert moduleedits.behind(mod) is None

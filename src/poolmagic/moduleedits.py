@@ -82,6 +82,7 @@ def _file_defines(code: types.CodeType) -> tuple[dict[str, set], dict[str, Any],
     import dis
 
     constants: dict[str, Any] = {}
+    stores: dict[str, int] = {}  # how often the module's own code assigns each name
     names: set[str] = set()
     last = None
     for ins in dis.get_instructions(code):
@@ -91,13 +92,32 @@ def _file_defines(code: types.CodeType) -> tuple[dict[str, set], dict[str, Any],
             for qual in [q for q in defs if q.partition(".")[0] == ins.argval]:
                 del defs[qual]
         elif ins.opname in ("STORE_NAME", "STORE_GLOBAL"):
+            stores[ins.argval] = stores.get(ins.argval, 0) + 1
             names.add(ins.argval)
             if last is not None and last.opname == "LOAD_CONST" and isinstance(last.argval, _CONSTANT_TYPES):
                 constants[ins.argval] = last.argval
             else:
                 constants.pop(ins.argval, None)
         last = ins
+    # a constant counts only when the file sets it once and no function of it sets it again: with
+    # ``try: import torch; HAS_TORCH = True / except ImportError: HAS_TORCH = False`` (or a
+    # ``global`` in a function), the kernel's value is not the file's last literal
+    changed = _globals_stored(code)
+    constants = {k: v for k, v in constants.items() if stores.get(k) == 1 and k not in changed}
     return defs, constants, names
+
+
+def _globals_stored(code: types.CodeType) -> set[str]:
+    """Names the functions (and classes) defined in a module assign with ``global``."""
+    import dis
+
+    out: set[str] = set()
+    stack = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    while stack:
+        co = stack.pop()
+        stack += [c for c in co.co_consts if isinstance(c, types.CodeType)]
+        out.update(ins.argval for ins in dis.get_instructions(co) if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"))
+    return out
 
 
 def _unwrap(obj: Any) -> Any:
