@@ -194,3 +194,43 @@ def test_a_constant_the_file_sets_twice_or_from_a_function_is_not_compared(lib, 
     assert moduleedits.behind(mod) is None
     importlib.reload(mod)
     assert moduleedits.behind(mod) is None
+
+
+# ------------------------------------------------------------------ a module attribute set in the notebook
+CONFIG = "THRESHOLD = 0.5\n\ndef above(x):\n    return x > THRESHOLD\n"
+
+
+def test_a_module_constant_set_in_the_notebook_is_refused_before_any_work(pool_of_each, lib):
+    """``mylib.THRESHOLD = 0.7`` in a cell: a loop reads 0.7, a worker imports the file and read 0.5,
+    and the map answered [False] where the loop answers [True], without a word."""
+    name, path = lib
+    mod = load(name, path, CONFIG)
+
+    def uses_module(x):
+        return x > mod.THRESHOLD
+
+    assert pool_of_each.map(uses_module, [0.6]) == [True]
+    mod.THRESHOLD = 0.55
+    try:
+        for fn in (uses_module, mod.above):  # the module read by the function, or the function's own
+            assert [fn(0.52)] == [False]
+            with pytest.raises(BadInputError, match=rf"{name}\.THRESHOLD is 0\.55 in this kernel and 0\.5 in"):
+                pool_of_each.map(fn, [0.52])
+    finally:
+        mod.THRESHOLD = 0.5
+    assert pool_of_each.map(mod.above, [0.52]) == [True]
+
+
+def test_on_threads_the_notebooks_value_is_read_as_in_a_loop(lib):
+    name, path = lib
+    mod = load(name, path, CONFIG)
+    mod.THRESHOLD = 0.55
+    with poolmagic.Pool(2, backend="threads") as pool:
+        assert pool.map(mod.above, [0.52]) == [mod.above(0.52)] == [False]
+
+
+def test_module_constants_the_file_computes_are_not_compared(lib):
+    name, path = lib
+    mod = load(name, path, "import os\nCORES = os.cpu_count()\nTRY = 1\ntry:\n    import json\n    TRY = 2\n"
+                           "except ImportError:\n    pass\n\ndef f(x):\n    return x + CORES + TRY\n")
+    assert moduleedits.set_in_notebook(mod) is None and moduleedits.modules_read(mod.f) == [mod]

@@ -342,7 +342,7 @@ class FollowReloads:
         self._stamps: dict[str, tuple] = {}  # module -> its file's (mtime, size) when the workers may have imported it
 
     def prepare(self, func: Callable, items: Any) -> tuple[Any, list[str]]:
-        from .moduleedits import module_file, refuse_behind
+        from .moduleedits import module_file, refuse_behind, refuse_set_in_notebook
 
         sample = items[:1] if isinstance(items, (list, tuple)) else ()
         use = modules_used(func, sample)
@@ -351,6 +351,7 @@ class FollowReloads:
         names = [n for n, m in list(sys.modules.items())
                  if m is not None and _top(n) in use.local and module_file(m) is not None]
         refuse_behind(names)
+        refuse_set_in_notebook(func, self.by_value.registered)  # (one sent by value takes them along)
         notes = []
         for name in names:
             try:

@@ -162,16 +162,36 @@ def _same(a: Any, b: Any) -> bool:
         return True  # a value that cannot say: not the kind of constant this compares
 
 
-def _compare(mod: types.ModuleType, path: str) -> str | None:
-    import tokenize
+def _parsed(path: str, st: os.stat_result) -> tuple | str:
+    """What compiling the file defines (``_file_defines``), once per file version; or why it cannot."""
+    key = (path, st.st_mtime_ns, st.st_size)
+    got = _PARSED.get(key)
+    if got is None:
+        import tokenize
 
+        try:
+            with tokenize.open(path) as f:
+                source = f.read()
+            got = _file_defines(compile(source, path, "exec", dont_inherit=True))
+        except (OSError, SyntaxError, ValueError) as exc:
+            got = f"its file cannot be compiled now ({type(exc).__name__}: {exc})"
+        if len(_PARSED) > 256:
+            _PARSED.clear()
+        _PARSED[key] = got
+    return got
+
+
+_PARSED: dict[tuple, Any] = {}
+
+
+def _compare(mod: types.ModuleType, path: str) -> str | None:
     try:
-        with tokenize.open(path) as f:
-            source = f.read()
-        code = compile(source, path, "exec", dont_inherit=True)
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"its file cannot be compiled now ({type(exc).__name__}: {exc})"
-    defs, constants, _ = _file_defines(code)  # a def gone from the file stays after a reload: not compared
+        parsed = _parsed(path, os.stat(path))
+    except OSError as exc:
+        return f"its file cannot be read now ({exc})"
+    if isinstance(parsed, str):
+        return parsed
+    defs, constants, _ = parsed  # a def gone from the file stays after a reload: not compared
     here = _kernel_defines(mod)
     for qual, sig in here.items():
         if qual in defs and sig not in defs[qual]:
@@ -255,4 +275,84 @@ def refuse_behind_if_used(names: Iterable[str], func: Any, items: Any) -> None:
     refuse_behind(n for n in names if n.partition(".")[0] in tops)
 
 
+# ------------------------------------------------------------------ a module attribute set in the notebook
+_MAX_READ = 1 << 20  # a file bigger than this is not compiled to compare its constants
+_LOCAL: dict[str, tuple[int, bool]] = {}  # module name -> (id of the module, is it local)
+
+
+def _local(mod: types.ModuleType) -> bool:
+    kept = _LOCAL.get(mod.__name__)
+    if kept is None or kept[0] != id(mod):
+        from .localmodules import is_local
+
+        kept = _LOCAL[mod.__name__] = (id(mod), is_local(mod) and module_file(mod) is not None)
+    return kept[1]
+
+
+def modules_read(func: Any) -> list[types.ModuleType]:
+    """The local modules whose attributes ``func`` reads in a worker from the worker's import:
+    the modules among its globals and closure, and those of the functions and classes among them."""
+    from .captures import called_function, global_names
+
+    f = called_function(func)
+    found: list[Any] = []
+    if isinstance(f, types.FunctionType):
+        if f.__module__ != "__main__":
+            found.append(sys.modules.get(f.__module__ or ""))
+        g = f.__globals__
+        cells = []
+        for cell in f.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        for value in [*(g.get(name) for name in global_names(f)), *cells]:
+            if isinstance(value, types.ModuleType):
+                found.append(value)
+            elif isinstance(value, (types.FunctionType, type)):
+                found.append(sys.modules.get(getattr(value, "__module__", None) or ""))
+    else:
+        found.append(sys.modules.get(getattr(f, "__module__", None) or ""))
+    return [m for m in dict.fromkeys(found) if isinstance(m, types.ModuleType) and m.__name__ != "__main__"
+            and _local(m)]
+
+
+def set_in_notebook(mod: types.ModuleType) -> tuple[str, Any, Any] | None:
+    """A literal constant of the module's file that the kernel's module holds another value of
+    (``mylib.SCALE = 3`` in a cell): (name, the kernel's value, the file's). A worker imports the file's."""
+    path = module_file(mod)
+    if path is None or type(getattr(getattr(mod, "__spec__", None), "loader", None)) is not SourceFileLoader:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_size > _MAX_READ:
+        return None
+    parsed = _parsed(path, st)
+    if isinstance(parsed, str):
+        return None
+    here = vars(mod)
+    for key, value in parsed[1].items():
+        if key in here and not _same(here[key], value):
+            return key, here[key], value
+    return None
+
+
+def refuse_set_in_notebook(func: Any, by_value: Any = ()) -> None:
+    """Raise BadInputError, before any work, when ``func`` reads a local module whose kernel copy holds
+    another value of one of the file's constants than the file does (a worker reads the file's).
+    ``by_value``: names of modules the workers get by value (they take the kernel's values along)."""
+    for mod in modules_read(func):
+        if mod.__name__.partition(".")[0] in by_value:
+            continue
+        found = set_in_notebook(mod)
+        if found is None:
+            continue
+        key, here, there = found
+        raise BadInputError(
+            f"{mod.__name__}.{key} is {here!r} in this kernel and {there!r} in {module_file(mod)}: a loop here "
+            f"reads {here!r}, while the workers import the module from its file and read {there!r}. If the "
+            f"notebook set it, pass the value to the function instead (an argument, or --kw / kwargs=); if the "
+            f"file was edited, reload the module. Then map again")
 

@@ -79,6 +79,7 @@ class LocalBackend(Backend):
         names = self.workers.edited_modules(moduleedits.STARTED - 2.0) if self.workers.procs else ()
         if names:
             moduleedits.refuse_behind_if_used(names, func, items)
+        moduleedits.refuse_set_in_notebook(func)
         return func, []
 
     def submit(self, job: Job) -> None:
