@@ -69,30 +69,30 @@ def test_resume_says_when_a_class_the_function_uses_changed(ip):
     assert any("the function changed" in n and "3 results" in n for n in r.notes), r.notes
 
 
-def test_resume_says_when_the_items_class_changed(ip):
-    define(ip, "ItemP", 2)
-    assert ip.run_cell("items_p = [ItemP(i) for i in range(4)]\nimport os\nos.environ['_FAIL_ITEM'] = '1'").success
-    body = "def score(p):\n    if p.a == 2 and os.environ.get('_FAIL_ITEM'):\n        raise ValueError(p)\n    return p.score()\n"
+def resume_after_redefining(ip, cls: str, factor: int):
+    """Items of the notebook class ``cls`` (score: a * 2); item 2 fails the first map; the class cell
+    runs again with ``score`` a * ``factor`` and the map is resumed: its report."""
+    define(ip, cls, 2)
+    flag = f"_FAIL_{cls.upper()}"
+    assert ip.run_cell(f"items_{cls} = [{cls}(i) for i in range(4)]\nimport os\nos.environ['{flag}'] = '1'").success
+    body = (f"def score_{cls}(p):\n    if p.a == 2 and os.environ.get('{flag}'):\n        raise ValueError(p)\n"
+            f"    return p.score()\n")
     with pytest.raises(MapFailedError):
-        ip.run_cell_magic("poolmap", "-q --keep-going items_p", body)
-    define(ip, "ItemP", 3)
-    assert ip.run_cell("items_p = [ItemP(i) for i in range(4)]\nos.environ.pop('_FAIL_ITEM')").success
-    ip.run_cell_magic("poolmap", "-q --resume items_p", body)
-    r = ip.user_ns["_poolmap"]
+        ip.run_cell_magic("poolmap", f"-q --keep-going items_{cls}", body)
+    define(ip, cls, factor)
+    assert ip.run_cell(f"items_{cls} = [{cls}(i) for i in range(4)]\nos.environ.pop('{flag}')").success
+    ip.run_cell_magic("poolmap", f"-q --resume items_{cls}", body)
+    return ip.user_ns["_poolmap"]
+
+
+def test_resume_says_when_the_items_class_changed(ip):
+    r = resume_after_redefining(ip, "ItemP", 3)
     assert r.results == [0, 2, 6, 6]
     assert any("class ItemP changed" in n and "3 results" in n for n in r.notes), r.notes
 
 
 def test_the_same_class_cell_run_again_is_no_change(ip):
-    define(ip, "ItemQ", 2)
-    assert ip.run_cell("items_q = [ItemQ(i) for i in range(4)]\nimport os\nos.environ['_FAIL_Q'] = '1'").success
-    body = "def score_q(p):\n    if p.a == 2 and os.environ.get('_FAIL_Q'):\n        raise ValueError(p)\n    return p.score()\n"
-    with pytest.raises(MapFailedError):
-        ip.run_cell_magic("poolmap", "-q --keep-going items_q", body)
-    define(ip, "ItemQ", 2)
-    assert ip.run_cell("items_q = [ItemQ(i) for i in range(4)]\nos.environ.pop('_FAIL_Q')").success
-    ip.run_cell_magic("poolmap", "-q --resume items_q", body)
-    assert ip.user_ns["_poolmap"].notes == []
+    assert resume_after_redefining(ip, "ItemQ", 2).notes == []
 
 
 def test_a_checkpoint_says_when_a_class_the_function_uses_changed(ip, tmp_path):
