@@ -26,6 +26,7 @@ import types
 from importlib.machinery import SourceFileLoader
 from typing import Any, Iterable
 
+from .engine.userfiles import is_user_file
 from .errors import BadInputError
 
 _CONSTANT_TYPES = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
@@ -281,33 +282,12 @@ _LOCAL: dict[str, tuple[int, bool]] = {}  # module name -> (id of the module, is
 
 
 def _local(mod: types.ModuleType) -> bool:
-    """A module from the user's files, by the rule the workers use to report them (worker.py):
-    a .py file outside the interpreter's prefixes, site-packages and poolmagic. Nothing is
-    imported for it (a map must start even with no file descriptor left: test_faults)."""
+    """A module from the user's files, by the rule the workers report theirs by (engine/userfiles.py)."""
     kept = _LOCAL.get(mod.__name__)
     if kept is None or kept[0] != id(mod):
         path = module_file(mod)
-        local = path is not None and not os.path.realpath(path).startswith(_system_roots())
-        kept = _LOCAL[mod.__name__] = (id(mod), local)
+        kept = _LOCAL[mod.__name__] = (id(mod), path is not None and is_user_file(path))
     return kept[1]
-
-
-def _system_roots() -> tuple[str, ...]:
-    if not _ROOTS:
-        roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.__file__),
-                 os.path.dirname(os.path.abspath(__file__))}
-        site = sys.modules.get("site")
-        if site is not None:
-            try:
-                roots.update(site.getsitepackages())
-                roots.add(site.getusersitepackages())
-            except Exception:  # an old virtualenv's site module
-                pass
-        _ROOTS.extend(os.path.realpath(r) + os.sep for r in roots if r)
-    return tuple(_ROOTS)
-
-
-_ROOTS: list[str] = []
 
 
 def modules_read(func: Any) -> list[types.ModuleType]:

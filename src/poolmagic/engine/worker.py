@@ -49,13 +49,14 @@ from multiprocessing import reduction
 
 from .. import errors as _errors
 from . import mapoptions as _mapoptions  # noqa: F401  (imported here, not by the reader thread)
-from .core.chunk import PKG_DIR, pack_results
+from .core.chunk import pack_results
 from .core.chunkstart import NOT_SENT, FunctionCache, Pickled, StageFailed, map_shared, start_chunk
 from .core.childprocess import die_with_parent, notebook_builtins, release_forkserver_pipe
 from .core.runchunk import CACHE_SIZE, mark_in_worker, run_chunk
 from . import protocol as P
 from . import seeds
 from .context import ContextApplier, ProcessState, watch_calls
+from .userfiles import is_user_file as _is_user_file
 from .warm import WARM_MODULES
 
 RETIRE: str | None = None  # set by the mapped code (maxtasksperchild): exit after this chunk, and why
@@ -292,30 +293,6 @@ class Worker:
                 except OSError:
                     pass
         return found or None
-
-_SYSTEM_PREFIXES: tuple[str, ...] | None = None
-
-
-def _is_user_file(path: str) -> bool:
-    """A module file the user may edit: not stdlib, not site-packages, not poolmagic."""
-    global _SYSTEM_PREFIXES
-    if _SYSTEM_PREFIXES is None:
-        import site
-        import sysconfig
-
-        prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, PKG_DIR}
-        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-            prefixes.add(sysconfig.get_path(key))
-        try:
-            prefixes.update(site.getsitepackages())
-            prefixes.add(site.getusersitepackages())
-        except Exception:
-            pass
-        _SYSTEM_PREFIXES = tuple(os.path.realpath(p) for p in prefixes if p)
-    if not path.endswith(".py"):
-        return False
-    return not os.path.realpath(path).startswith(_SYSTEM_PREFIXES)
-
 
 def main(conn, slot: int, warm: list[str] = ()) -> None:
     """Process entry point. ``warm``: modules to import before the first chunk.
